@@ -1,0 +1,9 @@
+//! The Pleiades guest agent.
+//!
+//! It runs inside the desktop VM. Its first job is the boot handshake: once the guest's init
+//! has loaded the device drivers, [`ready::GuestInfo::collect`] reads what the kernel reports
+//! (release, CPUs, memory, the virtio devices whose drivers bound) and the agent prints it on
+//! the serial console as one line, `PLEIADES-READY {json}`, that the host side parses with
+//! [`ready::parse_ready_line`].
+
+pub mod ready;

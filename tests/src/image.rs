@@ -1,0 +1,51 @@
+//! Locating the test guest image.
+
+use std::path::{Path, PathBuf};
+
+/// Environment variable that overrides where the image is.
+pub const GUEST_DIR_ENV: &str = "PLEIADES_GUEST_DIR";
+
+/// The image built by `cargo xtask guest-image`.
+#[derive(Debug, Clone)]
+pub struct GuestImage {
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+}
+
+/// `target/guest` below the workspace root.
+pub fn default_dir(workspace_root: &Path) -> PathBuf {
+    workspace_root.join("target").join("guest")
+}
+
+/// The workspace root (this crate sits one level below it).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+/// Why the image cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("the test guest image is missing: {missing} does not exist. Build it with `cargo xtask guest-image`")]
+pub struct MissingImage {
+    pub missing: PathBuf,
+}
+
+impl GuestImage {
+    /// The image in `$PLEIADES_GUEST_DIR`, or `target/guest` of this workspace.
+    pub fn locate() -> Result<Self, MissingImage> {
+        let dir = std::env::var_os(GUEST_DIR_ENV)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| default_dir(&workspace_root()));
+        Self::in_dir(&dir)
+    }
+
+    /// The image in `dir`.
+    pub fn in_dir(dir: &Path) -> Result<Self, MissingImage> {
+        let image = Self { kernel: dir.join("vmlinuz"), initramfs: dir.join("initramfs.cpio") };
+        for path in [&image.kernel, &image.initramfs] {
+            if !path.is_file() {
+                return Err(MissingImage { missing: path.clone() });
+            }
+        }
+        Ok(image)
+    }
+}

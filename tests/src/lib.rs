@@ -1,0 +1,14 @@
+//! The Pleiades end-to-end test kit.
+//!
+//! - [`image`]: where the test guest image lives (`target/guest/`, built by
+//!   `cargo xtask guest-image`).
+//! - [`accel`]: KVM where the CPU has hardware virtualization, TCG otherwise, forced with
+//!   `PLEIADES_ACCEL=kvm|tcg`.
+//! - [`qemu`]: boots the image under Debian's `qemu-system-x86_64`, talks to the serial console
+//!   and waits for the guest's `PLEIADES-READY` line.
+//!
+//! The tests in `tests/` use these to run the real pieces together.
+
+pub mod accel;
+pub mod image;
+pub mod qemu;

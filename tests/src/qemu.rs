@@ -1,0 +1,314 @@
+//! Boots the test guest under QEMU and talks to its serial console.
+//!
+//! The serial console is QEMU's stdio (pipes, not a terminal): every line the guest prints is
+//! kept in a transcript, and commands are typed into the guest's shell on `ttyS0`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use pleiades_agent::ready::{GuestInfo, READY_MARKER, parse_ready_line};
+
+use crate::accel::{Accel, AccelChoice, AccelError};
+use crate::image::GuestImage;
+
+/// Environment variable: seconds to wait for READY (default 180).
+pub const BOOT_TIMEOUT_ENV: &str = "PLEIADES_BOOT_TIMEOUT";
+
+/// The QEMU binary, overridable with `PLEIADES_QEMU`.
+pub fn qemu_binary() -> PathBuf {
+    std::env::var_os("PLEIADES_QEMU").map_or_else(|| "qemu-system-x86_64".into(), PathBuf::from)
+}
+
+/// How long to wait for the guest to come up.
+pub fn boot_timeout() -> Duration {
+    let secs = std::env::var(BOOT_TIMEOUT_ENV).ok().and_then(|s| s.parse().ok()).unwrap_or(180);
+    Duration::from_secs(secs)
+}
+
+/// Errors of the guest runner.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    #[error(transparent)]
+    Accel(#[from] AccelError),
+    #[error(transparent)]
+    Image(#[from] crate::image::MissingImage),
+    #[error("cannot start {qemu}: {source}. Install QEMU with `cargo xtask deps`")]
+    Spawn { qemu: String, source: std::io::Error },
+    #[error("cannot create a scratch directory: {0}")]
+    Scratch(std::io::Error),
+    #[error("timed out after {waited:?} waiting for {what}; last console lines:\n{tail}")]
+    Timeout { what: String, waited: Duration, tail: String },
+    #[error("QEMU exited ({status}) while waiting for {what}; last console lines:\n{tail}")]
+    Exited { what: String, status: String, tail: String },
+    #[error("the READY line is malformed: {source}\n{line}")]
+    BadReady { line: String, source: pleiades_agent::ready::ReadyLineError },
+    #[error("cannot write to the guest's serial console: {0}")]
+    Serial(std::io::Error),
+}
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct GuestConfig {
+    pub cpus: u32,
+    pub memory_mib: u32,
+    /// Extra QEMU arguments, e.g. `["-device", "virtio-rng-pci"]`.
+    pub qemu_args: Vec<String>,
+    /// Appended to the kernel command line.
+    pub cmdline_extra: String,
+    /// Back guest RAM with a shared memfd (needed by vhost-user backends).
+    pub shared_memory: bool,
+    /// Accelerator; `None` chooses with [`crate::accel::choose`].
+    pub accel: Option<AccelChoice>,
+    /// Copy the console to this process's stdout as it arrives (also with `PLEIADES_ECHO_CONSOLE=1`).
+    pub echo_console: bool,
+}
+
+impl Default for GuestConfig {
+    fn default() -> Self {
+        Self {
+            cpus: 2,
+            memory_mib: 512,
+            qemu_args: Vec::new(),
+            cmdline_extra: String::new(),
+            shared_memory: false,
+            accel: None,
+            echo_console: std::env::var_os("PLEIADES_ECHO_CONSOLE").is_some(),
+        }
+    }
+}
+
+impl GuestConfig {
+    /// Adds `-device SPEC`.
+    pub fn device(mut self, spec: &str) -> Self {
+        self.qemu_args.extend(["-device".to_owned(), spec.to_owned()]);
+        self
+    }
+
+    /// Adds raw QEMU arguments.
+    pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, args: I) -> Self {
+        self.qemu_args.extend(args.into_iter().map(Into::into));
+        self
+    }
+}
+
+/// The base kernel command line of the test image.
+pub const BASE_CMDLINE: &str = "console=tty1 console=ttyS0,115200 quiet panic=-1";
+
+/// A running QEMU guest. Dropping it kills QEMU.
+#[derive(Debug)]
+pub struct Guest {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+    transcript: Arc<Mutex<Vec<String>>>,
+    accel: AccelChoice,
+    marker: u64,
+    _scratch: tempfile::TempDir,
+}
+
+impl Guest {
+    /// Starts QEMU with the test image; does not wait for READY.
+    pub fn start(image: &GuestImage, config: &GuestConfig) -> Result<Self, GuestError> {
+        let accel = match &config.accel {
+            Some(choice) => choice.clone(),
+            None => crate::accel::choose()?,
+        };
+        let scratch =
+            tempfile::Builder::new().prefix("pleiades-guest-").tempdir().map_err(GuestError::Scratch)?;
+        let qemu = qemu_binary();
+        let mut cmd = Command::new(&qemu);
+        cmd.args(["-nodefaults", "-no-user-config", "-display", "none", "-vga", "none", "-monitor", "none"])
+            .args(["-serial", "stdio", "-no-reboot"])
+            .args(["-smp", &config.cpus.to_string(), "-m", &format!("{}M", config.memory_mib)]);
+        let machine = match accel.accel {
+            Accel::Kvm => "q35,accel=kvm",
+            Accel::Tcg => "q35,accel=tcg",
+        };
+        if config.shared_memory {
+            cmd.args([
+                "-object",
+                &format!("memory-backend-memfd,id=mem,size={}M,share=on", config.memory_mib),
+                "-machine",
+                &format!("{machine},memory-backend=mem"),
+            ]);
+        } else {
+            cmd.args(["-machine", machine]);
+        }
+        cmd.args(["-cpu", if accel.accel == Accel::Kvm { "host" } else { "max" }]);
+        cmd.arg("-kernel").arg(&image.kernel).arg("-initrd").arg(&image.initramfs);
+        let cmdline = format!("{BASE_CMDLINE} {}", config.cmdline_extra).trim().to_owned();
+        cmd.args(["-append", &cmdline]);
+        cmd.arg("-qmp").arg(format!("unix:{},server=on,wait=off", scratch.path().join("qmp.sock").display()));
+        cmd.args(&config.qemu_args);
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child =
+            cmd.spawn().map_err(|source| GuestError::Spawn { qemu: qemu.display().to_string(), source })?;
+
+        let transcript = Arc::new(Mutex::new(Vec::new()));
+        let (tx, lines) = mpsc::channel();
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stderr = child.stderr.take().expect("piped stderr");
+        spawn_reader(stdout, "", config.echo_console, tx.clone(), transcript.clone());
+        spawn_reader(stderr, "qemu: ", true, tx, transcript.clone());
+        Ok(Self { stdin: child.stdin.take(), child, lines, transcript, accel, marker: 0, _scratch: scratch })
+    }
+
+    /// Starts the guest and waits for its READY line.
+    pub fn boot(image: &GuestImage, config: &GuestConfig) -> Result<(Self, GuestInfo), GuestError> {
+        let mut guest = Self::start(image, config)?;
+        let info = guest.wait_ready(boot_timeout())?;
+        Ok((guest, info))
+    }
+
+    /// The accelerator in use and why.
+    pub fn accel(&self) -> &AccelChoice {
+        &self.accel
+    }
+
+    /// Waits for the READY line and parses it.
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<GuestInfo, GuestError> {
+        let line = self.wait_for_line(|l| l.contains(READY_MARKER), "the PLEIADES-READY line", timeout)?;
+        parse_ready_line(&line).map_err(|source| GuestError::BadReady { line, source })
+    }
+
+    /// Waits for a console line containing `needle`.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<String, GuestError> {
+        self.wait_for_line(|l| l.contains(needle), &format!("{needle:?}"), timeout)
+    }
+
+    fn wait_for_line(
+        &mut self,
+        matches: impl Fn(&str) -> bool,
+        what: &str,
+        timeout: Duration,
+    ) -> Result<String, GuestError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if matches(&line) => return Ok(line),
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(GuestError::Timeout {
+                        what: what.to_owned(),
+                        waited: timeout,
+                        tail: self.tail(30),
+                    });
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    let status = self.child.wait().map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+                    return Err(GuestError::Exited { what: what.to_owned(), status, tail: self.tail(30) });
+                }
+            }
+        }
+    }
+
+    /// Types `text` on the serial console.
+    pub fn send(&mut self, text: &str) -> Result<(), GuestError> {
+        let stdin =
+            self.stdin.as_mut().ok_or_else(|| GuestError::Serial(std::io::ErrorKind::BrokenPipe.into()))?;
+        stdin.write_all(text.as_bytes()).and_then(|()| stdin.flush()).map_err(GuestError::Serial)
+    }
+
+    /// Runs a shell command in the guest and returns its output lines (stdout and stderr).
+    pub fn run(&mut self, command: &str, timeout: Duration) -> Result<Vec<String>, GuestError> {
+        self.marker += 1;
+        // The shell echoes what is typed; the arithmetic makes the finished marker differ from
+        // the echoed command.
+        let n = self.marker;
+        let begin = format!("PLEIADES-BEGIN-{n}");
+        let end = format!("PLEIADES-END-{n}-");
+        self.send(&format!("echo PLEIADES-BEGIN-$(({n}*1)); {command}; echo PLEIADES-END-$(({n}*1))-$?\n"))?;
+        self.wait_for_line(|l| l.trim() == begin, &begin, timeout)?;
+        let mut output = Vec::new();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self.wait_for_line(|_| true, &end, left)?;
+            if let Some(code) = line.trim().strip_prefix(&end) {
+                if code != "0" {
+                    output.push(format!("(exit status {code})"));
+                }
+                return Ok(output);
+            }
+            output.push(line);
+        }
+    }
+
+    /// Asks the guest to power off and waits for QEMU to exit.
+    pub fn poweroff(mut self, timeout: Duration) -> Result<ExitStatus, GuestError> {
+        self.send("poweroff\n")?;
+        self.wait_exit(timeout)
+    }
+
+    /// Waits for QEMU to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus, GuestError> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Ok(status);
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        Err(GuestError::Timeout { what: "QEMU to exit".into(), waited: timeout, tail: self.tail(20) })
+    }
+
+    /// Everything printed so far.
+    pub fn transcript(&self) -> Vec<String> {
+        self.transcript.lock().map(|t| t.clone()).unwrap_or_default()
+    }
+
+    fn tail(&self, n: usize) -> String {
+        let t = self.transcript();
+        t[t.len().saturating_sub(n)..].join("\n")
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_reader<R: std::io::Read + Send + 'static>(
+    mut stream: R,
+    prefix: &'static str,
+    echo: bool,
+    tx: mpsc::Sender<String>,
+    transcript: Arc<Mutex<Vec<String>>>,
+) {
+    thread::spawn(move || {
+        let mut chunk = [0u8; 4096];
+        let mut pending = Vec::new();
+        loop {
+            let n = match stream.read(&mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if echo {
+                // Raw, so that prompts without a newline show up too.
+                let mut out = std::io::stdout().lock();
+                let _ = out.write_all(&chunk[..n]).and_then(|()| out.flush());
+            }
+            pending.extend_from_slice(&chunk[..n]);
+            while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                let raw: Vec<u8> = pending.drain(..=end).collect();
+                let text = String::from_utf8_lossy(&raw);
+                let line =
+                    format!("{prefix}{}", text.trim_end_matches(['\n', '\r']).trim_start_matches('\r'));
+                if let Ok(mut t) = transcript.lock() {
+                    t.push(line.clone());
+                }
+                let _ = tx.send(line);
+            }
+        }
+    });
+}

@@ -1,0 +1,210 @@
+//! `cargo xtask`: Pleiades' project tooling.
+//!
+//! - `deps`: installs the Debian packages the project needs (idempotent).
+//! - `guest-image`: builds the test guest image into `target/guest/` (cached).
+//! - `demo`: the main job: everything above, then boots a desktop guest and shows it.
+//! - `test`: everything CI runs: deps, image, `cargo fmt --check`, clippy, all tests.
+
+mod apt;
+mod cpio;
+mod guest_image;
+mod kmod;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use pleiades_tests::image::GuestImage;
+use pleiades_tests::qemu::{Guest, GuestConfig};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "Pleiades project tooling", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Install the Debian packages the project needs (as root; idempotent).
+    Deps {
+        /// Package groups to install (default: all). See `cargo xtask deps --list`.
+        groups: Vec<String>,
+        /// List the groups and their packages.
+        #[arg(long)]
+        list: bool,
+    },
+    /// Build the test guest image into target/guest/ (kernel, initramfs with busybox, modules, agent).
+    GuestImage {
+        /// Rebuild even if nothing changed.
+        #[arg(long)]
+        force: bool,
+    },
+    /// The main job: install, build, and boot a Pleiades desktop guest.
+    Demo {
+        /// Stay on the guest's serial console (type `poweroff` to leave). Default: when stdin is a terminal.
+        #[arg(long)]
+        interactive: Option<bool>,
+    },
+    /// Run every check CI runs: deps, guest image, fmt, clippy, all tests.
+    #[command(alias = "ci")]
+    Test {
+        /// Skip installing Debian packages (they must be present).
+        #[arg(long)]
+        no_deps: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Cmd) -> Result<()> {
+    let root = workspace_root();
+    match command {
+        Cmd::Deps { groups, list } => {
+            if list {
+                for g in apt::GROUPS {
+                    println!("{:8} {} ({})", g.name, g.packages.join(" "), g.purpose);
+                }
+                return Ok(());
+            }
+            deps(&groups)
+        }
+        Cmd::GuestImage { force } => guest_image::GuestImageBuild { root, force }.run().map(drop),
+        Cmd::Demo { interactive } => demo(&root, interactive),
+        Cmd::Test { no_deps } => test(&root, no_deps),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace").to_owned()
+}
+
+fn deps(names: &[String]) -> Result<()> {
+    let groups: Vec<apt::Group> = if names.is_empty() {
+        apt::GROUPS.to_vec()
+    } else {
+        names
+            .iter()
+            .map(|n| {
+                apt::GROUPS.iter().find(|g| g.name == n).copied().with_context(|| {
+                    let known: Vec<_> = apt::GROUPS.iter().map(|g| g.name).collect();
+                    format!("unknown package group {n:?}; known groups: {}", known.join(", "))
+                })
+            })
+            .collect::<Result<_>>()?
+    };
+    let apt = apt::Apt::system();
+    // The guest image needs trixie's lists even when every package is present.
+    if apt.ensure_sources()? {
+        apt.update()?;
+    }
+    apt.install_groups(&groups)
+}
+
+fn step(title: &str) -> Instant {
+    println!("\n==> {title}");
+    Instant::now()
+}
+
+fn cargo(root: &Path, args: &[&str]) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(&cargo).args(args).current_dir(root).status().context("cannot run cargo")?;
+    if !status.success() {
+        bail!("`cargo {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn test(root: &Path, no_deps: bool) -> Result<()> {
+    let started = Instant::now();
+    if !no_deps {
+        step("Debian packages");
+        deps(&[])?;
+    }
+    let t = step("Test guest image");
+    guest_image::GuestImageBuild { root: root.to_owned(), force: false }.run()?;
+    println!("    {:.1} s", t.elapsed().as_secs_f64());
+
+    step("cargo fmt --check");
+    cargo(root, &["fmt", "--all", "--", "--check"]).context("formatting differs: run `cargo fmt --all`")?;
+    let t = step("cargo clippy --all-targets -- -D warnings");
+    cargo(root, &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    println!("    {:.1} s", t.elapsed().as_secs_f64());
+    let t = step("cargo test");
+    cargo(root, &["test", "--workspace"])?;
+    println!("    {:.1} s", t.elapsed().as_secs_f64());
+    println!("\nAll checks passed in {:.1} min.", started.elapsed().as_secs_f64() / 60.0);
+    Ok(())
+}
+
+fn demo(root: &Path, interactive: Option<bool>) -> Result<()> {
+    step("Debian packages");
+    deps(&[])?;
+    step("Test guest image");
+    guest_image::GuestImageBuild { root: root.to_owned(), force: false }.run()?;
+
+    let interactive = interactive.unwrap_or_else(|| std::io::IsTerminal::is_terminal(&std::io::stdin()));
+    let image = GuestImage::locate()?;
+    let accel = pleiades_tests::accel::choose()?;
+    step(&format!("Booting a Pleiades desktop guest under QEMU ({}: {})", accel.accel, accel.reason));
+    let config = GuestConfig { accel: Some(accel), echo_console: interactive, ..GuestConfig::default() }
+        .device("virtio-rng-pci")
+        .device("virtio-gpu-pci")
+        .device("virtio-keyboard-pci")
+        .device("virtio-tablet-pci")
+        .device("virtio-serial-pci");
+    let started = Instant::now();
+    let (mut guest, info) = Guest::boot(&image, &config)?;
+    println!(
+        "guest ready in {:.1} s: kernel {}, {} CPUs, {} MiB",
+        started.elapsed().as_secs_f64(),
+        info.kernel,
+        info.cpus,
+        info.memory_mib
+    );
+    for d in &info.devices {
+        println!("    virtio-{:<8} driver {:<14} at {}", d.kind, d.driver, d.address);
+    }
+    let uname = guest.run("uname -a", Duration::from_secs(30))?;
+    println!("guest says: {}", uname.join(" "));
+
+    if interactive {
+        println!("\nYou are on the guest's serial console. Type `poweroff` to leave.");
+        return console(guest);
+    }
+    let status = guest.poweroff(Duration::from_secs(60))?;
+    println!("guest powered off ({status})");
+    Ok(())
+}
+
+/// Forwards stdin lines to the guest and prints what it says, until it powers off.
+fn console(mut guest: Guest) -> Result<()> {
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    loop {
+        if let Ok(status) = guest.wait_exit(Duration::from_millis(100)) {
+            println!("guest powered off ({status})");
+            return Ok(());
+        }
+        while let Ok(line) = rx.try_recv() {
+            guest.send(&format!("{line}\n"))?;
+        }
+    }
+}
