@@ -1,0 +1,4 @@
+//! Devices of the VMM.
+
+pub mod vhost_user;
+pub mod virtio;

@@ -1,0 +1,161 @@
+//! The [`VhostUserBackend`] adapter around a device.
+
+use std::io;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::devices::virtio::{DeviceError, GuestMemory, VirtioDevice};
+
+struct State {
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemoryAtomic<GuestMemory>,
+    /// A queue found corrupt stays stopped until the frontend resets the device.
+    broken: bool,
+}
+
+/// A device served over vhost-user. Cheap to clone (shared state).
+#[derive(Clone)]
+pub struct VhostUserDevice {
+    state: Arc<Mutex<State>>,
+    num_queues: usize,
+    max_queue_size: usize,
+    features: u64,
+}
+
+impl std::fmt::Debug for VhostUserDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VhostUserDevice").field("num_queues", &self.num_queues).finish_non_exhaustive()
+    }
+}
+
+impl VhostUserDevice {
+    pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemoryAtomic<GuestMemory>) -> Self {
+        let sizes = device.queue_max_sizes();
+        let num_queues = sizes.len();
+        let max_queue_size = sizes.iter().copied().max().unwrap_or(0) as usize;
+        let features = device.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        Self {
+            state: Arc::new(Mutex::new(State { device, mem, broken: false })),
+            num_queues,
+            max_queue_size,
+            features,
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock would be a bug; keep serving with the state as it is.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl VhostUserBackend for VhostUserDevice {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        self.num_queues
+    }
+
+    fn max_queue_size(&self) -> usize {
+        self.max_queue_size
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.state().device.ack_features(features);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ
+    }
+
+    fn reset_device(&self) {
+        let mut state = self.state();
+        state.device.reset();
+        state.broken = false;
+    }
+
+    fn set_event_idx(&self, _enabled: bool) {
+        // EVENT_IDX is not offered; virtio-queue honours the driver's NO_INTERRUPT flag.
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let mut data = vec![0u8; size.min(4096) as usize];
+        self.state().device.read_config(u64::from(offset), &mut data);
+        data
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        self.state().device.write_config(u64::from(offset), buf);
+        Ok(())
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<()> {
+        self.state().mem = mem;
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(io::Error::other(format!("unexpected event set {evset:?}")));
+        }
+        let index = usize::from(device_event);
+        let Some(vring) = vrings.get(index) else {
+            return Err(io::Error::other(format!("event for unknown queue {index}")));
+        };
+        let mut state = self.state();
+        if state.broken {
+            return Ok(());
+        }
+        let mem = state.mem.memory();
+        let result = {
+            let mut guard = vring.get_mut();
+            let queue = guard.get_queue_mut();
+            let State { device, .. } = &mut *state;
+            device.process_queue(index, queue, &mem)
+        };
+        match result {
+            Ok(true) => vring.signal_used_queue(),
+            Ok(false) => Ok(()),
+            Err(e @ (DeviceError::QueueBroken { .. } | DeviceError::UsedRing { .. })) => {
+                // vhost-user has no way to set DEVICE_NEEDS_RESET from the backend without the
+                // backend-request channel; stop the queue and let the driver time out and reset.
+                tracing::warn!(
+                    "vhost-user {}: {e}; queue stopped until reset",
+                    state.device.device_type().name()
+                );
+                state.broken = true;
+                Ok(())
+            }
+            Err(e) => Err(io::Error::other(e.to_string())),
+        }
+    }
+}
+
+/// Serves `device` on the Unix socket `socket` until the frontend disconnects.
+pub fn serve(device: Box<dyn VirtioDevice>, socket: &Path) -> anyhow::Result<()> {
+    let name = device.device_type().name();
+    let mem = GuestMemoryAtomic::new(GuestMemory::default());
+    let backend = VhostUserDevice::new(device, mem.clone());
+    let mut daemon = VhostUserDaemon::new(format!("pleiades-{name}"), backend, mem)
+        .map_err(|e| anyhow::anyhow!("cannot create the vhost-user daemon: {e}"))?;
+    tracing::info!("vhost-user {name} backend listening on {}", socket.display());
+    match daemon.serve(socket) {
+        Ok(()) => Ok(()),
+        Err(e) => Err(anyhow::anyhow!("vhost-user {name} backend on {}: {e}", socket.display())),
+    }
+}

@@ -1,0 +1,61 @@
+//! Guest memory and split queues for device unit tests.
+
+use virtio_queue::Queue;
+use virtio_queue::desc::RawDescriptor;
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{Bytes, GuestAddress};
+
+use super::GuestMemory;
+
+pub use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+
+/// 1 MiB of guest memory at address 0. Queue structures live below 64 KiB, buffers above.
+pub fn memory() -> GuestMemory {
+    GuestMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("test memory")
+}
+
+/// A descriptor.
+pub fn desc(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
+    RawDescriptor::from(Descriptor::new(addr, len, flags as u16, next))
+}
+
+/// A queue of `size` entries whose descriptor table holds `descs`, with one chain per head
+/// (chains follow the NEXT flags in `descs`), all made available.
+pub fn queue_with(mem: &GuestMemory, size: u16, descs: &[RawDescriptor]) -> Queue {
+    let mock = MockSplitQueue::new(mem, size);
+    mock.add_desc_chains(descs, 0).expect("descriptors fit");
+    mock.create_queue::<Queue>().expect("valid queue")
+}
+
+/// The used ring entries (id, len) of a queue (its ring addresses are read, not guessed).
+pub fn used_entries(mem: &GuestMemory, queue: &QueueRings) -> Vec<(u32, u32)> {
+    let used = queue.used;
+    let idx: u16 = mem.read_obj(GuestAddress(used + 2)).unwrap();
+    (0..idx)
+        .map(|i| {
+            let entry = used + 4 + u64::from(i % queue.size) * 8;
+            (mem.read_obj(GuestAddress(entry)).unwrap(), mem.read_obj(GuestAddress(entry + 4)).unwrap())
+        })
+        .collect()
+}
+
+/// Where a queue's rings are, kept before the queue moves into a worker.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueRings {
+    pub avail: u64,
+    pub used: u64,
+    pub size: u16,
+}
+
+impl QueueRings {
+    pub fn of(queue: &Queue) -> Self {
+        use virtio_queue::QueueT;
+        Self { avail: queue.avail_ring(), used: queue.used_ring(), size: queue.size() }
+    }
+
+    /// Makes the driver's available index jump to `idx` (a corrupt ring).
+    pub fn corrupt_avail_idx(&self, mem: &GuestMemory, idx: u16) {
+        mem.write_obj(idx, GuestAddress(self.avail + 2)).unwrap();
+    }
+}

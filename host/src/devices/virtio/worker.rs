@@ -1,0 +1,278 @@
+//! The in-process device worker: one thread per activated device that owns its queues.
+//!
+//! The VMM's transport activates a device by handing it, with its queues, the queues' kick
+//! eventfds (ioeventfds registered with KVM) and an [`Interrupt`], to [`spawn`]. The vCPU thread
+//! never processes a queue. The worker waits on one epoll set with a typed token per source,
+//! and gives the device back when it is stopped (on a driver reset), so the transport can reset
+//! it and activate it again.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use virtio_queue::Queue;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use super::{DeviceError, GuestMemory, VirtioDevice};
+
+/// How a device signals the driver. The transport implements it (MSI-X through irqfd for
+/// virtio-pci in Pleiades' VMM).
+pub trait Interrupt: Send + Sync {
+    /// Used buffers were added to `queue`.
+    fn signal_queue(&self, queue: usize) -> io::Result<()>;
+    /// The configuration space changed.
+    fn signal_config(&self) -> io::Result<()>;
+    /// The device found a queue corrupt: set `DEVICE_NEEDS_RESET` and tell the driver.
+    fn needs_reset(&self) -> io::Result<()>;
+}
+
+/// An activated queue: its state and the eventfd the driver's notifications arrive on.
+#[derive(Debug)]
+pub struct ActiveQueue {
+    pub queue: Queue,
+    pub kick: EventFd,
+}
+
+/// A running worker. Dropping the handle does not stop it; call [`WorkerHandle::stop`].
+#[derive(Debug)]
+pub struct WorkerHandle {
+    kill: EventFd,
+    thread: Option<JoinHandle<Box<dyn VirtioDevice>>>,
+}
+
+impl WorkerHandle {
+    /// Stops the worker and returns the device (for reset and re-activation).
+    pub fn stop(mut self) -> Option<Box<dyn VirtioDevice>> {
+        let _ = self.kill.write(1);
+        self.thread.take().and_then(|t| t.join().ok())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Token {
+    Kill,
+    Queue(usize),
+    Host(usize),
+}
+
+impl Token {
+    fn encode(self) -> u64 {
+        match self {
+            Self::Kill => 0,
+            Self::Queue(i) => 1 << 32 | i as u64,
+            Self::Host(i) => 2 << 32 | i as u64,
+        }
+    }
+
+    fn decode(data: u64) -> Option<Self> {
+        let index = (data & 0xffff_ffff) as usize;
+        match data >> 32 {
+            0 => Some(Self::Kill),
+            1 => Some(Self::Queue(index)),
+            2 => Some(Self::Host(index)),
+            _ => None,
+        }
+    }
+}
+
+/// Starts a worker thread for an activated device.
+pub fn spawn(
+    name: &str,
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemory,
+    queues: Vec<ActiveQueue>,
+    interrupt: Arc<dyn Interrupt>,
+) -> io::Result<WorkerHandle> {
+    let kill = EventFd::new(EFD_NONBLOCK)?;
+    let epoll = Epoll::new()?;
+    epoll.ctl(
+        ControlOperation::Add,
+        kill.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, Token::Kill.encode()),
+    )?;
+    for (i, q) in queues.iter().enumerate() {
+        epoll.ctl(
+            ControlOperation::Add,
+            q.kick.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, Token::Queue(i).encode()),
+        )?;
+    }
+    for (i, fd) in device.host_events().into_iter().enumerate() {
+        epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, Token::Host(i).encode()))?;
+    }
+    let (queues, kicks) = queues.into_iter().map(|q| (q.queue, q.kick)).unzip();
+    let worker =
+        Worker { device, mem, queues, kicks, interrupt, epoll, kill: kill.try_clone()?, broken: false };
+    let thread = std::thread::Builder::new().name(format!("virtio-{name}")).spawn(move || worker.run())?;
+    Ok(WorkerHandle { kill, thread: Some(thread) })
+}
+
+struct Worker {
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemory,
+    queues: Vec<Queue>,
+    kicks: Vec<EventFd>,
+    interrupt: Arc<dyn Interrupt>,
+    epoll: Epoll,
+    kill: EventFd,
+    /// Set once a queue is found corrupt: nothing more is processed until the driver resets.
+    broken: bool,
+}
+
+impl Worker {
+    fn run(mut self) -> Box<dyn VirtioDevice> {
+        let mut events = vec![EpollEvent::default(); 16];
+        loop {
+            let n = match self.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::error!("virtio worker: epoll failed: {e}");
+                    return self.device;
+                }
+            };
+            for event in &events[..n] {
+                match Token::decode(event.data()) {
+                    Some(Token::Kill) => {
+                        let _ = self.kill.read();
+                        return self.device;
+                    }
+                    Some(Token::Queue(i)) => {
+                        let _ = self.kicks[i].read();
+                        self.process(i);
+                    }
+                    Some(Token::Host(i)) => self.host_event(i),
+                    None => {}
+                }
+            }
+        }
+    }
+
+    fn process(&mut self, index: usize) {
+        if self.broken {
+            return;
+        }
+        let result = self.device.process_queue(index, &mut self.queues[index], &self.mem);
+        match result {
+            Ok(true) => self.signal(index),
+            Ok(false) => {}
+            Err(e) => self.fail(e),
+        }
+    }
+
+    fn host_event(&mut self, event: usize) {
+        if self.broken {
+            return;
+        }
+        let result = self.device.handle_host_event(event, &mut self.queues, &self.mem);
+        match result {
+            Ok(used) => used.into_iter().for_each(|q| self.signal(q)),
+            Err(e) => self.fail(e),
+        }
+    }
+
+    fn signal(&mut self, index: usize) {
+        let needed = self.queues[index].needs_notification(&self.mem).unwrap_or(true);
+        if needed && let Err(e) = self.interrupt.signal_queue(index) {
+            tracing::warn!("virtio worker: cannot signal queue {index}: {e}");
+        }
+    }
+
+    fn fail(&mut self, e: DeviceError) {
+        tracing::warn!(
+            "virtio-{}: {e}; waiting for the driver to reset the device",
+            self.device.device_type().name()
+        );
+        self.broken = true;
+        if let Err(e) = self.interrupt.needs_reset() {
+            tracing::warn!("virtio worker: cannot signal needs-reset: {e}");
+        }
+    }
+}
+
+// `needs_notification` comes from this trait.
+use virtio_queue::QueueT as _;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::rng::Rng;
+    use crate::devices::virtio::test_utils::*;
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<String>>);
+
+    impl Interrupt for Recorder {
+        fn signal_queue(&self, queue: usize) -> io::Result<()> {
+            self.0.lock().unwrap().push(format!("queue{queue}"));
+            Ok(())
+        }
+        fn signal_config(&self) -> io::Result<()> {
+            self.0.lock().unwrap().push("config".into());
+            Ok(())
+        }
+        fn needs_reset(&self) -> io::Result<()> {
+            self.0.lock().unwrap().push("needs-reset".into());
+            Ok(())
+        }
+    }
+
+    fn wait_for(rec: &Recorder, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if rec.0.lock().unwrap().iter().any(|s| s == what) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!("no {what}: {:?}", rec.0.lock().unwrap());
+    }
+
+    #[test]
+    fn a_kick_is_served_on_the_worker_and_the_device_comes_back() {
+        let mem = memory();
+        let queue = queue_with(&mem, 16, &[desc(0x2_0000, 32, VRING_DESC_F_WRITE, 0)]);
+        let rings = QueueRings::of(&queue);
+        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        let kick_writer = kick.try_clone().unwrap();
+        let recorder = Arc::new(Recorder::default());
+        let handle = spawn(
+            "rng",
+            Box::new(Rng::new().unwrap()),
+            mem.clone(),
+            vec![ActiveQueue { queue, kick }],
+            recorder.clone(),
+        )
+        .unwrap();
+        kick_writer.write(1).unwrap();
+        wait_for(&recorder, "queue0");
+        assert_eq!(used_entries(&mem, &rings), [(0, 32)]);
+        let device = handle.stop().expect("device returned");
+        assert_eq!(device.device_type().name(), "rng");
+    }
+
+    #[test]
+    fn a_corrupt_ring_asks_for_a_reset() {
+        let mem = memory();
+        let queue = queue_with(&mem, 16, &[desc(0x2_0000, 32, VRING_DESC_F_WRITE, 0)]);
+        QueueRings::of(&queue).corrupt_avail_idx(&mem, 5000);
+        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        let kick_writer = kick.try_clone().unwrap();
+        let recorder = Arc::new(Recorder::default());
+        let handle = spawn(
+            "rng",
+            Box::new(Rng::new().unwrap()),
+            mem,
+            vec![ActiveQueue { queue, kick }],
+            recorder.clone(),
+        )
+        .unwrap();
+        kick_writer.write(1).unwrap();
+        wait_for(&recorder, "needs-reset");
+        assert!(handle.stop().is_some());
+    }
+}
