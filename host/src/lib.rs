@@ -3,5 +3,14 @@
 //! - [`devices`]: virtio devices written once against a transport-agnostic trait
 //!   ([`devices::virtio::VirtioDevice`]) and served either in-process by the VMM
 //!   ([`devices::virtio::worker`]) or as a vhost-user backend process ([`devices::vhost_user`]).
+//! - [`config`]: the boot request, validated the same way for both VMMs.
+//! - [`qemu`]: `--vmm qemu`, QEMU with Pleiades' devices attached over vhost-user.
+//! - [`control`]: the control socket behind `pleiades-host ctl`.
+//! - [`accel`]: whether KVM is hardware-backed here, which picks the default VMM.
 
+pub mod accel;
+pub mod config;
+pub mod control;
 pub mod devices;
+pub mod qemu;
+pub mod vm;

@@ -9,6 +9,6 @@
 //!
 //! The tests in `tests/` use these to run the real pieces together.
 
-pub mod accel;
+pub use pleiades_host::accel;
 pub mod image;
 pub mod qemu;
