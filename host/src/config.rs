@@ -87,10 +87,12 @@ pub fn detect_kernel(path: &Path) -> Result<KernelFormat, ConfigError> {
     }
     // Linux boot protocol: 0xAA55 at 0x1FE, "HdrS" at 0x202.
     let mut header = [0u8; 8];
-    if file.seek(SeekFrom::Start(0x1FE)).is_ok() && file.read_exact(&mut header).is_ok() {
-        if header[0..2] == [0x55, 0xAA] && &header[4..8] == b"HdrS" {
-            return Ok(KernelFormat::BzImage);
-        }
+    if file.seek(SeekFrom::Start(0x1FE)).is_ok()
+        && file.read_exact(&mut header).is_ok()
+        && header[0..2] == [0x55, 0xAA]
+        && &header[4..8] == b"HdrS"
+    {
+        return Ok(KernelFormat::BzImage);
     }
     Err(ConfigError::KernelFormat(path.to_owned()))
 }
