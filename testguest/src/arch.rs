@@ -43,12 +43,6 @@ pub fn inl(port: u16) -> u32 {
     value
 }
 
-/// Disables interrupts.
-pub fn cli() {
-    // SAFETY: only changes the interrupt flag.
-    unsafe { asm!("cli", options(nomem, nostack)) }
-}
-
 /// Enables interrupts, halts until one arrives, and disables them again. The `sti` shadow
 /// makes the pair atomic: an interrupt pending before `sti` still wakes the `hlt`.
 pub fn wait_for_interrupt() {
@@ -95,7 +89,9 @@ pub fn cpuid(leaf: u32) -> (u32, u32, u32, u32) {
 pub fn rdmsr(msr: u32) -> u64 {
     let (lo, hi): (u32, u32);
     // SAFETY: callers only read architectural MSRs that exist on every x86-64 CPU.
-    unsafe { asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
+    }
     (u64::from(hi) << 32) | u64::from(lo)
 }
 

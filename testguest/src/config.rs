@@ -30,10 +30,6 @@ impl TypeSet {
         }
     }
 
-    pub fn contains(self, t: DeviceType) -> bool {
-        t.0 < 64 && self.0 & (1 << t.0) != 0
-    }
-
     pub fn iter(self) -> impl Iterator<Item = DeviceType> {
         (0..64u16).filter(move |i| self.0 & (1 << i) != 0).map(DeviceType)
     }

@@ -36,17 +36,24 @@ fn search_areas(rom_start: u64) -> [(u64, u64); 3] {
     let ebda = read_firmware_u16(PhysAddr(0x40E)).map_or(0, |seg| u64::from(seg) << 4);
     let base_kib = read_firmware_u16(PhysAddr(0x413)).map_or(0, u64::from);
     let ebda_area = if (0x400..0xA0000).contains(&ebda) { (ebda, ebda + 1024) } else { (0, 0) };
-    let base_end = if (1..=640).contains(&base_kib) { (base_kib * 1024 - 1024, base_kib * 1024) } else { (0, 0) };
+    let base_end =
+        if (1..=640).contains(&base_kib) { (base_kib * 1024 - 1024, base_kib * 1024) } else { (0, 0) };
     [ebda_area, base_end, (rom_start, 0x10_0000)]
 }
 
 /// Finds a 16-byte-aligned structure whose first 8 bytes (masked) match.
-fn scan(areas: &[(u64, u64)], signature: u64, mask: u64, checksum_len: impl Fn(PhysAddr) -> u64) -> Option<PhysAddr> {
+fn scan(
+    areas: &[(u64, u64)],
+    signature: u64,
+    mask: u64,
+    checksum_len: impl Fn(PhysAddr) -> u64,
+) -> Option<PhysAddr> {
     for &(start, end) in areas {
         let mut addr = start & !0xF;
         while addr + 16 <= end {
             let p = PhysAddr(addr);
-            if read_firmware_u64(p).is_some_and(|v| v & mask == signature) && checksum_ok(p, checksum_len(p)) {
+            if read_firmware_u64(p).is_some_and(|v| v & mask == signature) && checksum_ok(p, checksum_len(p))
+            {
                 return Some(p);
             }
             addr += 16;
@@ -128,8 +135,7 @@ fn madt_cpus(rsdp: PhysAddr) -> Option<u32> {
     let root_length = table_length(root)?;
     let madt = (0..(root_length - 36) / entry_size).find_map(|i| {
         let at = root.add(36 + i * entry_size);
-        let table =
-            if entry_size == 8 { read_firmware_u64(at)? } else { u64::from(read_firmware_u32(at)?) };
+        let table = if entry_size == 8 { read_firmware_u64(at)? } else { u64::from(read_firmware_u32(at)?) };
         (read_firmware_u32(PhysAddr(table))? == MADT_SIGNATURE).then_some(PhysAddr(table))
     })?;
     let length = table_length(madt)?;

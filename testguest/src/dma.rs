@@ -53,7 +53,8 @@ pub fn spare_page() -> PhysAddr {
 
 fn in_pool(addr: PhysAddr, size: u64) -> bool {
     let start = pool_start();
-    addr.0 >= start && addr.0.checked_add(size).is_some_and(|end| end <= start + POOL_PAGES as u64 * PAGE_SIZE)
+    addr.0 >= start
+        && addr.0.checked_add(size).is_some_and(|end| end <= start + POOL_PAGES as u64 * PAGE_SIZE)
 }
 
 macro_rules! accessors {
@@ -81,7 +82,12 @@ macro_rules! accessors {
 accessors!(read_u8, write_u8, u8);
 accessors!(read_u16, write_u16, u16);
 accessors!(read_u32, write_u32, u32);
-accessors!(read_u64, write_u64, u64);
+
+/// Writes a 64-bit value (descriptor addresses); outside the pool it is ignored.
+pub fn write_u64(addr: PhysAddr, value: u64) {
+    write_u32(addr, value as u32);
+    write_u32(addr.add(4), (value >> 32) as u32);
+}
 
 /// Fills `len` bytes at `addr` with `value`.
 pub fn fill(addr: PhysAddr, len: u64, value: u8) {

@@ -72,7 +72,7 @@ use config::Mode;
 use devices::{ConsoleResult, RngResult};
 use dma::MAX_DEVICES;
 use memory::PhysAddr;
-use pci::{Bdf, BarWindow};
+use pci::{BarWindow, Bdf};
 use pvh::StartInfo;
 use report::{Errors, JsonStr, MARKER};
 use serial::{Serial, log};
@@ -112,13 +112,17 @@ impl DeviceEntry {
         if let Some(c) = self.console {
             write!(out, ",\"tx\":{},\"rx\":{}", c.tx, c.rx)?;
         }
-        write!(out, ",\"msix\":{},\"vector\":{},\"assigned_bars\":{}}}", self.msix, self.vector, self.assigned)
+        write!(
+            out,
+            ",\"msix\":{},\"vector\":{},\"assigned_bars\":{}}}",
+            self.msix, self.vector, self.assigned
+        )
     }
 }
 
 #[unsafe(no_mangle)]
 extern "C" fn guest_main(start_info: u64) -> ! {
-    let boot_tsc = arch::rdtsc();
+    time::mark_boot();
     serial::init();
     interrupts::init();
     let tsc_source = time::calibrate();
@@ -265,7 +269,7 @@ extern "C" fn guest_main(start_info: u64) -> ! {
         let _ = out.write_str(",\"hostile\":");
         let _ = h.write_json(&mut out);
     }
-    let _ = write!(out, ",\"boot_ms\":{},\"errors\":", time::ms_since(boot_tsc));
+    let _ = write!(out, ",\"boot_ms\":{},\"errors\":", time::ms_since_boot());
     let _ = errors.write_json(&mut out);
     let _ = out.write_str("}\n");
     power::off()

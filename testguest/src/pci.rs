@@ -129,10 +129,6 @@ impl Bus {
     pub fn functions(&self) -> impl Iterator<Item = &Function> {
         self.functions.iter().flatten()
     }
-
-    pub fn contains(&self, bdf: Bdf) -> bool {
-        self.functions().any(|f| f.bdf == bdf)
-    }
 }
 
 /// Enumerates bus 0: every slot, and functions 1–7 of multi-function devices.

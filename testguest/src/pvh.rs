@@ -47,7 +47,6 @@ pub struct MemmapEntry {
 /// The validated start info.
 #[derive(Debug, Clone, Copy)]
 pub struct StartInfo {
-    pub version: u32,
     pub cmdline: Option<PhysAddr>,
     pub rsdp: Option<PhysAddr>,
     memmap: Option<PhysAddr>,
@@ -91,7 +90,6 @@ impl StartInfo {
             (None, 0)
         };
         Ok(Self {
-            version: raw.version,
             cmdline: nonzero(raw.cmdline_paddr),
             rsdp: nonzero(raw.rsdp_paddr),
             memmap,

@@ -48,7 +48,7 @@ impl fmt::Write for Serial {
 macro_rules! log {
     ($($arg:tt)*) => {{
         use core::fmt::Write as _;
-        let _ = write!($crate::serial::Serial, "testguest: ");
+        let _ = write!($crate::serial::Serial, "testguest: [{:>5} ms] ", $crate::time::ms_since_boot());
         let _ = writeln!($crate::serial::Serial, $($arg)*);
     }};
 }

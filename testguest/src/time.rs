@@ -7,6 +7,19 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use crate::arch::{cpuid, inb, outb, rdtsc};
 
+/// The TSC when the guest started.
+static BOOT_TSC: AtomicU64 = AtomicU64::new(0);
+
+/// Records the start time (first thing the guest does).
+pub fn mark_boot() {
+    BOOT_TSC.store(rdtsc(), Ordering::Relaxed);
+}
+
+/// Milliseconds since [`mark_boot`].
+pub fn ms_since_boot() -> u64 {
+    ms_since(BOOT_TSC.load(Ordering::Relaxed))
+}
+
 /// TSC ticks per millisecond; 1 GHz until calibrated.
 static TSC_PER_MS: AtomicU64 = AtomicU64::new(1_000_000);
 

@@ -152,7 +152,9 @@ impl fmt::Display for VirtioError {
             Self::FeaturesRejected => write!(f, "FEATURES_OK did not stick"),
             Self::TooFewQueues(n) => write!(f, "the device has only {n} queues"),
             Self::QueueUnavailable(q) => write!(f, "queue {q} has size 0"),
-            Self::NotifyOutsideBar(q) => write!(f, "queue {q}'s notify address is outside the notify structure"),
+            Self::NotifyOutsideBar(q) => {
+                write!(f, "queue {q}'s notify address is outside the notify structure")
+            }
             Self::Timeout(q) => write!(f, "no used buffer on queue {q} in time"),
             Self::BadUsed { queue, id } => write!(f, "queue {queue} returned unknown descriptor id {id}"),
         }
@@ -441,7 +443,11 @@ impl VirtioPci {
 
     /// Spec 3.1.1: reset, ACKNOWLEDGE, DRIVER, features (VERSION_1 only), FEATURES_OK, the
     /// first `queue_count` queues, DRIVER_OK.
-    pub fn init(&mut self, memory: &DeviceMemory, queue_count: u16) -> Result<[Option<Virtqueue>; 2], VirtioError> {
+    pub fn init(
+        &mut self,
+        memory: &DeviceMemory,
+        queue_count: u16,
+    ) -> Result<[Option<Virtqueue>; 2], VirtioError> {
         self.reset()?;
         self.set_status(STATUS_ACKNOWLEDGE);
         self.set_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER);
@@ -495,7 +501,8 @@ impl VirtioPci {
             desc: page,
             avail: page.add(AVAIL_OFFSET),
             used: page.add(USED_OFFSET),
-            notify_offset: u64::from(self.common.read16(QUEUE_NOTIFY_OFF)) * u64::from(self.notify_multiplier),
+            notify_offset: u64::from(self.common.read16(QUEUE_NOTIFY_OFF))
+                * u64::from(self.notify_multiplier),
             next_avail: 0,
             last_used: 0,
         };
