@@ -94,7 +94,10 @@ pub fn check_elf(bytes: &[u8]) -> Result<(u64, u64)> {
     ensure!(lowest >= LOAD_ADDRESS, "a segment is loaded at {lowest:#x}, below 1 MiB");
     let note = elf.section_by_name(".note.pvh").context("no .note.pvh section")?;
     let pvh = pvh_entry(note.data()?).context("no XEN_ELFNOTE_PHYS32_ENTRY note")?;
-    ensure!(pvh >= LOAD_ADDRESS && pvh < 1 << 32, "PVH entry {pvh:#x} is not a 32-bit address in the image");
+    ensure!(
+        (LOAD_ADDRESS..1 << 32).contains(&pvh),
+        "PVH entry {pvh:#x} is not a 32-bit address in the image"
+    );
     Ok((elf.entry(), pvh))
 }
 
