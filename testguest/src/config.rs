@@ -1,4 +1,5 @@
-//! What the command line asks for: `mode=normal|hostile` and `expect=KIND,KIND,…`.
+//! What the command line asks for: `mode=normal|hostile`, `expect=KIND,KIND,…` and
+//! `bars=reassign` (assign every virtio BAR anew, as if firmware had assigned nothing).
 //! Other words (kernel-style options) are ignored.
 
 use crate::report::Errors;
@@ -39,11 +40,12 @@ impl TypeSet {
 pub struct Config {
     pub mode: Mode,
     pub expect: TypeSet,
+    pub reassign_bars: bool,
 }
 
 /// Parses the command line; words it cannot understand become errors (the run then fails).
 pub fn parse(cmdline: &str, errors: &mut Errors) -> Config {
-    let mut config = Config { mode: Mode::Normal, expect: TypeSet::default() };
+    let mut config = Config { mode: Mode::Normal, expect: TypeSet::default(), reassign_bars: false };
     for word in cmdline.split_ascii_whitespace() {
         if let Some(mode) = word.strip_prefix("mode=") {
             config.mode = match mode {
@@ -54,6 +56,12 @@ pub fn parse(cmdline: &str, errors: &mut Errors) -> Config {
                     config.mode
                 }
             };
+        } else if let Some(bars) = word.strip_prefix("bars=") {
+            match bars {
+                "reassign" => config.reassign_bars = true,
+                "keep" => config.reassign_bars = false,
+                other => errors.push(format_args!("unknown bars={other:?} on the command line")),
+            }
         } else if let Some(list) = word.strip_prefix("expect=") {
             for name in list.split(',').filter(|n| !n.is_empty()) {
                 match DeviceType::from_name(name) {

@@ -38,7 +38,8 @@
 //! ## Command line
 //!
 //! `mode=normal` (default) or `mode=hostile`; `expect=rng,console` lists device kinds that
-//! must be found and work, else the result is `fail`.
+//! must be found and work, else the result is `fail`; `bars=reassign` assigns every virtio
+//! BAR from the guest's own window (the path a VMM without firmware takes).
 //!
 //! In hostile mode the guest first behaves maliciously (garbage PCI configuration writes,
 //! garbage virtio common configuration, malformed descriptor chains on virtio-rng, each
@@ -191,8 +192,14 @@ extern "C" fn guest_main(start_info: u64) -> ! {
             rng: None,
             console: None,
         };
-        match virtio::probe(function, kind, &mut window, info.as_ref()) {
+        match virtio::probe(function, kind, &mut window, info.as_ref(), config.reassign_bars) {
             Ok((device, assigned)) => {
+                log!(
+                    "virtio-{kind} at {}: common cfg at {}, BARs assigned by the guest {:#x}",
+                    function.bdf,
+                    device.common.base(),
+                    assigned.0
+                );
                 device.enable_msix(apic_id);
                 entry.usable = true;
                 entry.msix = device.has_msix();
@@ -201,7 +208,6 @@ extern "C" fn guest_main(start_info: u64) -> ! {
             }
             Err(e) => errors.push(format_args!("virtio-{kind} at {}: {e}", function.bdf)),
         }
-        log!("virtio-{kind} at {}", function.bdf);
         entries[count] = Some(entry);
         count += 1;
     }

@@ -48,6 +48,10 @@ impl MmioRegion {
         Self { base, len }
     }
 
+    pub fn base(&self) -> PhysAddr {
+        self.base
+    }
+
     pub fn len(&self) -> u64 {
         self.len
     }

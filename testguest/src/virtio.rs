@@ -196,12 +196,14 @@ pub struct VirtioPci {
 pub struct Assigned(pub u8);
 
 /// Finds and maps a virtio device's structures; assigns BARs that are unassigned or unusable
-/// (0, above 4 GiB, over RAM) from `window`, then enables memory decoding and bus mastering.
+/// (0, above 4 GiB, over RAM), or all of them with `reassign`, from `window`, then enables
+/// memory decoding and bus mastering.
 pub fn probe(
     function: &Function,
     kind: DeviceType,
     window: &mut pci::BarWindow,
     start_info: Option<&StartInfo>,
+    reassign: bool,
 ) -> Result<(VirtioPci, Assigned), ProbeError> {
     let bdf = function.bdf;
     let (mut common, mut notify, mut isr, mut device) = (None, None, None, None);
@@ -269,7 +271,8 @@ pub fn probe(
             break;
         };
         let end = bar.addr.saturating_add(bar.size);
-        let unusable = bar.addr == 0
+        let unusable = reassign
+            || bar.addr == 0
             || end > pci::BAR_WINDOW_END
             || start_info.is_some_and(|si| si.overlaps_ram(bar.addr, end));
         if unusable {

@@ -106,6 +106,22 @@ fn testguest_hostile_mode_leaves_the_devices_working() {
 }
 
 #[test]
+fn testguest_assigns_bars_itself_when_asked() {
+    let scratch = tempfile::tempdir().unwrap();
+    let console_file = scratch.path().join("console.txt");
+    let config = with_devices(
+        TestGuestConfig { cmdline: "expect=rng,console bars=reassign".into(), ..TestGuestConfig::default() },
+        &console_file,
+    );
+    let run = boot("guest-assigned BARs", &config);
+    assert_devices_work(&run, &console_file, "normal");
+    for kind in ["rng", "console"] {
+        let d = device(&run.result, kind);
+        assert_ne!(d["assigned_bars"], 0, "{d}");
+    }
+}
+
+#[test]
 fn testguest_fails_when_an_expected_device_is_missing() {
     let config = TestGuestConfig {
         cpus: 1,
