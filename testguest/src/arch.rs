@@ -58,6 +58,12 @@ pub fn interrupt_window() {
     unsafe { asm!("sti", "nop", "cli") }
 }
 
+/// Raises an invalid-opcode exception (vector 6).
+pub fn invalid_opcode() -> ! {
+    // SAFETY: `ud2` faults; the exception handler reports it and powers off.
+    unsafe { asm!("ud2", options(noreturn, nomem, nostack)) }
+}
+
 /// Halts forever with interrupts off.
 pub fn halt_forever() -> ! {
     loop {

@@ -1,5 +1,6 @@
 //! What the command line asks for: `mode=normal|hostile`, `expect=KIND,KIND,…` and
-//! `bars=reassign` (assign every virtio BAR anew, as if firmware had assigned nothing).
+//! `bars=reassign` (assign every virtio BAR anew, as if firmware had assigned nothing) and
+//! `fault=panic|exception` (fail on purpose, to test the failure path).
 //! Other words (kernel-style options) are ignored.
 
 use crate::report::Errors;
@@ -36,16 +37,27 @@ impl TypeSet {
     }
 }
 
+/// A failure asked for on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// A Rust panic.
+    Panic,
+    /// A CPU exception (invalid opcode).
+    Exception,
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct Config {
     pub mode: Mode,
     pub expect: TypeSet,
     pub reassign_bars: bool,
+    pub fault: Option<Fault>,
 }
 
 /// Parses the command line; words it cannot understand become errors (the run then fails).
 pub fn parse(cmdline: &str, errors: &mut Errors) -> Config {
-    let mut config = Config { mode: Mode::Normal, expect: TypeSet::default(), reassign_bars: false };
+    let mut config =
+        Config { mode: Mode::Normal, expect: TypeSet::default(), reassign_bars: false, fault: None };
     for word in cmdline.split_ascii_whitespace() {
         if let Some(mode) = word.strip_prefix("mode=") {
             config.mode = match mode {
@@ -61,6 +73,12 @@ pub fn parse(cmdline: &str, errors: &mut Errors) -> Config {
                 "reassign" => config.reassign_bars = true,
                 "keep" => config.reassign_bars = false,
                 other => errors.push(format_args!("unknown bars={other:?} on the command line")),
+            }
+        } else if let Some(fault) = word.strip_prefix("fault=") {
+            match fault {
+                "panic" => config.fault = Some(Fault::Panic),
+                "exception" => config.fault = Some(Fault::Exception),
+                other => errors.push(format_args!("unknown fault={other:?} on the command line")),
             }
         } else if let Some(list) = word.strip_prefix("expect=") {
             for name in list.split(',').filter(|n| !n.is_empty()) {

@@ -39,7 +39,8 @@
 //!
 //! `mode=normal` (default) or `mode=hostile`; `expect=rng,console` lists device kinds that
 //! must be found and work, else the result is `fail`; `bars=reassign` assigns every virtio
-//! BAR from the guest's own window (the path a VMM without firmware takes).
+//! BAR from the guest's own window (the path a VMM without firmware takes); `fault=panic` or
+//! `fault=exception` fails on purpose (the failure line, then power-off).
 //!
 //! In hostile mode the guest first behaves maliciously (garbage PCI configuration writes,
 //! garbage virtio common configuration, malformed descriptor chains on virtio-rng, each
@@ -150,6 +151,11 @@ extern "C" fn guest_main(start_info: u64) -> ! {
     let cmdline = info.as_ref().map_or("", |i| i.cmdline(&mut cmdline_buf));
     log!("command line: {cmdline:?}");
     let config = config::parse(cmdline, &mut errors);
+    match config.fault {
+        Some(config::Fault::Panic) => panic!("fault=panic asked for a panic"),
+        Some(config::Fault::Exception) => arch::invalid_opcode(),
+        None => {}
+    }
     let cpus = cpus::count(info.as_ref().and_then(|i| i.rsdp));
 
     let bus = pci::scan_bus0();

@@ -21,11 +21,11 @@ fn with_devices(config: TestGuestConfig, console_file: &Path) -> TestGuestConfig
 fn boot(what: &str, config: &TestGuestConfig) -> TestGuestRun {
     let elf = testguest_elf().expect("test guest ELF");
     let run = run(&elf, config).unwrap_or_else(|e| panic!("{what}: {e}"));
+    let guest_ms = run.result["boot_ms"].as_u64().map_or_else(|| "-".to_owned(), |ms| format!("{ms} ms"));
     eprintln!(
-        "{what}: boot to power-off in {:.2} s on {} (guest reports {} ms to its result)",
+        "{what}: boot to power-off in {:.2} s on {} (guest: {guest_ms} from entry to result)",
         run.elapsed.as_secs_f64(),
-        run.accel.accel,
-        run.result["boot_ms"]
+        run.accel.accel
     );
     run
 }
@@ -118,6 +118,24 @@ fn testguest_assigns_bars_itself_when_asked() {
     for kind in ["rng", "console"] {
         let d = device(&run.result, kind);
         assert_ne!(d["assigned_bars"], 0, "{d}");
+    }
+}
+
+#[test]
+fn testguest_reports_panics_and_exceptions_and_powers_off() {
+    for (fault, expected) in [("panic", "fault=panic asked for a panic"), ("exception", "exception 6 at rip")]
+    {
+        let config = TestGuestConfig {
+            cpus: 1,
+            cmdline: format!("fault={fault}"),
+            timeout: Duration::from_secs(120),
+            ..TestGuestConfig::default()
+        };
+        let run = boot(&format!("fault={fault}"), &config);
+        let r = &run.result;
+        assert_eq!(r["result"], "fail", "{r:#}");
+        assert!(r["panic"].as_str().unwrap().contains(expected), "{r:#}");
+        assert!(run.status.success(), "QEMU exit status {} (the guest powers off by itself)", run.status);
     }
 }
 
