@@ -11,6 +11,10 @@
 //!    1000, …; after each a notification, a bounded wait, a reset and a good request.
 //!
 //! Every wait is bounded; the normal device tests run afterwards (see `main.rs`).
+//!
+//! Under QEMU, `desc-len-4g` is the slow one: QEMU's virtio-rng sizes its entropy request by
+//! the guest's descriptor and generates 4 GiB of random bytes (seconds of host CPU and 4 GiB
+//! of transient host memory) before it finds the buffer unmappable. A VMM should bound it.
 
 use core::fmt::{self, Write};
 
@@ -56,12 +60,13 @@ impl Garbage {
 #[derive(Debug, Clone, Copy)]
 struct Abuse {
     name: &'static str,
-    completed: bool,
+    /// The device returned the buffer (with this used length).
+    completed: Option<u32>,
     needs_reset: bool,
     recovered: bool,
 }
 
-const ABUSES: usize = 9;
+const ABUSES: usize = 10;
 
 /// What the hostile phase did, for the result line.
 #[derive(Debug)]
@@ -83,14 +88,11 @@ impl HostileReport {
             if i > 0 {
                 out.write_char(',')?;
             }
-            write!(
-                out,
-                "{{\"name\":{},\"completed\":{},\"needs_reset\":{},\"recovered\":{}}}",
-                JsonStr(a.name),
-                a.completed,
-                a.needs_reset,
-                a.recovered
-            )?;
+            write!(out, "{{\"name\":{},\"completed\":{},", JsonStr(a.name), a.completed.is_some())?;
+            if let Some(len) = a.completed {
+                write!(out, "\"used_len\":{len},")?;
+            }
+            write!(out, "\"needs_reset\":{},\"recovered\":{}}}", a.needs_reset, a.recovered)?;
         }
         out.write_str("]}")
     }
@@ -330,6 +332,12 @@ const ABUSE_LIST: [(&str, AbuseFn); ABUSES] = [
         q.write_descriptor(0, Descriptor { addr: m.buffer.0, len: u32::MAX, flags: DESC_F_WRITE, next: 0 });
         q.publish(0);
     }),
+    ("chain-readable-len-4g", |q, m| {
+        let flags = DESC_F_WRITE | DESC_F_NEXT;
+        q.write_descriptor(0, Descriptor { addr: m.buffer.0, len: RNG_REQUEST, flags, next: 1 });
+        q.write_descriptor(1, Descriptor { addr: m.buffer.0, len: u32::MAX, flags: 0, next: 0 });
+        q.publish(0);
+    }),
     ("desc-loop", |q, m| {
         let flags = DESC_F_WRITE | DESC_F_NEXT;
         q.write_descriptor(0, Descriptor { addr: m.buffer.0, len: RNG_REQUEST, flags, next: 0 });
@@ -383,7 +391,7 @@ fn descriptor_abuse(
         };
         abuse(&mut queue, memory);
         device.notify(&queue);
-        let completed = device.wait_used(&mut queue, ABUSE_WAIT_MS).is_some();
+        let completed = device.wait_used(&mut queue, ABUSE_WAIT_MS).map(|u| u.len);
         let needs_reset = device.status() & STATUS_NEEDS_RESET != 0;
         let recovered = match device
             .reset()
@@ -396,7 +404,7 @@ fn descriptor_abuse(
                 false
             }
         };
-        crate::serial::log!("hostile: {name}: completed {completed}, needs reset {needs_reset}");
+        crate::serial::log!("hostile: {name}: used {completed:?}, needs reset {needs_reset}");
         report.abuses[i] = Some(Abuse { name, completed, needs_reset, recovered });
     }
 }
