@@ -10,8 +10,8 @@ use core::ptr;
 use crate::memory::PhysAddr;
 
 pub const PAGE_SIZE: u64 = 4096;
-/// Devices the guest drives at most.
-pub const MAX_DEVICES: usize = 8;
+/// Virtio devices the guest handles at most.
+pub const MAX_DEVICES: usize = 16;
 /// Pages per device: one per virtqueue (two queues at most) and one for data buffers.
 const PAGES_PER_DEVICE: usize = 3;
 /// One more page for the hostile mode's garbage indirect table.

@@ -114,11 +114,11 @@ impl DeviceEntry {
         if let Some(c) = self.console {
             write!(out, ",\"tx\":{},\"rx\":{}", c.tx, c.rx)?;
         }
-        write!(
-            out,
-            ",\"msix\":{},\"vector\":{},\"assigned_bars\":{}}}",
-            self.msix, self.vector, self.assigned
-        )
+        write!(out, ",\"msix\":{}", self.msix)?;
+        if self.tested {
+            write!(out, ",\"vector\":{}", self.vector)?;
+        }
+        write!(out, ",\"assigned_bars\":{}}}", self.assigned)
     }
 }
 
