@@ -58,6 +58,7 @@ mod devices;
 mod dma;
 mod hostile;
 mod interrupts;
+mod inventory;
 mod memory;
 mod pci;
 mod power;
@@ -67,61 +68,18 @@ mod serial;
 mod time;
 mod virtio;
 
-use core::fmt::{self, Write};
+use core::fmt::Write;
 use core::panic::PanicInfo;
 
 use config::Mode;
-use devices::{ConsoleResult, RngResult};
-use dma::MAX_DEVICES;
+use inventory::Inventory;
 use memory::PhysAddr;
-use pci::{BarWindow, Bdf};
+use pci::BarWindow;
 use pvh::StartInfo;
-use report::{Errors, JsonStr, MARKER};
+use report::{Errors, MARKER};
 use serial::{Serial, log};
-use virtio::{DeviceType, VirtioPci};
 
-/// What the result line says about one virtio device.
-#[derive(Debug, Clone, Copy)]
-struct DeviceEntry {
-    kind: DeviceType,
-    bdf: Bdf,
-    /// Probed and mapped (the device's structures were found).
-    usable: bool,
-    msix: bool,
-    /// The queue accepted MSI-X vector 0.
-    vector: bool,
-    /// BARs the guest assigned itself (bit mask).
-    assigned: u8,
-    tested: bool,
-    ok: bool,
-    rng: Option<RngResult>,
-    console: Option<ConsoleResult>,
-}
-
-impl DeviceEntry {
-    fn write_json(&self, out: &mut impl Write) -> fmt::Result {
-        let mut kind = report::FixedStr::<16>::new();
-        let _ = write!(kind, "{}", self.kind);
-        write!(out, "{{\"kind\":{},\"bdf\":\"{}\"", JsonStr(kind.as_str()), self.bdf)?;
-        if self.tested {
-            write!(out, ",\"ok\":{}", self.ok)?;
-        } else {
-            write!(out, ",\"tested\":false")?;
-        }
-        if let Some(r) = self.rng {
-            write!(out, ",\"bytes\":[{},{}],\"distinct\":{}", r.bytes[0], r.bytes[1], r.distinct)?;
-        }
-        if let Some(c) = self.console {
-            write!(out, ",\"tx\":{},\"rx\":{}", c.tx, c.rx)?;
-        }
-        write!(out, ",\"msix\":{}", self.msix)?;
-        if self.tested {
-            write!(out, ",\"vector\":{}", self.vector)?;
-        }
-        write!(out, ",\"assigned_bars\":{}}}", self.assigned)
-    }
-}
-
+/// Called by `boot.rs` on the guest's own stack with the start info's address.
 #[unsafe(no_mangle)]
 extern "C" fn guest_main(start_info: u64) -> ! {
     time::mark_boot();
@@ -159,6 +117,41 @@ extern "C" fn guest_main(start_info: u64) -> ! {
     let cpus = cpus::count(info.as_ref().and_then(|i| i.rsdp));
 
     let bus = pci::scan_bus0();
+    let mut window = bar_window(&bus, info.as_ref());
+    let mut inventory = Inventory::probe(&bus, &mut window, info.as_ref(), config.reassign_bars, &mut errors);
+    let hostile =
+        (config.mode == Mode::Hostile).then(|| hostile::run(&bus, inventory.virtio_mut(), &mut errors));
+    inventory.test_all(&mut errors);
+    inventory.check_expected(config.expect, &mut errors);
+
+    let memory_mib = info.as_ref().map_or(0, |i| i.ram_bytes() >> 20);
+    let mut out = Serial;
+    let _ = write!(
+        out,
+        "{MARKER} {{\"result\":\"{}\",\"mode\":\"{}\",\"cpus\":{},\"cpus_mp\":{},\"cpus_madt\":{},\
+         \"memory_mib\":{memory_mib},\"tsc\":\"{}\",\"apic_timer\":{apic_timer},\"devices\":",
+        if errors.is_empty() { "pass" } else { "fail" },
+        config.mode.name(),
+        cpus.best(),
+        cpus.mp.unwrap_or(0),
+        cpus.madt.unwrap_or(0),
+        tsc_source.name(),
+    );
+    let _ = inventory.write_json(&mut out);
+    let _ = write!(out, ",\"irqs\":{}", interrupts::device_irqs());
+    if let Some(h) = &hostile {
+        let _ = out.write_str(",\"hostile\":");
+        let _ = h.write_json(&mut out);
+    }
+    let _ = write!(out, ",\"boot_ms\":{},\"errors\":", time::ms_since_boot());
+    let _ = errors.write_json(&mut out);
+    let _ = out.write_str("}\n");
+    power::off()
+}
+
+/// The window for BARs the guest assigns, with every BAR firmware already assigned and every
+/// memory map entry kept out of it.
+fn bar_window(bus: &pci::Bus, info: Option<&StartInfo>) -> BarWindow {
     let mut window = BarWindow::new();
     for function in bus.functions() {
         let mut index = 0;
@@ -170,121 +163,10 @@ extern "C" fn guest_main(start_info: u64) -> ! {
             index += if bar.is_some_and(|b| b.is64) { 2 } else { 1 };
         }
     }
-    if let Some(info) = &info {
-        for entry in info.memmap() {
-            window.reserve(entry.addr, entry.addr.saturating_add(entry.size));
-        }
+    for entry in info.iter().flat_map(|i| i.memmap()) {
+        window.reserve(entry.addr, entry.addr.saturating_add(entry.size));
     }
-
-    let apic_id = interrupts::bsp_apic_id();
-    let mut entries: [Option<DeviceEntry>; MAX_DEVICES] = [None; MAX_DEVICES];
-    let mut virtio: [Option<VirtioPci>; MAX_DEVICES] = [None; MAX_DEVICES];
-    let mut count = 0;
-    for function in bus.functions() {
-        let Some(kind) = DeviceType::of(function) else { continue };
-        if count == MAX_DEVICES {
-            errors.push(format_args!("more than {MAX_DEVICES} virtio devices; {} ignored", function.bdf));
-            continue;
-        }
-        let mut entry = DeviceEntry {
-            kind,
-            bdf: function.bdf,
-            usable: false,
-            msix: false,
-            vector: false,
-            assigned: 0,
-            tested: false,
-            ok: false,
-            rng: None,
-            console: None,
-        };
-        match virtio::probe(function, kind, &mut window, info.as_ref(), config.reassign_bars) {
-            Ok((device, assigned)) => {
-                log!(
-                    "virtio-{kind} at {}: common cfg at {}, BARs assigned by the guest {:#x}",
-                    function.bdf,
-                    device.common.base(),
-                    assigned.0
-                );
-                device.enable_msix(apic_id);
-                entry.usable = true;
-                entry.msix = device.has_msix();
-                entry.assigned = assigned.0;
-                virtio[count] = Some(device);
-            }
-            Err(e) => errors.push(format_args!("virtio-{kind} at {}: {e}", function.bdf)),
-        }
-        entries[count] = Some(entry);
-        count += 1;
-    }
-
-    let hostile = (config.mode == Mode::Hostile).then(|| hostile::run(&bus, &mut virtio, &mut errors));
-
-    for (slot, (entry, device)) in entries.iter_mut().zip(virtio.iter_mut()).enumerate() {
-        let (Some(entry), Some(device)) = (entry.as_mut(), device.as_mut()) else { continue };
-        let memory = dma::device_memory(slot);
-        match entry.kind {
-            DeviceType::RNG => {
-                entry.tested = true;
-                match devices::test_rng(device, &memory) {
-                    Ok(r) => (entry.ok, entry.rng) = (true, Some(r)),
-                    Err(e) => {
-                        if let devices::TestError::Rng(r) = e {
-                            entry.rng = Some(r);
-                        }
-                        errors.push(format_args!("virtio-rng at {}: {e}", entry.bdf));
-                    }
-                }
-            }
-            DeviceType::CONSOLE => {
-                entry.tested = true;
-                match devices::test_console(device, &memory) {
-                    Ok(c) => (entry.ok, entry.console) = (true, Some(c)),
-                    Err(e) => errors.push(format_args!("virtio-console at {}: {e}", entry.bdf)),
-                }
-            }
-            _ => {}
-        }
-        entry.vector = device.queue_vector_ok;
-    }
-
-    for kind in config.expect.iter() {
-        let found = entries.iter().flatten().filter(|e| e.kind == kind);
-        if found.clone().next().is_none() {
-            errors.push(format_args!("expected a virtio-{kind} device, found none"));
-        } else if !found.clone().any(|e| e.ok || !e.tested && e.usable) {
-            errors.push(format_args!("expected a working virtio-{kind} device"));
-        }
-    }
-
-    let memory_mib = info.as_ref().map_or(0, |i| i.ram_bytes() >> 20);
-    let mut out = Serial;
-    let _ = write!(
-        out,
-        "{MARKER} {{\"result\":\"{}\",\"mode\":\"{}\",\"cpus\":{},\"cpus_mp\":{},\"cpus_madt\":{},\
-         \"memory_mib\":{memory_mib},\"tsc\":\"{}\",\"apic_timer\":{apic_timer},\"devices\":[",
-        if errors.is_empty() { "pass" } else { "fail" },
-        config.mode.name(),
-        cpus.best(),
-        cpus.mp.unwrap_or(0),
-        cpus.madt.unwrap_or(0),
-        tsc_source.name(),
-    );
-    for (i, entry) in entries.iter().flatten().enumerate() {
-        if i > 0 {
-            let _ = out.write_char(',');
-        }
-        let _ = entry.write_json(&mut out);
-    }
-    let _ = write!(out, "],\"irqs\":{}", interrupts::device_irqs());
-    if let Some(h) = &hostile {
-        let _ = out.write_str(",\"hostile\":");
-        let _ = h.write_json(&mut out);
-    }
-    let _ = write!(out, ",\"boot_ms\":{},\"errors\":", time::ms_since_boot());
-    let _ = errors.write_json(&mut out);
-    let _ = out.write_str("}\n");
-    power::off()
+    window
 }
 
 #[panic_handler]
