@@ -97,8 +97,10 @@ pub fn run(elf: &Path, config: &TestGuestConfig) -> Result<TestGuestRun, TestGue
     let accel = accel()?;
     let qemu = qemu_binary();
     let mut cmd = Command::new(&qemu);
+    // Under KVM a plain model: `host`/`max` pass MSRs (IA32_ARCH_CAPABILITIES) that the build
+    // machines' software-assisted nested KVM rejects, and the guest needs nothing beyond qemu64.
     let (machine, cpu) = match accel.accel {
-        Accel::Kvm => ("q35,accel=kvm", "host"),
+        Accel::Kvm => ("q35,accel=kvm", "qemu64"),
         Accel::Tcg => ("q35,accel=tcg", "max"),
     };
     cmd.args(["-nodefaults", "-no-user-config", "-display", "none", "-vga", "none", "-monitor", "none"])
