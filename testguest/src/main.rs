@@ -27,6 +27,9 @@
 //!    "Xen"; what QEMU uses): 32-bit protected mode, paging off, `ebx` = `hvm_start_info`.
 //!    A trampoline builds page tables, enables long mode and SSE and joins the 64-bit path.
 //!
+//! The guest's own code uses no SSE (it is built with `-sse,-sse2`; see `.cargo/config.toml`),
+//! but enables it, as the PVH path promises the same state as the 64-bit entry.
+//!
 //! The guest relies on: COM1 (16550 at 0x3F8), PCI configuration ports 0xCF8/0xCFC, a local
 //! xAPIC at 0xFEE0_0000 with a working timer, MSI-X on virtio devices, and power-off by writing
 //! 0x2000 (SLP_EN, SLP_TYP 0) as 16 bits to port 0x604. Memory BARs that are 0 (unassigned),
