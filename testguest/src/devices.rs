@@ -1,17 +1,20 @@
 //! The device tests: virtio-rng (two 64-byte requests) and virtio-console (a line out on the
 //! transmit queue, a receive buffer posted).
 
-use core::fmt;
+use core::fmt::{self, Write};
 
 use crate::dma::{self, DeviceMemory};
 use crate::memory::PhysAddr;
+use crate::report::FixedStr;
 use crate::virtio::{DESC_F_WRITE, Descriptor, VirtioError, VirtioPci, Virtqueue};
 
 pub const RNG_REQUEST: u32 = 64;
 /// Time a device gets to answer a request.
 pub const REQUEST_TIMEOUT_MS: u64 = 3000;
 /// Time the console gets to deliver input.
-const CONSOLE_RX_WAIT_MS: u64 = 200;
+const CONSOLE_RX_WAIT_MS: u64 = 500;
+/// Received bytes quoted in the result.
+pub const CONSOLE_RX_SHOWN: usize = 64;
 pub const CONSOLE_LINE: &[u8] = b"PLEIADES-CONSOLE-OUT hello from the test guest\n";
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -31,6 +34,8 @@ impl RngResult {
 pub struct ConsoleResult {
     pub tx: u32,
     pub rx: u32,
+    /// The first received bytes, non-ASCII ones as `?`.
+    pub rx_data: FixedStr<CONSOLE_RX_SHOWN>,
 }
 
 /// What went wrong in a device test.
@@ -111,7 +116,12 @@ pub fn test_console(device: &mut VirtioPci, memory: &DeviceMemory) -> Result<Con
         dma::write_u8(tx_buffer.add(i as u64), *b);
     }
     roundtrip(device, &mut tx, tx_buffer, CONSOLE_LINE.len() as u32, 0)?;
-    let received = device.wait_used(&mut rx, CONSOLE_RX_WAIT_MS).map_or(0, |u| u.len);
+    let received = device.wait_used(&mut rx, CONSOLE_RX_WAIT_MS).map_or(0, |u| u.len.min(1024));
     let _ = device.reset();
-    Ok(ConsoleResult { tx: CONSOLE_LINE.len() as u32, rx: received })
+    let mut rx_data = FixedStr::new();
+    for i in 0..u64::from(received).min(CONSOLE_RX_SHOWN as u64) {
+        let byte = dma::read_u8(rx_buffer.add(i));
+        let _ = rx_data.write_char(if byte.is_ascii() { char::from(byte) } else { '?' });
+    }
+    Ok(ConsoleResult { tx: CONSOLE_LINE.len() as u32, rx: received, rx_data })
 }

@@ -10,7 +10,8 @@ use core::arch::{asm, global_asm};
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use crate::arch::{inb, interrupt_window, outb, rdmsr, wait_for_interrupt, wrmsr};
+pub use crate::arch::interrupt_window;
+use crate::arch::{inb, outb, rdmsr, wait_for_interrupt, wrmsr};
 use crate::boot::CODE_SELECTOR;
 use crate::memory::{MmioRegion, PhysAddr};
 

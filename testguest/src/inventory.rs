@@ -45,7 +45,7 @@ impl Entry {
             write!(out, ",\"bytes\":[{},{}],\"distinct\":{}", r.bytes[0], r.bytes[1], r.distinct)?;
         }
         if let Some(c) = self.console {
-            write!(out, ",\"tx\":{},\"rx\":{}", c.tx, c.rx)?;
+            write!(out, ",\"tx\":{},\"rx\":{},\"rx_data\":{}", c.tx, c.rx, JsonStr(c.rx_data.as_str()))?;
         }
         write!(out, ",\"msix\":{}", self.msix)?;
         if self.tested {

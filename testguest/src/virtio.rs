@@ -5,7 +5,7 @@ use core::fmt;
 use core::sync::atomic::{Ordering, fence};
 
 use crate::dma::{self, DeviceMemory};
-use crate::interrupts::DEVICE_VECTOR;
+use crate::interrupts::{self, DEVICE_VECTOR};
 use crate::memory::{MAPPED_END, MmioRegion, PhysAddr};
 use crate::pci::{self, Bdf, Function, MemoryBar};
 use crate::pvh::StartInfo;
@@ -102,6 +102,8 @@ pub const STATUS_FAILED: u8 = 0x80;
 
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 pub const NO_VECTOR: u16 = 0xFFFF;
+/// How long a completed request's interrupt may lag behind its used-ring entry.
+const IRQ_GRACE_MS: u64 = 20;
 /// Queue size the guest uses (or less, if the device offers less).
 pub const QUEUE_SIZE_MAX: u16 = 16;
 
@@ -533,17 +535,32 @@ impl VirtioPci {
     }
 
     /// Waits (bounded) for the next used element of `queue`, halting between checks.
+    ///
+    /// Interrupts are only let in while waiting, so when the used ring is seen first the
+    /// device's MSI-X may still be pending (or on its way): it then gets a short bounded
+    /// grace period, so that `irqs` counts what the device sent.
     pub fn wait_used(&self, queue: &mut Virtqueue, timeout_ms: u64) -> Option<Used> {
+        let irqs_before = interrupts::device_irqs();
         let deadline = Deadline::after_ms(timeout_ms);
+        let mut used = None;
         for _ in 0..timeout_ms.saturating_mul(8).saturating_add(1000) {
-            if let Some(used) = queue.poll_used() {
-                return Some(used);
-            }
-            if deadline.passed() {
+            used = queue.poll_used();
+            if used.is_some() || deadline.passed() {
                 break;
             }
-            crate::interrupts::idle();
+            interrupts::idle();
         }
-        queue.poll_used()
+        let used = used.or_else(|| queue.poll_used())?;
+        if self.queue_vector_ok {
+            let grace = Deadline::after_ms(IRQ_GRACE_MS);
+            interrupts::interrupt_window();
+            for _ in 0..IRQ_GRACE_MS * 8 {
+                if interrupts::device_irqs() != irqs_before || grace.passed() {
+                    break;
+                }
+                interrupts::idle();
+            }
+        }
+        Some(used)
     }
 }
