@@ -8,6 +8,7 @@
 
 mod apt;
 mod cpio;
+mod fuzz;
 mod guest_image;
 mod kmod;
 mod testguest;
@@ -139,6 +140,8 @@ fn cargo(root: &Path, args: &[&str]) -> Result<()> {
 
 /// The no_std test guest is outside the workspace; fmt and clippy reach it by its manifest.
 const TESTGUEST_MANIFEST: &str = "testguest/Cargo.toml";
+/// The fuzz targets are outside the workspace too (cargo-fuzz layout).
+const FUZZ_MANIFEST: &str = "fuzz/Cargo.toml";
 
 fn test(root: &Path, no_deps: bool) -> Result<()> {
     let started = Instant::now();
@@ -152,15 +155,19 @@ fn test(root: &Path, no_deps: bool) -> Result<()> {
 
     step("cargo fmt --check");
     cargo(root, &["fmt", "--all", "--", "--check"]).context("formatting differs: run `cargo fmt --all`")?;
-    cargo(root, &["fmt", "--manifest-path", TESTGUEST_MANIFEST, "--", "--check"]).context(
-        "the test guest's formatting differs: run `cargo fmt --manifest-path testguest/Cargo.toml`",
-    )?;
+    for manifest in [TESTGUEST_MANIFEST, FUZZ_MANIFEST] {
+        cargo(root, &["fmt", "--manifest-path", manifest, "--", "--check"])
+            .with_context(|| format!("formatting differs: run `cargo fmt --manifest-path {manifest}`"))?;
+    }
     let t = step("cargo clippy --all-targets -- -D warnings");
     cargo(root, &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
     cargo(root, &["clippy", "--manifest-path", TESTGUEST_MANIFEST, "--all-targets", "--", "-D", "warnings"])?;
     println!("    {:.1} s", t.elapsed().as_secs_f64());
     let t = step("cargo test");
     cargo(root, &["test", "--workspace"])?;
+    println!("    {:.1} s", t.elapsed().as_secs_f64());
+    let t = step("fuzz targets (briefly)");
+    fuzz::run_briefly(root)?;
     println!("    {:.1} s", t.elapsed().as_secs_f64());
     println!("\nAll checks passed in {:.1} min.", started.elapsed().as_secs_f64() / 60.0);
     Ok(())
