@@ -145,8 +145,9 @@ impl Guest {
 
     /// Starts any command whose stdin/stdout is a guest's serial console, e.g.
     /// `pleiades-host run --serial stdio …`, and talks to it like to QEMU.
-    pub fn from_command(cmd: Command, accel: AccelChoice) -> Result<Self, GuestError> {
-        let echo = std::env::var_os("PLEIADES_ECHO_CONSOLE").is_some();
+    /// `echo_console` copies the console to stdout (also on with `PLEIADES_ECHO_CONSOLE=1`).
+    pub fn from_command(cmd: Command, accel: AccelChoice, echo_console: bool) -> Result<Self, GuestError> {
+        let echo = echo_console || std::env::var_os("PLEIADES_ECHO_CONSOLE").is_some();
         Self::spawn(cmd, accel, echo, None)
     }
 

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use pleiades_tests::image::GuestImage;
-use pleiades_tests::qemu::{Guest, GuestConfig};
+use pleiades_tests::qemu::{BASE_CMDLINE, Guest, boot_timeout};
 
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask", about = "Pleiades project tooling", version)]
@@ -178,19 +178,22 @@ fn demo(root: &Path, interactive: Option<bool>) -> Result<()> {
     deps(&[])?;
     step("Test guest image");
     guest_image::GuestImageBuild { root: root.to_owned(), force: false }.run()?;
+    step("Building pleiades-host");
+    cargo(root, &["build", "--package", "pleiades-host"])?;
 
     let interactive = interactive.unwrap_or_else(|| std::io::IsTerminal::is_terminal(&std::io::stdin()));
     let image = GuestImage::locate()?;
-    let accel = pleiades_tests::accel::choose()?;
-    step(&format!("Booting a Pleiades desktop guest under QEMU ({}: {})", accel.accel, accel.reason));
-    let config = GuestConfig { accel: Some(accel), echo_console: interactive, ..GuestConfig::default() }
-        .device("virtio-rng-pci")
-        .device("virtio-gpu-pci")
-        .device("virtio-keyboard-pci")
-        .device("virtio-tablet-pci")
-        .device("virtio-serial-pci");
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    let mut host = Command::new(target_dir.join("debug/pleiades-host"));
+    host.args(["run", "--cpus", "2", "--memory", "512M", "--device", "rng", "--cmdline", BASE_CMDLINE])
+        .arg("--kernel")
+        .arg(&image.kernel)
+        .arg("--initrd")
+        .arg(&image.initramfs);
+    step("Booting a Pleiades desktop guest: pleiades-host run (it says which VMM it chose and why)");
     let started = Instant::now();
-    let (mut guest, info) = Guest::boot(&image, &config)?;
+    let mut guest = Guest::from_command(host, pleiades_tests::accel::choose()?, interactive)?;
+    let info = guest.wait_ready(boot_timeout())?;
     println!(
         "guest ready in {:.1} s: kernel {}, {} CPUs, {} MiB",
         started.elapsed().as_secs_f64(),
