@@ -177,6 +177,11 @@ impl Guest {
         Ok((guest, info))
     }
 
+    /// The process id of the command (QEMU, or `pleiades-host run`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The accelerator in use and why.
     pub fn accel(&self) -> &AccelChoice {
         &self.accel
