@@ -249,7 +249,6 @@ fn main() {
             let pleiades = |backend: &str| {
                 let mut cmd = Command::new(HOST);
                 cmd.env("PLEIADES_LOG", "warn");
-                cmd.env("PLEIADES_LOG", "warn");
                 cmd.args([
                     "run",
                     "--vmm",
