@@ -731,7 +731,9 @@ impl Broker {
         if get_i64(&live, "n")? >= pool.max_size {
             return Err(Error::PoolExhausted(pool.name.clone()));
         }
-        let image = self.image_by("id", &pool.image_id).await?;
+        // Everything inside the transaction uses its connection: asking the pool for a second
+        // one while holding the pool lock can exhaust the pool under load.
+        let image = image_of_pool(tx, &pool.id).await?;
         let host = choose_host(tx, &image).await?;
         let now = self.now();
         let id = new_id("d");
@@ -1128,7 +1130,14 @@ impl Broker {
                         .bind(&running.id)
                         .execute(&mut *tx)
                         .await?;
-                    if s == "disconnected" {
+                    // A disconnect still on its way to the host does not count as a return.
+                    let in_flight = sqlx::query(
+                        "SELECT COUNT(*) AS n FROM host_commands WHERE desktop_id = $1 AND kind = 'disconnect' AND state IN ('pending', 'sent')",
+                    )
+                    .bind(&running.id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    if s == "disconnected" && get_i64(&in_flight, "n")? == 0 {
                         // The user came back with the client: the session is live again.
                         sqlx::query("UPDATE desktops SET state = 'in_use', state_since = $1 WHERE id = $2")
                             .bind(now)
@@ -1164,8 +1173,7 @@ impl Broker {
             let pool_id: Option<String> = r.try_get("pool_id")?;
             let image = match (&*kind, pool_id) {
                 ("start" | "restart" | "recycle", Some(pool_id)) => {
-                    let pool = self.pool(&pool_id).await?;
-                    Some(self.image_by("id", &pool.image_id).await?)
+                    Some(image_of_pool(&mut tx, &pool_id).await?)
                 }
                 _ => None,
             };
@@ -1409,6 +1417,14 @@ async fn lock_pool(tx: &mut Transaction<'_, Any>, pool_id: &str) -> Result<()> {
         .execute(&mut **tx)
         .await?;
     Ok(())
+}
+
+async fn image_of_pool(tx: &mut Transaction<'_, Any>, pool_id: &str) -> Result<Image> {
+    let row = sqlx::query("SELECT i.* FROM images i JOIN pools p ON p.image_id = i.id WHERE p.id = $1")
+        .bind(pool_id)
+        .fetch_optional(&mut **tx)
+        .await?;
+    row.as_ref().map(Image::from_row).transpose()?.ok_or_else(|| Error::NotFound("image of pool".into()))
 }
 
 /// The online host with the image and the lowest memory load that still fits the image.

@@ -4,6 +4,7 @@
 //!   `cargo xtask guest-image`).
 //! - [`accel`]: KVM where the CPU has hardware virtualization, TCG otherwise, forced with
 //!   `PLEIADES_ACCEL=kvm|tcg`.
+//! - [`postgres`]: a private PostgreSQL server on loopback for database tests.
 //! - [`qemu`]: boots the image under Debian's `qemu-system-x86_64`, talks to the serial console
 //!   and waits for the guest's `PLEIADES-READY` line.
 //!
@@ -11,4 +12,5 @@
 
 pub mod accel;
 pub mod image;
+pub mod postgres;
 pub mod qemu;
