@@ -5,7 +5,8 @@
 
 use std::collections::HashMap;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
@@ -83,6 +84,18 @@ impl IntoResponse for PageError {
 
 type PageResult = Result<Response, PageError>;
 
+/// [`Auth`] for pages: a missing or expired session sends the browser to the login form.
+#[derive(Debug)]
+struct Session(Auth);
+
+impl FromRequestParts<AppState> for Session {
+    type Rejection = PageError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        Ok(Self(Auth::from_request_parts(parts, state).await?))
+    }
+}
+
 fn field<'a>(f: &'a Fields, name: &str) -> &'a str {
     f.get(name).map(String::as_str).unwrap_or("")
 }
@@ -96,6 +109,12 @@ fn int_field(f: &Fields, name: &str, default: i64) -> Result<i64, Error> {
 
 fn checked(auth: &Auth, f: &Fields) -> Result<(), Error> {
     auth.check_csrf(f.get("csrf").map(String::as_str))
+}
+
+/// Admin forms: the role first, so that nothing about the input is revealed to others.
+fn checked_admin(auth: &Auth, f: &Fields) -> Result<(), Error> {
+    auth.actor.require_admin()?;
+    checked(auth, f)
 }
 
 fn see_other(to: &str) -> PageResult {
@@ -275,7 +294,7 @@ async fn login(
     res
 }
 
-async fn logout(State(s): State<AppState>, auth: Auth, Form(f): Form<Fields>) -> PageResult {
+async fn logout(State(s): State<AppState>, Session(auth): Session, Form(f): Form<Fields>) -> PageResult {
     checked(&auth, &f)?;
     s.broker.logout(&auth.actor, &auth.token).await?;
     let mut res = Redirect::to("/login").into_response();
@@ -287,7 +306,7 @@ async fn logout(State(s): State<AppState>, auth: Auth, Form(f): Form<Fields>) ->
 
 async fn portal(
     State(s): State<AppState>,
-    auth: Auth,
+    Session(auth): Session,
     Query(q): Query<HashMap<String, String>>,
 ) -> PageResult {
     let pools = s.broker.entitled_pools(&auth.actor).await?;
@@ -353,7 +372,7 @@ async fn portal(
 
 async fn request_desktop(
     State(s): State<AppState>,
-    auth: Auth,
+    Session(auth): Session,
     Path(id): Path<String>,
     Form(f): Form<Fields>,
 ) -> PageResult {
@@ -364,7 +383,7 @@ async fn request_desktop(
 
 async fn connect(
     State(s): State<AppState>,
-    auth: Auth,
+    Session(auth): Session,
     Path(id): Path<String>,
     Form(f): Form<Fields>,
 ) -> PageResult {
@@ -394,7 +413,7 @@ async fn connect(
 
 async fn restart(
     State(s): State<AppState>,
-    auth: Auth,
+    Session(auth): Session,
     Path(id): Path<String>,
     Form(f): Form<Fields>,
 ) -> PageResult {
@@ -405,7 +424,7 @@ async fn restart(
 
 async fn release(
     State(s): State<AppState>,
-    auth: Auth,
+    Session(auth): Session,
     Path(id): Path<String>,
     Form(f): Form<Fields>,
 ) -> PageResult {
@@ -418,7 +437,7 @@ async fn release(
 
 async fn admin_hosts(
     State(s): State<AppState>,
-    auth: Auth,
+    Session(auth): Session,
     Query(q): Query<HashMap<String, String>>,
 ) -> PageResult {
     let hosts = s.broker.list_hosts(&auth.actor).await?;
@@ -453,7 +472,7 @@ async fn admin_hosts(
 
 async fn admin_images(
     State(s): State<AppState>,
-    auth: Auth,
+    Session(auth): Session,
     Query(q): Query<HashMap<String, String>>,
 ) -> PageResult {
     auth.actor.require_admin()?;
@@ -489,8 +508,12 @@ async fn admin_images(
     ))
 }
 
-async fn admin_create_image(State(s): State<AppState>, auth: Auth, Form(f): Form<Fields>) -> PageResult {
-    checked(&auth, &f)?;
+async fn admin_create_image(
+    State(s): State<AppState>,
+    Session(auth): Session,
+    Form(f): Form<Fields>,
+) -> PageResult {
+    checked_admin(&auth, &f)?;
     let image = Image {
         id: String::new(),
         name: field(&f, "name").trim().to_owned(),
@@ -556,7 +579,7 @@ fn pool_form(auth: &Auth, action: &str, spec: Option<(&PoolSpec, bool)>, images:
 
 async fn admin_pools(
     State(s): State<AppState>,
-    auth: Auth,
+    Session(auth): Session,
     Query(q): Query<HashMap<String, String>>,
 ) -> PageResult {
     auth.actor.require_admin()?;
@@ -612,8 +635,12 @@ fn pool_spec_from(f: &Fields, fixed: Option<&PoolSpec>) -> Result<PoolSpec, Erro
     })
 }
 
-async fn admin_create_pool(State(s): State<AppState>, auth: Auth, Form(f): Form<Fields>) -> PageResult {
-    checked(&auth, &f)?;
+async fn admin_create_pool(
+    State(s): State<AppState>,
+    Session(auth): Session,
+    Form(f): Form<Fields>,
+) -> PageResult {
+    checked_admin(&auth, &f)?;
     let pool = s.broker.create_pool(&auth.actor, &pool_spec_from(&f, None)?).await?;
     see_other(&format!("/admin/pools/{}?notice=created", pool.id))
 }
@@ -644,7 +671,7 @@ async fn current_spec(s: &AppState, id: &str) -> Result<(PoolSpec, bool), Error>
 
 async fn admin_pool(
     State(s): State<AppState>,
-    auth: Auth,
+    Session(auth): Session,
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> PageResult {
@@ -695,12 +722,11 @@ async fn admin_pool(
 
 async fn admin_update_pool(
     State(s): State<AppState>,
-    auth: Auth,
+    Session(auth): Session,
     Path(id): Path<String>,
     Form(f): Form<Fields>,
 ) -> PageResult {
-    checked(&auth, &f)?;
-    auth.actor.require_admin()?;
+    checked_admin(&auth, &f)?;
     let (current, _) = current_spec(&s, &id).await?;
     let spec = pool_spec_from(&f, Some(&current))?;
     s.broker.update_pool(&auth.actor, &id, &spec, f.contains_key("enabled")).await?;
@@ -717,29 +743,29 @@ fn principal(f: &Fields) -> Result<PrincipalKind, Error> {
 
 async fn admin_entitle(
     State(s): State<AppState>,
-    auth: Auth,
+    Session(auth): Session,
     Path(id): Path<String>,
     Form(f): Form<Fields>,
 ) -> PageResult {
-    checked(&auth, &f)?;
+    checked_admin(&auth, &f)?;
     s.broker.entitle(&auth.actor, &id, principal(&f)?, field(&f, "name").trim()).await?;
     see_other(&format!("/admin/pools/{id}?notice=entitled"))
 }
 
 async fn admin_unentitle(
     State(s): State<AppState>,
-    auth: Auth,
+    Session(auth): Session,
     Path(id): Path<String>,
     Form(f): Form<Fields>,
 ) -> PageResult {
-    checked(&auth, &f)?;
+    checked_admin(&auth, &f)?;
     s.broker.unentitle(&auth.actor, &id, principal(&f)?, field(&f, "name")).await?;
     see_other(&format!("/admin/pools/{id}?notice=removed"))
 }
 
 async fn admin_users(
     State(s): State<AppState>,
-    auth: Auth,
+    Session(auth): Session,
     Query(q): Query<HashMap<String, String>>,
 ) -> PageResult {
     let users = s.broker.list_users(&auth.actor).await?;
@@ -792,8 +818,12 @@ async fn admin_users(
     ))
 }
 
-async fn admin_create_user(State(s): State<AppState>, auth: Auth, Form(f): Form<Fields>) -> PageResult {
-    checked(&auth, &f)?;
+async fn admin_create_user(
+    State(s): State<AppState>,
+    Session(auth): Session,
+    Form(f): Form<Fields>,
+) -> PageResult {
+    checked_admin(&auth, &f)?;
     s.broker
         .create_user(
             &auth.actor,
@@ -806,21 +836,29 @@ async fn admin_create_user(State(s): State<AppState>, auth: Auth, Form(f): Form<
     see_other("/admin/users?notice=created")
 }
 
-async fn admin_create_group(State(s): State<AppState>, auth: Auth, Form(f): Form<Fields>) -> PageResult {
-    checked(&auth, &f)?;
+async fn admin_create_group(
+    State(s): State<AppState>,
+    Session(auth): Session,
+    Form(f): Form<Fields>,
+) -> PageResult {
+    checked_admin(&auth, &f)?;
     s.broker.create_group(&auth.actor, field(&f, "name").trim()).await?;
     see_other("/admin/users?notice=created")
 }
 
-async fn admin_add_member(State(s): State<AppState>, auth: Auth, Form(f): Form<Fields>) -> PageResult {
-    checked(&auth, &f)?;
+async fn admin_add_member(
+    State(s): State<AppState>,
+    Session(auth): Session,
+    Form(f): Form<Fields>,
+) -> PageResult {
+    checked_admin(&auth, &f)?;
     s.broker.add_group_member(&auth.actor, field(&f, "group").trim(), field(&f, "user").trim()).await?;
     see_other("/admin/users?notice=saved")
 }
 
 async fn admin_sessions(
     State(s): State<AppState>,
-    auth: Auth,
+    Session(auth): Session,
     Query(q): Query<HashMap<String, String>>,
 ) -> PageResult {
     let sessions = s.broker.list_sessions(&auth.actor, true).await?;
@@ -855,18 +893,18 @@ async fn admin_sessions(
 
 async fn admin_disconnect(
     State(s): State<AppState>,
-    auth: Auth,
+    Session(auth): Session,
     Path(id): Path<String>,
     Form(f): Form<Fields>,
 ) -> PageResult {
-    checked(&auth, &f)?;
+    checked_admin(&auth, &f)?;
     s.broker.disconnect_session(&auth.actor, &id).await?;
     see_other("/admin/sessions?notice=disconnected")
 }
 
 async fn admin_audit(
     State(s): State<AppState>,
-    auth: Auth,
+    Session(auth): Session,
     Query(q): Query<HashMap<String, String>>,
 ) -> PageResult {
     let entries = s.broker.list_audit(&auth.actor, 500).await?;
