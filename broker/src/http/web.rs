@@ -331,7 +331,7 @@ async fn portal(
                                 td { (d.name) }
                                 td { (pool_name(&d.pool_id)) }
                                 td { span class={"state state-" (d.state.as_str())} { (d.state.label()) } }
-                                td.actions {
+                                td { div.actions {
                                     form method="post" action={"/desktops/" (d.id) "/connect"} {
                                         (csrf_input(&auth))
                                         button type="submit" aria-label={"Connect to " (d.name)} { "Connect" }
@@ -344,7 +344,7 @@ async fn portal(
                                         (csrf_input(&auth))
                                         button.secondary type="submit" aria-label={"Log off " (d.name)} { "Log off" }
                                     }
-                                }
+                                } }
                             }
                         }
                     }
@@ -917,7 +917,7 @@ async fn admin_audit(
             p.muted { "The newest 500 entries. The full log: " code { "GET /api/v1/admin/audit" } "." }
             table.dense {
                 thead { tr { th scope="col" { "Time" } th scope="col" { "Actor" } th scope="col" { "Action" } th scope="col" { "Target" } th scope="col" { "Detail" } } }
-                tbody { @for e in &entries { tr { td { (when(e.at)) } td { (e.actor) } td { code { (e.action) } } td { (e.target) } td { (e.detail) } } } }
+                tbody { @for e in &entries { tr { td.nowrap { (when(e.at)) } td { (e.actor) } td { code { (e.action) } } td { (e.target) } td { (e.detail) } } } }
             }
         },
     ))
