@@ -3,12 +3,14 @@
 //! - `deps`: installs the Debian packages the project needs (idempotent).
 //! - `guest-image`: builds the test guest image into `target/guest/` (cached).
 //! - `demo`: the main job: everything above, then boots a desktop guest and shows it.
-//! - `test`: everything CI runs: deps, image, `cargo fmt --check`, clippy, all tests.
+//! - `test`: everything CI runs: deps, image, `cargo fmt --check`, clippy, `npm ci` of the
+//!   browser tests (skipped when up to date), all tests.
 
 mod apt;
 mod cpio;
 mod guest_image;
 mod kmod;
+mod npm;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -140,6 +142,9 @@ fn test(root: &Path, no_deps: bool) -> Result<()> {
     cargo(root, &["fmt", "--all", "--", "--check"]).context("formatting differs: run `cargo fmt --all`")?;
     let t = step("cargo clippy --all-targets -- -D warnings");
     cargo(root, &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    println!("    {:.1} s", t.elapsed().as_secs_f64());
+    let t = step("npm ci (browser test packages)");
+    npm::ci(root)?;
     println!("    {:.1} s", t.elapsed().as_secs_f64());
     let t = step("cargo test");
     cargo(root, &["test", "--workspace"])?;
