@@ -3,7 +3,8 @@
 //! Users authenticate with a bearer token from `POST /api/v1/login` (or the portal's session
 //! cookie plus an `X-CSRF-Token` header); hosts with the credential they got at registration.
 
-use axum::extract::{Path, State};
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -48,8 +49,19 @@ pub fn routes() -> Router<AppState> {
         .route("/hosts/commands/{id}/ack", post(ack_command))
 }
 
-fn csrf_header(headers: &HeaderMap) -> Option<&str> {
-    headers.get("x-csrf-token").and_then(|v| v.to_str().ok())
+/// A state-changing API call: authenticated, and CSRF-checked when it comes with a browser's
+/// session cookie (header `X-CSRF-Token`).
+#[derive(Debug)]
+struct Mutating(Auth);
+
+impl FromRequestParts<AppState> for Mutating {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self> {
+        let auth = Auth::from_request_parts(parts, state).await?;
+        auth.check_csrf(parts.headers.get("x-csrf-token").and_then(|v| v.to_str().ok()))?;
+        Ok(Self(auth))
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -68,8 +80,7 @@ async fn login(
     Ok(Json(json!({ "token": token, "expires_in": s.broker.settings.api_token_secs, "user": user })))
 }
 
-async fn logout(State(s): State<AppState>, auth: Auth, headers: HeaderMap) -> Result<StatusCode> {
-    auth.check_csrf(csrf_header(&headers))?;
+async fn logout(State(s): State<AppState>, Mutating(auth): Mutating) -> Result<StatusCode> {
     s.broker.logout(&auth.actor, &auth.token).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -85,11 +96,9 @@ async fn my_pools(State(s): State<AppState>, auth: Auth) -> Result<Json<Value>> 
 
 async fn request_desktop(
     State(s): State<AppState>,
-    auth: Auth,
-    headers: HeaderMap,
+    Mutating(auth): Mutating,
     Path(id): Path<String>,
 ) -> Result<Json<Value>> {
-    auth.check_csrf(csrf_header(&headers))?;
     Ok(Json(json!(s.broker.request_desktop(&auth.actor, &id).await?)))
 }
 
@@ -99,33 +108,27 @@ async fn my_desktops(State(s): State<AppState>, auth: Auth) -> Result<Json<Value
 
 async fn connect(
     State(s): State<AppState>,
-    auth: Auth,
-    headers: HeaderMap,
+    Mutating(auth): Mutating,
     Path(id): Path<String>,
 ) -> Result<Json<Value>> {
-    auth.check_csrf(csrf_header(&headers))?;
     let conn = s.broker.connect(&auth.actor, &id).await?;
     Ok(Json(json!({ "connection": conn, "file": conn.to_toml(), "uri": conn.to_uri() })))
 }
 
 async fn restart(
     State(s): State<AppState>,
-    auth: Auth,
-    headers: HeaderMap,
+    Mutating(auth): Mutating,
     Path(id): Path<String>,
 ) -> Result<StatusCode> {
-    auth.check_csrf(csrf_header(&headers))?;
     s.broker.restart(&auth.actor, &id).await?;
     Ok(StatusCode::ACCEPTED)
 }
 
 async fn release(
     State(s): State<AppState>,
-    auth: Auth,
-    headers: HeaderMap,
+    Mutating(auth): Mutating,
     Path(id): Path<String>,
 ) -> Result<StatusCode> {
-    auth.check_csrf(csrf_header(&headers))?;
     s.broker.release(&auth.actor, &id).await?;
     Ok(StatusCode::ACCEPTED)
 }
@@ -146,11 +149,9 @@ struct NewUser {
 
 async fn create_user(
     State(s): State<AppState>,
-    auth: Auth,
-    headers: HeaderMap,
+    Mutating(auth): Mutating,
     Json(u): Json<NewUser>,
 ) -> Result<(StatusCode, Json<Value>)> {
-    auth.check_csrf(csrf_header(&headers))?;
     let user =
         s.broker.create_user(&auth.actor, &u.name, &u.display_name, u.password.as_deref(), u.admin).await?;
     Ok((StatusCode::CREATED, Json(json!(user))))
@@ -167,11 +168,9 @@ struct Named {
 
 async fn create_group(
     State(s): State<AppState>,
-    auth: Auth,
-    headers: HeaderMap,
+    Mutating(auth): Mutating,
     Json(g): Json<Named>,
 ) -> Result<StatusCode> {
-    auth.check_csrf(csrf_header(&headers))?;
     s.broker.create_group(&auth.actor, &g.name).await?;
     Ok(StatusCode::CREATED)
 }
@@ -183,12 +182,10 @@ struct Member {
 
 async fn add_member(
     State(s): State<AppState>,
-    auth: Auth,
-    headers: HeaderMap,
+    Mutating(auth): Mutating,
     Path(group): Path<String>,
     Json(m): Json<Member>,
 ) -> Result<StatusCode> {
-    auth.check_csrf(csrf_header(&headers))?;
     s.broker.add_group_member(&auth.actor, &group, &m.user).await?;
     Ok(StatusCode::CREATED)
 }
@@ -200,11 +197,9 @@ async fn list_images(State(s): State<AppState>, auth: Auth) -> Result<Json<Value
 
 async fn create_image(
     State(s): State<AppState>,
-    auth: Auth,
-    headers: HeaderMap,
+    Mutating(auth): Mutating,
     Json(image): Json<Image>,
 ) -> Result<(StatusCode, Json<Value>)> {
-    auth.check_csrf(csrf_header(&headers))?;
     Ok((StatusCode::CREATED, Json(json!(s.broker.create_image(&auth.actor, &image).await?))))
 }
 
@@ -215,11 +210,9 @@ async fn list_pools(State(s): State<AppState>, auth: Auth) -> Result<Json<Value>
 
 async fn create_pool(
     State(s): State<AppState>,
-    auth: Auth,
-    headers: HeaderMap,
+    Mutating(auth): Mutating,
     Json(spec): Json<PoolSpec>,
 ) -> Result<(StatusCode, Json<Value>)> {
-    auth.check_csrf(csrf_header(&headers))?;
     Ok((StatusCode::CREATED, Json(json!(s.broker.create_pool(&auth.actor, &spec).await?))))
 }
 
@@ -237,12 +230,10 @@ fn yes() -> bool {
 
 async fn update_pool(
     State(s): State<AppState>,
-    auth: Auth,
-    headers: HeaderMap,
+    Mutating(auth): Mutating,
     Path(id): Path<String>,
     Json(u): Json<PoolUpdate>,
 ) -> Result<Json<Value>> {
-    auth.check_csrf(csrf_header(&headers))?;
     Ok(Json(json!(s.broker.update_pool(&auth.actor, &id, &u.spec, u.enabled).await?)))
 }
 
@@ -259,12 +250,10 @@ struct EntitleBody {
 
 async fn entitle(
     State(s): State<AppState>,
-    auth: Auth,
-    headers: HeaderMap,
+    Mutating(auth): Mutating,
     Path(id): Path<String>,
     Json(e): Json<EntitleBody>,
 ) -> Result<StatusCode> {
-    auth.check_csrf(csrf_header(&headers))?;
     s.broker.entitle(&auth.actor, &id, e.kind, &e.name).await?;
     Ok(StatusCode::CREATED)
 }
@@ -289,11 +278,9 @@ fn day() -> i64 {
 
 async fn create_host_token(
     State(s): State<AppState>,
-    auth: Auth,
-    headers: HeaderMap,
+    Mutating(auth): Mutating,
     Json(b): Json<HostTokenBody>,
 ) -> Result<(StatusCode, Json<Value>)> {
-    auth.check_csrf(csrf_header(&headers))?;
     let token = s.broker.create_host_token(&auth.actor, &b.description, b.one_time, b.lifetime_secs).await?;
     Ok((StatusCode::CREATED, Json(json!({ "token": token }))))
 }
@@ -308,11 +295,9 @@ async fn list_sessions(State(s): State<AppState>, auth: Auth) -> Result<Json<Val
 
 async fn disconnect_session(
     State(s): State<AppState>,
-    auth: Auth,
-    headers: HeaderMap,
+    Mutating(auth): Mutating,
     Path(id): Path<String>,
 ) -> Result<StatusCode> {
-    auth.check_csrf(csrf_header(&headers))?;
     s.broker.disconnect_session(&auth.actor, &id).await?;
     Ok(StatusCode::ACCEPTED)
 }

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
@@ -84,6 +84,27 @@ impl IntoResponse for PageError {
 
 type PageResult = Result<Response, PageError>;
 
+/// A form posted from our own pages: the session, and the fields once their `csrf` matched.
+#[derive(Debug)]
+struct Posted {
+    auth: Auth,
+    f: Fields,
+}
+
+impl FromRequest<AppState> for Posted {
+    type Rejection = PageError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let (mut parts, body) = req.into_parts();
+        let auth = Auth::from_request_parts(&mut parts, state).await?;
+        let Form(f) = Form::<Fields>::from_request(Request::from_parts(parts, body), state)
+            .await
+            .map_err(|_| Error::Invalid("the form could not be read".into()))?;
+        auth.check_csrf(f.get("csrf").map(String::as_str))?;
+        Ok(Self { auth, f })
+    }
+}
+
 /// [`Auth`] for pages: a missing or expired session sends the browser to the login form.
 #[derive(Debug)]
 struct Session(Auth);
@@ -105,16 +126,6 @@ fn int_field(f: &Fields, name: &str, default: i64) -> Result<i64, Error> {
         "" => Ok(default),
         v => v.parse().map_err(|_| Error::Invalid(format!("{name} must be a whole number"))),
     }
-}
-
-fn checked(auth: &Auth, f: &Fields) -> Result<(), Error> {
-    auth.check_csrf(f.get("csrf").map(String::as_str))
-}
-
-/// Admin forms: the role first, so that nothing about the input is revealed to others.
-fn checked_admin(auth: &Auth, f: &Fields) -> Result<(), Error> {
-    auth.actor.require_admin()?;
-    checked(auth, f)
 }
 
 fn see_other(to: &str) -> PageResult {
@@ -294,8 +305,7 @@ async fn login(
     res
 }
 
-async fn logout(State(s): State<AppState>, Session(auth): Session, Form(f): Form<Fields>) -> PageResult {
-    checked(&auth, &f)?;
+async fn logout(State(s): State<AppState>, Posted { auth, .. }: Posted) -> PageResult {
     s.broker.logout(&auth.actor, &auth.token).await?;
     let mut res = Redirect::to("/login").into_response();
     res.headers_mut().insert(header::SET_COOKIE, set_cookie(SESSION_COOKIE, "", 0, s.secure_cookies));
@@ -372,22 +382,18 @@ async fn portal(
 
 async fn request_desktop(
     State(s): State<AppState>,
-    Session(auth): Session,
     Path(id): Path<String>,
-    Form(f): Form<Fields>,
+    Posted { auth, .. }: Posted,
 ) -> PageResult {
-    checked(&auth, &f)?;
     s.broker.request_desktop(&auth.actor, &id).await?;
     see_other("/?notice=allocated")
 }
 
 async fn connect(
     State(s): State<AppState>,
-    Session(auth): Session,
     Path(id): Path<String>,
-    Form(f): Form<Fields>,
+    Posted { auth, .. }: Posted,
 ) -> PageResult {
-    checked(&auth, &f)?;
     let conn = s.broker.connect(&auth.actor, &id).await?;
     let file = conn.to_toml();
     let data = base64::engine::general_purpose::STANDARD.encode(file.as_bytes());
@@ -413,22 +419,18 @@ async fn connect(
 
 async fn restart(
     State(s): State<AppState>,
-    Session(auth): Session,
     Path(id): Path<String>,
-    Form(f): Form<Fields>,
+    Posted { auth, .. }: Posted,
 ) -> PageResult {
-    checked(&auth, &f)?;
     s.broker.restart(&auth.actor, &id).await?;
     see_other("/?notice=restarting")
 }
 
 async fn release(
     State(s): State<AppState>,
-    Session(auth): Session,
     Path(id): Path<String>,
-    Form(f): Form<Fields>,
+    Posted { auth, .. }: Posted,
 ) -> PageResult {
-    checked(&auth, &f)?;
     s.broker.release(&auth.actor, &id).await?;
     see_other("/?notice=released")
 }
@@ -508,12 +510,8 @@ async fn admin_images(
     ))
 }
 
-async fn admin_create_image(
-    State(s): State<AppState>,
-    Session(auth): Session,
-    Form(f): Form<Fields>,
-) -> PageResult {
-    checked_admin(&auth, &f)?;
+async fn admin_create_image(State(s): State<AppState>, Posted { auth, f }: Posted) -> PageResult {
+    auth.actor.require_admin()?;
     let image = Image {
         id: String::new(),
         name: field(&f, "name").trim().to_owned(),
@@ -635,12 +633,8 @@ fn pool_spec_from(f: &Fields, fixed: Option<&PoolSpec>) -> Result<PoolSpec, Erro
     })
 }
 
-async fn admin_create_pool(
-    State(s): State<AppState>,
-    Session(auth): Session,
-    Form(f): Form<Fields>,
-) -> PageResult {
-    checked_admin(&auth, &f)?;
+async fn admin_create_pool(State(s): State<AppState>, Posted { auth, f }: Posted) -> PageResult {
+    auth.actor.require_admin()?;
     let pool = s.broker.create_pool(&auth.actor, &pool_spec_from(&f, None)?).await?;
     see_other(&format!("/admin/pools/{}?notice=created", pool.id))
 }
@@ -722,11 +716,10 @@ async fn admin_pool(
 
 async fn admin_update_pool(
     State(s): State<AppState>,
-    Session(auth): Session,
     Path(id): Path<String>,
-    Form(f): Form<Fields>,
+    Posted { auth, f }: Posted,
 ) -> PageResult {
-    checked_admin(&auth, &f)?;
+    auth.actor.require_admin()?;
     let (current, _) = current_spec(&s, &id).await?;
     let spec = pool_spec_from(&f, Some(&current))?;
     s.broker.update_pool(&auth.actor, &id, &spec, f.contains_key("enabled")).await?;
@@ -743,22 +736,20 @@ fn principal(f: &Fields) -> Result<PrincipalKind, Error> {
 
 async fn admin_entitle(
     State(s): State<AppState>,
-    Session(auth): Session,
     Path(id): Path<String>,
-    Form(f): Form<Fields>,
+    Posted { auth, f }: Posted,
 ) -> PageResult {
-    checked_admin(&auth, &f)?;
+    auth.actor.require_admin()?;
     s.broker.entitle(&auth.actor, &id, principal(&f)?, field(&f, "name").trim()).await?;
     see_other(&format!("/admin/pools/{id}?notice=entitled"))
 }
 
 async fn admin_unentitle(
     State(s): State<AppState>,
-    Session(auth): Session,
     Path(id): Path<String>,
-    Form(f): Form<Fields>,
+    Posted { auth, f }: Posted,
 ) -> PageResult {
-    checked_admin(&auth, &f)?;
+    auth.actor.require_admin()?;
     s.broker.unentitle(&auth.actor, &id, principal(&f)?, field(&f, "name")).await?;
     see_other(&format!("/admin/pools/{id}?notice=removed"))
 }
@@ -818,12 +809,8 @@ async fn admin_users(
     ))
 }
 
-async fn admin_create_user(
-    State(s): State<AppState>,
-    Session(auth): Session,
-    Form(f): Form<Fields>,
-) -> PageResult {
-    checked_admin(&auth, &f)?;
+async fn admin_create_user(State(s): State<AppState>, Posted { auth, f }: Posted) -> PageResult {
+    auth.actor.require_admin()?;
     s.broker
         .create_user(
             &auth.actor,
@@ -836,22 +823,14 @@ async fn admin_create_user(
     see_other("/admin/users?notice=created")
 }
 
-async fn admin_create_group(
-    State(s): State<AppState>,
-    Session(auth): Session,
-    Form(f): Form<Fields>,
-) -> PageResult {
-    checked_admin(&auth, &f)?;
+async fn admin_create_group(State(s): State<AppState>, Posted { auth, f }: Posted) -> PageResult {
+    auth.actor.require_admin()?;
     s.broker.create_group(&auth.actor, field(&f, "name").trim()).await?;
     see_other("/admin/users?notice=created")
 }
 
-async fn admin_add_member(
-    State(s): State<AppState>,
-    Session(auth): Session,
-    Form(f): Form<Fields>,
-) -> PageResult {
-    checked_admin(&auth, &f)?;
+async fn admin_add_member(State(s): State<AppState>, Posted { auth, f }: Posted) -> PageResult {
+    auth.actor.require_admin()?;
     s.broker.add_group_member(&auth.actor, field(&f, "group").trim(), field(&f, "user").trim()).await?;
     see_other("/admin/users?notice=saved")
 }
@@ -893,11 +872,10 @@ async fn admin_sessions(
 
 async fn admin_disconnect(
     State(s): State<AppState>,
-    Session(auth): Session,
     Path(id): Path<String>,
-    Form(f): Form<Fields>,
+    Posted { auth, .. }: Posted,
 ) -> PageResult {
-    checked_admin(&auth, &f)?;
+    auth.actor.require_admin()?;
     s.broker.disconnect_session(&auth.actor, &id).await?;
     see_other("/admin/sessions?notice=disconnected")
 }
