@@ -129,6 +129,27 @@ fn template(bin: &Path) -> Result<PathBuf, PgError> {
     Ok(root)
 }
 
+/// Stops the server if this process dies without dropping it (a killed or aborted test): a
+/// detached shell polls our pid once a second. After a normal drop its `pg_ctl stop` finds no
+/// server and does nothing.
+fn watchdog(bin: &Path, data: &str) -> Result<(), PgError> {
+    let pg_ctl = bin.join("pg_ctl");
+    let stop = if is_root() { "runuser -u postgres -- \"$1\"" } else { "\"$1\"" };
+    let script = format!(
+        "while kill -0 {} 2>/dev/null; do sleep 1; done; exec {stop} -D \"$2\" -m immediate stop",
+        std::process::id()
+    );
+    Command::new("sh")
+        .args(["-c", &script, "pleiades-pg-watchdog"])
+        .arg(&pg_ctl)
+        .arg(data)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    Ok(())
+}
+
 fn free_port() -> Result<u16, PgError> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -165,7 +186,10 @@ impl PgServer {
                 "pg_ctl",
                 &["-D", &data, "-l", &log, "-w", "-t", "60", "-o", &opts, "start"],
             ) {
-                Ok(_) => return Ok(Self { bin, dir, port }),
+                Ok(_) => {
+                    watchdog(&bin, &data)?;
+                    return Ok(Self { bin, dir, port });
+                }
                 Err(e) => last = Some(e),
             }
         }
