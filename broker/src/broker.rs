@@ -1150,6 +1150,7 @@ impl Broker {
                 Some(_) => {}
             }
         }
+        let vanished = self.vanished_desktops(&mut tx, host, beat, now).await?;
         let rows = sqlx::query(
             "SELECT c.id, c.kind, c.desktop_id, d.name AS desktop_name, d.pool_id FROM host_commands c LEFT JOIN desktops d ON d.id = c.desktop_id \
              WHERE c.host_id = $1 AND c.state = 'pending' ORDER BY c.created_at, c.id",
@@ -1189,7 +1190,47 @@ impl Broker {
         if host.state != "online" {
             self.audit(&host.name, "host.online", &host.name, "heartbeat after loss").await?;
         }
+        for name in vanished {
+            tracing::warn!(host = %host.name, desktop = %name, "desktop no longer runs on its host");
+            self.audit(&host.name, "desktop.vanished", &name, "not running on its host").await?;
+        }
         Ok(HeartbeatReply { commands, heartbeat_interval_secs: self.settings.heartbeat_interval_secs })
+    }
+
+    /// Desktops that should run on the host but that it no longer reports (the VM died):
+    /// failed, their sessions ended. Only desktops settled for two heartbeat intervals with no
+    /// command in flight count, so that a heartbeat racing a start acknowledgement is harmless.
+    async fn vanished_desktops(
+        &self,
+        tx: &mut Transaction<'_, Any>,
+        host: &Host,
+        beat: &Heartbeat,
+        now: i64,
+    ) -> Result<Vec<String>> {
+        let settled = now - 2 * self.settings.heartbeat_interval_secs as i64;
+        let expected = sqlx::query(
+            "SELECT id, name FROM desktops d WHERE host_id = $1 AND state IN ('ready', 'in_use', 'disconnected') AND state_since < $2 \
+             AND NOT EXISTS (SELECT 1 FROM host_commands c WHERE c.desktop_id = d.id AND c.state IN ('pending', 'sent'))",
+        )
+        .bind(&host.id)
+        .bind(settled)
+        .fetch_all(&mut **tx)
+        .await?;
+        let mut vanished = Vec::new();
+        for row in &expected {
+            let id = get_str(row, "id")?;
+            if beat.desktops.iter().any(|d| d.id == id) {
+                continue;
+            }
+            sqlx::query("UPDATE desktops SET state = 'failed', state_since = $1 WHERE id = $2")
+                .bind(now)
+                .bind(&id)
+                .execute(&mut **tx)
+                .await?;
+            end_sessions(tx, &id, "vm_lost", now).await?;
+            vanished.push(get_str(row, "name")?);
+        }
+        Ok(vanished)
     }
 
     /// The host finished (or failed) a command.

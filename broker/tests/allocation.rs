@@ -19,6 +19,7 @@ on_both_databases!(
     host_lost_fails_desktops_and_reallocates,
     idle_and_disconnected_desktops_are_recycled,
     admin_disconnect_then_resume,
+    restart_and_vanished_vm,
     least_loaded_host_with_the_image,
 );
 
@@ -420,4 +421,34 @@ async fn least_loaded_host_with_the_image(backend: Backend) {
     b.settle().await;
     let hosts = env.broker.list_hosts(&system()).await.unwrap();
     assert_eq!(hosts.iter().map(|h| h.desktops).sum::<i64>(), 7);
+}
+
+async fn restart_and_vanished_vm(backend: Backend) {
+    let env = Env::new(backend).await;
+    env.image("debian", 1024).await;
+    let mut host = HostDouble::register(&env, "host-a", 8192, &["debian"]).await;
+    let pool = env.pool("dev", PoolKind::Persistent, "debian", 3, 0).await;
+    let (_, alice) = env.user("alice").await;
+    env.entitle_user(&pool, "alice").await;
+    let d = env.broker.request_desktop(&alice, &pool).await.unwrap();
+    host.settle().await;
+    // Restart: the host stops and starts the VM; the desktop comes back in use.
+    env.broker.restart(&alice, &d.id).await.unwrap();
+    assert_eq!(env.broker.desktop(&d.id).await.unwrap().state, DesktopState::Provisioning);
+    host.settle().await;
+    assert!(host.commands_seen.contains(&("restart".into(), d.id.clone())));
+    assert_eq!(host.vms[&d.id].starts, 2);
+    assert_eq!(env.broker.desktop(&d.id).await.unwrap().state, DesktopState::InUse);
+    // Heartbeats that miss a just-settled desktop do not fail it (a start ack may race them)…
+    host.vms.clear();
+    host.tick().await;
+    assert_eq!(env.broker.desktop(&d.id).await.unwrap().state, DesktopState::InUse);
+    // …but a VM gone for good does: failed, and the owner gets a new desktop.
+    env.clock.advance(11);
+    host.tick().await;
+    assert_eq!(env.broker.desktop(&d.id).await.unwrap().state, DesktopState::Failed);
+    let again = env.broker.request_desktop(&alice, &pool).await.unwrap();
+    assert_ne!(again.id, d.id);
+    let audit = env.broker.list_audit(&system(), 100).await.unwrap();
+    assert!(audit.iter().any(|e| e.action == "desktop.vanished" && e.target == d.name));
 }
