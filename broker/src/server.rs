@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ConnectInfo;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
@@ -102,7 +102,7 @@ pub async fn serve(
             .await?;
         return Ok(());
     };
-    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     tokio::pin!(shutdown);
     loop {
@@ -125,7 +125,8 @@ pub async fn serve(
                     req.extensions_mut().insert(ConnectInfo(addr));
                     router.clone().oneshot(req)
                 });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            // HTTP/1.1 only: the portal and the APIs need nothing more, and h2 costs build time.
+            let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });

@@ -169,3 +169,43 @@ fn cli_administers_the_same_database() {
     assert!(audit.contains("pool.entitle") && audit.contains("host.token.create"));
     assert!(!audit.contains("correct horse battery") && !audit.contains(token.trim()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_binary_answers_on_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = dir.path().join("broker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "database = \"sqlite://{}/b.db\"\nlisten = \"127.0.0.1:{port}\"\nstate_dir = \"{}\"\ninsecure_http = true\n[broker]\nticket_lifetime_secs = 30\n",
+            dir.path().display(),
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pleiades-broker"))
+        .arg("--config")
+        .arg(&config)
+        .arg("serve")
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+    let mut up = false;
+    for _ in 0..120 {
+        if let Ok(res) = http.get(format!("http://127.0.0.1:{port}/healthz")).send().await {
+            up = res.status() == 200;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(up, "the broker did not answer on 127.0.0.1:{port}");
+    let login = http.get(format!("http://127.0.0.1:{port}/login")).send().await.unwrap();
+    assert_eq!(login.status(), 200);
+    // Plain HTTP: the cookie cannot be Secure (the browser would never send it back).
+    let cookie = login.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(!cookie.contains("Secure") && cookie.contains("HttpOnly"));
+    child.kill().await.unwrap();
+}

@@ -16,7 +16,7 @@ use maud::{DOCTYPE, Markup, html};
 
 use super::{AppState, Auth, Client, LOGIN_CSRF_COOKIE, SESSION_COOKIE, cookie, set_cookie};
 use crate::error::Error;
-use crate::model::{Image, PoolKind, PoolSpec, PrincipalKind};
+use crate::model::{DesktopState, Image, PoolKind, PoolSpec, PrincipalKind};
 use crate::secret;
 
 const CSS: &str = include_str!("style.css");
@@ -148,6 +148,11 @@ fn notice(q: &HashMap<String, String>) -> Option<&'static str> {
 }
 
 fn layout(title: &str, auth: Option<&Auth>, body: Markup) -> Html<String> {
+    layout_refreshing(title, auth, body, None)
+}
+
+/// `refresh`: reload the page after this many seconds (the portal, while a desktop starts).
+fn layout_refreshing(title: &str, auth: Option<&Auth>, body: Markup, refresh: Option<u32>) -> Html<String> {
     Html(
         html! {
             (DOCTYPE)
@@ -155,6 +160,7 @@ fn layout(title: &str, auth: Option<&Auth>, body: Markup) -> Html<String> {
                 head {
                     meta charset="utf-8";
                     meta name="viewport" content="width=device-width, initial-scale=1";
+                @if let Some(secs) = refresh { meta http-equiv="refresh" content=(secs); }
                     title { (title) " · Pleiades" }
                     link rel="stylesheet" href="/style.css";
                 }
@@ -190,13 +196,24 @@ fn layout(title: &str, auth: Option<&Auth>, body: Markup) -> Html<String> {
 }
 
 fn page(title: &str, auth: &Auth, q: &HashMap<String, String>, body: Markup) -> Response {
-    layout(
+    page_refreshing(title, auth, q, body, None)
+}
+
+fn page_refreshing(
+    title: &str,
+    auth: &Auth,
+    q: &HashMap<String, String>,
+    body: Markup,
+    refresh: Option<u32>,
+) -> Response {
+    layout_refreshing(
         title,
         Some(auth),
         html! {
             @if let Some(n) = notice(q) { p.notice role="status" { (n) } }
             (body)
         },
+        refresh,
     )
     .into_response()
 }
@@ -323,7 +340,10 @@ async fn portal(
     let desktops = s.broker.my_desktops(&auth.actor).await?;
     let pool_name =
         |id: &str| pools.iter().find(|p| p.id == id).map(|p| p.display_name.clone()).unwrap_or_default();
-    Ok(page(
+    // Without scripts, a starting desktop is followed by reloading the page.
+    let starting =
+        desktops.iter().any(|d| matches!(d.state, DesktopState::Provisioning | DesktopState::Recycling));
+    Ok(page_refreshing(
         "My desktops",
         &auth,
         &q,
@@ -377,6 +397,7 @@ async fn portal(
                 }
             }
         },
+        starting.then_some(5),
     ))
 }
 
@@ -899,4 +920,22 @@ async fn admin_audit(
             }
         },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_are_utc_calendar_dates() {
+        assert_eq!(when(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(when(951_782_400), "2000-02-29 00:00:00 UTC");
+        assert_eq!(when(1_800_000_000), "2027-01-15 08:00:00 UTC");
+    }
+
+    #[test]
+    fn notices_never_echo_input() {
+        let q = HashMap::from([("notice".to_owned(), "<script>".to_owned())]);
+        assert_eq!(notice(&q), None);
+    }
 }
