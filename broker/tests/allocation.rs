@@ -20,6 +20,7 @@ on_both_databases!(
     idle_and_disconnected_desktops_are_recycled,
     admin_disconnect_then_resume,
     restart_and_vanished_vm,
+    two_brokers_share_one_database,
     least_loaded_host_with_the_image,
 );
 
@@ -451,4 +452,48 @@ async fn restart_and_vanished_vm(backend: Backend) {
     assert_ne!(again.id, d.id);
     let audit = env.broker.list_audit(&system(), 100).await.unwrap();
     assert!(audit.iter().any(|e| e.action == "desktop.vanished" && e.target == d.name));
+}
+
+async fn two_brokers_share_one_database(backend: Backend) {
+    let env = Env::new(backend).await;
+    let other = env.second_broker().await;
+    // One signing key for all brokers on a database: hosts verify either's tickets.
+    assert_eq!(other.ticket_public_key(), env.broker.ticket_public_key());
+    env.image("debian", 256).await;
+    let mut host = HostDouble::register(&env, "host-a", 1 << 20, &["debian"]).await;
+    let pool = env.pool("shared", PoolKind::Floating, "debian", 30, 4).await;
+    env.broker.create_group(&system(), "all").await.unwrap();
+    env.broker.entitle(&system(), &pool, pleiades_broker::model::PrincipalKind::Group, "all").await.unwrap();
+    let mut actors = Vec::new();
+    for i in 0..24 {
+        let name = format!("u{i:02}");
+        let user = env.broker.create_user(&system(), &name, "", None, false).await.unwrap();
+        env.broker.add_group_member(&system(), "all", &name).await.unwrap();
+        actors.push(pleiades_broker::model::Actor { user_id: user.id, name, is_admin: false });
+    }
+    // Both brokers run maintenance at once: spares are not provisioned twice.
+    let (a, b) = tokio::join!(env.broker.maintain(), other.maintain());
+    a.unwrap();
+    b.unwrap();
+    assert_eq!(env.broker.list_desktops(&system()).await.unwrap().len(), 4);
+    host.settle().await;
+    // Requests split across both brokers never share a desktop.
+    let tasks: Vec<_> = actors
+        .iter()
+        .cloned()
+        .enumerate()
+        .map(|(i, actor)| {
+            let broker = if i % 2 == 0 { env.broker.clone() } else { other.clone() };
+            let pool = pool.clone();
+            tokio::spawn(async move { broker.request_desktop(&actor, &pool).await })
+        })
+        .collect();
+    let mut given = HashSet::new();
+    for t in tasks {
+        let d = t.await.unwrap().unwrap();
+        assert!(given.insert(d.id.clone()), "desktop {} given twice", d.id);
+    }
+    assert_eq!(given.len(), 24);
+    assert!(env.broker.list_desktops(&system()).await.unwrap().len() <= 30);
+    assert_in_db_each_desktop_has_one_user(&env).await;
 }

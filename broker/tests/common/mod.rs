@@ -55,6 +55,8 @@ pub struct Env {
     pub base: String,
     pub http: reqwest::Client,
     pub backend: Backend,
+    /// The database URL, for a second broker on the same database.
+    pub db_url: String,
     _pg: Option<PgServer>,
     _dir: tempfile::TempDir,
     _shutdown: tokio::sync::oneshot::Sender<()>,
@@ -79,6 +81,7 @@ impl Env {
             }
         };
         let db = Db::connect(&url).await.expect("connect");
+        let db_url = url.clone();
         let clock = ManualClock::new(START);
         let settings = BrokerSettings { heartbeat_timeout_secs: 30, ..BrokerSettings::default() };
         let broker = Arc::new(Broker::open(db, Arc::new(clock.clone()), settings).await.unwrap());
@@ -94,11 +97,17 @@ impl Env {
             .timeout(std::time::Duration::from_secs(60))
             .build()
             .unwrap();
-        Self { broker, clock, base, http, backend, _pg: pg, _dir: dir, _shutdown: tx }
+        Self { broker, clock, base, http, backend, db_url, _pg: pg, _dir: dir, _shutdown: tx }
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
+    }
+
+    /// Another broker on the same database and clock (scale-out).
+    pub async fn second_broker(&self) -> Arc<Broker> {
+        let db = Db::connect(&self.db_url).await.expect("connect");
+        Arc::new(Broker::open(db, Arc::new(self.clock.clone()), self.broker.settings.clone()).await.unwrap())
     }
 
     pub async fn user(&self, name: &str) -> (User, Actor) {
