@@ -18,6 +18,7 @@ use pleiades_protocol::ticket::{PublicKey, TicketClaims, TicketSigner};
 use serde::{Deserialize, Serialize};
 use sqlx::{Any, Row, Transaction};
 
+use crate::auth::{LocalPasswords, PasswordBackend};
 use crate::clock::Clock;
 use crate::db::{Db, get_i64, get_str, is_retryable, is_unique_violation, new_id};
 use crate::error::{Error, Result};
@@ -72,6 +73,7 @@ pub struct Broker {
     signer: TicketSigner,
     pub settings: BrokerSettings,
     limiter: Mutex<RateLimiter>,
+    password_backends: Vec<Arc<dyn PasswordBackend>>,
 }
 
 /// Host registration request (`POST /api/v1/hosts/register`).
@@ -149,7 +151,21 @@ impl Broker {
     /// broker on that database.
     pub async fn open(db: Db, clock: Arc<dyn Clock>, settings: BrokerSettings) -> Result<Self> {
         let signer = load_or_create_signer(&db).await?;
-        Ok(Self { db, clock, signer, settings, limiter: Mutex::new(RateLimiter::default()) })
+        Ok(Self {
+            db,
+            clock,
+            signer,
+            settings,
+            limiter: Mutex::new(RateLimiter::default()),
+            password_backends: vec![Arc::new(LocalPasswords)],
+        })
+    }
+
+    /// Adds a password backend for another account source (LDAP, …).
+    pub fn with_password_backend(mut self, backend: Arc<dyn PasswordBackend>) -> Self {
+        self.password_backends.retain(|b| b.source() != backend.source());
+        self.password_backends.push(backend);
+        self
     }
 
     pub fn now(&self) -> i64 {
@@ -335,9 +351,8 @@ impl Broker {
 
     // ----- authentication ----------------------------------------------------------------
 
-    /// Checks a user name and password, rate-limited per user name and per client address.
-    /// Local accounts verify an argon2id hash; accounts from other sources (LDAP, OIDC) will
-    /// plug in here by `users.source`.
+    /// Checks a user name and password, rate-limited per user name and per client address,
+    /// with the [`PasswordBackend`] of the account's source (local argon2id by default).
     pub async fn login(&self, name: &str, password: &str, client: &str) -> Result<User> {
         let now = self.clock.now();
         self.limiter.lock().expect("limiter lock").check(&self.settings, name, client, now)?;
@@ -349,15 +364,23 @@ impl Broker {
             Some(r) => (Some(User::from_row(r)?), r.try_get::<Option<String>, _>("password_hash")?),
             None => (None, None),
         };
+        // Unknown names (and sources without a backend) are checked against a dummy hash, so
+        // that timing does not tell which names exist.
+        let backend = user
+            .as_ref()
+            .and_then(|u| self.password_backends.iter().find(|b| b.source() == u.source).cloned());
+        let (backend, hash, real): (Arc<dyn PasswordBackend>, _, _) = match backend {
+            Some(b) => (b, hash, true),
+            None => (Arc::new(LocalPasswords), Some(secret::dummy_hash().to_owned()), false),
+        };
         let verified = {
-            let password = password.to_owned();
-            let hash = hash.clone().unwrap_or_else(|| secret::dummy_hash().to_owned());
-            tokio::task::spawn_blocking(move || secret::verify_password(&password, &hash))
+            let (name, password) = (name.to_owned(), password.to_owned());
+            tokio::task::spawn_blocking(move || backend.verify(&name, hash.as_deref(), &password) && real)
                 .await
                 .map_err(|e| Error::Internal(e.to_string()))?
         };
         match user {
-            Some(user) if verified && hash.is_some() && user.source == "local" => {
+            Some(user) if verified => {
                 self.limiter.lock().expect("limiter lock").succeeded(name);
                 self.audit(&user.name, "login", &user.name, client).await?;
                 Ok(user)

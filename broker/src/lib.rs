@@ -5,11 +5,13 @@
 //! - [`broker`]: every operation (allocation, tickets, host protocol, policy), with its
 //!   authorization check and audit entry.
 //! - [`http`]: the portal, the admin console, the REST API (`/api/v1`) and the host API.
+//! - [`auth`]: password backends per account source (local argon2id; LDAP plugs in here).
 //! - [`clock`]: injectable time, so that tests move time instead of sleeping.
 //! - [`secret`]: tokens, token hashes, argon2id password hashes.
 //! - [`config`]: the `broker.toml` file.
 //! - [`server`]: HTTPS (or plain HTTP) serving and the maintenance loop.
 
+pub mod auth;
 pub mod broker;
 pub mod clock;
 pub mod config;
