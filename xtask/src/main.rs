@@ -4,13 +4,15 @@
 //! - `guest-image`: builds the test guest image into `target/guest/` (cached): the Linux image
 //!   and the no_std test guest `testguest.elf`.
 //! - `demo`: the main job: everything above, then boots a desktop guest and shows it.
-//! - `test`: everything CI runs: deps, image, `cargo fmt --check`, clippy, all tests.
+//! - `test`: everything CI runs: deps, image, `cargo fmt --check`, clippy, `npm ci` of the
+//!   browser tests (skipped when up to date), all tests.
 
 mod apt;
 mod cpio;
 mod fuzz;
 mod guest_image;
 mod kmod;
+mod npm;
 mod testguest;
 
 use std::path::{Path, PathBuf};
@@ -162,6 +164,9 @@ fn test(root: &Path, no_deps: bool) -> Result<()> {
     let t = step("cargo clippy --all-targets -- -D warnings");
     cargo(root, &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
     cargo(root, &["clippy", "--manifest-path", TESTGUEST_MANIFEST, "--all-targets", "--", "-D", "warnings"])?;
+    println!("    {:.1} s", t.elapsed().as_secs_f64());
+    let t = step("npm ci (browser test packages)");
+    npm::ci(root)?;
     println!("    {:.1} s", t.elapsed().as_secs_f64());
     let t = step("cargo test");
     cargo(root, &["test", "--workspace"])?;
