@@ -17,6 +17,7 @@
 //! To add a device, copy the smallest one, [`rng`], and adapt it.
 
 pub mod console;
+pub mod input;
 pub mod rng;
 pub mod worker;
 

@@ -1,0 +1,80 @@
+//! The host-side events socket of an input backend process (`pleiades-host device keyboard
+//! --events SOCKET`).
+//!
+//! A Unix stream socket, mode 0600. A client connects, writes events as 8-byte
+//! `virtio_input_event` records (le16 type, le16 code, le32 value) and closes; each
+//! `SYN_REPORT` ends a report that is queued for the guest. A trailing partial record or an
+//! unfinished report is dropped. Connections are served one at a time.
+
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::device::InputSender;
+use super::event::{EVENT_SIZE, InputEvent};
+
+/// How long a client may take to send its events.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Binds `path` (replacing a stale socket, never another kind of file) with mode 0600.
+pub fn bind(path: &Path) -> io::Result<UnixListener> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            ));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(io::Error::new(io::ErrorKind::AddrInUse, format!("{} is in use", path.display())));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Serves `listener` on a thread of its own, feeding `sender`; runs as long as the process.
+pub fn spawn(listener: UnixListener, sender: InputSender, path: PathBuf) -> io::Result<()> {
+    std::thread::Builder::new().name("input-events".into()).spawn(move || {
+        for stream in listener.incoming() {
+            match stream {
+                Ok(stream) => {
+                    let _ = stream.set_read_timeout(Some(CLIENT_TIMEOUT));
+                    if let Err(e) = serve_client(stream, sender.clone()) {
+                        tracing::warn!("input events socket {}: {e}", path.display());
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("input events socket {}: accept failed: {e}", path.display());
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    })?;
+    Ok(())
+}
+
+/// Reads one client's records until it closes.
+pub fn serve_client(mut stream: impl Read, mut sender: InputSender) -> io::Result<()> {
+    let mut record = [0u8; EVENT_SIZE];
+    loop {
+        match stream.read_exact(&mut record) {
+            Ok(()) => sender.send(InputEvent::from_bytes(record)),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Sends `events` to the events socket at `path` (what `run` does for `ctl type/key/pointer`).
+pub fn send(path: &Path, events: &[InputEvent]) -> io::Result<()> {
+    let mut stream = UnixStream::connect(path)?;
+    stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+    let bytes: Vec<u8> = events.iter().flat_map(|e| e.to_bytes()).collect();
+    stream.write_all(&bytes)?;
+    stream.shutdown(std::net::Shutdown::Write)
+}
