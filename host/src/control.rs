@@ -3,7 +3,8 @@
 //!
 //! Wire format: one JSON request line, one JSON response line, then the server closes the
 //! connection. Requests are `{"command":"status"}`, `{"command":"shutdown"}`,
-//! `{"command":"reboot"}`; responses are `{"ok":true,"result":…}` or
+//! `{"command":"reboot"}`, `{"command":"type","text":"ls\n"}`, `{"command":"key","combo":"ctrl+c"}`,
+//! `{"command":"pointer","x":16384,"y":16384,"click":"left"}`; responses are `{"ok":true,"result":…}` or
 //! `{"ok":false,"error":"…"}`. The socket is created with mode 0600: only its owner may
 //! control the VM.
 
@@ -18,6 +19,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::devices::virtio::input::event::{
+    ABS_X, ABS_Y, BTN_LEFT, BTN_MIDDLE, BTN_RIGHT, EV_ABS, TABLET_MAX,
+};
+use crate::devices::virtio::input::{InputEvent, keymap};
+
 /// The most bytes a request line may have.
 const MAX_REQUEST: u64 = 64 * 1024;
 
@@ -31,6 +37,67 @@ pub enum Request {
     Shutdown,
     /// Restart the guest.
     Reboot,
+    /// Type text with the virtual keyboard (US layout; `\n` is Enter).
+    Type { text: String },
+    /// Press a key combination such as `ctrl+alt+f2` (pressed in order, released in reverse).
+    Key { combo: String },
+    /// Move the tablet pointer to (`x`, `y`) in tablet units (0 to 32767 on both axes, whatever
+    /// the guest's screen size), then optionally click a button there.
+    Pointer {
+        x: u32,
+        y: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        click: Option<PointerButton>,
+    },
+}
+
+/// A tablet button.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PointerButton {
+    Left,
+    Right,
+    Middle,
+}
+
+/// Which virtual input device events go to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputDevice {
+    Keyboard,
+    Tablet,
+}
+
+impl InputDevice {
+    /// The `--device` kind.
+    pub fn kind(self) -> &'static str {
+        match self {
+            Self::Keyboard => "keyboard",
+            Self::Tablet => "tablet",
+        }
+    }
+}
+
+/// The tablet events of a `pointer` request: move, then press and release `click`.
+pub fn pointer_events(x: u32, y: u32, click: Option<PointerButton>) -> Result<Vec<InputEvent>, String> {
+    if x > TABLET_MAX || y > TABLET_MAX {
+        return Err(format!("pointer coordinates are tablet units, 0 to {TABLET_MAX}; got ({x}, {y})"));
+    }
+    let mut events =
+        vec![InputEvent::new(EV_ABS, ABS_X, x), InputEvent::new(EV_ABS, ABS_Y, y), InputEvent::syn()];
+    if let Some(button) = click {
+        let code = match button {
+            PointerButton::Left => BTN_LEFT,
+            PointerButton::Right => BTN_RIGHT,
+            PointerButton::Middle => BTN_MIDDLE,
+        };
+        events.extend([
+            InputEvent::key(code, true),
+            InputEvent::syn(),
+            InputEvent::key(code, false),
+            InputEvent::syn(),
+        ]);
+    }
+    Ok(events)
 }
 
 /// A control response.
@@ -58,6 +125,10 @@ pub trait Controller: Send + Sync {
     fn status(&self) -> serde_json::Value;
     fn shutdown(&self) -> Result<(), String>;
     fn reboot(&self) -> Result<(), String>;
+    /// Sends whole reports of input events to the VM's keyboard or tablet.
+    fn send_input(&self, device: InputDevice, _events: &[InputEvent]) -> Result<(), String> {
+        Err(format!("this VM has no {} (add --device {})", device.kind(), device.kind()))
+    }
 }
 
 /// Errors of the control socket.
@@ -85,7 +156,27 @@ pub fn handle_line(line: &str, controller: &dyn Controller) -> Response {
         Ok(Request::Reboot) => controller
             .reboot()
             .map_or_else(Response::error, |()| Response::ok(serde_json::json!("rebooting"))),
-        Err(e) => Response::error(format!("bad request ({e}); commands: status, shutdown, reboot")),
+        Ok(Request::Type { text }) => match keymap::text_events(&text) {
+            Ok(events) => controller
+                .send_input(InputDevice::Keyboard, &events)
+                .map_or_else(Response::error, |()| Response::ok(serde_json::json!("typed"))),
+            Err(e) => Response::error(e.to_string()),
+        },
+        Ok(Request::Key { combo }) => match keymap::combo_events(&combo) {
+            Ok(events) => controller
+                .send_input(InputDevice::Keyboard, &events)
+                .map_or_else(Response::error, |()| Response::ok(serde_json::json!("pressed"))),
+            Err(e) => Response::error(e.to_string()),
+        },
+        Ok(Request::Pointer { x, y, click }) => match pointer_events(x, y, click) {
+            Ok(events) => controller
+                .send_input(InputDevice::Tablet, &events)
+                .map_or_else(Response::error, |()| Response::ok(serde_json::json!("moved"))),
+            Err(e) => Response::error(e),
+        },
+        Err(e) => Response::error(format!(
+            "bad request ({e}); commands: status, shutdown, reboot, type, key, pointer"
+        )),
     }
 }
 
@@ -202,6 +293,53 @@ mod tests {
         fn reboot(&self) -> Result<(), String> {
             Err("reboot is not possible now".into())
         }
+        fn send_input(&self, device: InputDevice, events: &[InputEvent]) -> Result<(), String> {
+            let mut log = self.0.lock().unwrap();
+            log.push(device.kind());
+            log.extend(events.iter().map(|e| if e.is_syn_report() { "syn" } else { "event" }));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn input_commands_become_whole_reports_for_the_right_device() {
+        let fake = Fake::default();
+        let r = handle_line(r#"{"command":"type","text":"a"}"#, &fake);
+        assert!(r.ok, "{r:?}");
+        let r = handle_line(r#"{"command":"pointer","x":32767,"y":0,"click":"right"}"#, &fake);
+        assert!(r.ok, "{r:?}");
+        assert_eq!(
+            *fake.0.lock().unwrap(),
+            [
+                "keyboard", "event", "syn", "event", "syn", "tablet", "event", "event", "syn", "event",
+                "syn", "event", "syn"
+            ]
+        );
+        let r = handle_line(r#"{"command":"pointer","x":32768,"y":0}"#, &fake);
+        assert!(r.error.unwrap().contains("0 to 32767"));
+        let r = handle_line(r#"{"command":"key","combo":"ctrl+nope"}"#, &fake);
+        assert!(r.error.unwrap().contains("unknown key"));
+        let r = handle_line(r#"{"command":"type","text":"é"}"#, &fake);
+        assert!(r.error.unwrap().contains("cannot be typed"));
+        assert_eq!(
+            pointer_events(1, 2, Some(PointerButton::Left)).unwrap()[3],
+            InputEvent::key(BTN_LEFT, true)
+        );
+        // A controller without input devices says which one is missing.
+        struct NoInput;
+        impl Controller for NoInput {
+            fn status(&self) -> serde_json::Value {
+                serde_json::Value::Null
+            }
+            fn shutdown(&self) -> Result<(), String> {
+                Ok(())
+            }
+            fn reboot(&self) -> Result<(), String> {
+                Ok(())
+            }
+        }
+        let r = handle_line(r#"{"command":"key","combo":"ctrl+alt+f2"}"#, &NoInput);
+        assert!(r.error.unwrap().contains("--device keyboard"));
     }
 
     #[test]

@@ -8,8 +8,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use pleiades_host::config::BootSpec;
-use pleiades_host::control::{self, ControlServer, Controller, Request};
+use pleiades_host::control::{self, ControlServer, Controller, PointerButton, Request};
 use pleiades_host::devices::virtio::VirtioDevice;
+use pleiades_host::devices::virtio::input::{Input, events_socket, keymap};
 use pleiades_host::devices::virtio::rng::Rng;
 use pleiades_host::qemu::QemuVm;
 use pleiades_host::vm::{DeviceRequest, SerialOut};
@@ -40,6 +41,10 @@ enum Command {
         /// Unix socket to listen on.
         #[arg(long)]
         socket: PathBuf,
+        /// keyboard/tablet: also take host input events on this Unix socket (mode 0600; 8-byte
+        /// virtio_input_event records, each report ended by SYN_REPORT).
+        #[arg(long)]
+        events: Option<PathBuf>,
     },
 }
 
@@ -70,7 +75,7 @@ struct RunArgs {
     /// with Pleiades' devices over vhost-user (default elsewhere).
     #[arg(long)]
     vmm: Option<Vmm>,
-    /// A virtio device: `rng` or `console`, optionally `,backend=in-process|vhost-user`.
+    /// A virtio device: `rng`, `console`, `keyboard` or `tablet`, optionally `,backend=in-process|vhost-user`.
     /// Repeat for several devices.
     #[arg(long = "device")]
     devices: Vec<DeviceRequest>,
@@ -92,12 +97,27 @@ enum CtlCommand {
     Shutdown,
     /// Restart the guest.
     Reboot,
+    /// Type text with the virtual keyboard (US layout; `\n` is Enter, `\t` Tab).
+    Type { text: String },
+    /// Press a key combination, e.g. `ctrl+alt+f2`.
+    Key { combo: String },
+    /// Move the tablet pointer to X Y in tablet units (0-32767 on both axes), optionally click.
+    Pointer {
+        x: u32,
+        y: u32,
+        #[arg(long)]
+        click: Option<PointerButton>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum DeviceKind {
     /// virtio-rng: entropy from the host's /dev/urandom.
     Rng,
+    /// virtio-input keyboard.
+    Keyboard,
+    /// virtio-input tablet (absolute pointer, three buttons, wheel).
+    Tablet,
 }
 
 fn main() -> ExitCode {
@@ -125,6 +145,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 CtlCommand::Status => Request::Status,
                 CtlCommand::Shutdown => Request::Shutdown,
                 CtlCommand::Reboot => Request::Reboot,
+                CtlCommand::Type { text } => Request::Type { text: keymap::unescape(&text) },
+                CtlCommand::Key { combo } => Request::Key { combo },
+                CtlCommand::Pointer { x, y, click } => Request::Pointer { x, y, click },
             };
             let response = control::request(&socket, &request, Duration::from_secs(30))?;
             match (response.ok, response.result, response.error) {
@@ -139,9 +162,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
         }
-        Command::Device { kind, socket } => {
+        Command::Device { kind, socket, events } => {
             let device: Box<dyn VirtioDevice> = match kind {
+                DeviceKind::Rng if events.is_some() => anyhow::bail!("--events is for keyboard and tablet"),
                 DeviceKind::Rng => Box::new(Rng::new()?),
+                DeviceKind::Keyboard | DeviceKind::Tablet => {
+                    let input = if matches!(kind, DeviceKind::Keyboard) {
+                        Input::keyboard()?
+                    } else {
+                        Input::tablet()?
+                    };
+                    if let Some(events) = &events {
+                        events_socket::listen(events, input.sender())
+                            .with_context(|| format!("cannot listen on {}", events.display()))?;
+                    }
+                    Box::new(input)
+                }
             };
             pleiades_host::devices::vhost_user::serve(device, &socket)?;
             Ok(ExitCode::SUCCESS)

@@ -4,7 +4,8 @@
 //! backends that serve Pleiades' VMM); QEMU connects to them with `-device vhost-user-*-pci`.
 //! Guest RAM is a shared memfd so the backends can map it. The control socket's commands go to
 //! QEMU's QMP: `status` → `query-status`, `shutdown` → `system_powerdown` (ACPI power button,
-//! then a hard stop after a grace period), `reboot` → `system_reset`.
+//! then a hard stop after a grace period), `reboot` → `system_reset`; `type`, `key` and
+//! `pointer` go to the keyboard's and tablet's backends over their events sockets.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -18,7 +19,8 @@ use serde_json::{Value, json};
 
 use crate::accel::{Accel, AccelChoice};
 use crate::config::BootSpec;
-use crate::control::Controller;
+use crate::control::{Controller, InputDevice};
+use crate::devices::virtio::input::{InputEvent, events_socket};
 use crate::vm::{DeviceBackend, DeviceRequest, SerialOut};
 
 /// How long a clean power-off may take before QEMU is stopped hard.
@@ -34,6 +36,8 @@ pub fn qemu_binary() -> PathBuf {
 struct Backend {
     kind: &'static str,
     socket: PathBuf,
+    /// The events socket of an input backend (`--events`).
+    events: Option<PathBuf>,
     child: Child,
 }
 
@@ -49,13 +53,15 @@ impl Drop for Backend {
 /// Starts `pleiades-host device <kind> --socket <socket>` and waits for the socket.
 fn start_backend(kind: &'static str, socket: &Path) -> Result<Backend> {
     let exe = std::env::current_exe().context("cannot find the pleiades-host executable")?;
-    let child = Command::new(exe)
-        .args(["device", kind, "--socket"])
-        .arg(socket)
-        .stdin(Stdio::null())
-        .spawn()
-        .with_context(|| format!("cannot start the {kind} device backend"))?;
-    let mut backend = Backend { kind, socket: socket.to_owned(), child };
+    let mut cmd = Command::new(exe);
+    cmd.args(["device", kind, "--socket"]).arg(socket).stdin(Stdio::null());
+    // Input backends take host events on a socket of their own (bound before `socket`).
+    let events = matches!(kind, "keyboard" | "tablet").then(|| socket.with_extension("events"));
+    if let Some(events) = &events {
+        cmd.arg("--events").arg(events);
+    }
+    let child = cmd.spawn().with_context(|| format!("cannot start the {kind} device backend"))?;
+    let mut backend = Backend { kind, socket: socket.to_owned(), events, child };
     let deadline = Instant::now() + Duration::from_secs(10);
     while !socket.exists() {
         if let Ok(Some(status)) = backend.child.try_wait() {
@@ -73,6 +79,7 @@ fn start_backend(kind: &'static str, socket: &Path) -> Result<Backend> {
 fn vhost_user_device(kind: &str) -> Result<&'static str> {
     Ok(match kind {
         "rng" => "vhost-user-rng-pci",
+        "keyboard" | "tablet" => "vhost-user-input-pci",
         other => bail!(
             "the {other} device cannot be attached to QEMU over vhost-user (QEMU has no vhost-user {other}); use --vmm pleiades"
         ),
@@ -255,6 +262,7 @@ impl QemuVm {
             qemu: self.qemu.clone(),
             qmp: self.qmp.clone(),
             status: self.status.clone(),
+            inputs: self.backends.iter().filter_map(|b| Some((b.kind, b.events.clone()?))).collect(),
         })
     }
 
@@ -278,6 +286,8 @@ struct QemuController {
     qemu: Arc<Mutex<Child>>,
     qmp: Arc<Mutex<Qmp>>,
     status: Arc<StatusInfo>,
+    /// (kind, events socket) of each input backend.
+    inputs: Vec<(&'static str, PathBuf)>,
 }
 
 impl Controller for QemuController {
@@ -322,5 +332,15 @@ impl Controller for QemuController {
 
     fn reboot(&self) -> Result<(), String> {
         lock(&self.qmp).execute("system_reset", json!({})).map(drop).map_err(|e| e.to_string())
+    }
+
+    fn send_input(&self, device: InputDevice, events: &[InputEvent]) -> Result<(), String> {
+        let kind = device.kind();
+        let (_, socket) = self
+            .inputs
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .ok_or_else(|| format!("this VM has no {kind} (add --device {kind})"))?;
+        events_socket::send(socket, events).map_err(|e| format!("the {kind} backend: {e}"))
     }
 }

@@ -40,7 +40,7 @@ pub struct DeviceRequest {
 }
 
 /// Device kinds `pleiades-host run --device` knows.
-pub const DEVICE_KINDS: &[&str] = &["rng", "console"];
+pub const DEVICE_KINDS: &[&str] = &["rng", "console", "keyboard", "tablet"];
 
 impl FromStr for DeviceRequest {
     type Err = String;

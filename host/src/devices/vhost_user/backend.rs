@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use vhost::vhost_user::Listener;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use virtio_queue::Queue;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier};
@@ -59,6 +60,58 @@ impl VhostUserDevice {
     fn state(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock would be a bug; keep serving with the state as it is.
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl VhostUserDevice {
+    /// The epoll data of host event `i`: the daemon reserves 0..=num_queues for the queues
+    /// and its exit event.
+    fn host_event_data(&self, i: usize) -> u64 {
+        (self.num_queues + 1 + i) as u64
+    }
+
+    /// One of the device's host event sources is readable. The device gets every queue for the
+    /// call (a queue the frontend has not enabled is passed as a not-ready placeholder, which
+    /// devices leave alone), and the vrings get them back afterwards.
+    fn handle_host_event(&self, event: usize, vrings: &[VringRwLock]) -> io::Result<()> {
+        let mut state = self.state();
+        if state.broken {
+            return Ok(());
+        }
+        let mem = state.mem.memory();
+        let mut guards: Vec<_> = vrings.iter().map(|v| v.get_mut()).collect();
+        let enabled: Vec<bool> = guards.iter().map(|g| g.is_enabled()).collect();
+        let mut queues: Vec<Queue> = guards
+            .iter_mut()
+            .zip(&enabled)
+            .map(|(g, on)| if *on { std::mem::take(g.get_queue_mut()) } else { Queue::default() })
+            .collect();
+        let result = state.device.handle_host_event(event, &mut queues, &mem);
+        for ((guard, queue), on) in guards.iter_mut().zip(queues).zip(&enabled) {
+            if *on {
+                *guard.get_queue_mut() = queue;
+            }
+        }
+        drop(guards);
+        match result {
+            Ok(used) => {
+                for index in used {
+                    if let Some(vring) = vrings.get(index) {
+                        vring.signal_used_queue()?;
+                    }
+                }
+                Ok(())
+            }
+            Err(e @ (DeviceError::QueueBroken { .. } | DeviceError::UsedRing { .. })) => {
+                tracing::warn!(
+                    "vhost-user {}: {e}; queue stopped until reset",
+                    state.device.device_type().name()
+                );
+                state.broken = true;
+                Ok(())
+            }
+            Err(e) => Err(io::Error::other(e.to_string())),
+        }
     }
 }
 
@@ -133,6 +186,9 @@ impl VhostUserBackend for VhostUserDevice {
             return Err(io::Error::other(format!("unexpected event set {evset:?}")));
         }
         let index = usize::from(device_event);
+        if index > self.num_queues {
+            return self.handle_host_event(index - self.num_queues - 1, vrings);
+        }
         let Some(vring) = vrings.get(index) else {
             return Err(io::Error::other(format!("event for unknown queue {index}")));
         };
@@ -170,8 +226,20 @@ pub fn serve(device: Box<dyn VirtioDevice>, socket: &Path) -> anyhow::Result<()>
     let name = device.device_type().name();
     let mem = GuestMemoryAtomic::new(GuestMemory::default());
     let backend = VhostUserDevice::new(device, mem.clone())?;
-    let mut daemon = VhostUserDaemon::new(format!("pleiades-{name}"), backend, mem)
+    let mut daemon = VhostUserDaemon::new(format!("pleiades-{name}"), backend.clone(), mem)
         .map_err(|e| anyhow::anyhow!("cannot create the vhost-user daemon: {e}"))?;
+    // Host-side event sources (e.g. input injected by the host) wake the daemon's worker too.
+    let host_events = backend.state().device.host_events();
+    if !host_events.is_empty() {
+        let handlers = daemon.get_epoll_handlers();
+        let handler =
+            handlers.first().ok_or_else(|| anyhow::anyhow!("the vhost-user daemon has no worker"))?;
+        for (i, fd) in host_events.into_iter().enumerate() {
+            handler
+                .register_listener(fd, EventSet::IN, backend.host_event_data(i))
+                .map_err(|e| anyhow::anyhow!("cannot watch a host event of the {name} device: {e}"))?;
+        }
+    }
     // Bind first, so that a bad path is an error now rather than inside the daemon.
     let mut listener = Listener::new(socket, true).map_err(|e| {
         anyhow::anyhow!("cannot listen on {}: {e}; check that its directory exists", socket.display())

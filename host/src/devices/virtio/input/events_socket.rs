@@ -37,6 +37,12 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
     Ok(listener)
 }
 
+/// Binds `path` and feeds what arrives there to `sender`, on a thread of its own.
+pub fn listen(path: &Path, sender: InputSender) -> io::Result<()> {
+    let listener = bind(path)?;
+    spawn(listener, sender, path.to_owned())
+}
+
 /// Serves `listener` on a thread of its own, feeding `sender`; runs as long as the process.
 pub fn spawn(listener: UnixListener, sender: InputSender, path: PathBuf) -> io::Result<()> {
     std::thread::Builder::new().name("input-events".into()).spawn(move || {
