@@ -256,6 +256,32 @@ mod tests {
     }
 
     #[test]
+    fn host_input_wakes_the_worker_and_reaches_the_guest() {
+        use crate::devices::virtio::input::{Input, InputEvent};
+        let mem = memory();
+        let eventq = queue_with(&mem, 16, &[desc(0x2_0000, 8, VRING_DESC_F_WRITE, 0)]);
+        let rings = QueueRings::of(&eventq);
+        let tablet = Input::tablet().unwrap();
+        let mut sender = tablet.sender();
+        let kicks = [EventFd::new(EFD_NONBLOCK).unwrap(), EventFd::new(EFD_NONBLOCK).unwrap()];
+        let [k0, k1] = kicks;
+        let statusq = Queue::new(16).unwrap();
+        let recorder = Arc::new(Recorder::default());
+        let handle = spawn(
+            "input",
+            Box::new(tablet),
+            mem.clone(),
+            vec![ActiveQueue { queue: eventq, kick: k0 }, ActiveQueue { queue: statusq, kick: k1 }],
+            recorder.clone(),
+        )
+        .unwrap();
+        sender.send_report(&[InputEvent::key(0x110, true)]);
+        wait_for(&recorder, "queue0");
+        assert_eq!(used_entries(&mem, &rings), [(0, 8)]);
+        assert!(handle.stop().is_some());
+    }
+
+    #[test]
     fn a_corrupt_ring_asks_for_a_reset() {
         let mem = memory();
         let queue = queue_with(&mem, 16, &[desc(0x2_0000, 32, VRING_DESC_F_WRITE, 0)]);

@@ -84,3 +84,47 @@ pub fn send(path: &Path, events: &[InputEvent]) -> io::Result<()> {
     stream.write_all(&bytes)?;
     stream.shutdown(std::net::Shutdown::Write)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::input::Input;
+    use crate::devices::virtio::input::event::{BTN_LEFT, EV_ABS};
+    use std::time::Instant;
+
+    #[test]
+    fn events_sent_to_the_socket_are_queued_as_reports() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tablet.events");
+        let tablet = Input::tablet().unwrap();
+        listen(&path, tablet.sender()).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // A second listener on a live socket is refused.
+        assert!(bind(&path).is_err());
+
+        send(&path, &[InputEvent::key(BTN_LEFT, true), InputEvent::syn()]).unwrap();
+        // An unfinished report and a partial record are dropped when the client closes.
+        let mut stream = UnixStream::connect(&path).unwrap();
+        stream.write_all(&InputEvent::new(EV_ABS, 0, 1).to_bytes()).unwrap();
+        stream.write_all(&[1, 2, 3]).unwrap();
+        drop(stream);
+        // Served one at a time: once a third client is through, the others are too.
+        send(&path, &[InputEvent::syn()]).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tablet.metrics().reports_queued.get() < 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(tablet.metrics().reports_queued.get(), 2);
+        assert_eq!(tablet.pending_events(), 3);
+    }
+
+    #[test]
+    fn a_file_in_the_way_is_not_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events");
+        std::fs::write(&path, b"keep me").unwrap();
+        assert!(bind(&path).unwrap_err().to_string().contains("not a socket"));
+        assert_eq!(std::fs::read(&path).unwrap(), b"keep me");
+    }
+}
