@@ -59,7 +59,14 @@ fn keyboard_and_tablet_are_bound_and_ctl_input_reaches_the_guest() {
     assert!(names.iter().any(|n| n == "Pleiades Keyboard"), "{names:?}");
     assert!(names.iter().any(|n| n == "Pleiades Tablet"), "{names:?}");
 
-    // The keyboard types into the shell on tty1, which writes to the serial console.
+    // The keyboard types into the shell on tty1, which writes to the serial console. First make
+    // sure that shell is up (a bounded wait; typed keys would be lost with no tty1 reader).
+    guest
+        .run(
+            "for i in $(seq 100); do ls -l /proc/[0-9]*/fd 2>/dev/null | grep -q 'tty1$' && break; sleep 0.2; done",
+            SHELL,
+        )
+        .unwrap();
     ctl(&socket, Request::Type { text: "echo PLEIADES-$((6*7))-TYPED > /dev/ttyS0\n".into() });
     guest.wait_for("PLEIADES-42-TYPED", SHELL).expect("the typed command ran in the guest");
 
