@@ -20,7 +20,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::devices::virtio::input::event::{
-    ABS_X, ABS_Y, BTN_LEFT, BTN_MIDDLE, BTN_RIGHT, EV_ABS, TABLET_MAX,
+    ABS_X, ABS_Y, BTN_LEFT, BTN_MIDDLE, BTN_RIGHT, EV_ABS, EV_REL, REL_WHEEL, TABLET_MAX,
 };
 use crate::devices::virtio::input::{InputEvent, keymap};
 
@@ -42,12 +42,15 @@ pub enum Request {
     /// Press a key combination such as `ctrl+alt+f2` (pressed in order, released in reverse).
     Key { combo: String },
     /// Move the tablet pointer to (`x`, `y`) in tablet units (0 to 32767 on both axes, whatever
-    /// the guest's screen size), then optionally click a button there.
+    /// the guest's screen size), then optionally click a button there and turn the wheel
+    /// (positive: away from the user, i.e. scroll up).
     Pointer {
         x: u32,
         y: u32,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         click: Option<PointerButton>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        wheel: Option<i32>,
     },
 }
 
@@ -77,8 +80,14 @@ impl InputDevice {
     }
 }
 
-/// The tablet events of a `pointer` request: move, then press and release `click`.
-pub fn pointer_events(x: u32, y: u32, click: Option<PointerButton>) -> Result<Vec<InputEvent>, String> {
+/// The tablet events of a `pointer` request: move, then press and release `click`, then turn
+/// the wheel by `wheel` notches.
+pub fn pointer_events(
+    x: u32,
+    y: u32,
+    click: Option<PointerButton>,
+    wheel: Option<i32>,
+) -> Result<Vec<InputEvent>, String> {
     if x > TABLET_MAX || y > TABLET_MAX {
         return Err(format!("pointer coordinates are tablet units, 0 to {TABLET_MAX}; got ({x}, {y})"));
     }
@@ -96,6 +105,10 @@ pub fn pointer_events(x: u32, y: u32, click: Option<PointerButton>) -> Result<Ve
             InputEvent::key(code, false),
             InputEvent::syn(),
         ]);
+    }
+    if let Some(notches) = wheel.filter(|n| *n != 0) {
+        // The wire value is the two's complement of the signed evdev value.
+        events.extend([InputEvent::new(EV_REL, REL_WHEEL, notches as u32), InputEvent::syn()]);
     }
     Ok(events)
 }
@@ -168,7 +181,7 @@ pub fn handle_line(line: &str, controller: &dyn Controller) -> Response {
                 .map_or_else(Response::error, |()| Response::ok(serde_json::json!("pressed"))),
             Err(e) => Response::error(e.to_string()),
         },
-        Ok(Request::Pointer { x, y, click }) => match pointer_events(x, y, click) {
+        Ok(Request::Pointer { x, y, click, wheel }) => match pointer_events(x, y, click, wheel) {
             Ok(events) => controller
                 .send_input(InputDevice::Tablet, &events)
                 .map_or_else(Response::error, |()| Response::ok(serde_json::json!("moved"))),
@@ -322,9 +335,12 @@ mod tests {
         let r = handle_line(r#"{"command":"type","text":"é"}"#, &fake);
         assert!(r.error.unwrap().contains("cannot be typed"));
         assert_eq!(
-            pointer_events(1, 2, Some(PointerButton::Left)).unwrap()[3],
+            pointer_events(1, 2, Some(PointerButton::Left), None).unwrap()[3],
             InputEvent::key(BTN_LEFT, true)
         );
+        let scroll = pointer_events(1, 2, None, Some(-2)).unwrap();
+        assert_eq!(&scroll[3..], [InputEvent::new(EV_REL, REL_WHEEL, (-2i32) as u32), InputEvent::syn()]);
+        assert_eq!(pointer_events(1, 2, None, Some(0)).unwrap().len(), 3);
         // A controller without input devices says which one is missing.
         struct NoInput;
         impl Controller for NoInput {

@@ -101,12 +101,16 @@ enum CtlCommand {
     Type { text: String },
     /// Press a key combination, e.g. `ctrl+alt+f2`.
     Key { combo: String },
-    /// Move the tablet pointer to X Y in tablet units (0-32767 on both axes), optionally click.
+    /// Move the tablet pointer to X Y in tablet units (0-32767 on both axes), optionally click
+    /// and scroll.
     Pointer {
         x: u32,
         y: u32,
         #[arg(long)]
         click: Option<PointerButton>,
+        /// Then turn the wheel by N notches (negative: towards the user, scroll down).
+        #[arg(long, allow_hyphen_values = true)]
+        wheel: Option<i32>,
     },
 }
 
@@ -147,7 +151,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 CtlCommand::Reboot => Request::Reboot,
                 CtlCommand::Type { text } => Request::Type { text: keymap::unescape(&text) },
                 CtlCommand::Key { combo } => Request::Key { combo },
-                CtlCommand::Pointer { x, y, click } => Request::Pointer { x, y, click },
+                CtlCommand::Pointer { x, y, click, wheel } => Request::Pointer { x, y, click, wheel },
             };
             let response = control::request(&socket, &request, Duration::from_secs(30))?;
             match (response.ok, response.result, response.error) {

@@ -75,19 +75,20 @@ fn keyboard_and_tablet_are_bound_and_ctl_input_reaches_the_guest() {
     guest
         .run(
             &format!(
-                "EV={tablet}; dd if=/dev/input/$EV of=/tmp/ev bs=24 count=7 2>/dev/null & DD=$!; \
+                "EV={tablet}; dd if=/dev/input/$EV of=/tmp/ev bs=24 count=9 2>/dev/null & DD=$!; \
                  for i in $(seq 50); do ls -l /proc/$DD/fd 2>/dev/null | grep -q /dev/input && break; sleep 0.2; done; \
                  ls -l /proc/$DD/fd | grep -c /dev/input"
             ),
             SHELL,
         )
         .unwrap();
-    ctl(&socket, Request::Pointer { x: 1234, y: 32767, click: Some(PointerButton::Left) });
-    // `wait` returns once dd has its 7 events; if they never come the command times out.
+    ctl(&socket, Request::Pointer { x: 1234, y: 32767, click: Some(PointerButton::Left), wheel: Some(-1) });
+    // `wait` returns once dd has its 9 events; if they never come the command times out.
     let od = guest.run("wait $DD; od -An -v -tx1 /tmp/ev", SHELL).expect("tablet events reached /dev/input");
     let events = evdev_events(&od);
     const EV_SYN: u16 = 0;
     const EV_KEY: u16 = 1;
+    const EV_REL: u16 = 2;
     const EV_ABS: u16 = 3;
     assert_eq!(
         events,
@@ -99,13 +100,17 @@ fn keyboard_and_tablet_are_bound_and_ctl_input_reaches_the_guest() {
             (EV_SYN, 0, 0),
             (EV_KEY, 0x110, 0),
             (EV_SYN, 0, 0),
+            (EV_REL, 8, -1),
+            (EV_SYN, 0, 0),
         ],
         "{od:?}"
     );
 
     // `ctl key` works too (Enter on an empty tty1 line), and bad input is refused with a reason.
     ctl(&socket, Request::Key { combo: "enter".into() });
-    let bad = control::request(&socket, &Request::Pointer { x: 40000, y: 0, click: None }, SHELL).unwrap();
+    let bad =
+        control::request(&socket, &Request::Pointer { x: 40000, y: 0, click: None, wheel: None }, SHELL)
+            .unwrap();
     assert!(!bad.ok && bad.error.unwrap().contains("0 to 32767"));
 
     ctl(&socket, Request::Shutdown);
