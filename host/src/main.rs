@@ -75,8 +75,8 @@ struct RunArgs {
     /// with Pleiades' devices over vhost-user (default elsewhere).
     #[arg(long)]
     vmm: Option<Vmm>,
-    /// A virtio device: `rng`, `console`, `keyboard` or `tablet`, optionally `,backend=in-process|vhost-user`.
-    /// Repeat for several devices.
+    /// A virtio device: `rng`, `console`, `keyboard` or `tablet`, optionally
+    /// `,backend=in-process|vhost-user`. Repeat for several devices.
     #[arg(long = "device")]
     devices: Vec<DeviceRequest>,
 }
