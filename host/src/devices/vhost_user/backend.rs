@@ -75,10 +75,12 @@ impl VhostUserDevice {
     /// devices leave alone), and the vrings get them back afterwards.
     fn handle_host_event(&self, event: usize, vrings: &[VringRwLock]) -> io::Result<()> {
         let mut state = self.state();
+        let mem = state.mem.memory();
         if state.broken {
+            // The source is level-triggered: let the device consume it, with no queues to touch.
+            let _ = state.device.handle_host_event(event, &mut [], &mem);
             return Ok(());
         }
-        let mem = state.mem.memory();
         let mut guards: Vec<_> = vrings.iter().map(|v| v.get_mut()).collect();
         let enabled: Vec<bool> = guards.iter().map(|g| g.is_enabled()).collect();
         let mut queues: Vec<Queue> = guards

@@ -126,6 +126,8 @@ pub trait VirtioDevice: Send {
     }
 
     /// One of [`Self::host_events`] is readable. Returns the queues that got used buffers.
+    /// The sources are polled level-triggered, so the device must consume the readiness even
+    /// when `queues` is empty (it is then broken and waiting for a reset: it queues nothing).
     fn handle_host_event(
         &mut self,
         _event: usize,

@@ -164,6 +164,8 @@ impl Worker {
 
     fn host_event(&mut self, event: usize) {
         if self.broken {
+            // The source is level-triggered: let the device consume it, with no queues to touch.
+            let _ = self.device.handle_host_event(event, &mut [], &self.mem);
             return;
         }
         let result = self.device.handle_host_event(event, &mut self.queues, &self.mem);

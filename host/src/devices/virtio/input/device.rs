@@ -463,6 +463,17 @@ mod tests {
     }
 
     #[test]
+    fn a_host_event_without_queues_is_consumed_and_the_events_kept() {
+        let mem = memory();
+        let mut keyboard = Input::keyboard().unwrap();
+        keyboard.sender().send_report(&[InputEvent::key(2, true)]);
+        assert_eq!(keyboard.handle_host_event(0, &mut [], &mem).unwrap(), Vec::<usize>::new());
+        // The wake-up was drained (level-triggered polling would spin otherwise).
+        assert_eq!(keyboard.shared.wake.read().unwrap_err().kind(), io::ErrorKind::WouldBlock);
+        assert_eq!(keyboard.pending_events(), 2);
+    }
+
+    #[test]
     fn reset_forgets_pending_events_and_the_selection() {
         let mut keyboard = Input::keyboard().unwrap();
         keyboard.sender().send_report(&[InputEvent::key(2, true)]);
