@@ -3,5 +3,8 @@
 //! - [`devices`]: virtio devices written once against a transport-agnostic trait
 //!   ([`devices::virtio::VirtioDevice`]) and served either in-process by the VMM
 //!   ([`devices::virtio::worker`]) or as a vhost-user backend process ([`devices::vhost_user`]).
+//! - [`vmm`]: Pleiades' own KVM VMM: guest memory, direct kernel boot, vCPUs, legacy devices,
+//!   PCI with MSI-X and the virtio-pci transport that drives the devices above.
 
 pub mod devices;
+pub mod vmm;
