@@ -4,6 +4,8 @@
 //! has loaded the device drivers, [`ready::GuestInfo::collect`] reads what the kernel reports
 //! (release, CPUs, memory, the virtio devices whose drivers bound) and the agent prints it on
 //! the serial console as one line, `PLEIADES-READY {json}`, that the host side parses with
-//! [`ready::parse_ready_line`].
+//! [`ready::parse_ready_line`]. It also powers the guest off cleanly when the host presses the
+//! virtual ACPI power button ([`power`]).
 
+pub mod power;
 pub mod ready;

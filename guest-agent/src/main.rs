@@ -21,6 +21,12 @@ enum Command {
         #[arg(long, default_value = "/", hide = true)]
         root: PathBuf,
     },
+    /// Wait for the ACPI power button and then run `poweroff` (the host's clean shutdown).
+    PowerButton {
+        /// Command to run when the button is pressed.
+        #[arg(long, default_value = "/bin/poweroff")]
+        action: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -36,5 +42,44 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::PowerButton { action } => power_button(&action),
     }
+}
+
+fn power_button(action: &std::path::Path) -> ExitCode {
+    let devices = pleiades_agent::power::power_button_devices(std::path::Path::new("/"));
+    if devices.is_empty() {
+        eprintln!("pleiades-agent: no ACPI power button in this guest (is the `button` module loaded?)");
+        return ExitCode::FAILURE;
+    }
+    // One thread per button (there is usually one); the first press wins.
+    let (tx, rx) = std::sync::mpsc::channel();
+    for device in devices {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let result = pleiades_agent::power::wait_for_press(&device);
+            let _ = tx.send((device, result));
+        });
+    }
+    drop(tx);
+    for (device, result) in rx {
+        match result {
+            Ok(()) => {
+                println!("pleiades-agent: power button pressed: powering off");
+                return match std::process::Command::new(action).status() {
+                    Ok(s) if s.success() => ExitCode::SUCCESS,
+                    Ok(s) => {
+                        eprintln!("pleiades-agent: {} exited with {s}", action.display());
+                        ExitCode::FAILURE
+                    }
+                    Err(e) => {
+                        eprintln!("pleiades-agent: cannot run {}: {e}", action.display());
+                        ExitCode::FAILURE
+                    }
+                };
+            }
+            Err(e) => eprintln!("pleiades-agent: reading {}: {e}", device.display()),
+        }
+    }
+    ExitCode::FAILURE
 }

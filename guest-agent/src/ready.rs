@@ -39,8 +39,8 @@ pub struct VirtioDevice {
 /// Why the guest facts could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum InfoError {
-    #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: io::Error },
+    #[error("cannot read {path}: {error}")]
+    Read { path: PathBuf, error: io::Error },
     #[error("{path} has an unexpected format: {what}")]
     Format { path: PathBuf, what: String },
 }
@@ -111,7 +111,7 @@ pub fn parse_ready_line(line: &str) -> Result<GuestInfo, ReadyLineError> {
 }
 
 fn read(path: &Path) -> Result<String, InfoError> {
-    fs::read_to_string(path).map_err(|source| InfoError::Read { path: path.to_owned(), source })
+    fs::read_to_string(path).map_err(|error| InfoError::Read { path: path.to_owned(), error })
 }
 
 fn read_trimmed(path: &Path) -> Result<String, InfoError> {
@@ -146,7 +146,7 @@ fn virtio_devices(bus: &Path) -> Result<Vec<VirtioDevice>, InfoError> {
         Ok(entries) => entries,
         // No virtio bus at all: a guest without virtio devices.
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => return Err(InfoError::Read { path: bus.to_owned(), source }),
+        Err(error) => return Err(InfoError::Read { path: bus.to_owned(), error }),
     };
     let mut names: Vec<String> =
         entries.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();

@@ -5,6 +5,15 @@
 //!   ([`devices::virtio::worker`]) or as a vhost-user backend process ([`devices::vhost_user`]).
 //! - [`vmm`]: Pleiades' own KVM VMM: guest memory, direct kernel boot, vCPUs, legacy devices,
 //!   PCI with MSI-X and the virtio-pci transport that drives the devices above.
+//! - [`config`]: the boot request, validated the same way for both VMMs.
+//! - [`qemu`]: `--vmm qemu`, QEMU with Pleiades' devices attached over vhost-user.
+//! - [`control`]: the control socket behind `pleiades-host ctl`.
+//! - [`accel`]: whether KVM is hardware-backed here, which picks the default VMM.
 
+pub mod accel;
+pub mod config;
+pub mod control;
 pub mod devices;
+pub mod qemu;
+pub mod vm;
 pub mod vmm;

@@ -2,10 +2,17 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use pleiades_host::config::BootSpec;
+use pleiades_host::control::{self, ControlServer, Controller, Request};
 use pleiades_host::devices::virtio::VirtioDevice;
 use pleiades_host::devices::virtio::rng::Rng;
+use pleiades_host::qemu::QemuVm;
+use pleiades_host::vm::{DeviceRequest, SerialOut};
 
 #[derive(Debug, Parser)]
 #[command(name = "pleiades-host", version, about = "Pleiades host: desktop VMs and their devices")]
@@ -16,15 +23,75 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Boot a VM: one process per VM. Exits 0 when the guest powers off.
+    Run(RunArgs),
+    /// Talk to a running VM's control socket.
+    Ctl {
+        /// The VM's control socket (`run --control`).
+        socket: PathBuf,
+        #[command(subcommand)]
+        command: CtlCommand,
+    },
     /// Serve one virtio device as a vhost-user backend on a Unix socket (for Pleiades' VMM or
     /// QEMU's `-device vhost-user-<kind>-pci`). Exits when the frontend disconnects.
     Device {
         /// The device to serve.
         kind: DeviceKind,
-        /// Unix socket to listen on (created; removed when done).
+        /// Unix socket to listen on.
         #[arg(long)]
         socket: PathBuf,
     },
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Kernel: a Linux bzImage, or an ELF (the minimal test guest).
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Initial ramdisk.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = "console=ttyS0")]
+    cmdline: String,
+    /// Guest RAM, e.g. 512M or 2G.
+    #[arg(long, default_value = "512M")]
+    memory: String,
+    /// Virtual CPUs.
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    /// Serial console: `stdio` or a file to append to.
+    #[arg(long, default_value = "stdio")]
+    serial: SerialOut,
+    /// Open a control socket here (`pleiades-host ctl SOCKET status|shutdown|reboot`).
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// Who runs the vCPUs: Pleiades' own VMM (default where KVM is hardware-backed) or QEMU
+    /// with Pleiades' devices over vhost-user (default elsewhere).
+    #[arg(long)]
+    vmm: Option<Vmm>,
+    /// A virtio device: `rng` or `console`, optionally `,backend=in-process|vhost-user`.
+    /// Repeat for several devices.
+    #[arg(long = "device")]
+    devices: Vec<DeviceRequest>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Vmm {
+    /// Pleiades' own VMM on KVM.
+    Pleiades,
+    /// QEMU with Pleiades' devices attached over vhost-user.
+    Qemu,
+}
+
+#[derive(Debug, Subcommand)]
+enum CtlCommand {
+    /// Print the VM's state as JSON.
+    Status,
+    /// Power the guest off cleanly (the VM process then exits).
+    Shutdown,
+    /// Restart the guest.
+    Reboot,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -41,7 +108,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("pleiades-host: {e:#}");
             ExitCode::FAILURE
@@ -49,13 +116,94 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
+        Command::Run(args) => run_vm(args),
+        Command::Ctl { socket, command } => {
+            let request = match command {
+                CtlCommand::Status => Request::Status,
+                CtlCommand::Shutdown => Request::Shutdown,
+                CtlCommand::Reboot => Request::Reboot,
+            };
+            let response = control::request(&socket, &request, Duration::from_secs(30))?;
+            match (response.ok, response.result, response.error) {
+                (true, Some(result), _) => {
+                    println!("{}", serde_json::to_string_pretty(&result)?);
+                    Ok(ExitCode::SUCCESS)
+                }
+                (true, None, _) => Ok(ExitCode::SUCCESS),
+                (false, _, error) => {
+                    eprintln!("pleiades-host ctl: {}", error.unwrap_or_else(|| "the VM refused".into()));
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
         Command::Device { kind, socket } => {
             let device: Box<dyn VirtioDevice> = match kind {
                 DeviceKind::Rng => Box::new(Rng::new()?),
             };
-            pleiades_host::devices::vhost_user::serve(device, &socket)
+            pleiades_host::devices::vhost_user::serve(device, &socket)?;
+            Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn run_vm(args: RunArgs) -> Result<ExitCode> {
+    let spec = BootSpec::new(&args.kernel, args.initrd.as_deref(), &args.cmdline, &args.memory, args.cpus)?;
+    let hardware_kvm = {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        pleiades_host::accel::has_hardware_virtualization(&cpuinfo)
+    };
+    let vmm = args.vmm.unwrap_or(if hardware_kvm { Vmm::Pleiades } else { Vmm::Qemu });
+    if args.vmm.is_none() {
+        tracing::info!(
+            "using --vmm {} ({})",
+            if vmm == Vmm::Pleiades { "pleiades" } else { "qemu" },
+            if hardware_kvm {
+                "KVM is hardware-backed"
+            } else {
+                "no hardware virtualization here: QEMU runs the vCPUs, Pleiades' devices attach over vhost-user"
+            }
+        );
+    }
+    match vmm {
+        Vmm::Qemu => run_qemu(&spec, &args),
+        Vmm::Pleiades => anyhow::bail!("--vmm pleiades is not in this build yet; use --vmm qemu"),
+    }
+}
+
+fn run_qemu(spec: &BootSpec, args: &RunArgs) -> Result<ExitCode> {
+    let accel = pleiades_host::accel::choose()?;
+    tracing::info!("QEMU accelerator: {} ({})", accel.accel, accel.reason);
+    let vm = QemuVm::start(spec, &args.devices, &args.serial, accel)?;
+    let controller = vm.controller();
+    let _control = args
+        .control
+        .as_deref()
+        .map(|path| ControlServer::start(path, controller.clone()))
+        .transpose()
+        .context("cannot open the control socket")?;
+    shutdown_on_signals(controller)?;
+    let status = vm.wait()?;
+    Ok(if status.success() {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("pleiades-host: QEMU exited with {status}");
+        ExitCode::FAILURE
+    })
+}
+
+/// SIGTERM and SIGINT ask the guest to power off, like `ctl shutdown`.
+fn shutdown_on_signals(controller: Arc<dyn Controller>) -> Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+    std::thread::Builder::new().name("signals".into()).spawn(move || {
+        for signal in signals.forever() {
+            tracing::info!("signal {signal}: shutting the guest down");
+            if let Err(e) = controller.shutdown() {
+                tracing::warn!("shutdown failed: {e}");
+            }
+        }
+    })?;
+    Ok(())
 }

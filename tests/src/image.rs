@@ -29,6 +29,15 @@ pub struct MissingImage {
     pub missing: PathBuf,
 }
 
+/// The no_std test guest (`testguest.elf`, built by `cargo xtask guest-image`) in
+/// `$PLEIADES_GUEST_DIR` or `target/guest`.
+pub fn testguest_elf() -> Result<PathBuf, MissingImage> {
+    let dir =
+        std::env::var_os(GUEST_DIR_ENV).map(PathBuf::from).unwrap_or_else(|| default_dir(&workspace_root()));
+    let elf = dir.join("testguest.elf");
+    if elf.is_file() { Ok(elf) } else { Err(MissingImage { missing: elf }) }
+}
+
 impl GuestImage {
     /// The image in `$PLEIADES_GUEST_DIR`, or `target/guest` of this workspace.
     pub fn locate() -> Result<Self, MissingImage> {

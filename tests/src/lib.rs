@@ -6,9 +6,12 @@
 //!   `PLEIADES_ACCEL=kvm|tcg`.
 //! - [`qemu`]: boots the image under Debian's `qemu-system-x86_64`, talks to the serial console
 //!   and waits for the guest's `PLEIADES-READY` line.
+//! - [`testguest`]: boots the no_std test guest (`testguest.elf`) under QEMU and parses its
+//!   `PLEIADES-TESTGUEST` result line.
 //!
 //! The tests in `tests/` use these to run the real pieces together.
 
-pub mod accel;
+pub use pleiades_host::accel;
 pub mod image;
 pub mod qemu;
+pub mod testguest;

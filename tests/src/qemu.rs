@@ -4,7 +4,6 @@
 //! kept in a transcript, and commands are typed into the guest's shell on `ttyS0`.
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
@@ -19,10 +18,7 @@ use crate::image::GuestImage;
 /// Environment variable: seconds to wait for READY (default 180).
 pub const BOOT_TIMEOUT_ENV: &str = "PLEIADES_BOOT_TIMEOUT";
 
-/// The QEMU binary, overridable with `PLEIADES_QEMU`.
-pub fn qemu_binary() -> PathBuf {
-    std::env::var_os("PLEIADES_QEMU").map_or_else(|| "qemu-system-x86_64".into(), PathBuf::from)
-}
+pub use pleiades_host::qemu::qemu_binary;
 
 /// How long to wait for the guest to come up.
 pub fn boot_timeout() -> Duration {
@@ -37,16 +33,16 @@ pub enum GuestError {
     Accel(#[from] AccelError),
     #[error(transparent)]
     Image(#[from] crate::image::MissingImage),
-    #[error("cannot start {qemu}: {source}. Install QEMU with `cargo xtask deps`")]
-    Spawn { qemu: String, source: std::io::Error },
+    #[error("cannot start {qemu}: {error}. Install QEMU with `cargo xtask deps`, or build the workspace")]
+    Spawn { qemu: String, error: std::io::Error },
     #[error("cannot create a scratch directory: {0}")]
     Scratch(std::io::Error),
     #[error("timed out after {waited:?} waiting for {what}; last console lines:\n{tail}")]
     Timeout { what: String, waited: Duration, tail: String },
     #[error("QEMU exited ({status}) while waiting for {what}; last console lines:\n{tail}")]
     Exited { what: String, status: String, tail: String },
-    #[error("the READY line is malformed: {source}\n{line}")]
-    BadReady { line: String, source: pleiades_agent::ready::ReadyLineError },
+    #[error("the READY line is malformed: {error}\n{line}")]
+    BadReady { line: String, error: pleiades_agent::ready::ReadyLineError },
     #[error("cannot write to the guest's serial console: {0}")]
     Serial(std::io::Error),
 }
@@ -108,7 +104,7 @@ pub struct Guest {
     transcript: Arc<Mutex<Vec<String>>>,
     accel: AccelChoice,
     marker: u64,
-    _scratch: tempfile::TempDir,
+    _scratch: Option<tempfile::TempDir>,
 }
 
 impl Guest {
@@ -120,8 +116,7 @@ impl Guest {
         };
         let scratch =
             tempfile::Builder::new().prefix("pleiades-guest-").tempdir().map_err(GuestError::Scratch)?;
-        let qemu = qemu_binary();
-        let mut cmd = Command::new(&qemu);
+        let mut cmd = Command::new(qemu_binary());
         cmd.args(["-nodefaults", "-no-user-config", "-display", "none", "-vga", "none", "-monitor", "none"])
             .args(["-serial", "stdio", "-no-reboot"])
             .args(["-smp", &config.cpus.to_string(), "-m", &format!("{}M", config.memory_mib)]);
@@ -145,16 +140,32 @@ impl Guest {
         cmd.args(["-append", &cmdline]);
         cmd.arg("-qmp").arg(format!("unix:{},server=on,wait=off", scratch.path().join("qmp.sock").display()));
         cmd.args(&config.qemu_args);
+        Self::spawn(cmd, accel, config.echo_console, Some(scratch))
+    }
+
+    /// Starts any command whose stdin/stdout is a guest's serial console, e.g.
+    /// `pleiades-host run --serial stdio …`, and talks to it like to QEMU.
+    pub fn from_command(cmd: Command, accel: AccelChoice) -> Result<Self, GuestError> {
+        let echo = std::env::var_os("PLEIADES_ECHO_CONSOLE").is_some();
+        Self::spawn(cmd, accel, echo, None)
+    }
+
+    fn spawn(
+        mut cmd: Command,
+        accel: AccelChoice,
+        echo_console: bool,
+        scratch: Option<tempfile::TempDir>,
+    ) -> Result<Self, GuestError> {
         cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child =
-            cmd.spawn().map_err(|source| GuestError::Spawn { qemu: qemu.display().to_string(), source })?;
+        let program = cmd.get_program().to_string_lossy().into_owned();
+        let mut child = cmd.spawn().map_err(|error| GuestError::Spawn { qemu: program, error })?;
 
         let transcript = Arc::new(Mutex::new(Vec::new()));
         let (tx, lines) = mpsc::channel();
         let stdout = child.stdout.take().expect("piped stdout");
         let stderr = child.stderr.take().expect("piped stderr");
-        spawn_reader(stdout, "", config.echo_console, tx.clone(), transcript.clone());
-        spawn_reader(stderr, "qemu: ", true, tx, transcript.clone());
+        spawn_reader(stdout, "", echo_console, tx.clone(), transcript.clone());
+        spawn_reader(stderr, "stderr: ", true, tx, transcript.clone());
         Ok(Self { stdin: child.stdin.take(), child, lines, transcript, accel, marker: 0, _scratch: scratch })
     }
 
@@ -173,7 +184,7 @@ impl Guest {
     /// Waits for the READY line and parses it.
     pub fn wait_ready(&mut self, timeout: Duration) -> Result<GuestInfo, GuestError> {
         let line = self.wait_for_line(|l| l.contains(READY_MARKER), "the PLEIADES-READY line", timeout)?;
-        parse_ready_line(&line).map_err(|source| GuestError::BadReady { line, source })
+        parse_ready_line(&line).map_err(|error| GuestError::BadReady { line, error })
     }
 
     /// Waits for a console line containing `needle`.

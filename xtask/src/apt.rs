@@ -87,8 +87,8 @@ pub enum AptError {
     MissingPackage { package: String },
     #[error("`{command}` failed ({status}): {detail}")]
     Failed { command: String, status: String, detail: String },
-    #[error("cannot run `{command}`: {source}. Is this a Debian system with apt?")]
-    Spawn { command: String, source: std::io::Error },
+    #[error("cannot run `{command}`: {error}. Is this a Debian system with apt?")]
+    Spawn { command: String, error: std::io::Error },
 }
 
 /// Runs apt commands. `extra` options go before the verb (tests point apt at scratch state).
@@ -205,7 +205,7 @@ impl Apt {
         let output = Command::new("apt-cache")
             .args(&args)
             .output()
-            .map_err(|source| AptError::Spawn { command: "apt-cache policy".into(), source })?;
+            .map_err(|error| AptError::Spawn { command: "apt-cache policy".into(), error })?;
         let text = String::from_utf8_lossy(&output.stdout);
         parse_policy(&text, release).ok_or_else(|| AptError::MissingPackage { package: package.to_owned() })
     }
@@ -218,7 +218,7 @@ impl Apt {
         let output = Command::new("apt-cache")
             .args(&args)
             .output()
-            .map_err(|source| AptError::Spawn { command: "apt-cache depends".into(), source })?;
+            .map_err(|error| AptError::Spawn { command: "apt-cache depends".into(), error })?;
         let text = String::from_utf8_lossy(&output.stdout);
         text.lines()
             .filter_map(|l| l.trim().strip_prefix("Depends: "))
@@ -244,7 +244,7 @@ impl Apt {
             .stdout(Stdio::inherit())
             .stderr(Stdio::piped())
             .output()
-            .map_err(|source| AptError::Spawn { command: shown.clone(), source })?;
+            .map_err(|error| AptError::Spawn { command: shown.clone(), error })?;
         let stderr = String::from_utf8_lossy(&output.stderr);
         let errors = classify(&stderr, &shown, packages);
         if output.status.success() {

@@ -8,6 +8,9 @@
 //! - `pleiades-agent`, built as a static binary.
 //!
 //! A stamp over all inputs makes a second run with nothing changed a no-op.
+//!
+//! The no_std test guest (`testguest/`, see `crate::testguest`) is built and installed first,
+//! as `testguest.elf`, with its own stamp: it needs no Debian package.
 
 use std::collections::hash_map::DefaultHasher;
 use std::fs;
@@ -57,6 +60,8 @@ impl GuestImageBuild {
         let out = self.out_dir();
         let cache = out.join("cache");
         fs::create_dir_all(&cache).with_context(|| format!("cannot create {}", cache.display()))?;
+
+        crate::testguest::install(&self.root, &out, self.force)?;
 
         let apt = Apt::system();
         let kernel_package = apt.metapackage_target("linux-image-amd64", "trixie")?;

@@ -1,7 +1,8 @@
 //! `cargo xtask`: Pleiades' project tooling.
 //!
 //! - `deps`: installs the Debian packages the project needs (idempotent).
-//! - `guest-image`: builds the test guest image into `target/guest/` (cached).
+//! - `guest-image`: builds the test guest image into `target/guest/` (cached): the Linux image
+//!   and the no_std test guest `testguest.elf`.
 //! - `demo`: the main job: everything above, then boots a desktop guest and shows it.
 //! - `test`: everything CI runs: deps, image, `cargo fmt --check`, clippy, all tests.
 
@@ -9,6 +10,7 @@ mod apt;
 mod cpio;
 mod guest_image;
 mod kmod;
+mod testguest;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -36,11 +38,15 @@ enum Cmd {
         #[arg(long)]
         list: bool,
     },
-    /// Build the test guest image into target/guest/ (kernel, initramfs with busybox, modules, agent).
+    /// Build the test guest images into target/guest/: the Linux image (kernel, initramfs with
+    /// busybox, modules, agent) and the no_std test guest (testguest.elf).
     GuestImage {
         /// Rebuild even if nothing changed.
         #[arg(long)]
         force: bool,
+        /// Only the no_std test guest (no Debian packages needed).
+        #[arg(long)]
+        testguest_only: bool,
     },
     /// The main job: install, build, and boot a Pleiades desktop guest.
     Demo {
@@ -80,7 +86,12 @@ fn run(command: Cmd) -> Result<()> {
             }
             deps(&groups)
         }
-        Cmd::GuestImage { force } => guest_image::GuestImageBuild { root, force }.run().map(drop),
+        Cmd::GuestImage { force, testguest_only: true } => {
+            testguest::install(&root, &pleiades_tests::image::default_dir(&root), force).map(drop)
+        }
+        Cmd::GuestImage { force, testguest_only: false } => {
+            guest_image::GuestImageBuild { root, force }.run().map(drop)
+        }
         Cmd::Demo { interactive } => demo(&root, interactive),
         Cmd::Test { no_deps } => test(&root, no_deps),
     }
@@ -126,6 +137,9 @@ fn cargo(root: &Path, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// The no_std test guest is outside the workspace; fmt and clippy reach it by its manifest.
+const TESTGUEST_MANIFEST: &str = "testguest/Cargo.toml";
+
 fn test(root: &Path, no_deps: bool) -> Result<()> {
     let started = Instant::now();
     if !no_deps {
@@ -138,8 +152,12 @@ fn test(root: &Path, no_deps: bool) -> Result<()> {
 
     step("cargo fmt --check");
     cargo(root, &["fmt", "--all", "--", "--check"]).context("formatting differs: run `cargo fmt --all`")?;
+    cargo(root, &["fmt", "--manifest-path", TESTGUEST_MANIFEST, "--", "--check"]).context(
+        "the test guest's formatting differs: run `cargo fmt --manifest-path testguest/Cargo.toml`",
+    )?;
     let t = step("cargo clippy --all-targets -- -D warnings");
     cargo(root, &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    cargo(root, &["clippy", "--manifest-path", TESTGUEST_MANIFEST, "--all-targets", "--", "-D", "warnings"])?;
     println!("    {:.1} s", t.elapsed().as_secs_f64());
     let t = step("cargo test");
     cargo(root, &["test", "--workspace"])?;

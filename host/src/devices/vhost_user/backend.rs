@@ -4,10 +4,12 @@ use std::io;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use vhost::vhost_user::Listener;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier};
 
 use crate::devices::virtio::{DeviceError, GuestMemory, VirtioDevice};
 
@@ -25,6 +27,9 @@ pub struct VhostUserDevice {
     num_queues: usize,
     max_queue_size: usize,
     features: u64,
+    has_config: bool,
+    /// Tells the daemon's worker thread to exit (without it, dropping the daemon hangs).
+    exit: Arc<(EventConsumer, EventNotifier)>,
 }
 
 impl std::fmt::Debug for VhostUserDevice {
@@ -34,17 +39,21 @@ impl std::fmt::Debug for VhostUserDevice {
 }
 
 impl VhostUserDevice {
-    pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemoryAtomic<GuestMemory>) -> Self {
+    pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<Self> {
         let sizes = device.queue_max_sizes();
         let num_queues = sizes.len();
         let max_queue_size = sizes.iter().copied().max().unwrap_or(0) as usize;
         let features = device.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        Self {
+        let has_config = device.config_size() > 0;
+        let exit = Arc::new(new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?);
+        Ok(Self {
             state: Arc::new(Mutex::new(State { device, mem, broken: false })),
             num_queues,
             max_queue_size,
             features,
-        }
+            has_config,
+            exit,
+        })
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -74,7 +83,13 @@ impl VhostUserBackend for VhostUserDevice {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ
+        // CONFIG only where there is a config space (QEMU warns about it otherwise).
+        let config = if self.has_config {
+            VhostUserProtocolFeatures::CONFIG
+        } else {
+            VhostUserProtocolFeatures::empty()
+        };
+        config | VhostUserProtocolFeatures::MQ
     }
 
     fn reset_device(&self) {
@@ -85,6 +100,10 @@ impl VhostUserBackend for VhostUserDevice {
 
     fn set_event_idx(&self, _enabled: bool) {
         // EVENT_IDX is not offered; virtio-queue honours the driver's NO_INTERRUPT flag.
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        Some((self.exit.0.try_clone().ok()?, self.exit.1.try_clone().ok()?))
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
@@ -150,12 +169,20 @@ impl VhostUserBackend for VhostUserDevice {
 pub fn serve(device: Box<dyn VirtioDevice>, socket: &Path) -> anyhow::Result<()> {
     let name = device.device_type().name();
     let mem = GuestMemoryAtomic::new(GuestMemory::default());
-    let backend = VhostUserDevice::new(device, mem.clone());
+    let backend = VhostUserDevice::new(device, mem.clone())?;
     let mut daemon = VhostUserDaemon::new(format!("pleiades-{name}"), backend, mem)
         .map_err(|e| anyhow::anyhow!("cannot create the vhost-user daemon: {e}"))?;
+    // Bind first, so that a bad path is an error now rather than inside the daemon.
+    let mut listener = Listener::new(socket, true).map_err(|e| {
+        anyhow::anyhow!("cannot listen on {}: {e}; check that its directory exists", socket.display())
+    })?;
     tracing::info!("vhost-user {name} backend listening on {}", socket.display());
-    match daemon.serve(socket) {
+    let served = daemon.start(&mut listener).and_then(|()| daemon.wait());
+    let _ = std::fs::remove_file(socket);
+    match served {
         Ok(()) => Ok(()),
+        // The frontend going away is how a backend's life normally ends.
+        Err(vhost_user_backend::Error::HandleRequest(vhost::vhost_user::Error::Disconnected)) => Ok(()),
         Err(e) => Err(anyhow::anyhow!("vhost-user {name} backend on {}: {e}", socket.display())),
     }
 }

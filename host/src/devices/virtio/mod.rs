@@ -101,6 +101,9 @@ pub trait VirtioDevice: Send {
     /// The features the driver accepted (a subset of [`Self::features`]).
     fn ack_features(&mut self, features: u64);
 
+    /// The size of the device-specific configuration space in bytes (0: none).
+    fn config_size(&self) -> usize;
+
     /// Reads the device-specific configuration space. Out-of-range bytes read as zero.
     fn read_config(&self, offset: u64, data: &mut [u8]);
 

@@ -18,6 +18,8 @@ const QUEUE_SIZES: &[u16] = &[256, 256];
 const MAX_PENDING_INPUT: usize = 64 * 1024;
 /// The most one transmit buffer chain may carry.
 const MAX_TRANSMIT: u32 = 64 * 1024;
+/// `struct virtio_console_config`.
+const CONFIG_SIZE: usize = 12;
 
 /// Host-side input of the console: anything readable with a file descriptor to poll.
 pub trait ConsoleInput: Read + AsRawFd + Send {}
@@ -136,9 +138,13 @@ impl VirtioDevice for Console {
         self.acked_features = features & self.features();
     }
 
+    fn config_size(&self) -> usize {
+        CONFIG_SIZE
+    }
+
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // struct virtio_console_config { le16 cols; le16 rows; le32 max_nr_ports; le32 emerg_wr; }
-        let mut config = [0u8; 12];
+        let mut config = [0u8; CONFIG_SIZE];
         config[4..8].copy_from_slice(&1u32.to_le_bytes());
         read_config_bytes(&config, offset, data);
     }

@@ -78,6 +78,10 @@ impl VirtioDevice for Rng {
         self.acked_features = features & self.features();
     }
 
+    fn config_size(&self) -> usize {
+        0
+    }
+
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
         // virtio-rng has no configuration space.
         data.fill(0);

@@ -1,4 +1,4 @@
-//! Choosing the accelerator for QEMU.
+//! Choosing who runs the guest's CPUs: KVM or QEMU's TCG.
 //!
 //! The build machines have a `/dev/kvm` that is a nested, software-assisted KVM (no `vmx`/`svm`
 //! flag in /proc/cpuinfo): tiny guests run well on it, but a stock Linux kernel crawls through

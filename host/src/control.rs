@@ -1,0 +1,250 @@
+//! The VM control socket: `pleiades-host run --control SOCKET` serves it, `pleiades-host ctl
+//! SOCKET <command>` talks to it. The same commands work whichever VMM runs the guest.
+//!
+//! Wire format: one JSON request line, one JSON response line, then the server closes the
+//! connection. Requests are `{"command":"status"}`, `{"command":"shutdown"}`,
+//! `{"command":"reboot"}`; responses are `{"ok":true,"result":…}` or
+//! `{"ok":false,"error":"…"}`. The socket is created with mode 0600: only its owner may
+//! control the VM.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The most bytes a request line may have.
+const MAX_REQUEST: u64 = 64 * 1024;
+
+/// A control request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "kebab-case")]
+pub enum Request {
+    /// What the VM is doing.
+    Status,
+    /// Power the guest off cleanly (ACPI power button), then end the VM.
+    Shutdown,
+    /// Restart the guest.
+    Reboot,
+}
+
+/// A control response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Response {
+    pub fn ok(result: serde_json::Value) -> Self {
+        Self { ok: true, result: Some(result), error: None }
+    }
+
+    pub fn error(message: impl Into<String>) -> Self {
+        Self { ok: false, result: None, error: Some(message.into()) }
+    }
+}
+
+/// What a VMM does for the control socket.
+pub trait Controller: Send + Sync {
+    fn status(&self) -> serde_json::Value;
+    fn shutdown(&self) -> Result<(), String>;
+    fn reboot(&self) -> Result<(), String>;
+}
+
+/// Errors of the control socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("{path} is in use by a running VM; choose another --control path")]
+    InUse { path: PathBuf },
+    #[error("{path} exists and is not a socket; remove it or choose another --control path")]
+    NotASocket { path: PathBuf },
+    #[error("cannot listen on {path}: {error}")]
+    Listen { path: PathBuf, error: std::io::Error },
+    #[error("cannot reach the VM at {path}: {error}. Is `pleiades-host run --control {path}` running?")]
+    Connect { path: PathBuf, error: std::io::Error },
+    #[error("the VM at {path} did not answer: {reason}")]
+    NoAnswer { path: PathBuf, reason: String },
+}
+
+/// Runs a request against `controller` (the part of the server that does not touch sockets).
+pub fn handle_line(line: &str, controller: &dyn Controller) -> Response {
+    match serde_json::from_str::<Request>(line) {
+        Ok(Request::Status) => Response::ok(controller.status()),
+        Ok(Request::Shutdown) => controller
+            .shutdown()
+            .map_or_else(Response::error, |()| Response::ok(serde_json::json!("shutting down"))),
+        Ok(Request::Reboot) => controller
+            .reboot()
+            .map_or_else(Response::error, |()| Response::ok(serde_json::json!("rebooting"))),
+        Err(e) => Response::error(format!("bad request ({e}); commands: status, shutdown, reboot")),
+    }
+}
+
+/// A listening control socket. Dropping it stops listening and removes the socket file.
+#[derive(Debug)]
+pub struct ControlServer {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ControlServer {
+    /// Listens on `path` and answers requests with `controller` on a thread of its own.
+    pub fn start(path: &Path, controller: Arc<dyn Controller>) -> Result<Self, ControlError> {
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if !meta.file_type().is_socket() {
+                return Err(ControlError::NotASocket { path: path.to_owned() });
+            }
+            if UnixStream::connect(path).is_ok() {
+                return Err(ControlError::InUse { path: path.to_owned() });
+            }
+            // A stale socket from a VM that is gone.
+            let _ = std::fs::remove_file(path);
+        }
+        let listen_err = |error| ControlError::Listen { path: path.to_owned(), error };
+        let listener = UnixListener::bind(path).map_err(listen_err)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(listen_err)?;
+        listener.set_nonblocking(true).map_err(listen_err)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("control".into())
+                .spawn(move || accept_loop(&listener, &*controller, &stop))
+                .map_err(listen_err)?
+        };
+        Ok(Self { path: path.to_owned(), stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn accept_loop(listener: &UnixListener, controller: &dyn Controller, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((stream, _)) => serve_one(stream, controller),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => {
+                tracing::warn!("control socket: accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+fn serve_one(stream: UnixStream, controller: &dyn Controller) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
+    let mut line = String::new();
+    let response = match BufReader::new((&stream).take(MAX_REQUEST)).read_line(&mut line) {
+        Ok(0) => return,
+        Ok(_) if !line.ends_with('\n') && line.len() as u64 >= MAX_REQUEST => {
+            Response::error(format!("request longer than {MAX_REQUEST} bytes"))
+        }
+        Ok(_) => handle_line(line.trim(), controller),
+        Err(e) => Response::error(format!("cannot read the request: {e}")),
+    };
+    let mut text = serde_json::to_string(&response).unwrap_or_else(|_| r#"{"ok":false}"#.into());
+    text.push('\n');
+    let _ = (&stream).write_all(text.as_bytes());
+}
+
+/// Sends one request to the control socket at `path` and returns the answer.
+pub fn request(path: &Path, request: &Request, timeout: Duration) -> Result<Response, ControlError> {
+    let stream =
+        UnixStream::connect(path).map_err(|error| ControlError::Connect { path: path.to_owned(), error })?;
+    let no_answer = |reason: String| ControlError::NoAnswer { path: path.to_owned(), reason };
+    stream.set_read_timeout(Some(timeout)).map_err(|e| no_answer(e.to_string()))?;
+    let mut line = serde_json::to_string(request).map_err(|e| no_answer(e.to_string()))?;
+    line.push('\n');
+    (&stream).write_all(line.as_bytes()).map_err(|e| no_answer(e.to_string()))?;
+    let mut answer = String::new();
+    BufReader::new((&stream).take(16 << 20)).read_line(&mut answer).map_err(|e| no_answer(e.to_string()))?;
+    serde_json::from_str(answer.trim()).map_err(|e| no_answer(format!("malformed answer: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Fake(Mutex<Vec<&'static str>>);
+
+    impl Controller for Fake {
+        fn status(&self) -> serde_json::Value {
+            serde_json::json!({"state": "running"})
+        }
+        fn shutdown(&self) -> Result<(), String> {
+            self.0.lock().unwrap().push("shutdown");
+            Ok(())
+        }
+        fn reboot(&self) -> Result<(), String> {
+            Err("reboot is not possible now".into())
+        }
+    }
+
+    #[test]
+    fn requests_round_trip_over_the_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.sock");
+        let fake = Arc::new(Fake::default());
+        let server = ControlServer::start(&path, fake.clone()).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+
+        let status = request(&path, &Request::Status, Duration::from_secs(5)).unwrap();
+        assert_eq!(status, Response::ok(serde_json::json!({"state": "running"})));
+        assert!(request(&path, &Request::Shutdown, Duration::from_secs(5)).unwrap().ok);
+        assert_eq!(*fake.0.lock().unwrap(), ["shutdown"]);
+        let reboot = request(&path, &Request::Reboot, Duration::from_secs(5)).unwrap();
+        assert_eq!(reboot.error.as_deref(), Some("reboot is not possible now"));
+
+        // A second server on the same path is refused while the first runs.
+        assert!(matches!(ControlServer::start(&path, fake.clone()), Err(ControlError::InUse { .. })));
+        drop(server);
+        assert!(!path.exists());
+        let err = request(&path, &Request::Status, Duration::from_secs(1)).unwrap_err();
+        assert!(err.to_string().contains("Is `pleiades-host run --control"), "{err}");
+    }
+
+    #[test]
+    fn garbage_gets_an_error_answer() {
+        let fake = Fake::default();
+        for line in ["", "{", "{\"command\":\"explode\"}", "[1,2]", "\u{0}\u{1}"] {
+            let r = handle_line(line, &fake);
+            assert!(!r.ok, "{line:?}");
+            assert!(r.error.unwrap().contains("commands: status"), "{line:?}");
+        }
+        // Oversized and binary requests over a real socket.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.sock");
+        let _server = ControlServer::start(&path, Arc::new(Fake::default())).unwrap();
+        let stream = UnixStream::connect(&path).unwrap();
+        let big = vec![b'x'; (MAX_REQUEST + 10) as usize];
+        let _ = (&stream).write_all(&big);
+        let mut answer = String::new();
+        BufReader::new(&stream).read_line(&mut answer).unwrap();
+        assert!(answer.contains("longer than"), "{answer}");
+    }
+}

@@ -1,0 +1,326 @@
+//! `--vmm qemu`: QEMU runs the vCPUs, Pleiades' devices are attached over vhost-user.
+//!
+//! Each device runs as its own `pleiades-host device <kind> --socket …` process (the same
+//! backends that serve Pleiades' VMM); QEMU connects to them with `-device vhost-user-*-pci`.
+//! Guest RAM is a shared memfd so the backends can map it. The control socket's commands go to
+//! QEMU's QMP: `status` → `query-status`, `shutdown` → `system_powerdown` (ACPI power button,
+//! then a hard stop after a grace period), `reboot` → `system_reset`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+use crate::accel::{Accel, AccelChoice};
+use crate::config::BootSpec;
+use crate::control::Controller;
+use crate::vm::{DeviceBackend, DeviceRequest, SerialOut};
+
+/// How long a clean power-off may take before QEMU is stopped hard.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// The QEMU binary (`PLEIADES_QEMU` overrides).
+pub fn qemu_binary() -> PathBuf {
+    std::env::var_os("PLEIADES_QEMU").map_or_else(|| "qemu-system-x86_64".into(), PathBuf::from)
+}
+
+/// A vhost-user backend process.
+#[derive(Debug)]
+struct Backend {
+    kind: &'static str,
+    socket: PathBuf,
+    child: Child,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `pleiades-host device <kind> --socket <socket>` and waits for the socket.
+fn start_backend(kind: &'static str, socket: &Path) -> Result<Backend> {
+    let exe = std::env::current_exe().context("cannot find the pleiades-host executable")?;
+    let child = Command::new(exe)
+        .args(["device", kind, "--socket"])
+        .arg(socket)
+        .stdin(Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot start the {kind} device backend"))?;
+    let mut backend = Backend { kind, socket: socket.to_owned(), child };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        if let Ok(Some(status)) = backend.child.try_wait() {
+            bail!("the {kind} device backend exited ({status}) before listening");
+        }
+        if Instant::now() > deadline {
+            bail!("the {kind} device backend did not listen on {} within 10 s", socket.display());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(backend)
+}
+
+/// The QEMU device name for a Pleiades vhost-user backend.
+fn vhost_user_device(kind: &str) -> Result<&'static str> {
+    Ok(match kind {
+        "rng" => "vhost-user-rng-pci",
+        other => bail!(
+            "the {other} device cannot be attached to QEMU over vhost-user (QEMU has no vhost-user {other}); use --vmm pleiades"
+        ),
+    })
+}
+
+/// Builds QEMU's command line.
+fn qemu_command(
+    spec: &BootSpec,
+    accel: &AccelChoice,
+    serial: &SerialOut,
+    backends: &[Backend],
+    qmp: &Path,
+) -> Command {
+    let mut cmd = Command::new(qemu_binary());
+    let accel_name = match accel.accel {
+        Accel::Kvm => "kvm",
+        Accel::Tcg => "tcg",
+    };
+    cmd.args(["-nodefaults", "-no-user-config", "-display", "none", "-vga", "none", "-monitor", "none"])
+        .args(["-machine", &format!("q35,accel={accel_name},memory-backend=mem")])
+        .args(["-object", &format!("memory-backend-memfd,id=mem,size={}M,share=on", spec.memory_mib)])
+        .args(["-cpu", if accel.accel == Accel::Kvm { "host" } else { "max" }])
+        .args(["-smp", &spec.cpus.to_string(), "-m", &format!("{}M", spec.memory_mib)])
+        .arg("-kernel")
+        .arg(&spec.kernel);
+    if let Some(initrd) = &spec.initrd {
+        cmd.arg("-initrd").arg(initrd);
+    }
+    if !spec.cmdline.is_empty() {
+        cmd.args(["-append", &spec.cmdline]);
+    }
+    match serial {
+        SerialOut::Stdio => cmd.args(["-serial", "stdio"]),
+        SerialOut::File(path) => cmd.arg("-serial").arg(format!("file:{}", path.display())),
+    };
+    for (i, backend) in backends.iter().enumerate() {
+        cmd.arg("-chardev").arg(format!("socket,id=vhu{i},path={}", backend.socket.display()));
+        // Checked when the backend was chosen.
+        let device = vhost_user_device(backend.kind).unwrap_or("none");
+        cmd.args(["-device", &format!("{device},chardev=vhu{i}")]);
+    }
+    cmd.arg("-qmp").arg(format!("unix:{},server=on,wait=off", qmp.display()));
+    cmd
+}
+
+/// A QMP connection (QEMU's JSON machine protocol).
+#[derive(Debug)]
+pub struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Qmp {
+    /// Connects, reads the greeting and enters command mode.
+    pub fn connect(path: &Path, timeout: Duration) -> Result<Self> {
+        let deadline = Instant::now() + timeout;
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > deadline => {
+                    return Err(e).with_context(|| format!("cannot connect to QMP at {}", path.display()));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut qmp = Self { reader: BufReader::new(stream.try_clone()?), writer: stream };
+        let greeting = qmp.read_message()?;
+        if greeting.get("QMP").is_none() {
+            bail!("unexpected QMP greeting: {greeting}");
+        }
+        qmp.execute("qmp_capabilities", json!({}))?;
+        Ok(qmp)
+    }
+
+    fn read_message(&mut self) -> Result<Value> {
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            bail!("QEMU closed the QMP connection");
+        }
+        Ok(serde_json::from_str(&line)?)
+    }
+
+    /// Runs a command and returns its `return` value; events in between are skipped.
+    pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value> {
+        let mut request = json!({ "execute": command });
+        if arguments.as_object().is_some_and(|a| !a.is_empty()) {
+            request["arguments"] = arguments;
+        }
+        writeln!(self.writer, "{request}")?;
+        for _ in 0..1000 {
+            let message = self.read_message()?;
+            if let Some(value) = message.get("return") {
+                return Ok(value.clone());
+            }
+            if let Some(error) = message.get("error") {
+                bail!("QMP {command}: {}", error.get("desc").and_then(Value::as_str).unwrap_or("error"));
+            }
+        }
+        bail!("QMP {command}: no answer among 1000 messages")
+    }
+}
+
+/// A running QEMU VM.
+#[derive(Debug)]
+pub struct QemuVm {
+    qemu: Arc<Mutex<Child>>,
+    qmp: Arc<Mutex<Qmp>>,
+    backends: Vec<Backend>,
+    status: Arc<StatusInfo>,
+    _scratch: tempfile::TempDir,
+}
+
+#[derive(Debug)]
+struct StatusInfo {
+    started: Instant,
+    accel: AccelChoice,
+    spec: BootSpec,
+    devices: Vec<Value>,
+}
+
+impl QemuVm {
+    /// Starts the device backends and QEMU.
+    pub fn start(
+        spec: &BootSpec,
+        devices: &[DeviceRequest],
+        serial: &SerialOut,
+        accel: AccelChoice,
+    ) -> Result<Self> {
+        let scratch = tempfile::Builder::new().prefix("pleiades-vm-").tempdir()?;
+        let mut backends = Vec::new();
+        let mut device_info = Vec::new();
+        for (i, device) in devices.iter().enumerate() {
+            if device.backend == DeviceBackend::InProcess {
+                bail!(
+                    "--vmm qemu serves devices only as vhost-user processes; drop `,backend=in-process` from --device {}",
+                    device.kind
+                );
+            }
+            vhost_user_device(device.kind)?;
+            let socket = scratch.path().join(format!("{}-{i}.sock", device.kind));
+            let backend = start_backend(device.kind, &socket)?;
+            device_info
+                .push(json!({"kind": device.kind, "backend": "vhost-user", "pid": backend.child.id()}));
+            backends.push(backend);
+        }
+        let qmp_path = scratch.path().join("qmp.sock");
+        let mut cmd = qemu_command(spec, &accel, serial, &backends, &qmp_path);
+        cmd.stdin(if matches!(serial, SerialOut::Stdio) { Stdio::inherit() } else { Stdio::null() });
+        tracing::debug!("starting {cmd:?}");
+        let mut child = cmd.spawn().with_context(|| {
+            format!("cannot start {}: install QEMU (`./dev deps`)", qemu_binary().display())
+        })?;
+        let qmp = match Qmp::connect(&qmp_path, Duration::from_secs(30)) {
+            Ok(q) => q,
+            Err(e) => {
+                let _ = child.kill();
+                let status = child.wait().ok();
+                return Err(e.context(format!("QEMU did not start (exit status {status:?})")));
+            }
+        };
+        Ok(Self {
+            qemu: Arc::new(Mutex::new(child)),
+            qmp: Arc::new(Mutex::new(qmp)),
+            backends,
+            status: Arc::new(StatusInfo {
+                started: Instant::now(),
+                accel,
+                spec: spec.clone(),
+                devices: device_info,
+            }),
+            _scratch: scratch,
+        })
+    }
+
+    /// The controller for the control socket.
+    pub fn controller(&self) -> Arc<dyn Controller> {
+        Arc::new(QemuController {
+            qemu: self.qemu.clone(),
+            qmp: self.qmp.clone(),
+            status: self.status.clone(),
+        })
+    }
+
+    /// Waits for QEMU to exit (guest power-off, or a shutdown request).
+    pub fn wait(self) -> Result<ExitStatus> {
+        loop {
+            if let Some(status) = lock(&self.qemu).try_wait()? {
+                drop(self.backends);
+                return Ok(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct QemuController {
+    qemu: Arc<Mutex<Child>>,
+    qmp: Arc<Mutex<Qmp>>,
+    status: Arc<StatusInfo>,
+}
+
+impl Controller for QemuController {
+    fn status(&self) -> Value {
+        let run_state = lock(&self.qmp)
+            .execute("query-status", json!({}))
+            .ok()
+            .and_then(|v| v.get("status").and_then(Value::as_str).map(str::to_owned))
+            .unwrap_or_else(|| "unknown".into());
+        let s = &self.status;
+        json!({
+            "vmm": "qemu",
+            "state": run_state,
+            "accel": s.accel.accel.to_string(),
+            "cpus": s.spec.cpus,
+            "memory_mib": s.spec.memory_mib,
+            "kernel": s.spec.kernel,
+            "uptime_s": s.started.elapsed().as_secs_f64(),
+            "qemu_pid": lock(&self.qemu).id(),
+            "devices": s.devices,
+        })
+    }
+
+    fn shutdown(&self) -> Result<(), String> {
+        lock(&self.qmp).execute("system_powerdown", json!({})).map_err(|e| e.to_string())?;
+        // If the guest ignores the power button, stop QEMU after the grace period.
+        let qemu = self.qemu.clone();
+        let qmp = self.qmp.clone();
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + SHUTDOWN_GRACE;
+            while Instant::now() < deadline {
+                if !matches!(lock(&qemu).try_wait(), Ok(None)) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            tracing::warn!("the guest did not power off within {SHUTDOWN_GRACE:?}; stopping QEMU");
+            let _ = lock(&qmp).execute("quit", json!({}));
+        });
+        Ok(())
+    }
+
+    fn reboot(&self) -> Result<(), String> {
+        lock(&self.qmp).execute("system_reset", json!({})).map(drop).map_err(|e| e.to_string())
+    }
+}

@@ -1,0 +1,61 @@
+//! `pleiades-host run --vmm qemu`: QEMU runs the vCPUs, Pleiades' rng device is a separate
+//! vhost-user process, and the Linux driver in the test image binds it.
+
+use std::process::Command;
+use std::time::Duration;
+
+use pleiades_host::control::{self, Request};
+use pleiades_tests::image::GuestImage;
+use pleiades_tests::qemu::{BASE_CMDLINE, Guest, boot_timeout};
+
+#[test]
+fn vhost_user_rng_is_bound_by_the_linux_driver_and_ctl_controls_the_vm() {
+    let image = GuestImage::locate().expect("test guest image");
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("vm.sock");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pleiades-host"));
+    cmd.args(["run", "--vmm", "qemu", "--cpus", "2", "--memory", "512M", "--device", "rng"])
+        .arg("--kernel")
+        .arg(&image.kernel)
+        .arg("--initrd")
+        .arg(&image.initramfs)
+        .args(["--cmdline", BASE_CMDLINE])
+        .arg("--control")
+        .arg(&socket);
+    let accel = pleiades_host::accel::choose().expect("accelerator");
+    let mut guest = Guest::from_command(cmd, accel).expect("pleiades-host starts");
+    let info = guest.wait_ready(boot_timeout()).expect("READY");
+    assert_eq!(info.cpus, 2);
+    let devices: Vec<_> = info.devices.iter().map(|d| (d.kind.as_str(), d.driver.as_str())).collect();
+    assert_eq!(devices, [("rng", "virtio_rng")]);
+
+    // Entropy flows from the backend process into the guest.
+    let current = guest.run("cat /sys/class/misc/hw_random/rng_current", Duration::from_secs(30)).unwrap();
+    assert_eq!(current.join(""), "virtio_rng.0");
+    let hex = guest
+        .run("head -c 32 /dev/hwrng | od -An -tx1 | tr -d ' \\n'; echo", Duration::from_secs(30))
+        .unwrap();
+    let hex = hex.join("");
+    assert_eq!(hex.len(), 64, "{hex:?}");
+    assert_ne!(hex, "0".repeat(64));
+
+    // `ctl status` describes the VM; the rng is served by its own process.
+    let status = control::request(&socket, &Request::Status, Duration::from_secs(30)).unwrap();
+    assert!(status.ok, "{status:?}");
+    let result = status.result.unwrap();
+    assert_eq!(result["vmm"], "qemu");
+    assert_eq!(result["state"], "running");
+    assert_eq!(result["cpus"], 2);
+    let backend = &result["devices"][0];
+    assert_eq!(backend["kind"], "rng");
+    assert_eq!(backend["backend"], "vhost-user");
+    assert_ne!(backend["pid"], result["qemu_pid"]);
+
+    // `ctl shutdown` presses the power button; the guest's agent powers off; exit 0.
+    let shutdown = control::request(&socket, &Request::Shutdown, Duration::from_secs(30)).unwrap();
+    assert!(shutdown.ok, "{shutdown:?}");
+    guest.wait_for("power button pressed", Duration::from_secs(60)).expect("the guest saw the power button");
+    let exit = guest.wait_exit(Duration::from_secs(60)).expect("pleiades-host exits");
+    assert!(exit.success(), "{exit}");
+    assert!(!socket.exists(), "the control socket is removed on exit");
+}

@@ -1,0 +1,93 @@
+//! What the command line asks for: `mode=normal|hostile`, `expect=KIND,KIND,…` and
+//! `bars=reassign` (assign every virtio BAR anew, as if firmware had assigned nothing) and
+//! `fault=panic|exception` (fail on purpose, to test the failure path).
+//! Other words (kernel-style options) are ignored.
+
+use crate::report::Errors;
+use crate::virtio::DeviceType;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Normal,
+    Hostile,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Normal => "normal",
+            Self::Hostile => "hostile",
+        }
+    }
+}
+
+/// A set of virtio device types (ids below 64).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TypeSet(u64);
+
+impl TypeSet {
+    pub fn insert(&mut self, t: DeviceType) {
+        if t.0 < 64 {
+            self.0 |= 1 << t.0;
+        }
+    }
+
+    pub fn iter(self) -> impl Iterator<Item = DeviceType> {
+        (0..64u16).filter(move |i| self.0 & (1 << i) != 0).map(DeviceType)
+    }
+}
+
+/// A failure asked for on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// A Rust panic.
+    Panic,
+    /// A CPU exception (invalid opcode).
+    Exception,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Config {
+    pub mode: Mode,
+    pub expect: TypeSet,
+    pub reassign_bars: bool,
+    pub fault: Option<Fault>,
+}
+
+/// Parses the command line; words it cannot understand become errors (the run then fails).
+pub fn parse(cmdline: &str, errors: &mut Errors) -> Config {
+    let mut config =
+        Config { mode: Mode::Normal, expect: TypeSet::default(), reassign_bars: false, fault: None };
+    for word in cmdline.split_ascii_whitespace() {
+        if let Some(mode) = word.strip_prefix("mode=") {
+            config.mode = match mode {
+                "normal" => Mode::Normal,
+                "hostile" => Mode::Hostile,
+                other => {
+                    errors.push(format_args!("unknown mode {other:?} on the command line"));
+                    config.mode
+                }
+            };
+        } else if let Some(bars) = word.strip_prefix("bars=") {
+            match bars {
+                "reassign" => config.reassign_bars = true,
+                "keep" => config.reassign_bars = false,
+                other => errors.push(format_args!("unknown bars={other:?} on the command line")),
+            }
+        } else if let Some(fault) = word.strip_prefix("fault=") {
+            match fault {
+                "panic" => config.fault = Some(Fault::Panic),
+                "exception" => config.fault = Some(Fault::Exception),
+                other => errors.push(format_args!("unknown fault={other:?} on the command line")),
+            }
+        } else if let Some(list) = word.strip_prefix("expect=") {
+            for name in list.split(',').filter(|n| !n.is_empty()) {
+                match DeviceType::from_name(name) {
+                    Some(t) => config.expect.insert(t),
+                    None => errors.push(format_args!("unknown device kind {name:?} in expect=")),
+                }
+            }
+        }
+    }
+    config
+}

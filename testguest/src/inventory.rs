@@ -1,0 +1,173 @@
+//! The virtio devices found on bus 0: probing them, running the test for each kind the guest
+//! knows, checking `expect=`, and their part of the result line.
+
+use core::fmt::{self, Write};
+
+use crate::config::TypeSet;
+use crate::devices::{self, ConsoleResult, RngResult, TestError};
+use crate::dma::{self, MAX_DEVICES};
+use crate::interrupts;
+use crate::pci::{BarWindow, Bdf, Bus};
+use crate::pvh::StartInfo;
+use crate::report::{Errors, FixedStr, JsonStr};
+use crate::serial::log;
+use crate::virtio::{self, DeviceType, VirtioPci};
+
+/// What the result line says about one virtio device.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    kind: DeviceType,
+    bdf: Bdf,
+    /// Probed and mapped (the device's structures were found).
+    usable: bool,
+    msix: bool,
+    /// The queues accepted MSI-X vector 0.
+    vector: bool,
+    /// BARs the guest assigned itself (bit mask).
+    assigned: u8,
+    tested: bool,
+    ok: bool,
+    rng: Option<RngResult>,
+    console: Option<ConsoleResult>,
+}
+
+impl Entry {
+    fn write_json(&self, out: &mut impl Write) -> fmt::Result {
+        let mut kind = FixedStr::<16>::new();
+        let _ = write!(kind, "{}", self.kind);
+        write!(out, "{{\"kind\":{},\"bdf\":\"{}\"", JsonStr(kind.as_str()), self.bdf)?;
+        if self.tested {
+            write!(out, ",\"ok\":{}", self.ok)?;
+        } else {
+            write!(out, ",\"tested\":false")?;
+        }
+        if let Some(r) = self.rng {
+            write!(out, ",\"bytes\":[{},{}],\"distinct\":{}", r.bytes[0], r.bytes[1], r.distinct)?;
+        }
+        if let Some(c) = self.console {
+            write!(out, ",\"tx\":{},\"rx\":{},\"rx_data\":{}", c.tx, c.rx, JsonStr(c.rx_data.as_str()))?;
+        }
+        write!(out, ",\"msix\":{}", self.msix)?;
+        if self.tested {
+            write!(out, ",\"vector\":{}", self.vector)?;
+        }
+        write!(out, ",\"assigned_bars\":{}}}", self.assigned)
+    }
+}
+
+/// The virtio devices, in bus order; slot `i` uses DMA slot `i`.
+#[derive(Debug)]
+pub struct Inventory {
+    entries: [Option<Entry>; MAX_DEVICES],
+    virtio: [Option<VirtioPci>; MAX_DEVICES],
+}
+
+impl Inventory {
+    /// Finds the virtio functions on `bus`, maps them (assigning BARs from `window` where
+    /// needed) and points their MSI-X at the boot CPU.
+    pub fn probe(
+        bus: &Bus,
+        window: &mut BarWindow,
+        info: Option<&StartInfo>,
+        reassign_bars: bool,
+        errors: &mut Errors,
+    ) -> Self {
+        let mut inventory = Self { entries: [None; MAX_DEVICES], virtio: [None; MAX_DEVICES] };
+        let apic_id = interrupts::bsp_apic_id();
+        let mut count = 0;
+        for function in bus.functions() {
+            let Some(kind) = DeviceType::of(function) else { continue };
+            if count == MAX_DEVICES {
+                errors.push(format_args!("more than {MAX_DEVICES} virtio devices; {} ignored", function.bdf));
+                continue;
+            }
+            let mut entry = Entry {
+                kind,
+                bdf: function.bdf,
+                usable: false,
+                msix: false,
+                vector: false,
+                assigned: 0,
+                tested: false,
+                ok: false,
+                rng: None,
+                console: None,
+            };
+            match virtio::probe(function, kind, window, info, reassign_bars) {
+                Ok((device, assigned)) => {
+                    log!(
+                        "virtio-{kind} at {}: common cfg at {}, BARs assigned by the guest {:#x}",
+                        function.bdf,
+                        device.common.base(),
+                        assigned.0
+                    );
+                    device.enable_msix(apic_id);
+                    entry.usable = true;
+                    entry.msix = device.has_msix();
+                    entry.assigned = assigned.0;
+                    inventory.virtio[count] = Some(device);
+                }
+                Err(e) => errors.push(format_args!("virtio-{kind} at {}: {e}", function.bdf)),
+            }
+            inventory.entries[count] = Some(entry);
+            count += 1;
+        }
+        inventory
+    }
+
+    /// The mapped devices (hostile mode abuses them).
+    pub fn virtio_mut(&mut self) -> &mut [Option<VirtioPci>; MAX_DEVICES] {
+        &mut self.virtio
+    }
+
+    /// Runs the test of every device kind the guest knows (rng, console).
+    pub fn test_all(&mut self, errors: &mut Errors) {
+        for (slot, (entry, device)) in self.entries.iter_mut().zip(self.virtio.iter_mut()).enumerate() {
+            let (Some(entry), Some(device)) = (entry.as_mut(), device.as_mut()) else { continue };
+            let memory = dma::device_memory(slot);
+            let outcome = match entry.kind {
+                DeviceType::RNG => Some(devices::test_rng(device, &memory).map(|r| entry.rng = Some(r))),
+                DeviceType::CONSOLE => {
+                    Some(devices::test_console(device, &memory).map(|c| entry.console = Some(c)))
+                }
+                _ => None,
+            };
+            let Some(outcome) = outcome else { continue };
+            entry.tested = true;
+            entry.vector = device.queue_vector_ok;
+            match outcome {
+                Ok(()) => entry.ok = true,
+                Err(e) => {
+                    if let TestError::Rng(r) = e {
+                        entry.rng = Some(r);
+                    }
+                    errors.push(format_args!("virtio-{} at {}: {e}", entry.kind, entry.bdf));
+                }
+            }
+        }
+    }
+
+    /// Every kind in `expect` must be present, and working where the guest can test it.
+    pub fn check_expected(&self, expect: TypeSet, errors: &mut Errors) {
+        for kind in expect.iter() {
+            let mut found = self.entries.iter().flatten().filter(|e| e.kind == kind).peekable();
+            if found.peek().is_none() {
+                errors.push(format_args!("expected a virtio-{kind} device, found none"));
+            } else if !found.any(|e| e.ok || (!e.tested && e.usable)) {
+                errors.push(format_args!("expected a working virtio-{kind} device"));
+            }
+        }
+    }
+
+    /// The `devices` array of the result line.
+    pub fn write_json(&self, out: &mut impl Write) -> fmt::Result {
+        out.write_char('[')?;
+        for (i, entry) in self.entries.iter().flatten().enumerate() {
+            if i > 0 {
+                out.write_char(',')?;
+            }
+            entry.write_json(out)?;
+        }
+        out.write_char(']')
+    }
+}

@@ -1,0 +1,170 @@
+//! The no_std test guest (`testguest.elf`) under QEMU's reference virtio devices: it finds
+//! virtio-rng and virtio-console, drives them through MSI-X, counts the CPUs, survives its own
+//! hostile mode, fails when an expected device is missing, and always powers off.
+
+use std::path::Path;
+use std::time::Duration;
+
+use pleiades_tests::image::testguest_elf;
+use pleiades_tests::testguest::{TestGuestConfig, TestGuestRun, run};
+use serde_json::Value;
+
+/// What the host types into the console port.
+const CONSOLE_INPUT: &str = "PLEIADES-CONSOLE-IN hello from the host\n";
+
+/// virtio-rng + virtio-serial with one console port whose output goes to `console_file` and
+/// whose input is [`CONSOLE_INPUT`].
+fn with_devices(config: TestGuestConfig, console_file: &Path) -> TestGuestConfig {
+    let input = console_file.with_extension("in");
+    std::fs::write(&input, CONSOLE_INPUT).unwrap();
+    config.device("virtio-rng-pci").device("virtio-serial-pci").device("virtconsole,chardev=con0").args([
+        "-chardev".to_owned(),
+        format!("file,id=con0,path={},input-path={}", console_file.display(), input.display()),
+    ])
+}
+
+fn boot(what: &str, config: &TestGuestConfig) -> TestGuestRun {
+    let elf = testguest_elf().expect("test guest ELF");
+    let run = run(&elf, config).unwrap_or_else(|e| panic!("{what}: {e}"));
+    let guest_ms = run.result["boot_ms"].as_u64().map_or_else(|| "-".to_owned(), |ms| format!("{ms} ms"));
+    eprintln!(
+        "{what}: boot to power-off in {:.2} s on {} (guest: {guest_ms} from entry to result)",
+        run.elapsed.as_secs_f64(),
+        run.accel.accel
+    );
+    run
+}
+
+fn device<'a>(result: &'a Value, kind: &str) -> &'a Value {
+    let devices = result["devices"].as_array().expect("devices array");
+    let found: Vec<&Value> = devices.iter().filter(|d| d["kind"] == kind).collect();
+    assert_eq!(found.len(), 1, "one {kind} device: {result:#}");
+    found[0]
+}
+
+/// The checks both modes share.
+fn assert_devices_work(run: &TestGuestRun, console_file: &Path, mode: &str) {
+    let r = &run.result;
+    assert_eq!(r["result"], "pass", "{r:#}\n{}", run.console.join("\n"));
+    assert_eq!(r["mode"], mode);
+    assert_eq!(r["errors"], Value::Array(vec![]), "{r:#}");
+    assert_eq!(r["cpus"], 2, "{r:#}");
+
+    let rng = device(r, "rng");
+    assert_eq!(rng["ok"], true, "{rng}");
+    assert_eq!(rng["bytes"], serde_json::json!([64, 64]), "{rng}");
+    assert_eq!(rng["distinct"], true, "{rng}");
+    assert!(rng["bdf"].as_str().unwrap().starts_with("00:"), "{rng}");
+    let console = device(r, "console");
+    assert_eq!(console["ok"], true, "{console}");
+    assert_eq!(console["tx"], 47, "{console}");
+    // Input arrives within a short wait or not at all (not a failure); when it does, intact.
+    match console["rx"].as_u64().expect("rx") {
+        0 => eprintln!("console: no input within the guest's wait"),
+        n => {
+            assert_eq!(n, CONSOLE_INPUT.len() as u64, "{console}");
+            assert_eq!(console["rx_data"], CONSOLE_INPUT, "{console}");
+        }
+    }
+    for d in [rng, console] {
+        assert_eq!(d["msix"], true, "{d}");
+        assert_eq!(d["vector"], true, "{d}");
+    }
+    assert!(r["irqs"].as_u64().unwrap() > 0, "no MSI-X interrupt arrived: {r:#}");
+
+    assert!(run.status.success(), "QEMU exit status {} (the guest powers off by itself)", run.status);
+    let written = std::fs::read_to_string(console_file).expect("console chardev file");
+    assert!(
+        written.lines().any(|l| l == "PLEIADES-CONSOLE-OUT hello from the test guest"),
+        "console output: {written:?}"
+    );
+}
+
+#[test]
+fn testguest_drives_rng_and_console_and_powers_off() {
+    let scratch = tempfile::tempdir().unwrap();
+    let console_file = scratch.path().join("console.txt");
+    let config = with_devices(
+        TestGuestConfig { cmdline: "mode=normal expect=rng,console".into(), ..TestGuestConfig::default() },
+        &console_file,
+    );
+    let run = boot("normal mode", &config);
+    assert_devices_work(&run, &console_file, "normal");
+    assert!(run.result.get("hostile").is_none());
+}
+
+#[test]
+fn testguest_hostile_mode_leaves_the_devices_working() {
+    let scratch = tempfile::tempdir().unwrap();
+    let console_file = scratch.path().join("console.txt");
+    let config = with_devices(
+        TestGuestConfig {
+            cmdline: "mode=hostile expect=rng,console".into(),
+            timeout: Duration::from_secs(300),
+            ..TestGuestConfig::default()
+        },
+        &console_file,
+    );
+    let run = boot("hostile mode", &config);
+    assert_devices_work(&run, &console_file, "hostile");
+    let hostile = &run.result["hostile"];
+    assert_eq!(hostile["restored"], true, "{hostile}");
+    assert!(hostile["pci_writes"].as_u64().unwrap() > 1000, "{hostile}");
+    let abuses = hostile["abuses"].as_array().expect("abuses");
+    assert!(abuses.len() >= 8, "{hostile}");
+    for abuse in abuses {
+        assert_eq!(abuse["recovered"], true, "{abuse}");
+    }
+}
+
+#[test]
+fn testguest_assigns_bars_itself_when_asked() {
+    let scratch = tempfile::tempdir().unwrap();
+    let console_file = scratch.path().join("console.txt");
+    let config = with_devices(
+        TestGuestConfig { cmdline: "expect=rng,console bars=reassign".into(), ..TestGuestConfig::default() },
+        &console_file,
+    );
+    let run = boot("guest-assigned BARs", &config);
+    assert_devices_work(&run, &console_file, "normal");
+    for kind in ["rng", "console"] {
+        let d = device(&run.result, kind);
+        assert_ne!(d["assigned_bars"], 0, "{d}");
+    }
+}
+
+#[test]
+fn testguest_reports_panics_and_exceptions_and_powers_off() {
+    for (fault, expected) in [("panic", "fault=panic asked for a panic"), ("exception", "exception 6 at rip")]
+    {
+        let config = TestGuestConfig {
+            cpus: 1,
+            cmdline: format!("fault={fault}"),
+            timeout: Duration::from_secs(120),
+            ..TestGuestConfig::default()
+        };
+        let run = boot(&format!("fault={fault}"), &config);
+        let r = &run.result;
+        assert_eq!(r["result"], "fail", "{r:#}");
+        assert!(r["panic"].as_str().unwrap().contains(expected), "{r:#}");
+        assert!(run.status.success(), "QEMU exit status {} (the guest powers off by itself)", run.status);
+    }
+}
+
+#[test]
+fn testguest_fails_when_an_expected_device_is_missing() {
+    let config = TestGuestConfig {
+        cpus: 1,
+        cmdline: "expect=rng".into(),
+        timeout: Duration::from_secs(120),
+        ..TestGuestConfig::default()
+    };
+    let run = boot("missing rng", &config);
+    let r = &run.result;
+    assert_eq!(r["result"], "fail", "{r:#}");
+    assert_eq!(r["devices"], Value::Array(vec![]), "{r:#}");
+    let errors = r["errors"].as_array().unwrap();
+    assert!(errors.iter().any(|e| e.as_str().unwrap().contains("virtio-rng")), "{r:#}");
+    assert_eq!(r["cpus"], 1, "{r:#}");
+    assert!(run.status.success(), "QEMU exit status {} (the guest powers off by itself)", run.status);
+}
