@@ -317,3 +317,106 @@ fn corrupt_kernels_and_bad_command_lines_fail_at_boot() {
     let err = Vm::new(config).unwrap().run().unwrap_err();
     assert!(err.to_string().contains("command line"), "{err}");
 }
+
+/// Runs `vm`, shutting it down if it has not stopped after 30 s (a guest stuck polling).
+fn run_with_timeout(mut vm: Vm) -> ExitReason {
+    let handle = vm.handle();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watchdog = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                if Instant::now() > deadline {
+                    handle.shutdown();
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    let reason = vm.run().unwrap();
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    watchdog.join().unwrap();
+    reason
+}
+
+/// 64-bit code: a polling virtio-rng driver. It finds the device at 00:01.0, negotiates
+/// VERSION_1, sets up queue 0 (16 entries: descriptors at 0x10000, avail at 0x11000, used at
+/// 0x12000) with one 32-byte writable buffer, sets DRIVER_OK, notifies (an ioeventfd), and
+/// waits for the used ring. Prints V (vendor/device id seen), R (request completed), N (32
+/// bytes written), then powers off.
+fn virtio_rng_guest() -> Vec<u8> {
+    let mut code = Vec::new();
+    // PCI config of 00:01.0 register 0 through 0xCF8/0xCFC.
+    code.extend_from_slice(&[0xb8, 0x00, 0x08, 0x00, 0x80, 0x66, 0xba, 0xf8, 0x0c, 0xef]);
+    code.extend_from_slice(&[0x66, 0xba, 0xfc, 0x0c, 0xed]); // in eax, dx
+    code.extend_from_slice(&[0x3d, 0xf4, 0x1a, 0x44, 0x10]); // cmp eax, 0x10441af4
+    let v = print(b"V");
+    code.extend_from_slice(&[0x75, v.len() as u8]);
+    code.extend_from_slice(&v);
+    code.extend_from_slice(&[0xb8, 0x00, 0x00, 0x00, 0xc0]); // mov eax, 0xc0000000 (BAR0)
+    let byte = |code: &mut Vec<u8>, off: u32, value: u8| {
+        code.extend_from_slice(&[0xc6, 0x80]);
+        code.extend_from_slice(&off.to_le_bytes());
+        code.push(value);
+    };
+    let word = |code: &mut Vec<u8>, off: u32, value: u16| {
+        code.extend_from_slice(&[0x66, 0xc7, 0x80]);
+        code.extend_from_slice(&off.to_le_bytes());
+        code.extend_from_slice(&value.to_le_bytes());
+    };
+    let dword = |code: &mut Vec<u8>, off: u32, value: u32| {
+        code.extend_from_slice(&[0xc7, 0x80]);
+        code.extend_from_slice(&off.to_le_bytes());
+        code.extend_from_slice(&value.to_le_bytes());
+    };
+    let mem32 = |code: &mut Vec<u8>, addr: u32, value: u32| {
+        code.extend_from_slice(&[0xc7, 0x04, 0x25]);
+        code.extend_from_slice(&addr.to_le_bytes());
+        code.extend_from_slice(&value.to_le_bytes());
+    };
+    byte(&mut code, 0x14, 0); // reset
+    byte(&mut code, 0x14, 3); // ACKNOWLEDGE | DRIVER
+    dword(&mut code, 0x08, 1); // driver_feature_select = 1
+    dword(&mut code, 0x0c, 1); // VERSION_1
+    byte(&mut code, 0x14, 0xb); // FEATURES_OK
+    word(&mut code, 0x16, 0); // queue_select
+    word(&mut code, 0x18, 16); // queue_size
+    for (off, addr) in [(0x20, 0x1_0000u32), (0x28, 0x1_1000), (0x30, 0x1_2000)] {
+        dword(&mut code, off, addr);
+        dword(&mut code, off + 4, 0);
+    }
+    word(&mut code, 0x1c, 1); // queue_enable
+    mem32(&mut code, 0x1_0000, 0x3_0000); // descriptor 0: buffer at 0x30000
+    mem32(&mut code, 0x1_0004, 0);
+    mem32(&mut code, 0x1_0008, 32); // 32 bytes
+    mem32(&mut code, 0x1_000c, 2); // VRING_DESC_F_WRITE
+    mem32(&mut code, 0x1_1004, 0); // avail ring[0] = descriptor 0
+    mem32(&mut code, 0x1_1000, 0x1_0000); // avail flags 0, idx 1
+    byte(&mut code, 0x14, 0xf); // DRIVER_OK
+    word(&mut code, 0x3000, 0); // notify queue 0
+    // Poll the used index.
+    let poll = [0x66, 0x83, 0x3c, 0x25, 0x02, 0x20, 0x01, 0x00, 0x01]; // cmp word [0x12002], 1
+    code.extend_from_slice(&poll);
+    code.extend_from_slice(&[0x75, (-(poll.len() as i8) - 2) as u8]);
+    code.extend_from_slice(&print(b"R"));
+    code.extend_from_slice(&[0x83, 0x3c, 0x25, 0x08, 0x20, 0x01, 0x00, 0x20]); // cmp dword [0x12008], 32
+    let n = print(b"N");
+    code.extend_from_slice(&[0x75, n.len() as u8]);
+    code.extend_from_slice(&n);
+    code.extend_from_slice(POWER_OFF);
+    code
+}
+
+#[test]
+fn a_guest_driver_gets_entropy_from_virtio_rng_over_pci() {
+    let guest = Guest::new(&virtio_rng_guest());
+    let mut config = guest.config();
+    config.devices = vec![DeviceSpec::Virtio(Box::new(Rng::new().unwrap()))];
+    let vm = Vm::new(config).unwrap();
+    let handle = vm.handle();
+    assert_eq!(run_with_timeout(vm), ExitReason::PowerOff, "serial: {:?}", guest.output());
+    assert_eq!(guest.output(), "VRN");
+    assert_eq!(handle.status()["state"], "stopped");
+}

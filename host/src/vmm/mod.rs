@@ -273,7 +273,7 @@ impl Vm {
             return Err(pci::PciError::BusFull.into());
         }
         let serial_file = match &config.serial {
-            SerialOut::File(path) => Some(File::create(path).map_err(VmError::Serial)?),
+            SerialOut::File(path) => Some(legacy::serial::open_append(path).map_err(VmError::Serial)?),
             _ => None,
         };
         let shared = Arc::new(Shared {

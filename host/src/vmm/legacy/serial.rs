@@ -14,7 +14,7 @@ use crate::vmm::bus::BusDevice;
 pub enum SerialOut {
     /// The VMM's stdout (and stdin as input when it is a terminal).
     Stdio,
-    /// A file, created or truncated when the VM is created.
+    /// Appended to a file (created if missing).
     File(PathBuf),
     /// Nowhere.
     Null,
@@ -31,6 +31,11 @@ impl Trigger for IrqfdTrigger {
     }
 }
 
+/// Opens `path` for appending, creating it if missing.
+pub fn open_append(path: &std::path::Path) -> io::Result<File> {
+    File::options().create(true).append(true).open(path)
+}
+
 /// Serial output sink.
 pub type SerialWriter = Box<dyn Write + Send>;
 
@@ -38,7 +43,7 @@ pub type SerialWriter = Box<dyn Write + Send>;
 pub fn open_writer(out: &SerialOut, file: Option<&File>) -> io::Result<SerialWriter> {
     Ok(match (out, file) {
         (SerialOut::File(_), Some(file)) => Box::new(file.try_clone()?),
-        (SerialOut::File(path), None) => Box::new(File::create(path)?),
+        (SerialOut::File(path), None) => Box::new(open_append(path)?),
         (SerialOut::Stdio, _) => Box::new(io::stdout()),
         (SerialOut::Null, _) => Box::new(io::sink()),
     })
