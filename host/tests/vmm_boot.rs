@@ -420,3 +420,27 @@ fn a_guest_driver_gets_entropy_from_virtio_rng_over_pci() {
     assert_eq!(guest.output(), "VRN");
     assert_eq!(handle.status()["state"], "stopped");
 }
+
+#[test]
+fn a_guest_driver_gets_entropy_from_a_vhost_user_rng_backend() {
+    let guest = Guest::new(&virtio_rng_guest());
+    let socket = guest.dir.path().join("rng.sock");
+    let backend = {
+        let socket = socket.clone();
+        std::thread::spawn(move || {
+            pleiades_host::devices::vhost_user::serve(Box::new(Rng::new().unwrap()), &socket)
+        })
+    };
+    wait_for("the backend's socket", || socket.exists());
+    let mut config = guest.config();
+    config.devices =
+        vec![DeviceSpec::VhostUser { kind: pleiades_host::devices::virtio::DeviceType::Rng, socket }];
+    let vm = Vm::new(config).unwrap();
+    let handle = vm.handle();
+    assert_eq!(run_with_timeout(vm), ExitReason::PowerOff, "serial: {:?}", guest.output());
+    assert_eq!(guest.output(), "VRN");
+    assert_eq!(handle.status()["devices"][0]["type"], "rng");
+    drop(handle);
+    // The VM is gone, so is the connection: the backend ends cleanly.
+    backend.join().unwrap().unwrap();
+}

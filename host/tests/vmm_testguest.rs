@@ -14,6 +14,14 @@ fn testguest() -> PathBuf {
 }
 
 fn boot(cmdline: &str, cpus: u8) -> (ExitReason, serde_json::Value, String) {
+    let devices = vec![
+        DeviceSpec::Virtio(Box::new(Rng::new().unwrap())),
+        DeviceSpec::Virtio(Box::new(Console::new(Box::new(std::io::sink()), None))),
+    ];
+    boot_with(cmdline, cpus, devices)
+}
+
+fn boot_with(cmdline: &str, cpus: u8, devices: Vec<DeviceSpec>) -> (ExitReason, serde_json::Value, String) {
     assert!(
         std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok(),
         "these tests boot the test guest on KVM: /dev/kvm cannot be opened; run them where KVM is available"
@@ -26,10 +34,7 @@ fn boot(cmdline: &str, cpus: u8) -> (ExitReason, serde_json::Value, String) {
     config.cpus = cpus;
     config.serial = SerialOut::File(serial.clone());
     config.on_reboot = RebootPolicy::Exit;
-    config.devices = vec![
-        DeviceSpec::Virtio(Box::new(Rng::new().unwrap())),
-        DeviceSpec::Virtio(Box::new(Console::new(Box::new(std::io::sink()), None))),
-    ];
+    config.devices = devices;
     let mut vm = Vm::new(config).unwrap();
     let handle = vm.handle();
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -79,4 +84,29 @@ fn the_test_guest_passes_when_it_reassigns_the_bars() {
     let (reason, report, output) = boot("bars=reassign expect=rng,console", 1);
     assert_eq!(report["result"], "pass", "serial:\n{output}");
     assert_eq!(reason, ExitReason::PowerOff);
+}
+
+#[test]
+fn the_test_guest_passes_with_rng_served_over_vhost_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("rng.sock");
+    let backend = {
+        let socket = socket.clone();
+        std::thread::spawn(move || {
+            pleiades_host::devices::vhost_user::serve(Box::new(Rng::new().unwrap()), &socket)
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "the backend never listened");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let devices = vec![
+        DeviceSpec::VhostUser { kind: pleiades_host::devices::virtio::DeviceType::Rng, socket },
+        DeviceSpec::Virtio(Box::new(Console::new(Box::new(std::io::sink()), None))),
+    ];
+    let (reason, report, output) = boot_with("expect=rng,console", 1, devices);
+    assert_eq!(report["result"], "pass", "serial:\n{output}");
+    assert_eq!(reason, ExitReason::PowerOff);
+    backend.join().unwrap().unwrap();
 }

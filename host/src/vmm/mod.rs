@@ -25,6 +25,7 @@ pub mod legacy;
 pub mod memory;
 pub mod pci;
 mod sys;
+pub mod vhost_user;
 pub mod virtio_pci;
 
 use std::fs::File;
@@ -44,14 +45,15 @@ use exit::{ExitLatch, StopRequest};
 pub use legacy::SerialOut;
 use legacy::{I8042, PmControl, SerialPort};
 use memory::{GuestMemory, MAX_MEMORY_MIB, MIN_MEMORY_MIB, PCI_MMIO_END, PCI_MMIO_START};
-use virtio_pci::VirtioPciDevice;
+use vhost_user::VhostUserFrontend;
+use virtio_pci::{Backend, VirtioPciDevice};
 
 /// A device to attach.
 pub enum DeviceSpec {
     /// A device served in-process by a worker thread of the VMM.
     Virtio(Box<dyn VirtioDevice>),
-    /// A device served by a vhost-user backend listening on `socket` (not implemented yet:
-    /// `Vm::new` refuses it with a clear error).
+    /// A device served by a vhost-user backend listening on `socket` (connected by `Vm::new`,
+    /// for the VM's lifetime).
     VhostUser { kind: DeviceType, socket: PathBuf },
 }
 
@@ -125,6 +127,8 @@ pub enum VmError {
     Device(#[from] virtio_pci::VirtioPciError),
     #[error(transparent)]
     Bus(#[from] bus::BusError),
+    #[error(transparent)]
+    VhostUser(#[from] vhost_user::VhostUserError),
     #[error("cannot set up the serial console: {0}")]
     Serial(std::io::Error),
     #[error("cannot start a thread: {0}")]
@@ -212,7 +216,7 @@ impl VmHandle {
 pub struct Vm {
     config: VmConfig,
     kvm: Kvm,
-    devices: Vec<Box<dyn VirtioDevice>>,
+    devices: Vec<Backend>,
     serial_file: Option<File>,
     serial_input: Arc<Mutex<Option<Arc<Mutex<SerialPort>>>>>,
     shared: Arc<Shared>,
@@ -258,13 +262,9 @@ impl Vm {
         let mut devices = Vec::new();
         for spec in std::mem::take(&mut config.devices) {
             match spec {
-                DeviceSpec::Virtio(device) => devices.push(device),
+                DeviceSpec::Virtio(device) => devices.push(Backend::InProcess(device)),
                 DeviceSpec::VhostUser { kind, socket } => {
-                    return Err(VmError::Config(format!(
-                        "vhost-user devices are not supported by the Pleiades VMM yet (virtio-{} at {}); serve the device in-process or use --vmm qemu",
-                        kind.name(),
-                        socket.display()
-                    )));
+                    devices.push(Backend::VhostUser(VhostUserFrontend::connect(kind, &socket)?));
                 }
             }
         }
@@ -452,7 +452,7 @@ impl Machine {
     }
 
     /// Stops the vCPUs and the device workers; returns the devices, reset, for the next boot.
-    fn stop(mut self) -> Vec<Box<dyn VirtioDevice>> {
+    fn stop(mut self) -> Vec<Backend> {
         self.stop_vcpus();
         let mut devices = Vec::new();
         for dev in self.pci_devices.drain(..) {

@@ -38,6 +38,7 @@ use crate::vmm::interrupts::VmResources;
 use crate::vmm::pci::PciDevice;
 use crate::vmm::pci::config::{CAP_ID_MSIX, CAP_ID_VENDOR, PciConfiguration, PciIdentity};
 use crate::vmm::pci::msix::{Msix, TableWrite};
+use crate::vmm::vhost_user::VhostUserFrontend;
 use common_cfg::*;
 use interrupt::{InterruptLines, WorkerInterrupt};
 
@@ -82,6 +83,41 @@ pub struct TransportMetrics {
     pub refused_activations: u64,
 }
 
+/// Who serves a device's queues.
+pub enum Backend {
+    /// A worker thread of this process ([`worker`]).
+    InProcess(Box<dyn VirtioDevice>),
+    /// An external vhost-user backend.
+    VhostUser(VhostUserFrontend),
+}
+
+impl Backend {
+    pub fn device_type(&self) -> DeviceType {
+        match self {
+            Self::InProcess(d) => d.device_type(),
+            Self::VhostUser(f) => f.device_type(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::InProcess(d) => write!(f, "InProcess({})", d.device_type().name()),
+            Self::VhostUser(v) => write!(f, "{v:?}"),
+        }
+    }
+}
+
+enum Serving {
+    /// The device is here between activations and in the worker while it runs.
+    Local {
+        device: Option<Box<dyn VirtioDevice>>,
+        worker: Option<WorkerHandle>,
+    },
+    Remote(VhostUserFrontend),
+}
+
 /// A virtio device on PCI.
 pub struct VirtioPciDevice {
     name: &'static str,
@@ -91,8 +127,7 @@ pub struct VirtioPciDevice {
     common: CommonConfig,
     device_features: u64,
     queue_max_sizes: Vec<u16>,
-    device: Option<Box<dyn VirtioDevice>>,
-    worker: Option<WorkerHandle>,
+    serving: Serving,
     config_snapshot: Vec<u8>,
     lines: Arc<InterruptLines>,
     notify: Vec<EventFd>,
@@ -126,16 +161,19 @@ fn virtio_cap(cfg_type: u8, offset: u64, length: u64, extra: Option<u32>) -> Vec
 }
 
 impl VirtioPciDevice {
-    /// Wraps `device`; its BAR is placed at `bar_addr` with memory decoding on.
+    /// Wraps `backend`; its BAR is placed at `bar_addr` with memory decoding on.
     pub fn new(
-        device: Box<dyn VirtioDevice>,
+        backend: Backend,
         mem: GuestMemory,
         resources: Arc<dyn VmResources>,
         bar_addr: u64,
     ) -> Result<Self, VirtioPciError> {
-        let device_type = device.device_type();
+        let device_type = backend.device_type();
         let name = device_type.name();
-        let queue_max_sizes = device.queue_max_sizes().to_vec();
+        let (queue_max_sizes, features) = match &backend {
+            Backend::InProcess(d) => (d.queue_max_sizes().to_vec(), d.features()),
+            Backend::VhostUser(f) => (f.queue_max_sizes().to_vec(), f.features()),
+        };
         if queue_max_sizes.is_empty() || queue_max_sizes.len() > 1024 {
             return Err(VirtioPciError::Queues(name));
         }
@@ -197,10 +235,12 @@ impl VirtioPciDevice {
             config,
             msix_cap_offset,
             common: CommonConfig::new(&queue_max_sizes),
-            device_features: device.features() | VIRTIO_F_VERSION_1,
+            device_features: features | VIRTIO_F_VERSION_1,
             queue_max_sizes,
-            device: Some(device),
-            worker: None,
+            serving: match backend {
+                Backend::InProcess(device) => Serving::Local { device: Some(device), worker: None },
+                Backend::VhostUser(frontend) => Serving::Remote(frontend),
+            },
             config_snapshot: Vec::new(),
             lines: Arc::new(InterruptLines::new(msix, vectors)),
             notify,
@@ -228,6 +268,10 @@ impl VirtioPciDevice {
         serde_json::json!({
             "type": self.name,
             "transport": "virtio-pci",
+            "backend": match self.serving {
+                Serving::Local { .. } => "in-process",
+                Serving::Remote(_) => "vhost-user",
+            },
             "bar": self.bar_addr.map(|a| format!("{a:#x}")),
             "status": self.status(),
             "driver_ok": self.common.status & STATUS_DRIVER_OK != 0,
@@ -243,24 +287,35 @@ impl VirtioPciDevice {
         })
     }
 
-    /// Stops the worker (if any) and gives the device back, reset: for a reboot.
-    pub fn into_device(mut self) -> Option<Box<dyn VirtioDevice>> {
-        self.stop_worker();
+    /// Stops the device and gives it back, reset: for a reboot.
+    pub fn into_device(mut self) -> Option<Backend> {
+        self.stop_serving();
         self.unregister_notify();
-        let mut device = self.device.take()?;
-        device.reset();
-        Some(device)
+        match std::mem::replace(&mut self.serving, Serving::Local { device: None, worker: None }) {
+            Serving::Local { device, .. } => {
+                let mut device = device?;
+                device.reset();
+                Some(Backend::InProcess(device))
+            }
+            Serving::Remote(frontend) => Some(Backend::VhostUser(frontend)),
+        }
     }
 
-    fn stop_worker(&mut self) {
-        if let Some(worker) = self.worker.take() {
-            match worker.stop() {
-                Some(device) => self.device = Some(device),
-                None => {
-                    tracing::error!("virtio-{}: the worker died; the device is lost", self.name);
-                    self.lost = true;
+    /// Stops the worker (taking the device back) or the backend's rings.
+    fn stop_serving(&mut self) {
+        match &mut self.serving {
+            Serving::Local { device, worker } => {
+                if let Some(handle) = worker.take() {
+                    match handle.stop() {
+                        Some(d) => *device = Some(d),
+                        None => {
+                            tracing::error!("virtio-{}: the worker died; the device is lost", self.name);
+                            self.lost = true;
+                        }
+                    }
                 }
             }
+            Serving::Remote(frontend) => frontend.reset(),
         }
     }
 
@@ -284,8 +339,8 @@ impl VirtioPciDevice {
     }
 
     fn reset(&mut self) {
-        self.stop_worker();
-        if let Some(device) = self.device.as_mut() {
+        self.stop_serving();
+        if let Serving::Local { device: Some(device), .. } = &mut self.serving {
             device.reset();
         }
         for event in &self.notify {
@@ -333,12 +388,14 @@ impl VirtioPciDevice {
             );
             return false;
         }
-        match self.device.as_mut() {
-            Some(device) => {
+        match &mut self.serving {
+            Serving::Local { device: Some(device), .. } => {
                 device.ack_features(features);
                 true
             }
-            None => false,
+            Serving::Local { device: None, .. } => false,
+            // The backend gets the features with the rest at DRIVER_OK.
+            Serving::Remote(_) => true,
         }
     }
 
@@ -391,7 +448,11 @@ impl VirtioPciDevice {
                 }
             }
         }
-        let Some(device) = self.device.take() else { return self.refuse_activation() };
+        let device = match &mut self.serving {
+            Serving::Local { device, .. } => device.take(),
+            Serving::Remote(_) => return self.activate_remote(),
+        };
+        let Some(device) = device else { return self.refuse_activation() };
         let mut snapshot = vec![0u8; CONFIG_SNAPSHOT_SIZE];
         device.read_config(0, &mut snapshot);
         self.config_snapshot = snapshot;
@@ -401,7 +462,9 @@ impl VirtioPciDevice {
         });
         match worker::spawn(self.name, device, self.mem.clone(), queues, interrupt) {
             Ok(handle) => {
-                self.worker = Some(handle);
+                if let Serving::Local { worker, .. } = &mut self.serving {
+                    *worker = Some(handle);
+                }
                 self.metrics.activations += 1;
                 // Buffers the driver made available before DRIVER_OK are looked at now.
                 for event in &self.notify {
@@ -411,6 +474,38 @@ impl VirtioPciDevice {
             Err(e) => {
                 tracing::error!("virtio-{}: cannot start the worker: {e}", self.name);
                 self.lost = true;
+                self.refuse_activation();
+            }
+        }
+    }
+
+    /// DRIVER_OK for a vhost-user backend: the queues were validated at enable time.
+    fn activate_remote(&mut self) {
+        let Serving::Remote(frontend) = &mut self.serving else { return };
+        let spare = match EventFd::new(EFD_NONBLOCK) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!("virtio-{}: {e}", self.name);
+                return self.refuse_activation();
+            }
+        };
+        let calls: Vec<&EventFd> = self
+            .common
+            .queues
+            .iter()
+            .map(|q| self.lines.vectors.get(usize::from(q.msix_vector)).map_or(&spare, |v| &v.irqfd))
+            .collect();
+        let result = frontend.activate(
+            &self.mem,
+            self.common.driver_features,
+            &self.common.queues,
+            &self.notify,
+            &calls,
+        );
+        match result {
+            Ok(()) => self.metrics.activations += 1,
+            Err(e) => {
+                tracing::warn!("virtio-{} (vhost-user): {e}; the device needs a reset", self.name);
                 self.refuse_activation();
             }
         }
@@ -528,9 +623,12 @@ impl BusDevice for VirtioPciDevice {
             }
             o if (DEVICE_CFG_OFFSET..DEVICE_CFG_OFFSET + DEVICE_CFG_SIZE).contains(&o) => {
                 let o = o - DEVICE_CFG_OFFSET;
-                match &self.device {
-                    Some(device) => device.read_config(o, data),
-                    None => crate::devices::virtio::read_config_bytes(&self.config_snapshot, o, data),
+                match &mut self.serving {
+                    Serving::Local { device: Some(device), .. } => device.read_config(o, data),
+                    Serving::Local { device: None, .. } => {
+                        crate::devices::virtio::read_config_bytes(&self.config_snapshot, o, data)
+                    }
+                    Serving::Remote(frontend) => frontend.read_config(o, data),
                 }
             }
             o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => self
@@ -550,9 +648,14 @@ impl BusDevice for VirtioPciDevice {
         match offset {
             o if o < COMMON_OFFSET + COMMON_CFG_SIZE => self.write_common(o, data),
             o if (DEVICE_CFG_OFFSET..DEVICE_CFG_OFFSET + DEVICE_CFG_SIZE).contains(&o) => {
-                match self.device.as_mut() {
-                    Some(device) => device.write_config(o - DEVICE_CFG_OFFSET, data),
-                    None => tracing::debug!("virtio-{}: config write while active dropped", self.name),
+                match &mut self.serving {
+                    Serving::Local { device: Some(device), .. } => {
+                        device.write_config(o - DEVICE_CFG_OFFSET, data)
+                    }
+                    Serving::Local { device: None, .. } => {
+                        tracing::debug!("virtio-{}: config write while active dropped", self.name)
+                    }
+                    Serving::Remote(frontend) => frontend.write_config(o - DEVICE_CFG_OFFSET, data),
                 }
             }
             o if (NOTIFY_OFFSET..NOTIFY_OFFSET + self.notify.len() as u64 * 4).contains(&o) => {

@@ -16,8 +16,13 @@ const BUFFER: u64 = 0x2_0000;
 fn setup() -> (VirtioPciDevice, GuestMemory, Arc<FakeResources>) {
     let mem = crate::vmm::memory::create_guest_memory(16).unwrap();
     let resources = Arc::new(FakeResources::default());
-    let mut dev =
-        VirtioPciDevice::new(Box::new(Rng::new().unwrap()), mem.clone(), resources.clone(), BAR).unwrap();
+    let mut dev = VirtioPciDevice::new(
+        Backend::InProcess(Box::new(Rng::new().unwrap())),
+        mem.clone(),
+        resources.clone(),
+        BAR,
+    )
+    .unwrap();
     dev.bar_moved(Some(BAR));
     (dev, mem, resources)
 }
@@ -122,7 +127,7 @@ fn a_request_goes_through_the_worker_and_raises_the_queue_vector() {
     // Reset gives the device back and clears the registers.
     w(&mut dev, DEVICE_STATUS, 0, 1);
     assert_eq!(r(&mut dev, DEVICE_STATUS, 1), 0);
-    assert!(dev.device.is_some());
+    assert!(matches!(dev.serving, Serving::Local { device: Some(_), worker: None }));
     assert_eq!(r(&mut dev, QUEUE_ENABLE, 2), 0);
     // And it can be activated again.
     assert_ne!(negotiate(&mut dev, 1) & STATUS_FEATURES_OK, 0);
