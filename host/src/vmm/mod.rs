@@ -431,7 +431,7 @@ impl Machine {
         // vCPUs.
         let supported =
             vm_state.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("report its CPUID"))?;
-        let ctx = cpu::vcpu::VcpuContext { io_bus, mmio_bus, latch: latch.clone() };
+        let ctx = cpu::vcpu::VcpuContext { io_bus, mmio_bus, latch: latch.clone(), mem: mem.clone() };
         let mut machine = Machine { vcpus: Vec::new(), latch, pci_devices, _vm: vm.clone(), _mem: mem };
         for id in 0..config.cpus {
             let vcpu = vm.create_vcpu(u64::from(id)).map_err(kvm_err("create a vCPU"))?;

@@ -14,8 +14,11 @@ use kvm_bindings::{KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
+use vm_memory::{Bytes, GuestAddress};
+
 use crate::vmm::bus::Bus;
 use crate::vmm::exit::{ExitLatch, ExitReason, StopRequest};
+use crate::vmm::memory::GuestMemory;
 
 /// What a vCPU thread needs besides its fd.
 #[derive(Debug, Clone)]
@@ -23,6 +26,8 @@ pub struct VcpuContext {
     pub io_bus: Arc<Bus>,
     pub mmio_bus: Arc<Bus>,
     pub latch: Arc<ExitLatch>,
+    /// For error reports only (the instruction bytes at `rip`).
+    pub mem: GuestMemory,
 }
 
 /// The signal that kicks a vCPU out of `KVM_RUN`.
@@ -58,11 +63,17 @@ pub fn spawn(id: u8, vcpu: VcpuFd, ctx: VcpuContext) -> std::io::Result<JoinHand
 fn run(id: u8, mut vcpu: VcpuFd, ctx: &VcpuContext) {
     while !ctx.latch.stopping() {
         match vcpu.run() {
-            Ok(exit) => {
-                if let Some(request) = handle_exit(id, exit, ctx) {
+            Ok(exit) => match handle_exit(id, exit, ctx) {
+                // Where the guest was helps whoever reads the error.
+                Some(StopRequest::Error(e)) => {
+                    let at = where_the_guest_was(&vcpu, &ctx.mem);
+                    ctx.latch.post(StopRequest::Error(format!("{e}{at}")));
+                }
+                Some(request) => {
                     ctx.latch.post(request);
                 }
-            }
+                None => {}
+            },
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 vcpu.set_kvm_immediate_exit(0);
             }
@@ -71,6 +82,20 @@ fn run(id: u8, mut vcpu: VcpuFd, ctx: &VcpuContext) {
             }
         }
     }
+}
+
+/// " at rip X (bytes …)": where a failed vCPU was and the instruction bytes there.
+fn where_the_guest_was(vcpu: &VcpuFd, mem: &GuestMemory) -> String {
+    let Ok(regs) = vcpu.get_regs() else { return String::new() };
+    let physical = vcpu.translate_gva(regs.rip).ok().filter(|t| t.valid != 0).map(|t| t.physical_address);
+    let mut bytes = [0u8; 16];
+    let code = physical
+        .and_then(|pa| mem.read_slice(&mut bytes, GuestAddress(pa)).ok())
+        .map(|()| {
+            format!(" (bytes {})", bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" "))
+        })
+        .unwrap_or_default();
+    format!(" at rip {:#x}{code}", regs.rip)
 }
 
 /// Handles one exit; returns a stop request when the exit ends the VM.
