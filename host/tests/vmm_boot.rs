@@ -341,6 +341,14 @@ fn run_with_timeout(mut vm: Vm) -> ExitReason {
     reason
 }
 
+/// 64-bit code: a polling virtio-rng driver (see [`virtio_rng_guest`]), ending with `tail`.
+fn virtio_rng_guest_then(tail: &[u8]) -> Vec<u8> {
+    let mut code = virtio_rng_guest();
+    code.truncate(code.len() - POWER_OFF.len());
+    code.extend_from_slice(tail);
+    code
+}
+
 /// 64-bit code: a polling virtio-rng driver. It finds the device at 00:01.0, negotiates
 /// VERSION_1, sets up queue 0 (16 entries: descriptors at 0x10000, avail at 0x11000, used at
 /// 0x12000) with one 32-byte writable buffer, sets DRIVER_OK, notifies (an ioeventfd), and
@@ -442,5 +450,56 @@ fn a_guest_driver_gets_entropy_from_a_vhost_user_rng_backend() {
     assert_eq!(handle.status()["devices"][0]["type"], "rng");
     drop(handle);
     // The VM is gone, so is the connection: the backend ends cleanly.
+    backend.join().unwrap().unwrap();
+}
+
+#[test]
+fn devices_work_again_after_a_reset() {
+    let guest = Guest::new(&virtio_rng_guest_then(TRIPLE_FAULT));
+    let mut config = guest.config();
+    config.on_reboot = RebootPolicy::Restart;
+    config.devices = vec![DeviceSpec::Virtio(Box::new(Rng::new().unwrap()))];
+    let mut vm = Vm::new(config).unwrap();
+    let handle = vm.handle();
+    let serial = guest.serial();
+    let watcher = std::thread::spawn(move || {
+        wait_for("three boots that got entropy", || {
+            String::from_utf8_lossy(&std::fs::read(&serial).unwrap_or_default()).matches("VRN").count() >= 3
+        });
+        handle.shutdown();
+    });
+    assert_eq!(vm.run().unwrap(), ExitReason::Shutdown);
+    watcher.join().unwrap();
+    assert!(guest.output().starts_with("VRNVRNVRN"), "{}", guest.output());
+}
+
+#[test]
+fn a_vhost_user_device_works_again_after_a_reset() {
+    let guest = Guest::new(&virtio_rng_guest_then(TRIPLE_FAULT));
+    let socket = guest.dir.path().join("rng.sock");
+    let backend = {
+        let socket = socket.clone();
+        std::thread::spawn(move || {
+            pleiades_host::devices::vhost_user::serve(Box::new(Rng::new().unwrap()), &socket)
+        })
+    };
+    wait_for("the backend's socket", || socket.exists());
+    let mut config = guest.config();
+    config.on_reboot = RebootPolicy::Restart;
+    config.devices =
+        vec![DeviceSpec::VhostUser { kind: pleiades_host::devices::virtio::DeviceType::Rng, socket }];
+    let mut vm = Vm::new(config).unwrap();
+    let handle = vm.handle();
+    let serial = guest.serial();
+    let watcher = std::thread::spawn(move || {
+        wait_for("three boots that got entropy", || {
+            String::from_utf8_lossy(&std::fs::read(&serial).unwrap_or_default()).matches("VRN").count() >= 3
+        });
+        handle.shutdown();
+    });
+    assert_eq!(vm.run().unwrap(), ExitReason::Shutdown);
+    watcher.join().unwrap();
+    drop(vm);
+    assert!(guest.output().starts_with("VRNVRNVRN"), "{}", guest.output());
     backend.join().unwrap().unwrap();
 }

@@ -456,16 +456,8 @@ impl Machine {
         self.stop_vcpus();
         let mut devices = Vec::new();
         for dev in self.pci_devices.drain(..) {
-            let dev = match Arc::try_unwrap(dev) {
-                Ok(dev) => dev.into_inner().unwrap_or_else(|e| e.into_inner()),
-                Err(_) => {
-                    tracing::error!(
-                        "vmm: a virtio device is still shared after the VM stopped; it is dropped"
-                    );
-                    continue;
-                }
-            };
-            if let Some(device) = dev.into_device() {
+            // Other holders (the buses, a status() in progress) only see a dead transport now.
+            if let Some(device) = dev.lock().unwrap_or_else(|e| e.into_inner()).take_backend() {
                 devices.push(device);
             }
         }

@@ -287,8 +287,8 @@ impl VirtioPciDevice {
         })
     }
 
-    /// Stops the device and gives it back, reset: for a reboot.
-    pub fn into_device(mut self) -> Option<Backend> {
+    /// Stops the device and gives it back, reset: for a reboot. The transport is dead after.
+    pub fn take_backend(&mut self) -> Option<Backend> {
         self.stop_serving();
         self.unregister_notify();
         match std::mem::replace(&mut self.serving, Serving::Local { device: None, worker: None }) {

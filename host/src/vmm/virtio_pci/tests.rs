@@ -133,7 +133,7 @@ fn a_request_goes_through_the_worker_and_raises_the_queue_vector() {
     assert_ne!(negotiate(&mut dev, 1) & STATUS_FEATURES_OK, 0);
     program_queue(&mut dev, 16, DESC);
     w(&mut dev, DEVICE_STATUS, 0xf, 1);
-    assert!(dev.into_device().is_some());
+    assert!(dev.take_backend().is_some());
 }
 
 #[test]
@@ -198,5 +198,5 @@ fn garbage_anywhere_in_the_bar_is_harmless() {
     // Whatever state it is in, a reset brings it back.
     w(&mut dev, DEVICE_STATUS, 0, 1);
     assert_eq!(r(&mut dev, DEVICE_STATUS, 1), 0);
-    assert!(dev.into_device().is_some());
+    assert!(dev.take_backend().is_some());
 }
