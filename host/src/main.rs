@@ -106,6 +106,7 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_env("PLEIADES_LOG").unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(Cli::parse()) {
         Ok(code) => code,

@@ -23,7 +23,7 @@ fn vhost_user_rng_is_bound_by_the_linux_driver_and_ctl_controls_the_vm() {
         .arg("--control")
         .arg(&socket);
     let accel = pleiades_host::accel::choose().expect("accelerator");
-    let mut guest = Guest::from_command(cmd, accel).expect("pleiades-host starts");
+    let mut guest = Guest::from_command(cmd, accel, false).expect("pleiades-host starts");
     let info = guest.wait_ready(boot_timeout()).expect("READY");
     assert_eq!(info.cpus, 2);
     let devices: Vec<_> = info.devices.iter().map(|d| (d.kind.as_str(), d.driver.as_str())).collect();

@@ -1,6 +1,7 @@
 //! What the command line asks for: `mode=normal|hostile`, `expect=KIND,KIND,…` and
 //! `bars=reassign` (assign every virtio BAR anew, as if firmware had assigned nothing) and
-//! `fault=panic|exception` (fail on purpose, to test the failure path).
+//! `fault=panic|exception` (fail on purpose, to test the failure path) and `rng_loop=N` (after
+//! the tests, N back-to-back 64-byte entropy requests, timed: the VMM benchmark's exit loop).
 //! Other words (kernel-style options) are ignored.
 
 use crate::report::Errors;
@@ -52,12 +53,22 @@ pub struct Config {
     pub expect: TypeSet,
     pub reassign_bars: bool,
     pub fault: Option<Fault>,
+    /// Timed entropy requests to make after the tests (0: none).
+    pub rng_loop: u32,
 }
+
+/// The most requests `rng_loop=` may ask for.
+pub const MAX_RNG_LOOP: u32 = 10_000_000;
 
 /// Parses the command line; words it cannot understand become errors (the run then fails).
 pub fn parse(cmdline: &str, errors: &mut Errors) -> Config {
-    let mut config =
-        Config { mode: Mode::Normal, expect: TypeSet::default(), reassign_bars: false, fault: None };
+    let mut config = Config {
+        mode: Mode::Normal,
+        expect: TypeSet::default(),
+        reassign_bars: false,
+        fault: None,
+        rng_loop: 0,
+    };
     for word in cmdline.split_ascii_whitespace() {
         if let Some(mode) = word.strip_prefix("mode=") {
             config.mode = match mode {
@@ -79,6 +90,11 @@ pub fn parse(cmdline: &str, errors: &mut Errors) -> Config {
                 "panic" => config.fault = Some(Fault::Panic),
                 "exception" => config.fault = Some(Fault::Exception),
                 other => errors.push(format_args!("unknown fault={other:?} on the command line")),
+            }
+        } else if let Some(count) = word.strip_prefix("rng_loop=") {
+            match count.parse::<u32>() {
+                Ok(n) if n <= MAX_RNG_LOOP => config.rng_loop = n,
+                _ => errors.push(format_args!("rng_loop={count:?} is not a count up to {MAX_RNG_LOOP}")),
             }
         } else if let Some(list) = word.strip_prefix("expect=") {
             for name in list.split(',').filter(|n| !n.is_empty()) {

@@ -101,6 +101,25 @@ pub fn test_rng(device: &mut VirtioPci, memory: &DeviceMemory) -> Result<RngResu
     if result.ok() { Ok(result) } else { Err(TestError::Rng(result)) }
 }
 
+/// `count` back-to-back 64-byte entropy requests, each waited for; returns the microseconds
+/// they took (TSC). Each request is one notification (a VM exit) and one completion.
+pub fn rng_loop(device: &mut VirtioPci, memory: &DeviceMemory, count: u32) -> Result<u64, TestError> {
+    let [Some(mut queue), _] = device.init(memory, 1)? else {
+        return Err(VirtioError::QueueUnavailable(0).into());
+    };
+    let start = crate::arch::rdtsc();
+    for _ in 0..count {
+        let len = roundtrip(device, &mut queue, memory.buffer, RNG_REQUEST, DESC_F_WRITE)?;
+        if len != RNG_REQUEST {
+            let _ = device.reset();
+            return Err(TestError::Rng(RngResult { bytes: [len, 0], ..RngResult::default() }));
+        }
+    }
+    let ticks = crate::arch::rdtsc().wrapping_sub(start);
+    let _ = device.reset();
+    Ok(ticks.saturating_mul(1000) / crate::time::tsc_per_ms().max(1))
+}
+
 /// Posts a receive buffer on queue 0, sends [`CONSOLE_LINE`] on queue 1, and counts what
 /// arrives for a moment; leaves the device reset.
 pub fn test_console(device: &mut VirtioPci, memory: &DeviceMemory) -> Result<ConsoleResult, TestError> {

@@ -147,6 +147,19 @@ impl Inventory {
         }
     }
 
+    /// Times `count` entropy requests on the first rng device; returns the microseconds.
+    pub fn rng_loop(&mut self, count: u32, errors: &mut Errors) -> Option<u64> {
+        let slot = self.entries.iter().position(|e| e.as_ref().is_some_and(|e| e.kind == DeviceType::RNG))?;
+        let device = self.virtio[slot].as_mut()?;
+        match devices::rng_loop(device, &dma::device_memory(slot), count) {
+            Ok(us) => Some(us),
+            Err(e) => {
+                errors.push(format_args!("rng_loop: {e}"));
+                None
+            }
+        }
+    }
+
     /// Every kind in `expect` must be present, and working where the guest can test it.
     pub fn check_expected(&self, expect: TypeSet, errors: &mut Errors) {
         for kind in expect.iter() {

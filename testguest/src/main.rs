@@ -126,6 +126,8 @@ extern "C" fn guest_main(start_info: u64) -> ! {
         (config.mode == Mode::Hostile).then(|| hostile::run(&bus, inventory.virtio_mut(), &mut errors));
     inventory.test_all(&mut errors);
     inventory.check_expected(config.expect, &mut errors);
+    let rng_loop_us =
+        (config.rng_loop > 0).then(|| inventory.rng_loop(config.rng_loop, &mut errors)).flatten();
 
     let memory_mib = info.as_ref().map_or(0, |i| i.ram_bytes() >> 20);
     let mut out = Serial;
@@ -145,6 +147,9 @@ extern "C" fn guest_main(start_info: u64) -> ! {
     if let Some(h) = &hostile {
         let _ = out.write_str(",\"hostile\":");
         let _ = h.write_json(&mut out);
+    }
+    if let Some(us) = rng_loop_us {
+        let _ = write!(out, ",\"rng_loop\":{{\"requests\":{},\"us\":{us}}}", config.rng_loop);
     }
     let _ = write!(out, ",\"boot_ms\":{},\"errors\":", time::ms_since_boot());
     let _ = errors.write_json(&mut out);

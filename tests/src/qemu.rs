@@ -145,8 +145,9 @@ impl Guest {
 
     /// Starts any command whose stdin/stdout is a guest's serial console, e.g.
     /// `pleiades-host run --serial stdio …`, and talks to it like to QEMU.
-    pub fn from_command(cmd: Command, accel: AccelChoice) -> Result<Self, GuestError> {
-        let echo = std::env::var_os("PLEIADES_ECHO_CONSOLE").is_some();
+    /// `echo_console` copies the console to stdout (also on with `PLEIADES_ECHO_CONSOLE=1`).
+    pub fn from_command(cmd: Command, accel: AccelChoice, echo_console: bool) -> Result<Self, GuestError> {
+        let echo = echo_console || std::env::var_os("PLEIADES_ECHO_CONSOLE").is_some();
         Self::spawn(cmd, accel, echo, None)
     }
 
@@ -174,6 +175,11 @@ impl Guest {
         let mut guest = Self::start(image, config)?;
         let info = guest.wait_ready(boot_timeout())?;
         Ok((guest, info))
+    }
+
+    /// The process id of the command (QEMU, or `pleiades-host run`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The accelerator in use and why.

@@ -26,6 +26,8 @@ pub struct TestGuestConfig {
     pub qemu_args: Vec<String>,
     /// QEMU is killed after this long.
     pub timeout: Duration,
+    /// Accelerator; `None` chooses with [`crate::accel::choose`].
+    pub accel: Option<AccelChoice>,
 }
 
 impl Default for TestGuestConfig {
@@ -36,6 +38,7 @@ impl Default for TestGuestConfig {
             cmdline: String::new(),
             qemu_args: Vec::new(),
             timeout: Duration::from_secs(180),
+            accel: None,
         }
     }
 }
@@ -94,9 +97,11 @@ fn accel() -> Result<AccelChoice, AccelError> {
 
 /// Boots `elf` with `-kernel` (QEMU uses its PVH entry) and waits for QEMU to exit.
 pub fn run(elf: &Path, config: &TestGuestConfig) -> Result<TestGuestRun, TestGuestError> {
-    let accel = accel()?;
-    let qemu = qemu_binary();
-    let mut cmd = Command::new(&qemu);
+    let accel = match &config.accel {
+        Some(choice) => choice.clone(),
+        None => accel()?,
+    };
+    let mut cmd = Command::new(qemu_binary());
     // Under KVM a plain model: `host`/`max` pass MSRs (IA32_ARCH_CAPABILITIES) that the build
     // machines' software-assisted nested KVM rejects, and the guest needs nothing beyond qemu64.
     let (machine, cpu) = match accel.accel {
@@ -109,19 +114,27 @@ pub fn run(elf: &Path, config: &TestGuestConfig) -> Result<TestGuestRun, TestGue
         .arg("-kernel")
         .arg(elf)
         .args(["-append", &config.cmdline])
-        .args(&config.qemu_args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .args(&config.qemu_args);
+    run_command(cmd, config.timeout, accel)
+}
+
+/// Runs any command whose stdout is the test guest's serial console (QEMU, or
+/// `pleiades-host run --kernel testguest.elf`) until it exits or `timeout` passes.
+pub fn run_command(
+    mut cmd: Command,
+    timeout: Duration,
+    accel: AccelChoice,
+) -> Result<TestGuestRun, TestGuestError> {
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let program = cmd.get_program().to_string_lossy().into_owned();
     let started = Instant::now();
-    let mut child =
-        cmd.spawn().map_err(|source| TestGuestError::Spawn { qemu: qemu.display().to_string(), source })?;
+    let mut child = cmd.spawn().map_err(|source| TestGuestError::Spawn { qemu: program, source })?;
     let stdout = child.stdout.take().expect("piped stdout");
     let stderr = child.stderr.take().expect("piped stderr");
     let out_reader = thread::spawn(move || read_lines(stdout, ""));
     let err_reader = thread::spawn(move || read_lines(stderr, "qemu: "));
 
-    let deadline = started + config.timeout;
+    let deadline = started + timeout;
     let status = loop {
         if let Ok(Some(status)) = child.try_wait() {
             break Some(status);
@@ -137,7 +150,7 @@ pub fn run(elf: &Path, config: &TestGuestConfig) -> Result<TestGuestRun, TestGue
     let mut console = out_reader.join().unwrap_or_default();
     console.extend(err_reader.join().unwrap_or_default());
     let Some(status) = status else {
-        return Err(TestGuestError::Timeout(config.timeout, console.join("\n")));
+        return Err(TestGuestError::Timeout(timeout, console.join("\n")));
     };
 
     let results: Vec<&String> = console.iter().filter(|l| l.contains(RESULT_MARKER)).collect();

@@ -65,6 +65,18 @@ pub const GROUPS: &[Group] = &[
         backports: true,
         packages: &["qemu-system-x86", "qemu-system-gui", "qemu-utils"],
     },
+    Group {
+        name: "postgresql",
+        purpose: "the broker's PostgreSQL tests (server binaries; the tests start their own server)",
+        backports: false,
+        packages: &["postgresql"],
+    },
+    Group {
+        name: "chromium",
+        purpose: "the broker's browser tests (headless Chromium driven by playwright-core)",
+        backports: false,
+        packages: &["chromium"],
+    },
 ];
 
 /// What went wrong with apt, said so that the reader knows what to do.

@@ -4,12 +4,15 @@
 //! - `guest-image`: builds the test guest image into `target/guest/` (cached): the Linux image
 //!   and the no_std test guest `testguest.elf`.
 //! - `demo`: the main job: everything above, then boots a desktop guest and shows it.
-//! - `test`: everything CI runs: deps, image, `cargo fmt --check`, clippy, all tests.
+//! - `test`: everything CI runs: deps, image, `cargo fmt --check`, clippy, `npm ci` of the
+//!   browser tests (skipped when up to date), all tests.
 
 mod apt;
 mod cpio;
+mod fuzz;
 mod guest_image;
 mod kmod;
+mod npm;
 mod testguest;
 
 use std::path::{Path, PathBuf};
@@ -19,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use pleiades_tests::image::GuestImage;
-use pleiades_tests::qemu::{Guest, GuestConfig};
+use pleiades_tests::qemu::{BASE_CMDLINE, Guest, boot_timeout};
 
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask", about = "Pleiades project tooling", version)]
@@ -139,6 +142,8 @@ fn cargo(root: &Path, args: &[&str]) -> Result<()> {
 
 /// The no_std test guest is outside the workspace; fmt and clippy reach it by its manifest.
 const TESTGUEST_MANIFEST: &str = "testguest/Cargo.toml";
+/// The fuzz targets are outside the workspace too (cargo-fuzz layout).
+const FUZZ_MANIFEST: &str = "fuzz/Cargo.toml";
 
 fn test(root: &Path, no_deps: bool) -> Result<()> {
     let started = Instant::now();
@@ -152,15 +157,22 @@ fn test(root: &Path, no_deps: bool) -> Result<()> {
 
     step("cargo fmt --check");
     cargo(root, &["fmt", "--all", "--", "--check"]).context("formatting differs: run `cargo fmt --all`")?;
-    cargo(root, &["fmt", "--manifest-path", TESTGUEST_MANIFEST, "--", "--check"]).context(
-        "the test guest's formatting differs: run `cargo fmt --manifest-path testguest/Cargo.toml`",
-    )?;
+    for manifest in [TESTGUEST_MANIFEST, FUZZ_MANIFEST] {
+        cargo(root, &["fmt", "--manifest-path", manifest, "--", "--check"])
+            .with_context(|| format!("formatting differs: run `cargo fmt --manifest-path {manifest}`"))?;
+    }
     let t = step("cargo clippy --all-targets -- -D warnings");
     cargo(root, &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
     cargo(root, &["clippy", "--manifest-path", TESTGUEST_MANIFEST, "--all-targets", "--", "-D", "warnings"])?;
     println!("    {:.1} s", t.elapsed().as_secs_f64());
+    let t = step("npm ci (browser test packages)");
+    npm::ci(root)?;
+    println!("    {:.1} s", t.elapsed().as_secs_f64());
     let t = step("cargo test");
     cargo(root, &["test", "--workspace"])?;
+    println!("    {:.1} s", t.elapsed().as_secs_f64());
+    let t = step("fuzz targets (briefly)");
+    fuzz::run_briefly(root)?;
     println!("    {:.1} s", t.elapsed().as_secs_f64());
     println!("\nAll checks passed in {:.1} min.", started.elapsed().as_secs_f64() / 60.0);
     Ok(())
@@ -171,19 +183,22 @@ fn demo(root: &Path, interactive: Option<bool>) -> Result<()> {
     deps(&[])?;
     step("Test guest image");
     guest_image::GuestImageBuild { root: root.to_owned(), force: false }.run()?;
+    step("Building pleiades-host");
+    cargo(root, &["build", "--package", "pleiades-host"])?;
 
     let interactive = interactive.unwrap_or_else(|| std::io::IsTerminal::is_terminal(&std::io::stdin()));
     let image = GuestImage::locate()?;
-    let accel = pleiades_tests::accel::choose()?;
-    step(&format!("Booting a Pleiades desktop guest under QEMU ({}: {})", accel.accel, accel.reason));
-    let config = GuestConfig { accel: Some(accel), echo_console: interactive, ..GuestConfig::default() }
-        .device("virtio-rng-pci")
-        .device("virtio-gpu-pci")
-        .device("virtio-keyboard-pci")
-        .device("virtio-tablet-pci")
-        .device("virtio-serial-pci");
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    let mut host = Command::new(target_dir.join("debug/pleiades-host"));
+    host.args(["run", "--cpus", "2", "--memory", "512M", "--device", "rng", "--cmdline", BASE_CMDLINE])
+        .arg("--kernel")
+        .arg(&image.kernel)
+        .arg("--initrd")
+        .arg(&image.initramfs);
+    step("Booting a Pleiades desktop guest: pleiades-host run (it says which VMM it chose and why)");
     let started = Instant::now();
-    let (mut guest, info) = Guest::boot(&image, &config)?;
+    let mut guest = Guest::from_command(host, pleiades_tests::accel::choose()?, interactive)?;
+    let info = guest.wait_ready(boot_timeout())?;
     println!(
         "guest ready in {:.1} s: kernel {}, {} CPUs, {} MiB",
         started.elapsed().as_secs_f64(),

@@ -1,0 +1,58 @@
+//! `broker.toml`.
+//!
+//! ```toml
+//! database = "sqlite:///var/lib/pleiades/broker.db"   # or postgres://broker@db/pleiades
+//! listen = "0.0.0.0:8443"
+//! state_dir = "/var/lib/pleiades"     # the generated TLS certificate lives here
+//! # tls_cert = "/etc/pleiades/broker.crt"; tls_key = "/etc/pleiades/broker.key"
+//! insecure_http = false               # plain HTTP: loopback tests or behind a TLS proxy
+//! [broker]
+//! ticket_lifetime_secs = 60
+//! heartbeat_timeout_secs = 30
+//! ```
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::broker::BrokerSettings;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub database: String,
+    pub listen: String,
+    pub state_dir: PathBuf,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Serve plain HTTP. Cookies then lack `Secure` unless `secure_cookies` is set (a TLS
+    /// proxy in front).
+    pub insecure_http: bool,
+    pub secure_cookies: Option<bool>,
+    pub broker: BrokerSettings,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            database: "sqlite://broker.db".into(),
+            listen: "127.0.0.1:8443".into(),
+            state_dir: PathBuf::from("."),
+            tls_cert: None,
+            tls_key: None,
+            insecure_http: false,
+            secure_cookies: None,
+            broker: BrokerSettings::default(),
+        }
+    }
+}
+
+impl Config {
+    pub fn from_toml(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    pub fn cookies_secure(&self) -> bool {
+        self.secure_cookies.unwrap_or(!self.insecure_http)
+    }
+}

@@ -1,0 +1,33 @@
+//! The broker library's error type.
+
+/// Everything a broker operation can refuse or fail with. The HTTP layer maps each kind to a
+/// status code; messages never contain secrets.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("forbidden")]
+    Forbidden,
+    #[error("not authenticated")]
+    Unauthenticated,
+    #[error("too many attempts; try again later")]
+    RateLimited,
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("already exists: {0}")]
+    Conflict(String),
+    #[error("pool {0} has no free desktop and is at its maximum size")]
+    PoolExhausted(String),
+    #[error("no online host has capacity for image {0}")]
+    NoCapacity(String),
+    #[error("desktop {0} is not ready yet")]
+    NotReady(String),
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("ticket error: {0}")]
+    Ticket(#[from] pleiades_protocol::ticket::TicketError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,362 @@
+//! `pleiades-broker`: serve the broker, or administer it from the command line.
+//!
+//! Every subcommand but `serve` opens the database directly and runs the same library
+//! operations as the API, as the `system` actor (audited as such).
+
+use std::io::BufRead as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use pleiades_broker::broker::Broker;
+use pleiades_broker::clock::SystemClock;
+use pleiades_broker::config::Config;
+use pleiades_broker::db::Db;
+use pleiades_broker::http::{AppState, router};
+use pleiades_broker::model::{Actor, Image, PoolKind, PoolSpec, PrincipalKind};
+use pleiades_broker::server;
+
+#[derive(Debug, Parser)]
+#[command(name = "pleiades-broker", version, about = "Pleiades connection broker")]
+struct Cli {
+    /// Configuration file (TOML).
+    #[arg(long, short, global = true, env = "PLEIADES_BROKER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Database URL (overrides the config): sqlite:///path/broker.db or postgres://user@host/db.
+    #[arg(long, global = true, env = "PLEIADES_BROKER_DB")]
+    db: Option<String>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Serve the portal, admin console, REST API and host API.
+    Serve {
+        /// Address to listen on (overrides the config).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Serve plain HTTP (loopback tests, or behind a TLS-terminating proxy).
+        #[arg(long)]
+        insecure_http: bool,
+    },
+    /// Users.
+    #[command(subcommand)]
+    User(UserCmd),
+    /// Groups.
+    #[command(subcommand)]
+    Group(GroupCmd),
+    /// Images.
+    #[command(subcommand)]
+    Image(ImageCmd),
+    /// Pools and entitlements.
+    #[command(subcommand)]
+    Pool(PoolCmd),
+    /// Hosts and host registration tokens.
+    #[command(subcommand)]
+    Host(HostCmd),
+    /// Print the newest audit entries.
+    Audit {
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+    /// Print the ticket public key (base64url Ed25519) that hosts verify tickets with.
+    TicketKey,
+    /// Run one maintenance round (lost hosts, idle desktops, spares) and exit.
+    Maintain,
+}
+
+#[derive(Debug, Subcommand)]
+enum UserCmd {
+    /// Add a local user. The password is read from PLEIADES_PASSWORD or the first line of stdin.
+    Add {
+        name: String,
+        #[arg(long, default_value = "")]
+        display_name: String,
+        #[arg(long)]
+        admin: bool,
+    },
+    /// Set a user's password (read like `user add`).
+    Passwd {
+        name: String,
+    },
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+enum GroupCmd {
+    Add {
+        name: String,
+    },
+    /// Group membership.
+    #[command(subcommand)]
+    Member(MemberCmd),
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+enum MemberCmd {
+    Add { group: String, user: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCmd {
+    Add {
+        name: String,
+        #[arg(long)]
+        kernel: String,
+        #[arg(long)]
+        initrd: String,
+        #[arg(long, default_value = "console=ttyS0 quiet")]
+        cmdline: String,
+        #[arg(long, default_value_t = 2)]
+        vcpus: i64,
+        #[arg(long, default_value_t = 2048)]
+        memory_mib: i64,
+    },
+    List,
+}
+
+#[derive(Debug, Args)]
+struct PoolArgs {
+    name: String,
+    #[arg(long)]
+    image: String,
+    #[arg(long, value_parser = ["floating", "persistent"], default_value = "floating")]
+    kind: String,
+    #[arg(long, default_value = "")]
+    display_name: String,
+    #[arg(long, default_value_t = 0)]
+    min: i64,
+    #[arg(long)]
+    max: i64,
+    #[arg(long, default_value_t = 0)]
+    spares: i64,
+    #[arg(long, default_value_t = 3600)]
+    idle_timeout: i64,
+    #[arg(long, default_value_t = 900)]
+    disconnect_timeout: i64,
+}
+
+#[derive(Debug, Subcommand)]
+enum PoolCmd {
+    Create(PoolArgs),
+    /// Entitle a user or a group to a pool.
+    Entitle {
+        pool: String,
+        #[arg(long, conflicts_with = "group", required_unless_present = "group")]
+        user: Option<String>,
+        #[arg(long)]
+        group: Option<String>,
+    },
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+enum HostCmd {
+    /// Host registration tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCmd {
+    /// Create a registration token (printed once; one-time unless --reusable).
+    Create {
+        #[arg(long, default_value = "")]
+        description: String,
+        #[arg(long)]
+        reusable: bool,
+        #[arg(long, default_value_t = 86_400)]
+        lifetime_secs: i64,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let mut config = match &cli.config {
+        Some(path) => {
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+            Config::from_toml(&text)
+                .with_context(|| format!("{} is not a valid broker config", path.display()))?
+        }
+        None => Config::default(),
+    };
+    if let Some(db) = cli.db {
+        config.database = db;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(run(config, cli.command))
+}
+
+async fn open(config: &Config) -> Result<Arc<Broker>> {
+    let db = Db::connect(&config.database)
+        .await
+        .with_context(|| format!("cannot open the database {}", redact(&config.database)))?;
+    Ok(Arc::new(Broker::open(db, Arc::new(SystemClock), config.broker.clone()).await?))
+}
+
+/// Database URLs may carry a password: never print it.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
+        _ => url.to_owned(),
+    }
+}
+
+fn read_password() -> Result<String> {
+    if let Ok(p) = std::env::var("PLEIADES_PASSWORD") {
+        return Ok(p);
+    }
+    eprintln!("password (one line on stdin):");
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    let p = line.trim_end_matches(['\r', '\n']).to_owned();
+    if p.is_empty() {
+        bail!("no password given (set PLEIADES_PASSWORD or pipe it on stdin)");
+    }
+    Ok(p)
+}
+
+async fn run(mut config: Config, command: Cmd) -> Result<()> {
+    let system = Actor::system();
+    match command {
+        Cmd::Serve { listen, insecure_http } => {
+            if let Some(l) = listen {
+                config.listen = l;
+            }
+            config.insecure_http |= insecure_http;
+            let broker = open(&config).await?;
+            let tls = if config.insecure_http { None } else { Some(server::tls_config(&config)?) };
+            let listener = tokio::net::TcpListener::bind(&config.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", config.listen))?;
+            tracing::info!(
+                address = %listener.local_addr()?,
+                database = %redact(&config.database),
+                scheme = if tls.is_some() { "https" } else { "http" },
+                "broker serving"
+            );
+            tokio::spawn(server::maintenance_loop(broker.clone()));
+            let app = router(AppState { broker, secure_cookies: config.cookies_secure() });
+            let shutdown = async {
+                let _ = tokio::signal::ctrl_c().await;
+            };
+            server::serve(listener, app, tls, shutdown).await?;
+        }
+        Cmd::User(UserCmd::Add { name, display_name, admin }) => {
+            let broker = open(&config).await?;
+            let password = read_password()?;
+            let user = broker.create_user(&system, &name, &display_name, Some(&password), admin).await?;
+            println!("user {} created ({})", user.name, if admin { "admin" } else { "user" });
+        }
+        Cmd::User(UserCmd::Passwd { name }) => {
+            let broker = open(&config).await?;
+            broker.set_password(&system, &name, &read_password()?).await?;
+            println!("password of {name} changed");
+        }
+        Cmd::User(UserCmd::List) => {
+            for u in open(&config).await?.list_users(&system).await? {
+                println!("{}\t{}\t{}", u.name, if u.is_admin { "admin" } else { "user" }, u.display_name);
+            }
+        }
+        Cmd::Group(GroupCmd::Add { name }) => {
+            open(&config).await?.create_group(&system, &name).await?;
+            println!("group {name} created");
+        }
+        Cmd::Group(GroupCmd::Member(MemberCmd::Add { group, user })) => {
+            open(&config).await?.add_group_member(&system, &group, &user).await?;
+            println!("{user} added to {group}");
+        }
+        Cmd::Group(GroupCmd::List) => {
+            for g in open(&config).await?.list_groups(&system).await? {
+                println!("{}\t{}", g.name, g.members.join(","));
+            }
+        }
+        Cmd::Image(ImageCmd::Add { name, kernel, initrd, cmdline, vcpus, memory_mib }) => {
+            let image =
+                Image { id: String::new(), name, kernel, initrd, cmdline, disk: None, vcpus, memory_mib };
+            let image = open(&config).await?.create_image(&system, &image).await?;
+            println!("image {} added", image.name);
+        }
+        Cmd::Image(ImageCmd::List) => {
+            for i in open(&config).await?.list_images().await? {
+                println!("{}\t{}\t{}\t{} vCPU\t{} MiB", i.name, i.kernel, i.initrd, i.vcpus, i.memory_mib);
+            }
+        }
+        Cmd::Pool(PoolCmd::Create(a)) => {
+            let spec = PoolSpec {
+                name: a.name,
+                display_name: a.display_name,
+                kind: PoolKind::parse(&a.kind)?,
+                image: a.image,
+                min_size: a.min,
+                max_size: a.max,
+                spares: a.spares,
+                idle_timeout_secs: a.idle_timeout,
+                disconnect_timeout_secs: a.disconnect_timeout,
+            };
+            let pool = open(&config).await?.create_pool(&system, &spec).await?;
+            println!("pool {} created ({})", pool.name, pool.id);
+        }
+        Cmd::Pool(PoolCmd::Entitle { pool, user, group }) => {
+            let broker = open(&config).await?;
+            let pool = broker.pool_by_name(&pool).await?;
+            let (kind, name) = match (user, group) {
+                (Some(u), _) => (PrincipalKind::User, u),
+                (None, Some(g)) => (PrincipalKind::Group, g),
+                (None, None) => bail!("give --user or --group"),
+            };
+            broker.entitle(&system, &pool.id, kind, &name).await?;
+            println!("{} {name} entitled to {}", kind.as_str(), pool.name);
+        }
+        Cmd::Pool(PoolCmd::List) => {
+            for p in open(&config).await?.list_pools().await? {
+                println!(
+                    "{}\t{}\tmin {} max {} spares {}\t{}",
+                    p.name,
+                    p.kind.as_str(),
+                    p.min_size,
+                    p.max_size,
+                    p.spares,
+                    if p.enabled { "enabled" } else { "disabled" }
+                );
+            }
+        }
+        Cmd::Host(HostCmd::Token(TokenCmd::Create { description, reusable, lifetime_secs })) => {
+            let token = open(&config)
+                .await?
+                .create_host_token(&system, &description, !reusable, lifetime_secs)
+                .await?;
+            // The one place a secret is printed: on request, to the admin's terminal.
+            println!("{token}");
+        }
+        Cmd::Host(HostCmd::List) => {
+            for h in open(&config).await?.list_hosts(&system).await? {
+                println!(
+                    "{}\t{}:{}\t{}\t{} cores\t{} MiB\t{} desktops",
+                    h.name, h.address, h.session_port, h.state, h.cores, h.memory_mib, h.desktops
+                );
+            }
+        }
+        Cmd::Audit { limit } => {
+            let mut entries = open(&config).await?.list_audit(&system, limit).await?;
+            entries.reverse();
+            for e in entries {
+                println!("{}\t{}\t{}\t{}\t{}", e.at, e.actor, e.action, e.target, e.detail);
+            }
+        }
+        Cmd::TicketKey => println!("{}", open(&config).await?.ticket_public_key().to_base64()),
+        Cmd::Maintain => open(&config).await?.maintain().await?,
+    }
+    Ok(())
+}

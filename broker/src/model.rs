@@ -1,0 +1,352 @@
+//! The broker's data model, as stored.
+
+use serde::{Deserialize, Serialize};
+use sqlx::any::AnyRow;
+
+use crate::db::{get_i64, get_opt_str, get_str};
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct User {
+    pub id: String,
+    pub name: String,
+    pub display_name: String,
+    /// `local` today; `ldap`/`oidc` accounts carry no password hash.
+    pub source: String,
+    pub is_admin: bool,
+    pub created_at: i64,
+}
+
+impl User {
+    pub(crate) fn from_row(r: &AnyRow) -> Result<Self> {
+        Ok(Self {
+            id: get_str(r, "id")?,
+            name: get_str(r, "name")?,
+            display_name: get_str(r, "display_name")?,
+            source: get_str(r, "source")?,
+            is_admin: get_i64(r, "is_admin")? != 0,
+            created_at: get_i64(r, "created_at")?,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Group {
+    pub id: String,
+    pub name: String,
+    pub members: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Image {
+    pub id: String,
+    pub name: String,
+    pub kernel: String,
+    pub initrd: String,
+    pub cmdline: String,
+    pub disk: Option<String>,
+    pub vcpus: i64,
+    pub memory_mib: i64,
+}
+
+impl Image {
+    pub(crate) fn from_row(r: &AnyRow) -> Result<Self> {
+        Ok(Self {
+            id: get_str(r, "id")?,
+            name: get_str(r, "name")?,
+            kernel: get_str(r, "kernel")?,
+            initrd: get_str(r, "initrd")?,
+            cmdline: get_str(r, "cmdline")?,
+            disk: get_opt_str(r, "disk")?,
+            vcpus: get_i64(r, "vcpus")?,
+            memory_mib: get_i64(r, "memory_mib")?,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolKind {
+    /// Any ready desktop; reverted (recycled) after the user leaves.
+    Floating,
+    /// A user keeps one dedicated desktop.
+    Persistent,
+}
+
+impl PoolKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Floating => "floating",
+            Self::Persistent => "persistent",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "floating" => Ok(Self::Floating),
+            "persistent" => Ok(Self::Persistent),
+            _ => Err(Error::Invalid(format!("pool kind must be floating or persistent, not {s:?}"))),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Pool {
+    pub id: String,
+    pub name: String,
+    pub display_name: String,
+    pub kind: PoolKind,
+    pub image_id: String,
+    pub min_size: i64,
+    pub max_size: i64,
+    pub spares: i64,
+    pub idle_timeout_secs: i64,
+    pub disconnect_timeout_secs: i64,
+    pub enabled: bool,
+}
+
+impl Pool {
+    pub(crate) fn from_row(r: &AnyRow) -> Result<Self> {
+        Ok(Self {
+            id: get_str(r, "id")?,
+            name: get_str(r, "name")?,
+            display_name: get_str(r, "display_name")?,
+            kind: PoolKind::parse(&get_str(r, "kind")?)?,
+            image_id: get_str(r, "image_id")?,
+            min_size: get_i64(r, "min_size")?,
+            max_size: get_i64(r, "max_size")?,
+            spares: get_i64(r, "spares")?,
+            idle_timeout_secs: get_i64(r, "idle_timeout_secs")?,
+            disconnect_timeout_secs: get_i64(r, "disconnect_timeout_secs")?,
+            enabled: get_i64(r, "enabled")? != 0,
+        })
+    }
+}
+
+/// What an admin sets when creating or editing a pool.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PoolSpec {
+    pub name: String,
+    #[serde(default)]
+    pub display_name: String,
+    pub kind: PoolKind,
+    pub image: String,
+    #[serde(default)]
+    pub min_size: i64,
+    pub max_size: i64,
+    #[serde(default)]
+    pub spares: i64,
+    #[serde(default = "default_idle")]
+    pub idle_timeout_secs: i64,
+    #[serde(default = "default_disconnect")]
+    pub disconnect_timeout_secs: i64,
+}
+
+fn default_idle() -> i64 {
+    3600
+}
+fn default_disconnect() -> i64 {
+    900
+}
+
+impl PoolSpec {
+    pub fn validate(&self) -> Result<()> {
+        if !valid_name(&self.name) {
+            return Err(Error::Invalid("pool name: 1-64 letters, digits, '-', '_', '.'".into()));
+        }
+        if self.max_size < 1
+            || self.min_size < 0
+            || self.spares < 0
+            || self.min_size > self.max_size
+            || self.spares > self.max_size
+        {
+            return Err(Error::Invalid("sizes: 0 <= min <= max, 0 <= spares <= max, max >= 1".into()));
+        }
+        if self.idle_timeout_secs < 0 || self.disconnect_timeout_secs < 0 {
+            return Err(Error::Invalid("timeouts must not be negative".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Names of users, groups, pools, images and hosts.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DesktopState {
+    Provisioning,
+    Ready,
+    InUse,
+    Disconnected,
+    Recycling,
+    Failed,
+}
+
+impl DesktopState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Provisioning => "provisioning",
+            Self::Ready => "ready",
+            Self::InUse => "in_use",
+            Self::Disconnected => "disconnected",
+            Self::Recycling => "recycling",
+            Self::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "provisioning" => Self::Provisioning,
+            "ready" => Self::Ready,
+            "in_use" => Self::InUse,
+            "disconnected" => Self::Disconnected,
+            "recycling" => Self::Recycling,
+            "failed" => Self::Failed,
+            _ => return Err(Error::Internal(format!("unknown desktop state {s:?}"))),
+        })
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Provisioning => "Starting",
+            Self::Ready => "Ready",
+            Self::InUse => "In use",
+            Self::Disconnected => "Disconnected",
+            Self::Recycling => "Recycling",
+            Self::Failed => "Failed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Desktop {
+    pub id: String,
+    pub pool_id: String,
+    pub name: String,
+    pub host_id: Option<String>,
+    pub state: DesktopState,
+    /// Persistent pools: the user this desktop belongs to.
+    pub owner_id: Option<String>,
+    /// The user currently assigned (in use or disconnected).
+    pub user_id: Option<String>,
+    pub state_since: i64,
+    pub last_activity: i64,
+}
+
+impl Desktop {
+    pub(crate) fn from_row(r: &AnyRow) -> Result<Self> {
+        Ok(Self {
+            id: get_str(r, "id")?,
+            pool_id: get_str(r, "pool_id")?,
+            name: get_str(r, "name")?,
+            host_id: get_opt_str(r, "host_id")?,
+            state: DesktopState::parse(&get_str(r, "state")?)?,
+            owner_id: get_opt_str(r, "owner_id")?,
+            user_id: get_opt_str(r, "user_id")?,
+            state_since: get_i64(r, "state_since")?,
+            last_activity: get_i64(r, "last_activity")?,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Host {
+    pub id: String,
+    pub name: String,
+    pub address: String,
+    pub session_port: i64,
+    pub cert_sha256: String,
+    pub cores: i64,
+    pub memory_mib: i64,
+    /// `online` or `lost`.
+    pub state: String,
+    pub last_heartbeat: i64,
+    pub images: Vec<String>,
+    pub desktops: i64,
+}
+
+impl Host {
+    pub(crate) fn from_row(r: &AnyRow) -> Result<Self> {
+        Ok(Self {
+            id: get_str(r, "id")?,
+            name: get_str(r, "name")?,
+            address: get_str(r, "address")?,
+            session_port: get_i64(r, "session_port")?,
+            cert_sha256: get_str(r, "cert_sha256")?,
+            cores: get_i64(r, "cores")?,
+            memory_mib: get_i64(r, "memory_mib")?,
+            state: get_str(r, "state")?,
+            last_heartbeat: get_i64(r, "last_heartbeat")?,
+            images: Vec::new(),
+            desktops: 0,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Session {
+    pub id: String,
+    pub desktop_id: String,
+    pub desktop_name: String,
+    pub user_id: String,
+    pub user_name: String,
+    pub state: String,
+    pub started_at: i64,
+    pub ended_at: Option<i64>,
+    pub end_reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditEntry {
+    pub at: i64,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrincipalKind {
+    User,
+    Group,
+}
+
+impl PrincipalKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::User => "user",
+            Self::Group => "group",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Entitlement {
+    pub kind: PrincipalKind,
+    pub name: String,
+}
+
+/// Who is acting: audit entries and authorization checks use this.
+#[derive(Debug, Clone)]
+pub struct Actor {
+    pub user_id: String,
+    pub name: String,
+    pub is_admin: bool,
+}
+
+impl Actor {
+    /// The CLI and background tasks act as `system`.
+    pub fn system() -> Self {
+        Self { user_id: String::new(), name: "system".into(), is_admin: true }
+    }
+
+    pub fn require_admin(&self) -> Result<()> {
+        if self.is_admin { Ok(()) } else { Err(Error::Forbidden) }
+    }
+}

@@ -1,0 +1,145 @@
+//! Serving: HTTPS by default (rustls, ring only), plain HTTP only when asked; the background
+//! maintenance loop.
+//!
+//! Without a configured certificate the broker makes a self-signed one once (kept in
+//! `state_dir`) and logs its SHA-256 fingerprint, so that a fresh install is never plain text.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+use tower::ServiceExt as _;
+
+use crate::broker::Broker;
+use crate::config::Config;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(String),
+}
+
+/// Loads the configured certificate, or makes (once) and loads a self-signed one.
+pub fn tls_config(config: &Config) -> Result<rustls::ServerConfig, ServeError> {
+    let (cert_path, key_path) = match (&config.tls_cert, &config.tls_key) {
+        (Some(c), Some(k)) => (c.clone(), k.clone()),
+        _ => {
+            let c = config.state_dir.join("broker-cert.pem");
+            let k = config.state_dir.join("broker-key.pem");
+            if !c.exists() || !k.exists() {
+                generate_self_signed(&c, &k)?;
+            }
+            (c, k)
+        }
+    };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert_path)
+        .map_err(|e| ServeError::Tls(format!("{}: {e}", cert_path.display())))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| ServeError::Tls(e.to_string()))?;
+    let key = PrivateKeyDer::from_pem_file(&key_path)
+        .map_err(|e| ServeError::Tls(format!("{}: {e}", key_path.display())))?;
+    if let Some(first) = certs.first() {
+        let fp: String = ring::digest::digest(&ring::digest::SHA256, first)
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        tracing::info!(cert = %cert_path.display(), sha256 = %fp, "TLS certificate");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ServeError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| ServeError::Tls(e.to_string()))
+}
+
+fn generate_self_signed(cert: &Path, key: &Path) -> Result<(), ServeError> {
+    let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+    if let Ok(h) = std::fs::read_to_string("/etc/hostname")
+        && !h.trim().is_empty()
+    {
+        names.push(h.trim().to_owned());
+    }
+    let made = rcgen::generate_simple_self_signed(names).map_err(|e| ServeError::Tls(e.to_string()))?;
+    if let Some(dir) = cert.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(cert, made.cert.pem())?;
+    write_private(key, made.signing_key.serialize_pem().as_bytes())?;
+    tracing::info!(cert = %cert.display(), "generated a self-signed TLS certificate");
+    Ok(())
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    f.write_all(bytes)
+}
+
+/// Serves the router on `listener` until `shutdown` resolves. `tls: None` is plain HTTP.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    tls: Option<rustls::ServerConfig>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let Some(mut tls) = tls else {
+        axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(shutdown)
+            .await?;
+        return Ok(());
+    };
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, addr) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => { tracing::warn!("accept: {e}"); continue; }
+            },
+            () = &mut shutdown => return Ok(()),
+        };
+        let acceptor = acceptor.clone();
+        let router = router.clone();
+        tokio::spawn(async move {
+            let stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                _ => return,
+            };
+            let service =
+                hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(ConnectInfo(addr));
+                    router.clone().oneshot(req)
+                });
+            // HTTP/1.1 only: the portal and the APIs need nothing more, and h2 costs build time.
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// Runs [`Broker::maintain`] every heartbeat interval, forever.
+pub async fn maintenance_loop(broker: Arc<Broker>) {
+    let every = Duration::from_secs(broker.settings.heartbeat_interval_secs.max(1));
+    loop {
+        tokio::time::sleep(every).await;
+        if let Err(e) = broker.maintain().await {
+            tracing::warn!("maintenance: {e}");
+        }
+    }
+}

@@ -1,0 +1,499 @@
+//! Allocation on SQLite and PostgreSQL: floating and persistent pools, exhaustion, spares,
+//! 50 parallel requests, lost hosts, idle and disconnect policy.
+
+mod common;
+
+use std::collections::HashSet;
+
+use common::{Backend, Env, HostDouble, START, system};
+use pleiades_broker::Error;
+use pleiades_broker::model::{DesktopState, PoolKind};
+use pleiades_protocol::ticket::{PublicKey, TicketError, TicketVerifier};
+
+on_both_databases!(
+    floating,
+    persistent,
+    pool_exhausted,
+    spares_refilled,
+    parallel_requests_never_double_assign,
+    host_lost_fails_desktops_and_reallocates,
+    idle_and_disconnected_desktops_are_recycled,
+    admin_disconnect_then_resume,
+    restart_and_vanished_vm,
+    two_brokers_share_one_database,
+    least_loaded_host_with_the_image,
+);
+
+async fn floating(backend: Backend) {
+    let env = Env::new(backend).await;
+    env.image("debian", 1024).await;
+    let mut host = HostDouble::register(&env, "host-a", 8192, &["debian"]).await;
+    let pool = env.pool("office", PoolKind::Floating, "debian", 3, 0).await;
+    let (_, alice) = env.user("alice").await;
+    let (_, bob) = env.user("bob").await;
+    env.entitle_user(&pool, "alice").await;
+    env.entitle_user(&pool, "bob").await;
+
+    let d = env.broker.request_desktop(&alice, &pool).await.unwrap();
+    assert_eq!(d.state, DesktopState::Provisioning);
+    assert!(matches!(env.broker.connect(&alice, &d.id).await, Err(Error::NotReady(_))));
+    host.settle().await;
+    assert_eq!(env.broker.desktop(&d.id).await.unwrap().state, DesktopState::InUse);
+
+    // A ticket that the host verifies once, bound to user, desktop and host.
+    let conn = env.broker.connect(&alice, &d.id).await.unwrap();
+    assert_eq!((conn.host.as_str(), conn.port), ("host-a.example", 4433));
+    let key = PublicKey::from_base64(&host.reg.ticket_public_key).unwrap();
+    let mut verifier = TicketVerifier::new(key, &host.reg.host_id);
+    let claims = verifier.verify(&conn.ticket, START + 1).unwrap();
+    assert_eq!((claims.user.as_str(), claims.desktop.as_str()), ("alice", d.id.as_str()));
+    assert_eq!(verifier.verify(&conn.ticket, START + 2), Err(TicketError::Replayed));
+    assert_eq!(
+        TicketVerifier::new(key, "another-host").verify(&conn.ticket, START + 1),
+        Err(TicketError::WrongHost)
+    );
+    assert_eq!(key.verify_stateless(&conn.ticket, &host.reg.host_id, START + 61), Err(TicketError::Expired));
+
+    // Asking again gives the same desktop.
+    assert_eq!(env.broker.request_desktop(&alice, &pool).await.unwrap().id, d.id);
+    // Logging off reverts it; the next user gets it fresh.
+    env.broker.release(&alice, &d.id).await.unwrap();
+    assert_eq!(env.broker.desktop(&d.id).await.unwrap().state, DesktopState::Recycling);
+    host.settle().await;
+    assert!(host.commands_seen.contains(&("recycle".into(), d.id.clone())));
+    let ready = env.broker.desktop(&d.id).await.unwrap();
+    assert_eq!((ready.state, ready.user_id), (DesktopState::Ready, None));
+    let for_bob = env.broker.request_desktop(&bob, &pool).await.unwrap();
+    assert_eq!((for_bob.id.as_str(), for_bob.state), (d.id.as_str(), DesktopState::InUse));
+    assert!(matches!(env.broker.connect(&alice, &d.id).await, Err(Error::Forbidden)));
+}
+
+async fn persistent(backend: Backend) {
+    let env = Env::new(backend).await;
+    env.image("debian", 1024).await;
+    let mut host = HostDouble::register(&env, "host-a", 8192, &["debian"]).await;
+    let pool = env.pool("dev", PoolKind::Persistent, "debian", 5, 1).await;
+    let (_, alice) = env.user("alice").await;
+    let (_, bob) = env.user("bob").await;
+    env.entitle_user(&pool, "alice").await;
+    env.entitle_user(&pool, "bob").await;
+    env.broker.maintain().await.unwrap();
+    host.settle().await;
+
+    let a = env.broker.request_desktop(&alice, &pool).await.unwrap();
+    assert_eq!(a.owner_id.as_deref(), Some(alice.user_id.as_str()));
+    assert_eq!(a.state, DesktopState::InUse, "the spare was ready");
+    env.broker.release(&alice, &a.id).await.unwrap();
+    let kept = env.broker.desktop(&a.id).await.unwrap();
+    assert_eq!((kept.state, kept.owner_id.as_deref()), (DesktopState::Ready, Some(alice.user_id.as_str())));
+    // Bob never gets Alice's desktop, even while it is ready and unused.
+    host.settle().await;
+    let b = env.broker.request_desktop(&bob, &pool).await.unwrap();
+    assert_ne!(b.id, a.id);
+    assert!(matches!(env.broker.connect(&bob, &a.id).await, Err(Error::Forbidden)));
+    // Alice comes back to hers.
+    assert_eq!(env.broker.request_desktop(&alice, &pool).await.unwrap().id, a.id);
+    assert_eq!(env.broker.my_desktops(&alice).await.unwrap().len(), 1);
+}
+
+async fn pool_exhausted(backend: Backend) {
+    let env = Env::new(backend).await;
+    env.image("debian", 1024).await;
+    let mut host = HostDouble::register(&env, "host-a", 8192, &["debian"]).await;
+    let pool = env.pool("small", PoolKind::Floating, "debian", 1, 0).await;
+    let (_, alice) = env.user("alice").await;
+    let (_, bob) = env.user("bob").await;
+    env.entitle_user(&pool, "alice").await;
+    env.entitle_user(&pool, "bob").await;
+    env.broker.request_desktop(&alice, &pool).await.unwrap();
+    host.settle().await;
+    assert!(matches!(env.broker.request_desktop(&bob, &pool).await, Err(Error::PoolExhausted(_))));
+    // Over the API: 409 with a message.
+    let token = env.api_login("bob").await;
+    let res = env
+        .http
+        .post(env.url(&format!("/api/v1/pools/{pool}/desktop")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 409);
+    // A host without room: a big image on a small host.
+    env.image("huge", 65536).await;
+    let big = env.pool("big", PoolKind::Floating, "huge", 2, 0).await;
+    env.entitle_user(&big, "bob").await;
+    assert!(matches!(env.broker.request_desktop(&bob, &big).await, Err(Error::NoCapacity(_))));
+}
+
+async fn spares_refilled(backend: Backend) {
+    let env = Env::new(backend).await;
+    env.image("debian", 512).await;
+    let mut host = HostDouble::register(&env, "host-a", 8192, &["debian"]).await;
+    let pool = env.pool("office", PoolKind::Floating, "debian", 5, 2).await;
+    let (_, alice) = env.user("alice").await;
+    env.entitle_user(&pool, "alice").await;
+    env.broker.maintain().await.unwrap();
+    host.settle().await;
+    let ready =
+        |ds: &[pleiades_broker::model::Desktop]| ds.iter().filter(|d| d.state == DesktopState::Ready).count();
+    let all = env.broker.list_desktops(&system()).await.unwrap();
+    assert_eq!((all.len(), ready(&all)), (2, 2));
+    let mine = env.broker.request_desktop(&alice, &pool).await.unwrap();
+    assert_eq!(mine.state, DesktopState::InUse);
+    host.settle().await;
+    let all = env.broker.list_desktops(&system()).await.unwrap();
+    assert_eq!((all.len(), ready(&all)), (3, 2), "a spare replaced the one taken");
+    // maintain() is idempotent.
+    env.broker.maintain().await.unwrap();
+    assert_eq!(env.broker.list_desktops(&system()).await.unwrap().len(), 3);
+}
+
+async fn parallel_requests_never_double_assign(backend: Backend) {
+    let env = Env::new(backend).await;
+    env.image("debian", 256).await;
+    let mut host = HostDouble::register(&env, "host-a", 1 << 20, &["debian"]).await;
+    // 20 ready desktops, room for 30 more: 50 users race for them.
+    let pool = env.pool("race", PoolKind::Floating, "debian", 50, 20).await;
+    env.broker.create_group(&system(), "everyone").await.unwrap();
+    env.broker
+        .entitle(&system(), &pool, pleiades_broker::model::PrincipalKind::Group, "everyone")
+        .await
+        .unwrap();
+    let mut actors = Vec::new();
+    for i in 0..50 {
+        let name = format!("user{i:02}");
+        // No password: these users never log in, and argon2 would dominate the test.
+        let user = env.broker.create_user(&system(), &name, "", None, false).await.unwrap();
+        env.broker.add_group_member(&system(), "everyone", &name).await.unwrap();
+        actors.push(pleiades_broker::model::Actor { user_id: user.id, name, is_admin: false });
+    }
+    env.broker.maintain().await.unwrap();
+    host.settle().await;
+    // Spares are refilled after each allocation; stop that from racing the test's counts.
+    env.broker.update_pool(&system(), &pool, &spec(&env, &pool, 50, 0).await, true).await.unwrap();
+
+    let broker = env.broker.clone();
+    let started = std::time::Instant::now();
+    let tasks: Vec<_> = actors
+        .iter()
+        .cloned()
+        .map(|a| {
+            let broker = broker.clone();
+            let pool = pool.clone();
+            tokio::spawn(async move { (a.user_id.clone(), broker.request_desktop(&a, &pool).await) })
+        })
+        .collect();
+    let mut given = HashSet::new();
+    for t in tasks {
+        let (user, result) = t.await.unwrap();
+        let d = result.unwrap_or_else(|e| panic!("{user}: {e}"));
+        assert_eq!(d.user_id.as_deref(), Some(user.as_str()));
+        assert!(given.insert(d.id.clone()), "desktop {} given twice", d.id);
+    }
+    assert_eq!(given.len(), 50);
+    // A figure for the record, never asserted on.
+    eprintln!("{backend:?}: 50 parallel allocations (20 claimed, 30 provisioned) in {:?}", started.elapsed());
+    assert_in_db_each_desktop_has_one_user(&env).await;
+
+    // A full pool: 50 more users race for 0 desktops; one user racing with themself.
+    let second = env.pool("tight", PoolKind::Floating, "debian", 10, 0).await;
+    env.broker
+        .entitle(&system(), &second, pleiades_broker::model::PrincipalKind::Group, "everyone")
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for a in actors.iter().cloned().chain(std::iter::repeat_n(actors[0].clone(), 9)) {
+        let broker = broker.clone();
+        let pool = second.clone();
+        tasks.push(tokio::spawn(async move { (a.user_id.clone(), broker.request_desktop(&a, &pool).await) }));
+    }
+    let (mut won, mut exhausted) = (HashSet::new(), 0);
+    let mut first_user = HashSet::new();
+    for t in tasks {
+        let (user, result) = t.await.unwrap();
+        match result {
+            Ok(d) => {
+                if user == actors[0].user_id {
+                    first_user.insert(d.id.clone());
+                } else {
+                    assert!(won.insert(d.id.clone()), "desktop {} given twice", d.id);
+                }
+            }
+            Err(Error::PoolExhausted(_)) => exhausted += 1,
+            Err(e) => panic!("{user}: {e}"),
+        }
+    }
+    assert!(first_user.len() <= 1, "one user, one desktop: {first_user:?}");
+    assert!(won.is_disjoint(&first_user));
+    assert_eq!(won.len() + first_user.len(), 10);
+    assert!(exhausted >= 40);
+    assert_in_db_each_desktop_has_one_user(&env).await;
+}
+
+async fn spec(env: &Env, pool: &str, max: i64, spares: i64) -> pleiades_broker::model::PoolSpec {
+    let p = env.broker.pool(pool).await.unwrap();
+    pleiades_broker::model::PoolSpec {
+        name: p.name,
+        display_name: p.display_name,
+        kind: p.kind,
+        image: "debian".into(),
+        min_size: 0,
+        max_size: max,
+        spares,
+        idle_timeout_secs: p.idle_timeout_secs,
+        disconnect_timeout_secs: p.disconnect_timeout_secs,
+    }
+}
+
+async fn assert_in_db_each_desktop_has_one_user(env: &Env) {
+    let all = env.broker.list_desktops(&system()).await.unwrap();
+    let mut per_pool_user = HashSet::new();
+    for d in all.iter().filter(|d| d.user_id.is_some()) {
+        assert!(
+            per_pool_user.insert((d.pool_id.clone(), d.user_id.clone())),
+            "a user holds two desktops of one pool"
+        );
+    }
+    let active: Vec<_> = env.broker.list_sessions(&system(), true).await.unwrap();
+    let mut desktops = HashSet::new();
+    for s in &active {
+        assert!(desktops.insert(s.desktop_id.clone()), "two live sessions on {}", s.desktop_name);
+    }
+}
+
+async fn host_lost_fails_desktops_and_reallocates(backend: Backend) {
+    let env = Env::new(backend).await;
+    env.image("debian", 1024).await;
+    let mut a = HostDouble::register(&env, "host-a", 8192, &["debian"]).await;
+    let mut b = HostDouble::register(&env, "host-b", 8192, &["debian"]).await;
+    let floating = env.pool("office", PoolKind::Floating, "debian", 4, 0).await;
+    let persistent = env.pool("dev", PoolKind::Persistent, "debian", 4, 0).await;
+    let (_, alice) = env.user("alice").await;
+    for p in [&floating, &persistent] {
+        env.entitle_user(p, "alice").await;
+    }
+    let d1 = env.broker.request_desktop(&alice, &floating).await.unwrap();
+    let d2 = env.broker.request_desktop(&alice, &persistent).await.unwrap();
+    a.settle().await;
+    b.settle().await;
+    let lost_host = d1.host_id.clone().unwrap();
+    // d1 went to the emptier host; that one will go silent.
+    let (mut lost, mut alive) = if lost_host == a.reg.host_id { (a, b) } else { (b, a) };
+    env.clock.advance(20);
+    alive.tick().await;
+    lost.tick().await;
+    env.clock.advance(20);
+    alive.tick().await; // `lost` stays silent from here on
+    env.broker.maintain().await.unwrap();
+    assert_eq!(env.broker.host(&lost.reg.host_id).await.unwrap().state, "online", "20 s < 30 s timeout");
+    env.clock.advance(15);
+    alive.tick().await;
+    env.broker.maintain().await.unwrap();
+    assert_eq!(env.broker.host(&lost.reg.host_id).await.unwrap().state, "lost");
+    for d in [&d1, &d2] {
+        let now = env.broker.desktop(&d.id).await.unwrap();
+        let expected = if d.host_id.as_deref() == Some(lost.reg.host_id.as_str()) {
+            DesktopState::Failed
+        } else {
+            DesktopState::InUse
+        };
+        assert_eq!(now.state, expected, "{}", d.name);
+    }
+    assert!(
+        env.broker
+            .list_sessions(&system(), false)
+            .await
+            .unwrap()
+            .iter()
+            .any(|s| s.end_reason.as_deref() == Some("host_lost"))
+    );
+    // The user asks again and lands on the live host, for both pool kinds.
+    for (p, old) in [(&floating, &d1), (&persistent, &d2)] {
+        let again = env.broker.request_desktop(&alice, p).await.unwrap();
+        if old.host_id.as_deref() == Some(lost.reg.host_id.as_str()) {
+            assert_ne!(again.id, old.id);
+            assert_eq!(again.host_id.as_deref(), Some(alive.reg.host_id.as_str()));
+        } else {
+            assert_eq!(again.id, old.id);
+        }
+    }
+    alive.settle().await;
+    // The lost host comes back: VMs of failed desktops are stopped.
+    lost.tick().await;
+    lost.settle().await;
+    assert!(lost.vms.is_empty(), "stale VMs stopped: {:?}", lost.vms);
+    assert_eq!(env.broker.host(&lost.reg.host_id).await.unwrap().state, "online");
+}
+
+async fn idle_and_disconnected_desktops_are_recycled(backend: Backend) {
+    let env = Env::new(backend).await;
+    env.image("debian", 1024).await;
+    let mut host = HostDouble::register(&env, "host-a", 8192, &["debian"]).await;
+    let pool = env.pool("office", PoolKind::Floating, "debian", 3, 0).await; // idle 600 s, disconnected 300 s
+    let (_, alice) = env.user("alice").await;
+    env.entitle_user(&pool, "alice").await;
+    let d = env.broker.request_desktop(&alice, &pool).await.unwrap();
+    host.settle().await;
+    // Connected clients keep the desktop busy.
+    host.vms.get_mut(&d.id).unwrap().connected = true;
+    for _ in 0..4 {
+        env.clock.advance(200);
+        host.tick().await;
+        env.broker.maintain().await.unwrap();
+    }
+    assert_eq!(env.broker.desktop(&d.id).await.unwrap().state, DesktopState::InUse);
+    // The client goes away: idle → disconnected; the user resumes the same desktop.
+    host.vms.get_mut(&d.id).unwrap().connected = false;
+    for _ in 0..4 {
+        env.clock.advance(200);
+        host.tick().await;
+        env.broker.maintain().await.unwrap();
+    }
+    assert_eq!(env.broker.desktop(&d.id).await.unwrap().state, DesktopState::Disconnected);
+    assert_eq!(env.broker.request_desktop(&alice, &pool).await.unwrap().id, d.id);
+    assert_eq!(env.broker.desktop(&d.id).await.unwrap().state, DesktopState::InUse);
+    // Idle again, then disconnected too long: recycled for the next user.
+    for _ in 0..7 {
+        env.clock.advance(100);
+        host.tick().await;
+        env.broker.maintain().await.unwrap();
+    }
+    assert_eq!(env.broker.desktop(&d.id).await.unwrap().state, DesktopState::Disconnected);
+    for _ in 0..4 {
+        env.clock.advance(100);
+        host.tick().await;
+        env.broker.maintain().await.unwrap();
+    }
+    assert_eq!(env.broker.desktop(&d.id).await.unwrap().state, DesktopState::Recycling);
+    host.settle().await;
+    let d = env.broker.desktop(&d.id).await.unwrap();
+    assert_eq!((d.state, d.user_id), (DesktopState::Ready, None));
+}
+
+async fn admin_disconnect_then_resume(backend: Backend) {
+    let env = Env::new(backend).await;
+    env.image("debian", 1024).await;
+    let mut host = HostDouble::register(&env, "host-a", 8192, &["debian"]).await;
+    let pool = env.pool("office", PoolKind::Floating, "debian", 3, 0).await;
+    let (_, alice) = env.user("alice").await;
+    let (_, root) = env.admin("root").await;
+    env.entitle_user(&pool, "alice").await;
+    let d = env.broker.request_desktop(&alice, &pool).await.unwrap();
+    host.settle().await;
+    host.vms.get_mut(&d.id).unwrap().connected = true;
+    let sessions = env.broker.list_sessions(&root, true).await.unwrap();
+    assert_eq!(sessions.len(), 1);
+    env.broker.disconnect_session(&root, &sessions[0].id).await.unwrap();
+    host.settle().await;
+    assert!(host.commands_seen.contains(&("disconnect".into(), d.id.clone())));
+    assert!(!host.vms[&d.id].connected);
+    assert_eq!(env.broker.desktop(&d.id).await.unwrap().state, DesktopState::Disconnected);
+    // Resuming: the same desktop, the same session.
+    let conn = env.broker.connect(&alice, &d.id).await.unwrap();
+    assert_eq!(conn.desktop, d.name);
+    let sessions = env.broker.list_sessions(&root, true).await.unwrap();
+    assert_eq!((sessions.len(), sessions[0].state.as_str()), (1, "active"));
+    let audit = env.broker.list_audit(&root, 100).await.unwrap();
+    assert!(audit.iter().any(|e| e.action == "session.disconnect" && e.actor == "root"));
+}
+
+async fn least_loaded_host_with_the_image(backend: Backend) {
+    let env = Env::new(backend).await;
+    env.image("debian", 1024).await;
+    env.image("windows", 1024).await;
+    let mut a = HostDouble::register(&env, "host-a", 4096, &["debian"]).await;
+    let mut b = HostDouble::register(&env, "host-b", 16384, &["debian", "windows"]).await;
+    let deb = env.pool("deb", PoolKind::Floating, "debian", 10, 0).await;
+    let win = env.pool("win", PoolKind::Floating, "windows", 10, 0).await;
+    let mut on = std::collections::HashMap::<String, usize>::new();
+    for i in 0..6 {
+        let (_, u) = env.user(&format!("u{i}")).await;
+        env.entitle_user(&deb, &u.name).await;
+        let d = env.broker.request_desktop(&u, &deb).await.unwrap();
+        *on.entry(d.host_id.unwrap()).or_default() += 1;
+    }
+    // 4 GiB vs 16 GiB: by memory load, b takes most of them.
+    assert!(on[&b.reg.host_id] > on.get(&a.reg.host_id).copied().unwrap_or(0), "{on:?}");
+    let (_, w) = env.user("w").await;
+    env.entitle_user(&win, "w").await;
+    let d = env.broker.request_desktop(&w, &win).await.unwrap();
+    assert_eq!(d.host_id.as_deref(), Some(b.reg.host_id.as_str()), "only b has the image");
+    a.settle().await;
+    b.settle().await;
+    let hosts = env.broker.list_hosts(&system()).await.unwrap();
+    assert_eq!(hosts.iter().map(|h| h.desktops).sum::<i64>(), 7);
+}
+
+async fn restart_and_vanished_vm(backend: Backend) {
+    let env = Env::new(backend).await;
+    env.image("debian", 1024).await;
+    let mut host = HostDouble::register(&env, "host-a", 8192, &["debian"]).await;
+    let pool = env.pool("dev", PoolKind::Persistent, "debian", 3, 0).await;
+    let (_, alice) = env.user("alice").await;
+    env.entitle_user(&pool, "alice").await;
+    let d = env.broker.request_desktop(&alice, &pool).await.unwrap();
+    host.settle().await;
+    // Restart: the host stops and starts the VM; the desktop comes back in use.
+    env.broker.restart(&alice, &d.id).await.unwrap();
+    assert_eq!(env.broker.desktop(&d.id).await.unwrap().state, DesktopState::Provisioning);
+    host.settle().await;
+    assert!(host.commands_seen.contains(&("restart".into(), d.id.clone())));
+    assert_eq!(host.vms[&d.id].starts, 2);
+    assert_eq!(env.broker.desktop(&d.id).await.unwrap().state, DesktopState::InUse);
+    // Heartbeats that miss a just-settled desktop do not fail it (a start ack may race them)…
+    host.vms.clear();
+    host.tick().await;
+    assert_eq!(env.broker.desktop(&d.id).await.unwrap().state, DesktopState::InUse);
+    // …but a VM gone for good does: failed, and the owner gets a new desktop.
+    env.clock.advance(11);
+    host.tick().await;
+    assert_eq!(env.broker.desktop(&d.id).await.unwrap().state, DesktopState::Failed);
+    let again = env.broker.request_desktop(&alice, &pool).await.unwrap();
+    assert_ne!(again.id, d.id);
+    let audit = env.broker.list_audit(&system(), 100).await.unwrap();
+    assert!(audit.iter().any(|e| e.action == "desktop.vanished" && e.target == d.name));
+}
+
+async fn two_brokers_share_one_database(backend: Backend) {
+    let env = Env::new(backend).await;
+    let other = env.second_broker().await;
+    // One signing key for all brokers on a database: hosts verify either's tickets.
+    assert_eq!(other.ticket_public_key(), env.broker.ticket_public_key());
+    env.image("debian", 256).await;
+    let mut host = HostDouble::register(&env, "host-a", 1 << 20, &["debian"]).await;
+    let pool = env.pool("shared", PoolKind::Floating, "debian", 30, 4).await;
+    env.broker.create_group(&system(), "all").await.unwrap();
+    env.broker.entitle(&system(), &pool, pleiades_broker::model::PrincipalKind::Group, "all").await.unwrap();
+    let mut actors = Vec::new();
+    for i in 0..24 {
+        let name = format!("u{i:02}");
+        let user = env.broker.create_user(&system(), &name, "", None, false).await.unwrap();
+        env.broker.add_group_member(&system(), "all", &name).await.unwrap();
+        actors.push(pleiades_broker::model::Actor { user_id: user.id, name, is_admin: false });
+    }
+    // Both brokers run maintenance at once: spares are not provisioned twice.
+    let (a, b) = tokio::join!(env.broker.maintain(), other.maintain());
+    a.unwrap();
+    b.unwrap();
+    assert_eq!(env.broker.list_desktops(&system()).await.unwrap().len(), 4);
+    host.settle().await;
+    // Requests split across both brokers never share a desktop.
+    let tasks: Vec<_> = actors
+        .iter()
+        .cloned()
+        .enumerate()
+        .map(|(i, actor)| {
+            let broker = if i % 2 == 0 { env.broker.clone() } else { other.clone() };
+            let pool = pool.clone();
+            tokio::spawn(async move { broker.request_desktop(&actor, &pool).await })
+        })
+        .collect();
+    let mut given = HashSet::new();
+    for t in tasks {
+        let d = t.await.unwrap().unwrap();
+        assert!(given.insert(d.id.clone()), "desktop {} given twice", d.id);
+    }
+    assert_eq!(given.len(), 24);
+    assert!(env.broker.list_desktops(&system()).await.unwrap().len() <= 30);
+    assert_in_db_each_desktop_has_one_user(&env).await;
+}

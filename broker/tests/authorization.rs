@@ -1,0 +1,462 @@
+//! Every authorization failure, over real HTTP, on SQLite and PostgreSQL: missing or wrong
+//! credentials, users on admin endpoints, other users' desktops, pools without entitlement,
+//! CSRF, cross-origin posts, login rate limits, expired sessions, host credentials.
+
+mod common;
+
+use common::{Backend, Env, HostDouble, system};
+use pleiades_broker::model::PoolKind;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+on_both_databases!(
+    directory_accounts_use_their_backend,
+    api_authorization,
+    web_sessions_and_csrf,
+    host_api_authorization,
+    login_rate_limits,
+    secrets_stay_out_of_logs_and_audit
+);
+
+/// A browser-like session: the cookie and the page's CSRF token.
+struct Browser {
+    cookie: String,
+    csrf: String,
+}
+
+fn hidden_csrf(html: &str) -> String {
+    let at = html.find("name=\"csrf\" value=\"").expect("a csrf field") + "name=\"csrf\" value=\"".len();
+    html[at..].split('"').next().unwrap().to_owned()
+}
+
+fn set_cookie_value(res: &reqwest::Response, name: &str) -> Option<String> {
+    res.headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.starts_with(&format!("{name}=")))
+        .map(|v| v.split(';').next().unwrap().split_once('=').unwrap().1.to_owned())
+}
+
+async fn browser_login(env: &Env, name: &str) -> Browser {
+    let page = env.http.get(env.url("/login")).send().await.unwrap();
+    let login_cookie = set_cookie_value(&page, "pleiades_login_csrf").unwrap();
+    let csrf = hidden_csrf(&page.text().await.unwrap());
+    let password = format!("{name}-password");
+    let res = env
+        .http
+        .post(env.url("/login"))
+        .header("cookie", format!("pleiades_login_csrf={login_cookie}"))
+        .form(&[("csrf", csrf.as_str()), ("name", name), ("password", &password)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::SEE_OTHER, "login of {name}");
+    let flags = res
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect::<Vec<_>>();
+    assert!(flags.iter().any(|c| c.starts_with("pleiades_session=")
+        && c.contains("HttpOnly")
+        && c.contains("SameSite=Strict")));
+    let cookie = format!("pleiades_session={}", set_cookie_value(&res, "pleiades_session").unwrap());
+    let home = env.http.get(env.url("/")).header("cookie", &cookie).send().await.unwrap();
+    assert_eq!(home.status(), 200);
+    Browser { cookie, csrf: hidden_csrf(&home.text().await.unwrap()) }
+}
+
+/// Pool "office" entitled to alice only, with alice's desktop running on a host.
+async fn setup(env: &Env) -> (String, String, HostDouble) {
+    env.image("debian", 1024).await;
+    let mut host = HostDouble::register(env, "host-a", 8192, &["debian"]).await;
+    let pool = env.pool("office", PoolKind::Floating, "debian", 3, 0).await;
+    let (_, alice) = env.user("alice").await;
+    env.user("mallory").await;
+    env.admin("root").await;
+    env.entitle_user(&pool, "alice").await;
+    let d = env.broker.request_desktop(&alice, &pool).await.unwrap();
+    host.settle().await;
+    (pool, d.id, host)
+}
+
+async fn api_authorization(backend: Backend) {
+    let env = Env::new(backend).await;
+    let (pool, desktop, _host) = setup(&env).await;
+    let alice = env.api_login("alice").await;
+    let mallory = env.api_login("mallory").await;
+    let root = env.api_login("root").await;
+    let get = |path: &str, token: Option<&str>| {
+        let mut r = env.http.get(env.url(path));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        r.send()
+    };
+    // No credentials, a made-up token.
+    for path in ["/api/v1/me", "/api/v1/desktops", "/api/v1/pools", "/api/v1/admin/users"] {
+        assert_eq!(get(path, None).await.unwrap().status(), 401, "{path}");
+        assert_eq!(get(path, Some("forged")).await.unwrap().status(), 401, "{path}");
+    }
+    // Users on admin endpoints; admins get through.
+    for path in [
+        "/api/v1/admin/users",
+        "/api/v1/admin/groups",
+        "/api/v1/admin/images",
+        "/api/v1/admin/pools",
+        "/api/v1/admin/hosts",
+        "/api/v1/admin/desktops",
+        "/api/v1/admin/sessions",
+        "/api/v1/admin/audit",
+    ] {
+        assert_eq!(get(path, Some(&alice)).await.unwrap().status(), 403, "{path}");
+        assert_eq!(get(path, Some(&root)).await.unwrap().status(), 200, "{path}");
+    }
+    let post = |path: &str, token: &str, body: Value| {
+        env.http.post(env.url(path)).bearer_auth(token).json(&body).send()
+    };
+    for (path, body) in [
+        ("/api/v1/admin/users", json!({"name": "eve", "password": "12345678"})),
+        ("/api/v1/admin/groups", json!({"name": "g"})),
+        ("/api/v1/admin/pools", json!({"name": "p", "kind": "floating", "image": "debian", "max_size": 1})),
+        (&format!("/api/v1/admin/pools/{pool}/entitlements"), json!({"kind": "user", "name": "mallory"})),
+        ("/api/v1/admin/host-tokens", json!({})),
+    ] {
+        assert_eq!(post(path, &alice, body).await.unwrap().status(), 403, "{path}");
+    }
+    // Mallory: not entitled, not her desktop.
+    assert_eq!(
+        post(&format!("/api/v1/pools/{pool}/desktop"), &mallory, json!({})).await.unwrap().status(),
+        403
+    );
+    for action in ["connect", "restart", "release"] {
+        let path = format!("/api/v1/desktops/{desktop}/{action}");
+        assert_eq!(post(&path, &mallory, json!({})).await.unwrap().status(), 403, "{path}");
+        // Not even an admin gets a ticket for someone else's desktop.
+        assert_eq!(post(&path, &root, json!({})).await.unwrap().status(), 403, "{path}");
+        assert_eq!(
+            post(&format!("/api/v1/desktops/nope/{action}"), &mallory, json!({})).await.unwrap().status(),
+            403
+        );
+    }
+    let pools: Value = get("/api/v1/pools", Some(&mallory)).await.unwrap().json().await.unwrap();
+    assert_eq!(pools, json!([]));
+    let desktops: Value = get("/api/v1/desktops", Some(&mallory)).await.unwrap().json().await.unwrap();
+    assert_eq!(desktops, json!([]));
+    // Alice does get her ticket.
+    let res = post(&format!("/api/v1/desktops/{desktop}/connect"), &alice, json!({})).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let body: Value = res.json().await.unwrap();
+    assert!(body["uri"].as_str().unwrap().starts_with("pleiades://host-a.example:4433/?ticket=pt1."));
+    // Denials are audited.
+    let audit = env.broker.list_audit(&system(), 1000).await.unwrap();
+    assert!(audit.iter().any(|e| e.actor == "mallory" && e.action == "desktop.connect.denied"));
+    assert!(audit.iter().any(|e| e.actor == "mallory" && e.action == "desktop.request.denied"));
+    // Expired tokens stop working; logged-out tokens too.
+    let res = env.http.post(env.url("/api/v1/logout")).bearer_auth(&mallory).send().await.unwrap();
+    assert_eq!(res.status(), 204);
+    assert_eq!(get("/api/v1/me", Some(&mallory)).await.unwrap().status(), 401);
+    env.clock.advance(env.broker.settings.api_token_secs + 1);
+    assert_eq!(get("/api/v1/me", Some(&alice)).await.unwrap().status(), 401);
+}
+
+async fn web_sessions_and_csrf(backend: Backend) {
+    let env = Env::new(backend).await;
+    let (pool, desktop, _host) = setup(&env).await;
+    // Pages need a session.
+    for path in ["/", "/admin/hosts", "/admin/pools", "/admin/audit"] {
+        let res = env.http.get(env.url(path)).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::SEE_OTHER, "{path}");
+        assert_eq!(res.headers()["location"], "/login");
+    }
+    // Login without the login-CSRF cookie is refused.
+    let res = env
+        .http
+        .post(env.url("/login"))
+        .form(&[("csrf", "x"), ("name", "alice"), ("password", "alice-password")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403);
+    let alice = browser_login(&env, "alice").await;
+    let mallory = browser_login(&env, "mallory").await;
+    let post = |b: &Browser, path: &str, csrf: Option<&str>| {
+        let mut form = vec![];
+        if let Some(c) = csrf {
+            form.push(("csrf", c.to_owned()));
+        }
+        env.http.post(env.url(path)).header("cookie", &b.cookie).form(&form).send()
+    };
+    let connect = format!("/desktops/{desktop}/connect");
+    // No CSRF token, a wrong one, another session's one.
+    assert_eq!(post(&alice, &connect, None).await.unwrap().status(), 403);
+    assert_eq!(post(&alice, &connect, Some("wrong")).await.unwrap().status(), 403);
+    assert_eq!(post(&alice, &connect, Some(&mallory.csrf)).await.unwrap().status(), 403);
+    // The right one works and the page carries the connection.
+    let res = post(&alice, &connect, Some(&alice.csrf)).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(res.text().await.unwrap().contains("pleiades://host-a.example:4433/?ticket=pt1."));
+    // Cross-origin: refused even with the token.
+    let res = env
+        .http
+        .post(env.url(&connect))
+        .header("cookie", &alice.cookie)
+        .header("origin", "https://evil.example")
+        .form(&[("csrf", alice.csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403);
+    // Mallory, with her own valid token, on Alice's desktop and pool, and on admin pages.
+    assert_eq!(post(&mallory, &connect, Some(&mallory.csrf)).await.unwrap().status(), 403);
+    assert_eq!(
+        post(&mallory, &format!("/desktops/{desktop}/restart"), Some(&mallory.csrf)).await.unwrap().status(),
+        403
+    );
+    assert_eq!(
+        post(&mallory, &format!("/pools/{pool}/desktop"), Some(&mallory.csrf)).await.unwrap().status(),
+        403
+    );
+    for path in
+        ["/admin/hosts", "/admin/images", "/admin/pools", "/admin/users", "/admin/sessions", "/admin/audit"]
+    {
+        let res = env.http.get(env.url(path)).header("cookie", &mallory.cookie).send().await.unwrap();
+        assert_eq!(res.status(), 403, "{path}");
+    }
+    assert_eq!(post(&mallory, "/admin/pools", Some(&mallory.csrf)).await.unwrap().status(), 403);
+    // The API through a session cookie needs the CSRF header.
+    let res = env
+        .http
+        .post(env.url(&format!("/api/v1/desktops/{desktop}/connect")))
+        .header("cookie", &alice.cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403);
+    let res = env
+        .http
+        .post(env.url(&format!("/api/v1/desktops/{desktop}/connect")))
+        .header("cookie", &alice.cookie)
+        .header("x-csrf-token", &alice.csrf)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    // A session cookie is not a bearer token.
+    let token = alice.cookie.split_once('=').unwrap().1;
+    assert_eq!(env.http.get(env.url("/api/v1/me")).bearer_auth(token).send().await.unwrap().status(), 401);
+    // Logout ends the session.
+    let res = post(&alice, "/logout", Some(&alice.csrf)).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SEE_OTHER);
+    assert_eq!(
+        env.http.get(env.url("/")).header("cookie", &alice.cookie).send().await.unwrap().status(),
+        StatusCode::SEE_OTHER
+    );
+    // Sessions expire.
+    env.clock.advance(env.broker.settings.web_session_secs + 1);
+    assert_eq!(
+        env.http.get(env.url("/")).header("cookie", &mallory.cookie).send().await.unwrap().status(),
+        StatusCode::SEE_OTHER
+    );
+}
+
+async fn host_api_authorization(backend: Backend) {
+    let env = Env::new(backend).await;
+    let (_, _, host) = setup(&env).await;
+    let beat = json!({"cores": 1, "memory_mib": 1024});
+    // No credential, a user token, a forged credential.
+    let alice = env.api_login("alice").await;
+    for auth in [None, Some(alice.as_str()), Some("hcr_forged")] {
+        let mut r = env.http.post(env.url("/api/v1/hosts/heartbeat")).json(&beat);
+        if let Some(a) = auth {
+            r = r.bearer_auth(a);
+        }
+        assert_eq!(r.send().await.unwrap().status(), 401, "{auth:?}");
+    }
+    // A host credential is no user token.
+    assert_eq!(
+        env.http.get(env.url("/api/v1/me")).bearer_auth(&host.reg.credential).send().await.unwrap().status(),
+        401
+    );
+    // Registration: a wrong token, a spent one-time token, an expired token.
+    let reg = |token: &str, name: &str| {
+        env.http
+            .post(env.url("/api/v1/hosts/register"))
+            .json(&json!({"token": token, "name": name, "address": "10.0.0.9", "session_port": 4433, "cores": 4, "memory_mib": 4096}))
+            .send()
+    };
+    assert_eq!(reg("hrt_wrong", "h1").await.unwrap().status(), 401);
+    let once = env.broker.create_host_token(&system(), "once", true, 60).await.unwrap();
+    assert_eq!(reg(&once, "h1").await.unwrap().status(), 201);
+    assert_eq!(reg(&once, "h2").await.unwrap().status(), 401);
+    let reusable = env.broker.create_host_token(&system(), "many", false, 60).await.unwrap();
+    assert_eq!(reg(&reusable, "h3").await.unwrap().status(), 201);
+    assert_eq!(reg(&reusable, "h4").await.unwrap().status(), 201);
+    env.clock.advance(61);
+    assert_eq!(reg(&reusable, "h5").await.unwrap().status(), 401);
+    // Acknowledging another host's command.
+    let other = HostDouble::register(&env, "host-b", 8192, &["debian"]).await;
+    let (_, bob) = env.user("bob").await;
+    let pool = env.broker.pool_by_name("office").await.unwrap();
+    env.entitle_user(&pool.id, "bob").await;
+    let d = env.broker.request_desktop(&bob, &pool.id).await.unwrap();
+    let owner = if d.host_id.as_deref() == Some(host.reg.host_id.as_str()) { &host } else { &other };
+    let thief = if std::ptr::eq(owner, &host) { &other } else { &host };
+    let reply: Value = env
+        .http
+        .post(env.url("/api/v1/hosts/heartbeat"))
+        .bearer_auth(&owner.reg.credential)
+        .json(&beat)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = reply["commands"][0]["id"].as_str().unwrap();
+    let res = env
+        .http
+        .post(env.url(&format!("/api/v1/hosts/commands/{id}/ack")))
+        .bearer_auth(&thief.reg.credential)
+        .json(&json!({"ok": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404);
+}
+
+async fn login_rate_limits(backend: Backend) {
+    let env = Env::new(backend).await;
+    env.user("alice").await;
+    env.user("bob").await;
+    let login = |name: &str, password: &str| {
+        env.http.post(env.url("/api/v1/login")).json(&json!({"name": name, "password": password})).send()
+    };
+    for _ in 0..5 {
+        assert_eq!(login("alice", "wrong-password").await.unwrap().status(), 401);
+    }
+    // Locked: even the right password is refused for this user name, for the window.
+    assert_eq!(login("alice", "alice-password").await.unwrap().status(), 429);
+    assert_eq!(login("bob", "bob-password").await.unwrap().status(), 200);
+    env.clock.advance(env.broker.settings.login_window_secs + 1);
+    assert_eq!(login("alice", "alice-password").await.unwrap().status(), 200);
+    // Per address: 30 attempts per window, whatever the names.
+    let mut limited = false;
+    for i in 0..40 {
+        if login(&format!("nobody{i}"), "x").await.unwrap().status() == 429 {
+            limited = true;
+            break;
+        }
+    }
+    assert!(limited, "per-address limit");
+    let audit = env.broker.list_audit(&system(), 1000).await.unwrap();
+    assert!(audit.iter().filter(|e| e.action == "login.failed").count() >= 5);
+}
+
+/// Everything logged by this test binary at debug level and above.
+fn captured_logs() -> &'static std::sync::Mutex<Vec<u8>> {
+    static LOGS: std::sync::OnceLock<&'static std::sync::Mutex<Vec<u8>>> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs: &'static std::sync::Mutex<Vec<u8>> = Box::leak(Box::default());
+        let _ = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(move || LogWriter(logs))
+            .try_init();
+        logs
+    })
+}
+
+struct LogWriter(&'static std::sync::Mutex<Vec<u8>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+async fn secrets_stay_out_of_logs_and_audit(backend: Backend) {
+    let logs = captured_logs();
+    let env = Env::new(backend).await;
+    let (_, desktop, host) = setup(&env).await;
+    let alice = env.api_login("alice").await;
+    let body: Value = env
+        .http
+        .post(env.url(&format!("/api/v1/desktops/{desktop}/connect")))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ticket = body["connection"]["ticket"].as_str().unwrap().to_owned();
+    let audit = env.broker.list_audit(&system(), 1000).await.unwrap();
+    let text = format!("{audit:?}");
+    // Log something for sure, so that an empty capture cannot pass silently.
+    tracing::info!("secrets test ran");
+    let logged = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    assert!(logged.contains("secrets test ran"));
+    for secret in [ticket.as_str(), &alice, &host.reg.credential, "alice-password"] {
+        assert!(!text.contains(secret), "a secret in the audit log");
+        assert!(!logged.contains(secret), "a secret in the logs");
+    }
+    assert!(audit.iter().any(|e| e.action == "desktop.connect" && e.detail.starts_with("ticket=")));
+    // The database keeps hashes only.
+    let users = sqlx::query("SELECT password_hash FROM users").fetch_all(&env.broker.db.pool).await.unwrap();
+    for row in &users {
+        let hash: Option<String> = sqlx::Row::try_get(row, "password_hash").unwrap();
+        assert!(hash.unwrap().starts_with("$argon2id$"));
+    }
+    let tokens =
+        sqlx::query("SELECT token_hash FROM auth_tokens").fetch_all(&env.broker.db.pool).await.unwrap();
+    for row in &tokens {
+        let hash: String = sqlx::Row::try_get(row, "token_hash").unwrap();
+        assert_ne!(hash, alice);
+    }
+}
+
+/// A stand-in for an LDAP directory: one account, checked by the backend, not by a hash.
+#[derive(Debug)]
+struct FakeDirectory;
+
+impl pleiades_broker::auth::PasswordBackend for FakeDirectory {
+    fn source(&self) -> &'static str {
+        "ldap"
+    }
+    fn verify(&self, name: &str, stored_hash: Option<&str>, password: &str) -> bool {
+        assert!(stored_hash.is_none(), "directory accounts carry no hash");
+        name == "carol" && password == "directory-secret"
+    }
+}
+
+async fn directory_accounts_use_their_backend(backend: Backend) {
+    let env = Env::new(backend).await;
+    env.user("carol").await;
+    env.user("dave").await;
+    sqlx::query("UPDATE users SET source = 'ldap', password_hash = NULL WHERE name IN ('carol', 'dave')")
+        .execute(&env.broker.db.pool)
+        .await
+        .unwrap();
+    // Without a directory backend nobody from it logs in.
+    assert!(env.broker.login("carol", "directory-secret", "test").await.is_err());
+    let db = pleiades_broker::db::Db::connect(&env.db_url).await.unwrap();
+    let with_directory = pleiades_broker::Broker::open(
+        db,
+        std::sync::Arc::new(env.clock.clone()),
+        env.broker.settings.clone(),
+    )
+    .await
+    .unwrap()
+    .with_password_backend(std::sync::Arc::new(FakeDirectory));
+    assert_eq!(with_directory.login("carol", "directory-secret", "test").await.unwrap().name, "carol");
+    assert!(with_directory.login("carol", "carol-password", "test").await.is_err());
+    assert!(with_directory.login("dave", "directory-secret", "test").await.is_err());
+    // Local accounts still work next to it.
+    env.user("erin").await;
+    assert!(with_directory.login("erin", "erin-password", "test").await.is_ok());
+}

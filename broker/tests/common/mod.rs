@@ -1,0 +1,290 @@
+//! Shared test setup: a broker on SQLite or PostgreSQL served on 127.0.0.1, a manual clock,
+//! and a test double of `pleiades-host` that speaks the host API over real HTTP.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use pleiades_broker::broker::{Broker, BrokerSettings, HostRegistered};
+use pleiades_broker::clock::ManualClock;
+use pleiades_broker::db::Db;
+use pleiades_broker::http::{AppState, router};
+use pleiades_broker::model::{Actor, Image, PoolKind, PoolSpec, PrincipalKind, User};
+use pleiades_broker::server;
+use pleiades_tests::postgres::PgServer;
+use serde_json::{Value, json};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Runs one scenario on both databases (two tests: `<name>::sqlite`, `<name>::postgres`).
+#[macro_export]
+macro_rules! on_both_databases {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sqlite() {
+                $crate::common::bounded(super::$name(super::common::Backend::Sqlite)).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn postgres() {
+                $crate::common::bounded(super::$name(super::common::Backend::Postgres)).await
+            }
+        }
+    )*};
+}
+
+/// Every scenario ends within 5 minutes or fails (a hang is a bug, not a slow machine).
+pub async fn bounded(scenario: impl std::future::Future<Output = ()>) {
+    tokio::time::timeout(std::time::Duration::from_secs(300), scenario)
+        .await
+        .expect("scenario hung for 5 minutes");
+}
+
+pub const START: u64 = 1_800_000_000;
+
+/// A broker serving on a loopback port, its database and its clock.
+#[derive(Debug)]
+pub struct Env {
+    pub broker: Arc<Broker>,
+    pub clock: ManualClock,
+    pub base: String,
+    pub http: reqwest::Client,
+    pub backend: Backend,
+    /// The database URL, for a second broker on the same database.
+    pub db_url: String,
+    _pg: Option<PgServer>,
+    _dir: tempfile::TempDir,
+    _shutdown: tokio::sync::oneshot::Sender<()>,
+}
+
+pub fn system() -> Actor {
+    Actor::system()
+}
+
+impl Env {
+    pub async fn new(backend: Backend) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (url, pg) = match backend {
+            Backend::Sqlite => (format!("sqlite://{}/broker.db", dir.path().display()), None),
+            Backend::Postgres => {
+                let pg = tokio::task::spawn_blocking(PgServer::start)
+                    .await
+                    .unwrap()
+                    .expect("PostgreSQL for tests");
+                let url = pg.create_database("broker").expect("create database");
+                (url, Some(pg))
+            }
+        };
+        let db = Db::connect(&url).await.expect("connect");
+        let db_url = url.clone();
+        let clock = ManualClock::new(START);
+        let settings = BrokerSettings { heartbeat_timeout_secs: 30, ..BrokerSettings::default() };
+        let broker = Arc::new(Broker::open(db, Arc::new(clock.clone()), settings).await.unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let app = router(AppState { broker: broker.clone(), secure_cookies: false });
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(server::serve(listener, app, None, async {
+            let _ = rx.await;
+        }));
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(std::time::Duration::from_secs(60))
+            .build()
+            .unwrap();
+        Self { broker, clock, base, http, backend, db_url, _pg: pg, _dir: dir, _shutdown: tx }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Another broker on the same database and clock (scale-out).
+    pub async fn second_broker(&self) -> Arc<Broker> {
+        let db = Db::connect(&self.db_url).await.expect("connect");
+        Arc::new(Broker::open(db, Arc::new(self.clock.clone()), self.broker.settings.clone()).await.unwrap())
+    }
+
+    pub async fn user(&self, name: &str) -> (User, Actor) {
+        let user = self
+            .broker
+            .create_user(&system(), name, "", Some(&format!("{name}-password")), false)
+            .await
+            .unwrap();
+        let actor = Actor { user_id: user.id.clone(), name: user.name.clone(), is_admin: false };
+        (user, actor)
+    }
+
+    pub async fn admin(&self, name: &str) -> (User, Actor) {
+        let user = self
+            .broker
+            .create_user(&system(), name, "", Some(&format!("{name}-password")), true)
+            .await
+            .unwrap();
+        let actor = Actor { user_id: user.id.clone(), name: user.name.clone(), is_admin: true };
+        (user, actor)
+    }
+
+    pub async fn image(&self, name: &str, memory_mib: i64) {
+        let image = Image {
+            id: String::new(),
+            name: name.into(),
+            kernel: "/images/vmlinuz".into(),
+            initrd: "/images/initramfs.cpio".into(),
+            cmdline: "console=ttyS0".into(),
+            disk: None,
+            vcpus: 1,
+            memory_mib,
+        };
+        self.broker.create_image(&system(), &image).await.unwrap();
+    }
+
+    /// A pool entitled to `group` (created if needed).
+    pub async fn pool(&self, name: &str, kind: PoolKind, image: &str, max: i64, spares: i64) -> String {
+        let spec = PoolSpec {
+            name: name.into(),
+            display_name: String::new(),
+            kind,
+            image: image.into(),
+            min_size: 0,
+            max_size: max,
+            spares,
+            idle_timeout_secs: 600,
+            disconnect_timeout_secs: 300,
+        };
+        self.broker.create_pool(&system(), &spec).await.unwrap().id
+    }
+
+    pub async fn entitle_user(&self, pool: &str, user: &str) {
+        self.broker.entitle(&system(), pool, PrincipalKind::User, user).await.unwrap();
+    }
+
+    /// An API bearer token for the user (through `POST /api/v1/login`).
+    pub async fn api_login(&self, name: &str) -> String {
+        let res = self
+            .http
+            .post(self.url("/api/v1/login"))
+            .json(&json!({ "name": name, "password": format!("{name}-password") }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200, "login of {name}");
+        res.json::<Value>().await.unwrap()["token"].as_str().unwrap().to_owned()
+    }
+}
+
+/// What the host double knows about one VM it runs.
+#[derive(Debug, Clone)]
+pub struct Vm {
+    pub connected: bool,
+    pub starts: u32,
+}
+
+/// A stand-in for `pleiades-host serve`: registers, heartbeats, and "runs" VMs by
+/// acknowledging the broker's commands. Talks to the broker over HTTP like the real host.
+#[derive(Debug)]
+pub struct HostDouble {
+    pub name: String,
+    pub reg: HostRegistered,
+    pub memory_mib: i64,
+    pub images: Vec<String>,
+    pub vms: BTreeMap<String, Vm>,
+    pub commands_seen: Vec<(String, String)>,
+    base: String,
+    http: reqwest::Client,
+}
+
+impl HostDouble {
+    pub async fn register(env: &Env, name: &str, memory_mib: i64, images: &[&str]) -> Self {
+        let token = env.broker.create_host_token(&system(), name, true, 3600).await.unwrap();
+        let res = env
+            .http
+            .post(env.url("/api/v1/hosts/register"))
+            .json(&json!({
+                "token": token, "name": name, "address": format!("{name}.example"), "session_port": 4433,
+                "cert_sha256": "", "cores": 8, "memory_mib": memory_mib, "images": images,
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 201, "registration of {name}");
+        let reg: HostRegistered = res.json().await.unwrap();
+        Self {
+            name: name.into(),
+            reg,
+            memory_mib,
+            images: images.iter().map(|s| s.to_string()).collect(),
+            vms: BTreeMap::new(),
+            commands_seen: Vec::new(),
+            base: env.base.clone(),
+            http: env.http.clone(),
+        }
+    }
+
+    /// One heartbeat; carries out and acknowledges every command it gets. Returns how many.
+    pub async fn tick(&mut self) -> usize {
+        let desktops: Vec<Value> =
+            self.vms.iter().map(|(id, vm)| json!({ "id": id, "connected": vm.connected })).collect();
+        let res = self
+            .http
+            .post(format!("{}/api/v1/hosts/heartbeat", self.base))
+            .bearer_auth(&self.reg.credential)
+            .json(&json!({ "cores": 8, "memory_mib": self.memory_mib, "images": self.images, "desktops": desktops }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200, "heartbeat of {}", self.name);
+        let reply: Value = res.json().await.unwrap();
+        let commands = reply["commands"].as_array().cloned().unwrap_or_default();
+        for c in &commands {
+            let (id, kind, desktop) = (
+                c["id"].as_str().unwrap(),
+                c["kind"].as_str().unwrap(),
+                c["desktop_id"].as_str().unwrap().to_owned(),
+            );
+            self.commands_seen.push((kind.to_owned(), desktop.clone()));
+            match kind {
+                "start" | "restart" | "recycle" => {
+                    assert!(c["image"]["kernel"].is_string(), "start commands carry the image");
+                    let vm = self.vms.entry(desktop).or_insert(Vm { connected: false, starts: 0 });
+                    vm.starts += 1;
+                    vm.connected = false;
+                }
+                "stop" => {
+                    self.vms.remove(&desktop);
+                }
+                "disconnect" => {
+                    if let Some(vm) = self.vms.get_mut(&desktop) {
+                        vm.connected = false;
+                    }
+                }
+                other => panic!("unknown command {other}"),
+            }
+            let ack = self
+                .http
+                .post(format!("{}/api/v1/hosts/commands/{id}/ack", self.base))
+                .bearer_auth(&self.reg.credential)
+                .json(&json!({ "ok": true }))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(ack.status(), 204);
+        }
+        commands.len()
+    }
+
+    /// Heartbeats until no command comes (bounded).
+    pub async fn settle(&mut self) {
+        for _ in 0..10 {
+            if self.tick().await == 0 {
+                return;
+            }
+        }
+        panic!("host {} kept getting commands", self.name);
+    }
+}

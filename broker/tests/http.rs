@@ -1,0 +1,211 @@
+//! The HTTP surface itself: the OpenAPI document matches the router, HTTPS serving with the
+//! generated certificate, security headers, and the CLI over the same operations.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Backend, Env};
+use pleiades_broker::config::Config;
+use pleiades_broker::server;
+use serde_json::Value;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_document_matches_the_router() {
+    let env = Env::new(Backend::Sqlite).await;
+    let doc: Value =
+        env.http.get(env.url("/api/v1/openapi.json")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    let paths = doc["paths"].as_object().unwrap();
+    assert!(paths.len() >= 25);
+    for (path, ops) in paths {
+        for method in ops.as_object().unwrap().keys() {
+            let url = env.url(&format!("/api/v1{}", path.replace('{', "x").replace('}', "")));
+            let req = env.http.request(method.to_uppercase().parse().unwrap(), &url);
+            let res = req.header("content-type", "application/json").body("{}").send().await.unwrap();
+            // Routed: anything but the router's own 404/405 (which have empty bodies).
+            let status = res.status();
+            let body = res.text().await.unwrap();
+            assert!(
+                !(status == 405 || (status == 404 && body.is_empty())),
+                "{method} {path} is documented but not routed ({status})"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn security_headers_on_pages_and_api() {
+    let env = Env::new(Backend::Sqlite).await;
+    for path in ["/login", "/api/v1/openapi.json", "/healthz"] {
+        let res = env.http.get(env.url(path)).send().await.unwrap();
+        let h = res.headers();
+        assert!(h["content-security-policy"].to_str().unwrap().contains("frame-ancestors 'none'"), "{path}");
+        assert_eq!(h["x-content-type-options"], "nosniff");
+        assert_eq!(h["x-frame-options"], "DENY");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_by_default_with_a_generated_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config { state_dir: dir.path().to_owned(), ..Config::default() };
+    assert!(config.cookies_secure());
+    let tls = server::tls_config(&config).unwrap();
+    assert!(dir.path().join("broker-cert.pem").exists());
+    // The key file is private.
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(dir.path().join("broker-key.pem")).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o077, 0);
+    // A second start reuses the certificate.
+    let cert = std::fs::read(dir.path().join("broker-cert.pem")).unwrap();
+    server::tls_config(&config).unwrap();
+    assert_eq!(std::fs::read(dir.path().join("broker-cert.pem")).unwrap(), cert);
+
+    let env = Env::new(Backend::Sqlite).await;
+    let app = pleiades_broker::http::router(pleiades_broker::http::AppState {
+        broker: env.broker.clone(),
+        secure_cookies: true,
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(server::serve(listener, app, Some(tls), async {
+        let _ = rx.await;
+    }));
+    // A TLS client that trusts exactly this certificate.
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(&cert) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    use rustls::pki_types::pem::PemObject as _;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut tls = tokio::time::timeout(
+        Duration::from_secs(10),
+        connector.connect("localhost".try_into().unwrap(), tcp),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    tls.write_all(b"GET /login HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut response)).await.unwrap().unwrap();
+    let text = String::from_utf8_lossy(&response);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let cookie = text
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie: pleiades_login_csrf="))
+        .unwrap();
+    assert!(
+        cookie.contains("; Secure") && cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    let _ = tx.send(());
+}
+
+#[test]
+fn cli_administers_the_same_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}/cli.db", dir.path().display());
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_pleiades-broker"))
+            .arg("--db")
+            .arg(&db)
+            .args(args)
+            .env("PLEIADES_PASSWORD", "correct horse battery")
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    run(&["user", "add", "alice", "--display-name", "Alice A."]);
+    run(&["user", "add", "root", "--admin"]);
+    run(&["group", "add", "engineering"]);
+    run(&["group", "member", "add", "engineering", "alice"]);
+    run(&[
+        "image",
+        "add",
+        "debian",
+        "--kernel",
+        "/srv/vmlinuz",
+        "--initrd",
+        "/srv/initrd",
+        "--memory-mib",
+        "1024",
+    ]);
+    run(&[
+        "pool",
+        "create",
+        "office",
+        "--image",
+        "debian",
+        "--kind",
+        "persistent",
+        "--max",
+        "5",
+        "--spares",
+        "1",
+    ]);
+    run(&["pool", "entitle", "office", "--group", "engineering"]);
+    let token = run(&["host", "token", "create", "--description", "rack 1"]);
+    assert!(token.trim().starts_with("hrt_"));
+    assert!(run(&["user", "list"]).contains("root\tadmin"));
+    assert!(run(&["group", "list"]).contains("engineering\talice"));
+    assert!(run(&["pool", "list"]).contains("office\tpersistent"));
+    let key = run(&["ticket-key"]);
+    assert!(pleiades_protocol::ticket::PublicKey::from_base64(key.trim()).is_ok());
+    let audit = run(&["audit"]);
+    assert!(audit.contains("pool.entitle") && audit.contains("host.token.create"));
+    assert!(!audit.contains("correct horse battery") && !audit.contains(token.trim()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_binary_answers_on_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = dir.path().join("broker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "database = \"sqlite://{}/b.db\"\nlisten = \"127.0.0.1:{port}\"\nstate_dir = \"{}\"\ninsecure_http = true\n[broker]\nticket_lifetime_secs = 30\n",
+            dir.path().display(),
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pleiades-broker"))
+        .arg("--config")
+        .arg(&config)
+        .arg("serve")
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+    let mut up = false;
+    for _ in 0..120 {
+        if let Ok(res) = http.get(format!("http://127.0.0.1:{port}/healthz")).send().await {
+            up = res.status() == 200;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(up, "the broker did not answer on 127.0.0.1:{port}");
+    let login = http.get(format!("http://127.0.0.1:{port}/login")).send().await.unwrap();
+    assert_eq!(login.status(), 200);
+    // Plain HTTP: the cookie cannot be Secure (the browser would never send it back).
+    let cookie = login.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(!cookie.contains("Secure") && cookie.contains("HttpOnly"));
+    child.kill().await.unwrap();
+}
