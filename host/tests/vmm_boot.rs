@@ -190,9 +190,9 @@ fn two_vcpus_the_boot_cpu_starts_the_other_with_init_sipi() {
     let guest = Guest::with_segments(&[(ENTRY, &bsp), (0x8000, &ap)]);
     let mut config = guest.config();
     config.cpus = 2;
-    let mut vm = Vm::new(config).unwrap();
+    let vm = Vm::new(config).unwrap();
     assert_eq!(vm.handle().status()["cpus"], 2);
-    assert_eq!(vm.run().unwrap(), ExitReason::PowerOff);
+    assert_eq!(run_with_timeout(vm), ExitReason::PowerOff, "serial: {:?}", guest.output());
     assert_eq!(guest.output(), "AS");
 }
 

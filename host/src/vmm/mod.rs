@@ -433,6 +433,9 @@ impl Machine {
             vm_state.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("report its CPUID"))?;
         let ctx = cpu::vcpu::VcpuContext { io_bus, mmio_bus, latch: latch.clone(), mem: mem.clone() };
         let mut machine = Machine { vcpus: Vec::new(), latch, pci_devices, _vm: vm.clone(), _mem: mem };
+        // Every vCPU exists and is set up before any runs: the boot CPU's INIT/SIPI to the
+        // others must find them.
+        let mut vcpus = Vec::new();
         for id in 0..config.cpus {
             let vcpu = vm.create_vcpu(u64::from(id)).map_err(kvm_err("create a vCPU"))?;
             let entries = cpu::cpuid::filter(supported.as_slice(), id, config.cpus);
@@ -445,7 +448,10 @@ impl Machine {
             } else {
                 cpu::regs::setup_application_cpu(&vcpu).map_err(kvm_err("park an application vCPU"))?;
             }
-            let thread = cpu::vcpu::spawn(id, vcpu, ctx.clone()).map_err(VmError::Thread)?;
+            vcpus.push(vcpu);
+        }
+        for (id, vcpu) in vcpus.into_iter().enumerate() {
+            let thread = cpu::vcpu::spawn(id as u8, vcpu, ctx.clone()).map_err(VmError::Thread)?;
             machine.vcpus.push(thread);
         }
         Ok(machine)
