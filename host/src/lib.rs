@@ -3,6 +3,8 @@
 //! - [`devices`]: virtio devices written once against a transport-agnostic trait
 //!   ([`devices::virtio::VirtioDevice`]) and served either in-process by the VMM
 //!   ([`devices::virtio::worker`]) or as a vhost-user backend process ([`devices::vhost_user`]).
+//! - [`vmm`]: Pleiades' own KVM VMM: guest memory, direct kernel boot, vCPUs, legacy devices,
+//!   PCI with MSI-X and the virtio-pci transport that drives the devices above.
 //! - [`config`]: the boot request, validated the same way for both VMMs.
 //! - [`qemu`]: `--vmm qemu`, QEMU with Pleiades' devices attached over vhost-user.
 //! - [`control`]: the control socket behind `pleiades-host ctl`.
@@ -14,3 +16,4 @@ pub mod control;
 pub mod devices;
 pub mod qemu;
 pub mod vm;
+pub mod vmm;
