@@ -25,8 +25,9 @@ use pleiades_tests::testguest::{self, TestGuestConfig};
 
 const HOST: &str = env!("CARGO_BIN_EXE_pleiades-host");
 
-/// One run of a test guest row: (start → exit seconds, rng requests per second).
-type RunOnce<'a> = dyn Fn() -> Result<(f64, f64), String> + 'a;
+/// One run of a test guest row with a command line: (start → exit seconds, rng requests per
+/// second).
+type RunOnce<'a> = dyn Fn(&str) -> Result<(f64, f64), String> + 'a;
 
 fn env_number(name: &str, default: u32) -> u32 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -183,7 +184,7 @@ fn testguest_once(
     if run.result["result"] != "pass" || !run.status.success() {
         return Err(format!("{} (exit {})", run.result["errors"], run.status));
     }
-    let requests = run.result["rng_loop"]["requests"].as_f64().unwrap_or(0.0);
+    let requests = run.result["rng_loop"]["requests"].as_f64().unwrap_or(f64::NAN);
     let us = run.result["rng_loop"]["us"].as_f64().unwrap_or(f64::NAN);
     Ok((run.elapsed.as_secs_f64(), requests / us * 1e6))
 }
@@ -236,17 +237,19 @@ fn main() {
         (true, Err(e)) => println!("\nMinimal test guest: skipped: {e}"),
         (true, Ok(kvm)) => {
             println!("\nMinimal test guest on KVM, 1 vCPU, 256 MiB, rng_loop={rng_loop}");
-            println!("  {:<30} {:>9} {:>12} {:>14}", "vmm", "start→exit", "rng req/s", "req/s vs qemu");
-            let cmdline = format!("rng_loop={rng_loop}");
-            let reference_config = TestGuestConfig {
-                cpus: 1,
-                memory_mib: 256,
-                cmdline: cmdline.clone(),
-                accel: Some(AccelChoice { accel: Accel::Kvm, reason: "benchmark".into() }),
-                ..TestGuestConfig::default()
-            }
-            .device("virtio-rng-pci");
-            let pleiades = |backend: &str| {
+            println!("  {:<30} {:>9} {:>12} {:>14}", "vmm", "boot→exit", "rng req/s", "req/s vs qemu");
+            let loop_cmdline = format!("rng_loop={rng_loop}");
+            let reference_config = |cmdline: &str| {
+                TestGuestConfig {
+                    cpus: 1,
+                    memory_mib: 256,
+                    cmdline: cmdline.to_owned(),
+                    accel: Some(AccelChoice { accel: Accel::Kvm, reason: "benchmark".into() }),
+                    ..TestGuestConfig::default()
+                }
+                .device("virtio-rng-pci")
+            };
+            let pleiades = |backend: &str, cmdline: &str| {
                 let mut cmd = Command::new(HOST);
                 cmd.env("PLEIADES_LOG", "warn");
                 cmd.args([
@@ -258,7 +261,7 @@ fn main() {
                     "--memory",
                     "256M",
                     "--cmdline",
-                    &cmdline,
+                    cmdline,
                 ])
                 .args(["--device", &format!("rng,backend={backend}")])
                 .arg("--kernel")
@@ -268,15 +271,15 @@ fn main() {
             let rows: [(&str, Box<RunOnce<'_>>); 3] = [
                 (
                     "qemu+kvm + its virtio-rng (ref)",
-                    Box::new(|| testguest_once(Err(&reference_config), &elf, &kvm)),
+                    Box::new(|c| testguest_once(Err(&reference_config(c)), &elf, &kvm)),
                 ),
                 (
                     "pleiades, rng in-process",
-                    Box::new(|| testguest_once(Ok(pleiades("in-process")), &elf, &kvm)),
+                    Box::new(|c| testguest_once(Ok(pleiades("in-process", c)), &elf, &kvm)),
                 ),
                 (
                     "pleiades, rng over vhost-user",
-                    Box::new(|| testguest_once(Ok(pleiades("vhost-user")), &elf, &kvm)),
+                    Box::new(|c| testguest_once(Ok(pleiades("vhost-user", c)), &elf, &kvm)),
                 ),
             ];
             let mut reference_rate = None;
@@ -285,7 +288,8 @@ fn main() {
                 let mut rates = Vec::new();
                 let mut failed = None;
                 for _ in 0..runs {
-                    match once() {
+                    // Boot alone (no loop), then the request loop for the rate.
+                    match once("expect=rng").and_then(|(t, _)| Ok((t, once(&loop_cmdline)?.1))) {
                         Ok((t, r)) => {
                             times.push(t);
                             rates.push(r);

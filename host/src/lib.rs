@@ -11,9 +11,11 @@
 //! - [`accel`]: whether KVM is hardware-backed here, which picks the default VMM.
 
 pub mod accel;
+pub mod backends;
 pub mod config;
 pub mod control;
 pub mod devices;
+pub mod pleiades;
 pub mod qemu;
 pub mod vm;
 pub mod vmm;

@@ -12,6 +12,7 @@ use pleiades_host::control::{self, ControlServer, Controller, PointerButton, Req
 use pleiades_host::devices::virtio::VirtioDevice;
 use pleiades_host::devices::virtio::input::{Input, events_socket, keymap};
 use pleiades_host::devices::virtio::rng::Rng;
+use pleiades_host::pleiades::PleiadesVm;
 use pleiades_host::qemu::QemuVm;
 use pleiades_host::vm::{DeviceRequest, SerialOut};
 
@@ -209,7 +210,7 @@ fn run_vm(args: RunArgs) -> Result<ExitCode> {
     }
     match vmm {
         Vmm::Qemu => run_qemu(&spec, &args),
-        Vmm::Pleiades => anyhow::bail!("--vmm pleiades is not in this build yet; use --vmm qemu"),
+        Vmm::Pleiades => run_pleiades(&spec, &args),
     }
 }
 
@@ -232,6 +233,21 @@ fn run_qemu(spec: &BootSpec, args: &RunArgs) -> Result<ExitCode> {
         eprintln!("pleiades-host: QEMU exited with {status}");
         ExitCode::FAILURE
     })
+}
+
+fn run_pleiades(spec: &BootSpec, args: &RunArgs) -> Result<ExitCode> {
+    let vm = PleiadesVm::new(spec, &args.devices, &args.serial)?;
+    let controller = vm.controller();
+    let _control = args
+        .control
+        .as_deref()
+        .map(|path| ControlServer::start(path, controller.clone()))
+        .transpose()
+        .context("cannot open the control socket")?;
+    shutdown_on_signals(controller)?;
+    let reason = vm.run()?;
+    tracing::info!("the VM ended: {reason:?}");
+    Ok(ExitCode::from(u8::try_from(reason.exit_code()).unwrap_or(1)))
 }
 
 /// SIGTERM and SIGINT ask the guest to power off, like `ctl shutdown`.

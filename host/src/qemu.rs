@@ -18,10 +18,12 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
 use crate::accel::{Accel, AccelChoice};
+use crate::backends::{Backend, start_backend};
 use crate::config::BootSpec;
 use crate::control::{Controller, InputDevice};
 use crate::devices::virtio::input::{InputEvent, events_socket};
-use crate::vm::{DeviceBackend, DeviceRequest, SerialOut};
+use crate::vm::{DeviceBackend, DeviceRequest};
+use crate::vmm::SerialOut;
 
 /// How long a clean power-off may take before QEMU is stopped hard.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -29,50 +31,6 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// The QEMU binary (`PLEIADES_QEMU` overrides).
 pub fn qemu_binary() -> PathBuf {
     std::env::var_os("PLEIADES_QEMU").map_or_else(|| "qemu-system-x86_64".into(), PathBuf::from)
-}
-
-/// A vhost-user backend process.
-#[derive(Debug)]
-struct Backend {
-    kind: &'static str,
-    socket: PathBuf,
-    /// The events socket of an input backend (`--events`).
-    events: Option<PathBuf>,
-    child: Child,
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `pleiades-host device <kind> --socket <socket>` and waits for the socket.
-fn start_backend(kind: &'static str, socket: &Path) -> Result<Backend> {
-    let exe = std::env::current_exe().context("cannot find the pleiades-host executable")?;
-    let mut cmd = Command::new(exe);
-    cmd.args(["device", kind, "--socket"]).arg(socket).stdin(Stdio::null());
-    // Input backends take host events on a socket of their own (bound before `socket`).
-    let events = matches!(kind, "keyboard" | "tablet").then(|| socket.with_extension("events"));
-    if let Some(events) = &events {
-        cmd.arg("--events").arg(events);
-    }
-    let child = cmd.spawn().with_context(|| format!("cannot start the {kind} device backend"))?;
-    let mut backend = Backend { kind, socket: socket.to_owned(), events, child };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        if let Ok(Some(status)) = backend.child.try_wait() {
-            bail!("the {kind} device backend exited ({status}) before listening");
-        }
-        if Instant::now() > deadline {
-            bail!("the {kind} device backend did not listen on {} within 10 s", socket.display());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Ok(backend)
 }
 
 /// The QEMU device name for a Pleiades vhost-user backend.
@@ -115,6 +73,7 @@ fn qemu_command(
     match serial {
         SerialOut::Stdio => cmd.args(["-serial", "stdio"]),
         SerialOut::File(path) => cmd.arg("-serial").arg(format!("file:{}", path.display())),
+        SerialOut::Null => cmd.args(["-serial", "null"]),
     };
     for (i, backend) in backends.iter().enumerate() {
         cmd.arg("-chardev").arg(format!("socket,id=vhu{i},path={}", backend.socket.display()));
@@ -214,7 +173,7 @@ impl QemuVm {
         let mut backends = Vec::new();
         let mut device_info = Vec::new();
         for (i, device) in devices.iter().enumerate() {
-            if device.backend == DeviceBackend::InProcess {
+            if device.backend == Some(DeviceBackend::InProcess) {
                 bail!(
                     "--vmm qemu serves devices only as vhost-user processes; drop `,backend=in-process` from --device {}",
                     device.kind

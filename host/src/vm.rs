@@ -3,21 +3,15 @@
 use std::path::PathBuf;
 use std::str::FromStr;
 
-/// Where the guest's serial console goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SerialOut {
-    /// This process's stdin/stdout.
-    Stdio,
-    /// Appended to a file.
-    File(PathBuf),
-}
+pub use crate::vmm::SerialOut;
 
 impl FromStr for SerialOut {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
-            "" => Err("--serial needs `stdio` or a file path".into()),
+            "" => Err("--serial needs `stdio`, `null` or a file path".into()),
             "stdio" => Ok(Self::Stdio),
+            "null" => Ok(Self::Null),
             path => Ok(Self::File(PathBuf::from(path))),
         }
     }
@@ -36,7 +30,8 @@ pub enum DeviceBackend {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeviceRequest {
     pub kind: &'static str,
-    pub backend: DeviceBackend,
+    /// `None`: the VMM's default (in-process for Pleiades' VMM, vhost-user for QEMU).
+    pub backend: Option<DeviceBackend>,
 }
 
 /// Device kinds `pleiades-host run --device` knows.
@@ -52,7 +47,6 @@ impl FromStr for DeviceRequest {
             .find(|k| **k == name)
             .copied()
             .ok_or_else(|| format!("unknown device {name:?}; known: {}", DEVICE_KINDS.join(", ")))?;
-        // Default: in-process where the VMM can; the QEMU path turns it into vhost-user.
         let mut backend = None;
         for option in parts {
             backend = Some(match option {
@@ -65,7 +59,7 @@ impl FromStr for DeviceRequest {
                 }
             });
         }
-        Ok(Self { kind, backend: backend.unwrap_or(DeviceBackend::VhostUser) })
+        Ok(Self { kind, backend })
     }
 }
 
@@ -75,13 +69,10 @@ mod tests {
 
     #[test]
     fn device_arguments() {
-        assert_eq!(
-            "rng".parse::<DeviceRequest>(),
-            Ok(DeviceRequest { kind: "rng", backend: DeviceBackend::VhostUser })
-        );
+        assert_eq!("rng".parse::<DeviceRequest>(), Ok(DeviceRequest { kind: "rng", backend: None }));
         assert_eq!(
             "console,backend=in-process".parse::<DeviceRequest>(),
-            Ok(DeviceRequest { kind: "console", backend: DeviceBackend::InProcess })
+            Ok(DeviceRequest { kind: "console", backend: Some(DeviceBackend::InProcess) })
         );
         assert!("gpu".parse::<DeviceRequest>().unwrap_err().contains("known: rng"));
         assert!("rng,fast".parse::<DeviceRequest>().is_err());

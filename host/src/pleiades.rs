@@ -1,0 +1,173 @@
+//! `--vmm pleiades`: Pleiades' own VMM runs the vCPUs ([`crate::vmm`]).
+//!
+//! Devices run in-process by default (a worker thread each); `--device KIND,backend=vhost-user`
+//! runs one as its own `pleiades-host device` process that the VMM attaches as a vhost-user
+//! frontend, as `--vmm qemu` does for every device. The control socket's commands go to the
+//! VM's [`VmHandle`]; `type`/`key`/`pointer` go to the keyboard and tablet, in-process or
+//! over their backend's events socket.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+use crate::backends::{Backend, start_backend};
+use crate::config::BootSpec;
+use crate::control::{Controller, InputDevice};
+use crate::devices::virtio::console::Console;
+use crate::devices::virtio::input::{Input, InputEvent, InputSender, events_socket};
+use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::{DeviceType, VirtioDevice};
+use crate::vm::{DeviceBackend, DeviceRequest, SerialOut};
+use crate::vmm::{DeviceSpec, ExitReason, Vm, VmConfig, VmHandle};
+
+/// How the host reaches an input device.
+enum InputRoute {
+    InProcess(Mutex<InputSender>),
+    Socket(std::path::PathBuf),
+}
+
+/// A VM on Pleiades' VMM, with its device processes.
+pub struct PleiadesVm {
+    vm: Vm,
+    controller: Arc<PleiadesController>,
+    _backends: Vec<Backend>,
+    _scratch: tempfile::TempDir,
+}
+
+impl std::fmt::Debug for PleiadesVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PleiadesVm").finish_non_exhaustive()
+    }
+}
+
+fn device_type(kind: &str) -> Result<DeviceType> {
+    Ok(match kind {
+        "rng" => DeviceType::Rng,
+        "console" => DeviceType::Console,
+        "keyboard" | "tablet" => DeviceType::Input,
+        other => bail!("unknown device {other}"),
+    })
+}
+
+/// Where an in-process console writes: the same place as the serial console.
+fn console_output(serial: &SerialOut) -> Result<Box<dyn Write + Send>> {
+    Ok(match serial {
+        SerialOut::Stdio => Box::new(std::io::stdout()),
+        SerialOut::Null => Box::new(std::io::sink()),
+        SerialOut::File(path) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("cannot open {} for the console", path.display()))?,
+        ),
+    })
+}
+
+impl PleiadesVm {
+    /// Creates the VM: devices (in-process or as backend processes), memory, vCPUs.
+    pub fn new(spec: &BootSpec, devices: &[DeviceRequest], serial: &SerialOut) -> Result<Self> {
+        let scratch = tempfile::Builder::new().prefix("pleiades-vm-").tempdir()?;
+        let mut specs = Vec::new();
+        let mut backends = Vec::new();
+        let mut inputs = Vec::new();
+        for (i, request) in devices.iter().enumerate() {
+            match request.backend.unwrap_or(DeviceBackend::InProcess) {
+                DeviceBackend::VhostUser => {
+                    if request.kind == "console" {
+                        bail!(
+                            "virtio-console runs in-process only: drop `,backend=vhost-user` from --device console"
+                        );
+                    }
+                    let socket = scratch.path().join(format!("{}-{i}.sock", request.kind));
+                    let backend = start_backend(request.kind, &socket)?;
+                    if let Some(events) = &backend.events {
+                        inputs.push((request.kind, InputRoute::Socket(events.clone())));
+                    }
+                    specs.push(DeviceSpec::VhostUser { kind: device_type(request.kind)?, socket });
+                    backends.push(backend);
+                }
+                DeviceBackend::InProcess => {
+                    let device: Box<dyn VirtioDevice> = match request.kind {
+                        "rng" => Box::new(Rng::new()?),
+                        "console" => Box::new(Console::new(console_output(serial)?, None)),
+                        "keyboard" | "tablet" => {
+                            let input = if request.kind == "keyboard" {
+                                Input::keyboard()?
+                            } else {
+                                Input::tablet()?
+                            };
+                            inputs.push((request.kind, InputRoute::InProcess(Mutex::new(input.sender()))));
+                            Box::new(input)
+                        }
+                        other => bail!("unknown device {other}"),
+                    };
+                    specs.push(DeviceSpec::Virtio(device));
+                }
+            }
+        }
+        let mut config = VmConfig::new(&spec.kernel);
+        config.initrd = spec.initrd.clone();
+        config.cmdline = spec.cmdline.clone();
+        config.memory_mib = spec.memory_mib;
+        config.cpus = spec.cpus;
+        config.serial = serial.clone();
+        config.devices = specs;
+        let vm = Vm::new(config)?;
+        let controller = Arc::new(PleiadesController { handle: vm.handle(), inputs });
+        Ok(Self { vm, controller, _backends: backends, _scratch: scratch })
+    }
+
+    /// The controller for the control socket and signals.
+    pub fn controller(&self) -> Arc<dyn Controller> {
+        self.controller.clone()
+    }
+
+    /// Runs the guest until it powers off or is shut down.
+    pub fn run(mut self) -> Result<ExitReason> {
+        Ok(self.vm.run()?)
+    }
+}
+
+struct PleiadesController {
+    handle: VmHandle,
+    inputs: Vec<(&'static str, InputRoute)>,
+}
+
+impl Controller for PleiadesController {
+    fn status(&self) -> Value {
+        self.handle.status()
+    }
+
+    fn shutdown(&self) -> Result<(), String> {
+        // No ACPI in Pleiades' VMM yet: the vCPUs are stopped and the VM ends (docs/vmm.md).
+        self.handle.shutdown();
+        Ok(())
+    }
+
+    fn reboot(&self) -> Result<(), String> {
+        self.handle.reboot();
+        Ok(())
+    }
+
+    fn send_input(&self, device: InputDevice, events: &[InputEvent]) -> Result<(), String> {
+        let kind = device.kind();
+        let (_, route) = self
+            .inputs
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .ok_or_else(|| format!("this VM has no {kind} (add --device {kind})"))?;
+        match route {
+            InputRoute::InProcess(sender) => {
+                sender.lock().unwrap_or_else(|p| p.into_inner()).send_report(events);
+                Ok(())
+            }
+            InputRoute::Socket(path) => {
+                events_socket::send(path, events).map_err(|e| format!("the {kind} backend: {e}"))
+            }
+        }
+    }
+}
