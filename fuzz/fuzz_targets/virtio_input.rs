@@ -6,37 +6,21 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use pleiades_host::devices::virtio::VirtioDevice;
 use pleiades_host::devices::virtio::input::{Input, InputEvent};
-use pleiades_host::devices::virtio::{GuestMemory, VirtioDevice};
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress};
 
-const MEM_SIZE: usize = 64 * 1024;
-
-fn queue_from(header: &[u8]) -> Option<Queue> {
-    let word = |i: usize| u64::from(u16::from_le_bytes([header[i], header[i + 1]]));
-    let mut queue = Queue::new(64).ok()?;
-    queue.set_size(1 << (header[0] % 7));
-    queue.set_desc_table_address(Some((word(1) * 16) as u32), Some(0));
-    queue.set_avail_ring_address(Some((word(3) * 2) as u32), Some(0));
-    queue.set_used_ring_address(Some((word(5) * 4) as u32), Some(0));
-    queue.set_ready(true);
-    Some(queue)
-}
+#[path = "guest.rs"]
+mod guest;
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < 12 {
         return;
     }
-    let (header, rest) = data.split_at(8);
+    let (header, rest) = data.split_at(guest::HEADER);
+    let header: &[u8; guest::HEADER] = header.try_into().unwrap_or(&[0; guest::HEADER]);
     let (config, body) = rest.split_at(4);
-    let Ok(mem) = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]) else { return };
-    let body = &body[..body.len().min(MEM_SIZE)];
-    let _ = mem.write_slice(body, GuestAddress(0));
-    let Some(mut queue) = queue_from(header) else { return };
-    if !queue.is_valid(&mem) {
-        return;
-    }
+    let Some(mem) = guest::memory(body) else { return };
+    let Some(mut queue) = guest::queue(header, 64, &mem) else { return };
     let Ok(mut device) = (if header[7] & 2 == 0 { Input::keyboard() } else { Input::tablet() }) else {
         return;
     };

@@ -5,38 +5,21 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use pleiades_host::devices::virtio::VirtioDevice;
 use pleiades_host::devices::virtio::console::Console;
 use pleiades_host::devices::virtio::rng::Rng;
-use pleiades_host::devices::virtio::{GuestMemory, VirtioDevice};
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress};
 
-const MEM_SIZE: usize = 64 * 1024;
-
-fn queue_from(header: &[u8]) -> Option<Queue> {
-    let word = |i: usize| u64::from(u16::from_le_bytes([header[i], header[i + 1]]));
-    let mut queue = Queue::new(256).ok()?;
-    // Sizes and addresses as a guest might program them, legal or not.
-    queue.set_size(1 << (header[0] % 9));
-    queue.set_desc_table_address(Some((word(1) * 16) as u32), Some(0));
-    queue.set_avail_ring_address(Some((word(3) * 2) as u32), Some(0));
-    queue.set_used_ring_address(Some((word(5) * 4) as u32), Some(0));
-    queue.set_ready(true);
-    Some(queue)
-}
+#[path = "guest.rs"]
+mod guest;
 
 fuzz_target!(|data: &[u8]| {
-    if data.len() < 8 {
+    if data.len() < guest::HEADER {
         return;
     }
-    let (header, body) = data.split_at(8);
-    let Ok(mem) = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]) else { return };
-    let body = &body[..body.len().min(MEM_SIZE)];
-    let _ = mem.write_slice(body, GuestAddress(0));
-    let Some(mut queue) = queue_from(header) else { return };
-    if !queue.is_valid(&mem) {
-        return;
-    }
+    let (header, body) = data.split_at(guest::HEADER);
+    let header: &[u8; guest::HEADER] = header.try_into().unwrap_or(&[0; guest::HEADER]);
+    let Some(mem) = guest::memory(body) else { return };
+    let Some(mut queue) = guest::queue(header, 256, &mem) else { return };
     let mut device: Box<dyn VirtioDevice> = if header[7] & 1 == 0 {
         match Rng::new() {
             Ok(rng) => Box::new(rng),
