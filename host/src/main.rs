@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use pleiades_host::config::BootSpec;
 use pleiades_host::control::{self, ControlServer, Controller, PointerButton, Request};
 use pleiades_host::devices::virtio::VirtioDevice;
+use pleiades_host::devices::virtio::console::Console;
 use pleiades_host::devices::virtio::input::{Input, events_socket, keymap};
 use pleiades_host::devices::virtio::rng::Rng;
 use pleiades_host::pleiades::PleiadesVm;
@@ -119,6 +120,9 @@ enum CtlCommand {
 enum DeviceKind {
     /// virtio-rng: entropy from the host's /dev/urandom.
     Rng,
+    /// virtio-console: the guest's output goes to this process's stdout (for Pleiades' VMM;
+    /// QEMU has no vhost-user console).
+    Console,
     /// virtio-input keyboard.
     Keyboard,
     /// virtio-input tablet (absolute pointer, three buttons, wheel).
@@ -169,8 +173,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Device { kind, socket, events } => {
             let device: Box<dyn VirtioDevice> = match kind {
-                DeviceKind::Rng if events.is_some() => anyhow::bail!("--events is for keyboard and tablet"),
+                DeviceKind::Rng | DeviceKind::Console if events.is_some() => {
+                    anyhow::bail!("--events is for keyboard and tablet")
+                }
                 DeviceKind::Rng => Box::new(Rng::new()?),
+                DeviceKind::Console => Box::new(Console::new(Box::new(std::io::stdout()), None)),
                 DeviceKind::Keyboard | DeviceKind::Tablet => {
                     let input = if matches!(kind, DeviceKind::Keyboard) {
                         Input::keyboard()?
