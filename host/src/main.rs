@@ -225,14 +225,7 @@ fn run_qemu(spec: &BootSpec, args: &RunArgs) -> Result<ExitCode> {
     let accel = pleiades_host::accel::choose()?;
     tracing::info!("QEMU accelerator: {} ({})", accel.accel, accel.reason);
     let vm = QemuVm::start(spec, &args.devices, &args.serial, accel)?;
-    let controller = vm.controller();
-    let _control = args
-        .control
-        .as_deref()
-        .map(|path| ControlServer::start(path, controller.clone()))
-        .transpose()
-        .context("cannot open the control socket")?;
-    shutdown_on_signals(controller)?;
+    let _control = control_vm(args, vm.controller())?;
     let status = vm.wait()?;
     Ok(if status.success() {
         ExitCode::SUCCESS
@@ -244,17 +237,23 @@ fn run_qemu(spec: &BootSpec, args: &RunArgs) -> Result<ExitCode> {
 
 fn run_pleiades(spec: &BootSpec, args: &RunArgs) -> Result<ExitCode> {
     let vm = PleiadesVm::new(spec, &args.devices, &args.serial)?;
-    let controller = vm.controller();
-    let _control = args
+    let _control = control_vm(args, vm.controller())?;
+    let reason = vm.run()?;
+    tracing::info!("the VM ended: {reason:?}");
+    Ok(ExitCode::from(u8::try_from(reason.exit_code()).unwrap_or(1)))
+}
+
+/// Opens the control socket (if asked for) and routes SIGTERM/SIGINT to the controller. The
+/// returned server lives as long as the VM runs.
+fn control_vm(args: &RunArgs, controller: Arc<dyn Controller>) -> Result<Option<ControlServer>> {
+    let server = args
         .control
         .as_deref()
         .map(|path| ControlServer::start(path, controller.clone()))
         .transpose()
         .context("cannot open the control socket")?;
     shutdown_on_signals(controller)?;
-    let reason = vm.run()?;
-    tracing::info!("the VM ended: {reason:?}");
-    Ok(ExitCode::from(u8::try_from(reason.exit_code()).unwrap_or(1)))
+    Ok(server)
 }
 
 /// SIGTERM and SIGINT ask the guest to power off, like `ctl shutdown`.
