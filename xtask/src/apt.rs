@@ -43,6 +43,9 @@ pub struct Group {
     /// Install these from bookworm-backports (`-t bookworm-backports`).
     pub backports: bool,
     pub packages: &'static [&'static str],
+    /// Skip the group when this command is already on PATH, however it was installed (Node.js
+    /// from NodeSource conflicts with Debian's `npm` package).
+    pub unless_command: Option<&'static str>,
 }
 
 /// Every package group. `xtask deps` with no argument installs all of them.
@@ -51,31 +54,43 @@ pub const GROUPS: &[Group] = &[
         name: "build",
         purpose: "building the Rust workspace",
         backports: false,
+        unless_command: None,
         packages: &["build-essential", "pkg-config", "ca-certificates"],
     },
     Group {
         name: "guest",
         purpose: "building the test guest image",
         backports: false,
+        unless_command: None,
         packages: &["dpkg", "apt", "cpio"],
     },
     Group {
         name: "qemu",
         purpose: "booting guests under QEMU (>= 9 for vhost-user-snd-pci) and QEMU's vhost-user-gpu",
         backports: true,
+        unless_command: None,
         packages: &["qemu-system-x86", "qemu-system-gui", "qemu-utils"],
     },
     Group {
         name: "postgresql",
         purpose: "the broker's PostgreSQL tests (server binaries; the tests start their own server)",
         backports: false,
+        unless_command: None,
         packages: &["postgresql"],
     },
     Group {
         name: "chromium",
         purpose: "the broker's browser tests (headless Chromium driven by playwright-core)",
         backports: false,
+        unless_command: None,
         packages: &["chromium"],
+    },
+    Group {
+        name: "node",
+        purpose: "running the broker's browser tests (playwright-core needs Node.js 18 or newer)",
+        backports: false,
+        unless_command: Some("npm"),
+        packages: &["nodejs", "npm"],
     },
 ];
 
@@ -151,6 +166,9 @@ impl Apt {
     pub fn install_groups(&self, groups: &[Group]) -> anyhow::Result<()> {
         let mut missing_any = false;
         for group in groups {
+            if group.unless_command.is_some_and(command_on_path) {
+                continue;
+            }
             let missing = missing_packages(group.packages)?;
             let outdated_qemu = group.name == "qemu" && qemu_too_old();
             if missing.is_empty() && !outdated_qemu {
@@ -370,6 +388,16 @@ fn lists_present() -> bool {
         .unwrap_or(false)
 }
 
+/// Whether `command` is an executable file in a directory of `PATH`.
+pub fn command_on_path(command: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| {
+            fs::metadata(dir.join(command)).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    })
+}
+
 /// Whether this process runs as root.
 pub fn is_root() -> bool {
     fs::read_to_string("/proc/self/status")
@@ -422,6 +450,12 @@ mod tests {
             "{e:?}"
         );
         assert!(classify("Reading package lists...\n", "x", "").is_none());
+    }
+
+    #[test]
+    fn finds_commands_on_path() {
+        assert!(command_on_path("sh"));
+        assert!(!command_on_path("pleiades-no-such-command"));
     }
 
     #[test]

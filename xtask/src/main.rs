@@ -83,7 +83,7 @@ fn run(command: Cmd) -> Result<()> {
         Cmd::Deps { groups, list } => {
             if list {
                 for g in apt::GROUPS {
-                    println!("{:8} {} ({})", g.name, g.packages.join(" "), g.purpose);
+                    println!("{:<11} {} ({})", g.name, g.packages.join(" "), g.purpose);
                 }
                 return Ok(());
             }
