@@ -59,3 +59,25 @@ impl QueueRings {
         mem.write_obj(idx, GuestAddress(self.avail + 2)).unwrap();
     }
 }
+
+/// A writer whose bytes the test reads back (a device's host-side output).
+#[derive(Debug, Clone, Default)]
+pub struct SharedWriter(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl SharedWriter {
+    /// Everything written so far.
+    pub fn bytes(&self) -> Vec<u8> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+impl std::io::Write for SharedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}

@@ -94,29 +94,17 @@ impl BusDevice for SerialPort {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
+    use crate::devices::virtio::test_utils::SharedWriter;
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
-
-    #[derive(Clone, Default)]
-    struct Shared(Arc<Mutex<Vec<u8>>>);
-    impl Write for Shared {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
 
     #[test]
     fn transmitted_bytes_reach_the_writer_and_input_raises_the_irq() {
-        let out = Shared::default();
+        let out = SharedWriter::default();
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         let mut port = SerialPort::new(irq.try_clone().unwrap(), Box::new(out.clone()));
         port.write(0, b"O");
         port.write(0, b"K");
-        assert_eq!(&*out.0.lock().unwrap(), b"OK");
+        assert_eq!(out.bytes(), b"OK");
         // Enable the received-data interrupt, then feed a byte.
         port.write(1, &[1]);
         port.enqueue_input(b"x");

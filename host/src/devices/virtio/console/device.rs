@@ -211,19 +211,6 @@ impl VirtioDevice for Console {
 mod tests {
     use super::*;
     use crate::devices::virtio::test_utils::*;
-    use std::sync::{Arc, Mutex};
-
-    #[derive(Clone, Default)]
-    struct Sink(Arc<Mutex<Vec<u8>>>);
-    impl Write for Sink {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
 
     #[test]
     fn guest_output_reaches_the_host() {
@@ -232,10 +219,10 @@ mod tests {
         mem.write_slice(b"world\n", GuestAddress(0x3_0000)).unwrap();
         let mut queue =
             queue_with(&mem, 16, &[desc(0x2_0000, 6, VRING_DESC_F_NEXT, 1), desc(0x3_0000, 6, 0, 0)]);
-        let sink = Sink::default();
+        let sink = SharedWriter::default();
         let mut console = Console::new(Box::new(sink.clone()), None);
         assert!(console.process_queue(TRANSMITQ, &mut queue, &mem).unwrap());
-        assert_eq!(sink.0.lock().unwrap().as_slice(), b"hello world\n");
+        assert_eq!(sink.bytes(), b"hello world\n");
     }
 
     #[test]
@@ -243,7 +230,7 @@ mod tests {
         let mem = memory();
         let (mut host_end, device_end) = std::os::unix::net::UnixStream::pair().unwrap();
         host_end.write_all(b"typed\n").unwrap();
-        let mut console = Console::new(Box::new(Sink::default()), Some(Box::new(device_end)));
+        let mut console = Console::new(Box::new(SharedWriter::default()), Some(Box::new(device_end)));
         let mut queues = vec![queue_with(
             &mem,
             16,
@@ -261,7 +248,7 @@ mod tests {
 
     #[test]
     fn config_says_one_port() {
-        let console = Console::new(Box::new(Sink::default()), None);
+        let console = Console::new(Box::new(SharedWriter::default()), None);
         let mut max_ports = [0u8; 4];
         console.read_config(4, &mut max_ports);
         assert_eq!(u32::from_le_bytes(max_ports), 1);
