@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use pleiades_host::accel::{Accel, AccelChoice};
 use pleiades_host::control::{self, Request};
 use pleiades_tests::image::GuestImage;
-use pleiades_tests::qemu::{BASE_CMDLINE, Guest, GuestConfig, boot_timeout};
+use pleiades_tests::qemu::{Guest, GuestConfig, boot_timeout};
 use pleiades_tests::testguest::{self, TestGuestConfig};
 
 const HOST: &str = env!("CARGO_BIN_EXE_pleiades-host");
@@ -109,29 +109,10 @@ fn linux_pleiades_host(
 ) -> Result<(), String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let socket = dir.path().join("vm.sock");
-    let mut cmd = Command::new(HOST);
-    cmd.env("PLEIADES_LOG", "warn");
-    cmd.args([
-        "run",
-        "--vmm",
-        vmm,
-        "--cpus",
-        "2",
-        "--memory",
-        "512M",
-        "--device",
-        "rng",
-        "--cmdline",
-        BASE_CMDLINE,
-    ])
-    .arg("--kernel")
-    .arg(&image.kernel)
-    .arg("--initrd")
-    .arg(&image.initramfs)
-    .arg("--control")
-    .arg(&socket);
     let started = Instant::now();
-    let guest = Guest::from_command(cmd, accel.clone(), false).map_err(|e| e.to_string())?;
+    let args = ["--vmm", vmm, "--device", "rng"];
+    let guest = Guest::start_host(Path::new(HOST), image, &args, &socket, accel.clone())
+        .map_err(|e| e.to_string())?;
     let pids = |g: &Guest| {
         let mut pids = vec![g.pid()];
         if let Ok(status) = control::request(&socket, &Request::Status, Duration::from_secs(10))

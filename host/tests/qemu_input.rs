@@ -2,12 +2,11 @@
 //! serves both as vhost-user processes, the guest's virtio_input driver binds them, and
 //! `ctl type` / `ctl pointer` reach the guest's input layer.
 
-use std::process::Command;
 use std::time::Duration;
 
 use pleiades_host::control::{self, PointerButton, Request};
 use pleiades_tests::image::GuestImage;
-use pleiades_tests::qemu::{BASE_CMDLINE, Guest, boot_timeout};
+use pleiades_tests::qemu::{Guest, boot_timeout};
 
 const SHELL: Duration = Duration::from_secs(60);
 
@@ -38,18 +37,10 @@ fn keyboard_and_tablet_are_bound_and_ctl_input_reaches_the_guest() {
     let image = GuestImage::locate().expect("test guest image");
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("vm.sock");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pleiades-host"));
-    cmd.args(["run", "--vmm", "qemu", "--cpus", "2", "--memory", "512M"])
-        .args(["--device", "rng", "--device", "keyboard", "--device", "tablet"])
-        .arg("--kernel")
-        .arg(&image.kernel)
-        .arg("--initrd")
-        .arg(&image.initramfs)
-        .args(["--cmdline", BASE_CMDLINE])
-        .arg("--control")
-        .arg(&socket);
     let accel = pleiades_host::accel::choose().expect("accelerator");
-    let mut guest = Guest::from_command(cmd, accel, false).expect("pleiades-host starts");
+    let host = std::path::Path::new(env!("CARGO_BIN_EXE_pleiades-host"));
+    let args = ["--vmm", "qemu", "--device", "rng", "--device", "keyboard", "--device", "tablet"];
+    let mut guest = Guest::start_host(host, &image, &args, &socket, accel).expect("pleiades-host starts");
     let info = guest.wait_ready(boot_timeout()).expect("READY");
     let mut devices: Vec<_> = info.devices.iter().map(|d| (d.kind.as_str(), d.driver.as_str())).collect();
     devices.sort();

@@ -1,29 +1,21 @@
 //! `pleiades-host run --vmm qemu`: QEMU runs the vCPUs, Pleiades' rng device is a separate
 //! vhost-user process, and the Linux driver in the test image binds it.
 
-use std::process::Command;
 use std::time::Duration;
 
 use pleiades_host::control::{self, Request};
 use pleiades_tests::image::GuestImage;
-use pleiades_tests::qemu::{BASE_CMDLINE, Guest, boot_timeout};
+use pleiades_tests::qemu::{Guest, boot_timeout};
 
 #[test]
 fn vhost_user_rng_is_bound_by_the_linux_driver_and_ctl_controls_the_vm() {
     let image = GuestImage::locate().expect("test guest image");
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("vm.sock");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pleiades-host"));
-    cmd.args(["run", "--vmm", "qemu", "--cpus", "2", "--memory", "512M", "--device", "rng"])
-        .arg("--kernel")
-        .arg(&image.kernel)
-        .arg("--initrd")
-        .arg(&image.initramfs)
-        .args(["--cmdline", BASE_CMDLINE])
-        .arg("--control")
-        .arg(&socket);
     let accel = pleiades_host::accel::choose().expect("accelerator");
-    let mut guest = Guest::from_command(cmd, accel, false).expect("pleiades-host starts");
+    let host = std::path::Path::new(env!("CARGO_BIN_EXE_pleiades-host"));
+    let args = ["--vmm", "qemu", "--device", "rng"];
+    let mut guest = Guest::start_host(host, &image, &args, &socket, accel).expect("pleiades-host starts");
     let info = guest.wait_ready(boot_timeout()).expect("READY");
     assert_eq!(info.cpus, 2);
     let devices: Vec<_> = info.devices.iter().map(|d| (d.kind.as_str(), d.driver.as_str())).collect();

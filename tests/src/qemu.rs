@@ -170,6 +170,30 @@ impl Guest {
         Ok(Self { stdin: child.stdin.take(), child, lines, transcript, accel, marker: 0, _scratch: scratch })
     }
 
+    /// Starts `pleiades-host run` (the binary at `host`) on the test image with 2 vCPUs and
+    /// 512 MiB, the serial console on stdio and the control socket at `control`; `args` adds
+    /// `--vmm`, `--device` and the like. Host logs are at `warn` unless `PLEIADES_LOG` says
+    /// otherwise. Does not wait for READY.
+    pub fn start_host(
+        host: &std::path::Path,
+        image: &GuestImage,
+        args: &[&str],
+        control: &std::path::Path,
+        accel: AccelChoice,
+    ) -> Result<Self, GuestError> {
+        let mut cmd = Command::new(host);
+        cmd.env("PLEIADES_LOG", std::env::var("PLEIADES_LOG").unwrap_or_else(|_| "warn".into()))
+            .args(["run", "--cpus", "2", "--memory", "512M", "--cmdline", BASE_CMDLINE])
+            .args(args)
+            .arg("--kernel")
+            .arg(&image.kernel)
+            .arg("--initrd")
+            .arg(&image.initramfs)
+            .arg("--control")
+            .arg(control);
+        Self::from_command(cmd, accel, false)
+    }
+
     /// Starts the guest and waits for its READY line.
     pub fn boot(image: &GuestImage, config: &GuestConfig) -> Result<(Self, GuestInfo), GuestError> {
         let mut guest = Self::start(image, config)?;
