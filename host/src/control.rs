@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::devices::virtio::gpu::GpuHandle;
 use crate::devices::virtio::input::event::{
     ABS_X, ABS_Y, BTN_LEFT, BTN_MIDDLE, BTN_RIGHT, EV_ABS, EV_REL, REL_WHEEL, TABLET_MAX,
 };
@@ -26,6 +27,8 @@ use crate::devices::virtio::input::{InputEvent, keymap};
 
 /// The most bytes a request line may have.
 const MAX_REQUEST: u64 = 64 * 1024;
+/// The most bytes a response line may have (a base64 PNG of a large monitor fits).
+const MAX_RESPONSE: u64 = 96 << 20;
 
 /// A control request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,6 +55,14 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         wheel: Option<i32>,
     },
+    /// What a scanout (monitor) shows now, as a PNG (answered base64-encoded).
+    Screenshot {
+        #[serde(default)]
+        scanout: u32,
+    },
+    /// Ask the guest to use these monitor sizes (`[[1280, 720], …]`, left to right; monitors
+    /// beyond the list are switched off).
+    Layout { sizes: Vec<(u32, u32)> },
 }
 
 /// A tablet button.
@@ -142,7 +153,17 @@ pub trait Controller: Send + Sync {
     fn send_input(&self, device: InputDevice, _events: &[InputEvent]) -> Result<(), String> {
         Err(format!("this VM has no {} (add --device {})", device.kind(), device.kind()))
     }
+    /// The GPU's host side (display sink, scanouts), if the VM has a GPU.
+    fn display(&self) -> Option<GpuHandle> {
+        None
+    }
+    /// Asks the guest to use these monitor sizes, left to right.
+    fn set_layout(&self, _sizes: &[(u32, u32)]) -> Result<(), String> {
+        Err(NO_GPU.into())
+    }
 }
+
+const NO_GPU: &str = "this VM has no GPU (add --device gpu)";
 
 /// Errors of the control socket.
 #[derive(Debug, thiserror::Error)]
@@ -187,9 +208,36 @@ pub fn handle_line(line: &str, controller: &dyn Controller) -> Response {
                 .map_or_else(Response::error, |()| Response::ok(serde_json::json!("moved"))),
             Err(e) => Response::error(e),
         },
+        Ok(Request::Screenshot { scanout }) => screenshot(controller, scanout),
+        Ok(Request::Layout { sizes }) => controller
+            .set_layout(&sizes)
+            .map_or_else(Response::error, |()| Response::ok(serde_json::json!({ "layout": sizes }))),
         Err(e) => Response::error(format!(
-            "bad request ({e}); commands: status, shutdown, reboot, type, key, pointer"
+            "bad request ({e}); commands: status, shutdown, reboot, type, key, pointer, screenshot, layout"
         )),
+    }
+}
+
+/// Encodes what `scanout` shows as a PNG.
+fn screenshot(controller: &dyn Controller, scanout: u32) -> Response {
+    use base64::Engine as _;
+    let Some(gpu) = controller.display() else { return Response::error(NO_GPU) };
+    if scanout >= gpu.scanouts() {
+        return Response::error(format!("scanout {scanout} does not exist; this GPU has {}", gpu.scanouts()));
+    }
+    let Some(frame) = gpu.sink().screenshot(scanout as usize) else {
+        return Response::error(format!(
+            "scanout {scanout} shows nothing: the guest has not set it up (is its display driver loaded, is the monitor enabled?)"
+        ));
+    };
+    match crate::screenshot::encode_png(&frame) {
+        Ok(png) => Response::ok(serde_json::json!({
+            "scanout": scanout,
+            "width": frame.width,
+            "height": frame.height,
+            "png_base64": base64::engine::general_purpose::STANDARD.encode(png),
+        })),
+        Err(e) => Response::error(format!("cannot encode the screenshot: {e}")),
     }
 }
 
@@ -283,7 +331,9 @@ pub fn request(path: &Path, request: &Request, timeout: Duration) -> Result<Resp
     line.push('\n');
     (&stream).write_all(line.as_bytes()).map_err(|e| no_answer(e.to_string()))?;
     let mut answer = String::new();
-    BufReader::new((&stream).take(16 << 20)).read_line(&mut answer).map_err(|e| no_answer(e.to_string()))?;
+    BufReader::new((&stream).take(MAX_RESPONSE))
+        .read_line(&mut answer)
+        .map_err(|e| no_answer(e.to_string()))?;
     serde_json::from_str(answer.trim()).map_err(|e| no_answer(format!("malformed answer: {e}")))
 }
 

@@ -7,7 +7,8 @@
 //!   PCI with MSI-X and the virtio-pci transport that drives the devices above.
 //! - [`config`]: the boot request, validated the same way for both VMMs.
 //! - [`qemu`]: `--vmm qemu`, QEMU with Pleiades' devices attached over vhost-user.
-//! - [`control`]: the control socket behind `pleiades-host ctl`.
+//! - [`control`]: the control socket behind `pleiades-host ctl`; [`screenshot`]: PNGs of
+//!   scanouts.
 //! - [`accel`]: whether KVM is hardware-backed here, which picks the default VMM.
 
 pub mod accel;
@@ -17,5 +18,6 @@ pub mod control;
 pub mod devices;
 pub mod pleiades;
 pub mod qemu;
+pub mod screenshot;
 pub mod vm;
 pub mod vmm;

@@ -11,6 +11,7 @@ use pleiades_host::config::BootSpec;
 use pleiades_host::control::{self, ControlServer, Controller, PointerButton, Request};
 use pleiades_host::devices::virtio::VirtioDevice;
 use pleiades_host::devices::virtio::console::Console;
+use pleiades_host::devices::virtio::gpu::{Gpu, GpuConfig};
 use pleiades_host::devices::virtio::input::{Input, events_socket, keymap};
 use pleiades_host::devices::virtio::rng::Rng;
 use pleiades_host::pleiades::PleiadesVm;
@@ -77,8 +78,10 @@ struct RunArgs {
     /// with Pleiades' devices over vhost-user (default elsewhere).
     #[arg(long)]
     vmm: Option<Vmm>,
-    /// A virtio device: `rng`, `console`, `keyboard` or `tablet`, optionally
-    /// `,backend=in-process|vhost-user`. Repeat for several devices.
+    /// A virtio device: `rng`, `console`, `keyboard`, `tablet` or `gpu`, optionally
+    /// `,backend=in-process|vhost-user`; the gpu takes `,heads=N` (monitors, 1-16) and
+    /// `,memory-mib=M` (the cap on host memory the guest can make it allocate, default 256).
+    /// Repeat for several devices.
     #[arg(long = "device")]
     devices: Vec<DeviceRequest>,
 }
@@ -114,6 +117,36 @@ enum CtlCommand {
         #[arg(long, allow_hyphen_values = true)]
         wheel: Option<i32>,
     },
+    /// Save what a monitor shows as a PNG file.
+    Screenshot {
+        /// The monitor (scanout), from 0.
+        #[arg(long, default_value_t = 0)]
+        scanout: u32,
+        /// The PNG file to write.
+        out: PathBuf,
+    },
+    /// Ask the guest to use these monitor sizes, left to right, e.g. `1280x720` or
+    /// `1920x1080,1280x1024` (monitors beyond the list are switched off).
+    Layout {
+        #[arg(value_parser = parse_layout)]
+        sizes: Layout,
+    },
+}
+
+/// Monitor sizes, left to right.
+#[derive(Debug, Clone)]
+struct Layout(Vec<(u32, u32)>);
+
+fn parse_layout(s: &str) -> Result<Layout, String> {
+    s.split(',')
+        .map(|size| {
+            let (w, h) =
+                size.trim().split_once(['x', 'X']).ok_or_else(|| format!("{size:?} is not WIDTHxHEIGHT"))?;
+            let parse = |v: &str| v.parse::<u32>().map_err(|_| format!("{size:?} is not WIDTHxHEIGHT"));
+            Ok((parse(w)?, parse(h)?))
+        })
+        .collect::<Result<_, _>>()
+        .map(Layout)
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -127,6 +160,9 @@ enum DeviceKind {
     Keyboard,
     /// virtio-input tablet (absolute pointer, three buttons, wheel).
     Tablet,
+    /// virtio-gpu 2D for QEMU's `vhost-user-gpu-pci` (one monitor; the display goes to QEMU's
+    /// console). `pleiades-host run` serves its GPU itself, to keep the display for its sink.
+    Gpu,
 }
 
 fn main() -> ExitCode {
@@ -157,6 +193,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 CtlCommand::Type { text } => Request::Type { text: keymap::unescape(&text) },
                 CtlCommand::Key { combo } => Request::Key { combo },
                 CtlCommand::Pointer { x, y, click, wheel } => Request::Pointer { x, y, click, wheel },
+                CtlCommand::Screenshot { scanout, ref out } => {
+                    let response =
+                        control::request(&socket, &Request::Screenshot { scanout }, Duration::from_secs(30))?;
+                    return save_screenshot(response, out);
+                }
+                CtlCommand::Layout { sizes } => Request::Layout { sizes: sizes.0 },
             };
             let response = control::request(&socket, &request, Duration::from_secs(30))?;
             match (response.ok, response.result, response.error) {
@@ -173,9 +215,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Device { kind, socket, events } => {
             let device: Box<dyn VirtioDevice> = match kind {
-                DeviceKind::Rng | DeviceKind::Console if events.is_some() => {
+                DeviceKind::Rng | DeviceKind::Console | DeviceKind::Gpu if events.is_some() => {
                     anyhow::bail!("--events is for keyboard and tablet")
                 }
+                DeviceKind::Gpu => Box::new(Gpu::new(&GpuConfig::default())?),
                 DeviceKind::Rng => Box::new(Rng::new()?),
                 DeviceKind::Console => Box::new(Console::new(Box::new(std::io::stdout()), None)),
                 DeviceKind::Keyboard | DeviceKind::Tablet => {
@@ -195,6 +238,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Writes the PNG of a `screenshot` answer to `out`.
+fn save_screenshot(response: control::Response, out: &std::path::Path) -> Result<ExitCode> {
+    use base64::Engine as _;
+    if !response.ok {
+        let error = response.error.unwrap_or_else(|| "the VM refused".into());
+        eprintln!("pleiades-host ctl: {error}");
+        return Ok(ExitCode::FAILURE);
+    }
+    let result = response.result.unwrap_or_default();
+    let png = result["png_base64"]
+        .as_str()
+        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+        .context("the VM's screenshot answer has no PNG")?;
+    std::fs::write(out, png).with_context(|| format!("cannot write {}", out.display()))?;
+    println!("{}x{} → {}", result["width"], result["height"], out.display());
+    Ok(ExitCode::SUCCESS)
 }
 
 fn run_vm(args: RunArgs) -> Result<ExitCode> {

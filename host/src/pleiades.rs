@@ -17,6 +17,7 @@ use crate::backends::{Backend, start_backend};
 use crate::config::BootSpec;
 use crate::control::{Controller, InputDevice};
 use crate::devices::virtio::console::Console;
+use crate::devices::virtio::gpu::{Gpu, GpuHandle};
 use crate::devices::virtio::input::{Input, InputEvent, InputSender, events_socket};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::{DeviceType, VirtioDevice};
@@ -48,6 +49,9 @@ fn device_type(kind: &str) -> Result<DeviceType> {
         "rng" => DeviceType::Rng,
         "console" => DeviceType::Console,
         "keyboard" | "tablet" => DeviceType::Input,
+        "gpu" => bail!(
+            "--vmm pleiades runs the GPU in-process (its display sink feeds the host's encoder and screenshots); drop `,backend=vhost-user` from --device gpu"
+        ),
         other => bail!("unknown device {other}"),
     })
 }
@@ -74,6 +78,7 @@ impl PleiadesVm {
         let mut specs = Vec::new();
         let mut backends = Vec::new();
         let mut inputs = Vec::new();
+        let mut gpu = None;
         for (i, request) in devices.iter().enumerate() {
             match request.backend.unwrap_or(DeviceBackend::InProcess) {
                 DeviceBackend::VhostUser => {
@@ -98,6 +103,14 @@ impl PleiadesVm {
                             inputs.push((request.kind, InputRoute::InProcess(Mutex::new(input.sender()))));
                             Box::new(input)
                         }
+                        "gpu" => {
+                            if gpu.is_some() {
+                                bail!("one --device gpu per VM (use heads=N for several monitors)");
+                            }
+                            let device = Gpu::new(&request.gpu_config())?;
+                            gpu = Some(device.handle());
+                            Box::new(device)
+                        }
                         other => bail!("unknown device {other}"),
                     };
                     specs.push(DeviceSpec::Virtio(device));
@@ -112,7 +125,7 @@ impl PleiadesVm {
         config.serial = serial.clone();
         config.devices = specs;
         let vm = Vm::new(config)?;
-        let controller = Arc::new(PleiadesController { handle: vm.handle(), inputs });
+        let controller = Arc::new(PleiadesController { handle: vm.handle(), inputs, gpu });
         Ok(Self { vm, controller, _backends: backends, _scratch: scratch })
     }
 
@@ -130,6 +143,7 @@ impl PleiadesVm {
 struct PleiadesController {
     handle: VmHandle,
     inputs: Vec<(&'static str, InputRoute)>,
+    gpu: Option<GpuHandle>,
 }
 
 impl Controller for PleiadesController {
@@ -146,6 +160,15 @@ impl Controller for PleiadesController {
     fn reboot(&self) -> Result<(), String> {
         self.handle.reboot();
         Ok(())
+    }
+
+    fn display(&self) -> Option<GpuHandle> {
+        self.gpu.clone()
+    }
+
+    fn set_layout(&self, sizes: &[(u32, u32)]) -> Result<(), String> {
+        let gpu = self.gpu.as_ref().ok_or("this VM has no GPU (add --device gpu)")?;
+        gpu.set_layout(sizes).map_err(|e| e.to_string())
     }
 
     fn send_input(&self, device: InputDevice, events: &[InputEvent]) -> Result<(), String> {

@@ -21,6 +21,8 @@ use crate::accel::{Accel, AccelChoice};
 use crate::backends::{Backend, start_backend};
 use crate::config::BootSpec;
 use crate::control::{Controller, InputDevice};
+use crate::devices::vhost_user;
+use crate::devices::virtio::gpu::{Gpu, GpuHandle};
 use crate::devices::virtio::input::{InputEvent, events_socket};
 use crate::vm::{DeviceBackend, DeviceRequest};
 use crate::vmm::SerialOut;
@@ -38,6 +40,7 @@ fn vhost_user_device(kind: &str) -> Result<&'static str> {
     Ok(match kind {
         "rng" => "vhost-user-rng-pci",
         "keyboard" | "tablet" => "vhost-user-input-pci",
+        "gpu" => "vhost-user-gpu-pci",
         other => bail!(
             "the {other} device cannot be attached to QEMU over vhost-user (QEMU has no vhost-user {other}); use --vmm pleiades"
         ),
@@ -49,7 +52,7 @@ fn qemu_command(
     spec: &BootSpec,
     accel: &AccelChoice,
     serial: &SerialOut,
-    backends: &[Backend],
+    devices: &[QemuDevice],
     qmp: &Path,
 ) -> Command {
     let mut cmd = Command::new(qemu_binary());
@@ -75,14 +78,58 @@ fn qemu_command(
         SerialOut::File(path) => cmd.arg("-serial").arg(format!("file:{}", path.display())),
         SerialOut::Null => cmd.args(["-serial", "null"]),
     };
-    for (i, backend) in backends.iter().enumerate() {
-        cmd.arg("-chardev").arg(format!("socket,id=vhu{i},path={}", backend.socket.display()));
-        // Checked when the backend was chosen.
-        let device = vhost_user_device(backend.kind).unwrap_or("none");
-        cmd.args(["-device", &format!("{device},chardev=vhu{i}")]);
+    for (i, device) in devices.iter().enumerate() {
+        cmd.arg("-chardev").arg(format!("socket,id=vhu{i},path={}", device.socket.display()));
+        cmd.args(["-device", &format!("{},chardev=vhu{i}{}", device.qemu_device, device.options)]);
+        cmd.args(&device.extra_args);
     }
     cmd.arg("-qmp").arg(format!("unix:{},server=on,wait=off", qmp.display()));
     cmd
+}
+
+/// QEMU's id for the GPU device.
+const GPU_ID: &str = "gpu0";
+
+/// Placeholder until QEMU's per-head layout channel is wired.
+mod layout {
+    use std::path::Path;
+    pub fn qemu_args(_device_id: &str, _heads: u32, _dir: &Path) -> Vec<String> {
+        Vec::new()
+    }
+    pub fn set_layout(_dir: &Path, _heads: u32, _sizes: &[(u32, u32)]) -> Result<(), String> {
+        Err("changing the layout under --vmm qemu is not wired yet; use --vmm pleiades".into())
+    }
+}
+
+/// A vhost-user device as QEMU sees it.
+#[derive(Debug)]
+struct QemuDevice {
+    socket: PathBuf,
+    qemu_device: &'static str,
+    /// `,key=value` options after the chardev.
+    options: String,
+    /// More QEMU arguments the device needs.
+    extra_args: Vec<String>,
+}
+
+/// The GPU served from this process (see the module docs): its thread ends when QEMU hangs up.
+fn serve_gpu(request: &DeviceRequest, socket: &Path) -> Result<GpuHandle> {
+    let gpu = Gpu::new(&request.gpu_config()).context("cannot create the GPU")?;
+    let handle = gpu.handle();
+    let path = socket.to_owned();
+    std::thread::Builder::new().name("vhost-user-gpu".into()).spawn(move || {
+        if let Err(e) = vhost_user::serve(Box::new(gpu), &path) {
+            tracing::error!("the GPU backend stopped: {e:#}");
+        }
+    })?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        if Instant::now() > deadline {
+            bail!("the GPU backend did not listen on {} within 10 s", socket.display());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(handle)
 }
 
 /// A QMP connection (QEMU's JSON machine protocol).
@@ -149,6 +196,7 @@ pub struct QemuVm {
     qemu: Arc<Mutex<Child>>,
     qmp: Arc<Mutex<Qmp>>,
     backends: Vec<Backend>,
+    gpu: Option<GpuHandle>,
     status: Arc<StatusInfo>,
     _scratch: tempfile::TempDir,
 }
@@ -171,23 +219,42 @@ impl QemuVm {
     ) -> Result<Self> {
         let scratch = tempfile::Builder::new().prefix("pleiades-vm-").tempdir()?;
         let mut backends = Vec::new();
+        let mut qemu_devices = Vec::new();
         let mut device_info = Vec::new();
+        let mut gpu = None;
         for (i, device) in devices.iter().enumerate() {
             if device.backend == Some(DeviceBackend::InProcess) {
                 bail!(
-                    "--vmm qemu serves devices only as vhost-user processes; drop `,backend=in-process` from --device {}",
+                    "--vmm qemu serves devices only over vhost-user; drop `,backend=in-process` from --device {}",
                     device.kind
                 );
             }
-            vhost_user_device(device.kind)?;
+            let qemu_device = vhost_user_device(device.kind)?;
             let socket = scratch.path().join(format!("{}-{i}.sock", device.kind));
-            let backend = start_backend(device.kind, &socket)?;
-            device_info
-                .push(json!({"kind": device.kind, "backend": "vhost-user", "pid": backend.child.id()}));
-            backends.push(backend);
+            let mut options = String::new();
+            let mut extra_args = Vec::new();
+            if device.kind == "gpu" {
+                if gpu.is_some() {
+                    bail!("one --device gpu per VM (use heads=N for several monitors)");
+                }
+                let handle = serve_gpu(device, &socket)?;
+                let heads = handle.scanouts();
+                // The GPU offers neither EVENT_IDX nor RING_RESET, and QEMU's vhost-user-gpu does not filter the
+                // guest's ring features by the backend's: turn it off on QEMU's side.
+                options = format!(",id={GPU_ID},max_outputs={heads},event_idx=off,queue_reset=off");
+                extra_args = layout::qemu_args(GPU_ID, heads, scratch.path());
+                device_info.push(json!({"kind": "gpu", "backend": "vhost-user", "heads": heads, "pid": std::process::id()}));
+                gpu = Some(handle);
+            } else {
+                let backend = start_backend(device.kind, &socket)?;
+                device_info
+                    .push(json!({"kind": device.kind, "backend": "vhost-user", "pid": backend.child.id()}));
+                backends.push(backend);
+            }
+            qemu_devices.push(QemuDevice { socket, qemu_device, options, extra_args });
         }
         let qmp_path = scratch.path().join("qmp.sock");
-        let mut cmd = qemu_command(spec, &accel, serial, &backends, &qmp_path);
+        let mut cmd = qemu_command(spec, &accel, serial, &qemu_devices, &qmp_path);
         cmd.stdin(if matches!(serial, SerialOut::Stdio) { Stdio::inherit() } else { Stdio::null() });
         tracing::debug!("starting {cmd:?}");
         let mut child = cmd.spawn().with_context(|| {
@@ -205,6 +272,7 @@ impl QemuVm {
             qemu: Arc::new(Mutex::new(child)),
             qmp: Arc::new(Mutex::new(qmp)),
             backends,
+            gpu,
             status: Arc::new(StatusInfo {
                 started: Instant::now(),
                 accel,
@@ -222,6 +290,8 @@ impl QemuVm {
             qmp: self.qmp.clone(),
             status: self.status.clone(),
             inputs: self.backends.iter().filter_map(|b| Some((b.kind, b.events.clone()?))).collect(),
+            gpu: self.gpu.clone(),
+            layout_dir: self._scratch.path().to_owned(),
         })
     }
 
@@ -247,6 +317,9 @@ struct QemuController {
     status: Arc<StatusInfo>,
     /// (kind, events socket) of each input backend.
     inputs: Vec<(&'static str, PathBuf)>,
+    gpu: Option<GpuHandle>,
+    /// Where QEMU's per-head display sockets are (see [`layout`]).
+    layout_dir: PathBuf,
 }
 
 impl Controller for QemuController {
@@ -291,6 +364,17 @@ impl Controller for QemuController {
 
     fn reboot(&self) -> Result<(), String> {
         lock(&self.qmp).execute("system_reset", json!({})).map(drop).map_err(|e| e.to_string())
+    }
+
+    fn display(&self) -> Option<GpuHandle> {
+        self.gpu.clone()
+    }
+
+    fn set_layout(&self, sizes: &[(u32, u32)]) -> Result<(), String> {
+        let gpu = self.gpu.as_ref().ok_or("this VM has no GPU (add --device gpu)")?;
+        GpuHandle::check_layout(gpu.scanouts(), sizes).map_err(|e| e.to_string())?;
+        // Under QEMU the layout is QEMU's: its UI asks the guest (see `layout`).
+        layout::set_layout(&self.layout_dir, gpu.scanouts(), sizes)
     }
 
     fn send_input(&self, device: InputDevice, events: &[InputEvent]) -> Result<(), String> {

@@ -172,6 +172,10 @@ impl VhostUserBackend for VhostUserDevice {
         Ok(())
     }
 
+    fn set_gpu_socket(&self, socket: vhost::vhost_user::GpuBackend) -> io::Result<()> {
+        self.state().device.set_gpu_socket(socket)
+    }
+
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<()> {
         self.state().mem = mem;
         Ok(())

@@ -17,6 +17,7 @@
 //! To add a device, copy the smallest one, [`rng`], and adapt it.
 
 pub mod console;
+pub mod gpu;
 pub mod input;
 pub mod rng;
 pub mod worker;
@@ -31,6 +32,8 @@ pub type GuestMemory = GuestMemoryMmap<()>;
 
 /// `VIRTIO_F_VERSION_1`: every Pleiades device is a virtio 1.x device.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// `VIRTIO_RING_F_INDIRECT_DESC` (virtio-queue follows indirect tables for every device).
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
 /// `VIRTIO_RING_F_EVENT_IDX`.
 pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 /// `VIRTIO_F_ACCESS_PLATFORM` is deliberately not offered: devices see guest-physical addresses.
@@ -135,6 +138,18 @@ pub trait VirtioDevice: Send {
         _mem: &GuestMemory,
     ) -> Result<Vec<usize>, DeviceError> {
         Ok(Vec::new())
+    }
+
+    /// Whether the configuration space changed (e.g. a host-requested display change) since the
+    /// last call; the transport then sends the configuration-change interrupt.
+    fn take_config_changed(&mut self) -> bool {
+        false
+    }
+
+    /// vhost-user only: the frontend's side channel of a GPU (`VHOST_USER_GPU_SET_SOCKET`,
+    /// QEMU's `vhost-user-gpu-pci`). Devices other than the GPU refuse it.
+    fn set_gpu_socket(&mut self, _socket: vhost::vhost_user::GpuBackend) -> std::io::Result<()> {
+        Err(std::io::Error::other(format!("the {} device has no GPU socket", self.device_type().name())))
     }
 
     /// The driver reset the device: drop all per-activation state.

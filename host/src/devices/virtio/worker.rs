@@ -173,6 +173,11 @@ impl Worker {
             Ok(used) => used.into_iter().for_each(|q| self.signal(q)),
             Err(e) => self.fail(e),
         }
+        if self.device.take_config_changed()
+            && let Err(e) = self.interrupt.signal_config()
+        {
+            tracing::warn!("virtio worker: cannot signal a configuration change: {e}");
+        }
     }
 
     fn signal(&mut self, index: usize) {
