@@ -13,7 +13,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 /// The fuzz targets and how long each runs in the test command.
-pub const TARGETS: &[&str] = &["virtio_queue", "virtio_input"];
+pub const TARGETS: &[&str] = &["virtio_queue", "virtio_input", "virtio_gpu"];
 const SECONDS_EACH: u32 = 15;
 const TRIPLE: &str = "x86_64-unknown-linux-gnu";
 
@@ -41,13 +41,17 @@ pub fn run_briefly(root: &Path) -> Result<()> {
         std::fs::create_dir_all(&corpus)?;
         std::fs::create_dir_all(&artifacts)?;
         let binary = target_dir.join(TRIPLE).join("release").join(target);
-        let output = Command::new(&binary)
-            .arg(format!("-max_total_time={SECONDS_EACH}"))
+        let mut cmd = Command::new(&binary);
+        cmd.arg(format!("-max_total_time={SECONDS_EACH}"))
             .arg(format!("-artifact_prefix={}/", artifacts.display()))
             .arg("-print_final_stats=1")
-            .arg(&corpus)
-            .output()
-            .with_context(|| format!("cannot run {}", binary.display()))?;
+            .arg(&corpus);
+        // Hand-made seeds (`fuzz/seeds/<target>/`): read, never written.
+        let seeds = root.join("fuzz/seeds").join(target);
+        if seeds.is_dir() {
+            cmd.arg(&seeds);
+        }
+        let output = cmd.output().with_context(|| format!("cannot run {}", binary.display()))?;
         let log = String::from_utf8_lossy(&output.stderr);
         let runs = log.lines().find(|l| l.starts_with("stat::number_of_executed_units")).unwrap_or("");
         if !output.status.success() {

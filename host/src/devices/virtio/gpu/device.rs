@@ -223,6 +223,17 @@ impl Gpu {
         }
     }
 
+    /// Handles one control-queue request (its readable bytes) and returns the response, as
+    /// the queue path does without the ring: for the fuzz target and the benchmark.
+    pub fn control_request(&mut self, request: &[u8], mem: &GuestMemory) -> Vec<u8> {
+        self.execute(&request[..request.len().min(MAX_REQUEST_BYTES)], mem)
+    }
+
+    /// Handles one cursor-queue request (no response), as [`Self::control_request`] does.
+    pub fn cursor_request(&mut self, request: &[u8]) {
+        self.cursor(&request[..request.len().min(MAX_REQUEST_BYTES)]);
+    }
+
     /// Handles one request; returns the response bytes.
     fn execute(&mut self, bytes: &[u8], mem: &GuestMemory) -> Vec<u8> {
         self.metrics().commands.fetch_add(1, Ordering::Relaxed);

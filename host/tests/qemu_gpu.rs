@@ -1,0 +1,141 @@
+//! virtio-gpu end to end: `pleiades-host run --vmm qemu --device gpu` serves the GPU over
+//! vhost-user (`vhost-user-gpu-pci`), the guest's virtio_gpu DRM driver binds it and fbcon
+//! draws the console into it; `ctl screenshot` shows that console, and what `ctl type` types
+//! appears on it; `ctl layout` makes the guest switch resolution, on one monitor and on two.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use pleiades_host::control::{self, Request, Response};
+use pleiades_host::devices::virtio::gpu::Framebuffer;
+use pleiades_host::screenshot::decode_png;
+use pleiades_tests::image::GuestImage;
+use pleiades_tests::qemu::{Guest, boot_timeout};
+
+const SHELL: Duration = Duration::from_secs(60);
+
+fn ctl(socket: &Path, request: Request) -> Response {
+    let response = control::request(socket, &request, Duration::from_secs(30)).unwrap();
+    assert!(response.ok, "{request:?}: {response:?}");
+    response
+}
+
+/// `ctl screenshot` of `scanout`, decoded; `None` while the scanout shows nothing.
+fn screenshot(socket: &Path, scanout: u32) -> Option<Framebuffer> {
+    use base64::Engine as _;
+    let response =
+        control::request(socket, &Request::Screenshot { scanout }, Duration::from_secs(30)).unwrap();
+    if !response.ok {
+        return None;
+    }
+    let result = response.result.unwrap();
+    let png =
+        base64::engine::general_purpose::STANDARD.decode(result["png_base64"].as_str().unwrap()).unwrap();
+    let frame = decode_png(&png).unwrap();
+    assert_eq!(
+        (u64::from(frame.width), u64::from(frame.height)),
+        (result["width"].as_u64().unwrap(), result["height"].as_u64().unwrap())
+    );
+    Some(frame)
+}
+
+/// Rows that have text on them: pixels clearly brighter than the black console background.
+fn text_rows(frame: &Framebuffer) -> Vec<u32> {
+    (0..frame.height)
+        .filter(|&y| {
+            (0..frame.width)
+                .filter(|&x| {
+                    let (r, g, b) = frame.rgb(x, y);
+                    u32::from(r) + u32::from(g) + u32::from(b) > 300
+                })
+                .count()
+                > 0
+        })
+        .collect()
+}
+
+/// Polls screenshots until `accept` holds (bounded).
+fn screenshot_until(
+    socket: &Path,
+    scanout: u32,
+    what: &str,
+    accept: impl Fn(&Framebuffer) -> bool,
+) -> Framebuffer {
+    let deadline = Instant::now() + SHELL;
+    let mut last = None;
+    while Instant::now() < deadline {
+        if let Some(frame) = screenshot(socket, scanout) {
+            if accept(&frame) {
+                return frame;
+            }
+            last = Some((frame.width, frame.height, text_rows(&frame).len()));
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    panic!(
+        "scanout {scanout}: {what} did not happen within {SHELL:?}; last screenshot (w, h, text rows): {last:?}"
+    );
+}
+
+fn start(args: &[&str], socket: &Path) -> Guest {
+    let image = GuestImage::locate().expect("test guest image");
+    let accel = pleiades_host::accel::choose().expect("accelerator");
+    let host = Path::new(env!("CARGO_BIN_EXE_pleiades-host"));
+    Guest::start_host(host, &image, args, socket, accel).expect("pleiades-host starts")
+}
+
+/// Waits until the shell on tty1 (the console fbcon draws) is up.
+fn wait_for_tty1_shell(guest: &mut Guest) {
+    guest
+        .run(
+            "for i in $(seq 100); do ls -l /proc/[0-9]*/fd 2>/dev/null | grep -q 'tty1$' && break; sleep 0.2; done",
+            SHELL,
+        )
+        .unwrap();
+}
+
+#[test]
+fn the_console_is_visible_and_typing_changes_it_where_the_prompt_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("vm.sock");
+    let mut guest = start(&["--vmm", "qemu", "--device", "gpu", "--device", "keyboard"], &socket);
+    let info = guest.wait_ready(boot_timeout()).expect("READY");
+    assert!(
+        info.devices.iter().any(|d| d.kind == "gpu" && d.driver == "virtio_gpu"),
+        "virtio_gpu bound: {:?}",
+        info.devices
+    );
+    wait_for_tty1_shell(&mut guest);
+
+    // fbcon shows the shell's banner and prompt: several rows of text at the top.
+    let before = screenshot_until(&socket, 0, "console text", |f| text_rows(f).len() > 20);
+    assert_eq!((before.width, before.height), (1280, 800), "the default mode");
+    let rows = text_rows(&before);
+    let prompt_bottom = *rows.last().unwrap();
+    assert!(prompt_bottom < 200, "text at the top of the screen: rows {rows:?}");
+
+    ctl(&socket, Request::Type { text: "echo PLEIADES-TYPED > /dev/ttyS0\n".into() });
+    guest.wait_for("PLEIADES-TYPED", SHELL).expect("the typed command ran in the guest");
+    let after = screenshot_until(&socket, 0, "the typed line", |f| f.pixels != before.pixels);
+
+    // What changed: the prompt line got the command, and a new prompt appeared below it.
+    let changed: Vec<u32> = (0..after.height)
+        .filter(|&y| (0..after.width).any(|x| after.rgb(x, y) != before.rgb(x, y)))
+        .collect();
+    let (first, last) = (changed[0], *changed.last().unwrap());
+    let prompt_top = rows.iter().rev().take_while(|&&y| y + 24 > prompt_bottom).last().copied().unwrap();
+    assert!(
+        first >= prompt_top && first <= prompt_bottom,
+        "the change starts on the prompt's line ({prompt_top}..={prompt_bottom}), not at row {first}"
+    );
+    assert!(last > prompt_bottom, "a new prompt below (changed rows {first}..={last})");
+    // The typed command sits right of the prompt on the prompt's line.
+    let typed_columns: Vec<u32> = (0..after.width)
+        .filter(|&x| (prompt_top..=prompt_bottom).any(|y| after.rgb(x, y) != before.rgb(x, y)))
+        .collect();
+    assert!(typed_columns[0] > 100, "typed text starts after the prompt, not at x={}", typed_columns[0]);
+
+    ctl(&socket, Request::Shutdown);
+    let status = guest.wait_exit(SHELL).expect("the VM ends");
+    assert!(status.success(), "{status}");
+}
