@@ -148,7 +148,11 @@ struct PleiadesController {
 
 impl Controller for PleiadesController {
     fn status(&self) -> Value {
-        self.handle.status()
+        let mut status = self.handle.status();
+        if let Some(gpu) = &self.gpu {
+            status["gpu"] = gpu.status();
+        }
+        status
     }
 
     fn shutdown(&self) -> Result<(), String> {

@@ -340,6 +340,7 @@ impl Controller for QemuController {
             "uptime_s": s.started.elapsed().as_secs_f64(),
             "qemu_pid": lock(&self.qemu).id(),
             "devices": s.devices,
+            "gpu": self.gpu.as_ref().map(GpuHandle::status),
         })
     }
 

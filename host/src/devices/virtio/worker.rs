@@ -4,12 +4,16 @@
 //! eventfds (ioeventfds registered with KVM) and an [`Interrupt`], to [`spawn`]. The vCPU thread
 //! never processes a queue. The worker waits on one epoll set with a typed token per source,
 //! and gives the device back when it is stopped (on a driver reset), so the transport can reset
-//! it and activate it again.
+//! it and activate it again. While it runs, the transport reaches the device's configuration
+//! space through the worker ([`WorkerHandle::read_config`], [`WorkerHandle::write_config`]): a
+//! request, a wake-up and a bounded wait for the answer, so the device's state has one owner.
 
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use virtio_queue::Queue;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -35,14 +39,51 @@ pub struct ActiveQueue {
     pub kick: EventFd,
 }
 
+/// How long the transport waits for the worker to answer a config access (it is busy at most
+/// for one batch of requests).
+const CONFIG_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A configuration-space access the worker performs on the device it owns.
+#[derive(Debug)]
+enum ConfigOp {
+    Read { offset: u64, len: usize },
+    Write { offset: u64, data: Vec<u8> },
+}
+
 /// A running worker. Dropping the handle does not stop it; call [`WorkerHandle::stop`].
 #[derive(Debug)]
 pub struct WorkerHandle {
     kill: EventFd,
+    config_wake: EventFd,
+    config: Sender<(ConfigOp, SyncSender<Vec<u8>>)>,
     thread: Option<JoinHandle<Box<dyn VirtioDevice>>>,
 }
 
 impl WorkerHandle {
+    fn config_op(&self, op: ConfigOp) -> Option<Vec<u8>> {
+        let (reply, answer) = sync_channel(1);
+        self.config.send((op, reply)).ok()?;
+        self.config_wake.write(1).ok()?;
+        let answer = answer.recv_timeout(CONFIG_TIMEOUT);
+        if answer.is_err() {
+            tracing::warn!("virtio worker: no answer to a config access within {CONFIG_TIMEOUT:?}");
+        }
+        answer.ok()
+    }
+
+    /// Reads the running device's configuration space (zeros if the worker does not answer).
+    pub fn read_config(&self, offset: u64, data: &mut [u8]) {
+        match self.config_op(ConfigOp::Read { offset, len: data.len() }) {
+            Some(bytes) if bytes.len() == data.len() => data.copy_from_slice(&bytes),
+            _ => data.fill(0),
+        }
+    }
+
+    /// Writes the running device's configuration space.
+    pub fn write_config(&self, offset: u64, data: &[u8]) {
+        self.config_op(ConfigOp::Write { offset, data: data.to_vec() });
+    }
+
     /// Stops the worker and returns the device (for reset and re-activation).
     pub fn stop(mut self) -> Option<Box<dyn VirtioDevice>> {
         let _ = self.kill.write(1);
@@ -55,6 +96,7 @@ enum Token {
     Kill,
     Queue(usize),
     Host(usize),
+    Config,
 }
 
 impl Token {
@@ -63,6 +105,7 @@ impl Token {
             Self::Kill => 0,
             Self::Queue(i) => 1 << 32 | i as u64,
             Self::Host(i) => 2 << 32 | i as u64,
+            Self::Config => 3 << 32,
         }
     }
 
@@ -72,6 +115,7 @@ impl Token {
             0 => Some(Self::Kill),
             1 => Some(Self::Queue(index)),
             2 => Some(Self::Host(index)),
+            3 => Some(Self::Config),
             _ => None,
         }
     }
@@ -86,12 +130,19 @@ pub fn spawn(
     interrupt: Arc<dyn Interrupt>,
 ) -> io::Result<WorkerHandle> {
     let kill = EventFd::new(EFD_NONBLOCK)?;
+    let config_wake = EventFd::new(EFD_NONBLOCK)?;
     let epoll = Epoll::new()?;
     epoll.ctl(
         ControlOperation::Add,
         kill.as_raw_fd(),
         EpollEvent::new(EventSet::IN, Token::Kill.encode()),
     )?;
+    epoll.ctl(
+        ControlOperation::Add,
+        config_wake.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, Token::Config.encode()),
+    )?;
+    let (config, config_requests) = channel();
     for (i, q) in queues.iter().enumerate() {
         epoll.ctl(
             ControlOperation::Add,
@@ -103,10 +154,20 @@ pub fn spawn(
         epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, Token::Host(i).encode()))?;
     }
     let (queues, kicks) = queues.into_iter().map(|q| (q.queue, q.kick)).unzip();
-    let worker =
-        Worker { device, mem, queues, kicks, interrupt, epoll, kill: kill.try_clone()?, broken: false };
+    let worker = Worker {
+        device,
+        mem,
+        queues,
+        kicks,
+        interrupt,
+        epoll,
+        kill: kill.try_clone()?,
+        config_wake: config_wake.try_clone()?,
+        config_requests,
+        broken: false,
+    };
     let thread = std::thread::Builder::new().name(format!("virtio-{name}")).spawn(move || worker.run())?;
-    Ok(WorkerHandle { kill, thread: Some(thread) })
+    Ok(WorkerHandle { kill, config_wake, config, thread: Some(thread) })
 }
 
 struct Worker {
@@ -117,6 +178,8 @@ struct Worker {
     interrupt: Arc<dyn Interrupt>,
     epoll: Epoll,
     kill: EventFd,
+    config_wake: EventFd,
+    config_requests: Receiver<(ConfigOp, SyncSender<Vec<u8>>)>,
     /// Set once a queue is found corrupt: nothing more is processed until the driver resets.
     broken: bool,
 }
@@ -144,6 +207,7 @@ impl Worker {
                         self.process(i);
                     }
                     Some(Token::Host(i)) => self.host_event(i),
+                    Some(Token::Config) => self.config_access(),
                     None => {}
                 }
             }
@@ -177,6 +241,24 @@ impl Worker {
             && let Err(e) = self.interrupt.signal_config()
         {
             tracing::warn!("virtio worker: cannot signal a configuration change: {e}");
+        }
+    }
+
+    fn config_access(&mut self) {
+        let _ = self.config_wake.read();
+        while let Ok((op, reply)) = self.config_requests.try_recv() {
+            let answer = match op {
+                ConfigOp::Read { offset, len } => {
+                    let mut data = vec![0u8; len.min(4096)];
+                    self.device.read_config(offset, &mut data);
+                    data
+                }
+                ConfigOp::Write { offset, data } => {
+                    self.device.write_config(offset, &data);
+                    Vec::new()
+                }
+            };
+            let _ = reply.send(answer);
         }
     }
 
@@ -286,6 +368,37 @@ mod tests {
         wait_for(&recorder, "queue0");
         assert_eq!(used_entries(&mem, &rings), [(0, 8)]);
         assert!(handle.stop().is_some());
+    }
+
+    #[test]
+    fn a_host_display_change_raises_a_config_interrupt_and_config_goes_through_the_worker() {
+        use crate::devices::virtio::gpu::{Gpu, GpuConfig};
+        let mem = memory();
+        let gpu = Gpu::new(&GpuConfig { scanouts: 2, ..GpuConfig::default() }).unwrap();
+        let handle = gpu.handle();
+        let queues = (0..2)
+            .map(|_| ActiveQueue {
+                queue: Queue::new(16).unwrap(),
+                kick: EventFd::new(EFD_NONBLOCK).unwrap(),
+            })
+            .collect();
+        let recorder = Arc::new(Recorder::default());
+        let worker = spawn("gpu", Box::new(gpu), mem, queues, recorder.clone()).unwrap();
+        let mut events_read = [0u8; 4];
+        worker.read_config(0, &mut events_read);
+        assert_eq!(events_read, [0; 4]);
+        let mut scanouts = [0u8; 4];
+        worker.read_config(8, &mut scanouts);
+        assert_eq!(u32::from_le_bytes(scanouts), 2);
+
+        handle.set_layout(&[(1024, 768), (1024, 768)]).unwrap();
+        wait_for(&recorder, "config");
+        worker.read_config(0, &mut events_read);
+        assert_eq!(u32::from_le_bytes(events_read), 1, "VIRTIO_GPU_EVENT_DISPLAY");
+        worker.write_config(4, &1u32.to_le_bytes());
+        worker.read_config(0, &mut events_read);
+        assert_eq!(events_read, [0; 4], "events_clear reached the running device");
+        assert!(worker.stop().is_some());
     }
 
     #[test]

@@ -13,8 +13,8 @@
 //!
 //! On `DRIVER_OK` the queues are built from the registers, validated, and handed with the
 //! device to a [`worker`] thread; on reset (status 0) the worker is stopped, the device comes
-//! back and is reset. While the worker owns the device, config reads come from a snapshot taken
-//! at activation and config writes are dropped (the devices in the tree have read-only config).
+//! back and is reset. While the worker owns the device, config reads and writes go through it
+//! ([`WorkerHandle::read_config`]), so e.g. the GPU's `events_clear` reaches the device.
 //! Anything the guest writes is checked here: bad queue sizes or addresses leave the queue
 //! disabled, features the device did not offer fail FEATURES_OK, and a broken activation sets
 //! DEVICE_NEEDS_RESET with a config interrupt. Nothing the guest writes can panic the VMM.
@@ -52,8 +52,6 @@ pub const NOTIFY_OFFSET: u64 = 0x3000;
 pub const NOTIFY_OFF_MULTIPLIER: u32 = 4;
 pub const MSIX_TABLE_OFFSET: u64 = 0x4000;
 pub const MSIX_PBA_OFFSET: u64 = 0x5000;
-/// The config snapshot served while a worker owns the device.
-const CONFIG_SNAPSHOT_SIZE: usize = 256;
 
 /// `cfg_type` of the virtio vendor capabilities.
 const VIRTIO_PCI_CAP_COMMON_CFG: u8 = 1;
@@ -128,7 +126,6 @@ pub struct VirtioPciDevice {
     device_features: u64,
     queue_max_sizes: Vec<u16>,
     serving: Serving,
-    config_snapshot: Vec<u8>,
     lines: Arc<InterruptLines>,
     notify: Vec<EventFd>,
     bar_addr: Option<u64>,
@@ -241,7 +238,6 @@ impl VirtioPciDevice {
                 Backend::InProcess(device) => Serving::Local { device: Some(device), worker: None },
                 Backend::VhostUser(frontend) => Serving::Remote(frontend),
             },
-            config_snapshot: Vec::new(),
             lines: Arc::new(InterruptLines::new(msix, vectors)),
             notify,
             bar_addr: None,
@@ -347,7 +343,6 @@ impl VirtioPciDevice {
             let _ = event.read();
         }
         self.common.reset();
-        self.config_snapshot.clear();
         self.lines.isr.store(0, Ordering::SeqCst);
         self.lines.needs_reset.store(false, Ordering::SeqCst);
         self.lines.config_vector.store(NO_VECTOR, Ordering::SeqCst);
@@ -453,9 +448,6 @@ impl VirtioPciDevice {
             Serving::Remote(_) => return self.activate_remote(),
         };
         let Some(device) = device else { return self.refuse_activation() };
-        let mut snapshot = vec![0u8; CONFIG_SNAPSHOT_SIZE];
-        device.read_config(0, &mut snapshot);
-        self.config_snapshot = snapshot;
         let interrupt = Arc::new(WorkerInterrupt {
             lines: self.lines.clone(),
             queue_vectors: self.common.queues.iter().map(|q| q.msix_vector).collect(),
@@ -625,9 +617,8 @@ impl BusDevice for VirtioPciDevice {
                 let o = o - DEVICE_CFG_OFFSET;
                 match &mut self.serving {
                     Serving::Local { device: Some(device), .. } => device.read_config(o, data),
-                    Serving::Local { device: None, .. } => {
-                        crate::devices::virtio::read_config_bytes(&self.config_snapshot, o, data)
-                    }
+                    Serving::Local { device: None, worker: Some(worker) } => worker.read_config(o, data),
+                    Serving::Local { device: None, worker: None } => data.fill(0),
                     Serving::Remote(frontend) => frontend.read_config(o, data),
                 }
             }
@@ -652,9 +643,10 @@ impl BusDevice for VirtioPciDevice {
                     Serving::Local { device: Some(device), .. } => {
                         device.write_config(o - DEVICE_CFG_OFFSET, data)
                     }
-                    Serving::Local { device: None, .. } => {
-                        tracing::debug!("virtio-{}: config write while active dropped", self.name)
+                    Serving::Local { device: None, worker: Some(worker) } => {
+                        worker.write_config(o - DEVICE_CFG_OFFSET, data)
                     }
+                    Serving::Local { device: None, worker: None } => {}
                     Serving::Remote(frontend) => frontend.write_config(o - DEVICE_CFG_OFFSET, data),
                 }
             }

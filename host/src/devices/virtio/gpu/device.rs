@@ -109,6 +109,24 @@ impl GpuHandle {
         self.shared.scanouts
     }
 
+    /// What `ctl status` shows of the GPU.
+    pub fn status(&self) -> serde_json::Value {
+        let m = &self.shared.metrics;
+        let sink = self.sink.metrics();
+        let cursor = self.sink.cursor();
+        serde_json::json!({
+            "scanouts": self.sink.sizes().iter().map(|s| s.map(|(w, h)| format!("{w}x{h}"))).collect::<Vec<_>>(),
+            "commands": m.commands.load(Ordering::Relaxed),
+            "errors": m.errors.load(Ordering::Relaxed),
+            "resource_bytes": m.resource_bytes.load(Ordering::Relaxed),
+            "bytes_transferred": m.bytes_transferred.load(Ordering::Relaxed),
+            "flushes": sink.flushes.load(Ordering::Relaxed),
+            "flushed_bytes": sink.bytes_in.load(Ordering::Relaxed),
+            "layout_changes": m.layout_changes.load(Ordering::Relaxed),
+            "cursor": { "visible": cursor.visible, "scanout": cursor.scanout, "x": cursor.x, "y": cursor.y },
+        })
+    }
+
     /// Checks a layout: one size per monitor, the rest disabled.
     pub fn check_layout(scanouts: u32, sizes: &[(u32, u32)]) -> Result<(), LayoutError> {
         if sizes.is_empty() || sizes.len() > scanouts as usize {
