@@ -5,6 +5,7 @@
 //!   ([`devices::virtio::worker`]) or as a vhost-user backend process ([`devices::vhost_user`]).
 //! - [`vmm`]: Pleiades' own KVM VMM: guest memory, direct kernel boot, vCPUs, legacy devices,
 //!   PCI with MSI-X and the virtio-pci transport that drives the devices above.
+//! - [`display`]: encoding the GPU's scanouts for a client (lossless tiles, H.264 for motion).
 //! - [`config`]: the boot request, validated the same way for both VMMs.
 //! - [`qemu`]: `--vmm qemu`, QEMU with Pleiades' devices attached over vhost-user.
 //! - [`control`]: the control socket behind `pleiades-host ctl`; [`screenshot`]: PNGs of
@@ -16,6 +17,7 @@ pub mod backends;
 pub mod config;
 pub mod control;
 pub mod devices;
+pub mod display;
 pub mod pleiades;
 pub mod qemu;
 pub mod screenshot;

@@ -52,10 +52,10 @@ pub struct Group {
 pub const GROUPS: &[Group] = &[
     Group {
         name: "build",
-        purpose: "building the Rust workspace",
+        purpose: "building the Rust workspace (nasm: OpenH264's assembly; without it H.264 encodes ~2.6x slower)",
         backports: false,
         unless_command: None,
-        packages: &["build-essential", "pkg-config", "ca-certificates"],
+        packages: &["build-essential", "pkg-config", "ca-certificates", "nasm"],
     },
     Group {
         name: "guest",

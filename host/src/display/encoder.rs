@@ -1,0 +1,262 @@
+//! The per-connection display encoder: damage in, tiles and H.264 out.
+//!
+//! Each call gets the consumer's up-to-date copy of a scanout and the damage since the last
+//! call (from the [`DisplaySink`](crate::devices::virtio::gpu::DisplaySink)). Damaged tiles
+//! whose pixels differ from what the client holds losslessly are candidates; the
+//! [`MotionDetector`] decides which part of the screen is video-like. Inside the motion region
+//! the encoder sends H.264 and marks those tiles lossy; outside it, lossless tiles. When the
+//! region goes quiet, its tiles are sent again losslessly (the lossless refresh), so a still
+//! screen always converges to pixel-exact.
+
+use super::motion::MotionDetector;
+use super::tiles::{self, Grid, Tile};
+use super::video::{RegionEncoder, VideoFrame};
+use crate::devices::virtio::gpu::Framebuffer;
+use crate::devices::virtio::gpu::protocol::Rect;
+
+/// What the connection's controller allows now.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EncoderSettings {
+    /// H.264 bitrate for the motion region, bits per second.
+    pub video_bitrate: u32,
+    /// The frame rate the controller paces to (a hint for the H.264 rate control).
+    pub fps: f32,
+    /// Whether the client decodes H.264 (else everything is lossless).
+    pub video: bool,
+}
+
+impl Default for EncoderSettings {
+    fn default() -> Self {
+        Self { video_bitrate: 4_000_000, fps: 30.0, video: true }
+    }
+}
+
+/// One frame's updates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedFrame {
+    pub width: u32,
+    pub height: u32,
+    pub tiles: Vec<Tile>,
+    pub video: Option<VideoFrame>,
+}
+
+impl EncodedFrame {
+    /// Payload bytes (tiles and video).
+    pub fn bytes(&self) -> usize {
+        self.tiles.iter().map(|t| t.data.len()).sum::<usize>()
+            + self.video.as_ref().map_or(0, |v| v.data.len())
+    }
+}
+
+/// Re-create the H.264 stream when the wanted bitrate moved by more than this factor.
+const BITRATE_SLACK: f64 = 1.5;
+
+/// The display encoder of one scanout for one client.
+#[derive(Debug)]
+pub struct DisplayEncoder {
+    grid: Grid,
+    /// What the client holds losslessly.
+    sent: Framebuffer,
+    /// Tiles the client holds as H.264 (lossy) pixels.
+    lossy: Vec<bool>,
+    motion: MotionDetector,
+    video: Option<RegionEncoder>,
+    /// Everything must be sent (new client, new size).
+    full: bool,
+}
+
+impl DisplayEncoder {
+    pub fn new(width: u32, height: u32) -> Self {
+        let grid = Grid { width, height };
+        Self {
+            grid,
+            sent: Framebuffer::new(width, height),
+            lossy: vec![false; grid.len()],
+            motion: MotionDetector::new(grid),
+            video: None,
+            full: true,
+        }
+    }
+
+    /// The client needs the whole screen again (it connected or reconnected).
+    pub fn refresh_all(&mut self) {
+        self.full = true;
+        if let Some(v) = &mut self.video {
+            v.force_keyframe();
+        }
+    }
+
+    /// The current motion region, if any.
+    pub fn motion_region(&self) -> Option<Rect> {
+        self.motion.region()
+    }
+
+    /// Encodes what changed in `frame` within `damage`. `None`: nothing to send.
+    pub fn encode(
+        &mut self,
+        frame: &Framebuffer,
+        damage: &[Rect],
+        settings: &EncoderSettings,
+    ) -> Result<Option<EncodedFrame>, String> {
+        if (frame.width, frame.height) != (self.grid.width, self.grid.height) {
+            *self = Self::new(frame.width, frame.height);
+        }
+        let grid = self.grid;
+        let mut candidates = vec![false; grid.len()];
+        if self.full {
+            candidates.fill(true);
+        } else {
+            for r in damage {
+                grid.covering(r).for_each(|i| candidates[i] = true);
+            }
+        }
+        let changed: Vec<usize> = (0..grid.len())
+            .filter(|&i| candidates[i] && (self.full || !tiles::same(frame, &self.sent, grid.rect(i))))
+            .collect();
+        let refresh = if self.full { None } else { self.motion.update(&changed) };
+
+        let region = if settings.video && !self.full { self.motion.region() } else { None };
+        let in_region = |i: usize| region.is_some_and(|r| r.intersect(&grid.rect(i)) == grid.rect(i));
+        let mut video = None;
+        if let Some(rect) = region
+            && changed.iter().any(|&i| in_region(i))
+        {
+            video = Some(self.encode_video(frame, rect, settings)?);
+            for i in (0..grid.len()).filter(|&i| in_region(i)) {
+                self.lossy[i] = true;
+            }
+        }
+
+        let mut send: Vec<usize> = changed.iter().copied().filter(|&i| !in_region(i)).collect();
+        if let Some(dropped) = refresh {
+            send.extend(grid.covering(&dropped).filter(|&i| self.lossy[i]));
+        }
+        // A tile left lossy by a region that moved on is refreshed too.
+        send.extend((0..grid.len()).filter(|&i| self.lossy[i] && !in_region(i)));
+        send.sort_unstable();
+        send.dedup();
+        let tiles: Vec<Tile> = send
+            .into_iter()
+            .map(|i| {
+                let tile = tiles::encode(frame, grid.rect(i));
+                self.lossy[i] = false;
+                tile
+            })
+            .collect();
+        for tile in &tiles {
+            tiles::apply(&mut self.sent, tile)?;
+        }
+        self.full = false;
+        if tiles.is_empty() && video.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(EncodedFrame { width: grid.width, height: grid.height, tiles, video }))
+    }
+
+    fn encode_video(
+        &mut self,
+        frame: &Framebuffer,
+        rect: Rect,
+        s: &EncoderSettings,
+    ) -> Result<VideoFrame, String> {
+        let stale = self.video.as_ref().is_none_or(|v| {
+            let ratio = f64::from(v.bitrate()) / f64::from(s.video_bitrate.max(1));
+            v.rect() != rect || !(1.0 / BITRATE_SLACK..=BITRATE_SLACK).contains(&ratio)
+        });
+        if stale {
+            self.video = Some(RegionEncoder::new(rect, s.video_bitrate, s.fps)?);
+        }
+        let encoder = self.video.as_mut().ok_or("no H.264 encoder")?;
+        encoder.encode(frame)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::display::motion::{COOL_FRAMES, HOT};
+
+    fn paint(frame: &mut Framebuffer, r: Rect, seed: u32) {
+        for y in r.y..r.y + r.height {
+            for x in r.x..r.x + r.width {
+                let at = (y * frame.width + x) as usize * 4;
+                let v = (x.wrapping_mul(31) ^ y.wrapping_mul(17)).wrapping_add(seed * 7);
+                frame.pixels[at..at + 4].copy_from_slice(&[v as u8, (v >> 3) as u8, (v >> 5) as u8, 0]);
+            }
+        }
+    }
+
+    /// What a client that applies every tile (and ignores video) would hold.
+    fn client_after(frames: &[EncodedFrame], width: u32, height: u32) -> Framebuffer {
+        let mut fb = Framebuffer::new(width, height);
+        for f in frames {
+            for t in &f.tiles {
+                tiles::apply(&mut fb, t).unwrap();
+            }
+        }
+        fb
+    }
+
+    #[test]
+    fn the_first_frame_is_complete_and_unchanged_damage_sends_nothing() {
+        let mut frame = Framebuffer::new(200, 100);
+        paint(&mut frame, Rect::new(0, 0, 200, 100), 1);
+        let mut enc = DisplayEncoder::new(200, 100);
+        let s = EncoderSettings::default();
+        let first = enc.encode(&frame, &[], &s).unwrap().unwrap();
+        assert_eq!(first.tiles.len(), 4 * 2);
+        assert_eq!(client_after(std::slice::from_ref(&first), 200, 100), frame);
+        assert_eq!(
+            enc.encode(&frame, &[Rect::new(0, 0, 200, 100)], &s).unwrap(),
+            None,
+            "damage without change"
+        );
+        paint(&mut frame, Rect::new(70, 10, 8, 16), 2);
+        let typed = enc.encode(&frame, &[Rect::new(70, 10, 8, 16)], &s).unwrap().unwrap();
+        assert_eq!(typed.tiles.len(), 1);
+        assert!(typed.video.is_none());
+    }
+
+    #[test]
+    fn motion_goes_to_video_and_a_still_screen_converges_losslessly() {
+        let (w, h) = (640, 480);
+        let video_rect = Rect::new(64, 64, 384, 256);
+        let mut frame = Framebuffer::new(w, h);
+        let mut enc = DisplayEncoder::new(w, h);
+        let s = EncoderSettings { video_bitrate: 1_000_000, ..EncoderSettings::default() };
+        let mut sent = vec![enc.encode(&frame, &[], &s).unwrap().unwrap()];
+        let mut video_frames = 0;
+        for n in 0..(HOT + 10) {
+            paint(&mut frame, video_rect, n + 10);
+            let out = enc.encode(&frame, &[video_rect], &s).unwrap().unwrap();
+            video_frames += usize::from(out.video.is_some());
+            sent.push(out);
+        }
+        assert!(video_frames >= 10, "the moving area went to H.264 ({video_frames} frames)");
+        let region = enc.motion_region().unwrap();
+        assert!(region.intersect(&video_rect) == video_rect);
+        // Motion stops: within COOL_FRAMES the region is refreshed losslessly.
+        for _ in 0..=COOL_FRAMES {
+            if let Some(out) = enc.encode(&frame, &[], &s).unwrap() {
+                sent.push(out);
+            }
+        }
+        assert_eq!(enc.motion_region(), None);
+        assert_eq!(client_after(&sent, w, h), frame, "pixel-exact after the refresh");
+    }
+
+    #[test]
+    fn without_video_everything_is_lossless() {
+        let mut frame = Framebuffer::new(320, 240);
+        let mut enc = DisplayEncoder::new(320, 240);
+        let s = EncoderSettings { video: false, ..EncoderSettings::default() };
+        let mut sent = vec![enc.encode(&frame, &[], &s).unwrap().unwrap()];
+        for n in 0..20 {
+            paint(&mut frame, Rect::new(0, 0, 320, 240), n);
+            let out = enc.encode(&frame, &[Rect::new(0, 0, 320, 240)], &s).unwrap().unwrap();
+            assert!(out.video.is_none());
+            sent.push(out);
+            assert_eq!(client_after(&sent, 320, 240), frame);
+        }
+    }
+}
