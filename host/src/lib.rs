@@ -7,6 +7,7 @@
 //!   PCI with MSI-X and the virtio-pci transport that drives the devices above.
 //! - [`config`]: the boot request, validated the same way for both VMMs.
 //! - [`qemu`]: `--vmm qemu`, QEMU with Pleiades' devices attached over vhost-user.
+//! - [`qemu_layout`]: the guest's display layout under `--vmm qemu`, through QEMU's per-head VNC servers.
 //! - [`control`]: the control socket behind `pleiades-host ctl`.
 //! - [`accel`]: whether KVM is hardware-backed here, which picks the default VMM.
 
@@ -17,5 +18,6 @@ pub mod control;
 pub mod devices;
 pub mod pleiades;
 pub mod qemu;
+pub mod qemu_layout;
 pub mod vm;
 pub mod vmm;
