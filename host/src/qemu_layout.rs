@@ -273,6 +273,13 @@ impl RfbClient {
         height: u16,
         timeout: Duration,
     ) -> Result<ResizeReply, RfbError> {
+        self.send_set_desktop_size(width, height)?;
+        self.read_resize_reply(timeout)
+    }
+
+    /// Sends `SetDesktopSize` for a one-screen desktop of `width` x `height` (0x0: no screen)
+    /// without waiting for the answer ([`Self::read_resize_reply`]).
+    pub fn send_set_desktop_size(&mut self, width: u16, height: u16) -> Result<(), RfbError> {
         let mut msg = vec![MSG_SET_DESKTOP_SIZE, 0];
         msg.extend_from_slice(&width.to_be_bytes());
         msg.extend_from_slice(&height.to_be_bytes());
@@ -282,8 +289,13 @@ impl RfbClient {
         msg.extend_from_slice(&width.to_be_bytes());
         msg.extend_from_slice(&height.to_be_bytes());
         msg.extend_from_slice(&0u32.to_be_bytes()); // flags
-        write_all(&self.stream, &msg, "sending SetDesktopSize")?;
+        write_all(&self.stream, &msg, "sending SetDesktopSize")
+    }
 
+    /// Waits up to `timeout` for the server's answer to a `SetDesktopSize` (an
+    /// ExtendedDesktopSize rectangle with x-position 1, "this client"); other size reports
+    /// before it are noted and skipped.
+    pub fn read_resize_reply(&mut self, timeout: Duration) -> Result<ResizeReply, RfbError> {
         let deadline = Instant::now() + timeout;
         loop {
             match self.next_size_event(deadline, timeout, "waiting for the answer to SetDesktopSize")? {
@@ -583,25 +595,43 @@ pub fn set_layout_with_timeout(
     if sizes.len() > heads as usize {
         return Err(LayoutError::TooManyMonitors { requested: sizes.len(), heads });
     }
-    // Turn heads on first and off last, so the guest always has a monitor.
-    let mut order: Vec<u32> = (0..heads).collect();
-    order.sort_by_key(|&h| sizes.get(h as usize).is_none_or(|&(w, _)| w == 0));
-    let mut replies = vec![None; heads as usize];
-    for head in order {
+    // Every head is connected first and the requests go out together, so that QEMU updates
+    // all heads before the guest reacts: Linux's virtio-gpu acknowledges a display event
+    // (`events_clear`) only after it has queued GET_DISPLAY_INFO, so a second head's event
+    // that lands in between is lost (seen with back-to-back requests under TCG).
+    let mut clients = Vec::with_capacity(heads as usize);
+    for head in 0..heads {
+        let path = head_socket(dir, head);
+        match RfbClient::connect(&path, timeout) {
+            Ok(client) => clients.push((head, path, client)),
+            Err(error) => return Err(LayoutError::Head { head, path, error }),
+        }
+    }
+    let size_of = |head: u32| {
         let (w, h) = sizes.get(head as usize).copied().unwrap_or((0, 0));
         // Validated above: both fit in u16.
-        let (width, height) = (w as u16, h as u16);
-        let path = head_socket(dir, head);
-        let head_error = |error| LayoutError::Head { head, path: path.clone(), error };
-        let mut client = RfbClient::connect(&path, timeout).map_err(head_error)?;
-        let reply = client.set_desktop_size(width, height, timeout).map_err(head_error)?;
+        (w as u16, h as u16)
+    };
+    for (head, path, client) in &mut clients {
+        let (width, height) = size_of(*head);
+        client.send_set_desktop_size(width, height).map_err(|error| LayoutError::Head {
+            head: *head,
+            path: path.clone(),
+            error,
+        })?;
+    }
+    let mut replies = Vec::with_capacity(clients.len());
+    for (head, path, mut client) in clients {
+        let (width, height) = size_of(head);
+        let reply =
+            client.read_resize_reply(timeout).map_err(|error| LayoutError::Head { head, path, error })?;
         if !reply.status.accepted() {
             return Err(LayoutError::Refused { head, width, height, status: reply.status });
         }
         tracing::info!(head, width, height, status = %reply.status, "display head size requested");
-        replies[head as usize] = Some(reply);
+        replies.push(reply);
     }
-    Ok(replies.into_iter().flatten().collect())
+    Ok(replies)
 }
 
 #[cfg(test)]
@@ -752,7 +782,7 @@ mod tests {
     }
 
     #[test]
-    fn set_layout_turns_extra_heads_off_last() {
+    fn set_layout_sends_every_head_and_turns_extra_heads_off() {
         let dir = tempfile::tempdir().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         let servers: Vec<_> = (0..3)
@@ -772,8 +802,9 @@ mod tests {
         for s in servers {
             s.join().unwrap().unwrap();
         }
-        let order: Vec<_> = rx.try_iter().collect();
-        assert_eq!(order, [(1, (1024, 768)), (0, (0, 0)), (2, (0, 0))]);
+        let mut sent: Vec<_> = rx.try_iter().collect();
+        sent.sort();
+        assert_eq!(sent, [(0, (0, 0)), (1, (1024, 768)), (2, (0, 0))]);
     }
 
     #[test]
