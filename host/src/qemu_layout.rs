@@ -30,6 +30,15 @@
 //! sends a second, server-initiated one (x-position 0) with the new size;
 //! [`RfbClient::wait_for_size`] waits for it. QEMU ignores a request equal to the last one it
 //! forwarded for that head (it still answers 4).
+//!
+//! # The guest's side
+//!
+//! At boot QEMU's virtio-gpu enables head 0 only (1280x800); a size is all another head needs to
+//! come on. Linux's virtio-gpu acknowledges a display event (`events_clear`) only after it has
+//! queued GET_DISPLAY_INFO, so an event for a second head that lands in between is lost: QEMU
+//! has stored the size, but the guest only sees it on the next display event. [`set_layout`]
+//! therefore connects to every head first and sends all sizes together, so that they reach QEMU
+//! before the guest reacts to the first.
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
