@@ -8,6 +8,7 @@
 //! - [`display`]: encoding the GPU's scanouts for a client (lossless tiles, H.264 for motion).
 //! - [`config`]: the boot request, validated the same way for both VMMs.
 //! - [`qemu`]: `--vmm qemu`, QEMU with Pleiades' devices attached over vhost-user.
+//! - [`qemu_display`]: host-initiated display changes under `--vmm qemu`, through QEMU's D-Bus display.
 //! - [`control`]: the control socket behind `pleiades-host ctl`; [`screenshot`]: PNGs of
 //!   scanouts.
 //! - [`accel`]: whether KVM is hardware-backed here, which picks the default VMM.
@@ -20,6 +21,7 @@ pub mod devices;
 pub mod display;
 pub mod pleiades;
 pub mod qemu;
+pub mod qemu_display;
 pub mod screenshot;
 pub mod vm;
 pub mod vmm;

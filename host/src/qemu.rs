@@ -8,6 +8,7 @@
 //! `pointer` go to the keyboard's and tablet's backends over their events sockets.
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::RawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -24,6 +25,7 @@ use crate::control::{Controller, InputDevice};
 use crate::devices::vhost_user;
 use crate::devices::virtio::gpu::{Gpu, GpuHandle};
 use crate::devices::virtio::input::{InputEvent, events_socket};
+use crate::qemu_display::{self, QemuDisplay};
 use crate::vm::{DeviceBackend, DeviceRequest};
 use crate::vmm::SerialOut;
 
@@ -55,12 +57,21 @@ fn qemu_command(
     devices: &[QemuDevice],
     qmp: &Path,
 ) -> Command {
-    let mut cmd = Command::new(qemu_binary());
+    // QEMU dies with this process, even when it is killed (util-linux's setpriv sets the
+    // parent-death signal and execs QEMU, so the pid is QEMU's).
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--pdeathsig", "KILL", "--"]).arg(qemu_binary());
     let accel_name = match accel.accel {
         Accel::Kvm => "kvm",
         Accel::Tcg => "tcg",
     };
-    cmd.args(["-nodefaults", "-no-user-config", "-display", "none", "-vga", "none", "-monitor", "none"])
+    // A GPU needs a UI for host-initiated display changes (see `qemu_display`).
+    let display = if devices.iter().any(|d| d.qemu_device == "vhost-user-gpu-pci") {
+        qemu_display::QEMU_DISPLAY
+    } else {
+        "none"
+    };
+    cmd.args(["-nodefaults", "-no-user-config", "-display", display, "-vga", "none", "-monitor", "none"])
         .args(["-machine", &format!("q35,accel={accel_name},memory-backend=mem")])
         .args(["-object", &format!("memory-backend-memfd,id=mem,size={}M,share=on", spec.memory_mib)])
         .args(["-cpu", if accel.accel == Accel::Kvm { "host" } else { "max" }])
@@ -81,7 +92,6 @@ fn qemu_command(
     for (i, device) in devices.iter().enumerate() {
         cmd.arg("-chardev").arg(format!("socket,id=vhu{i},path={}", device.socket.display()));
         cmd.args(["-device", &format!("{},chardev=vhu{i}{}", device.qemu_device, device.options)]);
-        cmd.args(&device.extra_args);
     }
     cmd.arg("-qmp").arg(format!("unix:{},server=on,wait=off", qmp.display()));
     cmd
@@ -90,17 +100,6 @@ fn qemu_command(
 /// QEMU's id for the GPU device.
 const GPU_ID: &str = "gpu0";
 
-/// Placeholder until QEMU's per-head layout channel is wired.
-mod layout {
-    use std::path::Path;
-    pub fn qemu_args(_device_id: &str, _heads: u32, _dir: &Path) -> Vec<String> {
-        Vec::new()
-    }
-    pub fn set_layout(_dir: &Path, _heads: u32, _sizes: &[(u32, u32)]) -> Result<(), String> {
-        Err("changing the layout under --vmm qemu is not wired yet; use --vmm pleiades".into())
-    }
-}
-
 /// A vhost-user device as QEMU sees it.
 #[derive(Debug)]
 struct QemuDevice {
@@ -108,8 +107,6 @@ struct QemuDevice {
     qemu_device: &'static str,
     /// `,key=value` options after the chardev.
     options: String,
-    /// More QEMU arguments the device needs.
-    extra_args: Vec<String>,
 }
 
 /// The GPU served from this process (see the module docs): its thread ends when QEMU hangs up.
@@ -172,11 +169,33 @@ impl Qmp {
 
     /// Runs a command and returns its `return` value; events in between are skipped.
     pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value> {
+        writeln!(self.writer, "{}", Self::request(command, arguments))?;
+        self.answer(command)
+    }
+
+    /// Runs a command that takes a file descriptor (`getfd`), passed along with it.
+    pub fn execute_with_fd(&mut self, command: &str, arguments: Value, fd: RawFd) -> Result<Value> {
+        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+        let line = format!("{}\n", Self::request(command, arguments));
+        let sent = self
+            .writer
+            .send_with_fd(line.as_bytes(), fd)
+            .map_err(|e| anyhow::anyhow!("QMP {command}: {e}"))?;
+        if sent != line.len() {
+            bail!("QMP {command}: the request was cut short");
+        }
+        self.answer(command)
+    }
+
+    fn request(command: &str, arguments: Value) -> Value {
         let mut request = json!({ "execute": command });
         if arguments.as_object().is_some_and(|a| !a.is_empty()) {
             request["arguments"] = arguments;
         }
-        writeln!(self.writer, "{request}")?;
+        request
+    }
+
+    fn answer(&mut self, command: &str) -> Result<Value> {
         for _ in 0..1000 {
             let message = self.read_message()?;
             if let Some(value) = message.get("return") {
@@ -197,6 +216,7 @@ pub struct QemuVm {
     qmp: Arc<Mutex<Qmp>>,
     backends: Vec<Backend>,
     gpu: Option<GpuHandle>,
+    display: Option<Arc<Mutex<QemuDisplay>>>,
     status: Arc<StatusInfo>,
     _scratch: tempfile::TempDir,
 }
@@ -232,7 +252,6 @@ impl QemuVm {
             let qemu_device = vhost_user_device(device.kind)?;
             let socket = scratch.path().join(format!("{}-{i}.sock", device.kind));
             let mut options = String::new();
-            let mut extra_args = Vec::new();
             if device.kind == "gpu" {
                 if gpu.is_some() {
                     bail!("one --device gpu per VM (use heads=N for several monitors)");
@@ -242,7 +261,6 @@ impl QemuVm {
                 // The GPU offers neither EVENT_IDX nor RING_RESET, and QEMU's vhost-user-gpu does not filter the
                 // guest's ring features by the backend's: turn it off on QEMU's side.
                 options = format!(",id={GPU_ID},max_outputs={heads},event_idx=off,queue_reset=off");
-                extra_args = layout::qemu_args(GPU_ID, heads, scratch.path());
                 device_info.push(json!({"kind": "gpu", "backend": "vhost-user", "heads": heads, "pid": std::process::id()}));
                 gpu = Some(handle);
             } else {
@@ -251,7 +269,7 @@ impl QemuVm {
                     .push(json!({"kind": device.kind, "backend": "vhost-user", "pid": backend.child.id()}));
                 backends.push(backend);
             }
-            qemu_devices.push(QemuDevice { socket, qemu_device, options, extra_args });
+            qemu_devices.push(QemuDevice { socket, qemu_device, options });
         }
         let qmp_path = scratch.path().join("qmp.sock");
         let mut cmd = qemu_command(spec, &accel, serial, &qemu_devices, &qmp_path);
@@ -260,7 +278,7 @@ impl QemuVm {
         let mut child = cmd.spawn().with_context(|| {
             format!("cannot start {}: install QEMU (`./dev deps`)", qemu_binary().display())
         })?;
-        let qmp = match Qmp::connect(&qmp_path, Duration::from_secs(30)) {
+        let mut qmp = match Qmp::connect(&qmp_path, Duration::from_secs(30)) {
             Ok(q) => q,
             Err(e) => {
                 let _ = child.kill();
@@ -268,11 +286,23 @@ impl QemuVm {
                 return Err(e.context(format!("QEMU did not start (exit status {status:?})")));
             }
         };
+        let display = match gpu {
+            Some(_) => match QemuDisplay::connect(&mut qmp) {
+                Ok(d) => Some(Arc::new(Mutex::new(d))),
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    bail!("{e}");
+                }
+            },
+            None => None,
+        };
         Ok(Self {
             qemu: Arc::new(Mutex::new(child)),
             qmp: Arc::new(Mutex::new(qmp)),
             backends,
             gpu,
+            display,
             status: Arc::new(StatusInfo {
                 started: Instant::now(),
                 accel,
@@ -291,7 +321,7 @@ impl QemuVm {
             status: self.status.clone(),
             inputs: self.backends.iter().filter_map(|b| Some((b.kind, b.events.clone()?))).collect(),
             gpu: self.gpu.clone(),
-            layout_dir: self._scratch.path().to_owned(),
+            display: self.display.clone(),
         })
     }
 
@@ -318,8 +348,8 @@ struct QemuController {
     /// (kind, events socket) of each input backend.
     inputs: Vec<(&'static str, PathBuf)>,
     gpu: Option<GpuHandle>,
-    /// Where QEMU's per-head display sockets are (see [`layout`]).
-    layout_dir: PathBuf,
+    /// QEMU's display, which raises the guest's display-change event (see [`qemu_display`]).
+    display: Option<Arc<Mutex<QemuDisplay>>>,
 }
 
 impl Controller for QemuController {
@@ -374,8 +404,10 @@ impl Controller for QemuController {
     fn set_layout(&self, sizes: &[(u32, u32)]) -> Result<(), String> {
         let gpu = self.gpu.as_ref().ok_or("this VM has no GPU (add --device gpu)")?;
         GpuHandle::check_layout(gpu.scanouts(), sizes).map_err(|e| e.to_string())?;
-        // Under QEMU the layout is QEMU's: its UI asks the guest (see `layout`).
-        layout::set_layout(&self.layout_dir, gpu.scanouts(), sizes)
+        // The GPU answers the guest from this layout; QEMU's display raises the event.
+        gpu.set_layout(sizes).map_err(|e| e.to_string())?;
+        let display = self.display.as_ref().ok_or("QEMU's display is not connected")?;
+        lock(display).set_layout(sizes).map_err(|e| e.to_string())
     }
 
     fn send_input(&self, device: InputDevice, events: &[InputEvent]) -> Result<(), String> {

@@ -139,3 +139,42 @@ fn the_console_is_visible_and_typing_changes_it_where_the_prompt_was() {
     let status = guest.wait_exit(SHELL).expect("the VM ends");
     assert!(status.success(), "{status}");
 }
+
+#[test]
+fn ctl_layout_switches_the_guest_on_one_and_on_two_monitors() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("vm.sock");
+    let mut guest = start(&["--vmm", "qemu", "--device", "gpu,heads=2"], &socket);
+    guest.wait_ready(boot_timeout()).expect("READY");
+    wait_for_tty1_shell(&mut guest);
+    screenshot_until(&socket, 0, "console text", |f| text_rows(f).len() > 20);
+    let edid = guest.run("cat /sys/class/drm/card0-Virtual-1/edid | od -An -tx1 | head -1", SHELL).unwrap();
+    assert!(edid.iter().any(|l| l.contains("00 ff ff ff ff ff ff 00")), "the guest read our EDID: {edid:?}");
+
+    ctl(&socket, Request::Layout { sizes: vec![(1280, 720)] });
+    let one = screenshot_until(&socket, 0, "the switch to 1280x720", |f| (f.width, f.height) == (1280, 720));
+    assert!(
+        !text_rows(&one).is_empty()
+            || screenshot_until(&socket, 0, "text", |f| !text_rows(f).is_empty()).width == 1280
+    );
+    let modes = guest.run("cat /sys/class/drm/card0-Virtual-1/modes | head -1", SHELL).unwrap();
+    assert!(modes.iter().any(|m| m == "1280x720"), "preferred mode: {modes:?}");
+
+    ctl(&socket, Request::Layout { sizes: vec![(1024, 768), (1024, 768)] });
+    for scanout in 0..2 {
+        let frame = screenshot_until(&socket, scanout, "1024x768 with console text", |f| {
+            (f.width, f.height) == (1024, 768) && text_rows(f).len() > 10
+        });
+        assert_eq!(frame.width, 1024);
+    }
+    let status = guest.run("cat /sys/class/drm/card0-Virtual-2/status", SHELL).unwrap();
+    assert!(status.iter().any(|s| s == "connected"), "the second monitor: {status:?}");
+
+    // A layout the GPU cannot show is refused with a reason, and the VM goes on.
+    let refused =
+        control::request(&socket, &Request::Layout { sizes: vec![(1024, 768); 3] }, Duration::from_secs(30))
+            .unwrap();
+    assert!(!refused.ok && refused.error.as_deref().unwrap_or("").contains("2 scanouts"), "{refused:?}");
+    ctl(&socket, Request::Shutdown);
+    assert!(guest.wait_exit(SHELL).expect("the VM ends").success());
+}

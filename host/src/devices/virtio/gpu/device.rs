@@ -12,9 +12,10 @@ use vhost::vhost_user::gpu_message::{
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+use super::edid;
 use super::protocol::{
     self, Command, CursorPos, DisplayOne, EVENT_DISPLAY, GpuError, HEADER_SIZE, Header, MAX_REQUEST_BYTES,
-    MAX_SCANOUTS, Rect, resp,
+    MAX_SCANOUTS, Rect, VIRTIO_GPU_F_EDID, resp,
 };
 use super::resources::{GpuLimits, Resources};
 use super::sink::{CURSOR_SIZE, DisplaySink};
@@ -31,8 +32,8 @@ const CONFIG_SIZE: usize = 16;
 /// Problems logged individually before the device goes quiet about them.
 const LOGGED_PROBLEMS: u64 = 16;
 /// The smallest and largest monitor the host may ask for (the EDID's preferred mode must fit).
-pub const MIN_DISPLAY: (u32, u32) = (320, 200);
-pub const MAX_DISPLAY: (u32, u32) = (3840, 2400);
+pub const MIN_DISPLAY: (u32, u32) = (edid::MIN_WIDTH, edid::MIN_HEIGHT);
+pub const MAX_DISPLAY: (u32, u32) = (edid::MAX_WIDTH, edid::MAX_HEIGHT);
 
 /// How a GPU is set up.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -183,12 +184,41 @@ pub struct Gpu {
     buffer: Vec<u8>,
 }
 
-/// The vhost-user GPU socket to QEMU (`VHOST_USER_GPU_SET_SOCKET`).
-struct Frontend(GpuBackend);
+/// One message for QEMU's display.
+type MirrorJob = Box<dyn FnOnce(&GpuBackend) -> std::io::Result<()> + Send>;
+/// Messages waiting for QEMU's display before updates are dropped (and a whole-scanout update
+/// is sent once there is room again).
+const MIRROR_QUEUE: usize = 16;
+
+/// The vhost-user GPU socket to QEMU (`VHOST_USER_GPU_SET_SOCKET`), written by a thread of its
+/// own: QEMU reads it on its main loop, which can wait for this device (a config access while
+/// the vCPU holds QEMU's big lock), so the device must never block on it.
+struct Frontend {
+    jobs: std::sync::mpsc::SyncSender<MirrorJob>,
+    /// Updates were dropped: the next flush of each scanout sends all of it.
+    resync: bool,
+}
 
 impl std::fmt::Debug for Frontend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Frontend")
+        f.debug_struct("Frontend").field("resync", &self.resync).finish()
+    }
+}
+
+impl Frontend {
+    fn start(socket: GpuBackend) -> std::io::Result<Self> {
+        let (jobs, queue) = std::sync::mpsc::sync_channel::<MirrorJob>(MIRROR_QUEUE);
+        std::thread::Builder::new().name("gpu-mirror".into()).spawn(move || {
+            for job in queue {
+                if let Err(e) = job(&socket) {
+                    tracing::warn!(
+                        "virtio-gpu: QEMU's display socket failed ({e}); no longer mirroring to it"
+                    );
+                    return;
+                }
+            }
+        })?;
+        Ok(Self { jobs, resync: false })
     }
 }
 
@@ -213,8 +243,8 @@ impl Gpu {
             frontend: None,
             buffer: Vec::with_capacity(4096),
         };
-        let sizes = vec![(config.width, config.height); scanouts as usize];
-        gpu.apply_layout(&sizes);
+        // One monitor to start with; the client's layout enables more.
+        gpu.apply_layout(&[(config.width, config.height)]);
         Ok(gpu)
     }
 
@@ -225,6 +255,18 @@ impl Gpu {
 
     fn metrics(&self) -> &GpuMetrics {
         &self.handle.shared.metrics
+    }
+
+    /// Takes the layout the host asked for, if any, and raises the display-change event.
+    fn apply_pending_layout(&mut self) {
+        let layout = lock(&self.handle.shared.pending_layout).take();
+        if let Some(sizes) = layout {
+            self.apply_layout(&sizes);
+            self.events_read |= EVENT_DISPLAY;
+            self.config_changed = true;
+            self.metrics().layout_changes.fetch_add(1, Ordering::Relaxed);
+            tracing::info!("virtio-gpu: display layout {sizes:?} requested");
+        }
     }
 
     fn apply_layout(&mut self, sizes: &[(u32, u32)]) {
@@ -282,7 +324,8 @@ impl Gpu {
         let ok = || Ok(header.response(resp::OK_NODATA).to_vec());
         match command {
             Command::GetDisplayInfo => {
-                self.refresh_displays_from_frontend();
+                // A layout the host just asked for counts even if its wake-up is still queued.
+                self.apply_pending_layout();
                 Ok(protocol::display_info_response(header, &self.displays))
             }
             Command::GetEdid { scanout_id } => {
@@ -356,7 +399,7 @@ impl Gpu {
         }
         self.scanouts[index] = Scanout { resource_id, rect };
         self.handle.sink.configure(index, Some((rect.width, rect.height)));
-        self.mirror(|f| {
+        self.mirror(move |f| {
             f.set_scanout(&VhostUserGpuScanout { scanout_id, width: rect.width, height: rect.height })
         });
         Ok(())
@@ -365,7 +408,7 @@ impl Gpu {
     fn disable_scanout(&mut self, index: usize) {
         self.scanouts[index] = Scanout::default();
         self.handle.sink.configure(index, None);
-        self.mirror(|f| {
+        self.mirror(move |f| {
             f.set_scanout(&VhostUserGpuScanout { scanout_id: index as u32, width: 0, height: 0 })
         });
     }
@@ -389,9 +432,16 @@ impl Gpu {
             }
             let local = Rect::new(hit.x - s.rect.x, hit.y - s.rect.y, hit.width, hit.height);
             self.handle.sink.flush(i, local, res, (s.rect.x, s.rect.y));
-            if self.frontend.is_some() {
-                updates.push((i as u32, local, hit));
+            match &self.frontend {
+                Some(f) if f.resync => {
+                    updates.push((i as u32, Rect::new(0, 0, s.rect.width, s.rect.height), s.rect))
+                }
+                Some(_) => updates.push((i as u32, local, hit)),
+                None => {}
             }
+        }
+        if let Some(f) = &mut self.frontend {
+            f.resync = false;
         }
         for (scanout_id, local, hit) in updates {
             let res = self.resources.get(resource_id)?;
@@ -408,7 +458,7 @@ impl Gpu {
                 width: local.width,
                 height: local.height,
             };
-            self.mirror(|f| f.update_scanout(&update, &data));
+            self.mirror(move |f| f.update_scanout(&update, &data));
         }
         Ok(())
     }
@@ -443,7 +493,7 @@ impl Gpu {
         if resource_id == 0 {
             self.handle.sink.set_cursor(None, (0, 0), at);
             let p = VhostUserGpuCursorPos { scanout_id: pos.scanout_id, x: pos.x, y: pos.y };
-            self.mirror(|f| f.cursor_pos_hide(&p));
+            self.mirror(move |f| f.cursor_pos_hide(&p));
             return Ok(());
         }
         let res = self.resources.get(resource_id)?;
@@ -458,16 +508,18 @@ impl Gpu {
         }
         let mut image = vec![0u8; res.pixels.len()];
         res.format.to_bgrx(&res.pixels, &mut image);
-        self.mirror(|f| {
+        let image = Arc::new(image);
+        let shape = image.clone();
+        self.mirror(move |f| {
             let update = VhostUserGpuCursorUpdate {
                 pos: VhostUserGpuCursorPos { scanout_id: pos.scanout_id, x: pos.x, y: pos.y },
                 hot_x: hot.0,
                 hot_y: hot.1,
             };
-            let data: &[u8; 4 * 64 * 64] = image.as_slice().try_into().map_err(std::io::Error::other)?;
+            let data: &[u8; 4 * 64 * 64] = shape.as_slice().try_into().map_err(std::io::Error::other)?;
             f.cursor_update(&update, data)
         });
-        self.handle.sink.set_cursor(Some(Arc::new(image)), hot, at);
+        self.handle.sink.set_cursor(Some(image), hot, at);
         Ok(())
     }
 
@@ -475,36 +527,19 @@ impl Gpu {
         self.check_cursor_scanout(&pos)?;
         self.handle.sink.move_cursor((pos.scanout_id, pos.x, pos.y), true);
         let p = VhostUserGpuCursorPos { scanout_id: pos.scanout_id, x: pos.x, y: pos.y };
-        self.mirror(|f| f.cursor_pos(&p));
+        self.mirror(move |f| f.cursor_pos(&p));
         Ok(())
     }
 
-    /// Sends to QEMU's display, if attached; a failure detaches it (the guest goes on).
-    fn mirror(&mut self, send: impl FnOnce(&GpuBackend) -> std::io::Result<()>) {
-        let Some(Frontend(f)) = &self.frontend else { return };
-        if let Err(e) = send(f) {
-            tracing::warn!("virtio-gpu: QEMU's display socket failed ({e}); no longer mirroring to it");
-            self.frontend = None;
-        }
-    }
-
-    /// Under QEMU, the display layout is QEMU's (its UI sets it): ask it, as QEMU's own
-    /// vhost-user-gpu backend does, and keep our copy in step.
-    fn refresh_displays_from_frontend(&mut self) {
-        let Some(Frontend(f)) = &self.frontend else { return };
-        match f.get_display_info() {
-            Ok(info) => {
-                for (d, m) in self.displays.iter_mut().zip(info.pmodes.iter()) {
-                    d.rect = Rect::new(m.r.x, m.r.y, m.r.width, m.r.height);
-                    d.enabled = m.enabled != 0;
-                }
-            }
-            Err(e) => {
-                tracing::warn!(
-                    "virtio-gpu: QEMU did not answer GET_DISPLAY_INFO ({e}); using our own layout"
-                );
-                self.frontend = None;
-            }
+    /// Queues a message for QEMU's display, if attached. A full queue drops it (the next flush
+    /// resends whole scanouts); a mirror thread that gave up detaches the frontend.
+    fn mirror(&mut self, send: impl FnOnce(&GpuBackend) -> std::io::Result<()> + Send + 'static) {
+        use std::sync::mpsc::TrySendError;
+        let Some(frontend) = &mut self.frontend else { return };
+        match frontend.jobs.try_send(Box::new(send)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => frontend.resync = true,
+            Err(TrySendError::Disconnected(_)) => self.frontend = None,
         }
     }
 
@@ -565,7 +600,10 @@ impl Gpu {
 
 /// The EDID of a monitor whose preferred mode is `width` x `height`.
 fn edid_blob(width: u32, height: u32) -> Result<Vec<u8>, GpuError> {
-    Err(GpuError::Unspec(format!("no EDID generator yet for {width}x{height}")))
+    edid::Monitor::new(width, height)
+        .edid()
+        .map(|block| block.to_vec())
+        .map_err(|e| GpuError::Unspec(format!("no EDID for {width}x{height}: {e}")))
 }
 
 /// Writes a response into the chain's writable part; a driver that gave too little room gets
@@ -595,7 +633,7 @@ impl VirtioDevice for Gpu {
         // QEMU's vhost-user-gpu-pci passes the guest's ring features through unfiltered, so
         // the GPU offers indirect descriptors (which virtio-queue follows); `event_idx=off` is
         // set on QEMU's side (see `crate::qemu`).
-        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_INDIRECT_DESC
+        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_INDIRECT_DESC | VIRTIO_GPU_F_EDID
     }
 
     fn ack_features(&mut self, features: u64) {
@@ -644,14 +682,7 @@ impl VirtioDevice for Gpu {
         _mem: &GuestMemory,
     ) -> Result<Vec<usize>, DeviceError> {
         let _ = self.handle.shared.wake.read();
-        let layout = lock(&self.handle.shared.pending_layout).take();
-        if let Some(sizes) = layout {
-            self.apply_layout(&sizes);
-            self.events_read |= EVENT_DISPLAY;
-            self.config_changed = true;
-            self.metrics().layout_changes.fetch_add(1, Ordering::Relaxed);
-            tracing::info!("virtio-gpu: display layout {sizes:?} requested");
-        }
+        self.apply_pending_layout();
         Ok(Vec::new())
     }
 
@@ -661,13 +692,13 @@ impl VirtioDevice for Gpu {
 
     fn set_gpu_socket(&mut self, socket: GpuBackend) -> std::io::Result<()> {
         tracing::info!("virtio-gpu: mirroring the display to the vhost-user frontend (QEMU)");
-        self.frontend = Some(Frontend(socket));
+        self.frontend = Some(Frontend::start(socket)?);
         // Show QEMU what is on screen already (e.g. after the guest re-negotiated).
         for (i, s) in self.scanouts.clone().iter().enumerate() {
             if s.resource_id != 0 {
                 let scanout =
                     VhostUserGpuScanout { scanout_id: i as u32, width: s.rect.width, height: s.rect.height };
-                self.mirror(|f| f.set_scanout(&scanout));
+                self.mirror(move |f| f.set_scanout(&scanout));
             }
         }
         Ok(())
@@ -821,6 +852,25 @@ mod tests {
         ok(&mut gpu, &mem, &encode::set_scanout(0, 1, Rect::new(0, 0, 16, 16)));
         ok(&mut gpu, &mem, &encode::flush(1, Rect::new(0, 0, 16, 16)));
         assert_eq!(gpu.handle().sink().screenshot(0).unwrap().rgb(1, 1), (3, 2, 1));
+    }
+
+    #[test]
+    fn edid_describes_the_monitor_the_host_asked_for() {
+        let mem = memory();
+        let mut gpu = Gpu::new(&GpuConfig { width: 1920, height: 1080, ..GpuConfig::default() }).unwrap();
+        assert_ne!(gpu.features() & VIRTIO_GPU_F_EDID, 0);
+        let response = send(&mut gpu, &mem, CONTROLQ, &encode::with_u32s(cmd::GET_EDID, &[0, 0]));
+        assert_eq!(kind(&response), resp::OK_EDID);
+        let size = u32::from_le_bytes(response[24..28].try_into().unwrap()) as usize;
+        let edid = &response[32..32 + size];
+        assert_eq!(size, 128);
+        assert_eq!(edid[..8], [0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0]);
+        assert_eq!(edid.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0, "checksum");
+        // Detailed timing 1 (bytes 54..72): the preferred mode.
+        let dtd = &edid[54..72];
+        let width = u32::from(dtd[2]) | (u32::from(dtd[4]) >> 4) << 8;
+        let height = u32::from(dtd[5]) | (u32::from(dtd[7]) >> 4) << 8;
+        assert_eq!((width, height), (1920, 1080));
     }
 
     #[test]

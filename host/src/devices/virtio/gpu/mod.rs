@@ -24,6 +24,7 @@
 //! `sink.rs` (the display sink), `device.rs` (state, [`VirtioDevice`](super::VirtioDevice)).
 
 mod device;
+pub mod edid;
 pub mod protocol;
 pub mod resources;
 pub mod sink;
