@@ -43,6 +43,7 @@ pub struct ConsoleResult {
 pub enum TestError {
     Virtio(VirtioError),
     Rng(RngResult),
+    Gpu(crate::gpu::GpuError),
 }
 
 impl From<VirtioError> for TestError {
@@ -55,6 +56,7 @@ impl fmt::Display for TestError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Virtio(e) => e.fmt(f),
+            Self::Gpu(e) => e.fmt(f),
             Self::Rng(r) => write!(
                 f,
                 "rng returned {:?} bytes (want {RNG_REQUEST} each), nonzero {}, distinct {}",

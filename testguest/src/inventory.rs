@@ -3,9 +3,10 @@
 
 use core::fmt::{self, Write};
 
-use crate::config::TypeSet;
+use crate::config::{Config, TypeSet};
 use crate::devices::{self, ConsoleResult, RngResult, TestError};
 use crate::dma::{self, MAX_DEVICES};
+use crate::gpu::{self, GpuResult};
 use crate::interrupts;
 use crate::pci::{BarWindow, Bdf, Bus};
 use crate::pvh::StartInfo;
@@ -29,6 +30,7 @@ struct Entry {
     ok: bool,
     rng: Option<RngResult>,
     console: Option<ConsoleResult>,
+    gpu: Option<GpuResult>,
 }
 
 impl Entry {
@@ -46,6 +48,9 @@ impl Entry {
         }
         if let Some(c) = self.console {
             write!(out, ",\"tx\":{},\"rx\":{},\"rx_data\":{}", c.tx, c.rx, JsonStr(c.rx_data.as_str()))?;
+        }
+        if let Some(g) = &self.gpu {
+            g.write_json(out)?;
         }
         write!(out, ",\"msix\":{}", self.msix)?;
         if self.tested {
@@ -92,6 +97,7 @@ impl Inventory {
                 ok: false,
                 rng: None,
                 console: None,
+                gpu: None,
             };
             match virtio::probe(function, kind, window, info, reassign_bars) {
                 Ok((device, assigned)) => {
@@ -120,8 +126,8 @@ impl Inventory {
         &mut self.virtio
     }
 
-    /// Runs the test of every device kind the guest knows (rng, console).
-    pub fn test_all(&mut self, errors: &mut Errors) {
+    /// Runs the test of every device kind the guest knows (rng, console, gpu).
+    pub fn test_all(&mut self, config: &Config, errors: &mut Errors) {
         for (slot, (entry, device)) in self.entries.iter_mut().zip(self.virtio.iter_mut()).enumerate() {
             let (Some(entry), Some(device)) = (entry.as_mut(), device.as_mut()) else { continue };
             let memory = dma::device_memory(slot);
@@ -129,6 +135,12 @@ impl Inventory {
                 DeviceType::RNG => Some(devices::test_rng(device, &memory).map(|r| entry.rng = Some(r))),
                 DeviceType::CONSOLE => {
                     Some(devices::test_console(device, &memory).map(|c| entry.console = Some(c)))
+                }
+                DeviceType::GPU => {
+                    let (result, outcome) =
+                        gpu::test(device, &memory, config.mode, config.gpu_deviations, errors);
+                    entry.gpu = Some(result);
+                    Some(outcome.map_err(TestError::Gpu))
                 }
                 _ => None,
             };
