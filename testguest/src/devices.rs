@@ -44,6 +44,7 @@ pub enum TestError {
     Virtio(VirtioError),
     Rng(RngResult),
     Gpu(crate::gpu::GpuError),
+    Input(crate::input::InputError),
 }
 
 impl From<VirtioError> for TestError {
@@ -57,6 +58,7 @@ impl fmt::Display for TestError {
         match self {
             Self::Virtio(e) => e.fmt(f),
             Self::Gpu(e) => e.fmt(f),
+            Self::Input(e) => e.fmt(f),
             Self::Rng(r) => write!(
                 f,
                 "rng returned {:?} bytes (want {RNG_REQUEST} each), nonzero {}, distinct {}",

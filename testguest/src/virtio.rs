@@ -40,6 +40,7 @@ impl DeviceType {
     pub const CONSOLE: Self = Self(3);
     pub const RNG: Self = Self(4);
     pub const GPU: Self = Self(16);
+    pub const INPUT: Self = Self(18);
 
     pub fn from_name(name: &str) -> Option<Self> {
         TYPE_NAMES.iter().find(|(_, n)| *n == name).map(|(id, _)| Self(*id))
