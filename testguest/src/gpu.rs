@@ -220,6 +220,8 @@ pub enum GpuError {
         flags: u32,
         fence_id: u64,
     },
+    /// The control queue has room for less than one request.
+    QueueTooSmall(u16),
     /// Hostile checks that failed (each is also in the errors).
     Hostile(u32),
 }
@@ -247,6 +249,7 @@ impl fmt::Display for GpuError {
                 f,
                 "fenced flush answered flags {flags:#x} fence_id {fence_id:#x}, want the fence flag and {FENCE_ID:#x}"
             ),
+            Self::QueueTooSmall(n) => write!(f, "the control queue has {n} entries, want 2 at least"),
             Self::Hostile(n) => write!(f, "{n} hostile checks failed"),
         }
     }
@@ -400,6 +403,11 @@ impl<'a> Gpu<'a> {
         let [Some(control), Some(cursor)] = device.start(memory, 2)? else {
             return Err(VirtioError::QueueUnavailable(1).into());
         };
+        // A request and its response take two descriptors.
+        if control.size < 2 {
+            let _ = device.reset();
+            return Err(GpuError::QueueTooSmall(control.size));
+        }
         Ok(Self {
             device,
             memory: *memory,

@@ -412,3 +412,21 @@ fn testguest_fails_when_no_input_event_arrives_in_time() {
     );
     assert!(run.status.success(), "QEMU exit status {} (the guest powers off by itself)", run.status);
 }
+
+#[test]
+fn testguest_drives_gpu_and_input_together_with_bars_it_assigned() {
+    // One guest, every new device, each in its own DMA slot (the GPU's backing in the shared
+    // large area), BARs moved by the guest.
+    let config = with_input(TestGuestConfig {
+        cmdline: "expect=gpu,input bars=reassign".into(),
+        ..TestGuestConfig::default()
+    })
+    .device("virtio-gpu-pci,max_outputs=2");
+    let run = boot("virtio-gpu + virtio-input, guest-assigned BARs", &config);
+    assert_gpu_works(&run, "normal", 2);
+    assert_input_works(&run, "normal");
+    for kind in ["gpu", "keyboard", "tablet"] {
+        let d = device(&run.result, kind);
+        assert_ne!(d["assigned_bars"], 0, "{d}");
+    }
+}
