@@ -1,11 +1,13 @@
 //! Boots the no_std test guest (`target/guest/testguest.elf` or `$PLEIADES_GUEST_DIR`; `cargo
 //! xtask guest-image` builds it) on Pleiades' VMM with virtio-rng and
-//! virtio-console, and checks its one `PLEIADES-TESTGUEST {...}` line.
+//! virtio-console, or the virtio-input keyboard and tablet, and checks its one
+//! `PLEIADES-TESTGUEST {...}` line.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use pleiades_host::devices::virtio::console::Console;
+use pleiades_host::devices::virtio::input::{Input, InputEvent, InputSender};
 use pleiades_host::devices::virtio::rng::Rng;
 use pleiades_host::vmm::{DeviceSpec, ExitReason, RebootPolicy, SerialOut, Vm, VmConfig};
 
@@ -22,6 +24,16 @@ fn boot(cmdline: &str, cpus: u8) -> (ExitReason, serde_json::Value, String) {
 }
 
 fn boot_with(cmdline: &str, cpus: u8, devices: Vec<DeviceSpec>) -> (ExitReason, serde_json::Value, String) {
+    boot_watching(cmdline, cpus, devices, |_| {})
+}
+
+/// [`boot_with`], with `watch` called on a thread with the serial log's path while the VM runs.
+fn boot_watching(
+    cmdline: &str,
+    cpus: u8,
+    devices: Vec<DeviceSpec>,
+    watch: impl FnOnce(PathBuf) + Send + 'static,
+) -> (ExitReason, serde_json::Value, String) {
     assert!(
         std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok(),
         "these tests boot the test guest on KVM: /dev/kvm cannot be opened; run them where KVM is available"
@@ -36,6 +48,10 @@ fn boot_with(cmdline: &str, cpus: u8, devices: Vec<DeviceSpec>) -> (ExitReason, 
     config.on_reboot = RebootPolicy::Exit;
     config.devices = devices;
     let mut vm = Vm::new(config).unwrap();
+    let watcher = {
+        let serial = serial.clone();
+        std::thread::spawn(move || watch(serial))
+    };
     let handle = vm.handle();
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watchdog = {
@@ -54,6 +70,7 @@ fn boot_with(cmdline: &str, cpus: u8, devices: Vec<DeviceSpec>) -> (ExitReason, 
     let reason = vm.run().unwrap();
     done.store(true, std::sync::atomic::Ordering::SeqCst);
     watchdog.join().unwrap();
+    watcher.join().unwrap();
     let output = String::from_utf8_lossy(&std::fs::read(&serial).unwrap_or_default()).into_owned();
     eprintln!("{output}");
     let report = output
@@ -109,4 +126,56 @@ fn the_test_guest_passes_with_rng_served_over_vhost_user() {
     assert_eq!(report["result"], "pass", "serial:\n{output}");
     assert_eq!(reason, ExitReason::PowerOff);
     backend.join().unwrap().unwrap();
+}
+
+/// A keyboard and a tablet, and the senders that feed them.
+fn input_devices() -> (Vec<DeviceSpec>, InputSender, InputSender) {
+    let keyboard = Input::keyboard().unwrap();
+    let tablet = Input::tablet().unwrap();
+    let senders = (keyboard.sender(), tablet.sender());
+    (vec![DeviceSpec::Virtio(Box::new(keyboard)), DeviceSpec::Virtio(Box::new(tablet))], senders.0, senders.1)
+}
+
+#[test]
+fn the_test_guest_passes_with_keyboard_and_tablet() {
+    for mode in ["normal", "hostile"] {
+        let (devices, _, _) = input_devices();
+        let (reason, report, output) = boot_with(&format!("mode={mode} expect=input"), 1, devices);
+        assert_eq!(report["result"], "pass", "serial:\n{output}");
+        let kinds: Vec<&serde_json::Value> =
+            report["devices"].as_array().unwrap().iter().map(|d| &d["kind"]).collect();
+        assert_eq!(kinds, ["keyboard", "tablet"], "serial:\n{output}");
+        assert_eq!(reason, ExitReason::PowerOff);
+    }
+}
+
+#[test]
+fn the_test_guest_receives_events_sent_while_it_waits() {
+    let (devices, mut keyboard, mut tablet) = input_devices();
+    let watch = move |serial: PathBuf| {
+        // Send once the guest says it waits (its buffers are posted then).
+        let deadline = Instant::now() + Duration::from_secs(50);
+        while Instant::now() < deadline {
+            let text = std::fs::read_to_string(&serial).unwrap_or_default();
+            if text.lines().any(|l| l == "PLEIADES-TESTGUEST-INPUT-WAITING") {
+                keyboard.send_report(&[InputEvent { kind: 1, code: 30, value: 1 }]);
+                tablet.send_report(&[
+                    InputEvent { kind: 3, code: 0, value: 1000 },
+                    InputEvent { kind: 3, code: 1, value: 2000 },
+                ]);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let (reason, report, output) = boot_watching("expect=input input_wait=40000", 1, devices, watch);
+    assert_eq!(report["result"], "pass", "serial:\n{output}");
+    let devices = report["devices"].as_array().unwrap();
+    assert_eq!(devices[0]["events"], serde_json::json!([[1, 30, 1], [0, 0, 0]]), "serial:\n{output}");
+    assert_eq!(
+        devices[1]["events"],
+        serde_json::json!([[3, 0, 1000], [3, 1, 2000], [0, 0, 0]]),
+        "serial:\n{output}"
+    );
+    assert_eq!(reason, ExitReason::PowerOff);
 }

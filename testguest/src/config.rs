@@ -1,7 +1,11 @@
 //! What the command line asks for: `mode=normal|hostile`, `expect=KIND,KIND,…` and
 //! `bars=reassign` (assign every virtio BAR anew, as if firmware had assigned nothing) and
 //! `fault=panic|exception` (fail on purpose, to test the failure path) and `rng_loop=N` (after
-//! the tests, N back-to-back 64-byte entropy requests, timed: the VMM benchmark's exit loop).
+//! the tests, N back-to-back 64-byte entropy requests, timed: the VMM benchmark's exit loop) and
+//! `gpu_deviations=CHECK,…` (virtio-gpu hostile checks whose answers a reference device gives
+//! differently from the spec: reported, not failures; see `gpu.rs`) and `input_wait=MS` (after
+//! the tests, announce `PLEIADES-TESTGUEST-INPUT-WAITING` and wait up to MS for one event
+//! report from each input device; see `input.rs`).
 //! Other words (kernel-style options) are ignored.
 
 use crate::report::Errors;
@@ -55,6 +59,10 @@ pub struct Config {
     pub fault: Option<Fault>,
     /// Timed entropy requests to make after the tests (0: none).
     pub rng_loop: u32,
+    /// virtio-gpu hostile checks whose answers are tolerated (a bit per `gpu::CASES` index).
+    pub gpu_deviations: u64,
+    /// Milliseconds to wait for injected input events (0: no wait).
+    pub input_wait: u64,
 }
 
 /// The most requests `rng_loop=` may ask for.
@@ -68,6 +76,8 @@ pub fn parse(cmdline: &str, errors: &mut Errors) -> Config {
         reassign_bars: false,
         fault: None,
         rng_loop: 0,
+        gpu_deviations: 0,
+        input_wait: 0,
     };
     for word in cmdline.split_ascii_whitespace() {
         if let Some(mode) = word.strip_prefix("mode=") {
@@ -95,6 +105,21 @@ pub fn parse(cmdline: &str, errors: &mut Errors) -> Config {
             match count.parse::<u32>() {
                 Ok(n) if n <= MAX_RNG_LOOP => config.rng_loop = n,
                 _ => errors.push(format_args!("rng_loop={count:?} is not a count up to {MAX_RNG_LOOP}")),
+            }
+        } else if let Some(ms) = word.strip_prefix("input_wait=") {
+            match ms.parse::<u64>() {
+                Ok(n) if n <= crate::input::MAX_INPUT_WAIT_MS => config.input_wait = n,
+                _ => errors.push(format_args!(
+                    "input_wait={ms:?} is not milliseconds up to {}",
+                    crate::input::MAX_INPUT_WAIT_MS
+                )),
+            }
+        } else if let Some(list) = word.strip_prefix("gpu_deviations=") {
+            for name in list.split(',').filter(|n| !n.is_empty()) {
+                match crate::gpu::case_index(name) {
+                    Some(i) => config.gpu_deviations |= 1 << i,
+                    None => errors.push(format_args!("unknown virtio-gpu check {name:?} in gpu_deviations=")),
+                }
             }
         } else if let Some(list) = word.strip_prefix("expect=") {
             for name in list.split(',').filter(|n| !n.is_empty()) {

@@ -43,6 +43,8 @@ pub struct ConsoleResult {
 pub enum TestError {
     Virtio(VirtioError),
     Rng(RngResult),
+    Gpu(crate::gpu::GpuError),
+    Input(crate::input::InputError),
 }
 
 impl From<VirtioError> for TestError {
@@ -55,6 +57,8 @@ impl fmt::Display for TestError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Virtio(e) => e.fmt(f),
+            Self::Gpu(e) => e.fmt(f),
+            Self::Input(e) => e.fmt(f),
             Self::Rng(r) => write!(
                 f,
                 "rng returned {:?} bytes (want {RNG_REQUEST} each), nonzero {}, distinct {}",

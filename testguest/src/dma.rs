@@ -1,4 +1,6 @@
-//! Memory shared with devices: a static pool of page-aligned pages, one slot per device.
+//! Memory shared with devices: a static pool of page-aligned pages, one slot per device, and
+//! a larger area for a device that needs more (virtio-gpu's resource backing), used by one
+//! device at a time.
 //!
 //! Devices write these pages behind the compiler's back, so Rust never forms references to
 //! them: every access is a bounds-checked volatile read or write at a physical address inside
@@ -14,8 +16,11 @@ pub const PAGE_SIZE: u64 = 4096;
 pub const MAX_DEVICES: usize = 16;
 /// Pages per device: one per virtqueue (two queues at most) and one for data buffers.
 const PAGES_PER_DEVICE: usize = 3;
-/// One more page for the hostile mode's garbage indirect table.
-const POOL_PAGES: usize = MAX_DEVICES * PAGES_PER_DEVICE + 1;
+/// Pages of the large area: two 64x64 32-bit images (16 KiB each) with gaps between the pieces
+/// of the first (scatter-gather backing).
+pub const LARGE_PAGES: usize = 10;
+/// One more page for the hostile mode's garbage indirect table, then the large area.
+const POOL_PAGES: usize = MAX_DEVICES * PAGES_PER_DEVICE + 1 + LARGE_PAGES;
 
 #[repr(C, align(4096))]
 struct Pool(UnsafeCell<[[u8; PAGE_SIZE as usize]; POOL_PAGES]>);
@@ -48,7 +53,12 @@ pub fn device_memory(slot: usize) -> DeviceMemory {
 
 /// The spare page (hostile mode's garbage).
 pub fn spare_page() -> PhysAddr {
-    page(POOL_PAGES - 1)
+    page(MAX_DEVICES * PAGES_PER_DEVICE)
+}
+
+/// The large area: [`LARGE_PAGES`] contiguous pages, for one device at a time.
+pub fn large_area() -> PhysAddr {
+    page(MAX_DEVICES * PAGES_PER_DEVICE + 1)
 }
 
 fn in_pool(addr: PhysAddr, size: u64) -> bool {

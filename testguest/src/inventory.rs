@@ -3,9 +3,11 @@
 
 use core::fmt::{self, Write};
 
-use crate::config::TypeSet;
+use crate::config::{Config, TypeSet};
 use crate::devices::{self, ConsoleResult, RngResult, TestError};
 use crate::dma::{self, MAX_DEVICES};
+use crate::gpu::{self, GpuResult};
+use crate::input::{self, InputResult, Waiter};
 use crate::interrupts;
 use crate::pci::{BarWindow, Bdf, Bus};
 use crate::pvh::StartInfo;
@@ -29,12 +31,18 @@ struct Entry {
     ok: bool,
     rng: Option<RngResult>,
     console: Option<ConsoleResult>,
+    gpu: Option<GpuResult>,
+    input: Option<InputResult>,
 }
 
 impl Entry {
     fn write_json(&self, out: &mut impl Write) -> fmt::Result {
         let mut kind = FixedStr::<16>::new();
-        let _ = write!(kind, "{}", self.kind);
+        match &self.input {
+            // Keyboards and tablets by what they are.
+            Some(i) => kind.write_str(i.kind.name())?,
+            None => write!(kind, "{}", self.kind)?,
+        }
         write!(out, "{{\"kind\":{},\"bdf\":\"{}\"", JsonStr(kind.as_str()), self.bdf)?;
         if self.tested {
             write!(out, ",\"ok\":{}", self.ok)?;
@@ -46,6 +54,12 @@ impl Entry {
         }
         if let Some(c) = self.console {
             write!(out, ",\"tx\":{},\"rx\":{},\"rx_data\":{}", c.tx, c.rx, JsonStr(c.rx_data.as_str()))?;
+        }
+        if let Some(g) = &self.gpu {
+            g.write_json(out)?;
+        }
+        if let Some(i) = &self.input {
+            i.write_json(out)?;
         }
         write!(out, ",\"msix\":{}", self.msix)?;
         if self.tested {
@@ -92,6 +106,8 @@ impl Inventory {
                 ok: false,
                 rng: None,
                 console: None,
+                gpu: None,
+                input: None,
             };
             match virtio::probe(function, kind, window, info, reassign_bars) {
                 Ok((device, assigned)) => {
@@ -120,8 +136,8 @@ impl Inventory {
         &mut self.virtio
     }
 
-    /// Runs the test of every device kind the guest knows (rng, console).
-    pub fn test_all(&mut self, errors: &mut Errors) {
+    /// Runs the test of every device kind the guest knows (rng, console, gpu, input).
+    pub fn test_all(&mut self, config: &Config, errors: &mut Errors) {
         for (slot, (entry, device)) in self.entries.iter_mut().zip(self.virtio.iter_mut()).enumerate() {
             let (Some(entry), Some(device)) = (entry.as_mut(), device.as_mut()) else { continue };
             let memory = dma::device_memory(slot);
@@ -129,6 +145,17 @@ impl Inventory {
                 DeviceType::RNG => Some(devices::test_rng(device, &memory).map(|r| entry.rng = Some(r))),
                 DeviceType::CONSOLE => {
                     Some(devices::test_console(device, &memory).map(|c| entry.console = Some(c)))
+                }
+                DeviceType::GPU => {
+                    let (result, outcome) =
+                        gpu::test(device, &memory, config.mode, config.gpu_deviations, errors);
+                    entry.gpu = Some(result);
+                    Some(outcome.map_err(TestError::Gpu))
+                }
+                DeviceType::INPUT => {
+                    let (result, outcome) = input::test(device, &memory, config.mode);
+                    entry.input = Some(result);
+                    Some(outcome.map_err(TestError::Input))
                 }
                 _ => None,
             };
@@ -142,6 +169,58 @@ impl Inventory {
                         entry.rng = Some(r);
                     }
                     errors.push(format_args!("virtio-{} at {}: {e}", entry.kind, entry.bdf));
+                }
+            }
+        }
+    }
+
+    /// `input_wait=MS`: starts every input device that passed its test, announces
+    /// [`input::WAITING_MARKER`] on COM1 and waits up to `ms` for one event report from each.
+    pub fn input_wait(&mut self, ms: u64, errors: &mut Errors) {
+        let mut waiters: [Option<Waiter>; MAX_DEVICES] = [const { None }; MAX_DEVICES];
+        for (slot, (entry, device)) in self.entries.iter_mut().zip(self.virtio.iter_mut()).enumerate() {
+            let (Some(entry), Some(device)) = (entry.as_mut(), device.as_mut()) else { continue };
+            let Some(result) = entry.input.as_mut().filter(|_| entry.ok) else { continue };
+            Waiter::clear(result);
+            match input::start_waiting(device, &dma::device_memory(slot), slot) {
+                Ok(w) => waiters[slot] = Some(w),
+                Err(e) => errors.push(format_args!("virtio-input at {}: {e}", entry.bdf)),
+            }
+        }
+        if waiters.iter().all(Option::is_none) {
+            errors.push(format_args!("input_wait: no working virtio-input device to wait on"));
+            return;
+        }
+        let _ = writeln!(crate::serial::Serial, "{}", input::WAITING_MARKER);
+        let deadline = crate::time::Deadline::after_ms(ms);
+        for _ in 0..ms.saturating_mul(8).saturating_add(1000) {
+            let mut waiting = false;
+            for waiter in waiters.iter_mut().flatten() {
+                let slot = waiter.slot;
+                let (Some(entry), Some(device)) = (self.entries[slot].as_mut(), self.virtio[slot].as_ref())
+                else {
+                    continue;
+                };
+                if let Some(result) = entry.input.as_mut() {
+                    waiting |= !waiter.poll(device, &dma::device_memory(slot), result);
+                }
+            }
+            if !waiting || deadline.passed() {
+                break;
+            }
+            interrupts::idle();
+        }
+        for waiter in waiters.iter().flatten() {
+            let slot = waiter.slot;
+            if let (Some(entry), Some(device)) = (self.entries[slot].as_mut(), self.virtio[slot].as_ref()) {
+                let _ = device.reset();
+                if !entry.input.is_some_and(|i| i.report) {
+                    entry.ok = false;
+                    errors.push(format_args!(
+                        "virtio-input at {}: {}",
+                        entry.bdf,
+                        input::InputError::NoReport
+                    ));
                 }
             }
         }

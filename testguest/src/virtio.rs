@@ -39,6 +39,8 @@ const TYPE_NAMES: [(u16, &str); 16] = [
 impl DeviceType {
     pub const CONSOLE: Self = Self(3);
     pub const RNG: Self = Self(4);
+    pub const GPU: Self = Self(16);
+    pub const INPUT: Self = Self(18);
 
     pub fn from_name(name: &str) -> Option<Self> {
         TYPE_NAMES.iter().find(|(_, n)| *n == name).map(|(id, _)| Self(*id))
@@ -99,6 +101,8 @@ pub const STATUS_DRIVER_OK: u8 = 4;
 pub const STATUS_FEATURES_OK: u8 = 8;
 pub const STATUS_NEEDS_RESET: u8 = 0x40;
 pub const STATUS_FAILED: u8 = 0x80;
+/// The status once features are negotiated.
+const FEATURES_OK: u8 = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
 
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 pub const NO_VECTOR: u16 = 0xFFFF;
@@ -453,23 +457,43 @@ impl VirtioPci {
         memory: &DeviceMemory,
         queue_count: u16,
     ) -> Result<[Option<Virtqueue>; 2], VirtioError> {
+        self.negotiate(0)?;
+        self.start(memory, queue_count)
+    }
+
+    /// Spec 3.1.1 steps 1–6: reset, ACKNOWLEDGE, DRIVER, and the features: VERSION_1 and
+    /// those of `wanted` that the device offers; FEATURES_OK. Returns the accepted features.
+    /// The device configuration may be read from here on (virtio-input's is, before the
+    /// queues exist, as Linux does).
+    pub fn negotiate(&mut self, wanted: u64) -> Result<u64, VirtioError> {
         self.reset()?;
         self.set_status(STATUS_ACKNOWLEDGE);
         self.set_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-        if self.device_features() & VIRTIO_F_VERSION_1 == 0 {
+        let offered = self.device_features();
+        if offered & VIRTIO_F_VERSION_1 == 0 {
             self.set_status(STATUS_FAILED);
             return Err(VirtioError::NoVersion1);
         }
+        let accepted = offered & (wanted | VIRTIO_F_VERSION_1);
         self.common.write32(DRIVER_FEATURE_SELECT, 0);
-        self.common.write32(DRIVER_FEATURE, 0);
+        self.common.write32(DRIVER_FEATURE, accepted as u32);
         self.common.write32(DRIVER_FEATURE_SELECT, 1);
-        self.common.write32(DRIVER_FEATURE, (VIRTIO_F_VERSION_1 >> 32) as u32);
-        let features_ok = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
-        self.set_status(features_ok);
+        self.common.write32(DRIVER_FEATURE, (accepted >> 32) as u32);
+        self.set_status(FEATURES_OK);
         if self.status() & STATUS_FEATURES_OK == 0 {
             self.set_status(STATUS_FAILED);
             return Err(VirtioError::FeaturesRejected);
         }
+        Ok(accepted)
+    }
+
+    /// Spec 3.1.1 steps 7–8 after [`Self::negotiate`]: the first `queue_count` queues (two
+    /// at most), then DRIVER_OK.
+    pub fn start(
+        &mut self,
+        memory: &DeviceMemory,
+        queue_count: u16,
+    ) -> Result<[Option<Virtqueue>; 2], VirtioError> {
         self.common.write16(CONFIG_MSIX_VECTOR, NO_VECTOR);
         let available = self.common.read16(NUM_QUEUES);
         if available < queue_count {
@@ -487,7 +511,7 @@ impl VirtioPci {
                 }
             }
         }
-        self.set_status(features_ok | STATUS_DRIVER_OK);
+        self.set_status(FEATURES_OK | STATUS_DRIVER_OK);
         Ok(queues)
     }
 

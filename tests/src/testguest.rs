@@ -97,6 +97,17 @@ fn accel() -> Result<AccelChoice, AccelError> {
 
 /// Boots `elf` with `-kernel` (QEMU uses its PVH entry) and waits for QEMU to exit.
 pub fn run(elf: &Path, config: &TestGuestConfig) -> Result<TestGuestRun, TestGuestError> {
+    run_watching(elf, config, |_| {})
+}
+
+/// [`run`], calling `on_line` with every serial console line as it arrives (on a reader
+/// thread): a test acts on a line the guest prints while it waits, such as
+/// `PLEIADES-TESTGUEST-INPUT-WAITING`.
+pub fn run_watching(
+    elf: &Path,
+    config: &TestGuestConfig,
+    on_line: impl FnMut(&str) + Send + 'static,
+) -> Result<TestGuestRun, TestGuestError> {
     let accel = match &config.accel {
         Some(choice) => choice.clone(),
         None => accel()?,
@@ -115,15 +126,25 @@ pub fn run(elf: &Path, config: &TestGuestConfig) -> Result<TestGuestRun, TestGue
         .arg(elf)
         .args(["-append", &config.cmdline])
         .args(&config.qemu_args);
-    run_command(cmd, config.timeout, accel)
+    run_command_watching(cmd, config.timeout, accel, on_line)
 }
 
 /// Runs any command whose stdout is the test guest's serial console (QEMU, or
 /// `pleiades-host run --kernel testguest.elf`) until it exits or `timeout` passes.
 pub fn run_command(
+    cmd: Command,
+    timeout: Duration,
+    accel: AccelChoice,
+) -> Result<TestGuestRun, TestGuestError> {
+    run_command_watching(cmd, timeout, accel, |_| {})
+}
+
+/// [`run_command`], calling `on_line` with every line of stdout as it arrives.
+pub fn run_command_watching(
     mut cmd: Command,
     timeout: Duration,
     accel: AccelChoice,
+    on_line: impl FnMut(&str) + Send + 'static,
 ) -> Result<TestGuestRun, TestGuestError> {
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let program = cmd.get_program().to_string_lossy().into_owned();
@@ -131,8 +152,8 @@ pub fn run_command(
     let mut child = cmd.spawn().map_err(|source| TestGuestError::Spawn { qemu: program, source })?;
     let stdout = child.stdout.take().expect("piped stdout");
     let stderr = child.stderr.take().expect("piped stderr");
-    let out_reader = thread::spawn(move || read_lines(stdout, ""));
-    let err_reader = thread::spawn(move || read_lines(stderr, "qemu: "));
+    let out_reader = thread::spawn(move || read_lines(stdout, "", on_line));
+    let err_reader = thread::spawn(move || read_lines(stderr, "qemu: ", |_| {}));
 
     let deadline = started + timeout;
     let status = loop {
@@ -165,10 +186,14 @@ pub fn run_command(
     Ok(TestGuestRun { result, status, console, elapsed, accel })
 }
 
-fn read_lines(stream: impl std::io::Read, prefix: &str) -> Vec<String> {
+fn read_lines(stream: impl std::io::Read, prefix: &str, mut on_line: impl FnMut(&str)) -> Vec<String> {
     BufReader::new(stream)
         .split(b'\n')
         .map_while(Result::ok)
-        .map(|raw| format!("{prefix}{}", String::from_utf8_lossy(&raw).trim_end_matches('\r')))
+        .map(|raw| {
+            let line = format!("{prefix}{}", String::from_utf8_lossy(&raw).trim_end_matches('\r'));
+            on_line(&line);
+            line
+        })
         .collect()
 }
