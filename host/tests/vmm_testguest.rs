@@ -179,3 +179,33 @@ fn the_test_guest_receives_events_sent_while_it_waits() {
     );
     assert_eq!(reason, ExitReason::PowerOff);
 }
+
+#[test]
+fn the_test_guest_drives_the_gpu_with_good_and_hostile_commands() {
+    use pleiades_host::devices::virtio::gpu::{Gpu, GpuConfig};
+    // Normal: display info, EDID, a scatter-gather resource flushed to scanout 0, the cursor.
+    // Hostile: every bad command gets the spec's error (no QEMU deviations allowed here).
+    for mode in ["normal", "hostile"] {
+        let gpu = Gpu::new(&GpuConfig { scanouts: 2, ..GpuConfig::default() }).unwrap();
+        let handle = gpu.handle();
+        let (reason, report, output) =
+            boot_with(&format!("mode={mode} expect=gpu"), 1, vec![DeviceSpec::Virtio(Box::new(gpu))]);
+        assert_eq!(report["result"], "pass", "{mode}: serial:\n{output}");
+        let gpu = &report["devices"][0];
+        assert_eq!(gpu["kind"], "gpu", "{report:#}");
+        assert_eq!(gpu["scanouts"], 2, "{gpu}");
+        assert_eq!(gpu["edid"], true, "{gpu}");
+        assert_eq!(gpu["display"][0], serde_json::json!([1280, 800]), "{gpu}");
+        if mode == "hostile" {
+            let hostile = &gpu["hostile"];
+            assert_eq!(hostile["failed"], 0, "{hostile:#}");
+            assert_eq!(hostile["deviations"], serde_json::json!({}), "{hostile:#}");
+            assert!(hostile["checked"].as_u64().unwrap() >= 20, "{hostile:#}");
+            let status = handle.status();
+            assert!(status["errors"].as_u64().unwrap() >= 20, "the device counted the refusals: {status}");
+        }
+        // The guest's last flush of its pattern reached the sink before it disabled the scanout.
+        assert!(handle.sink().metrics().flushes.load(std::sync::atomic::Ordering::Relaxed) > 0);
+        assert_eq!(reason, ExitReason::PowerOff);
+    }
+}
