@@ -1,17 +1,18 @@
 //! Fuzzes the session protocol's stream decoder and datagram decoder with what a peer
 //! controls: the bytes and how they are split into chunks. The decoder must never panic, never
 //! buffer more than the channel's body limit, and every message it accepts must encode back to
-//! bytes that decode to the same message (so the peer's view and ours cannot differ).
+//! bytes that decode to the same message (so the peer's view and ours cannot differ). Display
+//! streams then go through `FrameSequence`: an update it lets through lies within its frame.
 
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use pleiades_protocol::wire::{
-    ChannelMessage, ControlMessage, CursorMessage, DisplayMessage, InputMessage, StreamDecoder,
-    decode_datagram, encode_datagram, encode_to_vec,
+    ChannelMessage, ControlMessage, CursorMessage, DisplayMessage, FrameSequence, InputMessage,
+    StreamDecoder, Tile, decode_datagram, encode_datagram, encode_to_vec,
 };
 
-fn run<M: ChannelMessage + PartialEq>(chunk_sizes: &[u8], mut data: &[u8]) {
+fn run<M: ChannelMessage + PartialEq + Clone>(chunk_sizes: &[u8], mut data: &[u8]) -> Vec<M> {
     let mut decoder = StreamDecoder::<M>::new();
     let mut sizes = chunk_sizes.iter().cycle();
     let mut messages = Vec::new();
@@ -35,7 +36,7 @@ fn run<M: ChannelMessage + PartialEq>(chunk_sizes: &[u8], mut data: &[u8]) {
         }
     }
     let _ = decoder.finish();
-    for message in messages {
+    for message in messages.iter().cloned() {
         let bytes = encode_to_vec(&message).expect("a decoded message encodes");
         let mut again = StreamDecoder::<M>::new();
         let mut slice = bytes.as_slice();
@@ -43,16 +44,30 @@ fn run<M: ChannelMessage + PartialEq>(chunk_sizes: &[u8], mut data: &[u8]) {
         assert!(slice.is_empty());
         assert!(decoded.as_ref() == Some(&message), "round trip changed {message:?}");
     }
+    messages
 }
 
 fuzz_target!(|data: &[u8]| {
     let Some((&selector, rest)) = data.split_first() else { return };
     let (sizes, body) = rest.split_at(rest.len().min(4));
     match selector % 5 {
-        0 => run::<ControlMessage>(sizes, body),
-        1 => run::<InputMessage>(sizes, body),
-        2 => run::<DisplayMessage>(sizes, body),
-        3 => run::<CursorMessage>(sizes, body),
+        0 => drop(run::<ControlMessage>(sizes, body)),
+        1 => drop(run::<InputMessage>(sizes, body)),
+        2 => {
+            // Then the stream-level rules a client applies before drawing.
+            let mut sequence = FrameSequence::new();
+            for message in run::<DisplayMessage>(sizes, body) {
+                if sequence.check(&message).is_err() {
+                    break;
+                }
+                if let (DisplayMessage::Tile(Tile { rect, .. }), Some(frame)) =
+                    (&message, sequence.open_frame())
+                {
+                    assert!(rect.x + rect.width <= frame.width && rect.y + rect.height <= frame.height);
+                }
+            }
+        }
+        3 => drop(run::<CursorMessage>(sizes, body)),
         _ => {
             if let Ok(Some(datagram)) = decode_datagram(body) {
                 assert_eq!(decode_datagram(&encode_datagram(&datagram)), Ok(Some(datagram)));

@@ -77,3 +77,7 @@ impl Channel {
         }
     }
 }
+
+/// Most display streams a client accepts (one per scanout); further ones are stopped with
+/// [`error_code::PROTOCOL_VIOLATION`].
+pub const MAX_DISPLAY_STREAMS: usize = crate::wire::MAX_MONITORS;

@@ -7,7 +7,8 @@
 
 use super::codec::{Put, Reader};
 use super::{
-    Channel, ChannelMessage, MAX_DIMENSION, MAX_MONITORS, MAX_NAME_LEN, MAX_TEXT_LEN, MAX_TICKET_LEN, types,
+    Channel, ChannelMessage, MAX_DIMENSION, MAX_MONITORS, MAX_NAME_LEN, MAX_TEXT_LEN, MAX_TICKET_LEN, Side,
+    types,
 };
 use crate::handshake::Capabilities;
 
@@ -231,6 +232,30 @@ pub enum ControlMessage {
     FrameAck(FrameAck),
 }
 
+impl ControlMessage {
+    /// Whether `side` may send this message. A receiver ends the session (error code
+    /// `PROTOCOL_VIOLATION`) on a message the other side may not send, e.g. a `Welcome` from a
+    /// client.
+    pub fn may_be_sent_by(&self, side: Side) -> bool {
+        match self {
+            ControlMessage::Hello(_)
+            | ControlMessage::RequestLayout(_)
+            | ControlMessage::ClientStats(_)
+            | ControlMessage::FrameAck(_) => side == Side::Client,
+            ControlMessage::Welcome(_) | ControlMessage::Refused(_) | ControlMessage::DisplayLayout(_) => {
+                side == Side::Server
+            }
+            ControlMessage::Ping(_) | ControlMessage::Pong(_) | ControlMessage::Goodbye(_) => true,
+        }
+    }
+
+    /// Whether this message belongs to the handshake (`Hello`, `Welcome`, `Refused`): after the
+    /// handshake, receiving one is a protocol violation.
+    pub fn is_handshake(&self) -> bool {
+        matches!(self, ControlMessage::Hello(_) | ControlMessage::Welcome(_) | ControlMessage::Refused(_))
+    }
+}
+
 fn check_monitor_count(count: usize) -> Result<(), &'static str> {
     if count == 0 || count > MAX_MONITORS { Err("monitor count is not within 1..=16") } else { Ok(()) }
 }
@@ -310,7 +335,7 @@ impl ChannelMessage for ControlMessage {
         Ok(())
     }
 
-    fn encode_body(&self, out: &mut Vec<u8>) {
+    fn encode_fields(&self, out: &mut Vec<u8>) {
         match self {
             ControlMessage::Hello(h) => {
                 out.put_u16(h.version_min);

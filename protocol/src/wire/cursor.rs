@@ -69,7 +69,7 @@ impl ChannelMessage for CursorMessage {
         Ok(())
     }
 
-    fn encode_body(&self, out: &mut Vec<u8>) {
+    fn encode_fields(&self, out: &mut Vec<u8>) {
         match self {
             CursorMessage::Shape(s) => {
                 out.put_u32(s.serial);
@@ -77,9 +77,15 @@ impl ChannelMessage for CursorMessage {
                 out.put_u16(s.height);
                 out.put_u16(s.hot_x);
                 out.put_u16(s.hot_y);
-                out.extend_from_slice(&s.bgra);
             }
             CursorMessage::Position(p) => put_position(p, out),
+        }
+    }
+
+    fn payload(&self) -> &[u8] {
+        match self {
+            CursorMessage::Shape(s) => &s.bgra,
+            CursorMessage::Position(_) => &[],
         }
     }
 

@@ -149,7 +149,7 @@ impl ChannelMessage for DisplayMessage {
         Ok(())
     }
 
-    fn encode_body(&self, out: &mut Vec<u8>) {
+    fn encode_fields(&self, out: &mut Vec<u8>) {
         match self {
             DisplayMessage::FrameBegin(f) => {
                 out.put_u64(f.frame_id);
@@ -161,17 +161,23 @@ impl ChannelMessage for DisplayMessage {
             DisplayMessage::Tile(t) => {
                 t.rect.put(out);
                 out.put_u8(t.data.encoding());
-                match &t.data {
-                    TileData::Raw(data) | TileData::Zstd(data) => out.extend_from_slice(data),
-                    TileData::Solid(bgrx) => out.put_u32(*bgrx),
+                if let TileData::Solid(bgrx) = t.data {
+                    out.put_u32(bgrx);
                 }
             }
             DisplayMessage::Video(v) => {
                 v.rect.put(out);
                 out.put_bool(v.keyframe);
-                out.extend_from_slice(&v.data);
             }
             DisplayMessage::FrameEnd(f) => out.put_u64(f.frame_id),
+        }
+    }
+
+    fn payload(&self) -> &[u8] {
+        match self {
+            DisplayMessage::Tile(Tile { data: TileData::Raw(data) | TileData::Zstd(data), .. })
+            | DisplayMessage::Video(Video { data, .. }) => data,
+            _ => &[],
         }
     }
 
@@ -201,5 +207,88 @@ impl ChannelMessage for DisplayMessage {
             _ => return Ok(None),
         };
         Ok(Some(message))
+    }
+}
+
+/// Why a display stream's messages are out of order or out of bounds.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SequenceError {
+    #[error("frame {frame_id} begins while frame {open} is still open")]
+    NestedFrame { open: u64, frame_id: u64 },
+    #[error("frame id {frame_id} does not increase (the previous frame on this stream was {previous})")]
+    FrameIdNotIncreasing { previous: u64, frame_id: u64 },
+    #[error("a tile or video update arrived outside a frame")]
+    UpdateOutsideFrame,
+    #[error("region {rect:?} lies outside the {width}×{height} scanout of frame {frame_id}")]
+    OutsideScanout { frame_id: u64, rect: Rect, width: u32, height: u32 },
+    #[error("FrameEnd for frame {frame_id}, but the open frame is {open:?}")]
+    FrameEndMismatch { open: Option<u64>, frame_id: u64 },
+}
+
+impl SequenceError {
+    /// The QUIC application error code to end the display channel with.
+    pub fn error_code(&self) -> u32 {
+        crate::transport::error_code::PROTOCOL_VIOLATION
+    }
+}
+
+/// Checks what one message alone cannot: that a display stream is a sequence of
+/// `FrameBegin`, updates, `FrameEnd` with increasing frame ids, and that every update lies
+/// within its frame's scanout. A client runs every decoded display message through it before
+/// touching its surfaces, so a hostile server can never make it write outside one. An error
+/// ends the display channel, like a decode error.
+#[derive(Debug, Clone, Default)]
+pub struct FrameSequence {
+    open: Option<FrameBegin>,
+    previous: Option<u64>,
+}
+
+impl FrameSequence {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The frame between its `FrameBegin` and `FrameEnd`, if any.
+    pub fn open_frame(&self) -> Option<&FrameBegin> {
+        self.open.as_ref()
+    }
+
+    /// Checks the next message of the stream and advances.
+    pub fn check(&mut self, message: &DisplayMessage) -> Result<(), SequenceError> {
+        match message {
+            DisplayMessage::FrameBegin(begin) => {
+                if let Some(open) = &self.open {
+                    return Err(SequenceError::NestedFrame { open: open.frame_id, frame_id: begin.frame_id });
+                }
+                if let Some(previous) = self.previous.filter(|&p| begin.frame_id <= p) {
+                    return Err(SequenceError::FrameIdNotIncreasing { previous, frame_id: begin.frame_id });
+                }
+                self.open = Some(*begin);
+            }
+            DisplayMessage::Tile(Tile { rect, .. }) | DisplayMessage::Video(Video { rect, .. }) => {
+                let frame = self.open.as_ref().ok_or(SequenceError::UpdateOutsideFrame)?;
+                let inside = u64::from(rect.x) + u64::from(rect.width) <= u64::from(frame.width)
+                    && u64::from(rect.y) + u64::from(rect.height) <= u64::from(frame.height);
+                if !inside {
+                    return Err(SequenceError::OutsideScanout {
+                        frame_id: frame.frame_id,
+                        rect: *rect,
+                        width: frame.width,
+                        height: frame.height,
+                    });
+                }
+            }
+            DisplayMessage::FrameEnd(end) => match self.open.take() {
+                Some(open) if open.frame_id == end.frame_id => self.previous = Some(end.frame_id),
+                other => {
+                    self.open = other;
+                    return Err(SequenceError::FrameEndMismatch {
+                        open: other.map(|f| f.frame_id),
+                        frame_id: end.frame_id,
+                    });
+                }
+            },
+        }
+        Ok(())
     }
 }

@@ -69,7 +69,7 @@ impl ChannelMessage for InputMessage {
         Ok(())
     }
 
-    fn encode_body(&self, out: &mut Vec<u8>) {
+    fn encode_fields(&self, out: &mut Vec<u8>) {
         match self {
             InputMessage::Key(k) => {
                 out.put_u16(k.code);

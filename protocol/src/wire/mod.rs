@@ -46,7 +46,9 @@ pub use control::{
 pub use cursor::{CursorMessage, CursorPosition, CursorShape};
 pub use datagram::{Datagram, DatagramError, MAX_DATAGRAM_SIZE, decode_datagram, encode_datagram};
 pub use decoder::StreamDecoder;
-pub use display::{DisplayMessage, FrameBegin, FrameEnd, Rect, Tile, TileData, Video};
+pub use display::{
+    DisplayMessage, FrameBegin, FrameEnd, FrameSequence, Rect, SequenceError, Tile, TileData, Video,
+};
 pub use input::{InputMessage, Key, PointerAbs, Wheel, buttons};
 
 /// Length of a stream frame header: `type:u16 | body_len:u32`.
@@ -89,6 +91,13 @@ pub enum ReservedChannel {
     Audio = 4,
     Usb = 5,
     Clipboard = 6,
+}
+
+/// One end of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Side {
+    Client,
+    Server,
 }
 
 /// Why a channel id was refused.
@@ -211,7 +220,12 @@ pub trait ChannelMessage: Sized + fmt::Debug {
     /// non-empty rectangles). Run by both [`encode`] and the decoder.
     fn validate(&self) -> Result<(), &'static str>;
     #[doc(hidden)]
-    fn encode_body(&self, out: &mut Vec<u8>);
+    /// Every field but the trailing payload.
+    fn encode_fields(&self, out: &mut Vec<u8>);
+    /// The trailing `bytes*` field (pixels, an access unit), empty for most messages.
+    fn payload(&self) -> &[u8] {
+        &[]
+    }
     #[doc(hidden)]
     /// `Ok(None)` when `ty` is not a type of this channel.
     fn decode_body(ty: u16, body: &mut codec::Reader<'_>) -> Result<Option<Self>, &'static str>;
@@ -261,21 +275,37 @@ impl DecodeError {
 ///
 /// On error `out` is left as it was.
 pub fn encode<M: ChannelMessage>(message: &M, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+    let payload = encode_head(message, out)?;
+    out.extend_from_slice(payload);
+    Ok(())
+}
+
+/// Appends the frame header and every field but the trailing payload to `head`, and returns the
+/// payload (tile pixels, an access unit, cursor pixels; empty for other messages). Writing
+/// `head` then the payload sends the same bytes as [`encode`] without copying the payload
+/// (e.g. quinn's `write_chunks`).
+///
+/// On error `head` is left as it was.
+pub fn encode_head<'m, M: ChannelMessage>(
+    message: &'m M,
+    head: &mut Vec<u8>,
+) -> Result<&'m [u8], EncodeError> {
     let channel = M::CHANNEL;
     let ty = message.message_type();
     message.validate().map_err(|reason| EncodeError::Invalid { channel, ty, reason })?;
-    let start = out.len();
-    out.extend_from_slice(&ty.to_le_bytes());
-    out.extend_from_slice(&[0; 4]);
-    message.encode_body(out);
-    let len = out.len() - start - FRAME_HEADER_LEN;
+    let start = head.len();
+    head.extend_from_slice(&ty.to_le_bytes());
+    head.extend_from_slice(&[0; 4]);
+    message.encode_fields(head);
+    let payload = message.payload();
+    let len = head.len() - start - FRAME_HEADER_LEN + payload.len();
     match u32::try_from(len) {
         Ok(len32) if len32 <= channel.max_body() => {
-            out[start + 2..start + FRAME_HEADER_LEN].copy_from_slice(&len32.to_le_bytes());
-            Ok(())
+            head[start + 2..start + FRAME_HEADER_LEN].copy_from_slice(&len32.to_le_bytes());
+            Ok(payload)
         }
         _ => {
-            out.truncate(start);
+            head.truncate(start);
             Err(EncodeError::TooLarge { channel, ty, len, max: channel.max_body() })
         }
     }

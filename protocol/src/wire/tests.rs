@@ -303,6 +303,55 @@ fn channels_and_preludes() {
     assert_eq!(crate::transport::stream_prelude(Channel::Cursor), [3]);
 }
 
+#[test]
+fn encode_head_leaves_the_payload_out() {
+    let tile = DisplayMessage::Tile(Tile {
+        rect: Rect { x: 0, y: 0, width: 1, height: 2 },
+        data: TileData::Raw(vec![9; 8]),
+    });
+    let mut head = Vec::new();
+    let payload = encode_head(&tile, &mut head).unwrap();
+    assert_eq!(payload, [9; 8]);
+    assert_eq!(head.len(), FRAME_HEADER_LEN + 16 + 1);
+    assert_eq!(u32::from_le_bytes(head[2..6].try_into().unwrap()), 16 + 1 + 8);
+}
+
+#[test]
+fn frame_sequence() {
+    let begin = |frame_id| {
+        DisplayMessage::FrameBegin(FrameBegin { frame_id, scanout: 0, width: 100, height: 50, capture_us: 0 })
+    };
+    let tile = |x, y, width, height| {
+        DisplayMessage::Tile(Tile { rect: Rect { x, y, width, height }, data: TileData::Solid(0) })
+    };
+    let end = |frame_id| DisplayMessage::FrameEnd(FrameEnd { frame_id });
+    let mut seq = FrameSequence::new();
+    assert_eq!(seq.check(&tile(0, 0, 1, 1)), Err(SequenceError::UpdateOutsideFrame));
+    seq.check(&begin(5)).unwrap();
+    seq.check(&tile(0, 0, 100, 50)).unwrap();
+    seq.check(&tile(99, 49, 1, 1)).unwrap();
+    assert!(matches!(seq.check(&tile(99, 0, 2, 1)), Err(SequenceError::OutsideScanout { .. })));
+    assert!(matches!(seq.check(&tile(0, 50, 1, 1)), Err(SequenceError::OutsideScanout { .. })));
+    assert_eq!(seq.check(&begin(6)), Err(SequenceError::NestedFrame { open: 5, frame_id: 6 }));
+    assert_eq!(seq.check(&end(4)), Err(SequenceError::FrameEndMismatch { open: Some(5), frame_id: 4 }));
+    seq.check(&end(5)).unwrap();
+    assert_eq!(seq.open_frame(), None);
+    assert_eq!(seq.check(&end(5)), Err(SequenceError::FrameEndMismatch { open: None, frame_id: 5 }));
+    assert_eq!(seq.check(&begin(5)), Err(SequenceError::FrameIdNotIncreasing { previous: 5, frame_id: 5 }));
+    seq.check(&begin(9)).unwrap();
+}
+
+#[test]
+fn control_message_directions() {
+    let hello = ControlMessage::Hello(hello());
+    assert!(hello.may_be_sent_by(Side::Client) && !hello.may_be_sent_by(Side::Server));
+    assert!(hello.is_handshake());
+    let layout = ControlMessage::DisplayLayout(vec![Monitor { id: 0, x: 0, y: 0, width: 1, height: 1 }]);
+    assert!(layout.may_be_sent_by(Side::Server) && !layout.may_be_sent_by(Side::Client));
+    let ping = ControlMessage::Ping(Ping { nonce: 0, sent_us: 0 });
+    assert!(ping.may_be_sent_by(Side::Client) && ping.may_be_sent_by(Side::Server) && !ping.is_handshake());
+}
+
 // ---- property tests ----
 
 fn text(max: usize) -> impl Strategy<Value = String> {
@@ -455,7 +504,13 @@ fn stream_round_trip<M: ChannelMessage + PartialEq + Clone>(
 ) -> Result<(), TestCaseError> {
     let mut stream = Vec::new();
     for m in messages {
+        let start = stream.len();
         encode(m, &mut stream).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        // Head + payload is the same bytes.
+        let mut head = Vec::new();
+        let payload = encode_head(m, &mut head).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        head.extend_from_slice(payload);
+        prop_assert_eq!(&head[..], &stream[start..]);
     }
     let mut decoder = StreamDecoder::<M>::new();
     let mut got = Vec::new();
