@@ -304,10 +304,20 @@ impl ChannelMessage for ControlMessage {
                     return Err("server name longer than 255 bytes");
                 }
             }
-            ControlMessage::Refused(Refused { message, .. })
-            | ControlMessage::Goodbye(Goodbye { message, .. }) => {
+            ControlMessage::Refused(Refused { message, code }) => {
                 if message.len() > MAX_TEXT_LEN {
                     return Err("message text longer than 1024 bytes");
+                }
+                if RefuseCode::from_u16(code.to_u16()) != *code {
+                    return Err("RefuseCode::Other holds a code that has a name");
+                }
+            }
+            ControlMessage::Goodbye(Goodbye { message, reason }) => {
+                if message.len() > MAX_TEXT_LEN {
+                    return Err("message text longer than 1024 bytes");
+                }
+                if GoodbyeReason::from_u16(reason.to_u16()) != *reason {
+                    return Err("GoodbyeReason::Other holds a reason that has a name");
                 }
             }
             ControlMessage::DisplayLayout(monitors) => {

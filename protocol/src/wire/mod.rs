@@ -13,13 +13,13 @@
 //!
 //! The encoding is hand-written little-endian with fixed-width integers and `len:u16 | UTF-8`
 //! strings: trivially portable to a second implementation, no schema compiler, and every field
-//! is read through a bounds-checked [`codec::Reader`]. The full byte layouts are in
+//! is read through a bounds-checked reader (`codec.rs`). The full byte layouts are in
 //! `docs/protocol.md`.
 //!
 //! Message type numbers are unique across channels: the high byte is the channel id
-//! (`0x00xx` control, `0x01xx` input, see [`types`]). That lets a decoder tell a *future* message (unknown
-//! type: skipped, counted, the body length says how far) from a message sent on the *wrong*
-//! channel (an error).
+//! (`0x00xx` control, `0x01xx` input, see [`types`]). That lets a decoder tell a *future*
+//! message (unknown type: skipped, counted, the body length says how far) from a message sent
+//! on the *wrong* channel (an error).
 //!
 //! Invariants:
 //! - Decoding never panics and never allocates more than the channel's body limit

@@ -260,6 +260,8 @@ fn semantic_checks() {
     assert!(encode_to_vec(&hot).is_err());
     let long_ticket = ControlMessage::Hello(Hello { ticket: "x".repeat(MAX_TICKET_LEN + 1), ..hello() });
     assert!(encode_to_vec(&long_ticket).is_err());
+    let named = ControlMessage::Refused(Refused { code: RefuseCode::Other(1), message: String::new() });
+    assert!(encode_to_vec(&named).is_err(), "one encoding per value");
     let versions = ControlMessage::Hello(Hello { version_min: 2, version_max: 1, ..hello() });
     assert!(encode_to_vec(&versions).is_err());
     // A raw tile over the display limit is refused by the encoder, and `out` is untouched.
