@@ -87,6 +87,11 @@ impl Capabilities {
     pub const fn intersection(self, other: Self) -> Self {
         Self(self.0 & other.0)
     }
+
+    /// The capabilities in `self` but not in `other`.
+    pub const fn difference(self, other: Self) -> Self {
+        Self(self.0 & !other.0)
+    }
 }
 
 impl BitOr for Capabilities {
@@ -259,7 +264,7 @@ impl ClientHandshake {
                 if w.version < min || w.version > max {
                     return Err(HandshakeError::VersionNotOffered { chosen: w.version, min, max });
                 }
-                let extra = Capabilities(w.capabilities.0 & !self.hello.capabilities.0);
+                let extra = w.capabilities.difference(self.hello.capabilities);
                 if extra != Capabilities::empty() {
                     return Err(HandshakeError::CapabilitiesNotOffered { extra });
                 }
