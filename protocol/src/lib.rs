@@ -4,9 +4,40 @@
 //!   hosts with a replay cache.
 //! - [`connfile`]: connection files (TOML) and `pleiades://` URIs that carry a ticket to the
 //!   client.
+//! - [`wire`]: the session's messages (control, input, display, cursor), their binary framing
+//!   and the incremental [`wire::StreamDecoder`]. Format: `docs/protocol.md`.
+//! - [`handshake`]: `Hello` → `Welcome`/`Refused`, version and capability negotiation.
+//! - [`transport`]: how channels map onto QUIC streams and datagrams, priorities, error codes.
+//! - [`pacing`]: frame pacing (about one frame in flight), RTT and delivery-rate estimates.
 //!
 //! Nothing here opens a socket, starts a thread or reads a clock: time is a parameter, so every
 //! piece is unit- and property-testable on plain values.
+//!
+//! # How a transport uses it
+//!
+//! The QUIC shells in host/ and client/ own the connection and the clock; per session:
+//!
+//! 1. Client: connect with ALPN [`transport::ALPN`] and the pinned certificate, open the first
+//!    bidirectional stream, write [`handshake::ClientHandshake::hello`] (via [`wire::encode`]),
+//!    decode the answer with a `StreamDecoder<ControlMessage>` and pass it to
+//!    [`handshake::ClientHandshake::on_message`].
+//! 2. Server: accept the first bidirectional stream, decode the first message and answer with
+//!    [`handshake::ServerHandshake::on_first_message`] (its `TicketCheck` wraps
+//!    [`ticket::TicketVerifier`] and the desktop check); on `Refuse`, write the reply and close
+//!    with [`transport::error_code::REFUSED`].
+//! 3. Both: open the unidirectional streams of the negotiated channels, each starting with
+//!    [`transport::stream_prelude`], at the [`transport::priority`] of its channel; accept the
+//!    peer's with [`wire::Channel::from_uni_prelude`] and one [`wire::StreamDecoder`] per stream
+//!    (display messages then through [`wire::FrameSequence`]); datagrams through
+//!    [`wire::decode_datagram`]. A decoder error ends its channel with
+//!    [`wire::DecodeError::error_code`].
+//! 4. Server: send frames when [`pacing::FramePacer::may_send`] allows, feed it `FrameAck`s and
+//!    `Pong`s, and give the encoder [`pacing::FramePacer::target_bitrate`] and
+//!    [`pacing::FramePacer::target_fps`].
 
 pub mod connfile;
+pub mod handshake;
+pub mod pacing;
 pub mod ticket;
+pub mod transport;
+pub mod wire;

@@ -1,0 +1,77 @@
+//! Fuzzes the session protocol's stream decoder and datagram decoder with what a peer
+//! controls: the bytes and how they are split into chunks. The decoder must never panic, never
+//! buffer more than the channel's body limit, and every message it accepts must encode back to
+//! bytes that decode to the same message (so the peer's view and ours cannot differ). Display
+//! streams then go through `FrameSequence`: an update it lets through lies within its frame.
+
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use pleiades_protocol::wire::{
+    ChannelMessage, ControlMessage, CursorMessage, DisplayMessage, FrameSequence, InputMessage,
+    StreamDecoder, Tile, decode_datagram, encode_datagram, encode_to_vec,
+};
+
+fn run<M: ChannelMessage + PartialEq + Clone>(chunk_sizes: &[u8], mut data: &[u8]) -> Vec<M> {
+    let mut decoder = StreamDecoder::<M>::new();
+    let mut sizes = chunk_sizes.iter().cycle();
+    let mut messages = Vec::new();
+    while !data.is_empty() {
+        // A chunk size of 0 means "everything left": the in-place fast path.
+        let size = usize::from(*sizes.next().unwrap_or(&0));
+        let n = if size == 0 { data.len() } else { size.min(data.len()) };
+        let (mut chunk, rest) = data.split_at(n);
+        data = rest;
+        let result = loop {
+            match decoder.decode(&mut chunk) {
+                Ok(Some(message)) => messages.push(message),
+                Ok(None) => break Ok(()),
+                Err(error) => break Err(error),
+            }
+        };
+        assert!(decoder.buffer_capacity() <= M::CHANNEL.max_body() as usize);
+        if result.is_err() {
+            assert!(decoder.finish().is_err(), "a failed decoder stays failed");
+            break;
+        }
+    }
+    let _ = decoder.finish();
+    for message in messages.iter().cloned() {
+        let bytes = encode_to_vec(&message).expect("a decoded message encodes");
+        let mut again = StreamDecoder::<M>::new();
+        let mut slice = bytes.as_slice();
+        let decoded = again.decode(&mut slice).expect("re-encoded message decodes");
+        assert!(slice.is_empty());
+        assert!(decoded.as_ref() == Some(&message), "round trip changed {message:?}");
+    }
+    messages
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&selector, rest)) = data.split_first() else { return };
+    let (sizes, body) = rest.split_at(rest.len().min(4));
+    match selector % 5 {
+        0 => drop(run::<ControlMessage>(sizes, body)),
+        1 => drop(run::<InputMessage>(sizes, body)),
+        2 => {
+            // Then the stream-level rules a client applies before drawing.
+            let mut sequence = FrameSequence::new();
+            for message in run::<DisplayMessage>(sizes, body) {
+                if sequence.check(&message).is_err() {
+                    break;
+                }
+                if let (DisplayMessage::Tile(Tile { rect, .. }), Some(frame)) =
+                    (&message, sequence.open_frame())
+                {
+                    assert!(rect.x + rect.width <= frame.width && rect.y + rect.height <= frame.height);
+                }
+            }
+        }
+        3 => drop(run::<CursorMessage>(sizes, body)),
+        _ => {
+            if let Ok(Some(datagram)) = decode_datagram(body) {
+                assert_eq!(decode_datagram(&encode_datagram(&datagram)), Ok(Some(datagram)));
+            }
+        }
+    }
+});

@@ -1,0 +1,294 @@
+//! Display channel messages, server → client.
+//!
+//! A frame is `FrameBegin`, any number of `Tile` and `Video` updates for regions of one
+//! scanout, then `FrameEnd`; the client presents the frame at `FrameEnd` and acknowledges it
+//! with a control [`super::FrameAck`]. Regions are in the scanout's pixels; pixels are BGRX
+//! (4 bytes, X ignored), rows top to bottom, no padding between rows.
+//!
+//! This crate carries the bytes; it does not compress or decode them. A client decompresses a
+//! `Zstd` tile into at most `width × height × 4` bytes and treats anything else as a broken
+//! frame (the zstd frame header states its content size, which makes the bound cheap).
+
+use super::codec::{Put, Reader};
+use super::{Channel, ChannelMessage, MAX_DIMENSION, check_region, types};
+
+/// A rectangle in scanout pixels: non-empty, within [`MAX_DIMENSION`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Rect {
+    pub x: u32,
+    pub y: u32,
+    pub width: u32,
+    pub height: u32,
+}
+
+impl Rect {
+    /// Bytes of this rectangle as BGRX pixels.
+    pub fn bgrx_len(&self) -> u64 {
+        u64::from(self.width) * u64::from(self.height) * 4
+    }
+
+    fn put(&self, out: &mut Vec<u8>) {
+        out.put_u32(self.x);
+        out.put_u32(self.y);
+        out.put_u32(self.width);
+        out.put_u32(self.height);
+    }
+
+    fn read(r: &mut Reader<'_>) -> Result<Self, &'static str> {
+        Ok(Rect { x: r.u32()?, y: r.u32()?, width: r.u32()?, height: r.u32()? })
+    }
+
+    fn check(&self) -> Result<(), &'static str> {
+        check_region(self.x, self.y, self.width, self.height)
+    }
+}
+
+/// Starts a frame of one scanout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameBegin {
+    /// Increases by one per frame, across scanouts, for the whole session.
+    pub frame_id: u64,
+    pub scanout: u32,
+    /// The scanout's size; the frame's regions lie within it.
+    pub width: u32,
+    pub height: u32,
+    /// Server clock (µs) when the guest's update was captured; for latency accounting.
+    pub capture_us: u64,
+}
+
+/// One region's new pixels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tile {
+    pub rect: Rect,
+    pub data: TileData,
+}
+
+/// How a tile's pixels are encoded; the `encoding` byte on the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TileData {
+    /// 0: BGRX pixels, exactly `width × height × 4` bytes.
+    Raw(Vec<u8>),
+    /// 1: one zstd frame of the BGRX pixels (needs capability `ZSTD_TILES`).
+    Zstd(Vec<u8>),
+    /// 2: every pixel has this BGRX value (little-endian `u32`: B in the low byte).
+    Solid(u32),
+}
+
+impl TileData {
+    pub fn encoding(&self) -> u8 {
+        match self {
+            TileData::Raw(_) => 0,
+            TileData::Zstd(_) => 1,
+            TileData::Solid(_) => 2,
+        }
+    }
+}
+
+/// One H.264 access unit (Annex-B byte stream) covering a region (needs capability `H264`).
+/// A region's first video update, and the first after a `FrameBegin` with a new size, is a
+/// keyframe (IDR).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Video {
+    pub rect: Rect,
+    pub keyframe: bool,
+    pub data: Vec<u8>,
+}
+
+/// Ends a frame: the client presents it and acks it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameEnd {
+    pub frame_id: u64,
+}
+
+/// Everything the display channel carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DisplayMessage {
+    FrameBegin(FrameBegin),
+    Tile(Tile),
+    Video(Video),
+    FrameEnd(FrameEnd),
+}
+
+impl ChannelMessage for DisplayMessage {
+    const CHANNEL: Channel = Channel::Display;
+
+    fn message_type(&self) -> u16 {
+        match self {
+            DisplayMessage::FrameBegin(_) => types::FRAME_BEGIN,
+            DisplayMessage::Tile(_) => types::TILE,
+            DisplayMessage::Video(_) => types::VIDEO,
+            DisplayMessage::FrameEnd(_) => types::FRAME_END,
+        }
+    }
+
+    fn validate(&self) -> Result<(), &'static str> {
+        match self {
+            DisplayMessage::FrameBegin(f) => {
+                if f.width == 0 || f.height == 0 || f.width > MAX_DIMENSION || f.height > MAX_DIMENSION {
+                    return Err("frame size is not within 1..=16384");
+                }
+            }
+            DisplayMessage::Tile(t) => {
+                t.rect.check()?;
+                match &t.data {
+                    TileData::Raw(pixels) if pixels.len() as u64 != t.rect.bgrx_len() => {
+                        return Err("raw tile data is not width × height × 4 bytes");
+                    }
+                    TileData::Zstd(data) if data.is_empty() => return Err("empty zstd tile data"),
+                    _ => {}
+                }
+            }
+            DisplayMessage::Video(v) => {
+                v.rect.check()?;
+                if v.data.is_empty() {
+                    return Err("empty video access unit");
+                }
+            }
+            DisplayMessage::FrameEnd(_) => {}
+        }
+        Ok(())
+    }
+
+    fn encode_fields(&self, out: &mut Vec<u8>) {
+        match self {
+            DisplayMessage::FrameBegin(f) => {
+                out.put_u64(f.frame_id);
+                out.put_u32(f.scanout);
+                out.put_u32(f.width);
+                out.put_u32(f.height);
+                out.put_u64(f.capture_us);
+            }
+            DisplayMessage::Tile(t) => {
+                t.rect.put(out);
+                out.put_u8(t.data.encoding());
+                if let TileData::Solid(bgrx) = t.data {
+                    out.put_u32(bgrx);
+                }
+            }
+            DisplayMessage::Video(v) => {
+                v.rect.put(out);
+                out.put_bool(v.keyframe);
+            }
+            DisplayMessage::FrameEnd(f) => out.put_u64(f.frame_id),
+        }
+    }
+
+    fn payload(&self) -> &[u8] {
+        match self {
+            DisplayMessage::Tile(Tile { data: TileData::Raw(data) | TileData::Zstd(data), .. })
+            | DisplayMessage::Video(Video { data, .. }) => data,
+            _ => &[],
+        }
+    }
+
+    fn decode_body(ty: u16, r: &mut Reader<'_>) -> Result<Option<Self>, &'static str> {
+        let message = match ty {
+            types::FRAME_BEGIN => DisplayMessage::FrameBegin(FrameBegin {
+                frame_id: r.u64()?,
+                scanout: r.u32()?,
+                width: r.u32()?,
+                height: r.u32()?,
+                capture_us: r.u64()?,
+            }),
+            types::TILE => {
+                let rect = Rect::read(r)?;
+                let data = match r.u8()? {
+                    0 => TileData::Raw(r.rest()),
+                    1 => TileData::Zstd(r.rest()),
+                    2 => TileData::Solid(r.u32()?),
+                    _ => return Err("unknown tile encoding"),
+                };
+                DisplayMessage::Tile(Tile { rect, data })
+            }
+            types::VIDEO => {
+                DisplayMessage::Video(Video { rect: Rect::read(r)?, keyframe: r.bool()?, data: r.rest() })
+            }
+            types::FRAME_END => DisplayMessage::FrameEnd(FrameEnd { frame_id: r.u64()? }),
+            _ => return Ok(None),
+        };
+        Ok(Some(message))
+    }
+}
+
+/// Why a display stream's messages are out of order or out of bounds.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SequenceError {
+    #[error("frame {frame_id} begins while frame {open} is still open")]
+    NestedFrame { open: u64, frame_id: u64 },
+    #[error("frame id {frame_id} does not increase (the previous frame on this stream was {previous})")]
+    FrameIdNotIncreasing { previous: u64, frame_id: u64 },
+    #[error("a tile or video update arrived outside a frame")]
+    UpdateOutsideFrame,
+    #[error("region {rect:?} lies outside the {width}×{height} scanout of frame {frame_id}")]
+    OutsideScanout { frame_id: u64, rect: Rect, width: u32, height: u32 },
+    #[error("FrameEnd for frame {frame_id}, but the open frame is {open:?}")]
+    FrameEndMismatch { open: Option<u64>, frame_id: u64 },
+}
+
+impl SequenceError {
+    /// The QUIC application error code to end the display channel with.
+    pub fn error_code(&self) -> u32 {
+        crate::transport::error_code::PROTOCOL_VIOLATION
+    }
+}
+
+/// Checks what one message alone cannot: that a display stream is a sequence of
+/// `FrameBegin`, updates, `FrameEnd` with increasing frame ids, and that every update lies
+/// within its frame's scanout. A client runs every decoded display message through it before
+/// touching its surfaces, so a hostile server can never make it write outside one. An error
+/// ends the display channel, like a decode error.
+#[derive(Debug, Clone, Default)]
+pub struct FrameSequence {
+    open: Option<FrameBegin>,
+    previous: Option<u64>,
+}
+
+impl FrameSequence {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The frame between its `FrameBegin` and `FrameEnd`, if any.
+    pub fn open_frame(&self) -> Option<&FrameBegin> {
+        self.open.as_ref()
+    }
+
+    /// Checks the next message of the stream and advances.
+    pub fn check(&mut self, message: &DisplayMessage) -> Result<(), SequenceError> {
+        match message {
+            DisplayMessage::FrameBegin(begin) => {
+                if let Some(open) = &self.open {
+                    return Err(SequenceError::NestedFrame { open: open.frame_id, frame_id: begin.frame_id });
+                }
+                if let Some(previous) = self.previous.filter(|&p| begin.frame_id <= p) {
+                    return Err(SequenceError::FrameIdNotIncreasing { previous, frame_id: begin.frame_id });
+                }
+                self.open = Some(*begin);
+            }
+            DisplayMessage::Tile(Tile { rect, .. }) | DisplayMessage::Video(Video { rect, .. }) => {
+                let frame = self.open.as_ref().ok_or(SequenceError::UpdateOutsideFrame)?;
+                let inside = u64::from(rect.x) + u64::from(rect.width) <= u64::from(frame.width)
+                    && u64::from(rect.y) + u64::from(rect.height) <= u64::from(frame.height);
+                if !inside {
+                    return Err(SequenceError::OutsideScanout {
+                        frame_id: frame.frame_id,
+                        rect: *rect,
+                        width: frame.width,
+                        height: frame.height,
+                    });
+                }
+            }
+            DisplayMessage::FrameEnd(end) => match self.open.take() {
+                Some(open) if open.frame_id == end.frame_id => self.previous = Some(end.frame_id),
+                other => {
+                    self.open = other;
+                    return Err(SequenceError::FrameEndMismatch {
+                        open: other.map(|f| f.frame_id),
+                        frame_id: end.frame_id,
+                    });
+                }
+            },
+        }
+        Ok(())
+    }
+}
