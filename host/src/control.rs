@@ -63,6 +63,9 @@ pub enum Request {
     /// Ask the guest to use these monitor sizes (`[[1280, 720], …]`, left to right; monitors
     /// beyond the list are switched off).
     Layout { sizes: Vec<(u32, u32)> },
+    /// Mint a one-time connection (a fresh ticket) for the session server: answered as the
+    /// connection file's TOML.
+    ConnectionFile,
 }
 
 /// A tablet button.
@@ -161,6 +164,10 @@ pub trait Controller: Send + Sync {
     fn set_layout(&self, _sizes: &[(u32, u32)]) -> Result<(), String> {
         Err(NO_GPU.into())
     }
+    /// A new one-time connection file (TOML) for this desktop's session server.
+    fn connection_file(&self) -> Result<String, String> {
+        Err("this VM has no session server (start it with --listen)".into())
+    }
 }
 
 const NO_GPU: &str = "this VM has no GPU (add --device gpu)";
@@ -209,11 +216,14 @@ pub fn handle_line(line: &str, controller: &dyn Controller) -> Response {
             Err(e) => Response::error(e),
         },
         Ok(Request::Screenshot { scanout }) => screenshot(controller, scanout),
+        Ok(Request::ConnectionFile) => controller
+            .connection_file()
+            .map_or_else(Response::error, |toml| Response::ok(serde_json::json!({ "toml": toml }))),
         Ok(Request::Layout { sizes }) => controller
             .set_layout(&sizes)
             .map_or_else(Response::error, |()| Response::ok(serde_json::json!({ "layout": sizes }))),
         Err(e) => Response::error(format!(
-            "bad request ({e}); commands: status, shutdown, reboot, type, key, pointer, screenshot, layout"
+            "bad request ({e}); commands: status, shutdown, reboot, type, key, pointer, screenshot, layout, connection-file"
         )),
     }
 }

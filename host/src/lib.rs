@@ -11,6 +11,7 @@
 //! - [`qemu_display`]: host-initiated display changes under `--vmm qemu`, through QEMU's D-Bus display.
 //! - [`control`]: the control socket behind `pleiades-host ctl`; [`screenshot`]: PNGs of
 //!   scanouts.
+//! - [`session`]: the session server (QUIC): the desktop to one client, input back.
 //! - [`accel`]: whether KVM is hardware-backed here, which picks the default VMM.
 
 pub mod accel;
@@ -23,5 +24,6 @@ pub mod pleiades;
 pub mod qemu;
 pub mod qemu_display;
 pub mod screenshot;
+pub mod session;
 pub mod vm;
 pub mod vmm;

@@ -16,6 +16,7 @@ use pleiades_host::devices::virtio::input::{Input, events_socket, keymap};
 use pleiades_host::devices::virtio::rng::Rng;
 use pleiades_host::pleiades::PleiadesVm;
 use pleiades_host::qemu::QemuVm;
+use pleiades_host::session;
 use pleiades_host::vm::{DeviceRequest, SerialOut};
 
 #[derive(Debug, Parser)]
@@ -28,7 +29,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Boot a VM: one process per VM. Exits 0 when the guest powers off.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Talk to a running VM's control socket.
     Ctl {
         /// The VM's control socket (`run --control`).
@@ -84,6 +85,22 @@ struct RunArgs {
     /// Repeat for several devices.
     #[arg(long = "device")]
     devices: Vec<DeviceRequest>,
+    /// Serve the desktop to a client (QUIC, UDP) on this address, e.g. `0.0.0.0:4433` or
+    /// `127.0.0.1:0` (any free port). Needs `--device gpu`; input goes to the keyboard and
+    /// tablet.
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// With `--listen`: write a one-time connection file here (`pleiades connect FILE`), with a
+    /// ticket the host signs itself (no broker). `ctl connection-file` mints more.
+    #[arg(long, requires = "listen")]
+    connection_file: Option<PathBuf>,
+    /// The address clients reach the session server at (default: the `--listen` address, or
+    /// this machine's name when that is 0.0.0.0).
+    #[arg(long, requires = "listen")]
+    advertise: Option<String>,
+    /// This desktop's name (tickets name it).
+    #[arg(long, default_value = "local")]
+    desktop: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -130,6 +147,11 @@ enum CtlCommand {
     Layout {
         #[arg(value_parser = parse_layout)]
         sizes: Layout,
+    },
+    /// Write a new one-time connection file for the VM's session server (`run --listen`).
+    ConnectionFile {
+        /// The file to write (mode 0600: it holds a ticket).
+        out: PathBuf,
     },
 }
 
@@ -184,7 +206,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Run(args) => run_vm(args),
+        Command::Run(args) => run_vm(*args),
         Command::Ctl { socket, command } => {
             let request = match command {
                 CtlCommand::Status => Request::Status,
@@ -199,6 +221,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     return save_screenshot(response, out);
                 }
                 CtlCommand::Layout { sizes } => Request::Layout { sizes: sizes.0 },
+                CtlCommand::ConnectionFile { ref out } => {
+                    let response =
+                        control::request(&socket, &Request::ConnectionFile, Duration::from_secs(30))?;
+                    let Some(toml) = response.result.as_ref().and_then(|r| r["toml"].as_str()) else {
+                        eprintln!(
+                            "pleiades-host ctl: {}",
+                            response.error.unwrap_or_else(|| "the VM refused".into())
+                        );
+                        return Ok(ExitCode::FAILURE);
+                    };
+                    let connection = pleiades_protocol::connfile::Connection::from_toml(toml)
+                        .map_err(|e| anyhow::anyhow!("the VM answered a bad connection: {e}"))?;
+                    session::write_connection_file(out, &connection)?;
+                    println!("{}", out.display());
+                    return Ok(ExitCode::SUCCESS);
+                }
             };
             let response = control::request(&socket, &request, Duration::from_secs(30))?;
             match (response.ok, response.result, response.error) {
@@ -286,7 +324,8 @@ fn run_qemu(spec: &BootSpec, args: &RunArgs) -> Result<ExitCode> {
     let accel = pleiades_host::accel::choose()?;
     tracing::info!("QEMU accelerator: {} ({})", accel.accel, accel.reason);
     let vm = QemuVm::start(spec, &args.devices, &args.serial, accel)?;
-    let _control = control_vm(args, vm.controller())?;
+    let controller = with_session(args, vm.controller())?;
+    let _control = control_vm(args, controller)?;
     let status = vm.wait()?;
     Ok(if status.success() {
         ExitCode::SUCCESS
@@ -298,10 +337,48 @@ fn run_qemu(spec: &BootSpec, args: &RunArgs) -> Result<ExitCode> {
 
 fn run_pleiades(spec: &BootSpec, args: &RunArgs) -> Result<ExitCode> {
     let vm = PleiadesVm::new(spec, &args.devices, &args.serial)?;
-    let _control = control_vm(args, vm.controller())?;
+    let controller = with_session(args, vm.controller())?;
+    let _control = control_vm(args, controller)?;
     let reason = vm.run()?;
     tracing::info!("the VM ended: {reason:?}");
     Ok(ExitCode::from(u8::try_from(reason.exit_code()).unwrap_or(1)))
+}
+
+/// Starts the session server when `--listen` asks for one (and writes the connection file).
+fn with_session(args: &RunArgs, controller: Arc<dyn Controller>) -> Result<Arc<dyn Controller>> {
+    let Some(listen) = args.listen else { return Ok(controller) };
+    if controller.display().is_none() {
+        anyhow::bail!("--listen serves the desktop's display: add --device gpu");
+    }
+    let advertise = args.advertise.clone().unwrap_or_else(|| {
+        if listen.ip().is_unspecified() {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "localhost".into())
+        } else {
+            listen.ip().to_string()
+        }
+    });
+    let tickets = session::LocalTickets::new(&advertise, &args.desktop)?;
+    let config = session::SessionConfig {
+        listen,
+        desktop: args.desktop.clone(),
+        host: advertise.clone(),
+        ticket_key: tickets.public_key(),
+    };
+    let server = session::SessionServer::start(&config, controller.clone())?;
+    let with = session::SessionController::new(controller, server, Some(tickets), &advertise);
+    if let Some(path) = &args.connection_file {
+        let connection = with.mint_connection().map_err(anyhow::Error::msg)?;
+        session::write_connection_file(path, &connection)?;
+        tracing::info!(
+            "connection file written to {} (one use, valid {} s)",
+            path.display(),
+            session::LOCAL_TICKET_SECS
+        );
+    }
+    Ok(Arc::new(with))
 }
 
 /// Opens the control socket (if asked for) and routes SIGTERM/SIGINT to the controller. The

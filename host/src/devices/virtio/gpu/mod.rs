@@ -31,4 +31,4 @@ pub mod sink;
 
 pub use device::{Gpu, GpuConfig, GpuHandle, GpuMetrics, LayoutError, MAX_DISPLAY, MIN_DISPLAY};
 pub use resources::GpuLimits;
-pub use sink::{Cursor, DisplaySink, Framebuffer};
+pub use sink::{Cursor, Damage, DisplaySink, Framebuffer, monotonic_us};

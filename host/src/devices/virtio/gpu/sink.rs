@@ -83,16 +83,38 @@ pub struct Cursor {
     pub image: Option<Arc<Vec<u8>>>,
 }
 
+/// CLOCK_MONOTONIC in microseconds: the clock every Pleiades process on a host shares, so a
+/// client on the same machine can compare it with its own (latency measurements).
+pub fn monotonic_us() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000)
+        .unwrap_or(0)
+}
+
+/// What a consumer takes from a scanout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damage {
+    /// The rectangles copied (empty: nothing changed).
+    pub rects: Vec<Rect>,
+    /// When the oldest of them was flushed ([`monotonic_us`]); 0 when `rects` is empty.
+    pub since_us: u64,
+}
+
 #[derive(Debug, Default)]
 struct Scanout {
     frame: Option<Framebuffer>,
     damage: Vec<Rect>,
+    /// When the damage went from none to some.
+    damage_since_us: u64,
 }
 
 impl Scanout {
     fn add_damage(&mut self, rect: Rect) {
         if rect.is_empty() {
             return;
+        }
+        if self.damage.is_empty() {
+            self.damage_since_us = monotonic_us();
         }
         if self.damage.iter().any(|d| d.intersect(&rect) == rect) {
             return;
@@ -264,10 +286,16 @@ impl DisplaySink {
     /// the size changed) and clears the damage. Returns the rectangles copied (empty: nothing
     /// changed), or `None` when the scanout is disabled or does not exist.
     pub fn take_damage(&self, scanout: usize, into: &mut Framebuffer) -> Option<Vec<Rect>> {
+        self.take_damage_since(scanout, into).map(|d| d.rects)
+    }
+
+    /// [`Self::take_damage`], with when the oldest damage was flushed.
+    pub fn take_damage_since(&self, scanout: usize, into: &mut Framebuffer) -> Option<Damage> {
         let mut state = self.state();
         let s = state.scanouts.get_mut(scanout)?;
         let frame = s.frame.as_ref()?;
-        let damage = if (into.width, into.height) != (frame.width, frame.height) {
+        let since_us = if s.damage.is_empty() { 0 } else { s.damage_since_us };
+        let rects = if (into.width, into.height) != (frame.width, frame.height) {
             into.clone_from(frame);
             s.damage.clear();
             vec![Rect::new(0, 0, frame.width, frame.height)]
@@ -276,9 +304,10 @@ impl DisplaySink {
             damage.iter().for_each(|r| into.copy_rect(frame, *r));
             damage
         };
-        let bytes: u64 = damage.iter().map(|r| r.area() * 4).sum();
+        let bytes: u64 = rects.iter().map(|r| r.area() * 4).sum();
         self.shared.metrics.bytes_out.fetch_add(bytes, Ordering::Relaxed);
-        Some(damage)
+        let since_us = if since_us == 0 && !rects.is_empty() { monotonic_us() } else { since_us };
+        Some(Damage { rects, since_us })
     }
 
     /// A copy of what `scanout` shows now (`None`: disabled). Leaves the damage alone.

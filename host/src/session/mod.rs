@@ -1,0 +1,305 @@
+//! The session server: one QUIC endpoint per VM that streams the desktop to one client.
+//!
+//! It is the same for both VMMs: it consumes the GPU's [`DisplaySink`](crate::devices::virtio::gpu::DisplaySink)
+//! and feeds input through the VM's [`Controller`] (`send_input`, `set_layout`), which routes to
+//! the in-process devices or to the device processes. The wire protocol is
+//! `pleiades-protocol` (docs/protocol.md); this module is its I/O shell:
+//!
+//! - [`tls`]: the self-signed certificate the connection file pins, the QUIC server config;
+//! - [`connection`]: one client: handshake (ticket checked and consumed), control stream
+//!   (pings, frame acks, layout requests), input stream, and the display thread that encodes
+//!   the sink's damage ([`crate::display`]) when the pacer allows (about one frame in flight,
+//!   latest wins: damage accumulates in the sink while a frame is out);
+//! - [`input`]: protocol input → virtio-input events, with a rate limit.
+//!
+//! One client per desktop: a new connection with a valid ticket takes over, and the previous
+//! one is closed with the reason "replaced" (reconnect after a network change works the same
+//! way). Threads: a small tokio runtime for QUIC, and one display thread per connection (the
+//! encoder is CPU-bound).
+
+pub mod connection;
+pub mod input;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use pleiades_protocol::connfile::Connection;
+use pleiades_protocol::handshake::{Capabilities, ServerHandshake};
+use pleiades_protocol::ticket::{PublicKey, TicketClaims, TicketSigner, TicketVerifier};
+
+use crate::control::Controller;
+
+/// How long a ticket minted by the host itself (`--connection-file`) is valid.
+pub const LOCAL_TICKET_SECS: u64 = 600;
+
+/// What the server needs to know.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Where to listen (UDP).
+    pub listen: SocketAddr,
+    /// This desktop's name: tickets must name it.
+    pub desktop: String,
+    /// This host's name: tickets must name it.
+    pub host: String,
+    /// Who signs tickets (the broker's key, or the host's own for `--connection-file`).
+    pub ticket_key: PublicKey,
+}
+
+/// Unix seconds now.
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// What every connection of a server shares.
+pub(crate) struct Shared {
+    pub controller: Arc<dyn Controller>,
+    pub desktop: String,
+    pub handshake: ServerHandshake,
+    pub verifier: Mutex<TicketVerifier>,
+    /// The connection that has the desktop now.
+    pub current: Mutex<Option<(u64, quinn::Connection)>>,
+    pub next_session: AtomicU64,
+    pub metrics: SessionMetrics,
+}
+
+/// Counters of the session server, for `ctl status`.
+#[derive(Debug, Default)]
+pub struct SessionMetrics {
+    pub connections: AtomicU64,
+    pub refused: AtomicU64,
+    pub frames: AtomicU64,
+    pub bytes: AtomicU64,
+    pub input_events: AtomicU64,
+    pub input_dropped: AtomicU64,
+}
+
+/// A running session server. Dropping it closes every connection and the endpoint.
+pub struct SessionServer {
+    shared: Arc<Shared>,
+    endpoint: quinn::Endpoint,
+    local_addr: SocketAddr,
+    fingerprint: String,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl std::fmt::Debug for SessionServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionServer").field("local_addr", &self.local_addr).finish_non_exhaustive()
+    }
+}
+
+impl SessionServer {
+    /// Starts listening.
+    pub fn start(config: &SessionConfig, controller: Arc<dyn Controller>) -> anyhow::Result<Self> {
+        let identity = tls::Identity::generate(&[config.host.clone(), "localhost".into()])
+            .map_err(anyhow::Error::msg)?;
+        let server_config = identity.server_config().map_err(anyhow::Error::msg)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("session")
+            .enable_all()
+            .build()?;
+        let endpoint = runtime
+            .block_on(async { quinn::Endpoint::server(server_config, config.listen) })
+            .map_err(|e| anyhow::anyhow!("cannot listen on {} (UDP): {e}", config.listen))?;
+        let local_addr = endpoint.local_addr()?;
+        let capabilities = Capabilities::ZSTD_TILES
+            | Capabilities::H264
+            | Capabilities::CURSOR_CHANNEL
+            | Capabilities::CURSOR_DATAGRAMS
+            | Capabilities::DYNAMIC_LAYOUT;
+        let shared = Arc::new(Shared {
+            controller,
+            desktop: config.desktop.clone(),
+            handshake: ServerHandshake::new(&format!("pleiades-host {}", config.host), capabilities),
+            verifier: Mutex::new(TicketVerifier::new(config.ticket_key, &config.host)),
+            current: Mutex::new(None),
+            next_session: AtomicU64::new(1),
+            metrics: SessionMetrics::default(),
+        });
+        let accept = endpoint.clone();
+        let accept_shared = shared.clone();
+        runtime.spawn(async move {
+            while let Some(incoming) = accept.accept().await {
+                let shared = accept_shared.clone();
+                tokio::spawn(async move {
+                    match incoming.await {
+                        Ok(conn) => connection::serve(shared, conn).await,
+                        Err(e) => tracing::info!("session: a connection attempt failed: {e}"),
+                    }
+                });
+            }
+        });
+        tracing::info!(
+            "session server listening on {local_addr} (UDP), certificate sha256 {}",
+            identity.fingerprint()
+        );
+        Ok(Self { shared, endpoint, local_addr, fingerprint: identity.fingerprint(), runtime: Some(runtime) })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The pinned certificate's fingerprint.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    pub fn metrics(&self) -> &SessionMetrics {
+        &self.shared.metrics
+    }
+
+    /// A connection for this desktop: address, pinned certificate, `ticket`.
+    pub fn connection(&self, host: &str, ticket: String) -> Connection {
+        Connection {
+            version: 1,
+            host: host.to_owned(),
+            port: self.local_addr.port(),
+            cert_sha256: self.fingerprint.clone(),
+            ticket,
+            desktop: self.shared.desktop.clone(),
+        }
+    }
+
+    /// What `ctl status` shows.
+    pub fn status(&self) -> serde_json::Value {
+        let m = &self.shared.metrics;
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let connected = self.shared.current.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+        serde_json::json!({
+            "listen": self.local_addr.to_string(),
+            "cert_sha256": self.fingerprint,
+            "client_connected": connected,
+            "connections": get(&m.connections),
+            "refused": get(&m.refused),
+            "frames": get(&m.frames),
+            "bytes": get(&m.bytes),
+            "input_events": get(&m.input_events),
+            "input_dropped": get(&m.input_dropped),
+        })
+    }
+}
+
+impl Drop for SessionServer {
+    fn drop(&mut self) {
+        self.endpoint.close(0u32.into(), b"the desktop is shutting down");
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_timeout(Duration::from_secs(2));
+        }
+    }
+}
+
+/// The host's own ticket signer, for `run --listen … --connection-file` without a broker.
+#[derive(Debug)]
+pub struct LocalTickets {
+    signer: TicketSigner,
+    pub host: String,
+    pub desktop: String,
+}
+
+impl LocalTickets {
+    pub fn new(host: &str, desktop: &str) -> anyhow::Result<Self> {
+        let pkcs8 = TicketSigner::generate_pkcs8().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let signer = TicketSigner::from_pkcs8(&pkcs8).map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(Self { signer, host: host.to_owned(), desktop: desktop.to_owned() })
+    }
+
+    pub fn public_key(&self) -> PublicKey {
+        self.signer.public_key()
+    }
+
+    /// A fresh one-time ticket for the local user.
+    pub fn mint(&self) -> anyhow::Result<String> {
+        let claims = TicketClaims::new("local", &self.desktop, &self.host, unix_now(), LOCAL_TICKET_SECS)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        self.signer.issue(&claims).map_err(|e| anyhow::anyhow!("{e}"))
+    }
+}
+
+/// Writes a connection file with mode 0600 (it holds a ticket).
+pub fn write_connection_file(path: &Path, connection: &Connection) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| anyhow::anyhow!("cannot write the connection file {}: {e}", path.display()))?;
+    file.write_all(connection.to_toml().as_bytes())?;
+    Ok(())
+}
+
+/// A VM's controller with its session server: `ctl status` shows the session, and
+/// `ctl connection-file` mints a new one-time connection (standalone hosts without a broker).
+pub struct SessionController {
+    inner: Arc<dyn Controller>,
+    server: SessionServer,
+    tickets: Option<LocalTickets>,
+    advertise: String,
+}
+
+impl std::fmt::Debug for SessionController {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionController").field("server", &self.server).finish_non_exhaustive()
+    }
+}
+
+impl SessionController {
+    /// `advertise`: the address clients reach the server at (written into connections).
+    pub fn new(
+        inner: Arc<dyn Controller>,
+        server: SessionServer,
+        tickets: Option<LocalTickets>,
+        advertise: &str,
+    ) -> Self {
+        Self { inner, server, tickets, advertise: advertise.to_owned() }
+    }
+
+    pub fn server(&self) -> &SessionServer {
+        &self.server
+    }
+
+    /// A fresh connection with a ticket of the host's own.
+    pub fn mint_connection(&self) -> Result<Connection, String> {
+        let tickets = self.tickets.as_ref().ok_or("this host's tickets come from its broker")?;
+        let ticket = tickets.mint().map_err(|e| e.to_string())?;
+        Ok(self.server.connection(&self.advertise, ticket))
+    }
+}
+
+impl Controller for SessionController {
+    fn status(&self) -> serde_json::Value {
+        let mut status = self.inner.status();
+        status["session"] = self.server.status();
+        status
+    }
+    fn shutdown(&self) -> Result<(), String> {
+        self.inner.shutdown()
+    }
+    fn reboot(&self) -> Result<(), String> {
+        self.inner.reboot()
+    }
+    fn send_input(
+        &self,
+        device: crate::control::InputDevice,
+        events: &[crate::devices::virtio::input::InputEvent],
+    ) -> Result<(), String> {
+        self.inner.send_input(device, events)
+    }
+    fn display(&self) -> Option<crate::devices::virtio::gpu::GpuHandle> {
+        self.inner.display()
+    }
+    fn set_layout(&self, sizes: &[(u32, u32)]) -> Result<(), String> {
+        self.inner.set_layout(sizes)
+    }
+    fn connection_file(&self) -> Result<String, String> {
+        self.mint_connection().map(|c| c.to_toml())
+    }
+}

@@ -1,0 +1,80 @@
+//! The session server's identity: a self-signed certificate whose SHA-256 fingerprint the
+//! connection file pins (docs/protocol.md, 1), and the QUIC server configuration around it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pleiades_protocol::transport::{ALPN, IDLE_TIMEOUT_US};
+
+/// A certificate and its key.
+pub struct Identity {
+    pub cert_der: Vec<u8>,
+    key_der: Vec<u8>,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("Identity").field("sha256", &self.fingerprint()).finish_non_exhaustive()
+    }
+}
+
+impl Identity {
+    /// A fresh self-signed certificate for `names` (ECDSA P-256).
+    pub fn generate(names: &[String]) -> Result<Self, String> {
+        let certified = rcgen::generate_simple_self_signed(names.to_vec())
+            .map_err(|e| format!("cannot make the session certificate: {e}"))?;
+        Ok(Self { cert_der: certified.cert.der().to_vec(), key_der: certified.signing_key.serialize_der() })
+    }
+
+    /// Lowercase hex SHA-256 of the DER certificate: what `cert_sha256` pins.
+    pub fn fingerprint(&self) -> String {
+        let digest = ring::digest::digest(&ring::digest::SHA256, &self.cert_der);
+        digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// QUIC server configuration: TLS 1.3 only, ALPN `pleiades/1`, datagrams on, the idle
+    /// timeout of the protocol.
+    pub fn server_config(&self) -> Result<quinn::ServerConfig, String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(self.key_der.clone().into());
+        let cert = rustls::pki_types::CertificateDer::from(self.cert_der.clone());
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| e.to_string())?
+            .with_no_client_auth()
+            .with_single_cert(vec![cert], key)
+            .map_err(|e| format!("bad session certificate: {e}"))?;
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        tls.max_early_data_size = 0;
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| e.to_string())?;
+        let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        let mut transport = quinn::TransportConfig::default();
+        transport
+            .max_idle_timeout(Some(
+                Duration::from_micros(IDLE_TIMEOUT_US).try_into().map_err(|e| format!("{e}"))?,
+            ))
+            .keep_alive_interval(Some(Duration::from_secs(1)))
+            .max_concurrent_uni_streams(4u32.into())
+            .max_concurrent_bidi_streams(1u32.into())
+            .datagram_receive_buffer_size(Some(64 * 1024));
+        config.transport_config(Arc::new(transport));
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fingerprint_is_the_sha256_of_the_der_certificate() {
+        let id = Identity::generate(&["localhost".into()]).unwrap();
+        let fp = id.fingerprint();
+        assert_eq!(fp.len(), 64);
+        assert!(fp.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        assert_ne!(fp, Identity::generate(&["localhost".into()]).unwrap().fingerprint(), "fresh keys");
+        assert!(!format!("{id:?}").contains("key_der"));
+        id.server_config().unwrap();
+    }
+}
