@@ -12,6 +12,7 @@
 //! - [`control`]: the control socket behind `pleiades-host ctl`; [`screenshot`]: PNGs of
 //!   scanouts.
 //! - [`session`]: the session server (QUIC): the desktop to one client, input back.
+//! - [`synthetic`]: synthetic desktops (`run --synthetic`) for protocol figures without a guest.
 //! - [`accel`]: whether KVM is hardware-backed here, which picks the default VMM.
 
 pub mod accel;
@@ -25,5 +26,6 @@ pub mod qemu;
 pub mod qemu_display;
 pub mod screenshot;
 pub mod session;
+pub mod synthetic;
 pub mod vm;
 pub mod vmm;

@@ -55,8 +55,8 @@ enum Command {
 #[derive(Debug, clap::Args)]
 struct RunArgs {
     /// Kernel: a Linux bzImage, or an ELF (the minimal test guest).
-    #[arg(long)]
-    kernel: PathBuf,
+    #[arg(long, required_unless_present = "synthetic")]
+    kernel: Option<PathBuf>,
     /// Initial ramdisk.
     #[arg(long)]
     initrd: Option<PathBuf>,
@@ -101,6 +101,13 @@ struct RunArgs {
     /// This desktop's name (tickets name it).
     #[arg(long, default_value = "local")]
     desktop: String,
+    /// No VM: a synthetic desktop drawn by the host through a real GPU device (for protocol
+    /// benchmarks): idle, typing, scroll, video or motion. Use with --listen.
+    #[arg(long, conflicts_with_all = ["kernel", "initrd", "devices"])]
+    synthetic: Option<pleiades_host::synthetic::Workload>,
+    /// The synthetic desktop's size.
+    #[arg(long, default_value = "1920x1080", value_parser = parse_layout)]
+    synthetic_size: Layout,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -297,7 +304,11 @@ fn save_screenshot(response: control::Response, out: &std::path::Path) -> Result
 }
 
 fn run_vm(args: RunArgs) -> Result<ExitCode> {
-    let spec = BootSpec::new(&args.kernel, args.initrd.as_deref(), &args.cmdline, &args.memory, args.cpus)?;
+    if let Some(workload) = args.synthetic {
+        return run_synthetic(workload, &args);
+    }
+    let kernel = args.kernel.as_deref().context("--kernel is required")?;
+    let spec = BootSpec::new(kernel, args.initrd.as_deref(), &args.cmdline, &args.memory, args.cpus)?;
     let hardware_kvm = {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         pleiades_host::accel::has_hardware_virtualization(&cpuinfo)
@@ -333,6 +344,17 @@ fn run_qemu(spec: &BootSpec, args: &RunArgs) -> Result<ExitCode> {
         eprintln!("pleiades-host: QEMU exited with {status}");
         ExitCode::FAILURE
     })
+}
+
+fn run_synthetic(workload: pleiades_host::synthetic::Workload, args: &RunArgs) -> Result<ExitCode> {
+    let &[(width, height)] = args.synthetic_size.0.as_slice() else {
+        anyhow::bail!("--synthetic-size takes one WIDTHxHEIGHT");
+    };
+    let vm = pleiades_host::synthetic::SyntheticVm::start(workload, width, height)?;
+    let controller = with_session(args, vm.controller())?;
+    let _control = control_vm(args, controller)?;
+    vm.wait();
+    Ok(ExitCode::SUCCESS)
 }
 
 fn run_pleiades(spec: &BootSpec, args: &RunArgs) -> Result<ExitCode> {
