@@ -14,6 +14,7 @@
 
 pub use pleiades_host::accel;
 pub mod image;
+pub mod linkem;
 pub mod postgres;
 pub mod qemu;
 pub mod testguest;
