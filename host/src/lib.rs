@@ -20,12 +20,15 @@ pub mod backends;
 pub mod config;
 pub mod control;
 pub mod devices;
+#[cfg(feature = "session")]
 pub mod display;
 pub mod pleiades;
 pub mod qemu;
 pub mod qemu_display;
 pub mod screenshot;
+#[cfg(feature = "session")]
 pub mod session;
+#[cfg(feature = "session")]
 pub mod synthetic;
 pub mod vm;
 pub mod vmm;
