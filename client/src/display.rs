@@ -362,7 +362,7 @@ fn yuv420_to_bgrx(picture: &impl YUVSource, fb: &mut Framebuffer, rect: &Rect) -
     if (pic_w, pic_h) != (rect.width as usize, rect.height as usize) {
         tracing::debug!(?rect, pic_w, pic_h, "H.264 picture size differs from its region");
     }
-    let region = Rect { x: rect.x, y: rect.y, width: width as u32, height: 1 };
+    let region = Rect { x: rect.x, y: rect.y, width: width as u32, height: height as u32 };
     for row in 0..height {
         let y_row = y_plane.get(row * y_stride..row * y_stride + width);
         let chroma = (row / 2, width.div_ceil(2));
@@ -475,3 +475,6 @@ impl DisplayStream {
         Ok(None)
     }
 }
+
+#[cfg(test)]
+mod tests;

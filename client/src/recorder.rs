@@ -117,6 +117,7 @@ fn write_error(path: &Path) -> impl FnOnce(std::io::Error) -> RecordError + '_ {
 enum End {
     Duration,
     Goodbye(Goodbye),
+    ServerClosed(String),
     Interrupted,
     Failed(ClientError),
 }
@@ -193,6 +194,7 @@ pub async fn record(mut session: Session, options: RecordOptions) -> Result<Summ
                 Some(SessionEvent::Layout(_)) => {}
                 Some(SessionEvent::CursorShape { .. }) => summary.cursor_shapes += 1,
                 Some(SessionEvent::Goodbye(goodbye)) => break End::Goodbye(goodbye),
+                Some(SessionEvent::ServerClosed(reason)) => break End::ServerClosed(reason),
                 Some(SessionEvent::Failed(error)) => break End::Failed(error),
                 None => break End::Failed(ClientError::Closed),
             },
@@ -243,6 +245,11 @@ pub async fn record(mut session: Session, options: RecordOptions) -> Result<Summ
         End::Goodbye(goodbye) => {
             summary.end = "goodbye".into();
             summary.end_detail = format!("{:?}: {}", goodbye.reason, goodbye.message);
+            None
+        }
+        End::ServerClosed(reason) => {
+            summary.end = "goodbye".into();
+            summary.end_detail = format!("the server closed the connection: {reason}");
             None
         }
         End::Failed(error) => {

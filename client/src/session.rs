@@ -81,6 +81,9 @@ pub enum SessionEvent {
     CursorShape { serial: u32, width: u16, height: u16 },
     /// The server ended the session.
     Goodbye(Goodbye),
+    /// The server closed the connection cleanly (code 0) without a `Goodbye` this client read
+    /// first: also an orderly end. Carries the close reason text.
+    ServerClosed(String),
     /// The session failed; the connection is closed.
     Failed(ClientError),
 }
@@ -719,6 +722,20 @@ async fn read_datagrams(handle: SessionHandle) {
 
 async fn watch_close(handle: SessionHandle, events: mpsc::Sender<SessionEvent>) {
     let error = handle.connection.closed().await;
+    if let quinn::ConnectionError::ApplicationClosed(close) = &error
+        && close.error_code.into_inner() == u64::from(error_code::NO_ERROR)
+    {
+        // A clean close usually follows a Goodbye on the control stream; give the reader a
+        // moment to deliver it, then report the close itself.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if handle.shared.closing.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let reason = String::from_utf8_lossy(&close.reason).into_owned();
+        tracing::info!(reason, "the server closed the connection");
+        let _ = events.send(SessionEvent::ServerClosed(reason)).await;
+        return;
+    }
     if handle.shared.closing.swap(true, Ordering::SeqCst) {
         return;
     }
