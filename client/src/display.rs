@@ -28,6 +28,9 @@ use serde::Serialize;
 /// buffers per scanout). The protocol allows 16 384 a side; a client may refuse more than it
 /// can hold, and says so.
 pub const MAX_SURFACE_PIXELS: u64 = 8192 * 8192;
+/// The most pixels of all scanouts together (two 8192 × 8192 or sixteen 2896 × 2896 monitors):
+/// with two buffers each, at most 1 GiB, whatever a server announces.
+pub const MAX_TOTAL_PIXELS: u64 = 2 * MAX_SURFACE_PIXELS;
 /// Damaged rectangles remembered per frame before the whole surface counts as damaged.
 const MAX_DAMAGE_RECTS: usize = 256;
 
@@ -177,6 +180,10 @@ pub enum DisplayError {
         "scanout {scanout} of {width}×{height} is larger than this client's limit of {MAX_SURFACE_PIXELS} pixels"
     )]
     TooLarge { scanout: u32, width: u32, height: u32 },
+    #[error(
+        "scanout {scanout} of {width}×{height} would take the scanouts over this client's limit of {MAX_TOTAL_PIXELS} pixels in all"
+    )]
+    TooLargeInAll { scanout: u32, width: u32, height: u32 },
     #[error("frame for scanout {scanout}, but {MAX_MONITORS} scanouts are in use already")]
     TooManyScanouts { scanout: u32 },
 }
@@ -187,9 +194,9 @@ impl DisplayError {
         match self {
             DisplayError::Sequence(e) => e.error_code(),
             DisplayError::Zstd { .. } => error_code::MALFORMED_MESSAGE,
-            DisplayError::TooLarge { .. } | DisplayError::TooManyScanouts { .. } => {
-                error_code::PROTOCOL_VIOLATION
-            }
+            DisplayError::TooLarge { .. }
+            | DisplayError::TooLargeInAll { .. }
+            | DisplayError::TooManyScanouts { .. } => error_code::PROTOCOL_VIOLATION,
         }
     }
 }
@@ -280,6 +287,15 @@ impl Displays {
         }
         if !self.surfaces.contains_key(&scanout) && self.surfaces.len() >= MAX_MONITORS {
             return Err(DisplayError::TooManyScanouts { scanout });
+        }
+        let others: u64 = self
+            .surfaces
+            .iter()
+            .filter(|(id, _)| **id != scanout)
+            .map(|(_, s)| u64::from(s.working.width) * u64::from(s.working.height))
+            .sum();
+        if others + u64::from(width) * u64::from(height) > MAX_TOTAL_PIXELS {
+            return Err(DisplayError::TooLargeInAll { scanout, width, height });
         }
         let surface = self.surfaces.entry(scanout).or_insert_with(|| Surface::new(width, height));
         if surface.working.width != width || surface.working.height != height {

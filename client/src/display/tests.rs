@@ -173,6 +173,20 @@ fn oversized_surfaces_and_too_many_scanouts_are_refused() {
     let error = run(&mut displays, &mut stream, &[begin(1, 16384, 16384)]).unwrap_err();
     assert!(matches!(error, DisplayError::TooLarge { .. }));
     let mut displays = Displays::new();
+    let big = |scanout| {
+        DisplayMessage::FrameBegin(FrameBegin {
+            frame_id: 1,
+            scanout,
+            width: 8192,
+            height: 8192,
+            capture_us: 0,
+        })
+    };
+    DisplayStream::new().on_message(&mut displays, &big(0), 0, 0, || 0).unwrap();
+    DisplayStream::new().on_message(&mut displays, &big(1), 0, 0, || 0).unwrap();
+    let error = DisplayStream::new().on_message(&mut displays, &big(2), 0, 0, || 0).unwrap_err();
+    assert!(matches!(error, DisplayError::TooLargeInAll { scanout: 2, .. }), "{error}");
+    let mut displays = Displays::new();
     for scanout in 0..16u32 {
         let mut stream = DisplayStream::new();
         let message = DisplayMessage::FrameBegin(FrameBegin {
