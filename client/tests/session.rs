@@ -58,6 +58,7 @@ async fn a_session_decodes_acks_and_sends_input() {
     assert_eq!((ack.frame_id, ack.scanout), (1, 0));
     assert_eq!((ack.received_us, ack.decoded_us), (stats.received_us, stats.decoded_us));
     assert!(observed.key_a, "the key arrived on the input stream");
+    assert!(observed.pong, "the fixture's Ping was answered");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -145,4 +146,14 @@ async fn a_malformed_display_message_ends_the_session_with_a_clear_error() {
     assert!(detail.contains("unknown tile encoding"), "{detail}");
     let observed = fixture.observed.await.unwrap();
     assert_eq!(observed.client_close_code, Some(u64::from(error_code::MALFORMED_MESSAGE)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_never_answers_times_out_after_10_s() {
+    let fixture = fixture(Behavior::Silent);
+    let conn = connection(&fixture, &fixture.pin);
+    let connected = connect::connect(&conn).await.unwrap();
+    let error = Session::start(connected, &conn.ticket, SessionOptions::default()).await.unwrap_err();
+    assert!(matches!(error, ClientError::HandshakeTimeout), "{error}");
+    assert!(error.to_string().contains("within 10 s"));
 }

@@ -16,7 +16,7 @@ use pleiades_protocol::ticket::TicketClaims;
 use pleiades_protocol::transport::{self, ALPN, error_code};
 use pleiades_protocol::wire::{
     self, Channel, ControlMessage, DisplayMessage, FrameAck, FrameBegin, FrameEnd, Goodbye, GoodbyeReason,
-    InputMessage, Key, Monitor, Rect, RefuseCode, StreamDecoder, Tile, TileData,
+    InputMessage, Key, Monitor, Ping, Rect, RefuseCode, StreamDecoder, Tile, TileData,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::sync::oneshot;
@@ -33,12 +33,16 @@ pub enum Behavior {
     Refuse(RefuseCode),
     /// Welcome, then a display stream with a tile of unknown encoding.
     Malformed,
+    /// Reads the `Hello` and never answers.
+    Silent,
 }
 
 /// What the fixture saw.
 #[derive(Debug, Default)]
 pub struct Observed {
     pub ack: Option<FrameAck>,
+    /// The client answered the fixture's `Ping{nonce: 99}`.
+    pub pong: bool,
     pub key_a: bool,
     /// The code the client closed the connection with, if it did.
     pub client_close_code: Option<u64>,
@@ -120,6 +124,10 @@ async fn serve(endpoint: quinn::Endpoint, behavior: Behavior) -> Observed {
     let Ok((mut send, recv)) = conn.accept_bi().await else { return observed };
     let mut control = ControlReader { recv, decoder: StreamDecoder::new(), queue: Default::default() };
     let Some(hello) = control.next().await else { return observed };
+    if let Behavior::Silent = behavior {
+        let _ = tokio::time::timeout(LIMIT, conn.closed()).await;
+        return observed;
+    }
     let handshake = ServerHandshake::new("fixture", Capabilities::SUPPORTED);
     let check = |ticket: &str| match behavior {
         Behavior::Refuse(code) => Err(Refusal::new(code, "the ticket was used already")),
@@ -149,6 +157,8 @@ async fn serve(endpoint: quinn::Endpoint, behavior: Behavior) -> Observed {
     }
     let layout = ControlMessage::DisplayLayout(vec![Monitor { id: 0, x: 0, y: 0, width: 32, height: 16 }]);
     send.write_all(&wire::encode_to_vec(&layout).unwrap()).await.unwrap();
+    let ping = ControlMessage::Ping(Ping { nonce: 99, sent_us: 1 });
+    send.write_all(&wire::encode_to_vec(&ping).unwrap()).await.unwrap();
 
     let mut display = conn.open_uni().await.unwrap();
     display.write_all(&transport::stream_prelude(Channel::Display)).await.unwrap();
@@ -193,9 +203,10 @@ async fn serve(endpoint: quinn::Endpoint, behavior: Behavior) -> Observed {
     }
 
     // The client must ack the frame on the control stream.
-    while observed.ack.is_none() {
+    while observed.ack.is_none() || !observed.pong {
         match control.next().await {
             Some(ControlMessage::FrameAck(ack)) => observed.ack = Some(ack),
+            Some(ControlMessage::Pong(pong)) => observed.pong = pong.nonce == 99 && pong.sent_us == 1,
             Some(_) => {}
             None => return observed,
         }
