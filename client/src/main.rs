@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use pleiades_client::recorder::{self, RecordOptions};
 use pleiades_client::session::{Session, SessionOptions};
 use pleiades_client::{connect, script};
+use pleiades_protocol::handshake::Capabilities;
 
 /// The longest `--duration` (one day).
 const MAX_DURATION_S: f64 = 86_400.0;
@@ -47,6 +48,12 @@ enum Cmd {
         /// The name the server logs for this client.
         #[arg(long, value_name = "NAME")]
         name: Option<String>,
+        /// Do not offer H.264: every frame arrives as lossless tiles (pixel-exact recordings).
+        #[arg(long)]
+        no_h264: bool,
+        /// Do not offer the cursor channel: the server draws the cursor into the frames.
+        #[arg(long)]
+        server_cursor: bool,
     },
 }
 
@@ -74,7 +81,17 @@ fn main() -> ExitCode {
             eprintln!("the windowed client is not built yet; use --headless");
             ExitCode::from(2)
         }
-        Cmd::Connect { target, record, duration, input, snapshot_every, name, headless: true } => {
+        Cmd::Connect {
+            target,
+            record,
+            duration,
+            input,
+            snapshot_every,
+            name,
+            no_h264,
+            server_cursor,
+            headless: true,
+        } => {
             let run = || -> anyhow::Result<()> {
                 let duration = seconds(duration, "--duration", 0.0)?;
                 let snapshot_every = seconds(snapshot_every, "--snapshot-every", MIN_SNAPSHOT_EVERY_S)?;
@@ -89,6 +106,14 @@ fn main() -> ExitCode {
                 let mut options = SessionOptions::default();
                 if let Some(name) = name {
                     options.client_name = name;
+                }
+                if no_h264 {
+                    options.capabilities = options.capabilities.difference(Capabilities::H264);
+                }
+                if server_cursor {
+                    options.capabilities = options
+                        .capabilities
+                        .difference(Capabilities::CURSOR_CHANNEL | Capabilities::CURSOR_DATAGRAMS);
                 }
                 let record_options = RecordOptions { dir: record, duration, snapshot_every, script };
                 let runtime = tokio::runtime::Builder::new_multi_thread()

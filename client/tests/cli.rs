@@ -5,6 +5,7 @@ mod common;
 use std::process::{Command, Output};
 
 use common::{Behavior, connection, fixture};
+use pleiades_protocol::handshake::Capabilities;
 
 fn pleiades(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_pleiades")).args(args).env("RUST_LOG", "warn").output().unwrap()
@@ -68,6 +69,7 @@ async fn a_headless_recording_from_a_connection_file() {
         "20".into(),
         "--input".into(),
         script.display().to_string(),
+        "--no-h264".into(),
     ];
     let output = tokio::task::spawn_blocking(move || {
         Command::new(env!("CARGO_BIN_EXE_pleiades")).args(&args).output().unwrap()
@@ -83,4 +85,9 @@ async fn a_headless_recording_from_a_connection_file() {
     }
     let observed = fixture.observed.await.unwrap();
     assert!(observed.ack.is_some() && observed.key_a);
+    let offered = observed.offered.unwrap();
+    assert!(
+        !offered.contains(Capabilities::H264) && offered.contains(Capabilities::ZSTD_TILES),
+        "{offered:?}"
+    );
 }

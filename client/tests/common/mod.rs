@@ -41,6 +41,8 @@ pub enum Behavior {
 #[derive(Debug, Default)]
 pub struct Observed {
     pub ack: Option<FrameAck>,
+    /// What the client's `Hello` offered.
+    pub offered: Option<Capabilities>,
     /// The client answered the fixture's `Ping{nonce: 99}`.
     pub pong: bool,
     pub key_a: bool,
@@ -124,6 +126,9 @@ async fn serve(endpoint: quinn::Endpoint, behavior: Behavior) -> Observed {
     let Ok((mut send, recv)) = conn.accept_bi().await else { return observed };
     let mut control = ControlReader { recv, decoder: StreamDecoder::new(), queue: Default::default() };
     let Some(hello) = control.next().await else { return observed };
+    if let ControlMessage::Hello(h) = &hello {
+        observed.offered = Some(h.capabilities);
+    }
     if let Behavior::Silent = behavior {
         let _ = tokio::time::timeout(LIMIT, conn.closed()).await;
         return observed;
