@@ -212,12 +212,20 @@ impl Session {
             "session open"
         );
 
-        let mut input_stream = connection.open_uni().await?;
-        let _ = input_stream.set_priority(priority::INPUT);
-        input_stream
-            .write_all(&transport::stream_prelude(Channel::Input))
-            .await
-            .map_err(|e| stream_error(Channel::Input, e.to_string()))?;
+        // Bounded: a server that grants no unidirectional stream would block `open_uni`.
+        let input_stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+            let mut stream = connection.open_uni().await?;
+            let _ = stream.set_priority(priority::INPUT);
+            stream
+                .write_all(&transport::stream_prelude(Channel::Input))
+                .await
+                .map_err(|e| stream_error(Channel::Input, e.to_string()))?;
+            Ok::<_, ClientError>(stream)
+        })
+        .await
+        .map_err(|_| {
+            stream_error(Channel::Input, "the server allowed no input stream within 10 s".into())
+        })??;
 
         let shared = Arc::new(Shared {
             displays: Mutex::new(Displays::new()),
