@@ -6,6 +6,7 @@ use std::process::{Command, Output};
 
 use common::{Behavior, connection, fixture};
 use pleiades_protocol::handshake::Capabilities;
+use pleiades_protocol::wire::{InputMessage, MonitorSize, PointerAbs, Wheel, buttons};
 
 fn pleiades(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_pleiades")).args(args).env("RUST_LOG", "warn").output().unwrap()
@@ -57,7 +58,7 @@ async fn a_headless_recording_from_a_connection_file() {
     let file = dir.path().join("desk.pleiades");
     std::fs::write(&file, connection(&fixture, &fixture.pin).to_toml()).unwrap();
     let script = dir.path().join("input.script");
-    std::fs::write(&script, "# the fixture says goodbye after this key\ntype a\n").unwrap();
+    std::fs::write(&script, "# the fixture says goodbye after this key\nmove 0 3 4\nclick right\nwheel 2\nlayout 1280x720\ntype a\n").unwrap();
     let record = dir.path().join("rec");
     let args = [
         "connect".to_owned(),
@@ -85,6 +86,16 @@ async fn a_headless_recording_from_a_connection_file() {
     }
     let observed = fixture.observed.await.unwrap();
     assert!(observed.ack.is_some() && observed.key_a);
+    assert_eq!(
+        observed.inputs[..4],
+        [
+            InputMessage::PointerAbs(PointerAbs { scanout: 0, x: 3, y: 4 }),
+            InputMessage::Buttons(buttons::RIGHT),
+            InputMessage::Buttons(0),
+            InputMessage::Wheel(Wheel { dx: 0, dy: 240 }),
+        ]
+    );
+    assert_eq!(observed.layout_request.unwrap(), [MonitorSize { width: 1280, height: 720 }]);
     let offered = observed.offered.unwrap();
     assert!(
         !offered.contains(Capabilities::H264) && offered.contains(Capabilities::ZSTD_TILES),

@@ -11,7 +11,9 @@ use pleiades_client::recorder::{self, RecordOptions};
 use pleiades_client::script;
 use pleiades_client::session::{Session, SessionEvent, SessionOptions};
 use pleiades_protocol::transport::error_code;
-use pleiades_protocol::wire::{Channel, GoodbyeReason, RefuseCode};
+use pleiades_protocol::wire::{
+    self, Channel, GoodbyeReason, InputMessage, MonitorSize, PointerAbs, RefuseCode, Wheel,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_decodes_acks_and_sends_input() {
@@ -31,6 +33,12 @@ async fn a_session_decodes_acks_and_sends_input() {
         match event {
             SessionEvent::Frame(stats) => {
                 frame = Some(stats);
+                let handle = &session.handle;
+                handle.send_pointer(0, 5, 6).await.unwrap();
+                handle.send_buttons(wire::buttons::LEFT).await.unwrap();
+                handle.send_buttons(0).await.unwrap();
+                handle.send_wheel(0, -120).await.unwrap();
+                handle.request_layout(&[(1024, 768), (800, 600)]).await.unwrap();
                 session.handle.send_key(30, true).await.unwrap();
                 session.handle.send_key(30, false).await.unwrap();
             }
@@ -59,6 +67,19 @@ async fn a_session_decodes_acks_and_sends_input() {
     assert_eq!((ack.received_us, ack.decoded_us), (stats.received_us, stats.decoded_us));
     assert!(observed.key_a, "the key arrived on the input stream");
     assert!(observed.pong, "the fixture's Ping was answered");
+    assert_eq!(
+        observed.inputs[..4],
+        [
+            InputMessage::PointerAbs(PointerAbs { scanout: 0, x: 5, y: 6 }),
+            InputMessage::Buttons(wire::buttons::LEFT),
+            InputMessage::Buttons(0),
+            InputMessage::Wheel(Wheel { dx: 0, dy: -120 }),
+        ]
+    );
+    assert_eq!(
+        observed.layout_request.unwrap(),
+        [MonitorSize { width: 1024, height: 768 }, MonitorSize { width: 800, height: 600 }]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -74,7 +95,7 @@ async fn the_recorder_writes_frames_pngs_and_a_summary() {
         dir: Some(dir.path().to_owned()),
         duration: Some(LIMIT),
         snapshot_every: None,
-        script: script::parse("# test\ntype a\n").unwrap(),
+        script: script::parse("# test\nlayout 640x480\ntype a\n").unwrap(),
     };
     let summary = recorder::record(session, options).await.map_err(|(_, e)| e).unwrap();
     assert_eq!(summary.end, "goodbye", "{}", summary.end_detail);

@@ -16,7 +16,7 @@ use pleiades_protocol::ticket::TicketClaims;
 use pleiades_protocol::transport::{self, ALPN, error_code};
 use pleiades_protocol::wire::{
     self, Channel, ControlMessage, DisplayMessage, FrameAck, FrameBegin, FrameEnd, Goodbye, GoodbyeReason,
-    InputMessage, Key, Monitor, Ping, Rect, RefuseCode, StreamDecoder, Tile, TileData,
+    InputMessage, Key, Monitor, MonitorSize, Ping, Rect, RefuseCode, StreamDecoder, Tile, TileData,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::sync::oneshot;
@@ -46,6 +46,10 @@ pub struct Observed {
     /// The client answered the fixture's `Ping{nonce: 99}`.
     pub pong: bool,
     pub key_a: bool,
+    /// Every input message, in order, up to key A's release.
+    pub inputs: Vec<InputMessage>,
+    /// The client's `RequestLayout`.
+    pub layout_request: Option<Vec<MonitorSize>>,
     /// The code the client closed the connection with, if it did.
     pub client_close_code: Option<u64>,
 }
@@ -216,22 +220,26 @@ async fn serve(endpoint: quinn::Endpoint, behavior: Behavior) -> Observed {
             None => return observed,
         }
     }
-    // And its input stream must carry key A (down and up).
+    // Its input stream carries whatever the test sent, ending with key A down and up.
     let Ok(mut input) = conn.accept_uni().await else { return observed };
     let mut prelude = [0u8; 1];
     input.read_exact(&mut prelude).await.unwrap();
     assert_eq!(prelude[0], Channel::Input.id());
     let mut input_decoder = StreamDecoder::<InputMessage>::new();
-    let mut keys = Vec::new();
-    while keys.len() < 2 {
+    let key_a_up = InputMessage::Key(Key { code: 30, down: false });
+    while !observed.inputs.contains(&key_a_up) {
         let Ok(Some(chunk)) = input.read_chunk(1024, true).await else { return observed };
-        input_decoder.decode_all(&chunk.bytes, &mut keys).unwrap();
+        input_decoder.decode_all(&chunk.bytes, &mut observed.inputs).unwrap();
     }
-    observed.key_a = keys[..2]
-        == [
-            InputMessage::Key(Key { code: 30, down: true }),
-            InputMessage::Key(Key { code: 30, down: false }),
-        ];
+    observed.key_a = observed.inputs.ends_with(&[InputMessage::Key(Key { code: 30, down: true }), key_a_up]);
+    // Both tests also ask for a layout (on the control stream, so in no fixed order with input).
+    while observed.layout_request.is_none() {
+        match control.next().await {
+            Some(ControlMessage::RequestLayout(sizes)) => observed.layout_request = Some(sizes),
+            Some(_) => {}
+            None => return observed,
+        }
+    }
 
     let goodbye =
         ControlMessage::Goodbye(Goodbye { reason: GoodbyeReason::Shutdown, message: "test over".into() });
