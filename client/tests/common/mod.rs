@@ -216,6 +216,7 @@ async fn serve(endpoint: quinn::Endpoint, behavior: Behavior) -> Observed {
         match control.next().await {
             Some(ControlMessage::FrameAck(ack)) => observed.ack = Some(ack),
             Some(ControlMessage::Pong(pong)) => observed.pong = pong.nonce == 99 && pong.sent_us == 1,
+            Some(ControlMessage::RequestLayout(sizes)) => observed.layout_request = Some(sizes),
             Some(_) => {}
             None => return observed,
         }
