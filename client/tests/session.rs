@@ -27,6 +27,7 @@ async fn a_session_decodes_acks_and_sends_input() {
     let mut frame = None;
     let mut layout = None;
     let mut goodbye = None;
+    let mut cursor_shape = None;
     while goodbye.is_none() {
         let event =
             tokio::time::timeout(LIMIT, session.next_event()).await.expect("an event").expect("events");
@@ -44,7 +45,9 @@ async fn a_session_decodes_acks_and_sends_input() {
             }
             SessionEvent::Layout(monitors) => layout = Some(monitors),
             SessionEvent::Goodbye(g) => goodbye = Some(g),
-            SessionEvent::CursorShape { .. } => {}
+            SessionEvent::CursorShape { serial, width, height } => {
+                cursor_shape = Some((serial, width, height))
+            }
             SessionEvent::ServerClosed(reason) => panic!("closed before the Goodbye was read: {reason}"),
             SessionEvent::Failed(error) => panic!("session failed: {error}"),
         }
@@ -55,6 +58,14 @@ async fn a_session_decodes_acks_and_sends_input() {
     assert!(stats.update_latency_us >= 0, "same clock on both ends");
     assert_eq!(layout.unwrap()[0].width, 32);
     assert_eq!(goodbye.unwrap().reason, GoodbyeReason::Shutdown);
+
+    assert_eq!(cursor_shape, Some((7, 2, 2)));
+    let cursor = session.handle.cursor();
+    assert_eq!(cursor.shape.unwrap().hot_x, 1);
+    // Latest wins: the older position sent after it is ignored. (Datagrams are unreliable in
+    // general; on loopback with an idle receiver they arrive.)
+    let position = cursor.position.expect("a cursor position datagram");
+    assert_eq!((position.seq, position.x, position.y), (3, 10, 11));
 
     let fb = session.handle.snapshot(0).unwrap();
     assert_eq!(fb.pixel(0, 0), Some([0xee, 0xff, 0xc0, 0]));

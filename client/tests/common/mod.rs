@@ -15,8 +15,9 @@ use pleiades_protocol::handshake::{Capabilities, Refusal, ServerHandshake, Serve
 use pleiades_protocol::ticket::TicketClaims;
 use pleiades_protocol::transport::{self, ALPN, error_code};
 use pleiades_protocol::wire::{
-    self, Channel, ControlMessage, DisplayMessage, FrameAck, FrameBegin, FrameEnd, Goodbye, GoodbyeReason,
-    InputMessage, Key, Monitor, MonitorSize, Ping, Rect, RefuseCode, StreamDecoder, Tile, TileData,
+    self, Channel, ControlMessage, CursorMessage, CursorPosition, CursorShape, Datagram, DisplayMessage,
+    FrameAck, FrameBegin, FrameEnd, Goodbye, GoodbyeReason, InputMessage, Key, Monitor, MonitorSize, Ping,
+    Rect, RefuseCode, StreamDecoder, Tile, TileData,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::sync::oneshot;
@@ -169,6 +170,24 @@ async fn serve(endpoint: quinn::Endpoint, behavior: Behavior) -> Observed {
     let ping = ControlMessage::Ping(Ping { nonce: 99, sent_us: 1 });
     send.write_all(&wire::encode_to_vec(&ping).unwrap()).await.unwrap();
 
+    if let Behavior::Serve = behavior {
+        // A cursor shape on the cursor stream and a position as a datagram, as a host sends them.
+        let mut cursor = conn.open_uni().await.unwrap();
+        cursor.write_all(&transport::stream_prelude(Channel::Cursor)).await.unwrap();
+        let shape = CursorMessage::Shape(CursorShape {
+            serial: 7,
+            width: 2,
+            height: 2,
+            hot_x: 1,
+            hot_y: 0,
+            bgra: vec![0xff; 16],
+        });
+        cursor.write_all(&wire::encode_to_vec(&shape).unwrap()).await.unwrap();
+        let position = CursorPosition { seq: 3, scanout: 0, x: 10, y: 11, visible: true };
+        conn.send_datagram(wire::encode_datagram(&Datagram::CursorPosition(position)).into()).unwrap();
+        let older = CursorPosition { seq: 2, scanout: 0, x: 1, y: 1, visible: true };
+        conn.send_datagram(wire::encode_datagram(&Datagram::CursorPosition(older)).into()).unwrap();
+    }
     let mut display = conn.open_uni().await.unwrap();
     display.write_all(&transport::stream_prelude(Channel::Display)).await.unwrap();
     let capture_us = monotonic_us();
