@@ -1,0 +1,207 @@
+//! Reaching a session server: the connection file or URI, QUIC, and certificate pinning.
+//!
+//! Trust is the pin, nothing else (docs/protocol.md §1): the server's certificate is accepted
+//! exactly when the SHA-256 of its DER encoding equals the `cert_sha256` the broker put in the
+//! connection file. No CA, no hostname, no expiry check: hosts use self-generated certificates
+//! and the broker vouches for them through the pin. The TLS 1.3 handshake signature is still
+//! verified (ring's algorithms), so only the holder of the pinned certificate's key gets in.
+//! An empty pin refuses to connect rather than trusting the first certificate seen.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pleiades_protocol::connfile::Connection;
+use pleiades_protocol::transport::{ALPN, IDLE_TIMEOUT_US};
+use rustls::DigitallySignedStruct;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+
+use crate::error::ClientError;
+
+/// How long connecting (QUIC + TLS) may take before the server counts as unreachable.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reads a connection: a `pleiades://` URI, or the path of a `.pleiades` file.
+pub fn load(target: &str) -> Result<Connection, ClientError> {
+    if target.starts_with(pleiades_protocol::connfile::URI_SCHEME) {
+        return Ok(Connection::from_uri(target)?);
+    }
+    let read_error = |error| ClientError::ReadFile { path: target.to_owned(), error };
+    let file = std::fs::File::open(target).map_err(read_error)?;
+    let mut text = String::new();
+    // One byte over the format's limit is enough to let the parser say "too long".
+    let limit = pleiades_protocol::connfile::MAX_LEN as u64 + 1;
+    std::io::Read::read_to_string(&mut std::io::Read::take(file, limit), &mut text).map_err(read_error)?;
+    Ok(Connection::from_toml(&text)?)
+}
+
+/// Lowercase hex SHA-256 of a certificate's DER bytes: the pin format.
+pub fn cert_sha256(der: &[u8]) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, der).as_ref())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Accepts exactly the certificate whose SHA-256 is the pin. Remembers a mismatch so that the
+/// caller can say which certificate it saw (rustls reports only "invalid certificate").
+#[derive(Debug)]
+pub struct PinnedCertVerifier {
+    pin: String,
+    provider: Arc<CryptoProvider>,
+    mismatch: Mutex<Option<String>>,
+}
+
+impl PinnedCertVerifier {
+    /// A verifier for `pin` (64 hex digits, any case). `None` for an empty or malformed pin.
+    pub fn new(pin: &str, provider: Arc<CryptoProvider>) -> Option<Self> {
+        let pin = pin.to_ascii_lowercase();
+        if pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        Some(Self { pin, provider, mismatch: Mutex::new(None) })
+    }
+
+    /// The SHA-256 of the last certificate refused, if any.
+    pub fn mismatch(&self) -> Option<String> {
+        self.mismatch.lock().ok().and_then(|m| m.clone())
+    }
+}
+
+impl ServerCertVerifier for PinnedCertVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let got = cert_sha256(end_entity.as_ref());
+        // Both are public values (the pin is in the connection file): no constant time needed.
+        if got == self.pin {
+            return Ok(ServerCertVerified::assertion());
+        }
+        tracing::warn!(got, expected = %self.pin, "server certificate does not match the pin");
+        if let Ok(mut mismatch) = self.mismatch.lock() {
+            *mismatch = Some(got);
+        }
+        Err(rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// The QUIC transport settings of a session: the protocol's idle timeout, datagrams on, and
+/// receive windows large enough for raw frames on a fast path.
+pub fn transport_config() -> quinn::TransportConfig {
+    let mut transport = quinn::TransportConfig::default();
+    let idle = Duration::from_micros(IDLE_TIMEOUT_US);
+    if let Ok(idle) = quinn::IdleTimeout::try_from(idle) {
+        transport.max_idle_timeout(Some(idle));
+    }
+    transport.datagram_receive_buffer_size(Some(1 << 20));
+    transport.stream_receive_window(quinn::VarInt::from_u32(16 << 20));
+    transport.receive_window(quinn::VarInt::from_u32(64 << 20));
+    transport
+}
+
+/// A connected QUIC connection and the endpoint that owns its socket (keep both alive).
+#[derive(Debug)]
+pub struct Connected {
+    pub endpoint: quinn::Endpoint,
+    pub connection: quinn::Connection,
+}
+
+/// Connects to the connection's server with its certificate pinned. Errors say what happened:
+/// no pin, wrong certificate, unreachable (within [`CONNECT_TIMEOUT`]).
+pub async fn connect(conn: &Connection) -> Result<Connected, ClientError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier =
+        Arc::new(PinnedCertVerifier::new(&conn.cert_sha256, provider.clone()).ok_or(ClientError::NoPin)?);
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ClientError::Setup(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier.clone())
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| ClientError::Setup(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    config.transport_config(Arc::new(transport_config()));
+
+    let addr = resolve(&conn.host, conn.port).await?;
+    let bind: SocketAddr =
+        if addr.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
+    let endpoint = quinn::Endpoint::client(bind)
+        .map_err(|e| ClientError::Setup(format!("cannot open a UDP socket: {e}")))?;
+    // The name only feeds SNI: the pin is the trust. An IP literal is a valid server name.
+    let server_name =
+        if ServerName::try_from(conn.host.as_str()).is_ok() { conn.host.as_str() } else { "pleiades" };
+    let unreachable = |detail: String| ClientError::Unreachable { addr: addr.to_string(), detail };
+    let connecting =
+        endpoint.connect_with(config, addr, server_name).map_err(|e| unreachable(e.to_string()))?;
+    let connection = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Err(_) => {
+            return Err(unreachable(format!("no QUIC handshake within {} s", CONNECT_TIMEOUT.as_secs())));
+        }
+        Ok(Err(error)) => {
+            if let Some(got) = verifier.mismatch() {
+                return Err(ClientError::WrongCertificate {
+                    got,
+                    expected: conn.cert_sha256.to_ascii_lowercase(),
+                });
+            }
+            return Err(unreachable(error.to_string()));
+        }
+        Ok(Ok(connection)) => connection,
+    };
+    tracing::info!(%addr, rtt_us = connection.rtt().as_micros() as u64, "connected");
+    Ok(Connected { endpoint, connection })
+}
+
+async fn resolve(host: &str, port: u16) -> Result<SocketAddr, ClientError> {
+    let resolve_error = |error: String| ClientError::Resolve { host: host.to_owned(), port, error };
+    let lookup = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::lookup_host((host, port)))
+        .await
+        .map_err(|_| resolve_error("timed out".into()))?
+        .map_err(|e| resolve_error(e.to_string()))?;
+    let mut addrs: Vec<SocketAddr> = lookup.collect();
+    // Prefer IPv4 where both exist: test servers bind 0.0.0.0 or 127.0.0.1.
+    addrs.sort_by_key(|a| !a.is_ipv4());
+    addrs.into_iter().next().ok_or_else(|| resolve_error("no addresses".into()))
+}

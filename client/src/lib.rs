@@ -1,0 +1,23 @@
+//! The Pleiades thin client (`pleiades`), headless for now.
+//!
+//! A thin I/O shell around the sans-IO `pleiades-protocol` crate, as docs/protocol.md expects:
+//!
+//! - [`connect`]: connection file or URI, QUIC with the server's certificate pinned.
+//! - [`session`]: the handshake and one task per stream; input API; events.
+//! - [`display`]: framebuffers per scanout, tiles and H.264 applied, per-frame stats (sans-IO).
+//! - [`recorder`]: the headless recorder behind `pleiades connect --headless --record DIR`.
+//! - [`script`] and [`keymap`]: the recorder's input script.
+//! - [`clock`]: `CLOCK_MONOTONIC` µs, the clock the server stamps frames with.
+//!
+//! Guide: docs/client.md.
+
+pub mod clock;
+pub mod connect;
+pub mod display;
+pub mod error;
+pub mod keymap;
+pub mod recorder;
+pub mod script;
+pub mod session;
+
+pub use error::ClientError;

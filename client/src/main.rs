@@ -1,0 +1,159 @@
+//! `pleiades`: the Pleiades thin client. Today: `pleiades connect --headless`, the recorder
+//! that tests and benchmarks drive (docs/client.md).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use pleiades_client::recorder::{self, RecordOptions};
+use pleiades_client::session::{Session, SessionOptions};
+use pleiades_client::{connect, script};
+use pleiades_protocol::handshake::Capabilities;
+
+/// The longest `--duration` (one day).
+const MAX_DURATION_S: f64 = 86_400.0;
+/// The shortest `--snapshot-every`.
+const MIN_SNAPSHOT_EVERY_S: f64 = 0.1;
+
+#[derive(Debug, Parser)]
+#[command(name = "pleiades", version, about = "The Pleiades thin client")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Connect to a desktop with a connection file (.pleiades) or a pleiades:// URI.
+    Connect {
+        /// The connection file's path, or a pleiades:// URI.
+        target: String,
+        /// Run without a window: decode, ack and record (the only mode so far).
+        #[arg(long)]
+        headless: bool,
+        /// Write frames.jsonl, summary.json and PNGs into this directory.
+        #[arg(long, value_name = "DIR")]
+        record: Option<PathBuf>,
+        /// End the session after this many seconds (default: when the server ends it, or Ctrl-C).
+        #[arg(long, value_name = "S")]
+        duration: Option<f64>,
+        /// Replay this input script (docs/client.md).
+        #[arg(long, value_name = "SCRIPT")]
+        input: Option<PathBuf>,
+        /// Write scanout-N-<ms>.png every S seconds.
+        #[arg(long, value_name = "S")]
+        snapshot_every: Option<f64>,
+        /// The name the server logs for this client.
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
+        /// Do not offer H.264: every frame arrives as lossless tiles (pixel-exact recordings).
+        #[arg(long)]
+        no_h264: bool,
+        /// Do not offer the cursor channel: the server draws the cursor into the frames.
+        #[arg(long)]
+        server_cursor: bool,
+    },
+}
+
+fn seconds(value: Option<f64>, flag: &str, min: f64) -> anyhow::Result<Option<Duration>> {
+    match value {
+        None => Ok(None),
+        Some(s) if s.is_finite() && (min..=MAX_DURATION_S).contains(&s) => {
+            Ok(Some(Duration::from_secs_f64(s)))
+        }
+        Some(s) => bail!("{flag} {s} is not within {min}..={MAX_DURATION_S} seconds"),
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,quinn=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Connect { headless: false, .. } => {
+            eprintln!("the windowed client is not built yet; use --headless");
+            ExitCode::from(2)
+        }
+        Cmd::Connect {
+            target,
+            record,
+            duration,
+            input,
+            snapshot_every,
+            name,
+            no_h264,
+            server_cursor,
+            headless: true,
+        } => {
+            let run = || -> anyhow::Result<()> {
+                let duration = seconds(duration, "--duration", 0.0)?;
+                let snapshot_every = seconds(snapshot_every, "--snapshot-every", MIN_SNAPSHOT_EVERY_S)?;
+                let script = match &input {
+                    Some(path) => {
+                        let text = read_script(path)?;
+                        script::parse(&text).with_context(|| format!("input script {}", path.display()))?
+                    }
+                    None => Vec::new(),
+                };
+                let connection = connect::load(&target)?;
+                let mut options = SessionOptions::default();
+                if let Some(name) = name {
+                    options.client_name = name;
+                }
+                if no_h264 {
+                    options.capabilities = options.capabilities.difference(Capabilities::H264);
+                }
+                if server_cursor {
+                    options.capabilities = options
+                        .capabilities
+                        .difference(Capabilities::CURSOR_CHANNEL | Capabilities::CURSOR_DATAGRAMS);
+                }
+                let record_options = RecordOptions { dir: record, duration, snapshot_every, script };
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .context("cannot start the async runtime")?;
+                runtime.block_on(async {
+                    tracing::info!(host = %connection.host, port = connection.port, desktop = %connection.desktop, "connecting");
+                    let connected = connect::connect(&connection).await?;
+                    let session = Session::start(connected, &connection.ticket, options).await?;
+                    match recorder::record(session, record_options).await {
+                        Ok(summary) => {
+                            println!("{}", serde_json::to_string_pretty(&summary)?);
+                            Ok(())
+                        }
+                        Err((summary, error)) => {
+                            println!("{}", serde_json::to_string_pretty(&summary)?);
+                            Err(error.into())
+                        }
+                    }
+                })
+            };
+            match run() {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("pleiades: {error:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+/// Reads a script, refusing files far larger than 10 000 lines could need.
+fn read_script(path: &std::path::Path) -> anyhow::Result<String> {
+    const MAX_SCRIPT_BYTES: u64 = 16 << 20;
+    let metadata = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if metadata.len() > MAX_SCRIPT_BYTES {
+        bail!("input script {} is larger than {} MiB", path.display(), MAX_SCRIPT_BYTES >> 20);
+    }
+    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+}

@@ -1,0 +1,752 @@
+//! A session over a connected QUIC connection: the handshake, then one task per stream.
+//!
+//! ```text
+//! control bi-stream ── writer task (Hello, acks, Pong, Ping + ClientStats every second, Goodbye)
+//!                   └─ reader task (Ping → Pong, Pong → RTT, DisplayLayout, Goodbye)
+//! input uni-stream  ── writer task (the input API's messages, highest priority)
+//! server uni-streams── one task each: display (decode, present, FrameAck) or cursor
+//! datagrams         ── cursor positions, latest wins
+//! ```
+//!
+//! Tasks talk through bounded channels and one shared state (surfaces, cursor, layout, RTT).
+//! The caller sees [`SessionEvent`]s: frames with their stats, layouts, the server's goodbye and
+//! failures. A protocol error on any channel closes the whole connection with the channel's
+//! error code (docs/protocol.md §2 allows ending only the channel; a server that sends malformed
+//! display data is broken, and a headless recorder should fail loudly, not record a frozen
+//! screen). Every wait is bounded: the handshake by 10 s, the rest by QUIC's 30 s idle timeout,
+//! which the pings keep from firing while the server is alive.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use pleiades_protocol::handshake::{self, Capabilities, ClientHandshake, HandshakeError};
+use pleiades_protocol::pacing::RttEstimator;
+use pleiades_protocol::transport::{self, MAX_DISPLAY_STREAMS, error_code, priority};
+use pleiades_protocol::wire::{
+    self, Channel, ChannelMessage, ClientStats, ControlMessage, CursorMessage, CursorPosition, CursorShape,
+    Datagram, DisplayMessage, FrameAck, Goodbye, GoodbyeReason, InputMessage, Key, Monitor, MonitorSize,
+    Ping, PointerAbs, Pong, Side, StreamDecoder, Wheel,
+};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::clock::monotonic_us;
+use crate::connect::Connected;
+use crate::display::{DisplayStream, Displays, FrameStats, Framebuffer};
+use crate::error::ClientError;
+
+/// How long the client waits for `Welcome` or `Refused` after connecting.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_micros(handshake::HANDSHAKE_TIMEOUT_US);
+/// How long a server stream may take to send its one-byte channel prelude.
+const PRELUDE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `disconnect` waits for the `Goodbye` to be delivered.
+const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Queued events before the display tasks wait for the consumer (backpressure, which the
+/// server's pacing turns into a lower frame rate).
+const EVENT_QUEUE: usize = 1024;
+/// Queued outgoing messages per stream.
+const SEND_QUEUE: usize = 1024;
+/// Largest chunk read from a stream at once.
+const READ_CHUNK: usize = 1 << 20;
+
+/// What the client offers and calls itself.
+#[derive(Debug, Clone)]
+pub struct SessionOptions {
+    pub client_name: String,
+    pub capabilities: Capabilities,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        Self {
+            client_name: format!("pleiades-client {}", env!("CARGO_PKG_VERSION")),
+            capabilities: Capabilities::ZSTD_TILES
+                | Capabilities::H264
+                | Capabilities::CURSOR_CHANNEL
+                | Capabilities::CURSOR_DATAGRAMS
+                | Capabilities::DYNAMIC_LAYOUT,
+        }
+    }
+}
+
+/// What happened in the session, in order per stream.
+#[derive(Debug)]
+pub enum SessionEvent {
+    /// A frame was presented (and acked).
+    Frame(FrameStats),
+    /// The server's monitor layout (after `Welcome` and on every change).
+    Layout(Vec<Monitor>),
+    /// A new cursor shape.
+    CursorShape { serial: u32, width: u16, height: u16 },
+    /// The server ended the session.
+    Goodbye(Goodbye),
+    /// The server closed the connection cleanly (code 0) without a `Goodbye` this client read
+    /// first: also an orderly end. Carries the close reason text.
+    ServerClosed(String),
+    /// The session failed; the connection is closed.
+    Failed(ClientError),
+}
+
+/// The cursor as last seen: shape from the cursor stream, position from datagrams (or the
+/// stream). The headless client draws nothing; a windowed one draws this.
+#[derive(Debug, Clone, Default)]
+pub struct CursorState {
+    pub shape: Option<CursorShape>,
+    pub position: Option<CursorPosition>,
+}
+
+/// Counters for the summary and `ClientStats`.
+#[derive(Debug, Default)]
+struct Counters {
+    bytes_received: AtomicU64,
+    frames: AtomicU64,
+    /// Since the last `ClientStats`.
+    interval_frames: AtomicU64,
+    interval_bytes: AtomicU64,
+    interval_decode_us: AtomicU64,
+    datagrams_dropped: AtomicU64,
+    unknown_skipped: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Shared {
+    displays: Mutex<Displays>,
+    cursor: Mutex<CursorState>,
+    layout: Mutex<Vec<Monitor>>,
+    rtt: Mutex<RttEstimator>,
+    counters: Counters,
+    /// Set when this side ends the session: a closed connection is then no failure.
+    closing: AtomicBool,
+    /// Set once a `Goodbye` arrived.
+    goodbye: AtomicBool,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Sends input and control messages, reads shared state. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct SessionHandle {
+    connection: quinn::Connection,
+    control: mpsc::Sender<ControlMessage>,
+    input: mpsc::Sender<InputMessage>,
+    shared: Arc<Shared>,
+    info: handshake::Session,
+}
+
+/// A running session: its handle, its events and its tasks (aborted on drop).
+#[derive(Debug)]
+pub struct Session {
+    pub handle: SessionHandle,
+    events: mpsc::Receiver<SessionEvent>,
+    _tasks: JoinSet<()>,
+    _endpoint: quinn::Endpoint,
+}
+
+impl Session {
+    /// Says `Hello`, waits for `Welcome` (at most [`HANDSHAKE_TIMEOUT`]), opens the input stream
+    /// and starts the stream tasks.
+    pub async fn start(
+        connected: Connected,
+        ticket: &str,
+        options: SessionOptions,
+    ) -> Result<Session, ClientError> {
+        let Connected { endpoint, connection } = connected;
+        let mut handshake = ClientHandshake::new(ticket, &options.client_name, options.capabilities);
+        let hello = wire::encode_to_vec(&handshake.hello())
+            .map_err(|e| ClientError::Setup(format!("cannot encode Hello: {e}")))?;
+        let stream_error = |channel, error: String| ClientError::Stream { channel, error };
+
+        let answer = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+            let (mut send, mut recv) = connection.open_bi().await?;
+            let _ = send.set_priority(priority::CONTROL);
+            send.write_all(&hello).await.map_err(|e| stream_error(Channel::Control, e.to_string()))?;
+            let mut decoder = StreamDecoder::<ControlMessage>::new();
+            loop {
+                let chunk = recv.read_chunk(READ_CHUNK, true).await.map_err(|e| match e {
+                    quinn::ReadError::ConnectionLost(e) => ClientError::ConnectionLost(e),
+                    other => stream_error(Channel::Control, other.to_string()),
+                })?;
+                let Some(chunk) = chunk else {
+                    return Err(stream_error(Channel::Control, "the server ended the control stream".into()));
+                };
+                let mut input: &[u8] = &chunk.bytes;
+                match decoder.decode(&mut input) {
+                    Ok(Some(message)) => return Ok((send, recv, decoder, message, input.to_vec())),
+                    Ok(None) => {}
+                    Err(e) => {
+                        connection.close(e.error_code().into(), b"malformed handshake answer");
+                        return Err(ClientError::Protocol {
+                            channel: Channel::Control,
+                            detail: e.to_string(),
+                        });
+                    }
+                }
+            }
+        })
+        .await;
+        let (send, recv, decoder, answer, leftover) = match answer {
+            Err(_) => {
+                connection.close(error_code::HANDSHAKE_TIMEOUT.into(), b"no Welcome");
+                return Err(ClientError::HandshakeTimeout);
+            }
+            Ok(result) => result?,
+        };
+        let info = match handshake.on_message(&answer) {
+            Ok(info) => info,
+            Err(HandshakeError::Refused { code, message }) => {
+                connection.close(error_code::REFUSED.into(), b"refused");
+                return Err(ClientError::Refused { code, message });
+            }
+            Err(error) => {
+                connection.close(error.error_code().into(), b"bad handshake answer");
+                return Err(ClientError::Handshake(error));
+            }
+        };
+        tracing::info!(
+            session_id = info.session_id,
+            server = %info.peer_name,
+            capabilities = ?info.capabilities,
+            "session open"
+        );
+
+        // Bounded: a server that grants no unidirectional stream would block `open_uni`.
+        let input_stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+            let mut stream = connection.open_uni().await?;
+            let _ = stream.set_priority(priority::INPUT);
+            stream
+                .write_all(&transport::stream_prelude(Channel::Input))
+                .await
+                .map_err(|e| stream_error(Channel::Input, e.to_string()))?;
+            Ok::<_, ClientError>(stream)
+        })
+        .await
+        .map_err(|_| {
+            stream_error(Channel::Input, "the server allowed no input stream within 10 s".into())
+        })??;
+
+        let shared = Arc::new(Shared {
+            displays: Mutex::new(Displays::new()),
+            cursor: Mutex::new(CursorState::default()),
+            layout: Mutex::new(Vec::new()),
+            rtt: Mutex::new(RttEstimator::new()),
+            counters: Counters::default(),
+            closing: AtomicBool::new(false),
+            goodbye: AtomicBool::new(false),
+        });
+        let (control_tx, control_rx) = mpsc::channel(SEND_QUEUE);
+        let (input_tx, input_rx) = mpsc::channel(SEND_QUEUE);
+        let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
+        let handle = SessionHandle {
+            connection: connection.clone(),
+            control: control_tx,
+            input: input_tx,
+            shared,
+            info,
+        };
+
+        let mut tasks = JoinSet::new();
+        tasks.spawn(control_writer(handle.clone(), send, control_rx));
+        tasks.spawn(control_reader(handle.clone(), recv, decoder, leftover, events_tx.clone()));
+        tasks.spawn(input_writer(handle.clone(), input_stream, input_rx));
+        tasks.spawn(accept_streams(handle.clone(), events_tx.clone()));
+        tasks.spawn(read_datagrams(handle.clone()));
+        tasks.spawn(watch_close(handle.clone(), events_tx));
+        Ok(Session { handle, events, _tasks: tasks, _endpoint: endpoint })
+    }
+
+    /// The next event; `None` once every task has ended.
+    pub async fn next_event(&mut self) -> Option<SessionEvent> {
+        self.events.recv().await
+    }
+
+    /// Ends the session from this side (`Goodbye`, then close) and lets the close go out.
+    pub async fn disconnect(self, message: &str) {
+        self.handle.disconnect(message).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), self._endpoint.wait_idle()).await;
+    }
+}
+
+impl SessionHandle {
+    /// What the handshake agreed on.
+    pub fn info(&self) -> &handshake::Session {
+        &self.info
+    }
+
+    async fn send_input(&self, message: InputMessage) -> Result<(), ClientError> {
+        self.input.send(message).await.map_err(|_| ClientError::Closed)
+    }
+
+    /// A key (Linux evdev code) going down or up.
+    pub async fn send_key(&self, code: u16, down: bool) -> Result<(), ClientError> {
+        self.send_input(InputMessage::Key(Key { code, down })).await
+    }
+
+    /// The pointer at (x, y) of `scanout`, in scanout pixels.
+    pub async fn send_pointer(&self, scanout: u32, x: u32, y: u32) -> Result<(), ClientError> {
+        self.send_input(InputMessage::PointerAbs(PointerAbs { scanout, x, y })).await
+    }
+
+    /// The full set of pressed buttons ([`wire::buttons`]).
+    pub async fn send_buttons(&self, mask: u32) -> Result<(), ClientError> {
+        self.send_input(InputMessage::Buttons(mask)).await
+    }
+
+    /// Scrolling in 1/120 of a detent; `dy > 0` scrolls up.
+    pub async fn send_wheel(&self, dx: i32, dy: i32) -> Result<(), ClientError> {
+        self.send_input(InputMessage::Wheel(Wheel { dx, dy })).await
+    }
+
+    /// Release every key and button.
+    pub async fn release_all(&self) -> Result<(), ClientError> {
+        self.send_input(InputMessage::ReleaseAll).await
+    }
+
+    /// Asks the server to resize the guest's monitors (honoured with `DYNAMIC_LAYOUT`).
+    pub async fn request_layout(&self, sizes: &[(u32, u32)]) -> Result<(), ClientError> {
+        let message = ControlMessage::RequestLayout(
+            sizes.iter().map(|&(width, height)| MonitorSize { width, height }).collect(),
+        );
+        message.validate().map_err(|reason| ClientError::Setup(format!("bad layout request: {reason}")))?;
+        if !self.info.capabilities.contains(Capabilities::DYNAMIC_LAYOUT) {
+            tracing::warn!("the server did not grant DYNAMIC_LAYOUT; it may ignore the layout request");
+        }
+        self.control.send(message).await.map_err(|_| ClientError::Closed)
+    }
+
+    /// The last presented frame of `scanout`.
+    pub fn snapshot(&self, scanout: u32) -> Option<Framebuffer> {
+        lock(&self.shared.displays).snapshot(scanout)
+    }
+
+    /// Every scanout that received a frame.
+    pub fn scanouts(&self) -> Vec<u32> {
+        lock(&self.shared.displays).scanouts()
+    }
+
+    /// The server's last `DisplayLayout`.
+    pub fn layout(&self) -> Vec<Monitor> {
+        lock(&self.shared.layout).clone()
+    }
+
+    pub fn cursor(&self) -> CursorState {
+        lock(&self.shared.cursor).clone()
+    }
+
+    /// Smoothed RTT from this client's pings (µs).
+    pub fn ping_rtt_us(&self) -> Option<u64> {
+        lock(&self.shared.rtt).smoothed()
+    }
+
+    /// QUIC's own RTT estimate.
+    pub fn quic_rtt(&self) -> Duration {
+        self.connection.rtt()
+    }
+
+    pub fn bytes_received(&self) -> u64 {
+        self.shared.counters.bytes_received.load(Ordering::Relaxed)
+    }
+
+    pub fn decode_errors(&self) -> u64 {
+        lock(&self.shared.displays).decode_errors
+    }
+
+    /// Sends `Goodbye{Disconnect}`, waits (bounded) until it is delivered, closes with code 0.
+    pub async fn disconnect(&self, message: &str) {
+        self.shared.closing.store(true, Ordering::SeqCst);
+        let mut text = message.to_owned();
+        text.truncate(wire::MAX_TEXT_LEN.min(text.len()));
+        while !text.is_char_boundary(text.len()) {
+            text.pop();
+        }
+        let goodbye = ControlMessage::Goodbye(Goodbye { reason: GoodbyeReason::Disconnect, message: text });
+        if self.control.send(goodbye).await.is_ok() {
+            let _ = tokio::time::timeout(GOODBYE_TIMEOUT, self.connection.closed()).await;
+        }
+        self.connection.close(error_code::NO_ERROR.into(), b"goodbye");
+    }
+
+    /// Ends the session because of a protocol error: closes with `code`, reports `error`.
+    async fn fail(&self, events: &mpsc::Sender<SessionEvent>, code: u32, error: ClientError) {
+        if self.shared.closing.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        tracing::error!(%error, code, "ending the session");
+        self.connection.close(code.into(), error.to_string().as_bytes());
+        let _ = events.send(SessionEvent::Failed(error)).await;
+    }
+}
+
+async fn control_writer(
+    handle: SessionHandle,
+    mut send: quinn::SendStream,
+    mut queue: mpsc::Receiver<ControlMessage>,
+) {
+    let mut ping = tokio::time::interval(Duration::from_micros(transport::PING_INTERVAL_US));
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut nonce = 0u64;
+    let mut last_stats_us = monotonic_us();
+    let mut buffer = Vec::new();
+    loop {
+        let mut messages = Vec::with_capacity(2);
+        tokio::select! {
+            message = queue.recv() => match message {
+                Some(message) => messages.push(message),
+                None => break,
+            },
+            _ = ping.tick() => {
+                nonce += 1;
+                let now = monotonic_us();
+                messages.push(ControlMessage::Ping(Ping { nonce, sent_us: now }));
+                messages.push(ControlMessage::ClientStats(client_stats(&handle, now - last_stats_us)));
+                last_stats_us = now;
+            }
+        }
+        buffer.clear();
+        let mut goodbye = false;
+        for message in &messages {
+            goodbye |= matches!(message, ControlMessage::Goodbye(_));
+            if let Err(error) = wire::encode(message, &mut buffer) {
+                tracing::warn!(%error, "not sending an invalid control message");
+            }
+        }
+        if let Err(error) = send.write_all(&buffer).await {
+            tracing::debug!(%error, "control stream closed");
+            break;
+        }
+        if goodbye {
+            let _ = send.finish();
+            let _ = tokio::time::timeout(GOODBYE_TIMEOUT, send.stopped()).await;
+            handle.connection.close(error_code::NO_ERROR.into(), b"goodbye");
+            break;
+        }
+    }
+}
+
+fn client_stats(handle: &SessionHandle, interval_us: u64) -> ClientStats {
+    let counters = &handle.shared.counters;
+    let frames = counters.interval_frames.swap(0, Ordering::Relaxed);
+    let decode_us = counters.interval_decode_us.swap(0, Ordering::Relaxed);
+    ClientStats {
+        interval_us: u32::try_from(interval_us).unwrap_or(u32::MAX),
+        frames_presented: u32::try_from(frames).unwrap_or(u32::MAX),
+        frames_dropped: 0,
+        bytes_received: counters.interval_bytes.swap(0, Ordering::Relaxed),
+        decode_us_mean: u32::try_from(decode_us.checked_div(frames).unwrap_or(0)).unwrap_or(u32::MAX),
+        rtt_us: u32::try_from(handle.ping_rtt_us().unwrap_or(0)).unwrap_or(u32::MAX),
+    }
+}
+
+async fn control_reader(
+    handle: SessionHandle,
+    mut recv: quinn::RecvStream,
+    mut decoder: StreamDecoder<ControlMessage>,
+    leftover: Vec<u8>,
+    events: mpsc::Sender<SessionEvent>,
+) {
+    let mut pending = leftover;
+    loop {
+        let mut input: &[u8] = &pending;
+        loop {
+            let message = match decoder.decode(&mut input) {
+                Ok(Some(message)) => message,
+                Ok(None) => break,
+                Err(e) => {
+                    let code = e.error_code();
+                    let error = ClientError::Protocol { channel: Channel::Control, detail: e.to_string() };
+                    return handle.fail(&events, code, error).await;
+                }
+            };
+            if !message.may_be_sent_by(Side::Server) || message.is_handshake() {
+                let detail =
+                    format!("unexpected control message {:#06x} after the handshake", message.message_type());
+                let error = ClientError::Protocol { channel: Channel::Control, detail };
+                return handle.fail(&events, error_code::PROTOCOL_VIOLATION, error).await;
+            }
+            match message {
+                ControlMessage::Ping(ping) => {
+                    let pong = ControlMessage::Pong(Pong { nonce: ping.nonce, sent_us: ping.sent_us });
+                    let _ = handle.control.send(pong).await;
+                }
+                ControlMessage::Pong(pong) => {
+                    let now = monotonic_us();
+                    if pong.sent_us <= now {
+                        lock(&handle.shared.rtt).on_sample(now - pong.sent_us);
+                    }
+                }
+                ControlMessage::DisplayLayout(monitors) => {
+                    tracing::info!(?monitors, "display layout");
+                    *lock(&handle.shared.layout) = monitors.clone();
+                    let _ = events.send(SessionEvent::Layout(monitors)).await;
+                }
+                ControlMessage::Goodbye(goodbye) => {
+                    tracing::info!(reason = ?goodbye.reason, message = %goodbye.message, "the server said goodbye");
+                    handle.shared.goodbye.store(true, Ordering::SeqCst);
+                    handle.shared.closing.store(true, Ordering::SeqCst);
+                    let _ = events.send(SessionEvent::Goodbye(goodbye)).await;
+                    handle.connection.close(error_code::NO_ERROR.into(), b"goodbye");
+                    return;
+                }
+                _ => {}
+            }
+        }
+        let skipped = decoder.skipped();
+        if skipped > 0 {
+            handle.shared.counters.unknown_skipped.fetch_max(skipped, Ordering::Relaxed);
+        }
+        pending = match recv.read_chunk(READ_CHUNK, true).await {
+            Ok(Some(chunk)) => chunk.bytes.to_vec(),
+            Ok(None) => {
+                if handle.shared.closing.load(Ordering::SeqCst) {
+                    return;
+                }
+                let detail = match decoder.finish() {
+                    Err(e) => e.to_string(),
+                    Ok(()) => "the server ended the control stream without Goodbye".into(),
+                };
+                let error = ClientError::Protocol { channel: Channel::Control, detail };
+                return handle.fail(&events, error_code::PROTOCOL_VIOLATION, error).await;
+            }
+            // A lost connection is reported once, by `watch_close`.
+            Err(error) => {
+                tracing::debug!(%error, "control stream ended");
+                return;
+            }
+        };
+    }
+}
+
+async fn input_writer(
+    handle: SessionHandle,
+    mut send: quinn::SendStream,
+    mut queue: mpsc::Receiver<InputMessage>,
+) {
+    let mut buffer = Vec::new();
+    while let Some(first) = queue.recv().await {
+        buffer.clear();
+        // Everything queued goes out in one write: a typed line is one packet, not forty.
+        let mut next = Some(first);
+        while let Some(message) = next {
+            if let Err(error) = wire::encode(&message, &mut buffer) {
+                tracing::warn!(%error, "not sending an invalid input message");
+            }
+            next = queue.try_recv().ok();
+        }
+        if let Err(error) = send.write_all(&buffer).await {
+            tracing::debug!(%error, "input stream closed");
+            break;
+        }
+    }
+    let _ = send.finish();
+    drop(handle);
+}
+
+async fn accept_streams(handle: SessionHandle, events: mpsc::Sender<SessionEvent>) {
+    let display_streams = Arc::new(AtomicU64::new(0));
+    let mut streams = JoinSet::new();
+    loop {
+        let recv = tokio::select! {
+            accepted = handle.connection.accept_uni() => match accepted {
+                Ok(recv) => recv,
+                Err(_) => break,
+            },
+            Some(_) = streams.join_next(), if !streams.is_empty() => continue,
+        };
+        streams.spawn(server_stream(handle.clone(), recv, events.clone(), display_streams.clone()));
+    }
+    // The connection is over: let the stream tasks finish reporting.
+    while streams.join_next().await.is_some() {}
+}
+
+async fn server_stream(
+    handle: SessionHandle,
+    mut recv: quinn::RecvStream,
+    events: mpsc::Sender<SessionEvent>,
+    display_streams: Arc<AtomicU64>,
+) {
+    let mut prelude = [0u8; 1];
+    match tokio::time::timeout(PRELUDE_TIMEOUT, recv.read_exact(&mut prelude)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => return tracing::debug!(%error, "server stream ended before its prelude"),
+        Err(_) => {
+            let _ = recv.stop(error_code::PROTOCOL_VIOLATION.into());
+            return tracing::warn!("server stream sent no channel prelude within 10 s");
+        }
+    }
+    match Channel::from_uni_prelude(prelude[0]) {
+        Ok(Channel::Display) => {
+            if display_streams.fetch_add(1, Ordering::SeqCst) >= MAX_DISPLAY_STREAMS as u64 {
+                tracing::warn!("more than {MAX_DISPLAY_STREAMS} display streams; stopping the extra one");
+                let _ = recv.stop(error_code::PROTOCOL_VIOLATION.into());
+                return;
+            }
+            display_stream(handle, recv, events).await;
+        }
+        Ok(Channel::Cursor) => cursor_stream(handle, recv, events).await,
+        other => {
+            tracing::warn!(
+                prelude = prelude[0],
+                ?other,
+                "stopping a server stream of an unsupported channel"
+            );
+            let _ = recv.stop(error_code::UNSUPPORTED_CHANNEL.into());
+        }
+    }
+}
+
+async fn display_stream(
+    handle: SessionHandle,
+    mut recv: quinn::RecvStream,
+    events: mpsc::Sender<SessionEvent>,
+) {
+    let mut decoder = StreamDecoder::<DisplayMessage>::new();
+    let mut stream = DisplayStream::new();
+    // Bytes consumed since the last whole message: becomes that message's size.
+    let mut pending_bytes = 0u64;
+    let counters = &handle.shared.counters;
+    loop {
+        let chunk = match recv.read_chunk(READ_CHUNK, true).await {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => {
+                if let Err(e) = decoder.finish() {
+                    let code = e.error_code();
+                    let error = ClientError::Protocol { channel: Channel::Display, detail: e.to_string() };
+                    handle.fail(&events, code, error).await;
+                }
+                return;
+            }
+            Err(error) => return tracing::debug!(%error, "display stream ended"),
+        };
+        let received_us = monotonic_us();
+        counters.bytes_received.fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
+        counters.interval_bytes.fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
+        let mut input: &[u8] = &chunk.bytes;
+        loop {
+            let before = input.len();
+            let decoded = decoder.decode(&mut input);
+            pending_bytes += (before - input.len()) as u64;
+            let message = match decoded {
+                Ok(Some(message)) => message,
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = recv.stop(e.error_code().into());
+                    let code = e.error_code();
+                    let error = ClientError::Protocol { channel: Channel::Display, detail: e.to_string() };
+                    return handle.fail(&events, code, error).await;
+                }
+            };
+            let bytes = std::mem::take(&mut pending_bytes);
+            let applied = {
+                let mut displays = lock(&handle.shared.displays);
+                stream.on_message(&mut displays, &message, bytes, received_us, monotonic_us)
+            };
+            match applied {
+                Ok(None) => {}
+                Ok(Some(stats)) => {
+                    let ack = ControlMessage::FrameAck(FrameAck {
+                        frame_id: stats.frame_id,
+                        scanout: stats.scanout,
+                        received_us: stats.received_us,
+                        decoded_us: stats.decoded_us,
+                    });
+                    if handle.control.send(ack).await.is_err() {
+                        return;
+                    }
+                    counters.frames.fetch_add(1, Ordering::Relaxed);
+                    counters.interval_frames.fetch_add(1, Ordering::Relaxed);
+                    counters
+                        .interval_decode_us
+                        .fetch_add(stats.decoded_us - stats.received_us, Ordering::Relaxed);
+                    let _ = events.send(SessionEvent::Frame(stats)).await;
+                }
+                Err(e) => {
+                    let code = e.error_code();
+                    let _ = recv.stop(code.into());
+                    let error = ClientError::Protocol { channel: Channel::Display, detail: e.to_string() };
+                    return handle.fail(&events, code, error).await;
+                }
+            }
+        }
+    }
+}
+
+fn apply_position(handle: &SessionHandle, position: CursorPosition) {
+    let mut cursor = lock(&handle.shared.cursor);
+    if cursor.position.is_none_or(|last| position.seq > last.seq) {
+        cursor.position = Some(position);
+    }
+}
+
+async fn cursor_stream(
+    handle: SessionHandle,
+    mut recv: quinn::RecvStream,
+    events: mpsc::Sender<SessionEvent>,
+) {
+    let mut decoder = StreamDecoder::<CursorMessage>::new();
+    loop {
+        let chunk = match recv.read_chunk(READ_CHUNK, true).await {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) | Err(_) => return,
+        };
+        let mut input: &[u8] = &chunk.bytes;
+        loop {
+            match decoder.decode(&mut input) {
+                Ok(Some(CursorMessage::Shape(shape))) => {
+                    let event = SessionEvent::CursorShape {
+                        serial: shape.serial,
+                        width: shape.width,
+                        height: shape.height,
+                    };
+                    lock(&handle.shared.cursor).shape = Some(shape);
+                    let _ = events.send(event).await;
+                }
+                Ok(Some(CursorMessage::Position(position))) => apply_position(&handle, position),
+                Ok(None) => break,
+                Err(e) => {
+                    let code = e.error_code();
+                    let _ = recv.stop(code.into());
+                    let error = ClientError::Protocol { channel: Channel::Cursor, detail: e.to_string() };
+                    return handle.fail(&events, code, error).await;
+                }
+            }
+        }
+    }
+}
+
+async fn read_datagrams(handle: SessionHandle) {
+    while let Ok(datagram) = handle.connection.read_datagram().await {
+        match wire::decode_datagram(&datagram) {
+            Ok(Some(Datagram::CursorPosition(position))) => apply_position(&handle, position),
+            Ok(Some(_)) | Ok(None) => {}
+            Err(error) => {
+                handle.shared.counters.datagrams_dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%error, "dropped a datagram");
+            }
+        }
+    }
+}
+
+async fn watch_close(handle: SessionHandle, events: mpsc::Sender<SessionEvent>) {
+    let error = handle.connection.closed().await;
+    if let quinn::ConnectionError::ApplicationClosed(close) = &error
+        && close.error_code.into_inner() == u64::from(error_code::NO_ERROR)
+    {
+        // A clean close usually follows a Goodbye on the control stream; give the reader a
+        // moment to deliver it, then report the close itself.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if handle.shared.closing.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let reason = String::from_utf8_lossy(&close.reason).into_owned();
+        tracing::info!(reason, "the server closed the connection");
+        let _ = events.send(SessionEvent::ServerClosed(reason)).await;
+        return;
+    }
+    if handle.shared.closing.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    tracing::warn!(%error, "connection closed");
+    let _ = events.send(SessionEvent::Failed(ClientError::ConnectionLost(error))).await;
+}
