@@ -10,9 +10,25 @@
 //! - [`testguest`]: boots the no_std test guest (`testguest.elf`) under QEMU and parses its
 //!   `PLEIADES-TESTGUEST` result line.
 //!
+//! - [`linkem`]: a link emulator (delay, loss, rate, down/up) for QUIC between client and host.
+//!
 //! The tests in `tests/` use these to run the real pieces together.
 
 pub use pleiades_host::accel;
+
+/// A binary of the workspace (`pleiades-host`, `pleiades`), next to the running test's own
+/// executable (`target/<profile>/`). `cargo test --workspace` builds them before any test runs.
+pub fn workspace_binary(name: &str) -> Result<std::path::PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let dir =
+        exe.parent().and_then(|deps| deps.parent()).ok_or("the test executable has no target directory")?;
+    let path = dir.join(name);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!("{} is missing: build it first (`cargo build --workspace`)", path.display()))
+    }
+}
 pub mod image;
 pub mod linkem;
 pub mod postgres;

@@ -33,7 +33,8 @@ pub struct LinkConfig {
 
 impl LinkConfig {
     /// No impairment.
-    pub const CLEAN: Self = Self { delay: Duration::ZERO, loss: 0.0, rate_bps: None, queue: Duration::from_millis(200) };
+    pub const CLEAN: Self =
+        Self { delay: Duration::ZERO, loss: 0.0, rate_bps: None, queue: Duration::from_millis(200) };
 
     /// `rtt` round trip, `loss` probability, `mbit` Mbit/s.
     pub fn wan(rtt: Duration, loss: f64, mbit: u64) -> Self {
@@ -198,7 +199,11 @@ fn receive(
     })
 }
 
-fn deliver(queue: Queue, shared: Arc<Shared>, send: impl Fn(&[u8]) + Send + 'static) -> io::Result<JoinHandle<()>> {
+fn deliver(
+    queue: Queue,
+    shared: Arc<Shared>,
+    send: impl Fn(&[u8]) + Send + 'static,
+) -> io::Result<JoinHandle<()>> {
     std::thread::Builder::new().name("linkem-tx".into()).spawn(move || {
         let (lock, ready) = &*queue;
         while !shared.stop.load(Ordering::Relaxed) {

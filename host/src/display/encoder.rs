@@ -135,12 +135,19 @@ impl DisplayEncoder {
         send.extend((0..grid.len()).filter(|&i| self.lossy[i] && !in_region(i)));
         send.sort_unstable();
         send.dedup();
+        let full = self.full;
         let tiles: Vec<Tile> = send
             .into_iter()
-            .map(|i| {
-                let tile = tiles::encode(frame, grid.rect(i));
+            .filter_map(|i| {
+                let rect = grid.rect(i);
+                // A lossless tile's changed part only; a lossy one is refreshed whole.
+                let rect = if full || self.lossy[i] {
+                    Some(rect)
+                } else {
+                    tiles::changed_bounds(frame, &self.sent, rect)
+                };
                 self.lossy[i] = false;
-                tile
+                rect.map(|r| tiles::encode(frame, r))
             })
             .collect();
         for tile in &tiles {

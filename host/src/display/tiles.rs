@@ -111,6 +111,28 @@ pub fn same(a: &Framebuffer, b: &Framebuffer, rect: Rect) -> bool {
     })
 }
 
+/// The smallest rectangle inside `rect` where the frames differ (same size), if any: a typed
+/// character changes a glyph, not the whole tile.
+pub fn changed_bounds(a: &Framebuffer, b: &Framebuffer, rect: Rect) -> Option<Rect> {
+    let stride = a.stride();
+    let (mut x0, mut y0, mut x1, mut y1) = (u32::MAX, u32::MAX, 0, 0);
+    for y in rect.y..rect.y + rect.height {
+        let at = y as usize * stride + rect.x as usize * 4;
+        let len = rect.width as usize * 4;
+        let (ra, rb) = (&a.pixels[at..at + len], &b.pixels[at..at + len]);
+        if ra == rb {
+            continue;
+        }
+        let first = ra.chunks_exact(4).zip(rb.chunks_exact(4)).position(|(p, q)| p != q).unwrap_or(0) as u32;
+        let last = ra.chunks_exact(4).zip(rb.chunks_exact(4)).rposition(|(p, q)| p != q).unwrap_or(0) as u32;
+        x0 = x0.min(rect.x + first);
+        x1 = x1.max(rect.x + last + 1);
+        y0 = y0.min(y);
+        y1 = y + 1;
+    }
+    (x0 != u32::MAX).then(|| Rect::new(x0, y0, x1 - x0, y1 - y0))
+}
+
 /// Encodes `rect` of `frame` losslessly.
 pub fn encode(frame: &Framebuffer, rect: Rect) -> Tile {
     let raw = pixels(frame, rect);

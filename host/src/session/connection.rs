@@ -402,19 +402,21 @@ fn display_loop(
                 seen = u64::MAX; // come back for the rest
                 break;
             }
-            let mut frame = slot.take().map(|s| s.frame).unwrap_or_default();
-            let Some(damage) = sink.take_damage_since(index, &mut frame) else {
-                continue; // disabled: its stream (if any) is dropped
-            };
             let mut out = match slot.take() {
                 Some(s) => s,
-                None => ScanoutStream {
-                    encoder: DisplayEncoder::new(frame.width, frame.height),
+                None if sink.sizes().get(index).copied().flatten().is_some() => ScanoutStream {
+                    encoder: DisplayEncoder::new(0, 0),
                     stream: open_uni(conn, rt, Channel::Display, priority::DISPLAY)?,
                     frame: Framebuffer::default(),
                 },
+                None => continue,
             };
-            out.frame = frame;
+            let Some(damage) = sink.take_damage_since(index, &mut out.frame) else {
+                // Disabled: keep the stream for when it comes back; the encoder starts over.
+                out.encoder.refresh_all();
+                *slot = Some(out);
+                continue;
+            };
             let encoded = out.encoder.encode(&out.frame, &damage.rects, &settings)?;
             if let Some(encoded) = encoded {
                 frame_id += 1;

@@ -1,0 +1,258 @@
+//! The remote-desktop session end to end: `pleiades-host run --vmm qemu … --listen` runs the
+//! Linux test image and serves it over QUIC; the headless client `pleiades connect` connects
+//! with the connection file, types into the guest, and records what it shows. Its framebuffer
+//! must equal the host's own screenshot pixel for pixel (the console is lossless content), on
+//! loopback and through an emulated 100 ms / 2 % loss / 10 Mbit/s link. Bad tickets, a wrong
+//! certificate and a malformed message are refused as docs/protocol.md says, and the VM goes on.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use pleiades_host::control::{self, Request};
+use pleiades_host::devices::virtio::gpu::Framebuffer;
+use pleiades_host::screenshot::decode_png;
+use pleiades_protocol::connfile::Connection;
+use pleiades_tests::image::GuestImage;
+use pleiades_tests::linkem::{Link, LinkConfig};
+use pleiades_tests::qemu::{Guest, boot_timeout};
+use pleiades_tests::workspace_binary;
+
+const SHELL: Duration = Duration::from_secs(60);
+
+struct Desktop {
+    guest: Guest,
+    dir: tempfile::TempDir,
+}
+
+impl Desktop {
+    fn control(&self) -> PathBuf {
+        self.dir.path().join("vm.sock")
+    }
+
+    fn connection_file(&self) -> PathBuf {
+        self.dir.path().join("desk.pleiades")
+    }
+
+    /// A fresh one-time connection file (`ctl connection-file`).
+    fn mint(&self, name: &str) -> PathBuf {
+        let out = self.dir.path().join(name);
+        let response =
+            control::request(&self.control(), &Request::ConnectionFile, Duration::from_secs(30)).unwrap();
+        assert!(response.ok, "{response:?}");
+        std::fs::write(&out, response.result.unwrap()["toml"].as_str().unwrap()).unwrap();
+        out
+    }
+
+    fn screenshot(&self) -> Framebuffer {
+        use base64::Engine as _;
+        let response =
+            control::request(&self.control(), &Request::Screenshot { scanout: 0 }, Duration::from_secs(30))
+                .unwrap();
+        assert!(response.ok, "{response:?}");
+        let png = response.result.unwrap()["png_base64"].as_str().unwrap().to_owned();
+        decode_png(&base64::engine::general_purpose::STANDARD.decode(png).unwrap()).unwrap()
+    }
+}
+
+/// Boots the test image with a GPU, keyboard and tablet, serving on loopback.
+fn boot_desktop() -> Desktop {
+    let image = GuestImage::locate().expect("test guest image");
+    let dir = tempfile::tempdir().unwrap();
+    let host = workspace_binary("pleiades-host").unwrap();
+    let accel = pleiades_host::accel::choose().expect("accelerator");
+    let file = dir.path().join("desk.pleiades");
+    let args = [
+        "--vmm",
+        "qemu",
+        "--device",
+        "gpu",
+        "--device",
+        "keyboard",
+        "--device",
+        "tablet",
+        "--listen",
+        "127.0.0.1:0",
+        "--connection-file",
+        file.to_str().unwrap(),
+    ];
+    let mut guest =
+        Guest::start_host(&host, &image, &args, &dir.path().join("vm.sock"), accel).expect("host starts");
+    guest.wait_ready(boot_timeout()).expect("READY");
+    // The shell on tty1 (what fbcon shows) is up, and its cursor does not blink: a blinking
+    // cursor would make "the screen stopped changing" never true.
+    guest
+        .run(
+            "for i in $(seq 100); do ls -l /proc/[0-9]*/fd 2>/dev/null | grep -q 'tty1$' && break; sleep 0.2; done; \
+             echo 0 > /sys/class/graphics/fbcon/cursor_blink",
+            SHELL,
+        )
+        .unwrap();
+    Desktop { guest, dir }
+}
+
+/// Runs `pleiades connect` headless.
+fn connect(target: &Path, record: &Path, duration_s: u32, script: Option<&str>) -> Output {
+    let client = workspace_binary("pleiades").unwrap();
+    let mut cmd = Command::new(client);
+    cmd.arg("connect")
+        .arg(target)
+        .args(["--headless", "--duration", &duration_s.to_string(), "--record"])
+        .arg(record);
+    if let Some(script) = script {
+        let path = record.with_extension("script");
+        std::fs::write(&path, script).unwrap();
+        cmd.arg("--input").arg(path);
+    }
+    cmd.output().expect("pleiades runs")
+}
+
+fn text(output: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+}
+
+/// Opens a pinned QUIC connection and writes `bytes` as the control stream's first bytes;
+/// returns what the server answered before it closed (bounded by a timeout).
+fn send_raw_control(connection: &Connection, bytes: &[u8]) -> Vec<u8> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let connected =
+            pleiades_client::connect::connect(connection).await.expect("TLS with the pinned server");
+        let (mut send, mut recv) = connected.connection.open_bi().await.unwrap();
+        send.write_all(bytes).await.unwrap();
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 1024];
+        let _ = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Ok(Some(n)) = recv.read(&mut buf).await {
+                answer.extend_from_slice(&buf[..n]);
+            }
+        })
+        .await;
+        let closed = tokio::time::timeout(Duration::from_secs(10), connected.connection.closed()).await;
+        assert!(closed.is_ok(), "the server closed the connection");
+        answer
+    })
+}
+
+/// The client's last frame against the host's screenshot.
+fn assert_same_screen(recorded: &Path, host: &Framebuffer) {
+    let client = decode_png(&std::fs::read(recorded).expect("the client wrote its last frame")).unwrap();
+    assert_eq!((client.width, client.height), (host.width, host.height));
+    let differing = client
+        .pixels
+        .chunks_exact(4)
+        .zip(host.pixels.chunks_exact(4))
+        .filter(|(a, b)| a[..3] != b[..3])
+        .count();
+    assert_eq!(differing, 0, "pixels that differ between the client and the host");
+}
+
+fn session_summary(output: &Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let start = stdout.find('{').unwrap_or_else(|| panic!("no summary: {}", text(output)));
+    serde_json::from_str(&stdout[start..]).unwrap_or_else(|e| panic!("summary: {e}: {}", text(output)))
+}
+
+/// Typing through the session reaches the guest, and the client's screen is the host's.
+fn type_and_compare(desktop: &mut Desktop, target: &Path, marker: &str) -> serde_json::Value {
+    let record = desktop.dir.path().join(format!("rec-{marker}"));
+    let script = format!("wait 1500\ntype echo {marker}-$((6*7)) > /dev/ttyS0\\n\nwait 2500\n");
+    let output = connect(target, &record, 10, Some(&script));
+    assert!(output.status.success(), "{}", text(&output));
+    desktop.guest.wait_for(&format!("{marker}-42"), SHELL).expect("the typed command ran in the guest");
+    let summary = session_summary(&output);
+    assert!(summary["frames"].as_u64().unwrap() >= 2, "{summary:#}");
+    assert_same_screen(&record.join("scanout-0.png"), &desktop.screenshot());
+    summary
+}
+
+#[test]
+fn the_client_sees_the_guest_and_types_into_it_on_loopback_and_on_a_bad_wan() {
+    let mut desktop = boot_desktop();
+    let file = desktop.connection_file();
+    let loopback = type_and_compare(&mut desktop, &file, "PLEIADES-LAN");
+    eprintln!(
+        "loopback: {} frames, {:.0} kbit/s, update latency p50 {} µs",
+        loopback["frames"],
+        loopback["kbit_s"].as_f64().unwrap_or(0.0),
+        loopback["latency"]["p50_us"]
+    );
+
+    // 100 ms round trip, 2 % loss each way, 10 Mbit/s: input still arrives, and once the screen
+    // stops changing the client converges to the host's pixels.
+    let connection =
+        Connection::from_toml(&std::fs::read_to_string(desktop.mint("wan.pleiades")).unwrap()).unwrap();
+    let server: std::net::SocketAddr = format!("{}:{}", connection.host, connection.port).parse().unwrap();
+    let link = Link::start(server, LinkConfig::wan(Duration::from_millis(100), 0.02, 10)).unwrap();
+    let through_link = Connection {
+        host: link.client_addr().ip().to_string(),
+        port: link.client_addr().port(),
+        ..connection
+    };
+    let wan_file = desktop.dir.path().join("wan-link.pleiades");
+    std::fs::write(&wan_file, through_link.to_toml()).unwrap();
+    let wan = type_and_compare(&mut desktop, &wan_file, "PLEIADES-WAN");
+    let stats = link.stats();
+    eprintln!(
+        "100 ms / 2 % / 10 Mbit/s: {} frames, {:.0} kbit/s, latency p50 {} µs; link lost {} packets, forwarded {}",
+        wan["frames"],
+        wan["kbit_s"].as_f64().unwrap_or(0.0),
+        wan["latency"]["p50_us"],
+        stats.lost.load(std::sync::atomic::Ordering::Relaxed),
+        stats.forwarded.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    assert!(stats.lost.load(std::sync::atomic::Ordering::Relaxed) > 0, "the link did drop packets");
+
+    let status = control::request(&desktop.control(), &Request::Shutdown, Duration::from_secs(30)).unwrap();
+    assert!(status.ok);
+    assert!(desktop.guest.wait_exit(SHELL).unwrap().success());
+}
+
+#[test]
+fn bad_tickets_wrong_certificates_and_malformed_messages_are_refused_and_the_vm_goes_on() {
+    let mut desktop = boot_desktop();
+    let record = desktop.dir.path().join("rec");
+    let file = desktop.connection_file();
+    assert!(connect(&file, &record, 2, None).status.success(), "the first use of the ticket works");
+
+    // The same ticket again: one-time.
+    let reused = connect(&file, &record, 2, None);
+    assert!(!reused.status.success());
+    assert!(text(&reused).contains("ReusedTicket"), "{}", text(&reused));
+
+    // A forged ticket (one byte of the signature changed).
+    let mut forged =
+        Connection::from_toml(&std::fs::read_to_string(desktop.mint("forged.pleiades")).unwrap()).unwrap();
+    let last = forged.ticket.pop().unwrap();
+    forged.ticket.push(if last == 'A' { 'B' } else { 'A' });
+    let forged_file = desktop.dir.path().join("forged2.pleiades");
+    std::fs::write(&forged_file, forged.to_toml()).unwrap();
+    let bad = connect(&forged_file, &record, 2, None);
+    assert!(!bad.status.success());
+    assert!(text(&bad).contains("BadTicket"), "{}", text(&bad));
+
+    // A connection file pinning another certificate: the client refuses the server.
+    let mut pinned =
+        Connection::from_toml(&std::fs::read_to_string(desktop.mint("pin.pleiades")).unwrap()).unwrap();
+    pinned.cert_sha256 = "00".repeat(32);
+    let pin_file = desktop.dir.path().join("pin2.pleiades");
+    std::fs::write(&pin_file, pinned.to_toml()).unwrap();
+    let wrong = connect(&pin_file, &record, 2, None);
+    assert!(!wrong.status.success());
+    assert!(text(&wrong).contains("is not the one the connection file pins"), "{}", text(&wrong));
+
+    // Garbage on the control stream instead of Hello: the server ends that connection.
+    let raw = Connection::from_toml(&std::fs::read_to_string(desktop.mint("raw.pleiades")).unwrap()).unwrap();
+    let answer = send_raw_control(&raw, &[0xff, 0xff, 0x10, 0, 0, 0, 1, 2, 3]);
+    assert!(answer.is_empty(), "the server answered garbage with {} bytes", answer.len());
+
+    // The VM and the session server go on: a fresh ticket connects and sees the console.
+    let again = connect(&desktop.mint("again.pleiades"), &record, 3, None);
+    assert!(again.status.success(), "{}", text(&again));
+    assert_same_screen(&record.join("scanout-0.png"), &desktop.screenshot());
+    let status = control::request(&desktop.control(), &Request::Status, Duration::from_secs(30)).unwrap();
+    let session = &status.result.unwrap()["session"];
+    assert!(session["refused"].as_u64().unwrap() >= 2, "{session}");
+    assert!(control::request(&desktop.control(), &Request::Shutdown, Duration::from_secs(30)).unwrap().ok);
+    assert!(desktop.guest.wait_exit(SHELL).unwrap().success());
+}
