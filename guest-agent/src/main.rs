@@ -21,6 +21,14 @@ enum Command {
         #[arg(long, default_value = "/", hide = true)]
         root: PathBuf,
     },
+    /// Draw a test/benchmark workload on the framebuffer (/dev/fb0): idle, typing, scroll,
+    /// video or motion.
+    Workload {
+        workload: pleiades_agent::workload::Workload,
+        /// How long to draw.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+    },
     /// Wait for the ACPI power button and then run `poweroff` (the host's clean shutdown).
     PowerButton {
         /// Command to run when the button is pressed.
@@ -43,6 +51,24 @@ fn main() -> ExitCode {
             }
         },
         Command::PowerButton { action } => power_button(&action),
+        Command::Workload { workload, seconds } => {
+            let run = || -> std::io::Result<u64> {
+                let mut fb = pleiades_agent::workload::FbDev::open(std::path::Path::new("/"), 0)?;
+                let until = std::time::Instant::now()
+                    + std::time::Duration::from_secs_f64(seconds.clamp(0.0, 86_400.0));
+                pleiades_agent::workload::run(workload, &mut fb, until, &|| false)
+            };
+            match run() {
+                Ok(frames) => {
+                    println!("pleiades-agent: {workload:?} drew {frames} frames");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("pleiades-agent: the workload cannot draw: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 

@@ -6,12 +6,9 @@
 //! the encoder, the session server — is the real path, so the protocol's figures do not depend
 //! on how fast a guest runs on the machine (here, Linux runs under TCG).
 //!
-//! Workloads (1920x1080 unless `--synthetic-size`):
-//! - `idle`: a desktop that does not change;
-//! - `typing`: a terminal where a character (8x16) appears 15 times a second;
-//! - `scroll`: a full screen of text scrolling by one line 10 times a second;
-//! - `video`: a 640x360 natural-looking moving picture at 30 fps on a still desktop;
-//! - `motion`: the whole screen changes 30 times a second.
+//! The workloads are the guest agent's (`pleiades-agent workload`, see
+//! [`pleiades_agent::workload`]): the same pictures, drawn here without a guest, 1920x1080
+//! unless `--synthetic-size`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,31 +21,11 @@ use crate::devices::virtio::GuestMemory;
 use crate::devices::virtio::gpu::protocol::{Rect, encode};
 use crate::devices::virtio::gpu::{Gpu, GpuConfig, GpuHandle};
 use crate::devices::virtio::input::InputEvent;
+use pleiades_agent::workload::Canvas;
 
-/// A synthetic workload.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Workload {
-    Idle,
-    Typing,
-    Scroll,
-    Video,
-    Motion,
-}
-
-impl Workload {
-    /// Frames per second the workload draws.
-    pub fn fps(self) -> u32 {
-        match self {
-            Self::Idle => 1,
-            Self::Typing => 15,
-            Self::Scroll => 10,
-            Self::Video | Self::Motion => 30,
-        }
-    }
-}
+pub use pleiades_agent::workload::Workload;
 
 const BACKING: u64 = 0x10_0000;
-const GLYPH: (u32, u32) = (8, 16);
 
 /// A synthetic VM: a GPU fed by a drawing thread.
 #[derive(Debug)]
@@ -83,7 +60,7 @@ impl SyntheticVm {
         let stop = Arc::new(AtomicBool::new(false));
         let thread_stop = stop.clone();
         let thread = std::thread::Builder::new().name("synthetic".into()).spawn(move || {
-            let mut painter = Painter { gpu, mem, width, height, frame: 0 };
+            let mut painter = Painter { gpu, mem, width, height };
             painter.run(workload, &thread_stop);
         })?;
         Ok(Self {
@@ -152,130 +129,43 @@ impl Controller for SyntheticController {
     }
 }
 
-/// The synthetic display driver.
+/// The synthetic display driver: the agent's workloads draw into its guest memory, and every
+/// drawn rectangle is transferred and flushed as the Linux driver would.
 struct Painter {
     gpu: Gpu,
     mem: GuestMemory,
     width: u32,
     height: u32,
-    frame: u64,
 }
 
 impl Painter {
     fn run(&mut self, workload: Workload, stop: &AtomicBool) {
-        self.fill(Rect::new(0, 0, self.width, self.height), desktop);
-        self.flush(Rect::new(0, 0, self.width, self.height));
-        let period = Duration::from_secs_f64(1.0 / f64::from(workload.fps()));
-        let mut next = Instant::now();
-        while !stop.load(Ordering::Relaxed) {
-            next += period;
-            self.frame += 1;
-            match workload {
-                Workload::Idle => {}
-                Workload::Typing => self.type_char(),
-                Workload::Scroll => self.scroll(),
-                Workload::Video => self.video(),
-                Workload::Motion => self.motion(),
-            }
-            let now = Instant::now();
-            if next > now {
-                std::thread::sleep(next - now);
-            } else {
-                next = now;
-            }
+        let forever = Instant::now() + Duration::from_secs(365 * 24 * 3600);
+        if let Err(e) =
+            pleiades_agent::workload::run(workload, self, forever, &|| stop.load(Ordering::Relaxed))
+        {
+            tracing::error!("the synthetic desktop stopped drawing: {e}");
         }
     }
+}
 
-    /// Writes `f(x, y)` (B, G, R, X) into the backing for `r`.
-    fn fill(&mut self, r: Rect, f: impl Fn(u32, u32) -> [u8; 4]) {
-        let mut row = vec![0u8; r.width as usize * 4];
-        for y in r.y..r.y + r.height {
-            for (i, px) in row.chunks_exact_mut(4).enumerate() {
-                px.copy_from_slice(&f(r.x + i as u32, y));
-            }
-            let at = BACKING + (u64::from(y) * u64::from(self.width) + u64::from(r.x)) * 4;
-            let _ = self.mem.write_slice(&row, GuestAddress(at));
-        }
+impl Canvas for Painter {
+    fn size(&self) -> (u32, u32) {
+        (self.width, self.height)
     }
 
-    fn flush(&mut self, r: Rect) {
-        let offset = (u64::from(r.y) * u64::from(self.width) + u64::from(r.x)) * 4;
+    fn put(&mut self, x: u32, y: u32, w: u32, h: u32, pixels: &[u8]) -> std::io::Result<()> {
+        let row = w as usize * 4;
+        for (i, line) in pixels.chunks_exact(row).take(h as usize).enumerate() {
+            let at = BACKING + ((u64::from(y) + i as u64) * u64::from(self.width) + u64::from(x)) * 4;
+            self.mem.write_slice(line, GuestAddress(at)).map_err(std::io::Error::other)?;
+        }
+        let r = Rect::new(x, y, w, h);
+        let offset = (u64::from(y) * u64::from(self.width) + u64::from(x)) * 4;
         self.gpu.control_request(&encode::transfer(1, r, offset), &self.mem);
         self.gpu.control_request(&encode::flush(1, r), &self.mem);
+        Ok(())
     }
-
-    fn type_char(&mut self) {
-        let columns = (self.width / GLYPH.0).max(1);
-        let rows = (self.height / GLYPH.1).max(1);
-        let n = self.frame as u32;
-        let (col, row) = (n % columns, (n / columns) % rows);
-        let r = Rect::new(col * GLYPH.0, row * GLYPH.1, GLYPH.0, GLYPH.1);
-        let seed = n.wrapping_mul(2_654_435_761);
-        self.fill(r, |x, y| glyph(seed, x - r.x, y - r.y));
-        self.flush(r);
-    }
-
-    fn scroll(&mut self) {
-        let n = self.frame as u32;
-        let (w, h) = (self.width, self.height);
-        self.fill(Rect::new(0, 0, w, h), |x, y| {
-            let line = y / GLYPH.1 + n;
-            let col = x / GLYPH.0;
-            // Lines of varying length, like a log.
-            if col < 20 + (line.wrapping_mul(7919) % 180) {
-                glyph(line.wrapping_mul(31).wrapping_add(col), x % GLYPH.0, y % GLYPH.1)
-            } else {
-                [24, 24, 24, 0]
-            }
-        });
-        self.flush(Rect::new(0, 0, w, h));
-    }
-
-    fn video(&mut self) {
-        let (vw, vh) = (640.min(self.width), 360.min(self.height));
-        let r = Rect::new((self.width - vw) / 2, (self.height - vh) / 2, vw, vh);
-        let t = self.frame as f32 / 30.0;
-        self.fill(r, |x, y| natural(x - r.x, y - r.y, t));
-        self.flush(r);
-    }
-
-    fn motion(&mut self) {
-        let t = self.frame as f32 / 30.0;
-        self.fill(Rect::new(0, 0, self.width, self.height), |x, y| natural(x / 3, y / 3, t));
-        self.flush(Rect::new(0, 0, self.width, self.height));
-    }
-}
-
-/// A still desktop background with a few window-like panels.
-fn desktop(x: u32, y: u32) -> [u8; 4] {
-    if (100..900).contains(&x) && (80..600).contains(&y) {
-        if y < 110 { [180, 120, 60, 0] } else { [245, 245, 245, 0] }
-    } else {
-        let v = 90 + ((x / 4 + y / 3) % 40) as u8;
-        [v, v / 2 + 40, 30, 0]
-    }
-}
-
-/// A glyph-like pattern: light strokes on a dark terminal background.
-fn glyph(seed: u32, gx: u32, gy: u32) -> [u8; 4] {
-    let bits = seed.rotate_left(gy % 16 + gx % 8);
-    let on = gy > 2 && gy < 13 && gx > 0 && gx < 7 && (bits >> (gx + gy % 4)) & 1 == 1;
-    if on { [220, 220, 220, 0] } else { [24, 24, 24, 0] }
-}
-
-/// Smooth gradients, moving shapes and a little grain: video-like content.
-fn natural(x: u32, y: u32, t: f32) -> [u8; 4] {
-    let (fx, fy) = (x as f32, y as f32);
-    let cx = 320.0 + 200.0 * (t * 0.9).sin();
-    let cy = 180.0 + 100.0 * (t * 1.3).cos();
-    let d = ((fx - cx).powi(2) + (fy - cy).powi(2)).sqrt();
-    let ball = if d < 60.0 { 255.0 - d * 2.0 } else { 0.0 };
-    let sky = 120.0 + 80.0 * ((fx / 90.0 + t).sin() * (fy / 70.0 - t * 0.7).cos());
-    let grain = ((x.wrapping_mul(73_856_093) ^ y.wrapping_mul(19_349_663) ^ (t * 1000.0) as u32) % 9) as f32;
-    let r = (sky * 0.6 + ball + grain).min(255.0) as u8;
-    let g = (sky * 0.8 + ball * 0.5 + grain).min(255.0) as u8;
-    let b = (sky + grain).min(255.0) as u8;
-    [b, g, r, 0]
 }
 
 #[cfg(test)]

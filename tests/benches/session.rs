@@ -53,7 +53,10 @@ fn cpu_ms(pid: u32, skip: &str) -> f64 {
         let fields: Vec<&str> = rest.split_whitespace().collect();
         Some((name.to_owned(), fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?))
     };
-    let total = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|s| ticks(&s)).map_or(0.0, |t| t.1);
+    let total = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| ticks(&s))
+        .map_or(0.0, |t| t.1);
     let skipped: f64 = std::fs::read_dir(format!("/proc/{pid}/task"))
         .map(|tasks| {
             tasks
