@@ -148,19 +148,42 @@ pub fn glyph(seed: u32, gx: u32, gy: u32) -> [u8; 4] {
     if on { [220, 220, 220, 0] } else { [24, 24, 24, 0] }
 }
 
-/// Smooth gradients, a moving ball and a little grain: video-like content.
+/// The side of the precomputed picture the video pans over (a power of two).
+const TEXTURE: u32 = 512;
+
+/// Smooth gradients with a little grain, computed once: the still part of the video.
+fn texture() -> &'static [[u8; 4]] {
+    static PICTURE: std::sync::OnceLock<Vec<[u8; 4]>> = std::sync::OnceLock::new();
+    PICTURE.get_or_init(|| {
+        (0..TEXTURE * TEXTURE)
+            .map(|i| {
+                let (x, y) = ((i % TEXTURE) as f32, (i / TEXTURE) as f32);
+                let sky = 120.0 + 80.0 * ((x / 90.0).sin() * (y / 70.0).cos());
+                let grain = (i.wrapping_mul(2_654_435_761) >> 30) as f32;
+                [
+                    (sky + grain).min(255.0) as u8,
+                    (sky * 0.8 + grain).min(255.0) as u8,
+                    (sky * 0.6 + grain).min(255.0) as u8,
+                    0,
+                ]
+            })
+            .collect()
+    })
+}
+
+/// Video-like content at time `t` (seconds): the picture pans and a ball moves over it. Integer
+/// work per pixel, so it plays at a useful rate even in a guest under TCG.
 pub fn natural(x: u32, y: u32, t: f32) -> [u8; 4] {
-    let (fx, fy) = (x as f32, y as f32);
-    let cx = 320.0 + 200.0 * (t * 0.9).sin();
-    let cy = 180.0 + 100.0 * (t * 1.3).cos();
-    let d = ((fx - cx).powi(2) + (fy - cy).powi(2)).sqrt();
-    let ball = if d < 60.0 { 255.0 - d * 2.0 } else { 0.0 };
-    let sky = 120.0 + 80.0 * ((fx / 90.0 + t).sin() * (fy / 70.0 - t * 0.7).cos());
-    let grain = ((x.wrapping_mul(73_856_093) ^ y.wrapping_mul(19_349_663) ^ (t * 1000.0) as u32) % 9) as f32;
-    let r = (sky * 0.6 + ball + grain).min(255.0) as u8;
-    let g = (sky * 0.8 + ball * 0.5 + grain).min(255.0) as u8;
-    let b = (sky + grain).min(255.0) as u8;
-    [b, g, r, 0]
+    let (pan_x, pan_y) = ((t * 40.0) as u32, (t * 25.0) as u32);
+    let mut p = texture()[(((y + pan_y) % TEXTURE) * TEXTURE + (x + pan_x) % TEXTURE) as usize];
+    let cx = (320.0 + 200.0 * (t * 0.9).sin()) as i64;
+    let cy = (180.0 + 100.0 * (t * 1.3).cos()) as i64;
+    let d2 = (i64::from(x) - cx).pow(2) + (i64::from(y) - cy).pow(2);
+    if d2 < 3600 {
+        let shade = (255 - d2 / 15) as u8;
+        p = [p[0] / 2, p[1] / 2 + shade / 2, shade, 0];
+    }
+    p
 }
 
 /// The kernel's framebuffer device, written with `pwrite`.

@@ -256,3 +256,38 @@ fn bad_tickets_wrong_certificates_and_malformed_messages_are_refused_and_the_vm_
     assert!(control::request(&desktop.control(), &Request::Shutdown, Duration::from_secs(30)).unwrap().ok);
     assert!(desktop.guest.wait_exit(SHELL).unwrap().success());
 }
+
+#[test]
+fn a_guest_video_arrives_as_h264_and_a_new_client_takes_the_desktop_over() {
+    let mut desktop = boot_desktop();
+    // The agent draws the `video` workload through the guest's fbdev (virtio-gpu underneath).
+    desktop.guest.run("(pleiades-agent workload video --seconds 60 > /dev/null 2>&1 &)", SHELL).unwrap();
+    let client = workspace_binary("pleiades").unwrap();
+    let first = Command::new(&client)
+        .arg("connect")
+        .arg(desktop.connection_file())
+        .args(["--headless", "--duration", "40", "--record"])
+        .arg(desktop.dir.path().join("rec-a"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(6));
+
+    // A second client with a fresh ticket takes over; it sees the guest's video as H.264.
+    let second = connect(&desktop.mint("second.pleiades"), &desktop.dir.path().join("rec-b"), 8, None);
+    assert!(second.status.success(), "{}", text(&second));
+    let summary = session_summary(&second);
+    let h264 =
+        summary["codecs"]["h264"].as_u64().unwrap_or(0) + summary["codecs"]["mixed"].as_u64().unwrap_or(0);
+    assert!(h264 > 0, "the guest's video went out as H.264: {summary:#}");
+
+    // The first client was told to go long before its 40 s were up.
+    let first = first.wait_with_output().unwrap();
+    let said = text(&first);
+    assert!(said.contains("replaced"), "the first client learnt why it was closed: {said}");
+    let status = control::request(&desktop.control(), &Request::Status, Duration::from_secs(30)).unwrap();
+    assert!(status.result.unwrap()["session"]["connections"].as_u64().unwrap() >= 2);
+    assert!(control::request(&desktop.control(), &Request::Shutdown, Duration::from_secs(30)).unwrap().ok);
+    assert!(desktop.guest.wait_exit(SHELL).unwrap().success());
+}

@@ -48,6 +48,27 @@ impl EncodedFrame {
     }
 }
 
+/// Distinct colours (of 256 samples) above which a tile looks like a picture, not text or UI.
+const COLOURFUL: usize = 48;
+
+/// Whether `rect` of `frame` looks like a picture: many distinct colours in a sample of its
+/// pixels. Text and UI (even antialiased) use a few dozen at most.
+fn colourful(frame: &Framebuffer, rect: Rect) -> bool {
+    let mut seen = std::collections::HashSet::with_capacity(64);
+    let stride = frame.stride();
+    for sy in 0..16 {
+        for sx in 0..16 {
+            let (x, y) = (rect.x + sx * rect.width / 16, rect.y + sy * rect.height / 16);
+            let at = y as usize * stride + x as usize * 4;
+            seen.insert([frame.pixels[at], frame.pixels[at + 1], frame.pixels[at + 2]]);
+            if seen.len() > COLOURFUL {
+                return true;
+            }
+        }
+    }
+    false
+}
+
 /// Re-create the H.264 stream when the wanted bitrate moved by more than this factor.
 const BITRATE_SLACK: f64 = 1.5;
 
@@ -92,11 +113,13 @@ impl DisplayEncoder {
     }
 
     /// Encodes what changed in `frame` within `damage`. `None`: nothing to send.
+    /// `now_us` is the time of the frame (motion detection is partly time-based).
     pub fn encode(
         &mut self,
         frame: &Framebuffer,
         damage: &[Rect],
         settings: &EncoderSettings,
+        now_us: u64,
     ) -> Result<Option<EncodedFrame>, String> {
         if (frame.width, frame.height) != (self.grid.width, self.grid.height) {
             *self = Self::new(frame.width, frame.height);
@@ -113,7 +136,13 @@ impl DisplayEncoder {
         let changed: Vec<usize> = (0..grid.len())
             .filter(|&i| candidates[i] && (self.full || !tiles::same(frame, &self.sent, grid.rect(i))))
             .collect();
-        let refresh = if self.full { None } else { self.motion.update(&changed) };
+        let refresh = if self.full {
+            None
+        } else {
+            let with_content: Vec<(usize, bool)> =
+                changed.iter().map(|&i| (i, colourful(frame, grid.rect(i)))).collect();
+            self.motion.update(&with_content, now_us)
+        };
 
         let region = if settings.video && !self.full { self.motion.region() } else { None };
         let in_region = |i: usize| region.is_some_and(|r| r.intersect(&grid.rect(i)) == grid.rect(i));
@@ -181,7 +210,7 @@ impl DisplayEncoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::display::motion::{COOL_FRAMES, HOT};
+    use crate::display::motion::HOT;
 
     fn paint(frame: &mut Framebuffer, r: Rect, seed: u32) {
         for y in r.y..r.y + r.height {
@@ -210,16 +239,16 @@ mod tests {
         paint(&mut frame, Rect::new(0, 0, 200, 100), 1);
         let mut enc = DisplayEncoder::new(200, 100);
         let s = EncoderSettings::default();
-        let first = enc.encode(&frame, &[], &s).unwrap().unwrap();
+        let first = enc.encode(&frame, &[], &s, 1).unwrap().unwrap();
         assert_eq!(first.tiles.len(), 4 * 2);
         assert_eq!(client_after(std::slice::from_ref(&first), 200, 100), frame);
         assert_eq!(
-            enc.encode(&frame, &[Rect::new(0, 0, 200, 100)], &s).unwrap(),
+            enc.encode(&frame, &[Rect::new(0, 0, 200, 100)], &s, 2).unwrap(),
             None,
             "damage without change"
         );
         paint(&mut frame, Rect::new(70, 10, 8, 16), 2);
-        let typed = enc.encode(&frame, &[Rect::new(70, 10, 8, 16)], &s).unwrap().unwrap();
+        let typed = enc.encode(&frame, &[Rect::new(70, 10, 8, 16)], &s, 3).unwrap().unwrap();
         assert_eq!(typed.tiles.len(), 1);
         assert!(typed.video.is_none());
     }
@@ -231,11 +260,11 @@ mod tests {
         let mut frame = Framebuffer::new(w, h);
         let mut enc = DisplayEncoder::new(w, h);
         let s = EncoderSettings { video_bitrate: 1_000_000, ..EncoderSettings::default() };
-        let mut sent = vec![enc.encode(&frame, &[], &s).unwrap().unwrap()];
+        let mut sent = vec![enc.encode(&frame, &[], &s, 1).unwrap().unwrap()];
         let mut video_frames = 0;
         for n in 0..(HOT + 10) {
             paint(&mut frame, video_rect, n + 10);
-            let out = enc.encode(&frame, &[video_rect], &s).unwrap().unwrap();
+            let out = enc.encode(&frame, &[video_rect], &s, u64::from(n) * 33_333 + 1).unwrap().unwrap();
             video_frames += usize::from(out.video.is_some());
             sent.push(out);
         }
@@ -243,8 +272,8 @@ mod tests {
         let region = enc.motion_region().unwrap();
         assert!(region.intersect(&video_rect) == video_rect);
         // Motion stops: within COOL_FRAMES the region is refreshed losslessly.
-        for _ in 0..=COOL_FRAMES {
-            if let Some(out) = enc.encode(&frame, &[], &s).unwrap() {
+        for n in 0..100u64 {
+            if let Some(out) = enc.encode(&frame, &[], &s, 2_000_000 + n * 33_333).unwrap() {
                 sent.push(out);
             }
         }
@@ -257,10 +286,13 @@ mod tests {
         let mut frame = Framebuffer::new(320, 240);
         let mut enc = DisplayEncoder::new(320, 240);
         let s = EncoderSettings { video: false, ..EncoderSettings::default() };
-        let mut sent = vec![enc.encode(&frame, &[], &s).unwrap().unwrap()];
+        let mut sent = vec![enc.encode(&frame, &[], &s, 1).unwrap().unwrap()];
         for n in 0..20 {
             paint(&mut frame, Rect::new(0, 0, 320, 240), n);
-            let out = enc.encode(&frame, &[Rect::new(0, 0, 320, 240)], &s).unwrap().unwrap();
+            let out = enc
+                .encode(&frame, &[Rect::new(0, 0, 320, 240)], &s, u64::from(n) * 33_333 + 1)
+                .unwrap()
+                .unwrap();
             assert!(out.video.is_none());
             sent.push(out);
             assert_eq!(client_after(&sent, 320, 240), frame);

@@ -16,3 +16,46 @@ pub mod tiles;
 pub mod video;
 
 pub use encoder::{DisplayEncoder, EncodedFrame, EncoderSettings};
+
+use pleiades_protocol::wire::{self, DisplayMessage, FrameBegin, FrameEnd};
+
+/// One encoded frame as the display channel carries it (docs/protocol.md): `FrameBegin`, the
+/// tiles, the video update, `FrameEnd`.
+pub fn wire_messages(
+    frame_id: u64,
+    scanout: u32,
+    capture_us: u64,
+    frame: EncodedFrame,
+) -> Vec<DisplayMessage> {
+    let rect = |r: crate::devices::virtio::gpu::protocol::Rect| wire::Rect {
+        x: r.x,
+        y: r.y,
+        width: r.width,
+        height: r.height,
+    };
+    let mut messages = Vec::with_capacity(frame.tiles.len() + 3);
+    messages.push(DisplayMessage::FrameBegin(FrameBegin {
+        frame_id,
+        scanout,
+        width: frame.width,
+        height: frame.height,
+        capture_us,
+    }));
+    messages.extend(frame.tiles.into_iter().map(|t| {
+        let data = match t.data {
+            tiles::TileData::Solid(p) => wire::TileData::Solid(u32::from_le_bytes(p)),
+            tiles::TileData::Zstd(z) => wire::TileData::Zstd(z),
+            tiles::TileData::Raw(r) => wire::TileData::Raw(r),
+        };
+        DisplayMessage::Tile(wire::Tile { rect: rect(t.rect), data })
+    }));
+    if let Some(v) = frame.video {
+        messages.push(DisplayMessage::Video(wire::Video {
+            rect: rect(v.rect),
+            keyframe: v.keyframe,
+            data: v.data,
+        }));
+    }
+    messages.push(DisplayMessage::FrameEnd(FrameEnd { frame_id }));
+    messages
+}

@@ -8,15 +8,15 @@ use pleiades_protocol::handshake::{Capabilities, Refusal, ServerOutcome, Session
 use pleiades_protocol::pacing::{FramePacer, PacerConfig};
 use pleiades_protocol::transport::{error_code, priority, stream_prelude};
 use pleiades_protocol::wire::{
-    self, Channel, ControlMessage, CursorMessage, CursorPosition, CursorShape, Datagram, DisplayMessage,
-    FrameBegin, FrameEnd, InputMessage, Monitor, Pong, RefuseCode, StreamDecoder,
+    self, Channel, ControlMessage, CursorMessage, CursorPosition, CursorShape, Datagram, InputMessage,
+    Monitor, Pong, RefuseCode, StreamDecoder,
 };
 use tokio::sync::mpsc;
 
 use super::Shared;
 use super::input::InputRouter;
 use crate::devices::virtio::gpu::{Framebuffer, GpuHandle, monotonic_us};
-use crate::display::{DisplayEncoder, EncoderSettings, tiles};
+use crate::display::{DisplayEncoder, EncoderSettings};
 
 /// How long a client has to send `Hello` (docs/protocol.md, 3).
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -417,26 +417,11 @@ fn display_loop(
                 *slot = Some(out);
                 continue;
             };
-            let encoded = out.encoder.encode(&out.frame, &damage.rects, &settings)?;
+            let encoded = out.encoder.encode(&out.frame, &damage.rects, &settings, monotonic_us())?;
             if let Some(encoded) = encoded {
                 frame_id += 1;
-                let mut messages = Vec::with_capacity(encoded.tiles.len() + 3);
-                messages.push(DisplayMessage::FrameBegin(FrameBegin {
-                    frame_id,
-                    scanout: index as u32,
-                    width: encoded.width,
-                    height: encoded.height,
-                    capture_us: if damage.since_us == 0 { monotonic_us() } else { damage.since_us },
-                }));
-                messages.extend(encoded.tiles.into_iter().map(|t| DisplayMessage::Tile(to_wire_tile(t))));
-                if let Some(v) = encoded.video {
-                    messages.push(DisplayMessage::Video(wire::Video {
-                        rect: to_wire_rect(v.rect),
-                        keyframe: v.keyframe,
-                        data: v.data,
-                    }));
-                }
-                messages.push(DisplayMessage::FrameEnd(FrameEnd { frame_id }));
+                let capture_us = if damage.since_us == 0 { monotonic_us() } else { damage.since_us };
+                let messages = crate::display::wire_messages(frame_id, index as u32, capture_us, encoded);
                 let bytes = send(rt, &mut out.stream, &messages)?;
                 lock(pacer).on_sent(frame_id, bytes, monotonic_us());
                 shared.metrics.frames.fetch_add(1, Ordering::Relaxed);
@@ -474,17 +459,4 @@ fn send<M: wire::ChannelMessage>(
     }
     rt.block_on(stream.write_all(&bytes)).map_err(|e| e.to_string())?;
     Ok(bytes.len() as u64)
-}
-
-fn to_wire_rect(r: crate::devices::virtio::gpu::protocol::Rect) -> wire::Rect {
-    wire::Rect { x: r.x, y: r.y, width: r.width, height: r.height }
-}
-
-fn to_wire_tile(t: tiles::Tile) -> wire::Tile {
-    let data = match t.data {
-        tiles::TileData::Solid(p) => wire::TileData::Solid(u32::from_le_bytes(p)),
-        tiles::TileData::Zstd(z) => wire::TileData::Zstd(z),
-        tiles::TileData::Raw(r) => wire::TileData::Raw(r),
-    };
-    wire::Tile { rect: to_wire_rect(t.rect), data }
 }
