@@ -8,6 +8,7 @@
 //!   and the incremental [`wire::StreamDecoder`]. Format: `docs/protocol.md`.
 //! - [`handshake`]: `Hello` → `Welcome`/`Refused`, version and capability negotiation.
 //! - [`transport`]: how channels map onto QUIC streams and datagrams, priorities, error codes.
+//! - [`keys`]: evdev key codes of a US layout (characters and key names).
 //! - [`pacing`]: frame pacing (about one frame in flight), RTT and delivery-rate estimates.
 //!
 //! Nothing here opens a socket, starts a thread or reads a clock: time is a parameter, so every
@@ -37,6 +38,7 @@
 
 pub mod connfile;
 pub mod handshake;
+pub mod keys;
 pub mod pacing;
 pub mod ticket;
 pub mod transport;
