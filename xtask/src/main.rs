@@ -3,7 +3,8 @@
 //! - `deps`: installs the Debian packages the project needs (idempotent).
 //! - `guest-image`: builds the test guest image into `target/guest/` (cached): the Linux image
 //!   and the no_std test guest `testguest.elf`.
-//! - `demo`: the main job: everything above, then boots a desktop guest and shows it.
+//! - `demo`: the main job: everything above, then boots a desktop guest, serves it over the
+//!   session protocol and connects the headless client to it.
 //! - `test`: everything CI runs: deps, image, `cargo fmt --check`, clippy, `npm ci` of the
 //!   browser tests (skipped when up to date), all tests.
 
@@ -183,14 +184,23 @@ fn demo(root: &Path, interactive: Option<bool>) -> Result<()> {
     deps(&[])?;
     step("Test guest image");
     guest_image::GuestImageBuild { root: root.to_owned(), force: false }.run()?;
-    step("Building pleiades-host");
-    cargo(root, &["build", "--package", "pleiades-host"])?;
+    step("Building pleiades-host and the pleiades client");
+    cargo(root, &["build", "--package", "pleiades-host", "--package", "pleiades-client"])?;
 
     let interactive = interactive.unwrap_or_else(|| std::io::IsTerminal::is_terminal(&std::io::stdin()));
     let image = GuestImage::locate()?;
     let target_dir = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    let demo_dir = target_dir.join("demo");
+    std::fs::create_dir_all(&demo_dir)?;
+    let connection = demo_dir.join("desktop.pleiades");
+    let _ = std::fs::remove_file(&connection);
     let mut host = Command::new(target_dir.join("debug/pleiades-host"));
-    host.args(["run", "--cpus", "2", "--memory", "512M", "--device", "rng", "--cmdline", BASE_CMDLINE])
+    host.args(["run", "--cpus", "2", "--memory", "512M", "--cmdline", BASE_CMDLINE])
+        .args(["--device", "rng", "--device", "gpu", "--device", "keyboard", "--device", "tablet"])
+        .args(["--listen", "127.0.0.1:0", "--connection-file"])
+        .arg(&connection)
+        .arg("--control")
+        .arg(demo_dir.join("vm.sock"))
         .arg("--kernel")
         .arg(&image.kernel)
         .arg("--initrd")
@@ -212,8 +222,40 @@ fn demo(root: &Path, interactive: Option<bool>) -> Result<()> {
     let uname = guest.run("uname -a", Duration::from_secs(30))?;
     println!("guest says: {}", uname.join(" "));
 
+    // The desktop over the remote-desktop protocol: the headless client connects with the
+    // connection file, types into the guest's console and records what it sees.
+    step("Connecting the headless client (pleiades connect --headless) over QUIC");
+    let record = demo_dir.join("session");
+    let script = demo_dir.join("demo.script");
+    std::fs::write(&script, "wait 1000\ntype echo hello from the Pleiades client\\n\nwait 2000\n")?;
+    let output = Command::new(target_dir.join("debug/pleiades"))
+        .arg("connect")
+        .arg(&connection)
+        .args(["--headless", "--duration", "6", "--record"])
+        .arg(&record)
+        .arg("--input")
+        .arg(&script)
+        .output()?;
+    if output.status.success() {
+        let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+        println!(
+            "client: {} frames, {:.0} kbit/s, update latency p50 {} µs; what it saw: {}",
+            summary["frames"],
+            summary["kbit_s"].as_f64().unwrap_or(0.0),
+            summary["latency"]["p50_us"],
+            record.join("scanout-0.png").display()
+        );
+    } else {
+        println!("client failed: {}", String::from_utf8_lossy(&output.stderr).trim());
+    }
+
     if interactive {
-        println!("\nYou are on the guest's serial console. Type `poweroff` to leave.");
+        println!(
+            "\nYou are on the guest's serial console. Type `poweroff` to leave.\nTo connect another client (it takes the desktop over): \
+             target/debug/pleiades-host ctl {} connection-file new.pleiades && \
+             target/debug/pleiades connect new.pleiades --headless --record rec --duration 10",
+            demo_dir.join("vm.sock").display()
+        );
         return console(guest);
     }
     let status = guest.poweroff(Duration::from_secs(60))?;
