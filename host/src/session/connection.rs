@@ -210,6 +210,7 @@ async fn control_loop(
     let mut decoder = StreamDecoder::<ControlMessage>::new();
     let mut buf = vec![0u8; 16 * 1024];
     let mut messages = Vec::new();
+    let mut layouts = LayoutDebounce::default();
     loop {
         let n = match recv.read(&mut buf).await {
             Ok(Some(n)) => n,
@@ -219,6 +220,11 @@ async fn control_loop(
         if let Err(e) = decoder.decode_all(&buf[..n], &mut messages) {
             conn.close(e.error_code().into(), e.to_string().as_bytes());
             return format!("malformed control message: {e}");
+        }
+        // A layout that came too soon after the last one is applied with the next message (the
+        // client pings every second).
+        if let Some(sizes) = layouts.poll(monotonic_us()) {
+            apply_layout(shared, &control, sizes).await;
         }
         for message in messages.drain(..) {
             if !message.may_be_sent_by(wire::Side::Client) || message.is_handshake() {
@@ -239,13 +245,8 @@ async fn control_loop(
                 }
                 ControlMessage::RequestLayout(sizes) => {
                     let sizes: Vec<(u32, u32)> = sizes.iter().map(|m| (m.width, m.height)).collect();
-                    let controller = shared.controller.clone();
-                    let result = tokio::task::spawn_blocking(move || controller.set_layout(&sizes)).await;
-                    if let Ok(Err(e)) = result {
-                        tracing::info!("session: the client's layout was refused: {e}");
-                    }
-                    if let Some(gpu) = shared.controller.display() {
-                        let _ = control.send(ControlMessage::DisplayLayout(monitors(&gpu))).await;
+                    if let Some(sizes) = layouts.offer(sizes, monotonic_us()) {
+                        apply_layout(shared, &control, sizes).await;
                     }
                 }
                 ControlMessage::Goodbye(g) => {
@@ -255,6 +256,47 @@ async fn control_loop(
                 _ => {}
             }
         }
+    }
+}
+
+/// The client's layout becomes the guest's (a display-change event in the guest).
+async fn apply_layout(shared: &Arc<Shared>, control: &mpsc::Sender<ControlMessage>, sizes: Vec<(u32, u32)>) {
+    let controller = shared.controller.clone();
+    let result = tokio::task::spawn_blocking(move || controller.set_layout(&sizes)).await;
+    if let Ok(Err(e)) = result {
+        tracing::info!("session: the client's layout was refused: {e}");
+    }
+    if let Some(gpu) = shared.controller.display() {
+        let _ = control.send(ControlMessage::DisplayLayout(monitors(&gpu))).await;
+    }
+}
+
+/// The least time between two layout changes a client can cause: each one makes the guest
+/// re-probe its monitors, so a window being dragged must not become hundreds of them.
+const LAYOUT_INTERVAL_US: u64 = 250_000;
+
+/// Rate-limits a client's layout requests: the latest wins, at most one per interval.
+#[derive(Debug, Default)]
+struct LayoutDebounce {
+    last_us: Option<u64>,
+    pending: Option<Vec<(u32, u32)>>,
+}
+
+impl LayoutDebounce {
+    /// A request: apply it now (returned) or keep it as the pending one.
+    fn offer(&mut self, sizes: Vec<(u32, u32)>, now_us: u64) -> Option<Vec<(u32, u32)>> {
+        self.pending = Some(sizes);
+        self.poll(now_us)
+    }
+
+    /// The pending request, if its time has come.
+    fn poll(&mut self, now_us: u64) -> Option<Vec<(u32, u32)>> {
+        let due = self.last_us.is_none_or(|last| now_us.saturating_sub(last) >= LAYOUT_INTERVAL_US);
+        if due && self.pending.is_some() {
+            self.last_us = Some(now_us);
+            return self.pending.take();
+        }
+        None
     }
 }
 
@@ -459,4 +501,22 @@ fn send<M: wire::ChannelMessage>(
     }
     rt.block_on(stream.write_all(&bytes)).map_err(|e| e.to_string())?;
     Ok(bytes.len() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_requests_are_limited_and_the_latest_wins() {
+        let mut d = LayoutDebounce::default();
+        assert_eq!(d.offer(vec![(800, 600)], 1_000_000), Some(vec![(800, 600)]));
+        // A dragged window: many requests within the interval; none applied yet.
+        for w in 801..900 {
+            assert_eq!(d.offer(vec![(w, 600)], 1_000_000 + u64::from(w - 800) * 1000), None);
+        }
+        assert_eq!(d.poll(1_100_000), None);
+        assert_eq!(d.poll(1_250_000), Some(vec![(899, 600)]), "the latest, once the interval passed");
+        assert_eq!(d.poll(2_000_000), None, "nothing pending");
+    }
 }
