@@ -329,6 +329,8 @@ impl Gpu {
                 Ok(protocol::display_info_response(header, &self.displays))
             }
             Command::GetEdid { scanout_id } => {
+                // The driver asks for EDIDs just before the display info: the same layout for both.
+                self.apply_pending_layout();
                 let d = self.displays.get(scanout_id as usize).ok_or(GpuError::InvalidScanout(scanout_id))?;
                 let (w, h) = if d.enabled { (d.rect.width, d.rect.height) } else { (1024, 768) };
                 let blob =
