@@ -24,7 +24,7 @@ pub mod worker;
 
 use std::os::fd::RawFd;
 
-use virtio_queue::Queue;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 /// Guest memory as every device sees it.
@@ -154,6 +154,32 @@ pub trait VirtioDevice: Send {
 
     /// The driver reset the device: drop all per-activation state.
     fn reset(&mut self) {}
+}
+
+/// Serves every available chain of `queue` with `serve` (which returns the bytes it wrote into
+/// the chain), then puts them all on the used ring. Returns the completed (head, length) pairs:
+/// the driver may need an interrupt when there are any.
+pub fn serve_available(
+    index: usize,
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    mut serve: impl FnMut(DescriptorChain<&GuestMemory>) -> Result<u32, DeviceError>,
+) -> Result<Vec<(u16, u32)>, DeviceError> {
+    let mut completed = Vec::new();
+    {
+        let chains =
+            queue.iter(mem).map_err(|e| DeviceError::QueueBroken { queue: index, reason: e.to_string() })?;
+        for chain in chains {
+            let head = chain.head_index();
+            completed.push((head, serve(chain)?));
+        }
+    }
+    for (head, len) in &completed {
+        queue
+            .add_used(mem, *head, *len)
+            .map_err(|e| DeviceError::UsedRing { queue: index, reason: e.to_string() })?;
+    }
+    Ok(completed)
 }
 
 /// Reads `data.len()` bytes at `offset` of a config-space byte image; out of range reads zero.

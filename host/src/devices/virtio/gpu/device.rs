@@ -9,7 +9,7 @@ use vhost::vhost_user::GpuBackend;
 use vhost::vhost_user::gpu_message::{
     VhostUserGpuCursorPos, VhostUserGpuCursorUpdate, VhostUserGpuScanout, VhostUserGpuUpdate,
 };
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::edid;
@@ -21,7 +21,7 @@ use super::resources::{GpuLimits, Resources};
 use super::sink::{CURSOR_SIZE, DisplaySink};
 use crate::devices::virtio::{
     DeviceError, DeviceType, GuestMemory, VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice,
-    read_config_bytes,
+    read_config_bytes, serve_available,
 };
 
 const CONTROLQ: usize = 0;
@@ -545,32 +545,6 @@ impl Gpu {
         }
     }
 
-    /// Serves every available chain of `queue`.
-    fn serve_queue(
-        &mut self,
-        index: usize,
-        queue: &mut Queue,
-        mem: &GuestMemory,
-    ) -> Result<bool, DeviceError> {
-        let mut completed = Vec::new();
-        {
-            let chains = queue
-                .iter(mem)
-                .map_err(|e| DeviceError::QueueBroken { queue: index, reason: e.to_string() })?;
-            for chain in chains {
-                let head = chain.head_index();
-                let written = self.serve_chain(index, chain, mem);
-                completed.push((head, written));
-            }
-        }
-        for (head, len) in &completed {
-            queue
-                .add_used(mem, *head, *len)
-                .map_err(|e| DeviceError::UsedRing { queue: index, reason: e.to_string() })?;
-        }
-        Ok(!completed.is_empty())
-    }
-
     /// Reads a request from a chain, handles it, writes the response; returns the bytes written.
     fn serve_chain(&mut self, index: usize, chain: DescriptorChain<&GuestMemory>, mem: &GuestMemory) -> u32 {
         let mut reader = match chain.clone().reader(mem) {
@@ -668,7 +642,11 @@ impl VirtioDevice for Gpu {
         mem: &GuestMemory,
     ) -> Result<bool, DeviceError> {
         match index {
-            CONTROLQ | CURSORQ => self.serve_queue(index, queue, mem),
+            CONTROLQ | CURSORQ => {
+                let completed =
+                    serve_available(index, queue, mem, |chain| Ok(self.serve_chain(index, chain, mem)))?;
+                Ok(!completed.is_empty())
+            }
             _ => Ok(false),
         }
     }

@@ -4,12 +4,14 @@ use std::fs::File;
 use std::io::Read;
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::Queue;
 use vm_memory::Bytes;
 
 use super::metrics::RngMetrics;
 use super::request::{MAX_REQUEST_BYTES, RngRequest};
-use crate::devices::virtio::{DeviceError, DeviceType, GuestMemory, VIRTIO_F_VERSION_1, VirtioDevice};
+use crate::devices::virtio::{
+    DeviceError, DeviceType, GuestMemory, VIRTIO_F_VERSION_1, VirtioDevice, serve_available,
+};
 
 const QUEUE_SIZES: &[u16] = &[256];
 /// Bad requests logged individually before the device goes quiet about them.
@@ -93,32 +95,20 @@ impl VirtioDevice for Rng {
         queue: &mut Queue,
         mem: &GuestMemory,
     ) -> Result<bool, DeviceError> {
-        let mut completed = Vec::new();
-        {
-            let chains = queue
-                .iter(mem)
-                .map_err(|e| DeviceError::QueueBroken { queue: index, reason: e.to_string() })?;
-            for chain in chains {
-                let head = chain.head_index();
-                let len = match RngRequest::parse(chain, mem) {
-                    Ok(request) => self.serve(&request, mem)?,
-                    Err(e) => {
-                        if self.metrics.refused() < LOGGED_BAD_REQUESTS {
-                            tracing::warn!(queue = index, head, "virtio-rng: bad request: {e}");
-                        }
-                        0
+        let completed = serve_available(index, queue, mem, |chain| {
+            let head = chain.head_index();
+            Ok(match RngRequest::parse(chain, mem) {
+                Ok(request) => self.serve(&request, mem)?,
+                Err(e) => {
+                    if self.metrics.refused() < LOGGED_BAD_REQUESTS {
+                        tracing::warn!(queue = index, head, "virtio-rng: bad request: {e}");
                     }
-                };
-                completed.push((head, len));
-            }
-        }
-        for (head, len) in &completed {
-            queue
-                .add_used(mem, *head, *len)
-                .map_err(|e| DeviceError::UsedRing { queue: index, reason: e.to_string() })?;
-            if *len > 0 {
-                self.metrics.served(*len);
-            }
+                    0
+                }
+            })
+        })?;
+        for &(_, len) in completed.iter().filter(|(_, len)| *len > 0) {
+            self.metrics.served(len);
         }
         Ok(!completed.is_empty())
     }
