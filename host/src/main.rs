@@ -287,18 +287,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
 
 /// Writes the PNG of a `screenshot` answer to `out`.
 fn save_screenshot(response: control::Response, out: &std::path::Path) -> Result<ExitCode> {
-    use base64::Engine as _;
-    if !response.ok {
-        let error = response.error.unwrap_or_else(|| "the VM refused".into());
-        eprintln!("pleiades-host ctl: {error}");
-        return Ok(ExitCode::FAILURE);
-    }
-    let result = response.result.unwrap_or_default();
-    let png = result["png_base64"]
-        .as_str()
-        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
-        .context("the VM's screenshot answer has no PNG")?;
+    let png = match pleiades_host::screenshot::png_of_answer(&response) {
+        Ok(png) => png,
+        Err(error) => {
+            eprintln!("pleiades-host ctl: {error}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
     std::fs::write(out, png).with_context(|| format!("cannot write {}", out.display()))?;
+    let result = response.result.unwrap_or_default();
     println!("{}x{} → {}", result["width"], result["height"], out.display());
     Ok(ExitCode::SUCCESS)
 }

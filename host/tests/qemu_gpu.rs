@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use pleiades_host::control::{self, Request, Response};
 use pleiades_host::devices::virtio::gpu::Framebuffer;
-use pleiades_host::screenshot::decode_png;
+use pleiades_host::screenshot::{decode_png, png_of_answer};
 use pleiades_tests::image::GuestImage;
 use pleiades_tests::qemu::{Guest, boot_timeout};
 
@@ -22,16 +22,11 @@ fn ctl(socket: &Path, request: Request) -> Response {
 
 /// `ctl screenshot` of `scanout`, decoded; `None` while the scanout shows nothing.
 fn screenshot(socket: &Path, scanout: u32) -> Option<Framebuffer> {
-    use base64::Engine as _;
     let response =
         control::request(socket, &Request::Screenshot { scanout }, Duration::from_secs(30)).unwrap();
-    if !response.ok {
-        return None;
-    }
-    let result = response.result.unwrap();
-    let png =
-        base64::engine::general_purpose::STANDARD.decode(result["png_base64"].as_str().unwrap()).unwrap();
+    let png = png_of_answer(&response).ok()?;
     let frame = decode_png(&png).unwrap();
+    let result = response.result.unwrap();
     assert_eq!(
         (u64::from(frame.width), u64::from(frame.height)),
         (result["width"].as_u64().unwrap(), result["height"].as_u64().unwrap())

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use pleiades_host::control::{self, Request};
 use pleiades_host::devices::virtio::gpu::Framebuffer;
-use pleiades_host::screenshot::decode_png;
+use pleiades_host::screenshot::{decode_png, png_of_answer};
 use pleiades_protocol::connfile::Connection;
 use pleiades_tests::image::GuestImage;
 use pleiades_tests::linkem::{Link, LinkConfig};
@@ -45,13 +45,10 @@ impl Desktop {
     }
 
     fn screenshot(&self) -> Framebuffer {
-        use base64::Engine as _;
         let response =
             control::request(&self.control(), &Request::Screenshot { scanout: 0 }, Duration::from_secs(30))
                 .unwrap();
-        assert!(response.ok, "{response:?}");
-        let png = response.result.unwrap()["png_base64"].as_str().unwrap().to_owned();
-        decode_png(&base64::engine::general_purpose::STANDARD.decode(png).unwrap()).unwrap()
+        decode_png(&png_of_answer(&response).unwrap()).unwrap()
     }
 }
 
