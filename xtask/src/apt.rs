@@ -86,6 +86,37 @@ pub const GROUPS: &[Group] = &[
         packages: &["chromium"],
     },
     Group {
+        name: "gui",
+        purpose: "the native client (winit + wgpu) and its tests under Xvfb with Mesa's software \
+                  Vulkan/GL (lavapipe, llvmpipe), xdotool for typed input, xwd for screenshots",
+        backports: false,
+        unless_command: None,
+        packages: &[
+            "mesa-vulkan-drivers",
+            "libvulkan1",
+            "libegl1",
+            "libegl-mesa0",
+            "libgl1-mesa-dri",
+            "libxkbcommon-x11-0",
+            "libx11-xcb1",
+            "libxcursor1",
+            "libxi6",
+            "libxrandr2",
+            "xvfb",
+            "x11-apps",
+            "x11-utils",
+            "xdotool",
+        ],
+    },
+    Group {
+        name: "sound",
+        purpose: "audio: Opus (libopus-dev), cpal's ALSA backend (libasound2-dev), and a PulseAudio \
+                  null sink that paces the client's playback in tests (no sound card here)",
+        backports: false,
+        unless_command: None,
+        packages: &["libopus-dev", "libasound2-dev", "pulseaudio", "pulseaudio-utils"],
+    },
+    Group {
         name: "node",
         purpose: "running the broker's browser tests (playwright-core needs Node.js 18 or newer)",
         backports: false,
