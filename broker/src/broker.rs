@@ -76,75 +76,11 @@ pub struct Broker {
     password_backends: Vec<Arc<dyn PasswordBackend>>,
 }
 
-/// Host registration request (`POST /api/v1/hosts/register`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct HostRegistration {
-    pub token: String,
-    pub name: String,
-    pub address: String,
-    pub session_port: u16,
-    #[serde(default)]
-    pub cert_sha256: String,
-    pub cores: i64,
-    pub memory_mib: i64,
-    #[serde(default)]
-    pub images: Vec<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct HostRegistered {
-    pub host_id: String,
-    /// Bearer credential for every later host call. Shown once.
-    pub credential: String,
-    /// The broker's Ed25519 ticket key, base64url.
-    pub ticket_public_key: String,
-    pub heartbeat_interval_secs: u64,
-    pub heartbeat_timeout_secs: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Heartbeat {
-    pub cores: i64,
-    pub memory_mib: i64,
-    #[serde(default)]
-    pub images: Vec<String>,
-    /// The desktops (VMs) running on the host now.
-    #[serde(default)]
-    pub desktops: Vec<RunningDesktop>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RunningDesktop {
-    pub id: String,
-    /// A client is connected to the desktop's session server.
-    #[serde(default)]
-    pub connected: bool,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct HeartbeatReply {
-    pub commands: Vec<HostCommand>,
-    pub heartbeat_interval_secs: u64,
-}
-
-/// Work the broker asks a host to do. Delivered once; the host acknowledges by id.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct HostCommand {
-    pub id: String,
-    /// `start`, `stop`, `restart`, `recycle` (revert to the image and start clean) or
-    /// `disconnect` (drop the client).
-    pub kind: String,
-    pub desktop_id: String,
-    pub desktop_name: String,
-    pub image: Option<Image>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct CommandAck {
-    pub ok: bool,
-    #[serde(default)]
-    pub error: Option<String>,
-}
+// The host API's messages live in the protocol crate: `pleiades-host serve` uses the same types.
+pub use pleiades_protocol::hostapi::{
+    CommandAck, Heartbeat, HeartbeatReply, HostCommand, HostRegistered, HostRegistration, RunningDesktop,
+    VmImage,
+};
 
 impl Broker {
     /// Opens the broker on a database; the ticket key is created once and shared by every
@@ -864,10 +800,16 @@ impl Broker {
             &format!("ticket={} host={}", claims.id_hex(), host.name),
         )
         .await?;
+        // One session server per VM: the desktop's own port when its host reported one.
+        let port_row = sqlx::query("SELECT session_port FROM desktops WHERE id = $1")
+            .bind(&desktop.id)
+            .fetch_one(&self.db.pool)
+            .await?;
+        let port = port_row.try_get::<Option<i64>, _>("session_port")?.unwrap_or(host.session_port);
         Ok(Connection {
             version: FORMAT_VERSION,
             host: host.address,
-            port: u16::try_from(host.session_port).unwrap_or(0),
+            port: u16::try_from(port).unwrap_or(0),
             cert_sha256: host.cert_sha256,
             ticket,
             desktop: desktop.name,
@@ -1136,6 +1078,14 @@ impl Broker {
             .await?;
         set_host_images(&mut tx, &host.id, &beat.images).await?;
         for running in &beat.desktops {
+            if let Some(port) = running.port {
+                sqlx::query("UPDATE desktops SET session_port = $1 WHERE id = $2 AND host_id = $3")
+                    .bind(i64::from(port))
+                    .bind(&running.id)
+                    .bind(&host.id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
             let row = sqlx::query("SELECT state FROM desktops WHERE id = $1 AND host_id = $2")
                 .bind(&running.id)
                 .bind(&host.id)
@@ -1197,7 +1147,7 @@ impl Broker {
             let pool_id: Option<String> = r.try_get("pool_id")?;
             let image = match (&*kind, pool_id) {
                 ("start" | "restart" | "recycle", Some(pool_id)) => {
-                    Some(image_of_pool(&mut tx, &pool_id).await?)
+                    Some(image_of_pool(&mut tx, &pool_id).await?.into())
                 }
                 _ => None,
             };
@@ -1276,6 +1226,14 @@ impl Broker {
             .bind(command_id)
             .execute(&mut *tx)
             .await?;
+        if let (true, Some(port)) = (ack.ok, ack.port) {
+            sqlx::query("UPDATE desktops SET session_port = $1 WHERE id = $2 AND host_id = $3")
+                .bind(i64::from(port))
+                .bind(&desktop_id)
+                .bind(&host.id)
+                .execute(&mut *tx)
+                .await?;
+        }
         match (kind.as_str(), ack.ok) {
             ("start" | "restart", true) => {
                 sqlx::query(

@@ -12,7 +12,10 @@ use sqlx::{AnyPool, Executor, Row};
 use crate::error::{Error, Result};
 
 /// Embedded migrations, applied in order, each once.
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../migrations/0001_initial.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../migrations/0001_initial.sql")),
+    (2, include_str!("../migrations/0002_desktop_session_port.sql")),
+];
 
 /// A handle to the broker's database (cheap to clone).
 #[derive(Debug, Clone)]

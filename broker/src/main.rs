@@ -339,6 +339,19 @@ async fn run(mut config: Config, command: Cmd) -> Result<()> {
                 .await?;
             // The one place a secret is printed: on request, to the admin's terminal.
             println!("{token}");
+            // How a host uses it (on stderr, so that scripts read only the token).
+            let (scheme, trust) = match (config.insecure_http, server::certificate_sha256(&config)) {
+                (true, _) => ("http", String::new()),
+                (false, Some(pin)) => ("https", format!(" --broker-cert-sha256 {pin}")),
+                // The self-signed certificate is made when the broker first serves.
+                (false, None) => {
+                    ("https", " --broker-cert-sha256 <see `pleiades-broker serve`'s log>".to_owned())
+                }
+            };
+            eprintln!(
+                "register a host with: PLEIADES_HOST_TOKEN=<the token> pleiades-host serve --broker {scheme}://{}{trust} --image <name>",
+                config.listen
+            );
         }
         Cmd::Host(HostCmd::List) => {
             for h in open(&config).await?.list_hosts(&system).await? {

@@ -49,6 +49,21 @@ pub struct Image {
     pub memory_mib: i64,
 }
 
+impl From<Image> for pleiades_protocol::hostapi::VmImage {
+    fn from(i: Image) -> Self {
+        Self {
+            id: i.id,
+            name: i.name,
+            kernel: i.kernel,
+            initrd: i.initrd,
+            cmdline: i.cmdline,
+            disk: i.disk,
+            vcpus: i.vcpus,
+            memory_mib: i.memory_mib,
+        }
+    }
+}
+
 impl Image {
     pub(crate) fn from_row(r: &AnyRow) -> Result<Self> {
         Ok(Self {

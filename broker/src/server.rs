@@ -29,31 +29,44 @@ pub enum ServeError {
     Tls(String),
 }
 
-/// Loads the configured certificate, or makes (once) and loads a self-signed one.
-pub fn tls_config(config: &Config) -> Result<rustls::ServerConfig, ServeError> {
-    let (cert_path, key_path) = match (&config.tls_cert, &config.tls_key) {
-        (Some(c), Some(k)) => (c.clone(), k.clone()),
+/// The configured certificate and key files, or the self-signed pair (made once).
+fn certificate_files(config: &Config) -> Result<(std::path::PathBuf, std::path::PathBuf), ServeError> {
+    match (&config.tls_cert, &config.tls_key) {
+        (Some(c), Some(k)) => Ok((c.clone(), k.clone())),
         _ => {
             let c = config.state_dir.join("broker-cert.pem");
             let k = config.state_dir.join("broker-key.pem");
             if !c.exists() || !k.exists() {
                 generate_self_signed(&c, &k)?;
             }
-            (c, k)
+            Ok((c, k))
         }
-    };
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert_path)
+    }
+}
+
+fn load_certificates(cert_path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, ServeError> {
+    CertificateDer::pem_file_iter(cert_path)
         .map_err(|e| ServeError::Tls(format!("{}: {e}", cert_path.display())))?
         .collect::<Result<_, _>>()
-        .map_err(|e| ServeError::Tls(e.to_string()))?;
+        .map_err(|e| ServeError::Tls(e.to_string()))
+}
+
+/// SHA-256 of the broker's HTTPS certificate (what hosts pin: `pleiades-host serve
+/// --broker-cert-sha256`); `None` before the self-signed one is made (at the first `serve`).
+pub fn certificate_sha256(config: &Config) -> Option<String> {
+    let cert_path = config.tls_cert.clone().unwrap_or_else(|| config.state_dir.join("broker-cert.pem"));
+    let certs = load_certificates(&cert_path).ok()?;
+    certs.first().map(|c| pleiades_protocol::pinning::cert_sha256(c))
+}
+
+/// Loads the configured certificate, or makes (once) and loads a self-signed one.
+pub fn tls_config(config: &Config) -> Result<rustls::ServerConfig, ServeError> {
+    let (cert_path, key_path) = certificate_files(config)?;
+    let certs = load_certificates(&cert_path)?;
     let key = PrivateKeyDer::from_pem_file(&key_path)
         .map_err(|e| ServeError::Tls(format!("{}: {e}", key_path.display())))?;
     if let Some(first) = certs.first() {
-        let fp: String = ring::digest::digest(&ring::digest::SHA256, first)
-            .as_ref()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let fp = pleiades_protocol::pinning::cert_sha256(first);
         tracing::info!(cert = %cert_path.display(), sha256 = %fp, "TLS certificate");
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());

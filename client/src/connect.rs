@@ -8,15 +8,12 @@
 //! An empty pin refuses to connect rather than trusting the first certificate seen.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use pleiades_protocol::connfile::Connection;
 use pleiades_protocol::transport::{ALPN, IDLE_TIMEOUT_US};
-use rustls::DigitallySignedStruct;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::pki_types::ServerName;
 
 use crate::error::ClientError;
 
@@ -37,93 +34,7 @@ pub fn load(target: &str) -> Result<Connection, ClientError> {
     Ok(Connection::from_toml(&text)?)
 }
 
-/// Lowercase hex SHA-256 of a certificate's DER bytes: the pin format.
-pub fn cert_sha256(der: &[u8]) -> String {
-    hex(ring::digest::digest(&ring::digest::SHA256, der).as_ref())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Accepts exactly the certificate whose SHA-256 is the pin. Remembers a mismatch so that the
-/// caller can say which certificate it saw (rustls reports only "invalid certificate").
-#[derive(Debug)]
-pub struct PinnedCertVerifier {
-    pin: String,
-    provider: Arc<CryptoProvider>,
-    mismatch: Mutex<Option<String>>,
-}
-
-impl PinnedCertVerifier {
-    /// A verifier for `pin` (64 hex digits, any case). `None` for an empty or malformed pin.
-    pub fn new(pin: &str, provider: Arc<CryptoProvider>) -> Option<Self> {
-        let pin = pin.to_ascii_lowercase();
-        if pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return None;
-        }
-        Some(Self { pin, provider, mismatch: Mutex::new(None) })
-    }
-
-    /// The SHA-256 of the last certificate refused, if any.
-    pub fn mismatch(&self) -> Option<String> {
-        self.mismatch.lock().ok().and_then(|m| m.clone())
-    }
-}
-
-impl ServerCertVerifier for PinnedCertVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let got = cert_sha256(end_entity.as_ref());
-        // Both are public values (the pin is in the connection file): no constant time needed.
-        if got == self.pin {
-            return Ok(ServerCertVerified::assertion());
-        }
-        tracing::warn!(got, expected = %self.pin, "server certificate does not match the pin");
-        if let Ok(mut mismatch) = self.mismatch.lock() {
-            *mismatch = Some(got);
-        }
-        Err(rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure))
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
-    }
-}
+pub use pleiades_protocol::pinning::{PinnedCertVerifier, cert_sha256};
 
 /// The QUIC transport settings of a session: the protocol's idle timeout, datagrams on, and
 /// receive windows large enough for raw frames on a fast path.

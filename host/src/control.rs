@@ -66,6 +66,8 @@ pub enum Request {
     /// Mint a one-time connection (a fresh ticket) for the session server: answered as the
     /// connection file's TOML.
     ConnectionFile,
+    /// Drop the session's client, if one is connected (the VM goes on).
+    Disconnect,
 }
 
 /// A tablet button.
@@ -166,9 +168,15 @@ pub trait Controller: Send + Sync {
     }
     /// A new one-time connection file (TOML) for this desktop's session server.
     fn connection_file(&self) -> Result<String, String> {
-        Err("this VM has no session server (start it with --listen)".into())
+        Err(NO_SESSION.into())
+    }
+    /// Closes the session's client connection; `Ok(false)` when none was connected.
+    fn disconnect_client(&self) -> Result<bool, String> {
+        Err(NO_SESSION.into())
     }
 }
+
+const NO_SESSION: &str = "this VM has no session server (start it with --listen)";
 
 const NO_GPU: &str = "this VM has no GPU (add --device gpu)";
 
@@ -219,11 +227,14 @@ pub fn handle_line(line: &str, controller: &dyn Controller) -> Response {
         Ok(Request::ConnectionFile) => controller
             .connection_file()
             .map_or_else(Response::error, |toml| Response::ok(serde_json::json!({ "toml": toml }))),
+        Ok(Request::Disconnect) => controller
+            .disconnect_client()
+            .map_or_else(Response::error, |was| Response::ok(serde_json::json!({ "disconnected": was }))),
         Ok(Request::Layout { sizes }) => controller
             .set_layout(&sizes)
             .map_or_else(Response::error, |()| Response::ok(serde_json::json!({ "layout": sizes }))),
         Err(e) => Response::error(format!(
-            "bad request ({e}); commands: status, shutdown, reboot, type, key, pointer, screenshot, layout, connection-file"
+            "bad request ({e}); commands: status, shutdown, reboot, type, key, pointer, screenshot, layout, connection-file, disconnect"
         )),
     }
 }

@@ -12,6 +12,8 @@
 //! - [`control`]: the control socket behind `pleiades-host ctl`; [`screenshot`]: PNGs of
 //!   scanouts.
 //! - [`session`]: the session server (QUIC): the desktop to one client, input back.
+//! - [`serve`]: the host daemon (`serve --broker`): registers, heartbeats, runs the broker's
+//!   desktops as VM processes.
 //! - [`synthetic`]: synthetic desktops (`run --synthetic`) for protocol figures without a guest.
 //! - [`accel`]: whether KVM is hardware-backed here, which picks the default VMM.
 
@@ -26,6 +28,8 @@ pub mod pleiades;
 pub mod qemu;
 pub mod qemu_display;
 pub mod screenshot;
+#[cfg(feature = "session")]
+pub mod serve;
 #[cfg(feature = "session")]
 pub mod session;
 #[cfg(feature = "session")]

@@ -30,6 +30,9 @@ struct Cli {
 enum Command {
     /// Boot a VM: one process per VM. Exits 0 when the guest powers off.
     Run(Box<RunArgs>),
+    /// The host daemon: register with a broker, heartbeat, and run the desktops it asks for
+    /// (one `run` process each). Runs until SIGTERM/SIGINT, which stops the desktops.
+    Serve(Box<pleiades_host::serve::ServeArgs>),
     /// Talk to a running VM's control socket.
     Ctl {
         /// The VM's control socket (`run --control`).
@@ -101,6 +104,17 @@ struct RunArgs {
     /// This desktop's name (tickets name it).
     #[arg(long, default_value = "local")]
     desktop: String,
+    /// Accept tickets signed by this key (base64url Ed25519: the broker's, `pleiades-broker
+    /// ticket-key`) instead of minting the host's own.
+    #[arg(long, requires = "listen", conflicts_with = "connection_file")]
+    ticket_key: Option<String>,
+    /// The host name tickets must carry (the broker's host id; default: the advertised address).
+    #[arg(long, requires = "ticket_key")]
+    ticket_host: Option<String>,
+    /// Keep the session certificate in this directory (made once; a host's VMs share it, so
+    /// the broker pins one fingerprint). Default: a fresh certificate per run.
+    #[arg(long, requires = "listen")]
+    tls_identity: Option<PathBuf>,
     /// No VM: a synthetic desktop drawn by the host through a real GPU device (for protocol
     /// benchmarks): idle, typing, scroll, video or motion. Use with --listen.
     #[arg(long, conflicts_with_all = ["kernel", "initrd", "devices"])]
@@ -155,6 +169,8 @@ enum CtlCommand {
         #[arg(value_parser = parse_layout)]
         sizes: Layout,
     },
+    /// Drop the session's client, if one is connected (the VM goes on).
+    Disconnect,
     /// Write a new one-time connection file for the VM's session server (`run --listen`).
     ConnectionFile {
         /// The file to write (mode 0600: it holds a ticket).
@@ -214,6 +230,10 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Run(args) => run_vm(*args),
+        Command::Serve(args) => {
+            pleiades_host::serve::run(args.resolve()?)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Ctl { socket, command } => {
             let request = match command {
                 CtlCommand::Status => Request::Status,
@@ -228,6 +248,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     return save_screenshot(response, out);
                 }
                 CtlCommand::Layout { sizes } => Request::Layout { sizes: sizes.0 },
+                CtlCommand::Disconnect => Request::Disconnect,
                 CtlCommand::ConnectionFile { ref out } => {
                     let response =
                         control::request(&socket, &Request::ConnectionFile, Duration::from_secs(30))?;
@@ -379,15 +400,27 @@ fn with_session(args: &RunArgs, controller: Arc<dyn Controller>) -> Result<Arc<d
             listen.ip().to_string()
         }
     });
-    let tickets = session::LocalTickets::new(&advertise, &args.desktop)?;
+    let (tickets, ticket_key, ticket_host) = match &args.ticket_key {
+        Some(key) => {
+            let key = pleiades_protocol::ticket::PublicKey::from_base64(key)
+                .map_err(|e| anyhow::anyhow!("--ticket-key is not a base64url Ed25519 key: {e}"))?;
+            (None, key, args.ticket_host.clone().unwrap_or_else(|| advertise.clone()))
+        }
+        None => {
+            let tickets = session::LocalTickets::new(&advertise, &args.desktop)?;
+            let key = tickets.public_key();
+            (Some(tickets), key, advertise.clone())
+        }
+    };
     let config = session::SessionConfig {
         listen,
         desktop: args.desktop.clone(),
-        host: advertise.clone(),
-        ticket_key: tickets.public_key(),
+        host: ticket_host,
+        ticket_key,
+        identity_dir: args.tls_identity.clone(),
     };
     let server = session::SessionServer::start(&config, controller.clone())?;
-    let with = session::SessionController::new(controller, server, Some(tickets), &advertise);
+    let with = session::SessionController::new(controller, server, tickets, &advertise);
     if let Some(path) = &args.connection_file {
         let connection = with.mint_connection().map_err(anyhow::Error::msg)?;
         session::write_connection_file(path, &connection)?;

@@ -6,9 +6,12 @@
 //!   client.
 //! - [`wire`]: the session's messages (control, input, display, cursor), their binary framing
 //!   and the incremental [`wire::StreamDecoder`]. Format: `docs/protocol.md`.
+//! - [`hostapi`]: the messages between `pleiades-host serve` and the broker (JSON).
 //! - [`handshake`]: `Hello` → `Welcome`/`Refused`, version and capability negotiation.
 //! - [`transport`]: how channels map onto QUIC streams and datagrams, priorities, error codes.
 //! - [`keys`]: evdev key codes of a US layout (characters and key names).
+//! - [`pinning`]: certificate pinning (SHA-256 of the DER certificate); the rustls verifier
+//!   with the `rustls` feature.
 //! - [`pacing`]: frame pacing (about one frame in flight), RTT and delivery-rate estimates.
 //!
 //! Nothing here opens a socket, starts a thread or reads a clock: time is a parameter, so every
@@ -38,8 +41,10 @@
 
 pub mod connfile;
 pub mod handshake;
+pub mod hostapi;
 pub mod keys;
 pub mod pacing;
+pub mod pinning;
 pub mod ticket;
 pub mod transport;
 pub mod wire;

@@ -47,6 +47,9 @@ pub struct SessionConfig {
     pub host: String,
     /// Who signs tickets (the broker's key, or the host's own for `--connection-file`).
     pub ticket_key: PublicKey,
+    /// Keep the certificate in this directory (made once, shared by the host's VMs); `None`:
+    /// a fresh one for this server.
+    pub identity_dir: Option<std::path::PathBuf>,
 }
 
 /// Unix seconds now.
@@ -95,8 +98,12 @@ impl std::fmt::Debug for SessionServer {
 impl SessionServer {
     /// Starts listening.
     pub fn start(config: &SessionConfig, controller: Arc<dyn Controller>) -> anyhow::Result<Self> {
-        let identity = tls::Identity::generate(&[config.host.clone(), "localhost".into()])
-            .map_err(anyhow::Error::msg)?;
+        let names = [config.host.clone(), "localhost".into()];
+        let identity = match &config.identity_dir {
+            Some(dir) => tls::Identity::load_or_create(dir, &names),
+            None => tls::Identity::generate(&names),
+        }
+        .map_err(anyhow::Error::msg)?;
         let server_config = identity.server_config().map_err(anyhow::Error::msg)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -163,6 +170,20 @@ impl SessionServer {
             cert_sha256: self.fingerprint.clone(),
             ticket,
             desktop: self.shared.desktop.clone(),
+        }
+    }
+
+    /// Closes the client's connection, if there is one (the broker's `disconnect`, an
+    /// administrator ending a session). Returns whether a client was connected.
+    pub fn disconnect(&self, reason: &str) -> bool {
+        let current = self.shared.current.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match current {
+            Some((id, conn)) => {
+                tracing::info!("session {id}: disconnected ({reason})");
+                conn.close(pleiades_protocol::transport::error_code::NO_ERROR.into(), reason.as_bytes());
+                true
+            }
+            None => false,
         }
     }
 
@@ -301,5 +322,8 @@ impl Controller for SessionController {
     }
     fn connection_file(&self) -> Result<String, String> {
         self.mint_connection().map(|c| c.to_toml())
+    }
+    fn disconnect_client(&self) -> Result<bool, String> {
+        Ok(self.server.disconnect("disconnected by the broker"))
     }
 }

@@ -1,10 +1,31 @@
 //! The session server's identity: a self-signed certificate whose SHA-256 fingerprint the
 //! connection file pins (docs/protocol.md, 1), and the QUIC server configuration around it.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use pleiades_protocol::transport::{ALPN, IDLE_TIMEOUT_US};
+
+const CERT_FILE: &str = "session-cert.der";
+const KEY_FILE: &str = "session-key.der";
+
+/// Writes `bytes` to a temporary file with `mode` in the same directory, then renames it.
+fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let fail = |e: std::io::Error| format!("cannot write {}: {e}", path.display());
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(fail)?;
+    file.write_all(bytes).and_then(|()| file.sync_all()).map_err(fail)?;
+    std::fs::rename(&tmp, path).map_err(fail)
+}
 
 /// A certificate and its key.
 pub struct Identity {
@@ -27,10 +48,29 @@ impl Identity {
         Ok(Self { cert_der: certified.cert.der().to_vec(), key_der: certified.signing_key.serialize_der() })
     }
 
+    /// The host's identity kept in `dir` (`session-cert.der`, `session-key.der` with mode
+    /// 0600), made there the first time. Every VM of a host serves the same certificate, so the
+    /// broker pins one fingerprint per host.
+    pub fn load_or_create(dir: &Path, names: &[String]) -> Result<Self, String> {
+        let (cert_path, key_path) = (dir.join(CERT_FILE), dir.join(KEY_FILE));
+        if cert_path.exists() || key_path.exists() {
+            let read = |p: &Path| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
+            let identity = Self { cert_der: read(&cert_path)?, key_der: read(&key_path)? };
+            // A broken pair is refused now rather than at the first client.
+            identity.server_config().map_err(|e| format!("{}: {e}", dir.display()))?;
+            return Ok(identity);
+        }
+        let identity = Self::generate(names)?;
+        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        // The key first, then the certificate, each complete before it appears under its name.
+        write_new(&key_path, &identity.key_der, 0o600)?;
+        write_new(&cert_path, &identity.cert_der, 0o644)?;
+        Ok(identity)
+    }
+
     /// Lowercase hex SHA-256 of the DER certificate: what `cert_sha256` pins.
     pub fn fingerprint(&self) -> String {
-        let digest = ring::digest::digest(&ring::digest::SHA256, &self.cert_der);
-        digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+        pleiades_protocol::pinning::cert_sha256(&self.cert_der)
     }
 
     /// QUIC server configuration: TLS 1.3 only, ALPN `pleiades/1`, datagrams on, the idle
@@ -80,5 +120,19 @@ mod tests {
         assert_ne!(fp, Identity::generate(&["localhost".into()]).unwrap().fingerprint(), "fresh keys");
         assert!(!format!("{id:?}").contains("key_der"));
         id.server_config().unwrap();
+    }
+
+    #[test]
+    fn a_stored_identity_is_made_once_and_then_reused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let made = Identity::load_or_create(dir.path(), &["h".into()]).unwrap();
+        let again = Identity::load_or_create(dir.path(), &["h".into()]).unwrap();
+        assert_eq!(made.fingerprint(), again.fingerprint());
+        let mode = std::fs::metadata(dir.path().join(KEY_FILE)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        std::fs::write(dir.path().join(KEY_FILE), b"not a key").unwrap();
+        let refused = Identity::load_or_create(dir.path(), &["h".into()]).unwrap_err();
+        assert!(refused.contains(&dir.path().display().to_string()), "{refused}");
     }
 }

@@ -1,0 +1,510 @@
+//! `pleiades-host serve`: the host daemon. It registers with a broker, heartbeats, and runs
+//! the broker's desktops (docs/host.md, "The host daemon"; the API: docs/broker.md, "Hosts").
+//!
+//! - [`broker`]: HTTPS to the broker with its certificate pinned (or a CA), the host API's
+//!   calls.
+//! - [`vms`]: one `pleiades-host run` process per desktop, each with its own session server on
+//!   a port of the host's range; all serve the host's one certificate (`STATE_DIR/tls/`), whose
+//!   fingerprint the broker puts in connection files, and accept only tickets signed by the
+//!   broker's key for this host and that desktop.
+//!
+//! The loop: register (or reuse the stored registration, `STATE_DIR/registration.json`, mode
+//! 0600), then every heartbeat interval report capacity, images and the running desktops (with
+//! whether a client is connected and the desktop's port), and carry out the commands the reply
+//! hands over: `start`, `stop`, `restart`, `recycle`, `disconnect`, each acknowledged when done.
+//! One desktop's commands run in order; different desktops' run concurrently, so a VM that is
+//! slow to start never delays the heartbeat. SIGTERM or SIGINT stops every VM, then the daemon.
+
+pub mod broker;
+pub mod vms;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use pleiades_protocol::hostapi::{CommandAck, Heartbeat, HostCommand, HostRegistration};
+use serde::{Deserialize, Serialize};
+
+use self::broker::{BrokerClient, BrokerError, Trust};
+use self::vms::{PortRange, Spawner, VmSettings, Vms};
+
+/// `pleiades-host serve` options. Each may also come from the `--config` TOML file (same names
+/// with `_`, e.g. `broker_cert_sha256 = "…"`, `images = ["desktop"]`); the command line wins.
+#[derive(Debug, Default, clap::Args)]
+pub struct ServeArgs {
+    /// Configuration file (TOML).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// The broker's URL, e.g. `https://broker.example:8443`.
+    #[arg(long, env = "PLEIADES_BROKER")]
+    pub broker: Option<String>,
+    /// Trust the broker's certificate with this SHA-256 (printed by `pleiades-broker host token
+    /// create`).
+    #[arg(long)]
+    pub broker_cert_sha256: Option<String>,
+    /// Trust the broker's certificate through this CA (PEM) instead of a pin.
+    #[arg(long, conflicts_with = "broker_cert_sha256")]
+    pub broker_ca: Option<PathBuf>,
+    /// Registration token (`pleiades-broker host token create`). Only needed until the host is
+    /// registered; prefer the environment or --token-file to the command line.
+    #[arg(long, env = "PLEIADES_HOST_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Read the registration token from this file.
+    #[arg(long, conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
+    /// This host's name at the broker (default: the machine's hostname).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Where clients reach this host (default: the machine's hostname).
+    #[arg(long)]
+    pub address: Option<String>,
+    /// The address session servers listen on (default 0.0.0.0).
+    #[arg(long)]
+    pub listen_ip: Option<IpAddr>,
+    /// UDP ports for the desktops' session servers, one per desktop (default 47000-47099).
+    #[arg(long)]
+    pub ports: Option<PortRange>,
+    /// Where the daemon keeps its registration, certificate and per-desktop logs (default
+    /// /var/lib/pleiades-host).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Which VMM runs the desktops (`pleiades` or `qemu`; default: as `run` chooses).
+    #[arg(long)]
+    pub vmm: Option<String>,
+    /// An image this host can boot (its name at the broker). Repeat for several.
+    #[arg(long = "image")]
+    pub images: Vec<String>,
+    /// A device every desktop gets (as `run --device`). Default: gpu, keyboard, tablet.
+    #[arg(long = "device")]
+    pub devices: Vec<String>,
+}
+
+/// The TOML form of [`ServeArgs`].
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct ServeFile {
+    broker: Option<String>,
+    broker_cert_sha256: Option<String>,
+    broker_ca: Option<PathBuf>,
+    token_file: Option<PathBuf>,
+    name: Option<String>,
+    address: Option<String>,
+    listen_ip: Option<IpAddr>,
+    ports: Option<String>,
+    state_dir: Option<PathBuf>,
+    vmm: Option<String>,
+    images: Vec<String>,
+    devices: Vec<String>,
+}
+
+/// The daemon's settings, resolved.
+#[derive(Clone)]
+pub struct ServeConfig {
+    pub broker: String,
+    pub trust: Trust,
+    pub token: Option<String>,
+    pub name: String,
+    pub address: String,
+    pub listen_ip: IpAddr,
+    pub ports: PortRange,
+    pub state_dir: PathBuf,
+    pub vmm: Option<String>,
+    pub images: Vec<String>,
+    pub devices: Vec<String>,
+}
+
+impl std::fmt::Debug for ServeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token.
+        f.debug_struct("ServeConfig")
+            .field("broker", &self.broker)
+            .field("name", &self.name)
+            .field("address", &self.address)
+            .field("ports", &self.ports)
+            .field("state_dir", &self.state_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServeArgs {
+    /// Merges the config file under the command line and fills in defaults.
+    pub fn resolve(self) -> Result<ServeConfig> {
+        let file = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                toml::from_str::<ServeFile>(&text)
+                    .with_context(|| format!("{} is not a valid host config", path.display()))?
+            }
+            None => ServeFile::default(),
+        };
+        let hostname = || {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "localhost".into())
+        };
+        let broker =
+            self.broker.or(file.broker).context("give the broker's URL: --broker https://broker:8443")?;
+        let trust = match (
+            self.broker_cert_sha256.or(file.broker_cert_sha256),
+            self.broker_ca.or(file.broker_ca),
+        ) {
+            (Some(pin), _) => Trust::Pin(pin),
+            (None, Some(ca)) => Trust::Ca(ca),
+            (None, None) if broker.starts_with("http://") => Trust::LoopbackHttp,
+            (None, None) => bail!(
+                "say how to trust the broker: --broker-cert-sha256 (printed by `pleiades-broker host token create`) or --broker-ca FILE"
+            ),
+        };
+        let token = match (self.token, self.token_file.or(file.token_file)) {
+            (Some(token), _) => Some(token),
+            (None, Some(path)) => Some(
+                std::fs::read_to_string(&path)
+                    .with_context(|| format!("cannot read the token file {}", path.display()))?
+                    .trim()
+                    .to_owned(),
+            ),
+            (None, None) => None,
+        };
+        let ports = match (self.ports, file.ports) {
+            (Some(p), _) => p,
+            (None, Some(p)) => p.parse().map_err(anyhow::Error::msg)?,
+            (None, None) => PortRange { first: 47000, last: 47099 },
+        };
+        let devices = [self.devices, file.devices]
+            .into_iter()
+            .find(|d| !d.is_empty())
+            .unwrap_or_else(|| ["gpu", "keyboard", "tablet"].map(String::from).to_vec());
+        if !devices.iter().any(|d| d.split(',').next() == Some("gpu")) {
+            bail!("desktops need a GPU: add --device gpu");
+        }
+        Ok(ServeConfig {
+            broker,
+            trust,
+            token,
+            name: self.name.or(file.name).unwrap_or_else(hostname),
+            address: self.address.or(file.address).unwrap_or_else(hostname),
+            listen_ip: self.listen_ip.or(file.listen_ip).unwrap_or(IpAddr::from([0, 0, 0, 0])),
+            ports,
+            state_dir: self.state_dir.or(file.state_dir).unwrap_or_else(|| "/var/lib/pleiades-host".into()),
+            vmm: self.vmm.or(file.vmm),
+            images: [self.images, file.images].into_iter().find(|i| !i.is_empty()).unwrap_or_default(),
+            devices,
+        })
+    }
+}
+
+/// What the daemon keeps of its registration (mode 0600: it holds the credential).
+#[derive(Serialize, Deserialize)]
+struct StoredRegistration {
+    broker: String,
+    name: String,
+    host_id: String,
+    credential: String,
+    ticket_public_key: String,
+    heartbeat_interval_secs: u64,
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub fn run(config: ServeConfig) -> Result<()> {
+    let spawner = Spawner::start()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("serve")
+        .enable_all()
+        .build()?;
+    runtime.block_on(daemon(config, spawner))
+}
+
+async fn daemon(config: ServeConfig, spawner: Spawner) -> Result<()> {
+    create_private_dir(&config.state_dir)?;
+    let identity = crate::session::tls::Identity::load_or_create(
+        &config.state_dir.join("tls"),
+        &[config.address.clone(), config.name.clone()],
+    )
+    .map_err(anyhow::Error::msg)?;
+    let (cores, memory_mib) = capacity();
+    let mut client = BrokerClient::new(&config.broker, &config.trust)?;
+    let registration_path = config.state_dir.join("registration.json");
+    let registration = HostRegistration {
+        token: config.token.clone().unwrap_or_default(),
+        name: config.name.clone(),
+        address: config.address.clone(),
+        session_port: config.ports.first,
+        cert_sha256: identity.fingerprint(),
+        cores,
+        memory_mib,
+        images: config.images.clone(),
+    };
+    let mut stored = match load_registration(&registration_path, &config) {
+        Some(stored) => stored,
+        None => register(&client, &registration, &registration_path, &config).await?,
+    };
+    client.set_credential(&stored.credential);
+    tracing::info!(
+        host = %config.name, id = %stored.host_id, broker = %config.broker,
+        cert_sha256 = %identity.fingerprint(), "registered with the broker"
+    );
+    let vms = Arc::new(Vms::new(
+        VmSettings {
+            exe: std::env::current_exe().context("cannot find this program's path")?,
+            vmm: config.vmm.clone(),
+            devices: config.devices.clone(),
+            listen_ip: config.listen_ip,
+            ports: config.ports,
+            address: config.address.clone(),
+            host_id: stored.host_id.clone(),
+            ticket_key: stored.ticket_public_key.clone(),
+            state_dir: config.state_dir.clone(),
+            cores,
+            memory_mib,
+        },
+        spawner,
+    ));
+    let client = Arc::new(tokio::sync::RwLock::new(client));
+    let mut interval = Duration::from_secs(stored.heartbeat_interval_secs.clamp(1, 300));
+    let mut shutdown = std::pin::pin!(shutdown_signal());
+    loop {
+        let beat =
+            Heartbeat { cores, memory_mib, images: config.images.clone(), desktops: vms.report().await };
+        let reply = client.read().await.heartbeat(&beat).await;
+        match reply {
+            Ok(reply) => {
+                interval = Duration::from_secs(reply.heartbeat_interval_secs.clamp(1, 300));
+                dispatch(&vms, &client, reply.commands);
+            }
+            Err(BrokerError::Unauthorized(why)) if config.token.is_some() => {
+                tracing::warn!("the broker refused the stored credential ({why}); registering again");
+                match register(&*client.read().await, &registration, &registration_path, &config).await {
+                    Ok(fresh) => {
+                        if fresh.host_id != stored.host_id
+                            || fresh.ticket_public_key != stored.ticket_public_key
+                        {
+                            tracing::warn!(
+                                "the broker gave a new host id or ticket key: desktops started from now on use it"
+                            );
+                        }
+                        client.write().await.set_credential(&fresh.credential);
+                        stored = fresh;
+                    }
+                    Err(e) => tracing::error!("registering again failed: {e:#}"),
+                }
+            }
+            Err(e) => tracing::warn!("heartbeat failed: {e} (retrying in {} s)", interval.as_secs()),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            () = &mut shutdown => break,
+        }
+    }
+    tracing::info!("stopping every desktop");
+    vms.stop_all().await;
+    Ok(())
+}
+
+/// Runs the commands of one heartbeat reply: one task per desktop, its commands in order.
+fn dispatch(vms: &Arc<Vms>, client: &Arc<tokio::sync::RwLock<BrokerClient>>, commands: Vec<HostCommand>) {
+    let mut by_desktop: BTreeMap<String, Vec<HostCommand>> = BTreeMap::new();
+    for command in commands {
+        by_desktop.entry(command.desktop_id.clone()).or_default().push(command);
+    }
+    for (desktop, commands) in by_desktop {
+        let (vms, client) = (vms.clone(), client.clone());
+        let order = vms.desktop_lock(&desktop);
+        tokio::spawn(async move {
+            let _turn = order.lock().await;
+            for command in commands {
+                let ack = execute(&vms, &command).await;
+                if let Some(error) = &ack.error {
+                    tracing::warn!(desktop = %command.desktop_name, kind = %command.kind, "command failed: {error}");
+                }
+                acknowledge(&client, &command.id, &ack).await;
+            }
+        });
+    }
+}
+
+async fn execute(vms: &Arc<Vms>, command: &HostCommand) -> CommandAck {
+    tracing::info!(desktop = %command.desktop_name, id = %command.desktop_id, kind = %command.kind, "command");
+    let image = || command.image.as_ref().ok_or_else(|| format!("{} without an image", command.kind));
+    let result = match command.kind.as_str() {
+        "start" => match image() {
+            Ok(image) => vms.start(&command.desktop_id, image).await.map(Some),
+            Err(e) => Err(e),
+        },
+        // No disks yet: a desktop is its image, so reverting it is starting it afresh.
+        "restart" | "recycle" => match image() {
+            Ok(image) => match vms.stop(&command.desktop_id).await {
+                Ok(()) => vms.start(&command.desktop_id, image).await.map(Some),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        },
+        "stop" => vms.stop(&command.desktop_id).await.map(|()| None),
+        "disconnect" => vms.disconnect(&command.desktop_id).await.map(|()| None),
+        other => Err(format!("unknown command {other:?}")),
+    };
+    match result {
+        Ok(port) => CommandAck { ok: true, error: None, port },
+        Err(error) => CommandAck { ok: false, error: Some(error), port: None },
+    }
+}
+
+/// Acknowledges a command, retrying a few times when the broker is unreachable.
+async fn acknowledge(client: &tokio::sync::RwLock<BrokerClient>, id: &str, ack: &CommandAck) {
+    for attempt in 1..=5u64 {
+        match client.read().await.ack(id, ack).await {
+            Ok(()) => return,
+            Err(BrokerError::Unreachable { error, .. }) => {
+                tracing::warn!("acknowledging command {id} failed (attempt {attempt}): {error}");
+                tokio::time::sleep(Duration::from_secs(attempt)).await;
+            }
+            Err(e) => {
+                tracing::warn!("the broker refused the acknowledgement of command {id}: {e}");
+                return;
+            }
+        }
+    }
+}
+
+async fn register(
+    client: &BrokerClient,
+    registration: &HostRegistration,
+    path: &Path,
+    config: &ServeConfig,
+) -> Result<StoredRegistration> {
+    if registration.token.is_empty() {
+        bail!(
+            "this host is not registered with {}: give a registration token (--token-file FILE or \
+             PLEIADES_HOST_TOKEN; an admin makes one with `pleiades-broker host token create`)",
+            config.broker
+        );
+    }
+    let registered = client.register(registration).await.context("registering with the broker")?;
+    let stored = StoredRegistration {
+        broker: config.broker.clone(),
+        name: config.name.clone(),
+        host_id: registered.host_id,
+        credential: registered.credential,
+        ticket_public_key: registered.ticket_public_key,
+        heartbeat_interval_secs: registered.heartbeat_interval_secs,
+    };
+    write_private(path, &serde_json::to_vec_pretty(&stored)?)?;
+    Ok(stored)
+}
+
+/// The stored registration, when it is for this broker and name.
+fn load_registration(path: &Path, config: &ServeConfig) -> Option<StoredRegistration> {
+    let stored: StoredRegistration = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    (stored.broker == config.broker && stored.name == config.name).then_some(stored)
+}
+
+fn create_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create the state directory {}", dir.display()))
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    file.write_all(bytes)?;
+    Ok(())
+}
+
+/// Cores and memory (MiB) of this machine.
+fn capacity() -> (i64, i64) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as i64);
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let kib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<i64>().ok())
+        .unwrap_or(0);
+    (cores, kib / 1024)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> ServeArgs {
+        ServeArgs {
+            broker: Some("https://broker:8443".into()),
+            broker_cert_sha256: Some("ab".repeat(32)),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults_give_a_gpu_desktop_on_the_default_ports() {
+        let c = args().resolve().unwrap();
+        assert_eq!(c.devices, ["gpu", "keyboard", "tablet"]);
+        assert_eq!(c.ports, PortRange { first: 47000, last: 47099 });
+        assert_eq!(c.trust, Trust::Pin("ab".repeat(32)));
+        assert!(c.token.is_none());
+    }
+
+    #[test]
+    fn the_config_file_fills_what_the_command_line_leaves_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("host.toml");
+        std::fs::write(
+            &file,
+            "name = \"h1\"\nports = \"5000-5009\"\nimages = [\"desktop\"]\nstate_dir = \"/tmp/x\"\n",
+        )
+        .unwrap();
+        let c =
+            ServeArgs { config: Some(file.clone()), name: Some("cli".into()), ..args() }.resolve().unwrap();
+        assert_eq!(
+            (c.name.as_str(), c.ports.first, c.images.as_slice()),
+            ("cli", 5000, &["desktop".to_owned()][..])
+        );
+        std::fs::write(&file, "colour = \"blue\"\n").unwrap();
+        let e = ServeArgs { config: Some(file), ..args() }.resolve().unwrap_err();
+        assert!(format!("{e:#}").contains("colour"), "{e:#}");
+    }
+
+    #[test]
+    fn refusals_say_what_to_do() {
+        let e = ServeArgs { broker_cert_sha256: None, ..args() }.resolve().unwrap_err();
+        assert!(e.to_string().contains("--broker-cert-sha256"), "{e}");
+        let e = ServeArgs { devices: vec!["keyboard".into()], ..args() }.resolve().unwrap_err();
+        assert!(e.to_string().contains("--device gpu"), "{e}");
+        let e = ServeArgs { broker: None, ..args() }.resolve().unwrap_err();
+        assert!(e.to_string().contains("--broker"), "{e}");
+    }
+
+    #[test]
+    fn the_token_never_shows_in_debug_output() {
+        let c = ServeArgs { token: Some("secret-token-123".into()), ..args() }.resolve().unwrap();
+        assert!(!format!("{c:?}").contains("secret-token"));
+    }
+}

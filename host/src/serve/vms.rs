@@ -1,0 +1,414 @@
+//! The desktops a host daemon runs: one `pleiades-host run` process per desktop (the process
+//! is the isolation boundary, as in the architecture), each with its own session server on a
+//! port of the host's range, its control socket, serial log and process log under
+//! `STATE_DIR/desktops/<id>/`.
+//!
+//! VM processes are started under util-linux's `setpriv --pdeathsig KILL` from one long-lived
+//! thread (the parent-death signal belongs to the thread that forked): when the daemon dies,
+//! its VMs go with it and the broker re-provisions them (they would otherwise run on unseen).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pleiades_protocol::hostapi::{RunningDesktop, VmImage};
+
+use crate::control::{self, Request};
+
+/// How long a VM process may take to open its control socket and session server.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a guest may take to power off before its process is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a status request to a VM may take during a heartbeat.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The UDP ports session servers may use, inclusive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl std::str::FromStr for PortRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not a port range like 47000-47099");
+        let (a, b) = s.split_once('-').ok_or_else(bad)?;
+        let (first, last) =
+            (a.trim().parse::<u16>().map_err(|_| bad())?, b.trim().parse::<u16>().map_err(|_| bad())?);
+        if first == 0 || last < first {
+            return Err(bad());
+        }
+        Ok(Self { first, last })
+    }
+}
+
+/// What every VM of this host is started with.
+#[derive(Debug, Clone)]
+pub struct VmSettings {
+    /// This program (`pleiades-host`), run as `pleiades-host run …`.
+    pub exe: PathBuf,
+    /// `--vmm` for `run` (`pleiades` or `qemu`); `None`: `run` decides.
+    pub vmm: Option<String>,
+    /// `--device` arguments (a GPU is required: the session serves its display).
+    pub devices: Vec<String>,
+    pub listen_ip: IpAddr,
+    pub ports: PortRange,
+    /// Where clients reach this host.
+    pub address: String,
+    /// The broker's host id: tickets name it.
+    pub host_id: String,
+    /// The broker's ticket key (base64url).
+    pub ticket_key: String,
+    pub state_dir: PathBuf,
+    /// The host's cores and memory (MiB): an image asking for more is refused.
+    pub cores: i64,
+    pub memory_mib: i64,
+}
+
+struct Vm {
+    child: Child,
+    port: u16,
+    control: PathBuf,
+}
+
+/// Spawns processes from one thread that lives as long as the daemon.
+#[derive(Debug, Clone)]
+pub struct Spawner {
+    requests: std::sync::mpsc::Sender<(Command, std::sync::mpsc::Sender<std::io::Result<Child>>)>,
+}
+
+impl Spawner {
+    pub fn start() -> std::io::Result<Self> {
+        let (tx, rx) =
+            std::sync::mpsc::channel::<(Command, std::sync::mpsc::Sender<std::io::Result<Child>>)>();
+        std::thread::Builder::new().name("vm-spawner".into()).spawn(move || {
+            for (mut command, reply) in rx {
+                let _ = reply.send(command.spawn());
+            }
+        })?;
+        Ok(Self { requests: tx })
+    }
+
+    fn spawn(&self, command: Command) -> std::io::Result<Child> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let gone = || std::io::Error::other("the spawner thread is gone");
+        self.requests.send((command, tx)).map_err(|_| gone())?;
+        rx.recv().map_err(|_| gone())?
+    }
+}
+
+/// The running desktops.
+pub struct Vms {
+    settings: VmSettings,
+    spawner: Spawner,
+    running: Mutex<HashMap<String, Vm>>,
+    /// Commands for one desktop run one at a time, in the order they came.
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl std::fmt::Debug for Vms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vms").field("settings", &self.settings).finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Vms {
+    pub fn new(settings: VmSettings, spawner: Spawner) -> Self {
+        Self { settings, spawner, running: Mutex::new(HashMap::new()), locks: Mutex::new(HashMap::new()) }
+    }
+
+    /// The lock that orders one desktop's commands.
+    pub fn desktop_lock(&self, desktop_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        lock(&self.locks).entry(desktop_id.to_owned()).or_default().clone()
+    }
+
+    /// Starts the desktop's VM and waits until its session server listens; returns its port.
+    /// A desktop that already runs is left alone (a repeated `start` is not an error).
+    pub async fn start(self: &Arc<Self>, desktop_id: &str, image: &VmImage) -> Result<u16, String> {
+        check_desktop_id(desktop_id)?;
+        if let Some(vm) = lock(&self.running).get_mut(desktop_id)
+            && matches!(vm.child.try_wait(), Ok(None))
+        {
+            return Ok(vm.port);
+        }
+        self.check_image(image)?;
+        let dir = self.settings.state_dir.join("desktops").join(desktop_id);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let port = self.free_port()?;
+        let control = dir.join("control.sock");
+        let log_path = dir.join("vm.log");
+        let log = std::fs::File::create(&log_path)
+            .map_err(|e| format!("cannot create {}: {e}", log_path.display()))?;
+        let log_err = log.try_clone().map_err(|e| e.to_string())?;
+        let mut command = Command::new("setpriv");
+        command
+            .args(["--pdeathsig", "KILL", "--"])
+            .arg(&self.settings.exe)
+            .arg("run")
+            .args(self.run_args(desktop_id, image, port, &dir, &control))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err);
+        let child = self.spawner.spawn(command).map_err(|e| {
+            format!("cannot start `pleiades-host run` (is util-linux's setpriv installed?): {e}")
+        })?;
+        tracing::info!(desktop = desktop_id, port, pid = child.id(), image = %image.name, "VM starting");
+        lock(&self.running).insert(desktop_id.to_owned(), Vm { child, port, control: control.clone() });
+        let this = self.clone();
+        let id = desktop_id.to_owned();
+        let ready = tokio::task::spawn_blocking(move || this.wait_ready(&id, &control, &log_path))
+            .await
+            .map_err(|e| e.to_string())?;
+        if let Err(e) = ready {
+            self.kill(desktop_id);
+            return Err(e);
+        }
+        tracing::info!(desktop = desktop_id, port, "VM ready: its session server listens");
+        Ok(port)
+    }
+
+    /// The arguments of `pleiades-host run` for one desktop.
+    fn run_args(
+        &self,
+        desktop_id: &str,
+        image: &VmImage,
+        port: u16,
+        dir: &Path,
+        control: &Path,
+    ) -> Vec<String> {
+        let s = &self.settings;
+        let mut args = vec![
+            "--kernel".into(),
+            image.kernel.clone(),
+            "--initrd".into(),
+            image.initrd.clone(),
+            "--cmdline".into(),
+            image.cmdline.clone(),
+            "--memory".into(),
+            format!("{}M", image.memory_mib),
+            "--cpus".into(),
+            image.vcpus.to_string(),
+            "--serial".into(),
+            dir.join("serial.log").display().to_string(),
+            "--control".into(),
+            control.display().to_string(),
+            "--listen".into(),
+            SocketAddr::new(s.listen_ip, port).to_string(),
+            "--advertise".into(),
+            s.address.clone(),
+            "--desktop".into(),
+            desktop_id.to_owned(),
+            "--ticket-key".into(),
+            s.ticket_key.clone(),
+            "--ticket-host".into(),
+            s.host_id.clone(),
+            "--tls-identity".into(),
+            s.state_dir.join("tls").display().to_string(),
+        ];
+        if let Some(vmm) = &s.vmm {
+            args.extend(["--vmm".into(), vmm.clone()]);
+        }
+        for device in &s.devices {
+            args.extend(["--device".into(), device.clone()]);
+        }
+        args
+    }
+
+    fn check_image(&self, image: &VmImage) -> Result<(), String> {
+        for (what, path) in [("kernel", &image.kernel), ("initrd", &image.initrd)] {
+            if !Path::new(path).is_absolute() || !Path::new(path).is_file() {
+                return Err(format!("image {}: the {what} {path:?} is not a file on this host", image.name));
+            }
+        }
+        if image.disk.is_some() {
+            return Err(format!("image {}: disk images are not supported by this host yet", image.name));
+        }
+        if !(1..=self.settings.cores.max(1)).contains(&image.vcpus) {
+            return Err(format!(
+                "image {}: {} vCPUs, this host has {}",
+                image.name, image.vcpus, self.settings.cores
+            ));
+        }
+        if !(64..=self.settings.memory_mib).contains(&image.memory_mib) {
+            return Err(format!(
+                "image {}: {} MiB of RAM, this host has {} MiB",
+                image.name, image.memory_mib, self.settings.memory_mib
+            ));
+        }
+        Ok(())
+    }
+
+    /// The lowest port of the range that no VM of ours uses and that is free now.
+    fn free_port(&self) -> Result<u16, String> {
+        let used: Vec<u16> = lock(&self.running).values().map(|vm| vm.port).collect();
+        let range = self.settings.ports;
+        (range.first..=range.last)
+            .filter(|p| !used.contains(p))
+            .find(|&p| UdpSocket::bind(SocketAddr::new(self.settings.listen_ip, p)).is_ok())
+            .ok_or_else(|| format!("no free UDP port in {}-{} for another desktop", range.first, range.last))
+    }
+
+    /// Polls the control socket until the VM answers (its session server is up by then),
+    /// failing early when the process ends.
+    fn wait_ready(&self, desktop_id: &str, control: &Path, log: &Path) -> Result<(), String> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Some(vm) = lock(&self.running).get_mut(desktop_id)
+                && let Ok(Some(status)) = vm.child.try_wait()
+            {
+                return Err(format!("the VM process ended ({status}): {}", tail(log)));
+            }
+            if control.exists()
+                && let Ok(response) = control::request(control, &Request::Status, STATUS_TIMEOUT)
+                && response.ok
+            {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(format!("the VM did not come up in {} s: {}", START_TIMEOUT.as_secs(), tail(log)))
+    }
+
+    /// Powers the guest off (ACPI), then kills the process if it has not ended in time.
+    pub async fn stop(self: &Arc<Self>, desktop_id: &str) -> Result<(), String> {
+        let Some(control) = lock(&self.running).get(desktop_id).map(|vm| vm.control.clone()) else {
+            return Ok(()); // Not running: already stopped.
+        };
+        let this = self.clone();
+        let id = desktop_id.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let asked = control::request(&control, &Request::Shutdown, STATUS_TIMEOUT).is_ok_and(|r| r.ok);
+            let deadline = Instant::now() + if asked { STOP_TIMEOUT } else { Duration::ZERO };
+            loop {
+                let ended = lock(&this.running)
+                    .get_mut(&id)
+                    .is_none_or(|vm| !matches!(vm.child.try_wait(), Ok(None)));
+                if ended || Instant::now() >= deadline {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            this.kill(&id);
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        tracing::info!(desktop = desktop_id, "VM stopped");
+        Ok(())
+    }
+
+    /// Ends the process at once and forgets the desktop.
+    fn kill(&self, desktop_id: &str) {
+        if let Some(mut vm) = lock(&self.running).remove(desktop_id) {
+            let _ = vm.child.kill();
+            let _ = vm.child.wait();
+        }
+    }
+
+    /// Drops the desktop's client, if any.
+    pub async fn disconnect(&self, desktop_id: &str) -> Result<(), String> {
+        let Some(control) = lock(&self.running).get(desktop_id).map(|vm| vm.control.clone()) else {
+            return Ok(());
+        };
+        let response = tokio::task::spawn_blocking(move || {
+            control::request(&control, &Request::Disconnect, STATUS_TIMEOUT)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        if response.ok { Ok(()) } else { Err(response.error.unwrap_or_default()) }
+    }
+
+    /// Forgets VMs whose process ended (the guest powered off or crashed), then reports the
+    /// others with whether a client is connected.
+    pub async fn report(self: &Arc<Self>) -> Vec<RunningDesktop> {
+        let alive: Vec<(String, PathBuf, u16)> = {
+            let mut running = lock(&self.running);
+            running.retain(|id, vm| match vm.child.try_wait() {
+                Ok(None) => true,
+                Ok(Some(status)) => {
+                    tracing::warn!(desktop = %id, %status, "VM process ended");
+                    false
+                }
+                Err(e) => {
+                    tracing::warn!(desktop = %id, "cannot wait for the VM process: {e}");
+                    false
+                }
+            });
+            running.iter().map(|(id, vm)| (id.clone(), vm.control.clone(), vm.port)).collect()
+        };
+        tokio::task::spawn_blocking(move || {
+            alive
+                .into_iter()
+                .map(|(id, control, port)| {
+                    let connected = control::request(&control, &Request::Status, STATUS_TIMEOUT)
+                        .ok()
+                        .and_then(|r| r.result)
+                        .is_some_and(|s| s["session"]["client_connected"].as_bool() == Some(true));
+                    RunningDesktop { id, connected, port: Some(port) }
+                })
+                .collect()
+        })
+        .await
+        .unwrap_or_default()
+    }
+
+    /// Stops every VM at once (the daemon is shutting down).
+    pub async fn stop_all(self: &Arc<Self>) {
+        let ids: Vec<String> = lock(&self.running).keys().cloned().collect();
+        let mut stops = tokio::task::JoinSet::new();
+        for id in ids {
+            let this = self.clone();
+            stops.spawn(async move { this.stop(&id).await });
+        }
+        while let Some(result) = stops.join_next().await {
+            if let Ok(Err(e)) = result {
+                tracing::warn!("stopping a VM: {e}");
+            }
+        }
+    }
+}
+
+/// Desktop ids become directory names: letters, digits, `-` and `_` only.
+fn check_desktop_id(id: &str) -> Result<(), String> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok { Ok(()) } else { Err(format!("{id:?} is not a valid desktop id")) }
+}
+
+/// The last lines of a VM's log, for an error message.
+fn tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let last = lines[lines.len().saturating_sub(3)..].join(" | ");
+    if last.is_empty() { format!("see {}", log.display()) } else { last }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_ranges_parse_and_refuse_nonsense() {
+        assert_eq!("47000-47099".parse::<PortRange>().unwrap(), PortRange { first: 47000, last: 47099 });
+        for bad in ["47000", "0-10", "10-5", "a-b", "1-70000"] {
+            assert!(bad.parse::<PortRange>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn desktop_ids_cannot_escape_the_state_directory() {
+        check_desktop_id("0b9c2f1e-7d44-4c1a-9a57-1f0e2d3c4b5a").unwrap();
+        for bad in ["", "..", "a/b", "../../etc", "x y", &"a".repeat(65)] {
+            assert!(check_desktop_id(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! The host API's messages: what `pleiades-host serve` and the broker say to each other (JSON
+//! over HTTPS under `/api/v1/hosts`; docs/broker.md, "Hosts"). One definition for both sides.
+//!
+//! 1. `POST /hosts/register` [`HostRegistration`] → [`HostRegistered`];
+//! 2. `POST /hosts/heartbeat` [`Heartbeat`] (bearer credential) → [`HeartbeatReply`], which
+//!    hands out the queued [`HostCommand`]s once;
+//! 3. `POST /hosts/commands/{id}/ack` [`CommandAck`] when a command is done.
+
+use serde::{Deserialize, Serialize};
+
+/// Host registration request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRegistration {
+    /// The registration token an admin created (`pleiades-broker host token create`).
+    pub token: String,
+    pub name: String,
+    /// Where clients reach the host's session servers.
+    pub address: String,
+    /// The host's default session port (a desktop may report its own, [`RunningDesktop::port`]).
+    pub session_port: u16,
+    /// SHA-256 of the session servers' certificate, lowercase hex (pinned by connection files).
+    #[serde(default)]
+    pub cert_sha256: String,
+    pub cores: i64,
+    pub memory_mib: i64,
+    /// Names of the images this host can boot.
+    #[serde(default)]
+    pub images: Vec<String>,
+}
+
+/// The broker's answer to a registration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRegistered {
+    pub host_id: String,
+    /// Bearer credential for every later host call. Shown once.
+    pub credential: String,
+    /// The broker's Ed25519 ticket key, base64url.
+    pub ticket_public_key: String,
+    pub heartbeat_interval_secs: u64,
+    pub heartbeat_timeout_secs: u64,
+}
+
+/// What a host reports every heartbeat interval.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub cores: i64,
+    pub memory_mib: i64,
+    #[serde(default)]
+    pub images: Vec<String>,
+    /// The desktops (VMs) running on the host now.
+    #[serde(default)]
+    pub desktops: Vec<RunningDesktop>,
+}
+
+/// One running desktop.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunningDesktop {
+    pub id: String,
+    /// A client is connected to the desktop's session server.
+    #[serde(default)]
+    pub connected: bool,
+    /// The UDP port of this desktop's session server, when it is not the host's
+    /// `session_port` (one session server per VM process).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatReply {
+    pub commands: Vec<HostCommand>,
+    pub heartbeat_interval_secs: u64,
+}
+
+/// Work the broker asks a host to do. Delivered once; the host acknowledges by id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostCommand {
+    pub id: String,
+    /// `start`, `stop`, `restart`, `recycle` (revert to the image and start clean) or
+    /// `disconnect` (drop the client).
+    pub kind: String,
+    pub desktop_id: String,
+    pub desktop_name: String,
+    /// What to boot (`start`, `restart`, `recycle`).
+    pub image: Option<VmImage>,
+}
+
+/// A desktop image as hosts boot it. Paths are on the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmImage {
+    #[serde(default)]
+    pub id: String,
+    pub name: String,
+    pub kernel: String,
+    pub initrd: String,
+    pub cmdline: String,
+    #[serde(default)]
+    pub disk: Option<String>,
+    pub vcpus: i64,
+    pub memory_mib: i64,
+}
+
+/// A host's answer to a command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandAck {
+    pub ok: bool,
+    #[serde(default)]
+    pub error: Option<String>,
+    /// `start`/`restart`/`recycle`: the UDP port of the desktop's session server, when it is
+    /// not the host's `session_port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_heartbeat_without_ports_or_desktops_still_decodes() {
+        let beat: Heartbeat = serde_json::from_str(r#"{"cores":4,"memory_mib":8192}"#).unwrap();
+        assert!(beat.desktops.is_empty() && beat.images.is_empty());
+        let d: RunningDesktop = serde_json::from_str(r#"{"id":"d1"}"#).unwrap();
+        assert_eq!(d, RunningDesktop { id: "d1".into(), connected: false, port: None });
+        let with_port = RunningDesktop { port: Some(47001), ..d };
+        let json = serde_json::to_string(&with_port).unwrap();
+        assert_eq!(serde_json::from_str::<RunningDesktop>(&json).unwrap(), with_port);
+    }
+}
