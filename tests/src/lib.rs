@@ -10,6 +10,8 @@
 //! - [`testguest`]: boots the no_std test guest (`testguest.elf`) under QEMU and parses its
 //!   `PLEIADES-TESTGUEST` result line.
 //!
+//! - [`stack`]: the broker and a host daemon from the real binaries, with users, the test
+//!   image and a pool (the demo and `broker_e2e`).
 //! - [`linkem`]: a link emulator (delay, loss, rate, down/up) for QUIC between client and host.
 //!
 //! The tests in `tests/` use these to run the real pieces together.
@@ -33,4 +35,5 @@ pub mod image;
 pub mod linkem;
 pub mod postgres;
 pub mod qemu;
+pub mod stack;
 pub mod testguest;

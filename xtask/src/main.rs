@@ -3,8 +3,9 @@
 //! - `deps`: installs the Debian packages the project needs (idempotent).
 //! - `guest-image`: builds the test guest image into `target/guest/` (cached): the Linux image
 //!   and the no_std test guest `testguest.elf`.
-//! - `demo`: the main job: everything above, then boots a desktop guest, serves it over the
-//!   session protocol and connects the headless client to it.
+//! - `demo`: the main job: everything above, then the broker (SQLite) with a pool of the test
+//!   image, a host daemon registered with it, a desktop for the demo user, and the headless
+//!   client on it with the broker's ticket; prints the portal URL and the demo logins.
 //! - `test`: everything CI runs: deps, image, `cargo fmt --check`, clippy, `npm ci` of the
 //!   browser tests (skipped when up to date), all tests.
 
@@ -23,7 +24,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use pleiades_tests::image::GuestImage;
-use pleiades_tests::qemu::{BASE_CMDLINE, Guest, boot_timeout};
+use pleiades_tests::qemu::boot_timeout;
+use pleiades_tests::stack::{Stack, StackOptions};
 
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask", about = "Pleiades project tooling", version)]
@@ -52,9 +54,11 @@ enum Cmd {
         #[arg(long)]
         testguest_only: bool,
     },
-    /// The main job: install, build, and boot a Pleiades desktop guest.
+    /// The main job: install and build, then the broker (SQLite) with a pool of the test image,
+    /// a host daemon registered with it, a desktop for the demo user and the headless client on
+    /// it; prints the portal URL and the demo logins.
     Demo {
-        /// Stay on the guest's serial console (type `poweroff` to leave). Default: when stdin is a terminal.
+        /// Keep it all running until Enter is pressed. Default: when stdin is a terminal.
         #[arg(long)]
         interactive: Option<bool>,
     },
@@ -184,53 +188,83 @@ fn demo(root: &Path, interactive: Option<bool>) -> Result<()> {
     deps(&[])?;
     step("Test guest image");
     guest_image::GuestImageBuild { root: root.to_owned(), force: false }.run()?;
-    step("Building pleiades-host and the pleiades client");
-    cargo(root, &["build", "--package", "pleiades-host", "--package", "pleiades-client"])?;
+    step("Building pleiades-broker, pleiades-host and the pleiades client");
+    cargo(
+        root,
+        &[
+            "build",
+            "--package",
+            "pleiades-broker",
+            "--package",
+            "pleiades-host",
+            "--package",
+            "pleiades-client",
+        ],
+    )?;
 
     let interactive = interactive.unwrap_or_else(|| std::io::IsTerminal::is_terminal(&std::io::stdin()));
     let image = GuestImage::locate()?;
     let target_dir = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
     let demo_dir = target_dir.join("demo");
-    std::fs::create_dir_all(&demo_dir)?;
-    let connection = demo_dir.join("desktop.pleiades");
-    let _ = std::fs::remove_file(&connection);
-    let mut host = Command::new(target_dir.join("debug/pleiades-host"));
-    host.args(["run", "--cpus", "2", "--memory", "512M", "--cmdline", BASE_CMDLINE])
-        .args(["--device", "rng", "--device", "gpu", "--device", "keyboard", "--device", "tablet"])
-        .args(["--listen", "127.0.0.1:0", "--connection-file"])
-        .arg(&connection)
-        .arg("--control")
-        .arg(demo_dir.join("vm.sock"))
-        .arg("--kernel")
-        .arg(&image.kernel)
-        .arg("--initrd")
-        .arg(&image.initramfs);
-    step("Booting a Pleiades desktop guest: pleiades-host run (it says which VMM it chose and why)");
-    let started = Instant::now();
-    let mut guest = Guest::from_command(host, pleiades_tests::accel::choose()?, interactive)?;
-    let info = guest.wait_ready(boot_timeout())?;
-    println!(
-        "guest ready in {:.1} s: kernel {}, {} CPUs, {} MiB",
-        started.elapsed().as_secs_f64(),
-        info.kernel,
-        info.cpus,
-        info.memory_mib
-    );
-    for d in &info.devices {
-        println!("    virtio-{:<8} driver {:<14} at {}", d.kind, d.driver, d.address);
+    // Each run starts from a fresh broker database and host state.
+    let stack_dir = demo_dir.join("stack");
+    if stack_dir.exists() {
+        std::fs::remove_dir_all(&stack_dir)
+            .with_context(|| format!("cannot clear {}", stack_dir.display()))?;
     }
-    let uname = guest.run("uname -a", Duration::from_secs(30))?;
-    println!("guest says: {}", uname.join(" "));
+    std::fs::create_dir_all(&demo_dir)?;
+    let (user, password) = ("demo", "demo-password");
+    let (admin, admin_password) = ("admin", "admin-password");
+    let options = StackOptions {
+        dir: stack_dir,
+        bin_dir: target_dir.join("debug"),
+        broker_port: free_port(8443, |p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())?,
+        first_session_port: free_port(47000, |p| std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok())?,
+        session_ports: 10,
+        vmm: None,
+        user: (user.into(), password.into()),
+        admin: (admin.into(), admin_password.into()),
+        spares: 1,
+    };
+    step("Starting the broker (SQLite) with a pool of the test image, and a host that registers with it");
+    let started = Instant::now();
+    let mut stack = Stack::start(options, &image).map_err(anyhow::Error::msg)?;
+    println!(
+        "broker at {} (certificate sha256 {}), host-1 registered in {:.1} s",
+        stack.base,
+        stack.pin,
+        started.elapsed().as_secs_f64()
+    );
+
+    step("The demo user gets a desktop from the pool (REST API); the host boots it");
+    let started = Instant::now();
+    let bearer = stack.login(user, password).map_err(anyhow::Error::msg)?;
+    let desktop = stack.request_desktop(&bearer).map_err(anyhow::Error::msg)?;
+    stack.wait_in_use(&bearer, &desktop, boot_timeout()).map_err(anyhow::Error::msg)?;
+    let serial = stack.serial_log(&desktop);
+    pleiades_tests::stack::wait_for("the guest to boot", boot_timeout(), || {
+        let text = std::fs::read_to_string(&serial).unwrap_or_default();
+        text.lines().find(|l| l.contains("PLEIADES-READY")).map(str::to_owned)
+    })
+    .map_err(anyhow::Error::msg)?;
+    println!(
+        "desktop {desktop} running in {:.1} s (serial console: {})",
+        started.elapsed().as_secs_f64(),
+        serial.display()
+    );
 
     // The desktop over the remote-desktop protocol: the headless client connects with the
-    // connection file, types into the guest's console and records what it sees.
-    step("Connecting the headless client (pleiades connect --headless) over QUIC");
+    // broker's one-time ticket, types into the guest's console and records what it sees.
+    step("Connecting the headless client (pleiades connect --headless) with the broker's ticket");
+    let connection = stack.connect(&bearer, &desktop).map_err(anyhow::Error::msg)?;
+    let file = demo_dir.join("desktop.pleiades");
+    std::fs::write(&file, connection["file"].as_str().unwrap_or_default())?;
     let record = demo_dir.join("session");
     let script = demo_dir.join("demo.script");
-    std::fs::write(&script, "wait 1000\ntype echo hello from the Pleiades client\\n\nwait 2000\n")?;
+    std::fs::write(&script, "wait 1500\ntype echo hello from the Pleiades client\\n\nwait 2000\n")?;
     let output = Command::new(target_dir.join("debug/pleiades"))
         .arg("connect")
-        .arg(&connection)
+        .arg(&file)
         .args(["--headless", "--duration", "6", "--record"])
         .arg(&record)
         .arg("--input")
@@ -249,37 +283,33 @@ fn demo(root: &Path, interactive: Option<bool>) -> Result<()> {
         println!("client failed: {}", String::from_utf8_lossy(&output.stderr).trim());
     }
 
+    let port = stack.options.broker_port;
+    println!();
+    println!("  Portal:          {}/", stack.base);
+    println!("  Log in:          {user} / {password}   (admin console: {admin} / {admin_password})");
+    println!("  Certificate:     self-signed, sha256 {}", stack.pin);
+    println!(
+        "  From elsewhere:  ssh -L {port}:127.0.0.1:{port} root@<this machine>, then https://localhost:{port}/"
+    );
+    println!("  Broker CLI:      target/debug/pleiades-broker --config {} pool list", stack.config.display());
+    println!();
     if interactive {
-        println!(
-            "\nYou are on the guest's serial console. Type `poweroff` to leave.\nTo connect another client (it takes the desktop over): \
-             target/debug/pleiades-host ctl {} connection-file new.pleiades && \
-             target/debug/pleiades connect new.pleiades --headless --record rec --duration 10",
-            demo_dir.join("vm.sock").display()
-        );
-        return console(guest);
+        println!("Press Enter (or Ctrl-C) to stop the demo: the host powers its desktops off.");
+        let mut line = String::new();
+        let _ = std::io::stdin().read_line(&mut line);
     }
-    let status = guest.poweroff(Duration::from_secs(60))?;
-    println!("guest powered off ({status})");
+    step("Stopping: the host daemon powers its desktops off, then the broker stops");
+    let status = stack.host.terminate(Duration::from_secs(90)).map_err(anyhow::Error::msg)?;
+    println!("host daemon ended ({status})");
+    if !output.status.success() {
+        bail!("the client could not reach the desktop");
+    }
     Ok(())
 }
 
-/// Forwards stdin lines to the guest and prints what it says, until it powers off.
-fn console(mut guest: Guest) -> Result<()> {
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in std::io::stdin().lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    loop {
-        if let Ok(status) = guest.wait_exit(Duration::from_millis(100)) {
-            println!("guest powered off ({status})");
-            return Ok(());
-        }
-        while let Ok(line) = rx.try_recv() {
-            guest.send(&format!("{line}\n"))?;
-        }
-    }
+/// The first port from `first` (20 tries) that `free` says is free.
+fn free_port(first: u16, free: impl Fn(u16) -> bool) -> Result<u16> {
+    (first..first.saturating_add(20))
+        .find(|&p| free(p))
+        .with_context(|| format!("no free port in {first}-{}", first + 19))
 }

@@ -1,0 +1,322 @@
+//! The whole Pleiades stack on one machine, from the real binaries: `pleiades-broker serve`
+//! (HTTPS, SQLite) with users, the test guest image and a pool, and `pleiades-host serve`
+//! registered with it. `./dev demo` and `tests/tests/broker_e2e.rs` both bring it up with
+//! [`Stack::start`]; the REST API is reached with the broker's certificate pinned.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pleiades_protocol::pinning::PinnedCertVerifier;
+use serde_json::{Value, json};
+
+use crate::image::GuestImage;
+use crate::qemu::BASE_CMDLINE;
+
+/// A child process killed (and reaped) when dropped.
+#[derive(Debug)]
+pub struct Daemon {
+    pub child: Child,
+    pub name: &'static str,
+    pub log: PathBuf,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Daemon {
+    /// Starts `command` with stdout and stderr to `log`.
+    pub fn spawn(name: &'static str, command: &mut Command, log: &Path) -> Result<Self, String> {
+        let out = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+        let err = out.try_clone().map_err(|e| e.to_string())?;
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("cannot start {name}: {e}"))?;
+        Ok(Self { child, name, log: log.to_owned() })
+    }
+
+    /// An error with the log when the process has ended.
+    pub fn check_running(&mut self) -> Result<(), String> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => Err(format!(
+                "{} ended ({status}):\n{}",
+                self.name,
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// SIGTERM, then waits up to `timeout` for the process to end.
+    pub fn terminate(&mut self, timeout: Duration) -> Result<ExitStatus, String> {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().map_err(|e| e.to_string())?;
+        wait_for(&format!("{} to stop", self.name), timeout, || self.child.try_wait().ok().flatten())
+    }
+}
+
+/// Polls `f` every 250 ms until it gives a value or `timeout` passes.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("timed out after {} s waiting for {what}", timeout.as_secs()));
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// An HTTPS client that trusts exactly the certificate with SHA-256 `pin`.
+pub fn pinned_https_client(pin: &str) -> Result<reqwest::blocking::Client, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = PinnedCertVerifier::new(pin, provider.clone()).ok_or("a pin is 64 hex digits")?;
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    reqwest::blocking::Client::builder()
+        .use_preconfigured_tls(tls)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+/// What to bring up.
+#[derive(Debug, Clone)]
+pub struct StackOptions {
+    /// Where everything lives: the broker's database, certificate and log, the host's state.
+    pub dir: PathBuf,
+    /// The directory with `pleiades-broker` and `pleiades-host`.
+    pub bin_dir: PathBuf,
+    /// The broker's HTTPS port on 127.0.0.1.
+    pub broker_port: u16,
+    /// The host's session ports (UDP, on 127.0.0.1), first..=first+count-1.
+    pub first_session_port: u16,
+    pub session_ports: u16,
+    /// `--vmm` for the host (`None`: as `run` chooses).
+    pub vmm: Option<String>,
+    /// A user (`name`, `password`) entitled to the pool through the group `staff`.
+    pub user: (String, String),
+    /// An admin (`name`, `password`).
+    pub admin: (String, String),
+    /// Ready desktops the pool keeps running for the next user.
+    pub spares: u32,
+}
+
+/// The pool's and the image's names.
+pub const POOL: &str = "desktops";
+pub const IMAGE: &str = "testdesk";
+
+/// A running broker and host.
+#[derive(Debug)]
+pub struct Stack {
+    pub options: StackOptions,
+    pub config: PathBuf,
+    pub base: String,
+    /// SHA-256 of the broker's certificate.
+    pub pin: String,
+    pub http: reqwest::blocking::Client,
+    pub host_state: PathBuf,
+    // Dropped in this order: the host (its VMs with it), then the broker.
+    pub host: Daemon,
+    pub broker: Daemon,
+}
+
+impl Stack {
+    /// Sets the broker up with the CLI (users, group, image of `image`, pool, entitlement),
+    /// serves it, and registers a host daemon with a one-time token.
+    pub fn start(options: StackOptions, image: &GuestImage) -> Result<Self, String> {
+        let o = &options;
+        std::fs::create_dir_all(&o.dir).map_err(|e| e.to_string())?;
+        let config = o.dir.join("broker.toml");
+        let toml = format!(
+            "database = \"sqlite://{dir}/broker.db\"\nlisten = \"127.0.0.1:{port}\"\nstate_dir = \"{dir}\"\n\
+             [broker]\nheartbeat_interval_secs = 1\n",
+            dir = o.dir.display(),
+            port = o.broker_port
+        );
+        std::fs::write(&config, toml).map_err(|e| e.to_string())?;
+        let cli = |args: &[&str], password: Option<&str>| broker_cli(&o.bin_dir, &config, args, password);
+        cli(&["user", "add", &o.user.0, "--display-name", "Demo User"], Some(&o.user.1))?;
+        cli(&["user", "add", &o.admin.0, "--admin"], Some(&o.admin.1))?;
+        cli(&["group", "add", "staff"], None)?;
+        cli(&["group", "member", "add", "staff", &o.user.0], None)?;
+        let (kernel, initrd) = (image.kernel.display().to_string(), image.initramfs.display().to_string());
+        #[rustfmt::skip]
+        cli(&["image", "add", IMAGE, "--kernel", &kernel, "--initrd", &initrd, "--cmdline", BASE_CMDLINE,
+              "--vcpus", "1", "--memory-mib", "512"], None)?;
+        let spares = o.spares.to_string();
+        #[rustfmt::skip]
+        cli(&["pool", "create", POOL, "--image", IMAGE, "--display-name", "Test desktops", "--max", "4",
+              "--spares", &spares], None)?;
+        cli(&["pool", "entitle", POOL, "--group", "staff"], None)?;
+
+        let mut broker = Daemon::spawn(
+            "pleiades-broker serve",
+            Command::new(o.bin_dir.join("pleiades-broker")).arg("--config").arg(&config).arg("serve"),
+            &o.dir.join("broker.log"),
+        )?;
+        wait_for("the broker to serve", Duration::from_secs(60), || {
+            broker.check_running().err().map(Err).or_else(|| {
+                std::fs::read_to_string(&broker.log)
+                    .unwrap_or_default()
+                    .contains("broker serving")
+                    .then_some(Ok(()))
+            })
+        })??;
+        // The token goes to stdout; how a host registers (with the pin) to stderr.
+        let (token, hint) = cli(&["host", "token", "create", "--description", "demo host"], None)?;
+        let token = token.trim().to_owned();
+        let pin = hint
+            .split_whitespace()
+            .skip_while(|w| *w != "--broker-cert-sha256")
+            .nth(1)
+            .ok_or_else(|| format!("no certificate pin in {hint:?}"))?
+            .to_owned();
+        let base = format!("https://127.0.0.1:{}", o.broker_port);
+        let http = pinned_https_client(&pin)?;
+        wait_for("the broker's API", Duration::from_secs(60), || {
+            http.get(format!("{base}/healthz")).send().ok().filter(|r| r.status().is_success())
+        })?;
+
+        let host_state = o.dir.join("host");
+        let last_port = o.first_session_port.saturating_add(o.session_ports.saturating_sub(1));
+        let mut command = Command::new(o.bin_dir.join("pleiades-host"));
+        command
+            .args(["serve", "--broker", &base, "--broker-cert-sha256", &pin, "--name", "host-1"])
+            .args(["--address", "127.0.0.1", "--listen-ip", "127.0.0.1", "--image", IMAGE])
+            .args(["--ports", &format!("{}-{last_port}", o.first_session_port)])
+            .arg("--state-dir")
+            .arg(&host_state)
+            .env("PLEIADES_HOST_TOKEN", &token);
+        if let Some(vmm) = &o.vmm {
+            command.args(["--vmm", vmm]);
+        }
+        let mut host = Daemon::spawn("pleiades-host serve", &mut command, &o.dir.join("host.log"))?;
+        wait_for("the host to register", Duration::from_secs(60), || {
+            if let Err(e) = host.check_running() {
+                return Some(Err(e));
+            }
+            let (hosts, _) = broker_cli(&o.bin_dir, &config, &["host", "list"], None).ok()?;
+            hosts.lines().any(|l| l.starts_with("host-1\t") && l.contains("online")).then_some(Ok(()))
+        })??;
+        Ok(Self { options, config, base, pin, http, host_state, host, broker })
+    }
+
+    /// `pleiades-broker --config … ARGS`: (stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> Result<(String, String), String> {
+        broker_cli(&self.options.bin_dir, &self.config, args, None)
+    }
+
+    /// Logs in over the REST API: a bearer token.
+    pub fn login(&self, name: &str, password: &str) -> Result<String, String> {
+        let answer = self.post(
+            &format!("{}/api/v1/login", self.base),
+            None,
+            &json!({"name": name, "password": password}),
+        )?;
+        answer["token"].as_str().map(str::to_owned).ok_or_else(|| format!("login refused: {answer}"))
+    }
+
+    /// The user asks for a desktop from [`POOL`]: its id.
+    pub fn request_desktop(&self, bearer: &str) -> Result<String, String> {
+        let pools = self.get("/api/v1/pools", bearer)?;
+        let pool = pools
+            .as_array()
+            .and_then(|p| p.iter().find(|p| p["name"] == POOL))
+            .and_then(|p| p["id"].as_str())
+            .ok_or_else(|| format!("the user is not entitled to {POOL}: {pools}"))?
+            .to_owned();
+        let desktop =
+            self.post(&format!("{}/api/v1/pools/{pool}/desktop", self.base), Some(bearer), &json!({}))?;
+        desktop["id"].as_str().map(str::to_owned).ok_or_else(|| format!("no desktop: {desktop}"))
+    }
+
+    /// Waits until the user's desktop runs and is theirs (`in_use`).
+    pub fn wait_in_use(&mut self, bearer: &str, desktop: &str, timeout: Duration) -> Result<(), String> {
+        wait_for("the desktop to start", timeout, || {
+            if let Err(e) = self.host.check_running() {
+                return Some(Err(e));
+            }
+            let mine = self.get("/api/v1/desktops", bearer).ok()?;
+            let state = mine.as_array()?.iter().find(|d| d["id"] == desktop)?["state"].as_str()?.to_owned();
+            match state.as_str() {
+                "in_use" => Some(Ok(())),
+                "failed" => Some(Err(format!(
+                    "the desktop failed to start:\n{}",
+                    std::fs::read_to_string(&self.host.log).unwrap_or_default()
+                ))),
+                _ => None,
+            }
+        })?
+    }
+
+    /// A connection for the user's desktop (one-time ticket): the JSON the API answers
+    /// (`connection`, `file`, `uri`).
+    pub fn connect(&self, bearer: &str, desktop: &str) -> Result<Value, String> {
+        self.post(&format!("{}/api/v1/desktops/{desktop}/connect", self.base), Some(bearer), &json!({}))
+    }
+
+    /// The serial console log of a desktop's VM.
+    pub fn serial_log(&self, desktop: &str) -> PathBuf {
+        self.host_state.join("desktops").join(desktop).join("serial.log")
+    }
+
+    fn get(&self, path: &str, bearer: &str) -> Result<Value, String> {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(bearer)
+            .send()
+            .map_err(|e| e.to_string())?;
+        response.json().map_err(|e| e.to_string())
+    }
+
+    fn post(&self, url: &str, bearer: Option<&str>, body: &Value) -> Result<Value, String> {
+        let mut request = self.http.post(url).json(body);
+        if let Some(b) = bearer {
+            request = request.bearer_auth(b);
+        }
+        let response = request.send().map_err(|e| format!("{url}: {e}"))?;
+        let status = response.status();
+        let answer: Value = response.json().unwrap_or(Value::Null);
+        if status.is_success() { Ok(answer) } else { Err(format!("{url}: HTTP {status}: {answer}")) }
+    }
+}
+
+/// Runs `pleiades-broker --config CONFIG ARGS…`: (stdout, stderr), or an error with both.
+fn broker_cli(
+    bin_dir: &Path,
+    config: &Path,
+    args: &[&str],
+    password: Option<&str>,
+) -> Result<(String, String), String> {
+    let mut cmd = Command::new(bin_dir.join("pleiades-broker"));
+    cmd.arg("--config").arg(config).args(args);
+    if let Some(p) = password {
+        cmd.env("PLEIADES_PASSWORD", p);
+    }
+    let out = cmd.output().map_err(|e| format!("cannot run pleiades-broker: {e}"))?;
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    if out.status.success() {
+        Ok((stdout, stderr))
+    } else {
+        Err(format!("pleiades-broker {}: {stdout}{stderr}", args.join(" ")))
+    }
+}
