@@ -22,6 +22,7 @@ on_both_databases!(
     restart_and_vanished_vm,
     two_brokers_share_one_database,
     least_loaded_host_with_the_image,
+    each_desktop_has_its_own_session_port,
 );
 
 async fn floating(backend: Backend) {
@@ -496,4 +497,69 @@ async fn two_brokers_share_one_database(backend: Backend) {
     assert_eq!(given.len(), 24);
     assert!(env.broker.list_desktops(&system()).await.unwrap().len() <= 30);
     assert_in_db_each_desktop_has_one_user(&env).await;
+}
+
+/// `pleiades-host serve` runs one session server per desktop: heartbeats and start
+/// acknowledgements carry the desktop's port, connections use it, and a host cannot set the
+/// port of another host's desktop.
+async fn each_desktop_has_its_own_session_port(backend: Backend) {
+    let env = Env::new(backend).await;
+    env.image("debian", 1024).await;
+    let mut host = HostDouble::register(&env, "host-a", 8192, &["debian"]).await;
+    let other = HostDouble::register(&env, "host-b", 8192, &["other"]).await;
+    let pool = env.pool("office", PoolKind::Floating, "debian", 3, 0).await;
+    let (_, alice) = env.user("alice").await;
+    let (_, bob) = env.user("bob").await;
+    env.entitle_user(&pool, "alice").await;
+    env.entitle_user(&pool, "bob").await;
+    let a = env.broker.request_desktop(&alice, &pool).await.unwrap();
+    let b = env.broker.request_desktop(&bob, &pool).await.unwrap();
+    host.settle().await;
+    // No port reported: the host's session_port.
+    assert_eq!(env.broker.connect(&alice, &a.id).await.unwrap().port, 4433);
+
+    let post = |path: String, credential: String, body: serde_json::Value| {
+        let http = env.http.clone();
+        let url = env.url(&path);
+        async move {
+            let res = http.post(url).bearer_auth(credential).json(&body).send().await.unwrap();
+            assert!(res.status().is_success(), "{path}: {}", res.status());
+            res.text().await.unwrap()
+        }
+    };
+    let beat = |desktops: serde_json::Value| serde_json::json!({ "cores": 8, "memory_mib": 8192, "images": ["debian"], "desktops": desktops });
+    let cred = host.reg.credential.clone();
+    post(
+        "/api/v1/hosts/heartbeat".into(),
+        cred.clone(),
+        beat(serde_json::json!([{ "id": a.id, "port": 47001 }, { "id": b.id, "port": 47002 }])),
+    )
+    .await;
+    assert_eq!(env.broker.connect(&alice, &a.id).await.unwrap().port, 47001);
+    assert_eq!(env.broker.connect(&bob, &b.id).await.unwrap().port, 47002);
+
+    // A restart's acknowledgement carries the new port.
+    env.broker.restart(&alice, &a.id).await.unwrap();
+    let reply = post(
+        "/api/v1/hosts/heartbeat".into(),
+        cred.clone(),
+        beat(serde_json::json!([{ "id": a.id, "port": 47001 }, { "id": b.id, "port": 47002 }])),
+    )
+    .await;
+    let reply: serde_json::Value = serde_json::from_str(&reply).unwrap();
+    let restart = reply["commands"].as_array().unwrap().iter().find(|c| c["kind"] == "restart").unwrap();
+    let ack = format!("/api/v1/hosts/commands/{}/ack", restart["id"].as_str().unwrap());
+    post(ack, cred, serde_json::json!({ "ok": true, "port": 47005 })).await;
+    assert_eq!(env.broker.desktop(&a.id).await.unwrap().state, DesktopState::InUse);
+    assert_eq!(env.broker.connect(&alice, &a.id).await.unwrap().port, 47005);
+
+    // Another host reporting the desktop changes nothing (and is told to stop it).
+    let reply = post(
+        "/api/v1/hosts/heartbeat".into(),
+        other.reg.credential.clone(),
+        serde_json::json!({ "cores": 8, "memory_mib": 8192, "desktops": [{ "id": a.id, "port": 1 }] }),
+    )
+    .await;
+    assert!(reply.contains("\"stop\""), "{reply}");
+    assert_eq!(env.broker.connect(&alice, &a.id).await.unwrap().port, 47005);
 }
