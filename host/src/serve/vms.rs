@@ -404,6 +404,80 @@ mod tests {
         }
     }
 
+    fn vms(dir: &Path) -> Vms {
+        let settings = VmSettings {
+            exe: "/bin/false".into(),
+            vmm: None,
+            devices: vec!["gpu".into()],
+            listen_ip: IpAddr::from([127, 0, 0, 1]),
+            ports: PortRange { first: 47000, last: 47001 },
+            address: "127.0.0.1".into(),
+            host_id: "h".into(),
+            ticket_key: String::new(),
+            state_dir: dir.to_owned(),
+            cores: 2,
+            memory_mib: 4096,
+        };
+        Vms::new(settings, Spawner::start().unwrap())
+    }
+
+    #[test]
+    fn images_this_host_cannot_boot_are_refused_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("vmlinuz");
+        std::fs::write(&kernel, b"k").unwrap();
+        let image = VmImage {
+            id: "i".into(),
+            name: "desk".into(),
+            kernel: kernel.display().to_string(),
+            initrd: kernel.display().to_string(),
+            cmdline: String::new(),
+            disk: None,
+            vcpus: 1,
+            memory_mib: 512,
+        };
+        let vms = vms(dir.path());
+        vms.check_image(&image).unwrap();
+        let cases = [
+            (VmImage { kernel: "/nonexistent/vmlinuz".into(), ..image.clone() }, "not a file"),
+            (VmImage { initrd: "relative/initrd".into(), ..image.clone() }, "not a file"),
+            (VmImage { vcpus: 3, ..image.clone() }, "3 vCPUs"),
+            (VmImage { vcpus: 0, ..image.clone() }, "0 vCPUs"),
+            (VmImage { memory_mib: 8192, ..image.clone() }, "8192 MiB"),
+            (VmImage { disk: Some("/d.qcow2".into()), ..image.clone() }, "disk"),
+        ];
+        for (bad, why) in cases {
+            let e = vms.check_image(&bad).unwrap_err();
+            assert!(e.contains(why) && e.contains("desk"), "{e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn stopping_or_disconnecting_a_desktop_that_does_not_run_is_not_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let vms = Arc::new(vms(dir.path()));
+        vms.stop("d-1").await.unwrap();
+        vms.disconnect("d-1").await.unwrap();
+        assert!(vms.report().await.is_empty());
+        let e = vms
+            .start(
+                "../escape",
+                &VmImage {
+                    id: String::new(),
+                    name: "x".into(),
+                    kernel: "/k".into(),
+                    initrd: "/i".into(),
+                    cmdline: String::new(),
+                    disk: None,
+                    vcpus: 1,
+                    memory_mib: 64,
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(e.contains("not a valid desktop id"), "{e}");
+    }
+
     #[test]
     fn desktop_ids_cannot_escape_the_state_directory() {
         check_desktop_id("0b9c2f1e-7d44-4c1a-9a57-1f0e2d3c4b5a").unwrap();
