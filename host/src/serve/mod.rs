@@ -393,7 +393,8 @@ async fn register(
         ticket_public_key: registered.ticket_public_key,
         heartbeat_interval_secs: registered.heartbeat_interval_secs,
     };
-    write_private(path, &serde_json::to_vec_pretty(&stored)?)?;
+    crate::session::write_private(path, &serde_json::to_vec_pretty(&stored)?)
+        .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(stored)
 }
 
@@ -410,20 +411,6 @@ fn create_private_dir(dir: &Path) -> Result<()> {
         .mode(0o700)
         .create(dir)
         .with_context(|| format!("cannot create the state directory {}", dir.display()))
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    file.write_all(bytes)?;
-    Ok(())
 }
 
 /// Cores and memory (MiB) of this machine.

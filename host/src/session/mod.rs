@@ -244,17 +244,23 @@ impl LocalTickets {
 
 /// Writes a connection file with mode 0600 (it holds a ticket).
 pub fn write_connection_file(path: &Path, connection: &Connection) -> anyhow::Result<()> {
+    write_private(path, connection.to_toml().as_bytes())
+        .map_err(|e| anyhow::anyhow!("cannot write the connection file {}: {e}", path.display()))
+}
+
+/// Writes a file only its owner may read (mode 0600): complete in a temporary file beside it,
+/// then renamed, so that a reader never sees half of it.
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| anyhow::anyhow!("cannot write the connection file {}: {e}", path.display()))?;
-    file.write_all(connection.to_toml().as_bytes())?;
-    Ok(())
+    let mut tmp_name = path.file_name().unwrap_or_default().to_owned();
+    tmp_name.push(".tmp");
+    let tmp = path.with_file_name(tmp_name);
+    let mut file =
+        std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 /// A VM's controller with its session server: `ctl status` shows the session, and

@@ -10,23 +10,6 @@ use pleiades_protocol::transport::{ALPN, IDLE_TIMEOUT_US};
 const CERT_FILE: &str = "session-cert.der";
 const KEY_FILE: &str = "session-key.der";
 
-/// Writes `bytes` to a temporary file with `mode` in the same directory, then renames it.
-fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let fail = |e: std::io::Error| format!("cannot write {}: {e}", path.display());
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(fail)?;
-    file.write_all(bytes).and_then(|()| file.sync_all()).map_err(fail)?;
-    std::fs::rename(&tmp, path).map_err(fail)
-}
-
 /// A certificate and its key.
 pub struct Identity {
     pub cert_der: Vec<u8>,
@@ -48,7 +31,7 @@ impl Identity {
         Ok(Self { cert_der: certified.cert.der().to_vec(), key_der: certified.signing_key.serialize_der() })
     }
 
-    /// The host's identity kept in `dir` (`session-cert.der`, `session-key.der` with mode
+    /// The host's identity kept in `dir` (`session-cert.der`, `session-key.der`, both mode
     /// 0600), made there the first time. Every VM of a host serves the same certificate, so the
     /// broker pins one fingerprint per host.
     pub fn load_or_create(dir: &Path, names: &[String]) -> Result<Self, String> {
@@ -63,8 +46,9 @@ impl Identity {
         let identity = Self::generate(names)?;
         std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         // The key first, then the certificate, each complete before it appears under its name.
-        write_new(&key_path, &identity.key_der, 0o600)?;
-        write_new(&cert_path, &identity.cert_der, 0o644)?;
+        for (path, bytes) in [(&key_path, &identity.key_der), (&cert_path, &identity.cert_der)] {
+            super::write_private(path, bytes).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        }
         Ok(identity)
     }
 
