@@ -68,6 +68,15 @@ pub fn system() -> Actor {
 
 impl Env {
     pub async fn new(backend: Backend) -> Self {
+        Self::with_settings(
+            backend,
+            BrokerSettings { heartbeat_timeout_secs: 30, ..BrokerSettings::default() },
+        )
+        .await
+    }
+
+    /// A broker with other tunables (the allocation benchmark lifts the login rate limit).
+    pub async fn with_settings(backend: Backend, settings: BrokerSettings) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let (url, pg) = match backend {
             Backend::Sqlite => (format!("sqlite://{}/broker.db", dir.path().display()), None),
@@ -83,7 +92,6 @@ impl Env {
         let db = Db::connect(&url).await.expect("connect");
         let db_url = url.clone();
         let clock = ManualClock::new(START);
-        let settings = BrokerSettings { heartbeat_timeout_secs: 30, ..BrokerSettings::default() };
         let broker = Arc::new(Broker::open(db, Arc::new(clock.clone()), settings).await.unwrap());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
