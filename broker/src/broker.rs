@@ -1457,15 +1457,16 @@ async fn choose_host(tx: &mut Transaction<'_, Any>, image: &Image) -> Result<Str
     .bind(&image.name)
     .fetch_all(&mut **tx)
     .await?;
+    // Summed by the database: one row per host, not one per desktop.
     let used = sqlx::query(
-        "SELECT d.host_id, i.memory_mib FROM desktops d JOIN pools p ON p.id = d.pool_id JOIN images i ON i.id = p.image_id \
-         WHERE d.state <> 'failed' AND d.host_id IS NOT NULL",
+        "SELECT d.host_id, CAST(SUM(i.memory_mib) AS BIGINT) AS memory_mib FROM desktops d JOIN pools p ON p.id = d.pool_id \
+         JOIN images i ON i.id = p.image_id WHERE d.state <> 'failed' AND d.host_id IS NOT NULL GROUP BY d.host_id",
     )
     .fetch_all(&mut **tx)
     .await?;
     let mut load: HashMap<String, i64> = HashMap::new();
     for r in &used {
-        *load.entry(get_str(r, "host_id")?).or_default() += get_i64(r, "memory_mib")?;
+        load.insert(get_str(r, "host_id")?, get_i64(r, "memory_mib")?);
     }
     let mut best: Option<(f64, String)> = None;
     for h in &hosts {

@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../migrations/0001_initial.sql")),
     (2, include_str!("../migrations/0002_desktop_session_port.sql")),
+    (3, include_str!("../migrations/0003_desktop_user_indexes.sql")),
 ];
 
 /// A handle to the broker's database (cheap to clone).
