@@ -7,6 +7,7 @@
 //! - [`wire`]: the session's messages (control, input, display, cursor), their binary framing
 //!   and the incremental [`wire::StreamDecoder`]. Format: `docs/protocol.md`.
 //! - [`handshake`]: `Hello` → `Welcome`/`Refused`, version and capability negotiation.
+//! - [`jitter`]: the audio receiver's adaptive jitter buffer (FEC, concealment, underruns).
 //! - [`transport`]: how channels map onto QUIC streams and datagrams, priorities, error codes.
 //! - [`keys`]: evdev key codes of a US layout (characters and key names).
 //! - [`pacing`]: frame pacing (about one frame in flight), RTT and delivery-rate estimates.
@@ -38,6 +39,7 @@
 
 pub mod connfile;
 pub mod handshake;
+pub mod jitter;
 pub mod keys;
 pub mod pacing;
 pub mod ticket;
