@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use pleiades_client::audio::{Audio, AudioOptions};
 use pleiades_client::recorder::{self, RecordOptions};
 use pleiades_client::session::{Session, SessionOptions};
 use pleiades_client::{connect, script};
@@ -54,6 +55,12 @@ enum Cmd {
         /// Do not offer the cursor channel: the server draws the cursor into the frames.
         #[arg(long)]
         server_cursor: bool,
+        /// Send this WAV file (48 kHz, 16-bit, mono or stereo; looped) as the microphone.
+        #[arg(long, value_name = "FILE.wav")]
+        mic: Option<PathBuf>,
+        /// Do not offer audio.
+        #[arg(long)]
+        no_audio: bool,
     },
 }
 
@@ -90,6 +97,8 @@ fn main() -> ExitCode {
             name,
             no_h264,
             server_cursor,
+            mic,
+            no_audio,
             headless: true,
         } => {
             let run = || -> anyhow::Result<()> {
@@ -115,6 +124,18 @@ fn main() -> ExitCode {
                         .capabilities
                         .difference(Capabilities::CURSOR_CHANNEL | Capabilities::CURSOR_DATAGRAMS);
                 }
+                if no_audio {
+                    options.capabilities = options.capabilities.difference(Capabilities::AUDIO);
+                }
+                let audio_options = AudioOptions {
+                    playback_wav: record.as_ref().map(|dir| dir.join("playback.wav")),
+                    mic_wav: mic,
+                };
+                if let Some(dir) = &record {
+                    std::fs::create_dir_all(dir)
+                        .with_context(|| format!("cannot create {}", dir.display()))?;
+                }
+                let audio_json = record.as_ref().map(|dir| dir.join("audio.json"));
                 let record_options = RecordOptions { dir: record, duration, snapshot_every, script };
                 let runtime = tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(2)
@@ -125,7 +146,16 @@ fn main() -> ExitCode {
                     tracing::info!(host = %connection.host, port = connection.port, desktop = %connection.desktop, "connecting");
                     let connected = connect::connect(&connection).await?;
                     let session = Session::start(connected, &connection.ticket, options).await?;
-                    match recorder::record(session, record_options).await {
+                    let audio = Audio::start(&session.handle, audio_options)?;
+                    let recorded = recorder::record(session, record_options).await;
+                    if let Some(audio) = audio {
+                        let summary = audio.finish().await?;
+                        if let Some(path) = &audio_json {
+                            std::fs::write(path, serde_json::to_string_pretty(&summary)?)
+                                .with_context(|| format!("cannot write {}", path.display()))?;
+                        }
+                    }
+                    match recorded {
                         Ok(summary) => {
                             println!("{}", serde_json::to_string_pretty(&summary)?);
                             Ok(())

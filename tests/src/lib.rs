@@ -10,6 +10,7 @@
 //! - [`testguest`]: boots the no_std test guest (`testguest.elf`) under QEMU and parses its
 //!   `PLEIADES-TESTGUEST` result line.
 //!
+//! - [`audio`]: tone analysis (Goertzel scan, RMS, gaps) and WAV helpers for the audio tests.
 //! - [`linkem`]: a link emulator (delay, loss, rate, down/up) for QUIC between client and host.
 //!
 //! The tests in `tests/` use these to run the real pieces together.
@@ -29,6 +30,7 @@ pub fn workspace_binary(name: &str) -> Result<std::path::PathBuf, String> {
         Err(format!("{} is missing: build it first (`cargo build --workspace`)", path.display()))
     }
 }
+pub mod audio;
 pub mod image;
 pub mod linkem;
 pub mod postgres;

@@ -1,0 +1,387 @@
+//! The session's audio on the client: the guest's playback through an adaptive jitter buffer
+//! and Opus (FEC and concealment on loss) to the output, and a microphone to the guest.
+//!
+//! - Playback: `AudioPlayback` datagrams go into [`JitterBuffer`] (protocol crate, sans-IO);
+//!   a 5 ms tick pulls each 20 ms frame when its time comes and decodes it: the packet, the
+//!   next packet's in-band FEC for a lost one, Opus concealment when both are lost, silence
+//!   in an underrun. The headless client writes what it would play to `playback.wav`
+//!   ([`AudioOptions::playback_wav`]). Every second an `AudioFeedback` tells the server the
+//!   loss seen, which becomes its encoder's loss hint.
+//! - Microphone: a WAV file ([`AudioOptions::mic_wav`], 48 kHz, 16-bit, mono or stereo),
+//!   looped, sent as 20 ms `AudioRecord` frames in real time.
+//!
+//! Latency per played frame is its output time minus its `timestamp_us` (when the guest's
+//! device played it): both are `CLOCK_MONOTONIC` on one machine in tests.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use audiopus::coder::{Decoder, Encoder};
+use audiopus::{Application, Bitrate, Channels, SampleRate};
+use pleiades_protocol::handshake::Capabilities;
+use pleiades_protocol::jitter::{JitterBuffer, Playout};
+use pleiades_protocol::wire::{AUDIO_FRAME_SAMPLES, AudioFeedback, AudioPacket, Datagram, MAX_OPUS_BYTES};
+use serde::Serialize;
+
+use crate::clock::monotonic_us;
+use crate::error::ClientError;
+use crate::session::SessionHandle;
+
+/// Samples (both channels) in one 20 ms frame.
+pub const FRAME_LEN: usize = AUDIO_FRAME_SAMPLES as usize * 2;
+/// The microphone's Opus bitrate.
+pub const MIC_BITRATE: i32 = 64_000;
+/// The datagram header before the Opus bytes (channel, type, seq, timestamp, frames).
+const DATAGRAM_HEADER: u64 = 17;
+
+/// What to do with audio.
+#[derive(Debug, Clone, Default)]
+pub struct AudioOptions {
+    /// Write what would be played here (48 kHz stereo 16-bit WAV).
+    pub playback_wav: Option<PathBuf>,
+    /// Send this WAV file (48 kHz, 16-bit, mono or stereo) as the microphone, looped.
+    pub mic_wav: Option<PathBuf>,
+}
+
+/// Latency of played frames, µs.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct AudioLatency {
+    pub p50_us: i64,
+    pub p95_us: i64,
+    pub max_us: i64,
+}
+
+/// `audio.json`: how the playback stream went.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct AudioSummary {
+    pub packets: u64,
+    pub bytes: u64,
+    pub kbit_s: f64,
+    pub frames_played: u64,
+    pub recovered_fec: u64,
+    pub concealed: u64,
+    pub underruns: u64,
+    pub late: u64,
+    pub skipped: u64,
+    pub decode_errors: u64,
+    pub delay_ms: u64,
+    /// From each frame's device play time to its output here.
+    pub latency: AudioLatency,
+    pub mic_frames: u64,
+    pub duration_s: f64,
+    /// Kbit/s while packets flowed (`kbit_s` counts the whole session).
+    pub stream_kbit_s: f64,
+    /// The first frames (by position in the output, 20 ms each) that were not a packet:
+    /// `fec`, `conceal`, `expand` or `silence`.
+    pub repairs: Vec<(u64, String)>,
+}
+
+/// Most entries in [`AudioSummary::repairs`].
+const MAX_REPAIRS: usize = 200;
+
+/// The running audio tasks.
+#[derive(Debug)]
+pub struct Audio {
+    stop: Arc<AtomicBool>,
+    playback: tokio::task::JoinHandle<Result<AudioSummary, ClientError>>,
+    mic: Option<tokio::task::JoinHandle<u64>>,
+}
+
+/// A 48 kHz stereo Opus encoder for 20 ms frames, in-band FEC on.
+pub fn opus_encoder(bitrate: i32, loss_percent: u8) -> Result<Encoder, ClientError> {
+    let setup = |e: audiopus::Error| ClientError::Setup(format!("Opus encoder: {e}"));
+    let mut encoder =
+        Encoder::new(SampleRate::Hz48000, Channels::Stereo, Application::Audio).map_err(setup)?;
+    encoder.set_bitrate(Bitrate::BitsPerSecond(bitrate)).map_err(setup)?;
+    encoder.set_inband_fec(true).map_err(setup)?;
+    encoder.set_packet_loss_perc(loss_percent).map_err(setup)?;
+    Ok(encoder)
+}
+
+/// Decodes what the jitter buffer says to play into one 20 ms frame.
+#[derive(Debug)]
+pub struct PlayoutDecoder {
+    decoder: Decoder,
+    pub errors: u64,
+}
+
+impl PlayoutDecoder {
+    pub fn new() -> Result<Self, ClientError> {
+        let decoder = Decoder::new(SampleRate::Hz48000, Channels::Stereo)
+            .map_err(|e| ClientError::Setup(format!("Opus decoder: {e}")))?;
+        Ok(Self { decoder, errors: 0 })
+    }
+
+    pub fn decode(&mut self, playout: &Playout, out: &mut [i16; FRAME_LEN]) {
+        let result = match playout {
+            Playout::Packet(p) => self.decoder.decode(Some(&p.opus[..]), &mut out[..], false),
+            Playout::Fec(next) => self.decoder.decode(Some(&next.opus[..]), &mut out[..], true),
+            Playout::Conceal | Playout::Expand => self.decoder.decode(None::<&[u8]>, &mut out[..], false),
+            Playout::Silence => {
+                out.fill(0);
+                return;
+            }
+        };
+        if result.is_err() {
+            self.errors += 1;
+            // A packet that does not decode is concealed instead.
+            if self.decoder.decode(None::<&[u8]>, &mut out[..], false).is_err() {
+                out.fill(0);
+            }
+        }
+    }
+}
+
+/// Reads a 48 kHz 16-bit WAV as interleaved stereo.
+pub fn read_wav(path: &std::path::Path) -> Result<Vec<i16>, ClientError> {
+    let bad = |e: String| ClientError::Setup(format!("{}: {e}", path.display()));
+    let mut reader = hound::WavReader::open(path).map_err(|e| bad(e.to_string()))?;
+    let spec = reader.spec();
+    if spec.sample_rate != 48_000
+        || spec.bits_per_sample != 16
+        || spec.sample_format != hound::SampleFormat::Int
+    {
+        return Err(bad(format!("{spec:?}: give a 48 kHz 16-bit PCM WAV")));
+    }
+    let samples: Vec<i16> =
+        reader.samples::<i16>().collect::<Result<_, _>>().map_err(|e| bad(e.to_string()))?;
+    let stereo = match spec.channels {
+        1 => samples.iter().flat_map(|s| [*s, *s]).collect(),
+        2 => samples,
+        n => return Err(bad(format!("{n} channels: give mono or stereo"))),
+    };
+    if stereo.len() < FRAME_LEN {
+        return Err(bad("shorter than 20 ms".into()));
+    }
+    Ok(stereo)
+}
+
+fn percentile(sorted: &[i64], p: f64) -> i64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+impl Audio {
+    /// Starts playback (and the microphone) if the session has audio; `None` when it has not.
+    pub fn start(handle: &SessionHandle, options: AudioOptions) -> Result<Option<Self>, ClientError> {
+        if !handle.info().capabilities.contains(Capabilities::AUDIO) {
+            return Ok(None);
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let wav = match &options.playback_wav {
+            Some(path) => {
+                let spec = hound::WavSpec {
+                    channels: 2,
+                    sample_rate: 48_000,
+                    bits_per_sample: 16,
+                    sample_format: hound::SampleFormat::Int,
+                };
+                Some(
+                    hound::WavWriter::create(path, spec)
+                        .map_err(|e| ClientError::Setup(format!("{}: {e}", path.display())))?,
+                )
+            }
+            None => None,
+        };
+        let mic = match &options.mic_wav {
+            Some(path) => {
+                let samples = read_wav(path)?;
+                let encoder = opus_encoder(MIC_BITRATE, 5)?;
+                Some(tokio::spawn(mic_loop(handle.clone(), samples, encoder, stop.clone())))
+            }
+            None => None,
+        };
+        let decoder = PlayoutDecoder::new()?;
+        let packets = handle.audio_packets(256);
+        let playback = tokio::spawn(playback_loop(handle.clone(), packets, decoder, wav, stop.clone()));
+        Ok(Some(Self { stop, playback, mic }))
+    }
+
+    /// Stops the tasks, finishes the WAV file and returns the summary.
+    pub async fn finish(self) -> Result<AudioSummary, ClientError> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mic_frames = match self.mic {
+            Some(mic) => mic.await.unwrap_or(0),
+            None => 0,
+        };
+        let mut summary =
+            self.playback.await.map_err(|e| ClientError::Setup(format!("audio task: {e}")))??;
+        summary.mic_frames = mic_frames;
+        Ok(summary)
+    }
+}
+
+type WavOut = hound::WavWriter<std::io::BufWriter<std::fs::File>>;
+
+async fn playback_loop(
+    handle: SessionHandle,
+    mut packets: tokio::sync::mpsc::Receiver<AudioPacket>,
+    mut decoder: PlayoutDecoder,
+    mut wav: Option<WavOut>,
+    stop: Arc<AtomicBool>,
+) -> Result<AudioSummary, ClientError> {
+    let started = monotonic_us();
+    let mut jb = JitterBuffer::new();
+    let mut summary = AudioSummary::default();
+    let mut latencies = Vec::new();
+    let mut frame = [0i16; FRAME_LEN];
+    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    let mut next_feedback = started + 1_000_000;
+    let mut reported = (0u64, 0u64);
+    let mut output_frames = 0u64;
+    let wav_error = |e: hound::Error| ClientError::Setup(format!("playback.wav: {e}"));
+    while !stop.load(Ordering::Relaxed) {
+        tokio::select! {
+            packet = packets.recv() => {
+                let Some(packet) = packet else { break };
+                summary.packets += 1;
+                summary.bytes += packet.opus.len() as u64 + DATAGRAM_HEADER;
+                jb.push(packet, monotonic_us());
+            }
+            _ = tick.tick() => {
+                let now = monotonic_us();
+                while let Some((_, playout)) = jb.next(now) {
+                    decoder.decode(&playout, &mut frame);
+                    let kind = match &playout {
+                        Playout::Packet(_) => None,
+                        Playout::Fec(_) => Some("fec"),
+                        Playout::Conceal => Some("conceal"),
+                        Playout::Expand => Some("expand"),
+                        Playout::Silence => Some("silence"),
+                    };
+                    if let Some(kind) = kind && summary.repairs.len() < MAX_REPAIRS {
+                        summary.repairs.push((output_frames, kind.to_owned()));
+                    }
+                    output_frames += 1;
+                    if let Playout::Packet(p) = &playout {
+                        latencies.push(now as i64 - p.timestamp_us as i64);
+                    }
+                    if let Some(wav) = &mut wav {
+                        let mut w = wav.get_i16_writer(FRAME_LEN as u32);
+                        frame.iter().for_each(|s| w.write_sample(*s));
+                        w.flush().map_err(wav_error)?;
+                    }
+                }
+                if now >= next_feedback {
+                    next_feedback = now + 1_000_000;
+                    let s = jb.stats();
+                    let lost = s.recovered_fec + s.concealed;
+                    let (lost_delta, total_delta) = (lost - reported.0, lost + s.played - reported.1);
+                    reported = (lost, lost + s.played);
+                    let loss_permille = (lost_delta * 1000).checked_div(total_delta).unwrap_or(0).min(1000) as u16;
+                    let feedback = AudioFeedback { loss_permille, delay_ms: (jb.delay_us() / 1000) as u16 };
+                    let _ = handle.send_datagram(&Datagram::AudioFeedback(feedback));
+                }
+            }
+        }
+    }
+    if let Some(wav) = wav {
+        wav.finalize().map_err(wav_error)?;
+    }
+    let s = jb.stats();
+    summary.frames_played = s.played;
+    summary.recovered_fec = s.recovered_fec;
+    summary.concealed = s.concealed;
+    summary.underruns = s.underruns;
+    summary.late = s.late;
+    summary.skipped = s.skipped;
+    summary.decode_errors = decoder.errors;
+    summary.delay_ms = jb.delay_us() / 1000;
+    summary.duration_s = (monotonic_us() - started) as f64 / 1e6;
+    if summary.duration_s > 0.0 {
+        summary.kbit_s = summary.bytes as f64 * 8.0 / 1000.0 / summary.duration_s;
+    }
+    if summary.packets > 0 {
+        summary.stream_kbit_s = summary.bytes as f64 * 8.0 / 1000.0 / (summary.packets as f64 * 0.02);
+    }
+    latencies.sort_unstable();
+    summary.latency = AudioLatency {
+        p50_us: percentile(&latencies, 0.5),
+        p95_us: percentile(&latencies, 0.95),
+        max_us: latencies.last().copied().unwrap_or(0),
+    };
+    Ok(summary)
+}
+
+/// Sends `samples` (looped) as 20 ms frames in real time; returns the frames sent.
+async fn mic_loop(handle: SessionHandle, samples: Vec<i16>, encoder: Encoder, stop: Arc<AtomicBool>) -> u64 {
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    let mut out = vec![0u8; MAX_OPUS_BYTES];
+    let mut at = 0usize;
+    let mut seq = 0u32;
+    let mut frame = Vec::with_capacity(FRAME_LEN);
+    while !stop.load(Ordering::Relaxed) {
+        tick.tick().await;
+        frame.clear();
+        while frame.len() < FRAME_LEN {
+            let take = (FRAME_LEN - frame.len()).min(samples.len() - at);
+            frame.extend_from_slice(&samples[at..at + take]);
+            at = (at + take) % samples.len();
+        }
+        let Ok(n) = encoder.encode(&frame, &mut out) else { continue };
+        let packet = AudioPacket { seq, timestamp_us: monotonic_us(), opus: out[..n].to_vec() };
+        if handle.send_datagram(&Datagram::AudioRecord(packet)).is_err() {
+            break;
+        }
+        seq = seq.wrapping_add(1);
+    }
+    u64::from(seq)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_playout_decodes_to_a_full_frame() {
+        let encoder = opus_encoder(96_000, 5).unwrap();
+        let tone: Vec<i16> = (0..FRAME_LEN / 2)
+            .flat_map(|i| {
+                let v = (10_000.0 * (i as f64 * 2.0 * std::f64::consts::PI * 440.0 / 48_000.0).sin()) as i16;
+                [v, v]
+            })
+            .collect();
+        let mut out = vec![0u8; MAX_OPUS_BYTES];
+        let n = encoder.encode(&tone, &mut out).unwrap();
+        let packet = AudioPacket { seq: 0, timestamp_us: 0, opus: out[..n].to_vec() };
+        let mut decoder = PlayoutDecoder::new().unwrap();
+        let mut frame = [1i16; FRAME_LEN];
+        for playout in
+            [Playout::Packet(packet.clone()), Playout::Fec(packet), Playout::Conceal, Playout::Silence]
+        {
+            decoder.decode(&playout, &mut frame);
+        }
+        assert_eq!(frame, [0; FRAME_LEN]);
+        decoder.decode(
+            &Playout::Packet(AudioPacket { seq: 1, timestamp_us: 0, opus: vec![0xff, 0xff] }),
+            &mut frame,
+        );
+        assert_eq!(decoder.errors, 1, "garbage is concealed, not fatal");
+    }
+
+    #[test]
+    fn wav_input_must_be_48_khz_16_bit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.wav");
+        let spec = hound::WavSpec {
+            channels: 1,
+            sample_rate: 44_100,
+            bits_per_sample: 16,
+            sample_format: hound::SampleFormat::Int,
+        };
+        let mut w = hound::WavWriter::create(&path, spec).unwrap();
+        (0..48_000).for_each(|_| w.write_sample(0i16).unwrap());
+        w.finalize().unwrap();
+        assert!(read_wav(&path).is_err());
+        let spec = hound::WavSpec { sample_rate: 48_000, ..spec };
+        let mut w = hound::WavWriter::create(&path, spec).unwrap();
+        (0..4800).for_each(|i| w.write_sample(i as i16).unwrap());
+        w.finalize().unwrap();
+        let stereo = read_wav(&path).unwrap();
+        assert_eq!((stereo.len(), stereo[2], stereo[3]), (9600, 1, 1));
+    }
+}
