@@ -323,6 +323,10 @@ impl Sound {
                         let m = self.handle.metrics();
                         m.periods_played.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         m.bytes_played.fetch_add(pcm.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                        m.queued_to_play_us.fetch_add(
+                            play_us.saturating_sub(queued_us),
+                            std::sync::atomic::Ordering::Relaxed,
+                        );
                         (head, status.write(mem, &pcm_status(status::OK)))
                     }
                     Pending::Rx { head, pcm, status } => {
@@ -345,13 +349,21 @@ impl Sound {
         Ok(used)
     }
 
+    /// Runs the control request in `bytes` (a message's readable part); returns the response.
+    pub fn control_request(&mut self, bytes: &[u8]) -> Vec<u8> {
+        self.handle.metrics().control_requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        ControlRequest::parse(bytes).and_then(|request| self.control(&request)).unwrap_or_else(|e| {
+            self.refuse("control request", &e);
+            e.status().to_le_bytes().to_vec()
+        })
+    }
+
     fn process_control(&mut self, queue: &mut Queue, mem: &GuestMemory) -> Result<bool, DeviceError> {
         let mut done = Vec::new();
         {
             let chains = queue.iter(mem).map_err(|e| broken(CONTROLQ, e))?;
             for chain in chains {
                 let head = chain.head_index();
-                self.handle.metrics().control_requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let message = match Message::parse(chain, mem, MAX_CONTROL_BYTES as u32) {
                     Ok(m) => m,
                     Err(e) => {
@@ -360,12 +372,7 @@ impl Sound {
                         continue;
                     }
                 };
-                let response =
-                    ControlRequest::parse(&message.readable).and_then(|request| self.control(&request));
-                let response = response.unwrap_or_else(|e| {
-                    self.refuse("control request", &e);
-                    e.status().to_le_bytes().to_vec()
-                });
+                let response = self.control_request(&message.readable);
                 done.push((head, message.writable.write(mem, &response)));
             }
         }

@@ -50,6 +50,8 @@ pub struct SndMetrics {
     pub playback_dropped_frames: AtomicU64,
     /// Times the guest let a running stream run dry.
     pub underruns: AtomicU64,
+    /// Sum over played periods of guest hand-over → play time (µs), for the mean.
+    pub queued_to_play_us: AtomicU64,
 }
 
 impl SndMetrics {
@@ -70,6 +72,7 @@ impl SndMetrics {
             "capture_silence_frames": get(&self.capture_silence_frames),
             "playback_dropped_frames": get(&self.playback_dropped_frames),
             "underruns": get(&self.underruns),
+            "mean_queued_to_play_us": get(&self.queued_to_play_us).checked_div(get(&self.periods_played)).unwrap_or(0),
         })
     }
 }
