@@ -8,7 +8,11 @@
 //!   ([`AudioOptions::playback_wav`]). Every second an `AudioFeedback` tells the server the
 //!   loss seen, which becomes its encoder's loss hint.
 //! - Microphone: a WAV file ([`AudioOptions::mic_wav`], 48 kHz, 16-bit, mono or stereo),
-//!   looped, sent as 20 ms `AudioRecord` frames in real time.
+//!   looped, or the sound card's input ([`AudioOptions::microphone`]), sent as 20 ms
+//!   `AudioRecord` frames in real time.
+//! - The sound card ([`device`], cpal): the speaker plays what the WAV gets
+//!   ([`AudioOptions::speaker`]). A device that does not open is logged and left out; the
+//!   session goes on.
 //!
 //! Latency per played frame is its output time minus its `timestamp_us` (when the guest's
 //! device played it): both are `CLOCK_MONOTONIC` on one machine in tests.
@@ -24,6 +28,8 @@ use pleiades_protocol::handshake::Capabilities;
 use pleiades_protocol::jitter::{JitterBuffer, Playout};
 use pleiades_protocol::wire::{AUDIO_FRAME_SAMPLES, AudioFeedback, AudioPacket, Datagram, MAX_OPUS_BYTES};
 use serde::Serialize;
+
+pub mod device;
 
 use crate::clock::monotonic_us;
 use crate::error::ClientError;
@@ -43,6 +49,35 @@ pub struct AudioOptions {
     pub playback_wav: Option<PathBuf>,
     /// Send this WAV file (48 kHz, 16-bit, mono or stereo) as the microphone, looped.
     pub mic_wav: Option<PathBuf>,
+    /// Play through the default output device.
+    pub speaker: bool,
+    /// Record from the default input device (unless `mic_wav` is given).
+    pub microphone: bool,
+}
+
+/// Where the microphone frames come from.
+enum MicSource {
+    File { samples: Vec<i16>, at: usize },
+    Device(device::Microphone),
+}
+
+impl MicSource {
+    /// The next 20 ms, if there is one yet.
+    fn next(&mut self, frame: &mut [i16; FRAME_LEN]) -> bool {
+        match self {
+            Self::File { samples, at } => {
+                let mut filled = 0;
+                while filled < FRAME_LEN {
+                    let take = (FRAME_LEN - filled).min(samples.len() - *at);
+                    frame[filled..filled + take].copy_from_slice(&samples[*at..*at + take]);
+                    filled += take;
+                    *at = (*at + take) % samples.len();
+                }
+                true
+            }
+            Self::Device(mic) => mic.take(frame),
+        }
+    }
 }
 
 /// Latency of played frames, µs.
@@ -70,6 +105,8 @@ pub struct AudioSummary {
     /// From each frame's device play time to its output here.
     pub latency: AudioLatency,
     pub mic_frames: u64,
+    /// Frames the sound card played (silence included; 0 without `--play`).
+    pub speaker_frames: u64,
     pub duration_s: f64,
     /// Kbit/s while packets flowed (`kbit_s` counts the whole session).
     pub stream_kbit_s: f64,
@@ -187,17 +224,35 @@ impl Audio {
             }
             None => None,
         };
-        let mic = match &options.mic_wav {
-            Some(path) => {
-                let samples = read_wav(path)?;
+        let source = match &options.mic_wav {
+            Some(path) => Some(MicSource::File { samples: read_wav(path)?, at: 0 }),
+            None if options.microphone => match device::Microphone::open() {
+                Ok(mic) => Some(MicSource::Device(mic)),
+                Err(e) => {
+                    tracing::warn!("no microphone ({e}); the session goes on without one");
+                    None
+                }
+            },
+            None => None,
+        };
+        let mic = match source {
+            Some(source) => {
                 let encoder = opus_encoder(MIC_BITRATE, 5)?;
-                Some(tokio::spawn(mic_loop(handle.clone(), samples, encoder, stop.clone())))
+                Some(tokio::spawn(mic_loop(handle.clone(), source, encoder, stop.clone())))
             }
             None => None,
         };
+        let speaker = if options.speaker {
+            device::Speaker::open()
+                .map_err(|e| tracing::warn!("no speaker ({e}); the session goes on without sound"))
+                .ok()
+        } else {
+            None
+        };
         let decoder = PlayoutDecoder::new()?;
         let packets = handle.audio_packets(256);
-        let playback = tokio::spawn(playback_loop(handle.clone(), packets, decoder, wav, stop.clone()));
+        let output = Output { wav, speaker };
+        let playback = tokio::spawn(playback_loop(handle.clone(), packets, decoder, output, stop.clone()));
         Ok(Some(Self { stop, playback, mic }))
     }
 
@@ -217,13 +272,20 @@ impl Audio {
 
 type WavOut = hound::WavWriter<std::io::BufWriter<std::fs::File>>;
 
+/// Where played frames go.
+struct Output {
+    wav: Option<WavOut>,
+    speaker: Option<device::Speaker>,
+}
+
 async fn playback_loop(
     handle: SessionHandle,
     mut packets: tokio::sync::mpsc::Receiver<AudioPacket>,
     mut decoder: PlayoutDecoder,
-    mut wav: Option<WavOut>,
+    output: Output,
     stop: Arc<AtomicBool>,
 ) -> Result<AudioSummary, ClientError> {
+    let Output { mut wav, speaker } = output;
     let started = monotonic_us();
     let mut jb = JitterBuffer::new();
     let mut summary = AudioSummary::default();
@@ -260,6 +322,9 @@ async fn playback_loop(
                     if let Playout::Packet(p) = &playout {
                         latencies.push(now as i64 - p.timestamp_us as i64);
                     }
+                    if let Some(speaker) = &speaker {
+                        speaker.play(&frame);
+                    }
                     if let Some(wav) = &mut wav {
                         let mut w = wav.get_i16_writer(FRAME_LEN as u32);
                         frame.iter().for_each(|s| w.write_sample(*s));
@@ -282,6 +347,7 @@ async fn playback_loop(
     if let Some(wav) = wav {
         wav.finalize().map_err(wav_error)?;
     }
+    summary.speaker_frames = speaker.as_ref().map_or(0, device::Speaker::frames_played);
     let s = jb.stats();
     summary.frames_played = s.played;
     summary.recovered_fec = s.recovered_fec;
@@ -307,27 +373,31 @@ async fn playback_loop(
     Ok(summary)
 }
 
-/// Sends `samples` (looped) as 20 ms frames in real time; returns the frames sent.
-async fn mic_loop(handle: SessionHandle, samples: Vec<i16>, encoder: Encoder, stop: Arc<AtomicBool>) -> u64 {
+/// Sends the microphone as 20 ms frames in real time; returns the frames sent.
+async fn mic_loop(
+    handle: SessionHandle,
+    mut source: MicSource,
+    encoder: Encoder,
+    stop: Arc<AtomicBool>,
+) -> u64 {
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     let mut out = vec![0u8; MAX_OPUS_BYTES];
-    let mut at = 0usize;
     let mut seq = 0u32;
-    let mut frame = Vec::with_capacity(FRAME_LEN);
+    let mut frame = [0i16; FRAME_LEN];
     while !stop.load(Ordering::Relaxed) {
         tick.tick().await;
-        frame.clear();
-        while frame.len() < FRAME_LEN {
-            let take = (FRAME_LEN - frame.len()).min(samples.len() - at);
-            frame.extend_from_slice(&samples[at..at + take]);
-            at = (at + take) % samples.len();
+        // A device may deliver in bursts: send what is there.
+        while source.next(&mut frame) {
+            let Ok(n) = encoder.encode(&frame, &mut out) else { break };
+            let packet = AudioPacket { seq, timestamp_us: monotonic_us(), opus: out[..n].to_vec() };
+            if handle.send_datagram(&Datagram::AudioRecord(packet)).is_err() {
+                return u64::from(seq);
+            }
+            seq = seq.wrapping_add(1);
+            if matches!(source, MicSource::File { .. }) {
+                break;
+            }
         }
-        let Ok(n) = encoder.encode(&frame, &mut out) else { continue };
-        let packet = AudioPacket { seq, timestamp_us: monotonic_us(), opus: out[..n].to_vec() };
-        if handle.send_datagram(&Datagram::AudioRecord(packet)).is_err() {
-            break;
-        }
-        seq = seq.wrapping_add(1);
     }
     u64::from(seq)
 }
