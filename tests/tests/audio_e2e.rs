@@ -12,6 +12,10 @@
 //! 3. Through `linkem` with 2 % loss each way, no gap in the played tone is longer than 20 ms
 //!    (FEC, concealment and the jitter buffer cover the losses).
 //!
+//! Between 1 and 2 a client sends bad audio datagrams (Opus that does not decode, playback
+//! frames in the wrong direction): the server drops and counts them, and the session and the
+//! VM go on (2 runs after it).
+//!
 //! The test asserts on content only, never on timings; every wait is bounded.
 
 use std::path::{Path, PathBuf};
@@ -149,6 +153,27 @@ fn play_and_record(
     (report["rms"].as_f64().unwrap(), left(&samples), audio)
 }
 
+/// A library session that sends undecodable microphone frames and server-only datagrams.
+fn send_bad_audio(file: &Path) {
+    use pleiades_client::session::{Session, SessionOptions};
+    use pleiades_protocol::wire::{AudioPacket, Datagram};
+    let connection = Connection::from_toml(&std::fs::read_to_string(file).unwrap()).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let connected = pleiades_client::connect::connect(&connection).await.expect("connects");
+        let session =
+            Session::start(connected, &connection.ticket, SessionOptions::default()).await.expect("session");
+        for seq in 0..20 {
+            let garbage = AudioPacket { seq, timestamp_us: 0, opus: vec![0xff; 7] };
+            let _ = session.handle.send_datagram(&Datagram::AudioRecord(garbage.clone()));
+            let _ = session.handle.send_datagram(&Datagram::AudioPlayback(garbage));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        drop(session);
+    });
+}
+
 #[test]
 fn the_guest_plays_and_records_through_the_session() {
     let mut desktop = boot();
@@ -169,6 +194,13 @@ fn the_guest_plays_and_records_through_the_session() {
     let ratio = rms(tone) / guest_rms;
     assert!((0.75..=1.25).contains(&ratio), "level: client RMS / guest RMS = {ratio:.3}");
     assert!(tone.len() > 48_000 * 3, "{} samples of tone", tone.len());
+
+    // Bad audio datagrams: dropped and counted; nothing ends.
+    let dropped_before = desktop.status()["session"]["dropped_datagrams"].as_u64().unwrap_or(0);
+    send_bad_audio(&desktop.mint("bad.pleiades"));
+    let dropped = desktop.status()["session"]["dropped_datagrams"].as_u64().unwrap_or(0) - dropped_before;
+    eprintln!("bad audio datagrams: {dropped} dropped");
+    assert!(dropped > 0, "the server counted no bad datagram");
 
     // 2. The client's microphone into the guest's recording.
     let mic = desktop.dir.path().join("mic-1k.wav");
