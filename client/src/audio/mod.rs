@@ -95,7 +95,11 @@ pub struct AudioSummary {
     pub bytes: u64,
     pub kbit_s: f64,
     pub frames_played: u64,
+    /// Lost frames decoded from the next packet's in-band FEC data.
     pub recovered_fec: u64,
+    /// Lost frames whose next packet had no FEC data (a CELT-only packet: Opus carries FEC in
+    /// its SILK layer only, so music at high bitrates has none): concealed instead.
+    pub fec_unavailable: u64,
     pub concealed: u64,
     pub underruns: u64,
     pub late: u64,
@@ -142,19 +146,30 @@ pub fn opus_encoder(bitrate: i32, loss_percent: u8) -> Result<Encoder, ClientErr
 pub struct PlayoutDecoder {
     decoder: Decoder,
     pub errors: u64,
+    /// FEC asked of a packet that has none (CELT-only): Opus conceals instead.
+    pub fec_unavailable: u64,
+}
+
+/// Whether an Opus packet is CELT-only (TOC configurations 16-31), i.e. has no SILK layer
+/// and so no in-band FEC.
+pub fn celt_only(packet: &[u8]) -> bool {
+    packet.first().is_some_and(|toc| toc >> 3 >= 16)
 }
 
 impl PlayoutDecoder {
     pub fn new() -> Result<Self, ClientError> {
         let decoder = Decoder::new(SampleRate::Hz48000, Channels::Stereo)
             .map_err(|e| ClientError::Setup(format!("Opus decoder: {e}")))?;
-        Ok(Self { decoder, errors: 0 })
+        Ok(Self { decoder, errors: 0, fec_unavailable: 0 })
     }
 
     pub fn decode(&mut self, playout: &Playout, out: &mut [i16; FRAME_LEN]) {
         let result = match playout {
             Playout::Packet(p) => self.decoder.decode(Some(&p.opus[..]), &mut out[..], false),
-            Playout::Fec(next) => self.decoder.decode(Some(&next.opus[..]), &mut out[..], true),
+            Playout::Fec(next) => {
+                self.fec_unavailable += u64::from(celt_only(&next.opus));
+                self.decoder.decode(Some(&next.opus[..]), &mut out[..], true)
+            }
             Playout::Conceal | Playout::Expand => self.decoder.decode(None::<&[u8]>, &mut out[..], false),
             Playout::Silence => {
                 out.fill(0);
@@ -350,7 +365,8 @@ async fn playback_loop(
     summary.speaker_frames = speaker.as_ref().map_or(0, device::Speaker::frames_played);
     let s = jb.stats();
     summary.frames_played = s.played;
-    summary.recovered_fec = s.recovered_fec;
+    summary.fec_unavailable = decoder.fec_unavailable;
+    summary.recovered_fec = s.recovered_fec - decoder.fec_unavailable;
     summary.concealed = s.concealed;
     summary.underruns = s.underruns;
     summary.late = s.late;
@@ -409,23 +425,38 @@ mod tests {
     #[test]
     fn every_playout_decodes_to_a_full_frame() {
         let encoder = opus_encoder(96_000, 5).unwrap();
-        let tone: Vec<i16> = (0..FRAME_LEN / 2)
-            .flat_map(|i| {
-                let v = (10_000.0 * (i as f64 * 2.0 * std::f64::consts::PI * 440.0 / 48_000.0).sin()) as i16;
-                [v, v]
-            })
-            .collect();
         let mut out = vec![0u8; MAX_OPUS_BYTES];
-        let n = encoder.encode(&tone, &mut out).unwrap();
-        let packet = AudioPacket { seq: 0, timestamp_us: 0, opus: out[..n].to_vec() };
+        // Opus starts a tone in hybrid mode (SILK + CELT, with FEC data) and settles on
+        // CELT-only (no FEC data) within a second at this bitrate.
+        let mut packets = Vec::new();
+        for f in 0..50 {
+            let tone: Vec<i16> = (f * 960..(f + 1) * 960)
+                .flat_map(|i| {
+                    let v =
+                        (10_000.0 * (i as f64 * 2.0 * std::f64::consts::PI * 440.0 / 48_000.0).sin()) as i16;
+                    [v, v]
+                })
+                .collect();
+            let n = encoder.encode(&tone, &mut out).unwrap();
+            packets.push(AudioPacket { seq: f as u32, timestamp_us: 0, opus: out[..n].to_vec() });
+        }
+        assert!(!celt_only(&packets[0].opus), "the first frames are hybrid");
+        assert!(celt_only(&packets[49].opus), "music at 96 kbit/s settles on CELT");
         let mut decoder = PlayoutDecoder::new().unwrap();
         let mut frame = [1i16; FRAME_LEN];
-        for playout in
-            [Playout::Packet(packet.clone()), Playout::Fec(packet), Playout::Conceal, Playout::Silence]
-        {
+        for playout in [
+            Playout::Packet(packets[0].clone()),
+            Playout::Fec(packets[2].clone()),
+            Playout::Packet(packets[2].clone()),
+            Playout::Fec(packets[49].clone()),
+            Playout::Conceal,
+            Playout::Expand,
+            Playout::Silence,
+        ] {
             decoder.decode(&playout, &mut frame);
         }
         assert_eq!(frame, [0; FRAME_LEN]);
+        assert_eq!(decoder.fec_unavailable, 1, "FEC asked of a CELT-only packet");
         decoder.decode(
             &Playout::Packet(AudioPacket { seq: 1, timestamp_us: 0, opus: vec![0xff, 0xff] }),
             &mut frame,
