@@ -577,6 +577,10 @@ impl VirtioDevice for Sound {
         queue: &mut Queue,
         mem: &GuestMemory,
     ) -> Result<bool, DeviceError> {
+        // A driver may leave queues disabled (e.g. no capture): a kick for one is no error.
+        if !queue.ready() {
+            return Ok(false);
+        }
         match index {
             CONTROLQ => self.process_control(queue, mem),
             TXQ | RXQ => self.process_xfer(index, queue, mem),
@@ -835,6 +839,16 @@ mod tests {
         ok(&mut snd, &mem, &encode::stream(code::PCM_STOP, 0));
         ok(&mut snd, &mem, &encode::stream(code::PCM_RELEASE, 0));
         start(&mut snd, &mem, PLAYBACK_STREAM);
+    }
+
+    #[test]
+    fn a_disabled_queue_is_left_alone() {
+        let mem = memory();
+        let mut snd = Sound::new().unwrap();
+        for index in [CONTROLQ, EVENTQ, TXQ, RXQ] {
+            assert!(!snd.process_queue(index, &mut Queue::new(16).unwrap(), &mem).unwrap());
+        }
+        ok(&mut snd, &mem, &encode::query(code::PCM_INFO, 0, 2, 32));
     }
 
     #[test]
