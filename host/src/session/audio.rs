@@ -4,7 +4,11 @@
 //! - Playback: a thread takes what the sound device played from its
 //!   [`SoundHandle`] (it never blocks the device: the handle buffers a bounded second),
 //!   cuts it into 20 ms frames, encodes them with Opus (in-band FEC, the loss hint from the
-//!   client's `AudioFeedback`) and sends one `AudioPlayback` datagram per frame. Each carries
+//!   client's `AudioFeedback`) and sends one `AudioPlayback` datagram per frame. Opus keeps its
+//!   FEC in the SILK layer, which music at 96 kbit/s does not use (CELT-only, 20 kHz): while
+//!   the client reports loss of [`LOSSY_PERMILLE`] or more, the encoder is told the signal is
+//!   voice, which keeps it in hybrid mode (SILK + CELT, 12 kHz audio bandwidth) where lost
+//!   frames are recovered from the next packet instead of concealed. Each carries
 //!   when its first sample played on the device's period clock: the clock of the display
 //!   frames' `capture_us`, so the client can line the two up.
 //! - Record: `AudioRecord` datagrams are decoded in sequence order (a single lost frame from
@@ -12,11 +16,11 @@
 //!   Late, duplicate and malformed datagrams are dropped and counted; nothing ends the session.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::time::Duration;
 
 use audiopus::coder::{Decoder, Encoder};
-use audiopus::{Application, Bitrate, Channels, SampleRate};
+use audiopus::{Application, Bitrate, Channels, SampleRate, Signal};
 use pleiades_protocol::wire::{self, AUDIO_FRAME_SAMPLES, AudioPacket, Datagram, MAX_OPUS_BYTES, Side};
 
 use crate::devices::virtio::snd::{CHANNELS, SoundHandle};
@@ -28,6 +32,21 @@ const FRAME_US: u64 = 20_000;
 pub const PLAYBACK_BITRATE: i32 = 96_000;
 /// The loss hint before the client reports any, in percent.
 const DEFAULT_LOSS_HINT: u8 = 5;
+/// Reported loss (per mille) from which the encoder favours FEC over audio bandwidth.
+pub const LOSSY_PERMILLE: u16 = 10;
+/// No `AudioFeedback` yet.
+const NO_REPORT: u16 = u16::MAX;
+
+/// What the encoder is told for the loss the client reported (`NO_REPORT`: none yet): the
+/// loss hint in percent (a bit more than seen: FEC is cheap, gaps are not) and the signal.
+pub fn encoder_policy(loss_permille: u16) -> (u8, Signal) {
+    if loss_permille == NO_REPORT {
+        return (DEFAULT_LOSS_HINT, Signal::Auto);
+    }
+    let hint = (u32::from(loss_permille) / 10 + 1).clamp(1, 30) as u8;
+    let signal = if loss_permille >= LOSSY_PERMILLE { Signal::Voice } else { Signal::Auto };
+    (hint, signal)
+}
 /// The longest gap in the microphone stream that is concealed; longer ones are skipped.
 const MAX_CONCEALED_FRAMES: u64 = 5;
 
@@ -88,20 +107,24 @@ pub(crate) fn playback_loop(
     sound: &SoundHandle,
     conn: &quinn::Connection,
     stop: &AtomicBool,
-    loss_hint: &AtomicU8,
+    reported_loss: &AtomicU16,
     metrics: &AudioMetrics,
 ) -> Result<(), String> {
-    let mut hint = DEFAULT_LOSS_HINT;
-    let mut encoder = opus_encoder(PLAYBACK_BITRATE, hint)?;
+    let mut policy = encoder_policy(NO_REPORT);
+    let mut encoder = opus_encoder(PLAYBACK_BITRATE, policy.0)?;
     let mut framer = Framer::default();
     let mut seq = 0u32;
     let mut out = vec![0u8; MAX_OPUS_BYTES];
     sound.clear_playback();
     while !stop.load(Ordering::Relaxed) {
-        let wanted = loss_hint.load(Ordering::Relaxed);
-        if wanted != hint {
-            hint = wanted;
-            encoder.set_packet_loss_perc(hint).map_err(|e| e.to_string())?;
+        let wanted = encoder_policy(reported_loss.load(Ordering::Relaxed));
+        if wanted != policy {
+            if wanted.1 != policy.1 {
+                tracing::info!("audio: the client reports loss; Opus signal {:?}", wanted.1);
+            }
+            policy = wanted;
+            encoder.set_packet_loss_perc(policy.0).map_err(|e| e.to_string())?;
+            encoder.set_signal(policy.1).map_err(|e| e.to_string())?;
         }
         for chunk in sound.take_playback(Duration::from_millis(50)) {
             for (timestamp_us, frame) in framer.push(chunk.play_us, &chunk.samples) {
@@ -183,7 +206,7 @@ impl MicReceiver {
 pub(crate) async fn datagram_loop(
     conn: &quinn::Connection,
     sound: Option<SoundHandle>,
-    loss_hint: Arc<AtomicU8>,
+    reported_loss: Arc<AtomicU16>,
     metrics: Arc<AudioMetrics>,
 ) -> String {
     let mut mic = match MicReceiver::new() {
@@ -206,9 +229,7 @@ pub(crate) async fn datagram_loop(
                 }
             }
             Ok(Some(Datagram::AudioFeedback(f))) => {
-                // Tell the encoder a bit more loss than seen: FEC is cheap, gaps are not.
-                let percent = (u32::from(f.loss_permille) / 10 + 1).clamp(1, 30) as u8;
-                loss_hint.store(percent, Ordering::Relaxed);
+                reported_loss.store(f.loss_permille.min(1000), Ordering::Relaxed);
             }
             Ok(_) => {}
             Err(e) => {
@@ -220,9 +241,9 @@ pub(crate) async fn datagram_loop(
     }
 }
 
-/// The initial loss hint.
-pub(crate) fn loss_hint() -> Arc<AtomicU8> {
-    Arc::new(AtomicU8::new(DEFAULT_LOSS_HINT))
+/// The loss the client reported, shared by the datagram reader and the encoder.
+pub(crate) fn reported_loss() -> Arc<AtomicU16> {
+    Arc::new(AtomicU16::new(NO_REPORT))
 }
 
 #[cfg(test)]
@@ -250,6 +271,28 @@ mod tests {
         assert!(framer.push(1_040_000, &tone(100, 0)).is_empty());
         let frames = framer.push(9_000_000, &tone(960, 0));
         assert_eq!(frames.iter().map(|f| f.0).collect::<Vec<_>>(), vec![1_040_000, 9_000_000]);
+    }
+
+    #[test]
+    fn under_loss_the_encoder_keeps_the_fec_carrying_layer() {
+        assert_eq!(encoder_policy(NO_REPORT), (DEFAULT_LOSS_HINT, Signal::Auto));
+        assert_eq!(encoder_policy(0), (1, Signal::Auto));
+        assert_eq!(encoder_policy(20), (3, Signal::Voice));
+        assert_eq!(encoder_policy(1000), (30, Signal::Voice));
+        // Music at 96 kbit/s settles on CELT-only (TOC config >= 16: no FEC); told "voice" it
+        // stays hybrid (configs 12-15: a SILK layer with FEC).
+        for (signal, celt) in [(Signal::Auto, true), (Signal::Voice, false)] {
+            let mut encoder = opus_encoder(PLAYBACK_BITRATE, 3).unwrap();
+            encoder.set_signal(signal).unwrap();
+            let mut out = vec![0u8; MAX_OPUS_BYTES];
+            let mut last = 0;
+            for f in 0..50 {
+                let n = encoder.encode(&tone(960, f * 960), &mut out).unwrap();
+                assert!(n > 0);
+                last = out[0] >> 3;
+            }
+            assert_eq!(last >= 16, celt, "{signal:?}: TOC config {last}");
+        }
     }
 
     #[test]

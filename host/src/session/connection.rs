@@ -150,18 +150,18 @@ async fn run(
         })
     });
 
-    let loss_hint = super::audio::loss_hint();
+    let reported_loss = super::audio::reported_loss();
     let sound = shared.controller.sound().filter(|_| session.capabilities.contains(Capabilities::AUDIO));
     let playback = sound.clone().map(|sound| {
-        let (conn, stop, hint, metrics) =
-            (conn.clone(), stop.clone(), loss_hint.clone(), shared.audio.clone());
+        let (conn, stop, loss, metrics) =
+            (conn.clone(), stop.clone(), reported_loss.clone(), shared.audio.clone());
         std::thread::Builder::new().name(format!("audio-{}", session.session_id)).spawn(move || {
-            if let Err(e) = super::audio::playback_loop(&sound, &conn, &stop, &hint, &metrics) {
+            if let Err(e) = super::audio::playback_loop(&sound, &conn, &stop, &loss, &metrics) {
                 tracing::info!("audio playback ended: {e}");
             }
         })
     });
-    let datagrams = super::audio::datagram_loop(&conn, sound, loss_hint, shared.audio.clone());
+    let datagrams = super::audio::datagram_loop(&conn, sound, reported_loss, shared.audio.clone());
     let control = control_loop(&shared, &conn, control_recv, control_tx.clone(), pacer.clone());
     let input = input_loop(&shared, &conn);
     let pinger = ping_loop(control_tx.clone());
