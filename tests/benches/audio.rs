@@ -13,7 +13,7 @@
 //! - the same run's display update latency p50 (guest flush → client framebuffer), the
 //!   reference audio is lined up against (lip sync: their difference is the A/V offset);
 //! - kbit/s while audio flows, against 1536 kbit/s of the raw PCM;
-//! - frames recovered by FEC, concealed, and underruns.
+//! - frames recovered by FEC, concealed (no FEC data for them), and underruns.
 //!
 //! Both ends use CLOCK_MONOTONIC on this machine, so the latencies are true ones.
 //! `PLEIADES_BENCH_SECONDS` (default 6) sets the tone's length.
@@ -170,7 +170,7 @@ fn main() {
                     kbit,
                     kbit / RAW_PCM_KBIT_S * 100.0,
                     a["recovered_fec"],
-                    a["concealed"],
+                    a["concealed"].as_u64().unwrap_or(0) + a["fec_unavailable"].as_u64().unwrap_or(0),
                     a["underruns"],
                     r.lost,
                 );
