@@ -7,10 +7,12 @@
 //! - [`display`]: framebuffers per scanout, tiles and H.264 applied, per-frame stats (sans-IO).
 //! - [`recorder`]: the headless recorder behind `pleiades connect --headless --record DIR`.
 //! - [`script`] and [`keymap`]: the recorder's input script.
+//! - [`audio`]: playback through the jitter buffer and Opus (WAV when headless), the microphone.
 //! - [`clock`]: `CLOCK_MONOTONIC` µs, the clock the server stamps frames with.
 //!
 //! Guide: docs/client.md.
 
+pub mod audio;
 pub mod clock;
 pub mod connect;
 pub mod display;

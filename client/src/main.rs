@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use pleiades_client::audio::{Audio, AudioOptions};
 use pleiades_client::recorder::{self, RecordOptions};
 use pleiades_client::session::{Session, SessionOptions};
 use pleiades_client::{connect, script};
@@ -54,6 +55,28 @@ enum Cmd {
         /// Do not offer the cursor channel: the server draws the cursor into the frames.
         #[arg(long)]
         server_cursor: bool,
+        /// Send this WAV file (48 kHz, 16-bit, mono or stereo; looped) as the microphone.
+        #[arg(long, value_name = "FILE.wav")]
+        mic: Option<PathBuf>,
+        /// Do not offer audio.
+        #[arg(long)]
+        no_audio: bool,
+        /// Also play through the sound card (PulseAudio, else the default device); the WAV is
+        /// written either way.
+        #[arg(long)]
+        play: bool,
+        /// Use the sound card's microphone (unless --mic gives a file).
+        #[arg(long)]
+        mic_device: bool,
+    },
+    /// Check the sound card: play a 440 Hz tone (and record) for a while and print how many
+    /// frames went through, as JSON.
+    AudioTest {
+        #[arg(long, default_value_t = 1.0)]
+        seconds: f64,
+        /// Also record from the default input device.
+        #[arg(long)]
+        record: bool,
     },
 }
 
@@ -77,6 +100,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     match cli.command {
+        Cmd::AudioTest { seconds, record } => audio_test(seconds, record),
         Cmd::Connect { headless: false, .. } => {
             eprintln!("the windowed client is not built yet; use --headless");
             ExitCode::from(2)
@@ -90,6 +114,10 @@ fn main() -> ExitCode {
             name,
             no_h264,
             server_cursor,
+            mic,
+            no_audio,
+            play,
+            mic_device,
             headless: true,
         } => {
             let run = || -> anyhow::Result<()> {
@@ -115,6 +143,20 @@ fn main() -> ExitCode {
                         .capabilities
                         .difference(Capabilities::CURSOR_CHANNEL | Capabilities::CURSOR_DATAGRAMS);
                 }
+                if no_audio {
+                    options.capabilities = options.capabilities.difference(Capabilities::AUDIO);
+                }
+                let audio_options = AudioOptions {
+                    playback_wav: record.as_ref().map(|dir| dir.join("playback.wav")),
+                    mic_wav: mic,
+                    speaker: play,
+                    microphone: mic_device,
+                };
+                if let Some(dir) = &record {
+                    std::fs::create_dir_all(dir)
+                        .with_context(|| format!("cannot create {}", dir.display()))?;
+                }
+                let audio_json = record.as_ref().map(|dir| dir.join("audio.json"));
                 let record_options = RecordOptions { dir: record, duration, snapshot_every, script };
                 let runtime = tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(2)
@@ -125,7 +167,16 @@ fn main() -> ExitCode {
                     tracing::info!(host = %connection.host, port = connection.port, desktop = %connection.desktop, "connecting");
                     let connected = connect::connect(&connection).await?;
                     let session = Session::start(connected, &connection.ticket, options).await?;
-                    match recorder::record(session, record_options).await {
+                    let audio = Audio::start(&session.handle, audio_options)?;
+                    let recorded = recorder::record(session, record_options).await;
+                    if let Some(audio) = audio {
+                        let summary = audio.finish().await?;
+                        if let Some(path) = &audio_json {
+                            std::fs::write(path, serde_json::to_string_pretty(&summary)?)
+                                .with_context(|| format!("cannot write {}", path.display()))?;
+                        }
+                    }
+                    match recorded {
                         Ok(summary) => {
                             println!("{}", serde_json::to_string_pretty(&summary)?);
                             Ok(())
@@ -156,4 +207,42 @@ fn read_script(path: &std::path::Path) -> anyhow::Result<String> {
         bail!("input script {} is larger than {} MiB", path.display(), MAX_SCRIPT_BYTES >> 20);
     }
     std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// `pleiades audio-test`: the sound card plays (and records) for `seconds`.
+fn audio_test(seconds: f64, record: bool) -> ExitCode {
+    use pleiades_client::audio::device::{Microphone, Speaker};
+    let run = || -> Result<serde_json::Value, String> {
+        let seconds = seconds.clamp(0.1, 60.0);
+        let speaker = Speaker::open()?;
+        let microphone = if record { Some(Microphone::open()?) } else { None };
+        let frames = (seconds * 48_000.0) as usize;
+        let tone: Vec<i16> = (0..frames)
+            .flat_map(|i| {
+                let v = (8000.0 * (2.0 * std::f64::consts::PI * 440.0 * i as f64 / 48_000.0).sin()) as i16;
+                [v, v]
+            })
+            .collect();
+        let started = std::time::Instant::now();
+        for chunk in tone.chunks(1920) {
+            speaker.play(chunk);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(serde_json::json!({
+            "seconds": started.elapsed().as_secs_f64(),
+            "played_frames": speaker.frames_played(),
+            "captured_frames": microphone.as_ref().map_or(0, Microphone::frames_captured),
+        }))
+    };
+    match run() {
+        Ok(report) => {
+            println!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("pleiades: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

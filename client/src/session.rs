@@ -5,7 +5,7 @@
 //!                   └─ reader task (Ping → Pong, Pong → RTT, DisplayLayout, Goodbye)
 //! input uni-stream  ── writer task (the input API's messages, highest priority)
 //! server uni-streams── one task each: display (decode, present, FrameAck) or cursor
-//! datagrams         ── cursor positions, latest wins
+//! datagrams         ── cursor positions, latest wins; audio frames to [`crate::audio`]
 //! ```
 //!
 //! Tasks talk through bounded channels and one shared state (surfaces, cursor, layout, RTT).
@@ -24,9 +24,9 @@ use pleiades_protocol::handshake::{self, Capabilities, ClientHandshake, Handshak
 use pleiades_protocol::pacing::RttEstimator;
 use pleiades_protocol::transport::{self, MAX_DISPLAY_STREAMS, error_code, priority};
 use pleiades_protocol::wire::{
-    self, Channel, ChannelMessage, ClientStats, ControlMessage, CursorMessage, CursorPosition, CursorShape,
-    Datagram, DisplayMessage, FrameAck, Goodbye, GoodbyeReason, InputMessage, Key, Monitor, MonitorSize,
-    Ping, PointerAbs, Pong, Side, StreamDecoder, Wheel,
+    self, AudioPacket, Channel, ChannelMessage, ClientStats, ControlMessage, CursorMessage, CursorPosition,
+    CursorShape, Datagram, DisplayMessage, FrameAck, Goodbye, GoodbyeReason, InputMessage, Key, Monitor,
+    MonitorSize, Ping, PointerAbs, Pong, Side, StreamDecoder, Wheel,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -65,7 +65,8 @@ impl Default for SessionOptions {
                 | Capabilities::H264
                 | Capabilities::CURSOR_CHANNEL
                 | Capabilities::CURSOR_DATAGRAMS
-                | Capabilities::DYNAMIC_LAYOUT,
+                | Capabilities::DYNAMIC_LAYOUT
+                | Capabilities::AUDIO,
         }
     }
 }
@@ -120,6 +121,8 @@ struct Shared {
     closing: AtomicBool,
     /// Set once a `Goodbye` arrived.
     goodbye: AtomicBool,
+    /// Where audio datagrams go (the player), once it listens.
+    audio: Mutex<Option<mpsc::Sender<AudioPacket>>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -235,6 +238,7 @@ impl Session {
             counters: Counters::default(),
             closing: AtomicBool::new(false),
             goodbye: AtomicBool::new(false),
+            audio: Mutex::new(None),
         });
         let (control_tx, control_rx) = mpsc::channel(SEND_QUEUE);
         let (input_tx, input_rx) = mpsc::channel(SEND_QUEUE);
@@ -270,6 +274,21 @@ impl Session {
 }
 
 impl SessionHandle {
+    /// The playback stream's packets from now on (a full queue drops packets: the jitter
+    /// buffer conceals them).
+    pub fn audio_packets(&self, capacity: usize) -> mpsc::Receiver<AudioPacket> {
+        let (tx, rx) = mpsc::channel(capacity);
+        *lock(&self.shared.audio) = Some(tx);
+        rx
+    }
+
+    /// Sends a datagram (microphone, audio feedback). Datagrams may be lost; so may this one.
+    pub fn send_datagram(&self, datagram: &Datagram) -> Result<(), ClientError> {
+        self.connection
+            .send_datagram(wire::encode_datagram(datagram).into())
+            .map_err(|e| ClientError::Setup(format!("cannot send a datagram: {e}")))
+    }
+
     /// What the handshake agreed on.
     pub fn info(&self) -> &handshake::Session {
         &self.info
@@ -719,6 +738,14 @@ async fn read_datagrams(handle: SessionHandle) {
     while let Ok(datagram) = handle.connection.read_datagram().await {
         match wire::decode_datagram(&datagram) {
             Ok(Some(Datagram::CursorPosition(position))) => apply_position(&handle, position),
+            Ok(Some(Datagram::AudioPlayback(packet))) => {
+                let sender = lock(&handle.shared.audio).clone();
+                if let Some(sender) = sender
+                    && sender.try_send(packet).is_err()
+                {
+                    handle.shared.counters.datagrams_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
             Ok(Some(_)) | Ok(None) => {}
             Err(error) => {
                 handle.shared.counters.datagrams_dropped.fetch_add(1, Ordering::Relaxed);

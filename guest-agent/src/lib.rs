@@ -5,9 +5,10 @@
 //! (release, CPUs, memory, the virtio devices whose drivers bound) and the agent prints it on
 //! the serial console as one line, `PLEIADES-READY {json}`, that the host side parses with
 //! [`ready::parse_ready_line`]. It also powers the guest off cleanly when the host presses the
-//! virtual ACPI power button ([`power`]), and draws the test and benchmark workloads
-//! ([`workload`]).
+//! virtual ACPI power button ([`power`]), draws the test and benchmark workloads
+//! ([`workload`]), and plays and records sound for the audio tests ([`sound`]).
 
 pub mod power;
 pub mod ready;
+pub mod sound;
 pub mod workload;

@@ -29,6 +29,27 @@ enum Command {
         #[arg(long, default_value_t = 10.0)]
         seconds: f64,
     },
+    /// Play a sine tone on the first sound card (/dev/snd/pcmC0D0p), then print
+    /// `PLEIADES-TONE {json}` (frames and RMS written).
+    Tone {
+        #[arg(long, default_value_t = 440.0)]
+        freq: f64,
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        /// Peak level, 0 to 1 of full scale.
+        #[arg(long, default_value_t = 0.5)]
+        amplitude: f64,
+        #[arg(long, default_value = "/dev/snd/pcmC0D0p")]
+        device: PathBuf,
+    },
+    /// Record from the first sound card (/dev/snd/pcmC0D0c) and print the left channel as a
+    /// mono WAV in base64 between PLEIADES-WAV-BEGIN and PLEIADES-WAV-END lines.
+    Record {
+        #[arg(long, default_value_t = 1.0)]
+        seconds: f64,
+        #[arg(long, default_value = "/dev/snd/pcmC0D0c")]
+        device: PathBuf,
+    },
     /// Wait for the ACPI power button and then run `poweroff` (the host's clean shutdown).
     PowerButton {
         /// Command to run when the button is pressed.
@@ -51,6 +72,33 @@ fn main() -> ExitCode {
             }
         },
         Command::PowerButton { action } => power_button(&action),
+        Command::Tone { freq, seconds, amplitude, device } => {
+            match pleiades_agent::sound::tone(&device, freq, amplitude.clamp(0.0, 1.0), seconds) {
+                Ok(report) => {
+                    println!("PLEIADES-TONE {}", serde_json::to_string(&report).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("pleiades-agent: cannot play on {}: {e}", device.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Record { seconds, device } => match pleiades_agent::sound::record(&device, seconds) {
+            Ok(samples) => {
+                let text = pleiades_agent::sound::base64(&pleiades_agent::sound::wav(&samples));
+                println!("PLEIADES-WAV-BEGIN");
+                for line in text.as_bytes().chunks(76) {
+                    println!("{}", String::from_utf8_lossy(line));
+                }
+                println!("PLEIADES-WAV-END");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("pleiades-agent: cannot record from {}: {e}", device.display());
+                ExitCode::FAILURE
+            }
+        },
         Command::Workload { workload, seconds } => {
             let run = || -> std::io::Result<u64> {
                 let mut fb = pleiades_agent::workload::FbDev::open(std::path::Path::new("/"), 0)?;

@@ -162,6 +162,10 @@ pub trait Controller: Send + Sync {
     fn display(&self) -> Option<GpuHandle> {
         None
     }
+    /// The sound device's host side (played audio, microphone), if the VM has one.
+    fn sound(&self) -> Option<crate::devices::virtio::snd::SoundHandle> {
+        None
+    }
     /// Asks the guest to use these monitor sizes, left to right.
     fn set_layout(&self, _sizes: &[(u32, u32)]) -> Result<(), String> {
         Err(NO_GPU.into())

@@ -82,7 +82,7 @@ struct RunArgs {
     /// with Pleiades' devices over vhost-user (default elsewhere).
     #[arg(long)]
     vmm: Option<Vmm>,
-    /// A virtio device: `rng`, `console`, `keyboard`, `tablet` or `gpu`, optionally
+    /// A virtio device: `rng`, `console`, `keyboard`, `tablet`, `gpu` or `sound` (`snd`), optionally
     /// `,backend=in-process|vhost-user`; the gpu takes `,heads=N` (monitors, 1-16) and
     /// `,memory-mib=M` (the cap on host memory the guest can make it allocate, default 256).
     /// Repeat for several devices.
@@ -208,6 +208,10 @@ enum DeviceKind {
     /// virtio-gpu 2D for QEMU's `vhost-user-gpu-pci` (one monitor; the display goes to QEMU's
     /// console). `pleiades-host run` serves its GPU itself, to keep the display for its sink.
     Gpu,
+    /// virtio-snd for QEMU's `vhost-user-snd-pci`: plays into nothing, records silence.
+    /// `pleiades-host run` serves its sound device itself, to stream it to the client.
+    #[value(alias = "snd")]
+    Sound,
 }
 
 fn main() -> ExitCode {
@@ -281,10 +285,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Device { kind, socket, events } => {
             let device: Box<dyn VirtioDevice> = match kind {
-                DeviceKind::Rng | DeviceKind::Console | DeviceKind::Gpu if events.is_some() => {
+                DeviceKind::Rng | DeviceKind::Console | DeviceKind::Gpu | DeviceKind::Sound
+                    if events.is_some() =>
+                {
                     anyhow::bail!("--events is for keyboard and tablet")
                 }
                 DeviceKind::Gpu => Box::new(Gpu::new(&GpuConfig::default())?),
+                DeviceKind::Sound => Box::new(pleiades_host::devices::virtio::snd::Sound::new()?),
                 DeviceKind::Rng => Box::new(Rng::new()?),
                 DeviceKind::Console => Box::new(Console::new(Box::new(std::io::stdout()), None)),
                 DeviceKind::Keyboard | DeviceKind::Tablet => {

@@ -20,6 +20,7 @@ use crate::devices::virtio::console::Console;
 use crate::devices::virtio::gpu::{Gpu, GpuHandle};
 use crate::devices::virtio::input::{Input, InputEvent, InputSender, events_socket};
 use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::snd::{Sound, SoundHandle};
 use crate::devices::virtio::{DeviceType, VirtioDevice};
 use crate::vm::{DeviceBackend, DeviceRequest, SerialOut};
 use crate::vmm::{DeviceSpec, ExitReason, Vm, VmConfig, VmHandle};
@@ -52,6 +53,9 @@ fn device_type(kind: &str) -> Result<DeviceType> {
         "gpu" => bail!(
             "--vmm pleiades runs the GPU in-process (its display sink feeds the host's encoder and screenshots); drop `,backend=vhost-user` from --device gpu"
         ),
+        "sound" => bail!(
+            "--vmm pleiades runs the sound device in-process (its audio goes to the session server); drop `,backend=vhost-user` from --device sound"
+        ),
         other => bail!("unknown device {other}"),
     })
 }
@@ -79,6 +83,7 @@ impl PleiadesVm {
         let mut backends = Vec::new();
         let mut inputs = Vec::new();
         let mut gpu = None;
+        let mut sound = None;
         for (i, request) in devices.iter().enumerate() {
             match request.backend.unwrap_or(DeviceBackend::InProcess) {
                 DeviceBackend::VhostUser => {
@@ -111,6 +116,14 @@ impl PleiadesVm {
                             gpu = Some(device.handle());
                             Box::new(device)
                         }
+                        "sound" => {
+                            if sound.is_some() {
+                                bail!("one --device sound per VM");
+                            }
+                            let device = Sound::new()?;
+                            sound = Some(device.handle());
+                            Box::new(device)
+                        }
                         other => bail!("unknown device {other}"),
                     };
                     specs.push(DeviceSpec::Virtio(device));
@@ -125,7 +138,7 @@ impl PleiadesVm {
         config.serial = serial.clone();
         config.devices = specs;
         let vm = Vm::new(config)?;
-        let controller = Arc::new(PleiadesController { handle: vm.handle(), inputs, gpu });
+        let controller = Arc::new(PleiadesController { handle: vm.handle(), inputs, gpu, sound });
         Ok(Self { vm, controller, _backends: backends, _scratch: scratch })
     }
 
@@ -144,6 +157,7 @@ struct PleiadesController {
     handle: VmHandle,
     inputs: Vec<(&'static str, InputRoute)>,
     gpu: Option<GpuHandle>,
+    sound: Option<SoundHandle>,
 }
 
 impl Controller for PleiadesController {
@@ -152,7 +166,14 @@ impl Controller for PleiadesController {
         if let Some(gpu) = &self.gpu {
             status["gpu"] = gpu.status();
         }
+        if let Some(sound) = &self.sound {
+            status["sound"] = sound.status();
+        }
         status
+    }
+
+    fn sound(&self) -> Option<SoundHandle> {
+        self.sound.clone()
     }
 
     fn shutdown(&self) -> Result<(), String> {

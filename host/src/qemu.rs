@@ -23,8 +23,10 @@ use crate::backends::{Backend, start_backend};
 use crate::config::BootSpec;
 use crate::control::{Controller, InputDevice};
 use crate::devices::vhost_user;
+use crate::devices::virtio::VirtioDevice;
 use crate::devices::virtio::gpu::{Gpu, GpuHandle};
 use crate::devices::virtio::input::{InputEvent, events_socket};
+use crate::devices::virtio::snd::{Sound, SoundHandle};
 use crate::qemu_display::{self, QemuDisplay};
 use crate::vm::{DeviceBackend, DeviceRequest};
 use crate::vmm::SerialOut;
@@ -43,6 +45,7 @@ fn vhost_user_device(kind: &str) -> Result<&'static str> {
         "rng" => "vhost-user-rng-pci",
         "keyboard" | "tablet" => "vhost-user-input-pci",
         "gpu" => "vhost-user-gpu-pci",
+        "sound" => "vhost-user-snd-pci",
         other => bail!(
             "the {other} device cannot be attached to QEMU over vhost-user (QEMU has no vhost-user {other}); use --vmm pleiades"
         ),
@@ -113,20 +116,36 @@ struct QemuDevice {
 fn serve_gpu(request: &DeviceRequest, socket: &Path) -> Result<GpuHandle> {
     let gpu = Gpu::new(&request.gpu_config()).context("cannot create the GPU")?;
     let handle = gpu.handle();
+    serve_in_thread(Box::new(gpu), socket)?;
+    Ok(handle)
+}
+
+/// The sound device, served from this process like the GPU: its audio goes to the session
+/// server in this process.
+fn serve_sound(socket: &Path) -> Result<SoundHandle> {
+    let sound = Sound::new().context("cannot create the sound device")?;
+    let handle = sound.handle();
+    serve_in_thread(Box::new(sound), socket)?;
+    Ok(handle)
+}
+
+/// Serves `device` over vhost-user on a thread of this process and waits for its socket.
+fn serve_in_thread(device: Box<dyn VirtioDevice>, socket: &Path) -> Result<()> {
+    let name = device.device_type().name();
     let path = socket.to_owned();
-    std::thread::Builder::new().name("vhost-user-gpu".into()).spawn(move || {
-        if let Err(e) = vhost_user::serve(Box::new(gpu), &path) {
-            tracing::error!("the GPU backend stopped: {e:#}");
+    std::thread::Builder::new().name(format!("vhost-user-{name}")).spawn(move || {
+        if let Err(e) = vhost_user::serve(device, &path) {
+            tracing::error!("the {name} backend stopped: {e:#}");
         }
     })?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while !socket.exists() {
         if Instant::now() > deadline {
-            bail!("the GPU backend did not listen on {} within 10 s", socket.display());
+            bail!("the {name} backend did not listen on {} within 10 s", socket.display());
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    Ok(handle)
+    Ok(())
 }
 
 /// A QMP connection (QEMU's JSON machine protocol).
@@ -216,6 +235,7 @@ pub struct QemuVm {
     qmp: Arc<Mutex<Qmp>>,
     backends: Vec<Backend>,
     gpu: Option<GpuHandle>,
+    sound: Option<SoundHandle>,
     display: Option<Arc<Mutex<QemuDisplay>>>,
     status: Arc<StatusInfo>,
     _scratch: tempfile::TempDir,
@@ -242,6 +262,7 @@ impl QemuVm {
         let mut qemu_devices = Vec::new();
         let mut device_info = Vec::new();
         let mut gpu = None;
+        let mut sound = None;
         for (i, device) in devices.iter().enumerate() {
             if device.backend == Some(DeviceBackend::InProcess) {
                 bail!(
@@ -263,6 +284,13 @@ impl QemuVm {
                 options = format!(",id={GPU_ID},max_outputs={heads},event_idx=off,queue_reset=off");
                 device_info.push(json!({"kind": "gpu", "backend": "vhost-user", "heads": heads, "pid": std::process::id()}));
                 gpu = Some(handle);
+            } else if device.kind == "sound" {
+                if sound.is_some() {
+                    bail!("one --device sound per VM");
+                }
+                sound = Some(serve_sound(&socket)?);
+                device_info
+                    .push(json!({"kind": "sound", "backend": "vhost-user", "pid": std::process::id()}));
             } else {
                 let backend = start_backend(device.kind, &socket)?;
                 device_info
@@ -302,6 +330,7 @@ impl QemuVm {
             qmp: Arc::new(Mutex::new(qmp)),
             backends,
             gpu,
+            sound,
             display,
             status: Arc::new(StatusInfo {
                 started: Instant::now(),
@@ -321,6 +350,7 @@ impl QemuVm {
             status: self.status.clone(),
             inputs: self.backends.iter().filter_map(|b| Some((b.kind, b.events.clone()?))).collect(),
             gpu: self.gpu.clone(),
+            sound: self.sound.clone(),
             display: self.display.clone(),
         })
     }
@@ -348,6 +378,7 @@ struct QemuController {
     /// (kind, events socket) of each input backend.
     inputs: Vec<(&'static str, PathBuf)>,
     gpu: Option<GpuHandle>,
+    sound: Option<SoundHandle>,
     /// QEMU's display, which raises the guest's display-change event (see [`qemu_display`]).
     display: Option<Arc<Mutex<QemuDisplay>>>,
 }
@@ -371,7 +402,12 @@ impl Controller for QemuController {
             "qemu_pid": lock(&self.qemu).id(),
             "devices": s.devices,
             "gpu": self.gpu.as_ref().map(GpuHandle::status),
+            "sound": self.sound.as_ref().map(SoundHandle::status),
         })
+    }
+
+    fn sound(&self) -> Option<SoundHandle> {
+        self.sound.clone()
     }
 
     fn shutdown(&self) -> Result<(), String> {

@@ -59,13 +59,16 @@ impl DeviceRequest {
 }
 
 /// Device kinds `pleiades-host run --device` knows.
-pub const DEVICE_KINDS: &[&str] = &["rng", "console", "keyboard", "tablet", "gpu"];
+pub const DEVICE_KINDS: &[&str] = &["rng", "console", "keyboard", "tablet", "gpu", "sound"];
 
 impl FromStr for DeviceRequest {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let mut parts = s.split(',');
-        let name = parts.next().unwrap_or_default();
+        let name = match parts.next().unwrap_or_default() {
+            "snd" => "sound",
+            name => name,
+        };
         let kind = DEVICE_KINDS
             .iter()
             .find(|k| **k == name)
@@ -114,7 +117,8 @@ mod tests {
         );
         assert!("gpu,heads=17".parse::<DeviceRequest>().unwrap_err().contains("1 to 16"));
         assert!("rng,heads=2".parse::<DeviceRequest>().is_err(), "heads is a gpu option");
-        assert!("sound".parse::<DeviceRequest>().unwrap_err().contains("known: rng"));
+        assert!("speaker".parse::<DeviceRequest>().unwrap_err().contains("known: rng"));
+        assert_eq!("snd".parse::<DeviceRequest>(), Ok(DeviceRequest::new("sound")));
         assert!("rng,fast".parse::<DeviceRequest>().is_err());
         assert_eq!("stdio".parse::<SerialOut>(), Ok(SerialOut::Stdio));
         assert_eq!("/tmp/s".parse::<SerialOut>(), Ok(SerialOut::File("/tmp/s".into())));

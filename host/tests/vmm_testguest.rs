@@ -181,6 +181,31 @@ fn the_test_guest_receives_events_sent_while_it_waits() {
 }
 
 #[test]
+fn the_test_guest_plays_on_the_in_process_sound_device() {
+    use pleiades_host::devices::virtio::snd::Sound;
+    // Pleiades' VMM with virtio-snd in-process: control requests good and bad (an unsupported
+    // rate, START before PREPARE, a stream started twice, an unknown stream), then three
+    // 10 ms periods on the tx queue, completed by the device's period clock with OK statuses.
+    let sound = Sound::new().unwrap();
+    let handle = sound.handle();
+    let (reason, report, output) = boot_with("expect=sound", 1, vec![DeviceSpec::Virtio(Box::new(sound))]);
+    assert_eq!(report["result"], "pass", "serial:\n{output}");
+    let device = &report["devices"][0];
+    assert_eq!(device["kind"], "sound", "{report:#}");
+    assert_eq!((device["control_ok"].as_u64(), device["periods"].as_u64()), (Some(10), Some(3)), "{device}");
+    eprintln!("three 10 ms periods completed in {} µs (the period clock)", device["tx_us"]);
+    let played = handle.take_playback(Duration::ZERO);
+    assert_eq!(
+        played.iter().map(|c| c.samples.len()).sum::<usize>(),
+        3 * 960,
+        "the periods reached the sink"
+    );
+    assert_eq!(played[0].samples[0], i16::from_le_bytes([0x11, 0x11]));
+    assert!(handle.metrics().bad_requests.load(std::sync::atomic::Ordering::Relaxed) >= 4);
+    assert_eq!(reason, ExitReason::PowerOff);
+}
+
+#[test]
 fn the_test_guest_drives_the_gpu_with_good_and_hostile_commands() {
     use pleiades_host::devices::virtio::gpu::{Gpu, GpuConfig};
     // Normal: display info, EDID, a scatter-gather resource flushed to scanout 0, the cursor.

@@ -52,7 +52,7 @@ impl Capabilities {
     pub const CURSOR_DATAGRAMS: Self = Self(1 << 3);
     /// The guest follows `RequestLayout` (resize-to-window).
     pub const DYNAMIC_LAYOUT: Self = Self(1 << 4);
-    /// Reserved for the audio channel (a later version).
+    /// The audio channel: Opus playback and microphone datagrams (channel 4).
     pub const AUDIO: Self = Self(1 << 5);
     /// Reserved for USB redirection (a later version).
     pub const USB: Self = Self(1 << 6);
@@ -65,7 +65,8 @@ impl Capabilities {
             | Self::H264.0
             | Self::CURSOR_CHANNEL.0
             | Self::CURSOR_DATAGRAMS.0
-            | Self::DYNAMIC_LAYOUT.0,
+            | Self::DYNAMIC_LAYOUT.0
+            | Self::AUDIO.0,
     );
 
     pub const fn empty() -> Self {
@@ -394,7 +395,7 @@ mod tests {
 
     #[test]
     fn accepted_session_agrees_on_both_sides() {
-        let client_caps = Capabilities::ZSTD_TILES | Capabilities::CURSOR_CHANNEL | Capabilities::AUDIO;
+        let client_caps = Capabilities::ZSTD_TILES | Capabilities::CURSOR_CHANNEL | Capabilities::USB;
         let mut client = ClientHandshake::new("pt1.x", "laptop", client_caps);
         let server = ServerHandshake::new("host-a", Capabilities::SUPPORTED);
         let ServerOutcome::Accept { reply, session, claims: got } =

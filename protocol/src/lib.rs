@@ -8,6 +8,7 @@
 //!   and the incremental [`wire::StreamDecoder`]. Format: `docs/protocol.md`.
 //! - [`hostapi`]: the messages between `pleiades-host serve` and the broker (JSON).
 //! - [`handshake`]: `Hello` → `Welcome`/`Refused`, version and capability negotiation.
+//! - [`jitter`]: the audio receiver's adaptive jitter buffer (FEC, concealment, underruns).
 //! - [`transport`]: how channels map onto QUIC streams and datagrams, priorities, error codes.
 //! - [`keys`]: evdev key codes of a US layout (characters and key names).
 //! - [`pinning`]: certificate pinning (SHA-256 of the DER certificate); the rustls verifier
@@ -42,6 +43,7 @@
 pub mod connfile;
 pub mod handshake;
 pub mod hostapi;
+pub mod jitter;
 pub mod keys;
 pub mod pacing;
 pub mod pinning;

@@ -73,6 +73,7 @@ impl Channel {
     pub fn from_uni_prelude(byte: u8) -> Result<Channel, ChannelError> {
         match Channel::from_id(byte)? {
             Channel::Control => Err(ChannelError::ControlOnUniStream),
+            Channel::Audio => Err(ChannelError::DatagramsOnly(Channel::Audio)),
             channel => Ok(channel),
         }
     }

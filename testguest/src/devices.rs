@@ -45,6 +45,7 @@ pub enum TestError {
     Rng(RngResult),
     Gpu(crate::gpu::GpuError),
     Input(crate::input::InputError),
+    Sound(crate::sound::SoundError),
 }
 
 impl From<VirtioError> for TestError {
@@ -58,6 +59,7 @@ impl fmt::Display for TestError {
         match self {
             Self::Virtio(e) => e.fmt(f),
             Self::Gpu(e) => e.fmt(f),
+            Self::Sound(e) => e.fmt(f),
             Self::Input(e) => e.fmt(f),
             Self::Rng(r) => write!(
                 f,

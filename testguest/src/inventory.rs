@@ -13,6 +13,7 @@ use crate::pci::{BarWindow, Bdf, Bus};
 use crate::pvh::StartInfo;
 use crate::report::{Errors, FixedStr, JsonStr};
 use crate::serial::log;
+use crate::sound::{self, SoundResult};
 use crate::virtio::{self, DeviceType, VirtioPci};
 
 /// What the result line says about one virtio device.
@@ -33,6 +34,7 @@ struct Entry {
     console: Option<ConsoleResult>,
     gpu: Option<GpuResult>,
     input: Option<InputResult>,
+    sound: Option<SoundResult>,
 }
 
 impl Entry {
@@ -60,6 +62,9 @@ impl Entry {
         }
         if let Some(i) = &self.input {
             i.write_json(out)?;
+        }
+        if let Some(s) = &self.sound {
+            s.write_json(out)?;
         }
         write!(out, ",\"msix\":{}", self.msix)?;
         if self.tested {
@@ -108,6 +113,7 @@ impl Inventory {
                 console: None,
                 gpu: None,
                 input: None,
+                sound: None,
             };
             match virtio::probe(function, kind, window, info, reassign_bars) {
                 Ok((device, assigned)) => {
@@ -136,7 +142,7 @@ impl Inventory {
         &mut self.virtio
     }
 
-    /// Runs the test of every device kind the guest knows (rng, console, gpu, input).
+    /// Runs the test of every device kind the guest knows (rng, console, gpu, input, sound).
     pub fn test_all(&mut self, config: &Config, errors: &mut Errors) {
         for (slot, (entry, device)) in self.entries.iter_mut().zip(self.virtio.iter_mut()).enumerate() {
             let (Some(entry), Some(device)) = (entry.as_mut(), device.as_mut()) else { continue };
@@ -156,6 +162,11 @@ impl Inventory {
                     let (result, outcome) = input::test(device, &memory, config.mode);
                     entry.input = Some(result);
                     Some(outcome.map_err(TestError::Input))
+                }
+                DeviceType::SOUND => {
+                    let (result, outcome) = sound::test(device, &memory);
+                    entry.sound = Some(result);
+                    Some(outcome.map_err(TestError::Sound))
                 }
                 _ => None,
             };

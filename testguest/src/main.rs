@@ -80,6 +80,7 @@ mod power;
 mod pvh;
 mod report;
 mod serial;
+mod sound;
 mod time;
 mod virtio;
 

@@ -41,6 +41,7 @@ impl DeviceType {
     pub const RNG: Self = Self(4);
     pub const GPU: Self = Self(16);
     pub const INPUT: Self = Self(18);
+    pub const SOUND: Self = Self(25);
 
     pub fn from_name(name: &str) -> Option<Self> {
         TYPE_NAMES.iter().find(|(_, n)| *n == name).map(|(id, _)| Self(*id))
@@ -504,6 +505,34 @@ impl VirtioPci {
         self.queue_vector_ok = true;
         for (index, slot) in queues.iter_mut().enumerate().take(usize::from(queue_count.min(2))) {
             match self.setup_queue(index as u16, memory.queues[index]) {
+                Ok(q) => *slot = Some(q),
+                Err(e) => {
+                    self.set_status(STATUS_FAILED);
+                    return Err(e);
+                }
+            }
+        }
+        self.set_status(FEATURES_OK | STATUS_DRIVER_OK);
+        Ok(queues)
+    }
+
+    /// [`Self::start`] with the queues of the given indices (in the device's two queue pages),
+    /// e.g. virtio-snd's control queue 0 and tx queue 2; the others stay disabled.
+    pub fn start_indices(
+        &mut self,
+        memory: &DeviceMemory,
+        indices: [u16; 2],
+    ) -> Result<[Option<Virtqueue>; 2], VirtioError> {
+        self.common.write16(CONFIG_MSIX_VECTOR, NO_VECTOR);
+        let available = self.common.read16(NUM_QUEUES);
+        if available <= indices[0].max(indices[1]) {
+            self.set_status(STATUS_FAILED);
+            return Err(VirtioError::TooFewQueues(available));
+        }
+        let mut queues = [None, None];
+        self.queue_vector_ok = true;
+        for (slot, (index, page)) in queues.iter_mut().zip(indices.iter().zip(memory.queues)) {
+            match self.setup_queue(*index, page) {
                 Ok(q) => *slot = Some(q),
                 Err(e) => {
                     self.set_status(STATUS_FAILED);

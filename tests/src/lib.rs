@@ -12,6 +12,7 @@
 //!
 //! - [`stack`]: the broker and a host daemon from the real binaries, with users, the test
 //!   image and a pool (the demo and `broker_e2e`).
+//! - [`audio`]: tone analysis (Goertzel scan, RMS, gaps) and WAV helpers for the audio tests.
 //! - [`linkem`]: a link emulator (delay, loss, rate, down/up) for QUIC between client and host.
 //!
 //! The tests in `tests/` use these to run the real pieces together.
@@ -31,6 +32,7 @@ pub fn workspace_binary(name: &str) -> Result<std::path::PathBuf, String> {
         Err(format!("{} is missing: build it first (`cargo build --workspace`)", path.display()))
     }
 }
+pub mod audio;
 pub mod image;
 pub mod linkem;
 pub mod postgres;

@@ -150,6 +150,18 @@ async fn run(
         })
     });
 
+    let reported_loss = super::audio::reported_loss();
+    let sound = shared.controller.sound().filter(|_| session.capabilities.contains(Capabilities::AUDIO));
+    let playback = sound.clone().map(|sound| {
+        let (conn, stop, loss, metrics) =
+            (conn.clone(), stop.clone(), reported_loss.clone(), shared.audio.clone());
+        std::thread::Builder::new().name(format!("audio-{}", session.session_id)).spawn(move || {
+            if let Err(e) = super::audio::playback_loop(&sound, &conn, &stop, &loss, &metrics) {
+                tracing::info!("audio playback ended: {e}");
+            }
+        })
+    });
+    let datagrams = super::audio::datagram_loop(&conn, sound, reported_loss, shared.audio.clone());
     let control = control_loop(&shared, &conn, control_recv, control_tx.clone(), pacer.clone());
     let input = input_loop(&shared, &conn);
     let pinger = ping_loop(control_tx.clone());
@@ -157,11 +169,12 @@ async fn run(
         reason = control => tracing::info!("session {}: control ended: {reason}", session.session_id),
         reason = input => tracing::info!("session {}: input ended: {reason}", session.session_id),
         _ = pinger => {}
+        reason = datagrams => tracing::info!("session {}: datagrams ended: {reason}", session.session_id),
         e = conn.closed() => tracing::info!("session {}: closed: {e}", session.session_id),
     }
     stop.store(true, Ordering::Relaxed);
     writer.abort();
-    if let Some(Ok(thread)) = display {
+    for thread in [display, playback].into_iter().flatten().flatten() {
         let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     }
     let mut current = lock(&shared.current);

@@ -10,13 +10,15 @@
 //!   (pings, frame acks, layout requests), input stream, and the display thread that encodes
 //!   the sink's damage ([`crate::display`]) when the pacer allows (about one frame in flight,
 //!   latest wins: damage accumulates in the sink while a frame is out);
-//! - [`input`]: protocol input → virtio-input events, with a rate limit.
+//! - [`input`]: protocol input → virtio-input events, with a rate limit;
+//! - [`audio`]: the sound device's playback as Opus datagrams, the client's microphone back.
 //!
 //! One client per desktop: a new connection with a valid ticket takes over, and the previous
 //! one is closed with the reason "replaced" (reconnect after a network change works the same
 //! way). Threads: a small tokio runtime for QUIC, and one display thread per connection (the
 //! encoder is CPU-bound).
 
+pub mod audio;
 pub mod connection;
 pub mod input;
 pub mod tls;
@@ -67,6 +69,7 @@ pub(crate) struct Shared {
     pub current: Mutex<Option<(u64, quinn::Connection)>>,
     pub next_session: AtomicU64,
     pub metrics: SessionMetrics,
+    pub audio: Arc<audio::AudioMetrics>,
 }
 
 /// Counters of the session server, for `ctl status`.
@@ -114,11 +117,14 @@ impl SessionServer {
             .block_on(async { quinn::Endpoint::server(server_config, config.listen) })
             .map_err(|e| anyhow::anyhow!("cannot listen on {} (UDP): {e}", config.listen))?;
         let local_addr = endpoint.local_addr()?;
-        let capabilities = Capabilities::ZSTD_TILES
+        let mut capabilities = Capabilities::ZSTD_TILES
             | Capabilities::H264
             | Capabilities::CURSOR_CHANNEL
             | Capabilities::CURSOR_DATAGRAMS
             | Capabilities::DYNAMIC_LAYOUT;
+        if controller.sound().is_some() {
+            capabilities = capabilities | Capabilities::AUDIO;
+        }
         let shared = Arc::new(Shared {
             controller,
             desktop: config.desktop.clone(),
@@ -127,6 +133,7 @@ impl SessionServer {
             current: Mutex::new(None),
             next_session: AtomicU64::new(1),
             metrics: SessionMetrics::default(),
+            audio: Arc::default(),
         });
         let accept = endpoint.clone();
         let accept_shared = shared.clone();
@@ -202,6 +209,10 @@ impl SessionServer {
             "bytes": get(&m.bytes),
             "input_events": get(&m.input_events),
             "input_dropped": get(&m.input_dropped),
+            "audio_frames": get(&self.shared.audio.frames_sent),
+            "audio_bytes": get(&self.shared.audio.bytes_sent),
+            "mic_frames": get(&self.shared.audio.mic_frames),
+            "dropped_datagrams": get(&self.shared.audio.dropped_datagrams),
         })
     }
 }
@@ -325,6 +336,9 @@ impl Controller for SessionController {
     }
     fn set_layout(&self, sizes: &[(u32, u32)]) -> Result<(), String> {
         self.inner.set_layout(sizes)
+    }
+    fn sound(&self) -> Option<crate::devices::virtio::snd::SoundHandle> {
+        self.inner.sound()
     }
     fn connection_file(&self) -> Result<String, String> {
         self.mint_connection().map(|c| c.to_toml())

@@ -4,11 +4,12 @@
 //! channel:u8 | type:u16le | body          (the body runs to the end of the datagram)
 //! ```
 //!
-//! Only cursor positions travel as datagrams today. A datagram stands alone: a bad one is
+//! Cursor positions and audio (Opus frames, loss feedback) travel as datagrams. A datagram stands alone: a bad one is
 //! dropped and counted, it never ends a channel (there is no stream to end, and a lost
 //! datagram is normal). Datagrams of an unknown type on a known channel are skipped, as on
 //! streams.
 
+use super::audio::{AudioFeedback, AudioPacket, put_feedback, put_packet, read_feedback, read_packet};
 use super::codec::Reader;
 use super::cursor::{put_position, read_position};
 use super::{Channel, ChannelError, CursorPosition, types};
@@ -18,10 +19,26 @@ use super::{Channel, ChannelError, CursorPosition, types};
 pub const MAX_DATAGRAM_SIZE: usize = 1100;
 
 /// A decoded datagram.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Datagram {
     CursorPosition(CursorPosition),
+    /// Server → client: an Opus frame the guest played.
+    AudioPlayback(AudioPacket),
+    /// Client → server: an Opus frame of the microphone.
+    AudioRecord(AudioPacket),
+    /// Client → server: how the playback stream arrives.
+    AudioFeedback(AudioFeedback),
+}
+
+impl Datagram {
+    /// Who may send it.
+    pub fn may_be_sent_by(&self, side: super::Side) -> bool {
+        match self {
+            Datagram::CursorPosition(_) | Datagram::AudioPlayback(_) => side == super::Side::Server,
+            Datagram::AudioRecord(_) | Datagram::AudioFeedback(_) => side == super::Side::Client,
+        }
+    }
 }
 
 /// Why a datagram was dropped.
@@ -42,11 +59,26 @@ pub enum DatagramError {
 /// The datagram for `message`.
 pub fn encode_datagram(message: &Datagram) -> Vec<u8> {
     let mut out = Vec::with_capacity(32);
+    let mut head = |channel: Channel, ty: u16| {
+        out.push(channel.id());
+        out.extend_from_slice(&ty.to_le_bytes());
+    };
     match message {
         Datagram::CursorPosition(position) => {
-            out.push(Channel::Cursor.id());
-            out.extend_from_slice(&types::CURSOR_POSITION.to_le_bytes());
+            head(Channel::Cursor, types::CURSOR_POSITION);
             put_position(position, &mut out);
+        }
+        Datagram::AudioPlayback(packet) => {
+            head(Channel::Audio, types::AUDIO_PLAYBACK);
+            put_packet(packet, &mut out);
+        }
+        Datagram::AudioRecord(packet) => {
+            head(Channel::Audio, types::AUDIO_RECORD);
+            put_packet(packet, &mut out);
+        }
+        Datagram::AudioFeedback(feedback) => {
+            head(Channel::Audio, types::AUDIO_FEEDBACK);
+            put_feedback(feedback, &mut out);
         }
     }
     out
@@ -62,16 +94,26 @@ pub fn decode_datagram(datagram: &[u8]) -> Result<Option<Datagram>, DatagramErro
     };
     let channel = Channel::from_id(*channel)?;
     let ty = u16::from_le_bytes([*ty0, *ty1]);
-    match (channel, ty) {
+    let mut r = Reader::new(body);
+    let malformed = |reason| DatagramError::Malformed { ty, reason };
+    let datagram = match (channel, ty) {
         (Channel::Cursor, types::CURSOR_POSITION) => {
-            let mut r = Reader::new(body);
-            let position = read_position(&mut r).map_err(|reason| DatagramError::Malformed { ty, reason })?;
-            if !r.is_empty() {
-                return Err(DatagramError::Malformed { ty, reason: "trailing bytes after the last field" });
-            }
-            Ok(Some(Datagram::CursorPosition(position)))
+            Datagram::CursorPosition(read_position(&mut r).map_err(malformed)?)
         }
-        _ if super::channel_of_type(ty).is_none() => Ok(None),
-        _ => Err(DatagramError::NotADatagram { channel, ty }),
+        (Channel::Audio, types::AUDIO_PLAYBACK) => {
+            Datagram::AudioPlayback(read_packet(&mut r).map_err(malformed)?)
+        }
+        (Channel::Audio, types::AUDIO_RECORD) => {
+            Datagram::AudioRecord(read_packet(&mut r).map_err(malformed)?)
+        }
+        (Channel::Audio, types::AUDIO_FEEDBACK) => {
+            Datagram::AudioFeedback(read_feedback(&mut r).map_err(malformed)?)
+        }
+        _ if super::channel_of_type(ty).is_none() => return Ok(None),
+        _ => return Err(DatagramError::NotADatagram { channel, ty }),
+    };
+    if !r.is_empty() {
+        return Err(malformed("trailing bytes after the last field"));
     }
+    Ok(Some(datagram))
 }

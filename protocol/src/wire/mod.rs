@@ -29,6 +29,7 @@
 //!   (`decode(encode(m)) == m` and no trailing bytes are tolerated).
 //! - A decoder that returned an error stays failed: the channel is over (see [`DecodeError`]).
 
+mod audio;
 mod codec;
 mod control;
 mod cursor;
@@ -39,6 +40,9 @@ mod input;
 
 use std::fmt;
 
+pub use audio::{
+    AUDIO_CHANNELS, AUDIO_FRAME_SAMPLES, AUDIO_SAMPLE_RATE, AudioFeedback, AudioPacket, MAX_OPUS_BYTES,
+};
 pub use control::{
     ClientStats, ControlMessage, FrameAck, Goodbye, GoodbyeReason, Hello, Monitor, MonitorSize, Ping, Pong,
     RefuseCode, Refused, Welcome,
@@ -81,6 +85,8 @@ pub enum Channel {
     Display = 2,
     /// Cursor shapes (stream) and positions (datagrams), server to client.
     Cursor = 3,
+    /// Audio playback and record: datagrams only (Opus frames), with `AUDIO`.
+    Audio = 4,
 }
 
 /// Channel ids set aside for features that later versions add. Today a receiver refuses a
@@ -88,7 +94,6 @@ pub enum Channel {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum ReservedChannel {
-    Audio = 4,
     Usb = 5,
     Clipboard = 6,
 }
@@ -109,11 +114,14 @@ pub enum ChannelError {
     Unknown(u8),
     #[error("the control channel is the first bidirectional stream, never a unidirectional one")]
     ControlOnUniStream,
+    #[error("the {0} channel travels in datagrams only, never on a stream")]
+    DatagramsOnly(Channel),
 }
 
 impl Channel {
     /// Every channel, in id order.
-    pub const ALL: [Channel; 4] = [Channel::Control, Channel::Input, Channel::Display, Channel::Cursor];
+    pub const ALL: [Channel; 5] =
+        [Channel::Control, Channel::Input, Channel::Display, Channel::Cursor, Channel::Audio];
 
     /// The channel with this id, or why there is none.
     pub fn from_id(id: u8) -> Result<Channel, ChannelError> {
@@ -122,7 +130,7 @@ impl Channel {
             1 => Ok(Channel::Input),
             2 => Ok(Channel::Display),
             3 => Ok(Channel::Cursor),
-            4 => Err(ChannelError::Reserved(ReservedChannel::Audio)),
+            4 => Ok(Channel::Audio),
             5 => Err(ChannelError::Reserved(ReservedChannel::Usb)),
             6 => Err(ChannelError::Reserved(ReservedChannel::Clipboard)),
             other => Err(ChannelError::Unknown(other)),
@@ -146,6 +154,8 @@ impl Channel {
             Channel::Input => 4 * 1024,
             Channel::Cursor => 320 * 1024,
             Channel::Display => 32 * 1024 * 1024,
+            // Datagrams only: no stream of it is ever decoded.
+            Channel::Audio => 0,
         }
     }
 
@@ -155,6 +165,7 @@ impl Channel {
             Channel::Input => "input",
             Channel::Display => "display",
             Channel::Cursor => "cursor",
+            Channel::Audio => "audio",
         }
     }
 }
@@ -193,6 +204,10 @@ pub mod types {
     // cursor (0x03xx)
     pub const CURSOR_SHAPE: u16 = 0x0301;
     pub const CURSOR_POSITION: u16 = 0x0302;
+    // audio (0x04xx), datagrams only
+    pub const AUDIO_PLAYBACK: u16 = 0x0401;
+    pub const AUDIO_RECORD: u16 = 0x0402;
+    pub const AUDIO_FEEDBACK: u16 = 0x0403;
 }
 
 /// The channel a message type of this version belongs to; `None` for a type this version does
@@ -205,6 +220,7 @@ pub fn channel_of_type(ty: u16) -> Option<Channel> {
         KEY | POINTER_ABS | BUTTONS | WHEEL | RELEASE_ALL => Some(Channel::Input),
         FRAME_BEGIN | TILE | VIDEO | FRAME_END => Some(Channel::Display),
         CURSOR_SHAPE | CURSOR_POSITION => Some(Channel::Cursor),
+        AUDIO_PLAYBACK | AUDIO_RECORD | AUDIO_FEEDBACK => Some(Channel::Audio),
         _ => None,
     }
 }

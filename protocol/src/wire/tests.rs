@@ -283,8 +283,8 @@ fn datagrams() {
     assert_eq!(decode_datagram(&[3, 0xff, 0x03, 1]), Ok(None));
     assert_eq!(decode_datagram(&[3]), Err(DatagramError::TooShort(1)));
     assert_eq!(
-        decode_datagram(&[4, 0, 0]),
-        Err(DatagramError::Channel(ChannelError::Reserved(ReservedChannel::Audio)))
+        decode_datagram(&[5, 0, 0]),
+        Err(DatagramError::Channel(ChannelError::Reserved(ReservedChannel::Usb)))
     );
     assert_eq!(
         decode_datagram(&[3, 0x01, 0x03]),
@@ -301,6 +301,7 @@ fn channels_and_preludes() {
     assert_eq!(Channel::from_uni_prelude(0), Err(ChannelError::ControlOnUniStream));
     assert_eq!(Channel::from_uni_prelude(2), Ok(Channel::Display));
     assert_eq!(Channel::from_uni_prelude(6), Err(ChannelError::Reserved(ReservedChannel::Clipboard)));
+    assert_eq!(Channel::from_uni_prelude(4), Err(ChannelError::DatagramsOnly(Channel::Audio)));
     assert_eq!(Channel::from_uni_prelude(200), Err(ChannelError::Unknown(200)));
     assert_eq!(crate::transport::stream_prelude(Channel::Cursor), [3]);
 }
@@ -606,5 +607,55 @@ proptest! {
         garbage::<InputMessage>(&frame, &[frame.len()])?;
         garbage::<DisplayMessage>(&frame, &[frame.len()])?;
         garbage::<CursorMessage>(&frame, &[frame.len()])?;
+    }
+}
+
+#[test]
+fn audio_datagrams() {
+    let packet = AudioPacket { seq: 7, timestamp_us: 123_456, opus: vec![0xfc, 1, 2] };
+    let bytes = encode_datagram(&Datagram::AudioPlayback(packet.clone()));
+    assert_eq!(bytes[..3], [4, 0x01, 0x04]);
+    assert_eq!(bytes[3..7], 7u32.to_le_bytes());
+    assert_eq!(bytes[15..17], 960u16.to_le_bytes());
+    assert_eq!(decode_datagram(&bytes), Ok(Some(Datagram::AudioPlayback(packet.clone()))));
+    let record = encode_datagram(&Datagram::AudioRecord(packet.clone()));
+    assert_eq!(decode_datagram(&record), Ok(Some(Datagram::AudioRecord(packet))));
+    let feedback = AudioFeedback { loss_permille: 20, delay_ms: 60 };
+    let fb = encode_datagram(&Datagram::AudioFeedback(feedback));
+    assert_eq!(fb, [4, 0x03, 0x04, 20, 0, 60, 0]);
+    assert_eq!(decode_datagram(&fb), Ok(Some(Datagram::AudioFeedback(feedback))));
+    assert!(Datagram::AudioFeedback(feedback).may_be_sent_by(Side::Client));
+    assert!(
+        !Datagram::AudioRecord(AudioPacket { seq: 0, timestamp_us: 0, opus: vec![1] })
+            .may_be_sent_by(Side::Server)
+    );
+    // Malformed: no Opus bytes, another frame size, loss over 1000 ‰, a stream-only type.
+    let malformed = |d: &[u8]| matches!(decode_datagram(d), Err(DatagramError::Malformed { .. }));
+    assert!(malformed(&bytes[..17]));
+    let mut other_size = bytes.clone();
+    other_size[15] = 0x40;
+    assert!(malformed(&other_size));
+    assert!(malformed(&[4, 0x03, 0x04, 0xe9, 0x03, 0, 0]));
+    assert!(malformed(&fb[..5]));
+    let mut huge = bytes[..17].to_vec();
+    huge.extend(vec![0u8; MAX_OPUS_BYTES + 1]);
+    assert!(malformed(&huge));
+    assert_eq!(decode_datagram(&[4, 0x7f, 0x04, 1]), Ok(None), "a future audio type is skipped");
+}
+
+proptest! {
+    #[test]
+    fn audio_datagrams_round_trip(seq in any::<u32>(), ts in any::<u64>(), opus in proptest::collection::vec(any::<u8>(), 1..=MAX_OPUS_BYTES)) {
+        let d = Datagram::AudioPlayback(AudioPacket { seq, timestamp_us: ts, opus });
+        let bytes = encode_datagram(&d);
+        prop_assert!(bytes.len() <= MAX_DATAGRAM_SIZE);
+        prop_assert_eq!(decode_datagram(&bytes), Ok(Some(d)));
+    }
+
+    #[test]
+    fn arbitrary_audio_datagrams_never_panic(body in proptest::collection::vec(any::<u8>(), 0..1200)) {
+        let mut d = vec![4u8, 0x01, 0x04];
+        d.extend(body);
+        let _ = decode_datagram(&d);
     }
 }

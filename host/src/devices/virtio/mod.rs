@@ -20,6 +20,7 @@ pub mod console;
 pub mod gpu;
 pub mod input;
 pub mod rng;
+pub mod snd;
 pub mod worker;
 
 use std::os::fd::RawFd;

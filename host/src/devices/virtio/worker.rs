@@ -345,6 +345,54 @@ mod tests {
     }
 
     #[test]
+    fn the_sound_devices_period_clock_completes_playback_on_the_worker() {
+        use crate::devices::virtio::snd::protocol::{FORMAT_S16, RATE_48000, code, encode};
+        use crate::devices::virtio::snd::{PLAYBACK_STREAM, Sound, TXQ};
+        use vm_memory::{Bytes, GuestAddress};
+        let mem = memory();
+        let mut sound = Sound::new().unwrap();
+        let sink = sound.handle();
+        let period = 960 * 4;
+        for request in [
+            encode::set_params(PLAYBACK_STREAM, 4 * period, period, 2, FORMAT_S16, RATE_48000),
+            encode::stream(code::PCM_PREPARE, PLAYBACK_STREAM),
+            encode::stream(code::PCM_START, PLAYBACK_STREAM),
+        ] {
+            assert_eq!(sound.control_request(&request)[..4], 0x8000u32.to_le_bytes());
+        }
+        mem.write_slice(&PLAYBACK_STREAM.to_le_bytes(), GuestAddress(0x2_0000)).unwrap();
+        mem.write_slice(&vec![7u8; period as usize], GuestAddress(0x2_0100)).unwrap();
+        let txq = queue_with(
+            &mem,
+            16,
+            &[
+                desc(0x2_0000, 4, VRING_DESC_F_NEXT, 1),
+                desc(0x2_0100, period, VRING_DESC_F_NEXT, 2),
+                desc(0x3_0000, 8, VRING_DESC_F_WRITE, 0),
+            ],
+        );
+        let rings = QueueRings::of(&txq);
+        let mut queues: Vec<ActiveQueue> = (0..4)
+            .map(|_| ActiveQueue {
+                queue: Queue::new(16).unwrap(),
+                kick: EventFd::new(EFD_NONBLOCK).unwrap(),
+            })
+            .collect();
+        queues[TXQ].queue = txq;
+        let kick = queues[TXQ].kick.try_clone().unwrap();
+        let recorder = Arc::new(Recorder::default());
+        let handle = spawn("sound", Box::new(sound), mem.clone(), queues, recorder.clone()).unwrap();
+        kick.write(1).unwrap();
+        // Completed by the period clock's timerfd on the worker, not by the kick.
+        wait_for(&recorder, "queue2");
+        assert_eq!(used_entries(&mem, &rings), [(0, 8)]);
+        let played = sink.take_playback(Duration::from_secs(1));
+        assert_eq!(played.len(), 1);
+        assert_eq!(played[0].samples[0], i16::from_le_bytes([7, 7]));
+        assert!(handle.stop().is_some());
+    }
+
+    #[test]
     fn host_input_wakes_the_worker_and_reaches_the_guest() {
         use crate::devices::virtio::input::{Input, InputEvent};
         let mem = memory();
