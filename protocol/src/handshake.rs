@@ -58,6 +58,9 @@ impl Capabilities {
     pub const USB: Self = Self(1 << 6);
     /// Reserved for the clipboard channel (a later version).
     pub const CLIPBOARD: Self = Self(1 << 7);
+    /// The server sends `ResumeToken`s; the client may resume the session with one after losing
+    /// its connection.
+    pub const RESUME: Self = Self(1 << 8);
 
     /// Every capability this version implements (the reserved bits excluded).
     pub const SUPPORTED: Self = Self(
@@ -65,7 +68,8 @@ impl Capabilities {
             | Self::H264.0
             | Self::CURSOR_CHANNEL.0
             | Self::CURSOR_DATAGRAMS.0
-            | Self::DYNAMIC_LAYOUT.0,
+            | Self::DYNAMIC_LAYOUT.0
+            | Self::RESUME.0,
     );
 
     pub const fn empty() -> Self {
@@ -110,7 +114,7 @@ impl BitAnd for Capabilities {
 
 impl fmt::Debug for Capabilities {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const NAMES: [(Capabilities, &str); 8] = [
+        const NAMES: [(Capabilities, &str); 9] = [
             (Capabilities::ZSTD_TILES, "ZSTD_TILES"),
             (Capabilities::H264, "H264"),
             (Capabilities::CURSOR_CHANNEL, "CURSOR_CHANNEL"),
@@ -119,6 +123,7 @@ impl fmt::Debug for Capabilities {
             (Capabilities::AUDIO, "AUDIO"),
             (Capabilities::USB, "USB"),
             (Capabilities::CLIPBOARD, "CLIPBOARD"),
+            (Capabilities::RESUME, "RESUME"),
         ];
         let mut set = f.debug_set();
         let mut rest = self.0;

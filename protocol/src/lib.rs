@@ -9,6 +9,8 @@
 //! - [`handshake`]: `Hello` → `Welcome`/`Refused`, version and capability negotiation.
 //! - [`transport`]: how channels map onto QUIC streams and datagrams, priorities, error codes.
 //! - [`keys`]: evdev key codes of a US layout (characters and key names).
+//! - [`resume`]: one-time resume tokens that let a client get its session back after a network
+//!   loss (the connection file's ticket is spent by then).
 //! - [`pacing`]: frame pacing (about one frame in flight), RTT and delivery-rate estimates.
 //!
 //! Nothing here opens a socket, starts a thread or reads a clock: time is a parameter, so every
@@ -40,6 +42,7 @@ pub mod connfile;
 pub mod handshake;
 pub mod keys;
 pub mod pacing;
+pub mod resume;
 pub mod ticket;
 pub mod transport;
 pub mod wire;

@@ -6,10 +6,12 @@ use std::time::Duration;
 
 use pleiades_protocol::handshake::{Capabilities, Refusal, ServerOutcome, Session};
 use pleiades_protocol::pacing::{FramePacer, PacerConfig};
+use pleiades_protocol::resume;
+use pleiades_protocol::ticket::TicketClaims;
 use pleiades_protocol::transport::{error_code, priority, stream_prelude};
 use pleiades_protocol::wire::{
     self, Channel, ControlMessage, CursorMessage, CursorPosition, CursorShape, Datagram, InputMessage,
-    Monitor, Pong, RefuseCode, StreamDecoder,
+    Monitor, Pong, RefuseCode, ResumeToken, StreamDecoder,
 };
 use tokio::sync::mpsc;
 
@@ -74,6 +76,19 @@ async fn handshake(shared: &Arc<Shared>, conn: &quinn::Connection) -> Result<Opt
     };
     let session_id = shared.next_session.fetch_add(1, Ordering::Relaxed);
     let outcome = shared.handshake.on_first_message(&message, session_id, |ticket: &str| {
+        if resume::is_resume_token(ticket) {
+            let now = super::unix_now();
+            let resumed = lock(&shared.resume).redeem(ticket, &shared.desktop, now)?;
+            tracing::info!("session {session_id}: resumes session {}", resumed.session_id);
+            return Ok(TicketClaims {
+                id: [0; 16],
+                user: resumed.user,
+                desktop: shared.desktop.clone(),
+                host: String::new(),
+                issued_at: now,
+                expires_at: now,
+            });
+        }
         let claims = lock(&shared.verifier).verify(ticket, super::unix_now()).map_err(Refusal::from)?;
         if claims.desktop != shared.desktop {
             return Err(Refusal::new(
@@ -87,6 +102,14 @@ async fn handshake(shared: &Arc<Shared>, conn: &quinn::Connection) -> Result<Opt
         ServerOutcome::Accept { reply, session, claims } => {
             write(&mut send, &reply).await?;
             tracing::info!("session {session_id}: ticket of {} for {} accepted", claims.user, claims.desktop);
+            if session.capabilities.contains(Capabilities::RESUME) {
+                let token =
+                    lock(&shared.resume).issue(session_id, &shared.desktop, &claims.user, super::unix_now());
+                if let Some(token) = token {
+                    let lifetime_s = resume::RESUME_LIFETIME_S as u32;
+                    write(&mut send, &ControlMessage::ResumeToken(ResumeToken { token, lifetime_s })).await?;
+                }
+            }
             Ok(Some((session, send, recv)))
         }
         ServerOutcome::Refuse { reply, code } => {
@@ -164,6 +187,7 @@ async fn run(
     if let Some(Ok(thread)) = display {
         let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     }
+    lock(&shared.resume).session_ended(session.session_id, super::unix_now());
     let mut current = lock(&shared.current);
     if current.as_ref().is_some_and(|(id, _)| *id == session.session_id) {
         *current = None;

@@ -41,7 +41,7 @@ use std::fmt;
 
 pub use control::{
     ClientStats, ControlMessage, FrameAck, Goodbye, GoodbyeReason, Hello, Monitor, MonitorSize, Ping, Pong,
-    RefuseCode, Refused, Welcome,
+    RefuseCode, Refused, ResumeToken, Welcome,
 };
 pub use cursor::{CursorMessage, CursorPosition, CursorShape};
 pub use datagram::{Datagram, DatagramError, MAX_DATAGRAM_SIZE, decode_datagram, encode_datagram};
@@ -179,6 +179,7 @@ pub mod types {
     pub const CLIENT_STATS: u16 = 0x0008;
     pub const GOODBYE: u16 = 0x0009;
     pub const FRAME_ACK: u16 = 0x000A;
+    pub const RESUME_TOKEN: u16 = 0x000B;
     // input (0x01xx)
     pub const KEY: u16 = 0x0101;
     pub const POINTER_ABS: u16 = 0x0102;
@@ -201,7 +202,7 @@ pub fn channel_of_type(ty: u16) -> Option<Channel> {
     use types::*;
     match ty {
         HELLO | WELCOME | REFUSED | PING | PONG | DISPLAY_LAYOUT | REQUEST_LAYOUT | CLIENT_STATS
-        | GOODBYE | FRAME_ACK => Some(Channel::Control),
+        | GOODBYE | FRAME_ACK | RESUME_TOKEN => Some(Channel::Control),
         KEY | POINTER_ABS | BUTTONS | WHEEL | RELEASE_ALL => Some(Channel::Input),
         FRAME_BEGIN | TILE | VIDEO | FRAME_END => Some(Channel::Display),
         CURSOR_SHAPE | CURSOR_POSITION => Some(Channel::Cursor),
