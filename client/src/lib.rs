@@ -1,4 +1,4 @@
-//! The Pleiades thin client (`pleiades`), headless for now.
+//! The Pleiades thin client (`pleiades`): windowed, or headless for tests and benchmarks.
 //!
 //! A thin I/O shell around the sans-IO `pleiades-protocol` crate, as docs/protocol.md expects:
 //!
@@ -7,6 +7,7 @@
 //! - [`display`]: framebuffers per scanout, tiles and H.264 applied, per-frame stats (sans-IO).
 //! - [`recorder`]: the headless recorder behind `pleiades connect --headless --record DIR`.
 //! - [`script`] and [`keymap`]: the recorder's input script.
+//! - [`window`]: the windowed client (winit + wgpu): windows per monitor, input, reconnect.
 //! - [`clock`]: `CLOCK_MONOTONIC` µs, the clock the server stamps frames with.
 //!
 //! Guide: docs/client.md.
@@ -19,5 +20,6 @@ pub mod keymap;
 pub mod recorder;
 pub mod script;
 pub mod session;
+pub mod window;
 
 pub use error::ClientError;

@@ -1,5 +1,5 @@
-//! `pleiades`: the Pleiades thin client. Today: `pleiades connect --headless`, the recorder
-//! that tests and benchmarks drive (docs/client.md).
+//! `pleiades`: the Pleiades thin client. `pleiades connect TARGET` opens the desktop in windows;
+//! `--headless` is the recorder that tests and benchmarks drive (docs/client.md).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -30,7 +30,7 @@ enum Cmd {
     Connect {
         /// The connection file's path, or a pleiades:// URI.
         target: String,
-        /// Run without a window: decode, ack and record (the only mode so far).
+        /// Run without a window: decode, ack and record.
         #[arg(long)]
         headless: bool,
         /// Write frames.jsonl, summary.json and PNGs into this directory.
@@ -77,9 +77,33 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Cmd::Connect { headless: false, .. } => {
-            eprintln!("the windowed client is not built yet; use --headless");
-            ExitCode::from(2)
+        Cmd::Connect {
+            headless: false,
+            target,
+            name,
+            no_h264,
+            server_cursor,
+            record,
+            duration,
+            input,
+            snapshot_every,
+        } => {
+            if record.is_some() || duration.is_some() || input.is_some() || snapshot_every.is_some() {
+                eprintln!("pleiades: --record, --duration, --input and --snapshot-every need --headless");
+                return ExitCode::from(2);
+            }
+            let run = || -> anyhow::Result<()> {
+                let connection = connect::load(&target)?;
+                let options = session_options(name, no_h264, server_cursor);
+                pleiades_client::window::run(connection, options)
+            };
+            match run() {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("pleiades: {error:#}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Cmd::Connect {
             target,
@@ -103,18 +127,7 @@ fn main() -> ExitCode {
                     None => Vec::new(),
                 };
                 let connection = connect::load(&target)?;
-                let mut options = SessionOptions::default();
-                if let Some(name) = name {
-                    options.client_name = name;
-                }
-                if no_h264 {
-                    options.capabilities = options.capabilities.difference(Capabilities::H264);
-                }
-                if server_cursor {
-                    options.capabilities = options
-                        .capabilities
-                        .difference(Capabilities::CURSOR_CHANNEL | Capabilities::CURSOR_DATAGRAMS);
-                }
+                let options = session_options(name, no_h264, server_cursor);
                 let record_options = RecordOptions { dir: record, duration, snapshot_every, script };
                 let runtime = tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(2)
@@ -146,6 +159,21 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn session_options(name: Option<String>, no_h264: bool, server_cursor: bool) -> SessionOptions {
+    let mut options = SessionOptions::default();
+    if let Some(name) = name {
+        options.client_name = name;
+    }
+    if no_h264 {
+        options.capabilities = options.capabilities.difference(Capabilities::H264);
+    }
+    if server_cursor {
+        options.capabilities =
+            options.capabilities.difference(Capabilities::CURSOR_CHANNEL | Capabilities::CURSOR_DATAGRAMS);
+    }
+    options
 }
 
 /// Reads a script, refusing files far larger than 10 000 lines could need.

@@ -65,7 +65,8 @@ impl Default for SessionOptions {
                 | Capabilities::H264
                 | Capabilities::CURSOR_CHANNEL
                 | Capabilities::CURSOR_DATAGRAMS
-                | Capabilities::DYNAMIC_LAYOUT,
+                | Capabilities::DYNAMIC_LAYOUT
+                | Capabilities::RESUME,
         }
     }
 }
@@ -120,6 +121,8 @@ struct Shared {
     closing: AtomicBool,
     /// Set once a `Goodbye` arrived.
     goodbye: AtomicBool,
+    /// The server's latest `ResumeToken` (with `RESUME`).
+    resume_token: Mutex<Option<String>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -235,6 +238,7 @@ impl Session {
             counters: Counters::default(),
             closing: AtomicBool::new(false),
             goodbye: AtomicBool::new(false),
+            resume_token: Mutex::new(None),
         });
         let (control_tx, control_rx) = mpsc::channel(SEND_QUEUE);
         let (input_tx, input_rx) = mpsc::channel(SEND_QUEUE);
@@ -347,6 +351,22 @@ impl SessionHandle {
 
     pub fn bytes_received(&self) -> u64 {
         self.shared.counters.bytes_received.load(Ordering::Relaxed)
+    }
+
+    /// The server's latest one-time resume token, for [`crate::window`]'s reconnect.
+    pub fn resume_token(&self) -> Option<String> {
+        lock(&self.shared.resume_token).clone()
+    }
+
+    /// UDP datagrams received on this connection: stops growing when the path is down (the
+    /// server pings every second).
+    pub fn datagrams_received(&self) -> u64 {
+        self.connection.stats().udp_rx.datagrams
+    }
+
+    /// Runs `f` on the decoded displays (the window uploads their damage).
+    pub fn with_displays<R>(&self, f: impl FnOnce(&mut Displays) -> R) -> R {
+        f(&mut lock(&self.shared.displays))
     }
 
     pub fn decode_errors(&self) -> u64 {
@@ -480,6 +500,10 @@ async fn control_reader(
                     tracing::info!(?monitors, "display layout");
                     *lock(&handle.shared.layout) = monitors.clone();
                     let _ = events.send(SessionEvent::Layout(monitors)).await;
+                }
+                ControlMessage::ResumeToken(token) => {
+                    tracing::debug!(lifetime_s = token.lifetime_s, "resume token");
+                    *lock(&handle.shared.resume_token) = Some(token.token);
                 }
                 ControlMessage::Goodbye(goodbye) => {
                     tracing::info!(reason = ?goodbye.reason, message = %goodbye.message, "the server said goodbye");
