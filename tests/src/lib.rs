@@ -11,6 +11,7 @@
 //!   `PLEIADES-TESTGUEST` result line.
 //!
 //! - [`linkem`]: a link emulator (delay, loss, rate, down/up) for QUIC between client and host.
+//! - [`xwd`]: reads `xwd -root` dumps of an X screen (Xvfb) without ImageMagick.
 //!
 //! The tests in `tests/` use these to run the real pieces together.
 
@@ -34,3 +35,4 @@ pub mod linkem;
 pub mod postgres;
 pub mod qemu;
 pub mod testguest;
+pub mod xwd;
