@@ -433,12 +433,10 @@ impl ApplicationHandler<LinkEvent> for App {
             LinkEvent::State(state) => {
                 tracing::info!(state = %state.label(), "link state");
                 if state == LinkState::Connected {
-                    // Nothing is pressed on a fresh session.
+                    // Nothing is pressed on a fresh session. The windows keep showing the last
+                    // picture until the new session's first (whole) frame replaces it.
                     self.pressed.clear();
                     self.buttons = 0;
-                    for window in self.windows.values_mut() {
-                        window.content = None;
-                    }
                 }
                 self.state = state;
                 self.refresh_titles();
