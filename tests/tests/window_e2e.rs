@@ -11,7 +11,8 @@
 //!    resume token (the connection file's ticket is spent), shows "connected", typing works and
 //!    the window shows the guest again.
 //!
-//! Nothing here asserts on timing: every wait is a bounded poll.
+//! A second test adds and removes a guest monitor (`ctl layout`): a window opens and closes with
+//! it. Nothing here asserts on timing: every wait is a bounded poll.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -144,7 +145,7 @@ impl Desktop {
     }
 }
 
-fn boot_desktop() -> Desktop {
+fn boot_desktop(gpu: &str) -> Desktop {
     let image = GuestImage::locate().expect("test guest image");
     let dir = tempfile::tempdir().unwrap();
     let host = workspace_binary("pleiades-host").unwrap();
@@ -154,7 +155,7 @@ fn boot_desktop() -> Desktop {
         "--vmm",
         "qemu",
         "--device",
-        "gpu",
+        gpu,
         "--device",
         "keyboard",
         "--device",
@@ -191,13 +192,31 @@ fn poll<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T>
     }
 }
 
-/// The client's window: its id.
+/// The client's windows' ids (none if there are none).
+fn windows(x: &Xvfb) -> Vec<String> {
+    let out = x.tool("xdotool", &["search", "--name", "^Pleiades: "]).unwrap_or_default();
+    out.lines().map(str::to_owned).collect()
+}
+
+/// The client's first window: its id.
 fn find_window(x: &Xvfb, client: &Client) -> String {
-    poll(WINDOW, || {
-        let out = x.tool("xdotool", &["search", "--name", "^Pleiades: "])?;
-        out.lines().next().map(str::to_owned)
-    })
-    .unwrap_or_else(|| panic!("no client window appeared; client log:\n{}", client.log()))
+    poll(WINDOW, || windows(x).into_iter().next())
+        .unwrap_or_else(|| panic!("no client window appeared; client log:\n{}", client.log()))
+}
+
+/// Starts `pleiades connect FILE` on the X display, logging to `DIR/client.log`.
+fn start_client(x: &Xvfb, file: &Path, dir: &Path) -> Client {
+    let log = dir.join("client.log");
+    let child = x
+        .command(workspace_binary("pleiades").unwrap().to_str().unwrap())
+        .arg("connect")
+        .arg(file)
+        .env("RUST_LOG", "info,quinn=warn,wgpu_core=warn,wgpu_hal=warn,naga=warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("pleiades runs");
+    Client { child, log }
 }
 
 fn title(x: &Xvfb, window: &str) -> String {
@@ -284,7 +303,7 @@ fn evdev_events(od: &[String]) -> Vec<(u16, u16, i32)> {
 
 #[test]
 fn the_window_shows_the_guest_takes_input_resizes_it_and_resumes_after_a_network_loss() {
-    let mut desktop = boot_desktop();
+    let mut desktop = boot_desktop("gpu");
     let x = Xvfb::start();
 
     // The client reaches the host through the link emulator, which can take the path down.
@@ -300,17 +319,7 @@ fn the_window_shows_the_guest_takes_input_resizes_it_and_resumes_after_a_network
     };
     let file = desktop.dir.path().join("link.pleiades");
     std::fs::write(&file, through_link.to_toml()).unwrap();
-    let log = desktop.dir.path().join("client.log");
-    let child = x
-        .command(workspace_binary("pleiades").unwrap().to_str().unwrap())
-        .arg("connect")
-        .arg(&file)
-        .env("RUST_LOG", "info,quinn=warn,wgpu_core=warn,wgpu_hal=warn,naga=warn")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("pleiades runs");
-    let client = Client { child, log };
+    let client = start_client(&x, &file, desktop.dir.path());
 
     // 1. The window shows the guest's console, pixel for pixel.
     let window = find_window(&x, &client);
@@ -377,6 +386,52 @@ fn the_window_shows_the_guest_takes_input_resizes_it_and_resumes_after_a_network
     let status = control::request(&desktop.control(), &Request::Status, Duration::from_secs(30)).unwrap();
     let session = &status.result.unwrap()["session"];
     assert!(session["connections"].as_u64().unwrap() >= 2, "{session}");
+    drop(client);
+    assert!(control::request(&desktop.control(), &Request::Shutdown, Duration::from_secs(30)).unwrap().ok);
+    assert!(desktop.guest.wait_exit(SHELL).unwrap().success());
+}
+
+#[test]
+fn windows_follow_the_guests_monitors() {
+    let mut desktop = boot_desktop("gpu,heads=2");
+    let x = Xvfb::start();
+    let client = start_client(&x, &desktop.dir.path().join("desk.pleiades"), desktop.dir.path());
+    let shown = find_window(&x, &client);
+    wait_title(&x, &shown, &client, "[connected]", WINDOW);
+    let layout = |sizes: Vec<(u32, u32)>| {
+        let response =
+            control::request(&desktop.control(), &Request::Layout { sizes }, Duration::from_secs(30))
+                .unwrap();
+        assert!(response.ok, "{response:?}");
+    };
+    // One monitor to begin with: one window.
+    layout(vec![(1024, 768)]);
+    let first = poll(WINDOW, || match windows(&x).as_slice() {
+        [only] => Some(only.clone()),
+        _ => None,
+    })
+    .unwrap_or_else(|| panic!("windows: {:?}; client log:\n{}", windows(&x), client.log()));
+
+    // A second monitor: a second window, of its size, named after its scanout.
+    layout(vec![(1024, 768), (800, 600)]);
+    let two = poll(WINDOW, || {
+        let ids = windows(&x);
+        let titles: Vec<String> = ids.iter().map(|id| title(&x, id)).collect();
+        let second = ids.iter().zip(&titles).find(|(_, t)| t.contains(" #1 ["))?.0.clone();
+        (ids.len() == 2 && titles.iter().all(|t| t.contains("[connected]"))).then_some(second)
+    });
+    let second =
+        two.unwrap_or_else(|| panic!("no second window: {:?}; client log:\n{}", windows(&x), client.log()));
+    let sized = poll(WINDOW, || {
+        let (.., w, h) = geometry(&x, &second);
+        ((w, h) == (800, 600)).then_some(())
+    });
+    assert!(sized.is_some(), "the second window is {:?}", geometry(&x, &second));
+
+    // Back to one monitor: its window goes, the first one stays.
+    layout(vec![(1024, 768)]);
+    let one = poll(WINDOW, || (windows(&x) == [first.clone()]).then_some(()));
+    assert!(one.is_some(), "windows left: {:?}; client log:\n{}", windows(&x), client.log());
     drop(client);
     assert!(control::request(&desktop.control(), &Request::Shutdown, Duration::from_secs(30)).unwrap().ok);
     assert!(desktop.guest.wait_exit(SHELL).unwrap().success());
