@@ -59,6 +59,8 @@ pub struct App {
     codec: Option<Codec>,
     cursor: Option<(u32, Layer, u16, u16)>,
     resize_due: Option<Instant>,
+    /// Tells the link whether H.264 pictures are converted on the GPU.
+    gpu_video: tokio::sync::watch::Sender<Option<bool>>,
 }
 
 impl std::fmt::Debug for App {
@@ -73,6 +75,7 @@ impl App {
         display: winit::event_loop::OwnedDisplayHandle,
         current: Current,
         requests: mpsc::UnboundedSender<Request>,
+        gpu_video: tokio::sync::watch::Sender<Option<bool>>,
     ) -> Self {
         Self {
             desktop,
@@ -93,6 +96,7 @@ impl App {
             codec: None,
             cursor: None,
             resize_due: None,
+            gpu_video,
         }
     }
 
@@ -134,7 +138,10 @@ impl App {
                 Err(error) => return self.fail(event_loop, format!("cannot draw into the window: {error}")),
             };
             match Gpu::new(instance, Some(&surface)) {
-                Ok(gpu) => self.gpu = Some(gpu),
+                Ok(gpu) => {
+                    let _ = self.gpu_video.send(Some(gpu_converts_video(&gpu.adapter.get_info())));
+                    self.gpu = Some(gpu);
+                }
                 Err(error) => return self.fail(event_loop, error.to_string()),
             }
             self.add_window(event_loop, scanout, window, surface);
@@ -412,6 +419,19 @@ impl App {
         window.window.pre_present_notify();
         gpu.queue.present(texture);
     }
+}
+
+/// Whether the GPU converts H.264 pictures: yes on a real GPU; on a software rasterizer
+/// (lavapipe, llvmpipe) the CPU's conversion is cheaper than the shader's, so the CPU does it
+/// unless `PLEIADES_GPU_YUV=1` insists (`=0` turns it off anywhere).
+fn gpu_converts_video(adapter: &wgpu::AdapterInfo) -> bool {
+    let on = match std::env::var("PLEIADES_GPU_YUV").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => adapter.device_type != wgpu::DeviceType::Cpu,
+    };
+    tracing::info!(adapter = %adapter.name, gpu_yuv = on, "where H.264 pictures are converted");
+    on
 }
 
 fn capitalized(text: &str) -> String {

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use pleiades_protocol::connfile::Connection;
 use pleiades_protocol::wire::{GoodbyeReason, Monitor};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::ClientError;
 use crate::connect;
@@ -28,6 +28,8 @@ use crate::session::{Session, SessionEvent, SessionHandle, SessionOptions};
 pub const STALL: Duration = Duration::from_secs(3);
 /// Longest wait between two resume attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(4);
+/// The longest a new session waits for the window to say where video is converted.
+const GPU_DECISION: Duration = Duration::from_secs(10);
 /// How often the watchdog looks and the statistics refresh.
 const TICK: Duration = Duration::from_millis(500);
 
@@ -133,6 +135,7 @@ pub async fn supervise(
     connection: Connection,
     options: SessionOptions,
     current: Current,
+    mut gpu_video: watch::Receiver<Option<bool>>,
     notify: impl Fn(LinkEvent) + Send,
 ) {
     let mut credential = connection.ticket.clone();
@@ -169,7 +172,11 @@ pub async fn supervise(
             tracing::info!(attempt, "the session resumed");
         }
         attempt = 0;
-        session.handle.with_displays(|displays| displays.set_gpu_video(true));
+        // Where H.264 pictures become BGRX is decided once per session, before its first frame
+        // is drawn: the window says so once it has its GPU (bounded wait; GPU if it never says).
+        let waited = tokio::time::timeout(GPU_DECISION, gpu_video.wait_for(Option::is_some)).await;
+        let on_gpu = waited.ok().and_then(|r| r.ok().and_then(|d| *d)).unwrap_or(true);
+        session.handle.with_displays(|displays| displays.set_gpu_video(on_gpu));
         *lock(&current) = Some(session.handle.clone());
         notify(LinkEvent::State(LinkState::Connected));
         let end = run(&mut session, &notify).await;

@@ -43,12 +43,14 @@ pub fn run(connection: Connection, options: SessionOptions) -> anyhow::Result<()
     let (requests, requests_rx) = mpsc::unbounded_channel();
     runtime.spawn(link::forward_requests(current.clone(), requests_rx));
     let proxy = event_loop.create_proxy();
+    let (gpu_video, gpu_video_rx) = tokio::sync::watch::channel(None);
     let desktop = connection.desktop.clone();
     tracing::info!(host = %connection.host, port = connection.port, desktop = %desktop, "connecting");
-    runtime.spawn(link::supervise(connection, options, current.clone(), move |event| {
+    runtime.spawn(link::supervise(connection, options, current.clone(), gpu_video_rx, move |event| {
         let _ = proxy.send_event(event);
     }));
-    let mut app = app::App::new(desktop, event_loop.owned_display_handle(), current.clone(), requests);
+    let mut app =
+        app::App::new(desktop, event_loop.owned_display_handle(), current.clone(), requests, gpu_video);
     event_loop.run_app(&mut app).context("the window system failed")?;
     // Closed: say goodbye (bounded), then stop.
     let handle = link::lock(&current).take();
