@@ -29,6 +29,9 @@ struct DesktopWindow {
     window: Arc<Window>,
     surface: wgpu::Surface<'static>,
     config: wgpu::SurfaceConfiguration,
+    /// The format drawn in: the surface's, without sRGB encoding (the guest's bytes are shown
+    /// as they are).
+    view_format: wgpu::TextureFormat,
     content: Option<ScanoutTexture>,
     frame: Frame,
     /// The pointer inside this window (physical pixels), if it is.
@@ -177,6 +180,11 @@ impl App {
         {
             config.format = *format;
         }
+        // Only sRGB formats (some compositors): draw through a plain view of the same texture.
+        let view_format = config.format.remove_srgb_suffix();
+        if view_format != config.format {
+            config.view_formats = vec![view_format];
+        }
         // Paced by the display: at most one frame queued, never torn.
         config.present_mode = wgpu::PresentMode::Fifo;
         config.desired_maximum_frame_latency = 1;
@@ -193,6 +201,7 @@ impl App {
                 window,
                 surface,
                 config,
+                view_format,
                 content: None,
                 frame,
                 pointer: None,
@@ -337,6 +346,18 @@ impl App {
         let lines = self.status_lines();
         let connected = self.state == LinkState::Connected;
         let Some(gpu) = self.gpu.as_mut() else { return };
+        // The guest's cursor, drawn by the client where the pointer is.
+        let cursor_state = handle.as_ref().map(|h| h.cursor());
+        if let Some(shape) = cursor_state.as_ref().and_then(|c| c.shape.as_ref())
+            && self.cursor.as_ref().is_none_or(|(serial, ..)| *serial != shape.serial)
+        {
+            let layer = gpu.layer(u32::from(shape.width), u32::from(shape.height), &shape.bgra);
+            self.cursor = Some((shape.serial, layer, shape.hot_x, shape.hot_y));
+            // The guest's cursor is drawn instead of the local one, in every window.
+            for other in self.windows.values() {
+                other.window.set_cursor_visible(false);
+            }
+        }
         let Some(window) = self.windows.get_mut(&scanout) else { return };
         if let Some(handle) = &handle {
             handle.with_displays(|displays| {
@@ -349,15 +370,6 @@ impl App {
                     }
                 })
             });
-        }
-        // The guest's cursor, drawn by the client where the pointer is.
-        let cursor_state = handle.as_ref().map(|h| h.cursor());
-        if let Some(shape) = cursor_state.as_ref().and_then(|c| c.shape.as_ref())
-            && self.cursor.as_ref().is_none_or(|(serial, ..)| *serial != shape.serial)
-        {
-            let layer = gpu.layer(u32::from(shape.width), u32::from(shape.height), &shape.bgra);
-            self.cursor = Some((shape.serial, layer, shape.hot_x, shape.hot_y));
-            window.window.set_cursor_visible(false);
         }
         if window.text.as_ref().is_none_or(|(shown, _)| *shown != lines) {
             window.text = (!lines.is_empty()).then(|| {
@@ -414,8 +426,11 @@ impl App {
                 return;
             }
         };
-        let view = texture.texture.create_view(&Default::default());
-        window.frame.draw(gpu, &view, window.config.format, size, content, &layers);
+        let view = texture.texture.create_view(&wgpu::TextureViewDescriptor {
+            format: Some(window.view_format),
+            ..Default::default()
+        });
+        window.frame.draw(gpu, &view, window.view_format, size, content, &layers);
         window.window.pre_present_notify();
         gpu.queue.present(texture);
     }

@@ -254,3 +254,25 @@ async fn run(session: &mut Session, notify: &(impl Fn(LinkEvent) + Send)) -> End
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pleiades_protocol::wire::RefuseCode;
+
+    #[test]
+    fn states_read_well_and_only_network_failures_are_retried() {
+        assert_eq!(LinkState::Connected.label(), "connected");
+        assert_eq!(LinkState::Reconnecting { attempt: 0, why: "x".into() }.label(), "reconnecting");
+        assert_eq!(
+            LinkState::Reconnecting { attempt: 2, why: "x".into() }.label(),
+            "reconnecting (attempt 3)"
+        );
+        assert_eq!(LinkState::Disconnected("bye".into()).label(), "disconnected: bye");
+        assert!(retryable(&ClientError::HandshakeTimeout));
+        assert!(retryable(&ClientError::Unreachable { addr: "a".into(), detail: "d".into() }));
+        let refused = ClientError::Refused { code: RefuseCode::ExpiredTicket, message: "used".into() };
+        assert!(!retryable(&refused), "a refused token is final");
+        assert!(!retryable(&ClientError::WrongCertificate { got: "a".into(), expected: "b".into() }));
+    }
+}
