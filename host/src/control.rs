@@ -82,6 +82,7 @@ pub enum PointerButton {
 pub enum InputDevice {
     Keyboard,
     Tablet,
+    Mouse,
 }
 
 impl InputDevice {
@@ -90,6 +91,7 @@ impl InputDevice {
         match self {
             Self::Keyboard => "keyboard",
             Self::Tablet => "tablet",
+            Self::Mouse => "mouse",
         }
     }
 }

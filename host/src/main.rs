@@ -79,7 +79,7 @@ struct RunArgs {
     /// with Pleiades' devices over vhost-user (default elsewhere).
     #[arg(long)]
     vmm: Option<Vmm>,
-    /// A virtio device: `rng`, `console`, `keyboard`, `tablet` or `gpu`, optionally
+    /// A virtio device: `rng`, `console`, `keyboard`, `tablet`, `mouse` or `gpu`, optionally
     /// `,backend=in-process|vhost-user`; the gpu takes `,heads=N` (monitors, 1-16) and
     /// `,memory-mib=M` (the cap on host memory the guest can make it allocate, default 256).
     /// Repeat for several devices.
@@ -189,6 +189,8 @@ enum DeviceKind {
     Keyboard,
     /// virtio-input tablet (absolute pointer, three buttons, wheel).
     Tablet,
+    /// virtio-input mouse (relative motion, three buttons, wheel): a client's relative mode.
+    Mouse,
     /// virtio-gpu 2D for QEMU's `vhost-user-gpu-pci` (one monitor; the display goes to QEMU's
     /// console). `pleiades-host run` serves its GPU itself, to keep the display for its sink.
     Gpu,
@@ -261,16 +263,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Device { kind, socket, events } => {
             let device: Box<dyn VirtioDevice> = match kind {
                 DeviceKind::Rng | DeviceKind::Console | DeviceKind::Gpu if events.is_some() => {
-                    anyhow::bail!("--events is for keyboard and tablet")
+                    anyhow::bail!("--events is for keyboard, tablet and mouse")
                 }
                 DeviceKind::Gpu => Box::new(Gpu::new(&GpuConfig::default())?),
                 DeviceKind::Rng => Box::new(Rng::new()?),
                 DeviceKind::Console => Box::new(Console::new(Box::new(std::io::stdout()), None)),
-                DeviceKind::Keyboard | DeviceKind::Tablet => {
-                    let input = if matches!(kind, DeviceKind::Keyboard) {
-                        Input::keyboard()?
-                    } else {
-                        Input::tablet()?
+                DeviceKind::Keyboard | DeviceKind::Tablet | DeviceKind::Mouse => {
+                    let input = match kind {
+                        DeviceKind::Keyboard => Input::keyboard()?,
+                        DeviceKind::Tablet => Input::tablet()?,
+                        _ => Input::mouse()?,
                     };
                     if let Some(events) = &events {
                         events_socket::listen(events, input.sender())
@@ -385,6 +387,7 @@ fn with_session(args: &RunArgs, controller: Arc<dyn Controller>) -> Result<Arc<d
         desktop: args.desktop.clone(),
         host: advertise.clone(),
         ticket_key: tickets.public_key(),
+        relative_pointer: args.devices.iter().any(|d| d.kind == "mouse"),
     };
     let server = session::SessionServer::start(&config, controller.clone())?;
     let with = session::SessionController::new(controller, server, Some(tickets), &advertise);

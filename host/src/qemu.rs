@@ -41,7 +41,7 @@ pub fn qemu_binary() -> PathBuf {
 fn vhost_user_device(kind: &str) -> Result<&'static str> {
     Ok(match kind {
         "rng" => "vhost-user-rng-pci",
-        "keyboard" | "tablet" => "vhost-user-input-pci",
+        "keyboard" | "tablet" | "mouse" => "vhost-user-input-pci",
         "gpu" => "vhost-user-gpu-pci",
         other => bail!(
             "the {other} device cannot be attached to QEMU over vhost-user (QEMU has no vhost-user {other}); use --vmm pleiades"

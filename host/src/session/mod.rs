@@ -48,6 +48,8 @@ pub struct SessionConfig {
     pub host: String,
     /// Who signs tickets (the broker's key, or the host's own for `--connection-file`).
     pub ticket_key: PublicKey,
+    /// The VM has a mouse: clients may send relative motion (`RELATIVE_POINTER`).
+    pub relative_pointer: bool,
 }
 
 /// Unix seconds now.
@@ -116,6 +118,11 @@ impl SessionServer {
             | Capabilities::CURSOR_DATAGRAMS
             | Capabilities::DYNAMIC_LAYOUT
             | Capabilities::RESUME;
+        let capabilities = if config.relative_pointer {
+            capabilities | Capabilities::RELATIVE_POINTER
+        } else {
+            capabilities
+        };
         let shared = Arc::new(Shared {
             controller,
             desktop: config.desktop.clone(),

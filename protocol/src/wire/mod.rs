@@ -49,7 +49,7 @@ pub use decoder::StreamDecoder;
 pub use display::{
     DisplayMessage, FrameBegin, FrameEnd, FrameSequence, Rect, SequenceError, Tile, TileData, Video,
 };
-pub use input::{InputMessage, Key, PointerAbs, Wheel, buttons};
+pub use input::{InputMessage, Key, PointerAbs, PointerRel, Wheel, buttons};
 
 /// Length of a stream frame header: `type:u16 | body_len:u32`.
 pub const FRAME_HEADER_LEN: usize = 6;
@@ -186,6 +186,7 @@ pub mod types {
     pub const BUTTONS: u16 = 0x0103;
     pub const WHEEL: u16 = 0x0104;
     pub const RELEASE_ALL: u16 = 0x0105;
+    pub const POINTER_REL: u16 = 0x0106;
     // display (0x02xx)
     pub const FRAME_BEGIN: u16 = 0x0201;
     pub const TILE: u16 = 0x0202;
@@ -203,7 +204,7 @@ pub fn channel_of_type(ty: u16) -> Option<Channel> {
     match ty {
         HELLO | WELCOME | REFUSED | PING | PONG | DISPLAY_LAYOUT | REQUEST_LAYOUT | CLIENT_STATS
         | GOODBYE | FRAME_ACK | RESUME_TOKEN => Some(Channel::Control),
-        KEY | POINTER_ABS | BUTTONS | WHEEL | RELEASE_ALL => Some(Channel::Input),
+        KEY | POINTER_ABS | BUTTONS | WHEEL | RELEASE_ALL | POINTER_REL => Some(Channel::Input),
         FRAME_BEGIN | TILE | VIDEO | FRAME_END => Some(Channel::Display),
         CURSOR_SHAPE | CURSOR_POSITION => Some(Channel::Cursor),
         _ => None,
