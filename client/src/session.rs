@@ -66,7 +66,8 @@ impl Default for SessionOptions {
                 | Capabilities::CURSOR_CHANNEL
                 | Capabilities::CURSOR_DATAGRAMS
                 | Capabilities::DYNAMIC_LAYOUT
-                | Capabilities::RESUME,
+                | Capabilities::RESUME
+                | Capabilities::RELATIVE_POINTER,
         }
     }
 }
@@ -291,6 +292,11 @@ impl SessionHandle {
     /// The pointer at (x, y) of `scanout`, in scanout pixels.
     pub async fn send_pointer(&self, scanout: u32, x: u32, y: u32) -> Result<(), ClientError> {
         self.send_input(InputMessage::PointerAbs(PointerAbs { scanout, x, y })).await
+    }
+
+    /// Relative motion for the VM's mouse (with `RELATIVE_POINTER`).
+    pub async fn send_pointer_rel(&self, dx: i32, dy: i32) -> Result<(), ClientError> {
+        self.send_input(InputMessage::PointerRel(wire::PointerRel { dx, dy })).await
     }
 
     /// The full set of pressed buttons ([`wire::buttons`]).

@@ -5,7 +5,8 @@
 //! 1. screenshots the X screen (`xwd -root`, decoded by the test kit) and finds the guest's console in the window, pixel for
 //!    pixel equal to the host's own `ctl screenshot`;
 //! 2. types with `xdotool` (a command that echoes a marker to the serial console) and clicks
-//!    (the guest reads the button press from its tablet's /dev/input/eventN);
+//!    (the guest reads the button press from its tablet's /dev/input/eventN); Ctrl+Alt+G grabs
+//!    the pointer and relative motion reaches the guest's mouse; Ctrl+Alt releases it;
 //! 3. resizes the window with `xdotool windowsize`: the guest's resolution follows;
 //! 4. takes the link down: the title says "reconnecting"; up again: the client resumes with its
 //!    resume token (the connection file's ticket is spent), shows "connected", typing works and
@@ -160,6 +161,8 @@ fn boot_desktop(gpu: &str) -> Desktop {
         "keyboard",
         "--device",
         "tablet",
+        "--device",
+        "mouse",
         "--listen",
         "127.0.0.1:0",
         "--connection-file",
@@ -350,6 +353,35 @@ fn the_window_shows_the_guest_takes_input_resizes_it_and_resumes_after_a_network
         evdev_events(&od).contains(&BTN_LEFT_DOWN).then_some(())
     });
     assert!(clicked.is_some(), "the click never reached the guest; client log:\n{}", client.log());
+
+    // Relative mode: Ctrl+Alt+G grabs the pointer, and its motion reaches the guest's mouse.
+    let mouse = TABLET.replace("Pleiades Tablet", "Pleiades Mouse");
+    desktop
+        .guest
+        .run(
+            &format!(
+                "EV={mouse}; dd if=/dev/input/$EV of=/tmp/rel bs=24 2>/dev/null & \
+                 for i in $(seq 50); do ls -l /proc/$!/fd 2>/dev/null | grep -q /dev/input && break; sleep 0.2; done"
+            ),
+            SHELL,
+        )
+        .unwrap();
+    focus().expect("focus the window");
+    x.tool("xdotool", &["key", "ctrl+alt+g"]).unwrap();
+    wait_title(&x, &window, &client, "pointer grabbed", WINDOW);
+    const EV_REL: u16 = 2;
+    let moved = poll(SHELL, || {
+        x.tool("xdotool", &["mousemove_relative", "--", "25", "15"])?;
+        let od = desktop.guest.run("od -An -v -tx1 /tmp/rel", SHELL).ok()?;
+        evdev_events(&od)
+            .iter()
+            .any(|&(kind, code, value)| kind == EV_REL && code == 0 && value != 0)
+            .then_some(())
+    });
+    assert!(moved.is_some(), "no relative motion reached the guest's mouse; client log:\n{}", client.log());
+    x.tool("xdotool", &["key", "ctrl+alt"]).unwrap();
+    poll(WINDOW, || (!title(&x, &window).contains("grabbed")).then_some(()))
+        .unwrap_or_else(|| panic!("Ctrl+Alt did not release the pointer; client log:\n{}", client.log()));
 
     // 3. Resizing the window resizes the guest's monitor.
     let before = desktop.screenshot();

@@ -4,14 +4,15 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use pleiades_protocol::handshake::Capabilities;
 use pleiades_protocol::wire::{Monitor, buttons};
 use tokio::sync::mpsc;
 use winit::application::ApplicationHandler;
 use winit::dpi::{PhysicalPosition, PhysicalSize};
-use winit::event::{ElementState, MouseButton, MouseScrollDelta, WindowEvent};
+use winit::event::{DeviceEvent, DeviceId, ElementState, MouseButton, MouseScrollDelta, WindowEvent};
 use winit::event_loop::{ActiveEventLoop, ControlFlow};
 use winit::keyboard::{KeyCode, ModifiersState, PhysicalKey};
-use winit::window::{Fullscreen, Window, WindowId};
+use winit::window::{CursorGrabMode, Fullscreen, Window, WindowId};
 
 use super::keys;
 use super::link::{self, Current, LinkEvent, LinkState, Request};
@@ -62,6 +63,9 @@ pub struct App {
     codec: Option<Codec>,
     cursor: Option<(u32, Layer, u16, u16)>,
     resize_due: Option<Instant>,
+    /// Relative mode: the window that holds the pointer grab, and motion below a whole unit.
+    grabbed: Option<u32>,
+    motion_rest: (f64, f64),
     /// Tells the link whether H.264 pictures are converted on the GPU.
     gpu_video: tokio::sync::watch::Sender<Option<bool>>,
 }
@@ -99,6 +103,8 @@ impl App {
             codec: None,
             cursor: None,
             resize_due: None,
+            grabbed: None,
+            motion_rest: (0.0, 0.0),
             gpu_video,
         }
     }
@@ -110,7 +116,45 @@ impl App {
 
     fn title(&self, scanout: u32) -> String {
         let monitor = if self.windows.len() > 1 { format!(" #{scanout}") } else { String::new() };
-        format!("Pleiades: {}{monitor} [{}]", self.desktop, self.state.label())
+        let grab = if self.grabbed.is_some() { " - pointer grabbed, Ctrl+Alt releases" } else { "" };
+        format!("Pleiades: {}{monitor} [{}]{grab}", self.desktop, self.state.label())
+    }
+
+    /// Relative mode on: the pointer is grabbed by `scanout`'s window and its motion goes to the
+    /// VM's mouse. Needs the server's `RELATIVE_POINTER` (a VM with `--device mouse`).
+    fn grab(&mut self, scanout: u32) {
+        let offered = link::lock(&self.current)
+            .as_ref()
+            .is_some_and(|h| h.info().capabilities.contains(Capabilities::RELATIVE_POINTER));
+        if !offered {
+            tracing::warn!("relative mode needs a server with a mouse (RELATIVE_POINTER): staying absolute");
+            return;
+        }
+        let Some(window) = self.windows.get_mut(&scanout) else { return };
+        let grabbed = window
+            .window
+            .set_cursor_grab(CursorGrabMode::Locked)
+            .or_else(|_| window.window.set_cursor_grab(CursorGrabMode::Confined));
+        if let Err(error) = grabbed {
+            tracing::warn!(%error, "cannot grab the pointer: staying absolute");
+            return;
+        }
+        window.window.set_cursor_visible(false);
+        window.pointer = None;
+        self.grabbed = Some(scanout);
+        self.motion_rest = (0.0, 0.0);
+        tracing::info!("relative mode: pointer grabbed (Ctrl+Alt releases)");
+        self.refresh_titles();
+    }
+
+    fn ungrab(&mut self) {
+        let Some(scanout) = self.grabbed.take() else { return };
+        if let Some(window) = self.windows.get(&scanout) {
+            let _ = window.window.set_cursor_grab(CursorGrabMode::None);
+            window.window.set_cursor_visible(self.cursor.is_none());
+        }
+        tracing::info!("relative mode off: pointer released");
+        self.refresh_titles();
     }
 
     fn send(&self, request: Request) {
@@ -287,6 +331,13 @@ impl App {
                     }
                     return;
                 }
+                // Ctrl+Alt+G: relative mode (pointer grab); Ctrl+Alt alone releases it.
+                PhysicalKey::Code(KeyCode::KeyG) => {
+                    if self.grabbed.is_none() {
+                        self.grab(scanout);
+                    }
+                    return;
+                }
                 // Ctrl+Alt+S: the statistics overlay.
                 PhysicalKey::Code(KeyCode::KeyS) => {
                     self.overlay = !self.overlay;
@@ -310,6 +361,7 @@ impl App {
     }
 
     fn release_everything(&mut self) {
+        self.ungrab();
         if !self.pressed.is_empty() || self.buttons != 0 {
             tracing::debug!(keys = self.pressed.len(), "focus lost: releasing everything");
         }
@@ -528,7 +580,15 @@ impl ApplicationHandler<LinkEvent> for App {
                 // The inner size in physical pixels may change with it; `Resized` follows.
             }
             WindowEvent::Focused(false) => self.release_everything(),
-            WindowEvent::ModifiersChanged(modifiers) => self.modifiers = modifiers.state(),
+            WindowEvent::ModifiersChanged(modifiers) => {
+                let before = self.modifiers;
+                self.modifiers = modifiers.state();
+                // Ctrl+Alt, pressed while grabbed, releases the pointer.
+                let both = |m: ModifiersState| m.control_key() && m.alt_key();
+                if self.grabbed.is_some() && both(self.modifiers) && !both(before) {
+                    self.ungrab();
+                }
+            }
             WindowEvent::KeyboardInput { event, is_synthetic, .. } => {
                 // Synthetic presses are keys held while the window gained focus: not typed here.
                 if (is_synthetic && event.state == ElementState::Pressed) || event.repeat {
@@ -537,6 +597,9 @@ impl ApplicationHandler<LinkEvent> for App {
                 self.on_key(event_loop, scanout, event.physical_key, event.state);
             }
             WindowEvent::CursorMoved { position, .. } => {
+                if self.grabbed.is_some() {
+                    return;
+                }
                 if let Some(window) = self.windows.get_mut(&scanout) {
                     window.pointer = Some(position);
                     if self.cursor.is_some() {
@@ -582,6 +645,18 @@ impl ApplicationHandler<LinkEvent> for App {
                 }
             }
             _ => {}
+        }
+    }
+
+    fn device_event(&mut self, _: &ActiveEventLoop, _: DeviceId, event: DeviceEvent) {
+        // Raw motion, only while grabbed: the mouse's own counts, no host acceleration.
+        if let (Some(_), DeviceEvent::MouseMotion { delta }) = (self.grabbed, event) {
+            let (x, y) = (self.motion_rest.0 + delta.0, self.motion_rest.1 + delta.1);
+            let (dx, dy) = (x.trunc(), y.trunc());
+            self.motion_rest = (x - dx, y - dy);
+            if dx != 0.0 || dy != 0.0 {
+                self.send(Request::PointerRel(dx as i32, dy as i32));
+            }
         }
     }
 

@@ -78,6 +78,7 @@ pub enum LinkEvent {
 pub enum Request {
     Key(u16, bool),
     Pointer { scanout: u32, x: u32, y: u32 },
+    PointerRel(i32, i32),
     Buttons(u32),
     Wheel(i32, i32),
     ReleaseAll,
@@ -99,6 +100,7 @@ pub async fn forward_requests(current: Current, mut requests: mpsc::UnboundedRec
         let sent = match request {
             Request::Key(code, down) => handle.send_key(code, down).await,
             Request::Pointer { scanout, x, y } => handle.send_pointer(scanout, x, y).await,
+            Request::PointerRel(dx, dy) => handle.send_pointer_rel(dx, dy).await,
             Request::Buttons(mask) => handle.send_buttons(mask).await,
             Request::Wheel(dx, dy) => handle.send_wheel(dx, dy).await,
             Request::ReleaseAll => handle.release_all().await,
