@@ -20,10 +20,16 @@ use crate::error::ClientError;
 /// How long connecting (QUIC + TLS) may take before the server counts as unreachable.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Reads a connection: a `pleiades://` URI, or the path of a `.pleiades` file.
+/// Reads a connection: a `pleiades://` URI, or a `.pleiades` file's path or `file://` URL (what
+/// desktop environments pass through the .desktop file's `%u`).
 pub fn load(target: &str) -> Result<Connection, ClientError> {
     if target.starts_with(pleiades_protocol::connfile::URI_SCHEME) {
         return Ok(Connection::from_uri(target)?);
+    }
+    if let Some(path) = target.strip_prefix("file://") {
+        // `file:///home/…` (an empty host) or `file://localhost/home/…`, percent-encoded.
+        let path = path.strip_prefix("localhost").unwrap_or(path);
+        return load(&percent_decode(path));
     }
     let read_error = |error| ClientError::ReadFile { path: target.to_owned(), error };
     let file = std::fs::File::open(target).map_err(read_error)?;
@@ -35,6 +41,27 @@ pub fn load(target: &str) -> Result<Connection, ClientError> {
 }
 
 pub use pleiades_protocol::pinning::{PinnedCertVerifier, cert_sha256};
+
+/// `%XX` escapes decoded (invalid ones kept as they are); bytes that are not UTF-8 are replaced.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
 
 /// The QUIC transport settings of a session: the protocol's idle timeout, datagrams on, and
 /// receive windows large enough for raw frames on a fast path.
@@ -115,4 +142,29 @@ async fn resolve(host: &str, port: u16) -> Result<SocketAddr, ClientError> {
     // Prefer IPv4 where both exist: test servers bind 0.0.0.0 or 127.0.0.1.
     addrs.sort_by_key(|a| !a.is_ipv4());
     addrs.into_iter().next().ok_or_else(|| resolve_error("no addresses".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_files_load_from_paths_and_file_urls() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("my desk.pleiades");
+        let connection = Connection {
+            version: 1,
+            host: "10.0.0.5".into(),
+            port: 4433,
+            cert_sha256: "ab".repeat(32),
+            ticket: "pt1.x".into(),
+            desktop: "desk".into(),
+        };
+        std::fs::write(&path, connection.to_toml()).unwrap();
+        let url = format!("file://{}", path.display()).replace(' ', "%20");
+        assert_eq!(load(&url).unwrap(), connection);
+        assert_eq!(load(&format!("file://localhost{}", path.display())).unwrap(), connection);
+        assert_eq!(load(path.to_str().unwrap()).unwrap(), connection);
+        assert_eq!(percent_decode("a%2Fb%zz%4"), "a/b%zz%4");
+    }
 }

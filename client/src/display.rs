@@ -33,6 +33,8 @@ pub const MAX_SURFACE_PIXELS: u64 = 8192 * 8192;
 pub const MAX_TOTAL_PIXELS: u64 = 2 * MAX_SURFACE_PIXELS;
 /// Damaged rectangles remembered per frame before the whole surface counts as damaged.
 const MAX_DAMAGE_RECTS: usize = 256;
+/// YUV pictures a scanout keeps for the GPU before the oldest is converted on the CPU.
+const MAX_GPU_PICTURES: usize = 4;
 
 /// BGRX pixels, rows top to bottom, `width × 4` bytes a row.
 #[derive(Clone, PartialEq, Eq)]
@@ -208,6 +210,99 @@ struct Surface {
     decoder: Option<Decoder>,
     /// Rectangles changed in `working` since the last present; `None` = everything.
     damage: Option<Vec<Rect>>,
+    /// For a GPU consumer ([`Displays::drain_for_gpu`]): what it has not uploaded yet.
+    gpu: GpuPending,
+}
+
+/// What a GPU consumer still has to upload of one scanout. With [`Displays::set_gpu_video`] on,
+/// video pictures stay YUV (the GPU converts them) and the BGRX framebuffers are stale under
+/// them; `video` keeps the latest picture of each region so the frame can always be rebuilt.
+#[derive(Debug, Default)]
+struct GpuPending {
+    /// Presented BGRX rectangles not uploaded yet; `None`: the whole surface.
+    damage: Option<Vec<Rect>>,
+    /// Pictures decoded in the open frame (not presented yet).
+    video_working: Vec<YuvPicture>,
+    /// The latest presented picture per region; `fresh` ones are not uploaded yet.
+    video: Vec<(YuvPicture, bool)>,
+}
+
+/// A decoded H.264 picture kept in its planes: I420, rows packed (`width`, then `width/2`
+/// rounded up for chroma), for the GPU to convert.
+#[derive(Clone, PartialEq, Eq)]
+pub struct YuvPicture {
+    /// Where it goes on the scanout; the picture fills `rect` (clipped to the decoded size).
+    pub rect: Rect,
+    pub y: Vec<u8>,
+    pub u: Vec<u8>,
+    pub v: Vec<u8>,
+}
+
+impl std::fmt::Debug for YuvPicture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "YuvPicture({:?})", self.rect)
+    }
+}
+
+impl YuvPicture {
+    /// Chroma plane size for the picture's rect.
+    pub fn chroma_size(&self) -> (u32, u32) {
+        (self.rect.width.div_ceil(2), self.rect.height.div_ceil(2))
+    }
+
+    /// Copies a decoded picture's planes, clipped to `rect`; `None` if they are short.
+    fn from_source(picture: &impl YUVSource, rect: &Rect) -> Option<Self> {
+        let (pic_w, pic_h) = picture.dimensions();
+        let (y_stride, u_stride, v_stride) = picture.strides();
+        let width = (rect.width as usize).min(pic_w);
+        let height = (rect.height as usize).min(pic_h);
+        let (cw, ch) = (width.div_ceil(2), height.div_ceil(2));
+        let copy = |plane: &[u8], stride: usize, w: usize, h: usize| -> Option<Vec<u8>> {
+            let mut out = Vec::with_capacity(w * h);
+            for row in 0..h {
+                out.extend_from_slice(plane.get(row * stride..row * stride + w)?);
+            }
+            Some(out)
+        };
+        Some(Self {
+            rect: Rect { x: rect.x, y: rect.y, width: width as u32, height: height as u32 },
+            y: copy(picture.y(), y_stride, width, height)?,
+            u: copy(picture.u(), u_stride, cw, ch)?,
+            v: copy(picture.v(), v_stride, cw, ch)?,
+        })
+    }
+
+    /// Converts on the CPU into `fb` (the same matrix as the GPU shader).
+    pub fn convert_into(&self, fb: &mut Framebuffer) {
+        let width = self.rect.width as usize;
+        let (cw, _) = self.chroma_size();
+        let cw = cw as usize;
+        for row in 0..self.rect.height as usize {
+            let y_row = &self.y[row * width..(row + 1) * width];
+            let c = (row / 2) * cw;
+            let (u_row, v_row) = (&self.u[c..c + cw], &self.v[c..c + cw]);
+            if let Some(range) = fb.row_range(&self.rect, row as u32)
+                && let Some(dst) = fb.pixels.get_mut(range)
+            {
+                convert_row(y_row, u_row, v_row, dst);
+            }
+        }
+    }
+}
+
+/// What [`Displays::drain_for_gpu`] hands a GPU consumer for one scanout.
+#[derive(Debug)]
+pub struct GpuUpdate<'a> {
+    /// The presented BGRX frame (stale under `videos`).
+    pub frame: &'a Framebuffer,
+    /// Rectangles of `frame` to upload; `None`: all of it (a new or resized surface).
+    pub rects: Option<Vec<Rect>>,
+    /// Pictures to convert on top, in order.
+    pub videos: Vec<YuvPicture>,
+}
+
+fn overlaps(a: &Rect, b: &Rect) -> bool {
+    a.x < b.x + b.width && b.x < a.x + a.width && a.y < b.y + b.height && b.y < a.y + a.height
 }
 
 impl std::fmt::Debug for Surface {
@@ -223,6 +318,7 @@ impl Surface {
             presented: Framebuffer::new(width, height),
             decoder: None,
             damage: None,
+            gpu: GpuPending::default(),
         }
     }
 
@@ -238,14 +334,62 @@ impl Surface {
 
     fn present(&mut self) {
         match self.damage.take() {
-            None => self.presented = self.working.clone(),
+            None => {
+                self.presented = self.working.clone();
+                self.gpu.damage = None;
+            }
             Some(rects) => {
                 for rect in &rects {
                     self.presented.copy_rect_from(&self.working, rect);
                 }
+                if let Some(pending) = &mut self.gpu.damage {
+                    pending.extend(rects);
+                    if pending.len() > MAX_DAMAGE_RECTS {
+                        self.gpu.damage = None;
+                    }
+                }
             }
         }
         self.damage = Some(Vec::new());
+        for picture in std::mem::take(&mut self.gpu.video_working) {
+            self.gpu.video.retain(|(old, _)| old.rect != picture.rect);
+            self.gpu.video.push((picture, true));
+        }
+        // Regions come and go with the motion: the oldest pictures settle into the framebuffers.
+        while self.gpu.video.len() > MAX_GPU_PICTURES {
+            let (picture, _) = self.gpu.video.remove(0);
+            picture.convert_into(&mut self.working);
+            picture.convert_into(&mut self.presented);
+            if let Some(pending) = &mut self.gpu.damage {
+                pending.push(picture.rect);
+            }
+        }
+    }
+
+    /// A tile lands on `rect`: pictures under it that only the GPU has are converted into the
+    /// framebuffers first (so the tile draws over the right pixels, and the frame stays whole).
+    fn settle_video_under(&mut self, rect: &Rect) {
+        let (mut kept, mut under) = (Vec::new(), Vec::new());
+        for (picture, fresh) in std::mem::take(&mut self.gpu.video) {
+            if overlaps(&picture.rect, rect) { under.push(picture) } else { kept.push((picture, fresh)) }
+        }
+        self.gpu.video = kept;
+        for picture in &under {
+            picture.convert_into(&mut self.working);
+            picture.convert_into(&mut self.presented);
+            if let Some(pending) = &mut self.gpu.damage {
+                pending.push(picture.rect);
+            }
+        }
+        let working: Vec<YuvPicture> = std::mem::take(&mut self.gpu.video_working);
+        for picture in working {
+            if overlaps(&picture.rect, rect) {
+                picture.convert_into(&mut self.working);
+                self.damage(picture.rect);
+            } else {
+                self.gpu.video_working.push(picture);
+            }
+        }
     }
 }
 
@@ -257,6 +401,8 @@ pub struct Displays {
     scratch: Vec<u8>,
     /// Video updates that failed to decode, over the session.
     pub decode_errors: u64,
+    /// Keep video pictures as YUV for the GPU instead of converting them.
+    gpu_video: bool,
 }
 
 impl std::fmt::Debug for Displays {
@@ -277,7 +423,48 @@ impl Displays {
 
     /// A copy of the last presented frame of `scanout`.
     pub fn snapshot(&self, scanout: u32) -> Option<Framebuffer> {
-        self.surfaces.get(&scanout).map(|s| s.presented.clone())
+        self.surfaces.get(&scanout).map(|s| {
+            let mut frame = s.presented.clone();
+            for (picture, _) in &s.gpu.video {
+                picture.convert_into(&mut frame);
+            }
+            frame
+        })
+    }
+
+    /// Keeps H.264 pictures in YUV for a GPU consumer (the window) instead of converting them
+    /// to BGRX on the CPU; [`Self::drain_for_gpu`] hands them out.
+    pub fn set_gpu_video(&mut self, on: bool) {
+        self.gpu_video = on;
+    }
+
+    /// Hands what changed on `scanout` since the last call to `upload` (under the lock: the
+    /// consumer copies what it needs, e.g. into GPU staging memory). `false` if nothing changed
+    /// or the scanout is unknown.
+    pub fn drain_for_gpu(&mut self, scanout: u32, upload: impl FnOnce(GpuUpdate<'_>)) -> bool {
+        let Some(surface) = self.surfaces.get_mut(&scanout) else { return false };
+        let rects = surface.gpu.damage.replace(Vec::new());
+        let full = rects.is_none();
+        let videos: Vec<YuvPicture> = surface
+            .gpu
+            .video
+            .iter_mut()
+            .filter(|(_, fresh)| full || *fresh)
+            .map(|(picture, fresh)| {
+                *fresh = false;
+                picture.clone()
+            })
+            .collect();
+        if rects.as_ref().is_some_and(Vec::is_empty) && videos.is_empty() {
+            return false;
+        }
+        upload(GpuUpdate { frame: &surface.presented, rects, videos });
+        true
+    }
+
+    /// The size of `scanout`'s surface.
+    pub fn size(&self, scanout: u32) -> Option<(u32, u32)> {
+        self.surfaces.get(&scanout).map(|s| (s.working.width, s.working.height))
     }
 
     fn begin(&mut self, begin: &FrameBegin) -> Result<&mut Surface, DisplayError> {
@@ -307,6 +494,9 @@ impl Displays {
 
     fn apply_tile(&mut self, scanout: u32, rect: Rect, data: &TileData) -> Result<(), DisplayError> {
         let Some(surface) = self.surfaces.get_mut(&scanout) else { return Ok(()) };
+        if self.gpu_video {
+            surface.settle_video_under(&rect);
+        }
         match data {
             TileData::Raw(pixels) => surface.working.blit(&rect, pixels),
             TileData::Solid(bgrx) => surface.working.fill(&rect, *bgrx),
@@ -360,6 +550,12 @@ impl Displays {
                 return false;
             }
         };
+        if self.gpu_video {
+            let Some(picture) = YuvPicture::from_source(&picture, &video.rect) else { return false };
+            surface.gpu.video_working.retain(|old| old.rect != picture.rect);
+            surface.gpu.video_working.push(picture);
+            return true;
+        }
         let ok = yuv420_to_bgrx(&picture, &mut surface.working, &video.rect);
         surface.damage(video.rect);
         ok

@@ -1,4 +1,4 @@
-//! The Pleiades thin client (`pleiades`), headless for now.
+//! The Pleiades thin client (`pleiades`): windowed, or headless for tests and benchmarks.
 //!
 //! A thin I/O shell around the sans-IO `pleiades-protocol` crate, as docs/protocol.md expects:
 //!
@@ -8,6 +8,7 @@
 //! - [`recorder`]: the headless recorder behind `pleiades connect --headless --record DIR`.
 //! - [`script`] and [`keymap`]: the recorder's input script.
 //! - [`audio`]: playback through the jitter buffer and Opus (WAV when headless), the microphone.
+//! - [`window`]: the windowed client (winit + wgpu): windows per monitor, input, reconnect.
 //! - [`clock`]: `CLOCK_MONOTONIC` µs, the clock the server stamps frames with.
 //!
 //! Guide: docs/client.md.
@@ -21,5 +22,6 @@ pub mod keymap;
 pub mod recorder;
 pub mod script;
 pub mod session;
+pub mod window;
 
 pub use error::ClientError;

@@ -1,5 +1,5 @@
-//! `pleiades`: the Pleiades thin client. Today: `pleiades connect --headless`, the recorder
-//! that tests and benchmarks drive (docs/client.md).
+//! `pleiades`: the Pleiades thin client. `pleiades connect TARGET` opens the desktop in windows;
+//! `--headless` is the recorder that tests and benchmarks drive (docs/client.md).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,7 +31,7 @@ enum Cmd {
     Connect {
         /// The connection file's path, or a pleiades:// URI.
         target: String,
-        /// Run without a window: decode, ack and record (the only mode so far).
+        /// Run without a window: decode, ack and record.
         #[arg(long)]
         headless: bool,
         /// Write frames.jsonl, summary.json and PNGs into this directory.
@@ -101,9 +101,40 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Cmd::AudioTest { seconds, record } => audio_test(seconds, record),
-        Cmd::Connect { headless: false, .. } => {
-            eprintln!("the windowed client is not built yet; use --headless");
-            ExitCode::from(2)
+        Cmd::Connect {
+            headless: false,
+            target,
+            name,
+            no_h264,
+            server_cursor,
+            record,
+            duration,
+            input,
+            snapshot_every,
+            mic,
+            no_audio,
+            play: _,
+            mic_device,
+        } => {
+            if record.is_some() || duration.is_some() || input.is_some() || snapshot_every.is_some() {
+                eprintln!("pleiades: --record, --duration, --input and --snapshot-every need --headless");
+                return ExitCode::from(2);
+            }
+            let run = || -> anyhow::Result<()> {
+                let connection = connect::load(&target)?;
+                let options = session_options(name, no_h264, server_cursor, no_audio);
+                // A window plays through the sound card; the microphone is opt-in.
+                let audio =
+                    AudioOptions { playback_wav: None, mic_wav: mic, speaker: true, microphone: mic_device };
+                pleiades_client::window::run(connection, options, audio)
+            };
+            match run() {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("pleiades: {error:#}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Cmd::Connect {
             target,
@@ -131,21 +162,7 @@ fn main() -> ExitCode {
                     None => Vec::new(),
                 };
                 let connection = connect::load(&target)?;
-                let mut options = SessionOptions::default();
-                if let Some(name) = name {
-                    options.client_name = name;
-                }
-                if no_h264 {
-                    options.capabilities = options.capabilities.difference(Capabilities::H264);
-                }
-                if server_cursor {
-                    options.capabilities = options
-                        .capabilities
-                        .difference(Capabilities::CURSOR_CHANNEL | Capabilities::CURSOR_DATAGRAMS);
-                }
-                if no_audio {
-                    options.capabilities = options.capabilities.difference(Capabilities::AUDIO);
-                }
+                let options = session_options(name, no_h264, server_cursor, no_audio);
                 let audio_options = AudioOptions {
                     playback_wav: record.as_ref().map(|dir| dir.join("playback.wav")),
                     mic_wav: mic,
@@ -197,6 +214,29 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn session_options(
+    name: Option<String>,
+    no_h264: bool,
+    server_cursor: bool,
+    no_audio: bool,
+) -> SessionOptions {
+    let mut options = SessionOptions::default();
+    if let Some(name) = name {
+        options.client_name = name;
+    }
+    if no_h264 {
+        options.capabilities = options.capabilities.difference(Capabilities::H264);
+    }
+    if server_cursor {
+        options.capabilities =
+            options.capabilities.difference(Capabilities::CURSOR_CHANNEL | Capabilities::CURSOR_DATAGRAMS);
+    }
+    if no_audio {
+        options.capabilities = options.capabilities.difference(Capabilities::AUDIO);
+    }
+    options
 }
 
 /// Reads a script, refusing files far larger than 10 000 lines could need.

@@ -66,7 +66,9 @@ impl Default for SessionOptions {
                 | Capabilities::CURSOR_CHANNEL
                 | Capabilities::CURSOR_DATAGRAMS
                 | Capabilities::DYNAMIC_LAYOUT
-                | Capabilities::AUDIO,
+                | Capabilities::AUDIO
+                | Capabilities::RESUME
+                | Capabilities::RELATIVE_POINTER,
         }
     }
 }
@@ -123,6 +125,8 @@ struct Shared {
     goodbye: AtomicBool,
     /// Where audio datagrams go (the player), once it listens.
     audio: Mutex<Option<mpsc::Sender<AudioPacket>>>,
+    /// The server's latest `ResumeToken` (with `RESUME`).
+    resume_token: Mutex<Option<String>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -239,6 +243,7 @@ impl Session {
             closing: AtomicBool::new(false),
             goodbye: AtomicBool::new(false),
             audio: Mutex::new(None),
+            resume_token: Mutex::new(None),
         });
         let (control_tx, control_rx) = mpsc::channel(SEND_QUEUE);
         let (input_tx, input_rx) = mpsc::channel(SEND_QUEUE);
@@ -308,6 +313,11 @@ impl SessionHandle {
         self.send_input(InputMessage::PointerAbs(PointerAbs { scanout, x, y })).await
     }
 
+    /// Relative motion for the VM's mouse (with `RELATIVE_POINTER`).
+    pub async fn send_pointer_rel(&self, dx: i32, dy: i32) -> Result<(), ClientError> {
+        self.send_input(InputMessage::PointerRel(wire::PointerRel { dx, dy })).await
+    }
+
     /// The full set of pressed buttons ([`wire::buttons`]).
     pub async fn send_buttons(&self, mask: u32) -> Result<(), ClientError> {
         self.send_input(InputMessage::Buttons(mask)).await
@@ -366,6 +376,22 @@ impl SessionHandle {
 
     pub fn bytes_received(&self) -> u64 {
         self.shared.counters.bytes_received.load(Ordering::Relaxed)
+    }
+
+    /// The server's latest one-time resume token, for [`crate::window`]'s reconnect.
+    pub fn resume_token(&self) -> Option<String> {
+        lock(&self.shared.resume_token).clone()
+    }
+
+    /// UDP datagrams received on this connection: stops growing when the path is down (the
+    /// server pings every second).
+    pub fn datagrams_received(&self) -> u64 {
+        self.connection.stats().udp_rx.datagrams
+    }
+
+    /// Runs `f` on the decoded displays (the window uploads their damage).
+    pub fn with_displays<R>(&self, f: impl FnOnce(&mut Displays) -> R) -> R {
+        f(&mut lock(&self.shared.displays))
     }
 
     pub fn decode_errors(&self) -> u64 {
@@ -499,6 +525,10 @@ async fn control_reader(
                     tracing::info!(?monitors, "display layout");
                     *lock(&handle.shared.layout) = monitors.clone();
                     let _ = events.send(SessionEvent::Layout(monitors)).await;
+                }
+                ControlMessage::ResumeToken(token) => {
+                    tracing::debug!(lifetime_s = token.lifetime_s, "resume token");
+                    *lock(&handle.shared.resume_token) = Some(token.token);
                 }
                 ControlMessage::Goodbye(goodbye) => {
                     tracing::info!(reason = ?goodbye.reason, message = %goodbye.message, "the server said goodbye");

@@ -17,10 +17,21 @@ fn stderr(output: &Output) -> String {
 }
 
 #[test]
-fn the_windowed_client_is_not_built_yet() {
-    let output = pleiades(&["connect", "pleiades://127.0.0.1:4433/?ticket=pt1.x&desktop=d"]);
+fn the_windowed_client_needs_a_display_and_refuses_headless_only_flags() {
+    let uri = "pleiades://127.0.0.1:4433/?ticket=pt1.x&desktop=d";
+    let output = Command::new(env!("CARGO_BIN_EXE_pleiades"))
+        .args(["connect", uri])
+        .env_remove("DISPLAY")
+        .env_remove("WAYLAND_DISPLAY")
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(stderr(&output).contains("no display"), "{}", stderr(&output));
+
+    let output = pleiades(&["connect", uri, "--duration", "1"]);
     assert_eq!(output.status.code(), Some(2));
-    assert!(stderr(&output).contains("the windowed client is not built yet; use --headless"));
+    assert!(stderr(&output).contains("need --headless"), "{}", stderr(&output));
 }
 
 #[test]

@@ -32,7 +32,7 @@ pub fn start_backend(kind: &'static str, socket: &Path) -> Result<Backend> {
     let mut cmd = Command::new(exe);
     cmd.args(["device", kind, "--socket"]).arg(socket).stdin(Stdio::null());
     // Input backends take host events on a socket of their own (bound before `socket`).
-    let events = matches!(kind, "keyboard" | "tablet").then(|| socket.with_extension("events"));
+    let events = matches!(kind, "keyboard" | "tablet" | "mouse").then(|| socket.with_extension("events"));
     if let Some(events) = &events {
         cmd.arg("--events").arg(events);
     }

@@ -84,6 +84,7 @@ pub enum PointerButton {
 pub enum InputDevice {
     Keyboard,
     Tablet,
+    Mouse,
 }
 
 impl InputDevice {
@@ -92,6 +93,7 @@ impl InputDevice {
         match self {
             Self::Keyboard => "keyboard",
             Self::Tablet => "tablet",
+            Self::Mouse => "mouse",
         }
     }
 }

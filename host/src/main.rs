@@ -82,7 +82,7 @@ struct RunArgs {
     /// with Pleiades' devices over vhost-user (default elsewhere).
     #[arg(long)]
     vmm: Option<Vmm>,
-    /// A virtio device: `rng`, `console`, `keyboard`, `tablet`, `gpu` or `sound` (`snd`), optionally
+    /// A virtio device: `rng`, `console`, `keyboard`, `tablet`, `mouse`, `gpu` or `sound` (`snd`), optionally
     /// `,backend=in-process|vhost-user`; the gpu takes `,heads=N` (monitors, 1-16) and
     /// `,memory-mib=M` (the cap on host memory the guest can make it allocate, default 256).
     /// Repeat for several devices.
@@ -205,6 +205,8 @@ enum DeviceKind {
     Keyboard,
     /// virtio-input tablet (absolute pointer, three buttons, wheel).
     Tablet,
+    /// virtio-input mouse (relative motion, three buttons, wheel): a client's relative mode.
+    Mouse,
     /// virtio-gpu 2D for QEMU's `vhost-user-gpu-pci` (one monitor; the display goes to QEMU's
     /// console). `pleiades-host run` serves its GPU itself, to keep the display for its sink.
     Gpu,
@@ -288,17 +290,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 DeviceKind::Rng | DeviceKind::Console | DeviceKind::Gpu | DeviceKind::Sound
                     if events.is_some() =>
                 {
-                    anyhow::bail!("--events is for keyboard and tablet")
+                    anyhow::bail!("--events is for keyboard, tablet and mouse")
                 }
                 DeviceKind::Gpu => Box::new(Gpu::new(&GpuConfig::default())?),
                 DeviceKind::Sound => Box::new(pleiades_host::devices::virtio::snd::Sound::new()?),
                 DeviceKind::Rng => Box::new(Rng::new()?),
                 DeviceKind::Console => Box::new(Console::new(Box::new(std::io::stdout()), None)),
-                DeviceKind::Keyboard | DeviceKind::Tablet => {
-                    let input = if matches!(kind, DeviceKind::Keyboard) {
-                        Input::keyboard()?
-                    } else {
-                        Input::tablet()?
+                DeviceKind::Keyboard | DeviceKind::Tablet | DeviceKind::Mouse => {
+                    let input = match kind {
+                        DeviceKind::Keyboard => Input::keyboard()?,
+                        DeviceKind::Tablet => Input::tablet()?,
+                        _ => Input::mouse()?,
                     };
                     if let Some(events) = &events {
                         events_socket::listen(events, input.sender())
@@ -425,6 +427,7 @@ fn with_session(args: &RunArgs, controller: Arc<dyn Controller>) -> Result<Arc<d
         host: ticket_host,
         ticket_key,
         identity_dir: args.tls_identity.clone(),
+        relative_pointer: args.devices.iter().any(|d| d.kind == "mouse"),
     };
     let server = session::SessionServer::start(&config, controller.clone())?;
     let with = session::SessionController::new(controller, server, tickets, &advertise);

@@ -49,7 +49,7 @@ fn device_type(kind: &str) -> Result<DeviceType> {
     Ok(match kind {
         "rng" => DeviceType::Rng,
         "console" => DeviceType::Console,
-        "keyboard" | "tablet" => DeviceType::Input,
+        "keyboard" | "tablet" | "mouse" => DeviceType::Input,
         "gpu" => bail!(
             "--vmm pleiades runs the GPU in-process (its display sink feeds the host's encoder and screenshots); drop `,backend=vhost-user` from --device gpu"
         ),
@@ -99,11 +99,11 @@ impl PleiadesVm {
                     let device: Box<dyn VirtioDevice> = match request.kind {
                         "rng" => Box::new(Rng::new()?),
                         "console" => Box::new(Console::new(console_output(serial)?, None)),
-                        "keyboard" | "tablet" => {
-                            let input = if request.kind == "keyboard" {
-                                Input::keyboard()?
-                            } else {
-                                Input::tablet()?
+                        "keyboard" | "tablet" | "mouse" => {
+                            let input = match request.kind {
+                                "keyboard" => Input::keyboard()?,
+                                "tablet" => Input::tablet()?,
+                                _ => Input::mouse()?,
                             };
                             inputs.push((request.kind, InputRoute::InProcess(Mutex::new(input.sender()))));
                             Box::new(input)

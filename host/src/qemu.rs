@@ -43,7 +43,7 @@ pub fn qemu_binary() -> PathBuf {
 fn vhost_user_device(kind: &str) -> Result<&'static str> {
     Ok(match kind {
         "rng" => "vhost-user-rng-pci",
-        "keyboard" | "tablet" => "vhost-user-input-pci",
+        "keyboard" | "tablet" | "mouse" => "vhost-user-input-pci",
         "gpu" => "vhost-user-gpu-pci",
         "sound" => "vhost-user-snd-pci",
         other => bail!(

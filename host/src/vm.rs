@@ -59,7 +59,7 @@ impl DeviceRequest {
 }
 
 /// Device kinds `pleiades-host run --device` knows.
-pub const DEVICE_KINDS: &[&str] = &["rng", "console", "keyboard", "tablet", "gpu", "sound"];
+pub const DEVICE_KINDS: &[&str] = &["rng", "console", "keyboard", "tablet", "mouse", "gpu", "sound"];
 
 impl FromStr for DeviceRequest {
     type Err = String;

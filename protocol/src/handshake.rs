@@ -58,6 +58,11 @@ impl Capabilities {
     pub const USB: Self = Self(1 << 6);
     /// Reserved for the clipboard channel (a later version).
     pub const CLIPBOARD: Self = Self(1 << 7);
+    /// The server sends `ResumeToken`s; the client may resume the session with one after losing
+    /// its connection.
+    pub const RESUME: Self = Self(1 << 8);
+    /// The server's VM has a mouse: the client may send `PointerRel` (relative motion).
+    pub const RELATIVE_POINTER: Self = Self(1 << 9);
 
     /// Every capability this version implements (the reserved bits excluded).
     pub const SUPPORTED: Self = Self(
@@ -66,7 +71,9 @@ impl Capabilities {
             | Self::CURSOR_CHANNEL.0
             | Self::CURSOR_DATAGRAMS.0
             | Self::DYNAMIC_LAYOUT.0
-            | Self::AUDIO.0,
+            | Self::AUDIO.0
+            | Self::RESUME.0
+            | Self::RELATIVE_POINTER.0,
     );
 
     pub const fn empty() -> Self {
@@ -111,7 +118,7 @@ impl BitAnd for Capabilities {
 
 impl fmt::Debug for Capabilities {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const NAMES: [(Capabilities, &str); 8] = [
+        const NAMES: [(Capabilities, &str); 10] = [
             (Capabilities::ZSTD_TILES, "ZSTD_TILES"),
             (Capabilities::H264, "H264"),
             (Capabilities::CURSOR_CHANNEL, "CURSOR_CHANNEL"),
@@ -120,6 +127,8 @@ impl fmt::Debug for Capabilities {
             (Capabilities::AUDIO, "AUDIO"),
             (Capabilities::USB, "USB"),
             (Capabilities::CLIPBOARD, "CLIPBOARD"),
+            (Capabilities::RESUME, "RESUME"),
+            (Capabilities::RELATIVE_POINTER, "RELATIVE_POINTER"),
         ];
         let mut set = f.debug_set();
         let mut rest = self.0;

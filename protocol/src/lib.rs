@@ -13,6 +13,8 @@
 //! - [`keys`]: evdev key codes of a US layout (characters and key names).
 //! - [`pinning`]: certificate pinning (SHA-256 of the DER certificate); the rustls verifier
 //!   with the `rustls` feature.
+//! - [`resume`]: one-time resume tokens that let a client get its session back after a network
+//!   loss (the connection file's ticket is spent by then).
 //! - [`pacing`]: frame pacing (about one frame in flight), RTT and delivery-rate estimates.
 //!
 //! Nothing here opens a socket, starts a thread or reads a clock: time is a parameter, so every
@@ -47,6 +49,7 @@ pub mod jitter;
 pub mod keys;
 pub mod pacing;
 pub mod pinning;
+pub mod resume;
 pub mod ticket;
 pub mod transport;
 pub mod wire;

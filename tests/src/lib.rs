@@ -14,6 +14,7 @@
 //!   image and a pool (the demo and `broker_e2e`).
 //! - [`audio`]: tone analysis (Goertzel scan, RMS, gaps) and WAV helpers for the audio tests.
 //! - [`linkem`]: a link emulator (delay, loss, rate, down/up) for QUIC between client and host.
+//! - [`xwd`]: reads `xwd -root` dumps of an X screen (Xvfb) without ImageMagick.
 //!
 //! The tests in `tests/` use these to run the real pieces together.
 
@@ -39,3 +40,4 @@ pub mod postgres;
 pub mod qemu;
 pub mod stack;
 pub mod testguest;
+pub mod xwd;

@@ -6,10 +6,12 @@ use std::time::Duration;
 
 use pleiades_protocol::handshake::{Capabilities, Refusal, ServerOutcome, Session};
 use pleiades_protocol::pacing::{FramePacer, PacerConfig};
+use pleiades_protocol::resume;
+use pleiades_protocol::ticket::TicketClaims;
 use pleiades_protocol::transport::{error_code, priority, stream_prelude};
 use pleiades_protocol::wire::{
     self, Channel, ControlMessage, CursorMessage, CursorPosition, CursorShape, Datagram, InputMessage,
-    Monitor, Pong, RefuseCode, StreamDecoder,
+    Monitor, Pong, RefuseCode, ResumeToken, StreamDecoder,
 };
 use tokio::sync::mpsc;
 
@@ -74,6 +76,19 @@ async fn handshake(shared: &Arc<Shared>, conn: &quinn::Connection) -> Result<Opt
     };
     let session_id = shared.next_session.fetch_add(1, Ordering::Relaxed);
     let outcome = shared.handshake.on_first_message(&message, session_id, |ticket: &str| {
+        if resume::is_resume_token(ticket) {
+            let now = super::unix_now();
+            let resumed = lock(&shared.resume).redeem(ticket, &shared.desktop, now)?;
+            tracing::info!("session {session_id}: resumes session {}", resumed.session_id);
+            return Ok(TicketClaims {
+                id: [0; 16],
+                user: resumed.user,
+                desktop: shared.desktop.clone(),
+                host: String::new(),
+                issued_at: now,
+                expires_at: now,
+            });
+        }
         let claims = lock(&shared.verifier).verify(ticket, super::unix_now()).map_err(Refusal::from)?;
         if claims.desktop != shared.desktop {
             return Err(Refusal::new(
@@ -87,6 +102,14 @@ async fn handshake(shared: &Arc<Shared>, conn: &quinn::Connection) -> Result<Opt
         ServerOutcome::Accept { reply, session, claims } => {
             write(&mut send, &reply).await?;
             tracing::info!("session {session_id}: ticket of {} for {} accepted", claims.user, claims.desktop);
+            if session.capabilities.contains(Capabilities::RESUME) {
+                let token =
+                    lock(&shared.resume).issue(session_id, &shared.desktop, &claims.user, super::unix_now());
+                if let Some(token) = token {
+                    let lifetime_s = resume::RESUME_LIFETIME_S as u32;
+                    write(&mut send, &ControlMessage::ResumeToken(ResumeToken { token, lifetime_s })).await?;
+                }
+            }
             Ok(Some((session, send, recv)))
         }
         ServerOutcome::Refuse { reply, code } => {
@@ -128,7 +151,15 @@ async fn run(
     let (control_tx, mut control_rx) = mpsc::channel::<ControlMessage>(64);
     let writer = tokio::spawn(async move {
         while let Some(message) = control_rx.recv().await {
-            if write(&mut control_send, &message).await.is_err() {
+            // A message that does not encode is a bug here, not a reason to end the session.
+            let bytes = match wire::encode_to_vec(&message) {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    tracing::warn!("session: not sending an invalid {message:?}: {e}");
+                    continue;
+                }
+            };
+            if control_send.write_all(&bytes).await.is_err() {
                 return;
             }
         }
@@ -140,10 +171,11 @@ async fn run(
     }
     let display = gpu.clone().map(|gpu| {
         let (conn, pacer, stop, shared) = (conn.clone(), pacer.clone(), stop.clone(), shared.clone());
+        let layouts = control_tx.clone();
         let handle = tokio::runtime::Handle::current();
         let caps = session.capabilities;
         std::thread::Builder::new().name(format!("display-{}", session.session_id)).spawn(move || {
-            if let Err(e) = display_loop(&gpu, &conn, &handle, &pacer, &stop, caps, &shared) {
+            if let Err(e) = display_loop(&gpu, &conn, &handle, &pacer, &stop, caps, &shared, &layouts) {
                 tracing::info!("display stream ended: {e}");
                 conn.close(error_code::PROTOCOL_VIOLATION.into(), e.as_bytes());
             }
@@ -177,6 +209,7 @@ async fn run(
     for thread in [display, playback].into_iter().flatten().flatten() {
         let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     }
+    lock(&shared.resume).session_ended(session.session_id, super::unix_now());
     let mut current = lock(&shared.current);
     if current.as_ref().is_some_and(|(id, _)| *id == session.session_id) {
         *current = None;
@@ -280,7 +313,12 @@ async fn apply_layout(shared: &Arc<Shared>, control: &mpsc::Sender<ControlMessag
         tracing::info!("session: the client's layout was refused: {e}");
     }
     if let Some(gpu) = shared.controller.display() {
-        let _ = control.send(ControlMessage::DisplayLayout(monitors(&gpu))).await;
+        // In the middle of a mode switch the guest may have no monitor on: nothing to say yet
+        // (the display thread announces the layout once it settles).
+        let monitors = monitors(&gpu);
+        if !monitors.is_empty() {
+            let _ = control.send(ControlMessage::DisplayLayout(monitors)).await;
+        }
     }
 }
 
@@ -377,7 +415,9 @@ struct ScanoutStream {
     stream: quinn::SendStream,
 }
 
-/// Encodes the sink's damage and sends frames when the pacer allows; also the cursor.
+/// Encodes the sink's damage and sends frames when the pacer allows; also the cursor and the
+/// guest's layout changes.
+#[allow(clippy::too_many_arguments)] // the display thread's whole context, borrowed
 fn display_loop(
     gpu: &GpuHandle,
     conn: &quinn::Connection,
@@ -386,8 +426,12 @@ fn display_loop(
     stop: &AtomicBool,
     caps: Capabilities,
     shared: &Shared,
+    layouts: &mpsc::Sender<ControlMessage>,
 ) -> Result<(), String> {
     let sink = gpu.sink();
+    // The guest changes its monitors on its own too (`ctl layout`, a guest tool): the client
+    // hears of every settled change (docs/protocol.md: "after Welcome and on every change").
+    let mut announced = monitors(gpu);
     let mut scanouts: Vec<Option<ScanoutStream>> = (0..gpu.scanouts()).map(|_| None).collect();
     let mut cursor_stream: Option<quinn::SendStream> = None;
     let (mut cursor_generation, mut cursor_image, mut cursor_serial, mut cursor_seq) =
@@ -396,6 +440,11 @@ fn display_loop(
     let mut frame_id = 0u64;
     while !stop.load(Ordering::Relaxed) {
         let generation = sink.wait_change(seen, Duration::from_millis(50));
+        let now = monitors(gpu);
+        if now != announced && !now.is_empty() {
+            announced = now.clone();
+            let _ = layouts.try_send(ControlMessage::DisplayLayout(now));
+        }
 
         // The cursor: shapes on their stream, positions as datagrams (latest wins).
         let cursor = sink.cursor();

@@ -17,13 +17,16 @@ use pleiades_protocol::wire::{InputMessage, buttons};
 use crate::control::InputDevice;
 use crate::devices::virtio::input::InputEvent;
 use crate::devices::virtio::input::event::{
-    ABS_X, ABS_Y, BTN_LEFT, BTN_MIDDLE, BTN_RIGHT, EV_ABS, EV_REL, KEY_MAX_KEYBOARD, REL_WHEEL, TABLET_MAX,
+    ABS_X, ABS_Y, BTN_LEFT, BTN_MIDDLE, BTN_RIGHT, EV_ABS, EV_REL, KEY_MAX_KEYBOARD, REL_WHEEL, REL_X, REL_Y,
+    TABLET_MAX,
 };
 
 /// Sustained input events per second a connection may send.
 pub const RATE: f64 = 2000.0;
 /// Events a connection may send at once.
 pub const BURST: f64 = 500.0;
+/// The largest relative step passed on (device units per message; more is clamped).
+const MAX_REL: i32 = 4096;
 
 /// Translates one connection's input.
 #[derive(Debug)]
@@ -32,13 +35,22 @@ pub struct InputRouter {
     buttons: u32,
     tokens: f64,
     last_us: u64,
+    /// Wheel motion below a whole notch (1/120 units), carried to the next `Wheel`.
+    wheel_rest: i32,
     /// Messages dropped by the rate limit or refused (bad key codes).
     pub dropped: u64,
 }
 
 impl Default for InputRouter {
     fn default() -> Self {
-        Self { pressed_keys: BTreeSet::new(), buttons: 0, tokens: BURST, last_us: 0, dropped: 0 }
+        Self {
+            pressed_keys: BTreeSet::new(),
+            buttons: 0,
+            tokens: BURST,
+            last_us: 0,
+            wheel_rest: 0,
+            dropped: 0,
+        }
     }
 }
 
@@ -95,14 +107,32 @@ impl InputRouter {
             },
             InputMessage::Buttons(mask) => self.set_buttons(mask).into_iter().collect(),
             InputMessage::Wheel(w) => {
-                if w.dy == 0 {
+                // The wire counts 1/120 of a detent (docs/protocol.md); the tablet's REL_WHEEL
+                // whole detents: the rest waits for the next message (a touchpad's small steps).
+                let total = self.wheel_rest.saturating_add(w.dy.clamp(-120 * 100, 120 * 100));
+                let notches = total / 120;
+                self.wheel_rest = total % 120;
+                if notches == 0 {
                     return Vec::new();
                 }
                 // The wire value is the two's complement of the signed evdev value.
-                let notches = w.dy.clamp(-120, 120);
                 vec![(
                     InputDevice::Tablet,
                     vec![InputEvent::new(EV_REL, REL_WHEEL, notches as u32), InputEvent::syn()],
+                )]
+            }
+            InputMessage::PointerRel(p) => {
+                if p.dx == 0 && p.dy == 0 {
+                    return Vec::new();
+                }
+                let (dx, dy) = (p.dx.clamp(-MAX_REL, MAX_REL), p.dy.clamp(-MAX_REL, MAX_REL));
+                vec![(
+                    InputDevice::Mouse,
+                    vec![
+                        InputEvent::new(EV_REL, REL_X, dx as u32),
+                        InputEvent::new(EV_REL, REL_Y, dy as u32),
+                        InputEvent::syn(),
+                    ],
                 )]
             }
             InputMessage::ReleaseAll => self.release_all(),
@@ -160,7 +190,7 @@ fn tablet_position(scanout: u32, x: u32, y: u32, monitors: &[Option<(u32, u32)>]
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pleiades_protocol::wire::{Key, PointerAbs, Wheel};
+    use pleiades_protocol::wire::{Key, PointerAbs, PointerRel, Wheel};
 
     const ONE: &[Option<(u32, u32)>] = &[Some((1024, 768))];
 
@@ -183,8 +213,21 @@ mod tests {
             r.route(&InputMessage::Buttons(buttons::LEFT | buttons::MIDDLE), ONE, 5).is_empty(),
             "no change"
         );
-        let wheel = r.route(&InputMessage::Wheel(Wheel { dx: 0, dy: -1 }), ONE, 6);
-        assert_eq!(wheel[0].1[0], InputEvent::new(EV_REL, REL_WHEEL, u32::MAX));
+        assert!(r.route(&InputMessage::Wheel(Wheel { dx: 0, dy: -60 }), ONE, 6).is_empty(), "half a detent");
+        let wheel = r.route(&InputMessage::Wheel(Wheel { dx: 0, dy: -60 }), ONE, 6);
+        assert_eq!(wheel[0].1[0], InputEvent::new(EV_REL, REL_WHEEL, u32::MAX), "one detent down");
+        let moved = r.route(&InputMessage::PointerRel(PointerRel { dx: 5, dy: -3 }), ONE, 6);
+        assert_eq!(
+            moved,
+            [(
+                InputDevice::Mouse,
+                vec![
+                    InputEvent::new(EV_REL, REL_X, 5),
+                    InputEvent::new(EV_REL, REL_Y, (-3i32) as u32),
+                    InputEvent::syn()
+                ]
+            )]
+        );
         let released = r.route(&InputMessage::ReleaseAll, ONE, 7);
         assert_eq!(released[0], (InputDevice::Keyboard, vec![InputEvent::key(30, false), InputEvent::syn()]));
         assert_eq!(

@@ -14,8 +14,8 @@
 //! - [`audio`]: the sound device's playback as Opus datagrams, the client's microphone back.
 //!
 //! One client per desktop: a new connection with a valid ticket takes over, and the previous
-//! one is closed with the reason "replaced" (reconnect after a network change works the same
-//! way). Threads: a small tokio runtime for QUIC, and one display thread per connection (the
+//! one is closed with the reason "replaced". A client that lost its connection comes back with
+//! the one-time resume token its session was given (`RESUME`), which takes over the same way. Threads: a small tokio runtime for QUIC, and one display thread per connection (the
 //! encoder is CPU-bound).
 
 pub mod audio;
@@ -31,6 +31,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use pleiades_protocol::connfile::Connection;
 use pleiades_protocol::handshake::{Capabilities, ServerHandshake};
+use pleiades_protocol::resume::ResumeTokens;
 use pleiades_protocol::ticket::{PublicKey, TicketClaims, TicketSigner, TicketVerifier};
 
 use crate::control::Controller;
@@ -52,6 +53,8 @@ pub struct SessionConfig {
     /// Keep the certificate in this directory (made once, shared by the host's VMs); `None`:
     /// a fresh one for this server.
     pub identity_dir: Option<std::path::PathBuf>,
+    /// The VM has a mouse: clients may send relative motion (`RELATIVE_POINTER`).
+    pub relative_pointer: bool,
 }
 
 /// Unix seconds now.
@@ -65,6 +68,8 @@ pub(crate) struct Shared {
     pub desktop: String,
     pub handshake: ServerHandshake,
     pub verifier: Mutex<TicketVerifier>,
+    /// Resume tokens of this desktop's sessions (docs/protocol.md, "Resuming").
+    pub resume: Mutex<ResumeTokens>,
     /// The connection that has the desktop now.
     pub current: Mutex<Option<(u64, quinn::Connection)>>,
     pub next_session: AtomicU64,
@@ -121,15 +126,20 @@ impl SessionServer {
             | Capabilities::H264
             | Capabilities::CURSOR_CHANNEL
             | Capabilities::CURSOR_DATAGRAMS
-            | Capabilities::DYNAMIC_LAYOUT;
+            | Capabilities::DYNAMIC_LAYOUT
+            | Capabilities::RESUME;
         if controller.sound().is_some() {
             capabilities = capabilities | Capabilities::AUDIO;
+        }
+        if config.relative_pointer {
+            capabilities = capabilities | Capabilities::RELATIVE_POINTER;
         }
         let shared = Arc::new(Shared {
             controller,
             desktop: config.desktop.clone(),
             handshake: ServerHandshake::new(&format!("pleiades-host {}", config.host), capabilities),
             verifier: Mutex::new(TicketVerifier::new(config.ticket_key, &config.host)),
+            resume: Mutex::new(ResumeTokens::new()),
             current: Mutex::new(None),
             next_session: AtomicU64::new(1),
             metrics: SessionMetrics::default(),

@@ -215,6 +215,16 @@ impl GoodbyeReason {
     }
 }
 
+/// Server → client: a one-time token to resume this session on a new connection. It goes in
+/// `Hello.ticket` instead of a ticket; each new token replaces the previous one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResumeToken {
+    /// `pr1.…`, at most 2048 bytes; secret.
+    pub token: String,
+    /// Seconds the token stays valid after the connection that received it is lost.
+    pub lifetime_s: u32,
+}
+
 /// Everything the control channel carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ControlMessage {
@@ -230,6 +240,9 @@ pub enum ControlMessage {
     ClientStats(ClientStats),
     Goodbye(Goodbye),
     FrameAck(FrameAck),
+    /// Server → client, with `RESUME`: the token that lets this client resume the session after
+    /// losing its connection (docs/protocol.md, "Resuming").
+    ResumeToken(ResumeToken),
 }
 
 impl ControlMessage {
@@ -242,9 +255,10 @@ impl ControlMessage {
             | ControlMessage::RequestLayout(_)
             | ControlMessage::ClientStats(_)
             | ControlMessage::FrameAck(_) => side == Side::Client,
-            ControlMessage::Welcome(_) | ControlMessage::Refused(_) | ControlMessage::DisplayLayout(_) => {
-                side == Side::Server
-            }
+            ControlMessage::Welcome(_)
+            | ControlMessage::Refused(_)
+            | ControlMessage::DisplayLayout(_)
+            | ControlMessage::ResumeToken(_) => side == Side::Server,
             ControlMessage::Ping(_) | ControlMessage::Pong(_) | ControlMessage::Goodbye(_) => true,
         }
     }
@@ -283,6 +297,7 @@ impl ChannelMessage for ControlMessage {
             ControlMessage::ClientStats(_) => types::CLIENT_STATS,
             ControlMessage::Goodbye(_) => types::GOODBYE,
             ControlMessage::FrameAck(_) => types::FRAME_ACK,
+            ControlMessage::ResumeToken(_) => types::RESUME_TOKEN,
         }
     }
 
@@ -338,6 +353,11 @@ impl ChannelMessage for ControlMessage {
             ControlMessage::FrameAck(a) => {
                 if a.decoded_us < a.received_us {
                     return Err("frame decoded before it was received");
+                }
+            }
+            ControlMessage::ResumeToken(t) => {
+                if t.token.is_empty() || t.token.len() > MAX_TICKET_LEN {
+                    return Err("resume token empty or longer than 2048 bytes");
                 }
             }
             ControlMessage::Ping(_) | ControlMessage::Pong(_) | ControlMessage::ClientStats(_) => {}
@@ -402,6 +422,10 @@ impl ChannelMessage for ControlMessage {
                 out.put_u32(a.scanout);
                 out.put_u64(a.received_us);
                 out.put_u64(a.decoded_us);
+            }
+            ControlMessage::ResumeToken(t) => {
+                out.put_str(&t.token);
+                out.put_u32(t.lifetime_s);
             }
         }
     }
@@ -468,6 +492,10 @@ impl ChannelMessage for ControlMessage {
                 scanout: r.u32()?,
                 received_us: r.u64()?,
                 decoded_us: r.u64()?,
+            }),
+            types::RESUME_TOKEN => ControlMessage::ResumeToken(ResumeToken {
+                token: r.string(MAX_TICKET_LEN)?,
+                lifetime_s: r.u32()?,
             }),
             _ => return Ok(None),
         };

@@ -22,6 +22,14 @@ pub struct PointerAbs {
     pub y: u32,
 }
 
+/// Relative pointer motion in the client's device units (with `RELATIVE_POINTER`: the VM's
+/// mouse moves, the guest applies its own acceleration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PointerRel {
+    pub dx: i32,
+    pub dy: i32,
+}
+
 /// Wheel motion in 1/120 of a detent (as Linux `REL_WHEEL_HI_RES`): 120 is one notch.
 /// `dy > 0` scrolls up (away from the user), `dx > 0` scrolls right.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +58,7 @@ pub enum InputMessage {
     Wheel(Wheel),
     /// Release every pressed key and button (the client lost focus).
     ReleaseAll,
+    PointerRel(PointerRel),
 }
 
 impl ChannelMessage for InputMessage {
@@ -62,6 +71,7 @@ impl ChannelMessage for InputMessage {
             InputMessage::Buttons(_) => types::BUTTONS,
             InputMessage::Wheel(_) => types::WHEEL,
             InputMessage::ReleaseAll => types::RELEASE_ALL,
+            InputMessage::PointerRel(_) => types::POINTER_REL,
         }
     }
 
@@ -86,6 +96,10 @@ impl ChannelMessage for InputMessage {
                 out.put_i32(w.dy);
             }
             InputMessage::ReleaseAll => {}
+            InputMessage::PointerRel(p) => {
+                out.put_i32(p.dx);
+                out.put_i32(p.dy);
+            }
         }
     }
 
@@ -98,6 +112,7 @@ impl ChannelMessage for InputMessage {
             types::BUTTONS => InputMessage::Buttons(r.u32()?),
             types::WHEEL => InputMessage::Wheel(Wheel { dx: r.i32()?, dy: r.i32()? }),
             types::RELEASE_ALL => InputMessage::ReleaseAll,
+            types::POINTER_REL => InputMessage::PointerRel(PointerRel { dx: r.i32()?, dy: r.i32()? }),
             _ => return Ok(None),
         };
         Ok(Some(message))

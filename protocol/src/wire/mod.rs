@@ -45,7 +45,7 @@ pub use audio::{
 };
 pub use control::{
     ClientStats, ControlMessage, FrameAck, Goodbye, GoodbyeReason, Hello, Monitor, MonitorSize, Ping, Pong,
-    RefuseCode, Refused, Welcome,
+    RefuseCode, Refused, ResumeToken, Welcome,
 };
 pub use cursor::{CursorMessage, CursorPosition, CursorShape};
 pub use datagram::{Datagram, DatagramError, MAX_DATAGRAM_SIZE, decode_datagram, encode_datagram};
@@ -53,7 +53,7 @@ pub use decoder::StreamDecoder;
 pub use display::{
     DisplayMessage, FrameBegin, FrameEnd, FrameSequence, Rect, SequenceError, Tile, TileData, Video,
 };
-pub use input::{InputMessage, Key, PointerAbs, Wheel, buttons};
+pub use input::{InputMessage, Key, PointerAbs, PointerRel, Wheel, buttons};
 
 /// Length of a stream frame header: `type:u16 | body_len:u32`.
 pub const FRAME_HEADER_LEN: usize = 6;
@@ -190,12 +190,14 @@ pub mod types {
     pub const CLIENT_STATS: u16 = 0x0008;
     pub const GOODBYE: u16 = 0x0009;
     pub const FRAME_ACK: u16 = 0x000A;
+    pub const RESUME_TOKEN: u16 = 0x000B;
     // input (0x01xx)
     pub const KEY: u16 = 0x0101;
     pub const POINTER_ABS: u16 = 0x0102;
     pub const BUTTONS: u16 = 0x0103;
     pub const WHEEL: u16 = 0x0104;
     pub const RELEASE_ALL: u16 = 0x0105;
+    pub const POINTER_REL: u16 = 0x0106;
     // display (0x02xx)
     pub const FRAME_BEGIN: u16 = 0x0201;
     pub const TILE: u16 = 0x0202;
@@ -216,8 +218,8 @@ pub fn channel_of_type(ty: u16) -> Option<Channel> {
     use types::*;
     match ty {
         HELLO | WELCOME | REFUSED | PING | PONG | DISPLAY_LAYOUT | REQUEST_LAYOUT | CLIENT_STATS
-        | GOODBYE | FRAME_ACK => Some(Channel::Control),
-        KEY | POINTER_ABS | BUTTONS | WHEEL | RELEASE_ALL => Some(Channel::Input),
+        | GOODBYE | FRAME_ACK | RESUME_TOKEN => Some(Channel::Control),
+        KEY | POINTER_ABS | BUTTONS | WHEEL | RELEASE_ALL | POINTER_REL => Some(Channel::Input),
         FRAME_BEGIN | TILE | VIDEO | FRAME_END => Some(Channel::Display),
         CURSOR_SHAPE | CURSOR_POSITION => Some(Channel::Cursor),
         AUDIO_PLAYBACK | AUDIO_RECORD | AUDIO_FEEDBACK => Some(Channel::Audio),

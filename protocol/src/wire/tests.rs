@@ -68,6 +68,10 @@ fn control_round_trips() {
     }));
     round_trip(ControlMessage::Goodbye(Goodbye { reason: GoodbyeReason::Idle, message: "bye".into() }));
     round_trip(ControlMessage::FrameAck(FrameAck { frame_id: 9, scanout: 0, received_us: 5, decoded_us: 8 }));
+    round_trip(ControlMessage::ResumeToken(ResumeToken { token: "pr1.abc".into(), lifetime_s: 120 }));
+    assert!(
+        ControlMessage::ResumeToken(ResumeToken { token: String::new(), lifetime_s: 1 }).validate().is_err()
+    );
 }
 
 #[test]
@@ -593,12 +597,13 @@ proptest! {
 
     /// Valid headers with arbitrary bodies reach every body parser.
     #[test]
-    fn arbitrary_bodies_never_panic(ty_index in 0usize..21, body in proptest::collection::vec(any::<u8>(), 0..600)) {
-        const ALL: [u16; 21] = [
+    fn arbitrary_bodies_never_panic(ty_index in 0usize..23, body in proptest::collection::vec(any::<u8>(), 0..600)) {
+        const ALL: [u16; 23] = [
             types::HELLO, types::WELCOME, types::REFUSED, types::PING, types::PONG, types::DISPLAY_LAYOUT,
             types::REQUEST_LAYOUT, types::CLIENT_STATS, types::GOODBYE, types::FRAME_ACK, types::KEY,
             types::POINTER_ABS, types::BUTTONS, types::WHEEL, types::RELEASE_ALL, types::FRAME_BEGIN,
             types::TILE, types::VIDEO, types::FRAME_END, types::CURSOR_SHAPE, types::CURSOR_POSITION,
+            types::RESUME_TOKEN, types::POINTER_REL,
         ];
         let mut frame = ALL[ty_index].to_le_bytes().to_vec();
         frame.extend((body.len() as u32).to_le_bytes());

@@ -92,6 +92,22 @@ impl InputIdentity {
         }
     }
 
+    /// A mouse: relative X/Y, left/right/middle buttons and a wheel, for a client's relative
+    /// pointer mode (games and other programs that want motion, not positions).
+    pub fn mouse() -> Self {
+        let mut ev_bits = BTreeMap::new();
+        ev_bits.insert(EV_KEY, vec![BTN_LEFT, BTN_RIGHT, BTN_MIDDLE]);
+        ev_bits.insert(EV_REL, vec![REL_X, REL_Y, REL_WHEEL]);
+        Self {
+            name: "Pleiades Mouse".into(),
+            serial: "pleiades-mouse-0".into(),
+            devids: [BUS_VIRTUAL, VENDOR, 0x0002, 0x0001],
+            prop_bits: Vec::new(),
+            ev_bits,
+            abs_info: BTreeMap::new(),
+        }
+    }
+
     /// Whether the device can send `event` (its type and code are in `EV_BITS`); `SYN` always.
     pub fn can_send(&self, event: &InputEvent) -> bool {
         event.kind == EV_SYN || self.ev_bits.get(&event.kind).is_some_and(|codes| codes.contains(&event.code))
@@ -223,6 +239,15 @@ mod tests {
         assert_eq!(ask(&mut c, CFG_ABS_INFO, ABS_Y as u8), x);
         assert_eq!(ask(&mut c, CFG_ABS_INFO, 2), b"");
         assert_eq!(ask(&mut c, CFG_PROP_BITS, 0), b"", "INPUT_PROP_DIRECT is not set");
+    }
+
+    #[test]
+    fn the_mouse_moves_relatively_with_three_buttons_and_a_wheel() {
+        let mut c = InputConfig::new(InputIdentity::mouse());
+        assert_eq!(ask(&mut c, CFG_ID_NAME, 0), b"Pleiades Mouse");
+        assert_eq!(ask(&mut c, CFG_EV_BITS, EV_KEY as u8)[0x110 / 8], 0b111);
+        assert_eq!(ask(&mut c, CFG_EV_BITS, EV_REL as u8), [0b11, 1], "REL_X, REL_Y and REL_WHEEL");
+        assert_eq!(ask(&mut c, CFG_EV_BITS, EV_ABS as u8), b"", "no absolute axes");
     }
 
     #[test]

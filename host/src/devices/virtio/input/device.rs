@@ -144,6 +144,11 @@ impl Input {
         Self::new(InputIdentity::tablet())
     }
 
+    /// A mouse ([`InputIdentity::mouse`]).
+    pub fn mouse() -> io::Result<Self> {
+        Self::new(InputIdentity::mouse())
+    }
+
     /// A handle the host feeds events through.
     pub fn sender(&self) -> InputSender {
         InputSender { shared: self.shared.clone(), partial: Vec::new() }

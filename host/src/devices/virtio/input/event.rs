@@ -62,6 +62,8 @@ pub const EV_REP: u16 = 0x14;
 pub const SYN_REPORT: u16 = 0;
 
 // Relative and absolute axes.
+pub const REL_X: u16 = 0x00;
+pub const REL_Y: u16 = 0x01;
 pub const REL_WHEEL: u16 = 0x08;
 pub const ABS_X: u16 = 0x00;
 pub const ABS_Y: u16 = 0x01;
