@@ -292,6 +292,9 @@ fn demo(root: &Path, interactive: Option<bool>) -> Result<()> {
         "  From elsewhere:  ssh -L {port}:127.0.0.1:{port} root@<this machine>, then https://localhost:{port}/"
     );
     println!("  Broker CLI:      target/debug/pleiades-broker --config {} pool list", stack.config.display());
+    println!(
+        "  A window:        Connect in the portal, then target/debug/pleiades connect <the downloaded file>"
+    );
     println!();
     if interactive {
         println!("Press Enter (or Ctrl-C) to stop the demo: the host powers its desktops off.");
