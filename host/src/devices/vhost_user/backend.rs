@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use vhost::vhost_user::Listener;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier};
@@ -206,6 +206,10 @@ impl VhostUserBackend for VhostUserDevice {
         let result = {
             let mut guard = vring.get_mut();
             let queue = guard.get_queue_mut();
+            if !queue.ready() {
+                // A kick for a queue the driver left disabled: nothing to serve.
+                return Ok(());
+            }
             let State { device, .. } = &mut *state;
             device.process_queue(index, queue, &mem)
         };

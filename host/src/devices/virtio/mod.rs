@@ -159,7 +159,8 @@ pub trait VirtioDevice: Send {
 
 /// Serves every available chain of `queue` with `serve` (which returns the bytes it wrote into
 /// the chain), then puts them all on the used ring. Returns the completed (head, length) pairs:
-/// the driver may need an interrupt when there are any.
+/// the driver may need an interrupt when there are any. A queue the driver left disabled has
+/// nothing to serve: a kick for it is ignored, not an error that would break the device.
 pub fn serve_available(
     index: usize,
     queue: &mut Queue,
@@ -167,6 +168,9 @@ pub fn serve_available(
     mut serve: impl FnMut(DescriptorChain<&GuestMemory>) -> Result<u32, DeviceError>,
 ) -> Result<Vec<(u16, u32)>, DeviceError> {
     let mut completed = Vec::new();
+    if !queue.ready() {
+        return Ok(completed);
+    }
     {
         let chains =
             queue.iter(mem).map_err(|e| DeviceError::QueueBroken { queue: index, reason: e.to_string() })?;
@@ -210,5 +214,18 @@ mod tests {
         read_config_bytes(&config, u64::MAX, &mut out);
         assert_eq!(out, [0, 0, 0]);
         assert_eq!(DeviceType::Rng.pci_device_id(), 0x1044);
+    }
+
+    #[test]
+    fn a_kick_for_a_disabled_queue_serves_nothing_and_breaks_nothing() {
+        use crate::devices::virtio::test_utils::*;
+        use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
+        let mem = memory();
+        let mut queue = queue_with(&mem, 16, &[desc(0x2_0000, 32, VRING_DESC_F_WRITE, 0)]);
+        queue.set_ready(false);
+        let served = serve_available(0, &mut queue, &mem, |_| panic!("nothing to serve")).unwrap();
+        assert!(served.is_empty());
+        queue.set_ready(true);
+        assert_eq!(serve_available(0, &mut queue, &mem, |_| Ok(32)).unwrap(), [(0, 32)]);
     }
 }

@@ -215,7 +215,9 @@ impl Worker {
     }
 
     fn process(&mut self, index: usize) {
-        if self.broken {
+        // A kick for a queue the driver left disabled has nothing to serve (and iterating it
+        // would count as a broken ring).
+        if self.broken || !self.queues[index].ready() {
             return;
         }
         let result = self.device.process_queue(index, &mut self.queues[index], &self.mem);
