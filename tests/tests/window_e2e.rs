@@ -264,7 +264,7 @@ fn differing(screen: &Rgb, (left, top): (u32, u32), guest: &Framebuffer) -> u64 
 }
 
 /// The window shows exactly the host's screenshot (bounded retries while the screen settles).
-fn assert_window_shows_guest(x: &Xvfb, window: &str, desktop: &Desktop, client: &Client) {
+fn assert_window_shows_guest(x: &Xvfb, window: &str, desktop: &Desktop, client: &Client, artifact: &str) {
     let mut last = (0, (0, 0), (0, 0));
     let same = poll(WINDOW, || {
         let guest = desktop.screenshot();
@@ -282,6 +282,28 @@ fn assert_window_shows_guest(x: &Xvfb, window: &str, desktop: &Desktop, client: 
         last.2,
         client.log()
     );
+    save_artifact(artifact, &x.screenshot());
+}
+
+/// Keeps what the X screen showed as `<target>/artifacts/window/NAME.png`, to look at.
+fn save_artifact(name: &str, screen: &Rgb) {
+    let Some(target) =
+        workspace_binary("pleiades-host").ok().and_then(|p| Some(p.parent()?.parent()?.to_owned()))
+    else {
+        return;
+    };
+    let dir = target.join("artifacts").join("window");
+    let mut frame = Framebuffer::new(screen.width, screen.height);
+    for (out, [r, g, b]) in frame.pixels.chunks_exact_mut(4).zip(&screen.pixels) {
+        out.copy_from_slice(&[*b, *g, *r, 0xff]);
+    }
+    let png = pleiades_host::screenshot::encode_png(&frame).expect("PNG of the screen");
+    if std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::write(dir.join(format!("{name}.png")), png))
+        .is_err()
+    {
+        eprintln!("could not keep the screenshot {name}.png in {}", dir.display());
+    }
 }
 
 /// Guest shell snippet: the tablet's evdev node name.
@@ -327,7 +349,7 @@ fn the_window_shows_the_guest_takes_input_resizes_it_and_resumes_after_a_network
     // 1. The window shows the guest's console, pixel for pixel.
     let window = find_window(&x, &client);
     wait_title(&x, &window, &client, "[connected]", WINDOW);
-    assert_window_shows_guest(&x, &window, &desktop, &client);
+    assert_window_shows_guest(&x, &window, &desktop, &client, "1-console");
 
     // 2. Keys typed into the window reach the guest's shell on tty1…
     let focus = || x.tool("xdotool", &["windowfocus", "--sync", &window]);
@@ -399,7 +421,7 @@ fn the_window_shows_the_guest_takes_input_resizes_it_and_resumes_after_a_network
         desktop.screenshot().height,
         client.log()
     );
-    assert_window_shows_guest(&x, &window, &desktop, &client);
+    assert_window_shows_guest(&x, &window, &desktop, &client, "2-resized");
 
     // 4. The network goes away: the window says so; it comes back: the session resumes.
     link.set_down(true);
@@ -411,7 +433,7 @@ fn the_window_shows_the_guest_takes_input_resizes_it_and_resumes_after_a_network
     x.tool("xdotool", &["type", "--delay", "40", "echo PLEIADES-RESUMED-$((6*7)) > /dev/ttyS0"]).unwrap();
     x.tool("xdotool", &["key", "Return"]).unwrap();
     desktop.guest.wait_for("PLEIADES-RESUMED-42", SHELL).expect("typing works after resuming");
-    assert_window_shows_guest(&x, &window, &desktop, &client);
+    assert_window_shows_guest(&x, &window, &desktop, &client, "3-resumed");
     let log = std::fs::read_to_string(&client.log).unwrap_or_default();
     assert!(log.contains("the session resumed"), "the client resumed with its token:\n{}", client.log());
 
