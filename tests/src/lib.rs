@@ -10,6 +10,8 @@
 //! - [`testguest`]: boots the no_std test guest (`testguest.elf`) under QEMU and parses its
 //!   `PLEIADES-TESTGUEST` result line.
 //!
+//! - [`served`]: a Linux test guest served with `run --listen`, its control socket, connection
+//!   files and screenshots (the session, audio and window end-to-end tests).
 //! - [`stack`]: the broker and a host daemon from the real binaries, with users, the test
 //!   image and a pool (the demo and `broker_e2e`).
 //! - [`audio`]: tone analysis (Goertzel scan, RMS, gaps) and WAV helpers for the audio tests.
@@ -38,6 +40,7 @@ pub mod image;
 pub mod linkem;
 pub mod postgres;
 pub mod qemu;
+pub mod served;
 pub mod stack;
 pub mod testguest;
 pub mod xwd;

@@ -18,88 +18,46 @@
 //!
 //! The test asserts on content only, never on timings; every wait is bounded.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use pleiades_host::control::{self, Request};
 use pleiades_protocol::connfile::Connection;
 use pleiades_tests::audio::{
     dominant_frequency, left, longest_gap_ms, read_wav, rms, tone_span, write_sine_wav,
 };
-use pleiades_tests::image::GuestImage;
 use pleiades_tests::linkem::{Link, LinkConfig};
-use pleiades_tests::qemu::{Guest, boot_timeout};
+use pleiades_tests::served::ServedDesktop;
 use pleiades_tests::workspace_binary;
 
 const SHELL: Duration = Duration::from_secs(120);
 const AMPLITUDE: f64 = 0.5;
 
-struct Desktop {
-    guest: Guest,
-    dir: tempfile::TempDir,
-}
+type Desktop = ServedDesktop;
 
-impl Desktop {
-    fn control(&self) -> PathBuf {
-        self.dir.path().join("vm.sock")
-    }
-
-    fn status(&self) -> serde_json::Value {
-        let response = control::request(&self.control(), &Request::Status, Duration::from_secs(30)).unwrap();
-        response.result.unwrap_or_default()
-    }
-
-    fn mint(&self, name: &str) -> PathBuf {
-        let out = self.dir.path().join(name);
-        let response =
-            control::request(&self.control(), &Request::ConnectionFile, Duration::from_secs(30)).unwrap();
-        assert!(response.ok, "{response:?}");
-        std::fs::write(&out, response.result.unwrap()["toml"].as_str().unwrap()).unwrap();
-        out
-    }
-
-    /// Waits (bounded) until a client holds the session.
-    fn wait_client(&self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while self.status()["session"]["client_connected"] != true {
-            assert!(Instant::now() < deadline, "the client did not connect: {:#}", self.status());
-            std::thread::sleep(Duration::from_millis(100));
-        }
+/// Waits (bounded) until a client holds the session.
+fn wait_client(desktop: &Desktop) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while desktop.status()["session"]["client_connected"] != true {
+        assert!(Instant::now() < deadline, "the client did not connect: {:#}", desktop.status());
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
+/// Boots the test image with a GPU and the sound device, serving on loopback; snd_virtio has
+/// bound and ALSA has a playback and a capture device.
 fn boot() -> Desktop {
-    let image = GuestImage::locate().expect("test guest image");
-    let dir = tempfile::tempdir().unwrap();
-    let host = workspace_binary("pleiades-host").unwrap();
-    let accel = pleiades_host::accel::choose().expect("accelerator");
-    let file = dir.path().join("desk.pleiades");
-    let args = [
-        "--vmm",
-        "qemu",
-        "--device",
-        "gpu",
-        "--device",
-        "sound",
-        "--listen",
-        "127.0.0.1:0",
-        "--connection-file",
-        file.to_str().unwrap(),
-    ];
-    let mut guest =
-        Guest::start_host(&host, &image, &args, &dir.path().join("vm.sock"), accel).expect("host starts");
-    let info = guest.wait_ready(boot_timeout()).expect("READY");
+    let (mut desktop, info) = ServedDesktop::boot(&["gpu", "sound"]);
     assert!(
         info.devices.iter().any(|d| d.driver == "virtio_snd"),
         "snd_virtio did not bind: {:?}",
         info.devices
     );
-    let cards = guest.run("cat /proc/asound/cards; ls /dev/snd", SHELL).unwrap();
+    let cards = desktop.guest.run("cat /proc/asound/cards; ls /dev/snd", SHELL).unwrap();
     assert!(cards.iter().any(|l| l.contains("pcmC0D0p")), "no ALSA playback device: {cards:?}");
     assert!(cards.iter().any(|l| l.contains("pcmC0D0c")), "no ALSA capture device: {cards:?}");
-    Desktop { guest, dir }
+    desktop
 }
 
 /// Starts `pleiades connect --headless` in the background.
@@ -136,7 +94,7 @@ fn play_and_record(
 ) -> (f64, Vec<i16>, serde_json::Value) {
     let record = desktop.dir.path().join(name);
     let child = client(target, &record, seconds + 12, None);
-    desktop.wait_client();
+    wait_client(desktop);
     let out = desktop
         .guest
         .run(&format!("pleiades-agent tone --freq 440 --seconds {seconds} --amplitude {AMPLITUDE}"), SHELL)
@@ -206,7 +164,7 @@ fn the_guest_plays_and_records_through_the_session() {
     let mic = desktop.dir.path().join("mic-1k.wav");
     write_sine_wav(&mic, 1000.0, 0.5, 1.0).unwrap();
     let child = client(&desktop.mint("mic.pleiades"), &desktop.dir.path().join("mic"), 12, Some(&mic));
-    desktop.wait_client();
+    wait_client(&desktop);
     std::thread::sleep(Duration::from_millis(500));
     let out = desktop.guest.run("pleiades-agent record --seconds 2", SHELL).unwrap();
     finish(child);

@@ -5,87 +5,28 @@
 //! loopback and through an emulated 100 ms / 2 % loss / 10 Mbit/s link. Bad tickets, a wrong
 //! certificate and a malformed message are refused as docs/protocol.md says, and the VM goes on.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
 use pleiades_host::control::{self, Request};
 use pleiades_host::devices::virtio::gpu::Framebuffer;
-use pleiades_host::screenshot::{decode_png, png_of_answer};
+use pleiades_host::screenshot::decode_png;
 use pleiades_protocol::connfile::Connection;
-use pleiades_tests::image::GuestImage;
 use pleiades_tests::linkem::{Link, LinkConfig};
-use pleiades_tests::qemu::{Guest, boot_timeout};
+use pleiades_tests::served::ServedDesktop;
 use pleiades_tests::workspace_binary;
 
 const SHELL: Duration = Duration::from_secs(60);
 
-struct Desktop {
-    guest: Guest,
-    dir: tempfile::TempDir,
-}
+type Desktop = ServedDesktop;
 
-impl Desktop {
-    fn control(&self) -> PathBuf {
-        self.dir.path().join("vm.sock")
-    }
-
-    fn connection_file(&self) -> PathBuf {
-        self.dir.path().join("desk.pleiades")
-    }
-
-    /// A fresh one-time connection file (`ctl connection-file`).
-    fn mint(&self, name: &str) -> PathBuf {
-        let out = self.dir.path().join(name);
-        let response =
-            control::request(&self.control(), &Request::ConnectionFile, Duration::from_secs(30)).unwrap();
-        assert!(response.ok, "{response:?}");
-        std::fs::write(&out, response.result.unwrap()["toml"].as_str().unwrap()).unwrap();
-        out
-    }
-
-    fn screenshot(&self) -> Framebuffer {
-        let response =
-            control::request(&self.control(), &Request::Screenshot { scanout: 0 }, Duration::from_secs(30))
-                .unwrap();
-        decode_png(&png_of_answer(&response).unwrap()).unwrap()
-    }
-}
-
-/// Boots the test image with a GPU, keyboard and tablet, serving on loopback.
+/// Boots the test image with a GPU, keyboard and tablet, serving on loopback, its console
+/// settled.
 fn boot_desktop() -> Desktop {
-    let image = GuestImage::locate().expect("test guest image");
-    let dir = tempfile::tempdir().unwrap();
-    let host = workspace_binary("pleiades-host").unwrap();
-    let accel = pleiades_host::accel::choose().expect("accelerator");
-    let file = dir.path().join("desk.pleiades");
-    let args = [
-        "--vmm",
-        "qemu",
-        "--device",
-        "gpu",
-        "--device",
-        "keyboard",
-        "--device",
-        "tablet",
-        "--listen",
-        "127.0.0.1:0",
-        "--connection-file",
-        file.to_str().unwrap(),
-    ];
-    let mut guest =
-        Guest::start_host(&host, &image, &args, &dir.path().join("vm.sock"), accel).expect("host starts");
-    guest.wait_ready(boot_timeout()).expect("READY");
-    // The shell on tty1 (what fbcon shows) is up, and its cursor does not blink: a blinking
-    // cursor would make "the screen stopped changing" never true.
-    guest
-        .run(
-            "for i in $(seq 100); do ls -l /proc/[0-9]*/fd 2>/dev/null | grep -q 'tty1$' && break; sleep 0.2; done; \
-             echo 0 > /sys/class/graphics/fbcon/cursor_blink",
-            SHELL,
-        )
-        .unwrap();
-    Desktop { guest, dir }
+    let (mut desktop, _) = ServedDesktop::boot(&["gpu", "keyboard", "tablet"]);
+    desktop.settle_console(SHELL);
+    desktop
 }
 
 /// Runs `pleiades connect` headless.

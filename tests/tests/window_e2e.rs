@@ -21,11 +21,9 @@ use std::time::{Duration, Instant};
 
 use pleiades_host::control::{self, Request};
 use pleiades_host::devices::virtio::gpu::Framebuffer;
-use pleiades_host::screenshot::{decode_png, png_of_answer};
 use pleiades_protocol::connfile::Connection;
-use pleiades_tests::image::GuestImage;
 use pleiades_tests::linkem::{Link, LinkConfig};
-use pleiades_tests::qemu::{Guest, boot_timeout};
+use pleiades_tests::served::ServedDesktop;
 use pleiades_tests::workspace_binary;
 use pleiades_tests::xwd::{self, Rgb};
 
@@ -128,57 +126,14 @@ impl Drop for Client {
     }
 }
 
-struct Desktop {
-    guest: Guest,
-    dir: tempfile::TempDir,
-}
+type Desktop = ServedDesktop;
 
-impl Desktop {
-    fn control(&self) -> PathBuf {
-        self.dir.path().join("vm.sock")
-    }
-
-    fn screenshot(&self) -> Framebuffer {
-        let response =
-            control::request(&self.control(), &Request::Screenshot { scanout: 0 }, Duration::from_secs(30))
-                .unwrap();
-        decode_png(&png_of_answer(&response).unwrap()).unwrap()
-    }
-}
-
+/// Boots the test image with `gpu` (its options), keyboard, tablet and mouse, serving on
+/// loopback, its console settled.
 fn boot_desktop(gpu: &str) -> Desktop {
-    let image = GuestImage::locate().expect("test guest image");
-    let dir = tempfile::tempdir().unwrap();
-    let host = workspace_binary("pleiades-host").unwrap();
-    let accel = pleiades_host::accel::choose().expect("accelerator");
-    let file = dir.path().join("desk.pleiades");
-    let args = [
-        "--vmm",
-        "qemu",
-        "--device",
-        gpu,
-        "--device",
-        "keyboard",
-        "--device",
-        "tablet",
-        "--device",
-        "mouse",
-        "--listen",
-        "127.0.0.1:0",
-        "--connection-file",
-        file.to_str().unwrap(),
-    ];
-    let mut guest =
-        Guest::start_host(&host, &image, &args, &dir.path().join("vm.sock"), accel).expect("host starts");
-    guest.wait_ready(boot_timeout()).expect("READY");
-    guest
-        .run(
-            "for i in $(seq 100); do ls -l /proc/[0-9]*/fd 2>/dev/null | grep -q 'tty1$' && break; sleep 0.2; done; \
-             echo 0 > /sys/class/graphics/fbcon/cursor_blink",
-            SHELL,
-        )
-        .unwrap();
-    Desktop { guest, dir }
+    let (mut desktop, _) = ServedDesktop::boot(&[gpu, "keyboard", "tablet", "mouse"]);
+    desktop.settle_console(SHELL);
+    desktop
 }
 
 /// Polls `check` every 250 ms until it gives a value or `timeout` passes.

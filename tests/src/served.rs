@@ -1,0 +1,88 @@
+//! A Linux test guest served over the session protocol: `pleiades-host run --vmm qemu
+//! --device … --listen 127.0.0.1:0 --connection-file …` with its control socket, the start of
+//! the session, audio and window end-to-end tests.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use pleiades_agent::ready::GuestInfo;
+use pleiades_host::control::{self, Request};
+use pleiades_host::devices::virtio::gpu::Framebuffer;
+use pleiades_host::screenshot::{decode_png, png_of_answer};
+
+use crate::image::GuestImage;
+use crate::qemu::{Guest, boot_timeout};
+use crate::workspace_binary;
+
+/// A booted, served guest; its files (control socket, connection files, recordings) live in
+/// `dir`, removed with it.
+#[derive(Debug)]
+pub struct ServedDesktop {
+    pub guest: Guest,
+    pub dir: tempfile::TempDir,
+}
+
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl ServedDesktop {
+    /// Boots the test image with these `--device`s, serving on loopback, and waits for READY.
+    pub fn boot(devices: &[&str]) -> (Self, GuestInfo) {
+        let image = GuestImage::locate().expect("test guest image");
+        let dir = tempfile::tempdir().unwrap();
+        let host = workspace_binary("pleiades-host").unwrap();
+        let accel = pleiades_host::accel::choose().expect("accelerator");
+        let file = dir.path().join("desk.pleiades");
+        let mut args = vec!["--vmm", "qemu"];
+        for device in devices {
+            args.extend(["--device", device]);
+        }
+        args.extend(["--listen", "127.0.0.1:0", "--connection-file", file.to_str().unwrap()]);
+        let mut guest =
+            Guest::start_host(&host, &image, &args, &dir.path().join("vm.sock"), accel).expect("host starts");
+        let info = guest.wait_ready(boot_timeout()).expect("READY");
+        (Self { guest, dir }, info)
+    }
+
+    /// Waits until the shell on tty1 (what fbcon shows) is up, and stops its cursor blinking:
+    /// a blinking cursor would make "the screen stopped changing" never true.
+    pub fn settle_console(&mut self, timeout: Duration) {
+        self.guest
+            .run(
+                "for i in $(seq 100); do ls -l /proc/[0-9]*/fd 2>/dev/null | grep -q 'tty1$' && break; sleep 0.2; done; \
+                 echo 0 > /sys/class/graphics/fbcon/cursor_blink",
+                timeout,
+            )
+            .unwrap();
+    }
+
+    pub fn control(&self) -> PathBuf {
+        self.dir.path().join("vm.sock")
+    }
+
+    /// The connection file `run` wrote at start (one use).
+    pub fn connection_file(&self) -> PathBuf {
+        self.dir.path().join("desk.pleiades")
+    }
+
+    /// A fresh one-time connection file (`ctl connection-file`) named `name` in `dir`.
+    pub fn mint(&self, name: &str) -> PathBuf {
+        let out = self.dir.path().join(name);
+        let response = control::request(&self.control(), &Request::ConnectionFile, CONTROL_TIMEOUT).unwrap();
+        assert!(response.ok, "{response:?}");
+        std::fs::write(&out, response.result.unwrap()["toml"].as_str().unwrap()).unwrap();
+        out
+    }
+
+    /// What monitor 0 shows now (`ctl screenshot`).
+    pub fn screenshot(&self) -> Framebuffer {
+        let response =
+            control::request(&self.control(), &Request::Screenshot { scanout: 0 }, CONTROL_TIMEOUT).unwrap();
+        decode_png(&png_of_answer(&response).unwrap()).unwrap()
+    }
+
+    /// `ctl status`.
+    pub fn status(&self) -> serde_json::Value {
+        let response = control::request(&self.control(), &Request::Status, CONTROL_TIMEOUT).unwrap();
+        response.result.unwrap_or_default()
+    }
+}
