@@ -172,20 +172,27 @@ impl Pcm {
             // points into `samples` with at least that many frames left; `x` lives across it.
             let ret = unsafe { libc::ioctl(self.file.as_raw_fd(), WRITEI_FRAMES as _, &mut x as *mut Xferi) };
             if ret < 0 {
-                let e = io::Error::last_os_error();
-                if e.raw_os_error() == Some(libc::EPIPE) {
-                    self.xruns += 1;
-                    self.simple(PREPARE)?;
-                    continue;
-                }
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
+                self.recover()?;
+                continue;
             }
             at += x.result.max(0) as usize * 2;
         }
         Ok(())
+    }
+
+    /// After a failed transfer (call it first, while `errno` is the transfer's): an xrun
+    /// (EPIPE) is counted and the stream prepared again, an interrupted call is simply retried;
+    /// `Ok` means "try again", anything else is the error.
+    fn recover(&mut self) -> io::Result<()> {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EPIPE) {
+            self.xruns += 1;
+            return self.simple(PREPARE);
+        }
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(());
+        }
+        Err(e)
     }
 
     /// Reads exactly `out.len() / 2` stereo frames.
@@ -202,16 +209,8 @@ impl Pcm {
             // points into `out` with room for that many; `x` lives across the call.
             let ret = unsafe { libc::ioctl(self.file.as_raw_fd(), READI_FRAMES as _, &mut x as *mut Xferi) };
             if ret < 0 {
-                let e = io::Error::last_os_error();
-                if e.raw_os_error() == Some(libc::EPIPE) {
-                    self.xruns += 1;
-                    self.simple(PREPARE)?;
-                    continue;
-                }
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
+                self.recover()?;
+                continue;
             }
             at += x.result.max(0) as usize * 2;
         }
