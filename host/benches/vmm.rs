@@ -209,7 +209,7 @@ fn main() {
         }
     }
 
-    let elf = pleiades_tests::image::workspace_root().join("target/guest/testguest.elf");
+    let elf = pleiades_testkit::workspace_root().join("target/guest/testguest.elf");
     let kvm = pleiades_host::accel::choose_from(Some("kvm"), &cpuinfo, Path::new("/dev/kvm"));
     match (elf.exists(), kvm) {
         (false, _) => {

@@ -12,9 +12,7 @@ use pleiades_tests::testguest;
 const HOST: &str = env!("CARGO_BIN_EXE_pleiades-host");
 
 fn testguest_elf() -> std::path::PathBuf {
-    let elf = pleiades_tests::image::workspace_root().join("target/guest/testguest.elf");
-    assert!(elf.exists(), "{} is missing: run `cargo xtask guest-image`", elf.display());
-    elf
+    pleiades_tests::image::testguest_elf().unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn kvm() -> AccelChoice {

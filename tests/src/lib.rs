@@ -21,6 +21,7 @@
 //! The tests in `tests/` use these to run the real pieces together.
 
 pub use pleiades_host::accel;
+pub use pleiades_testkit::{image, postgres, prerequisite, wait_for};
 
 /// A binary of the workspace (`pleiades-host`, `pleiades`), next to the running test's own
 /// executable (`target/<profile>/`). `cargo test --workspace` builds them before any test runs.
@@ -36,9 +37,7 @@ pub fn workspace_binary(name: &str) -> Result<std::path::PathBuf, String> {
     }
 }
 pub mod audio;
-pub mod image;
 pub mod linkem;
-pub mod postgres;
 pub mod qemu;
 pub mod served;
 pub mod stack;

@@ -1,9 +1,17 @@
 //! Debian packages: the apt sources Pleiades needs and idempotent installs.
 //!
-//! Two extra suites are configured next to the machine's own bookworm sources:
-//! - `bookworm-backports`, for QEMU 10 (bookworm's 7.2 lacks `vhost-user-snd-pci`);
+//! Two extra suites are configured next to the machine's own bookworm sources, and pinned so
+//! that a plain install takes from them only what it must:
+//! - `bookworm-backports`, for QEMU 10 (bookworm's 7.2 lacks `vhost-user-snd-pci`): only the
+//!   binary packages built from the `qemu` and `seabios` sources are preferred from there. The
+//!   rest of QEMU's dependencies come from bookworm. (`apt-get install -t bookworm-backports`
+//!   took every dependency it could from backports, Mesa's `libgbm1` among them, and the rest of
+//!   Mesa from bookworm then could not be installed: mixed suites cascade.)
 //! - `trixie`, for the guest kernel only, pinned to priority 100 so that a plain install never
 //!   upgrades the host (an unpinned trixie upgraded libc6 and openssl when tried).
+//!
+//! Every missing package of every group is installed in one `apt-get install`, so that apt
+//! resolves one consistent set.
 //!
 //! The guest kernel and busybox are *downloaded* (`apt-get download`), never installed on the
 //! host.
@@ -15,12 +23,14 @@ use std::process::{Command, Stdio};
 
 /// apt source file written by Pleiades.
 pub const SOURCES_FILE: &str = "/etc/apt/sources.list.d/pleiades.sources";
-/// apt preferences that keep trixie from upgrading the host.
-pub const PIN_FILE: &str = "/etc/apt/preferences.d/pleiades-trixie";
+/// apt preferences: QEMU from backports, trixie only when asked by name.
+pub const PIN_FILE: &str = "/etc/apt/preferences.d/pleiades";
+/// Where earlier versions kept the trixie pin alone (removed when found).
+const OLD_PIN_FILE: &str = "/etc/apt/preferences.d/pleiades-trixie";
 
 const SOURCES: &str = "\
 # Written by `cargo xtask deps` (Pleiades). bookworm-backports: QEMU >= 9.
-# trixie: the guest kernel only; pinned to priority 100 in /etc/apt/preferences.d/pleiades-trixie.
+# trixie: the guest kernel only. Both pinned in /etc/apt/preferences.d/pleiades.
 Types: deb
 URIs: http://deb.debian.org/debian
 Suites: bookworm-backports trixie
@@ -29,7 +39,13 @@ Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 ";
 
 const PIN: &str = "\
-# Written by `cargo xtask deps` (Pleiades): take trixie packages only when asked by name.
+# Written by `cargo xtask deps` (Pleiades).
+# QEMU >= 9 and its firmware from bookworm-backports; every other package from bookworm.
+Package: src:qemu src:seabios
+Pin: release n=bookworm-backports
+Pin-Priority: 600
+
+# trixie packages only when asked by name (the guest kernel, downloaded, never installed).
 Package: *
 Pin: release n=trixie
 Pin-Priority: 100
@@ -40,8 +56,6 @@ Pin-Priority: 100
 pub struct Group {
     pub name: &'static str,
     pub purpose: &'static str,
-    /// Install these from bookworm-backports (`-t bookworm-backports`).
-    pub backports: bool,
     pub packages: &'static [&'static str],
     /// Skip the group when this command is already on PATH, however it was installed (Node.js
     /// from NodeSource conflicts with Debian's `npm` package).
@@ -53,35 +67,30 @@ pub const GROUPS: &[Group] = &[
     Group {
         name: "build",
         purpose: "building the Rust workspace (nasm: OpenH264's assembly; without it H.264 encodes ~2.6x slower)",
-        backports: false,
         unless_command: None,
         packages: &["build-essential", "pkg-config", "ca-certificates", "nasm"],
     },
     Group {
         name: "guest",
         purpose: "building the test guest image",
-        backports: false,
         unless_command: None,
         packages: &["dpkg", "apt", "cpio"],
     },
     Group {
         name: "qemu",
         purpose: "booting guests under QEMU (>= 9 for vhost-user-snd-pci) and QEMU's vhost-user-gpu",
-        backports: true,
         unless_command: None,
         packages: &["qemu-system-x86", "qemu-system-gui", "qemu-utils"],
     },
     Group {
         name: "postgresql",
         purpose: "the broker's PostgreSQL tests (server binaries; the tests start their own server)",
-        backports: false,
         unless_command: None,
         packages: &["postgresql"],
     },
     Group {
         name: "chromium",
         purpose: "the broker's browser tests (headless Chromium driven by playwright-core)",
-        backports: false,
         unless_command: None,
         packages: &["chromium"],
     },
@@ -89,7 +98,6 @@ pub const GROUPS: &[Group] = &[
         name: "gui",
         purpose: "the native client (winit + wgpu) and its tests under Xvfb with Mesa's software \
                   Vulkan/GL (lavapipe, llvmpipe), xdotool for typed input, xwd for screenshots",
-        backports: false,
         unless_command: None,
         packages: &[
             "mesa-vulkan-drivers",
@@ -112,14 +120,19 @@ pub const GROUPS: &[Group] = &[
         name: "sound",
         purpose: "audio: Opus (libopus-dev), cpal's ALSA backend (libasound2-dev), and a PulseAudio \
                   null sink that paces the client's playback in tests (no sound card here)",
-        backports: false,
         unless_command: None,
         packages: &["libopus-dev", "libasound2-dev", "pulseaudio", "pulseaudio-utils"],
     },
     Group {
+        name: "references",
+        purpose: "outside references the tests check Pleiades against (edid-decode for the virtual \
+                  monitors' EDID)",
+        unless_command: None,
+        packages: &["edid-decode"],
+    },
+    Group {
         name: "node",
         purpose: "running the broker's browser tests (playwright-core needs Node.js 18 or newer)",
-        backports: false,
         unless_command: Some("npm"),
         packages: &["nodejs", "npm"],
     },
@@ -184,6 +197,11 @@ impl Apt {
                 changed = true;
             }
         }
+        if Path::new(OLD_PIN_FILE).exists() {
+            fs::remove_file(OLD_PIN_FILE)
+                .map_err(|e| anyhow::anyhow!("cannot remove {OLD_PIN_FILE}: {e}"))?;
+            changed = true;
+        }
         Ok(changed)
     }
 
@@ -193,46 +211,48 @@ impl Apt {
         self.run(&["update"], "")
     }
 
-    /// Installs whichever packages of `groups` are missing, saying what and why.
+    /// Installs whichever packages of `groups` are missing, in one transaction, saying what and
+    /// why.
     pub fn install_groups(&self, groups: &[Group]) -> anyhow::Result<()> {
-        let mut missing_any = false;
+        let mut wanted: Vec<String> = Vec::new();
         for group in groups {
             if group.unless_command.is_some_and(command_on_path) {
                 continue;
             }
-            let missing = missing_packages(group.packages)?;
-            let outdated_qemu = group.name == "qemu" && qemu_too_old();
-            if missing.is_empty() && !outdated_qemu {
+            let mut missing = missing_packages(group.packages)?;
+            if group.name == "qemu" && qemu_too_old() && !missing.iter().any(|p| p == "qemu-system-x86") {
+                missing.push("qemu-system-x86".to_owned());
+            }
+            if missing.is_empty() {
                 continue;
             }
-            missing_any = true;
-            let mut wanted: Vec<&str> = missing.iter().map(String::as_str).collect();
-            if outdated_qemu && !wanted.contains(&"qemu-system-x86") {
-                wanted.push("qemu-system-x86");
-            }
-            if !is_root() {
-                return Err(AptError::NotRoot { what: "install".into(), packages: wanted.join(" ") }.into());
-            }
-            if self.ensure_sources()? || !lists_present() {
-                self.update()?;
-            }
-            println!("apt: installing {} (for {})", wanted.join(" "), group.purpose);
-            let mut args = vec!["install", "-y", "--no-install-recommends"];
-            if group.backports {
-                args.extend(["-t", "bookworm-backports"]);
-            }
-            args.extend(wanted.iter().copied());
-            match self.run(&args, &wanted.join(" ")) {
-                // Stale lists are the usual reason for a package not found: refresh once.
-                Err(AptError::MissingPackage { .. }) => {
-                    self.update()?;
-                    self.run(&args, &wanted.join(" "))?;
+            println!("apt: {} missing (for {})", missing.join(" "), group.purpose);
+            for package in missing {
+                if !wanted.contains(&package) {
+                    wanted.push(package);
                 }
-                other => other?,
             }
         }
-        if !missing_any {
+        if wanted.is_empty() {
             println!("apt: all Debian packages present");
+            return Ok(());
+        }
+        if !is_root() {
+            return Err(AptError::NotRoot { what: "install".into(), packages: wanted.join(" ") }.into());
+        }
+        if self.ensure_sources()? || !lists_present() {
+            self.update()?;
+        }
+        println!("apt: installing {} packages", wanted.len());
+        let mut args = vec!["install", "-y", "--no-install-recommends"];
+        args.extend(wanted.iter().map(String::as_str));
+        match self.run(&args, &wanted.join(" ")) {
+            // Stale lists are the usual reason for a package not found: refresh once.
+            Err(AptError::MissingPackage { .. }) => {
+                self.update()?;
+                self.run(&args, &wanted.join(" "))?;
+            }
+            other => other?,
         }
         Ok(())
     }

@@ -52,7 +52,7 @@ pub struct GuestImageBuild {
 
 impl GuestImageBuild {
     fn out_dir(&self) -> PathBuf {
-        pleiades_tests::image::default_dir(&self.root)
+        pleiades_testkit::image::default_dir(&self.root)
     }
 
     pub fn run(&self) -> Result<Manifest> {

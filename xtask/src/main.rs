@@ -19,13 +19,10 @@ mod testguest;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use pleiades_tests::image::GuestImage;
-use pleiades_tests::qemu::boot_timeout;
-use pleiades_tests::stack::{Stack, StackOptions};
 
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask", about = "Pleiades project tooling", version)]
@@ -95,7 +92,7 @@ fn run(command: Cmd) -> Result<()> {
             deps(&groups)
         }
         Cmd::GuestImage { force, testguest_only: true } => {
-            testguest::install(&root, &pleiades_tests::image::default_dir(&root), force).map(drop)
+            testguest::install(&root, &pleiades_testkit::image::default_dir(&root), force).map(drop)
         }
         Cmd::GuestImage { force, testguest_only: false } => {
             guest_image::GuestImageBuild { root, force }.run().map(drop)
@@ -188,131 +185,20 @@ fn demo(root: &Path, interactive: Option<bool>) -> Result<()> {
     deps(&[])?;
     step("Test guest image");
     guest_image::GuestImageBuild { root: root.to_owned(), force: false }.run()?;
-    step("Building pleiades-broker, pleiades-host and the pleiades client");
-    cargo(
-        root,
-        &[
-            "build",
-            "--package",
-            "pleiades-broker",
-            "--package",
-            "pleiades-host",
-            "--package",
-            "pleiades-client",
-        ],
-    )?;
-
-    let interactive = interactive.unwrap_or_else(|| std::io::IsTerminal::is_terminal(&std::io::stdin()));
-    let image = GuestImage::locate()?;
+    step("Building pleiades-broker, pleiades-host, the pleiades client and the demo");
+    #[rustfmt::skip]
+    cargo(root, &["build", "--bins", "--package", "pleiades-broker", "--package", "pleiades-host",
+                  "--package", "pleiades-client", "--package", "pleiades-tests"])?;
+    // The demo itself needs the host and the QUIC stack, which the bootstrap must not build:
+    // it is a program of the test kit, run once the packages and binaries are there.
     let target_dir = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
-    let demo_dir = target_dir.join("demo");
-    // Each run starts from a fresh broker database and host state.
-    let stack_dir = demo_dir.join("stack");
-    if stack_dir.exists() {
-        std::fs::remove_dir_all(&stack_dir)
-            .with_context(|| format!("cannot clear {}", stack_dir.display()))?;
+    let mut demo = Command::new(target_dir.join("debug/pleiades-demo"));
+    if let Some(interactive) = interactive {
+        demo.arg(format!("--interactive={interactive}"));
     }
-    std::fs::create_dir_all(&demo_dir)?;
-    let (user, password) = ("demo", "demo-password");
-    let (admin, admin_password) = ("admin", "admin-password");
-    let options = StackOptions {
-        dir: stack_dir,
-        bin_dir: target_dir.join("debug"),
-        broker_port: free_port(8443, |p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())?,
-        first_session_port: free_port(47000, |p| std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok())?,
-        session_ports: 10,
-        vmm: None,
-        user: (user.into(), password.into()),
-        admin: (admin.into(), admin_password.into()),
-        spares: 1,
-    };
-    step("Starting the broker (SQLite) with a pool of the test image, and a host that registers with it");
-    let started = Instant::now();
-    let mut stack = Stack::start(options, &image).map_err(anyhow::Error::msg)?;
-    println!(
-        "broker at {} (certificate sha256 {}), host-1 registered in {:.1} s",
-        stack.base,
-        stack.pin,
-        started.elapsed().as_secs_f64()
-    );
-
-    step("The demo user gets a desktop from the pool (REST API); the host boots it");
-    let started = Instant::now();
-    let bearer = stack.login(user, password).map_err(anyhow::Error::msg)?;
-    let desktop = stack.request_desktop(&bearer).map_err(anyhow::Error::msg)?;
-    stack.wait_in_use(&bearer, &desktop, boot_timeout()).map_err(anyhow::Error::msg)?;
-    let serial = stack.serial_log(&desktop);
-    pleiades_tests::stack::wait_for("the guest to boot", boot_timeout(), || {
-        let text = std::fs::read_to_string(&serial).unwrap_or_default();
-        text.lines().find(|l| l.contains("PLEIADES-READY")).map(str::to_owned)
-    })
-    .map_err(anyhow::Error::msg)?;
-    println!(
-        "desktop {desktop} running in {:.1} s (serial console: {})",
-        started.elapsed().as_secs_f64(),
-        serial.display()
-    );
-
-    // The desktop over the remote-desktop protocol: the headless client connects with the
-    // broker's one-time ticket, types into the guest's console and records what it sees.
-    step("Connecting the headless client (pleiades connect --headless) with the broker's ticket");
-    let connection = stack.connect(&bearer, &desktop).map_err(anyhow::Error::msg)?;
-    let file = demo_dir.join("desktop.pleiades");
-    std::fs::write(&file, connection["file"].as_str().unwrap_or_default())?;
-    let record = demo_dir.join("session");
-    let script = demo_dir.join("demo.script");
-    std::fs::write(&script, "wait 1500\ntype echo hello from the Pleiades client\\n\nwait 2000\n")?;
-    let output = Command::new(target_dir.join("debug/pleiades"))
-        .arg("connect")
-        .arg(&file)
-        .args(["--headless", "--duration", "6", "--record"])
-        .arg(&record)
-        .arg("--input")
-        .arg(&script)
-        .output()?;
-    if output.status.success() {
-        let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
-        println!(
-            "client: {} frames, {:.0} kbit/s, update latency p50 {} µs; what it saw: {}",
-            summary["frames"],
-            summary["kbit_s"].as_f64().unwrap_or(0.0),
-            summary["latency"]["p50_us"],
-            record.join("scanout-0.png").display()
-        );
-    } else {
-        println!("client failed: {}", String::from_utf8_lossy(&output.stderr).trim());
-    }
-
-    let port = stack.options.broker_port;
-    println!();
-    println!("  Portal:          {}/", stack.base);
-    println!("  Log in:          {user} / {password}   (admin console: {admin} / {admin_password})");
-    println!("  Certificate:     self-signed, sha256 {}", stack.pin);
-    println!(
-        "  From elsewhere:  ssh -L {port}:127.0.0.1:{port} root@<this machine>, then https://localhost:{port}/"
-    );
-    println!("  Broker CLI:      target/debug/pleiades-broker --config {} pool list", stack.config.display());
-    println!(
-        "  A window:        Connect in the portal, then target/debug/pleiades connect <the downloaded file>"
-    );
-    println!();
-    if interactive {
-        println!("Press Enter (or Ctrl-C) to stop the demo: the host powers its desktops off.");
-        let mut line = String::new();
-        let _ = std::io::stdin().read_line(&mut line);
-    }
-    step("Stopping: the host daemon powers its desktops off, then the broker stops");
-    let status = stack.host.terminate(Duration::from_secs(90)).map_err(anyhow::Error::msg)?;
-    println!("host daemon ended ({status})");
-    if !output.status.success() {
-        bail!("the client could not reach the desktop");
+    let status = demo.current_dir(root).status().context("cannot run pleiades-demo")?;
+    if !status.success() {
+        bail!("the demo failed ({status})");
     }
     Ok(())
-}
-
-/// The first port from `first` (20 tries) that `free` says is free.
-fn free_port(first: u16, free: impl Fn(u16) -> bool) -> Result<u16> {
-    (first..first.saturating_add(20))
-        .find(|&p| free(p))
-        .with_context(|| format!("no free port in {first}-{}", first + 19))
 }

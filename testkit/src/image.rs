@@ -2,6 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::workspace_root;
+
 /// Environment variable that overrides where the image is.
 pub const GUEST_DIR_ENV: &str = "PLEIADES_GUEST_DIR";
 
@@ -15,11 +17,6 @@ pub struct GuestImage {
 /// `target/guest` below the workspace root.
 pub fn default_dir(workspace_root: &Path) -> PathBuf {
     workspace_root.join("target").join("guest")
-}
-
-/// The workspace root (this crate sits one level below it).
-pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
 }
 
 /// Why the image cannot be used.

@@ -103,29 +103,44 @@ fn chown_to_postgres(path: &Path) -> Result<(), PgError> {
     Ok(())
 }
 
-/// The cached `initdb` output for this server version, made once (atomically: built aside,
-/// then renamed into place).
+/// The cached `initdb` output for this server version, made once per machine.
+///
+/// Tests of one binary run on threads of one process and several test binaries run at once, so
+/// the template is built under an exclusive lock (`flock` on a file beside it), in a private
+/// directory that is renamed into place only when `initdb` has finished: a reader sees no
+/// template or a whole one, never half of one.
 fn template(bin: &Path) -> Result<PathBuf, PgError> {
     let version = bin.parent().and_then(|p| p.file_name()).and_then(|n| n.to_str()).unwrap_or("x").to_owned();
-    let root = std::env::temp_dir().join(format!("pleiades-pg-template-{version}"));
+    let tmp = std::env::temp_dir();
+    let root = tmp.join(format!("pleiades-pg-template-{version}"));
     if root.join("PG_VERSION").exists() {
         return Ok(root);
     }
-    let building =
-        std::env::temp_dir().join(format!("pleiades-pg-template-{version}.{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&building);
-    std::fs::create_dir_all(&building)?;
-    chown_to_postgres(&building)?;
-    let dir = building.to_str().expect("temp paths are UTF-8");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(tmp.join(format!("pleiades-pg-template-{version}.lock")))?;
+    lock.lock()?;
+    if root.join("PG_VERSION").exists() {
+        return Ok(root); // Made by whoever held the lock before us.
+    }
+    // A template left half-made by a killed run (no PG_VERSION yet) is not to be trusted.
+    if root.exists() {
+        std::fs::remove_dir_all(&root)?;
+    }
+    let building = tempfile::Builder::new().prefix("pleiades-pg-template-building-").tempdir_in(&tmp)?;
+    let data = building.path().join("data");
+    std::fs::create_dir(&data)?;
+    chown_to_postgres(building.path())?;
+    let dir = data.to_str().expect("temp paths are UTF-8");
     pg_command(
         bin,
         "initdb",
         &["-D", dir, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"],
     )?;
-    if std::fs::rename(&building, &root).is_err() {
-        // Another test process finished first: use theirs.
-        let _ = std::fs::remove_dir_all(&building);
-    }
+    std::fs::rename(&data, &root)?;
+    drop(lock);
     Ok(root)
 }
 
