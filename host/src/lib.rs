@@ -15,6 +15,7 @@
 //! - [`serve`]: the host daemon (`serve --broker`): registers, heartbeats, runs the broker's
 //!   desktops as VM processes.
 //! - [`synthetic`]: synthetic desktops (`run --synthetic`) for protocol figures without a guest.
+//! - [`run`]: the arguments of `pleiades-host run`, shared by the binary and the daemon.
 //! - [`accel`]: whether KVM is hardware-backed here, which picks the default VMM.
 
 pub mod accel;
@@ -27,6 +28,8 @@ pub mod display;
 pub mod pleiades;
 pub mod qemu;
 pub mod qemu_display;
+#[cfg(feature = "session")]
+pub mod run;
 pub mod screenshot;
 #[cfg(feature = "session")]
 pub mod serve;

@@ -93,11 +93,16 @@ fn qemu_command(
         SerialOut::Null => cmd.args(["-serial", "null"]),
     };
     for (i, device) in devices.iter().enumerate() {
-        cmd.arg("-chardev").arg(format!("socket,id=vhu{i},path={}", device.socket.display()));
+        cmd.arg("-chardev").arg(format!("socket,id=vhu{i},path={}", qemu_opt(&device.socket)));
         cmd.args(["-device", &format!("{},chardev=vhu{i}{}", device.qemu_device, device.options)]);
     }
-    cmd.arg("-qmp").arg(format!("unix:{},server=on,wait=off", qmp.display()));
+    cmd.arg("-qmp").arg(format!("unix:{},server=on,wait=off", qemu_opt(qmp)));
     cmd
+}
+
+/// A path as the value of a QEMU `key=value,…` option: a comma is written twice.
+fn qemu_opt(path: &Path) -> String {
+    path.display().to_string().replace(',', ",,")
 }
 
 /// QEMU's id for the GPU device.

@@ -131,7 +131,9 @@ impl Vms {
     }
 
     /// Starts the desktop's VM and waits until its session server listens; returns its port.
-    /// A desktop that already runs is left alone (a repeated `start` is not an error).
+    /// A desktop that already runs is left alone (a repeated `start` is not an error). A start
+    /// that fails leaves nothing behind: the process is ended and the desktop's directory
+    /// removed, and the error says why (the VM's last log lines), for the broker to show.
     pub async fn start(self: &Arc<Self>, desktop_id: &str, image: &VmImage) -> Result<u16, String> {
         check_desktop_id(desktop_id)?;
         if let Some(vm) = lock(&self.running).get_mut(desktop_id)
@@ -141,7 +143,25 @@ impl Vms {
         }
         self.check_image(image)?;
         let dir = self.settings.state_dir.join("desktops").join(desktop_id);
-        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let started = self.spawn_and_wait(desktop_id, image, &dir).await;
+        if started.is_err() {
+            self.kill(desktop_id);
+            if let Err(e) = std::fs::remove_dir_all(&dir)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(desktop = desktop_id, "cannot remove {}: {e}", dir.display());
+            }
+        }
+        started
+    }
+
+    async fn spawn_and_wait(
+        self: &Arc<Self>,
+        desktop_id: &str,
+        image: &VmImage,
+        dir: &Path,
+    ) -> Result<u16, String> {
+        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let port = self.free_port()?;
         let control = dir.join("control.sock");
         let log_path = dir.join("vm.log");
@@ -153,7 +173,7 @@ impl Vms {
             .args(["--pdeathsig", "KILL", "--"])
             .arg(&self.settings.exe)
             .arg("run")
-            .args(self.run_args(desktop_id, image, port, &dir, &control))
+            .args(self.run_args(desktop_id, image, port, dir, &control))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);
@@ -164,18 +184,18 @@ impl Vms {
         lock(&self.running).insert(desktop_id.to_owned(), Vm { child, port, control: control.clone() });
         let this = self.clone();
         let id = desktop_id.to_owned();
-        let ready = tokio::task::spawn_blocking(move || this.wait_ready(&id, &control, &log_path))
+        tokio::task::spawn_blocking(move || this.wait_ready(&id, &control, &log_path))
             .await
-            .map_err(|e| e.to_string())?;
-        if let Err(e) = ready {
-            self.kill(desktop_id);
-            return Err(e);
-        }
+            .map_err(|e| e.to_string())??;
         tracing::info!(desktop = desktop_id, port, "VM ready: its session server listens");
         Ok(port)
     }
 
-    /// The arguments of `pleiades-host run` for one desktop.
+    /// The arguments of `pleiades-host run` for one desktop ([`crate::run::RunArgs`]).
+    ///
+    /// Every value is joined to its flag (`--ticket-key=VALUE`): a value given as an argument
+    /// of its own is read as a flag when it begins with `-`, which a base64url key, a kernel
+    /// command line or a name can.
     fn run_args(
         &self,
         desktop_id: &str,
@@ -183,41 +203,32 @@ impl Vms {
         port: u16,
         dir: &Path,
         control: &Path,
-    ) -> Vec<String> {
+    ) -> Vec<std::ffi::OsString> {
         let s = &self.settings;
-        let mut args = vec![
-            "--kernel".into(),
-            image.kernel.clone(),
-            "--initrd".into(),
-            image.initrd.clone(),
-            "--cmdline".into(),
-            image.cmdline.clone(),
-            "--memory".into(),
-            format!("{}M", image.memory_mib),
-            "--cpus".into(),
-            image.vcpus.to_string(),
-            "--serial".into(),
-            dir.join("serial.log").display().to_string(),
-            "--control".into(),
-            control.display().to_string(),
-            "--listen".into(),
-            SocketAddr::new(s.listen_ip, port).to_string(),
-            "--advertise".into(),
-            s.address.clone(),
-            "--desktop".into(),
-            desktop_id.to_owned(),
-            "--ticket-key".into(),
-            s.ticket_key.clone(),
-            "--ticket-host".into(),
-            s.host_id.clone(),
-            "--tls-identity".into(),
-            s.state_dir.join("tls").display().to_string(),
-        ];
+        let mut args = Vec::new();
+        let mut flag = |name: &str, value: &std::ffi::OsStr| {
+            let mut arg = std::ffi::OsString::from(format!("--{name}="));
+            arg.push(value);
+            args.push(arg);
+        };
+        flag("kernel", image.kernel.as_ref());
+        flag("initrd", image.initrd.as_ref());
+        flag("cmdline", image.cmdline.as_ref());
+        flag("memory", format!("{}M", image.memory_mib).as_ref());
+        flag("cpus", image.vcpus.to_string().as_ref());
+        flag("serial", dir.join("serial.log").as_os_str());
+        flag("control", control.as_os_str());
+        flag("listen", SocketAddr::new(s.listen_ip, port).to_string().as_ref());
+        flag("advertise", s.address.as_ref());
+        flag("desktop", desktop_id.as_ref());
+        flag("ticket-key", s.ticket_key.as_ref());
+        flag("ticket-host", s.host_id.as_ref());
+        flag("tls-identity", s.state_dir.join("tls").as_os_str());
         if let Some(vmm) = &s.vmm {
-            args.extend(["--vmm".into(), vmm.clone()]);
+            flag("vmm", vmm.as_ref());
         }
         for device in &s.devices {
-            args.extend(["--device".into(), device.clone()]);
+            flag("device", device.as_ref());
         }
         args
     }
@@ -476,6 +487,77 @@ mod tests {
             .await
             .unwrap_err();
         assert!(e.contains("not a valid desktop id"), "{e}");
+    }
+
+    /// What the daemon writes, `run` reads back unchanged, whatever the values begin with.
+    mod run_arguments {
+        use clap::Parser;
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::run::RunArgs;
+
+        #[derive(Debug, Parser)]
+        struct Run {
+            #[command(flatten)]
+            args: RunArgs,
+        }
+
+        fn base64url(bytes: &[u8]) -> String {
+            use base64::Engine as _;
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+            #[test]
+            fn reach_the_vm_process_intact(
+                key in proptest::array::uniform32(any::<u8>()),
+                desktop in "[-_a-zA-Z0-9]{1,64}",
+                host_id in "[-_a-zA-Z0-9]{1,40}",
+                address in "-?[-.:a-z0-9]{1,40}",
+                cmdline in "[ -~]{0,80}",
+                kernel in "/-?[-_ a-zA-Z0-9=,]{1,30}",
+                state in "/-?[-_a-z0-9]{1,20}",
+                device in prop::sample::select(vec!["gpu", "sound", "keyboard", "tablet", "gpu,heads=2"]),
+            ) {
+                let mut settings = vms(Path::new(&state)).settings;
+                settings.ticket_key = base64url(&key);
+                settings.host_id = host_id.clone();
+                settings.address = address.clone();
+                settings.devices = vec![device.to_owned()];
+                settings.vmm = Some("qemu".into());
+                let vms = Vms::new(settings, Spawner::start().unwrap());
+                let image = VmImage {
+                    id: "i".into(),
+                    name: "n".into(),
+                    kernel: kernel.clone(),
+                    initrd: format!("{kernel}.img"),
+                    cmdline: cmdline.clone(),
+                    disk: None,
+                    vcpus: 2,
+                    memory_mib: 768,
+                };
+                let dir = Path::new(&state).join("desktops").join(&desktop);
+                let argv = vms.run_args(&desktop, &image, 47001, &dir, &dir.join("control.sock"));
+                let run = Run::try_parse_from(std::iter::once("run".into()).chain(argv))
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?
+                    .args;
+                prop_assert_eq!(run.ticket_key, Some(base64url(&key)));
+                prop_assert_eq!(run.ticket_host.as_deref(), Some(host_id.as_str()));
+                prop_assert_eq!(run.advertise.as_deref(), Some(address.as_str()));
+                prop_assert_eq!(&run.desktop, &desktop);
+                prop_assert_eq!(&run.cmdline, &cmdline);
+                prop_assert_eq!(run.kernel.as_deref(), Some(Path::new(&kernel)));
+                prop_assert_eq!(run.initrd, Some(PathBuf::from(format!("{kernel}.img"))));
+                prop_assert_eq!(run.cpus, 2);
+                prop_assert_eq!(&run.memory, "768M");
+                prop_assert_eq!(run.control, Some(dir.join("control.sock")));
+                prop_assert_eq!(run.tls_identity, Some(Path::new(&state).join("tls")));
+                prop_assert_eq!(run.listen, Some("127.0.0.1:47001".parse().unwrap()));
+                prop_assert_eq!(run.devices.len(), 1);
+            }
+        }
     }
 
     #[test]

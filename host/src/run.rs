@@ -1,0 +1,104 @@
+//! The arguments of `pleiades-host run`: one VM process. The binary parses them, and the host
+//! daemon (`serve`) writes them for every desktop it starts, so both sides share this one
+//! definition (and a test parses what the daemon writes with it).
+
+use std::path::PathBuf;
+
+use clap::ValueEnum;
+
+use crate::vm::{DeviceRequest, SerialOut};
+
+/// `pleiades-host run`'s arguments.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Kernel: a Linux bzImage, or an ELF (the minimal test guest).
+    #[arg(long, required_unless_present = "synthetic")]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = "console=ttyS0")]
+    pub cmdline: String,
+    /// Guest RAM, e.g. 512M or 2G.
+    #[arg(long, default_value = "512M")]
+    pub memory: String,
+    /// Virtual CPUs.
+    #[arg(long, default_value_t = 1)]
+    pub cpus: u32,
+    /// Serial console: `stdio` or a file to append to.
+    #[arg(long, default_value = "stdio")]
+    pub serial: SerialOut,
+    /// Open a control socket here (`pleiades-host ctl SOCKET status|shutdown|reboot`).
+    #[arg(long)]
+    pub control: Option<PathBuf>,
+    /// Who runs the vCPUs: Pleiades' own VMM (default where KVM is hardware-backed) or QEMU
+    /// with Pleiades' devices over vhost-user (default elsewhere).
+    #[arg(long)]
+    pub vmm: Option<Vmm>,
+    /// A virtio device: `rng`, `console`, `keyboard`, `tablet`, `mouse`, `gpu` or `sound` (`snd`), optionally
+    /// `,backend=in-process|vhost-user`; the gpu takes `,heads=N` (monitors, 1-16) and
+    /// `,memory-mib=M` (the cap on host memory the guest can make it allocate, default 256).
+    /// Repeat for several devices.
+    #[arg(long = "device")]
+    pub devices: Vec<DeviceRequest>,
+    /// Serve the desktop to a client (QUIC, UDP) on this address, e.g. `0.0.0.0:4433` or
+    /// `127.0.0.1:0` (any free port). Needs `--device gpu`; input goes to the keyboard and
+    /// tablet.
+    #[arg(long)]
+    pub listen: Option<std::net::SocketAddr>,
+    /// With `--listen`: write a one-time connection file here (`pleiades connect FILE`), with a
+    /// ticket the host signs itself (no broker). `ctl connection-file` mints more.
+    #[arg(long, requires = "listen")]
+    pub connection_file: Option<PathBuf>,
+    /// The address clients reach the session server at (default: the `--listen` address, or
+    /// this machine's name when that is 0.0.0.0).
+    #[arg(long, requires = "listen")]
+    pub advertise: Option<String>,
+    /// This desktop's name (tickets name it).
+    #[arg(long, default_value = "local")]
+    pub desktop: String,
+    /// Accept tickets signed by this key (base64url Ed25519: the broker's, `pleiades-broker
+    /// ticket-key`) instead of minting the host's own.
+    #[arg(long, requires = "listen", conflicts_with = "connection_file")]
+    pub ticket_key: Option<String>,
+    /// The host name tickets must carry (the broker's host id; default: the advertised address).
+    #[arg(long, requires = "ticket_key")]
+    pub ticket_host: Option<String>,
+    /// Keep the session certificate in this directory (made once; a host's VMs share it, so
+    /// the broker pins one fingerprint). Default: a fresh certificate per run.
+    #[arg(long, requires = "listen")]
+    pub tls_identity: Option<PathBuf>,
+    /// No VM: a synthetic desktop drawn by the host through a real GPU device (for protocol
+    /// benchmarks): idle, typing, scroll, video or motion. Use with --listen.
+    #[arg(long, conflicts_with_all = ["kernel", "initrd", "devices"])]
+    pub synthetic: Option<crate::synthetic::Workload>,
+    /// The synthetic desktop's size.
+    #[arg(long, default_value = "1920x1080", value_parser = parse_layout)]
+    pub synthetic_size: Layout,
+}
+
+/// Who runs the vCPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Vmm {
+    /// Pleiades' own VMM on KVM.
+    Pleiades,
+    /// QEMU with Pleiades' devices attached over vhost-user.
+    Qemu,
+}
+
+/// Monitor sizes, left to right.
+#[derive(Debug, Clone)]
+pub struct Layout(pub Vec<(u32, u32)>);
+
+pub fn parse_layout(s: &str) -> Result<Layout, String> {
+    s.split(',')
+        .map(|size| {
+            let (w, h) =
+                size.trim().split_once(['x', 'X']).ok_or_else(|| format!("{size:?} is not WIDTHxHEIGHT"))?;
+            let parse = |v: &str| v.parse::<u32>().map_err(|_| format!("{size:?} is not WIDTHxHEIGHT"));
+            Ok((parse(w)?, parse(h)?))
+        })
+        .collect::<Result<_, _>>()
+        .map(Layout)
+}
