@@ -44,6 +44,11 @@ pub struct BrokerSettings {
     /// Login attempts per client address per `login_window_secs`.
     pub login_attempts_per_ip: u32,
     pub login_window_secs: u64,
+    /// A desktop that failed to start waits this long before its next start; the wait doubles
+    /// with every failure in a row.
+    pub start_retry_secs: u64,
+    /// The longest wait between two starts of a failing desktop.
+    pub start_retry_max_secs: u64,
 }
 
 impl Default for BrokerSettings {
@@ -57,6 +62,8 @@ impl Default for BrokerSettings {
             login_failures_per_user: 5,
             login_attempts_per_ip: 30,
             login_window_secs: 300,
+            start_retry_secs: 5,
+            start_retry_max_secs: 300,
         }
     }
 }
@@ -615,14 +622,18 @@ impl Broker {
         let mut tx = self.db.pool.begin().await?;
         lock_pool(&mut tx, &pool.id).await?;
         // Theirs already: a persistent desktop they own, or one they are (dis)connected from.
-        let mine = sqlx::query("SELECT * FROM desktops WHERE pool_id = $1 AND (user_id = $2 OR owner_id = $2) AND state <> 'failed' ORDER BY created_at LIMIT 1")
+        let mine = sqlx::query("SELECT * FROM desktops WHERE pool_id = $1 AND (user_id = $2 OR owner_id = $2) ORDER BY created_at LIMIT 1")
             .bind(&pool.id)
             .bind(user_id)
             .fetch_optional(&mut *tx)
             .await?;
         if let Some(row) = mine {
             let desktop = Desktop::from_row(&row)?;
-            if matches!(desktop.state, DesktopState::Disconnected | DesktopState::Ready) {
+            if desktop.state == DesktopState::Failed {
+                // Theirs, and failing: started again for them once its wait is over.
+                self.start_failed_again(&mut tx, pool, &desktop, Some(user_id), now).await?;
+                resume_or_start_session(&mut tx, &desktop.id, user_id, now).await?;
+            } else if matches!(desktop.state, DesktopState::Disconnected | DesktopState::Ready) {
                 sqlx::query("UPDATE desktops SET state = 'in_use', user_id = $1, state_since = $2, last_activity = $2, generation = generation + 1 WHERE id = $3")
                     .bind(user_id)
                     .bind(now)
@@ -634,14 +645,6 @@ impl Broker {
             tx.commit().await?;
             return self.desktop(&desktop.id).await;
         }
-        // A failed persistent desktop no longer holds its owner's place.
-        sqlx::query(
-            "UPDATE desktops SET owner_id = NULL WHERE pool_id = $1 AND owner_id = $2 AND state = 'failed'",
-        )
-        .bind(&pool.id)
-        .bind(user_id)
-        .execute(&mut *tx)
-        .await?;
         let owner = (pool.kind == PoolKind::Persistent).then(|| user_id.to_owned());
         let ready = sqlx::query("SELECT id FROM desktops WHERE pool_id = $1 AND state = 'ready' AND user_id IS NULL AND owner_id IS NULL ORDER BY created_at, id LIMIT 1")
             .bind(&pool.id)
@@ -668,10 +671,106 @@ impl Broker {
             tx.commit().await?;
             return self.desktop(&id).await;
         }
-        let id = self.provision(&mut tx, pool, Some(user_id), owner.as_deref()).await?;
+        let id = match self.provision(&mut tx, pool, Some(user_id), owner.as_deref()).await {
+            Err(Error::PoolExhausted(_)) => {
+                // Full: a failed desktop that nobody holds is started again for this user.
+                let failed = sqlx::query("SELECT * FROM desktops WHERE pool_id = $1 AND state = 'failed' AND user_id IS NULL AND owner_id IS NULL ORDER BY retry_at, id LIMIT 1")
+                    .bind(&pool.id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                let Some(row) = failed else { return Err(Error::PoolExhausted(pool.name.clone())) };
+                let desktop = Desktop::from_row(&row)?;
+                sqlx::query("UPDATE desktops SET owner_id = $1 WHERE id = $2")
+                    .bind(owner.as_deref())
+                    .bind(&desktop.id)
+                    .execute(&mut *tx)
+                    .await?;
+                self.start_failed_again(&mut tx, pool, &desktop, Some(user_id), now).await?;
+                desktop.id
+            }
+            other => other?,
+        };
         resume_or_start_session(&mut tx, &id, user_id, now).await?;
         tx.commit().await?;
         self.desktop(&id).await
+    }
+
+    /// Starts a failed desktop again, in place (same id, same owner), on the least-loaded host
+    /// with its image, for `user_id` (or as a spare). Refused with the host's last reason while
+    /// the desktop's wait is not over: a desktop that cannot start is retried with a doubling
+    /// delay, never in a loop.
+    async fn start_failed_again(
+        &self,
+        tx: &mut Transaction<'_, Any>,
+        pool: &Pool,
+        desktop: &Desktop,
+        user_id: Option<&str>,
+        now: i64,
+    ) -> Result<()> {
+        if desktop.retry_at > now {
+            return Err(Error::StartFailing {
+                pool: pool.name.clone(),
+                reason: desktop.last_error.clone().unwrap_or_else(|| "unknown".into()),
+                retry_in_secs: desktop.retry_at - now,
+            });
+        }
+        let image = image_of_pool(tx, &pool.id).await?;
+        let host = choose_host(tx, &image).await?;
+        let moved = sqlx::query(
+            "UPDATE desktops SET state = 'provisioning', host_id = $1, user_id = $2, state_since = $3, last_activity = $3, \
+             generation = generation + 1, session_port = NULL WHERE id = $4 AND state = 'failed'",
+        )
+        .bind(&host)
+        .bind(user_id.map(str::to_owned))
+        .bind(now)
+        .bind(&desktop.id)
+        .execute(&mut **tx)
+        .await?;
+        if moved.rows_affected() != 1 {
+            return Err(Error::Conflict("desktop changed concurrently".into()));
+        }
+        queue_command(tx, &host, &desktop.id, "start", now).await
+    }
+
+    /// How long a desktop waits before its next start when it has failed `failures` times in a
+    /// row before this failure: at once after a first failure (a lost VM or host is replaced
+    /// without delay), then `start_retry_secs`, doubling up to `start_retry_max_secs`.
+    fn retry_delay(&self, failures: i64) -> i64 {
+        if failures <= 0 {
+            return 0;
+        }
+        let base = self.settings.start_retry_secs.max(1);
+        let doubled = base.saturating_mul(1 << (failures - 1).min(20));
+        doubled.min(self.settings.start_retry_max_secs.max(base)) as i64
+    }
+
+    /// The desktop failed to start, or its VM or host was lost: `reason` is kept for the
+    /// admin and the user, its sessions end, and its next start waits ([`Self::retry_delay`]).
+    async fn mark_failed(
+        &self,
+        tx: &mut Transaction<'_, Any>,
+        desktop_id: &str,
+        reason: &str,
+        session_end: &str,
+        now: i64,
+    ) -> Result<()> {
+        let row = sqlx::query("SELECT start_failures FROM desktops WHERE id = $1")
+            .bind(desktop_id)
+            .fetch_optional(&mut **tx)
+            .await?;
+        let Some(row) = row else { return Ok(()) };
+        let failures = get_i64(&row, "start_failures")?;
+        sqlx::query(
+            "UPDATE desktops SET state = 'failed', state_since = $1, last_error = $2, start_failures = $3, retry_at = $4 WHERE id = $5",
+        )
+        .bind(now)
+        .bind(truncate_reason(reason))
+        .bind(failures + 1)
+        .bind(now + self.retry_delay(failures))
+        .bind(desktop_id)
+        .execute(&mut **tx)
+        .await?;
+        end_sessions(tx, desktop_id, session_end, now).await
     }
 
     /// Creates a desktop row on the least-loaded host with the image and queues its start.
@@ -683,11 +782,12 @@ impl Broker {
         user_id: Option<&str>,
         owner_id: Option<&str>,
     ) -> Result<String> {
-        let live = sqlx::query("SELECT COUNT(*) AS n FROM desktops WHERE pool_id = $1 AND state <> 'failed'")
+        // Failed desktops count: they are started again in place, never replaced by new ones.
+        let all = sqlx::query("SELECT COUNT(*) AS n FROM desktops WHERE pool_id = $1")
             .bind(&pool.id)
             .fetch_one(&mut **tx)
             .await?;
-        if get_i64(&live, "n")? >= pool.max_size {
+        if get_i64(&all, "n")? >= pool.max_size {
             return Err(Error::PoolExhausted(pool.name.clone()));
         }
         // Everything inside the transaction uses its connection: asking the pool for a second
@@ -722,9 +822,9 @@ impl Broker {
         row.as_ref().map(Desktop::from_row).transpose()?.ok_or_else(|| Error::NotFound("desktop".into()))
     }
 
-    /// The user's desktops (assigned or owned), failed ones excluded.
+    /// The user's desktops (assigned or owned), failed ones with the reason.
     pub async fn my_desktops(&self, actor: &Actor) -> Result<Vec<Desktop>> {
-        let rows = sqlx::query("SELECT * FROM desktops WHERE (user_id = $1 OR owner_id = $1) AND state <> 'failed' ORDER BY name")
+        let rows = sqlx::query("SELECT * FROM desktops WHERE (user_id = $1 OR owner_id = $1) ORDER BY name")
             .bind(&actor.user_id)
             .fetch_all(&self.db.pool)
             .await?;
@@ -750,7 +850,7 @@ impl Broker {
         };
         let mine = desktop.user_id.as_deref() == Some(&actor.user_id)
             || desktop.owner_id.as_deref() == Some(&actor.user_id);
-        if !mine || actor.user_id.is_empty() || desktop.state == DesktopState::Failed {
+        if !mine || actor.user_id.is_empty() {
             self.audit(&actor.name, &format!("{action}.denied"), &desktop.name, "not the user's desktop")
                 .await?;
             return Err(Error::Forbidden);
@@ -819,8 +919,16 @@ impl Broker {
     /// Restarts the user's desktop (the host stops and starts the VM).
     pub async fn restart(&self, actor: &Actor, desktop_id: &str) -> Result<()> {
         let desktop = self.my_desktop(actor, desktop_id, "desktop.restart").await?;
-        let Some(host) = desktop.host_id.clone() else { return Err(Error::NotReady(desktop.name)) };
         let now = self.now();
+        if desktop.state == DesktopState::Failed {
+            let pool = self.pool(&desktop.pool_id).await?;
+            let mut tx = self.db.pool.begin().await?;
+            lock_pool(&mut tx, &pool.id).await?;
+            self.start_failed_again(&mut tx, &pool, &desktop, Some(&actor.user_id), now).await?;
+            tx.commit().await?;
+            return self.audit(&actor.name, "desktop.restart", &desktop.name, "after a failure").await;
+        }
+        let Some(host) = desktop.host_id.clone() else { return Err(Error::NotReady(desktop.name)) };
         let mut tx = self.db.pool.begin().await?;
         let moved = sqlx::query("UPDATE desktops SET state = 'provisioning', state_since = $1 WHERE id = $2 AND state IN ('in_use', 'disconnected', 'ready')")
             .bind(now)
@@ -1195,12 +1303,8 @@ impl Broker {
             if beat.desktops.iter().any(|d| d.id == id) {
                 continue;
             }
-            sqlx::query("UPDATE desktops SET state = 'failed', state_since = $1 WHERE id = $2")
-                .bind(now)
-                .bind(&id)
-                .execute(&mut **tx)
-                .await?;
-            end_sessions(tx, &id, "vm_lost", now).await?;
+            let reason = format!("its VM no longer runs on host {}", host.name);
+            self.mark_failed(tx, &id, &reason, "vm_lost", now).await?;
             vanished.push(get_str(row, "name")?);
         }
         Ok(vanished)
@@ -1226,6 +1330,16 @@ impl Broker {
             .bind(command_id)
             .execute(&mut *tx)
             .await?;
+        if !ack.ok {
+            sqlx::query("UPDATE hosts SET last_error = $1 WHERE id = $2")
+                .bind(truncate_reason(&format!(
+                    "{kind} {desktop_id}: {}",
+                    ack.error.as_deref().unwrap_or("no reason given")
+                )))
+                .bind(&host.id)
+                .execute(&mut *tx)
+                .await?;
+        }
         if let (true, Some(port)) = (ack.ok, ack.port) {
             sqlx::query("UPDATE desktops SET session_port = $1 WHERE id = $2 AND host_id = $3")
                 .bind(i64::from(port))
@@ -1237,8 +1351,8 @@ impl Broker {
         match (kind.as_str(), ack.ok) {
             ("start" | "restart", true) => {
                 sqlx::query(
-                    "UPDATE desktops SET state = CASE WHEN user_id IS NULL THEN 'ready' ELSE 'in_use' END, state_since = $1, last_activity = $1 \
-                     WHERE id = $2 AND state = 'provisioning'",
+                    "UPDATE desktops SET state = CASE WHEN user_id IS NULL THEN 'ready' ELSE 'in_use' END, state_since = $1, last_activity = $1, \
+                     start_failures = 0, last_error = NULL, retry_at = 0 WHERE id = $2 AND state = 'provisioning'",
                 )
                 .bind(now)
                 .bind(&desktop_id)
@@ -1253,12 +1367,8 @@ impl Broker {
                     .await?;
             }
             ("start" | "restart" | "recycle", false) => {
-                sqlx::query("UPDATE desktops SET state = 'failed', state_since = $1 WHERE id = $2")
-                    .bind(now)
-                    .bind(&desktop_id)
-                    .execute(&mut *tx)
-                    .await?;
-                end_sessions(&mut tx, &desktop_id, "start_failed", now).await?;
+                let reason = ack.error.as_deref().unwrap_or("the host gave no reason");
+                self.mark_failed(&mut tx, &desktop_id, reason, "start_failed", now).await?;
             }
             _ => {}
         }
@@ -1314,10 +1424,11 @@ impl Broker {
                 .bind(&id)
                 .fetch_all(&mut *tx)
                 .await?;
+            let reason =
+                format!("host {name} was lost: no heartbeat for {} s", self.settings.heartbeat_timeout_secs);
             for d in &desktops {
-                end_sessions(&mut tx, &get_str(d, "id")?, "host_lost", now).await?;
+                self.mark_failed(&mut tx, &get_str(d, "id")?, &reason, "host_lost", now).await?;
             }
-            sqlx::query("UPDATE desktops SET state = 'failed', state_since = $1 WHERE host_id = $2 AND state <> 'failed'").bind(now).bind(&id).execute(&mut *tx).await?;
             sqlx::query("UPDATE host_commands SET state = 'dropped' WHERE host_id = $1 AND state IN ('pending', 'sent')").bind(&id).execute(&mut *tx).await?;
             tx.commit().await?;
             tracing::warn!(host = %name, desktops = desktops.len(), "host lost: no heartbeat");
@@ -1363,30 +1474,52 @@ impl Broker {
                 self.end_use(&desktop, "disconnect_timeout").await?;
                 self.audit("system", "desktop.recycle", &desktop.name, "disconnected too long").await?;
             }
+            // A floating desktop that failed under its user stays theirs (they see why) until
+            // they come back or the disconnect timeout passes; then the pool may start it again.
+            if pool.kind == PoolKind::Floating {
+                sqlx::query("UPDATE desktops SET user_id = NULL WHERE pool_id = $1 AND state = 'failed' AND user_id IS NOT NULL AND state_since < $2")
+                    .bind(&pool.id)
+                    .bind(now - pool.disconnect_timeout_secs)
+                    .execute(&self.db.pool)
+                    .await?;
+            }
         }
         Ok(())
     }
 
-    /// Starts desktops until the pool has `spares` unassigned ones and at least `min_size`.
+    /// Starts desktops until the pool has `spares` unassigned ones and at least `min_size`
+    /// that are not failed, and starts failed unassigned desktops again once their wait is over.
+    /// Every desktop counts against `max_size`, failed ones too.
     pub async fn refill_pool(&self, pool: &Pool) -> Result<usize> {
         let mut started = 0;
         for _ in 0..pool.max_size.max(0) {
             let made = retry(|| async {
+                let now = self.now();
                 let mut tx = self.db.pool.begin().await?;
                 lock_pool(&mut tx, &pool.id).await?;
                 let counts = sqlx::query(
-                    "SELECT COUNT(*) AS total, COUNT(CASE WHEN state IN ('ready', 'provisioning') AND user_id IS NULL AND owner_id IS NULL THEN 1 END) AS spare \
-                     FROM desktops WHERE pool_id = $1 AND state <> 'failed'",
+                    "SELECT COUNT(*) AS total, COUNT(CASE WHEN state <> 'failed' THEN 1 END) AS working, \
+                     COUNT(CASE WHEN state IN ('ready', 'provisioning') AND user_id IS NULL AND owner_id IS NULL THEN 1 END) AS spare \
+                     FROM desktops WHERE pool_id = $1",
                 )
                 .bind(&pool.id)
                 .fetch_one(&mut *tx)
                 .await?;
-                let (total, spare) = (get_i64(&counts, "total")?, get_i64(&counts, "spare")?);
-                if total >= pool.max_size || (spare >= pool.spares && total >= pool.min_size) {
+                let (total, working, spare) =
+                    (get_i64(&counts, "total")?, get_i64(&counts, "working")?, get_i64(&counts, "spare")?);
+                let due = sqlx::query("SELECT * FROM desktops WHERE pool_id = $1 AND state = 'failed' AND user_id IS NULL AND owner_id IS NULL AND retry_at <= $2 ORDER BY retry_at, id LIMIT 1")
+                    .bind(&pool.id)
+                    .bind(now)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if let Some(row) = due {
+                    self.start_failed_again(&mut tx, pool, &Desktop::from_row(&row)?, None, now).await?;
+                } else if total < pool.max_size && (spare < pool.spares || working < pool.min_size) {
+                    self.provision(&mut tx, pool, None, None).await?;
+                } else {
                     tx.rollback().await?;
                     return Ok(false);
                 }
-                self.provision(&mut tx, pool, None, None).await?;
                 tx.commit().await?;
                 Ok(true)
             })
@@ -1400,6 +1533,40 @@ impl Broker {
             self.audit("system", "pool.refill", &pool.name, &format!("started {started}")).await?;
         }
         Ok(started)
+    }
+}
+
+/// Installs `pkcs8` (an Ed25519 key) as the ticket signing key of a broker database that has
+/// none yet, or that already has this very key. Returns the public key hosts verify with.
+///
+/// For a key kept outside the broker (made by the admin's tooling, shared with a standby
+/// broker on its own database). A key already in use is never replaced: hosts and connection
+/// tickets out there depend on it.
+pub async fn import_ticket_key(db: &Db, pkcs8: &[u8]) -> Result<PublicKey> {
+    use base64::Engine as _;
+    let signer = TicketSigner::from_pkcs8(pkcs8)
+        .map_err(|e| Error::Invalid(format!("not an Ed25519 key in PKCS#8 form: {e}")))?;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(pkcs8);
+    let inserted = sqlx::query("INSERT INTO settings (key, value) VALUES ($1, $2)")
+        .bind(TICKET_KEY_SETTING)
+        .bind(&encoded)
+        .execute(&db.pool)
+        .await;
+    match inserted {
+        Ok(_) => Ok(signer.public_key()),
+        Err(e) if is_unique_violation(&e) => {
+            let current = load_or_create_signer(db).await?;
+            if current.public_key() == signer.public_key() {
+                Ok(current.public_key())
+            } else {
+                Err(Error::Conflict(
+                    "this broker already signs tickets with another key; import a key into a new database, \
+                     before any other command"
+                        .into(),
+                ))
+            }
+        }
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -1568,6 +1735,15 @@ where
             }
             other => return other,
         }
+    }
+}
+
+/// A host's reason, as stored: one line, at most 500 characters.
+fn truncate_reason(reason: &str) -> String {
+    let line: String = reason.split_whitespace().collect::<Vec<_>>().join(" ");
+    match line.char_indices().nth(500) {
+        Some((at, _)) => format!("{}…", &line[..at]),
+        None => line,
     }
 }
 

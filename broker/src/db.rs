@@ -16,6 +16,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../migrations/0001_initial.sql")),
     (2, include_str!("../migrations/0002_desktop_session_port.sql")),
     (3, include_str!("../migrations/0003_desktop_user_indexes.sql")),
+    (4, include_str!("../migrations/0004_start_failures.sql")),
 ];
 
 /// A handle to the broker's database (cheap to clone).

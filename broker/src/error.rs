@@ -20,6 +20,9 @@ pub enum Error {
     PoolExhausted(String),
     #[error("no online host has capacity for image {0}")]
     NoCapacity(String),
+    /// The pool's desktops fail to start: the host's reason, and when the next try is.
+    #[error("pool {pool}: its desktops fail to start ({reason}); the next attempt is in {retry_in_secs} s")]
+    StartFailing { pool: String, reason: String, retry_in_secs: i64 },
     #[error("desktop {0} is not ready yet")]
     NotReady(String),
     #[error("database error: {0}")]

@@ -62,7 +62,11 @@ enum Cmd {
         limit: i64,
     },
     /// Print the ticket public key (base64url Ed25519) that hosts verify tickets with.
-    TicketKey,
+    TicketKey {
+        /// First install this signing key (Ed25519, PKCS#8 DER file) in a new database.
+        #[arg(long, value_name = "FILE")]
+        import: Option<std::path::PathBuf>,
+    },
     /// Run one maintenance round (lost hosts, idle desktops, spares) and exit.
     Maintain,
 }
@@ -368,7 +372,16 @@ async fn run(mut config: Config, command: Cmd) -> Result<()> {
                 println!("{}\t{}\t{}\t{}\t{}", e.at, e.actor, e.action, e.target, e.detail);
             }
         }
-        Cmd::TicketKey => println!("{}", open(&config).await?.ticket_public_key().to_base64()),
+        Cmd::TicketKey { import: Some(file) } => {
+            let pkcs8 = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let db = Db::connect(&config.database)
+                .await
+                .with_context(|| format!("cannot open the database {}", redact(&config.database)))?;
+            println!("{}", pleiades_broker::broker::import_ticket_key(&db, &pkcs8).await?.to_base64());
+        }
+        Cmd::TicketKey { import: None } => {
+            println!("{}", open(&config).await?.ticket_public_key().to_base64())
+        }
         Cmd::Maintain => open(&config).await?.maintain().await?,
     }
     Ok(())

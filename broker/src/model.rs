@@ -251,6 +251,12 @@ pub struct Desktop {
     pub user_id: Option<String>,
     pub state_since: i64,
     pub last_activity: i64,
+    /// Why the last start failed or the VM was lost (the host's words), until a start succeeds.
+    pub last_error: Option<String>,
+    /// Starts failed in a row; each doubles the wait before the next (up to a maximum).
+    pub start_failures: i64,
+    /// A failed desktop is not started again before this time (Unix seconds).
+    pub retry_at: i64,
 }
 
 impl Desktop {
@@ -265,6 +271,9 @@ impl Desktop {
             user_id: get_opt_str(r, "user_id")?,
             state_since: get_i64(r, "state_since")?,
             last_activity: get_i64(r, "last_activity")?,
+            last_error: get_opt_str(r, "last_error")?,
+            start_failures: get_i64(r, "start_failures")?,
+            retry_at: get_i64(r, "retry_at")?,
         })
     }
 }
@@ -281,6 +290,8 @@ pub struct Host {
     /// `online` or `lost`.
     pub state: String,
     pub last_heartbeat: i64,
+    /// The last command this host failed, and why (its own words).
+    pub last_error: Option<String>,
     pub images: Vec<String>,
     pub desktops: i64,
 }
@@ -297,6 +308,7 @@ impl Host {
             memory_mib: get_i64(r, "memory_mib")?,
             state: get_str(r, "state")?,
             last_heartbeat: get_i64(r, "last_heartbeat")?,
+            last_error: get_opt_str(r, "last_error")?,
             images: Vec::new(),
             desktops: 0,
         })

@@ -23,6 +23,7 @@ on_both_databases!(
     two_brokers_share_one_database,
     least_loaded_host_with_the_image,
     each_desktop_has_its_own_session_port,
+    failing_starts_back_off_within_the_pool,
 );
 
 async fn floating(backend: Backend) {
@@ -308,14 +309,15 @@ async fn host_lost_fails_desktops_and_reallocates(backend: Backend) {
             .iter()
             .any(|s| s.end_reason.as_deref() == Some("host_lost"))
     );
-    // The user asks again and lands on the live host, for both pool kinds.
+    // The user asks again: the same desktop, started again on the live host, for both pool
+    // kinds (a persistent desktop is the user's own, a failed one is never replaced by another).
     for (p, old) in [(&floating, &d1), (&persistent, &d2)] {
         let again = env.broker.request_desktop(&alice, p).await.unwrap();
+        assert_eq!(again.id, old.id);
         if old.host_id.as_deref() == Some(lost.reg.host_id.as_str()) {
-            assert_ne!(again.id, old.id);
             assert_eq!(again.host_id.as_deref(), Some(alive.reg.host_id.as_str()));
-        } else {
-            assert_eq!(again.id, old.id);
+            assert_eq!(again.state, DesktopState::Provisioning);
+            assert!(again.last_error.as_deref().is_some_and(|e| e.contains("was lost")), "{again:?}");
         }
     }
     alive.settle().await;
@@ -445,12 +447,17 @@ async fn restart_and_vanished_vm(backend: Backend) {
     host.vms.clear();
     host.tick().await;
     assert_eq!(env.broker.desktop(&d.id).await.unwrap().state, DesktopState::InUse);
-    // …but a VM gone for good does: failed, and the owner gets a new desktop.
+    // …but a VM gone for good does: failed, with the reason, and started again for its owner.
     env.clock.advance(11);
     host.tick().await;
-    assert_eq!(env.broker.desktop(&d.id).await.unwrap().state, DesktopState::Failed);
+    let failed = env.broker.desktop(&d.id).await.unwrap();
+    assert_eq!(failed.state, DesktopState::Failed);
+    assert!(failed.last_error.as_deref().is_some_and(|e| e.contains("no longer runs")), "{failed:?}");
     let again = env.broker.request_desktop(&alice, &pool).await.unwrap();
-    assert_ne!(again.id, d.id);
+    assert_eq!((again.id.as_str(), again.state), (d.id.as_str(), DesktopState::Provisioning));
+    host.settle().await;
+    let back = env.broker.desktop(&d.id).await.unwrap();
+    assert_eq!((back.state, back.start_failures, back.last_error), (DesktopState::InUse, 0, None));
     let audit = env.broker.list_audit(&system(), 100).await.unwrap();
     assert!(audit.iter().any(|e| e.action == "desktop.vanished" && e.target == d.name));
 }
@@ -562,4 +569,76 @@ async fn each_desktop_has_its_own_session_port(backend: Backend) {
     .await;
     assert!(reply.contains("\"stop\""), "{reply}");
     assert_eq!(env.broker.connect(&alice, &a.id).await.unwrap().port, 47005);
+}
+
+/// An image the host cannot start: every start fails. The pool never holds more desktops than
+/// its maximum, each is retried with a doubling wait (not in a loop), the host's reason reaches
+/// the API, and once the host can start them they come up and their failure count resets.
+async fn failing_starts_back_off_within_the_pool(backend: Backend) {
+    let env = Env::new(backend).await;
+    env.image("broken", 512).await;
+    let mut host = HostDouble::register(&env, "host-a", 8192, &["broken"]).await;
+    let reason = "pleiades-host: cannot load the kernel /images/vmlinuz: not a bzImage";
+    host.fail_starts = Some(reason.into());
+    let pool = env.pool("office", PoolKind::Floating, "broken", 3, 2).await;
+    let (_, alice) = env.user("alice").await;
+    env.entitle_user(&pool, "alice").await;
+    let in_pool = |all: Vec<pleiades_broker::model::Desktop>| -> Vec<_> {
+        all.into_iter().filter(|d| d.pool_id == pool).collect()
+    };
+    // Ten minutes of maintenance rounds, five seconds apart, the host answering each.
+    for _ in 0..120 {
+        env.broker.maintain().await.unwrap();
+        host.settle().await;
+        let desktops = in_pool(env.broker.list_desktops(&system()).await.unwrap());
+        assert!(desktops.len() <= 3, "the pool's maximum bounds failed desktops too: {}", desktops.len());
+        env.clock.advance(5);
+    }
+    let starts = host.commands_seen.iter().filter(|(kind, _)| kind == "start").count();
+    // Waits of 0, 5, 10, 20, … 300 s: at most 9 starts each in 600 s (120 without a wait).
+    assert!((3 * 3..=3 * 10).contains(&starts), "{starts} starts of 3 desktops in 10 minutes");
+    let desktops = in_pool(env.broker.list_desktops(&system()).await.unwrap());
+    assert_eq!(desktops.len(), 3);
+    for d in &desktops {
+        assert_eq!(d.state, DesktopState::Failed);
+        assert_eq!(d.last_error.as_deref(), Some(reason));
+        assert!(d.start_failures >= 3, "{d:?}");
+    }
+    // The user is told why, over the API too (503), instead of waiting for a desktop.
+    env.broker.maintain().await.unwrap();
+    host.settle().await;
+    match env.broker.request_desktop(&alice, &pool).await {
+        Err(Error::StartFailing { reason: why, retry_in_secs, .. }) => {
+            assert_eq!(why, reason);
+            assert!(retry_in_secs > 0);
+        }
+        other => panic!("expected the host's reason, got {other:?}"),
+    }
+    let token = env.api_login("alice").await;
+    let res = env
+        .http
+        .post(env.url(&format!("/api/v1/pools/{pool}/desktop")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 503);
+    assert!(res.text().await.unwrap().contains("not a bzImage"));
+    let (_, admin) = env.admin("root").await;
+    let hosts = env.broker.list_hosts(&admin).await.unwrap();
+    assert!(hosts[0].last_error.as_deref().is_some_and(|e| e.contains("not a bzImage")), "{hosts:?}");
+
+    // The image is fixed: the desktops start at their next try and forget their failures.
+    host.fail_starts = None;
+    env.clock.advance(300);
+    host.tick().await; // Still online after the wait.
+    env.broker.maintain().await.unwrap();
+    host.settle().await;
+    let desktops = in_pool(env.broker.list_desktops(&system()).await.unwrap());
+    assert_eq!(desktops.len(), 3);
+    for d in &desktops {
+        assert_eq!((d.state, d.start_failures, d.last_error.as_deref()), (DesktopState::Ready, 0, None));
+    }
+    let mine = env.broker.request_desktop(&alice, &pool).await.unwrap();
+    assert_eq!(mine.state, DesktopState::InUse);
 }

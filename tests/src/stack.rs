@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pleiades_protocol::pinning::PinnedCertVerifier;
 use serde_json::{Value, json};
@@ -63,19 +63,7 @@ impl Daemon {
     }
 }
 
-/// Polls `f` every 250 ms until it gives a value or `timeout` passes.
-pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T, String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return Ok(v);
-        }
-        if Instant::now() >= deadline {
-            return Err(format!("timed out after {} s waiting for {what}", timeout.as_secs()));
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
+pub use pleiades_testkit::wait_for;
 
 /// An HTTPS client that trusts exactly the certificate with SHA-256 `pin`.
 pub fn pinned_https_client(pin: &str) -> Result<reqwest::blocking::Client, String> {
@@ -114,6 +102,29 @@ pub struct StackOptions {
     pub admin: (String, String),
     /// Ready desktops the pool keeps running for the next user.
     pub spares: u32,
+    /// The broker's ticket signing key (PKCS#8 Ed25519), imported before anything else;
+    /// `None`: the broker makes its own.
+    pub ticket_key: Option<PathBuf>,
+    /// The image's kernel, if not the test image's (a test of a desktop that cannot start).
+    pub kernel: Option<PathBuf>,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::new(),
+            bin_dir: PathBuf::new(),
+            broker_port: 0,
+            first_session_port: 0,
+            session_ports: 10,
+            vmm: None,
+            user: ("demo".into(), "demo-password".into()),
+            admin: ("admin".into(), "admin-password".into()),
+            spares: 1,
+            ticket_key: None,
+            kernel: None,
+        }
+    }
 }
 
 /// The pool's and the image's names.
@@ -150,11 +161,15 @@ impl Stack {
         );
         std::fs::write(&config, toml).map_err(|e| e.to_string())?;
         let cli = |args: &[&str], password: Option<&str>| broker_cli(&o.bin_dir, &config, args, password);
+        if let Some(key) = &o.ticket_key {
+            cli(&["ticket-key", &format!("--import={}", key.display())], None)?;
+        }
         cli(&["user", "add", &o.user.0, "--display-name", "Demo User"], Some(&o.user.1))?;
         cli(&["user", "add", &o.admin.0, "--admin"], Some(&o.admin.1))?;
         cli(&["group", "add", "staff"], None)?;
         cli(&["group", "member", "add", "staff", &o.user.0], None)?;
-        let (kernel, initrd) = (image.kernel.display().to_string(), image.initramfs.display().to_string());
+        let kernel = o.kernel.as_ref().unwrap_or(&image.kernel).display().to_string();
+        let initrd = image.initramfs.display().to_string();
         #[rustfmt::skip]
         cli(&["image", "add", IMAGE, "--kernel", &kernel, "--initrd", &initrd, "--cmdline", BASE_CMDLINE,
               "--vcpus", "1", "--memory-mib", "512"], None)?;
@@ -245,19 +260,21 @@ impl Stack {
         desktop["id"].as_str().map(str::to_owned).ok_or_else(|| format!("no desktop: {desktop}"))
     }
 
-    /// Waits until the user's desktop runs and is theirs (`in_use`).
+    /// Waits until the user's desktop runs and is theirs (`in_use`). A desktop that fails to
+    /// start ends the wait with the host's reason, as the broker reports it.
     pub fn wait_in_use(&mut self, bearer: &str, desktop: &str, timeout: Duration) -> Result<(), String> {
         wait_for("the desktop to start", timeout, || {
             if let Err(e) = self.host.check_running() {
                 return Some(Err(e));
             }
             let mine = self.get("/api/v1/desktops", bearer).ok()?;
-            let state = mine.as_array()?.iter().find(|d| d["id"] == desktop)?["state"].as_str()?.to_owned();
-            match state.as_str() {
+            let found = mine.as_array()?.iter().find(|d| d["id"] == desktop)?.clone();
+            match found["state"].as_str()? {
                 "in_use" => Some(Ok(())),
                 "failed" => Some(Err(format!(
-                    "the desktop failed to start:\n{}",
-                    std::fs::read_to_string(&self.host.log).unwrap_or_default()
+                    "the desktop failed to start: {} (host log: {})",
+                    found["last_error"].as_str().unwrap_or("no reason given"),
+                    self.host.log.display()
                 ))),
                 _ => None,
             }
@@ -275,7 +292,8 @@ impl Stack {
         self.host_state.join("desktops").join(desktop).join("serial.log")
     }
 
-    fn get(&self, path: &str, bearer: &str) -> Result<Value, String> {
+    /// `GET path` of the REST API with a bearer token: the JSON answer.
+    pub fn get(&self, path: &str, bearer: &str) -> Result<Value, String> {
         let response = self
             .http
             .get(format!("{}{path}", self.base))

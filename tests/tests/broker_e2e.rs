@@ -7,7 +7,12 @@
 //! user logs in over the REST API, gets a desktop and a connection, and the headless client
 //! `pleiades connect` reaches the desktop with the broker's ticket and types into its shell.
 //! The ticket is one-time, no secret reaches a log, and SIGTERM to the daemon powers its
-//! desktops off.
+//! desktops off. The broker's ticket key begins with `-` (one broker in 64 draws such a key;
+//! here it always does), which must reach every VM process intact.
+//!
+//! A second scenario gives the pool an image the host cannot start: the broker retries with a
+//! growing wait, never holds more desktops than the pool's maximum, shows the host's reason, and
+//! the host keeps no state of the failed starts.
 
 use std::path::Path;
 use std::process::Command;
@@ -18,6 +23,21 @@ use pleiades_tests::qemu::boot_timeout;
 use pleiades_tests::stack::{Stack, StackOptions, wait_for};
 use pleiades_tests::workspace_binary;
 use serde_json::Value;
+
+/// A ticket signing key (PKCS#8) whose base64url public key begins with `-`, in a file.
+fn dash_ticket_key(dir: &Path) -> (std::path::PathBuf, String) {
+    use pleiades_protocol::ticket::TicketSigner;
+    for _ in 0..10_000 {
+        let pkcs8 = TicketSigner::generate_pkcs8().unwrap();
+        let public = TicketSigner::from_pkcs8(&pkcs8).unwrap().public_key().to_base64();
+        if public.starts_with('-') {
+            let file = dir.join("ticket-key.pk8");
+            std::fs::write(&file, &pkcs8).unwrap();
+            return (file, public);
+        }
+    }
+    panic!("no key beginning with '-' in 10,000 draws (1 in 64 each)");
+}
 
 fn free_tcp_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -46,6 +66,7 @@ fn a_user_gets_a_desktop_from_a_pool_and_the_client_reaches_it_with_the_brokers_
     let dir = tempfile::tempdir().unwrap();
     let host_bin = workspace_binary("pleiades-host").unwrap();
     let session_port = free_tcp_port(); // A free TCP port is very likely a free UDP port too.
+    let (ticket_key, public_key) = dash_ticket_key(dir.path());
     let options = StackOptions {
         dir: dir.path().to_owned(),
         bin_dir: host_bin.parent().unwrap().to_owned(),
@@ -56,8 +77,12 @@ fn a_user_gets_a_desktop_from_a_pool_and_the_client_reaches_it_with_the_brokers_
         user: ("alice".into(), "alice-password-1".into()),
         admin: ("root".into(), "root-password-1".into()),
         spares: 0,
+        ticket_key: Some(ticket_key),
+        kernel: None,
     };
     let mut stack = Stack::start(options, &image).unwrap();
+    let (key, _) = stack.cli(&["ticket-key"]).unwrap();
+    assert_eq!(key.trim(), public_key, "the broker signs with the imported key");
     let mode = std::fs::metadata(stack.host_state.join("registration.json")).unwrap().permissions();
     assert_eq!(
         std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
@@ -118,4 +143,65 @@ fn a_user_gets_a_desktop_from_a_pool_and_the_client_reaches_it_with_the_brokers_
     let vm_log =
         std::fs::read_to_string(stack.host_state.join("desktops").join(&desktop).join("vm.log")).unwrap();
     assert!(!vm_log.contains("panicked"), "{vm_log}");
+}
+
+#[test]
+fn an_image_the_host_cannot_start_is_retried_with_a_growing_wait_and_the_reason_is_shown() {
+    let image = GuestImage::locate().expect("test guest image");
+    let dir = tempfile::tempdir().unwrap();
+    let host_bin = workspace_binary("pleiades-host").unwrap();
+    // A "kernel" that is a text file: `pleiades-host run` cannot load it.
+    let bad_kernel = dir.path().join("not-a-kernel");
+    std::fs::write(&bad_kernel, "this is not a bzImage\n").unwrap();
+    let options = StackOptions {
+        dir: dir.path().to_owned(),
+        bin_dir: host_bin.parent().unwrap().to_owned(),
+        broker_port: free_tcp_port(),
+        first_session_port: free_tcp_port(),
+        vmm: Some("qemu".into()),
+        user: ("alice".into(), "alice-password-1".into()),
+        admin: ("root".into(), "root-password-1".into()),
+        spares: 2,
+        kernel: Some(bad_kernel),
+        ..StackOptions::default()
+    };
+    let stack = Stack::start(options, &image).unwrap();
+    let bearer = stack.login("alice", "alice-password-1").unwrap();
+    // The user is told why, instead of waiting for a desktop that never comes.
+    let refused = wait_for("the broker to report the failing image", Duration::from_secs(120), || {
+        match stack.request_desktop(&bearer) {
+            Err(e) if e.contains("503") => Some(e),
+            _ => None,
+        }
+    })
+    .unwrap();
+    assert!(refused.contains("fail to start"), "{refused}");
+    let admin = stack.login("root", "root-password-1").unwrap();
+    let failures = |desktops: &Value| -> Vec<i64> {
+        desktops.as_array().unwrap().iter().map(|d| d["start_failures"].as_i64().unwrap()).collect()
+    };
+    // Let the broker and host go on for a while: the pool's maximum (4) bounds every desktop,
+    // failed ones too, and each waits longer before its next try.
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    let mut desktops = Value::Null;
+    while std::time::Instant::now() < deadline {
+        desktops = stack.get("/api/v1/admin/desktops", &admin).unwrap();
+        assert!(desktops.as_array().unwrap().len() <= 4, "more desktops than the pool's maximum: {desktops}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let counts = failures(&desktops);
+    // Waits of 0, 5, 10, 20 s: at most 5 starts each in 40 s (one every heartbeat without them).
+    assert!(counts.iter().all(|&n| (1..=5).contains(&n)), "{counts:?}: {desktops}");
+    for d in desktops.as_array().unwrap() {
+        assert_eq!(d["state"], "failed", "{d}");
+        let reason = d["last_error"].as_str().unwrap_or_default();
+        assert!(reason.contains("neither a Linux bzImage nor an ELF"), "the host's reason: {d}");
+    }
+    let hosts = stack.get("/api/v1/admin/hosts", &admin).unwrap();
+    assert!(hosts[0]["last_error"].as_str().is_some_and(|e| e.starts_with("start ")), "{hosts}");
+    // The host keeps nothing of the failed starts.
+    let left: Vec<_> = std::fs::read_dir(stack.host_state.join("desktops"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "state of failed desktops left on the host: {left:?}");
 }

@@ -360,7 +360,12 @@ async fn portal(
                             tr {
                                 td { (d.name) }
                                 td { (pool_name(&d.pool_id)) }
-                                td { span class={"state state-" (d.state.as_str())} { (d.state.label()) } }
+                                td {
+                                    span class={"state state-" (d.state.as_str())} { (d.state.label()) }
+                                    @if let (DesktopState::Failed, Some(why)) = (d.state, &d.last_error) {
+                                        div.muted.reason { "Could not start: " (why) }
+                                    }
+                                }
                                 td { div.actions {
                                     form method="post" action={"/desktops/" (d.id) "/connect"} {
                                         (csrf_input(&auth))
@@ -472,7 +477,7 @@ async fn admin_hosts(
             h1 { "Hosts" }
             p.muted { "Hosts register with a token from " code { "pleiades-broker host token create" } "." }
             table {
-                thead { tr { th scope="col" { "Name" } th scope="col" { "Address" } th scope="col" { "State" } th scope="col" { "Cores" } th scope="col" { "Memory" } th scope="col" { "Desktops" } th scope="col" { "Images" } th scope="col" { "Last heartbeat" } } }
+                thead { tr { th scope="col" { "Name" } th scope="col" { "Address" } th scope="col" { "State" } th scope="col" { "Cores" } th scope="col" { "Memory" } th scope="col" { "Desktops" } th scope="col" { "Images" } th scope="col" { "Last heartbeat" } th scope="col" { "Last error" } } }
                 tbody {
                     @for h in &hosts {
                         tr {
@@ -484,9 +489,10 @@ async fn admin_hosts(
                             td { (h.desktops) }
                             td { (h.images.join(", ")) }
                             td { (when(h.last_heartbeat)) }
+                            td.reason { (h.last_error.as_deref().unwrap_or("")) }
                         }
                     }
-                    @if hosts.is_empty() { tr { td colspan="8" { "No host has registered yet." } } }
+                    @if hosts.is_empty() { tr { td colspan="9" { "No host has registered yet." } } }
                 }
             }
         },
@@ -694,6 +700,17 @@ async fn admin_pool(
     let (spec, enabled) = current_spec(&s, &id).await?;
     let images = s.broker.list_images().await?;
     let entitlements = s.broker.entitlements(&id).await?;
+    let desktops: Vec<_> =
+        s.broker.list_desktops(&auth.actor).await?.into_iter().filter(|d| d.pool_id == id).collect();
+    let hosts = s.broker.list_hosts(&auth.actor).await?;
+    let users = s.broker.list_users(&auth.actor).await?;
+    let host_name = |id: &Option<String>| {
+        hosts.iter().find(|h| Some(&h.id) == id.as_ref()).map(|h| h.name.clone()).unwrap_or_default()
+    };
+    let user_name = |id: &Option<String>| {
+        users.iter().find(|u| Some(&u.id) == id.as_ref()).map(|u| u.name.clone()).unwrap_or_default()
+    };
+    let now = s.broker.now();
     Ok(page(
         "Pool",
         &auth,
@@ -728,6 +745,34 @@ async fn admin_pool(
                         select id="ent-kind" name="kind" { option value="group" { "Group" } option value="user" { "User" } }
                         label for="ent-name" { "Name" } input id="ent-name" name="name" required;
                         button type="submit" { "Entitle" }
+                    }
+                }
+            }
+            section.card {
+                h2 { "Desktops" }
+                @if desktops.is_empty() { p.muted { "The pool has no desktop yet." } }
+                @else {
+                    table id="desktops" {
+                        caption.visually-hidden { "The pool's desktops" }
+                        thead { tr { th scope="col" { "Name" } th scope="col" { "Host" } th scope="col" { "State" } th scope="col" { "User" } th scope="col" { "Owner" } th scope="col" { "Failed starts" } th scope="col" { "Last error" } } }
+                        tbody {
+                            @for d in &desktops {
+                                tr {
+                                    td { (d.name) }
+                                    td { (host_name(&d.host_id)) }
+                                    td {
+                                        span class={"state state-" (d.state.as_str())} { (d.state.label()) }
+                                        @if d.state == DesktopState::Failed && d.retry_at > now {
+                                            div.muted { "next try in " (d.retry_at - now) " s" }
+                                        }
+                                    }
+                                    td { (user_name(&d.user_id)) }
+                                    td { (user_name(&d.owner_id)) }
+                                    td { (d.start_failures) }
+                                    td.reason { (d.last_error.as_deref().unwrap_or("")) }
+                                }
+                            }
+                        }
                     }
                 }
             }

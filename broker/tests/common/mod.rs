@@ -12,7 +12,7 @@ use pleiades_broker::db::Db;
 use pleiades_broker::http::{AppState, router};
 use pleiades_broker::model::{Actor, Image, PoolKind, PoolSpec, PrincipalKind, User};
 use pleiades_broker::server;
-use pleiades_tests::postgres::PgServer;
+use pleiades_testkit::postgres::PgServer;
 use serde_json::{Value, json};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -203,6 +203,8 @@ pub struct HostDouble {
     pub images: Vec<String>,
     pub vms: BTreeMap<String, Vm>,
     pub commands_seen: Vec<(String, String)>,
+    /// While set, every start fails with this reason (an image the host cannot boot).
+    pub fail_starts: Option<String>,
     base: String,
     http: reqwest::Client,
 }
@@ -229,6 +231,7 @@ impl HostDouble {
             images: images.iter().map(|s| s.to_string()).collect(),
             vms: BTreeMap::new(),
             commands_seen: Vec::new(),
+            fail_starts: None,
             base: env.base.clone(),
             http: env.http.clone(),
         }
@@ -256,7 +259,12 @@ impl HostDouble {
                 c["desktop_id"].as_str().unwrap().to_owned(),
             );
             self.commands_seen.push((kind.to_owned(), desktop.clone()));
+            let mut ack = json!({ "ok": true });
             match kind {
+                "start" | "restart" | "recycle" if self.fail_starts.is_some() => {
+                    self.vms.remove(&desktop);
+                    ack = json!({ "ok": false, "error": self.fail_starts });
+                }
                 "start" | "restart" | "recycle" => {
                     assert!(c["image"]["kernel"].is_string(), "start commands carry the image");
                     let vm = self.vms.entry(desktop).or_insert(Vm { connected: false, starts: 0 });
@@ -277,7 +285,7 @@ impl HostDouble {
                 .http
                 .post(format!("{}/api/v1/hosts/commands/{id}/ack", self.base))
                 .bearer_auth(&self.reg.credential)
-                .json(&json!({ "ok": true }))
+                .json(&ack)
                 .send()
                 .await
                 .unwrap();
