@@ -168,13 +168,14 @@ fn an_image_the_host_cannot_start_is_retried_with_a_growing_wait_and_the_reason_
     let stack = Stack::start(options, &image).unwrap();
     let bearer = stack.login("alice", "alice-password-1").unwrap();
     // The user is told why, instead of waiting for a desktop that never comes.
-    let refused = wait_for("the broker to report the failing image", Duration::from_secs(120), || {
-        match stack.request_desktop(&bearer) {
-            Err(e) if e.contains("503") => Some(e),
-            _ => None,
-        }
-    })
-    .unwrap();
+    let refused =
+        wait_for("the broker to report the failing image", Duration::from_secs(120), || {
+            match stack.request_desktop(&bearer) {
+                Err(e) if e.contains("503") => Some(e),
+                _ => None,
+            }
+        })
+        .unwrap();
     assert!(refused.contains("fail to start"), "{refused}");
     let admin = stack.login("root", "root-password-1").unwrap();
     let failures = |desktops: &Value| -> Vec<i64> {
