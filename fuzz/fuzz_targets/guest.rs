@@ -1,7 +1,7 @@
 //! What every queue fuzz target builds from its input: guest memory filled with the input's
 //! bytes, and a queue whose size and ring addresses the input chooses, legal or not.
 
-use pleiades_host::devices::virtio::GuestMemory;
+use pleiades_virtio::GuestMemory;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 

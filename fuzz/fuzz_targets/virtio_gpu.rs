@@ -11,8 +11,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use pleiades_host::devices::virtio::VirtioDevice;
-use pleiades_host::devices::virtio::gpu::{Framebuffer, Gpu, GpuConfig, GpuLimits};
+use pleiades_virtio::VirtioDevice;
+use pleiades_virtio::gpu::{Framebuffer, Gpu, GpuConfig, GpuLimits};
 
 #[path = "guest.rs"]
 mod guest;

@@ -6,8 +6,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use pleiades_host::devices::virtio::VirtioDevice;
-use pleiades_host::devices::virtio::input::{Input, InputEvent};
+use pleiades_virtio::VirtioDevice;
+use pleiades_virtio::input::{Input, InputEvent};
 
 #[path = "guest.rs"]
 mod guest;

@@ -5,9 +5,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use pleiades_host::devices::virtio::VirtioDevice;
-use pleiades_host::devices::virtio::console::Console;
-use pleiades_host::devices::virtio::rng::Rng;
+use pleiades_virtio::VirtioDevice;
+use pleiades_virtio::console::Console;
+use pleiades_virtio::rng::Rng;
 
 #[path = "guest.rs"]
 mod guest;

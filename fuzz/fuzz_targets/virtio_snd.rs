@@ -10,8 +10,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use pleiades_host::devices::virtio::VirtioDevice;
-use pleiades_host::devices::virtio::snd::{SAMPLE_RATE, Sound};
+use pleiades_virtio::VirtioDevice;
+use pleiades_virtio::snd::{SAMPLE_RATE, Sound};
 use virtio_queue::Queue;
 
 #[path = "guest.rs"]

@@ -7,17 +7,17 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use pleiades_host::config::BootSpec;
-use pleiades_host::control::{self, ControlServer, Controller, PointerButton, Request};
-use pleiades_host::devices::virtio::VirtioDevice;
-use pleiades_host::devices::virtio::console::Console;
-use pleiades_host::devices::virtio::gpu::{Gpu, GpuConfig};
-use pleiades_host::devices::virtio::input::{Input, events_socket, keymap};
-use pleiades_host::devices::virtio::rng::Rng;
+use pleiades_control::{self as control, ControlServer, Controller, PointerButton, Request};
 use pleiades_host::pleiades::PleiadesVm;
 use pleiades_host::qemu::QemuVm;
 use pleiades_host::run::{Layout, RunArgs, Vmm, parse_layout};
 use pleiades_host::session;
+use pleiades_virtio::VirtioDevice;
+use pleiades_virtio::console::Console;
+use pleiades_virtio::gpu::{Gpu, GpuConfig};
+use pleiades_virtio::input::{Input, events_socket, keymap};
+use pleiades_virtio::rng::Rng;
+use pleiades_vmm::config::BootSpec;
 
 #[derive(Debug, Parser)]
 #[command(name = "pleiades-host", version, about = "Pleiades host: desktop VMs and their devices")]
@@ -200,7 +200,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     anyhow::bail!("--events is for keyboard, tablet and mouse")
                 }
                 DeviceKind::Gpu => Box::new(Gpu::new(&GpuConfig::default())?),
-                DeviceKind::Sound => Box::new(pleiades_host::devices::virtio::snd::Sound::new()?),
+                DeviceKind::Sound => Box::new(pleiades_virtio::snd::Sound::new()?),
                 DeviceKind::Rng => Box::new(Rng::new()?),
                 DeviceKind::Console => Box::new(Console::new(Box::new(std::io::stdout()), None)),
                 DeviceKind::Keyboard | DeviceKind::Tablet | DeviceKind::Mouse => {
@@ -216,7 +216,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     Box::new(input)
                 }
             };
-            pleiades_host::devices::vhost_user::serve(device, &socket)?;
+            pleiades_virtio::vhost_user::serve(device, &socket)?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -224,7 +224,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
 
 /// Writes the PNG of a `screenshot` answer to `out`.
 fn save_screenshot(response: control::Response, out: &std::path::Path) -> Result<ExitCode> {
-    let png = match pleiades_host::screenshot::png_of_answer(&response) {
+    let png = match pleiades_control::screenshot::png_of_answer(&response) {
         Ok(png) => png,
         Err(error) => {
             eprintln!("pleiades-host ctl: {error}");
@@ -245,7 +245,7 @@ fn run_vm(args: RunArgs) -> Result<ExitCode> {
     let spec = BootSpec::new(kernel, args.initrd.as_deref(), &args.cmdline, &args.memory, args.cpus)?;
     let hardware_kvm = {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        pleiades_host::accel::has_hardware_virtualization(&cpuinfo)
+        pleiades_vmm::accel::has_hardware_virtualization(&cpuinfo)
     };
     let vmm = args.vmm.unwrap_or(if hardware_kvm { Vmm::Pleiades } else { Vmm::Qemu });
     if args.vmm.is_none() {
@@ -266,7 +266,7 @@ fn run_vm(args: RunArgs) -> Result<ExitCode> {
 }
 
 fn run_qemu(spec: &BootSpec, args: &RunArgs) -> Result<ExitCode> {
-    let accel = pleiades_host::accel::choose()?;
+    let accel = pleiades_vmm::accel::choose()?;
     tracing::info!("QEMU accelerator: {} ({})", accel.accel, accel.reason);
     let vm = QemuVm::start(spec, &args.devices, &args.serial, accel)?;
     let controller = with_session(args, vm.controller())?;

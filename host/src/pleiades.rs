@@ -14,16 +14,16 @@ use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
 use crate::backends::{Backend, start_backend};
-use crate::config::BootSpec;
-use crate::control::{Controller, InputDevice};
-use crate::devices::virtio::console::Console;
-use crate::devices::virtio::gpu::{Gpu, GpuHandle};
-use crate::devices::virtio::input::{Input, InputEvent, InputSender, events_socket};
-use crate::devices::virtio::rng::Rng;
-use crate::devices::virtio::snd::{Sound, SoundHandle};
-use crate::devices::virtio::{DeviceType, VirtioDevice};
 use crate::vm::{DeviceBackend, DeviceRequest, SerialOut};
-use crate::vmm::{DeviceSpec, ExitReason, Vm, VmConfig, VmHandle};
+use pleiades_control::{Controller, InputDevice};
+use pleiades_virtio::console::Console;
+use pleiades_virtio::gpu::{Gpu, GpuHandle};
+use pleiades_virtio::input::{Input, InputEvent, InputSender, events_socket};
+use pleiades_virtio::rng::Rng;
+use pleiades_virtio::snd::{Sound, SoundHandle};
+use pleiades_virtio::{DeviceType, VirtioDevice};
+use pleiades_vmm::config::BootSpec;
+use pleiades_vmm::{DeviceSpec, ExitReason, Vm, VmConfig, VmHandle};
 
 /// How the host reaches an input device.
 enum InputRoute {

@@ -18,18 +18,18 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
-use crate::accel::{Accel, AccelChoice};
 use crate::backends::{Backend, start_backend};
-use crate::config::BootSpec;
-use crate::control::{Controller, InputDevice};
-use crate::devices::vhost_user;
-use crate::devices::virtio::VirtioDevice;
-use crate::devices::virtio::gpu::{Gpu, GpuHandle};
-use crate::devices::virtio::input::{InputEvent, events_socket};
-use crate::devices::virtio::snd::{Sound, SoundHandle};
 use crate::qemu_display::{self, QemuDisplay};
 use crate::vm::{DeviceBackend, DeviceRequest};
-use crate::vmm::SerialOut;
+use pleiades_control::{Controller, InputDevice};
+use pleiades_virtio::VirtioDevice;
+use pleiades_virtio::gpu::{Gpu, GpuHandle};
+use pleiades_virtio::input::{InputEvent, events_socket};
+use pleiades_virtio::snd::{Sound, SoundHandle};
+use pleiades_virtio::vhost_user;
+use pleiades_vmm::SerialOut;
+use pleiades_vmm::accel::{Accel, AccelChoice};
+use pleiades_vmm::config::BootSpec;
 
 /// How long a clean power-off may take before QEMU is stopped hard.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);

@@ -16,12 +16,12 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::control::{Controller, InputDevice};
-use crate::devices::virtio::GuestMemory;
-use crate::devices::virtio::gpu::protocol::{Rect, encode};
-use crate::devices::virtio::gpu::{Gpu, GpuConfig, GpuHandle};
-use crate::devices::virtio::input::InputEvent;
 use pleiades_agent::workload::Canvas;
+use pleiades_control::{Controller, InputDevice};
+use pleiades_virtio::GuestMemory;
+use pleiades_virtio::gpu::protocol::{Rect, encode};
+use pleiades_virtio::gpu::{Gpu, GpuConfig, GpuHandle};
+use pleiades_virtio::input::InputEvent;
 
 pub use pleiades_agent::workload::Workload;
 

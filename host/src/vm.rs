@@ -1,23 +1,10 @@
 //! What `pleiades-host run` is asked for, independent of which VMM runs the vCPUs.
 
-use std::path::PathBuf;
 use std::str::FromStr;
 
-use crate::devices::virtio::gpu::GpuConfig;
+use pleiades_virtio::gpu::GpuConfig;
 
-pub use crate::vmm::SerialOut;
-
-impl FromStr for SerialOut {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "" => Err("--serial needs `stdio`, `null` or a file path".into()),
-            "stdio" => Ok(Self::Stdio),
-            "null" => Ok(Self::Null),
-            path => Ok(Self::File(PathBuf::from(path))),
-        }
-    }
-}
+pub use pleiades_vmm::SerialOut;
 
 /// Who serves a device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pleiades_host::control::{self, Request};
+use pleiades_control::{self as control, Request};
 use pleiades_protocol::connfile::Connection;
 use pleiades_tests::image::GuestImage;
 use pleiades_tests::linkem::{Link, LinkConfig};
@@ -130,7 +130,7 @@ fn main() {
     let image = GuestImage::locate().expect("the test guest image (./dev guest-image)");
     let host: PathBuf = workspace_binary("pleiades-host").expect("pleiades-host of this profile");
     let dir = tempfile::tempdir().unwrap();
-    let accel = pleiades_host::accel::choose().expect("accelerator");
+    let accel = pleiades_vmm::accel::choose().expect("accelerator");
     let args = ["--vmm", "qemu", "--device", "gpu", "--device", "sound", "--listen", "127.0.0.1:0"];
     let mut guest =
         Guest::start_host(&host, &image, &args, &dir.path().join("vm.sock"), accel).expect("host starts");

@@ -20,8 +20,8 @@
 //!
 //! The tests in `tests/` use these to run the real pieces together.
 
-pub use pleiades_host::accel;
 pub use pleiades_testkit::{image, postgres, prerequisite, wait_for};
+pub use pleiades_vmm::accel;
 
 /// A binary of the workspace (`pleiades-host`, `pleiades`), next to the running test's own
 /// executable (`target/<profile>/`). `cargo test --workspace` builds them before any test runs.

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use pleiades_agent::ready::{GuestInfo, READY_MARKER, parse_ready_line};
 
-use crate::accel::{Accel, AccelChoice, AccelError};
 use crate::image::GuestImage;
+use pleiades_vmm::accel::{Accel, AccelChoice, AccelError};
 
 /// Environment variable: seconds to wait for READY (default 180).
 pub const BOOT_TIMEOUT_ENV: &str = "PLEIADES_BOOT_TIMEOUT";
@@ -58,7 +58,7 @@ pub struct GuestConfig {
     pub cmdline_extra: String,
     /// Back guest RAM with a shared memfd (needed by vhost-user backends).
     pub shared_memory: bool,
-    /// Accelerator; `None` chooses with [`crate::accel::choose`].
+    /// Accelerator; `None` chooses with [`pleiades_vmm::accel::choose`].
     pub accel: Option<AccelChoice>,
     /// Copy the console to this process's stdout as it arrives (also with `PLEIADES_ECHO_CONSOLE=1`).
     pub echo_console: bool,
@@ -112,7 +112,7 @@ impl Guest {
     pub fn start(image: &GuestImage, config: &GuestConfig) -> Result<Self, GuestError> {
         let accel = match &config.accel {
             Some(choice) => choice.clone(),
-            None => crate::accel::choose()?,
+            None => pleiades_vmm::accel::choose()?,
         };
         let scratch =
             tempfile::Builder::new().prefix("pleiades-guest-").tempdir().map_err(GuestError::Scratch)?;

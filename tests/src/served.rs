@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use pleiades_agent::ready::GuestInfo;
-use pleiades_host::control::{self, Request};
-use pleiades_host::devices::virtio::gpu::Framebuffer;
-use pleiades_host::screenshot::{decode_png, png_of_answer};
+use pleiades_control::screenshot::{decode_png, png_of_answer};
+use pleiades_control::{self as control, Request};
+use pleiades_virtio::gpu::Framebuffer;
 
 use crate::image::GuestImage;
 use crate::qemu::{Guest, boot_timeout};
@@ -30,7 +30,7 @@ impl ServedDesktop {
         let image = GuestImage::locate().expect("test guest image");
         let dir = tempfile::tempdir().unwrap();
         let host = workspace_binary("pleiades-host").unwrap();
-        let accel = pleiades_host::accel::choose().expect("accelerator");
+        let accel = pleiades_vmm::accel::choose().expect("accelerator");
         let file = dir.path().join("desk.pleiades");
         let mut args = vec!["--vmm", "qemu"];
         for device in devices {

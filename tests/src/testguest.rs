@@ -9,8 +9,8 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::accel::{ACCEL_ENV, Accel, AccelChoice, AccelError};
 use crate::qemu::qemu_binary;
+use pleiades_vmm::accel::{ACCEL_ENV, Accel, AccelChoice, AccelError};
 
 /// The marker of the result line.
 pub const RESULT_MARKER: &str = "PLEIADES-TESTGUEST ";
@@ -26,7 +26,7 @@ pub struct TestGuestConfig {
     pub qemu_args: Vec<String>,
     /// QEMU is killed after this long.
     pub timeout: Duration,
-    /// Accelerator; `None` chooses with [`crate::accel::choose`].
+    /// Accelerator; `None` chooses with [`pleiades_vmm::accel::choose`].
     pub accel: Option<AccelChoice>,
 }
 
@@ -90,7 +90,7 @@ pub enum TestGuestError {
 /// TCG unless `PLEIADES_ACCEL` asks for something else (the guest is small enough for TCG).
 fn accel() -> Result<AccelChoice, AccelError> {
     match std::env::var(ACCEL_ENV) {
-        Ok(v) if !v.trim().is_empty() => crate::accel::choose(),
+        Ok(v) if !v.trim().is_empty() => pleiades_vmm::accel::choose(),
         _ => Ok(AccelChoice { accel: Accel::Tcg, reason: "the test guest runs under TCG by default".into() }),
     }
 }

@@ -5,9 +5,9 @@
 
 use pleiades_agent::workload::{self, Canvas, Workload};
 use pleiades_client::display::{DisplayStream, Displays};
-use pleiades_host::devices::virtio::gpu::Framebuffer;
-use pleiades_host::devices::virtio::gpu::protocol::Rect;
 use pleiades_host::display::{DisplayEncoder, EncoderSettings, wire_messages};
+use pleiades_virtio::gpu::Framebuffer;
+use pleiades_virtio::gpu::protocol::Rect;
 
 const W: u32 = 1280;
 const H: u32 = 720;

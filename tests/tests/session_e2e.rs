@@ -9,13 +9,13 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use pleiades_host::control::{self, Request};
-use pleiades_host::devices::virtio::gpu::Framebuffer;
-use pleiades_host::screenshot::decode_png;
+use pleiades_control::screenshot::decode_png;
+use pleiades_control::{self as control, Request};
 use pleiades_protocol::connfile::Connection;
 use pleiades_tests::linkem::{Link, LinkConfig};
 use pleiades_tests::served::ServedDesktop;
 use pleiades_tests::workspace_binary;
+use pleiades_virtio::gpu::Framebuffer;
 
 const SHELL: Duration = Duration::from_secs(60);
 

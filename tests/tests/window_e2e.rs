@@ -19,13 +19,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pleiades_host::control::{self, Request};
-use pleiades_host::devices::virtio::gpu::Framebuffer;
+use pleiades_control::{self as control, Request};
 use pleiades_protocol::connfile::Connection;
 use pleiades_tests::linkem::{Link, LinkConfig};
 use pleiades_tests::served::ServedDesktop;
 use pleiades_tests::workspace_binary;
 use pleiades_tests::xwd::{self, Rgb};
+use pleiades_virtio::gpu::Framebuffer;
 
 const SHELL: Duration = Duration::from_secs(60);
 /// How long the window may take to show something (software rendering on a busy machine).
@@ -252,7 +252,7 @@ fn save_artifact(name: &str, screen: &Rgb) {
     for (out, [r, g, b]) in frame.pixels.chunks_exact_mut(4).zip(&screen.pixels) {
         out.copy_from_slice(&[*b, *g, *r, 0xff]);
     }
-    let png = pleiades_host::screenshot::encode_png(&frame).expect("PNG of the screen");
+    let png = pleiades_control::screenshot::encode_png(&frame).expect("PNG of the screen");
     if std::fs::create_dir_all(&dir)
         .and_then(|()| std::fs::write(dir.join(format!("{name}.png")), png))
         .is_err()

@@ -1,7 +1,7 @@
 //! The per-connection display encoder: damage in, tiles and H.264 out.
 //!
 //! Each call gets the consumer's up-to-date copy of a scanout and the damage since the last
-//! call (from the [`DisplaySink`](crate::devices::virtio::gpu::DisplaySink)). Damaged tiles
+//! call (from the [`DisplaySink`](pleiades_virtio::gpu::DisplaySink)). Damaged tiles
 //! whose pixels differ from what the client holds losslessly are candidates; the
 //! [`MotionDetector`] decides which part of the screen is video-like. Inside the motion region
 //! the encoder sends H.264 and marks those tiles lossy; outside it, lossless tiles. When the
@@ -11,8 +11,8 @@
 use super::motion::MotionDetector;
 use super::tiles::{self, Grid, Tile};
 use super::video::{RegionEncoder, VideoFrame};
-use crate::devices::virtio::gpu::Framebuffer;
-use crate::devices::virtio::gpu::protocol::Rect;
+use pleiades_virtio::gpu::Framebuffer;
+use pleiades_virtio::gpu::protocol::Rect;
 
 /// What the connection's controller allows now.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -27,7 +27,7 @@ pub fn wire_messages(
     capture_us: u64,
     frame: EncodedFrame,
 ) -> Vec<DisplayMessage> {
-    let rect = |r: crate::devices::virtio::gpu::protocol::Rect| wire::Rect {
+    let rect = |r: pleiades_virtio::gpu::protocol::Rect| wire::Rect {
         x: r.x,
         y: r.y,
         width: r.width,

@@ -12,7 +12,7 @@
 //! or few times in a row, and are not colourful, so they stay lossless.
 
 use super::tiles::Grid;
-use crate::devices::virtio::gpu::protocol::Rect;
+use pleiades_virtio::gpu::protocol::Rect;
 
 /// Frames of history per tile.
 pub const HISTORY: u32 = 8;

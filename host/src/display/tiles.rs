@@ -6,8 +6,8 @@
 //! (backgrounds, cleared lines) or as zstd-compressed B, G, R, X bytes (text, icons), or raw
 //! when compression does not pay.
 
-use crate::devices::virtio::gpu::Framebuffer;
-use crate::devices::virtio::gpu::protocol::Rect;
+use pleiades_virtio::gpu::Framebuffer;
+use pleiades_virtio::gpu::protocol::Rect;
 
 /// The tile side in pixels.
 pub const TILE: u32 = 64;

@@ -10,8 +10,8 @@ use openh264::OpenH264API;
 use openh264::encoder::{BitRate, Encoder, EncoderConfig, FrameRate, FrameType, RateControlMode, UsageType};
 use openh264::formats::{BgraSliceU8, YUVBuffer};
 
-use crate::devices::virtio::gpu::Framebuffer;
-use crate::devices::virtio::gpu::protocol::Rect;
+use pleiades_virtio::gpu::Framebuffer;
+use pleiades_virtio::gpu::protocol::Rect;
 
 use super::tiles::pixels;
 

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use pleiades_protocol::hostapi::{RunningDesktop, VmImage};
 
-use crate::control::{self, Request};
+use pleiades_control::{self as control, Request};
 
 /// How long a VM process may take to open its control socket and session server.
 const START_TIMEOUT: Duration = Duration::from_secs(60);

@@ -23,7 +23,7 @@ use audiopus::coder::{Decoder, Encoder};
 use audiopus::{Application, Bitrate, Channels, SampleRate, Signal};
 use pleiades_protocol::wire::{self, AUDIO_FRAME_SAMPLES, AudioPacket, Datagram, MAX_OPUS_BYTES, Side};
 
-use crate::devices::virtio::snd::{CHANNELS, SoundHandle};
+use pleiades_virtio::snd::{CHANNELS, SoundHandle};
 
 /// Samples (both channels) in one frame.
 const FRAME_LEN: usize = AUDIO_FRAME_SAMPLES as usize * CHANNELS;

@@ -17,8 +17,8 @@ use tokio::sync::mpsc;
 
 use super::Shared;
 use super::input::InputRouter;
-use crate::devices::virtio::gpu::{Framebuffer, GpuHandle, monotonic_us};
 use crate::display::{DisplayEncoder, EncoderSettings};
+use pleiades_virtio::gpu::{Framebuffer, GpuHandle, monotonic_us};
 
 /// How long a client has to send `Hello` (docs/protocol.md, 3).
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);

@@ -14,9 +14,9 @@ use std::collections::BTreeSet;
 
 use pleiades_protocol::wire::{InputMessage, buttons};
 
-use crate::control::InputDevice;
-use crate::devices::virtio::input::InputEvent;
-use crate::devices::virtio::input::event::{
+use pleiades_control::InputDevice;
+use pleiades_virtio::input::InputEvent;
+use pleiades_virtio::input::event::{
     ABS_X, ABS_Y, BTN_LEFT, BTN_MIDDLE, BTN_RIGHT, EV_ABS, EV_REL, KEY_MAX_KEYBOARD, REL_WHEEL, REL_X, REL_Y,
     TABLET_MAX,
 };

@@ -1,6 +1,6 @@
 //! The session server: one QUIC endpoint per VM that streams the desktop to one client.
 //!
-//! It is the same for both VMMs: it consumes the GPU's [`DisplaySink`](crate::devices::virtio::gpu::DisplaySink)
+//! It is the same for both VMMs: it consumes the GPU's [`DisplaySink`](pleiades_virtio::gpu::DisplaySink)
 //! and feeds input through the VM's [`Controller`] (`send_input`, `set_layout`), which routes to
 //! the in-process devices or to the device processes. The wire protocol is
 //! `pleiades-protocol` (docs/protocol.md); this module is its I/O shell:
@@ -34,7 +34,7 @@ use pleiades_protocol::handshake::{Capabilities, ServerHandshake};
 use pleiades_protocol::resume::ResumeTokens;
 use pleiades_protocol::ticket::{PublicKey, TicketClaims, TicketSigner, TicketVerifier};
 
-use crate::control::Controller;
+use pleiades_control::Controller;
 
 /// How long a ticket minted by the host itself (`--connection-file`) is valid.
 pub const LOCAL_TICKET_SECS: u64 = 600;
@@ -336,18 +336,18 @@ impl Controller for SessionController {
     }
     fn send_input(
         &self,
-        device: crate::control::InputDevice,
-        events: &[crate::devices::virtio::input::InputEvent],
+        device: pleiades_control::InputDevice,
+        events: &[pleiades_virtio::input::InputEvent],
     ) -> Result<(), String> {
         self.inner.send_input(device, events)
     }
-    fn display(&self) -> Option<crate::devices::virtio::gpu::GpuHandle> {
+    fn display(&self) -> Option<pleiades_virtio::gpu::GpuHandle> {
         self.inner.display()
     }
     fn set_layout(&self, sizes: &[(u32, u32)]) -> Result<(), String> {
         self.inner.set_layout(sizes)
     }
-    fn sound(&self) -> Option<crate::devices::virtio::snd::SoundHandle> {
+    fn sound(&self) -> Option<pleiades_virtio::snd::SoundHandle> {
         self.inner.sound()
     }
     fn connection_file(&self) -> Result<String, String> {

@@ -1,4 +1,0 @@
-//! Devices of the VMM.
-
-pub mod vhost_user;
-pub mod virtio;

@@ -1,0 +1,209 @@
+//! The vhost-user frontend: a virtio-pci device whose queues an external backend process
+//! serves (`pleiades-host device rng --socket …`, or any vhost-user backend).
+//!
+//! The VMM keeps the PCI function, the common configuration and MSI-X; at DRIVER_OK it hands
+//! the backend guest memory (the memfd, `SET_MEM_TABLE`), each enabled queue's size, ring
+//! addresses (as VMM virtual addresses, as the protocol wants), base 0, its kick (the queue's
+//! ioeventfd) and its call (the irqfd of the queue's MSI-X vector), then enables it. The
+//! backend's interrupts therefore go straight to KVM: MSI-X masking is not applied to them.
+//! A reset stops every ring (`GET_VRING_BASE`). The connection lives as long as the VM, across
+//! reboots.
+
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use vhost::vhost_user::message::VhostUserConfigFlags;
+use vhost::vhost_user::{
+    Frontend, VhostUserFrontend as _, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::virtio_pci::common_cfg::QueueRegs;
+use pleiades_virtio::{DeviceType, GuestMemory};
+
+/// The largest queue offered to the driver: the protocol cannot ask the backend.
+pub const QUEUE_MAX_SIZE: u16 = 256;
+/// Queues assumed when the backend does not implement the MQ protocol feature.
+const DEFAULT_QUEUES: u64 = 1;
+const MAX_QUEUES: u64 = 64;
+
+/// Errors connecting to a backend.
+#[derive(Debug, thiserror::Error)]
+pub enum VhostUserError {
+    #[error(
+        "cannot connect to the vhost-user {kind} backend at {socket}: {reason}; start it first (pleiades-host device {kind} --socket {socket})"
+    )]
+    Connect { kind: &'static str, socket: PathBuf, reason: String },
+    #[error("the vhost-user {kind} backend at {socket} failed during setup: {reason}")]
+    Handshake { kind: &'static str, socket: PathBuf, reason: String },
+}
+
+/// A connected vhost-user backend.
+pub struct VhostUserFrontend {
+    kind: DeviceType,
+    socket: PathBuf,
+    frontend: Frontend,
+    /// What the driver is offered (without vhost-user's own PROTOCOL_FEATURES bit).
+    features: u64,
+    protocol_features: bool,
+    has_config: bool,
+    queue_max_sizes: Vec<u16>,
+    active: Vec<usize>,
+}
+
+impl std::fmt::Debug for VhostUserFrontend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VhostUserFrontend")
+            .field("kind", &self.kind.name())
+            .field("socket", &self.socket)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VhostUserFrontend {
+    /// Connects and runs the handshake (owner, features, protocol features, queue count).
+    pub fn connect(kind: DeviceType, socket: &Path) -> Result<Self, VhostUserError> {
+        let name = kind.name();
+        let mut frontend = Frontend::connect(socket, MAX_QUEUES).map_err(|e| VhostUserError::Connect {
+            kind: name,
+            socket: socket.into(),
+            reason: e.to_string(),
+        })?;
+        let fail = |e: vhost::Error| VhostUserError::Handshake {
+            kind: name,
+            socket: socket.into(),
+            reason: e.to_string(),
+        };
+        frontend.set_owner().map_err(fail)?;
+        let backend_features = frontend.get_features().map_err(fail)?;
+        let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        let protocol_features = backend_features & protocol_bit != 0;
+        let mut has_config = false;
+        let mut queues = DEFAULT_QUEUES;
+        if protocol_features {
+            // Protocol features are only readable once PROTOCOL_FEATURES is acked.
+            frontend.set_features(protocol_bit).map_err(fail)?;
+            let offered = frontend.get_protocol_features().map_err(fail)?;
+            let wanted = offered & (VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ);
+            frontend.set_protocol_features(wanted).map_err(fail)?;
+            has_config = wanted.contains(VhostUserProtocolFeatures::CONFIG);
+            if wanted.contains(VhostUserProtocolFeatures::MQ) {
+                queues = frontend.get_queue_num().map_err(fail)?.clamp(1, MAX_QUEUES);
+            }
+        }
+        Ok(Self {
+            kind,
+            socket: socket.into(),
+            frontend,
+            features: backend_features & !protocol_bit,
+            protocol_features,
+            has_config,
+            queue_max_sizes: vec![QUEUE_MAX_SIZE; queues as usize],
+            active: Vec::new(),
+        })
+    }
+
+    pub fn device_type(&self) -> DeviceType {
+        self.kind
+    }
+
+    pub fn features(&self) -> u64 {
+        self.features
+    }
+
+    pub fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_max_sizes
+    }
+
+    /// Hands the queues to the backend. `calls[i]` is the eventfd queue `i` interrupts with.
+    pub fn activate(
+        &mut self,
+        mem: &GuestMemory,
+        driver_features: u64,
+        queues: &[QueueRegs],
+        kicks: &[EventFd],
+        calls: &[&EventFd],
+    ) -> Result<(), String> {
+        let protocol_bit =
+            if self.protocol_features { VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() } else { 0 };
+        let e = |what: &str, err: vhost::Error| format!("{what}: {err}");
+        self.frontend.set_features(driver_features | protocol_bit).map_err(|x| e("SET_FEATURES", x))?;
+        let mut regions = Vec::new();
+        for region in mem.iter() {
+            let file = region.file_offset().ok_or("guest memory is not file-backed")?;
+            regions.push(VhostUserMemoryRegionInfo {
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+                mmap_offset: file.start(),
+                mmap_handle: file.file().as_raw_fd(),
+            });
+        }
+        self.frontend.set_mem_table(&regions).map_err(|x| e("SET_MEM_TABLE", x))?;
+        let host = |gpa: u64| -> Result<u64, String> {
+            mem.get_host_address(GuestAddress(gpa))
+                .map(|p| p as u64)
+                .map_err(|err| format!("ring address {gpa:#x}: {err}"))
+        };
+        for (i, q) in queues.iter().enumerate().filter(|(_, q)| q.enabled) {
+            self.frontend.set_vring_num(i, q.size).map_err(|x| e("SET_VRING_NUM", x))?;
+            let addrs = VringConfigData {
+                queue_max_size: q.max_size,
+                queue_size: q.size,
+                flags: 0,
+                desc_table_addr: host(q.desc)?,
+                used_ring_addr: host(q.device)?,
+                avail_ring_addr: host(q.driver)?,
+                log_addr: None,
+            };
+            self.frontend.set_vring_addr(i, &addrs).map_err(|x| e("SET_VRING_ADDR", x))?;
+            self.frontend.set_vring_base(i, 0).map_err(|x| e("SET_VRING_BASE", x))?;
+            self.frontend.set_vring_call(i, calls[i]).map_err(|x| e("SET_VRING_CALL", x))?;
+            self.frontend.set_vring_kick(i, &kicks[i]).map_err(|x| e("SET_VRING_KICK", x))?;
+            if self.protocol_features {
+                self.frontend.set_vring_enable(i, true).map_err(|x| e("SET_VRING_ENABLE", x))?;
+            }
+            self.active.push(i);
+        }
+        Ok(())
+    }
+
+    /// Stops every ring the backend was given.
+    pub fn reset(&mut self) {
+        for i in self.active.drain(..) {
+            if self.protocol_features {
+                let _ = self.frontend.set_vring_enable(i, false);
+            }
+            if let Err(e) = self.frontend.get_vring_base(i) {
+                tracing::warn!("vhost-user {}: cannot stop queue {i}: {e}", self.kind.name());
+            }
+        }
+    }
+
+    /// Reads the device configuration from the backend (zeros without the CONFIG feature).
+    pub fn read_config(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let (Ok(offset), Ok(size)) = (u32::try_from(offset), u32::try_from(data.len())) else { return };
+        if !self.has_config {
+            return;
+        }
+        let zeros = vec![0u8; data.len()];
+        match self.frontend.get_config(offset, size, VhostUserConfigFlags::empty(), &zeros) {
+            Ok((_, payload)) if payload.len() == data.len() => data.copy_from_slice(&payload),
+            Ok(_) => {}
+            Err(e) => tracing::debug!("vhost-user {}: GET_CONFIG failed: {e}", self.kind.name()),
+        }
+    }
+
+    /// Writes the device configuration.
+    pub fn write_config(&mut self, offset: u64, data: &[u8]) {
+        let Ok(offset) = u32::try_from(offset) else { return };
+        if self.has_config
+            && let Err(e) = self.frontend.set_config(offset, VhostUserConfigFlags::empty(), data)
+        {
+            tracing::debug!("vhost-user {}: SET_CONFIG failed: {e}", self.kind.name());
+        }
+    }
+}
