@@ -1,5 +1,11 @@
-//! The VM control socket: `pleiades-host run --control SOCKET` serves it, `pleiades-host ctl
-//! SOCKET <command>` talks to it. The same commands work whichever VMM runs the guest.
+//! VM control: the [`Controller`] every kind of VM implements (Pleiades' own VMM, QEMU, a
+//! synthetic desktop, and the session server around any of them), and the control socket
+//! behind it: `pleiades-host run --control SOCKET` serves it, `pleiades-host ctl SOCKET
+//! <command>` talks to it. The same commands work whichever VMM runs the guest.
+//!
+//! Invariants: this crate knows devices only through their host handles
+//! ([`pleiades_virtio`]); it runs no VM and no session. The socket's I/O is blocking, on a
+//! thread of its own.
 //!
 //! Wire format: one JSON request line, one JSON response line, then the server closes the
 //! connection. Requests are `{"command":"status"}`, `{"command":"shutdown"}`,
@@ -21,6 +27,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod screenshot;
 
+use pleiades_virtio::DeviceKind;
 use pleiades_virtio::gpu::GpuHandle;
 use pleiades_virtio::input::event::{
     ABS_X, ABS_Y, BTN_LEFT, BTN_MIDDLE, BTN_RIGHT, EV_ABS, EV_REL, REL_WHEEL, TABLET_MAX,
@@ -91,11 +98,11 @@ pub enum InputDevice {
 
 impl InputDevice {
     /// The `--device` kind.
-    pub fn kind(self) -> &'static str {
+    pub fn kind(self) -> DeviceKind {
         match self {
-            Self::Keyboard => "keyboard",
-            Self::Tablet => "tablet",
-            Self::Mouse => "mouse",
+            Self::Keyboard => DeviceKind::Keyboard,
+            Self::Tablet => DeviceKind::Tablet,
+            Self::Mouse => DeviceKind::Mouse,
         }
     }
 }
@@ -153,14 +160,32 @@ impl Response {
     }
 }
 
-/// What a VMM does for the control socket.
+/// Why a VM did not do what a [`Controller`] was asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommandError {
+    /// The VM has no such device.
+    #[error("this VM has no {0} (add --device {0})")]
+    NoDevice(DeviceKind),
+    /// The VM serves no client.
+    #[error("this VM has no session server (start it with --listen)")]
+    NoSession,
+    /// The request's values are not acceptable (a size, a coordinate, a key).
+    #[error("{0}")]
+    Invalid(String),
+    /// The VMM, a device or a device process could not do it.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// What a running VM offers its host: the control socket, the session server and signals all
+/// go through this.
 pub trait Controller: Send + Sync {
     fn status(&self) -> serde_json::Value;
-    fn shutdown(&self) -> Result<(), String>;
-    fn reboot(&self) -> Result<(), String>;
-    /// Sends whole reports of input events to the VM's keyboard or tablet.
-    fn send_input(&self, device: InputDevice, _events: &[InputEvent]) -> Result<(), String> {
-        Err(format!("this VM has no {} (add --device {})", device.kind(), device.kind()))
+    fn shutdown(&self) -> Result<(), CommandError>;
+    fn reboot(&self) -> Result<(), CommandError>;
+    /// Sends whole reports of input events to the VM's keyboard, tablet or mouse.
+    fn send_input(&self, device: InputDevice, _events: &[InputEvent]) -> Result<(), CommandError> {
+        Err(CommandError::NoDevice(device.kind()))
     }
     /// The GPU's host side (display sink, scanouts), if the VM has a GPU.
     fn display(&self) -> Option<GpuHandle> {
@@ -171,22 +196,18 @@ pub trait Controller: Send + Sync {
         None
     }
     /// Asks the guest to use these monitor sizes, left to right.
-    fn set_layout(&self, _sizes: &[(u32, u32)]) -> Result<(), String> {
-        Err(NO_GPU.into())
+    fn set_layout(&self, _sizes: &[(u32, u32)]) -> Result<(), CommandError> {
+        Err(CommandError::NoDevice(DeviceKind::Gpu))
     }
     /// A new one-time connection file (TOML) for this desktop's session server.
-    fn connection_file(&self) -> Result<String, String> {
-        Err(NO_SESSION.into())
+    fn connection_file(&self) -> Result<String, CommandError> {
+        Err(CommandError::NoSession)
     }
     /// Closes the session's client connection; `Ok(false)` when none was connected.
-    fn disconnect_client(&self) -> Result<bool, String> {
-        Err(NO_SESSION.into())
+    fn disconnect_client(&self) -> Result<bool, CommandError> {
+        Err(CommandError::NoSession)
     }
 }
-
-const NO_SESSION: &str = "this VM has no session server (start it with --listen)";
-
-const NO_GPU: &str = "this VM has no GPU (add --device gpu)";
 
 /// Errors of the control socket.
 #[derive(Debug, thiserror::Error)]
@@ -207,40 +228,48 @@ pub enum ControlError {
 pub fn handle_line(line: &str, controller: &dyn Controller) -> Response {
     match serde_json::from_str::<Request>(line) {
         Ok(Request::Status) => Response::ok(controller.status()),
-        Ok(Request::Shutdown) => controller
-            .shutdown()
-            .map_or_else(Response::error, |()| Response::ok(serde_json::json!("shutting down"))),
-        Ok(Request::Reboot) => controller
-            .reboot()
-            .map_or_else(Response::error, |()| Response::ok(serde_json::json!("rebooting"))),
+        Ok(Request::Shutdown) => controller.shutdown().map_or_else(
+            |e| Response::error(e.to_string()),
+            |()| Response::ok(serde_json::json!("shutting down")),
+        ),
+        Ok(Request::Reboot) => controller.reboot().map_or_else(
+            |e| Response::error(e.to_string()),
+            |()| Response::ok(serde_json::json!("rebooting")),
+        ),
         Ok(Request::Type { text }) => match keymap::text_events(&text) {
-            Ok(events) => controller
-                .send_input(InputDevice::Keyboard, &events)
-                .map_or_else(Response::error, |()| Response::ok(serde_json::json!("typed"))),
+            Ok(events) => controller.send_input(InputDevice::Keyboard, &events).map_or_else(
+                |e| Response::error(e.to_string()),
+                |()| Response::ok(serde_json::json!("typed")),
+            ),
             Err(e) => Response::error(e.to_string()),
         },
         Ok(Request::Key { combo }) => match keymap::combo_events(&combo) {
-            Ok(events) => controller
-                .send_input(InputDevice::Keyboard, &events)
-                .map_or_else(Response::error, |()| Response::ok(serde_json::json!("pressed"))),
+            Ok(events) => controller.send_input(InputDevice::Keyboard, &events).map_or_else(
+                |e| Response::error(e.to_string()),
+                |()| Response::ok(serde_json::json!("pressed")),
+            ),
             Err(e) => Response::error(e.to_string()),
         },
         Ok(Request::Pointer { x, y, click, wheel }) => match pointer_events(x, y, click, wheel) {
-            Ok(events) => controller
-                .send_input(InputDevice::Tablet, &events)
-                .map_or_else(Response::error, |()| Response::ok(serde_json::json!("moved"))),
+            Ok(events) => controller.send_input(InputDevice::Tablet, &events).map_or_else(
+                |e| Response::error(e.to_string()),
+                |()| Response::ok(serde_json::json!("moved")),
+            ),
             Err(e) => Response::error(e),
         },
         Ok(Request::Screenshot { scanout }) => screenshot(controller, scanout),
-        Ok(Request::ConnectionFile) => controller
-            .connection_file()
-            .map_or_else(Response::error, |toml| Response::ok(serde_json::json!({ "toml": toml }))),
-        Ok(Request::Disconnect) => controller
-            .disconnect_client()
-            .map_or_else(Response::error, |was| Response::ok(serde_json::json!({ "disconnected": was }))),
-        Ok(Request::Layout { sizes }) => controller
-            .set_layout(&sizes)
-            .map_or_else(Response::error, |()| Response::ok(serde_json::json!({ "layout": sizes }))),
+        Ok(Request::ConnectionFile) => controller.connection_file().map_or_else(
+            |e| Response::error(e.to_string()),
+            |toml| Response::ok(serde_json::json!({ "toml": toml })),
+        ),
+        Ok(Request::Disconnect) => controller.disconnect_client().map_or_else(
+            |e| Response::error(e.to_string()),
+            |was| Response::ok(serde_json::json!({ "disconnected": was })),
+        ),
+        Ok(Request::Layout { sizes }) => controller.set_layout(&sizes).map_or_else(
+            |e| Response::error(e.to_string()),
+            |()| Response::ok(serde_json::json!({ "layout": sizes })),
+        ),
         Err(e) => Response::error(format!(
             "bad request ({e}); commands: status, shutdown, reboot, type, key, pointer, screenshot, layout, connection-file, disconnect"
         )),
@@ -250,7 +279,9 @@ pub fn handle_line(line: &str, controller: &dyn Controller) -> Response {
 /// Encodes what `scanout` shows as a PNG.
 fn screenshot(controller: &dyn Controller, scanout: u32) -> Response {
     use base64::Engine as _;
-    let Some(gpu) = controller.display() else { return Response::error(NO_GPU) };
+    let Some(gpu) = controller.display() else {
+        return Response::error(CommandError::NoDevice(DeviceKind::Gpu).to_string());
+    };
     if scanout >= gpu.scanouts() {
         return Response::error(format!("scanout {scanout} does not exist; this GPU has {}", gpu.scanouts()));
     }
@@ -378,16 +409,16 @@ mod tests {
         fn status(&self) -> serde_json::Value {
             serde_json::json!({"state": "running"})
         }
-        fn shutdown(&self) -> Result<(), String> {
+        fn shutdown(&self) -> Result<(), CommandError> {
             self.0.lock().unwrap().push("shutdown");
             Ok(())
         }
-        fn reboot(&self) -> Result<(), String> {
-            Err("reboot is not possible now".into())
+        fn reboot(&self) -> Result<(), CommandError> {
+            Err(CommandError::Failed("reboot is not possible now".into()))
         }
-        fn send_input(&self, device: InputDevice, events: &[InputEvent]) -> Result<(), String> {
+        fn send_input(&self, device: InputDevice, events: &[InputEvent]) -> Result<(), CommandError> {
             let mut log = self.0.lock().unwrap();
-            log.push(device.kind());
+            log.push(device.kind().name());
             log.extend(events.iter().map(|e| if e.is_syn_report() { "syn" } else { "event" }));
             Ok(())
         }
@@ -426,10 +457,10 @@ mod tests {
             fn status(&self) -> serde_json::Value {
                 serde_json::Value::Null
             }
-            fn shutdown(&self) -> Result<(), String> {
+            fn shutdown(&self) -> Result<(), CommandError> {
                 Ok(())
             }
-            fn reboot(&self) -> Result<(), String> {
+            fn reboot(&self) -> Result<(), CommandError> {
                 Ok(())
             }
         }

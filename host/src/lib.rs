@@ -4,19 +4,15 @@
 //! [`pleiades_control`] (VM control and the control socket).
 //!
 //! - [`display`]: encoding the GPU's scanouts for a client (lossless tiles, H.264 for motion).
-//! - [`qemu`]: `--vmm qemu`, QEMU with Pleiades' devices attached over vhost-user.
-//! - [`qemu_display`]: host-initiated display changes under `--vmm qemu`, through QEMU's D-Bus display.
+//! - [`vm`]: one VM process: `--vmm pleiades` ([`vm::native`]) or `--vmm qemu` ([`vm::qemu`]),
+//!   the `--device` requests, the device processes.
 //! - [`session`]: the session server (QUIC): the desktop to one client, input back.
 //! - [`serve`]: the host daemon (`serve --broker`): registers, heartbeats, runs the broker's
 //!   desktops as VM processes.
 //! - [`synthetic`]: synthetic desktops (`run --synthetic`) for protocol figures without a guest.
 //! - [`run`]: the arguments of `pleiades-host run`, shared by the binary and the daemon.
 
-pub mod backends;
 pub mod display;
-pub mod pleiades;
-pub mod qemu;
-pub mod qemu_display;
 pub mod run;
 pub mod serve;
 pub mod session;

@@ -6,12 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use pleiades_control::{self as control, ControlServer, Controller, PointerButton, Request};
-use pleiades_host::pleiades::PleiadesVm;
-use pleiades_host::qemu::QemuVm;
 use pleiades_host::run::{Layout, RunArgs, Vmm, parse_layout};
 use pleiades_host::session;
+use pleiades_host::vm::DeviceKind;
+use pleiades_host::vm::native::NativeVm;
+use pleiades_host::vm::qemu::QemuVm;
 use pleiades_virtio::VirtioDevice;
 use pleiades_virtio::console::Console;
 use pleiades_virtio::gpu::{Gpu, GpuConfig};
@@ -43,7 +44,13 @@ enum Command {
     /// Serve one virtio device as a vhost-user backend on a Unix socket (for Pleiades' VMM or
     /// QEMU's `-device vhost-user-<kind>-pci`). Exits when the frontend disconnects.
     Device {
-        /// The device to serve.
+        /// The device to serve: `rng` (entropy from the host's /dev/urandom), `console` (the
+        /// guest's output to this process's stdout; Pleiades' VMM only, QEMU has no vhost-user
+        /// console), `keyboard`, `tablet` (absolute pointer, three buttons, wheel), `mouse`
+        /// (relative motion: a client's relative mode), `gpu` (2D, for QEMU's
+        /// `vhost-user-gpu-pci`: one monitor, the display goes to QEMU's console) or `sound`/`snd`
+        /// (for QEMU's `vhost-user-snd-pci`: plays into nothing, records silence). `pleiades-host
+        /// run` serves its GPU and sound itself, to stream them to the client.
         kind: DeviceKind,
         /// Unix socket to listen on.
         #[arg(long)]
@@ -99,28 +106,6 @@ enum CtlCommand {
         /// The file to write (mode 0600: it holds a ticket).
         out: PathBuf,
     },
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum DeviceKind {
-    /// virtio-rng: entropy from the host's /dev/urandom.
-    Rng,
-    /// virtio-console: the guest's output goes to this process's stdout (for Pleiades' VMM;
-    /// QEMU has no vhost-user console).
-    Console,
-    /// virtio-input keyboard.
-    Keyboard,
-    /// virtio-input tablet (absolute pointer, three buttons, wheel).
-    Tablet,
-    /// virtio-input mouse (relative motion, three buttons, wheel): a client's relative mode.
-    Mouse,
-    /// virtio-gpu 2D for QEMU's `vhost-user-gpu-pci` (one monitor; the display goes to QEMU's
-    /// console). `pleiades-host run` serves its GPU itself, to keep the display for its sink.
-    Gpu,
-    /// virtio-snd for QEMU's `vhost-user-snd-pci`: plays into nothing, records silence.
-    /// `pleiades-host run` serves its sound device itself, to stream it to the client.
-    #[value(alias = "snd")]
-    Sound,
 }
 
 fn main() -> ExitCode {
@@ -292,7 +277,7 @@ fn run_synthetic(workload: pleiades_host::synthetic::Workload, args: &RunArgs) -
 }
 
 fn run_pleiades(spec: &BootSpec, args: &RunArgs) -> Result<ExitCode> {
-    let vm = PleiadesVm::new(spec, &args.devices, &args.serial)?;
+    let vm = NativeVm::new(spec, &args.devices, &args.serial)?;
     let controller = with_session(args, vm.controller())?;
     let _control = control_vm(args, controller)?;
     let reason = vm.run()?;
@@ -334,7 +319,7 @@ fn with_session(args: &RunArgs, controller: Arc<dyn Controller>) -> Result<Arc<d
         host: ticket_host,
         ticket_key,
         identity_dir: args.tls_identity.clone(),
-        relative_pointer: args.devices.iter().any(|d| d.kind == "mouse"),
+        relative_pointer: args.devices.iter().any(|d| d.kind == DeviceKind::Mouse),
     };
     let server = session::SessionServer::start(&config, controller.clone())?;
     let with = session::SessionController::new(controller, server, tickets, &advertise);

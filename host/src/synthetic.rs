@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
 
 use pleiades_agent::workload::Canvas;
-use pleiades_control::{Controller, InputDevice};
+use pleiades_control::{CommandError, Controller, InputDevice};
 use pleiades_virtio::GuestMemory;
 use pleiades_virtio::gpu::protocol::{Rect, encode};
 use pleiades_virtio::gpu::{Gpu, GpuConfig, GpuHandle};
@@ -112,14 +112,14 @@ impl Controller for SyntheticController {
             "gpu": self.handle.status(),
         })
     }
-    fn shutdown(&self) -> Result<(), String> {
+    fn shutdown(&self) -> Result<(), CommandError> {
         self.stop.store(true, Ordering::Relaxed);
         Ok(())
     }
-    fn reboot(&self) -> Result<(), String> {
-        Err("a synthetic desktop does not reboot".into())
+    fn reboot(&self) -> Result<(), CommandError> {
+        Err(CommandError::Failed("a synthetic desktop does not reboot".into()))
     }
-    fn send_input(&self, _device: InputDevice, events: &[InputEvent]) -> Result<(), String> {
+    fn send_input(&self, _device: InputDevice, events: &[InputEvent]) -> Result<(), CommandError> {
         // Counted (the benchmark checks input arrives); a synthetic desktop has no input devices.
         self.input_events.fetch_add(events.len() as u64, Ordering::Relaxed);
         Ok(())

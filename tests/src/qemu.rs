@@ -18,7 +18,7 @@ use pleiades_vmm::accel::{Accel, AccelChoice, AccelError};
 /// Environment variable: seconds to wait for READY (default 180).
 pub const BOOT_TIMEOUT_ENV: &str = "PLEIADES_BOOT_TIMEOUT";
 
-pub use pleiades_host::qemu::qemu_binary;
+pub use pleiades_host::vm::qemu::qemu_binary;
 
 /// How long to wait for the guest to come up.
 pub fn boot_timeout() -> Duration {

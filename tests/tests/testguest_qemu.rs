@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pleiades_host::qemu::Qmp;
+use pleiades_host::vm::qemu::Qmp;
 use pleiades_tests::image::testguest_elf;
 use pleiades_tests::testguest::{TestGuestConfig, TestGuestRun, run, run_watching};
 use serde_json::Value;

@@ -78,6 +78,72 @@ impl DeviceType {
     }
 }
 
+/// The devices Pleiades offers a VM, by the names users give them (`--device rng`, `pleiades-host
+/// device keyboard`). Finer than [`DeviceType`]: keyboard, tablet and mouse are all virtio-input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeviceKind {
+    Rng,
+    Console,
+    Keyboard,
+    Tablet,
+    Mouse,
+    Gpu,
+    Sound,
+}
+
+impl DeviceKind {
+    /// Every kind, in the order help texts list them.
+    pub const ALL: [Self; 7] =
+        [Self::Rng, Self::Console, Self::Keyboard, Self::Tablet, Self::Mouse, Self::Gpu, Self::Sound];
+
+    /// The name on command lines and in status reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Rng => "rng",
+            Self::Console => "console",
+            Self::Keyboard => "keyboard",
+            Self::Tablet => "tablet",
+            Self::Mouse => "mouse",
+            Self::Gpu => "gpu",
+            Self::Sound => "sound",
+        }
+    }
+
+    /// The virtio device type that carries it.
+    pub fn device_type(self) -> DeviceType {
+        match self {
+            Self::Rng => DeviceType::Rng,
+            Self::Console => DeviceType::Console,
+            Self::Keyboard | Self::Tablet | Self::Mouse => DeviceType::Input,
+            Self::Gpu => DeviceType::Gpu,
+            Self::Sound => DeviceType::Sound,
+        }
+    }
+
+    /// A virtio-input device (it takes host events).
+    pub fn is_input(self) -> bool {
+        self.device_type() == DeviceType::Input
+    }
+}
+
+impl std::fmt::Display for DeviceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for DeviceKind {
+    type Err = String;
+    /// A kind by its name; `snd` is also the sound device.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let name = if s == "snd" { "sound" } else { s };
+        Self::ALL.into_iter().find(|k| k.name() == name).ok_or_else(|| {
+            let known: Vec<_> = Self::ALL.iter().map(|k| k.name()).collect();
+            format!("unknown device {s:?}; known: {}", known.join(", "))
+        })
+    }
+}
+
 /// What can go wrong while a device processes a queue.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -216,6 +282,16 @@ mod tests {
         read_config_bytes(&config, u64::MAX, &mut out);
         assert_eq!(out, [0, 0, 0]);
         assert_eq!(DeviceType::Rng.pci_device_id(), 0x1044);
+    }
+
+    #[test]
+    fn device_kinds_have_one_name_each() {
+        for kind in DeviceKind::ALL {
+            assert_eq!(kind.name().parse::<DeviceKind>(), Ok(kind));
+        }
+        assert_eq!("snd".parse::<DeviceKind>(), Ok(DeviceKind::Sound));
+        assert!("speaker".parse::<DeviceKind>().unwrap_err().contains("known: rng, console"));
+        assert!(DeviceKind::Mouse.is_input() && !DeviceKind::Gpu.is_input());
     }
 
     #[test]

@@ -49,7 +49,7 @@ use legacy::{I8042, PmControl, SerialPort};
 use memory::{GuestMemory, MAX_MEMORY_MIB, MIN_MEMORY_MIB, PCI_MMIO_END, PCI_MMIO_START};
 use pleiades_virtio::{DeviceType, VirtioDevice};
 use vhost_user::VhostUserFrontend;
-use virtio_pci::{Backend, VirtioPciDevice};
+use virtio_pci::{QueueServer, VirtioPciDevice};
 
 /// A device to attach.
 pub enum DeviceSpec {
@@ -219,7 +219,7 @@ impl VmHandle {
 pub struct Vm {
     config: VmConfig,
     kvm: Kvm,
-    devices: Vec<Backend>,
+    devices: Vec<QueueServer>,
     serial_file: Option<File>,
     serial_input: Arc<Mutex<Option<Arc<Mutex<SerialPort>>>>>,
     shared: Arc<Shared>,
@@ -266,9 +266,9 @@ impl Vm {
         let mut devices = Vec::new();
         for spec in std::mem::take(&mut config.devices) {
             match spec {
-                DeviceSpec::Virtio(device) => devices.push(Backend::InProcess(device)),
+                DeviceSpec::Virtio(device) => devices.push(QueueServer::InProcess(device)),
                 DeviceSpec::VhostUser { kind, socket } => {
-                    devices.push(Backend::VhostUser(VhostUserFrontend::connect(kind, &socket)?));
+                    devices.push(QueueServer::VhostUser(VhostUserFrontend::connect(kind, &socket)?));
                 }
             }
         }
@@ -462,7 +462,7 @@ impl Machine {
     }
 
     /// Stops the vCPUs and the device workers; returns the devices, reset, for the next boot.
-    fn stop(mut self) -> Vec<Backend> {
+    fn stop(mut self) -> Vec<QueueServer> {
         self.stop_vcpus();
         let mut devices = Vec::new();
         for dev in self.pci_devices.drain(..) {

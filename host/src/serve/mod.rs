@@ -3,7 +3,7 @@
 //!
 //! - [`broker`]: HTTPS to the broker with its certificate pinned (or a CA), the host API's
 //!   calls.
-//! - [`vms`]: one `pleiades-host run` process per desktop, each with its own session server on
+//! - [`desktops`]: one `pleiades-host run` process per desktop, each with its own session server on
 //!   a port of the host's range; all serve the host's one certificate (`STATE_DIR/tls/`), whose
 //!   fingerprint the broker puts in connection files, and accept only tickets signed by the
 //!   broker's key for this host and that desktop.
@@ -16,7 +16,7 @@
 //! slow to start never delays the heartbeat. SIGTERM or SIGINT stops every VM, then the daemon.
 
 pub mod broker;
-pub mod vms;
+pub mod desktops;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -29,7 +29,7 @@ use pleiades_protocol::hostapi::{CommandAck, Heartbeat, HostCommand, HostRegistr
 use serde::{Deserialize, Serialize};
 
 use self::broker::{BrokerClient, BrokerError, Trust};
-use self::vms::{PortRange, Spawner, VmSettings, Vms};
+use self::desktops::{Desktops, PortRange, Spawner, VmSettings};
 
 /// `pleiades-host serve` options. Each may also come from the `--config` TOML file (same names
 /// with `_`, e.g. `broker_cert_sha256 = "…"`, `images = ["desktop"]`); the command line wins.
@@ -249,7 +249,7 @@ async fn daemon(config: ServeConfig, spawner: Spawner) -> Result<()> {
         host = %config.name, id = %stored.host_id, broker = %config.broker,
         cert_sha256 = %identity.fingerprint(), "registered with the broker"
     );
-    let vms = Arc::new(Vms::new(
+    let desktops = Arc::new(Desktops::new(
         VmSettings {
             exe: std::env::current_exe().context("cannot find this program's path")?,
             vmm: config.vmm.clone(),
@@ -270,12 +270,12 @@ async fn daemon(config: ServeConfig, spawner: Spawner) -> Result<()> {
     let mut shutdown = std::pin::pin!(shutdown_signal());
     loop {
         let beat =
-            Heartbeat { cores, memory_mib, images: config.images.clone(), desktops: vms.report().await };
+            Heartbeat { cores, memory_mib, images: config.images.clone(), desktops: desktops.report().await };
         let reply = client.read().await.heartbeat(&beat).await;
         match reply {
             Ok(reply) => {
                 interval = Duration::from_secs(reply.heartbeat_interval_secs.clamp(1, 300));
-                dispatch(&vms, &client, reply.commands);
+                dispatch(&desktops, &client, reply.commands);
             }
             Err(BrokerError::Unauthorized(why)) if config.token.is_some() => {
                 tracing::warn!("the broker refused the stored credential ({why}); registering again");
@@ -302,23 +302,27 @@ async fn daemon(config: ServeConfig, spawner: Spawner) -> Result<()> {
         }
     }
     tracing::info!("stopping every desktop");
-    vms.stop_all().await;
+    desktops.stop_all().await;
     Ok(())
 }
 
 /// Runs the commands of one heartbeat reply: one task per desktop, its commands in order.
-fn dispatch(vms: &Arc<Vms>, client: &Arc<tokio::sync::RwLock<BrokerClient>>, commands: Vec<HostCommand>) {
+fn dispatch(
+    desktops: &Arc<Desktops>,
+    client: &Arc<tokio::sync::RwLock<BrokerClient>>,
+    commands: Vec<HostCommand>,
+) {
     let mut by_desktop: BTreeMap<String, Vec<HostCommand>> = BTreeMap::new();
     for command in commands {
         by_desktop.entry(command.desktop_id.clone()).or_default().push(command);
     }
     for (desktop, commands) in by_desktop {
-        let (vms, client) = (vms.clone(), client.clone());
-        let order = vms.desktop_lock(&desktop);
+        let (desktops, client) = (desktops.clone(), client.clone());
+        let order = desktops.desktop_lock(&desktop);
         tokio::spawn(async move {
             let _turn = order.lock().await;
             for command in commands {
-                let ack = execute(&vms, &command).await;
+                let ack = execute(&desktops, &command).await;
                 if let Some(error) = &ack.error {
                     tracing::warn!(desktop = %command.desktop_name, kind = %command.kind, "command failed: {error}");
                 }
@@ -328,24 +332,24 @@ fn dispatch(vms: &Arc<Vms>, client: &Arc<tokio::sync::RwLock<BrokerClient>>, com
     }
 }
 
-async fn execute(vms: &Arc<Vms>, command: &HostCommand) -> CommandAck {
+async fn execute(desktops: &Arc<Desktops>, command: &HostCommand) -> CommandAck {
     tracing::info!(desktop = %command.desktop_name, id = %command.desktop_id, kind = %command.kind, "command");
     let image = || command.image.as_ref().ok_or_else(|| format!("{} without an image", command.kind));
     let result = match command.kind.as_str() {
         "start" => match image() {
-            Ok(image) => vms.start(&command.desktop_id, image).await.map(Some),
+            Ok(image) => desktops.start(&command.desktop_id, image).await.map(Some),
             Err(e) => Err(e),
         },
         // No disks yet: a desktop is its image, so reverting it is starting it afresh.
         "restart" | "recycle" => match image() {
-            Ok(image) => match vms.stop(&command.desktop_id).await {
-                Ok(()) => vms.start(&command.desktop_id, image).await.map(Some),
+            Ok(image) => match desktops.stop(&command.desktop_id).await {
+                Ok(()) => desktops.start(&command.desktop_id, image).await.map(Some),
                 Err(e) => Err(e),
             },
             Err(e) => Err(e),
         },
-        "stop" => vms.stop(&command.desktop_id).await.map(|()| None),
-        "disconnect" => vms.disconnect(&command.desktop_id).await.map(|()| None),
+        "stop" => desktops.stop(&command.desktop_id).await.map(|()| None),
+        "disconnect" => desktops.disconnect(&command.desktop_id).await.map(|()| None),
         other => Err(format!("unknown command {other:?}")),
     };
     match result {

@@ -34,7 +34,7 @@ use pleiades_protocol::handshake::{Capabilities, ServerHandshake};
 use pleiades_protocol::resume::ResumeTokens;
 use pleiades_protocol::ticket::{PublicKey, TicketClaims, TicketSigner, TicketVerifier};
 
-use pleiades_control::Controller;
+use pleiades_control::{CommandError, Controller};
 
 /// How long a ticket minted by the host itself (`--connection-file`) is valid.
 pub const LOCAL_TICKET_SECS: u64 = 600;
@@ -328,32 +328,32 @@ impl Controller for SessionController {
         status["session"] = self.server.status();
         status
     }
-    fn shutdown(&self) -> Result<(), String> {
+    fn shutdown(&self) -> Result<(), CommandError> {
         self.inner.shutdown()
     }
-    fn reboot(&self) -> Result<(), String> {
+    fn reboot(&self) -> Result<(), CommandError> {
         self.inner.reboot()
     }
     fn send_input(
         &self,
         device: pleiades_control::InputDevice,
         events: &[pleiades_virtio::input::InputEvent],
-    ) -> Result<(), String> {
+    ) -> Result<(), CommandError> {
         self.inner.send_input(device, events)
     }
     fn display(&self) -> Option<pleiades_virtio::gpu::GpuHandle> {
         self.inner.display()
     }
-    fn set_layout(&self, sizes: &[(u32, u32)]) -> Result<(), String> {
+    fn set_layout(&self, sizes: &[(u32, u32)]) -> Result<(), CommandError> {
         self.inner.set_layout(sizes)
     }
     fn sound(&self) -> Option<pleiades_virtio::snd::SoundHandle> {
         self.inner.sound()
     }
-    fn connection_file(&self) -> Result<String, String> {
-        self.mint_connection().map(|c| c.to_toml())
+    fn connection_file(&self) -> Result<String, CommandError> {
+        self.mint_connection().map(|c| c.to_toml()).map_err(CommandError::Failed)
     }
-    fn disconnect_client(&self) -> Result<bool, String> {
+    fn disconnect_client(&self) -> Result<bool, CommandError> {
         Ok(self.server.disconnect("disconnected by the broker"))
     }
 }

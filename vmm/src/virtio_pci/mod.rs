@@ -80,14 +80,14 @@ pub struct TransportMetrics {
 }
 
 /// Who serves a device's queues.
-pub enum Backend {
+pub enum QueueServer {
     /// A worker thread of this process ([`worker`]).
     InProcess(Box<dyn VirtioDevice>),
     /// An external vhost-user backend.
     VhostUser(VhostUserFrontend),
 }
 
-impl Backend {
+impl QueueServer {
     pub fn device_type(&self) -> DeviceType {
         match self {
             Self::InProcess(d) => d.device_type(),
@@ -96,7 +96,7 @@ impl Backend {
     }
 }
 
-impl std::fmt::Debug for Backend {
+impl std::fmt::Debug for QueueServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::InProcess(d) => write!(f, "InProcess({})", d.device_type().name()),
@@ -158,7 +158,7 @@ fn virtio_cap(cfg_type: u8, offset: u64, length: u64, extra: Option<u32>) -> Vec
 impl VirtioPciDevice {
     /// Wraps `backend`; its BAR is placed at `bar_addr` with memory decoding on.
     pub fn new(
-        backend: Backend,
+        backend: QueueServer,
         mem: GuestMemory,
         resources: Arc<dyn VmResources>,
         bar_addr: u64,
@@ -166,8 +166,8 @@ impl VirtioPciDevice {
         let device_type = backend.device_type();
         let name = device_type.name();
         let (queue_max_sizes, features) = match &backend {
-            Backend::InProcess(d) => (d.queue_max_sizes().to_vec(), d.features()),
-            Backend::VhostUser(f) => (f.queue_max_sizes().to_vec(), f.features()),
+            QueueServer::InProcess(d) => (d.queue_max_sizes().to_vec(), d.features()),
+            QueueServer::VhostUser(f) => (f.queue_max_sizes().to_vec(), f.features()),
         };
         if queue_max_sizes.is_empty() || queue_max_sizes.len() > 1024 {
             return Err(VirtioPciError::Queues(name));
@@ -233,8 +233,8 @@ impl VirtioPciDevice {
             device_features: features | VIRTIO_F_VERSION_1,
             queue_max_sizes,
             serving: match backend {
-                Backend::InProcess(device) => Serving::Local { device: Some(device), worker: None },
-                Backend::VhostUser(frontend) => Serving::Remote(frontend),
+                QueueServer::InProcess(device) => Serving::Local { device: Some(device), worker: None },
+                QueueServer::VhostUser(frontend) => Serving::Remote(frontend),
             },
             lines: Arc::new(InterruptLines::new(msix, vectors)),
             notify,
@@ -282,16 +282,16 @@ impl VirtioPciDevice {
     }
 
     /// Stops the device and gives it back, reset: for a reboot. The transport is dead after.
-    pub fn take_backend(&mut self) -> Option<Backend> {
+    pub fn take_backend(&mut self) -> Option<QueueServer> {
         self.stop_serving();
         self.unregister_notify();
         match std::mem::replace(&mut self.serving, Serving::Local { device: None, worker: None }) {
             Serving::Local { device, .. } => {
                 let mut device = device?;
                 device.reset();
-                Some(Backend::InProcess(device))
+                Some(QueueServer::InProcess(device))
             }
-            Serving::Remote(frontend) => Some(Backend::VhostUser(frontend)),
+            Serving::Remote(frontend) => Some(QueueServer::VhostUser(frontend)),
         }
     }
 

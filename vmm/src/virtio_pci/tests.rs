@@ -17,7 +17,7 @@ fn setup() -> (VirtioPciDevice, GuestMemory, Arc<FakeResources>) {
     let mem = crate::memory::create_guest_memory(16).unwrap();
     let resources = Arc::new(FakeResources::default());
     let mut dev = VirtioPciDevice::new(
-        Backend::InProcess(Box::new(Rng::new().unwrap())),
+        QueueServer::InProcess(Box::new(Rng::new().unwrap())),
         mem.clone(),
         resources.clone(),
         BAR,

@@ -1,14 +1,27 @@
-//! What `pleiades-host run` is asked for, independent of which VMM runs the vCPUs.
+//! One VM process, whichever VMM runs the vCPUs, and what it is asked for.
+//!
+//! - [`native`]: `--vmm pleiades`, Pleiades' own VMM ([`pleiades_vmm`]) with the devices
+//!   in-process or in device processes;
+//! - [`qemu`]: `--vmm qemu`, QEMU with Pleiades' devices attached over vhost-user, and
+//!   [`qemu_display`], host-initiated display changes through QEMU's D-Bus display;
+//! - [`device_process`]: `pleiades-host device <kind>` processes, which either VMM starts;
+//! - here: the `--device` requests both take.
+
+pub mod device_process;
+pub mod native;
+pub mod qemu;
+pub mod qemu_display;
 
 use std::str::FromStr;
 
+pub use pleiades_virtio::DeviceKind;
 use pleiades_virtio::gpu::GpuConfig;
 
 pub use pleiades_vmm::SerialOut;
 
-/// Who serves a device.
+/// Where a device's queues are served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceBackend {
+pub enum Serving {
     /// A worker thread inside the VMM process (Pleiades' VMM only).
     InProcess,
     /// A separate `pleiades-host device` process over vhost-user.
@@ -18,9 +31,9 @@ pub enum DeviceBackend {
 /// A `--device KIND[,backend=in-process|vhost-user][,heads=N][,memory-mib=M]` argument.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeviceRequest {
-    pub kind: &'static str,
+    pub kind: DeviceKind,
     /// `None`: the VMM's default (in-process for Pleiades' VMM, vhost-user for QEMU).
-    pub backend: Option<DeviceBackend>,
+    pub serving: Option<Serving>,
     /// gpu: the number of monitors (scanouts), 1 to 16.
     pub heads: Option<u32>,
     /// gpu: the host memory the guest may make the GPU allocate, in MiB.
@@ -28,8 +41,8 @@ pub struct DeviceRequest {
 }
 
 impl DeviceRequest {
-    pub fn new(kind: &'static str) -> Self {
-        Self { kind, backend: None, heads: None, memory_mib: None }
+    pub fn new(kind: DeviceKind) -> Self {
+        Self { kind, serving: None, heads: None, memory_mib: None }
     }
 
     /// The GPU's setup from `heads` and `memory-mib`.
@@ -45,22 +58,11 @@ impl DeviceRequest {
     }
 }
 
-/// Device kinds `pleiades-host run --device` knows.
-pub const DEVICE_KINDS: &[&str] = &["rng", "console", "keyboard", "tablet", "mouse", "gpu", "sound"];
-
 impl FromStr for DeviceRequest {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let mut parts = s.split(',');
-        let name = match parts.next().unwrap_or_default() {
-            "snd" => "sound",
-            name => name,
-        };
-        let kind = DEVICE_KINDS
-            .iter()
-            .find(|k| **k == name)
-            .copied()
-            .ok_or_else(|| format!("unknown device {name:?}; known: {}", DEVICE_KINDS.join(", ")))?;
+        let kind: DeviceKind = parts.next().unwrap_or_default().parse()?;
         let mut request = Self::new(kind);
         let number = |key: &str, value: &str, range: std::ops::RangeInclusive<u32>| {
             value.parse::<u32>().ok().filter(|n| range.contains(n)).ok_or_else(|| {
@@ -69,14 +71,16 @@ impl FromStr for DeviceRequest {
         };
         for option in parts {
             match option.split_once('=') {
-                Some(("backend", "in-process")) => request.backend = Some(DeviceBackend::InProcess),
-                Some(("backend", "vhost-user")) => request.backend = Some(DeviceBackend::VhostUser),
-                Some(("heads", v)) if kind == "gpu" => request.heads = Some(number("heads", v, 1..=16)?),
-                Some(("memory-mib", v)) if kind == "gpu" => {
+                Some(("backend", "in-process")) => request.serving = Some(Serving::InProcess),
+                Some(("backend", "vhost-user")) => request.serving = Some(Serving::VhostUser),
+                Some(("heads", v)) if kind == DeviceKind::Gpu => {
+                    request.heads = Some(number("heads", v, 1..=16)?)
+                }
+                Some(("memory-mib", v)) if kind == DeviceKind::Gpu => {
                     request.memory_mib = Some(number("memory-mib", v, 16..=65536)?);
                 }
                 _ => {
-                    let gpu = if kind == "gpu" { ", heads=N, memory-mib=M" } else { "" };
+                    let gpu = if kind == DeviceKind::Gpu { ", heads=N, memory-mib=M" } else { "" };
                     return Err(format!(
                         "unknown {kind} option {option:?}; use backend=in-process or backend=vhost-user{gpu}"
                     ));
@@ -93,19 +97,22 @@ mod tests {
 
     #[test]
     fn device_arguments() {
-        assert_eq!("rng".parse::<DeviceRequest>(), Ok(DeviceRequest::new("rng")));
+        assert_eq!("rng".parse::<DeviceRequest>(), Ok(DeviceRequest::new(DeviceKind::Rng)));
         assert_eq!(
             "console,backend=in-process".parse::<DeviceRequest>(),
-            Ok(DeviceRequest { backend: Some(DeviceBackend::InProcess), ..DeviceRequest::new("console") })
+            Ok(DeviceRequest {
+                serving: Some(Serving::InProcess),
+                ..DeviceRequest::new(DeviceKind::Console)
+            })
         );
         assert_eq!(
             "gpu,heads=2,memory-mib=64".parse::<DeviceRequest>(),
-            Ok(DeviceRequest { heads: Some(2), memory_mib: Some(64), ..DeviceRequest::new("gpu") })
+            Ok(DeviceRequest { heads: Some(2), memory_mib: Some(64), ..DeviceRequest::new(DeviceKind::Gpu) })
         );
         assert!("gpu,heads=17".parse::<DeviceRequest>().unwrap_err().contains("1 to 16"));
         assert!("rng,heads=2".parse::<DeviceRequest>().is_err(), "heads is a gpu option");
         assert!("speaker".parse::<DeviceRequest>().unwrap_err().contains("known: rng"));
-        assert_eq!("snd".parse::<DeviceRequest>(), Ok(DeviceRequest::new("sound")));
+        assert_eq!("snd".parse::<DeviceRequest>(), Ok(DeviceRequest::new(DeviceKind::Sound)));
         assert!("rng,fast".parse::<DeviceRequest>().is_err());
         assert_eq!("stdio".parse::<SerialOut>(), Ok(SerialOut::Stdio));
         assert_eq!("/tmp/s".parse::<SerialOut>(), Ok(SerialOut::File("/tmp/s".into())));

@@ -69,7 +69,8 @@ pub struct VmSettings {
     pub memory_mib: i64,
 }
 
-struct Vm {
+/// A desktop's VM process.
+struct VmProcess {
     child: Child,
     port: u16,
     control: PathBuf,
@@ -102,17 +103,17 @@ impl Spawner {
 }
 
 /// The running desktops.
-pub struct Vms {
+pub struct Desktops {
     settings: VmSettings,
     spawner: Spawner,
-    running: Mutex<HashMap<String, Vm>>,
+    running: Mutex<HashMap<String, VmProcess>>,
     /// Commands for one desktop run one at a time, in the order they came.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
-impl std::fmt::Debug for Vms {
+impl std::fmt::Debug for Desktops {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Vms").field("settings", &self.settings).finish_non_exhaustive()
+        f.debug_struct("Desktops").field("settings", &self.settings).finish_non_exhaustive()
     }
 }
 
@@ -120,7 +121,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-impl Vms {
+impl Desktops {
     pub fn new(settings: VmSettings, spawner: Spawner) -> Self {
         Self { settings, spawner, running: Mutex::new(HashMap::new()), locks: Mutex::new(HashMap::new()) }
     }
@@ -181,7 +182,8 @@ impl Vms {
             format!("cannot start `pleiades-host run` (is util-linux's setpriv installed?): {e}")
         })?;
         tracing::info!(desktop = desktop_id, port, pid = child.id(), image = %image.name, "VM starting");
-        lock(&self.running).insert(desktop_id.to_owned(), Vm { child, port, control: control.clone() });
+        lock(&self.running)
+            .insert(desktop_id.to_owned(), VmProcess { child, port, control: control.clone() });
         let this = self.clone();
         let id = desktop_id.to_owned();
         tokio::task::spawn_blocking(move || this.wait_ready(&id, &control, &log_path))
@@ -415,7 +417,7 @@ mod tests {
         }
     }
 
-    fn vms(dir: &Path) -> Vms {
+    fn desktops(dir: &Path) -> Desktops {
         let settings = VmSettings {
             exe: "/bin/false".into(),
             vmm: None,
@@ -429,7 +431,7 @@ mod tests {
             cores: 2,
             memory_mib: 4096,
         };
-        Vms::new(settings, Spawner::start().unwrap())
+        Desktops::new(settings, Spawner::start().unwrap())
     }
 
     #[test]
@@ -447,7 +449,7 @@ mod tests {
             vcpus: 1,
             memory_mib: 512,
         };
-        let vms = vms(dir.path());
+        let vms = desktops(dir.path());
         vms.check_image(&image).unwrap();
         let cases = [
             (VmImage { kernel: "/nonexistent/vmlinuz".into(), ..image.clone() }, "not a file"),
@@ -466,7 +468,7 @@ mod tests {
     #[tokio::test]
     async fn stopping_or_disconnecting_a_desktop_that_does_not_run_is_not_an_error() {
         let dir = tempfile::tempdir().unwrap();
-        let vms = Arc::new(vms(dir.path()));
+        let vms = Arc::new(desktops(dir.path()));
         vms.stop("d-1").await.unwrap();
         vms.disconnect("d-1").await.unwrap();
         assert!(vms.report().await.is_empty());
@@ -521,13 +523,13 @@ mod tests {
                 state in "/-?[-_a-z0-9]{1,20}",
                 device in prop::sample::select(vec!["gpu", "sound", "keyboard", "tablet", "gpu,heads=2"]),
             ) {
-                let mut settings = vms(Path::new(&state)).settings;
+                let mut settings = desktops(Path::new(&state)).settings;
                 settings.ticket_key = base64url(&key);
                 settings.host_id = host_id.clone();
                 settings.address = address.clone();
                 settings.devices = vec![device.to_owned()];
                 settings.vmm = Some("qemu".into());
-                let vms = Vms::new(settings, Spawner::start().unwrap());
+                let vms = Desktops::new(settings, Spawner::start().unwrap());
                 let image = VmImage {
                     id: "i".into(),
                     name: "n".into(),

@@ -18,10 +18,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
-use crate::backends::{Backend, start_backend};
-use crate::qemu_display::{self, QemuDisplay};
-use crate::vm::{DeviceBackend, DeviceRequest};
-use pleiades_control::{Controller, InputDevice};
+use super::device_process::{self, DeviceProcess};
+use super::qemu_display::{self, QemuDisplay};
+use super::{DeviceKind, DeviceRequest, Serving};
+use pleiades_control::{CommandError, Controller, InputDevice};
 use pleiades_virtio::VirtioDevice;
 use pleiades_virtio::gpu::{Gpu, GpuHandle};
 use pleiades_virtio::input::{InputEvent, events_socket};
@@ -40,14 +40,14 @@ pub fn qemu_binary() -> PathBuf {
 }
 
 /// The QEMU device name for a Pleiades vhost-user backend.
-fn vhost_user_device(kind: &str) -> Result<&'static str> {
+fn vhost_user_device(kind: DeviceKind) -> Result<&'static str> {
     Ok(match kind {
-        "rng" => "vhost-user-rng-pci",
-        "keyboard" | "tablet" | "mouse" => "vhost-user-input-pci",
-        "gpu" => "vhost-user-gpu-pci",
-        "sound" => "vhost-user-snd-pci",
-        other => bail!(
-            "the {other} device cannot be attached to QEMU over vhost-user (QEMU has no vhost-user {other}); use --vmm pleiades"
+        DeviceKind::Rng => "vhost-user-rng-pci",
+        DeviceKind::Keyboard | DeviceKind::Tablet | DeviceKind::Mouse => "vhost-user-input-pci",
+        DeviceKind::Gpu => "vhost-user-gpu-pci",
+        DeviceKind::Sound => "vhost-user-snd-pci",
+        DeviceKind::Console => bail!(
+            "the console cannot be attached to QEMU over vhost-user (QEMU has no vhost-user console); use --vmm pleiades"
         ),
     })
 }
@@ -238,7 +238,7 @@ impl Qmp {
 pub struct QemuVm {
     qemu: Arc<Mutex<Child>>,
     qmp: Arc<Mutex<Qmp>>,
-    backends: Vec<Backend>,
+    device_processes: Vec<DeviceProcess>,
     gpu: Option<GpuHandle>,
     sound: Option<SoundHandle>,
     display: Option<Arc<Mutex<QemuDisplay>>>,
@@ -255,7 +255,7 @@ struct StatusInfo {
 }
 
 impl QemuVm {
-    /// Starts the device backends and QEMU.
+    /// Starts the device processes and QEMU.
     pub fn start(
         spec: &BootSpec,
         devices: &[DeviceRequest],
@@ -263,13 +263,13 @@ impl QemuVm {
         accel: AccelChoice,
     ) -> Result<Self> {
         let scratch = tempfile::Builder::new().prefix("pleiades-vm-").tempdir()?;
-        let mut backends = Vec::new();
+        let mut processes = Vec::new();
         let mut qemu_devices = Vec::new();
         let mut device_info = Vec::new();
         let mut gpu = None;
         let mut sound = None;
         for (i, device) in devices.iter().enumerate() {
-            if device.backend == Some(DeviceBackend::InProcess) {
+            if device.serving == Some(Serving::InProcess) {
                 bail!(
                     "--vmm qemu serves devices only over vhost-user; drop `,backend=in-process` from --device {}",
                     device.kind
@@ -278,7 +278,7 @@ impl QemuVm {
             let qemu_device = vhost_user_device(device.kind)?;
             let socket = scratch.path().join(format!("{}-{i}.sock", device.kind));
             let mut options = String::new();
-            if device.kind == "gpu" {
+            if device.kind == DeviceKind::Gpu {
                 if gpu.is_some() {
                     bail!("one --device gpu per VM (use heads=N for several monitors)");
                 }
@@ -289,7 +289,7 @@ impl QemuVm {
                 options = format!(",id={GPU_ID},max_outputs={heads},event_idx=off,queue_reset=off");
                 device_info.push(json!({"kind": "gpu", "backend": "vhost-user", "heads": heads, "pid": std::process::id()}));
                 gpu = Some(handle);
-            } else if device.kind == "sound" {
+            } else if device.kind == DeviceKind::Sound {
                 if sound.is_some() {
                     bail!("one --device sound per VM");
                 }
@@ -297,10 +297,11 @@ impl QemuVm {
                 device_info
                     .push(json!({"kind": "sound", "backend": "vhost-user", "pid": std::process::id()}));
             } else {
-                let backend = start_backend(device.kind, &socket)?;
-                device_info
-                    .push(json!({"kind": device.kind, "backend": "vhost-user", "pid": backend.child.id()}));
-                backends.push(backend);
+                let process = device_process::start(device.kind, &socket)?;
+                device_info.push(
+                    json!({"kind": device.kind.name(), "backend": "vhost-user", "pid": process.child.id()}),
+                );
+                processes.push(process);
             }
             qemu_devices.push(QemuDevice { socket, qemu_device, options });
         }
@@ -333,7 +334,7 @@ impl QemuVm {
         Ok(Self {
             qemu: Arc::new(Mutex::new(child)),
             qmp: Arc::new(Mutex::new(qmp)),
-            backends,
+            device_processes: processes,
             gpu,
             sound,
             display,
@@ -353,7 +354,7 @@ impl QemuVm {
             qemu: self.qemu.clone(),
             qmp: self.qmp.clone(),
             status: self.status.clone(),
-            inputs: self.backends.iter().filter_map(|b| Some((b.kind, b.events.clone()?))).collect(),
+            inputs: self.device_processes.iter().filter_map(|p| Some((p.kind, p.events.clone()?))).collect(),
             gpu: self.gpu.clone(),
             sound: self.sound.clone(),
             display: self.display.clone(),
@@ -364,7 +365,7 @@ impl QemuVm {
     pub fn wait(self) -> Result<ExitStatus> {
         loop {
             if let Some(status) = lock(&self.qemu).try_wait()? {
-                drop(self.backends);
+                drop(self.device_processes);
                 return Ok(status);
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -380,8 +381,8 @@ struct QemuController {
     qemu: Arc<Mutex<Child>>,
     qmp: Arc<Mutex<Qmp>>,
     status: Arc<StatusInfo>,
-    /// (kind, events socket) of each input backend.
-    inputs: Vec<(&'static str, PathBuf)>,
+    /// (kind, events socket) of each input device process.
+    inputs: Vec<(DeviceKind, PathBuf)>,
     gpu: Option<GpuHandle>,
     sound: Option<SoundHandle>,
     /// QEMU's display, which raises the guest's display-change event (see [`qemu_display`]).
@@ -415,8 +416,8 @@ impl Controller for QemuController {
         self.sound.clone()
     }
 
-    fn shutdown(&self) -> Result<(), String> {
-        lock(&self.qmp).execute("system_powerdown", json!({})).map_err(|e| e.to_string())?;
+    fn shutdown(&self) -> Result<(), CommandError> {
+        lock(&self.qmp).execute("system_powerdown", json!({})).map_err(qmp_failed)?;
         // If the guest ignores the power button, stop QEMU after the grace period.
         let qemu = self.qemu.clone();
         let qmp = self.qmp.clone();
@@ -434,30 +435,33 @@ impl Controller for QemuController {
         Ok(())
     }
 
-    fn reboot(&self) -> Result<(), String> {
-        lock(&self.qmp).execute("system_reset", json!({})).map(drop).map_err(|e| e.to_string())
+    fn reboot(&self) -> Result<(), CommandError> {
+        lock(&self.qmp).execute("system_reset", json!({})).map(drop).map_err(qmp_failed)
     }
 
     fn display(&self) -> Option<GpuHandle> {
         self.gpu.clone()
     }
 
-    fn set_layout(&self, sizes: &[(u32, u32)]) -> Result<(), String> {
-        let gpu = self.gpu.as_ref().ok_or("this VM has no GPU (add --device gpu)")?;
-        GpuHandle::check_layout(gpu.scanouts(), sizes).map_err(|e| e.to_string())?;
+    fn set_layout(&self, sizes: &[(u32, u32)]) -> Result<(), CommandError> {
+        let gpu = self.gpu.as_ref().ok_or(CommandError::NoDevice(DeviceKind::Gpu))?;
+        let invalid = |e: pleiades_virtio::gpu::LayoutError| CommandError::Invalid(e.to_string());
+        GpuHandle::check_layout(gpu.scanouts(), sizes).map_err(invalid)?;
         // The GPU answers the guest from this layout; QEMU's display raises the event.
-        gpu.set_layout(sizes).map_err(|e| e.to_string())?;
-        let display = self.display.as_ref().ok_or("QEMU's display is not connected")?;
-        lock(display).set_layout(sizes).map_err(|e| e.to_string())
+        gpu.set_layout(sizes).map_err(invalid)?;
+        let display =
+            self.display.as_ref().ok_or(CommandError::Failed("QEMU's display is not connected".into()))?;
+        lock(display).set_layout(sizes).map_err(|e| CommandError::Failed(e.to_string()))
     }
 
-    fn send_input(&self, device: InputDevice, events: &[InputEvent]) -> Result<(), String> {
+    fn send_input(&self, device: InputDevice, events: &[InputEvent]) -> Result<(), CommandError> {
         let kind = device.kind();
-        let (_, socket) = self
-            .inputs
-            .iter()
-            .find(|(k, _)| *k == kind)
-            .ok_or_else(|| format!("this VM has no {kind} (add --device {kind})"))?;
-        events_socket::send(socket, events).map_err(|e| format!("the {kind} backend: {e}"))
+        let (_, socket) = self.inputs.iter().find(|(k, _)| *k == kind).ok_or(CommandError::NoDevice(kind))?;
+        events_socket::send(socket, events)
+            .map_err(|e| CommandError::Failed(format!("the {kind} device process: {e}")))
     }
+}
+
+fn qmp_failed(error: anyhow::Error) -> CommandError {
+    CommandError::Failed(format!("QEMU refused: {error:#}"))
 }

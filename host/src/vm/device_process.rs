@@ -1,5 +1,5 @@
-//! Device backend processes: `pleiades-host device <kind> --socket …`, one per vhost-user
-//! device, started by either VMM and ended with the VM.
+//! Device processes: `pleiades-host device <kind> --socket …`, one per vhost-user device,
+//! started by either VMM and ended with the VM.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -7,17 +7,19 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-/// A vhost-user backend process.
+use super::DeviceKind;
+
+/// A `pleiades-host device` process serving one device over vhost-user.
 #[derive(Debug)]
-pub struct Backend {
-    pub kind: &'static str,
+pub struct DeviceProcess {
+    pub kind: DeviceKind,
     pub socket: PathBuf,
     /// The events socket of an input backend (`--events`).
     pub events: Option<PathBuf>,
     pub child: Child,
 }
 
-impl Drop for Backend {
+impl Drop for DeviceProcess {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
@@ -26,18 +28,18 @@ impl Drop for Backend {
     }
 }
 
-/// Starts `pleiades-host device <kind> --socket <socket>` and waits for the socket.
-pub fn start_backend(kind: &'static str, socket: &Path) -> Result<Backend> {
+/// Starts `pleiades-host device <kind> --socket=<socket>` and waits for the socket.
+pub fn start(kind: DeviceKind, socket: &Path) -> Result<DeviceProcess> {
     let exe = std::env::current_exe().context("cannot find the pleiades-host executable")?;
     let mut cmd = Command::new(exe);
-    cmd.args(["device", kind, "--socket"]).arg(socket).stdin(Stdio::null());
+    cmd.args(["device", kind.name()]).arg(flag("--socket=", socket)).stdin(Stdio::null());
     // Input backends take host events on a socket of their own (bound before `socket`).
-    let events = matches!(kind, "keyboard" | "tablet" | "mouse").then(|| socket.with_extension("events"));
+    let events = kind.is_input().then(|| socket.with_extension("events"));
     if let Some(events) = &events {
-        cmd.arg("--events").arg(events);
+        cmd.arg(flag("--events=", events));
     }
     let child = cmd.spawn().with_context(|| format!("cannot start the {kind} device backend"))?;
-    let mut backend = Backend { kind, socket: socket.to_owned(), events, child };
+    let mut backend = DeviceProcess { kind, socket: socket.to_owned(), events, child };
     let deadline = Instant::now() + Duration::from_secs(10);
     while !socket.exists() {
         if let Ok(Some(status)) = backend.child.try_wait() {
@@ -49,4 +51,11 @@ pub fn start_backend(kind: &'static str, socket: &Path) -> Result<Backend> {
         std::thread::sleep(Duration::from_millis(10));
     }
     Ok(backend)
+}
+
+/// `--name=PATH` as one argument: a path that begins with `-` stays a path.
+fn flag(name: &str, path: &Path) -> std::ffi::OsString {
+    let mut arg = std::ffi::OsString::from(name);
+    arg.push(path);
+    arg
 }

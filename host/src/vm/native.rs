@@ -1,4 +1,4 @@
-//! `--vmm pleiades`: Pleiades' own VMM runs the vCPUs ([`crate::vmm`]).
+//! `--vmm pleiades`: Pleiades' own VMM runs the vCPUs ([`pleiades_vmm`]).
 //!
 //! Devices run in-process by default (a worker thread each); `--device KIND,backend=vhost-user`
 //! runs one as its own `pleiades-host device` process that the VMM attaches as a vhost-user
@@ -13,15 +13,15 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use crate::backends::{Backend, start_backend};
-use crate::vm::{DeviceBackend, DeviceRequest, SerialOut};
-use pleiades_control::{Controller, InputDevice};
+use super::device_process::{self, DeviceProcess};
+use super::{DeviceKind, DeviceRequest, SerialOut, Serving};
+use pleiades_control::{CommandError, Controller, InputDevice};
+use pleiades_virtio::VirtioDevice;
 use pleiades_virtio::console::Console;
 use pleiades_virtio::gpu::{Gpu, GpuHandle};
 use pleiades_virtio::input::{Input, InputEvent, InputSender, events_socket};
 use pleiades_virtio::rng::Rng;
 use pleiades_virtio::snd::{Sound, SoundHandle};
-use pleiades_virtio::{DeviceType, VirtioDevice};
 use pleiades_vmm::config::BootSpec;
 use pleiades_vmm::{DeviceSpec, ExitReason, Vm, VmConfig, VmHandle};
 
@@ -31,33 +31,31 @@ enum InputRoute {
     Socket(std::path::PathBuf),
 }
 
-/// A VM on Pleiades' VMM, with its device processes.
-pub struct PleiadesVm {
+/// A VM on Pleiades' own VMM, with its device processes.
+pub struct NativeVm {
     vm: Vm,
-    controller: Arc<PleiadesController>,
-    _backends: Vec<Backend>,
+    controller: Arc<NativeController>,
+    _device_processes: Vec<DeviceProcess>,
     _scratch: tempfile::TempDir,
 }
 
-impl std::fmt::Debug for PleiadesVm {
+impl std::fmt::Debug for NativeVm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PleiadesVm").finish_non_exhaustive()
+        f.debug_struct("NativeVm").finish_non_exhaustive()
     }
 }
 
-fn device_type(kind: &str) -> Result<DeviceType> {
-    Ok(match kind {
-        "rng" => DeviceType::Rng,
-        "console" => DeviceType::Console,
-        "keyboard" | "tablet" | "mouse" => DeviceType::Input,
-        "gpu" => bail!(
+/// Refuses the devices this VMM keeps in-process whatever is asked.
+fn check_device_process(kind: DeviceKind) -> Result<()> {
+    match kind {
+        DeviceKind::Gpu => bail!(
             "--vmm pleiades runs the GPU in-process (its display sink feeds the host's encoder and screenshots); drop `,backend=vhost-user` from --device gpu"
         ),
-        "sound" => bail!(
+        DeviceKind::Sound => bail!(
             "--vmm pleiades runs the sound device in-process (its audio goes to the session server); drop `,backend=vhost-user` from --device sound"
         ),
-        other => bail!("unknown device {other}"),
-    })
+        _ => Ok(()),
+    }
 }
 
 /// Where an in-process console writes: the same place as the serial console.
@@ -75,40 +73,41 @@ fn console_output(serial: &SerialOut) -> Result<Box<dyn Write + Send>> {
     })
 }
 
-impl PleiadesVm {
+impl NativeVm {
     /// Creates the VM: devices (in-process or as backend processes), memory, vCPUs.
     pub fn new(spec: &BootSpec, devices: &[DeviceRequest], serial: &SerialOut) -> Result<Self> {
         let scratch = tempfile::Builder::new().prefix("pleiades-vm-").tempdir()?;
         let mut specs = Vec::new();
-        let mut backends = Vec::new();
+        let mut processes = Vec::new();
         let mut inputs = Vec::new();
         let mut gpu = None;
         let mut sound = None;
         for (i, request) in devices.iter().enumerate() {
-            match request.backend.unwrap_or(DeviceBackend::InProcess) {
-                DeviceBackend::VhostUser => {
+            match request.serving.unwrap_or(Serving::InProcess) {
+                Serving::VhostUser => {
+                    check_device_process(request.kind)?;
                     let socket = scratch.path().join(format!("{}-{i}.sock", request.kind));
-                    let backend = start_backend(request.kind, &socket)?;
-                    if let Some(events) = &backend.events {
+                    let process = device_process::start(request.kind, &socket)?;
+                    if let Some(events) = &process.events {
                         inputs.push((request.kind, InputRoute::Socket(events.clone())));
                     }
-                    specs.push(DeviceSpec::VhostUser { kind: device_type(request.kind)?, socket });
-                    backends.push(backend);
+                    specs.push(DeviceSpec::VhostUser { kind: request.kind.device_type(), socket });
+                    processes.push(process);
                 }
-                DeviceBackend::InProcess => {
+                Serving::InProcess => {
                     let device: Box<dyn VirtioDevice> = match request.kind {
-                        "rng" => Box::new(Rng::new()?),
-                        "console" => Box::new(Console::new(console_output(serial)?, None)),
-                        "keyboard" | "tablet" | "mouse" => {
+                        DeviceKind::Rng => Box::new(Rng::new()?),
+                        DeviceKind::Console => Box::new(Console::new(console_output(serial)?, None)),
+                        DeviceKind::Keyboard | DeviceKind::Tablet | DeviceKind::Mouse => {
                             let input = match request.kind {
-                                "keyboard" => Input::keyboard()?,
-                                "tablet" => Input::tablet()?,
+                                DeviceKind::Keyboard => Input::keyboard()?,
+                                DeviceKind::Tablet => Input::tablet()?,
                                 _ => Input::mouse()?,
                             };
                             inputs.push((request.kind, InputRoute::InProcess(Mutex::new(input.sender()))));
                             Box::new(input)
                         }
-                        "gpu" => {
+                        DeviceKind::Gpu => {
                             if gpu.is_some() {
                                 bail!("one --device gpu per VM (use heads=N for several monitors)");
                             }
@@ -116,7 +115,7 @@ impl PleiadesVm {
                             gpu = Some(device.handle());
                             Box::new(device)
                         }
-                        "sound" => {
+                        DeviceKind::Sound => {
                             if sound.is_some() {
                                 bail!("one --device sound per VM");
                             }
@@ -124,7 +123,6 @@ impl PleiadesVm {
                             sound = Some(device.handle());
                             Box::new(device)
                         }
-                        other => bail!("unknown device {other}"),
                     };
                     specs.push(DeviceSpec::Virtio(device));
                 }
@@ -138,8 +136,8 @@ impl PleiadesVm {
         config.serial = serial.clone();
         config.devices = specs;
         let vm = Vm::new(config)?;
-        let controller = Arc::new(PleiadesController { handle: vm.handle(), inputs, gpu, sound });
-        Ok(Self { vm, controller, _backends: backends, _scratch: scratch })
+        let controller = Arc::new(NativeController { handle: vm.handle(), inputs, gpu, sound });
+        Ok(Self { vm, controller, _device_processes: processes, _scratch: scratch })
     }
 
     /// The controller for the control socket and signals.
@@ -153,14 +151,14 @@ impl PleiadesVm {
     }
 }
 
-struct PleiadesController {
+struct NativeController {
     handle: VmHandle,
-    inputs: Vec<(&'static str, InputRoute)>,
+    inputs: Vec<(DeviceKind, InputRoute)>,
     gpu: Option<GpuHandle>,
     sound: Option<SoundHandle>,
 }
 
-impl Controller for PleiadesController {
+impl Controller for NativeController {
     fn status(&self) -> Value {
         let mut status = self.handle.status();
         if let Some(gpu) = &self.gpu {
@@ -176,13 +174,13 @@ impl Controller for PleiadesController {
         self.sound.clone()
     }
 
-    fn shutdown(&self) -> Result<(), String> {
+    fn shutdown(&self) -> Result<(), CommandError> {
         // No ACPI in Pleiades' VMM yet: the vCPUs are stopped and the VM ends (docs/vmm.md).
         self.handle.shutdown();
         Ok(())
     }
 
-    fn reboot(&self) -> Result<(), String> {
+    fn reboot(&self) -> Result<(), CommandError> {
         self.handle.reboot();
         Ok(())
     }
@@ -191,26 +189,21 @@ impl Controller for PleiadesController {
         self.gpu.clone()
     }
 
-    fn set_layout(&self, sizes: &[(u32, u32)]) -> Result<(), String> {
-        let gpu = self.gpu.as_ref().ok_or("this VM has no GPU (add --device gpu)")?;
-        gpu.set_layout(sizes).map_err(|e| e.to_string())
+    fn set_layout(&self, sizes: &[(u32, u32)]) -> Result<(), CommandError> {
+        let gpu = self.gpu.as_ref().ok_or(CommandError::NoDevice(DeviceKind::Gpu))?;
+        gpu.set_layout(sizes).map_err(|e| CommandError::Invalid(e.to_string()))
     }
 
-    fn send_input(&self, device: InputDevice, events: &[InputEvent]) -> Result<(), String> {
+    fn send_input(&self, device: InputDevice, events: &[InputEvent]) -> Result<(), CommandError> {
         let kind = device.kind();
-        let (_, route) = self
-            .inputs
-            .iter()
-            .find(|(k, _)| *k == kind)
-            .ok_or_else(|| format!("this VM has no {kind} (add --device {kind})"))?;
+        let (_, route) = self.inputs.iter().find(|(k, _)| *k == kind).ok_or(CommandError::NoDevice(kind))?;
         match route {
             InputRoute::InProcess(sender) => {
                 sender.lock().unwrap_or_else(|p| p.into_inner()).send_report(events);
                 Ok(())
             }
-            InputRoute::Socket(path) => {
-                events_socket::send(path, events).map_err(|e| format!("the {kind} backend: {e}"))
-            }
+            InputRoute::Socket(path) => events_socket::send(path, events)
+                .map_err(|e| CommandError::Failed(format!("the {kind} device process: {e}"))),
         }
     }
 }
