@@ -1,8 +1,9 @@
 //! The sound card through cpal, against a private PulseAudio server with a null sink (this
 //! machine has no sound card): `pleiades audio-test` plays a tone and records the sink's
 //! monitor, and the frames that went through are counted. A server that is not there is an
-//! error with a message, never a panic. Skipped (with a note) where `pulseaudio` is not
-//! installed.
+//! error with a message, never a panic. `pulseaudio` is the prerequisite (`./dev deps`): the
+//! test skips without it outside CI and fails without it under CI; a PulseAudio that is
+//! installed but does not start fails the test.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -20,10 +21,10 @@ impl Drop for Pulse {
     }
 }
 
-fn pulse() -> Option<Pulse> {
+fn pulse(program: &std::path::Path) -> Pulse {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("native");
-    let child = Command::new("pulseaudio")
+    let child = Command::new(program)
         .args(["-n", "--daemonize=no", "--exit-idle-time=-1", "--disallow-exit"])
         .args(["-L", "module-null-sink sink_name=nullsink"])
         .arg("-L")
@@ -31,18 +32,21 @@ fn pulse() -> Option<Pulse> {
         .env("HOME", dir.path())
         .env("XDG_RUNTIME_DIR", dir.path())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("pulseaudio.log")).unwrap())
         .spawn()
-        .ok()?;
-    let pulse = Pulse { child, server: format!("unix:{}", socket.display()), _dir: dir };
-    let deadline = Instant::now() + Duration::from_secs(20);
+        .expect("pulseaudio starts");
+    let log = dir.path().join("pulseaudio.log");
+    let mut pulse = Pulse { child, server: format!("unix:{}", socket.display()), _dir: dir };
+    let deadline = Instant::now() + Duration::from_secs(60);
     while !socket.exists() {
-        if Instant::now() > deadline {
-            return None;
+        if let Ok(Some(status)) = pulse.child.try_wait() {
+            let log = std::fs::read_to_string(&log).unwrap_or_default();
+            panic!("pulseaudio exited ({status}) before listening: {log}");
         }
+        assert!(Instant::now() < deadline, "pulseaudio did not listen within 60 s");
         std::thread::sleep(Duration::from_millis(50));
     }
-    Some(pulse)
+    pulse
 }
 
 fn audio_test(server: &str, seconds: u32) -> std::process::Output {
@@ -55,10 +59,13 @@ fn audio_test(server: &str, seconds: u32) -> std::process::Output {
 
 #[test]
 fn the_speaker_and_microphone_run_on_pulseaudio_and_a_missing_server_is_an_error() {
-    let Some(pulse) = pulse() else {
-        eprintln!("skipped: no pulseaudio here (apt-get install pulseaudio)");
+    let Some(program) = pleiades_testkit::prerequisite::require(
+        "the_speaker_and_microphone_run_on_pulseaudio",
+        pleiades_testkit::prerequisite::command("pulseaudio"),
+    ) else {
         return;
     };
+    let pulse = pulse(&program);
     let output = audio_test(&pulse.server, 3);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");

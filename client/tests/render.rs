@@ -1,7 +1,10 @@
 //! The window's GPU path against the CPU path, on whatever adapter wgpu finds (Mesa's lavapipe
 //! or llvmpipe without a GPU): H.264 pictures converted by the WGSL shader must give the same
-//! bytes as display.rs's fixed-point conversion, and tiles must land where they belong. Skipped
-//! (with a message) where no adapter exists at all.
+//! bytes as display.rs's fixed-point conversion, and tiles must land where they belong.
+//!
+//! The prerequisite is a Vulkan or GL driver (Mesa's `mesa-vulkan-drivers`/`libgl1-mesa-dri`,
+//! installed by `./dev deps`): without one the tests skip outside CI and fail under CI. With one,
+//! a client that cannot open an adapter fails: that is the code under test failing.
 
 use openh264::encoder::{BitRate, Encoder, EncoderConfig, UsageType};
 use openh264::formats::{BgraSliceU8, YUVBuffer};
@@ -12,14 +15,16 @@ use pleiades_protocol::wire::{DisplayMessage, FrameBegin, FrameEnd, Rect, Tile, 
 const W: u32 = 320;
 const H: u32 = 240;
 
-fn gpu() -> Option<Gpu> {
-    match Gpu::headless() {
-        Ok(gpu) => Some(gpu),
-        Err(error) => {
-            eprintln!("skipped: {error}");
-            None
-        }
-    }
+/// Mesa's software drivers, where Debian installs them.
+const SOFTWARE_DRIVERS: [&str; 2] =
+    ["/usr/share/vulkan/icd.d/lvp_icd.x86_64.json", "/usr/lib/x86_64-linux-gnu/dri/swrast_dri.so"];
+
+fn gpu(test: &str) -> Option<Gpu> {
+    let driver = SOFTWARE_DRIVERS.iter().find(|p| std::path::Path::new(p).exists()).ok_or_else(|| {
+        format!("no Vulkan or GL driver ({}); `./dev deps` installs Mesa's", SOFTWARE_DRIVERS.join(", "))
+    });
+    pleiades_testkit::prerequisite::require(test, driver)?;
+    Some(Gpu::headless().unwrap_or_else(|e| panic!("a driver is installed, yet the client has no GPU: {e}")))
 }
 
 fn apply(displays: &mut Displays, stream: &mut DisplayStream, id: u64, updates: Vec<DisplayMessage>) {
@@ -58,7 +63,7 @@ fn gpu_picture(gpu: &Gpu, texture: &wgpu::Texture) -> Vec<u8> {
 
 #[test]
 fn gpu_yuv_conversion_and_tiles_give_the_cpu_paths_bytes() {
-    let Some(mut gpu) = gpu() else { return };
+    let Some(mut gpu) = gpu("gpu_yuv_conversion_and_tiles_give_the_cpu_paths_bytes") else { return };
     let config = EncoderConfig::new()
         .bitrate(BitRate::from_bps(2_000_000))
         .usage_type(UsageType::ScreenContentRealTime);

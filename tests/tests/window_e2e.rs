@@ -311,7 +311,9 @@ fn the_window_shows_the_guest_takes_input_resizes_it_and_resumes_after_a_network
     focus().expect("focus the window");
     x.tool("xdotool", &["type", "--delay", "40", "echo PLEIADES-WINDOW-$((6*7)) > /dev/ttyS0"]).unwrap();
     x.tool("xdotool", &["key", "Return"]).unwrap();
-    desktop.guest.wait_for("PLEIADES-WINDOW-42", SHELL).expect("the typed command ran in the guest");
+    if let Err(e) = desktop.guest.wait_for("PLEIADES-WINDOW-42", SHELL) {
+        panic!("the typed command did not run in the guest: {e}\nclient log:\n{}", client.log());
+    }
     // …and so does a click: the guest reads it from its tablet.
     desktop
         .guest
@@ -387,7 +389,9 @@ fn the_window_shows_the_guest_takes_input_resizes_it_and_resumes_after_a_network
     focus().expect("focus the window");
     x.tool("xdotool", &["type", "--delay", "40", "echo PLEIADES-RESUMED-$((6*7)) > /dev/ttyS0"]).unwrap();
     x.tool("xdotool", &["key", "Return"]).unwrap();
-    desktop.guest.wait_for("PLEIADES-RESUMED-42", SHELL).expect("typing works after resuming");
+    if let Err(e) = desktop.guest.wait_for("PLEIADES-RESUMED-42", SHELL) {
+        panic!("typing did not work after resuming: {e}\nclient log:\n{}", client.log());
+    }
     assert_window_shows_guest(&x, &window, &desktop, &client, "3-resumed");
     let log = std::fs::read_to_string(&client.log).unwrap_or_default();
     assert!(log.contains("the session resumed"), "the client resumed with its token:\n{}", client.log());

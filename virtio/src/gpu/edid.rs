@@ -507,34 +507,37 @@ mod tests {
         }
     }
 
-    /// Runs `edid-decode --check` (Debian package `edid-decode`) on the EDID.
-    fn edid_decode(edid: &[u8]) -> Option<String> {
+    /// `edid-decode` (Debian package `edid-decode`, installed by `./dev deps`), the outside
+    /// reference these checks compare against: `None` skips the test outside CI, and a
+    /// missing tool fails it under CI ([`pleiades_testkit::prerequisite`]).
+    fn edid_decode_tool(test: &str) -> Option<std::path::PathBuf> {
+        pleiades_testkit::prerequisite::require(test, pleiades_testkit::prerequisite::command("edid-decode"))
+    }
+
+    /// Runs `edid-decode --check` on the EDID.
+    fn edid_decode(tool: &std::path::Path, edid: &[u8]) -> String {
         use std::io::Write;
         use std::process::{Command, Stdio};
-        let child = Command::new("edid-decode")
+        let mut child = Command::new(tool)
             .args(["--check", "--preferred-timings", "-"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .spawn();
-        let mut child = match child {
-            Ok(child) => child,
-            Err(e) => {
-                println!(
-                    "skipped: cannot run edid-decode ({e}); `apt-get install edid-decode` to run this check"
-                );
-                return None;
-            }
-        };
+            .spawn()
+            .expect("edid-decode runs");
         child.stdin.take().unwrap().write_all(edid).unwrap();
         let out = child.wait_with_output().unwrap();
-        Some(format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
     }
 
     #[test]
     fn edid_decode_finds_no_errors_and_the_preferred_mode() {
+        let Some(tool) = edid_decode_tool("edid_decode_finds_no_errors_and_the_preferred_mode") else {
+            return;
+        };
+        let mut checked = 0;
         for (w, h) in SIZES {
-            let Some(report) = edid_decode(&Monitor::new(w, h).edid().unwrap()) else { return };
+            let report = edid_decode(&tool, &Monitor::new(w, h).edid().unwrap());
             let context = format!("{w}x{h}:\n{report}");
             assert!(report.contains("EDID conformity: PASS"), "{context}");
             assert!(!report.contains("Failures:") && !report.contains("Warnings:"), "{context}");
@@ -549,24 +552,22 @@ mod tests {
                 ),
                 "{context}"
             );
+            checked += 1;
         }
+        assert_eq!(checked, SIZES.len(), "every size is checked");
     }
 
     #[test]
     fn cvt_rb_agrees_with_edid_decode() {
         use std::process::Command;
-        for (w, h) in SIZES.into_iter().filter(|(w, _)| w % 8 == 0) {
-            let out = match Command::new("edid-decode")
-                .arg("--cvt")
-                .arg(format!("w={w},h={h},fps=60,rb=1"))
-                .output()
-            {
-                Ok(out) => String::from_utf8_lossy(&out.stdout).into_owned(),
-                Err(e) => {
-                    println!("skipped: cannot run edid-decode ({e})");
-                    return;
-                }
-            };
+        let Some(tool) = edid_decode_tool("cvt_rb_agrees_with_edid_decode") else { return };
+        let sizes: Vec<_> = SIZES.into_iter().filter(|(w, _)| w % 8 == 0).collect();
+        assert!(sizes.len() >= 3, "enough sizes to compare: {sizes:?}");
+        for (w, h) in sizes {
+            let out =
+                Command::new(&tool).arg("--cvt").arg(format!("w={w},h={h},fps=60,rb=1")).output().unwrap();
+            assert!(out.status.success(), "edid-decode --cvt {w}x{h}: {out:?}");
+            let out = String::from_utf8_lossy(&out.stdout).into_owned();
             let t = cvt_reduced_blanking(w, h).unwrap();
             let clock = format!("{}.{:03}000 MHz", t.pixel_clock_khz / 1000, t.pixel_clock_khz % 1000);
             assert!(out.contains(&clock), "{w}x{h}: {clock}\n{out}");
