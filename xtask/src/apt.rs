@@ -132,7 +132,8 @@ pub const GROUPS: &[Group] = &[
     },
     Group {
         name: "node",
-        purpose: "running the broker's browser tests (playwright-core needs Node.js 18 or newer)",
+        purpose: "running the broker's browser tests (playwright-core 1.61, the newest that runs on \
+                  Debian 12's Node.js 18)",
         unless_command: Some("npm"),
         packages: &["nodejs", "npm"],
     },

@@ -171,7 +171,8 @@ fn test(root: &Path, no_deps: bool) -> Result<()> {
     npm::ci(root)?;
     println!("    {:.1} s", t.elapsed().as_secs_f64());
     let t = step("cargo test");
-    cargo(root, &["test", "--workspace"])?;
+    // Every test binary runs even after a failure: one run shows every failing test.
+    cargo(root, &["test", "--workspace", "--no-fail-fast"])?;
     println!("    {:.1} s", t.elapsed().as_secs_f64());
     let t = step("fuzz targets (briefly)");
     fuzz::run_briefly(root)?;

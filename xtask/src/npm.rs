@@ -1,5 +1,8 @@
 //! Node packages of the browser tests: `npm ci`, skipped when `node_modules` already matches
 //! the lockfile.
+//!
+//! `playwright-core` is held at 1.61: 1.62 and later need Node.js 20, and Debian 12 has 18.
+//! It drives Debian's own Chromium (`executablePath`), so no browser is downloaded.
 
 use std::fs;
 use std::path::Path;

@@ -226,6 +226,7 @@ pub async fn supervise(
 async fn run(session: &mut Session, notify: &(impl Fn(LinkEvent) + Send)) -> End {
     let mut tick = tokio::time::interval(TICK);
     let mut heard = (session.handle.datagrams_received(), Instant::now());
+    let mut last_tick = Instant::now();
     let mut last_stats = (session.handle.bytes_received(), Instant::now());
     loop {
         tokio::select! {
@@ -253,6 +254,14 @@ async fn run(session: &mut Session, notify: &(impl Fn(LinkEvent) + Send)) -> End
             },
             _ = tick.tick() => {
                 let now = Instant::now();
+                // A tick this late means this process did not run (a starved machine, a
+                // suspended laptop): the server's datagrams may be waiting unread, so silence
+                // is only counted from here.
+                if now.duration_since(last_tick) > 2 * TICK {
+                    tracing::debug!(late_ms = now.duration_since(last_tick).as_millis(), "the client was not running");
+                    heard.1 = heard.1.max(now - TICK);
+                }
+                last_tick = now;
                 let datagrams = session.handle.datagrams_received();
                 if datagrams != heard.0 {
                     heard = (datagrams, now);
