@@ -8,7 +8,7 @@ use sqlx::{Any, Row, Transaction};
 use super::tx::{
     choose_host, end_sessions, image_of_pool, lock_pool, queue_command, resume_or_start_session, retry,
 };
-use super::{Broker, truncate_reason};
+use super::{Broker, CommandKind, truncate_reason};
 use crate::db::{get_i64, get_str, new_id};
 use crate::error::{Error, Result};
 use crate::model::{Actor, Desktop, DesktopState, Pool, PoolKind};
@@ -152,7 +152,7 @@ impl Broker {
         if moved.rows_affected() != 1 {
             return Err(Error::Conflict("desktop changed concurrently".into()));
         }
-        queue_command(tx, &host, &desktop.id, "start", now).await
+        queue_command(tx, &host, &desktop.id, CommandKind::Start, now).await
     }
 
     /// How long a desktop waits before its next start when it has failed `failures` times in a
@@ -233,7 +233,7 @@ impl Broker {
         .bind(now)
         .execute(&mut **tx)
         .await?;
-        queue_command(tx, &host, &id, "start", now).await?;
+        queue_command(tx, &host, &id, CommandKind::Start, now).await?;
         Ok(id)
     }
 
@@ -361,7 +361,7 @@ impl Broker {
         if moved.rows_affected() != 1 {
             return Err(Error::NotReady(desktop.name));
         }
-        queue_command(&mut tx, &host, &desktop.id, "restart", now).await?;
+        queue_command(&mut tx, &host, &desktop.id, CommandKind::Restart, now).await?;
         tx.commit().await?;
         self.audit(&actor.name, "desktop.restart", &desktop.name, "").await
     }
@@ -388,7 +388,7 @@ impl Broker {
                 .execute(&mut *tx)
                 .await?;
             if let (1, Some(host)) = (moved.rows_affected(), &desktop.host_id) {
-                queue_command(&mut tx, host, &desktop.id, "recycle", now).await?;
+                queue_command(&mut tx, host, &desktop.id, CommandKind::Recycle, now).await?;
             }
         } else {
             sqlx::query("UPDATE desktops SET state = 'ready', user_id = NULL, state_since = $1 WHERE id = $2 AND state IN ('in_use', 'disconnected')")

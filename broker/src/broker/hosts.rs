@@ -4,8 +4,8 @@ use sqlx::{Any, Row, Transaction};
 
 use super::tx::{image_of_pool, queue_command};
 use super::{
-    Broker, CommandAck, Heartbeat, HeartbeatReply, HostCommand, HostRegistered, HostRegistration,
-    truncate_reason,
+    Broker, CommandAck, CommandKind, Heartbeat, HeartbeatReply, HostCommand, HostRegistered,
+    HostRegistration, truncate_reason,
 };
 use crate::db::{get_i64, get_str, new_id};
 use crate::error::{Error, Result};
@@ -173,9 +173,9 @@ impl Broker {
                 .await?;
             match row.map(|r| get_str(&r, "state")).transpose()? {
                 // Not ours (any more), or failed while the host was away: stop it.
-                None => queue_command(&mut tx, &host.id, &running.id, "stop", now).await?,
+                None => queue_command(&mut tx, &host.id, &running.id, CommandKind::Stop, now).await?,
                 Some(s) if s == "failed" => {
-                    queue_command(&mut tx, &host.id, &running.id, "stop", now).await?
+                    queue_command(&mut tx, &host.id, &running.id, CommandKind::Stop, now).await?
                 }
                 Some(s) if running.connected => {
                     sqlx::query("UPDATE desktops SET last_activity = $1 WHERE id = $2")
@@ -223,12 +223,10 @@ impl Broker {
             if taken.rows_affected() != 1 {
                 continue;
             }
-            let kind = get_str(r, "kind")?;
+            let kind = CommandKind::from_name(&get_str(r, "kind")?);
             let pool_id: Option<String> = r.try_get("pool_id")?;
-            let image = match (&*kind, pool_id) {
-                ("start" | "restart" | "recycle", Some(pool_id)) => {
-                    Some(image_of_pool(&mut tx, &pool_id).await?.into())
-                }
+            let image = match pool_id {
+                Some(pool_id) if kind.boots() => Some(image_of_pool(&mut tx, &pool_id).await?.into()),
                 _ => None,
             };
             commands.push(HostCommand {
@@ -293,7 +291,7 @@ impl Broker {
         .fetch_optional(&self.db.pool)
         .await?
         .ok_or_else(|| Error::NotFound("command".into()))?;
-        let kind = get_str(&row, "kind")?;
+        let kind = CommandKind::from_name(&get_str(&row, "kind")?);
         let desktop_id = get_str(&row, "desktop_id")?;
         let mut tx = self.db.pool.begin().await?;
         sqlx::query("UPDATE host_commands SET state = $1, error = $2 WHERE id = $3")
@@ -320,8 +318,8 @@ impl Broker {
                 .execute(&mut *tx)
                 .await?;
         }
-        match (kind.as_str(), ack.ok) {
-            ("start" | "restart", true) => {
+        match (kind, ack.ok) {
+            (CommandKind::Start | CommandKind::Restart, true) => {
                 sqlx::query(
                     "UPDATE desktops SET state = CASE WHEN user_id IS NULL THEN 'ready' ELSE 'in_use' END, state_since = $1, last_activity = $1, \
                      start_failures = 0, last_error = NULL, retry_at = 0 WHERE id = $2 AND state = 'provisioning'",
@@ -331,14 +329,14 @@ impl Broker {
                 .execute(&mut *tx)
                 .await?;
             }
-            ("recycle", true) => {
+            (CommandKind::Recycle, true) => {
                 sqlx::query("UPDATE desktops SET state = 'ready', user_id = NULL, state_since = $1 WHERE id = $2 AND state = 'recycling'")
                     .bind(now)
                     .bind(&desktop_id)
                     .execute(&mut *tx)
                     .await?;
             }
-            ("start" | "restart" | "recycle", false) => {
+            (_, false) if kind.boots() => {
                 let reason = ack.error.as_deref().unwrap_or("the host gave no reason");
                 self.mark_failed(&mut tx, &desktop_id, reason, "start_failed", now).await?;
             }

@@ -90,8 +90,8 @@ pub struct Broker {
 
 // The host API's messages live in the protocol crate: `pleiades-host serve` uses the same types.
 pub use pleiades_protocol::hostapi::{
-    CommandAck, Heartbeat, HeartbeatReply, HostCommand, HostRegistered, HostRegistration, RunningDesktop,
-    VmImage,
+    CommandAck, CommandKind, Heartbeat, HeartbeatReply, HostCommand, HostRegistered, HostRegistration,
+    RunningDesktop, VmImage,
 };
 
 impl Broker {

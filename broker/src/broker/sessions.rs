@@ -2,8 +2,8 @@
 
 use sqlx::Row;
 
-use super::Broker;
 use super::tx::queue_command;
+use super::{Broker, CommandKind};
 use crate::db::{get_i64, get_str};
 use crate::error::{Error, Result};
 use crate::model::{Actor, Session};
@@ -62,7 +62,7 @@ impl Broker {
         .execute(&mut *tx)
         .await?;
         if let Some(host) = &desktop.host_id {
-            queue_command(&mut tx, host, &desktop.id, "disconnect", now).await?;
+            queue_command(&mut tx, host, &desktop.id, CommandKind::Disconnect, now).await?;
         }
         tx.commit().await?;
         self.audit(&actor.name, "session.disconnect", &desktop.name, session_id).await

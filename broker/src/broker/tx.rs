@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use sqlx::{Any, Transaction};
 
+use super::CommandKind;
 use crate::db::{get_i64, get_str, is_retryable, is_unique_violation, new_id};
 use crate::error::{Error, Result};
 use crate::model::Image;
@@ -70,14 +71,14 @@ pub(super) async fn queue_command(
     tx: &mut Transaction<'_, Any>,
     host_id: &str,
     desktop_id: &str,
-    kind: &str,
+    kind: CommandKind,
     now: i64,
 ) -> Result<()> {
     sqlx::query("INSERT INTO host_commands (id, host_id, desktop_id, kind, state, created_at) VALUES ($1, $2, $3, $4, 'pending', $5)")
         .bind(format!("c-{now:012}-{}", secret::random_hex(6)))
         .bind(host_id)
         .bind(desktop_id)
-        .bind(kind)
+        .bind(kind.as_str())
         .bind(now)
         .execute(&mut **tx)
         .await?;

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use pleiades_protocol::hostapi::{CommandAck, Heartbeat, HostCommand, HostRegistration};
+use pleiades_protocol::hostapi::{CommandAck, CommandKind, Heartbeat, HostCommand, HostRegistration};
 use serde::{Deserialize, Serialize};
 
 use self::broker::{BrokerClient, BrokerError, Trust};
@@ -331,22 +331,22 @@ fn dispatch(vms: &Arc<Vms>, client: &Arc<tokio::sync::RwLock<BrokerClient>>, com
 async fn execute(vms: &Arc<Vms>, command: &HostCommand) -> CommandAck {
     tracing::info!(desktop = %command.desktop_name, id = %command.desktop_id, kind = %command.kind, "command");
     let image = || command.image.as_ref().ok_or_else(|| format!("{} without an image", command.kind));
-    let result = match command.kind.as_str() {
-        "start" => match image() {
+    let result = match command.kind {
+        CommandKind::Start => match image() {
             Ok(image) => vms.start(&command.desktop_id, image).await.map(Some),
             Err(e) => Err(e),
         },
         // No disks yet: a desktop is its image, so reverting it is starting it afresh.
-        "restart" | "recycle" => match image() {
+        CommandKind::Restart | CommandKind::Recycle => match image() {
             Ok(image) => match vms.stop(&command.desktop_id).await {
                 Ok(()) => vms.start(&command.desktop_id, image).await.map(Some),
                 Err(e) => Err(e),
             },
             Err(e) => Err(e),
         },
-        "stop" => vms.stop(&command.desktop_id).await.map(|()| None),
-        "disconnect" => vms.disconnect(&command.desktop_id).await.map(|()| None),
-        other => Err(format!("unknown command {other:?}")),
+        CommandKind::Stop => vms.stop(&command.desktop_id).await.map(|()| None),
+        CommandKind::Disconnect => vms.disconnect(&command.desktop_id).await.map(|()| None),
+        CommandKind::Unknown => Err("unknown command kind: the broker is newer than this host".to_owned()),
     };
     match result {
         Ok(port) => CommandAck { ok: true, error: None, port },
