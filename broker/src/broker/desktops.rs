@@ -11,7 +11,7 @@ use super::tx::{
 use super::{Broker, CommandKind, truncate_reason};
 use crate::db::{get_i64, get_str, new_id};
 use crate::error::{Error, Result};
-use crate::model::{Actor, Desktop, DesktopState, Pool, PoolKind};
+use crate::model::{Actor, Desktop, DesktopState, HostState, Pool, PoolKind};
 
 impl Broker {
     /// Gives the user a desktop of the pool: theirs if they have one (persistent, or a
@@ -288,7 +288,7 @@ impl Broker {
             return Err(Error::NotReady(desktop.name));
         }
         let host = self.host(desktop.host_id.as_deref().unwrap_or_default()).await?;
-        if host.state != "online" {
+        if host.state != HostState::Online {
             return Err(Error::NotReady(desktop.name));
         }
         let now = self.now();

@@ -9,7 +9,7 @@ use super::{
 };
 use crate::db::{get_i64, get_str, new_id};
 use crate::error::{Error, Result};
-use crate::model::{Actor, Host, valid_name};
+use crate::model::{Actor, DesktopState, Host, HostState, valid_name};
 use crate::secret;
 
 impl Broker {
@@ -171,13 +171,12 @@ impl Broker {
                 .bind(&host.id)
                 .fetch_optional(&mut *tx)
                 .await?;
-            match row.map(|r| get_str(&r, "state")).transpose()? {
+            match row.map(|r| DesktopState::parse(&get_str(&r, "state")?)).transpose()? {
                 // Not ours (any more), or failed while the host was away: stop it.
-                None => queue_command(&mut tx, &host.id, &running.id, CommandKind::Stop, now).await?,
-                Some(s) if s == "failed" => {
+                None | Some(DesktopState::Failed) => {
                     queue_command(&mut tx, &host.id, &running.id, CommandKind::Stop, now).await?
                 }
-                Some(s) if running.connected => {
+                Some(state) if running.connected => {
                     sqlx::query("UPDATE desktops SET last_activity = $1 WHERE id = $2")
                         .bind(now)
                         .bind(&running.id)
@@ -190,7 +189,7 @@ impl Broker {
                     .bind(&running.id)
                     .fetch_one(&mut *tx)
                     .await?;
-                    if s == "disconnected" && get_i64(&in_flight, "n")? == 0 {
+                    if state == DesktopState::Disconnected && get_i64(&in_flight, "n")? == 0 {
                         // The user came back with the client: the session is live again.
                         sqlx::query("UPDATE desktops SET state = 'in_use', state_since = $1 WHERE id = $2")
                             .bind(now)
@@ -238,7 +237,7 @@ impl Broker {
             });
         }
         tx.commit().await?;
-        if host.state != "online" {
+        if host.state != HostState::Online {
             self.audit(&host.name, "host.online", &host.name, "heartbeat after loss").await?;
         }
         for name in vanished {

@@ -6,7 +6,7 @@ use super::tx::queue_command;
 use super::{Broker, CommandKind};
 use crate::db::{get_i64, get_str};
 use crate::error::{Error, Result};
-use crate::model::{Actor, Session};
+use crate::model::{Actor, Session, SessionState};
 
 impl Broker {
     pub async fn list_sessions(&self, actor: &Actor, live_only: bool) -> Result<Vec<Session>> {
@@ -26,7 +26,7 @@ impl Broker {
                     desktop_name: get_str(r, "desktop_name")?,
                     user_id: get_str(r, "user_id")?,
                     user_name: get_str(r, "user_name")?,
-                    state: get_str(r, "state")?,
+                    state: SessionState::parse(&get_str(r, "state")?)?,
                     started_at: get_i64(r, "started_at")?,
                     ended_at: r.try_get("ended_at")?,
                     end_reason: r.try_get("end_reason")?,
