@@ -385,6 +385,33 @@ impl SessionState {
     }
 }
 
+/// Where a queued host command is (the `host_commands` table; hosts never see it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommandState {
+    /// Queued, not yet handed to the host.
+    Pending,
+    /// Handed out in a heartbeat reply, not yet acknowledged.
+    Sent,
+    /// Acknowledged as done.
+    Done,
+    /// Acknowledged as failed; the host's reason is kept.
+    Failed,
+    /// Never to be done: the host was lost first.
+    Dropped,
+}
+
+impl CommandState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Sent => "sent",
+            Self::Done => "done",
+            Self::Failed => "failed",
+            Self::Dropped => "dropped",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct AuditEntry {
     pub at: i64,

@@ -57,7 +57,8 @@ impl Broker {
                 self.start_failed_again(&mut tx, pool, &desktop, Some(user_id), now).await?;
                 resume_or_start_session(&mut tx, &desktop.id, user_id, now).await?;
             } else if matches!(desktop.state, DesktopState::Disconnected | DesktopState::Ready) {
-                sqlx::query("UPDATE desktops SET state = 'in_use', user_id = $1, state_since = $2, last_activity = $2, generation = generation + 1 WHERE id = $3")
+                sqlx::query("UPDATE desktops SET state = $1, user_id = $2, state_since = $3, last_activity = $3, generation = generation + 1 WHERE id = $4")
+                    .bind(DesktopState::InUse.as_str())
                     .bind(user_id)
                     .bind(now)
                     .bind(&desktop.id)
@@ -76,9 +77,10 @@ impl Broker {
         if let Some(row) = ready {
             let id = get_str(&row, "id")?;
             let claimed = sqlx::query(
-                "UPDATE desktops SET state = 'in_use', user_id = $1, owner_id = $2, state_since = $3, last_activity = $3, generation = generation + 1 \
-                 WHERE id = $4 AND state = 'ready' AND user_id IS NULL",
+                "UPDATE desktops SET state = $1, user_id = $2, owner_id = $3, state_since = $4, last_activity = $4, generation = generation + 1 \
+                 WHERE id = $5 AND state = 'ready' AND user_id IS NULL",
             )
+            .bind(DesktopState::InUse.as_str())
             .bind(user_id)
             .bind(owner)
             .bind(now)
@@ -140,9 +142,10 @@ impl Broker {
         let image = image_of_pool(tx, &pool.id).await?;
         let host = choose_host(tx, &image).await?;
         let moved = sqlx::query(
-            "UPDATE desktops SET state = 'provisioning', host_id = $1, user_id = $2, state_since = $3, last_activity = $3, \
-             generation = generation + 1, session_port = NULL WHERE id = $4 AND state = 'failed'",
+            "UPDATE desktops SET state = $1, host_id = $2, user_id = $3, state_since = $4, last_activity = $4, \
+             generation = generation + 1, session_port = NULL WHERE id = $5 AND state = 'failed'",
         )
+        .bind(DesktopState::Provisioning.as_str())
         .bind(&host)
         .bind(user_id.map(str::to_owned))
         .bind(now)
@@ -184,8 +187,9 @@ impl Broker {
         let Some(row) = row else { return Ok(()) };
         let failures = get_i64(&row, "start_failures")?;
         sqlx::query(
-            "UPDATE desktops SET state = 'failed', state_since = $1, last_error = $2, start_failures = $3, retry_at = $4 WHERE id = $5",
+            "UPDATE desktops SET state = $1, state_since = $2, last_error = $3, start_failures = $4, retry_at = $5 WHERE id = $6",
         )
+        .bind(DesktopState::Failed.as_str())
         .bind(now)
         .bind(truncate_reason(reason))
         .bind(failures + 1)
@@ -222,12 +226,13 @@ impl Broker {
         let name = format!("{}-{}", pool.name, &id[2..8]);
         sqlx::query(
             "INSERT INTO desktops (id, pool_id, name, host_id, state, owner_id, user_id, generation, state_since, last_activity, created_at) \
-             VALUES ($1, $2, $3, $4, 'provisioning', $5, $6, 0, $7, $7, $7)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8, $8, $8)",
         )
         .bind(&id)
         .bind(&pool.id)
         .bind(&name)
         .bind(&host)
+        .bind(DesktopState::Provisioning.as_str())
         .bind(owner_id.map(str::to_owned))
         .bind(user_id.map(str::to_owned))
         .bind(now)
@@ -293,9 +298,10 @@ impl Broker {
         }
         let now = self.now();
         let updated = sqlx::query(
-            "UPDATE desktops SET state = 'in_use', user_id = $1, state_since = CASE WHEN state = 'in_use' THEN state_since ELSE $2 END, last_activity = $2 \
-             WHERE id = $3 AND state IN ('in_use', 'disconnected', 'ready') AND (user_id = $1 OR owner_id = $1)",
+            "UPDATE desktops SET state = $1, user_id = $2, state_since = CASE WHEN state = 'in_use' THEN state_since ELSE $3 END, last_activity = $3 \
+             WHERE id = $4 AND state IN ('in_use', 'disconnected', 'ready') AND (user_id = $2 OR owner_id = $2)",
         )
+        .bind(DesktopState::InUse.as_str())
         .bind(&actor.user_id)
         .bind(now)
         .bind(&desktop.id)
@@ -353,7 +359,8 @@ impl Broker {
         }
         let Some(host) = desktop.host_id.clone() else { return Err(Error::NotReady(desktop.name)) };
         let mut tx = self.db.pool.begin().await?;
-        let moved = sqlx::query("UPDATE desktops SET state = 'provisioning', state_since = $1 WHERE id = $2 AND state IN ('in_use', 'disconnected', 'ready')")
+        let moved = sqlx::query("UPDATE desktops SET state = $1, state_since = $2 WHERE id = $3 AND state IN ('in_use', 'disconnected', 'ready')")
+            .bind(DesktopState::Provisioning.as_str())
             .bind(now)
             .bind(&desktop.id)
             .execute(&mut *tx)
@@ -382,7 +389,8 @@ impl Broker {
         let mut tx = self.db.pool.begin().await?;
         end_sessions(&mut tx, &desktop.id, reason, now).await?;
         if pool.kind == PoolKind::Floating {
-            let moved = sqlx::query("UPDATE desktops SET state = 'recycling', user_id = NULL, state_since = $1 WHERE id = $2 AND state IN ('in_use', 'disconnected')")
+            let moved = sqlx::query("UPDATE desktops SET state = $1, user_id = NULL, state_since = $2 WHERE id = $3 AND state IN ('in_use', 'disconnected')")
+                .bind(DesktopState::Recycling.as_str())
                 .bind(now)
                 .bind(&desktop.id)
                 .execute(&mut *tx)
@@ -391,7 +399,8 @@ impl Broker {
                 queue_command(&mut tx, host, &desktop.id, CommandKind::Recycle, now).await?;
             }
         } else {
-            sqlx::query("UPDATE desktops SET state = 'ready', user_id = NULL, state_since = $1 WHERE id = $2 AND state IN ('in_use', 'disconnected')")
+            sqlx::query("UPDATE desktops SET state = $1, user_id = NULL, state_since = $2 WHERE id = $3 AND state IN ('in_use', 'disconnected')")
+                .bind(DesktopState::Ready.as_str())
                 .bind(now)
                 .bind(&desktop.id)
                 .execute(&mut *tx)

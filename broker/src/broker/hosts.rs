@@ -9,7 +9,7 @@ use super::{
 };
 use crate::db::{get_i64, get_str, new_id};
 use crate::error::{Error, Result};
-use crate::model::{Actor, DesktopState, Host, HostState, valid_name};
+use crate::model::{Actor, CommandState, DesktopState, Host, HostState, SessionState, valid_name};
 use crate::secret;
 
 impl Broker {
@@ -75,7 +75,7 @@ impl Broker {
         sqlx::query("DELETE FROM hosts WHERE id = $1").bind(&id).execute(&mut *tx).await?;
         sqlx::query(
             "INSERT INTO hosts (id, name, address, session_port, cert_sha256, credential_hash, cores, memory_mib, state, last_heartbeat, registered_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'online', $9, $9)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10)",
         )
         .bind(&id)
         .bind(&reg.name)
@@ -85,6 +85,7 @@ impl Broker {
         .bind(secret::token_hash(&credential))
         .bind(reg.cores)
         .bind(reg.memory_mib)
+        .bind(HostState::Online.as_str())
         .bind(now)
         .execute(&mut *tx)
         .await?;
@@ -149,13 +150,16 @@ impl Broker {
     pub async fn heartbeat(&self, host: &Host, beat: &Heartbeat) -> Result<HeartbeatReply> {
         let now = self.now();
         let mut tx = self.db.pool.begin().await?;
-        sqlx::query("UPDATE hosts SET cores = $1, memory_mib = $2, last_heartbeat = $3, state = 'online' WHERE id = $4")
-            .bind(beat.cores)
-            .bind(beat.memory_mib)
-            .bind(now)
-            .bind(&host.id)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "UPDATE hosts SET cores = $1, memory_mib = $2, last_heartbeat = $3, state = $4 WHERE id = $5",
+        )
+        .bind(beat.cores)
+        .bind(beat.memory_mib)
+        .bind(now)
+        .bind(HostState::Online.as_str())
+        .bind(&host.id)
+        .execute(&mut *tx)
+        .await?;
         set_host_images(&mut tx, &host.id, &beat.images).await?;
         for running in &beat.desktops {
             if let Some(port) = running.port {
@@ -191,12 +195,19 @@ impl Broker {
                     .await?;
                     if state == DesktopState::Disconnected && get_i64(&in_flight, "n")? == 0 {
                         // The user came back with the client: the session is live again.
-                        sqlx::query("UPDATE desktops SET state = 'in_use', state_since = $1 WHERE id = $2")
+                        sqlx::query("UPDATE desktops SET state = $1, state_since = $2 WHERE id = $3")
+                            .bind(DesktopState::InUse.as_str())
                             .bind(now)
                             .bind(&running.id)
                             .execute(&mut *tx)
                             .await?;
-                        sqlx::query("UPDATE sessions SET state = 'active' WHERE desktop_id = $1 AND state = 'disconnected'").bind(&running.id).execute(&mut *tx).await?;
+                        sqlx::query(
+                            "UPDATE sessions SET state = $1 WHERE desktop_id = $2 AND state = 'disconnected'",
+                        )
+                        .bind(SessionState::Active.as_str())
+                        .bind(&running.id)
+                        .execute(&mut *tx)
+                        .await?;
                     }
                 }
                 Some(_) => {}
@@ -215,7 +226,8 @@ impl Broker {
             let id = get_str(r, "id")?;
             // At most once: a command is handed out by the transaction that flips it to sent.
             let taken =
-                sqlx::query("UPDATE host_commands SET state = 'sent' WHERE id = $1 AND state = 'pending'")
+                sqlx::query("UPDATE host_commands SET state = $1 WHERE id = $2 AND state = 'pending'")
+                    .bind(CommandState::Sent.as_str())
                     .bind(&id)
                     .execute(&mut *tx)
                     .await?;
@@ -294,7 +306,7 @@ impl Broker {
         let desktop_id = get_str(&row, "desktop_id")?;
         let mut tx = self.db.pool.begin().await?;
         sqlx::query("UPDATE host_commands SET state = $1, error = $2 WHERE id = $3")
-            .bind(if ack.ok { "done" } else { "failed" })
+            .bind(if ack.ok { CommandState::Done } else { CommandState::Failed }.as_str())
             .bind(ack.error.clone())
             .bind(command_id)
             .execute(&mut *tx)
@@ -320,16 +332,19 @@ impl Broker {
         match (kind, ack.ok) {
             (CommandKind::Start | CommandKind::Restart, true) => {
                 sqlx::query(
-                    "UPDATE desktops SET state = CASE WHEN user_id IS NULL THEN 'ready' ELSE 'in_use' END, state_since = $1, last_activity = $1, \
-                     start_failures = 0, last_error = NULL, retry_at = 0 WHERE id = $2 AND state = 'provisioning'",
+                    "UPDATE desktops SET state = CASE WHEN user_id IS NULL THEN $1 ELSE $2 END, state_since = $3, last_activity = $3, \
+                     start_failures = 0, last_error = NULL, retry_at = 0 WHERE id = $4 AND state = 'provisioning'",
                 )
+                .bind(DesktopState::Ready.as_str())
+                .bind(DesktopState::InUse.as_str())
                 .bind(now)
                 .bind(&desktop_id)
                 .execute(&mut *tx)
                 .await?;
             }
             (CommandKind::Recycle, true) => {
-                sqlx::query("UPDATE desktops SET state = 'ready', user_id = NULL, state_since = $1 WHERE id = $2 AND state = 'recycling'")
+                sqlx::query("UPDATE desktops SET state = $1, user_id = NULL, state_since = $2 WHERE id = $3 AND state = 'recycling'")
+                    .bind(DesktopState::Ready.as_str())
                     .bind(now)
                     .bind(&desktop_id)
                     .execute(&mut *tx)

@@ -8,6 +8,11 @@
 //! on SQLite), so allocations in one pool are serialized on both backends; the claim itself is
 //! a conditional `UPDATE … WHERE state = 'ready' AND user_id IS NULL` whose `rows_affected` is
 //! checked, so even a missed lock could not hand one desktop to two users.
+//!
+//! States (of desktops, hosts, sessions and host commands) and command kinds are enums
+//! ([`crate::model`], [`CommandKind`]). A state that a query writes is bound from its enum, so
+//! that every way into a state is found by its variant; the states a query only tests stay
+//! literals in its SQL, where they read as the condition they are.
 
 mod accounts;
 mod desktops;

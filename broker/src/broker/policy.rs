@@ -4,7 +4,7 @@ use super::Broker;
 use super::tx::{lock_pool, retry};
 use crate::db::{get_i64, get_str};
 use crate::error::Result;
-use crate::model::{Desktop, Pool, PoolKind};
+use crate::model::{CommandState, Desktop, DesktopState, HostState, Pool, PoolKind, SessionState};
 
 impl Broker {
     /// One round of background work: lost hosts, idle and disconnected desktops, spares.
@@ -31,8 +31,9 @@ impl Broker {
             let (id, name) = (get_str(&r, "id")?, get_str(&r, "name")?);
             let mut tx = self.db.pool.begin().await?;
             let lost = sqlx::query(
-                "UPDATE hosts SET state = 'lost' WHERE id = $1 AND state = 'online' AND last_heartbeat < $2",
+                "UPDATE hosts SET state = $1 WHERE id = $2 AND state = 'online' AND last_heartbeat < $3",
             )
+            .bind(HostState::Lost.as_str())
             .bind(&id)
             .bind(cutoff)
             .execute(&mut *tx)
@@ -49,7 +50,13 @@ impl Broker {
             for d in &desktops {
                 self.mark_failed(&mut tx, &get_str(d, "id")?, &reason, "host_lost", now).await?;
             }
-            sqlx::query("UPDATE host_commands SET state = 'dropped' WHERE host_id = $1 AND state IN ('pending', 'sent')").bind(&id).execute(&mut *tx).await?;
+            sqlx::query(
+                "UPDATE host_commands SET state = $1 WHERE host_id = $2 AND state IN ('pending', 'sent')",
+            )
+            .bind(CommandState::Dropped.as_str())
+            .bind(&id)
+            .execute(&mut *tx)
+            .await?;
             tx.commit().await?;
             tracing::warn!(host = %name, desktops = desktops.len(), "host lost: no heartbeat");
             self.audit("system", "host.lost", &name, &format!("{} desktops failed", desktops.len())).await?;
@@ -70,14 +77,19 @@ impl Broker {
             .await?;
             for r in &idle {
                 let id = get_str(r, "id")?;
-                let moved = sqlx::query("UPDATE desktops SET state = 'disconnected', state_since = $1 WHERE id = $2 AND state = 'in_use' AND last_activity < $3")
+                let moved = sqlx::query("UPDATE desktops SET state = $1, state_since = $2 WHERE id = $3 AND state = 'in_use' AND last_activity < $4")
+                    .bind(DesktopState::Disconnected.as_str())
                     .bind(now)
                     .bind(&id)
                     .bind(now - pool.idle_timeout_secs)
                     .execute(&self.db.pool)
                     .await?;
                 if moved.rows_affected() == 1 {
-                    sqlx::query("UPDATE sessions SET state = 'disconnected' WHERE desktop_id = $1 AND state = 'active'").bind(&id).execute(&self.db.pool).await?;
+                    sqlx::query("UPDATE sessions SET state = $1 WHERE desktop_id = $2 AND state = 'active'")
+                        .bind(SessionState::Disconnected.as_str())
+                        .bind(&id)
+                        .execute(&self.db.pool)
+                        .await?;
                     self.audit("system", "desktop.idle", &id, "disconnected by idle policy").await?;
                 }
             }

@@ -6,18 +6,22 @@ use super::tx::queue_command;
 use super::{Broker, CommandKind};
 use crate::db::{get_i64, get_str};
 use crate::error::{Error, Result};
-use crate::model::{Actor, Session, SessionState};
+use crate::model::{Actor, DesktopState, Session, SessionState};
 
 impl Broker {
     pub async fn list_sessions(&self, actor: &Actor, live_only: bool) -> Result<Vec<Session>> {
         actor.require_admin()?;
-        let filter = if live_only { "WHERE s.state <> 'ended'" } else { "" };
+        let filter = if live_only { "WHERE s.state <> $1" } else { "" };
         let sql = format!(
             "SELECT s.*, d.name AS desktop_name, u.name AS user_name FROM sessions s JOIN desktops d ON d.id = s.desktop_id \
              JOIN users u ON u.id = s.user_id {filter} ORDER BY s.started_at DESC, s.id LIMIT 500"
         );
         // `filter` is one of two literals.
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(&self.db.pool).await?;
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        if live_only {
+            query = query.bind(SessionState::Ended.as_str());
+        }
+        let rows = query.fetch_all(&self.db.pool).await?;
         rows.iter()
             .map(|r| {
                 Ok(Session {
@@ -50,17 +54,17 @@ impl Broker {
             .ok_or_else(|| Error::NotFound("live session".into()))?;
         let desktop = self.desktop(&desktop_id).await?;
         let mut tx = self.db.pool.begin().await?;
-        sqlx::query("UPDATE sessions SET state = 'disconnected' WHERE id = $1")
+        sqlx::query("UPDATE sessions SET state = $1 WHERE id = $2")
+            .bind(SessionState::Disconnected.as_str())
             .bind(session_id)
             .execute(&mut *tx)
             .await?;
-        sqlx::query(
-            "UPDATE desktops SET state = 'disconnected', state_since = $1 WHERE id = $2 AND state = 'in_use'",
-        )
-        .bind(now)
-        .bind(&desktop.id)
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query("UPDATE desktops SET state = $1, state_since = $2 WHERE id = $3 AND state = 'in_use'")
+            .bind(DesktopState::Disconnected.as_str())
+            .bind(now)
+            .bind(&desktop.id)
+            .execute(&mut *tx)
+            .await?;
         if let Some(host) = &desktop.host_id {
             queue_command(&mut tx, host, &desktop.id, CommandKind::Disconnect, now).await?;
         }

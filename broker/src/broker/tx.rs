@@ -9,7 +9,7 @@ use sqlx::{Any, Transaction};
 use super::CommandKind;
 use crate::db::{get_i64, get_str, is_retryable, is_unique_violation, new_id};
 use crate::error::{Error, Result};
-use crate::model::Image;
+use crate::model::{CommandState, Image, SessionState};
 use crate::secret;
 
 /// Attempts of one allocation under lock contention before giving up.
@@ -74,11 +74,12 @@ pub(super) async fn queue_command(
     kind: CommandKind,
     now: i64,
 ) -> Result<()> {
-    sqlx::query("INSERT INTO host_commands (id, host_id, desktop_id, kind, state, created_at) VALUES ($1, $2, $3, $4, 'pending', $5)")
+    sqlx::query("INSERT INTO host_commands (id, host_id, desktop_id, kind, state, created_at) VALUES ($1, $2, $3, $4, $5, $6)")
         .bind(format!("c-{now:012}-{}", secret::random_hex(6)))
         .bind(host_id)
         .bind(desktop_id)
         .bind(kind.as_str())
+        .bind(CommandState::Pending.as_str())
         .bind(now)
         .execute(&mut **tx)
         .await?;
@@ -92,20 +93,24 @@ pub(super) async fn resume_or_start_session(
     now: i64,
 ) -> Result<()> {
     let resumed = sqlx::query(
-        "UPDATE sessions SET state = 'active' WHERE desktop_id = $1 AND user_id = $2 AND state <> 'ended'",
+        "UPDATE sessions SET state = $1 WHERE desktop_id = $2 AND user_id = $3 AND state <> 'ended'",
     )
+    .bind(SessionState::Active.as_str())
     .bind(desktop_id)
     .bind(user_id)
     .execute(&mut **tx)
     .await?;
     if resumed.rows_affected() == 0 {
-        sqlx::query("INSERT INTO sessions (id, desktop_id, user_id, state, started_at) VALUES ($1, $2, $3, 'active', $4)")
-            .bind(new_id("s"))
-            .bind(desktop_id)
-            .bind(user_id)
-            .bind(now)
-            .execute(&mut **tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO sessions (id, desktop_id, user_id, state, started_at) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(new_id("s"))
+        .bind(desktop_id)
+        .bind(user_id)
+        .bind(SessionState::Active.as_str())
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
     }
     Ok(())
 }
@@ -116,7 +121,8 @@ pub(super) async fn end_sessions(
     reason: &str,
     now: i64,
 ) -> Result<()> {
-    sqlx::query("UPDATE sessions SET state = 'ended', ended_at = $1, end_reason = $2 WHERE desktop_id = $3 AND state <> 'ended'")
+    sqlx::query("UPDATE sessions SET state = $1, ended_at = $2, end_reason = $3 WHERE desktop_id = $4 AND state <> 'ended'")
+        .bind(SessionState::Ended.as_str())
         .bind(now)
         .bind(reason)
         .bind(desktop_id)
