@@ -6,7 +6,8 @@ use pleiades_protocol::ticket::TicketClaims;
 use sqlx::{Any, Row, Transaction};
 
 use super::tx::{
-    choose_host, end_sessions, image_of_pool, lock_pool, queue_command, resume_or_start_session, retry,
+    choose_host, end_sessions, image_of_pool, lock_pool, queue_command, resume_or_start_session,
+    retry_lost_races,
 };
 use super::{Broker, CommandKind, truncate_reason};
 use crate::db::{get_i64, get_str, new_id};
@@ -26,7 +27,7 @@ impl Broker {
         if !pool.enabled {
             return Err(Error::Invalid(format!("pool {} is disabled", pool.name)));
         }
-        let desktop = retry(|| self.try_allocate(&actor.user_id, &pool)).await?;
+        let desktop = retry_lost_races(|| self.try_allocate(&actor.user_id, &pool)).await?;
         self.audit(
             &actor.name,
             "desktop.allocate",

@@ -1,7 +1,7 @@
 //! Background work: lost hosts, idle and disconnected desktops, spare desktops.
 
 use super::Broker;
-use super::tx::{lock_pool, retry};
+use super::tx::{lock_pool, retry_lost_races};
 use crate::db::{get_i64, get_str};
 use crate::error::Result;
 use crate::model::{CommandState, Desktop, DesktopState, HostState, Pool, PoolKind, SessionState};
@@ -125,7 +125,7 @@ impl Broker {
     pub async fn refill_pool(&self, pool: &Pool) -> Result<usize> {
         let mut started = 0;
         for _ in 0..pool.max_size.max(0) {
-            let made = retry(|| async {
+            let made = retry_lost_races(|| async {
                 let now = self.now();
                 let mut tx = self.db.pool.begin().await?;
                 lock_pool(&mut tx, &pool.id).await?;

@@ -12,8 +12,8 @@ use crate::error::{Error, Result};
 use crate::model::{CommandState, Image, SessionState};
 use crate::secret;
 
-/// Attempts of one allocation under lock contention before giving up.
-const ALLOC_ATTEMPTS: u32 = 50;
+/// Attempts of one transaction that keeps losing races (an allocation, a refill) before giving up.
+const RACE_ATTEMPTS: u32 = 50;
 
 /// Serializes allocations within one pool (row lock on PostgreSQL, write lock on SQLite).
 pub(super) async fn lock_pool(tx: &mut Transaction<'_, Any>, pool_id: &str) -> Result<()> {
@@ -132,7 +132,7 @@ pub(super) async fn end_sessions(
 }
 
 /// Runs an operation again while it loses races (lock contention, a concurrent claim).
-pub(super) async fn retry<T, F, Fut>(mut op: F) -> Result<T>
+pub(super) async fn retry_lost_races<T, F, Fut>(mut op: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T>>,
@@ -142,7 +142,7 @@ where
         attempt += 1;
         match op().await {
             Err(e)
-                if attempt < ALLOC_ATTEMPTS
+                if attempt < RACE_ATTEMPTS
                     && (is_retryable(&e) || matches!(e, Error::Conflict(_)) || is_unique(&e)) =>
             {
                 tokio::time::sleep(Duration::from_millis(2 * u64::from(attempt.min(25)))).await;
