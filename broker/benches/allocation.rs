@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use common::{Backend, Env, HostDouble, START, system};
 use pleiades_broker::BrokerSettings;
-use pleiades_broker::model::{PoolKind, PoolSpec, PrincipalKind};
+use pleiades_broker::model::{DesktopState, PoolKind, PoolSpec, PrincipalKind};
 use pleiades_protocol::ticket::PublicKey;
 use serde_json::{Value, json};
 
@@ -191,7 +191,7 @@ async fn run(backend: Backend, args: &Args) -> Report {
     env.broker.update_pool(&system(), &warm, &spec("warm", n, 0), true).await.unwrap();
     let ready = env.broker.list_desktops(&system()).await.unwrap();
     assert_eq!(
-        ready.iter().filter(|d| d.pool_id == warm && d.state.as_str() == "ready").count(),
+        ready.iter().filter(|d| d.pool_id == warm && d.state == DesktopState::Ready).count(),
         n,
         "every desktop of the warm pool is ready before the timed phase"
     );
@@ -451,7 +451,7 @@ async fn check(env: &Env, hosts: &[HostDouble], users: &[User], pool: &str, got:
         let user = &users[g.user];
         let d = &desktops[&g.desktop];
         assert_eq!(d.user_id.as_deref(), Some(user.id.as_str()), "{} in the database", d.name);
-        assert_eq!(d.state.as_str(), "in_use");
+        assert_eq!(d.state, DesktopState::InUse);
         let host = host_ids[&g.host_address];
         assert_eq!(d.host_id.as_deref(), Some(host));
         let claims = key.verify_stateless(&g.ticket, host, START + 1).expect("the ticket verifies");

@@ -359,9 +359,10 @@ async fn run(mut config: Config, command: Cmd) -> Result<()> {
         }
         Cmd::Host(HostCmd::List) => {
             for h in open(&config).await?.list_hosts(&system).await? {
+                let state = h.state.as_str();
                 println!(
-                    "{}\t{}:{}\t{}\t{} cores\t{} MiB\t{} desktops",
-                    h.name, h.address, h.session_port, h.state, h.cores, h.memory_mib, h.desktops
+                    "{}\t{}:{}\t{state}\t{} cores\t{} MiB\t{} desktops",
+                    h.name, h.address, h.session_port, h.cores, h.memory_mib, h.desktops
                 );
             }
         }

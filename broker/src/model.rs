@@ -287,8 +287,7 @@ pub struct Host {
     pub cert_sha256: String,
     pub cores: i64,
     pub memory_mib: i64,
-    /// `online` or `lost`.
-    pub state: String,
+    pub state: HostState,
     pub last_heartbeat: i64,
     /// The last command this host failed, and why (its own words).
     pub last_error: Option<String>,
@@ -306,12 +305,39 @@ impl Host {
             cert_sha256: get_str(r, "cert_sha256")?,
             cores: get_i64(r, "cores")?,
             memory_mib: get_i64(r, "memory_mib")?,
-            state: get_str(r, "state")?,
+            state: HostState::parse(&get_str(r, "state")?)?,
             last_heartbeat: get_i64(r, "last_heartbeat")?,
             last_error: get_opt_str(r, "last_error")?,
             images: Vec::new(),
             desktops: 0,
         })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HostState {
+    /// Heartbeating: desktops are placed on it.
+    Online,
+    /// Silent for longer than the heartbeat timeout: its desktops were failed. Its next
+    /// heartbeat brings it back online.
+    Lost,
+}
+
+impl HostState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Online => "online",
+            Self::Lost => "lost",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "online" => Ok(Self::Online),
+            "lost" => Ok(Self::Lost),
+            _ => Err(Error::Internal(format!("unknown host state {s:?}"))),
+        }
     }
 }
 
@@ -322,10 +348,68 @@ pub struct Session {
     pub desktop_name: String,
     pub user_id: String,
     pub user_name: String,
-    pub state: String,
+    pub state: SessionState,
     pub started_at: i64,
     pub ended_at: Option<i64>,
     pub end_reason: Option<String>,
+}
+
+/// A user's use of a desktop, from allocation to release (or loss).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionState {
+    /// The user holds the desktop, connected or about to connect.
+    Active,
+    /// The client was dropped (idle, or by an admin); the user may resume.
+    Disconnected,
+    /// Over: released, recycled, or the desktop failed.
+    Ended,
+}
+
+impl SessionState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Disconnected => "disconnected",
+            Self::Ended => "ended",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "active" => Ok(Self::Active),
+            "disconnected" => Ok(Self::Disconnected),
+            "ended" => Ok(Self::Ended),
+            _ => Err(Error::Internal(format!("unknown session state {s:?}"))),
+        }
+    }
+}
+
+/// Where a queued host command is (the `host_commands` table; hosts never see it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommandState {
+    /// Queued, not yet handed to the host.
+    Pending,
+    /// Handed out in a heartbeat reply, not yet acknowledged.
+    Sent,
+    /// Acknowledged as done.
+    Done,
+    /// Acknowledged as failed; the host's reason is kept.
+    Failed,
+    /// Never to be done: the host was lost first.
+    Dropped,
+}
+
+impl CommandState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Sent => "sent",
+            Self::Done => "done",
+            Self::Failed => "failed",
+            Self::Dropped => "dropped",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -375,5 +459,29 @@ impl Actor {
 
     pub fn require_admin(&self) -> Result<()> {
         if self.is_admin { Ok(()) } else { Err(Error::Forbidden) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The API's JSON and the database spell a state the same way: serde and `as_str` agree.
+    #[test]
+    fn states_are_their_stored_names_in_json() {
+        use DesktopState as D;
+        for s in [D::Provisioning, D::Ready, D::InUse, D::Disconnected, D::Recycling, D::Failed] {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+            assert_eq!(DesktopState::parse(s.as_str()).unwrap(), s);
+        }
+        for s in [HostState::Online, HostState::Lost] {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+            assert_eq!(HostState::parse(s.as_str()).unwrap(), s);
+        }
+        for s in [SessionState::Active, SessionState::Disconnected, SessionState::Ended] {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+            assert_eq!(SessionState::parse(s.as_str()).unwrap(), s);
+        }
+        assert!(HostState::parse("offline").is_err());
     }
 }

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 
 use common::{Backend, Env, HostDouble, START, system};
 use pleiades_broker::Error;
-use pleiades_broker::model::{DesktopState, PoolKind};
+use pleiades_broker::model::{DesktopState, HostState, PoolKind, SessionState};
 use pleiades_protocol::ticket::{PublicKey, TicketError, TicketVerifier};
 
 on_both_databases!(
@@ -287,11 +287,15 @@ async fn host_lost_fails_desktops_and_reallocates(backend: Backend) {
     env.clock.advance(20);
     alive.tick().await; // `lost` stays silent from here on
     env.broker.maintain().await.unwrap();
-    assert_eq!(env.broker.host(&lost.reg.host_id).await.unwrap().state, "online", "20 s < 30 s timeout");
+    assert_eq!(
+        env.broker.host(&lost.reg.host_id).await.unwrap().state,
+        HostState::Online,
+        "20 s < 30 s timeout"
+    );
     env.clock.advance(15);
     alive.tick().await;
     env.broker.maintain().await.unwrap();
-    assert_eq!(env.broker.host(&lost.reg.host_id).await.unwrap().state, "lost");
+    assert_eq!(env.broker.host(&lost.reg.host_id).await.unwrap().state, HostState::Lost);
     for d in [&d1, &d2] {
         let now = env.broker.desktop(&d.id).await.unwrap();
         let expected = if d.host_id.as_deref() == Some(lost.reg.host_id.as_str()) {
@@ -325,7 +329,7 @@ async fn host_lost_fails_desktops_and_reallocates(backend: Backend) {
     lost.tick().await;
     lost.settle().await;
     assert!(lost.vms.is_empty(), "stale VMs stopped: {:?}", lost.vms);
-    assert_eq!(env.broker.host(&lost.reg.host_id).await.unwrap().state, "online");
+    assert_eq!(env.broker.host(&lost.reg.host_id).await.unwrap().state, HostState::Online);
 }
 
 async fn idle_and_disconnected_desktops_are_recycled(backend: Backend) {
@@ -395,7 +399,7 @@ async fn admin_disconnect_then_resume(backend: Backend) {
     let conn = env.broker.connect(&alice, &d.id).await.unwrap();
     assert_eq!(conn.desktop, d.name);
     let sessions = env.broker.list_sessions(&root, true).await.unwrap();
-    assert_eq!((sessions.len(), sessions[0].state.as_str()), (1, "active"));
+    assert_eq!((sessions.len(), sessions[0].state), (1, SessionState::Active));
     let audit = env.broker.list_audit(&root, 100).await.unwrap();
     assert!(audit.iter().any(|e| e.action == "session.disconnect" && e.actor == "root"));
 }

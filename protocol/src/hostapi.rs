@@ -75,13 +75,69 @@ pub struct HeartbeatReply {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostCommand {
     pub id: String,
-    /// `start`, `stop`, `restart`, `recycle` (revert to the image and start clean) or
-    /// `disconnect` (drop the client).
-    pub kind: String,
+    pub kind: CommandKind,
     pub desktop_id: String,
     pub desktop_name: String,
-    /// What to boot (`start`, `restart`, `recycle`).
+    /// What to boot (the kinds that [boot](CommandKind::boots)).
     pub image: Option<VmImage>,
+}
+
+/// What a [`HostCommand`] asks for. On the wire, and in the broker's database, the lowercase
+/// name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CommandKind {
+    /// Boot the desktop's VM.
+    Start,
+    /// Stop the VM.
+    Stop,
+    /// Stop the VM and boot it again.
+    Restart,
+    /// Revert the desktop to its image and boot it clean, for the pool's next user.
+    Recycle,
+    /// Drop the desktop's client; the VM keeps running.
+    Disconnect,
+    /// A kind from a newer broker: the host refuses that one command instead of failing to
+    /// read the whole heartbeat reply. The broker never sends it.
+    #[serde(other)]
+    Unknown,
+}
+
+impl CommandKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Start => "start",
+            Self::Stop => "stop",
+            Self::Restart => "restart",
+            Self::Recycle => "recycle",
+            Self::Disconnect => "disconnect",
+            Self::Unknown => "unknown",
+        }
+    }
+
+    /// The kind named `s`, as [`Self::as_str`] writes it; [`Self::Unknown`] for a name this
+    /// version does not know, as when it comes over the wire.
+    pub fn from_name(s: &str) -> Self {
+        match s {
+            "start" => Self::Start,
+            "stop" => Self::Stop,
+            "restart" => Self::Restart,
+            "recycle" => Self::Recycle,
+            "disconnect" => Self::Disconnect,
+            _ => Self::Unknown,
+        }
+    }
+
+    /// Boots the VM, so the command carries the image.
+    pub fn boots(self) -> bool {
+        matches!(self, Self::Start | Self::Restart | Self::Recycle)
+    }
+}
+
+impl std::fmt::Display for CommandKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// A desktop image as hosts boot it. Paths are on the host.
@@ -124,5 +180,26 @@ mod tests {
         let with_port = RunningDesktop { port: Some(47001), ..d };
         let json = serde_json::to_string(&with_port).unwrap();
         assert_eq!(serde_json::from_str::<RunningDesktop>(&json).unwrap(), with_port);
+    }
+
+    #[test]
+    fn command_kinds_are_their_lowercase_names_on_the_wire() {
+        for (kind, name) in [
+            (CommandKind::Start, "start"),
+            (CommandKind::Stop, "stop"),
+            (CommandKind::Restart, "restart"),
+            (CommandKind::Recycle, "recycle"),
+            (CommandKind::Disconnect, "disconnect"),
+        ] {
+            assert_eq!(serde_json::to_string(&kind).unwrap(), format!("\"{name}\""));
+            assert_eq!(serde_json::from_str::<CommandKind>(&format!("\"{name}\"")).unwrap(), kind);
+            assert_eq!((kind.as_str(), CommandKind::from_name(name)), (name, kind));
+        }
+        assert_eq!(CommandKind::from_name("snapshot"), CommandKind::Unknown);
+        let reply: HeartbeatReply = serde_json::from_str(
+            r#"{"commands":[{"id":"c1","kind":"snapshot","desktop_id":"d1","desktop_name":"n","image":null}],"heartbeat_interval_secs":5}"#,
+        )
+        .unwrap();
+        assert_eq!(reply.commands[0].kind, CommandKind::Unknown);
     }
 }

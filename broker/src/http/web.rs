@@ -16,7 +16,7 @@ use maud::{DOCTYPE, Markup, html};
 
 use super::{AppState, Auth, Client, LOGIN_CSRF_COOKIE, SESSION_COOKIE, cookie, set_cookie};
 use crate::error::Error;
-use crate::model::{DesktopState, Image, PoolKind, PoolSpec, PrincipalKind};
+use crate::model::{DesktopState, Image, PoolKind, PoolSpec, PrincipalKind, SessionState};
 use crate::secret;
 
 const CSS: &str = include_str!("style.css");
@@ -483,7 +483,7 @@ async fn admin_hosts(
                         tr {
                             td { (h.name) }
                             td { (h.address) ":" (h.session_port) }
-                            td { span class={"state state-" (h.state)} { (h.state) } }
+                            td { span class={"state state-" (h.state.as_str())} { (h.state.as_str()) } }
                             td { (h.cores) }
                             td { (h.memory_mib) " MiB" }
                             td { (h.desktops) }
@@ -627,7 +627,7 @@ async fn admin_pools(
                             td { (images.iter().find(|i| i.id == p.image_id).map(|i| i.name.as_str()).unwrap_or("?")) }
                             td { (p.min_size) "–" (p.max_size) }
                             td { (p.spares) }
-                            td { (desktops.iter().filter(|d| d.pool_id == p.id && d.state.as_str() != "failed").count()) }
+                            td { (desktops.iter().filter(|d| d.pool_id == p.id && d.state != DesktopState::Failed).count()) }
                             td { @if p.enabled { "yes" } @else { "no" } }
                         }
                     }
@@ -918,9 +918,9 @@ async fn admin_sessions(
                 tbody {
                     @for x in &sessions {
                         tr {
-                            td { (x.user_name) } td { (x.desktop_name) } td { (x.state) } td { (when(x.started_at)) }
+                            td { (x.user_name) } td { (x.desktop_name) } td { (x.state.as_str()) } td { (when(x.started_at)) }
                             td {
-                                @if x.state == "active" {
+                                @if x.state == SessionState::Active {
                                     form method="post" action={"/admin/sessions/" (x.id) "/disconnect"} {
                                         (csrf_input(&auth))
                                         button.secondary type="submit" aria-label={"Disconnect " (x.user_name) " from " (x.desktop_name)} { "Disconnect" }

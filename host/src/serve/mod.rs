@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use pleiades_protocol::hostapi::{CommandAck, Heartbeat, HostCommand, HostRegistration};
+use pleiades_protocol::hostapi::{CommandAck, CommandKind, Heartbeat, HostCommand, HostRegistration};
 use serde::{Deserialize, Serialize};
 
 use self::broker::{BrokerClient, BrokerError, Trust};
@@ -335,22 +335,22 @@ fn dispatch(
 async fn execute(desktops: &Arc<Desktops>, command: &HostCommand) -> CommandAck {
     tracing::info!(desktop = %command.desktop_name, id = %command.desktop_id, kind = %command.kind, "command");
     let image = || command.image.as_ref().ok_or_else(|| format!("{} without an image", command.kind));
-    let result = match command.kind.as_str() {
-        "start" => match image() {
+    let result = match command.kind {
+        CommandKind::Start => match image() {
             Ok(image) => desktops.start(&command.desktop_id, image).await.map(Some),
             Err(e) => Err(e),
         },
         // No disks yet: a desktop is its image, so reverting it is starting it afresh.
-        "restart" | "recycle" => match image() {
+        CommandKind::Restart | CommandKind::Recycle => match image() {
             Ok(image) => match desktops.stop(&command.desktop_id).await {
                 Ok(()) => desktops.start(&command.desktop_id, image).await.map(Some),
                 Err(e) => Err(e),
             },
             Err(e) => Err(e),
         },
-        "stop" => desktops.stop(&command.desktop_id).await.map(|()| None),
-        "disconnect" => desktops.disconnect(&command.desktop_id).await.map(|()| None),
-        other => Err(format!("unknown command {other:?}")),
+        CommandKind::Stop => desktops.stop(&command.desktop_id).await.map(|()| None),
+        CommandKind::Disconnect => desktops.disconnect(&command.desktop_id).await.map(|()| None),
+        CommandKind::Unknown => Err("unknown command kind: the broker is newer than this host".to_owned()),
     };
     match result {
         Ok(port) => CommandAck { ok: true, error: None, port },

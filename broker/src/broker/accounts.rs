@@ -1,0 +1,274 @@
+//! Users, groups, logins and the tokens that keep a login.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use sqlx::Row;
+
+use super::{Broker, BrokerSettings, conflict};
+use crate::auth::{LocalPasswords, PasswordBackend};
+use crate::db::{get_i64, get_str, new_id};
+use crate::error::{Error, Result};
+use crate::model::{Actor, Group, User, valid_name};
+use crate::secret;
+
+impl Broker {
+    pub async fn create_user(
+        &self,
+        actor: &Actor,
+        name: &str,
+        display_name: &str,
+        password: Option<&str>,
+        is_admin: bool,
+    ) -> Result<User> {
+        actor.require_admin()?;
+        if !valid_name(name) {
+            return Err(Error::Invalid("user name: 1-64 letters, digits, '-', '_', '.', '@'".into()));
+        }
+        let hash = match password {
+            Some(p) if p.len() < 8 => return Err(Error::Invalid("password: at least 8 characters".into())),
+            Some(p) => Some(hash_blocking(p.to_owned()).await?),
+            None => None,
+        };
+        let id = new_id("u");
+        let display = if display_name.is_empty() { name } else { display_name };
+        sqlx::query("INSERT INTO users (id, name, display_name, password_hash, source, is_admin, created_at) VALUES ($1, $2, $3, $4, 'local', $5, $6)")
+            .bind(&id)
+            .bind(name)
+            .bind(display)
+            .bind(hash)
+            .bind(i64::from(is_admin))
+            .bind(self.now())
+            .execute(&self.db.pool)
+            .await
+            .map_err(|e| conflict(e, &format!("user {name}")))?;
+        self.audit(&actor.name, "user.create", name, if is_admin { "admin" } else { "user" }).await?;
+        self.user_by_name(name).await
+    }
+
+    pub async fn set_password(&self, actor: &Actor, name: &str, password: &str) -> Result<()> {
+        actor.require_admin()?;
+        if password.len() < 8 {
+            return Err(Error::Invalid("password: at least 8 characters".into()));
+        }
+        let hash = hash_blocking(password.to_owned()).await?;
+        let done = sqlx::query("UPDATE users SET password_hash = $1 WHERE name = $2")
+            .bind(hash)
+            .bind(name)
+            .execute(&self.db.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(Error::NotFound(format!("user {name}")));
+        }
+        self.audit(&actor.name, "user.password", name, "").await
+    }
+
+    pub async fn user_by_name(&self, name: &str) -> Result<User> {
+        let row = sqlx::query("SELECT * FROM users WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.db.pool)
+            .await?;
+        row.as_ref().map(User::from_row).transpose()?.ok_or_else(|| Error::NotFound(format!("user {name}")))
+    }
+
+    pub async fn user_by_id(&self, id: &str) -> Result<User> {
+        let row =
+            sqlx::query("SELECT * FROM users WHERE id = $1").bind(id).fetch_optional(&self.db.pool).await?;
+        row.as_ref().map(User::from_row).transpose()?.ok_or_else(|| Error::NotFound("user".into()))
+    }
+
+    pub async fn list_users(&self, actor: &Actor) -> Result<Vec<User>> {
+        actor.require_admin()?;
+        let rows = sqlx::query("SELECT * FROM users ORDER BY name").fetch_all(&self.db.pool).await?;
+        rows.iter().map(User::from_row).collect()
+    }
+
+    pub async fn create_group(&self, actor: &Actor, name: &str) -> Result<()> {
+        actor.require_admin()?;
+        if !valid_name(name) {
+            return Err(Error::Invalid("group name: 1-64 letters, digits, '-', '_', '.'".into()));
+        }
+        sqlx::query("INSERT INTO user_groups (id, name, created_at) VALUES ($1, $2, $3)")
+            .bind(new_id("g"))
+            .bind(name)
+            .bind(self.now())
+            .execute(&self.db.pool)
+            .await
+            .map_err(|e| conflict(e, &format!("group {name}")))?;
+        self.audit(&actor.name, "group.create", name, "").await
+    }
+
+    pub async fn add_group_member(&self, actor: &Actor, group: &str, user: &str) -> Result<()> {
+        actor.require_admin()?;
+        let group_id = self.group_id(group).await?;
+        let user = self.user_by_name(user).await?;
+        sqlx::query("INSERT INTO group_members (group_id, user_id) VALUES ($1, $2)")
+            .bind(&group_id)
+            .bind(&user.id)
+            .execute(&self.db.pool)
+            .await
+            .map_err(|e| conflict(e, &format!("{} in {group}", user.name)))?;
+        self.audit(&actor.name, "group.member.add", group, &user.name).await
+    }
+
+    pub(super) async fn group_id(&self, name: &str) -> Result<String> {
+        let row = sqlx::query("SELECT id FROM user_groups WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.db.pool)
+            .await?;
+        row.map(|r| get_str(&r, "id")).transpose()?.ok_or_else(|| Error::NotFound(format!("group {name}")))
+    }
+
+    pub async fn list_groups(&self, actor: &Actor) -> Result<Vec<Group>> {
+        actor.require_admin()?;
+        let groups =
+            sqlx::query("SELECT id, name FROM user_groups ORDER BY name").fetch_all(&self.db.pool).await?;
+        let members = sqlx::query(
+            "SELECT m.group_id, u.name FROM group_members m JOIN users u ON u.id = m.user_id ORDER BY u.name",
+        )
+        .fetch_all(&self.db.pool)
+        .await?;
+        groups
+            .iter()
+            .map(|g| {
+                let id = get_str(g, "id")?;
+                let mut names = Vec::new();
+                for m in &members {
+                    if get_str(m, "group_id")? == id {
+                        names.push(get_str(m, "name")?);
+                    }
+                }
+                Ok(Group { id, name: get_str(g, "name")?, members: names })
+            })
+            .collect()
+    }
+}
+
+impl Broker {
+    /// Checks a user name and password, rate-limited per user name and per client address,
+    /// with the [`PasswordBackend`] of the account's source (local argon2id by default).
+    pub async fn login(&self, name: &str, password: &str, client: &str) -> Result<User> {
+        let now = self.clock.now();
+        self.limiter.lock().expect("limiter lock").check(&self.settings, name, client, now)?;
+        let row = sqlx::query("SELECT * FROM users WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.db.pool)
+            .await?;
+        let (user, hash) = match &row {
+            Some(r) => (Some(User::from_row(r)?), r.try_get::<Option<String>, _>("password_hash")?),
+            None => (None, None),
+        };
+        // Unknown names (and sources without a backend) are checked against a dummy hash, so
+        // that timing does not tell which names exist.
+        let backend = user
+            .as_ref()
+            .and_then(|u| self.password_backends.iter().find(|b| b.source() == u.source).cloned());
+        let (backend, hash, real): (Arc<dyn PasswordBackend>, _, _) = match backend {
+            Some(b) => (b, hash, true),
+            None => (Arc::new(LocalPasswords), Some(secret::dummy_hash().to_owned()), false),
+        };
+        let verified = {
+            let (name, password) = (name.to_owned(), password.to_owned());
+            tokio::task::spawn_blocking(move || backend.verify(&name, hash.as_deref(), &password) && real)
+                .await
+                .map_err(|e| Error::Internal(e.to_string()))?
+        };
+        match user {
+            Some(user) if verified => {
+                self.limiter.lock().expect("limiter lock").succeeded(name);
+                self.audit(&user.name, "login", &user.name, client).await?;
+                Ok(user)
+            }
+            _ => {
+                self.limiter.lock().expect("limiter lock").failed(name, now);
+                self.audit(name, "login.failed", name, client).await?;
+                Err(Error::Unauthenticated)
+            }
+        }
+    }
+
+    /// A new browser session (`web`) or API token (`api`) for the user: `(token, csrf)`.
+    pub async fn create_auth_token(&self, user: &User, kind: &str) -> Result<(String, String)> {
+        let token = secret::new_token();
+        let csrf = secret::new_token();
+        let lifetime =
+            if kind == "web" { self.settings.web_session_secs } else { self.settings.api_token_secs };
+        sqlx::query("INSERT INTO auth_tokens (token_hash, user_id, kind, csrf, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6)")
+            .bind(secret::token_hash(&token))
+            .bind(&user.id)
+            .bind(kind)
+            .bind(&csrf)
+            .bind(self.now())
+            .bind(self.now() + lifetime as i64)
+            .execute(&self.db.pool)
+            .await?;
+        Ok((token, csrf))
+    }
+
+    /// Resolves a session cookie or bearer token: `(actor, csrf, kind)`.
+    pub async fn authenticate_token(&self, token: &str) -> Result<(Actor, String, String)> {
+        let row = sqlx::query(
+            "SELECT t.csrf, t.kind, t.expires_at, u.id, u.name, u.is_admin FROM auth_tokens t JOIN users u ON u.id = t.user_id WHERE t.token_hash = $1",
+        )
+        .bind(secret::token_hash(token))
+        .fetch_optional(&self.db.pool)
+        .await?
+        .ok_or(Error::Unauthenticated)?;
+        if get_i64(&row, "expires_at")? <= self.now() {
+            return Err(Error::Unauthenticated);
+        }
+        let actor = Actor {
+            user_id: get_str(&row, "id")?,
+            name: get_str(&row, "name")?,
+            is_admin: get_i64(&row, "is_admin")? != 0,
+        };
+        Ok((actor, get_str(&row, "csrf")?, get_str(&row, "kind")?))
+    }
+
+    pub async fn logout(&self, actor: &Actor, token: &str) -> Result<()> {
+        sqlx::query("DELETE FROM auth_tokens WHERE token_hash = $1")
+            .bind(secret::token_hash(token))
+            .execute(&self.db.pool)
+            .await?;
+        self.audit(&actor.name, "logout", &actor.name, "").await
+    }
+}
+
+async fn hash_blocking(password: String) -> Result<String> {
+    tokio::task::spawn_blocking(move || secret::hash_password(&password))
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?
+}
+
+/// Fixed-window login limits, per user name (failures) and per client address (attempts).
+/// In memory: with several brokers each enforces its own limits.
+#[derive(Debug, Default)]
+pub(super) struct RateLimiter {
+    user_failures: HashMap<String, (u64, u32)>,
+    ip_attempts: HashMap<String, (u64, u32)>,
+}
+
+impl RateLimiter {
+    fn check(&mut self, s: &BrokerSettings, user: &str, ip: &str, now: u64) -> Result<()> {
+        let window = s.login_window_secs;
+        self.user_failures.retain(|_, (start, _)| now < *start + window);
+        self.ip_attempts.retain(|_, (start, _)| now < *start + window);
+        let entry = self.ip_attempts.entry(ip.to_owned()).or_insert((now, 0));
+        entry.1 += 1;
+        if entry.1 > s.login_attempts_per_ip {
+            return Err(Error::RateLimited);
+        }
+        if self.user_failures.get(user).is_some_and(|(_, n)| *n >= s.login_failures_per_user) {
+            return Err(Error::RateLimited);
+        }
+        Ok(())
+    }
+
+    fn failed(&mut self, user: &str, now: u64) {
+        self.user_failures.entry(user.to_owned()).or_insert((now, 0)).1 += 1;
+    }
+
+    fn succeeded(&mut self, user: &str) {
+        self.user_failures.remove(user);
+    }
+}

@@ -1,0 +1,384 @@
+//! Hosts: registration tokens, registration, heartbeats and command acknowledgements.
+
+use sqlx::{Any, Row, Transaction};
+
+use super::tx::{image_of_pool, queue_command};
+use super::{
+    Broker, CommandAck, CommandKind, Heartbeat, HeartbeatReply, HostCommand, HostRegistered,
+    HostRegistration, truncate_reason,
+};
+use crate::db::{get_i64, get_str, new_id};
+use crate::error::{Error, Result};
+use crate::model::{Actor, CommandState, DesktopState, Host, HostState, SessionState, valid_name};
+use crate::secret;
+
+impl Broker {
+    /// A registration token for hosts; one-time tokens work once. Returned once, stored hashed.
+    pub async fn create_host_token(
+        &self,
+        actor: &Actor,
+        description: &str,
+        one_time: bool,
+        lifetime_secs: i64,
+    ) -> Result<String> {
+        actor.require_admin()?;
+        let token = format!("hrt_{}", secret::new_token());
+        sqlx::query("INSERT INTO host_tokens (token_hash, description, one_time, used, created_at, expires_at) VALUES ($1, $2, $3, 0, $4, $5)")
+            .bind(secret::token_hash(&token))
+            .bind(description)
+            .bind(i64::from(one_time))
+            .bind(self.now())
+            .bind(self.now() + lifetime_secs.max(1))
+            .execute(&self.db.pool)
+            .await?;
+        self.audit(
+            &actor.name,
+            "host.token.create",
+            description,
+            if one_time { "one-time" } else { "reusable" },
+        )
+        .await?;
+        Ok(token)
+    }
+
+    pub async fn register_host(&self, reg: &HostRegistration, client: &str) -> Result<HostRegistered> {
+        let now = self.now();
+        if !valid_name(&reg.name)
+            || reg.address.is_empty()
+            || reg.session_port == 0
+            || reg.cores < 1
+            || reg.memory_mib < 1
+        {
+            return Err(Error::Invalid("host: valid name, address, session_port, cores, memory_mib".into()));
+        }
+        let hash = secret::token_hash(&reg.token);
+        // One-time tokens are spent by a conditional update, so two hosts cannot share one.
+        let spent = sqlx::query("UPDATE host_tokens SET used = used + 1 WHERE token_hash = $1 AND expires_at > $2 AND (one_time = 0 OR used = 0)")
+            .bind(&hash)
+            .bind(now)
+            .execute(&self.db.pool)
+            .await?;
+        if spent.rows_affected() != 1 {
+            self.audit(&reg.name, "host.register.denied", &reg.name, client).await?;
+            return Err(Error::Unauthenticated);
+        }
+        let credential = format!("hcr_{}", secret::new_token());
+        let existing = sqlx::query("SELECT id FROM hosts WHERE name = $1")
+            .bind(&reg.name)
+            .fetch_optional(&self.db.pool)
+            .await?;
+        let id = match existing {
+            Some(r) => get_str(&r, "id")?,
+            None => new_id("h"),
+        };
+        let mut tx = self.db.pool.begin().await?;
+        sqlx::query("DELETE FROM hosts WHERE id = $1").bind(&id).execute(&mut *tx).await?;
+        sqlx::query(
+            "INSERT INTO hosts (id, name, address, session_port, cert_sha256, credential_hash, cores, memory_mib, state, last_heartbeat, registered_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10)",
+        )
+        .bind(&id)
+        .bind(&reg.name)
+        .bind(&reg.address)
+        .bind(i64::from(reg.session_port))
+        .bind(&reg.cert_sha256)
+        .bind(secret::token_hash(&credential))
+        .bind(reg.cores)
+        .bind(reg.memory_mib)
+        .bind(HostState::Online.as_str())
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        set_host_images(&mut tx, &id, &reg.images).await?;
+        tx.commit().await?;
+        self.audit(
+            &reg.name,
+            "host.register",
+            &reg.name,
+            &format!("{}:{} from {client}", reg.address, reg.session_port),
+        )
+        .await?;
+        Ok(HostRegistered {
+            host_id: id,
+            credential,
+            ticket_public_key: self.signer.public_key().to_base64(),
+            heartbeat_interval_secs: self.settings.heartbeat_interval_secs,
+            heartbeat_timeout_secs: self.settings.heartbeat_timeout_secs,
+        })
+    }
+
+    pub async fn host_by_credential(&self, credential: &str) -> Result<Host> {
+        let row = sqlx::query("SELECT * FROM hosts WHERE credential_hash = $1")
+            .bind(secret::token_hash(credential))
+            .fetch_optional(&self.db.pool)
+            .await?;
+        row.as_ref().map(Host::from_row).transpose()?.ok_or(Error::Unauthenticated)
+    }
+
+    pub async fn host(&self, id: &str) -> Result<Host> {
+        let row =
+            sqlx::query("SELECT * FROM hosts WHERE id = $1").bind(id).fetch_optional(&self.db.pool).await?;
+        row.as_ref().map(Host::from_row).transpose()?.ok_or_else(|| Error::NotFound("host".into()))
+    }
+
+    pub async fn list_hosts(&self, actor: &Actor) -> Result<Vec<Host>> {
+        actor.require_admin()?;
+        let rows = sqlx::query("SELECT * FROM hosts ORDER BY name").fetch_all(&self.db.pool).await?;
+        let images = sqlx::query("SELECT host_id, image_name FROM host_images ORDER BY image_name")
+            .fetch_all(&self.db.pool)
+            .await?;
+        let counts = sqlx::query("SELECT host_id, COUNT(*) AS n FROM desktops WHERE state <> 'failed' AND host_id IS NOT NULL GROUP BY host_id")
+            .fetch_all(&self.db.pool)
+            .await?;
+        let mut hosts: Vec<Host> = rows.iter().map(Host::from_row).collect::<Result<_>>()?;
+        for h in &mut hosts {
+            for r in &images {
+                if get_str(r, "host_id")? == h.id {
+                    h.images.push(get_str(r, "image_name")?);
+                }
+            }
+            for r in &counts {
+                if get_str(r, "host_id")? == h.id {
+                    h.desktops = get_i64(r, "n")?;
+                }
+            }
+        }
+        Ok(hosts)
+    }
+
+    /// A host's heartbeat: records capacity and what runs, and hands over queued commands.
+    pub async fn heartbeat(&self, host: &Host, beat: &Heartbeat) -> Result<HeartbeatReply> {
+        let now = self.now();
+        let mut tx = self.db.pool.begin().await?;
+        sqlx::query(
+            "UPDATE hosts SET cores = $1, memory_mib = $2, last_heartbeat = $3, state = $4 WHERE id = $5",
+        )
+        .bind(beat.cores)
+        .bind(beat.memory_mib)
+        .bind(now)
+        .bind(HostState::Online.as_str())
+        .bind(&host.id)
+        .execute(&mut *tx)
+        .await?;
+        set_host_images(&mut tx, &host.id, &beat.images).await?;
+        for running in &beat.desktops {
+            if let Some(port) = running.port {
+                sqlx::query("UPDATE desktops SET session_port = $1 WHERE id = $2 AND host_id = $3")
+                    .bind(i64::from(port))
+                    .bind(&running.id)
+                    .bind(&host.id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            let row = sqlx::query("SELECT state FROM desktops WHERE id = $1 AND host_id = $2")
+                .bind(&running.id)
+                .bind(&host.id)
+                .fetch_optional(&mut *tx)
+                .await?;
+            match row.map(|r| DesktopState::parse(&get_str(&r, "state")?)).transpose()? {
+                // Not ours (any more), or failed while the host was away: stop it.
+                None | Some(DesktopState::Failed) => {
+                    queue_command(&mut tx, &host.id, &running.id, CommandKind::Stop, now).await?
+                }
+                Some(state) if running.connected => {
+                    sqlx::query("UPDATE desktops SET last_activity = $1 WHERE id = $2")
+                        .bind(now)
+                        .bind(&running.id)
+                        .execute(&mut *tx)
+                        .await?;
+                    // A disconnect still on its way to the host does not count as a return.
+                    let in_flight = sqlx::query(
+                        "SELECT COUNT(*) AS n FROM host_commands WHERE desktop_id = $1 AND kind = 'disconnect' AND state IN ('pending', 'sent')",
+                    )
+                    .bind(&running.id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    if state == DesktopState::Disconnected && get_i64(&in_flight, "n")? == 0 {
+                        // The user came back with the client: the session is live again.
+                        sqlx::query("UPDATE desktops SET state = $1, state_since = $2 WHERE id = $3")
+                            .bind(DesktopState::InUse.as_str())
+                            .bind(now)
+                            .bind(&running.id)
+                            .execute(&mut *tx)
+                            .await?;
+                        sqlx::query(
+                            "UPDATE sessions SET state = $1 WHERE desktop_id = $2 AND state = 'disconnected'",
+                        )
+                        .bind(SessionState::Active.as_str())
+                        .bind(&running.id)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        let vanished = self.vanished_desktops(&mut tx, host, beat, now).await?;
+        let rows = sqlx::query(
+            "SELECT c.id, c.kind, c.desktop_id, d.name AS desktop_name, d.pool_id FROM host_commands c LEFT JOIN desktops d ON d.id = c.desktop_id \
+             WHERE c.host_id = $1 AND c.state = 'pending' ORDER BY c.created_at, c.id",
+        )
+        .bind(&host.id)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut commands = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let id = get_str(r, "id")?;
+            // At most once: a command is handed out by the transaction that flips it to sent.
+            let taken =
+                sqlx::query("UPDATE host_commands SET state = $1 WHERE id = $2 AND state = 'pending'")
+                    .bind(CommandState::Sent.as_str())
+                    .bind(&id)
+                    .execute(&mut *tx)
+                    .await?;
+            if taken.rows_affected() != 1 {
+                continue;
+            }
+            let kind = CommandKind::from_name(&get_str(r, "kind")?);
+            let pool_id: Option<String> = r.try_get("pool_id")?;
+            let image = match pool_id {
+                Some(pool_id) if kind.boots() => Some(image_of_pool(&mut tx, &pool_id).await?.into()),
+                _ => None,
+            };
+            commands.push(HostCommand {
+                id,
+                kind,
+                desktop_id: get_str(r, "desktop_id")?,
+                desktop_name: r.try_get::<Option<String>, _>("desktop_name")?.unwrap_or_default(),
+                image,
+            });
+        }
+        tx.commit().await?;
+        if host.state != HostState::Online {
+            self.audit(&host.name, "host.online", &host.name, "heartbeat after loss").await?;
+        }
+        for name in vanished {
+            tracing::warn!(host = %host.name, desktop = %name, "desktop no longer runs on its host");
+            self.audit(&host.name, "desktop.vanished", &name, "not running on its host").await?;
+        }
+        Ok(HeartbeatReply { commands, heartbeat_interval_secs: self.settings.heartbeat_interval_secs })
+    }
+
+    /// Desktops that should run on the host but that it no longer reports (the VM died):
+    /// failed, their sessions ended. Only desktops settled for two heartbeat intervals with no
+    /// command in flight count, so that a heartbeat racing a start acknowledgement is harmless.
+    async fn vanished_desktops(
+        &self,
+        tx: &mut Transaction<'_, Any>,
+        host: &Host,
+        beat: &Heartbeat,
+        now: i64,
+    ) -> Result<Vec<String>> {
+        let settled = now - 2 * self.settings.heartbeat_interval_secs as i64;
+        let expected = sqlx::query(
+            "SELECT id, name FROM desktops d WHERE host_id = $1 AND state IN ('ready', 'in_use', 'disconnected') AND state_since < $2 \
+             AND NOT EXISTS (SELECT 1 FROM host_commands c WHERE c.desktop_id = d.id AND c.state IN ('pending', 'sent'))",
+        )
+        .bind(&host.id)
+        .bind(settled)
+        .fetch_all(&mut **tx)
+        .await?;
+        let mut vanished = Vec::new();
+        for row in &expected {
+            let id = get_str(row, "id")?;
+            if beat.desktops.iter().any(|d| d.id == id) {
+                continue;
+            }
+            let reason = format!("its VM no longer runs on host {}", host.name);
+            self.mark_failed(tx, &id, &reason, "vm_lost", now).await?;
+            vanished.push(get_str(row, "name")?);
+        }
+        Ok(vanished)
+    }
+
+    /// The host finished (or failed) a command.
+    pub async fn ack_command(&self, host: &Host, command_id: &str, ack: &CommandAck) -> Result<()> {
+        let now = self.now();
+        let row = sqlx::query(
+            "SELECT kind, desktop_id FROM host_commands WHERE id = $1 AND host_id = $2 AND state = 'sent'",
+        )
+        .bind(command_id)
+        .bind(&host.id)
+        .fetch_optional(&self.db.pool)
+        .await?
+        .ok_or_else(|| Error::NotFound("command".into()))?;
+        let kind = CommandKind::from_name(&get_str(&row, "kind")?);
+        let desktop_id = get_str(&row, "desktop_id")?;
+        let mut tx = self.db.pool.begin().await?;
+        sqlx::query("UPDATE host_commands SET state = $1, error = $2 WHERE id = $3")
+            .bind(if ack.ok { CommandState::Done } else { CommandState::Failed }.as_str())
+            .bind(ack.error.clone())
+            .bind(command_id)
+            .execute(&mut *tx)
+            .await?;
+        if !ack.ok {
+            sqlx::query("UPDATE hosts SET last_error = $1 WHERE id = $2")
+                .bind(truncate_reason(&format!(
+                    "{kind} {desktop_id}: {}",
+                    ack.error.as_deref().unwrap_or("no reason given")
+                )))
+                .bind(&host.id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if let (true, Some(port)) = (ack.ok, ack.port) {
+            sqlx::query("UPDATE desktops SET session_port = $1 WHERE id = $2 AND host_id = $3")
+                .bind(i64::from(port))
+                .bind(&desktop_id)
+                .bind(&host.id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        match (kind, ack.ok) {
+            (CommandKind::Start | CommandKind::Restart, true) => {
+                sqlx::query(
+                    "UPDATE desktops SET state = CASE WHEN user_id IS NULL THEN $1 ELSE $2 END, state_since = $3, last_activity = $3, \
+                     start_failures = 0, last_error = NULL, retry_at = 0 WHERE id = $4 AND state = 'provisioning'",
+                )
+                .bind(DesktopState::Ready.as_str())
+                .bind(DesktopState::InUse.as_str())
+                .bind(now)
+                .bind(&desktop_id)
+                .execute(&mut *tx)
+                .await?;
+            }
+            (CommandKind::Recycle, true) => {
+                sqlx::query("UPDATE desktops SET state = $1, user_id = NULL, state_since = $2 WHERE id = $3 AND state = 'recycling'")
+                    .bind(DesktopState::Ready.as_str())
+                    .bind(now)
+                    .bind(&desktop_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            (_, false) if kind.boots() => {
+                let reason = ack.error.as_deref().unwrap_or("the host gave no reason");
+                self.mark_failed(&mut tx, &desktop_id, reason, "start_failed", now).await?;
+            }
+            _ => {}
+        }
+        tx.commit().await?;
+        if !ack.ok {
+            self.audit(
+                &host.name,
+                &format!("host.{kind}.failed"),
+                &desktop_id,
+                ack.error.as_deref().unwrap_or(""),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+async fn set_host_images(tx: &mut Transaction<'_, Any>, host_id: &str, images: &[String]) -> Result<()> {
+    sqlx::query("DELETE FROM host_images WHERE host_id = $1").bind(host_id).execute(&mut **tx).await?;
+    let mut seen = std::collections::HashSet::new();
+    for image in images.iter().filter(|i| seen.insert(i.as_str())) {
+        sqlx::query("INSERT INTO host_images (host_id, image_name) VALUES ($1, $2)")
+            .bind(host_id)
+            .bind(image)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}

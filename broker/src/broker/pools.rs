@@ -1,0 +1,226 @@
+//! Images, pools, and who is entitled to which pool.
+
+use super::{Broker, conflict};
+use crate::db::{get_str, new_id};
+use crate::error::{Error, Result};
+use crate::model::{Actor, Entitlement, Image, Pool, PoolSpec, PrincipalKind, valid_name};
+
+impl Broker {
+    pub async fn create_image(&self, actor: &Actor, image: &Image) -> Result<Image> {
+        actor.require_admin()?;
+        if !valid_name(&image.name) || image.vcpus < 1 || image.memory_mib < 64 {
+            return Err(Error::Invalid("image: valid name, vcpus >= 1, memory_mib >= 64".into()));
+        }
+        let id = new_id("i");
+        sqlx::query("INSERT INTO images (id, name, kernel, initrd, cmdline, disk, vcpus, memory_mib, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)")
+            .bind(&id)
+            .bind(&image.name)
+            .bind(&image.kernel)
+            .bind(&image.initrd)
+            .bind(&image.cmdline)
+            .bind(image.disk.clone())
+            .bind(image.vcpus)
+            .bind(image.memory_mib)
+            .bind(self.now())
+            .execute(&self.db.pool)
+            .await
+            .map_err(|e| conflict(e, &format!("image {}", image.name)))?;
+        self.audit(
+            &actor.name,
+            "image.create",
+            &image.name,
+            &format!("kernel={} initrd={}", image.kernel, image.initrd),
+        )
+        .await?;
+        Ok(Image { id, ..image.clone() })
+    }
+
+    pub async fn list_images(&self) -> Result<Vec<Image>> {
+        let rows = sqlx::query("SELECT * FROM images ORDER BY name").fetch_all(&self.db.pool).await?;
+        rows.iter().map(Image::from_row).collect()
+    }
+
+    async fn image_by(&self, column: &str, value: &str) -> Result<Image> {
+        // `column` is one of two literals chosen by this module, never user input.
+        let sql = format!("SELECT * FROM images WHERE {column} = $1");
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(value).fetch_optional(&self.db.pool).await?;
+        row.as_ref()
+            .map(Image::from_row)
+            .transpose()?
+            .ok_or_else(|| Error::NotFound(format!("image {value}")))
+    }
+
+    pub async fn create_pool(&self, actor: &Actor, spec: &PoolSpec) -> Result<Pool> {
+        actor.require_admin()?;
+        spec.validate()?;
+        let image = self.image_by("name", &spec.image).await?;
+        let id = new_id("p");
+        let display = if spec.display_name.trim().is_empty() {
+            spec.name.clone()
+        } else {
+            spec.display_name.trim().to_owned()
+        };
+        sqlx::query(
+            "INSERT INTO pools (id, name, display_name, kind, image_id, min_size, max_size, spares, idle_timeout_secs, disconnect_timeout_secs, enabled, alloc_seq, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 1, 0, $11)",
+        )
+        .bind(&id)
+        .bind(&spec.name)
+        .bind(&display)
+        .bind(spec.kind.as_str())
+        .bind(&image.id)
+        .bind(spec.min_size)
+        .bind(spec.max_size)
+        .bind(spec.spares)
+        .bind(spec.idle_timeout_secs)
+        .bind(spec.disconnect_timeout_secs)
+        .bind(self.now())
+        .execute(&self.db.pool)
+        .await
+        .map_err(|e| conflict(e, &format!("pool {}", spec.name)))?;
+        self.audit(&actor.name, "pool.create", &spec.name, &pool_detail(spec)).await?;
+        self.pool(&id).await
+    }
+
+    /// Edits sizes, timeouts and display name (kind and image are fixed once desktops exist).
+    pub async fn update_pool(&self, actor: &Actor, id: &str, spec: &PoolSpec, enabled: bool) -> Result<Pool> {
+        actor.require_admin()?;
+        spec.validate()?;
+        let pool = self.pool(id).await?;
+        let display = if spec.display_name.trim().is_empty() {
+            pool.name.clone()
+        } else {
+            spec.display_name.trim().to_owned()
+        };
+        sqlx::query(
+            "UPDATE pools SET display_name = $1, min_size = $2, max_size = $3, spares = $4, idle_timeout_secs = $5, disconnect_timeout_secs = $6, enabled = $7 WHERE id = $8",
+        )
+        .bind(display)
+        .bind(spec.min_size)
+        .bind(spec.max_size)
+        .bind(spec.spares)
+        .bind(spec.idle_timeout_secs)
+        .bind(spec.disconnect_timeout_secs)
+        .bind(i64::from(enabled))
+        .bind(id)
+        .execute(&self.db.pool)
+        .await?;
+        self.audit(
+            &actor.name,
+            "pool.update",
+            &pool.name,
+            &format!("{} enabled={enabled}", pool_detail(spec)),
+        )
+        .await?;
+        self.pool(id).await
+    }
+
+    pub async fn pool(&self, id: &str) -> Result<Pool> {
+        let row =
+            sqlx::query("SELECT * FROM pools WHERE id = $1").bind(id).fetch_optional(&self.db.pool).await?;
+        row.as_ref().map(Pool::from_row).transpose()?.ok_or_else(|| Error::NotFound("pool".into()))
+    }
+
+    pub async fn pool_by_name(&self, name: &str) -> Result<Pool> {
+        let row = sqlx::query("SELECT * FROM pools WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.db.pool)
+            .await?;
+        row.as_ref().map(Pool::from_row).transpose()?.ok_or_else(|| Error::NotFound(format!("pool {name}")))
+    }
+
+    pub async fn list_pools(&self) -> Result<Vec<Pool>> {
+        let rows = sqlx::query("SELECT * FROM pools ORDER BY name").fetch_all(&self.db.pool).await?;
+        rows.iter().map(Pool::from_row).collect()
+    }
+
+    pub async fn entitle(&self, actor: &Actor, pool_id: &str, kind: PrincipalKind, name: &str) -> Result<()> {
+        actor.require_admin()?;
+        let pool = self.pool(pool_id).await?;
+        let principal = match kind {
+            PrincipalKind::User => self.user_by_name(name).await?.id,
+            PrincipalKind::Group => self.group_id(name).await?,
+        };
+        sqlx::query("INSERT INTO entitlements (pool_id, principal_kind, principal_id) VALUES ($1, $2, $3)")
+            .bind(&pool.id)
+            .bind(kind.as_str())
+            .bind(&principal)
+            .execute(&self.db.pool)
+            .await
+            .map_err(|e| conflict(e, &format!("entitlement of {name}")))?;
+        self.audit(&actor.name, "pool.entitle", &pool.name, &format!("{} {name}", kind.as_str())).await
+    }
+
+    pub async fn unentitle(
+        &self,
+        actor: &Actor,
+        pool_id: &str,
+        kind: PrincipalKind,
+        name: &str,
+    ) -> Result<()> {
+        actor.require_admin()?;
+        let pool = self.pool(pool_id).await?;
+        let principal = match kind {
+            PrincipalKind::User => self.user_by_name(name).await?.id,
+            PrincipalKind::Group => self.group_id(name).await?,
+        };
+        sqlx::query(
+            "DELETE FROM entitlements WHERE pool_id = $1 AND principal_kind = $2 AND principal_id = $3",
+        )
+        .bind(&pool.id)
+        .bind(kind.as_str())
+        .bind(&principal)
+        .execute(&self.db.pool)
+        .await?;
+        self.audit(&actor.name, "pool.unentitle", &pool.name, &format!("{} {name}", kind.as_str())).await
+    }
+
+    pub async fn entitlements(&self, pool_id: &str) -> Result<Vec<Entitlement>> {
+        let rows = sqlx::query(
+            "SELECT e.principal_kind AS kind, COALESCE(u.name, g.name) AS name FROM entitlements e \
+             LEFT JOIN users u ON e.principal_kind = 'user' AND u.id = e.principal_id \
+             LEFT JOIN user_groups g ON e.principal_kind = 'group' AND g.id = e.principal_id \
+             WHERE e.pool_id = $1 ORDER BY e.principal_kind, name",
+        )
+        .bind(pool_id)
+        .fetch_all(&self.db.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let kind =
+                    if get_str(r, "kind")? == "user" { PrincipalKind::User } else { PrincipalKind::Group };
+                Ok(Entitlement { kind, name: get_str(r, "name")? })
+            })
+            .collect()
+    }
+
+    /// Pools the user may use: entitled directly or through a group, and enabled.
+    pub async fn entitled_pools(&self, actor: &Actor) -> Result<Vec<Pool>> {
+        let rows = sqlx::query(
+            "SELECT * FROM pools WHERE enabled = 1 AND id IN (SELECT pool_id FROM entitlements WHERE \
+             (principal_kind = 'user' AND principal_id = $1) OR \
+             (principal_kind = 'group' AND principal_id IN (SELECT group_id FROM group_members WHERE user_id = $1))) ORDER BY display_name",
+        )
+        .bind(&actor.user_id)
+        .fetch_all(&self.db.pool)
+        .await?;
+        rows.iter().map(Pool::from_row).collect()
+    }
+
+    pub(super) async fn is_entitled(&self, actor: &Actor, pool_id: &str) -> Result<bool> {
+        Ok(self.entitled_pools(actor).await?.iter().any(|p| p.id == pool_id))
+    }
+}
+
+fn pool_detail(spec: &PoolSpec) -> String {
+    format!(
+        "kind={} image={} min={} max={} spares={} idle={}s disconnect={}s",
+        spec.kind.as_str(),
+        spec.image,
+        spec.min_size,
+        spec.max_size,
+        spec.spares,
+        spec.idle_timeout_secs,
+        spec.disconnect_timeout_secs
+    )
+}
