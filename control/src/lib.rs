@@ -160,6 +160,20 @@ impl Response {
     }
 }
 
+/// The PNG of a `ctl screenshot` answer (`{"png_base64": …}`), or why there is none.
+pub fn png_of_answer(response: &Response) -> Result<Vec<u8>, String> {
+    use base64::Engine as _;
+    if !response.ok {
+        return Err(response.error.clone().unwrap_or_else(|| "the VM refused".into()));
+    }
+    response
+        .result
+        .as_ref()
+        .and_then(|r| r["png_base64"].as_str())
+        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+        .ok_or_else(|| "the VM's screenshot answer has no PNG".into())
+}
+
 /// Why a VM did not do what a [`Controller`] was asked.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CommandError {

@@ -22,20 +22,6 @@ pub fn encode_png(frame: &Framebuffer) -> Result<Vec<u8>, png::EncodingError> {
     Ok(out)
 }
 
-/// The PNG of a `ctl screenshot` answer (`{"png_base64": …}`), or why there is none.
-pub fn png_of_answer(response: &crate::Response) -> Result<Vec<u8>, String> {
-    use base64::Engine as _;
-    if !response.ok {
-        return Err(response.error.clone().unwrap_or_else(|| "the VM refused".into()));
-    }
-    response
-        .result
-        .as_ref()
-        .and_then(|r| r["png_base64"].as_str())
-        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
-        .ok_or_else(|| "the VM's screenshot answer has no PNG".into())
-}
-
 /// Decodes an 8-bit RGB or RGBA PNG (what [`encode_png`] and QEMU's `screendump` write).
 pub fn decode_png(bytes: &[u8]) -> Result<Framebuffer, String> {
     let decoder = png::Decoder::new(Cursor::new(bytes));

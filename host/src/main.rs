@@ -209,7 +209,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
 
 /// Writes the PNG of a `screenshot` answer to `out`.
 fn save_screenshot(response: control::Response, out: &std::path::Path) -> Result<ExitCode> {
-    let png = match pleiades_control::screenshot::png_of_answer(&response) {
+    let png = match pleiades_control::png_of_answer(&response) {
         Ok(png) => png,
         Err(error) => {
             eprintln!("pleiades-host ctl: {error}");

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use pleiades_agent::ready::GuestInfo;
-use pleiades_control::screenshot::{decode_png, png_of_answer};
+use pleiades_control::png_of_answer;
+use pleiades_control::screenshot::decode_png;
 use pleiades_control::{self as control, Request};
 use pleiades_virtio::gpu::Framebuffer;
 

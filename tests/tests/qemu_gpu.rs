@@ -6,7 +6,8 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use pleiades_control::screenshot::{decode_png, png_of_answer};
+use pleiades_control::png_of_answer;
+use pleiades_control::screenshot::decode_png;
 use pleiades_control::{self as control, Request, Response};
 use pleiades_tests::image::GuestImage;
 use pleiades_tests::qemu::{Guest, boot_timeout};

@@ -11,7 +11,7 @@ use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use super::memory::GuestMemory;
+use pleiades_virtio::GuestMemory;
 
 /// Creates an anonymous, sealed-size-less memfd of `size` bytes. Guest RAM lives in one so that
 /// a vhost-user backend can map the same pages.

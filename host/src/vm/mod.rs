@@ -3,7 +3,8 @@
 //! - [`native`]: `--vmm pleiades`, Pleiades' own VMM ([`pleiades_vmm`]) with the devices
 //!   in-process or in device processes;
 //! - [`qemu`]: `--vmm qemu`, QEMU with Pleiades' devices attached over vhost-user, and
-//!   [`qemu_display`], host-initiated display changes through QEMU's D-Bus display;
+//!   [`qemu_display`], host-initiated display changes through QEMU's D-Bus display, and
+//!   [`qmp`], QEMU's machine protocol;
 //! - [`device_process`]: `pleiades-host device <kind>` processes, which either VMM starts;
 //! - here: the `--device` requests both take.
 
@@ -11,6 +12,7 @@ pub mod device_process;
 pub mod native;
 pub mod qemu;
 pub mod qemu_display;
+pub mod qmp;
 
 use std::str::FromStr;
 

@@ -19,7 +19,7 @@ use std::os::unix::net::UnixStream;
 use serde_json::json;
 use zbus::blocking::Connection;
 
-use super::qemu::Qmp;
+use super::qmp::Qmp;
 
 /// QEMU's display option for VMs with a Pleiades GPU.
 pub const QEMU_DISPLAY: &str = "dbus,p2p=yes,gl=off";
