@@ -40,6 +40,7 @@ pub struct ServerControl {
     announced: Option<Vec<Monitor>>,
     /// When the next resume token is due (with `RESUME`).
     resume_due_us: Option<u64>,
+    acks_received: u64,
     events: VecDeque<ServerEvent>,
 }
 
@@ -63,6 +64,7 @@ impl ServerControl {
             layout_applied_us: None,
             announced: None,
             resume_due_us,
+            acks_received: 0,
             events,
         }
     }
@@ -94,7 +96,9 @@ impl ServerControl {
         };
         match message {
             ControlMessage::FrameAck(ack) => {
-                // An ack of a frame not in flight (late, duplicated, made up) teaches nothing.
+                self.acks_received += 1;
+                // An ack of a frame not in flight (late, duplicated, made up) teaches the pacer
+                // nothing.
                 self.pacer.on_ack(&ack, now_us);
             }
             ControlMessage::RequestLayout(sizes) => {
@@ -240,6 +244,11 @@ impl ServerControl {
         self.core.ignored
     }
 
+    /// `FrameAck`s the client sent, in time for the pacer or not.
+    pub fn acks_received(&self) -> u64 {
+        self.acks_received
+    }
+
     fn apply_layout_if_due(&mut self, now_us: u64) {
         if !self.core.is_open() || self.layout_pending.is_none() {
             return;
@@ -328,7 +337,12 @@ mod tests {
         assert!(!s.may_send_frame(1_010_000), "one frame in flight");
         let ack = FrameAck { frame_id: 1, scanout: 0, received_us: 500, decoded_us: 2_500 };
         s.handle_message(ControlMessage::FrameAck(ack), 1_042_000);
-        assert_eq!(s.pacer().acked_frames(), 1);
+        s.handle_message(ControlMessage::FrameAck(ack), 1_043_000);
+        assert_eq!(
+            (s.pacer().acked_frames(), s.acks_received()),
+            (1, 2),
+            "a second ack counts only as received"
+        );
         assert_eq!(s.pacer().frame_rtt().smoothed(), Some(40_000), "send → ack minus the decode time");
         assert!(s.may_send_frame(1_042_000));
     }
