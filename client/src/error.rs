@@ -2,6 +2,7 @@
 //! for the person who has to fix it.
 
 use pleiades_protocol::connfile::ConnectionError;
+use pleiades_protocol::control::IntentError;
 use pleiades_protocol::handshake::HandshakeError;
 use pleiades_protocol::wire::{Channel, GoodbyeReason, RefuseCode};
 
@@ -41,4 +42,15 @@ pub enum ClientError {
     Stream { channel: Channel, error: String },
     #[error("the session is closed")]
     Closed,
+    #[error("not sent: {0}")]
+    NotSent(IntentError),
+}
+
+impl From<IntentError> for ClientError {
+    fn from(error: IntentError) -> Self {
+        match error {
+            IntentError::Closed => ClientError::Closed,
+            other => ClientError::NotSent(other),
+        }
+    }
 }

@@ -1,14 +1,15 @@
 //! A session over a connected QUIC connection: the handshake, then one task per stream.
 //!
 //! ```text
-//! control bi-stream ── writer task (Hello, acks, Pong, Ping + ClientStats every second, Goodbye)
-//!                   └─ reader task (Ping → Pong, Pong → RTT, DisplayLayout, Goodbye)
+//! control bi-stream ── Hello/Welcome, then one pump task around `ClientControl` (protocol/):
+//!                      pings and the RTT, acks, ClientStats, layouts, resume token, Goodbye
 //! input uni-stream  ── writer task (the input API's messages, highest priority)
 //! server uni-streams── one task each: display (decode, present, FrameAck) or cursor
 //! datagrams         ── cursor positions, latest wins; audio frames to [`crate::audio`]
 //! ```
 //!
-//! Tasks talk through bounded channels and one shared state (surfaces, cursor, layout, RTT).
+//! Tasks talk through bounded channels and one shared state (surfaces, cursor, and the control
+//! channel's state machine, which the display tasks hand their acks and the API its intents).
 //! The caller sees [`SessionEvent`]s: frames with their stats, layouts, the server's goodbye and
 //! failures. A protocol error on any channel closes the whole connection with the channel's
 //! error code (docs/protocol.md §2 allows ending only the channel; a server that sends malformed
@@ -20,15 +21,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use pleiades_protocol::control::{
+    ClientControl, ClientEvent, CloseReason, ControlConfig, GOODBYE_LINGER_US, IntentError,
+};
 use pleiades_protocol::handshake::{self, Capabilities, ClientHandshake, HandshakeError};
-use pleiades_protocol::pacing::RttEstimator;
 use pleiades_protocol::transport::{self, MAX_DISPLAY_STREAMS, error_code, priority};
 use pleiades_protocol::wire::{
-    self, AudioPacket, Channel, ChannelMessage, ClientStats, ControlMessage, CursorMessage, CursorPosition,
-    CursorShape, Datagram, DisplayMessage, FrameAck, Goodbye, GoodbyeReason, InputMessage, Key, Monitor,
-    MonitorSize, Ping, PointerAbs, Pong, Side, StreamDecoder, Wheel,
+    self, AudioPacket, Channel, ControlMessage, CursorMessage, CursorPosition, CursorShape, Datagram,
+    DisplayMessage, FrameAck, Goodbye, GoodbyeReason, InputMessage, Key, Monitor, PointerAbs, StreamDecoder,
+    Wheel,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 
 use crate::clock::monotonic_us;
@@ -40,8 +43,8 @@ use crate::error::ClientError;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_micros(handshake::HANDSHAKE_TIMEOUT_US);
 /// How long a server stream may take to send its one-byte channel prelude.
 const PRELUDE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long `disconnect` waits for the `Goodbye` to be delivered.
-const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long `disconnect` waits for the server to close after the `Goodbye`.
+const GOODBYE_TIMEOUT: Duration = Duration::from_micros(GOODBYE_LINGER_US);
 /// Queued events before the display tasks wait for the consumer (backpressure, which the
 /// server's pacing turns into a lower frame rate).
 const EVENT_QUEUE: usize = 1024;
@@ -99,34 +102,28 @@ pub struct CursorState {
     pub position: Option<CursorPosition>,
 }
 
-/// Counters for the summary and `ClientStats`.
+/// Counters for the summary.
 #[derive(Debug, Default)]
 struct Counters {
     bytes_received: AtomicU64,
     frames: AtomicU64,
-    /// Since the last `ClientStats`.
-    interval_frames: AtomicU64,
-    interval_bytes: AtomicU64,
-    interval_decode_us: AtomicU64,
     datagrams_dropped: AtomicU64,
-    unknown_skipped: AtomicU64,
 }
 
 #[derive(Debug)]
 struct Shared {
     displays: Mutex<Displays>,
     cursor: Mutex<CursorState>,
-    layout: Mutex<Vec<Monitor>>,
-    rtt: Mutex<RttEstimator>,
+    /// The control channel (layout, RTT, resume token): its pump drives it, the display tasks
+    /// ack into it, the API asks for layouts and says goodbye through it.
+    control: Mutex<ClientControl>,
+    /// Wakes the pump when something was queued on `control` from outside it.
+    control_wake: Notify,
     counters: Counters,
     /// Set when this side ends the session: a closed connection is then no failure.
     closing: AtomicBool,
-    /// Set once a `Goodbye` arrived.
-    goodbye: AtomicBool,
     /// Where audio datagrams go (the player), once it listens.
     audio: Mutex<Option<mpsc::Sender<AudioPacket>>>,
-    /// The server's latest `ResumeToken` (with `RESUME`).
-    resume_token: Mutex<Option<String>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -137,7 +134,6 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 #[derive(Debug, Clone)]
 pub struct SessionHandle {
     connection: quinn::Connection,
-    control: mpsc::Sender<ControlMessage>,
     input: mpsc::Sender<InputMessage>,
     shared: Arc<Shared>,
     info: handshake::Session,
@@ -181,7 +177,8 @@ impl Session {
                 };
                 let mut input: &[u8] = &chunk.bytes;
                 match decoder.decode(&mut input) {
-                    Ok(Some(message)) => return Ok((send, recv, decoder, message, input.to_vec())),
+                    // The decoder holds nothing after a whole message: the rest is in `input`.
+                    Ok(Some(message)) => return Ok((send, recv, message, input.to_vec())),
                     Ok(None) => {}
                     Err(e) => {
                         connection.close(e.error_code().into(), b"malformed handshake answer");
@@ -194,7 +191,7 @@ impl Session {
             }
         })
         .await;
-        let (send, recv, decoder, answer, leftover) = match answer {
+        let (send, recv, answer, leftover) = match answer {
             Err(_) => {
                 connection.close(error_code::HANDSHAKE_TIMEOUT.into(), b"no Welcome");
                 return Err(ClientError::HandshakeTimeout);
@@ -234,31 +231,23 @@ impl Session {
             stream_error(Channel::Input, "the server allowed no input stream within 10 s".into())
         })??;
 
+        let mut control = ClientControl::new(&info, ControlConfig::default(), monotonic_us());
+        control.handle_stream_data(&leftover, monotonic_us());
         let shared = Arc::new(Shared {
             displays: Mutex::new(Displays::new()),
             cursor: Mutex::new(CursorState::default()),
-            layout: Mutex::new(Vec::new()),
-            rtt: Mutex::new(RttEstimator::new()),
+            control: Mutex::new(control),
+            control_wake: Notify::new(),
             counters: Counters::default(),
             closing: AtomicBool::new(false),
-            goodbye: AtomicBool::new(false),
             audio: Mutex::new(None),
-            resume_token: Mutex::new(None),
         });
-        let (control_tx, control_rx) = mpsc::channel(SEND_QUEUE);
         let (input_tx, input_rx) = mpsc::channel(SEND_QUEUE);
         let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
-        let handle = SessionHandle {
-            connection: connection.clone(),
-            control: control_tx,
-            input: input_tx,
-            shared,
-            info,
-        };
+        let handle = SessionHandle { connection: connection.clone(), input: input_tx, shared, info };
 
         let mut tasks = JoinSet::new();
-        tasks.spawn(control_writer(handle.clone(), send, control_rx));
-        tasks.spawn(control_reader(handle.clone(), recv, decoder, leftover, events_tx.clone()));
+        tasks.spawn(control_pump(handle.clone(), send, recv, events_tx.clone()));
         tasks.spawn(input_writer(handle.clone(), input_stream, input_rx));
         tasks.spawn(accept_streams(handle.clone(), events_tx.clone()));
         tasks.spawn(read_datagrams(handle.clone()));
@@ -333,16 +322,17 @@ impl SessionHandle {
         self.send_input(InputMessage::ReleaseAll).await
     }
 
-    /// Asks the server to resize the guest's monitors (honoured with `DYNAMIC_LAYOUT`).
+    /// Asks the server to resize the guest's monitors (with `DYNAMIC_LAYOUT`). A request not
+    /// written yet is replaced by this one.
     pub async fn request_layout(&self, sizes: &[(u32, u32)]) -> Result<(), ClientError> {
-        let message = ControlMessage::RequestLayout(
-            sizes.iter().map(|&(width, height)| MonitorSize { width, height }).collect(),
-        );
-        message.validate().map_err(|reason| ClientError::Setup(format!("bad layout request: {reason}")))?;
-        if !self.info.capabilities.contains(Capabilities::DYNAMIC_LAYOUT) {
-            tracing::warn!("the server did not grant DYNAMIC_LAYOUT; it may ignore the layout request");
-        }
-        self.control.send(message).await.map_err(|_| ClientError::Closed)
+        self.control(|control| control.request_layout(sizes)).map_err(ClientError::from)
+    }
+
+    /// Runs an intent on the control channel and wakes its pump to write what it queued.
+    fn control<R>(&self, intent: impl FnOnce(&mut ClientControl) -> R) -> R {
+        let result = intent(&mut lock(&self.shared.control));
+        self.shared.control_wake.notify_one();
+        result
     }
 
     /// The last presented frame of `scanout`.
@@ -357,7 +347,7 @@ impl SessionHandle {
 
     /// The server's last `DisplayLayout`.
     pub fn layout(&self) -> Vec<Monitor> {
-        lock(&self.shared.layout).clone()
+        lock(&self.shared.control).layout().to_vec()
     }
 
     pub fn cursor(&self) -> CursorState {
@@ -366,7 +356,7 @@ impl SessionHandle {
 
     /// Smoothed RTT from this client's pings (µs).
     pub fn ping_rtt_us(&self) -> Option<u64> {
-        lock(&self.shared.rtt).smoothed()
+        lock(&self.shared.control).rtt().smoothed()
     }
 
     /// QUIC's own RTT estimate.
@@ -380,7 +370,7 @@ impl SessionHandle {
 
     /// The server's latest one-time resume token, for [`crate::window`]'s reconnect.
     pub fn resume_token(&self) -> Option<String> {
-        lock(&self.shared.resume_token).clone()
+        lock(&self.shared.control).resume_token().map(|token| token.token.clone())
     }
 
     /// UDP datagrams received on this connection: stops growing when the path is down (the
@@ -398,16 +388,15 @@ impl SessionHandle {
         lock(&self.shared.displays).decode_errors
     }
 
-    /// Sends `Goodbye{Disconnect}`, waits (bounded) until it is delivered, closes with code 0.
+    /// Sends `Goodbye{Disconnect}`, waits (bounded) until the server closed, closes with code 0.
     pub async fn disconnect(&self, message: &str) {
         self.shared.closing.store(true, Ordering::SeqCst);
-        let mut text = message.to_owned();
-        text.truncate(wire::MAX_TEXT_LEN.min(text.len()));
-        while !text.is_char_boundary(text.len()) {
-            text.pop();
-        }
-        let goodbye = ControlMessage::Goodbye(Goodbye { reason: GoodbyeReason::Disconnect, message: text });
-        if self.control.send(goodbye).await.is_ok() {
+        let was_open = self.control(|control| {
+            let open = control.is_open();
+            control.close(GoodbyeReason::Disconnect, message, monotonic_us());
+            open
+        });
+        if was_open {
             let _ = tokio::time::timeout(GOODBYE_TIMEOUT, self.connection.closed()).await;
         }
         self.connection.close(error_code::NO_ERROR.into(), b"goodbye");
@@ -424,146 +413,85 @@ impl SessionHandle {
     }
 }
 
-async fn control_writer(
+/// Pumps the control stream through the session's [`ClientControl`] until the channel ends:
+/// the server's bytes and the timers in, messages out, events passed on.
+async fn control_pump(
     handle: SessionHandle,
     mut send: quinn::SendStream,
-    mut queue: mpsc::Receiver<ControlMessage>,
-) {
-    let mut ping = tokio::time::interval(Duration::from_micros(transport::PING_INTERVAL_US));
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut nonce = 0u64;
-    let mut last_stats_us = monotonic_us();
-    let mut buffer = Vec::new();
-    loop {
-        let mut messages = Vec::with_capacity(2);
-        tokio::select! {
-            message = queue.recv() => match message {
-                Some(message) => messages.push(message),
-                None => break,
-            },
-            _ = ping.tick() => {
-                nonce += 1;
-                let now = monotonic_us();
-                messages.push(ControlMessage::Ping(Ping { nonce, sent_us: now }));
-                messages.push(ControlMessage::ClientStats(client_stats(&handle, now - last_stats_us)));
-                last_stats_us = now;
-            }
-        }
-        buffer.clear();
-        let mut goodbye = false;
-        for message in &messages {
-            goodbye |= matches!(message, ControlMessage::Goodbye(_));
-            if let Err(error) = wire::encode(message, &mut buffer) {
-                tracing::warn!(%error, "not sending an invalid control message");
-            }
-        }
-        if let Err(error) = send.write_all(&buffer).await {
-            tracing::debug!(%error, "control stream closed");
-            break;
-        }
-        if goodbye {
-            let _ = send.finish();
-            let _ = tokio::time::timeout(GOODBYE_TIMEOUT, send.stopped()).await;
-            handle.connection.close(error_code::NO_ERROR.into(), b"goodbye");
-            break;
-        }
-    }
-}
-
-fn client_stats(handle: &SessionHandle, interval_us: u64) -> ClientStats {
-    let counters = &handle.shared.counters;
-    let frames = counters.interval_frames.swap(0, Ordering::Relaxed);
-    let decode_us = counters.interval_decode_us.swap(0, Ordering::Relaxed);
-    ClientStats {
-        interval_us: u32::try_from(interval_us).unwrap_or(u32::MAX),
-        frames_presented: u32::try_from(frames).unwrap_or(u32::MAX),
-        frames_dropped: 0,
-        bytes_received: counters.interval_bytes.swap(0, Ordering::Relaxed),
-        decode_us_mean: u32::try_from(decode_us.checked_div(frames).unwrap_or(0)).unwrap_or(u32::MAX),
-        rtt_us: u32::try_from(handle.ping_rtt_us().unwrap_or(0)).unwrap_or(u32::MAX),
-    }
-}
-
-async fn control_reader(
-    handle: SessionHandle,
     mut recv: quinn::RecvStream,
-    mut decoder: StreamDecoder<ControlMessage>,
-    leftover: Vec<u8>,
     events: mpsc::Sender<SessionEvent>,
 ) {
-    let mut pending = leftover;
+    let shared = &handle.shared;
+    let mut out = Vec::new();
+    let mut reading = true;
     loop {
-        let mut input: &[u8] = &pending;
-        loop {
-            let message = match decoder.decode(&mut input) {
-                Ok(Some(message)) => message,
-                Ok(None) => break,
-                Err(e) => {
-                    let code = e.error_code();
-                    let error = ClientError::Protocol { channel: Channel::Control, detail: e.to_string() };
-                    return handle.fail(&events, code, error).await;
+        let (happened, deadline) = {
+            let mut control = lock(&shared.control);
+            out.clear();
+            while let Some(message) = control.poll_transmit() {
+                // Intents are checked when queued: this fails only on a bug here.
+                if let Err(error) = wire::encode(&message, &mut out) {
+                    tracing::warn!(%error, "not sending an invalid control message");
                 }
-            };
-            if !message.may_be_sent_by(Side::Server) || message.is_handshake() {
-                let detail =
-                    format!("unexpected control message {:#06x} after the handshake", message.message_type());
-                let error = ClientError::Protocol { channel: Channel::Control, detail };
-                return handle.fail(&events, error_code::PROTOCOL_VIOLATION, error).await;
             }
-            match message {
-                ControlMessage::Ping(ping) => {
-                    let pong = ControlMessage::Pong(Pong { nonce: ping.nonce, sent_us: ping.sent_us });
-                    let _ = handle.control.send(pong).await;
-                }
-                ControlMessage::Pong(pong) => {
-                    let now = monotonic_us();
-                    if pong.sent_us <= now {
-                        lock(&handle.shared.rtt).on_sample(now - pong.sent_us);
-                    }
-                }
-                ControlMessage::DisplayLayout(monitors) => {
+            (std::iter::from_fn(|| control.poll_event()).collect::<Vec<_>>(), control.poll_timeout())
+        };
+        if !out.is_empty()
+            && let Err(error) = send.write_all(&out).await
+        {
+            return tracing::debug!(%error, "control stream closed");
+        }
+        for event in happened {
+            match event {
+                ClientEvent::Layout(monitors) => {
                     tracing::info!(?monitors, "display layout");
-                    *lock(&handle.shared.layout) = monitors.clone();
                     let _ = events.send(SessionEvent::Layout(monitors)).await;
                 }
-                ControlMessage::ResumeToken(token) => {
-                    tracing::debug!(lifetime_s = token.lifetime_s, "resume token");
-                    *lock(&handle.shared.resume_token) = Some(token.token);
+                ClientEvent::ResumeToken(token) => {
+                    tracing::debug!(lifetime_s = token.lifetime_s, "resume token")
                 }
-                ControlMessage::Goodbye(goodbye) => {
+                ClientEvent::Rtt(sample) => tracing::trace!(rtt_us = sample.latest_us, "ping answered"),
+                ClientEvent::Closed(CloseReason::Peer(goodbye)) => {
                     tracing::info!(reason = ?goodbye.reason, message = %goodbye.message, "the server said goodbye");
-                    handle.shared.goodbye.store(true, Ordering::SeqCst);
-                    handle.shared.closing.store(true, Ordering::SeqCst);
+                    shared.closing.store(true, Ordering::SeqCst);
                     let _ = events.send(SessionEvent::Goodbye(goodbye)).await;
                     handle.connection.close(error_code::NO_ERROR.into(), b"goodbye");
                     return;
                 }
-                _ => {}
-            }
-        }
-        let skipped = decoder.skipped();
-        if skipped > 0 {
-            handle.shared.counters.unknown_skipped.fetch_max(skipped, Ordering::Relaxed);
-        }
-        pending = match recv.read_chunk(READ_CHUNK, true).await {
-            Ok(Some(chunk)) => chunk.bytes.to_vec(),
-            Ok(None) => {
-                if handle.shared.closing.load(Ordering::SeqCst) {
+                ClientEvent::Closed(CloseReason::Local(_)) => {
+                    // Our goodbye went out and the server did not close within the linger.
+                    handle.connection.close(error_code::NO_ERROR.into(), b"goodbye");
                     return;
                 }
-                let detail = match decoder.finish() {
-                    Err(e) => e.to_string(),
-                    Ok(()) => "the server ended the control stream without Goodbye".into(),
-                };
-                let error = ClientError::Protocol { channel: Channel::Control, detail };
-                return handle.fail(&events, error_code::PROTOCOL_VIOLATION, error).await;
+                ClientEvent::Closed(CloseReason::Error(error)) => {
+                    let code = error.error_code();
+                    let error =
+                        ClientError::Protocol { channel: Channel::Control, detail: error.to_string() };
+                    return handle.fail(&events, code, error).await;
+                }
             }
-            // A lost connection is reported once, by `watch_close`.
-            Err(error) => {
-                tracing::debug!(%error, "control stream ended");
-                return;
+        }
+        let timer = async {
+            match deadline {
+                Some(at) => {
+                    tokio::time::sleep(Duration::from_micros(at.saturating_sub(monotonic_us()))).await
+                }
+                None => std::future::pending().await,
             }
         };
+        tokio::select! {
+            chunk = recv.read_chunk(READ_CHUNK, true), if reading => match chunk {
+                Ok(Some(chunk)) => lock(&shared.control).handle_stream_data(&chunk.bytes, monotonic_us()),
+                Ok(None) => {
+                    reading = false;
+                    lock(&shared.control).handle_stream_end(monotonic_us());
+                }
+                // A lost connection is reported once, by `watch_close`.
+                Err(error) => return tracing::debug!(%error, "control stream ended"),
+            },
+            () = shared.control_wake.notified() => {}
+            () = timer => lock(&shared.control).handle_timeout(monotonic_us()),
+        }
     }
 }
 
@@ -670,7 +598,7 @@ async fn display_stream(
         };
         let received_us = monotonic_us();
         counters.bytes_received.fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
-        counters.interval_bytes.fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
+        lock(&handle.shared.control).add_received_bytes(chunk.bytes.len() as u64);
         let mut input: &[u8] = &chunk.bytes;
         loop {
             let before = input.len();
@@ -694,20 +622,18 @@ async fn display_stream(
             match applied {
                 Ok(None) => {}
                 Ok(Some(stats)) => {
-                    let ack = ControlMessage::FrameAck(FrameAck {
+                    let ack = FrameAck {
                         frame_id: stats.frame_id,
                         scanout: stats.scanout,
                         received_us: stats.received_us,
                         decoded_us: stats.decoded_us,
-                    });
-                    if handle.control.send(ack).await.is_err() {
-                        return;
+                    };
+                    match handle.control(|control| control.ack_frame(ack)) {
+                        Ok(()) => {}
+                        Err(IntentError::Closed) => return,
+                        Err(error) => tracing::warn!(%error, "frame not acked"),
                     }
                     counters.frames.fetch_add(1, Ordering::Relaxed);
-                    counters.interval_frames.fetch_add(1, Ordering::Relaxed);
-                    counters
-                        .interval_decode_us
-                        .fetch_add(stats.decoded_us - stats.received_us, Ordering::Relaxed);
                     let _ = events.send(SessionEvent::Frame(stats)).await;
                 }
                 Err(e) => {

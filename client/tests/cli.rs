@@ -1,12 +1,13 @@
-//! The `pleiades` binary: usage errors, and a headless recording against the test fixture.
+//! The `pleiades` binary: usage errors, and a headless recording of the host's real session
+//! server on a synthetic desktop.
 
 mod common;
 
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
-use common::{Behavior, connection, fixture};
-use pleiades_protocol::handshake::Capabilities;
-use pleiades_protocol::wire::{InputMessage, MonitorSize, PointerAbs, Wheel, buttons};
+use common::{Desktop, LIMIT};
+use pleiades_host::synthetic::Workload;
 
 fn pleiades(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_pleiades")).args(args).env("RUST_LOG", "warn").output().unwrap()
@@ -62,54 +63,45 @@ fn bad_input_fails_with_a_message() {
     assert!(stderr(&output).contains("--duration"), "{}", stderr(&output));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_headless_recording_from_a_connection_file() {
-    let fixture = fixture(Behavior::Serve);
+#[test]
+fn a_headless_recording_from_a_connection_file_until_the_server_says_goodbye() {
+    let desktop = Desktop::start(Workload::Typing, 320, 200);
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("desk.pleiades");
-    std::fs::write(&file, connection(&fixture, &fixture.pin).to_toml()).unwrap();
+    std::fs::write(&file, desktop.connection().to_toml()).unwrap();
     let script = dir.path().join("input.script");
-    std::fs::write(&script, "# the fixture says goodbye after this key\nmove 0 3 4\nclick right\nwheel 2\nlayout 1280x720\ntype a\n").unwrap();
+    std::fs::write(&script, "# pointer, click, two wheel detents, a layout, a key\nmove 0 3 4\nclick right\nwheel 2\nlayout 1280x720\ntype a\n").unwrap();
     let record = dir.path().join("rec");
-    let args = [
-        "connect".to_owned(),
-        file.display().to_string(),
-        "--headless".into(),
-        "--record".into(),
-        record.display().to_string(),
-        "--duration".into(),
-        "20".into(),
-        "--input".into(),
-        script.display().to_string(),
-        "--no-h264".into(),
-    ];
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_pleiades")).args(&args).output().unwrap()
-    })
-    .await
-    .unwrap();
+    let before = desktop.input_events();
+    let client = Command::new(env!("CARGO_BIN_EXE_pleiades"))
+        .arg("connect")
+        .arg(&file)
+        .args(["--headless", "--duration", "60", "--no-h264", "--record"])
+        .arg(&record)
+        .arg("--input")
+        .arg(&script)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Pointer (3 events), press and release (2 + 2), the wheel (2), key a down and up (2 + 2).
+    let deadline = Instant::now() + LIMIT;
+    while desktop.input_events() < before + 13 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(desktop.input_events(), before + 13, "the script's input reached the desktop");
+    assert!(desktop.server.disconnect("test over"));
+    let output = client.wait_with_output().unwrap();
     assert!(output.status.success(), "{}", stderr(&output));
     let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    assert_eq!(summary["frames"], 1);
-    assert_eq!(summary["end"], "goodbye");
+    assert!(summary["frames"].as_u64() >= Some(1), "{summary:#}");
+    assert_eq!(
+        (summary["end"].as_str(), summary["end_detail"].as_str()),
+        (Some("goodbye"), Some("Admin: test over"))
+    );
+    let capabilities = summary["capabilities"].as_str().unwrap();
+    assert!(!capabilities.contains("H264") && capabilities.contains("ZSTD_TILES"), "{capabilities}");
     for name in ["frames.jsonl", "summary.json", "scanout-0.png"] {
         assert!(record.join(name).is_file(), "{name} missing");
     }
-    let observed = fixture.observed.await.unwrap();
-    assert!(observed.ack.is_some() && observed.key_a);
-    assert_eq!(
-        observed.inputs[..4],
-        [
-            InputMessage::PointerAbs(PointerAbs { scanout: 0, x: 3, y: 4 }),
-            InputMessage::Buttons(buttons::RIGHT),
-            InputMessage::Buttons(0),
-            InputMessage::Wheel(Wheel { dx: 0, dy: 240 }),
-        ]
-    );
-    assert_eq!(observed.layout_request.unwrap(), [MonitorSize { width: 1280, height: 720 }]);
-    let offered = observed.offered.unwrap();
-    assert!(
-        !offered.contains(Capabilities::H264) && offered.contains(Capabilities::ZSTD_TILES),
-        "{offered:?}"
-    );
 }

@@ -1,191 +1,313 @@
-//! The client against the test fixture's quinn server (tests/common): a whole session, the
-//! recorder's files, certificate pinning, refusals and a malformed display stream.
+//! The client against the host's real session server on a synthetic desktop (tests/common):
+//! a whole session, the recorder's files, certificate pinning, a refused ticket; and against a
+//! thin fixture whose control channel is the protocol's `ServerControl`, for what a real server
+//! never sends: a cursor of its own, a malformed display stream, a client's message, silence.
 
 mod common;
 
-use common::{Behavior, LIMIT, connection, fixture};
+use std::time::Duration;
+
+use common::{Behavior, Desktop, LIMIT, connection, fixture, runtime, same_pixels};
 use pleiades_client::ClientError;
 use pleiades_client::connect::{self, cert_sha256};
 use pleiades_client::display::Codec;
 use pleiades_client::recorder::{self, RecordOptions};
 use pleiades_client::script;
 use pleiades_client::session::{Session, SessionEvent, SessionOptions};
+use pleiades_host::synthetic::Workload;
+use pleiades_protocol::handshake::Capabilities;
 use pleiades_protocol::transport::error_code;
-use pleiades_protocol::wire::{
-    self, Channel, GoodbyeReason, InputMessage, MonitorSize, PointerAbs, RefuseCode, Wheel,
-};
+use pleiades_protocol::wire::{self, Channel, GoodbyeReason, Monitor, MonitorSize, RefuseCode};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_session_decodes_acks_and_sends_input() {
-    let fixture = fixture(Behavior::Serve);
-    let conn = connection(&fixture, &fixture.pin);
-    let connected = connect::connect(&conn).await.unwrap();
-    let mut session = Session::start(connected, &conn.ticket, SessionOptions::default()).await.unwrap();
-    assert_eq!(session.handle.info().session_id, 42);
-    assert_eq!(session.handle.info().peer_name, "fixture");
-
-    let mut frame = None;
-    let mut layout = None;
-    let mut goodbye = None;
-    let mut cursor_shape = None;
-    while goodbye.is_none() {
-        let event =
-            tokio::time::timeout(LIMIT, session.next_event()).await.expect("an event").expect("events");
-        match event {
-            SessionEvent::Frame(stats) => {
-                frame = Some(stats);
-                let handle = &session.handle;
-                handle.send_pointer(0, 5, 6).await.unwrap();
-                handle.send_buttons(wire::buttons::LEFT).await.unwrap();
-                handle.send_buttons(0).await.unwrap();
-                handle.send_wheel(0, -120).await.unwrap();
-                handle.request_layout(&[(1024, 768), (800, 600)]).await.unwrap();
-                session.handle.send_key(30, true).await.unwrap();
-                session.handle.send_key(30, false).await.unwrap();
-            }
-            SessionEvent::Layout(monitors) => layout = Some(monitors),
-            SessionEvent::Goodbye(g) => goodbye = Some(g),
-            SessionEvent::CursorShape { serial, width, height } => {
-                cursor_shape = Some((serial, width, height))
-            }
-            SessionEvent::ServerClosed(reason) => panic!("closed before the Goodbye was read: {reason}"),
-            SessionEvent::Failed(error) => panic!("session failed: {error}"),
-        }
-    }
-    let stats = frame.expect("a frame");
-    assert_eq!((stats.frame_id, stats.scanout, stats.tiles, stats.codec), (1, 0, 2, Codec::Tiles));
-    assert!(stats.bytes > 0 && stats.decoded_us >= stats.received_us);
-    assert!(stats.update_latency_us >= 0, "same clock on both ends");
-    assert_eq!(layout.unwrap()[0].width, 32);
-    assert_eq!(goodbye.unwrap().reason, GoodbyeReason::Shutdown);
-
-    assert_eq!(cursor_shape, Some((7, 2, 2)));
-    let cursor = session.handle.cursor();
-    assert_eq!(cursor.shape.unwrap().hot_x, 1);
-    // Latest wins: the older position sent after it is ignored. (Datagrams are unreliable in
-    // general; on loopback with an idle receiver they arrive.)
-    let position = cursor.position.expect("a cursor position datagram");
-    assert_eq!((position.seq, position.x, position.y), (3, 10, 11));
-
-    let fb = session.handle.snapshot(0).unwrap();
-    assert_eq!(fb.pixel(0, 0), Some([0xee, 0xff, 0xc0, 0]));
-    assert_eq!(fb.pixel(16, 8), Some([0, 0x80, 0x40, 0]));
-    assert_eq!(fb.pixel(31, 15), Some([127, 0x80, 0x40, 0]));
-
-    let observed = fixture.observed.await.unwrap();
-    let ack = observed.ack.expect("the frame was acked");
-    assert_eq!((ack.frame_id, ack.scanout), (1, 0));
-    assert_eq!((ack.received_us, ack.decoded_us), (stats.received_us, stats.decoded_us));
-    assert!(observed.key_a, "the key arrived on the input stream");
-    assert!(observed.pong, "the fixture's Ping was answered");
-    assert_eq!(
-        observed.inputs[..4],
-        [
-            InputMessage::PointerAbs(PointerAbs { scanout: 0, x: 5, y: 6 }),
-            InputMessage::Buttons(wire::buttons::LEFT),
-            InputMessage::Buttons(0),
-            InputMessage::Wheel(Wheel { dx: 0, dy: -120 }),
-        ]
-    );
-    assert_eq!(
-        observed.layout_request.unwrap(),
-        [MonitorSize { width: 1024, height: 768 }, MonitorSize { width: 800, height: 600 }]
-    );
+/// Lossless tiles only: what the client shows can be compared with the host pixel for pixel.
+fn lossless() -> SessionOptions {
+    let options = SessionOptions::default();
+    SessionOptions { capabilities: options.capabilities.difference(Capabilities::H264), ..options }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_recorder_writes_frames_pngs_and_a_summary() {
-    let fixture = fixture(Behavior::Serve);
-    let conn = connection(&fixture, &fixture.pin);
-    let dir = tempfile::tempdir().unwrap();
-    let connected = connect::connect(&conn).await.unwrap();
-    let session = Session::start(connected, &conn.ticket, SessionOptions::default()).await.unwrap();
-    // The fixture says goodbye once it saw the key: the script types it after the frame is
-    // likely there, but the recording does not depend on that.
-    let options = RecordOptions {
-        dir: Some(dir.path().to_owned()),
-        duration: Some(LIMIT),
-        snapshot_every: None,
-        script: script::parse("# test\nlayout 640x480\ntype a\n").unwrap(),
+/// Waits for `what` to become true, bounded.
+fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + LIMIT;
+    while !check() {
+        assert!(std::time::Instant::now() < deadline, "gave up waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_session_shows_the_desktop_acks_its_frames_sends_input_and_hears_why_it_ends() {
+    let desktop = Desktop::start(Workload::Typing, 320, 200);
+    let rt = runtime();
+    let conn = desktop.connection();
+    let mut session = rt.block_on(async {
+        let connected = connect::connect(&conn).await.unwrap();
+        Session::start(connected, &conn.ticket, lossless()).await.unwrap()
+    });
+    assert!(
+        session.handle.info().peer_name.starts_with("pleiades-host"),
+        "{}",
+        session.handle.info().peer_name
+    );
+    let next = |session: &mut Session| {
+        rt.block_on(async { tokio::time::timeout(LIMIT, session.next_event()).await })
+            .expect("an event")
+            .expect("events")
     };
-    let summary = recorder::record(session, options).await.map_err(|(_, e)| e).unwrap();
-    assert_eq!(summary.end, "goodbye", "{}", summary.end_detail);
-    assert_eq!(summary.frames, 1);
-    assert_eq!(summary.codecs.get("tiles"), Some(&1));
-    assert_eq!(summary.session_id, 42);
+
+    let (mut frames, mut layout) = (0u64, None);
+    while frames < 3 || layout.is_none() {
+        match next(&mut session) {
+            SessionEvent::Frame(stats) => {
+                assert_eq!((stats.scanout, stats.codec == Codec::H264), (0, false));
+                assert!(stats.decoded_us >= stats.received_us);
+                frames += 1;
+            }
+            SessionEvent::Layout(monitors) => layout = Some(monitors),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(layout.unwrap(), [Monitor { id: 0, x: 0, y: 0, width: 320, height: 200 }]);
+
+    // Input reaches the desktop's devices: a key press and release (2 events each with their
+    // SYN), a pointer position (3), a click (2 + 2) and a wheel detent (2).
+    let before = desktop.input_events();
+    let handle = session.handle.clone();
+    rt.block_on(async {
+        handle.send_key(30, true).await.unwrap();
+        handle.send_key(30, false).await.unwrap();
+        handle.send_pointer(0, 5, 6).await.unwrap();
+        handle.send_buttons(wire::buttons::LEFT).await.unwrap();
+        handle.send_buttons(0).await.unwrap();
+        handle.send_wheel(0, -120).await.unwrap();
+    });
+    wait_for("the input events", || desktop.input_events() >= before + 13);
+    assert_eq!(desktop.input_events(), before + 13);
+
+    // Once the desktop stops drawing, the client's picture becomes the host's, exactly.
+    desktop.stop_painting();
+    let pump = rt.spawn(async move {
+        while let Some(event) = session.next_event().await {
+            if let SessionEvent::Goodbye(goodbye) = event {
+                return Some(goodbye);
+            }
+        }
+        None
+    });
+    wait_for("the client's picture to be the host's", || {
+        handle.snapshot(0).is_some_and(|picture| same_pixels(&picture, &desktop.screen()))
+    });
+    // Both sides measured the path, and the server heard the acks.
+    wait_for("an RTT on both sides", || {
+        handle.ping_rtt_us().is_some() && desktop.session_status()["rtt_us"].as_u64() > Some(0)
+    });
+    wait_for("the acks of the frames seen", || {
+        desktop.session_status()["frames_acked"].as_u64() >= Some(frames)
+    });
+    let status = desktop.session_status();
+    assert!(status["frames_acked"].as_u64() <= status["frames"].as_u64(), "{status}");
+
+    // The server ends the session and says why.
+    assert!(desktop.server.disconnect("the desktop is being updated"));
+    let goodbye = rt.block_on(async { tokio::time::timeout(LIMIT, pump).await }).expect("the end").unwrap();
+    let goodbye = goodbye.expect("a Goodbye");
+    assert_eq!(
+        (goodbye.reason, goodbye.message.as_str()),
+        (GoodbyeReason::Admin, "the desktop is being updated")
+    );
+    wait_for("the server to see the client go", || desktop.session_status()["client_connected"] == false);
+}
+
+#[test]
+fn the_recorder_writes_frames_pngs_and_a_summary() {
+    let desktop = Desktop::start(Workload::Typing, 320, 200);
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let conn = desktop.connection();
+    let before = desktop.input_events();
+    let summary = rt.block_on(async {
+        let connected = connect::connect(&conn).await.unwrap();
+        let session = Session::start(connected, &conn.ticket, lossless()).await.unwrap();
+        let options = RecordOptions {
+            dir: Some(dir.path().to_owned()),
+            duration: Some(Duration::from_secs(3)),
+            snapshot_every: None,
+            script: script::parse("# test\nlayout 640x480\ntype a\n").unwrap(),
+        };
+        recorder::record(session, options).await.map_err(|(_, e)| e).unwrap()
+    });
+    assert_eq!(summary.end, "duration", "{}", summary.end_detail);
+    assert!(summary.frames >= 1, "{summary:?}");
+    assert_eq!(summary.codecs.get("tiles"), Some(&summary.frames));
+    assert!(summary.server_name.starts_with("pleiades-host"));
+    assert!(summary.ping_rtt_us.is_some(), "the server answered the client's pings");
+    assert_eq!(desktop.input_events(), before + 4, "the typed a: down and up, each with its SYN");
 
     let frames = std::fs::read_to_string(dir.path().join("frames.jsonl")).unwrap();
+    assert_eq!(frames.lines().count() as u64, summary.frames);
     let line: serde_json::Value = serde_json::from_str(frames.lines().next().unwrap()).unwrap();
-    assert_eq!(line["frame_id"], 1);
     assert_eq!(line["codec"], "tiles");
     assert!(line["update_latency_us"].is_i64());
     let summary_json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("summary.json")).unwrap()).unwrap();
-    assert_eq!(summary_json["frames"], 1);
+    assert_eq!(summary_json["frames"], summary.frames);
     assert!(summary_json["latency"]["p95_us"].is_i64());
     let png = std::fs::read(dir.path().join("scanout-0.png")).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
-    assert!(fixture.observed.await.unwrap().ack.is_some());
+    // The recorder said goodbye when its time was up: the server let the desktop go.
+    let status = || desktop.session_status();
+    wait_for("the server to see the client go", || status()["client_connected"] == false);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_wrong_certificate_is_refused() {
-    let fixture = fixture(Behavior::Serve);
+#[test]
+fn the_wrong_certificate_and_an_empty_pin_are_refused() {
+    let desktop = Desktop::start(Workload::Idle, 64, 64);
+    let rt = runtime();
     let other = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
     let wrong_pin = cert_sha256(other.cert.der());
-    let error = connect::connect(&connection(&fixture, &wrong_pin)).await.unwrap_err();
+    let right = desktop.connection();
+    let error = rt
+        .block_on(connect::connect(&pleiades_protocol::connfile::Connection {
+            cert_sha256: wrong_pin.clone(),
+            ..right.clone()
+        }))
+        .unwrap_err();
     let ClientError::WrongCertificate { got, expected } = &error else { panic!("{error}") };
-    assert_eq!((got, expected), (&fixture.pin, &wrong_pin));
+    assert_eq!((got.as_str(), expected), (desktop.server.fingerprint(), &wrong_pin));
     let text = error.to_string();
-    assert!(text.contains("not the one the connection file pins") && text.contains(&fixture.pin), "{text}");
-}
+    assert!(text.contains("not the one the connection file pins") && text.contains(got), "{text}");
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_empty_pin_refuses_to_connect() {
-    let fixture = fixture(Behavior::Serve);
-    let error = connect::connect(&connection(&fixture, "")).await.unwrap_err();
+    let empty = pleiades_protocol::connfile::Connection { cert_sha256: String::new(), ..right };
+    let error = rt.block_on(connect::connect(&empty)).unwrap_err();
     assert!(matches!(error, ClientError::NoPin), "{error}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refused_ticket_names_the_code() {
-    let fixture = fixture(Behavior::Refuse(RefuseCode::ReusedTicket));
-    let conn = connection(&fixture, &fixture.pin);
-    let connected = connect::connect(&conn).await.unwrap();
-    let error = Session::start(connected, &conn.ticket, SessionOptions::default()).await.unwrap_err();
-    let ClientError::Refused { code, message } = &error else { panic!("{error}") };
-    assert_eq!(*code, RefuseCode::ReusedTicket);
-    assert_eq!(message, "the ticket was used already");
-    let text = error.to_string();
-    assert!(text.contains("ReusedTicket") && text.contains("code 3"), "{text}");
+#[test]
+fn a_ticket_used_twice_is_refused_with_its_code() {
+    let desktop = Desktop::start(Workload::Idle, 64, 64);
+    let rt = runtime();
+    let conn = desktop.connection();
+    rt.block_on(async {
+        let first =
+            Session::start(connect::connect(&conn).await.unwrap(), &conn.ticket, lossless()).await.unwrap();
+        first.disconnect("done").await;
+        let connected = connect::connect(&conn).await.unwrap();
+        let error = Session::start(connected, &conn.ticket, lossless()).await.unwrap_err();
+        let ClientError::Refused { code, message } = &error else { panic!("{error}") };
+        assert_eq!(*code, RefuseCode::ReusedTicket, "{message}");
+        let text = error.to_string();
+        assert!(text.contains("ReusedTicket") && text.contains("code 3"), "{text}");
+    });
+    assert_eq!(desktop.session_status()["refused"], 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_malformed_display_message_ends_the_session_with_a_clear_error() {
-    let fixture = fixture(Behavior::Malformed);
-    let conn = connection(&fixture, &fixture.pin);
-    let connected = connect::connect(&conn).await.unwrap();
-    let mut session = Session::start(connected, &conn.ticket, SessionOptions::default()).await.unwrap();
-    let error = loop {
-        match tokio::time::timeout(LIMIT, session.next_event()).await.expect("an event").expect("events") {
-            SessionEvent::Failed(error) => break error,
-            SessionEvent::Frame(stats) => panic!("a frame from a malformed stream: {stats:?}"),
-            _ => {}
+#[test]
+fn the_cursor_layouts_and_pings_of_a_server() {
+    let rt = runtime();
+    rt.block_on(async {
+        let fixture = fixture(Behavior::Cursor);
+        let conn = connection(&fixture, &fixture.pin);
+        let connected = connect::connect(&conn).await.unwrap();
+        let mut session = Session::start(connected, &conn.ticket, SessionOptions::default()).await.unwrap();
+        assert_eq!(
+            (session.handle.info().session_id, session.handle.info().peer_name.as_str()),
+            (42, "fixture")
+        );
+        let (mut layouts, mut shape, mut goodbye) = (Vec::new(), None, None);
+        while goodbye.is_none() {
+            match tokio::time::timeout(LIMIT, session.next_event()).await.expect("an event").expect("events")
+            {
+                SessionEvent::Layout(monitors) => {
+                    if layouts.is_empty() {
+                        session.handle.request_layout(&[(1024, 768), (800, 600)]).await.unwrap();
+                    }
+                    layouts.push(monitors);
+                }
+                SessionEvent::CursorShape { serial, width, height } => shape = Some((serial, width, height)),
+                SessionEvent::Goodbye(g) => goodbye = Some(g),
+                other => panic!("{other:?}"),
+            }
         }
-    };
-    let ClientError::Protocol { channel, detail } = &error else { panic!("{error}") };
-    assert_eq!(*channel, Channel::Display);
-    assert!(detail.contains("unknown tile encoding"), "{detail}");
-    let observed = fixture.observed.await.unwrap();
-    assert_eq!(observed.client_close_code, Some(u64::from(error_code::MALFORMED_MESSAGE)));
+        assert_eq!(goodbye.unwrap().reason, GoodbyeReason::Shutdown);
+        assert_eq!(layouts.len(), 2, "{layouts:?}");
+        assert_eq!(layouts[0], [Monitor { id: 0, x: 0, y: 0, width: 32, height: 16 }]);
+        assert_eq!((layouts[1][1].x, layouts[1][1].width), (1024, 800), "the server followed the request");
+        assert_eq!(session.handle.layout(), layouts[1]);
+
+        assert_eq!(shape, Some((7, 2, 2)));
+        let cursor = session.handle.cursor();
+        assert_eq!(cursor.shape.unwrap().hot_x, 1);
+        // Latest wins: the older position sent after it is ignored. (Datagrams are unreliable in
+        // general; on loopback with an idle receiver they arrive.)
+        let position = cursor.position.expect("a cursor position datagram");
+        assert_eq!((position.seq, position.x, position.y), (3, 10, 11));
+
+        let observed = fixture.observed.await.unwrap();
+        assert_eq!(
+            observed.layout_request.unwrap(),
+            [MonitorSize { width: 1024, height: 768 }, MonitorSize { width: 800, height: 600 }]
+        );
+        assert!(observed.rtt_us.is_some(), "the client answered the server's ping");
+        assert_eq!(observed.offered, Some(SessionOptions::default().capabilities));
+    });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_server_that_never_answers_times_out_after_10_s() {
-    let fixture = fixture(Behavior::Silent);
-    let conn = connection(&fixture, &fixture.pin);
-    let connected = connect::connect(&conn).await.unwrap();
-    let error = Session::start(connected, &conn.ticket, SessionOptions::default()).await.unwrap_err();
-    assert!(matches!(error, ClientError::HandshakeTimeout), "{error}");
-    assert!(error.to_string().contains("within 10 s"));
+#[test]
+fn a_malformed_display_message_ends_the_session_with_a_clear_error() {
+    let rt = runtime();
+    rt.block_on(async {
+        let fixture = fixture(Behavior::Malformed);
+        let conn = connection(&fixture, &fixture.pin);
+        let connected = connect::connect(&conn).await.unwrap();
+        let mut session = Session::start(connected, &conn.ticket, SessionOptions::default()).await.unwrap();
+        let error = loop {
+            match tokio::time::timeout(LIMIT, session.next_event()).await.expect("an event").expect("events")
+            {
+                SessionEvent::Failed(error) => break error,
+                SessionEvent::Frame(stats) => panic!("a frame from a malformed stream: {stats:?}"),
+                _ => {}
+            }
+        };
+        let ClientError::Protocol { channel, detail } = &error else { panic!("{error}") };
+        assert_eq!(*channel, Channel::Display);
+        assert!(detail.contains("unknown tile encoding"), "{detail}");
+        let observed = fixture.observed.await.unwrap();
+        assert_eq!(observed.client_close_code, Some(u64::from(error_code::MALFORMED_MESSAGE)));
+    });
+}
+
+#[test]
+fn a_message_only_a_client_may_send_ends_the_session_and_names_it() {
+    let rt = runtime();
+    rt.block_on(async {
+        let fixture = fixture(Behavior::WrongDirection);
+        let conn = connection(&fixture, &fixture.pin);
+        let connected = connect::connect(&conn).await.unwrap();
+        let mut session = Session::start(connected, &conn.ticket, SessionOptions::default()).await.unwrap();
+        let error = loop {
+            match tokio::time::timeout(LIMIT, session.next_event()).await.expect("an event").expect("events")
+            {
+                SessionEvent::Failed(error) => break error,
+                SessionEvent::Layout(_) => {}
+                other => panic!("{other:?}"),
+            }
+        };
+        let ClientError::Protocol { channel, detail } = &error else { panic!("{error}") };
+        assert_eq!(*channel, Channel::Control);
+        assert_eq!(detail, "the server sent ClientStats (0x0008), which only a client may send");
+        let observed = fixture.observed.await.unwrap();
+        assert_eq!(observed.client_close_code, Some(u64::from(error_code::PROTOCOL_VIOLATION)));
+    });
+}
+
+#[test]
+fn a_server_that_never_answers_times_out_after_10_s() {
+    let rt = runtime();
+    rt.block_on(async {
+        let fixture = fixture(Behavior::Silent);
+        let conn = connection(&fixture, &fixture.pin);
+        let connected = connect::connect(&conn).await.unwrap();
+        let error = Session::start(connected, &conn.ticket, SessionOptions::default()).await.unwrap_err();
+        assert!(matches!(error, ClientError::HandshakeTimeout), "{error}");
+        assert!(error.to_string().contains("within 10 s"));
+    });
 }

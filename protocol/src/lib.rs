@@ -16,6 +16,9 @@
 //! - [`resume`]: one-time resume tokens that let a client get its session back after a network
 //!   loss (the connection file's ticket is spent by then).
 //! - [`pacing`]: frame pacing (about one frame in flight), RTT and delivery-rate estimates.
+//! - [`control`]: the control channel after the handshake as two state machines,
+//!   [`control::ServerControl`] and [`control::ClientControl`]: pings and the RTT, frame acks into
+//!   the pacer, layouts, resume tokens, goodbye, the direction rules.
 //!
 //! Nothing here opens a socket, starts a thread or reads a clock: time is a parameter, so every
 //! piece is unit- and property-testable on plain values.
@@ -38,11 +41,15 @@
 //!    (display messages then through [`wire::FrameSequence`]); datagrams through
 //!    [`wire::decode_datagram`]. A decoder error ends its channel with
 //!    [`wire::DecodeError::error_code`].
-//! 4. Server: send frames when [`pacing::FramePacer::may_send`] allows, feed it `FrameAck`s and
-//!    `Pong`s, and give the encoder [`pacing::FramePacer::target_bitrate`] and
-//!    [`pacing::FramePacer::target_fps`].
+//! 4. Both: after the handshake, pump the control stream through [`control::ServerControl`] or
+//!    [`control::ClientControl`]: bytes and local intents in with the time, messages to write,
+//!    events and the next timer out.
+//! 5. Server: send frames when [`control::ServerControl::may_send_frame`] allows (its
+//!    [`pacing::FramePacer`] has the `FrameAck`s and `Pong`s), and give the encoder
+//!    [`pacing::FramePacer::target_bitrate`] and [`pacing::FramePacer::target_fps`].
 
 pub mod connfile;
+pub mod control;
 pub mod handshake;
 pub mod hostapi;
 pub mod jitter;

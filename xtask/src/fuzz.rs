@@ -13,8 +13,15 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 /// The fuzz targets and how long each runs in the test command.
-pub const TARGETS: &[&str] =
-    &["virtio_queue", "virtio_input", "virtio_gpu", "virtio_snd", "protocol_decoder", "protocol_handshake"];
+pub const TARGETS: &[&str] = &[
+    "virtio_queue",
+    "virtio_input",
+    "virtio_gpu",
+    "virtio_snd",
+    "protocol_decoder",
+    "protocol_handshake",
+    "protocol_control",
+];
 const SECONDS_EACH: u32 = 15;
 const TRIPLE: &str = "x86_64-unknown-linux-gnu";
 

@@ -4,16 +4,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use pleiades_protocol::control::{ControlConfig, IntentError, ServerControl, ServerEvent};
 use pleiades_protocol::handshake::{Capabilities, Refusal, ServerOutcome, Session};
-use pleiades_protocol::pacing::{FramePacer, PacerConfig};
 use pleiades_protocol::resume;
 use pleiades_protocol::ticket::TicketClaims;
 use pleiades_protocol::transport::{error_code, priority, stream_prelude};
 use pleiades_protocol::wire::{
-    self, Channel, ControlMessage, CursorMessage, CursorPosition, CursorShape, Datagram, InputMessage,
-    Monitor, Pong, RefuseCode, ResumeToken, StreamDecoder,
+    self, Channel, ControlMessage, CursorMessage, CursorPosition, CursorShape, Datagram, GoodbyeReason,
+    InputMessage, Monitor, RefuseCode, StreamDecoder,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, watch};
 
 use super::Shared;
 use super::input::InputRouter;
@@ -27,6 +27,8 @@ const MIN_VIDEO_BITRATE: u64 = 250_000;
 const MAX_VIDEO_BITRATE: u64 = 20_000_000;
 /// Until the pacer has measured the path.
 const DEFAULT_VIDEO_BITRATE: u64 = 4_000_000;
+/// Largest chunk read from the control stream at once.
+const CONTROL_CHUNK: usize = 64 * 1024;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -37,9 +39,10 @@ pub(crate) async fn serve(shared: Arc<Shared>, conn: quinn::Connection) {
     shared.metrics.connections.fetch_add(1, Ordering::Relaxed);
     let remote = conn.remote_address();
     match handshake(&shared, &conn).await {
-        Ok(Some((session, send, recv))) => {
+        Ok(Some(opened)) => {
+            let session = &opened.session;
             tracing::info!("session {}: {} connected from {remote}", session.session_id, session.peer_name);
-            run(shared, conn, session, send, recv).await;
+            run(shared, conn, opened).await;
         }
         Ok(None) => {}
         Err(e) => {
@@ -49,10 +52,19 @@ pub(crate) async fn serve(shared: Arc<Shared>, conn: quinn::Connection) {
     }
 }
 
-type Streams = (Session, quinn::SendStream, quinn::RecvStream);
+/// A session the handshake opened.
+struct Opened {
+    session: Session,
+    /// Whose ticket (or resumed session) it is.
+    user: String,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    /// Control bytes that came after `Hello` in the same read.
+    leftover: Vec<u8>,
+}
 
 /// `Hello` → `Welcome` (the session is open) or `Refused` (`None`).
-async fn handshake(shared: &Arc<Shared>, conn: &quinn::Connection) -> Result<Option<Streams>, String> {
+async fn handshake(shared: &Arc<Shared>, conn: &quinn::Connection) -> Result<Option<Opened>, String> {
     let first = tokio::time::timeout(HELLO_TIMEOUT, async {
         let (send, mut recv) = conn.accept_bi().await.map_err(|e| format!("no control stream: {e}"))?;
         let mut decoder = StreamDecoder::<ControlMessage>::new();
@@ -62,12 +74,12 @@ async fn handshake(shared: &Arc<Shared>, conn: &quinn::Connection) -> Result<Opt
             let Some(n) = n else { return Err("the control stream ended before Hello".to_owned()) };
             let mut chunk = &buf[..n];
             if let Some(message) = decoder.decode(&mut chunk).map_err(|e| format!("bad Hello: {e}"))? {
-                return Ok((message, send, recv));
+                return Ok((message, send, recv, chunk.to_vec()));
             }
         }
     })
     .await;
-    let (message, mut send, recv) = match first {
+    let (message, mut send, recv, leftover) = match first {
         Ok(result) => result?,
         Err(_) => {
             conn.close(error_code::HANDSHAKE_TIMEOUT.into(), b"no Hello within 10 s");
@@ -102,15 +114,7 @@ async fn handshake(shared: &Arc<Shared>, conn: &quinn::Connection) -> Result<Opt
         ServerOutcome::Accept { reply, session, claims } => {
             write(&mut send, &reply).await?;
             tracing::info!("session {session_id}: ticket of {} for {} accepted", claims.user, claims.desktop);
-            if session.capabilities.contains(Capabilities::RESUME) {
-                let token =
-                    lock(&shared.resume).issue(session_id, &shared.desktop, &claims.user, super::unix_now());
-                if let Some(token) = token {
-                    let lifetime_s = resume::RESUME_LIFETIME_S as u32;
-                    write(&mut send, &ControlMessage::ResumeToken(ResumeToken { token, lifetime_s })).await?;
-                }
-            }
-            Ok(Some((session, send, recv)))
+            Ok(Some(Opened { session, user: claims.user, send, recv, leftover }))
         }
         ServerOutcome::Refuse { reply, code } => {
             shared.metrics.refused.fetch_add(1, Ordering::Relaxed);
@@ -130,52 +134,70 @@ async fn write<M: wire::ChannelMessage>(send: &mut quinn::SendStream, message: &
     send.write_all(&bytes).await.map_err(|e| e.to_string())
 }
 
+/// A session's control channel: the state machine, shared by the pump, the display thread and
+/// whoever ends the session, and the pump's wake-up for what they queue (quinn's
+/// `ConnectionRef` around `quinn_proto::Connection`).
+pub(crate) struct ControlLink {
+    state: Mutex<ServerControl>,
+    wake: Notify,
+}
+
+impl ControlLink {
+    fn new(control: ServerControl) -> Self {
+        Self { state: Mutex::new(control), wake: Notify::new() }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ServerControl> {
+        lock(&self.state)
+    }
+
+    /// Ends the session with `Goodbye`: the client hears why, and the connection closes when it
+    /// has (or after the linger).
+    pub(crate) fn say_goodbye(&self, reason: GoodbyeReason, message: &str) {
+        self.lock().close(reason, message, monotonic_us());
+        self.wake.notify_one();
+    }
+
+    /// Tells the client the guest's monitors if they changed since it was last told.
+    fn announce_layout(&self, monitors: Vec<Monitor>) {
+        match self.lock().announce_layout(monitors) {
+            Ok(true) => self.wake.notify_one(),
+            Ok(false) | Err(IntentError::Closed) => {}
+            Err(e) => tracing::warn!("session: not announcing the guest's layout: {e}"),
+        }
+    }
+}
+
+/// The session that has the desktop now.
+pub(crate) struct Live {
+    pub id: u64,
+    pub control: Arc<ControlLink>,
+}
+
 /// The open session: takes over the desktop, then runs until the client leaves.
-async fn run(
-    shared: Arc<Shared>,
-    conn: quinn::Connection,
-    session: Session,
-    mut control_send: quinn::SendStream,
-    control_recv: quinn::RecvStream,
-) {
-    let previous = lock(&shared.current).replace((session.session_id, conn.clone()));
-    if let Some((id, old)) = previous {
-        tracing::info!("session {id}: replaced by session {}", session.session_id);
-        old.close(error_code::NO_ERROR.into(), b"replaced by a new connection to this desktop");
+async fn run(shared: Arc<Shared>, conn: quinn::Connection, opened: Opened) {
+    let Opened { session, user, send: control_send, recv: control_recv, leftover } = opened;
+    let control = ServerControl::new(&session, ControlConfig::default(), monotonic_us());
+    let link = Arc::new(ControlLink::new(control));
+    let live = Live { id: session.session_id, control: link.clone() };
+    let previous = lock(&shared.current).replace(live);
+    if let Some(old) = previous {
+        tracing::info!("session {}: replaced by session {}", old.id, session.session_id);
+        old.control.say_goodbye(GoodbyeReason::Replaced, "replaced by a new connection to this desktop");
     }
     let _ = control_send.set_priority(priority::CONTROL);
-    let pacer = Arc::new(Mutex::new(FramePacer::new(PacerConfig::default())));
     let stop = Arc::new(AtomicBool::new(false));
-
-    // Control writer: everything the server sends on the control stream goes through it.
-    let (control_tx, mut control_rx) = mpsc::channel::<ControlMessage>(64);
-    let writer = tokio::spawn(async move {
-        while let Some(message) = control_rx.recv().await {
-            // A message that does not encode is a bug here, not a reason to end the session.
-            let bytes = match wire::encode_to_vec(&message) {
-                Ok(bytes) => bytes,
-                Err(e) => {
-                    tracing::warn!("session: not sending an invalid {message:?}: {e}");
-                    continue;
-                }
-            };
-            if control_send.write_all(&bytes).await.is_err() {
-                return;
-            }
-        }
-    });
 
     let gpu = shared.controller.display();
     if let Some(gpu) = &gpu {
-        let _ = control_tx.send(ControlMessage::DisplayLayout(monitors(gpu))).await;
+        link.announce_layout(monitors(gpu));
     }
     let display = gpu.clone().map(|gpu| {
-        let (conn, pacer, stop, shared) = (conn.clone(), pacer.clone(), stop.clone(), shared.clone());
-        let layouts = control_tx.clone();
+        let (conn, link, stop, shared) = (conn.clone(), link.clone(), stop.clone(), shared.clone());
         let handle = tokio::runtime::Handle::current();
         let caps = session.capabilities;
         std::thread::Builder::new().name(format!("display-{}", session.session_id)).spawn(move || {
-            if let Err(e) = display_loop(&gpu, &conn, &handle, &pacer, &stop, caps, &shared, &layouts) {
+            if let Err(e) = display_loop(&gpu, &conn, &handle, &link, &stop, caps, &shared) {
                 tracing::info!("display stream ended: {e}");
                 conn.close(error_code::PROTOCOL_VIOLATION.into(), e.as_bytes());
             }
@@ -194,27 +216,169 @@ async fn run(
         })
     });
     let datagrams = super::audio::datagram_loop(&conn, sound, reported_loss, shared.audio.clone());
-    let control = control_loop(&shared, &conn, control_recv, control_tx.clone(), pacer.clone());
+    let (layout_tx, layout_rx) = watch::channel(None);
+    let pump = ControlPump {
+        shared: &shared,
+        conn: &conn,
+        link: &link,
+        session_id: session.session_id,
+        user: &user,
+    };
+    let control = pump.run(control_send, control_recv, leftover, &layout_tx);
+    let layouts = apply_layouts(&shared, &link, layout_rx);
     let input = input_loop(&shared, &conn);
-    let pinger = ping_loop(control_tx.clone());
     tokio::select! {
         reason = control => tracing::info!("session {}: control ended: {reason}", session.session_id),
+        () = layouts => {}
         reason = input => tracing::info!("session {}: input ended: {reason}", session.session_id),
-        _ = pinger => {}
         reason = datagrams => tracing::info!("session {}: datagrams ended: {reason}", session.session_id),
         e = conn.closed() => tracing::info!("session {}: closed: {e}", session.session_id),
     }
     stop.store(true, Ordering::Relaxed);
-    writer.abort();
     for thread in [display, playback].into_iter().flatten().flatten() {
         let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     }
     lock(&shared.resume).session_ended(session.session_id, super::unix_now());
     let mut current = lock(&shared.current);
-    if current.as_ref().is_some_and(|(id, _)| *id == session.session_id) {
+    if current.as_ref().is_some_and(|live| live.id == session.session_id) {
         *current = None;
     }
     conn.close(error_code::NO_ERROR.into(), b"bye");
+}
+
+/// The I/O around a session's [`ServerControl`]: the control stream and the timers in,
+/// messages out, events acted on.
+struct ControlPump<'a> {
+    shared: &'a Arc<Shared>,
+    conn: &'a quinn::Connection,
+    link: &'a ControlLink,
+    session_id: u64,
+    user: &'a str,
+}
+
+impl ControlPump<'_> {
+    /// Runs until the control channel ends; returns why.
+    async fn run(
+        &self,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+        leftover: Vec<u8>,
+        layouts: &watch::Sender<Option<Vec<(u32, u32)>>>,
+    ) -> String {
+        self.link.lock().handle_stream_data(&leftover, monotonic_us());
+        let mut out = Vec::new();
+        let mut reading = true;
+        let mut acked = 0u64;
+        loop {
+            let (events, deadline) = {
+                let mut control = self.link.lock();
+                out.clear();
+                while let Some(message) = control.poll_transmit() {
+                    // Intents are checked when queued: this fails only on a bug here.
+                    if let Err(e) = wire::encode(&message, &mut out) {
+                        tracing::warn!("session: not sending an invalid {message:?}: {e}");
+                    }
+                }
+                let total = control.acks_received();
+                self.shared.metrics.frames_acked.fetch_add(total - acked, Ordering::Relaxed);
+                acked = total;
+                (std::iter::from_fn(|| control.poll_event()).collect::<Vec<_>>(), control.poll_timeout())
+            };
+            if !out.is_empty()
+                && let Err(e) = send.write_all(&out).await
+            {
+                return format!("cannot write the control stream: {e}");
+            }
+            let mut queued = false;
+            for event in events {
+                match event {
+                    ServerEvent::LayoutWanted(sizes) => {
+                        layouts.send_replace(Some(sizes.iter().map(|s| (s.width, s.height)).collect()));
+                    }
+                    ServerEvent::ResumeTokenWanted => queued |= self.issue_resume_token(),
+                    ServerEvent::Rtt(sample) => {
+                        self.shared.metrics.rtt_us.store(sample.smoothed_us, Ordering::Relaxed);
+                    }
+                    ServerEvent::ClientStats(stats) => {
+                        tracing::debug!("session {}: client stats {stats:?}", self.session_id);
+                    }
+                    ServerEvent::Closed(reason) => {
+                        let _ = send.finish();
+                        self.conn.close(reason.error_code().into(), reason.to_string().as_bytes());
+                        return reason.to_string();
+                    }
+                }
+            }
+            if queued {
+                continue;
+            }
+            let timer = async {
+                match deadline {
+                    Some(at) => {
+                        tokio::time::sleep(Duration::from_micros(at.saturating_sub(monotonic_us()))).await
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                chunk = recv.read_chunk(CONTROL_CHUNK, true), if reading => {
+                    let now = monotonic_us();
+                    match chunk {
+                        Ok(Some(chunk)) => self.link.lock().handle_stream_data(&chunk.bytes, now),
+                        Ok(None) => {
+                            reading = false;
+                            self.link.lock().handle_stream_end(now);
+                        }
+                        Err(e) => return format!("the control stream failed: {e}"),
+                    }
+                }
+                () = self.link.wake.notified() => {}
+                () = timer => self.link.lock().handle_timeout(monotonic_us()),
+            }
+        }
+    }
+
+    /// A fresh one-time resume token for this session, to the client. Returns whether one was
+    /// queued.
+    fn issue_resume_token(&self) -> bool {
+        let shared = self.shared;
+        let token =
+            lock(&shared.resume).issue(self.session_id, &shared.desktop, self.user, super::unix_now());
+        let Some(token) = token else {
+            tracing::warn!("session {}: no resume token (no randomness)", self.session_id);
+            return false;
+        };
+        let lifetime_s = resume::RESUME_LIFETIME_S as u32;
+        match self.link.lock().send_resume_token(token, lifetime_s, monotonic_us()) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!("session {}: resume token not sent: {e}", self.session_id);
+                false
+            }
+        }
+    }
+}
+
+/// Applies the layouts the client wants, one at a time, the latest winning (the guest may take
+/// a while to switch), and tells the client the result.
+async fn apply_layouts(
+    shared: &Arc<Shared>,
+    link: &ControlLink,
+    mut wanted: watch::Receiver<Option<Vec<(u32, u32)>>>,
+) {
+    while wanted.changed().await.is_ok() {
+        let Some(sizes) = wanted.borrow_and_update().clone() else { continue };
+        let controller = shared.controller.clone();
+        let result = tokio::task::spawn_blocking(move || controller.set_layout(&sizes)).await;
+        if let Ok(Err(e)) = result {
+            tracing::info!("session: the client's layout was refused: {e}");
+        }
+        // In the middle of a mode switch the guest may have no monitor on: nothing to say yet
+        // (the display thread announces the layout once it settles).
+        if let Some(gpu) = shared.controller.display() {
+            link.announce_layout(monitors(&gpu));
+        }
+    }
 }
 
 /// The guest's monitors as the protocol describes them.
@@ -231,124 +395,6 @@ fn monitors(gpu: &GpuHandle) -> Vec<Monitor> {
             Some(m)
         })
         .collect()
-}
-
-async fn ping_loop(control: mpsc::Sender<ControlMessage>) {
-    let mut nonce = 0u64;
-    loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        nonce += 1;
-        let ping = ControlMessage::Ping(wire::Ping { nonce, sent_us: monotonic_us() });
-        if control.send(ping).await.is_err() {
-            return;
-        }
-    }
-}
-
-/// Reads the client's control stream: pongs and frame acks feed the pacer.
-async fn control_loop(
-    shared: &Arc<Shared>,
-    conn: &quinn::Connection,
-    mut recv: quinn::RecvStream,
-    control: mpsc::Sender<ControlMessage>,
-    pacer: Arc<Mutex<FramePacer>>,
-) -> String {
-    let mut decoder = StreamDecoder::<ControlMessage>::new();
-    let mut buf = vec![0u8; 16 * 1024];
-    let mut messages = Vec::new();
-    let mut layouts = LayoutDebounce::default();
-    loop {
-        let n = match recv.read(&mut buf).await {
-            Ok(Some(n)) => n,
-            Ok(None) => return "the client closed its control stream".into(),
-            Err(e) => return e.to_string(),
-        };
-        if let Err(e) = decoder.decode_all(&buf[..n], &mut messages) {
-            conn.close(e.error_code().into(), e.to_string().as_bytes());
-            return format!("malformed control message: {e}");
-        }
-        // A layout that came too soon after the last one is applied with the next message (the
-        // client pings every second).
-        if let Some(sizes) = layouts.poll(monotonic_us()) {
-            apply_layout(shared, &control, sizes).await;
-        }
-        for message in messages.drain(..) {
-            if !message.may_be_sent_by(wire::Side::Client) || message.is_handshake() {
-                conn.close(
-                    error_code::PROTOCOL_VIOLATION.into(),
-                    b"a server-only or second handshake message",
-                );
-                return "protocol violation on the control stream".into();
-            }
-            match message {
-                ControlMessage::Ping(p) => {
-                    let _ =
-                        control.send(ControlMessage::Pong(Pong { nonce: p.nonce, sent_us: p.sent_us })).await;
-                }
-                ControlMessage::Pong(p) => lock(&pacer).on_pong(p.sent_us, monotonic_us()),
-                ControlMessage::FrameAck(ack) => {
-                    lock(&pacer).on_ack(&ack, monotonic_us());
-                }
-                ControlMessage::RequestLayout(sizes) => {
-                    let sizes: Vec<(u32, u32)> = sizes.iter().map(|m| (m.width, m.height)).collect();
-                    if let Some(sizes) = layouts.offer(sizes, monotonic_us()) {
-                        apply_layout(shared, &control, sizes).await;
-                    }
-                }
-                ControlMessage::Goodbye(g) => {
-                    return format!("the client said goodbye ({:?}: {})", g.reason, g.message);
-                }
-                ControlMessage::ClientStats(s) => tracing::debug!("session: client stats {s:?}"),
-                _ => {}
-            }
-        }
-    }
-}
-
-/// The client's layout becomes the guest's (a display-change event in the guest).
-async fn apply_layout(shared: &Arc<Shared>, control: &mpsc::Sender<ControlMessage>, sizes: Vec<(u32, u32)>) {
-    let controller = shared.controller.clone();
-    let result = tokio::task::spawn_blocking(move || controller.set_layout(&sizes)).await;
-    if let Ok(Err(e)) = result {
-        tracing::info!("session: the client's layout was refused: {e}");
-    }
-    if let Some(gpu) = shared.controller.display() {
-        // In the middle of a mode switch the guest may have no monitor on: nothing to say yet
-        // (the display thread announces the layout once it settles).
-        let monitors = monitors(&gpu);
-        if !monitors.is_empty() {
-            let _ = control.send(ControlMessage::DisplayLayout(monitors)).await;
-        }
-    }
-}
-
-/// The least time between two layout changes a client can cause: each one makes the guest
-/// re-probe its monitors, so a window being dragged must not become hundreds of them.
-const LAYOUT_INTERVAL_US: u64 = 250_000;
-
-/// Rate-limits a client's layout requests: the latest wins, at most one per interval.
-#[derive(Debug, Default)]
-struct LayoutDebounce {
-    last_us: Option<u64>,
-    pending: Option<Vec<(u32, u32)>>,
-}
-
-impl LayoutDebounce {
-    /// A request: apply it now (returned) or keep it as the pending one.
-    fn offer(&mut self, sizes: Vec<(u32, u32)>, now_us: u64) -> Option<Vec<(u32, u32)>> {
-        self.pending = Some(sizes);
-        self.poll(now_us)
-    }
-
-    /// The pending request, if its time has come.
-    fn poll(&mut self, now_us: u64) -> Option<Vec<(u32, u32)>> {
-        let due = self.last_us.is_none_or(|last| now_us.saturating_sub(last) >= LAYOUT_INTERVAL_US);
-        if due && self.pending.is_some() {
-            self.last_us = Some(now_us);
-            return self.pending.take();
-        }
-        None
-    }
 }
 
 /// Accepts the client's input stream and routes its events to the VM.
@@ -417,16 +463,14 @@ struct ScanoutStream {
 
 /// Encodes the sink's damage and sends frames when the pacer allows; also the cursor and the
 /// guest's layout changes.
-#[allow(clippy::too_many_arguments)] // the display thread's whole context, borrowed
 fn display_loop(
     gpu: &GpuHandle,
     conn: &quinn::Connection,
     rt: &tokio::runtime::Handle,
-    pacer: &Mutex<FramePacer>,
+    control: &ControlLink,
     stop: &AtomicBool,
     caps: Capabilities,
     shared: &Shared,
-    layouts: &mpsc::Sender<ControlMessage>,
 ) -> Result<(), String> {
     let sink = gpu.sink();
     // The guest changes its monitors on its own too (`ctl layout`, a guest tool): the client
@@ -441,9 +485,9 @@ fn display_loop(
     while !stop.load(Ordering::Relaxed) {
         let generation = sink.wait_change(seen, Duration::from_millis(50));
         let now = monitors(gpu);
-        if now != announced && !now.is_empty() {
+        if now != announced {
             announced = now.clone();
-            let _ = layouts.try_send(ControlMessage::DisplayLayout(now));
+            control.announce_layout(now);
         }
 
         // The cursor: shapes on their stream, positions as datagrams (latest wins).
@@ -484,14 +528,15 @@ fn display_loop(
             }
         }
 
-        if !lock(pacer).may_send(monotonic_us()) {
+        if !control.lock().may_send_frame(monotonic_us()) {
             // A frame is out: leave the damage in the sink (it accumulates, latest wins).
             std::thread::sleep(Duration::from_millis(2));
             continue;
         }
         seen = generation;
         let settings = {
-            let p = lock(pacer);
+            let control = control.lock();
+            let p = control.pacer();
             EncoderSettings {
                 video_bitrate: p
                     .target_bitrate()
@@ -502,7 +547,7 @@ fn display_loop(
             }
         };
         for (index, slot) in scanouts.iter_mut().enumerate() {
-            if !lock(pacer).may_send(monotonic_us()) {
+            if !control.lock().may_send_frame(monotonic_us()) {
                 seen = u64::MAX; // come back for the rest
                 break;
             }
@@ -527,7 +572,7 @@ fn display_loop(
                 let capture_us = if damage.since_us == 0 { monotonic_us() } else { damage.since_us };
                 let messages = crate::display::wire_messages(frame_id, index as u32, capture_us, encoded);
                 let bytes = send(rt, &mut out.stream, &messages)?;
-                lock(pacer).on_sent(frame_id, bytes, monotonic_us());
+                control.lock().on_frame_sent(frame_id, bytes, monotonic_us());
                 shared.metrics.frames.fetch_add(1, Ordering::Relaxed);
                 shared.metrics.bytes.fetch_add(bytes, Ordering::Relaxed);
             }
@@ -563,22 +608,4 @@ fn send<M: wire::ChannelMessage>(
     }
     rt.block_on(stream.write_all(&bytes)).map_err(|e| e.to_string())?;
     Ok(bytes.len() as u64)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn layout_requests_are_limited_and_the_latest_wins() {
-        let mut d = LayoutDebounce::default();
-        assert_eq!(d.offer(vec![(800, 600)], 1_000_000), Some(vec![(800, 600)]));
-        // A dragged window: many requests within the interval; none applied yet.
-        for w in 801..900 {
-            assert_eq!(d.offer(vec![(w, 600)], 1_000_000 + u64::from(w - 800) * 1000), None);
-        }
-        assert_eq!(d.poll(1_100_000), None);
-        assert_eq!(d.poll(1_250_000), Some(vec![(899, 600)]), "the latest, once the interval passed");
-        assert_eq!(d.poll(2_000_000), None, "nothing pending");
-    }
 }

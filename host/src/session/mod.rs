@@ -6,15 +6,16 @@
 //! `pleiades-protocol` (docs/protocol.md); this module is its I/O shell:
 //!
 //! - [`tls`]: the self-signed certificate the connection file pins, the QUIC server config;
-//! - [`connection`]: one client: handshake (ticket checked and consumed), control stream
-//!   (pings, frame acks, layout requests), input stream, and the display thread that encodes
+//! - [`connection`]: one client: handshake (ticket checked and consumed), the control stream
+//!   pumped through `pleiades_protocol::control::ServerControl` (pings, frame acks into the
+//!   pacer, layouts, resume tokens, goodbye), input stream, and the display thread that encodes
 //!   the sink's damage ([`crate::display`]) when the pacer allows (about one frame in flight,
 //!   latest wins: damage accumulates in the sink while a frame is out);
 //! - [`input`]: protocol input → virtio-input events, with a rate limit;
 //! - [`audio`]: the sound device's playback as Opus datagrams, the client's microphone back.
 //!
 //! One client per desktop: a new connection with a valid ticket takes over, and the previous
-//! one is closed with the reason "replaced". A client that lost its connection comes back with
+//! one is told so (`Goodbye`, reason `Replaced`) and closed. A client that lost its connection comes back with
 //! the one-time resume token its session was given (`RESUME`), which takes over the same way. Threads: a small tokio runtime for QUIC, and one display thread per connection (the
 //! encoder is CPU-bound).
 
@@ -70,8 +71,8 @@ pub(crate) struct Shared {
     pub verifier: Mutex<TicketVerifier>,
     /// Resume tokens of this desktop's sessions (docs/protocol.md, "Resuming").
     pub resume: Mutex<ResumeTokens>,
-    /// The connection that has the desktop now.
-    pub current: Mutex<Option<(u64, quinn::Connection)>>,
+    /// The session that has the desktop now.
+    pub current: Mutex<Option<connection::Live>>,
     pub next_session: AtomicU64,
     pub metrics: SessionMetrics,
     pub audio: Arc<audio::AudioMetrics>,
@@ -86,6 +87,10 @@ pub struct SessionMetrics {
     pub bytes: AtomicU64,
     pub input_events: AtomicU64,
     pub input_dropped: AtomicU64,
+    /// Frames the clients acknowledged (`FrameAck`s received, in time for the pacer or not).
+    pub frames_acked: AtomicU64,
+    /// The current session's smoothed ping RTT (µs), 0 before the first answer.
+    pub rtt_us: AtomicU64,
 }
 
 /// A running session server. Dropping it closes every connection and the endpoint.
@@ -190,14 +195,15 @@ impl SessionServer {
         }
     }
 
-    /// Closes the client's connection, if there is one (the broker's `disconnect`, an
-    /// administrator ending a session). Returns whether a client was connected.
+    /// Ends the client's session, if there is one (the broker's `disconnect`, an administrator
+    /// ending a session): the client is told why (`Goodbye`, reason `Admin`), then the connection
+    /// closes. Returns whether a client was connected.
     pub fn disconnect(&self, reason: &str) -> bool {
         let current = self.shared.current.lock().unwrap_or_else(|p| p.into_inner()).take();
         match current {
-            Some((id, conn)) => {
-                tracing::info!("session {id}: disconnected ({reason})");
-                conn.close(pleiades_protocol::transport::error_code::NO_ERROR.into(), reason.as_bytes());
+            Some(live) => {
+                tracing::info!("session {}: disconnected ({reason})", live.id);
+                live.control.say_goodbye(pleiades_protocol::wire::GoodbyeReason::Admin, reason);
                 true
             }
             None => false,
@@ -219,6 +225,8 @@ impl SessionServer {
             "bytes": get(&m.bytes),
             "input_events": get(&m.input_events),
             "input_dropped": get(&m.input_dropped),
+            "frames_acked": get(&m.frames_acked),
+            "rtt_us": get(&m.rtt_us),
             "audio_frames": get(&self.shared.audio.frames_sent),
             "audio_bytes": get(&self.shared.audio.bytes_sent),
             "mic_frames": get(&self.shared.audio.mic_frames),
