@@ -7,7 +7,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{Desktop, LIMIT};
-use pleiades_host::synthetic::Workload;
+use pleiades_session::synthetic::Workload;
 
 fn pleiades(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_pleiades")).args(args).env("RUST_LOG", "warn").output().unwrap()

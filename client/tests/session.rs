@@ -14,10 +14,10 @@ use pleiades_client::display::Codec;
 use pleiades_client::recorder::{self, RecordOptions};
 use pleiades_client::script;
 use pleiades_client::session::{Session, SessionEvent, SessionOptions};
-use pleiades_host::synthetic::Workload;
 use pleiades_protocol::handshake::Capabilities;
 use pleiades_protocol::transport::error_code;
 use pleiades_protocol::wire::{self, Channel, GoodbyeReason, Monitor, MonitorSize, RefuseCode};
+use pleiades_session::synthetic::Workload;
 
 /// Lossless tiles only: what the client shows can be compared with the host pixel for pixel.
 fn lossless() -> SessionOptions {

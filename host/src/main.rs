@@ -9,10 +9,10 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use pleiades_control::{self as control, ControlServer, Controller, PointerButton, Request};
 use pleiades_host::run::{Layout, RunArgs, Vmm, parse_layout};
-use pleiades_host::session;
 use pleiades_host::vm::DeviceKind;
 use pleiades_host::vm::native::NativeVm;
 use pleiades_host::vm::qemu::QemuVm;
+use pleiades_session as session;
 use pleiades_virtio::VirtioDevice;
 use pleiades_virtio::console::Console;
 use pleiades_virtio::gpu::{Gpu, GpuConfig};
@@ -265,11 +265,11 @@ fn run_qemu(spec: &BootSpec, args: &RunArgs) -> Result<ExitCode> {
     })
 }
 
-fn run_synthetic(workload: pleiades_host::synthetic::Workload, args: &RunArgs) -> Result<ExitCode> {
+fn run_synthetic(workload: pleiades_session::synthetic::Workload, args: &RunArgs) -> Result<ExitCode> {
     let &[(width, height)] = args.synthetic_size.0.as_slice() else {
         anyhow::bail!("--synthetic-size takes one WIDTHxHEIGHT");
     };
-    let vm = pleiades_host::synthetic::SyntheticVm::start(workload, width, height)?;
+    let vm = pleiades_session::synthetic::SyntheticVm::start(workload, width, height)?;
     let controller = with_session(args, vm.controller())?;
     let _control = control_vm(args, controller)?;
     vm.wait();

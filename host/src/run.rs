@@ -72,7 +72,7 @@ pub struct RunArgs {
     /// No VM: a synthetic desktop drawn by the host through a real GPU device (for protocol
     /// benchmarks): idle, typing, scroll, video or motion. Use with --listen.
     #[arg(long, conflicts_with_all = ["kernel", "initrd", "devices"])]
-    pub synthetic: Option<crate::synthetic::Workload>,
+    pub synthetic: Option<pleiades_session::synthetic::Workload>,
     /// The synthetic desktop's size.
     #[arg(long, default_value = "1920x1080", value_parser = parse_layout)]
     pub synthetic_size: Layout,

@@ -50,6 +50,7 @@
 
 pub mod connfile;
 pub mod control;
+pub mod error_code;
 pub mod handshake;
 pub mod hostapi;
 pub mod jitter;

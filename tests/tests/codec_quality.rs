@@ -5,7 +5,7 @@
 
 use pleiades_agent::workload::{self, Canvas, Workload};
 use pleiades_client::display::{DisplayStream, Displays};
-use pleiades_host::display::{DisplayEncoder, EncoderSettings, wire_messages};
+use pleiades_session::display::{DisplayEncoder, EncoderSettings, wire_messages};
 use pleiades_virtio::gpu::Framebuffer;
 use pleiades_virtio::gpu::protocol::Rect;
 

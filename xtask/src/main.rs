@@ -6,10 +6,12 @@
 //! - `demo`: the main job: everything above, then the broker (SQLite) with a pool of the test
 //!   image, a host daemon registered with it, a desktop for the demo user, and the headless
 //!   client on it with the broker's ticket; prints the portal URL and the demo logins.
+//! - `check`: the architecture's invariants (crate layers, module imports, where `unsafe` is).
 //! - `test`: everything CI runs: deps, image, `cargo fmt --check`, clippy, `npm ci` of the
 //!   browser tests (skipped when up to date), all tests.
 
 mod apt;
+mod architecture;
 mod cpio;
 mod fuzz;
 mod guest_image;
@@ -59,6 +61,9 @@ enum Cmd {
         #[arg(long)]
         interactive: Option<bool>,
     },
+    /// Check the architecture's invariants: crate layers, no import cycle between modules,
+    /// `unsafe` only where allowed (ARCHITECTURE.md).
+    Check,
     /// Run every check CI runs: deps, guest image, fmt, clippy, all tests.
     #[command(alias = "ci")]
     Test {
@@ -98,6 +103,7 @@ fn run(command: Cmd) -> Result<()> {
             guest_image::GuestImageBuild { root, force }.run().map(drop)
         }
         Cmd::Demo { interactive } => demo(&root, interactive),
+        Cmd::Check => check_architecture(&root),
         Cmd::Test { no_deps } => test(&root, no_deps),
     }
 }
@@ -147,6 +153,18 @@ const TESTGUEST_MANIFEST: &str = "testguest/Cargo.toml";
 /// The fuzz targets are outside the workspace too (cargo-fuzz layout).
 const FUZZ_MANIFEST: &str = "fuzz/Cargo.toml";
 
+fn check_architecture(root: &Path) -> Result<()> {
+    let violations = architecture::check(root);
+    for violation in &violations {
+        eprintln!("  {}", violation.0);
+    }
+    if !violations.is_empty() {
+        bail!("{} architecture invariants broken (ARCHITECTURE.md, \"Invariants\")", violations.len());
+    }
+    println!("    crate layers, module imports and unsafe code keep ARCHITECTURE.md's invariants");
+    Ok(())
+}
+
 fn test(root: &Path, no_deps: bool) -> Result<()> {
     let started = Instant::now();
     if !no_deps {
@@ -163,6 +181,8 @@ fn test(root: &Path, no_deps: bool) -> Result<()> {
         cargo(root, &["fmt", "--manifest-path", manifest, "--", "--check"])
             .with_context(|| format!("formatting differs: run `cargo fmt --manifest-path {manifest}`"))?;
     }
+    step("architecture invariants");
+    check_architecture(root)?;
     let t = step("cargo clippy --all-targets -- -D warnings");
     cargo(root, &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
     cargo(root, &["clippy", "--manifest-path", TESTGUEST_MANIFEST, "--all-targets", "--", "-D", "warnings"])?;

@@ -15,8 +15,6 @@ use std::time::Duration;
 use pleiades_client::clock::monotonic_us;
 use pleiades_client::connect::{self, cert_sha256};
 use pleiades_control::Controller;
-use pleiades_host::session::{LocalTickets, SessionConfig, SessionServer};
-use pleiades_host::synthetic::{SyntheticVm, Workload};
 use pleiades_protocol::connfile::Connection;
 use pleiades_protocol::control::{ControlConfig, ServerControl, ServerEvent};
 use pleiades_protocol::handshake::{Capabilities, ServerHandshake, ServerOutcome};
@@ -26,6 +24,8 @@ use pleiades_protocol::wire::{
     self, Channel, ControlMessage, CursorMessage, CursorPosition, CursorShape, Datagram, DisplayMessage,
     FrameBegin, GoodbyeReason, Monitor, MonitorSize, StreamDecoder,
 };
+use pleiades_session::synthetic::{SyntheticVm, Workload};
+use pleiades_session::{LocalTickets, SessionConfig, SessionServer};
 use pleiades_virtio::gpu::Framebuffer;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::sync::oneshot;

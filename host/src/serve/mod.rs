@@ -222,7 +222,7 @@ pub fn run(config: ServeConfig) -> Result<()> {
 
 async fn daemon(config: ServeConfig, spawner: Spawner) -> Result<()> {
     create_private_dir(&config.state_dir)?;
-    let identity = crate::session::tls::Identity::load_or_create(
+    let identity = pleiades_session::tls::Identity::load_or_create(
         &config.state_dir.join("tls"),
         &[config.address.clone(), config.name.clone()],
     )
@@ -397,7 +397,7 @@ async fn register(
         ticket_public_key: registered.ticket_public_key,
         heartbeat_interval_secs: registered.heartbeat_interval_secs,
     };
-    crate::session::write_private(path, &serde_json::to_vec_pretty(&stored)?)
+    pleiades_session::write_private(path, &serde_json::to_vec_pretty(&stored)?)
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(stored)
 }

@@ -228,7 +228,7 @@ pub enum SequenceError {
 impl SequenceError {
     /// The QUIC application error code to end the display channel with.
     pub fn error_code(&self) -> u32 {
-        crate::transport::error_code::PROTOCOL_VIOLATION
+        crate::error_code::PROTOCOL_VIOLATION
     }
 }
 

@@ -298,7 +298,7 @@ pub enum DecodeError {
 impl DecodeError {
     /// The QUIC application error code to stop the stream or close the connection with.
     pub fn error_code(&self) -> u32 {
-        use crate::transport::error_code;
+        use crate::error_code;
         match self {
             DecodeError::TooLarge { .. } => error_code::MESSAGE_TOO_LARGE,
             DecodeError::Malformed { .. } => error_code::MALFORMED_MESSAGE,

@@ -1,4 +1,10 @@
-//! The session server: one QUIC endpoint per VM that streams the desktop to one client.
+//! The session server: one QUIC endpoint per VM that streams the desktop to one client, and
+//! what it needs: the display encoders ([`display`]) and synthetic desktops ([`synthetic`]).
+//!
+//! Invariants: this crate is the protocol's I/O shell on the host side (the protocol's state
+//! machines are in `pleiades-protocol`); it reaches the VM only through its
+//! [`Controller`](pleiades_control::Controller) and the devices' host handles; it is the only
+//! host crate with QUIC, TLS and the codecs.
 //!
 //! It is the same for both VMMs: it consumes the GPU's [`DisplaySink`](pleiades_virtio::gpu::DisplaySink)
 //! and feeds input through the VM's [`Controller`] (`send_input`, `set_layout`), which routes to
@@ -21,7 +27,9 @@
 
 pub mod audio;
 pub mod connection;
+pub mod display;
 pub mod input;
+pub mod synthetic;
 pub mod tls;
 
 use std::net::SocketAddr;
