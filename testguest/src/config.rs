@@ -5,7 +5,8 @@
 //! `gpu_deviations=CHECK,…` (virtio-gpu hostile checks whose answers a reference device gives
 //! differently from the spec: reported, not failures; see `gpu.rs`) and `input_wait=MS` (after
 //! the tests, announce `PLEIADES-TESTGUEST-INPUT-WAITING` and wait up to MS for one event
-//! report from each input device; see `input.rs`).
+//! report from each input device; see `input.rs`) and `console_input=MS` (the host sends the
+//! console input: wait up to MS for it, and fail without it).
 //! Other words (kernel-style options) are ignored.
 
 use crate::report::Errors;
@@ -63,6 +64,9 @@ pub struct Config {
     pub gpu_deviations: u64,
     /// Milliseconds to wait for injected input events (0: no wait).
     pub input_wait: u64,
+    /// Milliseconds to wait for console input the host promises (`None`: a short look, and
+    /// none arriving is not a failure).
+    pub console_input: Option<u64>,
 }
 
 /// The most requests `rng_loop=` may ask for.
@@ -78,6 +82,7 @@ pub fn parse(cmdline: &str, errors: &mut Errors) -> Config {
         rng_loop: 0,
         gpu_deviations: 0,
         input_wait: 0,
+        console_input: None,
     };
     for word in cmdline.split_ascii_whitespace() {
         if let Some(mode) = word.strip_prefix("mode=") {
@@ -111,6 +116,14 @@ pub fn parse(cmdline: &str, errors: &mut Errors) -> Config {
                 Ok(n) if n <= crate::input::MAX_INPUT_WAIT_MS => config.input_wait = n,
                 _ => errors.push(format_args!(
                     "input_wait={ms:?} is not milliseconds up to {}",
+                    crate::input::MAX_INPUT_WAIT_MS
+                )),
+            }
+        } else if let Some(ms) = word.strip_prefix("console_input=") {
+            match ms.parse::<u64>() {
+                Ok(n) if n <= crate::input::MAX_INPUT_WAIT_MS => config.console_input = Some(n),
+                _ => errors.push(format_args!(
+                    "console_input={ms:?} is not milliseconds up to {}",
                     crate::input::MAX_INPUT_WAIT_MS
                 )),
             }

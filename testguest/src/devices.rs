@@ -46,6 +46,8 @@ pub enum TestError {
     Gpu(crate::gpu::GpuError),
     Input(crate::input::InputError),
     Sound(crate::sound::SoundError),
+    /// The host promised console input (`console_input=`) and none came.
+    ConsoleInput,
 }
 
 impl From<VirtioError> for TestError {
@@ -61,6 +63,7 @@ impl fmt::Display for TestError {
             Self::Gpu(e) => e.fmt(f),
             Self::Sound(e) => e.fmt(f),
             Self::Input(e) => e.fmt(f),
+            Self::ConsoleInput => f.write_str("console: the promised input never arrived"),
             Self::Rng(r) => write!(
                 f,
                 "rng returned {:?} bytes (want {RNG_REQUEST} each), nonzero {}, distinct {}",
@@ -127,8 +130,13 @@ pub fn rng_loop(device: &mut VirtioPci, memory: &DeviceMemory, count: u32) -> Re
 }
 
 /// Posts a receive buffer on queue 0, sends [`CONSOLE_LINE`] on queue 1, and counts what
-/// arrives for a moment; leaves the device reset.
-pub fn test_console(device: &mut VirtioPci, memory: &DeviceMemory) -> Result<ConsoleResult, TestError> {
+/// arrives for a moment, or for up to `promised_ms` when the host promised input (then none
+/// is a failure); leaves the device reset.
+pub fn test_console(
+    device: &mut VirtioPci,
+    memory: &DeviceMemory,
+    promised_ms: Option<u64>,
+) -> Result<ConsoleResult, TestError> {
     let [Some(mut rx), Some(mut tx)] = device.init(memory, 2)? else {
         return Err(VirtioError::QueueUnavailable(1).into());
     };
@@ -141,8 +149,12 @@ pub fn test_console(device: &mut VirtioPci, memory: &DeviceMemory) -> Result<Con
         dma::write_u8(tx_buffer.add(i as u64), *b);
     }
     roundtrip(device, &mut tx, tx_buffer, CONSOLE_LINE.len() as u32, 0)?;
-    let received = device.wait_used(&mut rx, CONSOLE_RX_WAIT_MS).map_or(0, |u| u.len.min(1024));
+    let received =
+        device.wait_used(&mut rx, promised_ms.unwrap_or(CONSOLE_RX_WAIT_MS)).map_or(0, |u| u.len.min(1024));
     let _ = device.reset();
+    if received == 0 && promised_ms.is_some() {
+        return Err(TestError::ConsoleInput);
+    }
     let mut rx_data = FixedStr::new();
     for i in 0..u64::from(received).min(CONSOLE_RX_SHOWN as u64) {
         let byte = dma::read_u8(rx_buffer.add(i));

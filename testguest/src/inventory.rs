@@ -149,9 +149,10 @@ impl Inventory {
             let memory = dma::device_memory(slot);
             let outcome = match entry.kind {
                 DeviceType::RNG => Some(devices::test_rng(device, &memory).map(|r| entry.rng = Some(r))),
-                DeviceType::CONSOLE => {
-                    Some(devices::test_console(device, &memory).map(|c| entry.console = Some(c)))
-                }
+                DeviceType::CONSOLE => Some(
+                    devices::test_console(device, &memory, config.console_input)
+                        .map(|c| entry.console = Some(c)),
+                ),
                 DeviceType::GPU => {
                     let (result, outcome) =
                         gpu::test(device, &memory, config.mode, config.gpu_deviations, errors);

@@ -23,19 +23,62 @@
 pub use pleiades_testkit::{image, postgres, prerequisite, wait_for};
 pub use pleiades_vmm::accel;
 
-/// A binary of the workspace (`pleiades-host`, `pleiades`), next to the running test's own
-/// executable (`target/<profile>/`). `cargo test --workspace` builds them before any test runs.
+/// A binary of the workspace (`pleiades-host`, `pleiades`, `pleiades-broker`), next to the
+/// running test's own executable (`target/<profile>/`). `cargo test --workspace` builds them
+/// before any test runs; `cargo test -p pleiades-tests` alone does not, so a binary older than
+/// a source file of the crates it is built from is refused as stale, never tested by mistake.
 pub fn workspace_binary(name: &str) -> Result<std::path::PathBuf, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let dir =
         exe.parent().and_then(|deps| deps.parent()).ok_or("the test executable has no target directory")?;
     let path = dir.join(name);
-    if path.is_file() {
-        Ok(path)
-    } else {
-        Err(format!("{} is missing: build it first (`cargo build --workspace`)", path.display()))
+    if !path.is_file() {
+        return Err(format!("{} is missing: build it first (`cargo build --workspace`)", path.display()));
+    }
+    let built = std::fs::metadata(&path).and_then(|m| m.modified()).map_err(|e| e.to_string())?;
+    let root = pleiades_testkit::workspace_root();
+    if let Some(newer) = binary_sources(name).iter().find_map(|c| newer_source(&root.join(c), built)) {
+        return Err(format!(
+            "{} is older than {}: build it again (`cargo build --workspace`, or `cargo test --workspace`)",
+            path.display(),
+            newer.display()
+        ));
+    }
+    Ok(path)
+}
+
+/// The crates (folders) a workspace binary is built from.
+fn binary_sources(name: &str) -> &'static [&'static str] {
+    match name {
+        "pleiades-host" => &["host", "session", "control", "vmm", "virtio", "protocol", "guest-agent"],
+        "pleiades" => &["client", "protocol"],
+        "pleiades-broker" => &["broker", "protocol"],
+        _ => &[],
     }
 }
+
+/// A source file (`src/**/*.rs`, `Cargo.toml`) of the crate at `dir` modified after `built`.
+fn newer_source(dir: &std::path::Path, built: std::time::SystemTime) -> Option<std::path::PathBuf> {
+    let mut stack = vec![dir.join("src")];
+    let manifest = dir.join("Cargo.toml");
+    let is_newer =
+        |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).is_ok_and(|t| t > built);
+    if is_newer(&manifest) {
+        return Some(manifest);
+    }
+    while let Some(folder) = stack.pop() {
+        for entry in std::fs::read_dir(&folder).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") && is_newer(&path) {
+                return Some(path);
+            }
+        }
+    }
+    None
+}
+
 pub mod audio;
 pub mod linkem;
 pub mod qemu;
@@ -43,3 +86,24 @@ pub mod served;
 pub mod stack;
 pub mod testguest;
 pub mod xwd;
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    #[test]
+    fn a_binary_older_than_a_source_of_its_crates_is_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("src/deep")).unwrap();
+        std::fs::write(dir.path().join("Cargo.toml"), "[package]\n").unwrap();
+        std::fs::write(dir.path().join("src/deep/device.rs"), "// edited\n").unwrap();
+        let written = SystemTime::now();
+        let before = written - Duration::from_secs(3600);
+        let after = written + Duration::from_secs(3600);
+        assert!(super::newer_source(dir.path(), before).is_some(), "built before the edit: stale");
+        assert_eq!(super::newer_source(dir.path(), after), None, "built after the edit: fresh");
+        // The binaries the tests run are checked against their own crates.
+        assert!(super::binary_sources("pleiades-host").contains(&"virtio"));
+        assert!(super::binary_sources("pleiades").contains(&"client"));
+    }
+}

@@ -45,6 +45,8 @@ pub enum GuestError {
     BadReady { line: String, error: pleiades_agent::ready::ReadyLineError },
     #[error("cannot write to the guest's serial console: {0}")]
     Serial(std::io::Error),
+    #[error("`{command}` failed in the guest (exit status {status}); its output:\n{output}")]
+    CommandFailed { command: String, status: i32, output: String },
 }
 
 /// What to boot.
@@ -91,6 +93,12 @@ impl GuestConfig {
         self
     }
 }
+
+/// A shell command that waits (up to 20 s) until a process has tty1 open, the shell that fbcon
+/// shows and the virtual keyboard types into, and fails if none has: keys typed earlier would
+/// be lost.
+pub const WAIT_FOR_TTY1_SHELL: &str = "for i in $(seq 100); do ls -l /proc/[0-9]*/fd 2>/dev/null | grep -q 'tty1$' && break; \
+     sleep 0.2; done; ls -l /proc/[0-9]*/fd 2>/dev/null | grep -q 'tty1$'";
 
 /// The base kernel command line of the test image.
 pub const BASE_CMDLINE: &str = "console=tty1 console=ttyS0,115200 quiet panic=-1";
@@ -256,8 +264,22 @@ impl Guest {
         stdin.write_all(text.as_bytes()).and_then(|()| stdin.flush()).map_err(GuestError::Serial)
     }
 
-    /// Runs a shell command in the guest and returns its output lines (stdout and stderr).
+    /// Runs a shell command in the guest and returns its output lines (stdout and stderr). A
+    /// non-zero exit status is an error ([`GuestError::CommandFailed`]): a setup command that
+    /// fails says so here, not later as a timeout. [`Guest::run_status`] expects failures.
     pub fn run(&mut self, command: &str, timeout: Duration) -> Result<Vec<String>, GuestError> {
+        match self.run_status(command, timeout)? {
+            (0, output) => Ok(output),
+            (status, output) => Err(GuestError::CommandFailed {
+                command: command.to_owned(),
+                status,
+                output: output.join("\n"),
+            }),
+        }
+    }
+
+    /// Runs a shell command in the guest: its exit status and output lines.
+    pub fn run_status(&mut self, command: &str, timeout: Duration) -> Result<(i32, Vec<String>), GuestError> {
         self.marker += 1;
         // The shell echoes what is typed; the arithmetic makes the finished marker differ from
         // the echoed command.
@@ -272,10 +294,8 @@ impl Guest {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = self.wait_for_line(|_| true, &end, left)?;
             if let Some(code) = line.trim().strip_prefix(&end) {
-                if code != "0" {
-                    output.push(format!("(exit status {code})"));
-                }
-                return Ok(output);
+                let status = code.parse().unwrap_or(-1);
+                return Ok((status, output));
             }
             output.push(line);
         }

@@ -12,7 +12,7 @@ use pleiades_control::{self as control, Request};
 use pleiades_virtio::gpu::Framebuffer;
 
 use crate::image::GuestImage;
-use crate::qemu::{Guest, boot_timeout};
+use crate::qemu::{Guest, WAIT_FOR_TTY1_SHELL, boot_timeout};
 use crate::workspace_binary;
 
 /// A booted, served guest; its files (control socket, connection files, recordings) live in
@@ -49,8 +49,7 @@ impl ServedDesktop {
     pub fn settle_console(&mut self, timeout: Duration) {
         self.guest
             .run(
-                "for i in $(seq 100); do ls -l /proc/[0-9]*/fd 2>/dev/null | grep -q 'tty1$' && break; sleep 0.2; done; \
-                 echo 0 > /sys/class/graphics/fbcon/cursor_blink",
+                &format!("{WAIT_FOR_TTY1_SHELL} && echo 0 > /sys/class/graphics/fbcon/cursor_blink"),
                 timeout,
             )
             .unwrap();

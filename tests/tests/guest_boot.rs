@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use pleiades_tests::image::GuestImage;
-use pleiades_tests::qemu::{Guest, GuestConfig};
+use pleiades_tests::qemu::{Guest, GuestConfig, GuestError};
 
 fn kinds(devices: &[pleiades_agent::ready::VirtioDevice]) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();
@@ -60,8 +60,13 @@ fn guest_boots_to_ready_lists_its_devices_and_powers_off() {
     assert!(events.join(" ").contains("event1"), "evdev nodes: {events:?}");
     let entropy = guest.run("cat /sys/class/misc/hw_random/rng_current", Duration::from_secs(30)).unwrap();
     assert!(entropy.join("").starts_with("virtio_rng"), "{entropy:?}");
-    let failed = guest.run("false", Duration::from_secs(30)).unwrap();
-    assert_eq!(failed, ["(exit status 1)"]);
+    // A command that fails is an error of `run`, with its status and output.
+    assert_eq!(
+        guest.run_status("echo out; (exit 3)", Duration::from_secs(30)).unwrap(),
+        (3, vec!["out".to_owned()])
+    );
+    let failed = guest.run("false", Duration::from_secs(30)).unwrap_err();
+    assert!(matches!(failed, GuestError::CommandFailed { status: 1, .. }), "{failed}");
 
     let status = guest.poweroff(Duration::from_secs(60)).expect("guest powers off");
     assert!(status.success(), "QEMU exit status {status}");

@@ -10,7 +10,7 @@ use pleiades_control::png_of_answer;
 use pleiades_control::screenshot::decode_png;
 use pleiades_control::{self as control, Request, Response};
 use pleiades_tests::image::GuestImage;
-use pleiades_tests::qemu::{Guest, boot_timeout};
+use pleiades_tests::qemu::{Guest, WAIT_FOR_TTY1_SHELL, boot_timeout};
 use pleiades_virtio::gpu::Framebuffer;
 
 const SHELL: Duration = Duration::from_secs(60);
@@ -82,12 +82,7 @@ fn start(args: &[&str], socket: &Path) -> Guest {
 
 /// Waits until the shell on tty1 (the console fbcon draws) is up.
 fn wait_for_tty1_shell(guest: &mut Guest) {
-    guest
-        .run(
-            "for i in $(seq 100); do ls -l /proc/[0-9]*/fd 2>/dev/null | grep -q 'tty1$' && break; sleep 0.2; done",
-            SHELL,
-        )
-        .unwrap();
+    guest.run(WAIT_FOR_TTY1_SHELL, SHELL).expect("a shell on tty1");
 }
 
 #[test]
@@ -112,12 +107,15 @@ fn the_console_is_visible_and_typing_changes_it_where_the_prompt_was() {
 
     ctl(&socket, Request::Type { text: "echo PLEIADES-TYPED > /dev/ttyS0\n".into() });
     guest.wait_for("PLEIADES-TYPED", SHELL).expect("the typed command ran in the guest");
-    let after = screenshot_until(&socket, 0, "the typed line", |f| f.pixels != before.pixels);
-
-    // What changed: the prompt line got the command, and a new prompt appeared below it.
-    let changed: Vec<u32> = (0..after.height)
-        .filter(|&y| (0..after.width).any(|x| after.rgb(x, y) != before.rgb(x, y)))
-        .collect();
+    // What changed: the prompt line got the command, and a new prompt appeared below it (fbcon
+    // draws them one after the other: wait for both, bounded).
+    let changed_rows = |f: &Framebuffer| -> Vec<u32> {
+        (0..f.height).filter(|&y| (0..f.width).any(|x| f.rgb(x, y) != before.rgb(x, y))).collect()
+    };
+    let after = screenshot_until(&socket, 0, "the typed line and a new prompt", |f| {
+        changed_rows(f).last().is_some_and(|&y| y > prompt_bottom)
+    });
+    let changed = changed_rows(&after);
     let (first, last) = (changed[0], *changed.last().unwrap());
     let prompt_top = rows.iter().rev().take_while(|&&y| y + 24 > prompt_bottom).last().copied().unwrap();
     assert!(

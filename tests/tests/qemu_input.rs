@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use pleiades_control::{self as control, PointerButton, Request};
 use pleiades_tests::image::GuestImage;
-use pleiades_tests::qemu::{Guest, boot_timeout};
+use pleiades_tests::qemu::{Guest, WAIT_FOR_TTY1_SHELL, boot_timeout};
 
 const SHELL: Duration = Duration::from_secs(60);
 
@@ -52,12 +52,7 @@ fn keyboard_and_tablet_are_bound_and_ctl_input_reaches_the_guest() {
 
     // The keyboard types into the shell on tty1, which writes to the serial console. First make
     // sure that shell is up (a bounded wait; typed keys would be lost with no tty1 reader).
-    guest
-        .run(
-            "for i in $(seq 100); do ls -l /proc/[0-9]*/fd 2>/dev/null | grep -q 'tty1$' && break; sleep 0.2; done",
-            SHELL,
-        )
-        .unwrap();
+    guest.run(WAIT_FOR_TTY1_SHELL, SHELL).expect("a shell on tty1");
     ctl(&socket, Request::Type { text: "echo PLEIADES-$((6*7))-TYPED > /dev/ttyS0\n".into() });
     guest.wait_for("PLEIADES-42-TYPED", SHELL).expect("the typed command ran in the guest");
 
