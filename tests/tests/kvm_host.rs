@@ -1,6 +1,7 @@
 //! The KVM host fixture end to end (`pleiades_tests::kvm_host`): a VM under QEMU TCG `-cpu max`
 //! with `kvm_amd` loaded runs, on Pleiades' own VMM, the no_std test guest and the Linux test
-//! image with GPU, keyboard, tablet and sound.
+//! image with GPU, keyboard, tablet and sound; its KVM counts as hardware-backed (`--vmm qemu`
+//! chooses it).
 //!
 //! The figures it prints are wall clock on this machine, TCG-nested: the KVM host is emulated
 //! and its KVM runs the inner guest with SVM emulated by TCG.
@@ -58,6 +59,27 @@ fn the_kvm_host_runs_the_test_guest_and_linux_with_devices_on_pleiades_vmm() {
     assert_eq!(result["result"], "pass", "{result:#}\nlog:\n{}", run.log.join("\n"));
     assert_eq!(result["cpus"], 2, "{result:#}");
     assert_eq!(run.status, 0, "pleiades-host run failed:\n{}", run.log.join("\n"));
+
+    // QEMU runs inside too, and `pleiades-host run --vmm qemu` picks KVM there by itself.
+    let qemu = host
+        .run_vm(
+            "testguest-qemu",
+            &["--vmm", "qemu", "--cpus", "2", "--kernel", &elf],
+            Duration::from_secs(180),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("inner testguest on QEMU+KVM: exit {} after {:.1} s", qemu.status, secs(qemu.elapsed));
+    assert!(
+        qemu.log.iter().any(|l| l.contains("QEMU accelerator: kvm")),
+        "--vmm qemu did not choose KVM in the KVM host:\n{}",
+        qemu.log.join("\n")
+    );
+    assert!(
+        qemu.serial.iter().any(|l| l.contains(RESULT_MARKER) && l.contains(r#""result":"pass""#)),
+        "the test guest did not pass on QEMU+KVM:\n{}\n{}",
+        qemu.serial.join("\n"),
+        qemu.log.join("\n")
+    );
 
     // The Linux test image with GPU, keyboard, tablet and sound.
     let image = host.parts().image.clone();
