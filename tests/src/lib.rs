@@ -9,6 +9,9 @@
 //!   and waits for the guest's `PLEIADES-READY` line.
 //! - [`testguest`]: boots the no_std test guest (`testguest.elf`) under QEMU and parses its
 //!   `PLEIADES-TESTGUEST` result line.
+//! - [`kvm_host`]: a "KVM host" VM under QEMU TCG `-cpu max` (svm + npt, `kvm_amd` loaded) with
+//!   this machine's root read-only over virtio-9p and a shared scratch directory, where Linux
+//!   guests run on Pleiades' own VMM.
 //!
 //! - [`served`]: a Linux test guest served with `run --listen`, its control socket, connection
 //!   files and screenshots (the session, audio and window end-to-end tests).
@@ -80,6 +83,7 @@ fn newer_source(dir: &std::path::Path, built: std::time::SystemTime) -> Option<s
 }
 
 pub mod audio;
+pub mod kvm_host;
 pub mod linkem;
 pub mod qemu;
 pub mod served;

@@ -123,6 +123,25 @@ mod tests {
         assert!(choice.reason.contains("missing"), "{}", choice.reason);
     }
 
+    /// The KVM host test fixture (`pleiades_tests::kvm_host`): QEMU TCG's `-cpu max` offers
+    /// svm + npt, and `kvm_amd` runs Linux guests there, so its KVM counts as hardware-backed
+    /// even though the CPU also says `hypervisor`. (This machine's own flags lack svm/vmx.)
+    #[test]
+    fn the_kvm_hosts_tcg_cpu_counts_as_hardware_virtualization() {
+        let kvm_host = "processor\t: 0\nmodel name\t: QEMU TCG CPU version 2.5+\nflags\t\t: fpu de pse tsc msr pae \
+             mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush acpi mmx fxsr sse sse2 ss ht syscall nx mmxext \
+             pdpe1gb rdtscp lm 3dnowext 3dnow nopl xtopology cpuid pni pclmulqdq monitor ssse3 fma cx16 sse4_1 \
+             sse4_2 x2apic movbe popcnt aes xsave avx f16c rdrand hypervisor lahf_lm cmp_legacy svm cr8_legacy \
+             abm sse4a 3dnowprefetch vmmcall fsgsbase bmi1 avx2 smep bmi2 erms mpx rdseed adx smap clflushopt \
+             clwb sha_ni xsaveopt xgetbv1 xsaveerptr wbnoinvd arat npt vgif umip pku ospke vaes la57 rdpid fsrm\n";
+        assert!(has_hardware_virtualization(kvm_host));
+        let dir = tempfile::tempdir().unwrap();
+        let kvm = dir.path().join("kvm");
+        std::fs::write(&kvm, b"").unwrap();
+        let choice = choose_from(None, kvm_host, &kvm).unwrap();
+        assert_eq!(choice.accel, Accel::Kvm, "{}", choice.reason);
+    }
+
     #[test]
     fn forced_choice_and_bad_input() {
         let dir = tempfile::tempdir().unwrap();

@@ -7,6 +7,12 @@
 //! - `guest/rootfs/` (inittab, rcS, profile);
 //! - `pleiades-agent`, built as a static binary.
 //!
+//! Beside it, `initramfs-kvm-host.cpio` is the same image with a second cpio archive appended
+//! (the kernel unpacks concatenated archives in order): the modules of
+//! `guest/kvm-host-modules.txt` (KVM, 9p) that the base image does not have yet, and
+//! `/etc/pleiades/kvm-host-modules`, their load order. Only the KVM host test fixture
+//! (`pleiades_tests::kvm_host`) boots it and loads them; the normal image is unchanged.
+//!
 //! A stamp over all inputs makes a second run with nothing changed a no-op.
 //!
 //! The no_std test guest (`testguest/`, see `crate::testguest`) is built and installed first,
@@ -22,6 +28,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use object::Object;
+use pleiades_testkit::image::KVM_HOST_INITRAMFS;
 use serde::{Deserialize, Serialize};
 
 use crate::apt::Apt;
@@ -41,6 +48,8 @@ pub struct Manifest {
     pub busybox_package: String,
     pub modules: Vec<String>,
     pub initramfs_bytes: u64,
+    /// The KVM host's extra modules in load order (in `initramfs-kvm-host.cpio` only).
+    pub kvm_host_modules: Vec<String>,
 }
 
 /// Builds the image. `root` is the workspace root.
@@ -69,10 +78,12 @@ impl GuestImageBuild {
         let busybox_deb = apt.download("busybox-static", None, &cache)?;
 
         let agent = self.build_agent()?;
-        let wanted = read_module_list(&self.root.join("guest/modules.txt"))?;
+        let module_list = self.root.join("guest/modules.txt");
+        let kvm_host_list = self.root.join("guest/kvm-host-modules.txt");
+        let wanted = read_module_list(&module_list)?;
+        let kvm_host_wanted = read_module_list(&kvm_host_list)?;
         let rootfs = self.root.join("guest/rootfs");
-        let stamp =
-            stamp_of(&[&kernel_deb, &busybox_deb, &agent, &self.root.join("guest/modules.txt")], &rootfs)?;
+        let stamp = stamp_of(&[&kernel_deb, &busybox_deb, &agent, &module_list, &kvm_host_list], &rootfs)?;
 
         let manifest_path = out.join("image.json");
         if !self.force
@@ -81,6 +92,7 @@ impl GuestImageBuild {
             && manifest.stamp == stamp
             && out.join("vmlinuz").exists()
             && out.join("initramfs.cpio").exists()
+            && out.join(KVM_HOST_INITRAMFS).exists()
         {
             println!("guest image: up to date ({})", out.display());
             return Ok(manifest);
@@ -95,10 +107,18 @@ impl GuestImageBuild {
         let bar = ProgressBar::new_spinner().with_style(ProgressStyle::with_template("{spinner} {msg}")?);
         let modules = tree.resolve(&wanted, |name| bar.set_message(format!("kernel module {name}")))?;
         bar.finish_with_message(format!("{} kernel modules resolved", modules.len()));
+        // The KVM host's modules: the chains of both lists, less what the base image loads.
+        let both: Vec<String> = wanted.iter().chain(&kvm_host_wanted).cloned().collect();
+        let kvm_host_modules: Vec<Module> = tree
+            .resolve(&both, |_| {})?
+            .into_iter()
+            .filter(|m| !modules.iter().any(|base| base.name == m.name))
+            .collect();
 
         let busybox = busybox_dir.join("bin/busybox");
         let initramfs = out.join("initramfs.cpio");
         write_initramfs(&initramfs, &busybox, &agent, &rootfs, &modules)?;
+        write_kvm_host_initramfs(&out.join(KVM_HOST_INITRAMFS), &initramfs, &kvm_host_modules)?;
         let vmlinuz = kernel_dir.join(format!("boot/vmlinuz-{release}"));
         fs::copy(&vmlinuz, out.join("vmlinuz"))
             .with_context(|| format!("cannot copy {}", vmlinuz.display()))?;
@@ -110,6 +130,7 @@ impl GuestImageBuild {
             busybox_package: file_name(&busybox_deb),
             modules: modules.iter().map(|m| m.name.clone()).collect(),
             initramfs_bytes: fs::metadata(&initramfs)?.len(),
+            kvm_host_modules: kvm_host_modules.iter().map(|m| m.name.clone()).collect(),
         };
         fs::write(&manifest_path, serde_json::to_string_pretty(&manifest)?)?;
         println!(
@@ -304,6 +325,25 @@ fn write_initramfs(
     Ok(())
 }
 
+/// The KVM host's initramfs: `base` with a second archive appended that adds `modules` to
+/// `/lib/modules/` and their load order as `/etc/pleiades/kvm-host-modules`.
+fn write_kvm_host_initramfs(path: &Path, base: &Path, modules: &[Module]) -> Result<()> {
+    let mut bytes = fs::read(base).with_context(|| format!("cannot read {}", base.display()))?;
+    // Each archive starts on a 4-byte boundary (ours end on one).
+    bytes.resize(bytes.len().next_multiple_of(4), 0);
+    let mut w = CpioWriter::new(bytes);
+    let mut order = String::new();
+    for module in modules {
+        let name = format!("{}.ko", module.name);
+        w.file(&format!("lib/modules/{name}"), 0o644, &module.data)?;
+        order.push_str(&name);
+        order.push('\n');
+    }
+    w.file("etc/pleiades/kvm-host-modules", 0o644, order.as_bytes())?;
+    let bytes = w.finish()?;
+    fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))
+}
+
 /// The applets a busybox binary provides (it runs on the host: same architecture, static).
 fn busybox_applets(busybox: &Path) -> Result<Vec<String>> {
     let output = Command::new(busybox)
@@ -337,6 +377,24 @@ mod tests {
         let list = dir.path().join("m.txt");
         fs::write(&list, "# header\nvirtio-gpu\n\n  evdev # input events\n").unwrap();
         assert_eq!(read_module_list(&list).unwrap(), ["virtio-gpu", "evdev"]);
+    }
+
+    #[test]
+    fn kvm_host_image_is_the_base_image_plus_a_second_archive() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.cpio");
+        let mut w = CpioWriter::new(Vec::new());
+        w.file("etc/hello", 0o644, b"hi").unwrap();
+        fs::write(&base, w.finish().unwrap()).unwrap();
+        let out = dir.path().join("kvm-host.cpio");
+        let module = Module { name: "kvm".into(), data: b"\x7fELF".to_vec() };
+        write_kvm_host_initramfs(&out, &base, &[module]).unwrap();
+        let (base, out) = (fs::read(&base).unwrap(), fs::read(&out).unwrap());
+        assert!(out.starts_with(&base));
+        let second = String::from_utf8_lossy(&out[base.len()..]);
+        assert!(second.starts_with("070701"), "{second}");
+        assert!(second.contains("lib/modules/kvm.ko") && second.contains("kvm.ko\n"), "{second}");
+        assert!(second.contains("etc/pleiades/kvm-host-modules") && second.contains("TRAILER!!!"));
     }
 
     #[test]
