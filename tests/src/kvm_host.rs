@@ -249,6 +249,8 @@ impl KvmHost {
     fn setup(&mut self) -> Result<(), KvmHostError> {
         // Kernel messages (KVM's unhandled MSRs among them) stay in dmesg, off the console.
         self.step("dmesg -n 1", "dmesg -n 1")?;
+        // Loopback, for session servers and clients inside.
+        self.step("bringing up loopback", "ip link set lo up")?;
         let flags = self.step("the CPU flags", "grep -m1 '^flags' /proc/cpuinfo")?.join(" ");
         if !flags.split_whitespace().any(|f| f == "svm") {
             return Err(KvmHostError::NoSvm { flags });
@@ -261,7 +263,7 @@ impl KvmHost {
             let module = failed.trim_end_matches(".ko").to_owned();
             return Err(KvmHostError::Module { module, output: loaded.join("\n"), dmesg: self.dmesg(20) });
         }
-        if self.guest.run("test -c /dev/kvm", STEP_TIMEOUT)?.iter().any(|l| l.starts_with("(exit status")) {
+        if self.guest.run_status("test -c /dev/kvm", STEP_TIMEOUT)?.0 != 0 {
             return Err(KvmHostError::NoKvm { dmesg: self.dmesg(20) });
         }
         let root = HOST_ROOT;
@@ -301,15 +303,14 @@ impl KvmHost {
 
     /// Runs `command` and fails with its output (and dmesg) unless it exits 0.
     fn step(&mut self, what: &str, command: &str) -> Result<Vec<String>, KvmHostError> {
-        let output = self.guest.run(command, STEP_TIMEOUT)?;
-        if output.last().is_some_and(|l| l.starts_with("(exit status")) {
-            return Err(KvmHostError::Setup {
+        match self.guest.run_status(command, STEP_TIMEOUT)? {
+            (0, output) => Ok(output),
+            (status, output) => Err(KvmHostError::Setup {
                 step: what.to_owned(),
-                output: output.join("\n"),
+                output: format!("{}\n(exit status {status})", output.join("\n")),
                 dmesg: self.dmesg(20),
-            });
+            }),
         }
-        Ok(output)
     }
 
     /// The last `lines` lines of the KVM host's kernel log (empty when it cannot be read).
@@ -320,10 +321,15 @@ impl KvmHost {
             .unwrap_or_default()
     }
 
-    /// Runs a shell command inside (in this machine's root, as root) and returns its output;
-    /// a last line `(exit status N)` says it failed.
+    /// Runs a shell command inside (in this machine's root, as root) and returns its output; a
+    /// non-zero exit status is an error ([`GuestError::CommandFailed`]).
     pub fn run(&mut self, command: &str, timeout: Duration) -> Result<Vec<String>, GuestError> {
         self.guest.run(command, timeout)
+    }
+
+    /// Runs a shell command inside: its exit status and output.
+    pub fn run_status(&mut self, command: &str, timeout: Duration) -> Result<(i32, Vec<String>), GuestError> {
+        self.guest.run_status(command, timeout)
     }
 
     /// The scratch directory: the same path here and inside, writable from both.
@@ -385,12 +391,8 @@ impl KvmHost {
             shell_quote(&path_str(&log)),
         );
         let started = Instant::now();
-        let output = self.guest.run(&command, timeout + STEP_TIMEOUT)?;
+        let (status, _) = self.guest.run_status(&command, timeout + STEP_TIMEOUT)?;
         let elapsed = started.elapsed();
-        let status = output
-            .iter()
-            .find_map(|l| l.strip_prefix("(exit status ").and_then(|s| s.strip_suffix(')')))
-            .map_or(0, |s| s.parse().unwrap_or(-1));
         Ok(InnerRun { status, serial: read_lines(&serial), log: read_lines(&log), elapsed })
     }
 
@@ -402,7 +404,7 @@ impl KvmHost {
         let (serial, log) = self.vm_files(name);
         let control = format!("/tmp/{name}.sock");
         let command = format!(
-            "cd /tmp && PLEIADES_LOG=info {} run {} --serial {} --control {} </dev/null >{} 2>&1 & echo PID=$!",
+            "cd /tmp && PLEIADES_LOG=${{PLEIADES_LOG:-info}} {} run {} --serial {} --control {} </dev/null >{} 2>&1 & echo PID=$!",
             shell_quote(&path_str(&self.parts.host)),
             args.iter().map(|a| shell_quote(a)).collect::<Vec<_>>().join(" "),
             shell_quote(&path_str(&serial)),
@@ -484,7 +486,7 @@ impl KvmHost {
     /// status and whether it had to be killed.
     pub fn stop_vm(&mut self, vm: &InnerVm, grace: Duration) -> Result<(i32, bool), KvmHostError> {
         // A VM that already ended has no socket; its status is what counts.
-        let _ = self.guest.run(
+        let _ = self.guest.run_status(
             &format!(
                 "{} ctl {} shutdown",
                 shell_quote(&path_str(&self.parts.host)),

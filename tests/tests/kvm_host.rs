@@ -10,10 +10,12 @@ use std::time::{Duration, Instant};
 
 use pleiades_agent::ready::{READY_MARKER, parse_ready_line};
 use pleiades_control::screenshot::decode_png;
-use pleiades_tests::kvm_host::{KvmHost, KvmHostConfig, KvmHostParts};
+use pleiades_tests::audio::{dominant_frequency, left, read_wav, tone_span};
+use pleiades_tests::kvm_host::{InnerVm, KvmHost, KvmHostConfig, KvmHostParts, shell_quote};
 use pleiades_tests::prerequisite;
 use pleiades_tests::qemu::BASE_CMDLINE;
 use pleiades_tests::testguest::RESULT_MARKER;
+use pleiades_virtio::gpu::Framebuffer;
 use pleiades_vmm::accel::has_hardware_virtualization;
 
 /// The inner Linux guest's READY, nested under TCG (seen: about 35 s).
@@ -81,88 +83,312 @@ fn the_kvm_host_runs_the_test_guest_and_linux_with_devices_on_pleiades_vmm() {
         qemu.log.join("\n")
     );
 
-    // The Linux test image with GPU, keyboard, tablet and sound.
+    // Linux on Pleiades' VMM with every device, served to a client (the session server).
+    let figures = linux_with_every_device_and_a_client(&mut host);
+    // A second boot: the guest's own `poweroff` ends the VMM process with 0.
+    linux_powers_itself_off(&mut host);
+
+    let memory = host.memory().unwrap_or_else(|e| panic!("{e}"));
+    eprintln!(
+        "KVM host figures (wall clock, TCG-nested): to READY {:.1} s, to a shell in the host root {:.1} s; \
+         inner testguest {:.1} s; inner Linux to READY {:.1} s, after a reboot {:.1} s; outer QEMU RSS {} MiB; \
+         inside {} of {} MiB used, inner pleiades-host RSS {} MiB; ACPI shutdown {:.1} s; total {:.1} s",
+        secs(boot.ready),
+        secs(boot.shell),
+        secs(run.elapsed),
+        secs(figures.ready),
+        secs(figures.reboot),
+        memory.qemu_rss_mib,
+        memory.guest_used_mib,
+        memory.guest_total_mib,
+        figures.rss_mib,
+        secs(figures.shutdown),
+        secs(started.elapsed()),
+    );
+}
+
+/// What [`linux_with_every_device_and_a_client`] measured.
+struct LinuxFigures {
+    ready: Duration,
+    reboot: Duration,
+    shutdown: Duration,
+    rss_mib: u64,
+}
+
+/// The devices every Linux desktop on Pleiades' VMM is tested with, and what READY says of them.
+const DEVICES: [&str; 12] = [
+    "--device",
+    "gpu,heads=2",
+    "--device",
+    "keyboard",
+    "--device",
+    "tablet",
+    "--device",
+    "sound",
+    "--device",
+    "rng",
+    "--device",
+    "console",
+];
+const BOUND: [(&str, &str); 6] = [
+    ("gpu", "virtio_gpu"),
+    ("input", "virtio_input"),
+    ("input", "virtio_input"),
+    ("sound", "virtio_snd"),
+    ("rng", "virtio_rng"),
+    ("console", "virtio_console"),
+];
+
+/// The Linux test image on `--vmm pleiades` with GPU (two heads), keyboard, tablet, sound, rng
+/// and console, and the session server (`--listen`): READY with two CPUs and every device bound;
+/// the console on the screen; the headless client types a command (its last frame equals `ctl
+/// screenshot`), clicks (the tablet's events reach the guest) and hears the guest's 440 Hz; the
+/// layout follows `ctl layout` (one monitor, then two); the guest's `reboot` comes back to READY;
+/// `ctl shutdown` powers it off through ACPI (the power button) with exit 0.
+fn linux_with_every_device_and_a_client(host: &mut KvmHost) -> LinuxFigures {
     let image = host.parts().image.clone();
     let (kernel, initrd) = (image.kernel.display().to_string(), image.initramfs.display().to_string());
+    let connection_file = host.scratch().join("linux.pleiades");
+    let connection = connection_file.display().to_string();
     let mut args = vec!["--vmm", "pleiades", "--cpus", "2", "--memory", "512M"];
-    args.extend(["--device", "gpu", "--device", "keyboard", "--device", "tablet", "--device", "sound"]);
+    args.extend(DEVICES);
+    args.extend(["--listen", "127.0.0.1:0", "--connection-file", &connection]);
     args.extend(["--cmdline", BASE_CMDLINE, "--kernel", &kernel, "--initrd", &initrd]);
     let vm = host.start_vm("linux", &args).unwrap_or_else(|e| panic!("{e}"));
     let line = host.wait_vm_line(&vm, READY_MARKER, LINUX_READY_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
-    let ready_after = vm.started.elapsed();
+    let ready = vm.started.elapsed();
     let info = parse_ready_line(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
-    eprintln!("inner Linux: READY after {:.1} s: {line}", secs(ready_after));
+    eprintln!("inner Linux: READY after {:.1} s: {line}", secs(ready));
     assert_eq!(info.cpus, 2, "{line}");
     let bound: Vec<(&str, &str)> =
         info.devices.iter().map(|d| (d.kind.as_str(), d.driver.as_str())).collect();
-    assert_eq!(
-        bound,
-        [
-            ("gpu", "virtio_gpu"),
-            ("input", "virtio_input"),
-            ("input", "virtio_input"),
-            ("sound", "virtio_snd")
-        ],
-        "{line}"
-    );
-    // The VMM's own view: the four devices in the order given, each with DRIVER_OK set.
-    let status = host.ctl(&vm, &["status"], "linux-status.json").unwrap_or_else(|e| panic!("{e}"));
-    let status: serde_json::Value = serde_json::from_str(&status).unwrap_or_else(|e| panic!("{e}: {status}"));
+    assert_eq!(bound, BOUND, "{line}");
+    // The VMM's own view: every device in the order given, DRIVER_OK; the guest's ACPI listens
+    // to the power button (its `button` driver enabled the event).
+    let status = status_of(host, &vm);
     let devices: Vec<(&str, bool)> = status["devices"]
         .as_array()
         .unwrap_or_else(|| panic!("no devices: {status:#}"))
         .iter()
         .map(|d| (d["type"].as_str().unwrap_or("?"), d["driver_ok"].as_bool().unwrap_or(false)))
         .collect();
-    assert_eq!(devices, [("gpu", true), ("input", true), ("input", true), ("sound", true)], "{status:#}");
-    // Both input devices are the kinds asked for: the keyboard takes a key, the tablet a
-    // position (a missing one is refused).
-    host.ctl(&vm, &["key", "shift"], "linux-key.out").unwrap_or_else(|e| panic!("{e}"));
-    host.ctl(&vm, &["pointer", "16384", "16384"], "linux-pointer.out").unwrap_or_else(|e| panic!("{e}"));
-    // The GPU shows the guest's console (fbcon on tty1): the screenshot comes out as a file.
-    let png = host.scratch().join("linux.png");
-    host.ctl(&vm, &["screenshot", &png.display().to_string()], "linux-screenshot.out")
+    assert_eq!(
+        devices,
+        [("gpu", true), ("input", true), ("input", true), ("sound", true), ("rng", true), ("console", true)],
+        "{status:#}"
+    );
+    assert_eq!(status["acpi"]["power_button_enabled"], true, "{status:#}");
+
+    // The console on the screen (fbcon on tty1, whose shell starts after READY).
+    let screen = screenshot_until(host, &vm, 0, "the console's text", |f| lit_pixels(f) > 100);
+    eprintln!("inner Linux screen: {}x{}, {} lit pixels", screen.width, screen.height, lit_pixels(&screen));
+
+    // The headless client, inside the KVM host: types (a command whose output reaches the serial
+    // console), clicks while the guest reads its tablet, and records the guest's tone.
+    let tablet = pleiades_tests::evdev::node_of("Pleiades Tablet");
+    let record = host.scratch().join("client");
+    let script = host.scratch().join("client.script");
+    std::fs::write(
+        &script,
+        format!(
+            "wait 3000\n\
+             type echo 0 > /sys/class/graphics/fbcon/cursor_blink; echo PLEIADES-KVM-$((6*7)) > /dev/ttyS0\\n\n\
+             type EV={tablet}; (dd if=/dev/input/$EV of=/tmp/ev bs=24 count=6 2>/dev/null; od -An -v -tx1 /tmp/ev > /dev/ttyS0; echo EVENTS-DONE > /dev/ttyS0) &\\n\n\
+             wait 3000\n\
+             move 0 640 400\n\
+             click left\n\
+             wait 2000\n\
+             type pleiades-agent tone --freq 440 --seconds 3 --amplitude 0.25; echo TONE-DONE > /dev/ttyS0\\n\n\
+             wait 12000\n"
+        ),
+    )
+    .unwrap();
+    let client = host.parts().host.with_file_name("pleiades");
+    let (code, out) = host
+        .run_status(
+            &format!(
+                "timeout -s KILL 180 {} connect {} --headless --duration 40 --record {} --input {} 2>&1",
+                shell_quote(&client.display().to_string()),
+                shell_quote(&connection),
+                shell_quote(&record.display().to_string()),
+                shell_quote(&script.display().to_string()),
+            ),
+            Duration::from_secs(300),
+        )
         .unwrap_or_else(|e| panic!("{e}"));
-    let frame = decode_png(&std::fs::read(&png).unwrap()).unwrap_or_else(|e| panic!("{e}"));
-    let lit = (0..frame.height)
+    assert_eq!(code, 0, "the client failed:\n{}", out.join("\n"));
+    host.wait_vm_line(&vm, "PLEIADES-KVM-42", Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}"));
+    // Its last frame is what the host's screenshot shows, pixel for pixel.
+    let shown = decode_png(&std::fs::read(record.join("scanout-0.png")).expect("the client's last frame"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let truth = screenshot_until(host, &vm, 0, "a settled screen", |_| true);
+    assert_eq!((shown.width, shown.height), (truth.width, truth.height));
+    let differing = shown
+        .pixels
+        .chunks_exact(4)
+        .zip(truth.pixels.chunks_exact(4))
+        .filter(|(a, b)| a[..3] != b[..3])
+        .count();
+    assert_eq!(differing, 0, "pixels that differ between the client and the host");
+    // The click reached the guest's tablet: BTN_LEFT pressed and released.
+    host.wait_vm_line(&vm, "EVENTS-DONE", Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}"));
+    let serial = std::fs::read_to_string(&vm.serial).unwrap_or_default();
+    // od's lines: only hex bytes, before the marker (the command itself was typed on tty1).
+    let od: Vec<String> = serial
+        .lines()
+        .take_while(|l| !l.contains("EVENTS-DONE"))
+        .filter(|l| {
+            let bytes: Vec<&str> = l.split_whitespace().collect();
+            !bytes.is_empty() && bytes.iter().all(|b| b.len() == 2 && u8::from_str_radix(b, 16).is_ok())
+        })
+        .map(str::to_owned)
+        .collect();
+    let events = pleiades_tests::evdev::events_from_od(&od);
+    assert!(events.contains(&(1, 0x110, 1)) && events.contains(&(1, 0x110, 0)), "tablet events {events:?}");
+    // The tone arrived in the client's WAV, at 440 Hz.
+    host.wait_vm_line(&vm, "TONE-DONE", Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}"));
+    let (rate, channels, samples) =
+        read_wav(&std::fs::read(record.join("playback.wav")).expect("playback.wav"))
+            .unwrap_or_else(|e| panic!("{e}"));
+    let played = if channels == 2 { left(&samples) } else { samples };
+    let (start, end) = tone_span(&played, rate as usize, 1000.0).expect("the client played the guest's tone");
+    let freq = dominant_frequency(&played[start..end], f64::from(rate), 50.0, 5000.0);
+    eprintln!(
+        "inner Linux: the client heard {:.1} s of tone at {freq:.1} Hz",
+        (end - start) as f64 / f64::from(rate)
+    );
+    assert!((freq - 440.0).abs() <= 2.0, "dominant frequency {freq} Hz");
+
+    // Monitors follow `ctl layout`: one at 1280x720, then a second one beside it.
+    host.ctl(&vm, &["layout", "1280x720"], "linux-layout-1.out").unwrap_or_else(|e| panic!("{e}"));
+    screenshot_until(host, &vm, 0, "1280x720", |f| (f.width, f.height) == (1280, 720));
+    host.ctl(&vm, &["layout", "1280x720,800x600"], "linux-layout-2.out").unwrap_or_else(|e| panic!("{e}"));
+    screenshot_until(host, &vm, 1, "a second monitor of 800x600", |f| (f.width, f.height) == (800, 600));
+
+    let rss_mib = host.vm_rss_mib(&vm).unwrap_or_else(|e| panic!("{e}"));
+
+    // The guest's `reboot` (ACPI reset register): the VM boots again, to READY.
+    let rebooting = Instant::now();
+    host.ctl(&vm, &["type", "reboot\\n"], "linux-reboot.out").unwrap_or_else(|e| panic!("{e}"));
+    let deadline = Instant::now() + LINUX_READY_TIMEOUT;
+    while std::fs::read_to_string(&vm.serial).unwrap_or_default().matches(READY_MARKER).count() < 2 {
+        assert!(Instant::now() < deadline, "no second READY after `reboot`");
+        assert_eq!(
+            host.vm_exit_status(&vm).unwrap_or_else(|e| panic!("{e}")),
+            None,
+            "the VMM ended on reboot"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let reboot = rebooting.elapsed();
+    assert_eq!(status_of(host, &vm)["boots"], 2);
+
+    // `ctl shutdown`: the ACPI power button; the guest's agent powers it off, the VMM exits 0.
+    wait_for_power_button(host, &vm);
+    let shutting_down = Instant::now();
+    let (exit, killed) = host.stop_vm(&vm, Duration::from_secs(120)).unwrap_or_else(|e| panic!("{e}"));
+    let shutdown = shutting_down.elapsed();
+    let log = std::fs::read_to_string(&vm.log).unwrap_or_default();
+    assert!(!killed && exit == 0, "ctl shutdown: exit {exit}, killed {killed}:\n{log}");
+    assert!(log.contains("PowerOff"), "the guest powered off (ACPI), not a forced stop:\n{log}");
+    LinuxFigures { ready, reboot, shutdown, rss_mib }
+}
+
+/// The guest's own `poweroff` (ACPI S5) ends the VMM process with 0.
+fn linux_powers_itself_off(host: &mut KvmHost) {
+    let image = host.parts().image.clone();
+    let (kernel, initrd) = (image.kernel.display().to_string(), image.initramfs.display().to_string());
+    let mut args = vec!["--vmm", "pleiades", "--cpus", "2", "--memory", "512M"];
+    args.extend([
+        "--device",
+        "keyboard",
+        "--cmdline",
+        BASE_CMDLINE,
+        "--kernel",
+        &kernel,
+        "--initrd",
+        &initrd,
+    ]);
+    let vm = host.start_vm("linux-poweroff", &args).unwrap_or_else(|e| panic!("{e}"));
+    host.wait_vm_line(&vm, READY_MARKER, LINUX_READY_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
+    // The tty1 shell (the keyboard types into it) starts after READY.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        host.ctl(&vm, &["type", "echo TTY1-$((6*7)) > /dev/ttyS0\\n"], "linux-poweroff-type.out")
+            .unwrap_or_else(|e| panic!("{e}"));
+        if host.wait_vm_line(&vm, "TTY1-42", Duration::from_secs(5)).is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the shell on tty1 never ran a typed command");
+    }
+    host.ctl(&vm, &["type", "poweroff\\n"], "linux-poweroff.out").unwrap_or_else(|e| panic!("{e}"));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let exit = loop {
+        if let Some(status) = host.vm_exit_status(&vm).unwrap_or_else(|e| panic!("{e}")) {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the guest's poweroff did not end the VMM");
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    let log = std::fs::read_to_string(&vm.log).unwrap_or_default();
+    assert_eq!(exit, 0, "{log}");
+    assert!(log.contains("PowerOff"), "{log}");
+}
+
+/// `ctl status` as JSON.
+fn status_of(host: &mut KvmHost, vm: &InnerVm) -> serde_json::Value {
+    let text = host.ctl(vm, &["status"], "status.json").unwrap_or_else(|e| panic!("{e}"));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+/// Waits until the guest's ACPI listens to the power button (after a reboot, it has to boot
+/// far enough again).
+fn wait_for_power_button(host: &mut KvmHost, vm: &InnerVm) {
+    let deadline = Instant::now() + LINUX_READY_TIMEOUT;
+    while status_of(host, vm)["acpi"]["power_button_enabled"] != true {
+        assert!(Instant::now() < deadline, "the guest never enabled the ACPI power button");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// `ctl screenshot` of `scanout` until `accept` takes it (bounded).
+fn screenshot_until(
+    host: &mut KvmHost,
+    vm: &InnerVm,
+    scanout: u32,
+    what: &str,
+    accept: impl Fn(&Framebuffer) -> bool,
+) -> Framebuffer {
+    let png = host.scratch().join(format!("screen-{scanout}.png"));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let taken = host.ctl(
+            vm,
+            &["screenshot", "--scanout", &scanout.to_string(), &png.display().to_string()],
+            "screenshot.out",
+        );
+        if taken.is_ok()
+            && let Ok(frame) = decode_png(&std::fs::read(&png).unwrap_or_default())
+            && accept(&frame)
+        {
+            return frame;
+        }
+        assert!(Instant::now() < deadline, "scanout {scanout} never showed {what}");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+/// Pixels brighter than dark grey: text on the console's black background.
+fn lit_pixels(frame: &Framebuffer) -> usize {
+    (0..frame.height)
         .flat_map(|y| (0..frame.width).map(move |x| (x, y)))
         .filter(|&(x, y)| {
             let (r, g, b) = frame.rgb(x, y);
             u32::from(r) + u32::from(g) + u32::from(b) > 300
         })
-        .count();
-    eprintln!("inner Linux screen: {}x{}, {lit} lit pixels", frame.width, frame.height);
-    assert!(lit > 100, "the inner guest's screen shows no text ({}x{})", frame.width, frame.height);
-
-    let memory = host.memory().unwrap_or_else(|e| panic!("{e}"));
-    let vm_rss = host.vm_rss_mib(&vm).unwrap_or_else(|e| panic!("{e}"));
-    let (exit, killed) = host.stop_vm(&vm, Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}"));
-    let serial = std::fs::read_to_string(&vm.serial).unwrap_or_default();
-    let log = std::fs::read_to_string(&vm.log).unwrap_or_default();
-    eprintln!("inner Linux serial console:\n{serial}\ninner pleiades-host log:\n{log}");
-    // What the KVM host's KVM said about its guests (unhandled MSRs and the like).
-    eprintln!(
-        "KVM host dmesg, kvm lines:\n{}",
-        host.run("dmesg | grep -i kvm", Duration::from_secs(30)).unwrap_or_default().join("\n")
-    );
-    eprintln!(
-        "KVM host figures (wall clock, TCG-nested): to READY {:.1} s, to a shell in the host root {:.1} s; \
-         inner testguest {:.1} s; inner Linux to READY {:.1} s; outer QEMU RSS {} MiB; inside {} of {} MiB used, \
-         inner pleiades-host RSS {} MiB; ctl shutdown -> exit {exit}{}; total {:.1} s",
-        secs(boot.ready),
-        secs(boot.shell),
-        secs(run.elapsed),
-        secs(ready_after),
-        memory.qemu_rss_mib,
-        memory.guest_used_mib,
-        memory.guest_total_mib,
-        vm_rss,
-        if killed { " (killed)" } else { "" },
-        secs(started.elapsed()),
-    );
-    assert!(!killed, "ctl shutdown did not end the inner VM within 30 s:\n{log}");
-}
-
-fn secs(d: Duration) -> f64 {
-    d.as_secs_f64()
+        .count()
 }

@@ -10,23 +10,6 @@ use pleiades_tests::qemu::{Guest, WAIT_FOR_TTY1_SHELL, boot_timeout};
 
 const SHELL: Duration = Duration::from_secs(60);
 
-/// The evdev events (type, code, value) in `od -An -v -tx1` output of 24-byte `input_event`s
-/// (x86-64: a 16-byte timestamp, then le16 type, le16 code, le32 value).
-fn evdev_events(od: &[String]) -> Vec<(u16, u16, i32)> {
-    let bytes: Vec<u8> =
-        od.iter().flat_map(|l| l.split_whitespace()).filter_map(|b| u8::from_str_radix(b, 16).ok()).collect();
-    bytes
-        .chunks_exact(24)
-        .map(|e| {
-            (
-                u16::from_le_bytes([e[16], e[17]]),
-                u16::from_le_bytes([e[18], e[19]]),
-                i32::from_le_bytes([e[20], e[21], e[22], e[23]]),
-            )
-        })
-        .collect()
-}
-
 fn ctl(socket: &std::path::Path, request: Request) {
     let response = control::request(socket, &request, Duration::from_secs(30)).unwrap();
     assert!(response.ok, "{request:?}: {response:?}");
@@ -57,7 +40,7 @@ fn keyboard_and_tablet_are_bound_and_ctl_input_reaches_the_guest() {
     guest.wait_for("PLEIADES-42-TYPED", SHELL).expect("the typed command ran in the guest");
 
     // Pointer events: read the tablet's evdev node in the background, then move and click.
-    let tablet = "$(for d in /sys/class/input/event*; do grep -q 'Pleiades Tablet' $d/device/name && echo ${d##*/}; done)";
+    let tablet = pleiades_tests::evdev::node_of("Pleiades Tablet");
     guest
         .run(
             &format!(
@@ -71,7 +54,7 @@ fn keyboard_and_tablet_are_bound_and_ctl_input_reaches_the_guest() {
     ctl(&socket, Request::Pointer { x: 1234, y: 32767, click: Some(PointerButton::Left), wheel: Some(-1) });
     // `wait` returns once dd has its 9 events; if they never come the command times out.
     let od = guest.run("wait $DD; od -An -v -tx1 /tmp/ev", SHELL).expect("tablet events reached /dev/input");
-    let events = evdev_events(&od);
+    let events = pleiades_tests::evdev::events_from_od(&od);
     const EV_SYN: u16 = 0;
     const EV_KEY: u16 = 1;
     const EV_REL: u16 = 2;

@@ -261,26 +261,6 @@ fn save_artifact(name: &str, screen: &Rgb) {
     }
 }
 
-/// Guest shell snippet: the tablet's evdev node name.
-const TABLET: &str =
-    "$(for d in /sys/class/input/event*; do grep -q 'Pleiades Tablet' $d/device/name && echo ${d##*/}; done)";
-
-/// Evdev events (type, code, value) of `od -An -v -tx1` output of 24-byte `input_event`s.
-fn evdev_events(od: &[String]) -> Vec<(u16, u16, i32)> {
-    let bytes: Vec<u8> =
-        od.iter().flat_map(|l| l.split_whitespace()).filter_map(|b| u8::from_str_radix(b, 16).ok()).collect();
-    bytes
-        .chunks_exact(24)
-        .map(|e| {
-            (
-                u16::from_le_bytes([e[16], e[17]]),
-                u16::from_le_bytes([e[18], e[19]]),
-                i32::from_le_bytes([e[20], e[21], e[22], e[23]]),
-            )
-        })
-        .collect()
-}
-
 #[test]
 fn the_window_shows_the_guest_takes_input_resizes_it_and_resumes_after_a_network_loss() {
     let mut desktop = boot_desktop("gpu");
@@ -315,11 +295,12 @@ fn the_window_shows_the_guest_takes_input_resizes_it_and_resumes_after_a_network
         panic!("the typed command did not run in the guest: {e}\nclient log:\n{}", client.log());
     }
     // …and so does a click: the guest reads it from its tablet.
+    let tablet = pleiades_tests::evdev::node_of("Pleiades Tablet");
     desktop
         .guest
         .run(
             &format!(
-                "EV={TABLET}; dd if=/dev/input/$EV of=/tmp/ev bs=24 2>/dev/null & \
+                "EV={tablet}; dd if=/dev/input/$EV of=/tmp/ev bs=24 2>/dev/null & \
                  for i in $(seq 50); do ls -l /proc/$!/fd 2>/dev/null | grep -q /dev/input && break; sleep 0.2; done"
             ),
             SHELL,
@@ -329,12 +310,12 @@ fn the_window_shows_the_guest_takes_input_resizes_it_and_resumes_after_a_network
     const BTN_LEFT_DOWN: (u16, u16, i32) = (1, 0x110, 1);
     let clicked = poll(SHELL, || {
         let od = desktop.guest.run("od -An -v -tx1 /tmp/ev", SHELL).ok()?;
-        evdev_events(&od).contains(&BTN_LEFT_DOWN).then_some(())
+        pleiades_tests::evdev::events_from_od(&od).contains(&BTN_LEFT_DOWN).then_some(())
     });
     assert!(clicked.is_some(), "the click never reached the guest; client log:\n{}", client.log());
 
     // Relative mode: Ctrl+Alt+G grabs the pointer, and its motion reaches the guest's mouse.
-    let mouse = TABLET.replace("Pleiades Tablet", "Pleiades Mouse");
+    let mouse = pleiades_tests::evdev::node_of("Pleiades Mouse");
     desktop
         .guest
         .run(
@@ -352,7 +333,7 @@ fn the_window_shows_the_guest_takes_input_resizes_it_and_resumes_after_a_network
     let moved = poll(SHELL, || {
         x.tool("xdotool", &["mousemove_relative", "--", "25", "15"])?;
         let od = desktop.guest.run("od -An -v -tx1 /tmp/rel", SHELL).ok()?;
-        evdev_events(&od)
+        pleiades_tests::evdev::events_from_od(&od)
             .iter()
             .any(|&(kind, code, value)| kind == EV_REL && code == 0 && value != 0)
             .then_some(())

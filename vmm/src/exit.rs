@@ -74,6 +74,14 @@ impl ExitLatch {
         self.stopping.load(Ordering::SeqCst)
     }
 
+    /// Blocks until a request is posted or `timeout` passes.
+    pub fn wait_timeout(&self, timeout: std::time::Duration) -> Option<StopRequest> {
+        let slot = self.request.lock().unwrap_or_else(|e| e.into_inner());
+        let (slot, _) =
+            self.posted.wait_timeout_while(slot, timeout, |s| s.is_none()).unwrap_or_else(|e| e.into_inner());
+        slot.clone()
+    }
+
     /// Blocks until a request is posted and returns it.
     pub fn wait(&self) -> StopRequest {
         let mut slot = self.request.lock().unwrap_or_else(|e| e.into_inner());

@@ -18,6 +18,7 @@
 //! and for QEMU alike) and [`accel`] (whether KVM is hardware-backed here). See docs/vmm.md.
 
 pub mod accel;
+pub mod acpi;
 pub mod boot;
 pub mod bus;
 pub mod config;
@@ -134,6 +135,8 @@ pub enum VmError {
     VhostUser(#[from] vhost_user::VhostUserError),
     #[error("cannot set up the serial console: {0}")]
     Serial(std::io::Error),
+    #[error("cannot set up the ACPI interrupt (SCI): {0}")]
+    Sci(std::io::Error),
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
     #[error("the guest stopped with an error: {0}")]
@@ -150,6 +153,8 @@ struct Shared {
     cpus: u8,
     memory_mib: u64,
     control: Mutex<Control>,
+    /// The running boot's ACPI power management block (the power button).
+    power: Mutex<Option<Arc<Mutex<PmControl>>>>,
     devices: Mutex<Vec<Arc<Mutex<VirtioPciDevice>>>>,
     device_names: Vec<&'static str>,
 }
@@ -177,6 +182,9 @@ impl VmHandle {
             (c.state, c.started.map(|s| s.elapsed().as_secs_f64()), c.boots)
         };
         let live = self.shared.devices.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let power = self.shared.power.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let listening =
+            power.is_some_and(|pm| pm.lock().unwrap_or_else(|e| e.into_inner()).power_button_enabled());
         let devices: Vec<serde_json::Value> = if live.is_empty() {
             self.shared.device_names.iter().map(|n| serde_json::json!({ "type": n })).collect()
         } else {
@@ -189,13 +197,41 @@ impl VmHandle {
             "memory_mib": self.shared.memory_mib,
             "uptime_s": uptime,
             "boots": boots,
+            "acpi": { "power_button_enabled": listening },
             "devices": devices,
         })
     }
 
-    /// Stops the VM: [`Vm::run`] returns [`ExitReason::Shutdown`]. There is no ACPI to ask the
-    /// guest politely, so the vCPUs are stopped where they are.
-    pub fn shutdown(&self) {
+    /// Presses the ACPI power button. Returns whether the guest listens (an ACPI OS enabled
+    /// the power button event); it then powers off by itself, as it sees fit.
+    pub fn press_power_button(&self) -> bool {
+        let power = self.shared.power.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        power.is_some_and(|pm| pm.lock().unwrap_or_else(|e| e.into_inner()).press_power_button())
+    }
+
+    /// Asks the guest to power off with the ACPI power button, and stops the VM if it has not
+    /// within `grace` ([`Vm::run`] then returns [`ExitReason::Shutdown`]); at once if no ACPI
+    /// OS listens to the button (a guest without ACPI, or one still booting).
+    pub fn shutdown(&self, grace: Duration) {
+        let latch = self.shared.control.lock().unwrap_or_else(|e| e.into_inner()).latch.clone();
+        if !self.press_power_button() {
+            self.power_off();
+            return;
+        }
+        let Some(latch) = latch else { return };
+        let spawned = std::thread::Builder::new().name("vmm-shutdown".into()).spawn(move || {
+            if latch.wait_timeout(grace).is_none() {
+                tracing::warn!("vmm: the guest did not power off within {grace:?}; stopping it");
+                latch.exit(ExitReason::Shutdown);
+            }
+        });
+        if spawned.is_err() {
+            self.power_off();
+        }
+    }
+
+    /// Stops the VM at once: the vCPUs stop where they are ([`ExitReason::Shutdown`]).
+    pub fn power_off(&self) {
         self.request(ExitReason::Shutdown);
     }
 
@@ -285,6 +321,7 @@ impl Vm {
             memory_mib: config.memory_mib,
             control: Mutex::new(Control { state: "created", ..Default::default() }),
             devices: Mutex::new(Vec::new()),
+            power: Mutex::new(None),
             device_names: devices.iter().map(|d| d.device_type().name()).collect(),
         });
         Ok(Self { config, kvm, devices, serial_file, serial_input: Default::default(), shared })
@@ -415,7 +452,11 @@ impl Machine {
         let serial = Arc::new(Mutex::new(SerialPort::new(serial_irq, writer)));
         io_bus.insert(legacy::COM1_PORT, 8, serial.clone())?;
         *vm_state.serial_input.lock().unwrap_or_else(|e| e.into_inner()) = Some(serial);
-        io_bus.insert(legacy::PM1A_EVT_PORT, 8, Arc::new(Mutex::new(PmControl::new(latch.clone()))))?;
+        let sci = EventFd::new(EFD_NONBLOCK).map_err(VmError::Sci)?;
+        vm.register_irqfd(&sci, acpi::SCI_IRQ).map_err(kvm_err("register the SCI irqfd"))?;
+        let power = Arc::new(Mutex::new(PmControl::new(latch.clone(), Some(sci))));
+        io_bus.insert(legacy::PM1A_EVT_PORT, 8, power.clone())?;
+        *vm_state.shared.power.lock().unwrap_or_else(|e| e.into_inner()) = Some(power);
         io_bus.insert(legacy::I8042_PORT, 5, Arc::new(Mutex::new(I8042::new(latch.clone()))))?;
 
         // PCI.
@@ -435,6 +476,7 @@ impl Machine {
         // vCPUs.
         let supported =
             vm_state.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("report its CPUID"))?;
+        let xsave = cpu::cpuid::Xsave::for_this_host();
         let ctx = cpu::vcpu::VcpuContext { io_bus, mmio_bus, latch: latch.clone(), mem: mem.clone() };
         let mut machine = Machine { vcpus: Vec::new(), latch, pci_devices, _vm: vm.clone(), _mem: mem };
         // Every vCPU exists and is set up before any runs: the boot CPU's INIT/SIPI to the
@@ -442,7 +484,7 @@ impl Machine {
         let mut vcpus = Vec::new();
         for id in 0..config.cpus {
             let vcpu = vm.create_vcpu(u64::from(id)).map_err(kvm_err("create a vCPU"))?;
-            let entries = cpu::cpuid::filter(supported.as_slice(), id, config.cpus);
+            let entries = cpu::cpuid::filter(supported.as_slice(), id, config.cpus, xsave);
             let cpuid = kvm_bindings::CpuId::from_entries(&entries)
                 .map_err(|_| VmError::Config("too many CPUID entries".into()))?;
             vcpu.set_cpuid2(&cpuid).map_err(kvm_err("set the vCPU's CPUID"))?;

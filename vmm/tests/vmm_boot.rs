@@ -152,7 +152,7 @@ fn a_reset_boots_the_guest_again_until_shutdown() {
     let serial = guest.serial();
     let watcher = std::thread::spawn(move || {
         wait_for("three boots", || std::fs::read(&serial).unwrap_or_default().len() >= 3);
-        handle.shutdown();
+        handle.power_off();
         handle
     });
     assert_eq!(vm.run().unwrap(), ExitReason::Shutdown);
@@ -207,7 +207,7 @@ fn shutdown_stops_halted_vcpus_and_status_reports_the_vm() {
     let watcher = std::thread::spawn(move || {
         wait_for("running", || handle.status()["state"] == "running");
         let status = handle.status();
-        handle.shutdown();
+        handle.power_off();
         status
     });
     assert_eq!(vm.run().unwrap(), ExitReason::Shutdown);
@@ -328,7 +328,7 @@ fn run_with_timeout(mut vm: Vm) -> ExitReason {
             let deadline = Instant::now() + Duration::from_secs(30);
             while !done.load(std::sync::atomic::Ordering::SeqCst) {
                 if Instant::now() > deadline {
-                    handle.shutdown();
+                    handle.power_off();
                     return;
                 }
                 std::thread::sleep(Duration::from_millis(10));
@@ -463,7 +463,7 @@ fn devices_work_again_after_a_reset() {
         wait_for("three boots that got entropy", || {
             String::from_utf8_lossy(&std::fs::read(&serial).unwrap_or_default()).matches("VRN").count() >= 3
         });
-        handle.shutdown();
+        handle.power_off();
     });
     assert_eq!(vm.run().unwrap(), ExitReason::Shutdown);
     watcher.join().unwrap();
@@ -489,7 +489,7 @@ fn a_vhost_user_device_works_again_after_a_reset() {
         wait_for("three boots that got entropy", || {
             String::from_utf8_lossy(&std::fs::read(&serial).unwrap_or_default()).matches("VRN").count() >= 3
         });
-        handle.shutdown();
+        handle.power_off();
     });
     assert_eq!(vm.run().unwrap(), ExitReason::Shutdown);
     watcher.join().unwrap();

@@ -60,7 +60,7 @@ fn boot_watching(
             let deadline = Instant::now() + Duration::from_secs(60);
             while !done.load(std::sync::atomic::Ordering::SeqCst) {
                 if Instant::now() > deadline {
-                    handle.shutdown();
+                    handle.power_off();
                     return;
                 }
                 std::thread::sleep(Duration::from_millis(20));
@@ -86,6 +86,9 @@ fn the_test_guest_passes_with_rng_and_console() {
     let (reason, report, output) = boot("expect=rng,console", 2);
     assert_eq!(report["result"], "pass", "serial:\n{output}");
     assert_eq!(report["cpus"], 2, "serial:\n{output}");
+    // Both firmware tables say so: the MP table and the ACPI MADT (found from the RSDP the
+    // PVH start info names).
+    assert_eq!((report["cpus_mp"].as_u64(), report["cpus_madt"].as_u64()), (Some(2), Some(2)), "{report}");
     assert_eq!(reason, ExitReason::PowerOff);
 }
 

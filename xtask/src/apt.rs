@@ -126,9 +126,9 @@ pub const GROUPS: &[Group] = &[
     Group {
         name: "references",
         purpose: "outside references the tests check Pleiades against (edid-decode for the virtual \
-                  monitors' EDID)",
+                  monitors' EDID, ACPICA's iasl for the VMM's ACPI tables)",
         unless_command: None,
-        packages: &["edid-decode"],
+        packages: &["edid-decode", "acpica-tools"],
     },
     Group {
         name: "node",

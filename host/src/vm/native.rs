@@ -25,6 +25,10 @@ use pleiades_virtio::snd::{Sound, SoundHandle};
 use pleiades_vmm::config::BootSpec;
 use pleiades_vmm::{DeviceSpec, ExitReason, Vm, VmConfig, VmHandle};
 
+/// How long a guest may take to power off after the power button before it is stopped, as
+/// under `--vmm qemu`.
+const SHUTDOWN_GRACE: std::time::Duration = super::qemu::SHUTDOWN_GRACE;
+
 /// How the host reaches an input device.
 enum InputRoute {
     InProcess(Mutex<InputSender>),
@@ -175,8 +179,8 @@ impl Controller for NativeController {
     }
 
     fn shutdown(&self) -> Result<(), CommandError> {
-        // No ACPI in Pleiades' VMM yet: the vCPUs are stopped and the VM ends (docs/vmm.md).
-        self.handle.shutdown();
+        // The ACPI power button; the vCPUs are stopped if the guest ignores it (or has no ACPI).
+        self.handle.shutdown(SHUTDOWN_GRACE);
         Ok(())
     }
 

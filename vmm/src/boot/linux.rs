@@ -1,7 +1,7 @@
 //! The Linux x86 boot protocol's zero page (Documentation/arch/x86/boot.rst).
 
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
-use vm_memory::Bytes;
+use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{CMDLINE_ADDR, ZERO_PAGE_ADDR};
 use super::{BootError, Initrd};
@@ -24,6 +24,7 @@ pub fn zero_page(
     mut hdr: setup_header,
     cmdline_len: usize,
     initrd: Option<Initrd>,
+    rsdp: GuestAddress,
     mem_size: u64,
 ) -> boot_params {
     hdr.type_of_loader = KERNEL_LOADER_OTHER;
@@ -36,7 +37,8 @@ pub fn zero_page(
         hdr.ramdisk_image = initrd.addr.0 as u32;
         hdr.ramdisk_size = initrd.size as u32;
     }
-    let mut params = boot_params { hdr, ..Default::default() };
+    // Boot protocol 2.14: where the ACPI RSDP is (no scan needed).
+    let mut params = boot_params { hdr, acpi_rsdp_addr: rsdp.0, ..Default::default() };
     for (i, entry) in e820_map(mem_size).iter().enumerate().take(params.e820_table.len()) {
         params.e820_table[i] =
             boot_e820_entry { addr: entry.addr.0, size: entry.size, r#type: entry.kind as u32 };
@@ -51,16 +53,16 @@ pub fn write_zero_page(
     hdr: setup_header,
     cmdline_len: usize,
     initrd: Option<Initrd>,
+    rsdp: GuestAddress,
     mem_size: u64,
 ) -> Result<(), BootError> {
-    mem.write_obj(zero_page(hdr, cmdline_len, initrd, mem_size), ZERO_PAGE_ADDR)
+    mem.write_obj(zero_page(hdr, cmdline_len, initrd, rsdp, mem_size), ZERO_PAGE_ADDR)
         .map_err(|e| BootError::GuestMemory(e.to_string()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::GuestAddress;
 
     #[test]
     fn the_zero_page_has_the_magics_cmdline_initrd_and_e820() {
@@ -68,6 +70,7 @@ mod tests {
             setup_header::default(),
             22,
             Some(Initrd { addr: GuestAddress(0x7f0_0000), size: 0x1234 }),
+            GuestAddress(0xe_0000),
             128 << 20,
         );
         let hdr = params.hdr;
@@ -78,6 +81,7 @@ mod tests {
         assert_eq!({ hdr.cmdline_size }, 22);
         assert_eq!({ hdr.ramdisk_image }, 0x7f0_0000);
         assert_eq!({ hdr.ramdisk_size }, 0x1234);
+        assert_eq!({ params.acpi_rsdp_addr }, 0xe_0000);
         assert_eq!(params.e820_entries, 3);
         let ram = params.e820_table[2];
         assert_eq!(({ ram.addr }, { ram.size }, { ram.r#type }), (0x10_0000, (128 << 20) - 0x10_0000, 1));

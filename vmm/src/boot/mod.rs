@@ -69,7 +69,8 @@ pub struct BootSource<'a> {
 
 const ELF_MAGIC: [u8; 4] = *b"\x7fELF";
 
-/// Loads the kernel (and initrd), writes the boot structures and the MP table for `cpus`.
+/// Loads the kernel (and initrd), writes the boot structures, the MP table and the ACPI tables
+/// for `cpus`.
 pub fn load(mem: &GuestMemory, source: BootSource<'_>, cpus: u8) -> Result<EntryPoint, BootError> {
     let mut kernel = File::open(source.kernel)
         .map_err(|e| BootError::OpenKernel { path: source.kernel.into(), source: e })?;
@@ -79,6 +80,7 @@ pub fn load(mem: &GuestMemory, source: BootSource<'_>, cpus: u8) -> Result<Entry
     kernel.seek(SeekFrom::Start(0)).map_err(|e| bad(e.to_string()))?;
 
     mptable::write(mem, cpus)?;
+    let rsdp = crate::acpi::write(mem, cpus).map_err(|e| BootError::GuestMemory(e.to_string()))?;
     layout::write_page_tables_and_gdt(mem)?;
 
     if is_elf {
@@ -87,7 +89,7 @@ pub fn load(mem: &GuestMemory, source: BootSource<'_>, cpus: u8) -> Result<Entry
             .map_err(|e| classify(source.kernel, e))?;
         linux_loader::loader::load_cmdline(mem, layout::CMDLINE_ADDR, &cmdline)
             .map_err(|e| BootError::GuestMemory(e.to_string()))?;
-        let start_info = pvh::write_start_info(mem, layout::CMDLINE_ADDR, mem_size(mem))?;
+        let start_info = pvh::write_start_info(mem, layout::CMDLINE_ADDR, rsdp, mem_size(mem))?;
         if source.initrd.is_some() {
             tracing::warn!("vmm: an ELF guest gets no initrd; ignoring it");
         }
@@ -105,7 +107,7 @@ pub fn load(mem: &GuestMemory, source: BootSource<'_>, cpus: u8) -> Result<Entry
             None => None,
         };
         let cmdline_len = cmdline.as_cstring().map(|c| c.as_bytes().len()).unwrap_or(0);
-        linux::write_zero_page(mem, header, cmdline_len, initrd, mem_size(mem))?;
+        linux::write_zero_page(mem, header, cmdline_len, initrd, rsdp, mem_size(mem))?;
         Ok(EntryPoint {
             rip: loaded.kernel_load.unchecked_add(linux::STARTUP_64_OFFSET),
             rsi: layout::ZERO_PAGE_ADDR,

@@ -6,12 +6,13 @@
 //!   data and pick the boot CPU from these.
 //! - **Hypervisor bit** (leaf 1 ECX bit 31) and the **KVM signature** leaf 0x40000000
 //!   ("KVMKVMKVM"): guests use the paravirtual clock and skip hardware-only quirks.
-//! - **XSAVE is hidden** (leaf 1 ECX bits 26 XSAVE, 27 OSXSAVE, 28 AVX; leaf 7 AVX2/AVX-512;
-//!   leaf 0xD zeroed). On the nested, software-assisted KVM of the build machines (kvm_pvm),
-//!   Linux hit an emulation failure on XRSTOR during early boot; without XSAVE it uses
-//!   FXSAVE/FXRSTOR, which work there. Linux's feature dependency table drops every feature
-//!   that needs XSAVE. This costs AVX in guests; a host with hardware virtualization could
-//!   keep it (not configurable yet).
+//! - **XSAVE only on hardware-backed KVM** ([`Xsave`]). Everything else KVM supports is passed
+//!   through as KVM reports it (leaf 0xD included), the paravirtual leaves too (0x40000001:
+//!   kvmclock, async page faults, PV EOI…). On the nested, software-assisted KVM of the build
+//!   machines (kvm_pvm, no vmx/svm flag), Linux hit an emulation failure on XRSTOR during early
+//!   boot; there XSAVE is hidden (leaf 1 ECX bits 26 XSAVE, 27 OSXSAVE, 28 AVX; leaf 7
+//!   AVX2/AVX-512; leaf 0xD zeroed), and Linux uses FXSAVE/FXRSTOR and drops every feature that
+//!   needs XSAVE.
 
 use kvm_bindings::kvm_cpuid_entry2;
 
@@ -38,8 +39,26 @@ const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
 const LEVEL_SMT: u32 = 1;
 const LEVEL_CORE: u32 = 2;
 
+/// Whether the guest gets XSAVE (and AVX).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Xsave {
+    /// As KVM supports it: KVM is hardware-backed (the CPU has vmx/svm).
+    Pass,
+    /// Hidden: KVM is software-assisted (kvm_pvm), where XRSTOR cannot be emulated.
+    Hide,
+}
+
+impl Xsave {
+    /// [`Xsave::Pass`] where /proc/cpuinfo shows hardware virtualization.
+    pub fn for_this_host() -> Self {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        if crate::accel::has_hardware_virtualization(&cpuinfo) { Self::Pass } else { Self::Hide }
+    }
+}
+
 /// Filters KVM's supported CPUID for vCPU `cpu` of `cpus`.
-pub fn filter(supported: &[kvm_cpuid_entry2], cpu: u8, cpus: u8) -> Vec<kvm_cpuid_entry2> {
+pub fn filter(supported: &[kvm_cpuid_entry2], cpu: u8, cpus: u8, xsave: Xsave) -> Vec<kvm_cpuid_entry2> {
+    let hide_xsave = xsave == Xsave::Hide;
     let apic_id = u32::from(cpu);
     let cpus = u32::from(cpus.max(1));
     let mut entries: Vec<kvm_cpuid_entry2> = supported
@@ -52,7 +71,9 @@ pub fn filter(supported: &[kvm_cpuid_entry2], cpu: u8, cpus: u8) -> Vec<kvm_cpui
         match entry.function {
             LEAF_FEATURES => {
                 entry.ebx = (entry.ebx & 0x0000_ffff) | (apic_id << 24) | ((cpus & 0xff) << 16);
-                entry.ecx &= !(ECX_XSAVE | ECX_OSXSAVE | ECX_AVX);
+                if hide_xsave {
+                    entry.ecx &= !(ECX_XSAVE | ECX_OSXSAVE | ECX_AVX);
+                }
                 entry.ecx |= ECX_HYPERVISOR;
                 if cpus > 1 {
                     entry.edx |= EDX_HTT;
@@ -61,10 +82,10 @@ pub fn filter(supported: &[kvm_cpuid_entry2], cpu: u8, cpus: u8) -> Vec<kvm_cpui
             LEAF_CACHE_PARAMS => {
                 entry.eax = (entry.eax & 0x03ff_ffff) | ((cpus - 1) << 26);
             }
-            LEAF_EXTENDED_FEATURES if entry.index == 0 => {
+            LEAF_EXTENDED_FEATURES if entry.index == 0 && hide_xsave => {
                 entry.ebx &= !(LEAF7_EBX_AVX2 | LEAF7_EBX_AVX512F);
             }
-            LEAF_XSAVE => {
+            LEAF_XSAVE if hide_xsave => {
                 entry.eax = 0;
                 entry.ebx = 0;
                 entry.ecx = 0;
@@ -136,7 +157,7 @@ mod tests {
             leaf(0xd, 0, 0x340, 0x340),
             leaf(0xd, 1, 0, 0xf),
         ];
-        let entries = filter(&supported, 2, 4);
+        let entries = filter(&supported, 2, 4, Xsave::Hide);
         let l1 = find(&entries, 1, 0);
         assert_eq!(l1.ebx >> 24, 2);
         assert_eq!((l1.ebx >> 16) & 0xff, 4);
@@ -160,8 +181,24 @@ mod tests {
     }
 
     #[test]
+    fn hardware_backed_kvm_keeps_xsave_and_avx_as_kvm_reports_them() {
+        let supported = [
+            leaf(1, 0, ECX_XSAVE | ECX_AVX | 1, 0),
+            leaf(7, 0, 0, LEAF7_EBX_AVX2 | 1),
+            leaf(0xd, 0, 0x340, 0x340),
+            kvm_cpuid_entry2 { function: KVM_CPUID_FEATURES, eax: 0x0100_00fb, ..Default::default() },
+        ];
+        let entries = filter(&supported, 0, 2, Xsave::Pass);
+        assert_eq!(find(&entries, 1, 0).ecx, ECX_XSAVE | ECX_AVX | 1 | ECX_HYPERVISOR);
+        assert_eq!(find(&entries, 7, 0).ebx, LEAF7_EBX_AVX2 | 1);
+        assert_eq!(find(&entries, 0xd, 0).ebx, 0x340);
+        // KVM's paravirtual features (kvmclock among them) pass through.
+        assert_eq!(find(&entries, KVM_CPUID_FEATURES, 0).eax, 0x0100_00fb);
+    }
+
+    #[test]
     fn one_cpu_has_no_htt_and_a_zero_core_shift() {
-        let entries = filter(&[leaf(1, 0, 0, 0)], 0, 1);
+        let entries = filter(&[leaf(1, 0, 0, 0)], 0, 1, Xsave::Hide);
         assert_eq!(find(&entries, 1, 0).edx & EDX_HTT, 0);
         assert_eq!(find(&entries, 0xb, 1).eax, 0);
     }
