@@ -235,6 +235,15 @@ impl VmHandle {
         self.request(ExitReason::Shutdown);
     }
 
+    /// Signals a configuration change of the `index`-th device (in [`VmConfig::devices`]
+    /// order) to the guest; a device that does not exist (yet) is ignored.
+    pub fn signal_config_change(&self, index: usize) {
+        let devices = self.shared.devices.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(device) = devices.get(index) {
+            device.lock().unwrap_or_else(|e| e.into_inner()).signal_config_change();
+        }
+    }
+
     /// Resets the guest (boots it again).
     pub fn reboot(&self) {
         self.request(ExitReason::Reboot);

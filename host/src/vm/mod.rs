@@ -6,9 +6,11 @@
 //!   [`qemu_display`], host-initiated display changes through QEMU's D-Bus display, and
 //!   [`qmp`], QEMU's machine protocol;
 //! - [`device_process`]: `pleiades-host device <kind>` processes, which either VMM starts;
+//! - [`device_thread`]: the GPU and sound served over vhost-user from this process;
 //! - here: the `--device` requests both take.
 
 pub mod device_process;
+pub mod device_thread;
 pub mod native;
 pub mod qemu;
 pub mod qemu_display;

@@ -1,10 +1,11 @@
 //! `--vmm pleiades`: Pleiades' own VMM runs the vCPUs ([`pleiades_vmm`]).
 //!
 //! Devices run in-process by default (a worker thread each); `--device KIND,backend=vhost-user`
-//! runs one as its own `pleiades-host device` process that the VMM attaches as a vhost-user
-//! frontend, as `--vmm qemu` does for every device. The control socket's commands go to the
-//! VM's [`VmHandle`]; `type`/`key`/`pointer` go to the keyboard and tablet, in-process or
-//! over their backend's events socket.
+//! serves one over vhost-user, which the VMM attaches as a vhost-user frontend, as `--vmm qemu`
+//! does for every device: in its own `pleiades-host device` process, or for the GPU and sound
+//! (whose display and audio the session server here needs) from a thread of this process. The
+//! control socket's commands go to the VM's [`VmHandle`]; `type`/`key`/`pointer` go to the
+//! keyboard and tablet, in-process or over their backend's events socket.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -14,6 +15,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
 use super::device_process::{self, DeviceProcess};
+use super::device_thread;
 use super::{DeviceKind, DeviceRequest, SerialOut, Serving};
 use pleiades_control::{CommandError, Controller, InputDevice};
 use pleiades_virtio::VirtioDevice;
@@ -49,19 +51,6 @@ impl std::fmt::Debug for NativeVm {
     }
 }
 
-/// Refuses the devices this VMM keeps in-process whatever is asked.
-fn check_device_process(kind: DeviceKind) -> Result<()> {
-    match kind {
-        DeviceKind::Gpu => bail!(
-            "--vmm pleiades runs the GPU in-process (its display sink feeds the host's encoder and screenshots); drop `,backend=vhost-user` from --device gpu"
-        ),
-        DeviceKind::Sound => bail!(
-            "--vmm pleiades runs the sound device in-process (its audio goes to the session server); drop `,backend=vhost-user` from --device sound"
-        ),
-        _ => Ok(()),
-    }
-}
-
 /// Where an in-process console writes: the same place as the serial console.
 fn console_output(serial: &SerialOut) -> Result<Box<dyn Write + Send>> {
     Ok(match serial {
@@ -86,17 +75,38 @@ impl NativeVm {
         let mut inputs = Vec::new();
         let mut gpu = None;
         let mut sound = None;
+        // The GPU's index among the devices when a vhost-user backend serves it: the VMM then
+        // signals its layout changes (the backend cannot interrupt the guest).
+        let mut vhost_user_gpu = None;
         for (i, request) in devices.iter().enumerate() {
             match request.serving.unwrap_or(Serving::InProcess) {
                 Serving::VhostUser => {
-                    check_device_process(request.kind)?;
                     let socket = scratch.path().join(format!("{}-{i}.sock", request.kind));
-                    let process = device_process::start(request.kind, &socket)?;
-                    if let Some(events) = &process.events {
-                        inputs.push((request.kind, InputRoute::Socket(events.clone())));
+                    match request.kind {
+                        // Their host sides (display sink, played audio) serve this process's
+                        // session server: a thread here, as under --vmm qemu.
+                        DeviceKind::Gpu => {
+                            if gpu.is_some() {
+                                bail!("one --device gpu per VM (use heads=N for several monitors)");
+                            }
+                            gpu = Some(device_thread::serve_gpu(request, &socket)?);
+                            vhost_user_gpu = Some(specs.len());
+                        }
+                        DeviceKind::Sound => {
+                            if sound.is_some() {
+                                bail!("one --device sound per VM");
+                            }
+                            sound = Some(device_thread::serve_sound(&socket)?);
+                        }
+                        kind => {
+                            let process = device_process::start(kind, &socket)?;
+                            if let Some(events) = &process.events {
+                                inputs.push((kind, InputRoute::Socket(events.clone())));
+                            }
+                            processes.push(process);
+                        }
                     }
                     specs.push(DeviceSpec::VhostUser { kind: request.kind.device_type(), socket });
-                    processes.push(process);
                 }
                 Serving::InProcess => {
                     let device: Box<dyn VirtioDevice> = match request.kind {
@@ -140,7 +150,8 @@ impl NativeVm {
         config.serial = serial.clone();
         config.devices = specs;
         let vm = Vm::new(config)?;
-        let controller = Arc::new(NativeController { handle: vm.handle(), inputs, gpu, sound });
+        let controller =
+            Arc::new(NativeController { handle: vm.handle(), inputs, gpu, sound, vhost_user_gpu });
         Ok(Self { vm, controller, _device_processes: processes, _scratch: scratch })
     }
 
@@ -157,6 +168,8 @@ impl NativeVm {
 
 struct NativeController {
     handle: VmHandle,
+    /// The GPU's device index when a vhost-user backend serves it.
+    vhost_user_gpu: Option<usize>,
     inputs: Vec<(DeviceKind, InputRoute)>,
     gpu: Option<GpuHandle>,
     sound: Option<SoundHandle>,
@@ -195,7 +208,11 @@ impl Controller for NativeController {
 
     fn set_layout(&self, sizes: &[(u32, u32)]) -> Result<(), CommandError> {
         let gpu = self.gpu.as_ref().ok_or(CommandError::NoDevice(DeviceKind::Gpu))?;
-        gpu.set_layout(sizes).map_err(|e| CommandError::Invalid(e.to_string()))
+        gpu.set_layout(sizes).map_err(|e| CommandError::Invalid(e.to_string()))?;
+        if let Some(index) = self.vhost_user_gpu {
+            self.handle.signal_config_change(index);
+        }
+        Ok(())
     }
 
     fn send_input(&self, device: InputDevice, events: &[InputEvent]) -> Result<(), CommandError> {

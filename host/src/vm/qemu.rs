@@ -16,15 +16,14 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
 use super::device_process::{self, DeviceProcess};
+use super::device_thread;
 use super::qemu_display::{self, QemuDisplay};
 pub use super::qmp::Qmp;
 use super::{DeviceKind, DeviceRequest, Serving};
 use pleiades_control::{CommandError, Controller, InputDevice};
-use pleiades_virtio::VirtioDevice;
-use pleiades_virtio::gpu::{Gpu, GpuHandle};
+use pleiades_virtio::gpu::GpuHandle;
 use pleiades_virtio::input::{InputEvent, events_socket};
-use pleiades_virtio::snd::{Sound, SoundHandle};
-use pleiades_virtio::vhost_user;
+use pleiades_virtio::snd::SoundHandle;
 use pleiades_vmm::SerialOut;
 use pleiades_vmm::accel::{Accel, AccelChoice};
 use pleiades_vmm::config::BootSpec;
@@ -115,42 +114,6 @@ struct QemuDevice {
     options: String,
 }
 
-/// The GPU served from this process (see the module docs): its thread ends when QEMU hangs up.
-fn serve_gpu(request: &DeviceRequest, socket: &Path) -> Result<GpuHandle> {
-    let gpu = Gpu::new(&request.gpu_config()).context("cannot create the GPU")?;
-    let handle = gpu.handle();
-    serve_in_thread(Box::new(gpu), socket)?;
-    Ok(handle)
-}
-
-/// The sound device, served from this process like the GPU: its audio goes to the session
-/// server in this process.
-fn serve_sound(socket: &Path) -> Result<SoundHandle> {
-    let sound = Sound::new().context("cannot create the sound device")?;
-    let handle = sound.handle();
-    serve_in_thread(Box::new(sound), socket)?;
-    Ok(handle)
-}
-
-/// Serves `device` over vhost-user on a thread of this process and waits for its socket.
-fn serve_in_thread(device: Box<dyn VirtioDevice>, socket: &Path) -> Result<()> {
-    let name = device.device_type().name();
-    let path = socket.to_owned();
-    std::thread::Builder::new().name(format!("vhost-user-{name}")).spawn(move || {
-        if let Err(e) = vhost_user::serve(device, &path) {
-            tracing::error!("the {name} backend stopped: {e:#}");
-        }
-    })?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        if Instant::now() > deadline {
-            bail!("the {name} backend did not listen on {} within 10 s", socket.display());
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    Ok(())
-}
-
 /// A running QEMU VM.
 #[derive(Debug)]
 pub struct QemuVm {
@@ -200,7 +163,7 @@ impl QemuVm {
                 if gpu.is_some() {
                     bail!("one --device gpu per VM (use heads=N for several monitors)");
                 }
-                let handle = serve_gpu(device, &socket)?;
+                let handle = device_thread::serve_gpu(device, &socket)?;
                 let heads = handle.scanouts();
                 // The GPU offers neither EVENT_IDX nor RING_RESET, and QEMU's vhost-user-gpu does not filter the
                 // guest's ring features by the backend's: turn it off on QEMU's side.
@@ -211,7 +174,7 @@ impl QemuVm {
                 if sound.is_some() {
                     bail!("one --device sound per VM");
                 }
-                sound = Some(serve_sound(&socket)?);
+                sound = Some(device_thread::serve_sound(&socket)?);
                 device_info
                     .push(json!({"kind": "sound", "backend": "vhost-user", "pid": std::process::id()}));
             } else {

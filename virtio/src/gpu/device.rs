@@ -622,7 +622,12 @@ impl VirtioDevice for Gpu {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let mut config = [0u8; CONFIG_SIZE];
-        config[0..4].copy_from_slice(&self.events_read.to_le_bytes());
+        // A layout the host set and the device has not applied yet is already a display event:
+        // a frontend that signals the change itself (a vhost-user one) may be faster than the
+        // wake-up that applies it.
+        let pending = lock(&self.handle.shared.pending_layout).is_some();
+        let events = self.events_read | if pending { EVENT_DISPLAY } else { 0 };
+        config[0..4].copy_from_slice(&events.to_le_bytes());
         config[8..12].copy_from_slice(&(self.scanouts.len() as u32).to_le_bytes());
         read_config_bytes(&config, offset, data);
     }

@@ -256,6 +256,15 @@ impl VirtioPciDevice {
         self.common.status | if needs_reset { STATUS_NEEDS_RESET } else { 0 }
     }
 
+    /// Tells the driver its device's configuration changed (the config vector). For devices
+    /// a vhost-user backend serves: the backend owns the config space but has no channel to
+    /// interrupt the guest, so the VMM does it for the host-side change it made.
+    pub fn signal_config_change(&self) {
+        if let Err(e) = self.lines.signal_config() {
+            tracing::warn!("virtio-{}: cannot signal a configuration change: {e}", self.name);
+        }
+    }
+
     /// State and counters for `VmHandle::status`.
     pub fn status_json(&self) -> serde_json::Value {
         let m = &self.lines.metrics;
