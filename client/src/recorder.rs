@@ -30,6 +30,10 @@ use crate::session::{Session, SessionEvent, SessionHandle};
 const WHEEL_DETENT: i32 = 120;
 /// Pause between a click's press and release, so the guest sees both.
 const CLICK_HOLD: Duration = Duration::from_millis(20);
+/// Pause after each key transition of `type` and `key`: 500 a second, a fast typist's pace and
+/// a quarter of what the host's input limit passes (session/src/input.rs), so a long script line
+/// arrives whole.
+const KEY_GAP: Duration = Duration::from_millis(2);
 
 /// What to record and for how long.
 #[derive(Debug, Clone, Default)]
@@ -371,6 +375,7 @@ async fn run_steps(handle: &SessionHandle, steps: &[Step], dir: Option<&Path>) -
             Command::Keys(strokes) => {
                 for stroke in strokes {
                     handle.send_key(stroke.code, stroke.down).await?;
+                    tokio::time::sleep(KEY_GAP).await;
                 }
             }
             Command::Move { scanout, x, y } => handle.send_pointer(*scanout, *x, *y).await?,

@@ -8,7 +8,8 @@
 //! is pressed, so `ReleaseAll` (focus lost) and the end of a connection never leave a key stuck.
 //!
 //! A client can send at most [`RATE`] events per second (bursts of [`BURST`]); beyond that
-//! events are dropped and counted, so a flood cannot starve the VM's input queue.
+//! events are dropped and counted, so a flood cannot starve the VM's input queue. Releases of
+//! keys and buttons that are down are never dropped: no key stays held because a burst was cut.
 
 use std::collections::BTreeSet;
 
@@ -68,11 +69,21 @@ impl InputRouter {
     ) -> Vec<Report> {
         self.tokens = (self.tokens + (now_us.saturating_sub(self.last_us)) as f64 * RATE / 1e6).min(BURST);
         self.last_us = now_us;
-        if self.tokens < 1.0 && !matches!(message, InputMessage::ReleaseAll) {
-            self.dropped += 1;
-            return Vec::new();
+        // Releases of what is down always pass: dropping one leaves a key (Shift) held in the
+        // guest, and they are bounded by the presses that passed.
+        let releases_only = match *message {
+            InputMessage::ReleaseAll => true,
+            InputMessage::Key(key) => !key.down && self.pressed_keys.contains(&key.code),
+            InputMessage::Buttons(mask) => mask & !self.buttons == 0,
+            _ => false,
+        };
+        if !releases_only {
+            if self.tokens < 1.0 {
+                self.dropped += 1;
+                return Vec::new();
+            }
+            self.tokens -= 1.0;
         }
-        self.tokens -= 1.0;
         match *message {
             InputMessage::Key(key) => {
                 if key.code == 0 || key.code > KEY_MAX_KEYBOARD {
@@ -259,8 +270,25 @@ mod tests {
         let sent = (0..10_000u64)
             .filter(|&i| !r.route(&InputMessage::Buttons((i % 2) as u32), ONE, 1_000_000 + i).is_empty())
             .count();
-        // One second of virtual time: the burst plus about RATE events.
-        assert!(sent as f64 <= BURST + RATE * 0.011 + 1.0, "{sent} events passed");
-        assert!(r.dropped > 9000);
+        // 10 ms of virtual time: the burst plus about RATE * 0.01 presses, each with its release.
+        assert!(sent as f64 <= 2.0 * (BURST + RATE * 0.011 + 1.0), "{sent} events passed");
+        assert!(r.dropped > 4000, "{} dropped", r.dropped);
+        assert_eq!(r.buttons, 0, "a button left down");
+    }
+
+    #[test]
+    fn a_cut_burst_leaves_no_key_down() {
+        let mut r = InputRouter::default();
+        let key = |code, down| InputMessage::Key(Key { code, down });
+        // Shift down, then a burst of letters far beyond the limit at one instant, then Shift up.
+        assert_eq!(r.route(&key(42, true), ONE, 1_000_000).len(), 1);
+        for _ in 0..1000 {
+            r.route(&key(30, true), ONE, 1_000_000);
+            r.route(&key(30, false), ONE, 1_000_000);
+        }
+        assert!(r.dropped > 0, "the burst was not cut");
+        let up = r.route(&key(42, false), ONE, 1_000_000);
+        assert_eq!(up, [(InputDevice::Keyboard, vec![InputEvent::key(42, false), InputEvent::syn()])]);
+        assert!(r.pressed_keys.is_empty(), "{:?} still down", r.pressed_keys);
     }
 }
