@@ -83,6 +83,31 @@ fn newer_source(dir: &std::path::Path, built: std::time::SystemTime) -> Option<s
     None
 }
 
+/// Keeps a screen as `<target>/artifacts/GROUP/NAME.png`, for a person to look at after a run
+/// (what a window showed, what a guest's screen showed when a test failed). Returns where it is,
+/// or `None` (said on stderr) where it could not be written.
+pub fn save_artifact(
+    group: &str,
+    name: &str,
+    frame: &pleiades_virtio::gpu::Framebuffer,
+) -> Option<std::path::PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let target = exe.parent()?.parent()?.parent()?;
+    let dir = target.join("artifacts").join(group);
+    let path = dir.join(format!("{name}.png"));
+    let written =
+        pleiades_control::screenshot::encode_png(frame).map_err(|e| e.to_string()).and_then(|png| {
+            std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, png)).map_err(|e| e.to_string())
+        });
+    match written {
+        Ok(()) => Some(path),
+        Err(e) => {
+            eprintln!("could not keep the screenshot {}: {e}", path.display());
+            None
+        }
+    }
+}
+
 pub mod audio;
 pub mod evdev;
 pub mod kvm_host;

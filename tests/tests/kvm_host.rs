@@ -183,8 +183,9 @@ fn linux_with_every_device_and_a_client(host: &mut KvmHost) -> LinuxFigures {
     let screen = screenshot_until(host, &vm, 0, "the console's text", |f| lit_pixels(f) > 100);
     eprintln!("inner Linux screen: {}x{}, {} lit pixels", screen.width, screen.height, lit_pixels(&screen));
 
-    // The headless client, inside the KVM host: types (a command whose output reaches the serial
-    // console), clicks while the guest reads its tablet, and records the guest's tone.
+    // The headless client, inside the KVM host: types (commands whose output reaches the serial
+    // console), clicks while the guest reads its tablet, and records the guest's tone. Each typed
+    // line leaves its own mark on the serial console, so a failure says which line went wrong.
     let tablet = pleiades_tests::evdev::node_of("Pleiades Tablet");
     let record = host.scratch().join("client");
     let script = host.scratch().join("client.script");
@@ -193,7 +194,8 @@ fn linux_with_every_device_and_a_client(host: &mut KvmHost) -> LinuxFigures {
         format!(
             "wait 3000\n\
              type echo 0 > /sys/class/graphics/fbcon/cursor_blink; echo PLEIADES-KVM-$((6*7)) > /dev/ttyS0\\n\n\
-             type EV={tablet}; (dd if=/dev/input/$EV of=/tmp/ev bs=24 count=6 2>/dev/null; od -An -v -tx1 /tmp/ev > /dev/ttyS0; echo EVENTS-DONE > /dev/ttyS0) &\\n\n\
+             type EV={tablet}; echo TABLET-$EV > /dev/ttyS0\\n\n\
+             type (timeout 10 cat /dev/input/$EV > /tmp/ev; od -An -v -tx1 /tmp/ev > /dev/ttyS0; echo EVENTS-DONE > /dev/ttyS0) &\\n\n\
              wait 3000\n\
              move 0 640 400\n\
              click left\n\
@@ -217,7 +219,7 @@ fn linux_with_every_device_and_a_client(host: &mut KvmHost) -> LinuxFigures {
         )
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(code, 0, "the client failed:\n{}", out.join("\n"));
-    host.wait_vm_line(&vm, "PLEIADES-KVM-42", Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}"));
+    wait_line_or_show_screen(host, &vm, "PLEIADES-KVM-42");
     // Its last frame is what the host's screenshot shows, pixel for pixel.
     let shown = decode_png(&std::fs::read(record.join("scanout-0.png")).expect("the client's last frame"))
         .unwrap_or_else(|e| panic!("{e}"));
@@ -231,7 +233,8 @@ fn linux_with_every_device_and_a_client(host: &mut KvmHost) -> LinuxFigures {
         .count();
     assert_eq!(differing, 0, "pixels that differ between the client and the host");
     // The click reached the guest's tablet: BTN_LEFT pressed and released.
-    host.wait_vm_line(&vm, "EVENTS-DONE", Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}"));
+    wait_line_or_show_screen(host, &vm, "TABLET-event");
+    wait_line_or_show_screen(host, &vm, "EVENTS-DONE");
     let serial = std::fs::read_to_string(&vm.serial).unwrap_or_default();
     // od's lines: only hex bytes, before the marker (the command itself was typed on tty1).
     let od: Vec<String> = serial
@@ -245,8 +248,8 @@ fn linux_with_every_device_and_a_client(host: &mut KvmHost) -> LinuxFigures {
         .collect();
     let events = pleiades_tests::evdev::events_from_od(&od);
     assert!(events.contains(&(1, 0x110, 1)) && events.contains(&(1, 0x110, 0)), "tablet events {events:?}");
+    wait_line_or_show_screen(host, &vm, "TONE-DONE");
     // The tone arrived in the client's WAV, at 440 Hz.
-    host.wait_vm_line(&vm, "TONE-DONE", Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}"));
     let (rate, channels, samples) =
         read_wav(&std::fs::read(record.join("playback.wav")).expect("playback.wav"))
             .unwrap_or_else(|e| panic!("{e}"));
@@ -352,6 +355,17 @@ fn wait_for_power_button(host: &mut KvmHost, vm: &InnerVm) {
 }
 
 /// `ctl screenshot` of `scanout` until `accept` takes it (bounded).
+/// Waits for `marker` on the inner VM's serial console; when it does not come, keeps what the
+/// guest's screen shows (the typed commands and their errors are on tty1) and says where.
+fn wait_line_or_show_screen(host: &mut KvmHost, vm: &InnerVm, marker: &str) {
+    if let Err(e) = host.wait_vm_line(vm, marker, Duration::from_secs(60)) {
+        let screen = screenshot_until(host, vm, 0, "anything", |_| true);
+        let kept = pleiades_tests::save_artifact("kvm_host", &format!("missing-{marker}"), &screen);
+        let kept = kept.map_or_else(|| "not kept".to_owned(), |p| p.display().to_string());
+        panic!("{e}\nthe guest's screen: {kept}");
+    }
+}
+
 fn screenshot_until(
     host: &mut KvmHost,
     vm: &InnerVm,

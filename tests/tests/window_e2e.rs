@@ -242,23 +242,11 @@ fn assert_window_shows_guest(x: &Xvfb, window: &str, desktop: &Desktop, client: 
 
 /// Keeps what the X screen showed as `<target>/artifacts/window/NAME.png`, to look at.
 fn save_artifact(name: &str, screen: &Rgb) {
-    let Some(target) =
-        workspace_binary("pleiades-host").ok().and_then(|p| Some(p.parent()?.parent()?.to_owned()))
-    else {
-        return;
-    };
-    let dir = target.join("artifacts").join("window");
     let mut frame = Framebuffer::new(screen.width, screen.height);
     for (out, [r, g, b]) in frame.pixels.chunks_exact_mut(4).zip(&screen.pixels) {
         out.copy_from_slice(&[*b, *g, *r, 0xff]);
     }
-    let png = pleiades_control::screenshot::encode_png(&frame).expect("PNG of the screen");
-    if std::fs::create_dir_all(&dir)
-        .and_then(|()| std::fs::write(dir.join(format!("{name}.png")), png))
-        .is_err()
-    {
-        eprintln!("could not keep the screenshot {name}.png in {}", dir.display());
-    }
+    pleiades_tests::save_artifact("window", name, &frame);
 }
 
 #[test]
