@@ -11,7 +11,7 @@
 //!
 //! Modules, one concern each: [`memory`] (RAM and the physical map), [`boot`] (kernel, initrd,
 //! zero page / PVH start info, MP table, page tables), [`cpu`] (CPUID, registers, vCPU
-//! threads), [`bus`] (port/MMIO dispatch), [`legacy`] (serial, power, i8042), [`pci`] (config
+//! threads), [`bus`] (port/MMIO dispatch), [`legacy`] (serial, CMOS RTC, power, i8042), [`pci`] (config
 //! mechanism #1, config space, MSI-X), [`virtio_pci`] (the modern virtio transport),
 //! [`interrupts`] (GSI routing, irqfd, ioeventfd), [`exit`] (why a boot ended) and [`sys`] (the
 //! only `unsafe`). Beside the machine: [`config`] (a boot request validated once, for this VMM
@@ -33,7 +33,7 @@ pub mod vhost_user;
 pub mod virtio_pci;
 
 use std::fs::File;
-use std::io::{IsTerminal, Read};
+use std::io::Read;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -396,9 +396,11 @@ impl Vm {
         }
     }
 
-    /// Stdin feeds the serial port when it is a terminal (interactive use).
+    /// Stdin feeds the serial port when the console is on stdio (a terminal or a pipe, as QEMU's
+    /// `-serial stdio`). Input waits while the UART's FIFO is full, as with flow control; it is
+    /// dropped only while no machine runs (between a reset and the next boot).
     fn start_serial_input(&self) {
-        if self.config.serial != SerialOut::Stdio || !std::io::stdin().is_terminal() {
+        if self.config.serial != SerialOut::Stdio {
             return;
         }
         let slot = self.serial_input.clone();
@@ -409,8 +411,16 @@ impl Vm {
                 if n == 0 {
                     break;
                 }
-                if let Some(port) = slot.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-                    port.lock().unwrap_or_else(|e| e.into_inner()).enqueue_input(&buf[..n]);
+                let mut pending = &buf[..n];
+                while !pending.is_empty() {
+                    let taken = match slot.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                        Some(port) => port.lock().unwrap_or_else(|e| e.into_inner()).enqueue_input(pending),
+                        None => pending.len(),
+                    };
+                    pending = &pending[taken..];
+                    if !pending.is_empty() {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
                 }
             }
         });
@@ -467,6 +477,7 @@ impl Machine {
         io_bus.insert(legacy::PM1A_EVT_PORT, 8, power.clone())?;
         *vm_state.shared.power.lock().unwrap_or_else(|e| e.into_inner()) = Some(power);
         io_bus.insert(legacy::I8042_PORT, 5, Arc::new(Mutex::new(I8042::new(latch.clone()))))?;
+        io_bus.insert(legacy::cmos::CMOS_PORT, 2, Arc::new(Mutex::new(legacy::Cmos::default())))?;
 
         // PCI.
         let resources: Arc<dyn interrupts::VmResources> = Arc::new(interrupts::KvmResources::new(vm.clone()));

@@ -1,10 +1,13 @@
-//! Legacy PC devices on the port-I/O bus: the COM1 16550, the power-off port, the i8042 reset.
+//! Legacy PC devices on the port-I/O bus: the COM1 16550, the CMOS RTC, the power-off port, the
+//! i8042 reset.
 //! The 0xCF9 reset register shares its port range with PCI config mechanism #1 and lives in
 //! [`super::pci::PciConfigIo`].
 
+pub mod cmos;
 pub mod power;
 pub mod serial;
 
+pub use cmos::Cmos;
 pub use power::{I8042, PmControl};
 pub use serial::{SerialOut, SerialPort};
 
