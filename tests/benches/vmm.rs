@@ -134,10 +134,28 @@ fn linux_pleiades_host(
     linux_once(guest, pids, started, row)
 }
 
+/// A row's reference: this row is it, or it is another row's figure, which is missing when that
+/// row failed (then no ratio is printed: never one against another row by mistake).
+#[derive(Debug, Clone, Copy)]
+enum Reference {
+    ThisRow,
+    Measured(Option<f64>),
+}
+
+impl Reference {
+    fn ratio(self, value: f64, per: impl Fn(f64, f64) -> f64) -> String {
+        match self {
+            Reference::ThisRow => "1.00 (ref)".to_owned(),
+            Reference::Measured(Some(reference)) => format!("{:.2}", per(value, reference)),
+            Reference::Measured(None) => "no ref".to_owned(),
+        }
+    }
+}
+
 fn linux_row(
     name: &str,
     runs: u32,
-    reference_ready: Option<f64>,
+    reference: Reference,
     mut once: impl FnMut(&mut LinuxRow) -> Result<(), String>,
 ) -> Option<f64> {
     let mut row = LinuxRow::default();
@@ -148,7 +166,7 @@ fn linux_row(
         }
     }
     let ready = median(row.ready_s);
-    let ratio = reference_ready.map_or_else(|| "1.00 (ref)".to_owned(), |r| format!("{:.2}", ready / r));
+    let ratio = reference.ratio(ready, |v, r| v / r);
     println!(
         "  {name:<30} {ready:>9.2} {:>9.2} {:>12.1} {ratio:>14}",
         median(row.exit_s),
@@ -221,14 +239,14 @@ fn main() {
                 "  {:<30} {:>9} {:>9} {:>12} {:>14}",
                 "vmm", "ready_s", "exit_s", "rss_mib", "ready/qemu"
             );
-            let reference = linux_row("qemu + its virtio-rng (ref)", runs, None, |row| {
+            let reference = linux_row("qemu + its virtio-rng (ref)", runs, Reference::ThisRow, |row| {
                 linux_qemu_reference(&image, &accel, row)
             });
-            linux_row("pleiades-host --vmm qemu", runs, reference, |row| {
+            linux_row("pleiades-host --vmm qemu", runs, Reference::Measured(reference), |row| {
                 linux_pleiades_host(&image, "qemu", &accel, row)
             });
             if hardware_kvm {
-                linux_row("pleiades-host --vmm pleiades", runs, reference, |row| {
+                linux_row("pleiades-host --vmm pleiades", runs, Reference::Measured(reference), |row| {
                     linux_pleiades_host(&image, "pleiades", &accel, row)
                 });
             } else {
@@ -295,7 +313,8 @@ fn main() {
                     Box::new(|c| testguest_once(Ok(pleiades("vhost-user", c)), &elf, &kvm)),
                 ),
             ];
-            let mut reference_rate = None;
+            // The first row is the reference; when it fails, the others print no ratio.
+            let mut reference = Reference::ThisRow;
             for (name, once) in rows {
                 let mut times = Vec::new();
                 let mut rates = Vec::new();
@@ -315,12 +334,16 @@ fn main() {
                 }
                 if let Some(e) = failed {
                     println!("  {name:<30} failed: {}", e.lines().next().unwrap_or(""));
+                    if matches!(reference, Reference::ThisRow) {
+                        reference = Reference::Measured(None);
+                    }
                     continue;
                 }
                 let rate = median(rates);
-                let ratio = reference_rate
-                    .map_or_else(|| "1.00 (ref)".to_owned(), |r: f64| format!("{:.2}", rate / r));
-                reference_rate.get_or_insert(rate);
+                let ratio = reference.ratio(rate, |v, r| v / r);
+                if matches!(reference, Reference::ThisRow) {
+                    reference = Reference::Measured(Some(rate));
+                }
                 println!("  {name:<30} {:>9.3} {rate:>12.0} {ratio:>14}", median(times));
             }
         }

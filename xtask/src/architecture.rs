@@ -1,6 +1,7 @@
 //! The architecture's invariants (ARCHITECTURE.md, "Invariants"), checked on the sources so that
 //! they stay true: which crate may depend on which, no import cycle between the modules of a
-//! crate, and `unsafe` only in the files allowed to hold it.
+//! crate, `unsafe` only in the files allowed to hold it, and a code map that names every crate
+//! and every top-level module.
 //!
 //! Text checks, no compiler: a `Cargo.toml`'s `pleiades-*` dependencies, and the `crate::`,
 //! `super::` and `self::` paths of each module (comments and `#[cfg(test)]` parts left out).
@@ -44,6 +45,55 @@ pub fn check(root: &Path) -> Vec<Violation> {
         }
     }
     violations.extend(check_unsafe(root));
+    let map = fs::read_to_string(root.join("ARCHITECTURE.md")).unwrap_or_default();
+    violations.extend(check_code_map(root, &map));
+    violations
+}
+
+/// The code map's section of the crate in folder `dir` (from its `### `DIR/`` heading to the
+/// next heading).
+fn map_section<'a>(map: &'a str, dir: &str) -> Option<&'a str> {
+    let heading = format!("### `{dir}/`");
+    let start = map.find(&heading)? + heading.len();
+    let rest = &map[start..];
+    Some(&rest[..rest.find("\n#").unwrap_or(rest.len())])
+}
+
+/// Every crate has a section in ARCHITECTURE.md's code map, which names each entry of its
+/// `src/` (a file as `` `name.rs ``, a folder as `` `name/ ``; `lib.rs` and `main.rs` aside).
+fn check_code_map(root: &Path, map: &str) -> Vec<Violation> {
+    let mut violations = Vec::new();
+    for (name, _) in LAYERS {
+        let Some(dir) = crate_dir(root, name) else { continue };
+        let folder = dir.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+        let Some(section) = map_section(map, &folder) else {
+            violations
+                .push(Violation(format!("ARCHITECTURE.md's code map has no section for {folder}/ ({name})")));
+            continue;
+        };
+        let mut entries: Vec<String> = fs::read_dir(dir.join("src"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let file = e.file_name().to_string_lossy().into_owned();
+                if e.path().is_dir() {
+                    Some(format!("{file}/"))
+                } else {
+                    file.ends_with(".rs").then_some(file)
+                }
+            })
+            .filter(|entry| entry != "lib.rs" && entry != "main.rs")
+            .collect();
+        entries.sort();
+        for entry in entries {
+            if !section.contains(&format!("`{entry}")) {
+                violations.push(Violation(format!(
+                    "ARCHITECTURE.md's code map does not name {folder}/src/{entry}: add it to the {folder}/ section"
+                )));
+            }
+        }
+    }
     violations
 }
 
@@ -287,6 +337,21 @@ mod tests {
         assert_eq!(module_cycles(src).len(), 1, "{:?}", module_cycles(src));
         fs::write(src.join("b.rs"), "pub struct B;\n#[cfg(test)]\nmod t { use crate::a::A; }\n").unwrap();
         assert!(module_cycles(src).is_empty(), "tests may reach anywhere");
+    }
+
+    #[test]
+    fn a_module_missing_from_the_code_map_is_found() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let map = fs::read_to_string(root.join("ARCHITECTURE.md")).unwrap();
+        assert!(check_code_map(root, &map).is_empty());
+        let without_acpi = map.replace("`acpi.rs`", "ACPI");
+        let found = check_code_map(root, &without_acpi);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].0.contains("vmm/src/acpi.rs"), "{found:?}");
+        let without_section = map.replace("### `control/`", "### control");
+        assert!(
+            check_code_map(root, &without_section).iter().any(|v| v.0.contains("no section for control/"))
+        );
     }
 
     #[test]

@@ -62,7 +62,7 @@ enum Cmd {
         interactive: Option<bool>,
     },
     /// Check the architecture's invariants: crate layers, no import cycle between modules,
-    /// `unsafe` only where allowed (ARCHITECTURE.md).
+    /// `unsafe` only where allowed, a code map that names every module (ARCHITECTURE.md).
     Check,
     /// Run every check CI runs: deps, guest image, fmt, clippy, all tests.
     #[command(alias = "ci")]
@@ -161,7 +161,9 @@ fn check_architecture(root: &Path) -> Result<()> {
     if !violations.is_empty() {
         bail!("{} architecture invariants broken (ARCHITECTURE.md, \"Invariants\")", violations.len());
     }
-    println!("    crate layers, module imports and unsafe code keep ARCHITECTURE.md's invariants");
+    println!(
+        "    crate layers, module imports, unsafe code and the code map keep ARCHITECTURE.md's invariants"
+    );
     Ok(())
 }
 
