@@ -1,4 +1,4 @@
-//! The display path benchmark: `cargo bench -p pleiades-host --bench gpu`.
+//! The display path benchmark: `cargo bench -p pleiades-virtio --bench gpu`.
 //!
 //! For each update (a full 1920x1080 frame, one line of console text across the screen, one
 //! glyph) it measures, as medians over many flushes:
