@@ -354,7 +354,6 @@ fn wait_for_power_button(host: &mut KvmHost, vm: &InnerVm) {
     }
 }
 
-/// `ctl screenshot` of `scanout` until `accept` takes it (bounded).
 /// Waits for `marker` on the inner VM's serial console; when it does not come, keeps what the
 /// guest's screen shows (the typed commands and their errors are on tty1) and says where.
 fn wait_line_or_show_screen(host: &mut KvmHost, vm: &InnerVm, marker: &str) {
@@ -366,6 +365,7 @@ fn wait_line_or_show_screen(host: &mut KvmHost, vm: &InnerVm, marker: &str) {
     }
 }
 
+/// `ctl screenshot` of `scanout` until `accept` takes it (bounded).
 fn screenshot_until(
     host: &mut KvmHost,
     vm: &InnerVm,
