@@ -37,7 +37,8 @@ enum Cmd {
         /// Write frames.jsonl, summary.json and PNGs into this directory.
         #[arg(long, value_name = "DIR")]
         record: Option<PathBuf>,
-        /// End the session after this many seconds (default: when the server ends it, or Ctrl-C).
+        /// End the session after this many seconds (default: when the input script is done, else
+        /// when the server ends it, or Ctrl-C).
         #[arg(long, value_name = "S")]
         duration: Option<f64>,
         /// Replay this input script (docs/client.md).

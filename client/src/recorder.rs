@@ -80,9 +80,12 @@ pub struct Summary {
     pub scanouts: Vec<u32>,
     pub layout: Vec<LayoutMonitor>,
     pub cursor_shapes: u64,
-    /// Script commands run.
+    /// Commands in the input script.
     pub script_steps: usize,
-    /// `duration`, `goodbye`, `interrupted` or `error`.
+    /// Whether the whole script ran (`true` without a script).
+    pub script_done: bool,
+    /// `script` (the script ended and no duration was given), `duration`, `goodbye`,
+    /// `interrupted` or `error`.
     pub end: String,
     /// The goodbye's reason and text, or the error.
     pub end_detail: String,
@@ -119,6 +122,7 @@ fn write_error(path: &Path) -> impl FnOnce(std::io::Error) -> RecordError + '_ {
 
 /// How the session ended.
 enum End {
+    ScriptDone,
     Duration,
     Goodbye(Goodbye),
     ServerClosed(String),
@@ -126,8 +130,9 @@ enum End {
     Failed(ClientError),
 }
 
-/// Runs the session until the duration is over, the server says goodbye, Ctrl-C, or a
-/// failure; writes the files; returns the summary (also on a session failure, with the error).
+/// Runs the session until the duration is over (without one and with a script: until the script
+/// is done), the server says goodbye, Ctrl-C, or a failure; writes the files; returns the summary
+/// (also on a session failure, with the error).
 pub async fn record(mut session: Session, options: RecordOptions) -> Result<Summary, (Summary, RecordError)> {
     let started = Instant::now();
     let handle = session.handle.clone();
@@ -136,6 +141,7 @@ pub async fn record(mut session: Session, options: RecordOptions) -> Result<Summ
         server_name: handle.info().peer_name.clone(),
         capabilities: format!("{:?}", handle.info().capabilities),
         script_steps: options.script.len(),
+        script_done: options.script.is_empty(),
         ..Summary::default()
     };
     if let Some(dir) = &options.dir
@@ -160,11 +166,15 @@ pub async fn record(mut session: Session, options: RecordOptions) -> Result<Summ
         tokio::spawn(run_script(handle.clone(), options.script.clone(), options.dir.clone(), script_done_tx));
 
     let deadline = options.duration.map(|d| tokio::time::Instant::now() + d);
+    let end_with_script = options.duration.is_none() && !options.script.is_empty();
     let mut snapshot_timer = options.snapshot_every.map(|every| {
         let mut timer = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         timer
     });
+    // SIGTERM ends the recording as Ctrl-C does (files written, goodbye said): what a supervisor
+    // or `timeout` sends, and what reaches a client started in the background.
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     let mut latencies = Vec::new();
     let mut failure: Option<RecordError> = None;
     let mut script_running = true;
@@ -219,8 +229,18 @@ pub async fn record(mut session: Session, options: RecordOptions) -> Result<Summ
                     break End::Duration;
                 }
                 tracing::info!("the input script is done");
+                summary.script_done = true;
+                if end_with_script {
+                    break End::ScriptDone;
+                }
             }
             _ = tokio::signal::ctrl_c() => break End::Interrupted,
+            Some(()) = async {
+                match &mut terminate {
+                    Some(signal) => signal.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => break End::Interrupted,
         }
     };
     script_task.abort();
@@ -237,7 +257,14 @@ pub async fn record(mut session: Session, options: RecordOptions) -> Result<Summ
     }
     summary.latency = latency(&mut latencies);
 
+    if !summary.script_done {
+        tracing::warn!("the session ended before the input script did");
+    }
     let session_error = match end {
+        End::ScriptDone => {
+            summary.end = "script".into();
+            None
+        }
         End::Duration => {
             summary.end = "duration".into();
             None

@@ -105,3 +105,76 @@ fn a_headless_recording_from_a_connection_file_until_the_server_says_goodbye() {
         assert!(record.join(name).is_file(), "{name} missing");
     }
 }
+
+#[test]
+fn a_session_ends_with_its_script_its_duration_or_sigterm() {
+    let desktop = Desktop::start(Workload::Typing, 320, 200);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("desk.pleiades");
+    std::fs::write(&file, desktop.connection().to_toml()).unwrap();
+    let script = dir.path().join("input.script");
+    std::fs::write(&script, "type ab\nwait 300\n").unwrap();
+    let before = desktop.input_events();
+    let output = Command::new(env!("CARGO_BIN_EXE_pleiades"))
+        .arg("connect")
+        .arg(&file)
+        .args(["--headless", "--no-h264", "--input"])
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!((summary["end"].as_str(), summary["script_done"].as_bool()), (Some("script"), Some(true)));
+    // Two keys, each down and up with its report: all sent before the session ended.
+    let deadline = Instant::now() + LIMIT;
+    while desktop.input_events() < before + 8 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(desktop.input_events(), before + 8);
+
+    // A duration that ends first cuts the script short, and the summary says so.
+    std::fs::write(&script, "wait 600000\n").unwrap();
+    std::fs::write(&file, desktop.connection().to_toml()).unwrap(); // tickets are one-time
+    let output = Command::new(env!("CARGO_BIN_EXE_pleiades"))
+        .arg("connect")
+        .arg(&file)
+        .args(["--headless", "--no-h264", "--duration", "0.5", "--input"])
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!((summary["end"].as_str(), summary["script_done"].as_bool()), (Some("duration"), Some(false)));
+
+    // SIGTERM ends it cleanly, like Ctrl-C: exit 0, the summary and the files written.
+    std::fs::write(&file, desktop.connection().to_toml()).unwrap();
+    let record = dir.path().join("rec");
+    let acked = desktop.session_status()["frames_acked"].as_u64().unwrap();
+    let client = Command::new(env!("CARGO_BIN_EXE_pleiades"))
+        .arg("connect")
+        .arg(&file)
+        .args(["--headless", "--no-h264", "--record"])
+        .arg(&record)
+        .arg("--input")
+        .arg(&script)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Acks come from the recording loop, which is listening for the signal by then.
+    let deadline = Instant::now() + LIMIT;
+    while desktop.session_status()["frames_acked"].as_u64().unwrap() == acked {
+        assert!(Instant::now() < deadline, "the client never acked a frame");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let killed = Command::new("kill").args(["-TERM", &client.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    let output = client.wait_with_output().unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        (summary["end"].as_str(), summary["script_done"].as_bool()),
+        (Some("interrupted"), Some(false))
+    );
+    assert!(record.join("scanout-0.png").is_file());
+}

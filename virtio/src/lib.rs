@@ -76,6 +76,25 @@ impl DeviceType {
             Self::Sound => "sound",
         }
     }
+
+    /// The largest size of each of the device's queues, in queue order: what Pleiades' devices
+    /// offer and accept, and what a vhost-user frontend offers the driver for a backend of this
+    /// type (the protocol cannot ask a backend, and one refuses a larger ring outright). The
+    /// sizes QEMU gives the same devices.
+    pub const fn queue_max_sizes(self) -> &'static [u16] {
+        match self {
+            Self::Console => &[256, 256],
+            Self::Rng => &[256],
+            // controlq, cursorq
+            Self::Gpu => &[256, 64],
+            // eventq, statusq
+            Self::Input => &[64, 64],
+            // rx, tx, event
+            Self::Vsock => &[128, 128, 128],
+            // controlq, eventq, txq, rxq
+            Self::Sound => &[256, 256, 256, 256],
+        }
+    }
 }
 
 /// The devices Pleiades offers a VM, by the names users give them (`--device rng`, `pleiades-host

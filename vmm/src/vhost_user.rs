@@ -1,6 +1,10 @@
 //! The vhost-user frontend: a virtio-pci device whose queues an external backend process
 //! serves (`pleiades-host device rng --socket …`, or any vhost-user backend).
 //!
+//! The protocol cannot ask a backend how large its rings may be, and a backend refuses a larger
+//! one by hanging up; the driver is offered the sizes of the device type
+//! ([`DeviceType::queue_max_sizes`], what Pleiades' devices and QEMU use).
+//!
 //! The VMM keeps the PCI function, the common configuration and MSI-X; at DRIVER_OK it hands
 //! the backend guest memory (the memfd, `SET_MEM_TABLE`), each enabled queue's size, ring
 //! addresses (as VMM virtual addresses, as the protocol wants), base 0, its kick (the queue's
@@ -23,8 +27,6 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::virtio_pci::common_cfg::QueueRegs;
 use pleiades_virtio::{DeviceType, GuestMemory};
 
-/// The largest queue offered to the driver: the protocol cannot ask the backend.
-pub const QUEUE_MAX_SIZE: u16 = 256;
 /// Queues assumed when the backend does not implement the MQ protocol feature.
 const DEFAULT_QUEUES: u64 = 1;
 const MAX_QUEUES: u64 = 64;
@@ -100,7 +102,7 @@ impl VhostUserFrontend {
             features: backend_features & !protocol_bit,
             protocol_features,
             has_config,
-            queue_max_sizes: vec![QUEUE_MAX_SIZE; queues as usize],
+            queue_max_sizes: offered_queue_sizes(kind, queues as usize),
             active: Vec::new(),
         })
     }
@@ -170,16 +172,21 @@ impl VhostUserFrontend {
         Ok(())
     }
 
-    /// Stops every ring the backend was given.
-    pub fn reset(&mut self) {
+    /// Stops every ring the backend was given; says which one it could not stop (a backend
+    /// that went away, for one).
+    pub fn reset(&mut self) -> Result<(), String> {
+        let mut result = Ok(());
         for i in self.active.drain(..) {
             if self.protocol_features {
                 let _ = self.frontend.set_vring_enable(i, false);
             }
-            if let Err(e) = self.frontend.get_vring_base(i) {
-                tracing::warn!("vhost-user {}: cannot stop queue {i}: {e}", self.kind.name());
+            if let Err(e) = self.frontend.get_vring_base(i)
+                && result.is_ok()
+            {
+                result = Err(format!("cannot stop queue {i}: {e}"));
             }
         }
+        result
     }
 
     /// Reads the device configuration from the backend (zeros without the CONFIG feature).
@@ -205,5 +212,27 @@ impl VhostUserFrontend {
         {
             tracing::debug!("vhost-user {}: SET_CONFIG failed: {e}", self.kind.name());
         }
+    }
+}
+
+/// The size offered for each of a backend's `queues`: its type's, and for queues beyond those
+/// the type's smallest (any ring that size is one every backend of the type accepts).
+fn offered_queue_sizes(kind: DeviceType, queues: usize) -> Vec<u16> {
+    let sizes = kind.queue_max_sizes();
+    let smallest = sizes.iter().copied().min().unwrap_or(64);
+    (0..queues).map(|i| sizes.get(i).copied().unwrap_or(smallest)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_backend_is_offered_its_types_queue_sizes() {
+        assert_eq!(offered_queue_sizes(DeviceType::Input, 2), [64, 64]);
+        assert_eq!(offered_queue_sizes(DeviceType::Gpu, 2), [256, 64]);
+        // More queues than the type has: the smallest; fewer: the first ones.
+        assert_eq!(offered_queue_sizes(DeviceType::Gpu, 3), [256, 64, 64]);
+        assert_eq!(offered_queue_sizes(DeviceType::Sound, 1), [256]);
     }
 }

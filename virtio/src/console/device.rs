@@ -11,7 +11,7 @@ use crate::{DeviceError, DeviceType, GuestMemory, VIRTIO_F_VERSION_1, VirtioDevi
 
 const RECEIVEQ: usize = 0;
 const TRANSMITQ: usize = 1;
-const QUEUE_SIZES: &[u16] = &[256, 256];
+const QUEUE_SIZES: &[u16] = DeviceType::Console.queue_max_sizes();
 /// Host input waiting for guest buffers beyond this is dropped (the guest is not reading).
 const MAX_PENDING_INPUT: usize = 64 * 1024;
 /// The most one transmit buffer chain may carry.

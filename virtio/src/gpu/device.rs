@@ -26,7 +26,7 @@ use crate::{
 
 const CONTROLQ: usize = 0;
 const CURSORQ: usize = 1;
-const QUEUE_SIZES: &[u16] = &[256, 64];
+const QUEUE_SIZES: &[u16] = DeviceType::Gpu.queue_max_sizes();
 /// `virtio_gpu_config`: events_read, events_clear, num_scanouts, num_capsets.
 const CONFIG_SIZE: usize = 16;
 /// Problems logged individually before the device goes quiet about them.

@@ -16,7 +16,7 @@ use crate::{DeviceError, DeviceType, GuestMemory, VIRTIO_F_VERSION_1, VirtioDevi
 
 const EVENTQ: usize = 0;
 const STATUSQ: usize = 1;
-const QUEUE_SIZES: &[u16] = &[64, 64];
+const QUEUE_SIZES: &[u16] = DeviceType::Input.queue_max_sizes();
 /// Host events waiting for guest buffers beyond this push out the oldest report: a guest that
 /// does not read its input must not make the host hold an unbounded backlog.
 pub const MAX_PENDING_EVENTS: usize = 16 * 1024;

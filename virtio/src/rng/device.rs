@@ -11,7 +11,7 @@ use super::metrics::RngMetrics;
 use super::request::{MAX_REQUEST_BYTES, RngRequest};
 use crate::{DeviceError, DeviceType, GuestMemory, VIRTIO_F_VERSION_1, VirtioDevice, serve_available};
 
-const QUEUE_SIZES: &[u16] = &[256];
+const QUEUE_SIZES: &[u16] = DeviceType::Rng.queue_max_sizes();
 /// Bad requests logged individually before the device goes quiet about them.
 const LOGGED_BAD_REQUESTS: u64 = 16;
 

@@ -31,7 +31,7 @@ pub const CONTROLQ: usize = 0;
 pub const EVENTQ: usize = 1;
 pub const TXQ: usize = 2;
 pub const RXQ: usize = 3;
-const QUEUE_SIZES: &[u16] = &[256, 256, 256, 256];
+const QUEUE_SIZES: &[u16] = DeviceType::Sound.queue_max_sizes();
 /// The period clock's tick.
 const TICK_US: u64 = 5_000;
 /// How late a running stream's next buffer may be before it counts as an underrun.

@@ -130,7 +130,7 @@ pub struct VirtioPciDevice {
     resources: Arc<dyn VmResources>,
     mem: GuestMemory,
     metrics: TransportMetrics,
-    /// The device was lost (its worker died): it stays in NEEDS_RESET.
+    /// The device was lost (its worker died, its backend went away): it stays in NEEDS_RESET.
     lost: bool,
 }
 
@@ -318,7 +318,13 @@ impl VirtioPciDevice {
                     }
                 }
             }
-            Serving::Remote(frontend) => frontend.reset(),
+            Serving::Remote(frontend) => {
+                // A backend that cannot stop its rings has gone away or broke the protocol.
+                if let Err(e) = frontend.reset() {
+                    tracing::error!("virtio-{} (vhost-user): {e}; the device is lost", self.name);
+                    self.lost = true;
+                }
+            }
         }
     }
 
