@@ -5,9 +5,9 @@
 //! loopback and through an emulated 100 ms / 2 % loss / 10 Mbit/s link. Bad tickets, a wrong
 //! certificate and a malformed message are refused as docs/protocol.md says, and the VM goes on.
 
-use std::path::Path;
-use std::process::{Command, Output};
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use pleiades_control::screenshot::decode_png;
 use pleiades_control::{self as control, Request};
@@ -43,6 +43,80 @@ fn connect(target: &Path, record: &Path, duration_s: u32, script: Option<&str>) 
         cmd.arg("--input").arg(path);
     }
     cmd.output().expect("pleiades runs")
+}
+
+/// A headless client recording in the background until [`finish`] ends it.
+struct Recording {
+    child: Child,
+    record: PathBuf,
+    /// The session server's (frames sent, frames acked) when it started.
+    baseline: (u64, u64),
+}
+
+/// The session server's frames sent and frames acked so far (every connection's).
+fn frame_counters(desktop: &Desktop) -> (u64, u64) {
+    let session = &desktop.status()["session"];
+    (session["frames"].as_u64().unwrap_or(0), session["frames_acked"].as_u64().unwrap_or(0))
+}
+
+/// Starts `pleiades connect --headless` without a duration, replaying `script` (which should end
+/// with a long `wait`: the recording ends when [`finish`] says, not on a clock).
+fn start_recording(desktop: &Desktop, target: &Path, record: &Path, script: Option<&str>) -> Recording {
+    let baseline = frame_counters(desktop);
+    let mut cmd = Command::new(workspace_binary("pleiades").unwrap());
+    cmd.arg("connect").arg(target).args(["--headless", "--record"]).arg(record);
+    if let Some(script) = script {
+        let path = record.with_extension("script");
+        std::fs::write(&path, script).unwrap();
+        cmd.arg("--input").arg(path);
+    }
+    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("pleiades runs");
+    Recording { child, record: record.to_owned(), baseline }
+}
+
+/// Waits until the desktop has settled (monitor 0 the same over three screenshots a second
+/// apart, no frame sent or acked meanwhile, every frame sent since the client started acked),
+/// then ends the client with SIGTERM; its output, and the screen it should have.
+fn finish(desktop: &Desktop, mut recording: Recording) -> (Output, Framebuffer) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let (f0, a0) = recording.baseline;
+    let mut samples: Vec<(Framebuffer, (u64, u64))> = Vec::new();
+    let screen = loop {
+        if let Ok(Some(status)) = recording.child.try_wait() {
+            let output = recording.child.wait_with_output().unwrap();
+            panic!("the client ended by itself ({status}): {}", text(&output));
+        }
+        samples.push((desktop.screenshot(), frame_counters(desktop)));
+        if let [a, b, c] = &samples[samples.len().saturating_sub(3)..] {
+            let (frames, acked) = c.1;
+            if a.0.pixels == c.0.pixels
+                && b.0.pixels == c.0.pixels
+                && a.1 == c.1
+                && b.1 == c.1
+                && acked > a0
+                && frames - f0 == acked - a0
+            {
+                break c.0.clone();
+            }
+        }
+        assert!(Instant::now() < deadline, "the desktop never settled with every frame acked");
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    let pid = recording.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while recording.child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = recording.child.kill();
+            panic!("the client did not end on SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let output = recording.child.wait_with_output().unwrap();
+    assert!(output.status.success(), "{}", text(&output));
+    assert_eq!(session_summary(&output)["end"], "interrupted", "{}", text(&output));
+    assert!(recording.record.join("scanout-0.png").is_file());
+    (output, screen)
 }
 
 fn text(output: &Output) -> String {
@@ -94,13 +168,13 @@ fn session_summary(output: &Output) -> serde_json::Value {
 /// Typing through the session reaches the guest, and the client's screen is the host's.
 fn type_and_compare(desktop: &mut Desktop, target: &Path, marker: &str) -> serde_json::Value {
     let record = desktop.dir.path().join(format!("rec-{marker}"));
-    let script = format!("wait 1500\ntype echo {marker}-$((6*7)) > /dev/ttyS0\\n\nwait 2500\n");
-    let output = connect(target, &record, 10, Some(&script));
-    assert!(output.status.success(), "{}", text(&output));
+    let script = format!("wait 1500\ntype echo {marker}-$((6*7)) > /dev/ttyS0\\n\nwait 600000\n");
+    let recording = start_recording(desktop, target, &record, Some(&script));
     desktop.guest.wait_for(&format!("{marker}-42"), SHELL).expect("the typed command ran in the guest");
+    let (output, settled) = finish(desktop, recording);
     let summary = session_summary(&output);
     assert!(summary["frames"].as_u64().unwrap() >= 2, "{summary:#}");
-    assert_same_screen(&record.join("scanout-0.png"), &desktop.screenshot());
+    assert_same_screen(&record.join("scanout-0.png"), &settled);
     summary
 }
 
@@ -185,9 +259,10 @@ fn bad_tickets_wrong_certificates_and_malformed_messages_are_refused_and_the_vm_
     assert!(answer.is_empty(), "the server answered garbage with {} bytes", answer.len());
 
     // The VM and the session server go on: a fresh ticket connects and sees the console.
-    let again = connect(&desktop.mint("again.pleiades"), &record, 3, None);
-    assert!(again.status.success(), "{}", text(&again));
-    assert_same_screen(&record.join("scanout-0.png"), &desktop.screenshot());
+    let record = desktop.dir.path().join("rec-again");
+    let again = start_recording(&desktop, &desktop.mint("again.pleiades"), &record, None);
+    let (_, settled) = finish(&desktop, again);
+    assert_same_screen(&record.join("scanout-0.png"), &settled);
     let status = control::request(&desktop.control(), &Request::Status, Duration::from_secs(30)).unwrap();
     let session = &status.result.unwrap()["session"];
     assert!(session["refused"].as_u64().unwrap() >= 2, "{session}");
@@ -201,16 +276,21 @@ fn a_guest_video_arrives_as_h264_and_a_new_client_takes_the_desktop_over() {
     // The agent draws the `video` workload through the guest's fbdev (virtio-gpu underneath).
     desktop.guest.run("(pleiades-agent workload video --seconds 60 > /dev/null 2>&1 &)", SHELL).unwrap();
     let client = workspace_binary("pleiades").unwrap();
-    let first = Command::new(&client)
+    let mut first = Command::new(&client)
         .arg("connect")
         .arg(desktop.connection_file())
-        .args(["--headless", "--duration", "40", "--record"])
+        .args(["--headless", "--record"])
         .arg(desktop.dir.path().join("rec-a"))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_secs(6));
+    // The first client holds the session once it acks a frame.
+    let deadline = Instant::now() + SHELL;
+    while frame_counters(&desktop).1 == 0 {
+        assert!(Instant::now() < deadline, "the first client never acked a frame");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     // A second client with a fresh ticket takes over; it sees the guest's video as H.264.
     let second = connect(&desktop.mint("second.pleiades"), &desktop.dir.path().join("rec-b"), 8, None);
@@ -220,7 +300,15 @@ fn a_guest_video_arrives_as_h264_and_a_new_client_takes_the_desktop_over() {
         summary["codecs"]["h264"].as_u64().unwrap_or(0) + summary["codecs"]["mixed"].as_u64().unwrap_or(0);
     assert!(h264 > 0, "the guest's video went out as H.264: {summary:#}");
 
-    // The first client was told to go long before its 40 s were up.
+    // The first client (no duration: it runs until the server ends it) was told to go.
+    let deadline = Instant::now() + SHELL;
+    while first.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = first.kill();
+            panic!("the first client was not ended when the second took over");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let first = first.wait_with_output().unwrap();
     let said = text(&first);
     assert!(said.contains("replaced"), "the first client learnt why it was closed: {said}");
