@@ -8,8 +8,14 @@
 //! - kbit/s and frames/s after the first (full-screen) frame, whose size is shown apart;
 //! - update latency, guest flush → client framebuffer updated (CLOCK_MONOTONIC on both ends),
 //!   p50 and p95;
-//! - host CPU per frame: the session's and encoder's threads only (the synthetic painter, which
-//!   stands in for the guest, is left out), from /proc/PID/task/*/stat;
+//! - host CPU per frame after the first: the threads named `display-N` (damage, encoder,
+//!   sending) and `session` (the QUIC runtime) only, from /proc/PID/task/*/schedstat, sampled over
+//!   the control socket's frame counter once the client has acked the first frame and again at
+//!   the end (the synthetic painter, which stands in for the guest, is not counted);
+//! - the same-run reference: the encoder alone (`DisplayEncoder`, LAN settings) on the same
+//!   workload drawn in this process, CPU per frame after the first, and the session's figure
+//!   over it (what the session, QUIC and pacing add to encoding; on the WAN rows the session
+//!   also adapts its settings, the reference does not);
 //! - queue growth: the median latency of the last third of the frames over the first third
 //!   (about 1 when nothing piles up).
 //!
@@ -45,30 +51,83 @@ fn release_binaries(root: &Path) -> (PathBuf, PathBuf) {
     (dir.join("pleiades-host"), dir.join("pleiades"))
 }
 
-/// CPU time (ms) of a process (threads that ended included) minus its threads named `skip`.
-fn cpu_ms(pid: u32, skip: &str) -> f64 {
-    // utime + stime (fields 14 and 15) in USER_HZ ticks, 100 per second on Linux.
-    let ticks = |stat: &str| -> Option<(String, f64)> {
-        let (name, rest) = stat.split_once(" (")?.1.rsplit_once(") ")?;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        Some((name.to_owned(), fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?))
+/// CPU time (ms) of a process's live threads whose names start with one of `names`: the time
+/// each ran on a CPU, in nanoseconds (`/proc/PID/task/TID/schedstat`, first field; `stat`'s
+/// utime/stime count 10 ms ticks, too coarse for small frames).
+fn cpu_ms(pid: u32, names: &[&str]) -> f64 {
+    let ns = |task: &Path| -> Option<f64> {
+        let name = std::fs::read_to_string(task.join("comm")).ok()?;
+        if !names.iter().any(|n| name.trim_end().starts_with(n)) {
+            return None;
+        }
+        std::fs::read_to_string(task.join("schedstat")).ok()?.split_whitespace().next()?.parse().ok()
     };
-    let total = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| ticks(&s))
-        .map_or(0.0, |t| t.1);
-    let skipped: f64 = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map(|tasks| {
-            tasks
-                .flatten()
-                .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
-                .filter_map(|s| ticks(&s))
-                .filter(|(name, _)| name == skip)
-                .map(|(_, t)| t)
-                .sum()
-        })
+    let counted: f64 = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| tasks.flatten().filter_map(|t| ns(&t.path())).sum())
         .unwrap_or(0.0);
-    (total - skipped) * 10.0
+    counted / 1e6
+}
+
+/// The session and encoder threads of `pleiades-host run --listen`.
+const SESSION_THREADS: &[&str] = &["display-", "session"];
+
+/// (frames sent, frames acked) from the session server's status.
+fn session_frames(control: &Path) -> Option<(u64, u64)> {
+    let response =
+        pleiades_control::request(control, &pleiades_control::Request::Status, Duration::from_secs(5))
+            .ok()?;
+    let session = response.result?.get("session")?.clone();
+    Some((session["frames"].as_u64()?, session["frames_acked"].as_u64()?))
+}
+
+/// The encoder alone on `workload` drawn by a synthetic desktop in this process for `seconds`:
+/// CPU ms per encoded frame after the first, on a thread of its own (counted like the host's).
+fn encoder_reference(workload: &str, seconds: u32) -> Result<f64, String> {
+    use pleiades_session::display::encoder::{DisplayEncoder, EncoderSettings};
+    use pleiades_session::synthetic::{SyntheticVm, Workload};
+    let workload = match workload {
+        "idle" => Workload::Idle,
+        "typing" => Workload::Typing,
+        "scroll" => Workload::Scroll,
+        "video" => Workload::Video,
+        "motion" => Workload::Motion,
+        other => return Err(format!("unknown workload {other}")),
+    };
+    let vm = SyntheticVm::start(workload, 1920, 1080).map_err(|e| e.to_string())?;
+    let controller = vm.controller();
+    let sink = controller.display().ok_or("no display")?.sink().clone();
+    let thread = std::thread::Builder::new()
+        .name("ref-encoder".into())
+        .spawn(move || {
+            let mut encoder = DisplayEncoder::new(1920, 1080);
+            let settings = EncoderSettings::default();
+            let mut frame = pleiades_virtio::gpu::Framebuffer::default();
+            let started = Instant::now();
+            let (mut frames, mut cpu_at_first) = (0u64, f64::NAN);
+            let mut seen = sink.generation();
+            while started.elapsed() < Duration::from_secs(u64::from(seconds)) {
+                let now = sink.wait_change(seen, Duration::from_millis(100));
+                if now == seen {
+                    continue;
+                }
+                seen = now;
+                let Some(damage) = sink.take_damage(0, &mut frame) else { continue };
+                let now_us = started.elapsed().as_micros() as u64;
+                if let Ok(Some(_)) = encoder.encode(&frame, &damage, &settings, now_us) {
+                    frames += 1;
+                    if frames == 1 {
+                        cpu_at_first = cpu_ms(std::process::id(), &["ref-encoder"]);
+                    }
+                }
+            }
+            let cpu = cpu_ms(std::process::id(), &["ref-encoder"]) - cpu_at_first;
+            if frames > 1 { cpu / (frames - 1) as f64 } else { f64::NAN }
+        })
+        .map_err(|e| e.to_string())?;
+    let result = thread.join().map_err(|_| "the reference encoder panicked".to_owned());
+    let _ = controller.shutdown();
+    vm.wait();
+    result
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -97,15 +156,30 @@ fn run_once(
 ) -> Result<Row, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let file = dir.path().join("c.pleiades");
+    let control = dir.path().join("vm.sock");
     let mut server: Child = Command::new(host)
         .args(["run", "--synthetic", workload, "--listen", "127.0.0.1:0", "--connection-file"])
         .arg(&file)
+        .arg("--control")
+        .arg(&control)
         .env("PLEIADES_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
         .map_err(|e| e.to_string())?;
     let deadline = Instant::now() + Duration::from_secs(20);
     while !file.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The desktop has drawn before the client connects: its first frame is the full screen.
+    while Instant::now() < deadline {
+        let drawn =
+            pleiades_control::request(&control, &pleiades_control::Request::Status, Duration::from_secs(5))
+                .ok()
+                .and_then(|r| r.result)
+                .is_some_and(|status| status["gpu"]["flushes"].as_u64().unwrap_or(0) > 0);
+        if drawn {
+            break;
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
     let result = (|| {
@@ -125,16 +199,43 @@ fn run_once(
         let target = dir.path().join("target.pleiades");
         std::fs::write(&target, connection.to_toml()).map_err(|e| e.to_string())?;
         let record = dir.path().join("rec");
-        let cpu_before = cpu_ms(server.id(), "synthetic");
-        let output = Command::new(client)
+        let client = Command::new(client)
             .arg("connect")
             .arg(&target)
             .args(["--headless", "--duration", &seconds.to_string(), "--record"])
             .arg(&record)
             .env("RUST_LOG", "warn")
-            .output()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .map_err(|e| e.to_string())?;
-        let cpu = cpu_ms(server.id(), "synthetic") - cpu_before;
+        // CPU from the moment the first frame is acked (its encoding done) to the end.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (frames_at_first, cpu_at_first) = loop {
+            if let Some((sent, acked)) = session_frames(&control)
+                && acked >= 1
+            {
+                break (sent, cpu_ms(server.id(), SESSION_THREADS));
+            }
+            if Instant::now() > deadline {
+                break (0, f64::NAN);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let (frames_at_end, cpu_at_end) = loop {
+            // Sampled just before the client's duration ends, while the session is still up.
+            let sample = (session_frames(&control), cpu_ms(server.id(), SESSION_THREADS));
+            std::thread::sleep(Duration::from_millis(200));
+            if std::fs::read_dir(&record).is_ok_and(|d| d.flatten().any(|e| e.file_name() == "summary.json"))
+                || Instant::now() > deadline + Duration::from_secs(u64::from(seconds))
+            {
+                break (sample.0.map_or(0, |f| f.0), sample.1);
+            }
+        };
+        let output = client.wait_with_output().map_err(|e| e.to_string())?;
+        let frames_counted = frames_at_end.saturating_sub(frames_at_first);
+        let cpu_per_frame =
+            if frames_counted > 0 { (cpu_at_end - cpu_at_first) / frames_counted as f64 } else { f64::NAN };
         if !output.status.success() {
             return Err(String::from_utf8_lossy(&output.stderr)
                 .lines()
@@ -177,7 +278,7 @@ fn run_once(
             fps: rest.len() as f64 / span_s.max(1e-3),
             p50_ms: percentile(&sorted, 0.5),
             p95_ms: percentile(&sorted, 0.95),
-            cpu_ms_per_frame: cpu / frames.len().max(1) as f64,
+            cpu_ms_per_frame: cpu_per_frame,
             growth,
         })
     })();
@@ -204,20 +305,54 @@ fn main() {
     for (name, config) in links().into_iter().filter(|(n, _)| link_names.contains(n)) {
         println!("\n{name}");
         println!(
-            "  {:<8} {:>10} {:>10} {:>8} {:>10} {:>10} {:>14} {:>8}",
-            "workload", "first kB", "kbit/s", "fps", "p50 ms", "p95 ms", "host ms/frame", "growth"
+            "  {:<8} {:>10} {:>10} {:>8} {:>10} {:>10} {:>14} {:>12} {:>10} {:>8}",
+            "workload",
+            "first kB",
+            "kbit/s",
+            "fps",
+            "p50 ms",
+            "p95 ms",
+            "host ms/frame",
+            "enc ms/frame",
+            "host/enc",
+            "growth"
         );
         for workload in &workloads {
-            match run_once(&host, &client, workload, config, seconds) {
-                Ok(r) => println!(
-                    "  {:<8} {:>10.0} {:>10.1} {:>8.1} {:>10.1} {:>10.1} {:>14.2} {:>8.2}",
-                    workload, r.first_kb, r.kbit_s, r.fps, r.p50_ms, r.p95_ms, r.cpu_ms_per_frame, r.growth
+            let reference = encoder_reference(workload, seconds);
+            match (run_once(&host, &client, workload, config, seconds), reference) {
+                (Ok(r), Ok(enc)) if enc.is_finite() && enc > 0.0 => println!(
+                    "  {:<8} {:>10.0} {:>10.1} {:>8.1} {:>10.1} {:>10.1} {:>14.2} {:>12.2} {:>9.2}x {:>8.2}",
+                    workload,
+                    r.first_kb,
+                    r.kbit_s,
+                    r.fps,
+                    r.p50_ms,
+                    r.p95_ms,
+                    r.cpu_ms_per_frame,
+                    enc,
+                    r.cpu_ms_per_frame / enc,
+                    r.growth
                 ),
-                Err(e) => println!("  {workload:<8} failed: {e}"),
+                // No ratio without its reference.
+                (Ok(r), reference) => println!(
+                    "  {:<8} {:>10.0} {:>10.1} {:>8.1} {:>10.1} {:>10.1} {:>14.2} {:>12} {:>10} {:>8.2}   (reference: {})",
+                    workload,
+                    r.first_kb,
+                    r.kbit_s,
+                    r.fps,
+                    r.p50_ms,
+                    r.p95_ms,
+                    r.cpu_ms_per_frame,
+                    "-",
+                    "no ref",
+                    r.growth,
+                    reference.map_or_else(|e| e, |v| format!("{v} ms/frame")),
+                ),
+                (Err(e), _) => println!("  {workload:<8} failed: {e}"),
             }
         }
     }
     println!(
-        "\n  first kB: the first (full-screen) frame; kbit/s, fps, latency: the frames after it; growth: median latency of the last third over the first third"
+        "\n  first kB: the first (full-screen) frame; kbit/s, fps, latency: the frames after it; host ms/frame: CPU of the display-N and session threads per frame sent after the first; growth: median latency of the last third over the first third"
     );
 }
