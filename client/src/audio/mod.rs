@@ -25,7 +25,7 @@ use std::time::Duration;
 use audiopus::coder::{Decoder, Encoder};
 use audiopus::{Application, Bitrate, Channels, SampleRate};
 use pleiades_protocol::handshake::Capabilities;
-use pleiades_protocol::jitter::{JitterBuffer, Playout};
+use pleiades_protocol::jitter::{self, JitterBuffer, Playout};
 use pleiades_protocol::wire::{AUDIO_FRAME_SAMPLES, AudioFeedback, AudioPacket, Datagram, MAX_OPUS_BYTES};
 use serde::Serialize;
 
@@ -310,6 +310,8 @@ async fn playback_loop(
     let mut next_feedback = started + 1_000_000;
     let mut reported = (0u64, 0u64);
     let mut output_frames = 0u64;
+    // The device play time of the last frame of the stream that was output (played or repaired).
+    let mut last_frame_us: Option<u64> = None;
     let wav_error = |e: hound::Error| ClientError::Setup(format!("playback.wav: {e}"));
     while !stop.load(Ordering::Relaxed) {
         tokio::select! {
@@ -334,8 +336,18 @@ async fn playback_loop(
                         summary.repairs.push((output_frames, kind.to_owned()));
                     }
                     output_frames += 1;
-                    if let Playout::Packet(p) = &playout {
-                        latencies.push(now as i64 - p.timestamp_us as i64);
+                    // Latency of every frame of the stream, repaired ones included: a lost frame's
+                    // play time is the one before it plus a frame, or its FEC carrier's minus one.
+                    let frame_us = match &playout {
+                        Playout::Packet(p) => Some(p.timestamp_us),
+                        Playout::Fec(next) => Some(next.timestamp_us.saturating_sub(jitter::FRAME_US)),
+                        Playout::Conceal => last_frame_us.map(|t| t + jitter::FRAME_US),
+                        // Filler while waiting or nothing at all: no frame of the stream.
+                        Playout::Expand | Playout::Silence => None,
+                    };
+                    if let Some(t) = frame_us {
+                        latencies.push(now as i64 - t as i64);
+                        last_frame_us = Some(t);
                     }
                     if let Some(speaker) = &speaker {
                         speaker.play(&frame);
