@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -11,6 +12,14 @@ use pleiades_session::synthetic::Workload;
 
 fn pleiades(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_pleiades")).args(args).env("RUST_LOG", "warn").output().unwrap()
+}
+
+/// `pleiades connect FILE --headless --no-h264 ARGS… --input SCRIPT`, its output piped.
+fn headless(file: &Path, args: &[&str], script: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pleiades"));
+    cmd.arg("connect").arg(file).args(["--headless", "--no-h264"]).args(args).arg("--input").arg(script);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd
 }
 
 fn stderr(output: &Output) -> String {
@@ -73,15 +82,7 @@ fn a_headless_recording_from_a_connection_file_until_the_server_says_goodbye() {
     std::fs::write(&script, "# pointer, click, two wheel detents, a layout, a key\nmove 0 3 4\nclick right\nwheel 2\nlayout 1280x720\ntype a\n").unwrap();
     let record = dir.path().join("rec");
     let before = desktop.input_events();
-    let client = Command::new(env!("CARGO_BIN_EXE_pleiades"))
-        .arg("connect")
-        .arg(&file)
-        .args(["--headless", "--duration", "60", "--no-h264", "--record"])
-        .arg(&record)
-        .arg("--input")
-        .arg(&script)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+    let client = headless(&file, &["--duration", "60", "--record", record.to_str().unwrap()], &script)
         .spawn()
         .unwrap();
     // Pointer (3 events), press and release (2 + 2), the wheel (2), key a down and up (2 + 2).
@@ -115,13 +116,7 @@ fn a_session_ends_with_its_script_its_duration_or_sigterm() {
     let script = dir.path().join("input.script");
     std::fs::write(&script, "type ab\nwait 300\n").unwrap();
     let before = desktop.input_events();
-    let output = Command::new(env!("CARGO_BIN_EXE_pleiades"))
-        .arg("connect")
-        .arg(&file)
-        .args(["--headless", "--no-h264", "--input"])
-        .arg(&script)
-        .output()
-        .unwrap();
+    let output = headless(&file, &[], &script).output().unwrap();
     assert!(output.status.success(), "{}", stderr(&output));
     let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!((summary["end"].as_str(), summary["script_done"].as_bool()), (Some("script"), Some(true)));
@@ -135,13 +130,7 @@ fn a_session_ends_with_its_script_its_duration_or_sigterm() {
     // A duration that ends first cuts the script short, and the summary says so.
     std::fs::write(&script, "wait 600000\n").unwrap();
     std::fs::write(&file, desktop.connection().to_toml()).unwrap(); // tickets are one-time
-    let output = Command::new(env!("CARGO_BIN_EXE_pleiades"))
-        .arg("connect")
-        .arg(&file)
-        .args(["--headless", "--no-h264", "--duration", "0.5", "--input"])
-        .arg(&script)
-        .output()
-        .unwrap();
+    let output = headless(&file, &["--duration", "0.5"], &script).output().unwrap();
     assert!(output.status.success(), "{}", stderr(&output));
     let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!((summary["end"].as_str(), summary["script_done"].as_bool()), (Some("duration"), Some(false)));
@@ -150,17 +139,7 @@ fn a_session_ends_with_its_script_its_duration_or_sigterm() {
     std::fs::write(&file, desktop.connection().to_toml()).unwrap();
     let record = dir.path().join("rec");
     let acked = desktop.session_status()["frames_acked"].as_u64().unwrap();
-    let client = Command::new(env!("CARGO_BIN_EXE_pleiades"))
-        .arg("connect")
-        .arg(&file)
-        .args(["--headless", "--no-h264", "--record"])
-        .arg(&record)
-        .arg("--input")
-        .arg(&script)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let client = headless(&file, &["--record", record.to_str().unwrap()], &script).spawn().unwrap();
     // Acks come from the recording loop, which is listening for the signal by then.
     let deadline = Instant::now() + LIMIT;
     while desktop.session_status()["frames_acked"].as_u64().unwrap() == acked {

@@ -319,37 +319,34 @@ fn main() {
         );
         for workload in &workloads {
             let reference = encoder_reference(workload, seconds);
-            match (run_once(&host, &client, workload, config, seconds), reference) {
-                (Ok(r), Ok(enc)) if enc.is_finite() && enc > 0.0 => println!(
-                    "  {:<8} {:>10.0} {:>10.1} {:>8.1} {:>10.1} {:>10.1} {:>14.2} {:>12.2} {:>9.2}x {:>8.2}",
-                    workload,
-                    r.first_kb,
-                    r.kbit_s,
-                    r.fps,
-                    r.p50_ms,
-                    r.p95_ms,
-                    r.cpu_ms_per_frame,
-                    enc,
-                    r.cpu_ms_per_frame / enc,
-                    r.growth
-                ),
-                // No ratio without its reference.
-                (Ok(r), reference) => println!(
-                    "  {:<8} {:>10.0} {:>10.1} {:>8.1} {:>10.1} {:>10.1} {:>14.2} {:>12} {:>10} {:>8.2}   (reference: {})",
-                    workload,
-                    r.first_kb,
-                    r.kbit_s,
-                    r.fps,
-                    r.p50_ms,
-                    r.p95_ms,
-                    r.cpu_ms_per_frame,
-                    "-",
-                    "no ref",
-                    r.growth,
-                    reference.map_or_else(|e| e, |v| format!("{v} ms/frame")),
-                ),
-                (Err(e), _) => println!("  {workload:<8} failed: {e}"),
-            }
+            let r = match run_once(&host, &client, workload, config, seconds) {
+                Ok(r) => r,
+                Err(e) => {
+                    println!("  {workload:<8} failed: {e}");
+                    continue;
+                }
+            };
+            // No ratio without its reference.
+            let (enc, ratio, why) = match reference {
+                Ok(enc) if enc.is_finite() && enc > 0.0 => {
+                    (format!("{enc:.2}"), format!("{:.2}x", r.cpu_ms_per_frame / enc), String::new())
+                }
+                Ok(enc) => ("-".into(), "no ref".into(), format!("   (reference: {enc} ms/frame)")),
+                Err(e) => ("-".into(), "no ref".into(), format!("   (reference: {e})")),
+            };
+            println!(
+                "  {:<8} {:>10.0} {:>10.1} {:>8.1} {:>10.1} {:>10.1} {:>14.2} {:>12} {:>10} {:>8.2}{why}",
+                workload,
+                r.first_kb,
+                r.kbit_s,
+                r.fps,
+                r.p50_ms,
+                r.p95_ms,
+                r.cpu_ms_per_frame,
+                enc,
+                ratio,
+                r.growth
+            );
         }
     }
     println!(

@@ -81,3 +81,21 @@ impl std::io::Write for SharedWriter {
         Ok(())
     }
 }
+
+/// Serves `device` over vhost-user at `socket` on a thread, as `pleiades-host device` serves it
+/// in a process; returns once the socket listens (panics after 10 s without).
+pub fn serve_over_vhost_user(
+    device: Box<dyn crate::VirtioDevice>,
+    socket: &std::path::Path,
+) -> std::thread::JoinHandle<anyhow::Result<()>> {
+    let backend = {
+        let socket = socket.to_owned();
+        std::thread::spawn(move || crate::vhost_user::serve(device, &socket))
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(std::time::Instant::now() < deadline, "the vhost-user backend never listened");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    backend
+}

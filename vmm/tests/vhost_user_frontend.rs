@@ -3,37 +3,17 @@
 //! offered (what Linux does) gets rings the backend accepts. A backend refuses a larger ring by
 //! hanging up, which the no_std test guest (it uses small rings) never showed.
 
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
-
 use pleiades_virtio::console::Console;
 use pleiades_virtio::gpu::{Gpu, GpuConfig};
 use pleiades_virtio::input::Input;
 use pleiades_virtio::rng::Rng;
 use pleiades_virtio::snd::Sound;
+use pleiades_virtio::test_utils::serve_over_vhost_user;
 use pleiades_virtio::{VIRTIO_F_VERSION_1, VirtioDevice};
 use pleiades_vmm::memory::create_guest_memory;
 use pleiades_vmm::vhost_user::VhostUserFrontend;
 use pleiades_vmm::virtio_pci::common_cfg::QueueRegs;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
-
-/// Serves `device` over vhost-user on a thread; its socket, once it listens, and the thread.
-fn serve(
-    device: Box<dyn VirtioDevice>,
-    dir: &Path,
-) -> (PathBuf, std::thread::JoinHandle<anyhow::Result<()>>) {
-    let socket = dir.join(format!("{}.sock", device.device_type().name()));
-    let backend = {
-        let socket = socket.clone();
-        std::thread::spawn(move || pleiades_virtio::vhost_user::serve(device, &socket))
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        assert!(Instant::now() < deadline, "the backend never listened");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    (socket, backend)
-}
 
 #[test]
 fn every_backend_takes_its_queues_at_the_largest_size_offered() {
@@ -50,7 +30,8 @@ fn every_backend_takes_its_queues_at_the_largest_size_offered() {
         let kind = device.device_type();
         let own_sizes = device.queue_max_sizes().to_vec();
         let dir = tempfile::tempdir().unwrap();
-        let (socket, backend) = serve(device, dir.path());
+        let socket = dir.path().join(format!("{}.sock", kind.name()));
+        let backend = serve_over_vhost_user(device, &socket);
         let mut frontend = VhostUserFrontend::connect(kind, &socket).unwrap();
         let offered = frontend.queue_max_sizes().to_vec();
         assert_eq!(offered, own_sizes, "{}: offered sizes", kind.name());

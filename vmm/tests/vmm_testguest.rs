@@ -113,15 +113,7 @@ fn serve_over_vhost_user(
     name: &str,
 ) -> (PathBuf, std::thread::JoinHandle<anyhow::Result<()>>) {
     let socket = dir.join(format!("{name}.sock"));
-    let backend = {
-        let socket = socket.clone();
-        std::thread::spawn(move || pleiades_virtio::vhost_user::serve(device, &socket))
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        assert!(Instant::now() < deadline, "the backend never listened");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let backend = pleiades_virtio::test_utils::serve_over_vhost_user(device, &socket);
     (socket, backend)
 }
 
