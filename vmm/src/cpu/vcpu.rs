@@ -63,6 +63,16 @@ pub fn spawn(id: u8, vcpu: VcpuFd, ctx: VcpuContext) -> std::io::Result<JoinHand
 fn run(id: u8, mut vcpu: VcpuFd, ctx: &VcpuContext) {
     while !ctx.latch.stopping() {
         match vcpu.run() {
+            // A triple fault: a PC resets. The guest said nothing (no handler ran), so what the
+            // CPU held is the only trace of why.
+            Ok(VcpuExit::Shutdown) => {
+                tracing::warn!(
+                    "vmm: vCPU {id} triple-faulted (shutdown exit): resetting;{}{}",
+                    where_the_guest_was(&vcpu, &ctx.mem),
+                    control_state(&vcpu)
+                );
+                ctx.latch.post(StopRequest::Exit(ExitReason::Reboot));
+            }
             Ok(exit) => match handle_exit(id, exit, ctx) {
                 // Where the guest was helps whoever reads the error.
                 Some(StopRequest::Error(e)) => {
@@ -98,6 +108,26 @@ fn where_the_guest_was(vcpu: &VcpuFd, mem: &GuestMemory) -> String {
     format!(" at rip {:#x}{code}", regs.rip)
 }
 
+/// ", rsp …, cr0 … cr2 … cr3 … cr4 … efer …, idt …": the state a triple fault leaves.
+fn control_state(vcpu: &VcpuFd) -> String {
+    let (Ok(regs), Ok(sregs)) = (vcpu.get_regs(), vcpu.get_sregs()) else { return String::new() };
+    format!(
+        ", rsp {:#x}, rflags {:#x}, cs {:#x}, cr0 {:#x}, cr2 {:#x}, cr3 {:#x}, cr4 {:#x}, efer {:#x}, idt {:#x}+{:#x}, gdt {:#x}+{:#x}",
+        regs.rsp,
+        regs.rflags,
+        sregs.cs.selector,
+        sregs.cr0,
+        sregs.cr2,
+        sregs.cr3,
+        sregs.cr4,
+        sregs.efer,
+        sregs.idt.base,
+        sregs.idt.limit,
+        sregs.gdt.base,
+        sregs.gdt.limit
+    )
+}
+
 /// Handles one exit; returns a stop request when the exit ends the VM.
 fn handle_exit(id: u8, exit: VcpuExit<'_>, ctx: &VcpuContext) -> Option<StopRequest> {
     match exit {
@@ -119,11 +149,8 @@ fn handle_exit(id: u8, exit: VcpuExit<'_>, ctx: &VcpuContext) -> Option<StopRequ
         }
         // With the in-kernel irqchip HLT stays in KVM; an exit here means "nothing to do".
         VcpuExit::Hlt | VcpuExit::Intr | VcpuExit::IrqWindowOpen => None,
-        // A triple fault: a PC resets.
-        VcpuExit::Shutdown => {
-            tracing::info!("vmm: vCPU {id} triple-faulted (shutdown exit): resetting");
-            Some(StopRequest::Exit(ExitReason::Reboot))
-        }
+        // A triple fault (logged with the CPU's state by `run`): a PC resets.
+        VcpuExit::Shutdown => Some(StopRequest::Exit(ExitReason::Reboot)),
         VcpuExit::SystemEvent(kind, _) => Some(match kind {
             KVM_SYSTEM_EVENT_SHUTDOWN => StopRequest::Exit(ExitReason::PowerOff),
             KVM_SYSTEM_EVENT_RESET => StopRequest::Exit(ExitReason::Reboot),
