@@ -49,7 +49,7 @@ fuzz_target!(|data: &[u8]| {
         script = rest;
         let arg = u64::from(op >> 3);
         match op & 7 {
-            0 | 1 | 2 => {
+            0..=2 => {
                 let n = (arg as usize).min(script.len());
                 let (chunk, rest) = script.split_at(n);
                 script = rest;

@@ -36,13 +36,13 @@ fn run<M: ChannelMessage + PartialEq + Clone>(chunk_sizes: &[u8], mut data: &[u8
         }
     }
     let _ = decoder.finish();
-    for message in messages.iter().cloned() {
-        let bytes = encode_to_vec(&message).expect("a decoded message encodes");
+    for message in &messages {
+        let bytes = encode_to_vec(message).expect("a decoded message encodes");
         let mut again = StreamDecoder::<M>::new();
         let mut slice = bytes.as_slice();
         let decoded = again.decode(&mut slice).expect("re-encoded message decodes");
         assert!(slice.is_empty());
-        assert!(decoded.as_ref() == Some(&message), "round trip changed {message:?}");
+        assert!(decoded.as_ref() == Some(message), "round trip changed {message:?}");
     }
     messages
 }

@@ -61,6 +61,18 @@ enum Cmd {
         #[arg(long)]
         interactive: Option<bool>,
     },
+    /// Fuzz longer than the test command does: each target (or those named) for N minutes, J at
+    /// a time; each run is recorded in target/fuzz-runs.tsv with its coverage.
+    Fuzz {
+        /// Minutes per target (at least 1).
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+        minutes: u64,
+        /// Targets run at the same time (each takes one core; at least 1).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+        jobs: u16,
+        /// Targets to run (default: all of them).
+        targets: Vec<String>,
+    },
     /// Check the architecture's invariants: crate layers, no import cycle between modules,
     /// `unsafe` only where allowed, a code map that names every module (ARCHITECTURE.md).
     Check,
@@ -104,6 +116,7 @@ fn run(command: Cmd) -> Result<()> {
         }
         Cmd::Demo { interactive } => demo(&root, interactive),
         Cmd::Check => check_architecture(&root),
+        Cmd::Fuzz { minutes, jobs, targets } => fuzz::run_long(&root, &targets, minutes, usize::from(jobs)),
         Cmd::Test { no_deps } => test(&root, no_deps),
     }
 }
@@ -187,7 +200,9 @@ fn test(root: &Path, no_deps: bool) -> Result<()> {
     check_architecture(root)?;
     let t = step("cargo clippy --all-targets -- -D warnings");
     cargo(root, &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
-    cargo(root, &["clippy", "--manifest-path", TESTGUEST_MANIFEST, "--all-targets", "--", "-D", "warnings"])?;
+    for manifest in [TESTGUEST_MANIFEST, FUZZ_MANIFEST] {
+        cargo(root, &["clippy", "--manifest-path", manifest, "--all-targets", "--", "-D", "warnings"])?;
+    }
     println!("    {:.1} s", t.elapsed().as_secs_f64());
     let t = step("npm ci (browser test packages)");
     npm::ci(root)?;
