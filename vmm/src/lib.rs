@@ -209,8 +209,8 @@ impl VmHandle {
         power.is_some_and(|pm| pm.lock().unwrap_or_else(|e| e.into_inner()).press_power_button())
     }
 
-    /// Asks the guest to power off with the ACPI power button, and stops the VM if it has not
-    /// within `grace` ([`Vm::run`] then returns [`ExitReason::Shutdown`]); at once if no ACPI
+    /// Asks the guest to power off with the ACPI power button (pressed again every 5 s), and
+    /// stops the VM if it has not within `grace` ([`Vm::run`] then returns [`ExitReason::Shutdown`]); at once if no ACPI
     /// OS listens to the button (a guest without ACPI, or one still booting).
     pub fn shutdown(&self, grace: Duration) {
         let latch = self.shared.control.lock().unwrap_or_else(|e| e.into_inner()).latch.clone();
@@ -219,10 +219,25 @@ impl VmHandle {
             return;
         }
         let Some(latch) = latch else { return };
+        // Pressed again every few seconds meanwhile: a guest whose power-button daemon was not
+        // listening yet (just rebooted) misses a press, as a PC's OS does.
+        const PRESS_AGAIN: Duration = Duration::from_secs(5);
+        let handle = self.clone();
         let spawned = std::thread::Builder::new().name("vmm-shutdown".into()).spawn(move || {
-            if latch.wait_timeout(grace).is_none() {
-                tracing::warn!("vmm: the guest did not power off within {grace:?}; stopping it");
-                latch.exit(ExitReason::Shutdown);
+            let deadline = Instant::now() + grace;
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    tracing::warn!("vmm: the guest did not power off within {grace:?}; stopping it");
+                    latch.exit(ExitReason::Shutdown);
+                    return;
+                }
+                if latch.wait_timeout(left.min(PRESS_AGAIN)).is_some() {
+                    return;
+                }
+                if left > PRESS_AGAIN {
+                    handle.press_power_button();
+                }
             }
         });
         if spawned.is_err() {
