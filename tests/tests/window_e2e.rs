@@ -39,37 +39,39 @@ struct Xvfb {
 }
 
 impl Xvfb {
+    /// Starts Xvfb on a display number it picks itself (`-displayfd`): the server takes the
+    /// first number whose lock it can create, so tests running at once never share a screen
+    /// (choosing the number here raced: two tests saw the same free number, the loser's check
+    /// found the winner's socket, and both drove one screen).
     fn start() -> Xvfb {
-        // A display number nobody uses: no lock file and no socket.
-        let base = 90 + (std::process::id() % 400);
-        for n in base..base + 200 {
-            if Path::new(&format!("/tmp/.X{n}-lock")).exists()
-                || Path::new(&format!("/tmp/.X11-unix/X{n}")).exists()
-            {
-                continue;
+        use std::io::BufRead;
+        let screen = format!("{}x{}x24", SCREEN.0, SCREEN.1);
+        let mut child = Command::new("Xvfb")
+            .args(["-displayfd", "1", "-screen", "0", &screen, "-nolisten", "tcp", "-noreset"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("Xvfb runs (apt install xvfb)");
+        // Xvfb writes the number once it listens; read it on a thread so that the wait is bounded.
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let mut xvfb = Xvfb { child, display: String::new() };
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) if line.trim().parse::<u32>().is_ok() => {
+                xvfb.display = format!(":{}", line.trim());
+                xvfb
             }
-            let screen = format!("{}x{}x24", SCREEN.0, SCREEN.1);
-            let child = Command::new("Xvfb")
-                .args([&format!(":{n}"), "-screen", "0", &screen, "-nolisten", "tcp", "-noreset"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("Xvfb runs (apt install xvfb)");
-            let mut xvfb = Xvfb { child, display: format!(":{n}") };
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while Instant::now() < deadline {
-                if Path::new(&format!("/tmp/.X11-unix/X{n}")).exists() {
-                    return xvfb;
-                }
-                if let Ok(Some(_)) = xvfb.child.try_wait() {
-                    break; // lost a race for this number: try the next
-                }
-                std::thread::sleep(Duration::from_millis(100));
+            other => {
+                let status = xvfb.child.try_wait().ok().flatten();
+                panic!("Xvfb did not say which display it serves ({other:?}, exit status {status:?})")
             }
-            let _ = xvfb.child.kill();
-            let _ = xvfb.child.wait();
         }
-        panic!("no free X display number");
     }
 
     fn command(&self, program: &str) -> Command {
