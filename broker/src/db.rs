@@ -17,6 +17,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (2, include_str!("../migrations/0002_desktop_session_port.sql")),
     (3, include_str!("../migrations/0003_desktop_user_indexes.sql")),
     (4, include_str!("../migrations/0004_start_failures.sql")),
+    (5, include_str!("../migrations/0005_disks.sql")),
 ];
 
 /// A handle to the broker's database (cheap to clone).
@@ -156,6 +157,10 @@ pub fn get_str(row: &AnyRow, col: &str) -> Result<String> {
 
 pub fn get_opt_str(row: &AnyRow, col: &str) -> Result<Option<String>> {
     Ok(row.try_get::<Option<String>, _>(col)?)
+}
+
+pub fn get_opt_i64(row: &AnyRow, col: &str) -> Result<Option<i64>> {
+    Ok(row.try_get::<Option<i64>, _>(col)?)
 }
 
 /// A new random id with a readable prefix: `d-1f3a…` (desktop), `u-…` (user), ….

@@ -114,6 +114,10 @@ enum ImageCmd {
         initrd: String,
         #[arg(long, default_value = "console=ttyS0 quiet")]
         cmdline: String,
+        /// A disk template (qcow2 or raw) on a path the hosts can read too: each desktop gets a
+        /// copy-on-write overlay on it. Its SHA-256 is computed now; hosts check it.
+        #[arg(long)]
+        disk: Option<std::path::PathBuf>,
         #[arg(long, default_value_t = 2)]
         vcpus: i64,
         #[arg(long, default_value_t = 2048)]
@@ -286,15 +290,32 @@ async fn run(mut config: Config, command: Cmd) -> Result<()> {
                 println!("{}\t{}", g.name, g.members.join(","));
             }
         }
-        Cmd::Image(ImageCmd::Add { name, kernel, initrd, cmdline, vcpus, memory_mib }) => {
-            let image =
-                Image { id: String::new(), name, kernel, initrd, cmdline, disk: None, vcpus, memory_mib };
+        Cmd::Image(ImageCmd::Add { name, kernel, initrd, cmdline, disk, vcpus, memory_mib }) => {
+            let disk = disk.map(|d| std::path::absolute(&d).unwrap_or(d).display().to_string());
+            let image = Image {
+                id: String::new(),
+                name,
+                kernel,
+                initrd,
+                cmdline,
+                disk,
+                disk_sha256: None,
+                vcpus,
+                memory_mib,
+            };
             let image = open(&config).await?.create_image(&system, &image).await?;
             println!("image {} added", image.name);
         }
         Cmd::Image(ImageCmd::List) => {
             for i in open(&config).await?.list_images().await? {
-                println!("{}\t{}\t{}\t{} vCPU\t{} MiB", i.name, i.kernel, i.initrd, i.vcpus, i.memory_mib);
+                let disk = match (&i.disk, &i.disk_sha256) {
+                    (Some(d), Some(sha)) => format!("{d} (sha256 {})", &sha[..sha.len().min(12)]),
+                    _ => "no disk".into(),
+                };
+                println!(
+                    "{}\t{}\t{}\t{disk}\t{} vCPU\t{} MiB",
+                    i.name, i.kernel, i.initrd, i.vcpus, i.memory_mib
+                );
             }
         }
         Cmd::Pool(PoolCmd::Create(a)) => {

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 use sqlx::any::AnyRow;
 
-use crate::db::{get_i64, get_opt_str, get_str};
+use crate::db::{get_i64, get_opt_i64, get_opt_str, get_str};
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, Serialize)]
@@ -44,7 +44,13 @@ pub struct Image {
     pub kernel: String,
     pub initrd: String,
     pub cmdline: String,
+    /// A disk template (qcow2 or raw) on a path the broker and the hosts share.
+    #[serde(default)]
     pub disk: Option<String>,
+    /// The template's SHA-256, which the broker computes when the image is added (a value
+    /// given by a client is ignored): hosts keep a copy only if it matches.
+    #[serde(default)]
+    pub disk_sha256: Option<String>,
     pub vcpus: i64,
     pub memory_mib: i64,
 }
@@ -58,6 +64,7 @@ impl From<Image> for pleiades_protocol::hostapi::VmImage {
             initrd: i.initrd,
             cmdline: i.cmdline,
             disk: i.disk,
+            disk_sha256: i.disk_sha256,
             vcpus: i.vcpus,
             memory_mib: i.memory_mib,
         }
@@ -73,6 +80,7 @@ impl Image {
             initrd: get_str(r, "initrd")?,
             cmdline: get_str(r, "cmdline")?,
             disk: get_opt_str(r, "disk")?,
+            disk_sha256: get_opt_str(r, "disk_sha256")?,
             vcpus: get_i64(r, "vcpus")?,
             memory_mib: get_i64(r, "memory_mib")?,
         })
@@ -257,6 +265,11 @@ pub struct Desktop {
     pub start_failures: i64,
     /// A failed desktop is not started again before this time (Unix seconds).
     pub retry_at: i64,
+    /// The image it boots (`None`: its pool's): a floating desktop takes the pool's at every
+    /// recycle, a persistent one keeps its own until it is recomposed or reset.
+    pub image_id: Option<String>,
+    /// Bytes its own disk (the overlay on the template) takes on its host, as last reported.
+    pub disk_bytes: Option<i64>,
 }
 
 impl Desktop {
@@ -274,6 +287,8 @@ impl Desktop {
             last_error: get_opt_str(r, "last_error")?,
             start_failures: get_i64(r, "start_failures")?,
             retry_at: get_i64(r, "retry_at")?,
+            image_id: get_opt_str(r, "image_id")?,
+            disk_bytes: get_opt_i64(r, "disk_bytes")?,
         })
     }
 }

@@ -24,6 +24,7 @@ on_both_databases!(
     least_loaded_host_with_the_image,
     each_desktop_has_its_own_session_port,
     failing_starts_back_off_within_the_pool,
+    recompose,
 );
 
 async fn floating(backend: Backend) {
@@ -645,4 +646,64 @@ async fn failing_starts_back_off_within_the_pool(backend: Backend) {
     }
     let mine = env.broker.request_desktop(&alice, &pool).await.unwrap();
     assert_eq!(mine.state, DesktopState::InUse);
+}
+
+/// A pool's new image reaches its floating desktops at their next recycle; a persistent
+/// desktop keeps its image across restarts until an admin recomposes it or its owner resets it.
+async fn recompose(backend: Backend) {
+    let env = Env::new(backend).await;
+    env.image("debian", 1024).await;
+    env.image("debian-v2", 1024).await;
+    let mut host = HostDouble::register(&env, "host-a", 8192, &["debian", "debian-v2"]).await;
+    let office = env.pool("office", PoolKind::Floating, "debian", 3, 0).await;
+    let dev = env.pool("dev", PoolKind::Persistent, "debian", 3, 0).await;
+    let (_, alice) = env.user("alice").await;
+    let (_, bob) = env.user("bob").await;
+    let (_, admin) = env.admin("root").await;
+    env.entitle_user(&office, "alice").await;
+    env.entitle_user(&dev, "bob").await;
+    let f = env.broker.request_desktop(&alice, &office).await.unwrap();
+    let p = env.broker.request_desktop(&bob, &dev).await.unwrap();
+    host.settle().await;
+    let booted = |host: &HostDouble, id: &str| -> Vec<(String, String)> {
+        host.booted.iter().filter(|(_, d, _)| d == id).map(|(k, _, i)| (k.clone(), i.clone())).collect()
+    };
+    assert_eq!(booted(&host, &f.id), [("start".into(), "debian".into())]);
+    // The heartbeat's disk usage is kept for the admin console and the portal.
+    assert_eq!(env.broker.desktop(&f.id).await.unwrap().disk_bytes, Some(common::DISK_BYTES));
+
+    for pool in [&office, &dev] {
+        let spec =
+            pleiades_broker::model::PoolSpec { image: "debian-v2".into(), ..spec(&env, pool, 3, 0).await };
+        env.broker.update_pool(&admin, pool, &spec, true).await.unwrap();
+    }
+    // Floating: the next recycle boots the new image.
+    assert!(matches!(env.broker.reset(&alice, &f.id).await, Err(Error::Invalid(_))), "floating: no reset");
+    env.broker.release(&alice, &f.id).await.unwrap();
+    host.settle().await;
+    assert_eq!(booted(&host, &f.id)[1], ("recycle".into(), "debian-v2".into()));
+
+    // Persistent: a restart keeps the desktop's own image.
+    env.broker.restart(&bob, &p.id).await.unwrap();
+    host.settle().await;
+    assert_eq!(booted(&host, &p.id)[1], ("restart".into(), "debian".into()));
+    // Only the owner resets, only an admin recomposes.
+    assert!(matches!(env.broker.reset(&alice, &p.id).await, Err(Error::Forbidden)));
+    assert!(matches!(env.broker.recompose(&bob, &p.id).await, Err(Error::Forbidden)));
+    env.broker.recompose(&admin, &p.id).await.unwrap();
+    assert_eq!(env.broker.desktop(&p.id).await.unwrap().state, DesktopState::Recycling);
+    host.settle().await;
+    assert_eq!(booted(&host, &p.id)[2], ("recycle".into(), "debian-v2".into()));
+    let after = env.broker.desktop(&p.id).await.unwrap();
+    assert_eq!((after.state, after.owner_id.as_deref()), (DesktopState::Ready, Some(bob.user_id.as_str())));
+    // The owner's reset: a fresh disk on the pool's image, and the desktop stays theirs.
+    env.broker.reset(&bob, &p.id).await.unwrap();
+    host.settle().await;
+    assert_eq!(booted(&host, &p.id)[3], ("recycle".into(), "debian-v2".into()));
+    assert_eq!(env.broker.request_desktop(&bob, &dev).await.unwrap().id, p.id);
+    let audit = env.broker.list_audit(&admin, 100).await.unwrap();
+    let actions: Vec<&str> = audit.iter().map(|a| a.action.as_str()).collect();
+    for wanted in ["pool.recompose", "desktop.recompose", "desktop.reset", "desktop.reset.denied"] {
+        assert!(actions.contains(&wanted), "{wanted} in {actions:?}");
+    }
 }

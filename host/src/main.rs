@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use pleiades_control::{self as control, ControlServer, Controller, PointerButton, Request};
 use pleiades_host::run::{Layout, RunArgs, Vmm, parse_layout};
 use pleiades_host::vm::DeviceKind;
+use pleiades_host::vm::disk::Disk;
 use pleiades_host::vm::native::NativeVm;
 use pleiades_host::vm::qemu::QemuVm;
 use pleiades_session as session;
@@ -253,7 +254,8 @@ fn run_vm(args: RunArgs) -> Result<ExitCode> {
 fn run_qemu(spec: &BootSpec, args: &RunArgs) -> Result<ExitCode> {
     let accel = pleiades_vmm::accel::choose()?;
     tracing::info!("QEMU accelerator: {} ({})", accel.accel, accel.reason);
-    let vm = QemuVm::start(spec, &args.devices, &args.serial, accel)?;
+    let disks = open_disks(args)?;
+    let vm = QemuVm::start(spec, &args.devices, &disks, &args.serial, accel)?;
     let controller = with_session(args, vm.controller())?;
     let _control = control_vm(args, controller)?;
     let status = vm.wait()?;
@@ -277,12 +279,17 @@ fn run_synthetic(workload: pleiades_session::synthetic::Workload, args: &RunArgs
 }
 
 fn run_pleiades(spec: &BootSpec, args: &RunArgs) -> Result<ExitCode> {
-    let vm = NativeVm::new(spec, &args.devices, &args.serial)?;
+    let disks = open_disks(args)?;
+    let vm = NativeVm::new(spec, &args.devices, &disks, &args.serial)?;
     let controller = with_session(args, vm.controller())?;
     let _control = control_vm(args, controller)?;
     let reason = vm.run()?;
     tracing::info!("the VM ended: {reason:?}");
     Ok(ExitCode::from(u8::try_from(reason.exit_code()).unwrap_or(1)))
+}
+
+fn open_disks(args: &RunArgs) -> Result<Vec<Disk>> {
+    args.disks.iter().map(Disk::open).collect()
 }
 
 /// Starts the session server when `--listen` asks for one (and writes the connection file).

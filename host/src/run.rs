@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use clap::ValueEnum;
 
+use crate::vm::disk::DiskRequest;
 use crate::vm::{DeviceRequest, SerialOut};
 
 /// `pleiades-host run`'s arguments.
@@ -42,6 +43,11 @@ pub struct RunArgs {
     /// Repeat for several devices.
     #[arg(long = "device")]
     pub devices: Vec<DeviceRequest>,
+    /// A virtio-blk disk: an image file, qcow2 (a copy-on-write overlay on its backing file
+    /// works) or raw, optionally `,readonly`. The first is the guest's /dev/vda. Repeat for
+    /// several disks.
+    #[arg(long = "disk")]
+    pub disks: Vec<DiskRequest>,
     /// Serve the desktop to a client (QUIC, UDP) on this address, e.g. `0.0.0.0:4433` or
     /// `127.0.0.1:0` (any free port). Needs `--device gpu`; input goes to the keyboard and
     /// tablet.
@@ -71,7 +77,7 @@ pub struct RunArgs {
     pub tls_identity: Option<PathBuf>,
     /// No VM: a synthetic desktop drawn by the host through a real GPU device (for protocol
     /// benchmarks): idle, typing, scroll, video or motion. Use with --listen.
-    #[arg(long, conflicts_with_all = ["kernel", "initrd", "devices"])]
+    #[arg(long, conflicts_with_all = ["kernel", "initrd", "devices", "disks"])]
     pub synthetic: Option<pleiades_session::synthetic::Workload>,
     /// The synthetic desktop's size.
     #[arg(long, default_value = "1920x1080", value_parser = parse_layout)]

@@ -63,6 +63,9 @@ pub struct RunningDesktop {
     /// `session_port` (one session server per VM process).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
+    /// Bytes the desktop's own disk (its overlay) takes on the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -149,10 +152,38 @@ pub struct VmImage {
     pub kernel: String,
     pub initrd: String,
     pub cmdline: String,
+    /// The disk template (qcow2 or raw) on a path the host can read; each desktop boots from
+    /// a copy-on-write overlay on it.
     #[serde(default)]
     pub disk: Option<String>,
+    /// The template's content hash ([`template_sha256`]): the host keeps a copy only if it
+    /// matches.
+    #[serde(default)]
+    pub disk_sha256: Option<String>,
     pub vcpus: i64,
     pub memory_mib: i64,
+}
+
+/// The content hash that names a disk template: SHA-256 of its bytes, lowercase hex. Reads
+/// `from` to its end and writes every byte to `to` as well, so a host hashes the very copy it
+/// keeps (pass [`std::io::sink`] to only hash).
+pub fn template_sha256(
+    from: &mut impl std::io::Read,
+    to: &mut impl std::io::Write,
+) -> std::io::Result<String> {
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let n = match from.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        digest.update(&buffer[..n]);
+        to.write_all(&buffer[..n])?;
+    }
+    Ok(digest.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// A host's answer to a command.
@@ -172,11 +203,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn template_hash_is_sha256_and_copies_every_byte() {
+        let mut copy = Vec::new();
+        let sha = template_sha256(&mut &b"abc"[..], &mut copy).unwrap();
+        assert_eq!(sha, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(copy, b"abc");
+        let big = vec![9u8; (1 << 20) * 3 + 17];
+        let mut copy = Vec::new();
+        template_sha256(&mut &big[..], &mut copy).unwrap();
+        assert_eq!(copy, big);
+    }
+
+    #[test]
     fn a_heartbeat_without_ports_or_desktops_still_decodes() {
         let beat: Heartbeat = serde_json::from_str(r#"{"cores":4,"memory_mib":8192}"#).unwrap();
         assert!(beat.desktops.is_empty() && beat.images.is_empty());
         let d: RunningDesktop = serde_json::from_str(r#"{"id":"d1"}"#).unwrap();
-        assert_eq!(d, RunningDesktop { id: "d1".into(), connected: false, port: None });
+        assert_eq!(d, RunningDesktop { id: "d1".into(), connected: false, port: None, disk_bytes: None });
         let with_port = RunningDesktop { port: Some(47001), ..d };
         let json = serde_json::to_string(&with_port).unwrap();
         assert_eq!(serde_json::from_str::<RunningDesktop>(&json).unwrap(), with_port);

@@ -46,6 +46,9 @@ pub const DEVICE_NEEDS_RESET: u8 = 0x40;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
 pub enum DeviceType {
+    /// virtio-blk: served by QEMU's block layer (qemu-storage-daemon over vhost-user), never
+    /// in-process.
+    Block = 2,
     Console = 3,
     Rng = 4,
     Gpu = 16,
@@ -68,6 +71,7 @@ impl DeviceType {
     /// The name used on command lines (`pleiades-host device rng`).
     pub fn name(self) -> &'static str {
         match self {
+            Self::Block => "block",
             Self::Console => "console",
             Self::Rng => "rng",
             Self::Gpu => "gpu",
@@ -83,6 +87,8 @@ impl DeviceType {
     /// sizes QEMU gives the same devices.
     pub const fn queue_max_sizes(self) -> &'static [u16] {
         match self {
+            // one request queue per vCPU (the backend says how many)
+            Self::Block => &[256],
             Self::Console => &[256, 256],
             Self::Rng => &[256],
             // controlq, cursorq

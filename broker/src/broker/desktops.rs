@@ -6,8 +6,8 @@ use pleiades_protocol::ticket::TicketClaims;
 use sqlx::{Any, Row, Transaction};
 
 use super::tx::{
-    choose_host, end_sessions, image_of_pool, lock_pool, queue_command, resume_or_start_session,
-    retry_lost_races,
+    choose_host, end_sessions, image_of_desktop, image_of_pool, lock_pool, queue_command,
+    resume_or_start_session, retry_lost_races,
 };
 use super::{Broker, CommandKind, truncate_reason};
 use crate::db::{get_i64, get_str, new_id};
@@ -140,7 +140,7 @@ impl Broker {
                 retry_in_secs: desktop.retry_at - now,
             });
         }
-        let image = image_of_pool(tx, &pool.id).await?;
+        let image = image_of_desktop(tx, &desktop.id).await?;
         let host = choose_host(tx, &image).await?;
         let moved = sqlx::query(
             "UPDATE desktops SET state = $1, host_id = $2, user_id = $3, state_since = $4, last_activity = $4, \
@@ -226,8 +226,8 @@ impl Broker {
         let id = new_id("d");
         let name = format!("{}-{}", pool.name, &id[2..8]);
         sqlx::query(
-            "INSERT INTO desktops (id, pool_id, name, host_id, state, owner_id, user_id, generation, state_since, last_activity, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8, $8, $8)",
+            "INSERT INTO desktops (id, pool_id, name, host_id, state, owner_id, user_id, generation, state_since, last_activity, created_at, image_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8, $8, $8, $9)",
         )
         .bind(&id)
         .bind(&pool.id)
@@ -237,6 +237,7 @@ impl Broker {
         .bind(owner_id.map(str::to_owned))
         .bind(user_id.map(str::to_owned))
         .bind(now)
+        .bind(&image.id)
         .execute(&mut **tx)
         .await?;
         queue_command(tx, &host, &id, CommandKind::Start, now).await?;
@@ -374,6 +375,52 @@ impl Broker {
         self.audit(&actor.name, "desktop.restart", &desktop.name, "").await
     }
 
+    /// "Reset my desktop": the owner of a persistent desktop reverts it to its pool's image as
+    /// it is now (a fresh disk: what they kept on it is gone). Floating desktops are reverted
+    /// by leaving them ([`Self::release`]).
+    pub async fn reset(&self, actor: &Actor, desktop_id: &str) -> Result<()> {
+        let desktop = self.my_desktop(actor, desktop_id, "desktop.reset").await?;
+        self.revert(&desktop).await?;
+        self.audit(&actor.name, "desktop.reset", &desktop.name, "").await
+    }
+
+    /// Recompose (admins): a persistent desktop moves to its pool's current image, on the
+    /// admin's schedule. Its disk is made anew from that image's template.
+    pub async fn recompose(&self, actor: &Actor, desktop_id: &str) -> Result<()> {
+        actor.require_admin()?;
+        let desktop = self.desktop(desktop_id).await?;
+        self.revert(&desktop).await?;
+        self.audit(&actor.name, "desktop.recompose", &desktop.name, "").await
+    }
+
+    /// A persistent desktop to its pool's current image with a fresh disk; its owner keeps it.
+    async fn revert(&self, desktop: &Desktop) -> Result<()> {
+        let pool = self.pool(&desktop.pool_id).await?;
+        if pool.kind != PoolKind::Persistent {
+            return Err(Error::Invalid(format!(
+                "{} is a floating desktop: it is reverted whenever its user leaves it",
+                desktop.name
+            )));
+        }
+        let Some(host) = desktop.host_id.clone() else { return Err(Error::NotReady(desktop.name.clone())) };
+        let now = self.now();
+        let mut tx = self.db.pool.begin().await?;
+        end_sessions(&mut tx, &desktop.id, "reverted", now).await?;
+        let moved = sqlx::query("UPDATE desktops SET state = $1, user_id = NULL, state_since = $2, image_id = $4 WHERE id = $3 AND state IN ('in_use', 'disconnected', 'ready')")
+            .bind(DesktopState::Recycling.as_str())
+            .bind(now)
+            .bind(&desktop.id)
+            .bind(&pool.image_id)
+            .execute(&mut *tx)
+            .await?;
+        if moved.rows_affected() != 1 {
+            return Err(Error::NotReady(desktop.name.clone()));
+        }
+        queue_command(&mut tx, &host, &desktop.id, CommandKind::Recycle, now).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// The user is done with the desktop: a floating one is reverted and returned to the
     /// pool, a persistent one stays theirs.
     pub async fn release(&self, actor: &Actor, desktop_id: &str) -> Result<()> {
@@ -390,10 +437,13 @@ impl Broker {
         let mut tx = self.db.pool.begin().await?;
         end_sessions(&mut tx, &desktop.id, reason, now).await?;
         if pool.kind == PoolKind::Floating {
-            let moved = sqlx::query("UPDATE desktops SET state = $1, user_id = NULL, state_since = $2 WHERE id = $3 AND state IN ('in_use', 'disconnected')")
+            // Reverted to the pool's image as it is now: a recomposed pool's new template
+            // reaches its floating desktops here.
+            let moved = sqlx::query("UPDATE desktops SET state = $1, user_id = NULL, state_since = $2, image_id = $4 WHERE id = $3 AND state IN ('in_use', 'disconnected')")
                 .bind(DesktopState::Recycling.as_str())
                 .bind(now)
                 .bind(&desktop.id)
+                .bind(&pool.image_id)
                 .execute(&mut *tx)
                 .await?;
             if let (1, Some(host)) = (moved.rows_affected(), &desktop.host_id) {

@@ -2,7 +2,7 @@
 
 use sqlx::{Any, Row, Transaction};
 
-use super::tx::{image_of_pool, queue_command};
+use super::tx::{image_of_desktop, queue_command};
 use super::{
     Broker, CommandAck, CommandKind, Heartbeat, HeartbeatReply, HostCommand, HostRegistered,
     HostRegistration, truncate_reason,
@@ -162,6 +162,14 @@ impl Broker {
         .await?;
         set_host_images(&mut tx, &host.id, &beat.images).await?;
         for running in &beat.desktops {
+            if let Some(bytes) = running.disk_bytes {
+                sqlx::query("UPDATE desktops SET disk_bytes = $1 WHERE id = $2 AND host_id = $3")
+                    .bind(i64::try_from(bytes).unwrap_or(i64::MAX))
+                    .bind(&running.id)
+                    .bind(&host.id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
             if let Some(port) = running.port {
                 sqlx::query("UPDATE desktops SET session_port = $1 WHERE id = $2 AND host_id = $3")
                     .bind(i64::from(port))
@@ -235,15 +243,16 @@ impl Broker {
                 continue;
             }
             let kind = CommandKind::from_name(&get_str(r, "kind")?);
+            let desktop_id = get_str(r, "desktop_id")?;
             let pool_id: Option<String> = r.try_get("pool_id")?;
             let image = match pool_id {
-                Some(pool_id) if kind.boots() => Some(image_of_pool(&mut tx, &pool_id).await?.into()),
+                Some(_) if kind.boots() => Some(image_of_desktop(&mut tx, &desktop_id).await?.into()),
                 _ => None,
             };
             commands.push(HostCommand {
                 id,
                 kind,
-                desktop_id: get_str(r, "desktop_id")?,
+                desktop_id,
                 desktop_name: r.try_get::<Option<String>, _>("desktop_name")?.unwrap_or_default(),
                 image,
             });

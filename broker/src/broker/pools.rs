@@ -11,14 +11,19 @@ impl Broker {
         if !valid_name(&image.name) || image.vcpus < 1 || image.memory_mib < 64 {
             return Err(Error::Invalid("image: valid name, vcpus >= 1, memory_mib >= 64".into()));
         }
+        let disk_sha256 = match &image.disk {
+            Some(disk) => Some(hash_template(disk).await?),
+            None => None,
+        };
         let id = new_id("i");
-        sqlx::query("INSERT INTO images (id, name, kernel, initrd, cmdline, disk, vcpus, memory_mib, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)")
+        sqlx::query("INSERT INTO images (id, name, kernel, initrd, cmdline, disk, disk_sha256, vcpus, memory_mib, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)")
             .bind(&id)
             .bind(&image.name)
             .bind(&image.kernel)
             .bind(&image.initrd)
             .bind(&image.cmdline)
             .bind(image.disk.clone())
+            .bind(disk_sha256.clone())
             .bind(image.vcpus)
             .bind(image.memory_mib)
             .bind(self.now())
@@ -29,10 +34,16 @@ impl Broker {
             &actor.name,
             "image.create",
             &image.name,
-            &format!("kernel={} initrd={}", image.kernel, image.initrd),
+            &format!(
+                "kernel={} initrd={} disk={} sha256={}",
+                image.kernel,
+                image.initrd,
+                image.disk.as_deref().unwrap_or("none"),
+                disk_sha256.as_deref().unwrap_or("none")
+            ),
         )
         .await?;
-        Ok(Image { id, ..image.clone() })
+        Ok(Image { id, disk_sha256, ..image.clone() })
     }
 
     pub async fn list_images(&self) -> Result<Vec<Image>> {
@@ -82,11 +93,29 @@ impl Broker {
         self.pool(&id).await
     }
 
-    /// Edits sizes, timeouts and display name (kind and image are fixed once desktops exist).
+    /// Edits sizes, timeouts and display name (the kind is fixed). A new image is a
+    /// **recompose**: floating desktops move to it at their next recycle, persistent ones
+    /// when an admin recomposes them (or their owner resets them); new desktops get it at once.
     pub async fn update_pool(&self, actor: &Actor, id: &str, spec: &PoolSpec, enabled: bool) -> Result<Pool> {
         actor.require_admin()?;
         spec.validate()?;
         let pool = self.pool(id).await?;
+        let image = self.image_by("name", &spec.image).await?;
+        if image.id != pool.image_id {
+            sqlx::query("UPDATE pools SET image_id = $1 WHERE id = $2")
+                .bind(&image.id)
+                .bind(id)
+                .execute(&self.db.pool)
+                .await?;
+            let before = self.image_by("id", &pool.image_id).await.map(|i| i.name).unwrap_or_default();
+            self.audit(
+                &actor.name,
+                "pool.recompose",
+                &pool.name,
+                &format!("image {before} -> {}", image.name),
+            )
+            .await?;
+        }
         let display = if spec.display_name.trim().is_empty() {
             pool.name.clone()
         } else {
@@ -223,4 +252,20 @@ fn pool_detail(spec: &PoolSpec) -> String {
         spec.idle_timeout_secs,
         spec.disconnect_timeout_secs
     )
+}
+
+/// The SHA-256 of a disk template that the broker can read (the path hosts share), computed
+/// off the async threads: a desktop image is gigabytes.
+async fn hash_template(path: &str) -> Result<String> {
+    if !std::path::Path::new(path).is_absolute() {
+        return Err(Error::Invalid(format!("image disk {path:?}: give an absolute path")));
+    }
+    let owned = path.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut file = std::fs::File::open(&owned)?;
+        pleiades_protocol::hostapi::template_sha256(&mut file, &mut std::io::sink())
+    })
+    .await
+    .map_err(|e| Error::Invalid(format!("image disk {path:?}: {e}")))?
+    .map_err(|e| Error::Invalid(format!("image disk {path:?}: the broker cannot read it to hash it: {e}")))
 }

@@ -32,6 +32,18 @@ pub(super) async fn image_of_pool(tx: &mut Transaction<'_, Any>, pool_id: &str) 
     row.as_ref().map(Image::from_row).transpose()?.ok_or_else(|| Error::NotFound("image of pool".into()))
 }
 
+/// The image a desktop boots: the one it was made (or last recycled or recomposed) from, or
+/// its pool's for a desktop from before desktops remembered theirs.
+pub(super) async fn image_of_desktop(tx: &mut Transaction<'_, Any>, desktop_id: &str) -> Result<Image> {
+    let row = sqlx::query(
+        "SELECT i.* FROM desktops d JOIN pools p ON p.id = d.pool_id JOIN images i ON i.id = COALESCE(d.image_id, p.image_id) WHERE d.id = $1",
+    )
+    .bind(desktop_id)
+    .fetch_optional(&mut **tx)
+    .await?;
+    row.as_ref().map(Image::from_row).transpose()?.ok_or_else(|| Error::NotFound("image of desktop".into()))
+}
+
 /// The online host with the image and the lowest memory load that still fits the image.
 pub(super) async fn choose_host(tx: &mut Transaction<'_, Any>, image: &Image) -> Result<String> {
     let hosts = sqlx::query(

@@ -31,6 +31,8 @@ pub fn routes() -> Router<AppState> {
         .route("/desktops/{id}/connect", post(connect))
         .route("/desktops/{id}/restart", post(restart))
         .route("/desktops/{id}/release", post(release))
+        .route("/desktops/{id}/reset", post(reset))
+        .route("/admin/desktops/{id}/recompose", post(recompose))
         .route("/admin/users", get(list_users).post(create_user))
         .route("/admin/groups", get(list_groups).post(create_group))
         .route("/admin/groups/{name}/members", post(add_member))
@@ -121,6 +123,24 @@ async fn restart(
     Path(id): Path<String>,
 ) -> Result<StatusCode> {
     s.broker.restart(&auth.actor, &id).await?;
+    Ok(StatusCode::ACCEPTED)
+}
+
+async fn reset(
+    State(s): State<AppState>,
+    Mutating(auth): Mutating,
+    Path(id): Path<String>,
+) -> Result<StatusCode> {
+    s.broker.reset(&auth.actor, &id).await?;
+    Ok(StatusCode::ACCEPTED)
+}
+
+async fn recompose(
+    State(s): State<AppState>,
+    Mutating(auth): Mutating,
+    Path(id): Path<String>,
+) -> Result<StatusCode> {
+    s.broker.recompose(&auth.actor, &id).await?;
     Ok(StatusCode::ACCEPTED)
 }
 

@@ -513,10 +513,18 @@ async fn admin_images(
         html! {
             h1 { "Images" }
             table {
-                thead { tr { th scope="col" { "Name" } th scope="col" { "Kernel" } th scope="col" { "Initrd" } th scope="col" { "vCPUs" } th scope="col" { "Memory" } } }
+                thead { tr { th scope="col" { "Name" } th scope="col" { "Kernel" } th scope="col" { "Initrd" } th scope="col" { "Disk template" } th scope="col" { "vCPUs" } th scope="col" { "Memory" } } }
                 tbody {
                     @for i in &images {
-                        tr { td { (i.name) } td { code { (i.kernel) } } td { code { (i.initrd) } } td { (i.vcpus) } td { (i.memory_mib) " MiB" } }
+                        tr {
+                            td { (i.name) } td { code { (i.kernel) } } td { code { (i.initrd) } }
+                            td {
+                                @if let Some(disk) = &i.disk {
+                                    code { (disk) } br; small { "sha256 " (i.disk_sha256.as_deref().map_or("", |s| &s[..s.len().min(12)])) }
+                                } @else { "none (initramfs only)" }
+                            }
+                            td { (i.vcpus) } td { (i.memory_mib) " MiB" }
+                        }
                     }
                 }
             }
@@ -527,6 +535,7 @@ async fn admin_images(
                     label for="img-name" { "Name" } input id="img-name" name="name" required;
                     label for="img-kernel" { "Kernel path" } input id="img-kernel" name="kernel" required;
                     label for="img-initrd" { "Initrd path" } input id="img-initrd" name="initrd" required;
+                    label for="img-disk" { "Disk template (optional)" } input id="img-disk" name="disk" placeholder="/srv/pleiades/desktop-v1.qcow2";
                     label for="img-cmdline" { "Kernel command line" } input id="img-cmdline" name="cmdline" value="console=ttyS0 quiet";
                     label for="img-vcpus" { "vCPUs" } input id="img-vcpus" name="vcpus" type="number" min="1" value="2";
                     label for="img-mem" { "Memory (MiB)" } input id="img-mem" name="memory_mib" type="number" min="64" value="2048";
@@ -545,7 +554,8 @@ async fn admin_create_image(State(s): State<AppState>, Posted { auth, f }: Poste
         kernel: field(&f, "kernel").trim().to_owned(),
         initrd: field(&f, "initrd").trim().to_owned(),
         cmdline: field(&f, "cmdline").trim().to_owned(),
-        disk: None,
+        disk: Some(field(&f, "disk").trim().to_owned()).filter(|d| !d.is_empty()),
+        disk_sha256: None,
         vcpus: int_field(&f, "vcpus", 2)?,
         memory_mib: int_field(&f, "memory_mib", 2048)?,
     };
@@ -585,8 +595,14 @@ fn pool_form(auth: &Auth, action: &str, spec: Option<(&PoolSpec, bool)>, images:
                 option value="persistent" selected[s.kind == PoolKind::Persistent] { "Persistent (a user keeps one desktop)" }
             }
             label for="pool-image" { "Image" }
-            select id="pool-image" name="image" disabled[editing] {
+            select id="pool-image" name="image" aria-describedby=[editing.then_some("pool-image-help")] {
                 @for i in images { option value=(i.name) selected[i.name == s.image] { (i.name) } }
+            }
+            @if editing {
+                small id="pool-image-help" {
+                    "A new image recomposes the pool: floating desktops move to it at their next recycle, "
+                    "persistent ones when you recompose them on the Desktops page (or their owner resets them)."
+                }
             }
             label for="pool-min" { "Minimum size" } input id="pool-min" name="min_size" type="number" min="0" value=(s.min_size);
             label for="pool-max" { "Maximum size" } input id="pool-max" name="max_size" type="number" min="1" value=(s.max_size);
@@ -651,7 +667,10 @@ fn pool_spec_from(f: &Fields, fixed: Option<&PoolSpec>) -> Result<PoolSpec, Erro
         name: fixed.map(|p| p.name.clone()).unwrap_or_else(|| field(f, "name").trim().to_owned()),
         display_name: field(f, "display_name").trim().to_owned(),
         kind,
-        image: fixed.map(|p| p.image.clone()).unwrap_or_else(|| field(f, "image").to_owned()),
+        image: match field(f, "image") {
+            "" => fixed.map(|p| p.image.clone()).unwrap_or_default(),
+            image => image.to_owned(),
+        },
         min_size: int_field(f, "min_size", 0)?,
         max_size: int_field(f, "max_size", 10)?,
         spares: int_field(f, "spares", 0)?,

@@ -146,6 +146,7 @@ impl Env {
             initrd: "/images/initramfs.cpio".into(),
             cmdline: "console=ttyS0".into(),
             disk: None,
+            disk_sha256: None,
             vcpus: 1,
             memory_mib,
         };
@@ -193,6 +194,9 @@ pub struct Vm {
     pub starts: u32,
 }
 
+/// What a [`HostDouble`] reports as every desktop's disk usage.
+pub const DISK_BYTES: i64 = 196_608;
+
 /// A stand-in for `pleiades-host serve`: registers, heartbeats, and "runs" VMs by
 /// acknowledging the broker's commands. Talks to the broker over HTTP like the real host.
 #[derive(Debug)]
@@ -203,6 +207,8 @@ pub struct HostDouble {
     pub images: Vec<String>,
     pub vms: BTreeMap<String, Vm>,
     pub commands_seen: Vec<(String, String)>,
+    /// (kind, desktop id, image name) of every command that booted a VM.
+    pub booted: Vec<(String, String, String)>,
     /// While set, every start fails with this reason (an image the host cannot boot).
     pub fail_starts: Option<String>,
     base: String,
@@ -231,6 +237,7 @@ impl HostDouble {
             images: images.iter().map(|s| s.to_string()).collect(),
             vms: BTreeMap::new(),
             commands_seen: Vec::new(),
+            booted: Vec::new(),
             fail_starts: None,
             base: env.base.clone(),
             http: env.http.clone(),
@@ -239,8 +246,11 @@ impl HostDouble {
 
     /// One heartbeat; carries out and acknowledges every command it gets. Returns how many.
     pub async fn tick(&mut self) -> usize {
-        let desktops: Vec<Value> =
-            self.vms.iter().map(|(id, vm)| json!({ "id": id, "connected": vm.connected })).collect();
+        let desktops: Vec<Value> = self
+            .vms
+            .iter()
+            .map(|(id, vm)| json!({ "id": id, "connected": vm.connected, "disk_bytes": DISK_BYTES }))
+            .collect();
         let res = self
             .http
             .post(format!("{}/api/v1/hosts/heartbeat", self.base))
@@ -267,6 +277,8 @@ impl HostDouble {
                 }
                 "start" | "restart" | "recycle" => {
                     assert!(c["image"]["kernel"].is_string(), "start commands carry the image");
+                    let image = c["image"]["name"].as_str().unwrap_or_default().to_owned();
+                    self.booted.push((kind.to_owned(), desktop.clone(), image));
                     let vm = self.vms.entry(desktop).or_insert(Vm { connected: false, starts: 0 });
                     vm.starts += 1;
                     vm.connected = false;

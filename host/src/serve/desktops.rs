@@ -18,6 +18,8 @@ use pleiades_protocol::hostapi::{RunningDesktop, VmImage};
 
 use pleiades_control::{self as control, Request};
 
+use super::disks::DiskStore;
+
 /// How long a VM process may take to open its control socket and session server.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a guest may take to power off before its process is killed.
@@ -105,6 +107,7 @@ impl Spawner {
 /// The running desktops.
 pub struct Desktops {
     settings: VmSettings,
+    disks: DiskStore,
     spawner: Spawner,
     running: Mutex<HashMap<String, VmProcess>>,
     /// Commands for one desktop run one at a time, in the order they came.
@@ -123,7 +126,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Desktops {
     pub fn new(settings: VmSettings, spawner: Spawner) -> Self {
-        Self { settings, spawner, running: Mutex::new(HashMap::new()), locks: Mutex::new(HashMap::new()) }
+        let disks = DiskStore::new(&settings.state_dir);
+        Self {
+            settings,
+            disks,
+            spawner,
+            running: Mutex::new(HashMap::new()),
+            locks: Mutex::new(HashMap::new()),
+        }
     }
 
     /// The lock that orders one desktop's commands.
@@ -134,8 +144,15 @@ impl Desktops {
     /// Starts the desktop's VM and waits until its session server listens; returns its port.
     /// A desktop that already runs is left alone (a repeated `start` is not an error). A start
     /// that fails leaves nothing behind: the process is ended and the desktop's directory
-    /// removed, and the error says why (the VM's last log lines), for the broker to show.
-    pub async fn start(self: &Arc<Self>, desktop_id: &str, image: &VmImage) -> Result<u16, String> {
+    /// removed (not its disk), and the error says why (the VM's last log lines), for the
+    /// broker to show. A desktop's disk is kept from one start to the next; `fresh_disk`
+    /// replaces it with an empty overlay on the image's template (a recycle).
+    pub async fn start(
+        self: &Arc<Self>,
+        desktop_id: &str,
+        image: &VmImage,
+        fresh_disk: bool,
+    ) -> Result<u16, String> {
         check_desktop_id(desktop_id)?;
         if let Some(vm) = lock(&self.running).get_mut(desktop_id)
             && matches!(vm.child.try_wait(), Ok(None))
@@ -144,7 +161,8 @@ impl Desktops {
         }
         self.check_image(image)?;
         let dir = self.settings.state_dir.join("desktops").join(desktop_id);
-        let started = self.spawn_and_wait(desktop_id, image, &dir).await;
+        let disk = self.prepare_disk(desktop_id, image, fresh_disk).await?;
+        let started = self.spawn_and_wait(desktop_id, image, disk.as_deref(), &dir).await;
         if started.is_err() {
             self.kill(desktop_id);
             if let Err(e) = std::fs::remove_dir_all(&dir)
@@ -160,6 +178,7 @@ impl Desktops {
         self: &Arc<Self>,
         desktop_id: &str,
         image: &VmImage,
+        disk: Option<&Path>,
         dir: &Path,
     ) -> Result<u16, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
@@ -174,7 +193,7 @@ impl Desktops {
             .args(["--pdeathsig", "KILL", "--"])
             .arg(&self.settings.exe)
             .arg("run")
-            .args(self.run_args(desktop_id, image, port, dir, &control))
+            .args(self.run_args(desktop_id, image, disk, port, dir, &control))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);
@@ -202,6 +221,7 @@ impl Desktops {
         &self,
         desktop_id: &str,
         image: &VmImage,
+        disk: Option<&Path>,
         port: u16,
         dir: &Path,
         control: &Path,
@@ -232,7 +252,29 @@ impl Desktops {
         for device in &s.devices {
             flag("device", device.as_ref());
         }
+        if let Some(disk) = disk {
+            flag("disk", disk.as_os_str());
+        }
         args
+    }
+
+    /// The desktop's disk, when its image has one: the host's verified copy of the template
+    /// (made on first use, which hashes the whole file), and the desktop's overlay on it.
+    async fn prepare_disk(
+        &self,
+        desktop_id: &str,
+        image: &VmImage,
+        fresh: bool,
+    ) -> Result<Option<PathBuf>, String> {
+        let Some((source, sha)) = DiskStore::check(image)? else { return Ok(None) };
+        let (disks, id, source, sha) =
+            (self.disks.clone(), desktop_id.to_owned(), source.to_owned(), sha.to_owned());
+        tokio::task::spawn_blocking(move || {
+            let template = disks.template(&source, &sha)?;
+            disks.overlay(&id, &template, fresh).map(Some)
+        })
+        .await
+        .map_err(|e| e.to_string())?
     }
 
     fn check_image(&self, image: &VmImage) -> Result<(), String> {
@@ -241,9 +283,7 @@ impl Desktops {
                 return Err(format!("image {}: the {what} {path:?} is not a file on this host", image.name));
             }
         }
-        if image.disk.is_some() {
-            return Err(format!("image {}: disk images are not supported by this host yet", image.name));
-        }
+        DiskStore::check(image)?;
         if !(1..=self.settings.cores.max(1)).contains(&image.vcpus) {
             return Err(format!(
                 "image {}: {} vCPUs, this host has {}",
@@ -357,6 +397,7 @@ impl Desktops {
             });
             running.iter().map(|(id, vm)| (id.clone(), vm.control.clone(), vm.port)).collect()
         };
+        let disks = self.disks.clone();
         tokio::task::spawn_blocking(move || {
             alive
                 .into_iter()
@@ -365,7 +406,8 @@ impl Desktops {
                         .ok()
                         .and_then(|r| r.result)
                         .is_some_and(|s| s["session"]["client_connected"].as_bool() == Some(true));
-                    RunningDesktop { id, connected, port: Some(port) }
+                    let disk_bytes = disks.usage(&id);
+                    RunningDesktop { id, connected, port: Some(port), disk_bytes }
                 })
                 .collect()
         })
@@ -446,6 +488,7 @@ mod tests {
             initrd: kernel.display().to_string(),
             cmdline: String::new(),
             disk: None,
+            disk_sha256: None,
             vcpus: 1,
             memory_mib: 512,
         };
@@ -457,7 +500,7 @@ mod tests {
             (VmImage { vcpus: 3, ..image.clone() }, "3 vCPUs"),
             (VmImage { vcpus: 0, ..image.clone() }, "0 vCPUs"),
             (VmImage { memory_mib: 8192, ..image.clone() }, "8192 MiB"),
-            (VmImage { disk: Some("/d.qcow2".into()), ..image.clone() }, "disk"),
+            (VmImage { disk: Some("/d.qcow2".into()), ..image.clone() }, "SHA-256"),
         ];
         for (bad, why) in cases {
             let e = vms.check_image(&bad).unwrap_err();
@@ -482,9 +525,11 @@ mod tests {
                     initrd: "/i".into(),
                     cmdline: String::new(),
                     disk: None,
+                    disk_sha256: None,
                     vcpus: 1,
                     memory_mib: 64,
                 },
+                false,
             )
             .await
             .unwrap_err();
@@ -537,11 +582,13 @@ mod tests {
                     initrd: format!("{kernel}.img"),
                     cmdline: cmdline.clone(),
                     disk: None,
+                    disk_sha256: None,
                     vcpus: 2,
                     memory_mib: 768,
                 };
                 let dir = Path::new(&state).join("desktops").join(&desktop);
-                let argv = vms.run_args(&desktop, &image, 47001, &dir, &dir.join("control.sock"));
+                let disk = Path::new(&state).join("disks").join(format!("{desktop}.qcow2"));
+                let argv = vms.run_args(&desktop, &image, Some(&disk), 47001, &dir, &dir.join("control.sock"));
                 let run = Run::try_parse_from(std::iter::once("run".into()).chain(argv))
                     .map_err(|e| TestCaseError::fail(e.to_string()))?
                     .args;
@@ -558,6 +605,7 @@ mod tests {
                 prop_assert_eq!(run.tls_identity, Some(Path::new(&state).join("tls")));
                 prop_assert_eq!(run.listen, Some("127.0.0.1:47001".parse().unwrap()));
                 prop_assert_eq!(run.devices.len(), 1);
+                prop_assert_eq!(run.disks, vec![crate::vm::disk::DiskRequest { path: disk, read_only: false }]);
             }
         }
     }

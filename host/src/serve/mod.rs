@@ -17,6 +17,7 @@
 
 pub mod broker;
 pub mod desktops;
+pub mod disks;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -337,13 +338,17 @@ async fn execute(desktops: &Arc<Desktops>, command: &HostCommand) -> CommandAck 
     let image = || command.image.as_ref().ok_or_else(|| format!("{} without an image", command.kind));
     let result = match command.kind {
         CommandKind::Start => match image() {
-            Ok(image) => desktops.start(&command.desktop_id, image).await.map(Some),
+            Ok(image) => desktops.start(&command.desktop_id, image, false).await.map(Some),
             Err(e) => Err(e),
         },
-        // No disks yet: a desktop is its image, so reverting it is starting it afresh.
+        // A restart keeps the desktop's disk; a recycle reverts it: a fresh overlay on the
+        // template of the image the command names (the pool's current one).
         CommandKind::Restart | CommandKind::Recycle => match image() {
             Ok(image) => match desktops.stop(&command.desktop_id).await {
-                Ok(()) => desktops.start(&command.desktop_id, image).await.map(Some),
+                Ok(()) => {
+                    let fresh = command.kind == CommandKind::Recycle;
+                    desktops.start(&command.desktop_id, image, fresh).await.map(Some)
+                }
                 Err(e) => Err(e),
             },
             Err(e) => Err(e),

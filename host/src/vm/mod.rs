@@ -7,10 +7,12 @@
 //!   [`qmp`], QEMU's machine protocol;
 //! - [`device_process`]: `pleiades-host device <kind>` processes, which either VMM starts;
 //! - [`device_thread`]: the GPU and sound served over vhost-user from this process;
+//! - [`disk`]: virtio-blk disks, served by QEMU's block layer under either VMM;
 //! - here: the `--device` requests both take.
 
 pub mod device_process;
 pub mod device_thread;
+pub mod disk;
 pub mod native;
 pub mod qemu;
 pub mod qemu_display;

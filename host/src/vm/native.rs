@@ -16,14 +16,15 @@ use serde_json::Value;
 
 use super::device_process::{self, DeviceProcess};
 use super::device_thread;
+use super::disk::{Disk, StorageDaemon};
 use super::{DeviceKind, DeviceRequest, SerialOut, Serving};
 use pleiades_control::{CommandError, Controller, InputDevice};
-use pleiades_virtio::VirtioDevice;
 use pleiades_virtio::console::Console;
 use pleiades_virtio::gpu::{Gpu, GpuHandle};
 use pleiades_virtio::input::{Input, InputEvent, InputSender, events_socket};
 use pleiades_virtio::rng::Rng;
 use pleiades_virtio::snd::{Sound, SoundHandle};
+use pleiades_virtio::{DeviceType, VirtioDevice};
 use pleiades_vmm::config::BootSpec;
 use pleiades_vmm::{DeviceSpec, ExitReason, Vm, VmConfig, VmHandle};
 
@@ -42,6 +43,7 @@ pub struct NativeVm {
     vm: Vm,
     controller: Arc<NativeController>,
     _device_processes: Vec<DeviceProcess>,
+    _storage: Option<StorageDaemon>,
     _scratch: tempfile::TempDir,
 }
 
@@ -68,7 +70,12 @@ fn console_output(serial: &SerialOut) -> Result<Box<dyn Write + Send>> {
 
 impl NativeVm {
     /// Creates the VM: devices (in-process or as backend processes), memory, vCPUs.
-    pub fn new(spec: &BootSpec, devices: &[DeviceRequest], serial: &SerialOut) -> Result<Self> {
+    pub fn new(
+        spec: &BootSpec,
+        devices: &[DeviceRequest],
+        disks: &[Disk],
+        serial: &SerialOut,
+    ) -> Result<Self> {
         let scratch = tempfile::Builder::new().prefix("pleiades-vm-").tempdir()?;
         let mut specs = Vec::new();
         let mut processes = Vec::new();
@@ -142,6 +149,16 @@ impl NativeVm {
                 }
             }
         }
+        // The disks: QEMU's block layer in a qemu-storage-daemon, over vhost-user-blk.
+        let storage = if disks.is_empty() {
+            None
+        } else {
+            let daemon = StorageDaemon::start(disks, scratch.path(), spec.cpus)?;
+            for socket in &daemon.sockets {
+                specs.push(DeviceSpec::VhostUser { kind: DeviceType::Block, socket: socket.clone() });
+            }
+            Some(daemon)
+        };
         let mut config = VmConfig::new(&spec.kernel);
         config.initrd = spec.initrd.clone();
         config.cmdline = spec.cmdline.clone();
@@ -152,7 +169,7 @@ impl NativeVm {
         let vm = Vm::new(config)?;
         let controller =
             Arc::new(NativeController { handle: vm.handle(), inputs, gpu, sound, vhost_user_gpu });
-        Ok(Self { vm, controller, _device_processes: processes, _scratch: scratch })
+        Ok(Self { vm, controller, _device_processes: processes, _storage: storage, _scratch: scratch })
     }
 
     /// The controller for the control socket and signals.

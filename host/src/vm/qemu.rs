@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 
 use super::device_process::{self, DeviceProcess};
 use super::device_thread;
+use super::disk::Disk;
 use super::qemu_display::{self, QemuDisplay};
 pub use super::qmp::Qmp;
 use super::{DeviceKind, DeviceRequest, Serving};
@@ -55,6 +56,7 @@ fn qemu_command(
     accel: &AccelChoice,
     serial: &SerialOut,
     devices: &[QemuDevice],
+    disks: &[Disk],
     qmp: &Path,
 ) -> Command {
     // QEMU dies with this process, even when it is killed (util-linux's setpriv sets the
@@ -93,12 +95,15 @@ fn qemu_command(
         cmd.arg("-chardev").arg(format!("socket,id=vhu{i},path={}", qemu_opt(&device.socket)));
         cmd.args(["-device", &format!("{},chardev=vhu{i}{}", device.qemu_device, device.options)]);
     }
+    for (i, disk) in disks.iter().enumerate() {
+        cmd.args(disk.qemu_args(i, spec.cpus));
+    }
     cmd.arg("-qmp").arg(format!("unix:{},server=on,wait=off", qemu_opt(qmp)));
     cmd
 }
 
 /// A path as the value of a QEMU `key=value,…` option: a comma is written twice.
-fn qemu_opt(path: &Path) -> String {
+pub(super) fn qemu_opt(path: &Path) -> String {
     path.display().to_string().replace(',', ",,")
 }
 
@@ -140,6 +145,7 @@ impl QemuVm {
     pub fn start(
         spec: &BootSpec,
         devices: &[DeviceRequest],
+        disks: &[Disk],
         serial: &SerialOut,
         accel: AccelChoice,
     ) -> Result<Self> {
@@ -186,8 +192,11 @@ impl QemuVm {
             }
             qemu_devices.push(QemuDevice { socket, qemu_device, options });
         }
+        for disk in disks {
+            device_info.push(json!({"kind": "disk", "backend": "qemu", "path": disk.path, "format": disk.format.name(), "read_only": disk.read_only}));
+        }
         let qmp_path = scratch.path().join("qmp.sock");
-        let mut cmd = qemu_command(spec, &accel, serial, &qemu_devices, &qmp_path);
+        let mut cmd = qemu_command(spec, &accel, serial, &qemu_devices, disks, &qmp_path);
         cmd.stdin(if matches!(serial, SerialOut::Stdio) { Stdio::inherit() } else { Stdio::null() });
         tracing::debug!("starting {cmd:?}");
         let mut child = cmd.spawn().with_context(|| {
