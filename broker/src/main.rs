@@ -159,6 +159,13 @@ enum PoolCmd {
         group: Option<String>,
     },
     List,
+    /// Recompose: give the pool a new image. Floating desktops move to it at their next
+    /// recycle, persistent ones when an admin recomposes them (REST API or admin console).
+    Recompose {
+        pool: String,
+        #[arg(long)]
+        image: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -343,6 +350,15 @@ async fn run(mut config: Config, command: Cmd) -> Result<()> {
             };
             broker.entitle(&system, &pool.id, kind, &name).await?;
             println!("{} {name} entitled to {}", kind.as_str(), pool.name);
+        }
+        Cmd::Pool(PoolCmd::Recompose { pool, image }) => {
+            let broker = open(&config).await?;
+            let pool = broker.pool_by_name(&pool).await?;
+            broker.recompose_pool(&system, &pool.id, &image).await?;
+            println!(
+                "pool {} recomposed: its desktops move to image {image} at their next recycle",
+                pool.name
+            );
         }
         Cmd::Pool(PoolCmd::List) => {
             for p in open(&config).await?.list_pools().await? {

@@ -17,6 +17,7 @@
 //!   files and screenshots (the session, audio and window end-to-end tests).
 //! - [`stack`]: the broker and a host daemon from the real binaries, with users, the test
 //!   image and a pool (the demo and `broker_e2e`).
+//! - [`disk`]: ext4 disk templates (qcow2) for desktops' disks.
 //! - [`evdev`]: a guest's input events read back through its evdev nodes.
 //! - [`audio`]: tone analysis (Goertzel scan, RMS, gaps) and WAV helpers for the audio tests.
 //! - [`linkem`]: a link emulator (delay, loss, rate, down/up) for QUIC between client and host.
@@ -109,6 +110,7 @@ pub fn save_artifact(
 }
 
 pub mod audio;
+pub mod disk;
 pub mod evdev;
 pub mod kvm_host;
 pub mod linkem;

@@ -107,6 +107,12 @@ pub struct StackOptions {
     pub ticket_key: Option<PathBuf>,
     /// The image's kernel, if not the test image's (a test of a desktop that cannot start).
     pub kernel: Option<PathBuf>,
+    /// The image's disk template (`image add --disk`): each desktop gets an overlay on it.
+    pub disk: Option<PathBuf>,
+    /// `floating` or `persistent`.
+    pub pool_kind: &'static str,
+    /// The pool's maximum size.
+    pub max: u32,
 }
 
 impl Default for StackOptions {
@@ -123,6 +129,9 @@ impl Default for StackOptions {
             spares: 1,
             ticket_key: None,
             kernel: None,
+            disk: None,
+            pool_kind: "floating",
+            max: 4,
         }
     }
 }
@@ -171,12 +180,17 @@ impl Stack {
         let kernel = o.kernel.as_ref().unwrap_or(&image.kernel).display().to_string();
         let initrd = image.initramfs.display().to_string();
         #[rustfmt::skip]
-        cli(&["image", "add", IMAGE, "--kernel", &kernel, "--initrd", &initrd, "--cmdline", BASE_CMDLINE,
-              "--vcpus", "1", "--memory-mib", "512"], None)?;
-        let spares = o.spares.to_string();
+        let mut image_args = vec!["image", "add", IMAGE, "--kernel", &kernel, "--initrd", &initrd,
+                                  "--cmdline", BASE_CMDLINE, "--vcpus", "1", "--memory-mib", "512"];
+        let disk = o.disk.as_ref().map(|d| d.display().to_string());
+        if let Some(disk) = &disk {
+            image_args.extend(["--disk", disk]);
+        }
+        cli(&image_args, None)?;
+        let (spares, max) = (o.spares.to_string(), o.max.to_string());
         #[rustfmt::skip]
-        cli(&["pool", "create", POOL, "--image", IMAGE, "--display-name", "Test desktops", "--max", "4",
-              "--spares", &spares], None)?;
+        cli(&["pool", "create", POOL, "--image", IMAGE, "--display-name", "Test desktops", "--max", &max,
+              "--spares", &spares, "--kind", o.pool_kind], None)?;
         cli(&["pool", "entitle", POOL, "--group", "staff"], None)?;
 
         let mut broker = Daemon::spawn(
@@ -208,18 +222,8 @@ impl Stack {
         })?;
 
         let host_state = o.dir.join("host");
-        let last_port = o.first_session_port.saturating_add(o.session_ports.saturating_sub(1));
-        let mut command = Command::new(o.bin_dir.join("pleiades-host"));
-        command
-            .args(["serve", "--broker", &base, "--broker-cert-sha256", &pin, "--name", "host-1"])
-            .args(["--address", "127.0.0.1", "--listen-ip", "127.0.0.1", "--image", IMAGE])
-            .args(["--ports", &format!("{}-{last_port}", o.first_session_port)])
-            .arg("--state-dir")
-            .arg(&host_state)
-            .env("PLEIADES_HOST_TOKEN", &token);
-        if let Some(vmm) = &o.vmm {
-            command.args(["--vmm", vmm]);
-        }
+        let mut command = host_command(o, &base, &pin, &host_state);
+        command.env("PLEIADES_HOST_TOKEN", &token);
         let mut host = Daemon::spawn("pleiades-host serve", &mut command, &o.dir.join("host.log"))?;
         wait_for("the host to register", Duration::from_secs(60), || {
             if let Err(e) = host.check_running() {
@@ -229,6 +233,29 @@ impl Stack {
             hosts.lines().any(|l| l.starts_with("host-1\t") && l.contains("online")).then_some(Ok(()))
         })??;
         Ok(Self { options, config, base, pin, http, host_state, host, broker })
+    }
+
+    /// Stops the host daemon (SIGTERM: it powers its desktops off) and starts it again on the
+    /// same state directory (its stored registration, templates and disks); the new daemon's
+    /// log is `host-N.log`. Returns when the new daemon has sent a heartbeat.
+    pub fn restart_host(&mut self, n: u32) -> Result<(), String> {
+        let status = self.host.terminate(Duration::from_secs(90))?;
+        if !status.success() {
+            return Err(format!("the host daemon ended with {status}"));
+        }
+        let mut command = host_command(&self.options, &self.base, &self.pin, &self.host_state);
+        let log = self.options.dir.join(format!("host-{n}.log"));
+        self.host = Daemon::spawn("pleiades-host serve", &mut command, &log)?;
+        let host = &mut self.host;
+        wait_for("the restarted host to report to the broker", Duration::from_secs(60), || {
+            if let Err(e) = host.check_running() {
+                return Some(Err(e));
+            }
+            std::fs::read_to_string(&host.log)
+                .unwrap_or_default()
+                .contains("registered with the broker")
+                .then_some(Ok(()))
+        })?
     }
 
     /// `pleiades-broker --config … ARGS`: (stdout, stderr).
@@ -303,6 +330,11 @@ impl Stack {
         response.json().map_err(|e| e.to_string())
     }
 
+    /// `POST path` of the REST API (`/api/v1/…`) with a bearer token and an empty JSON body.
+    pub fn act(&self, path: &str, bearer: &str) -> Result<Value, String> {
+        self.post(&format!("{}{path}", self.base), Some(bearer), &json!({}))
+    }
+
     fn post(&self, url: &str, bearer: Option<&str>, body: &Value) -> Result<Value, String> {
         let mut request = self.http.post(url).json(body);
         if let Some(b) = bearer {
@@ -313,6 +345,22 @@ impl Stack {
         let answer: Value = response.json().unwrap_or(Value::Null);
         if status.is_success() { Ok(answer) } else { Err(format!("{url}: HTTP {status}: {answer}")) }
     }
+}
+
+/// `pleiades-host serve` for the stack's broker, on `state`.
+fn host_command(o: &StackOptions, base: &str, pin: &str, state: &Path) -> Command {
+    let last_port = o.first_session_port.saturating_add(o.session_ports.saturating_sub(1));
+    let mut command = Command::new(o.bin_dir.join("pleiades-host"));
+    command
+        .args(["serve", "--broker", base, "--broker-cert-sha256", pin, "--name", "host-1"])
+        .args(["--address", "127.0.0.1", "--listen-ip", "127.0.0.1", "--image", IMAGE])
+        .args(["--ports", &format!("{}-{last_port}", o.first_session_port)])
+        .arg("--state-dir")
+        .arg(state);
+    if let Some(vmm) = &o.vmm {
+        command.args(["--vmm", vmm]);
+    }
+    command
 }
 
 /// Runs `pleiades-broker --config CONFIG ARGS…`: (stdout, stderr), or an error with both.

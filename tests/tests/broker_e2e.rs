@@ -78,7 +78,7 @@ fn a_user_gets_a_desktop_from_a_pool_and_the_client_reaches_it_with_the_brokers_
         admin: ("root".into(), "root-password-1".into()),
         spares: 0,
         ticket_key: Some(ticket_key),
-        kernel: None,
+        ..StackOptions::default()
     };
     let mut stack = Stack::start(options, &image).unwrap();
     let (key, _) = stack.cli(&["ticket-key"]).unwrap();

@@ -78,9 +78,10 @@ pub const GROUPS: &[Group] = &[
     },
     Group {
         name: "qemu",
-        purpose: "booting guests under QEMU (>= 9 for vhost-user-snd-pci) and QEMU's vhost-user-gpu",
+        purpose: "booting guests under QEMU (>= 9 for vhost-user-snd-pci) and QEMU's vhost-user-gpu; \
+                  desktops' disks (qemu-img, qemu-storage-daemon; mkfs.ext4 for test templates)",
         unless_command: None,
-        packages: &["qemu-system-x86", "qemu-system-gui", "qemu-utils"],
+        packages: &["qemu-system-x86", "qemu-system-gui", "qemu-utils", "e2fsprogs"],
     },
     Group {
         name: "postgresql",

@@ -100,22 +100,7 @@ impl Broker {
         actor.require_admin()?;
         spec.validate()?;
         let pool = self.pool(id).await?;
-        let image = self.image_by("name", &spec.image).await?;
-        if image.id != pool.image_id {
-            sqlx::query("UPDATE pools SET image_id = $1 WHERE id = $2")
-                .bind(&image.id)
-                .bind(id)
-                .execute(&self.db.pool)
-                .await?;
-            let before = self.image_by("id", &pool.image_id).await.map(|i| i.name).unwrap_or_default();
-            self.audit(
-                &actor.name,
-                "pool.recompose",
-                &pool.name,
-                &format!("image {before} -> {}", image.name),
-            )
-            .await?;
-        }
+        self.set_pool_image(actor, &pool, &spec.image).await?;
         let display = if spec.display_name.trim().is_empty() {
             pool.name.clone()
         } else {
@@ -142,6 +127,31 @@ impl Broker {
         )
         .await?;
         self.pool(id).await
+    }
+
+    /// Recompose: the pool's image becomes `image`. Floating desktops move to it at their next
+    /// recycle, persistent ones when an admin recomposes them (or their owner resets them);
+    /// new desktops get it at once.
+    pub async fn recompose_pool(&self, actor: &Actor, pool_id: &str, image: &str) -> Result<Pool> {
+        actor.require_admin()?;
+        let pool = self.pool(pool_id).await?;
+        self.set_pool_image(actor, &pool, image).await?;
+        self.pool(pool_id).await
+    }
+
+    async fn set_pool_image(&self, actor: &Actor, pool: &Pool, image: &str) -> Result<()> {
+        let image = self.image_by("name", image).await?;
+        if image.id == pool.image_id {
+            return Ok(());
+        }
+        sqlx::query("UPDATE pools SET image_id = $1 WHERE id = $2")
+            .bind(&image.id)
+            .bind(&pool.id)
+            .execute(&self.db.pool)
+            .await?;
+        let before = self.image_by("id", &pool.image_id).await.map(|i| i.name).unwrap_or_default();
+        self.audit(&actor.name, "pool.recompose", &pool.name, &format!("image {before} -> {}", image.name))
+            .await
     }
 
     pub async fn pool(&self, id: &str) -> Result<Pool> {

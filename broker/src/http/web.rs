@@ -36,6 +36,8 @@ pub fn routes() -> Router<AppState> {
         .route("/desktops/{id}/connect", post(connect))
         .route("/desktops/{id}/restart", post(restart))
         .route("/desktops/{id}/release", post(release))
+        .route("/desktops/{id}/reset", post(reset))
+        .route("/admin/desktops/{id}/recompose", post(admin_recompose))
         .route("/admin", get(|| async { Redirect::to("/admin/hosts") }))
         .route("/admin/hosts", get(admin_hosts))
         .route("/admin/images", get(admin_images).post(admin_create_image))
@@ -138,6 +140,8 @@ fn notice(q: &HashMap<String, String>) -> Option<&'static str> {
         "allocated" => "Your desktop is assigned. Connect when it is ready.",
         "restarting" => "Your desktop is restarting.",
         "released" => "You logged off the desktop.",
+        "reset" => "Your desktop is being reset to a fresh copy of its image.",
+        "recomposing" => "The desktop is being recomposed to the pool's image.",
         "saved" => "Saved.",
         "created" => "Created.",
         "entitled" => "Entitlement added.",
@@ -340,6 +344,7 @@ async fn portal(
     let desktops = s.broker.my_desktops(&auth.actor).await?;
     let pool_name =
         |id: &str| pools.iter().find(|p| p.id == id).map(|p| p.display_name.clone()).unwrap_or_default();
+    let persistent = |id: &str| pools.iter().any(|p| p.id == id && p.kind == PoolKind::Persistent);
     // Without scripts, a starting desktop is followed by reloading the page.
     let starting =
         desktops.iter().any(|d| matches!(d.state, DesktopState::Provisioning | DesktopState::Recycling));
@@ -378,6 +383,12 @@ async fn portal(
                                     form method="post" action={"/desktops/" (d.id) "/release"} {
                                         (csrf_input(&auth))
                                         button.secondary type="submit" aria-label={"Log off " (d.name)} { "Log off" }
+                                    }
+                                    @if persistent(&d.pool_id) {
+                                        form method="post" action={"/desktops/" (d.id) "/reset"} {
+                                            (csrf_input(&auth))
+                                            button.secondary type="submit" aria-label={"Reset " (d.name) " to a fresh copy of its image: its files are lost"} { "Reset" }
+                                        }
                                     }
                                 } }
                             }
@@ -450,6 +461,22 @@ async fn restart(
 ) -> PageResult {
     s.broker.restart(&auth.actor, &id).await?;
     see_other("/?notice=restarting")
+}
+
+async fn reset(State(s): State<AppState>, Path(id): Path<String>, Posted { auth, .. }: Posted) -> PageResult {
+    s.broker.reset(&auth.actor, &id).await?;
+    see_other("/?notice=reset")
+}
+
+async fn admin_recompose(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Posted { auth, .. }: Posted,
+) -> PageResult {
+    auth.actor.require_admin()?;
+    let desktop = s.broker.desktop(&id).await?;
+    s.broker.recompose(&auth.actor, &id).await?;
+    see_other(&format!("/admin/pools/{}?notice=recomposing", desktop.pool_id))
 }
 
 async fn release(
@@ -729,6 +756,12 @@ async fn admin_pool(
     let user_name = |id: &Option<String>| {
         users.iter().find(|u| Some(&u.id) == id.as_ref()).map(|u| u.name.clone()).unwrap_or_default()
     };
+    let image_name = |id: &Option<String>| {
+        images
+            .iter()
+            .find(|i| Some(&i.id) == id.as_ref())
+            .map_or_else(|| spec.image.clone(), |i| i.name.clone())
+    };
     let now = s.broker.now();
     Ok(page(
         "Pool",
@@ -773,7 +806,7 @@ async fn admin_pool(
                 @else {
                     table id="desktops" {
                         caption.visually-hidden { "The pool's desktops" }
-                        thead { tr { th scope="col" { "Name" } th scope="col" { "Host" } th scope="col" { "State" } th scope="col" { "User" } th scope="col" { "Owner" } th scope="col" { "Failed starts" } th scope="col" { "Last error" } } }
+                        thead { tr { th scope="col" { "Name" } th scope="col" { "Host" } th scope="col" { "State" } th scope="col" { "User" } th scope="col" { "Owner" } th scope="col" { "Image" } th scope="col" { "Own disk" } th scope="col" { "Failed starts" } th scope="col" { "Last error" } } }
                         tbody {
                             @for d in &desktops {
                                 tr {
@@ -787,6 +820,16 @@ async fn admin_pool(
                                     }
                                     td { (user_name(&d.user_id)) }
                                     td { (user_name(&d.owner_id)) }
+                                    td {
+                                        (image_name(&d.image_id))
+                                        @if spec.kind == PoolKind::Persistent && image_name(&d.image_id) != spec.image {
+                                            form.inline method="post" action={"/admin/desktops/" (d.id) "/recompose"} {
+                                                (csrf_input(&auth))
+                                                button.secondary.small type="submit" aria-label={"Recompose " (d.name) " to " (spec.image)} { "Recompose" }
+                                            }
+                                        }
+                                    }
+                                    td { (d.disk_bytes.map(|b| format!("{:.1} MiB", b as f64 / 1048576.0)).unwrap_or_default()) }
                                     td { (d.start_failures) }
                                     td.reason { (d.last_error.as_deref().unwrap_or("")) }
                                 }

@@ -1,0 +1,34 @@
+//! Disk templates for tests: an ext4 filesystem made from files with `mkfs.ext4 -d`
+//! (e2fsprogs), converted to qcow2 by `qemu-img`. The test image's init mounts a desktop's
+//! disk (`/dev/vda`) on `/home`.
+
+use std::path::Path;
+use std::process::Command;
+
+/// Writes a qcow2 template at `path`: an ext4 filesystem of `size_mib` holding `files`
+/// (name in the filesystem's root, content).
+pub fn ext4_template(path: &Path, size_mib: u32, files: &[(&str, &str)]) -> Result<(), String> {
+    let work = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let root = work.path().join("root");
+    std::fs::create_dir(&root).map_err(|e| e.to_string())?;
+    for (name, content) in files {
+        std::fs::write(root.join(name), content).map_err(|e| e.to_string())?;
+    }
+    let raw = work.path().join("fs.raw");
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "home", "-E", "root_owner=0:0", "-d"])
+        .arg(&root)
+        .arg(&raw)
+        .arg(format!("{size_mib}M")))?;
+    run(Command::new("qemu-img").args(["convert", "-q", "-O", "qcow2"]).arg(&raw).arg(path))
+}
+
+fn run(command: &mut Command) -> Result<(), String> {
+    let output =
+        command.output().map_err(|e| format!("cannot run {command:?}: {e} (./dev deps installs it)"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!("{command:?} failed: {}", String::from_utf8_lossy(&output.stderr).trim()))
+    }
+}
