@@ -352,7 +352,9 @@ fn linux_with_every_device_and_a_client(host: &mut KvmHost) -> LinuxFigures {
 /// Every device over vhost-user (the GPU and sound served from threads of the VM process, the
 /// others by `pleiades-host device` processes), with Linux taking each ring at the largest size
 /// offered: READY with every device bound, the console on the screen, the layout follows `ctl
-/// layout`, typing reaches the shell; the guest's own `poweroff` (ACPI S5) ends the VMM with 0.
+/// layout`, typing reaches the shell; a disk (a qcow2 overlay served by qemu-storage-daemon over
+/// vhost-user-blk) holds the template's files and keeps what the guest wrote and synced, the
+/// template untouched; the guest's own `poweroff` (ACPI S5) ends the VMM with 0.
 fn linux_on_vhost_user_devices_powers_itself_off(host: &mut KvmHost) {
     let image = host.parts().image.clone();
     let (kernel, initrd) = (image.kernel.display().to_string(), image.initramfs.display().to_string());
@@ -360,7 +362,20 @@ fn linux_on_vhost_user_devices_powers_itself_off(host: &mut KvmHost) {
         .iter()
         .map(|a| if a.starts_with("--") { (*a).to_owned() } else { format!("{a},backend=vhost-user") })
         .collect();
-    let mut args = vec!["--vmm", "pleiades", "--cpus", "2", "--memory", "512M"];
+    // A disk: a desktop's overlay on a template, served by qemu-storage-daemon over
+    // vhost-user-blk (the scratch directory is the same path inside the KVM host).
+    let template = host.scratch().join("home-template.qcow2");
+    pleiades_tests::disk::ext4_template(&template, 64, &[("README", "template-v1")]).unwrap();
+    let overlay = host.scratch().join("home-overlay.qcow2");
+    let created = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(&template)
+        .arg(&overlay)
+        .status()
+        .unwrap();
+    assert!(created.success());
+    let disk = overlay.display().to_string();
+    let mut args = vec!["--vmm", "pleiades", "--cpus", "2", "--memory", "512M", "--disk", &disk];
     args.extend(devices.iter().map(String::as_str));
     args.extend(["--cmdline", BASE_CMDLINE, "--kernel", &kernel, "--initrd", &initrd]);
     let vm = host.start_vm("linux-poweroff", &args).unwrap_or_else(|e| panic!("{e}"));
@@ -368,7 +383,7 @@ fn linux_on_vhost_user_devices_powers_itself_off(host: &mut KvmHost) {
     let info = parse_ready_line(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
     let bound: Vec<(&str, &str)> =
         info.devices.iter().map(|d| (d.kind.as_str(), d.driver.as_str())).collect();
-    assert_eq!(bound, BOUND, "{line}");
+    assert_eq!(bound, [&BOUND[..], &[("block", "virtio_blk")]].concat(), "{line}");
     let status = status_of(host, &vm);
     let driver_ok = status["devices"].as_array().map(|d| d.iter().all(|d| d["driver_ok"] == true));
     assert_eq!(driver_ok, Some(true), "{status:#}");
@@ -385,6 +400,12 @@ fn linux_on_vhost_user_devices_powers_itself_off(host: &mut KvmHost) {
         }
         assert!(Instant::now() < deadline, "the shell on tty1 never ran a typed command");
     }
+    // The disk: the template's file on an ext4 /home, and a file written and synced there.
+    let command = "echo DISK-$(cat /home/README)-$(grep -c '^/dev/vda /home ext4' /proc/mounts) > /dev/ttyS0; \
+                   echo KEPT-$((6*7)) > /home/mine; sync; echo SYNCED-$(cat /home/mine) > /dev/ttyS0\\n";
+    host.ctl(&vm, &["type", command], "linux-disk.out").unwrap_or_else(|e| panic!("{e}"));
+    wait_line_or_show_screen(host, &vm, "DISK-template-v1-1");
+    wait_line_or_show_screen(host, &vm, "SYNCED-KEPT-42");
     host.ctl(&vm, &["type", "poweroff\\n"], "linux-poweroff.out").unwrap_or_else(|e| panic!("{e}"));
     let deadline = Instant::now() + Duration::from_secs(120);
     let exit = loop {
@@ -397,6 +418,34 @@ fn linux_on_vhost_user_devices_powers_itself_off(host: &mut KvmHost) {
     let log = std::fs::read_to_string(&vm.log).unwrap_or_default();
     assert_eq!(exit, 0, "{log}");
     assert!(log.contains("PowerOff"), "{log}");
+    // What the guest wrote is in its overlay, on top of the untouched template.
+    let raw = host.scratch().join("home.raw");
+    let converted = std::process::Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(&overlay)
+        .arg(&raw)
+        .status()
+        .unwrap();
+    assert!(converted.success());
+    let read = |file: &str, image: &std::path::Path| {
+        let out = std::process::Command::new("debugfs")
+            .args(["-R", &format!("cat /{file}")])
+            .arg(image)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert_eq!(read("mine", &raw), "KEPT-42", "the guest's synced file is in its overlay");
+    let template_raw = host.scratch().join("template.raw");
+    let converted = std::process::Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(&template)
+        .arg(&template_raw)
+        .status()
+        .unwrap();
+    assert!(converted.success());
+    assert_eq!(read("mine", &template_raw), "", "the template is not written");
+    assert_eq!(read("README", &template_raw), "template-v1");
 }
 
 /// `ctl status` as JSON.
