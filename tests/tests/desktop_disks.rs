@@ -145,6 +145,13 @@ fn a_persistent_desktop_keeps_its_files_across_restarts_logout_and_a_host_restar
         "echo PERSIST-$((6*7)) > /home/mine; sync; echo WROTE-$(cat /home/mine) > /dev/ttyS0",
         "WROTE-PERSIST-42",
     );
+    // The guest's `sync` reached QEMU's block layer as flushes (which it passes to the host's
+    // disk as fdatasync: cache.no-flush=off).
+    let control = stack.host_state.join("desktops").join(&desktop).join("control.sock");
+    let status = control::request(&control, &Request::Status, Duration::from_secs(10)).unwrap();
+    let disks = &status.result.as_ref().unwrap()["disks"];
+    assert!(disks[0]["flush_operations"].as_u64() > Some(0), "{disks}");
+    assert!(disks[0]["wr_bytes"].as_u64() > Some(0), "{disks}");
     // The user's desktop and the spare share one template on the host; their overlays hold
     // only what each wrote.
     let both = wait_for("the spare's overlay", boot_timeout(), || {

@@ -113,6 +113,33 @@ impl Disk {
     }
 }
 
+/// Each disk's I/O counters from QEMU's `query-blockstats` answer, in disk order (`disk0`,
+/// `disk1`, …): bytes and operations read and written, flushes (the guest's FLUSH requests,
+/// which reach the host's disk as `fdatasync`) and discards.
+pub fn io_counters(blockstats: &serde_json::Value) -> serde_json::Value {
+    let mut disks: Vec<serde_json::Value> = blockstats
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .filter(|d| d["node-name"].as_str().is_some_and(|n| n.starts_with("disk")))
+        .map(|d| {
+            let s = &d["stats"];
+            serde_json::json!({
+                "node": d["node-name"],
+                "rd_bytes": s["rd_bytes"],
+                "wr_bytes": s["wr_bytes"],
+                "rd_operations": s["rd_operations"],
+                "wr_operations": s["wr_operations"],
+                "flush_operations": s["flush_operations"],
+                "unmap_operations": s["unmap_operations"],
+            })
+        })
+        .collect();
+    disks.sort_by(|a, b| a["node"].as_str().cmp(&b["node"].as_str()));
+    serde_json::Value::Array(disks)
+}
+
 /// The qemu-storage-daemon binary (`PLEIADES_QEMU_STORAGE_DAEMON` overrides).
 pub fn storage_daemon_binary() -> PathBuf {
     std::env::var_os("PLEIADES_QEMU_STORAGE_DAEMON")
@@ -205,6 +232,23 @@ mod tests {
         );
         assert!("".parse::<DiskRequest>().is_err());
         assert!(",readonly".parse::<DiskRequest>().is_err());
+    }
+
+    #[test]
+    fn io_counters_come_from_query_blockstats() {
+        let answer = serde_json::json!([
+            {"device": "", "qdev": "/machine/peripheral-anon/device[1]/virtio-backend", "node-name": "disk1",
+             "stats": {"rd_bytes": 1, "wr_bytes": 2, "rd_operations": 3, "wr_operations": 4, "flush_operations": 5, "unmap_operations": 6}},
+            {"device": "", "qdev": "/machine/peripheral-anon/device[0]/virtio-backend", "node-name": "disk0",
+             "stats": {"rd_bytes": 10, "wr_bytes": 20, "rd_operations": 30, "wr_operations": 40, "flush_operations": 50, "unmap_operations": 0}},
+            {"device": "pflash0", "stats": {}},
+        ]);
+        let disks = io_counters(&answer);
+        assert_eq!(disks.as_array().unwrap().len(), 2);
+        assert_eq!(disks[0]["node"], "disk0");
+        assert_eq!(disks[0]["flush_operations"], 50);
+        assert_eq!(disks[1]["wr_bytes"], 2);
+        assert_eq!(io_counters(&serde_json::json!({"error": "x"})), serde_json::json!([]));
     }
 
     #[test]

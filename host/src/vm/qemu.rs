@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 use super::device_process::{self, DeviceProcess};
 use super::device_thread;
-use super::disk::Disk;
+use super::disk::{self, Disk};
 use super::qemu_display::{self, QemuDisplay};
 pub use super::qmp::Qmp;
 use super::{DeviceKind, DeviceRequest, Serving};
@@ -299,6 +299,7 @@ impl Controller for QemuController {
             "devices": s.devices,
             "gpu": self.gpu.as_ref().map(GpuHandle::status),
             "sound": self.sound.as_ref().map(SoundHandle::status),
+            "disks": lock(&self.qmp).execute("query-blockstats", json!({})).ok().map(|v| disk::io_counters(&v)),
         })
     }
 
