@@ -29,11 +29,18 @@ use crate::vm::disk::DiskFormat;
 pub struct DiskStore {
     templates: PathBuf,
     overlays: PathBuf,
+    /// Held while a template is copied: desktops of one pool start at once, and the second
+    /// must find the first's copy, not race it.
+    copying: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 impl DiskStore {
     pub fn new(state_dir: &Path) -> Self {
-        Self { templates: state_dir.join("templates"), overlays: state_dir.join("disks") }
+        Self {
+            templates: state_dir.join("templates"),
+            overlays: state_dir.join("disks"),
+            copying: Default::default(),
+        }
     }
 
     /// The image's disk as this host keeps it: its path and SHA-256, checked for form.
@@ -55,6 +62,7 @@ impl DiskStore {
     /// The host's verified copy of a template, made on first use. Blocking (hashes and copies
     /// the whole file the first time).
     pub fn template(&self, source: &Path, sha256: &str) -> Result<PathBuf, String> {
+        let _one_at_a_time = self.copying.lock().unwrap_or_else(|p| p.into_inner());
         std::fs::create_dir_all(&self.templates)
             .map_err(|e| format!("cannot create {}: {e}", self.templates.display()))?;
         for format in [DiskFormat::Qcow2, DiskFormat::Raw] {
@@ -235,6 +243,20 @@ mod tests {
         assert_eq!(std::fs::metadata(&overlay).unwrap().len(), before);
         store.overlay("d-1", &kept, true).unwrap();
         assert!(std::fs::metadata(&overlay).unwrap().len() < before, "a fresh overlay is empty again");
+
+        // Desktops starting at once: one copy, the others wait for it and use it.
+        let other = tempfile::tempdir().unwrap();
+        let store = DiskStore::new(other.path());
+        let source2 = dir.path().join("template2.raw");
+        std::fs::write(&source2, vec![3u8; 4 << 20]).unwrap();
+        let sha2 = sha_of(&source2);
+        let kept: Vec<PathBuf> = std::thread::scope(|s| {
+            let runs: Vec<_> = (0..4).map(|_| s.spawn(|| store.template(&source2, &sha2).unwrap())).collect();
+            runs.into_iter().map(|r| r.join().unwrap()).collect()
+        });
+        assert!(kept.iter().all(|k| *k == kept[0]));
+        assert_eq!(sha_of(&kept[0]), sha2);
+        assert_eq!(std::fs::read_dir(other.path().join("templates")).unwrap().count(), 1);
 
         // An overlay is not a template.
         let err = store.template(&overlay, &sha_of(&overlay)).unwrap_err();
