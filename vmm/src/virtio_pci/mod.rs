@@ -174,7 +174,7 @@ impl VirtioPciDevice {
         }
         let num_queues = queue_max_sizes.len() as u64;
         let (class, subclass) = match device_type {
-            DeviceType::Block => (0x01, 0x80),
+            DeviceType::Block => (0x01, 0x00), // SCSI storage, as QEMU gives virtio-blk
             DeviceType::Console => (0x07, 0x80),
             DeviceType::Gpu => (0x03, 0x80),
             DeviceType::Input => (0x09, 0x80),
