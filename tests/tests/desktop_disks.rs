@@ -84,7 +84,19 @@ fn wait_booted(stack: &Stack, desktop: &str, n: usize) {
     wait_for("the guest to boot", boot_timeout(), || {
         (serial(stack, desktop).matches("PLEIADES-READY").count() >= n).then_some(())
     })
-    .unwrap_or_else(|e| panic!("{e}; serial console:\n{}", serial(stack, desktop)));
+    .unwrap_or_else(|e| {
+        panic!("{e}; serial console:\n{}\nhost log:\n{}", serial(stack, desktop), host_log(stack))
+    });
+}
+
+/// The last lines of the host daemon's and the broker's logs.
+fn host_log(stack: &Stack) -> String {
+    let tail = |path: &Path| {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    };
+    format!("{}\nbroker log:\n{}", tail(&stack.host.log), tail(&stack.broker.log))
 }
 
 /// The user's desktop, running and theirs again after its VM was lost: a failed desktop is
@@ -107,6 +119,19 @@ fn bring_back(stack: &mut Stack, bearer: &str, desktop: &str) {
     .unwrap();
 }
 
+/// `len` bytes of text that no compression shrinks much.
+fn pseudo_random_text(len: usize) -> String {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'a' + (x % 26) as u8)
+        })
+        .collect()
+}
+
 fn file_size(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
@@ -124,7 +149,9 @@ fn overlays(stack: &Stack) -> Vec<PathBuf> {
 fn a_persistent_desktop_keeps_its_files_across_restarts_logout_and_a_host_restart() {
     let dir = tempfile::tempdir().unwrap();
     let template = dir.path().join("home-v1.qcow2");
-    ext4_template(&template, TEMPLATE_MIB, &[("README", "template-v1")]).unwrap();
+    // 8 MiB of data the desktops share: their overlays must not copy it.
+    let shared = pseudo_random_text(8 << 20);
+    ext4_template(&template, TEMPLATE_MIB, &[("README", "template-v1"), ("shared.txt", &shared)]).unwrap();
     // A spare desktop: two desktops on one template.
     let mut stack = stack(dir.path(), "persistent", 2, 1, &template);
     let bearer = stack.login("alice", "alice-password-1").unwrap();

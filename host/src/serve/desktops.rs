@@ -110,6 +110,9 @@ pub struct Desktops {
     disks: DiskStore,
     spawner: Spawner,
     running: Mutex<HashMap<String, VmProcess>>,
+    /// Ports given to VM processes that are being started and are not in `running` yet: two
+    /// desktops starting at once must not both take the lowest free port.
+    claimed_ports: Mutex<std::collections::HashSet<u16>>,
     /// Commands for one desktop run one at a time, in the order they came.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -132,6 +135,7 @@ impl Desktops {
             disks,
             spawner,
             running: Mutex::new(HashMap::new()),
+            claimed_ports: Mutex::new(Default::default()),
             locks: Mutex::new(HashMap::new()),
         }
     }
@@ -182,7 +186,8 @@ impl Desktops {
         dir: &Path,
     ) -> Result<u16, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        let port = self.free_port()?;
+        let claim = self.claim_port()?;
+        let port = claim.port;
         let control = dir.join("control.sock");
         let log_path = dir.join("vm.log");
         let log = std::fs::File::create(&log_path)
@@ -299,14 +304,21 @@ impl Desktops {
         Ok(())
     }
 
-    /// The lowest port of the range that no VM of ours uses and that is free now.
-    fn free_port(&self) -> Result<u16, String> {
+    /// The lowest port of the range that no VM of ours uses or is being given, and that is
+    /// free now; claimed until the returned claim is dropped (by then the VM is in `running`,
+    /// or failed).
+    fn claim_port(&self) -> Result<PortClaim<'_>, String> {
+        let mut claimed = lock(&self.claimed_ports);
         let used: Vec<u16> = lock(&self.running).values().map(|vm| vm.port).collect();
         let range = self.settings.ports;
-        (range.first..=range.last)
-            .filter(|p| !used.contains(p))
+        let port = (range.first..=range.last)
+            .filter(|p| !used.contains(p) && !claimed.contains(p))
             .find(|&p| UdpSocket::bind(SocketAddr::new(self.settings.listen_ip, p)).is_ok())
-            .ok_or_else(|| format!("no free UDP port in {}-{} for another desktop", range.first, range.last))
+            .ok_or_else(|| {
+                format!("no free UDP port in {}-{} for another desktop", range.first, range.last)
+            })?;
+        claimed.insert(port);
+        Ok(PortClaim { claimed: &self.claimed_ports, port })
     }
 
     /// Polls the control socket until the VM answers (its session server is up by then),
@@ -428,6 +440,19 @@ impl Desktops {
                 tracing::warn!("stopping a VM: {e}");
             }
         }
+    }
+}
+
+/// A port set aside for a VM being started.
+#[derive(Debug)]
+struct PortClaim<'a> {
+    claimed: &'a Mutex<std::collections::HashSet<u16>>,
+    port: u16,
+}
+
+impl Drop for PortClaim<'_> {
+    fn drop(&mut self) {
+        lock(self.claimed).remove(&self.port);
     }
 }
 
@@ -608,6 +633,18 @@ mod tests {
                 prop_assert_eq!(run.disks, vec![crate::vm::disk::DiskRequest { path: disk, read_only: false }]);
             }
         }
+    }
+
+    #[test]
+    fn desktops_starting_at_once_get_different_ports() {
+        let dir = tempfile::tempdir().unwrap();
+        let vms = desktops(dir.path());
+        let first = vms.claim_port().unwrap();
+        let second = vms.claim_port().unwrap();
+        assert_ne!(first.port, second.port);
+        assert!(vms.claim_port().unwrap_err().contains("no free UDP port"), "the range has two ports");
+        drop(first);
+        assert!(vms.claim_port().is_ok(), "a dropped claim frees its port");
     }
 
     #[test]

@@ -88,7 +88,12 @@ fn qemu_command(
     }
     match serial {
         SerialOut::Stdio => cmd.args(["-serial", "stdio"]),
-        SerialOut::File(path) => cmd.arg("-serial").arg(format!("file:{}", path.display())),
+        // Appended to, as Pleiades' VMM does (`file:` would truncate it at every boot of a
+        // desktop, losing the log of the one before).
+        SerialOut::File(path) => cmd
+            .arg("-chardev")
+            .arg(format!("file,id=serial0,path={},append=on", qemu_opt(path)))
+            .args(["-serial", "chardev:serial0"]),
         SerialOut::Null => cmd.args(["-serial", "null"]),
     };
     for (i, device) in devices.iter().enumerate() {
