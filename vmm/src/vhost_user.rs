@@ -85,8 +85,12 @@ impl VhostUserFrontend {
         let mut has_config = false;
         let mut queues = DEFAULT_QUEUES;
         if protocol_features {
-            // Protocol features are only readable once PROTOCOL_FEATURES is acked.
-            frontend.set_features(protocol_bit).map_err(fail)?;
+            // Protocol features are only readable once PROTOCOL_FEATURES is acked (the vhost
+            // crate's rule). VERSION_1 goes with it: libvhost-user backends (QEMU's
+            // qemu-storage-daemon) refuse a feature set without it as a legacy device, and every
+            // driver of ours is modern; the driver's own features replace these at activation.
+            let version_1 = backend_features & pleiades_virtio::VIRTIO_F_VERSION_1;
+            frontend.set_features(protocol_bit | version_1).map_err(fail)?;
             let offered = frontend.get_protocol_features().map_err(fail)?;
             let wanted = offered & (VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ);
             frontend.set_protocol_features(wanted).map_err(fail)?;
