@@ -383,7 +383,13 @@ fn linux_on_vhost_user_devices_powers_itself_off(host: &mut KvmHost) {
     let info = parse_ready_line(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
     let bound: Vec<(&str, &str)> =
         info.devices.iter().map(|d| (d.kind.as_str(), d.driver.as_str())).collect();
-    assert_eq!(bound, [&BOUND[..], &[("block", "virtio_blk")]].concat(), "{line}");
+    assert_eq!(
+        bound,
+        [&BOUND[..], &[("block", "virtio_blk")]].concat(),
+        "{line}\nserial console:\n{}\nVM log:\n{}",
+        std::fs::read_to_string(&vm.serial).unwrap_or_default(),
+        std::fs::read_to_string(&vm.log).unwrap_or_default()
+    );
     let status = status_of(host, &vm);
     let driver_ok = status["devices"].as_array().map(|d| d.iter().all(|d| d["driver_ok"] == true));
     assert_eq!(driver_ok, Some(true), "{status:#}");

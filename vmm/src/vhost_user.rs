@@ -30,6 +30,8 @@ use pleiades_virtio::{DeviceType, GuestMemory};
 /// Queues assumed when the backend does not implement the MQ protocol feature.
 const DEFAULT_QUEUES: u64 = 1;
 const MAX_QUEUES: u64 = 64;
+/// The largest device configuration the protocol carries (`VHOST_USER_MAX_CONFIG_SIZE`).
+const MAX_CONFIG_SIZE: u64 = 256;
 
 /// Errors connecting to a backend.
 #[derive(Debug, thiserror::Error)]
@@ -194,15 +196,24 @@ impl VhostUserFrontend {
     }
 
     /// Reads the device configuration from the backend (zeros without the CONFIG feature).
+    ///
+    /// The backend is asked for the configuration from its start up to the end of the read,
+    /// as QEMU asks (it reads the whole space): libvhost-user backends (qemu-storage-daemon's
+    /// vhost-user-blk) ignore the message's offset and answer from byte 0, so a read of
+    /// virtio-blk's `num_queues` at offset 34 came back as the capacity's low bytes.
     pub fn read_config(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
-        let (Ok(offset), Ok(size)) = (u32::try_from(offset), u32::try_from(data.len())) else { return };
+        let Some(end) = offset.checked_add(data.len() as u64).filter(|&e| e <= MAX_CONFIG_SIZE) else {
+            return;
+        };
         if !self.has_config {
             return;
         }
-        let zeros = vec![0u8; data.len()];
-        match self.frontend.get_config(offset, size, VhostUserConfigFlags::empty(), &zeros) {
-            Ok((_, payload)) if payload.len() == data.len() => data.copy_from_slice(&payload),
+        let zeros = vec![0u8; end as usize];
+        match self.frontend.get_config(0, end as u32, VhostUserConfigFlags::empty(), &zeros) {
+            Ok((_, payload)) if payload.len() == zeros.len() => {
+                data.copy_from_slice(&payload[offset as usize..]);
+            }
             Ok(_) => {}
             Err(e) => tracing::debug!("vhost-user {}: GET_CONFIG failed: {e}", self.kind.name()),
         }

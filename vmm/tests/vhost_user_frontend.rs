@@ -86,6 +86,11 @@ fn qemu_storage_daemon_serves_a_disk_over_vhost_user_blk() {
         let mut capacity = [0u8; 8];
         frontend.read_config(0, &mut capacity);
         assert_eq!(u64::from_le_bytes(capacity), (8 << 20) / 512);
+        // virtio_blk_config.num_queues, read on its own as a driver reads it (libvhost-user
+        // answers from byte 0 whatever the offset asked).
+        let mut num_queues = [0u8; 2];
+        frontend.read_config(34, &mut num_queues);
+        assert_eq!(u16::from_le_bytes(num_queues), 2);
         let queues = rings_at_the_largest_sizes(frontend.queue_max_sizes());
         activate_and_reset(&mut frontend, &queues)
     });
