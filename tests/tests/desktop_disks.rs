@@ -27,6 +27,25 @@ fn free_tcp_port() -> u16 {
 
 const TEMPLATE_MIB: u32 = 64;
 
+/// A stack with one pool of `kind` whose image's disk template (`home-v1.qcow2`) holds
+/// `files`, and Alice's desktop from it, booted: (stack, Alice's bearer token, desktop id).
+fn alices_desktop(
+    dir: &Path,
+    kind: &'static str,
+    max: u32,
+    spares: u32,
+    files: &[(&str, &str)],
+) -> (Stack, String, String) {
+    let template = dir.join("home-v1.qcow2");
+    ext4_template(&template, TEMPLATE_MIB, files).unwrap();
+    let mut stack = stack(dir, kind, max, spares, &template);
+    let bearer = stack.login("alice", "alice-password-1").unwrap();
+    let desktop = stack.request_desktop(&bearer).unwrap();
+    stack.wait_in_use(&bearer, &desktop, boot_timeout()).unwrap();
+    wait_booted(&stack, &desktop, 1);
+    (stack, bearer, desktop)
+}
+
 /// A stack with one pool of `kind` whose image has the disk template `template`.
 fn stack(dir: &Path, kind: &'static str, max: u32, spares: u32, template: &Path) -> Stack {
     let host_bin = workspace_binary("pleiades-host").unwrap();
@@ -148,16 +167,11 @@ fn overlays(stack: &Stack) -> Vec<PathBuf> {
 #[test]
 fn a_persistent_desktop_keeps_its_files_across_restarts_logout_and_a_host_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let template = dir.path().join("home-v1.qcow2");
-    // 8 MiB of data the desktops share: their overlays must not copy it.
+    // 8 MiB of data the desktops share: their overlays must not copy it. A spare desktop: two
+    // desktops on one template.
     let shared = pseudo_random_text(8 << 20);
-    ext4_template(&template, TEMPLATE_MIB, &[("README", "template-v1"), ("shared.txt", &shared)]).unwrap();
-    // A spare desktop: two desktops on one template.
-    let mut stack = stack(dir.path(), "persistent", 2, 1, &template);
-    let bearer = stack.login("alice", "alice-password-1").unwrap();
-    let desktop = stack.request_desktop(&bearer).unwrap();
-    stack.wait_in_use(&bearer, &desktop, boot_timeout()).unwrap();
-    wait_booted(&stack, &desktop, 1);
+    let files = [("README", "template-v1"), ("shared.txt", shared.as_str())];
+    let (mut stack, bearer, desktop) = alices_desktop(dir.path(), "persistent", 2, 1, &files);
 
     // The template's file is there, on an ext4 /home from /dev/vda.
     run_in_guest(
@@ -231,13 +245,8 @@ fn a_persistent_desktop_keeps_its_files_across_restarts_logout_and_a_host_restar
 #[test]
 fn floating_desktops_revert_at_logout_take_a_recomposed_image_and_share_their_template() {
     let dir = tempfile::tempdir().unwrap();
-    let v1 = dir.path().join("home-v1.qcow2");
-    ext4_template(&v1, TEMPLATE_MIB, &[("README", "template-v1")]).unwrap();
-    let mut stack = stack(dir.path(), "floating", 1, 0, &v1);
-    let bearer = stack.login("alice", "alice-password-1").unwrap();
-    let desktop = stack.request_desktop(&bearer).unwrap();
-    stack.wait_in_use(&bearer, &desktop, boot_timeout()).unwrap();
-    wait_booted(&stack, &desktop, 1);
+    let (mut stack, bearer, desktop) =
+        alices_desktop(dir.path(), "floating", 1, 0, &[("README", "template-v1")]);
     run_in_guest(
         &stack,
         &desktop,

@@ -406,17 +406,9 @@ impl Broker {
         let now = self.now();
         let mut tx = self.db.pool.begin().await?;
         end_sessions(&mut tx, &desktop.id, "reverted", now).await?;
-        let moved = sqlx::query("UPDATE desktops SET state = $1, user_id = NULL, state_since = $2, image_id = $4 WHERE id = $3 AND state IN ('in_use', 'disconnected', 'ready')")
-            .bind(DesktopState::Recycling.as_str())
-            .bind(now)
-            .bind(&desktop.id)
-            .bind(&pool.image_id)
-            .execute(&mut *tx)
-            .await?;
-        if moved.rows_affected() != 1 {
+        if !queue_recycle(&mut tx, &desktop.id, &host, &pool.image_id, true, now).await? {
             return Err(Error::NotReady(desktop.name.clone()));
         }
-        queue_command(&mut tx, &host, &desktop.id, CommandKind::Recycle, now).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -439,15 +431,8 @@ impl Broker {
         if pool.kind == PoolKind::Floating {
             // Reverted to the pool's image as it is now: a recomposed pool's new template
             // reaches its floating desktops here.
-            let moved = sqlx::query("UPDATE desktops SET state = $1, user_id = NULL, state_since = $2, image_id = $4 WHERE id = $3 AND state IN ('in_use', 'disconnected')")
-                .bind(DesktopState::Recycling.as_str())
-                .bind(now)
-                .bind(&desktop.id)
-                .bind(&pool.image_id)
-                .execute(&mut *tx)
-                .await?;
-            if let (1, Some(host)) = (moved.rows_affected(), &desktop.host_id) {
-                queue_command(&mut tx, host, &desktop.id, CommandKind::Recycle, now).await?;
+            if let Some(host) = &desktop.host_id {
+                queue_recycle(&mut tx, &desktop.id, host, &pool.image_id, false, now).await?;
             }
         } else {
             sqlx::query("UPDATE desktops SET state = $1, user_id = NULL, state_since = $2 WHERE id = $3 AND state IN ('in_use', 'disconnected')")
@@ -460,4 +445,33 @@ impl Broker {
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// Moves a desktop that is in use or disconnected (or, with `ready_too`, ready) to `recycling`
+/// on `image_id`, its user gone, and queues its recycle on `host`: whether it moved.
+async fn queue_recycle(
+    tx: &mut Transaction<'_, Any>,
+    desktop_id: &str,
+    host: &str,
+    image_id: &str,
+    ready_too: bool,
+    now: i64,
+) -> Result<bool> {
+    let sql = if ready_too {
+        "UPDATE desktops SET state = $1, user_id = NULL, state_since = $2, image_id = $4 WHERE id = $3 AND state IN ('in_use', 'disconnected', 'ready')"
+    } else {
+        "UPDATE desktops SET state = $1, user_id = NULL, state_since = $2, image_id = $4 WHERE id = $3 AND state IN ('in_use', 'disconnected')"
+    };
+    let moved = sqlx::query(sql)
+        .bind(DesktopState::Recycling.as_str())
+        .bind(now)
+        .bind(desktop_id)
+        .bind(image_id)
+        .execute(&mut **tx)
+        .await?;
+    if moved.rows_affected() != 1 {
+        return Ok(false);
+    }
+    queue_command(tx, host, desktop_id, CommandKind::Recycle, now).await?;
+    Ok(true)
 }
