@@ -18,8 +18,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use super::qemu::qemu_opt;
-
 /// An image file's format, from its first bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DiskFormat {
@@ -138,6 +136,11 @@ pub fn io_counters(blockstats: &serde_json::Value) -> serde_json::Value {
         .collect();
     disks.sort_by(|a, b| a["node"].as_str().cmp(&b["node"].as_str()));
     serde_json::Value::Array(disks)
+}
+
+/// A path as the value of a QEMU `key=value,…` option: a comma is written twice.
+pub fn qemu_opt(path: &Path) -> String {
+    path.display().to_string().replace(',', ",,")
 }
 
 /// The qemu-storage-daemon binary (`PLEIADES_QEMU_STORAGE_DAEMON` overrides).

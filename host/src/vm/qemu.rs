@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 use super::device_process::{self, DeviceProcess};
 use super::device_thread;
-use super::disk::{self, Disk};
+use super::disk::{self, Disk, qemu_opt};
 use super::qemu_display::{self, QemuDisplay};
 pub use super::qmp::Qmp;
 use super::{DeviceKind, DeviceRequest, Serving};
@@ -105,11 +105,6 @@ fn qemu_command(
     }
     cmd.arg("-qmp").arg(format!("unix:{},server=on,wait=off", qemu_opt(qmp)));
     cmd
-}
-
-/// A path as the value of a QEMU `key=value,…` option: a comma is written twice.
-pub(super) fn qemu_opt(path: &Path) -> String {
-    path.display().to_string().replace(',', ",,")
 }
 
 /// QEMU's id for the GPU device.
