@@ -118,12 +118,15 @@ fn host_log(stack: &Stack) -> String {
     format!("{}\nbroker log:\n{}", tail(&stack.host.log), tail(&stack.broker.log))
 }
 
-/// The user's desktop, running and theirs again after its VM was lost: a failed desktop is
-/// restarted (once the broker's retry wait allows), a ready one requested.
-fn bring_back(stack: &mut Stack, bearer: &str, desktop: &str) {
-    wait_for("the desktop to be the user's again", boot_timeout(), || {
-        match state_of(stack, bearer, desktop).as_deref() {
-            Some("in_use") => return Some(()),
+/// The user's desktop booted again (more than `boots` READY lines) and theirs, after its VM
+/// was lost or reverted: a failed desktop is restarted (once the broker's retry wait allows),
+/// a ready one requested. The broker notices a lost VM only after two heartbeats, so the
+/// desktop can still say `in_use` for a while after its VM is gone: only a new boot ends the
+/// wait.
+fn bring_back(stack: &mut Stack, bearer: &str, desktop: &str, boots: usize) {
+    wait_for("the desktop to boot again and be the user's", boot_timeout(), || {
+        let state = state_of(stack, bearer, desktop);
+        match state.as_deref() {
             Some("failed") => {
                 let _ = stack.act(&format!("/api/v1/desktops/{desktop}/restart"), bearer);
             }
@@ -132,10 +135,16 @@ fn bring_back(stack: &mut Stack, bearer: &str, desktop: &str) {
             }
             _ => {}
         }
+        let booted = serial(stack, desktop).matches("PLEIADES-READY").count() > boots;
+        if booted && state.as_deref() == Some("in_use") {
+            return Some(());
+        }
         std::thread::sleep(Duration::from_millis(500));
         None
     })
-    .unwrap();
+    .unwrap_or_else(|e| {
+        panic!("{e}; serial console:\n{}\nhost log:\n{}", serial(stack, desktop), host_log(stack))
+    });
 }
 
 /// `len` bytes of text that no compression shrinks much.
@@ -225,15 +234,13 @@ fn a_persistent_desktop_keeps_its_files_across_restarts_logout_and_a_host_restar
     // desktop again on the same disk.
     let boots = serial(&stack, &desktop).matches("PLEIADES-READY").count();
     stack.restart_host(2).unwrap();
-    bring_back(&mut stack, &bearer, &desktop);
-    wait_booted(&stack, &desktop, boots + 1);
+    bring_back(&mut stack, &bearer, &desktop, boots);
     run_in_guest(&stack, &desktop, "echo AFTER3-$(cat /home/mine) > /dev/ttyS0", "AFTER3-PERSIST-42");
 
     // The owner resets the desktop: a fresh disk on the pool's image.
     let boots = serial(&stack, &desktop).matches("PLEIADES-READY").count();
     stack.act(&format!("/api/v1/desktops/{desktop}/reset"), &bearer).unwrap();
-    bring_back(&mut stack, &bearer, &desktop);
-    wait_booted(&stack, &desktop, boots + 1);
+    bring_back(&mut stack, &bearer, &desktop, boots);
     run_in_guest(
         &stack,
         &desktop,

@@ -84,6 +84,12 @@ pub const GROUPS: &[Group] = &[
         packages: &["qemu-system-x86", "qemu-system-gui", "qemu-utils", "e2fsprogs"],
     },
     Group {
+        name: "desktop-image",
+        purpose: "the desktop image (cargo xtask desktop-image): a trixie root filesystem from Debian packages",
+        unless_command: None,
+        packages: &["mmdebstrap"],
+    },
+    Group {
         name: "postgresql",
         purpose: "the broker's PostgreSQL tests (server binaries; the tests start their own server)",
         unless_command: None,

@@ -145,35 +145,40 @@ impl GuestImageBuild {
 
     /// Builds `pleiades-agent` statically linked and returns its path.
     fn build_agent(&self) -> Result<PathBuf> {
-        println!("guest image: building pleiades-agent (static)");
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args([
-                "build",
-                "--quiet",
-                "--package",
-                "pleiades-agent",
-                "--profile",
-                "agent",
-                "--target",
-                AGENT_TARGET,
-            ])
-            .env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS", "-C target-feature=+crt-static")
-            .current_dir(&self.root)
-            .status()
-            .context("cannot run cargo")?;
-        if !status.success() {
-            bail!("building pleiades-agent failed ({status})");
-        }
-        let target_dir =
-            std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| self.root.join("target"), PathBuf::from);
-        let agent = target_dir.join(AGENT_TARGET).join("agent/pleiades-agent");
-        let bytes = fs::read(&agent).with_context(|| format!("cannot read {}", agent.display()))?;
-        let elf = object::File::parse(bytes.as_slice()).context("the agent is not an ELF file")?;
-        if elf.section_by_name(".interp").is_some() {
-            bail!("{} is dynamically linked; the guest has no dynamic loader", agent.display());
-        }
-        Ok(agent)
+        build_agent(&self.root)
     }
+}
+
+/// Builds `pleiades-agent` statically linked (no dynamic loader needed in a guest) and returns
+/// its path.
+pub fn build_agent(root: &Path) -> Result<PathBuf> {
+    println!("guest image: building pleiades-agent (static)");
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args([
+            "build",
+            "--quiet",
+            "--package",
+            "pleiades-agent",
+            "--profile",
+            "agent",
+            "--target",
+            AGENT_TARGET,
+        ])
+        .env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS", "-C target-feature=+crt-static")
+        .current_dir(root)
+        .status()
+        .context("cannot run cargo")?;
+    if !status.success() {
+        bail!("building pleiades-agent failed ({status})");
+    }
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    let agent = target_dir.join(AGENT_TARGET).join("agent/pleiades-agent");
+    let bytes = fs::read(&agent).with_context(|| format!("cannot read {}", agent.display()))?;
+    let elf = object::File::parse(bytes.as_slice()).context("the agent is not an ELF file")?;
+    if elf.section_by_name(".interp").is_some() {
+        bail!("{} is dynamically linked; the guest has no dynamic loader", agent.display());
+    }
+    Ok(agent)
 }
 
 fn read_module_list(path: &Path) -> Result<Vec<String>> {

@@ -3,6 +3,8 @@
 //! - `deps`: installs the Debian packages the project needs (idempotent).
 //! - `guest-image`: builds the test guest image into `target/guest/` (cached): the Linux image
 //!   and the no_std test guest `testguest.elf`.
+//! - `desktop-image`: builds the graphical desktop image into `target/desktop/` (cached):
+//!   Debian trixie with Xfce on a qcow2 disk, for pools of real desktops.
 //! - `demo`: the main job: everything above, then the broker (SQLite) with a pool of the test
 //!   image, a host daemon registered with it, a desktop for the demo user, and the headless
 //!   client on it with the broker's ticket; prints the portal URL and the demo logins.
@@ -13,6 +15,7 @@
 mod apt;
 mod architecture;
 mod cpio;
+mod desktop_image;
 mod fuzz;
 mod guest_image;
 mod kmod;
@@ -52,6 +55,13 @@ enum Cmd {
         /// Only the no_std test guest (no Debian packages needed).
         #[arg(long)]
         testguest_only: bool,
+    },
+    /// Build the desktop image into target/desktop/: Debian trixie with Xfce, LightDM logging
+    /// the user in, PipeWire, systemd-networkd and the agent, on a qcow2 disk (a pool's template).
+    DesktopImage {
+        /// Rebuild even if nothing changed.
+        #[arg(long)]
+        force: bool,
     },
     /// The main job: install and build, then the broker (SQLite) with a pool of the test image,
     /// a host daemon registered with it, a desktop for the demo user and the headless client on
@@ -114,6 +124,7 @@ fn run(command: Cmd) -> Result<()> {
         Cmd::GuestImage { force, testguest_only: false } => {
             guest_image::GuestImageBuild { root, force }.run().map(drop)
         }
+        Cmd::DesktopImage { force } => desktop_image::build(&root, force).map(drop),
         Cmd::Demo { interactive } => demo(&root, interactive),
         Cmd::Check => check_architecture(&root),
         Cmd::Fuzz { minutes, jobs, targets } => fuzz::run_long(&root, &targets, minutes, usize::from(jobs)),

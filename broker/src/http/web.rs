@@ -628,7 +628,7 @@ fn pool_form(auth: &Auth, action: &str, spec: Option<(&PoolSpec, bool)>, images:
             @if editing {
                 small id="pool-image-help" {
                     "A new image recomposes the pool: floating desktops move to it at their next recycle, "
-                    "persistent ones when you recompose them on the Desktops page (or their owner resets them)."
+                    "persistent ones when you recompose them in the list of desktops below (or their owner resets them)."
                 }
             }
             label for="pool-min" { "Minimum size" } input id="pool-min" name="min_size" type="number" min="0" value=(s.min_size);
