@@ -424,34 +424,27 @@ fn linux_on_vhost_user_devices_powers_itself_off(host: &mut KvmHost) {
     let log = std::fs::read_to_string(&vm.log).unwrap_or_default();
     assert_eq!(exit, 0, "{log}");
     assert!(log.contains("PowerOff"), "{log}");
-    // What the guest wrote is in its overlay, on top of the untouched template.
-    let raw = host.scratch().join("home.raw");
-    let converted = std::process::Command::new("qemu-img")
-        .args(["convert", "-O", "raw"])
-        .arg(&overlay)
-        .arg(&raw)
-        .status()
-        .unwrap();
-    assert!(converted.success());
+    // What the guest wrote is in its overlay, on top of the untouched template: a file of an
+    // image, read with debugfs from a raw copy of it.
     let read = |file: &str, image: &std::path::Path| {
+        let raw = image.with_extension("raw");
+        let converted = std::process::Command::new("qemu-img")
+            .args(["convert", "-O", "raw"])
+            .arg(image)
+            .arg(&raw)
+            .status()
+            .unwrap();
+        assert!(converted.success(), "qemu-img convert {}", image.display());
         let out = std::process::Command::new("debugfs")
             .args(["-R", &format!("cat /{file}")])
-            .arg(image)
+            .arg(&raw)
             .output()
             .unwrap();
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     };
-    assert_eq!(read("mine", &raw), "KEPT-42", "the guest's synced file is in its overlay");
-    let template_raw = host.scratch().join("template.raw");
-    let converted = std::process::Command::new("qemu-img")
-        .args(["convert", "-O", "raw"])
-        .arg(&template)
-        .arg(&template_raw)
-        .status()
-        .unwrap();
-    assert!(converted.success());
-    assert_eq!(read("mine", &template_raw), "", "the template is not written");
-    assert_eq!(read("README", &template_raw), "template-v1");
+    assert_eq!(read("mine", &overlay), "KEPT-42", "the guest's synced file is in its overlay");
+    assert_eq!(read("mine", &template), "", "the template is not written");
+    assert_eq!(read("README", &template), "template-v1");
 }
 
 /// `ctl status` as JSON.
