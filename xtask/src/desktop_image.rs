@@ -11,7 +11,8 @@
 //!   virtio-gpu flushes either way; PipeWire on virtio-snd; systemd-networkd (DHCP on any
 //!   `en*` NIC) with systemd-resolved.
 //! - The Pleiades agent (static) is installed as `pleiades-agent-ready.service`, which prints
-//!   the agent's `PLEIADES-READY` line on the serial console once the graphical target is up.
+//!   the agent's `PLEIADES-READY` line on the serial console once the desktop is usable (the
+//!   user's session runs its panel).
 //! - The tree becomes an ext4 filesystem (`mkfs.ext4 -d`, no loop mount) of
 //!   [`DISK_GIB`] GiB, converted to qcow2: a template that pools clone copy-on-write. The kernel
 //!   and initrd are taken out for direct boot (`root=/dev/vda`).
@@ -219,7 +220,8 @@ chroot "$root" systemctl set-default graphical.target
 mkdir -p "$root/etc/systemd/network"
 printf '[Match]\nName=en*\n\n[Network]\nDHCP=yes\n' > "$root/etc/systemd/network/20-wired.network"
 chroot "$root" systemctl enable systemd-networkd systemd-resolved
-# The agent: its READY line on the serial console once the desktop is up.
+# The agent: its READY line on the serial console once the desktop is usable (the user's
+# session has its panel; by then udev has bound the GPU the X server draws on), at most 5 min.
 install -m 0755 {agent} "$root/usr/local/bin/pleiades-agent"
 cat > "$root/etc/systemd/system/pleiades-agent-ready.service" <<'UNIT'
 [Unit]
@@ -227,8 +229,10 @@ Description=Pleiades agent: report the desktop ready on the serial console
 After=graphical.target lightdm.service
 [Service]
 Type=oneshot
+ExecStartPre=/bin/sh -c 'for i in $(seq 300); do grep -qx xfce4-panel /proc/[0-9]*/comm 2>/dev/null && exit 0; sleep 1; done; exit 0'
 ExecStart=/usr/local/bin/pleiades-agent ready
 StandardOutput=file:/dev/ttyS0
+TimeoutStartSec=330
 [Install]
 WantedBy=graphical.target
 UNIT
