@@ -343,6 +343,7 @@ fn spec(name: &str, max: usize, spares: usize) -> PoolSpec {
         spares: spares as i64,
         idle_timeout_secs: 3600,
         disconnect_timeout_secs: 3600,
+        network: Default::default(),
     }
 }
 

@@ -18,6 +18,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (3, include_str!("../migrations/0003_desktop_user_indexes.sql")),
     (4, include_str!("../migrations/0004_start_failures.sql")),
     (5, include_str!("../migrations/0005_disks.sql")),
+    (6, include_str!("../migrations/0006_pool_network.sql")),
 ];
 
 /// A handle to the broker's database (cheap to clone).

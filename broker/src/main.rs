@@ -14,7 +14,7 @@ use pleiades_broker::clock::SystemClock;
 use pleiades_broker::config::Config;
 use pleiades_broker::db::Db;
 use pleiades_broker::http::{AppState, router};
-use pleiades_broker::model::{Actor, Image, PoolKind, PoolSpec, PrincipalKind};
+use pleiades_broker::model::{Actor, Image, PoolKind, PoolNetwork, PoolSpec, PrincipalKind};
 use pleiades_broker::server;
 
 #[derive(Debug, Parser)]
@@ -145,6 +145,14 @@ struct PoolArgs {
     idle_timeout: i64,
     #[arg(long, default_value_t = 900)]
     disconnect_timeout: i64,
+    /// The desktops' network: `nat` (a network card with DHCP, DNS and outbound NAT, kept from
+    /// the host's services and other desktops) or `none`.
+    #[arg(long, value_parser = ["nat", "none"], default_value = "nat")]
+    network: String,
+    /// A TCP port of a service on the host's loopback that the desktops may reach, at
+    /// 10.213.0.1. Repeat for several.
+    #[arg(long = "host-port")]
+    host_ports: Vec<u16>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -336,6 +344,7 @@ async fn run(mut config: Config, command: Cmd) -> Result<()> {
                 spares: a.spares,
                 idle_timeout_secs: a.idle_timeout,
                 disconnect_timeout_secs: a.disconnect_timeout,
+                network: PoolNetwork { nat: a.network == "nat", host_ports: a.host_ports },
             };
             let pool = open(&config).await?.create_pool(&system, &spec).await?;
             println!("pool {} created ({})", pool.name, pool.id);
@@ -362,8 +371,13 @@ async fn run(mut config: Config, command: Cmd) -> Result<()> {
         }
         Cmd::Pool(PoolCmd::List) => {
             for p in open(&config).await?.list_pools().await? {
+                let network = match (p.network.nat, p.network.host_ports.is_empty()) {
+                    (false, _) => "no network".to_owned(),
+                    (true, true) => "nat".to_owned(),
+                    (true, false) => format!("nat, host ports {}", p.network.ports_text()),
+                };
                 println!(
-                    "{}\t{}\tmin {} max {} spares {}\t{}",
+                    "{}\t{}\tmin {} max {} spares {}\t{network}\t{}",
                     p.name,
                     p.kind.as_str(),
                     p.min_size,

@@ -126,6 +126,7 @@ pub struct Pool {
     pub idle_timeout_secs: i64,
     pub disconnect_timeout_secs: i64,
     pub enabled: bool,
+    pub network: PoolNetwork,
 }
 
 impl Pool {
@@ -142,7 +143,90 @@ impl Pool {
             idle_timeout_secs: get_i64(r, "idle_timeout_secs")?,
             disconnect_timeout_secs: get_i64(r, "disconnect_timeout_secs")?,
             enabled: get_i64(r, "enabled")? != 0,
+            network: PoolNetwork::from_columns(&get_str(r, "network")?, &get_str(r, "host_ports")?)?,
         })
+    }
+}
+
+/// A pool's desktops' network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolNetwork {
+    /// A network card with DHCP, DNS and outbound NAT (the default); `false`: none.
+    #[serde(default = "yes")]
+    pub nat: bool,
+    /// TCP ports of services on the host's loopback that the desktops may reach (at the
+    /// host's services address, 10.213.0.1); nothing else of the host is reachable.
+    #[serde(default)]
+    pub host_ports: Vec<u16>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for PoolNetwork {
+    fn default() -> Self {
+        Self { nat: true, host_ports: Vec::new() }
+    }
+}
+
+impl PoolNetwork {
+    /// At most this many host ports per pool.
+    pub const MAX_HOST_PORTS: usize = 32;
+
+    /// From the `network` (`nat` or `none`) and `host_ports` (comma-separated) columns.
+    pub(crate) fn from_columns(network: &str, host_ports: &str) -> Result<Self> {
+        let nat = match network {
+            "nat" => true,
+            "none" => false,
+            _ => return Err(Error::Invalid(format!("pool network must be nat or none, not {network:?}"))),
+        };
+        Ok(Self { nat, host_ports: Self::parse_ports(host_ports)? })
+    }
+
+    /// The `network` column.
+    pub fn mode(&self) -> &'static str {
+        if self.nat { "nat" } else { "none" }
+    }
+
+    /// The `host_ports` column (and how forms show them): `8080,9000`.
+    pub fn ports_text(&self) -> String {
+        self.host_ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",")
+    }
+
+    /// Ports as an admin writes them: numbers 1-65535 separated by commas or spaces.
+    pub fn parse_ports(text: &str) -> Result<Vec<u16>> {
+        let mut ports: Vec<u16> = text
+            .split([',', ' '])
+            .filter(|p| !p.trim().is_empty())
+            .map(|p| {
+                p.trim().parse::<u16>().ok().filter(|&p| p != 0).ok_or_else(|| {
+                    Error::Invalid(format!("host port {:?}: give a TCP port from 1 to 65535", p.trim()))
+                })
+            })
+            .collect::<Result<_>>()?;
+        ports.sort_unstable();
+        ports.dedup();
+        Ok(ports)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.host_ports.contains(&0) {
+            return Err(Error::Invalid("host ports are TCP ports from 1 to 65535".into()));
+        }
+        if self.host_ports.len() > Self::MAX_HOST_PORTS {
+            return Err(Error::Invalid(format!("at most {} host ports per pool", Self::MAX_HOST_PORTS)));
+        }
+        if !self.nat && !self.host_ports.is_empty() {
+            return Err(Error::Invalid("host ports need the pool's network (nat)".into()));
+        }
+        Ok(())
+    }
+
+    /// What the host is told to give a desktop of the pool.
+    pub fn for_host(&self) -> Option<pleiades_protocol::hostapi::DesktopNetwork> {
+        self.nat
+            .then(|| pleiades_protocol::hostapi::DesktopNetwork { host_tcp_ports: self.host_ports.clone() })
     }
 }
 
@@ -163,6 +247,8 @@ pub struct PoolSpec {
     pub idle_timeout_secs: i64,
     #[serde(default = "default_disconnect")]
     pub disconnect_timeout_secs: i64,
+    #[serde(default)]
+    pub network: PoolNetwork,
 }
 
 fn default_idle() -> i64 {
@@ -188,7 +274,7 @@ impl PoolSpec {
         if self.idle_timeout_secs < 0 || self.disconnect_timeout_secs < 0 {
             return Err(Error::Invalid("timeouts must not be negative".into()));
         }
-        Ok(())
+        self.network.validate()
     }
 }
 

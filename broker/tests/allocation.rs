@@ -245,6 +245,7 @@ async fn spec(env: &Env, pool: &str, max: i64, spares: i64) -> pleiades_broker::
         spares,
         idle_timeout_secs: p.idle_timeout_secs,
         disconnect_timeout_secs: p.disconnect_timeout_secs,
+        network: p.network.clone(),
     }
 }
 

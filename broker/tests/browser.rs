@@ -58,6 +58,7 @@ async fn scenario() {
                 spares: 0,
                 idle_timeout_secs: 3600,
                 disconnect_timeout_secs: 900,
+                network: Default::default(),
             },
             true,
         )

@@ -255,7 +255,7 @@ fn run_qemu(spec: &BootSpec, args: &RunArgs) -> Result<ExitCode> {
     let accel = pleiades_vmm::accel::choose()?;
     tracing::info!("QEMU accelerator: {} ({})", accel.accel, accel.reason);
     let disks = open_disks(args)?;
-    let vm = QemuVm::start(spec, &args.devices, &disks, &args.serial, accel)?;
+    let vm = QemuVm::start(spec, &args.devices, &disks, args.net.as_ref(), &args.serial, accel)?;
     let controller = with_session(args, vm.controller())?;
     let _control = control_vm(args, controller)?;
     let status = vm.wait()?;
@@ -279,6 +279,9 @@ fn run_synthetic(workload: pleiades_session::synthetic::Workload, args: &RunArgs
 }
 
 fn run_pleiades(spec: &BootSpec, args: &RunArgs) -> Result<ExitCode> {
+    if args.net.is_some() {
+        anyhow::bail!("Pleiades' VMM has no network device yet: use --vmm qemu for --net, or drop --net");
+    }
     let disks = open_disks(args)?;
     let vm = NativeVm::new(spec, &args.devices, &disks, &args.serial)?;
     let controller = with_session(args, vm.controller())?;

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use clap::ValueEnum;
 
 use crate::vm::disk::DiskRequest;
+use crate::vm::net::NetRequest;
 use crate::vm::{DeviceRequest, SerialOut};
 
 /// `pleiades-host run`'s arguments.
@@ -48,6 +49,13 @@ pub struct RunArgs {
     /// several disks.
     #[arg(long = "disk")]
     pub disks: Vec<DiskRequest>,
+    /// A virtio-net NIC on QEMU's user-mode network (DHCP, DNS, outbound NAT):
+    /// `user[,netns=NAME][,mac=MAC]`. With `netns`, QEMU runs in that network namespace and
+    /// the guest reaches only what the namespace can (`pleiades-host serve` makes one per
+    /// desktop); without, the guest reaches everything this machine can, its loopback
+    /// included. Needs `--vmm qemu`.
+    #[arg(long)]
+    pub net: Option<NetRequest>,
     /// Serve the desktop to a client (QUIC, UDP) on this address, e.g. `0.0.0.0:4433` or
     /// `127.0.0.1:0` (any free port). Needs `--device gpu`; input goes to the keyboard and
     /// tablet.
@@ -77,7 +85,7 @@ pub struct RunArgs {
     pub tls_identity: Option<PathBuf>,
     /// No VM: a synthetic desktop drawn by the host through a real GPU device (for protocol
     /// benchmarks): idle, typing, scroll, video or motion. Use with --listen.
-    #[arg(long, conflicts_with_all = ["kernel", "initrd", "devices", "disks"])]
+    #[arg(long, conflicts_with_all = ["kernel", "initrd", "devices", "disks", "net"])]
     pub synthetic: Option<pleiades_session::synthetic::Workload>,
     /// The synthetic desktop's size.
     #[arg(long, default_value = "1920x1080", value_parser = parse_layout)]

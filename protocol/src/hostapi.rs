@@ -83,6 +83,19 @@ pub struct HostCommand {
     pub desktop_name: String,
     /// What to boot (the kinds that [boot](CommandKind::boots)).
     pub image: Option<VmImage>,
+    /// The desktop's network, from its pool (the kinds that boot); `None`: no network card.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<DesktopNetwork>,
+}
+
+/// A desktop's network: a NIC with DHCP, DNS and outbound NAT, kept from the host's own
+/// services and from other desktops except what is listed here.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesktopNetwork {
+    /// TCP ports of services on the host's loopback that the desktop may reach (at the host's
+    /// services address, 10.213.0.1).
+    #[serde(default)]
+    pub host_tcp_ports: Vec<u16>,
 }
 
 /// What a [`HostCommand`] asks for. On the wire, and in the broker's database, the lowercase

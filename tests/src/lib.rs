@@ -114,6 +114,7 @@ pub mod disk;
 pub mod evdev;
 pub mod kvm_host;
 pub mod linkem;
+pub mod netns;
 pub mod qemu;
 pub mod served;
 pub mod stack;

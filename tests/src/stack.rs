@@ -12,7 +12,7 @@ use pleiades_protocol::pinning::PinnedCertVerifier;
 use serde_json::{Value, json};
 
 use crate::image::GuestImage;
-use crate::qemu::BASE_CMDLINE;
+use crate::qemu::{BASE_CMDLINE, boot_timeout};
 
 /// A child process killed (and reaped) when dropped.
 #[derive(Debug)]
@@ -107,12 +107,22 @@ pub struct StackOptions {
     pub ticket_key: Option<PathBuf>,
     /// The image's kernel, if not the test image's (a test of a desktop that cannot start).
     pub kernel: Option<PathBuf>,
+    /// The image's initramfs and kernel command line, if not the test image's.
+    pub initrd: Option<PathBuf>,
+    pub cmdline: Option<String>,
+    /// The image's vCPUs and memory.
+    pub vcpus: u32,
+    pub memory_mib: u32,
     /// The image's disk template (`image add --disk`): each desktop gets an overlay on it.
     pub disk: Option<PathBuf>,
     /// `floating` or `persistent`.
     pub pool_kind: &'static str,
     /// The pool's maximum size.
     pub max: u32,
+    /// `pool create --network` (`nat` or `none`).
+    pub network: &'static str,
+    /// `pool create --host-port`: host loopback services the desktops may reach.
+    pub host_ports: Vec<u16>,
 }
 
 impl Default for StackOptions {
@@ -129,9 +139,15 @@ impl Default for StackOptions {
             spares: 1,
             ticket_key: None,
             kernel: None,
+            initrd: None,
+            cmdline: None,
+            vcpus: 1,
+            memory_mib: 512,
             disk: None,
             pool_kind: "floating",
             max: 4,
+            network: "nat",
+            host_ports: Vec::new(),
         }
     }
 }
@@ -153,6 +169,22 @@ pub struct Stack {
     // Dropped in this order: the host (its VMs with it), then the broker.
     pub host: Daemon,
     pub broker: Daemon,
+}
+
+/// The host daemon is killed (as a crash would: SIGKILL), its VMs with it; what it cannot
+/// clean up then, its desktops' network namespaces, is removed here.
+impl Drop for Stack {
+    fn drop(&mut self) {
+        let _ = self.host.child.kill();
+        let _ = self.host.child.wait();
+        let Ok(entries) = std::fs::read_dir(self.host_state.join("desktops")) else { return };
+        for id in entries.filter_map(|e| e.ok()?.file_name().into_string().ok()) {
+            let netns = format!("pleiades-{id}");
+            if Path::new("/run/netns").join(&netns).exists() {
+                let _ = Command::new("ip").args(["netns", "del", &netns]).status();
+            }
+        }
+    }
 }
 
 impl Stack {
@@ -178,10 +210,12 @@ impl Stack {
         cli(&["group", "add", "staff"], None)?;
         cli(&["group", "member", "add", "staff", &o.user.0], None)?;
         let kernel = o.kernel.as_ref().unwrap_or(&image.kernel).display().to_string();
-        let initrd = image.initramfs.display().to_string();
+        let initrd = o.initrd.as_ref().unwrap_or(&image.initramfs).display().to_string();
+        let (vcpus, memory) = (o.vcpus.to_string(), o.memory_mib.to_string());
         #[rustfmt::skip]
         let mut image_args = vec!["image", "add", IMAGE, "--kernel", &kernel, "--initrd", &initrd,
-                                  "--cmdline", BASE_CMDLINE, "--vcpus", "1", "--memory-mib", "512"];
+                                  "--cmdline", o.cmdline.as_deref().unwrap_or(BASE_CMDLINE),
+                                  "--vcpus", &vcpus, "--memory-mib", &memory];
         let disk = o.disk.as_ref().map(|d| d.display().to_string());
         if let Some(disk) = &disk {
             image_args.extend(["--disk", disk]);
@@ -189,8 +223,11 @@ impl Stack {
         cli(&image_args, None)?;
         let (spares, max) = (o.spares.to_string(), o.max.to_string());
         #[rustfmt::skip]
-        cli(&["pool", "create", POOL, "--image", IMAGE, "--display-name", "Test desktops", "--max", &max,
-              "--spares", &spares, "--kind", o.pool_kind], None)?;
+        let mut pool_args = vec!["pool", "create", POOL, "--image", IMAGE, "--display-name", "Test desktops",
+                                 "--max", &max, "--spares", &spares, "--kind", o.pool_kind, "--network", o.network];
+        let ports: Vec<String> = o.host_ports.iter().map(|p| format!("--host-port={p}")).collect();
+        pool_args.extend(ports.iter().map(String::as_str));
+        cli(&pool_args, None)?;
         cli(&["pool", "entitle", POOL, "--group", "staff"], None)?;
 
         let mut broker = Daemon::spawn(
@@ -317,6 +354,78 @@ impl Stack {
     /// The serial console log of a desktop's VM.
     pub fn serial_log(&self, desktop: &str) -> PathBuf {
         self.host_state.join("desktops").join(desktop).join("serial.log")
+    }
+
+    /// The desktop's serial console so far.
+    pub fn serial(&self, desktop: &str) -> String {
+        std::fs::read_to_string(self.serial_log(desktop)).unwrap_or_default()
+    }
+
+    /// Types `command` on the desktop's keyboard until `marker` appears on its serial console
+    /// (the first keystrokes can come before the console's shell reads them). `command` must
+    /// be harmless to repeat; the typed command line itself must not contain `marker`.
+    pub fn run_in_guest(&self, desktop: &str, command: &str, marker: &str) {
+        assert!(!command.contains(marker), "the echo of {command:?} would match {marker:?}");
+        let control = self.host_state.join("desktops").join(desktop).join("control.sock");
+        let deadline = std::time::Instant::now() + boot_timeout();
+        while std::time::Instant::now() < deadline {
+            let text = format!("{command}\n");
+            let request = pleiades_control::Request::Type { text };
+            let _ = pleiades_control::request(&control, &request, Duration::from_secs(10));
+            if wait_for("the command's answer", Duration::from_secs(15), || {
+                self.serial(desktop).contains(marker).then_some(())
+            })
+            .is_ok()
+            {
+                return;
+            }
+        }
+        panic!("{marker:?} never came from {command:?}; serial console:\n{}", self.serial(desktop));
+    }
+
+    /// Runs the shell expression `expr` in the guest and returns what it printed (one line):
+    /// the guest echoes `ANS-label=…=END` on its serial console. `label` names the question;
+    /// each must be asked once per desktop.
+    pub fn ask_guest(&self, desktop: &str, label: &str, expr: &str) -> String {
+        let open = format!("ANS-{label}=");
+        let answer = |serial: &str| {
+            serial.match_indices(&open).find_map(|(at, _)| {
+                let rest = &serial[at + open.len()..];
+                let text = &rest[..rest.find("=END")?];
+                (!text.starts_with("$(")).then(|| text.to_owned())
+            })
+        };
+        let command = format!("echo \"{open}$({expr})=END\" > /dev/ttyS0");
+        let control = self.host_state.join("desktops").join(desktop).join("control.sock");
+        let deadline = std::time::Instant::now() + boot_timeout();
+        while std::time::Instant::now() < deadline {
+            let request = pleiades_control::Request::Type { text: format!("{command}\n") };
+            let _ = pleiades_control::request(&control, &request, Duration::from_secs(10));
+            if let Ok(text) =
+                wait_for("the guest's answer", Duration::from_secs(20), || answer(&self.serial(desktop)))
+            {
+                return text;
+            }
+        }
+        panic!("no answer to {command:?}; serial console:\n{}", self.serial(desktop));
+    }
+
+    /// Waits until the desktop's guest has booted `n` times (its READY lines on the serial log).
+    pub fn wait_booted(&self, desktop: &str, n: usize) {
+        wait_for("the guest to boot", boot_timeout(), || {
+            (self.serial(desktop).matches("PLEIADES-READY").count() >= n).then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}; serial console:\n{}\n{}", self.serial(desktop), self.logs_tail()));
+    }
+
+    /// The last lines of the host daemon's and the broker's logs.
+    pub fn logs_tail(&self) -> String {
+        let tail = |path: &Path| {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(30)..].join("\n")
+        };
+        format!("host log:\n{}\nbroker log:\n{}", tail(&self.host.log), tail(&self.broker.log))
     }
 
     /// `GET path` of the REST API with a bearer token: the JSON answer.

@@ -11,7 +11,7 @@
 //!   (one kept template, small overlays: sizes printed).
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pleiades_control::{self as control, Request};
 use pleiades_tests::disk::ext4_template;
@@ -42,7 +42,7 @@ fn alices_desktop(
     let bearer = stack.login("alice", "alice-password-1").unwrap();
     let desktop = stack.request_desktop(&bearer).unwrap();
     stack.wait_in_use(&bearer, &desktop, boot_timeout()).unwrap();
-    wait_booted(&stack, &desktop, 1);
+    stack.wait_booted(&desktop, 1);
     (stack, bearer, desktop)
 }
 
@@ -66,56 +66,11 @@ fn stack(dir: &Path, kind: &'static str, max: u32, spares: u32, template: &Path)
     Stack::start(options, &GuestImage::locate().expect("test guest image")).unwrap()
 }
 
-fn serial(stack: &Stack, desktop: &str) -> String {
-    std::fs::read_to_string(stack.serial_log(desktop)).unwrap_or_default()
-}
-
-/// Types `command` on the desktop's keyboard until `marker` appears on its serial console
-/// (the first keystrokes can come before the console's shell reads them). `command` must be
-/// harmless to repeat; the typed command line itself must not contain `marker`.
-fn run_in_guest(stack: &Stack, desktop: &str, command: &str, marker: &str) {
-    assert!(!command.contains(marker), "the echo of {command:?} would match {marker:?}");
-    let control = stack.host_state.join("desktops").join(desktop).join("control.sock");
-    let deadline = Instant::now() + boot_timeout();
-    while Instant::now() < deadline {
-        let text = format!("{command}\n");
-        let _ = control::request(&control, &Request::Type { text }, Duration::from_secs(10));
-        if wait_for("the command's answer", Duration::from_secs(15), || {
-            serial(stack, desktop).contains(marker).then_some(())
-        })
-        .is_ok()
-        {
-            return;
-        }
-    }
-    panic!("{marker:?} never came from {command:?}; serial console:\n{}", serial(stack, desktop));
-}
-
 /// The user's desktop in `state`, as the API reports it.
 fn state_of(stack: &Stack, bearer: &str, desktop: &str) -> Option<String> {
     let mine = stack.get("/api/v1/desktops", bearer).ok()?;
     let found = mine.as_array()?.iter().find(|d| d["id"] == desktop)?;
     found["state"].as_str().map(str::to_owned)
-}
-
-/// Waits until the desktop's guest has booted `n` times (its READY lines on the serial log).
-fn wait_booted(stack: &Stack, desktop: &str, n: usize) {
-    wait_for("the guest to boot", boot_timeout(), || {
-        (serial(stack, desktop).matches("PLEIADES-READY").count() >= n).then_some(())
-    })
-    .unwrap_or_else(|e| {
-        panic!("{e}; serial console:\n{}\nhost log:\n{}", serial(stack, desktop), host_log(stack))
-    });
-}
-
-/// The last lines of the host daemon's and the broker's logs.
-fn host_log(stack: &Stack) -> String {
-    let tail = |path: &Path| {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    };
-    format!("{}\nbroker log:\n{}", tail(&stack.host.log), tail(&stack.broker.log))
 }
 
 /// The user's desktop booted again (more than `boots` READY lines) and theirs, after its VM
@@ -135,7 +90,7 @@ fn bring_back(stack: &mut Stack, bearer: &str, desktop: &str, boots: usize) {
             }
             _ => {}
         }
-        let booted = serial(stack, desktop).matches("PLEIADES-READY").count() > boots;
+        let booted = stack.serial(desktop).matches("PLEIADES-READY").count() > boots;
         if booted && state.as_deref() == Some("in_use") {
             return Some(());
         }
@@ -143,7 +98,7 @@ fn bring_back(stack: &mut Stack, bearer: &str, desktop: &str, boots: usize) {
         None
     })
     .unwrap_or_else(|e| {
-        panic!("{e}; serial console:\n{}\nhost log:\n{}", serial(stack, desktop), host_log(stack))
+        panic!("{e}; serial console:\n{}\nhost log:\n{}", stack.serial(desktop), stack.logs_tail())
     });
 }
 
@@ -183,14 +138,12 @@ fn a_persistent_desktop_keeps_its_files_across_restarts_logout_and_a_host_restar
     let (mut stack, bearer, desktop) = alices_desktop(dir.path(), "persistent", 2, 1, &files);
 
     // The template's file is there, on an ext4 /home from /dev/vda.
-    run_in_guest(
-        &stack,
+    stack.run_in_guest(
         &desktop,
         "echo CHECK1-$(cat /home/README)-$(grep -c '^/dev/vda /home ext4' /proc/mounts) > /dev/ttyS0",
         "CHECK1-template-v1-1",
     );
-    run_in_guest(
-        &stack,
+    stack.run_in_guest(
         &desktop,
         "echo PERSIST-$((6*7)) > /home/mine; sync; echo WROTE-$(cat /home/mine) > /dev/ttyS0",
         "WROTE-PERSIST-42",
@@ -222,27 +175,26 @@ fn a_persistent_desktop_keeps_its_files_across_restarts_logout_and_a_host_restar
     // The desktop restarts: its disk is kept.
     stack.act(&format!("/api/v1/desktops/{desktop}/restart"), &bearer).unwrap();
     stack.wait_in_use(&bearer, &desktop, boot_timeout()).unwrap();
-    wait_booted(&stack, &desktop, 2);
-    run_in_guest(&stack, &desktop, "echo AFTER1-$(cat /home/mine) > /dev/ttyS0", "AFTER1-PERSIST-42");
+    stack.wait_booted(&desktop, 2);
+    stack.run_in_guest(&desktop, "echo AFTER1-$(cat /home/mine) > /dev/ttyS0", "AFTER1-PERSIST-42");
 
     // The user logs out and comes back: the same desktop, still with the file.
     stack.act(&format!("/api/v1/desktops/{desktop}/release"), &bearer).unwrap();
     assert_eq!(stack.request_desktop(&bearer).unwrap(), desktop, "a persistent desktop stays the user's");
-    run_in_guest(&stack, &desktop, "echo AFTER2-$(cat /home/mine) > /dev/ttyS0", "AFTER2-PERSIST-42");
+    stack.run_in_guest(&desktop, "echo AFTER2-$(cat /home/mine) > /dev/ttyS0", "AFTER2-PERSIST-42");
 
     // The host daemon restarts (its VMs are powered off with it); the broker starts the
     // desktop again on the same disk.
-    let boots = serial(&stack, &desktop).matches("PLEIADES-READY").count();
+    let boots = stack.serial(&desktop).matches("PLEIADES-READY").count();
     stack.restart_host(2).unwrap();
     bring_back(&mut stack, &bearer, &desktop, boots);
-    run_in_guest(&stack, &desktop, "echo AFTER3-$(cat /home/mine) > /dev/ttyS0", "AFTER3-PERSIST-42");
+    stack.run_in_guest(&desktop, "echo AFTER3-$(cat /home/mine) > /dev/ttyS0", "AFTER3-PERSIST-42");
 
     // The owner resets the desktop: a fresh disk on the pool's image.
-    let boots = serial(&stack, &desktop).matches("PLEIADES-READY").count();
+    let boots = stack.serial(&desktop).matches("PLEIADES-READY").count();
     stack.act(&format!("/api/v1/desktops/{desktop}/reset"), &bearer).unwrap();
     bring_back(&mut stack, &bearer, &desktop, boots);
-    run_in_guest(
-        &stack,
+    stack.run_in_guest(
         &desktop,
         "echo AFTER4-$(cat /home/mine 2>/dev/null || echo gone)-$(cat /home/README) > /dev/ttyS0",
         "AFTER4-gone-template-v1",
@@ -254,8 +206,7 @@ fn floating_desktops_revert_at_logout_take_a_recomposed_image_and_share_their_te
     let dir = tempfile::tempdir().unwrap();
     let (mut stack, bearer, desktop) =
         alices_desktop(dir.path(), "floating", 1, 0, &[("README", "template-v1")]);
-    run_in_guest(
-        &stack,
+    stack.run_in_guest(
         &desktop,
         "echo FLOAT-$((6*7)) > /home/mine; sync; echo WROTE-$(cat /home/mine)-$(cat /home/README) > /dev/ttyS0",
         "WROTE-FLOAT-42-template-v1",
@@ -267,9 +218,8 @@ fn floating_desktops_revert_at_logout_take_a_recomposed_image_and_share_their_te
         wait_for("the recycled desktop", boot_timeout(), || stack.request_desktop(&bearer).ok()).unwrap();
     assert_eq!(again, desktop, "the pool has one desktop");
     stack.wait_in_use(&bearer, &desktop, boot_timeout()).unwrap();
-    wait_booted(&stack, &desktop, 2);
-    run_in_guest(
-        &stack,
+    stack.wait_booted(&desktop, 2);
+    stack.run_in_guest(
         &desktop,
         "echo AFTER-$(cat /home/mine 2>/dev/null || echo gone)-$(cat /home/README) > /dev/ttyS0",
         "AFTER-gone-template-v1",
@@ -289,9 +239,8 @@ fn floating_desktops_revert_at_logout_take_a_recomposed_image_and_share_their_te
         wait_for("the recycled desktop", boot_timeout(), || stack.request_desktop(&bearer).ok()).unwrap();
     assert_eq!(again, desktop);
     stack.wait_in_use(&bearer, &desktop, boot_timeout()).unwrap();
-    wait_booted(&stack, &desktop, 3);
-    run_in_guest(
-        &stack,
+    stack.wait_booted(&desktop, 3);
+    stack.run_in_guest(
         &desktop,
         "echo RECOMPOSED-$(cat /home/README) > /dev/ttyS0",
         "RECOMPOSED-template-v2",

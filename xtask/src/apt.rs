@@ -84,6 +84,12 @@ pub const GROUPS: &[Group] = &[
         packages: &["qemu-system-x86", "qemu-system-gui", "qemu-utils", "e2fsprogs"],
     },
     Group {
+        name: "network",
+        purpose: "desktops' networks: a namespace and veth per desktop (iproute2), the host's NAT and filter (nftables)",
+        unless_command: None,
+        packages: &["iproute2", "nftables"],
+    },
+    Group {
         name: "desktop-image",
         purpose: "the desktop image (cargo xtask desktop-image): a trixie root filesystem from Debian packages",
         unless_command: None,

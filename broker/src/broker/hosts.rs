@@ -9,7 +9,9 @@ use super::{
 };
 use crate::db::{get_i64, get_str, new_id};
 use crate::error::{Error, Result};
-use crate::model::{Actor, CommandState, DesktopState, Host, HostState, SessionState, valid_name};
+use crate::model::{
+    Actor, CommandState, DesktopState, Host, HostState, PoolNetwork, SessionState, valid_name,
+};
 use crate::secret;
 
 impl Broker {
@@ -223,7 +225,8 @@ impl Broker {
         }
         let vanished = self.vanished_desktops(&mut tx, host, beat, now).await?;
         let rows = sqlx::query(
-            "SELECT c.id, c.kind, c.desktop_id, d.name AS desktop_name, d.pool_id FROM host_commands c LEFT JOIN desktops d ON d.id = c.desktop_id \
+            "SELECT c.id, c.kind, c.desktop_id, d.name AS desktop_name, d.pool_id, p.network, p.host_ports FROM host_commands c \
+             LEFT JOIN desktops d ON d.id = c.desktop_id LEFT JOIN pools p ON p.id = d.pool_id \
              WHERE c.host_id = $1 AND c.state = 'pending' ORDER BY c.created_at, c.id",
         )
         .bind(&host.id)
@@ -245,9 +248,17 @@ impl Broker {
             let kind = CommandKind::from_name(&get_str(r, "kind")?);
             let desktop_id = get_str(r, "desktop_id")?;
             let pool_id: Option<String> = r.try_get("pool_id")?;
-            let image = match pool_id {
-                Some(_) if kind.boots() => Some(image_of_desktop(&mut tx, &desktop_id).await?.into()),
-                _ => None,
+            let (image, network) = match pool_id {
+                Some(_) if kind.boots() => {
+                    let network: Option<String> = r.try_get("network")?;
+                    let ports: Option<String> = r.try_get("host_ports")?;
+                    let network = PoolNetwork::from_columns(
+                        network.as_deref().unwrap_or("none"),
+                        ports.as_deref().unwrap_or_default(),
+                    )?;
+                    (Some(image_of_desktop(&mut tx, &desktop_id).await?.into()), network.for_host())
+                }
+                _ => (None, None),
             };
             commands.push(HostCommand {
                 id,
@@ -255,6 +266,7 @@ impl Broker {
                 desktop_id,
                 desktop_name: r.try_get::<Option<String>, _>("desktop_name")?.unwrap_or_default(),
                 image,
+                network,
             });
         }
         tx.commit().await?;

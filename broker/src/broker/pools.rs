@@ -72,8 +72,8 @@ impl Broker {
             spec.display_name.trim().to_owned()
         };
         sqlx::query(
-            "INSERT INTO pools (id, name, display_name, kind, image_id, min_size, max_size, spares, idle_timeout_secs, disconnect_timeout_secs, enabled, alloc_seq, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 1, 0, $11)",
+            "INSERT INTO pools (id, name, display_name, kind, image_id, min_size, max_size, spares, idle_timeout_secs, disconnect_timeout_secs, enabled, alloc_seq, created_at, network, host_ports) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 1, 0, $11, $12, $13)",
         )
         .bind(&id)
         .bind(&spec.name)
@@ -86,6 +86,8 @@ impl Broker {
         .bind(spec.idle_timeout_secs)
         .bind(spec.disconnect_timeout_secs)
         .bind(self.now())
+        .bind(spec.network.mode())
+        .bind(spec.network.ports_text())
         .execute(&self.db.pool)
         .await
         .map_err(|e| conflict(e, &format!("pool {}", spec.name)))?;
@@ -107,7 +109,7 @@ impl Broker {
             spec.display_name.trim().to_owned()
         };
         sqlx::query(
-            "UPDATE pools SET display_name = $1, min_size = $2, max_size = $3, spares = $4, idle_timeout_secs = $5, disconnect_timeout_secs = $6, enabled = $7 WHERE id = $8",
+            "UPDATE pools SET display_name = $1, min_size = $2, max_size = $3, spares = $4, idle_timeout_secs = $5, disconnect_timeout_secs = $6, enabled = $7, network = $8, host_ports = $9 WHERE id = $10",
         )
         .bind(display)
         .bind(spec.min_size)
@@ -116,6 +118,8 @@ impl Broker {
         .bind(spec.idle_timeout_secs)
         .bind(spec.disconnect_timeout_secs)
         .bind(i64::from(enabled))
+        .bind(spec.network.mode())
+        .bind(spec.network.ports_text())
         .bind(id)
         .execute(&self.db.pool)
         .await?;
@@ -253,14 +257,16 @@ impl Broker {
 
 fn pool_detail(spec: &PoolSpec) -> String {
     format!(
-        "kind={} image={} min={} max={} spares={} idle={}s disconnect={}s",
+        "kind={} image={} min={} max={} spares={} idle={}s disconnect={}s network={} host_ports={}",
         spec.kind.as_str(),
         spec.image,
         spec.min_size,
         spec.max_size,
         spec.spares,
         spec.idle_timeout_secs,
-        spec.disconnect_timeout_secs
+        spec.disconnect_timeout_secs,
+        spec.network.mode(),
+        spec.network.ports_text()
     )
 }
 

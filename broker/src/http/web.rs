@@ -16,7 +16,7 @@ use maud::{DOCTYPE, Markup, html};
 
 use super::{AppState, Auth, Client, LOGIN_CSRF_COOKIE, SESSION_COOKIE, cookie, set_cookie};
 use crate::error::Error;
-use crate::model::{DesktopState, Image, PoolKind, PoolSpec, PrincipalKind, SessionState};
+use crate::model::{DesktopState, Image, PoolKind, PoolNetwork, PoolSpec, PrincipalKind, SessionState};
 use crate::secret;
 
 const CSS: &str = include_str!("style.css");
@@ -604,6 +604,7 @@ fn pool_form(auth: &Auth, action: &str, spec: Option<(&PoolSpec, bool)>, images:
                 spares: 1,
                 idle_timeout_secs: 3600,
                 disconnect_timeout_secs: 900,
+                network: PoolNetwork::default(),
             },
             true,
         ),
@@ -636,6 +637,14 @@ fn pool_form(auth: &Auth, action: &str, spec: Option<(&PoolSpec, bool)>, images:
             label for="pool-spares" { "Spare desktops kept running" } input id="pool-spares" name="spares" type="number" min="0" value=(s.spares);
             label for="pool-idle" { "Idle timeout (s)" } input id="pool-idle" name="idle_timeout_secs" type="number" min="0" value=(s.idle_timeout_secs);
             label for="pool-disc" { "Disconnected timeout (s)" } input id="pool-disc" name="disconnect_timeout_secs" type="number" min="0" value=(s.disconnect_timeout_secs);
+            label for="pool-network" { "Network" }
+            select id="pool-network" name="network" {
+                option value="nat" selected[s.network.nat] { "NAT (DHCP, DNS, outbound; no host services, no other desktops)" }
+                option value="none" selected[!s.network.nat] { "None (no network card)" }
+            }
+            label for="pool-ports" { "Host services (TCP ports)" }
+            input id="pool-ports" name="host_ports" value=(s.network.ports_text()) pattern="[0-9, ]*" aria-describedby="pool-ports-help";
+            small id="pool-ports-help" { "Services on the host's loopback that the desktops may reach at 10.213.0.1, e.g. 3128, 8080." }
             @if editing {
                 label for="pool-enabled" { "Enabled" }
                 input id="pool-enabled" name="enabled" type="checkbox" value="1" checked[enabled];
@@ -661,7 +670,7 @@ async fn admin_pools(
         html! {
             h1 { "Pools" }
             table {
-                thead { tr { th scope="col" { "Pool" } th scope="col" { "Kind" } th scope="col" { "Image" } th scope="col" { "Size (min–max)" } th scope="col" { "Spares" } th scope="col" { "Desktops" } th scope="col" { "Enabled" } } }
+                thead { tr { th scope="col" { "Pool" } th scope="col" { "Kind" } th scope="col" { "Image" } th scope="col" { "Size (min–max)" } th scope="col" { "Spares" } th scope="col" { "Network" } th scope="col" { "Desktops" } th scope="col" { "Enabled" } } }
                 tbody {
                     @for p in &pools {
                         tr {
@@ -670,6 +679,7 @@ async fn admin_pools(
                             td { (images.iter().find(|i| i.id == p.image_id).map(|i| i.name.as_str()).unwrap_or("?")) }
                             td { (p.min_size) "–" (p.max_size) }
                             td { (p.spares) }
+                            td { @if !p.network.nat { "none" } @else if p.network.host_ports.is_empty() { "NAT" } @else { "NAT, host ports " (p.network.ports_text()) } }
                             td { (desktops.iter().filter(|d| d.pool_id == p.id && d.state != DesktopState::Failed).count()) }
                             td { @if p.enabled { "yes" } @else { "no" } }
                         }
@@ -703,6 +713,10 @@ fn pool_spec_from(f: &Fields, fixed: Option<&PoolSpec>) -> Result<PoolSpec, Erro
         spares: int_field(f, "spares", 0)?,
         idle_timeout_secs: int_field(f, "idle_timeout_secs", 3600)?,
         disconnect_timeout_secs: int_field(f, "disconnect_timeout_secs", 900)?,
+        network: PoolNetwork {
+            nat: field(f, "network") != "none",
+            host_ports: PoolNetwork::parse_ports(field(f, "host_ports"))?,
+        },
     })
 }
 
@@ -732,6 +746,7 @@ async fn current_spec(s: &AppState, id: &str) -> Result<(PoolSpec, bool), Error>
         spares: pool.spares,
         idle_timeout_secs: pool.idle_timeout_secs,
         disconnect_timeout_secs: pool.disconnect_timeout_secs,
+        network: pool.network,
     };
     Ok((spec, pool.enabled))
 }

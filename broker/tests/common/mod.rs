@@ -165,6 +165,7 @@ impl Env {
             spares,
             idle_timeout_secs: 600,
             disconnect_timeout_secs: 300,
+            network: Default::default(),
         };
         self.broker.create_pool(&system(), &spec).await.unwrap().id
     }

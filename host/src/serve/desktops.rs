@@ -14,11 +14,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pleiades_protocol::hostapi::{RunningDesktop, VmImage};
+use pleiades_protocol::hostapi::{DesktopNetwork, RunningDesktop, VmImage};
 
 use pleiades_control::{self as control, Request};
 
 use super::disks::DiskStore;
+use super::network::{DesktopNet, HostNetwork, NetPolicy};
 
 /// How long a VM process may take to open its control socket and session server.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -76,6 +77,8 @@ struct VmProcess {
     child: Child,
     port: u16,
     control: PathBuf,
+    /// The desktop's network namespace and link, removed when the process is forgotten.
+    _net: Option<DesktopNet>,
 }
 
 /// Spawns processes from one thread that lives as long as the daemon.
@@ -115,6 +118,8 @@ pub struct Desktops {
     claimed_ports: Mutex<std::collections::HashSet<u16>>,
     /// Commands for one desktop run one at a time, in the order they came.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The host's side of desktops' networks, set up for the first desktop that has one.
+    network: Mutex<Option<HostNetwork>>,
 }
 
 impl std::fmt::Debug for Desktops {
@@ -137,6 +142,7 @@ impl Desktops {
             running: Mutex::new(HashMap::new()),
             claimed_ports: Mutex::new(Default::default()),
             locks: Mutex::new(HashMap::new()),
+            network: Mutex::new(None),
         }
     }
 
@@ -156,6 +162,7 @@ impl Desktops {
         desktop_id: &str,
         image: &VmImage,
         fresh_disk: bool,
+        network: Option<&DesktopNetwork>,
     ) -> Result<u16, String> {
         check_desktop_id(desktop_id)?;
         if let Some(vm) = lock(&self.running).get_mut(desktop_id)
@@ -166,7 +173,11 @@ impl Desktops {
         self.check_image(image)?;
         let dir = self.settings.state_dir.join("desktops").join(desktop_id);
         let disk = self.prepare_disk(desktop_id, image, fresh_disk).await?;
-        let started = self.spawn_and_wait(desktop_id, image, disk.as_deref(), &dir).await;
+        let net = match network {
+            Some(network) => Some(self.prepare_network(desktop_id, network).await?),
+            None => None,
+        };
+        let started = self.spawn_and_wait(desktop_id, image, disk.as_deref(), net, &dir).await;
         if started.is_err() {
             self.kill(desktop_id);
             if let Err(e) = std::fs::remove_dir_all(&dir)
@@ -183,6 +194,7 @@ impl Desktops {
         desktop_id: &str,
         image: &VmImage,
         disk: Option<&Path>,
+        net: Option<DesktopNet>,
         dir: &Path,
     ) -> Result<u16, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
@@ -198,7 +210,7 @@ impl Desktops {
             .args(["--pdeathsig", "KILL", "--"])
             .arg(&self.settings.exe)
             .arg("run")
-            .args(self.run_args(desktop_id, image, disk, port, dir, &control))
+            .args(self.run_args(desktop_id, image, disk, net.as_ref().map(DesktopNet::netns), port, dir))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);
@@ -207,7 +219,7 @@ impl Desktops {
         })?;
         tracing::info!(desktop = desktop_id, port, pid = child.id(), image = %image.name, "VM starting");
         lock(&self.running)
-            .insert(desktop_id.to_owned(), VmProcess { child, port, control: control.clone() });
+            .insert(desktop_id.to_owned(), VmProcess { child, port, control: control.clone(), _net: net });
         let this = self.clone();
         let id = desktop_id.to_owned();
         tokio::task::spawn_blocking(move || this.wait_ready(&id, &control, &log_path))
@@ -227,9 +239,9 @@ impl Desktops {
         desktop_id: &str,
         image: &VmImage,
         disk: Option<&Path>,
+        netns: Option<&str>,
         port: u16,
         dir: &Path,
-        control: &Path,
     ) -> Vec<std::ffi::OsString> {
         let s = &self.settings;
         let mut args = Vec::new();
@@ -244,7 +256,7 @@ impl Desktops {
         flag("memory", format!("{}M", image.memory_mib).as_ref());
         flag("cpus", image.vcpus.to_string().as_ref());
         flag("serial", dir.join("serial.log").as_os_str());
-        flag("control", control.as_os_str());
+        flag("control", dir.join("control.sock").as_os_str());
         flag("listen", SocketAddr::new(s.listen_ip, port).to_string().as_ref());
         flag("advertise", s.address.as_ref());
         flag("desktop", desktop_id.as_ref());
@@ -260,7 +272,42 @@ impl Desktops {
         if let Some(disk) = disk {
             flag("disk", disk.as_os_str());
         }
+        if let Some(netns) = netns {
+            let mac = crate::vm::net::format_mac(crate::vm::net::desktop_mac(desktop_id));
+            flag("net", format!("user,netns={netns},mac={mac}").as_ref());
+        }
         args
+    }
+
+    /// The desktop's network namespace and link (the host's NAT and filter on first use).
+    /// Only QEMU has a network card for desktops: under Pleiades' VMM a desktop whose pool
+    /// has a network is refused with what to do.
+    async fn prepare_network(
+        &self,
+        desktop_id: &str,
+        network: &DesktopNetwork,
+    ) -> Result<DesktopNet, String> {
+        let vmm_is_qemu = match self.settings.vmm.as_deref() {
+            Some(vmm) => vmm == "qemu",
+            None => !pleiades_vmm::accel::has_hardware_virtualization(
+                &std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default(),
+            ),
+        };
+        if !vmm_is_qemu {
+            return Err("this host runs desktops on Pleiades' VMM, which has no network card yet: \
+                        set the pool's network to none, or run the host with --vmm qemu"
+                .into());
+        }
+        let host = {
+            let mut slot = lock(&self.network);
+            match &*slot {
+                Some(host) => host.clone(),
+                None => slot.insert(HostNetwork::setup()?).clone(),
+            }
+        };
+        let (id, policy) =
+            (desktop_id.to_owned(), NetPolicy { host_tcp_ports: network.host_tcp_ports.clone() });
+        tokio::task::spawn_blocking(move || host.create(&id, &policy)).await.map_err(|e| e.to_string())?
     }
 
     /// The desktop's disk, when its image has one: the host's verified copy of the template
@@ -555,6 +602,7 @@ mod tests {
                     memory_mib: 64,
                 },
                 false,
+                None,
             )
             .await
             .unwrap_err();
@@ -613,7 +661,8 @@ mod tests {
                 };
                 let dir = Path::new(&state).join("desktops").join(&desktop);
                 let disk = Path::new(&state).join("disks").join(format!("{desktop}.qcow2"));
-                let argv = vms.run_args(&desktop, &image, Some(&disk), 47001, &dir, &dir.join("control.sock"));
+                let netns = format!("pleiades-{desktop}");
+                let argv = vms.run_args(&desktop, &image, Some(&disk), Some(&netns), 47001, &dir);
                 let run = Run::try_parse_from(std::iter::once("run".into()).chain(argv))
                     .map_err(|e| TestCaseError::fail(e.to_string()))?
                     .args;
@@ -631,6 +680,9 @@ mod tests {
                 prop_assert_eq!(run.listen, Some("127.0.0.1:47001".parse().unwrap()));
                 prop_assert_eq!(run.devices.len(), 1);
                 prop_assert_eq!(run.disks, vec![crate::vm::disk::DiskRequest { path: disk, read_only: false }]);
+                let net = run.net.expect("--net");
+                prop_assert_eq!(net.netns, Some(netns));
+                prop_assert_eq!(net.mac, Some(crate::vm::net::desktop_mac(&desktop)));
             }
         }
     }

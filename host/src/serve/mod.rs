@@ -18,6 +18,7 @@
 pub mod broker;
 pub mod desktops;
 pub mod disks;
+pub mod network;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -250,6 +251,12 @@ async fn daemon(config: ServeConfig, spawner: Spawner) -> Result<()> {
         host = %config.name, id = %stored.host_id, broker = %config.broker,
         cert_sha256 = %identity.fingerprint(), "registered with the broker"
     );
+    // Desktops of an earlier daemon that did not stop cleanly: their VMs died with it (the
+    // parent-death signal), their network namespaces did not.
+    if let Ok(entries) = std::fs::read_dir(config.state_dir.join("desktops")) {
+        let ids: Vec<String> = entries.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect();
+        network::remove_stale(ids.iter().map(String::as_str));
+    }
     let desktops = Arc::new(Desktops::new(
         VmSettings {
             exe: std::env::current_exe().context("cannot find this program's path")?,
@@ -338,7 +345,9 @@ async fn execute(desktops: &Arc<Desktops>, command: &HostCommand) -> CommandAck 
     let image = || command.image.as_ref().ok_or_else(|| format!("{} without an image", command.kind));
     let result = match command.kind {
         CommandKind::Start => match image() {
-            Ok(image) => desktops.start(&command.desktop_id, image, false).await.map(Some),
+            Ok(image) => {
+                desktops.start(&command.desktop_id, image, false, command.network.as_ref()).await.map(Some)
+            }
             Err(e) => Err(e),
         },
         // A restart keeps the desktop's disk; a recycle reverts it: a fresh overlay on the
@@ -347,7 +356,10 @@ async fn execute(desktops: &Arc<Desktops>, command: &HostCommand) -> CommandAck 
             Ok(image) => match desktops.stop(&command.desktop_id).await {
                 Ok(()) => {
                     let fresh = command.kind == CommandKind::Recycle;
-                    desktops.start(&command.desktop_id, image, fresh).await.map(Some)
+                    desktops
+                        .start(&command.desktop_id, image, fresh, command.network.as_ref())
+                        .await
+                        .map(Some)
                 }
                 Err(e) => Err(e),
             },

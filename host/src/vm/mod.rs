@@ -8,12 +8,14 @@
 //! - [`device_process`]: `pleiades-host device <kind>` processes, which either VMM starts;
 //! - [`device_thread`]: the GPU and sound served over vhost-user from this process;
 //! - [`disk`]: virtio-blk disks, served by QEMU's block layer under either VMM;
+//! - [`net`]: the NIC, on QEMU's user-mode network in the desktop's network namespace;
 //! - here: the `--device` requests both take.
 
 pub mod device_process;
 pub mod device_thread;
 pub mod disk;
 pub mod native;
+pub mod net;
 pub mod qemu;
 pub mod qemu_display;
 pub mod qmp;

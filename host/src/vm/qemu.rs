@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 use super::device_process::{self, DeviceProcess};
 use super::device_thread;
 use super::disk::{self, Disk, qemu_opt};
+use super::net::NetRequest;
 use super::qemu_display::{self, QemuDisplay};
 pub use super::qmp::Qmp;
 use super::{DeviceKind, DeviceRequest, Serving};
@@ -57,11 +58,20 @@ fn qemu_command(
     serial: &SerialOut,
     devices: &[QemuDevice],
     disks: &[Disk],
+    net: Option<&NetRequest>,
     qmp: &Path,
 ) -> Command {
     // QEMU dies with this process, even when it is killed (util-linux's setpriv sets the
-    // parent-death signal and execs QEMU, so the pid is QEMU's).
-    let mut cmd = Command::new("setpriv");
+    // parent-death signal and execs QEMU, so the pid is QEMU's). In the desktop's network
+    // namespace, `ip netns exec` enters it first (and execs too: the pid stays QEMU's).
+    let mut cmd = match net.and_then(|n| n.netns.as_deref()) {
+        Some(netns) => {
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", netns, "setpriv"]);
+            cmd
+        }
+        None => Command::new("setpriv"),
+    };
     cmd.args(["--pdeathsig", "KILL", "--"]).arg(qemu_binary());
     let accel_name = match accel.accel {
         Accel::Kvm => "kvm",
@@ -102,6 +112,9 @@ fn qemu_command(
     }
     for (i, disk) in disks.iter().enumerate() {
         cmd.args(disk.qemu_args(i, spec.cpus));
+    }
+    if let Some(net) = net {
+        cmd.args(net.qemu_args());
     }
     cmd.arg("-qmp").arg(format!("unix:{},server=on,wait=off", qemu_opt(qmp)));
     cmd
@@ -146,6 +159,7 @@ impl QemuVm {
         spec: &BootSpec,
         devices: &[DeviceRequest],
         disks: &[Disk],
+        net: Option<&NetRequest>,
         serial: &SerialOut,
         accel: AccelChoice,
     ) -> Result<Self> {
@@ -195,12 +209,16 @@ impl QemuVm {
         for disk in disks {
             device_info.push(json!({"kind": "disk", "backend": "qemu", "path": disk.path, "format": disk.format.name(), "read_only": disk.read_only}));
         }
+        if let Some(net) = net {
+            device_info.push(json!({"kind": "net", "backend": "qemu-user", "netns": net.netns, "mac": net.mac.map(super::net::format_mac)}));
+        }
         let qmp_path = scratch.path().join("qmp.sock");
-        let mut cmd = qemu_command(spec, &accel, serial, &qemu_devices, disks, &qmp_path);
+        let mut cmd = qemu_command(spec, &accel, serial, &qemu_devices, disks, net, &qmp_path);
         cmd.stdin(if matches!(serial, SerialOut::Stdio) { Stdio::inherit() } else { Stdio::null() });
         tracing::debug!("starting {cmd:?}");
         let mut child = cmd.spawn().with_context(|| {
-            format!("cannot start {}: install QEMU (`./dev deps`)", qemu_binary().display())
+            let ip = if net.is_some_and(|n| n.netns.is_some()) { " and iproute2" } else { "" };
+            format!("cannot start {}: install QEMU{ip} (`./dev deps`)", qemu_binary().display())
         })?;
         let mut qmp = match Qmp::connect(&qmp_path, Duration::from_secs(30)) {
             Ok(q) => q,
