@@ -65,3 +65,60 @@ impl GuestImage {
         Ok(image)
     }
 }
+
+/// Environment variable that overrides where the desktop image is.
+pub const DESKTOP_DIR_ENV: &str = "PLEIADES_DESKTOP_DIR";
+
+/// The graphical desktop image built by `cargo xtask desktop-image` (`target/desktop/`).
+#[derive(Debug, Clone)]
+pub struct DesktopImage {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// The disk template (qcow2): the root filesystem.
+    pub disk: PathBuf,
+    /// The kernel command line it boots with (from `desktop.json`).
+    pub cmdline: String,
+    /// The desktop user, logged in automatically.
+    pub user: String,
+}
+
+/// Why the desktop image cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("the desktop image is missing or incomplete ({why}). Build it with `cargo xtask desktop-image`")]
+pub struct MissingDesktopImage {
+    pub why: String,
+}
+
+impl DesktopImage {
+    /// The image in `$PLEIADES_DESKTOP_DIR`, or `target/desktop` of this workspace.
+    pub fn locate() -> Result<Self, MissingDesktopImage> {
+        let dir = std::env::var_os(DESKTOP_DIR_ENV)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace_root().join("target").join("desktop"));
+        let manifest = dir.join("desktop.json");
+        let missing = |why: String| MissingDesktopImage { why };
+        let text = std::fs::read_to_string(&manifest)
+            .map_err(|e| missing(format!("{}: {e}", manifest.display())))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| missing(format!("{}: {e}", manifest.display())))?;
+        let field = |name: &str| {
+            json[name]
+                .as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| missing(format!("no {name} in {}", manifest.display())))
+        };
+        let image = Self {
+            kernel: dir.join("vmlinuz"),
+            initrd: dir.join("initrd.img"),
+            disk: dir.join("desktop.qcow2"),
+            cmdline: field("cmdline")?,
+            user: field("user")?,
+        };
+        for path in [&image.kernel, &image.initrd, &image.disk] {
+            if !path.is_file() {
+                return Err(missing(format!("{} does not exist", path.display())));
+            }
+        }
+        Ok(image)
+    }
+}

@@ -110,6 +110,7 @@ pub fn save_artifact(
 }
 
 pub mod audio;
+pub mod desktop;
 pub mod disk;
 pub mod evdev;
 pub mod kvm_host;

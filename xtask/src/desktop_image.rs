@@ -13,6 +13,11 @@
 //! - The Pleiades agent (static) is installed as `pleiades-agent-ready.service`, which prints
 //!   the agent's `PLEIADES-READY` line on the serial console once the desktop is usable (the
 //!   user's session runs its panel).
+//! - The screen follows the client: `pleiades-display-follow`, started with the user's
+//!   session, applies the monitors' preferred modes (left to right) whenever virtio-gpu raises
+//!   a display hotplug, which the host does when the client's windows change size (X's
+//!   modesetting driver learns the new modes, but applies none by itself). This is what
+//!   spice-vdagent does for SPICE; it moves into the agent with its display configuration.
 //! - The tree becomes an ext4 filesystem (`mkfs.ext4 -d`, no loop mount) of
 //!   [`DISK_GIB`] GiB, converted to qcow2: a template that pools clone copy-on-write. The kernel
 //!   and initrd are taken out for direct boot (`root=/dev/vda`).
@@ -55,6 +60,7 @@ const PACKAGES: &[&str] = &[
     // graphics: Xorg with the modesetting driver (in the server) on virtio-gpu
     "xserver-xorg-core",
     "xserver-xorg-input-libinput",
+    "x11-xserver-utils",
     "lightdm",
     "lightdm-gtk-greeter",
     // the desktop
@@ -237,6 +243,48 @@ TimeoutStartSec=330
 WantedBy=graphical.target
 UNIT
 chroot "$root" systemctl enable pleiades-agent-ready.service
+# A plain wallpaper (Pleiades blue) instead of xfdesktop's black when no backdrop image is
+# installed: the defaults every user's session starts from.
+mkdir -p "$root/etc/xdg/xfce4/xfconf/xfce-perchannel-xml"
+backdrop='<property name="workspace0" type="empty"><property name="color-style" type="int" value="0"/><property name="image-style" type="int" value="0"/><property name="rgba1" type="array"><value type="double" value="0.114"/><value type="double" value="0.208"/><value type="double" value="0.341"/><value type="double" value="1"/></property></property>'
+{{
+    echo '<?xml version="1.0" encoding="UTF-8"?>'
+    echo '<channel name="xfce4-desktop" version="1.0"><property name="backdrop" type="empty"><property name="screen0" type="empty">'
+    for monitor in monitorVirtual-1 monitor0; do
+        echo "<property name=\"$monitor\" type=\"empty\">$backdrop</property>"
+    done
+    echo '</property></property></channel>'
+}} > "$root/etc/xdg/xfce4/xfconf/xfce-perchannel-xml/xfce4-desktop.xml"
+# The screen follows the client's windows: at every DRM hotplug (virtio-gpu's display change),
+# each connected monitor gets its preferred mode, left to right; disconnected ones go off.
+cat > "$root/usr/local/bin/pleiades-display-follow" <<'SCRIPT'
+#!/bin/sh
+apply() {{
+    args="" prev=""
+    for out in $(xrandr --query | awk '$2 == "connected" {{print $1}}'); do
+        if [ -z "$prev" ]; then
+            args="$args --output $out --auto --pos 0x0"
+        else
+            args="$args --output $out --auto --right-of $prev"
+        fi
+        prev=$out
+    done
+    for out in $(xrandr --query | awk '$2 == "disconnected" {{print $1}}'); do
+        args="$args --output $out --off"
+    done
+    [ -z "$args" ] || xrandr $args
+}}
+apply
+udevadm monitor --udev --subsystem-match=drm | while read -r line; do
+    case "$line" in
+    *" change "*) apply ;;
+    esac
+done
+SCRIPT
+chmod 0755 "$root/usr/local/bin/pleiades-display-follow"
+mkdir -p "$root/etc/xdg/autostart"
+printf '[Desktop Entry]\nType=Application\nName=Pleiades display\nComment=The screen follows the client\nExec=/usr/local/bin/pleiades-display-follow\nNoDisplay=true\n' \
+    > "$root/etc/xdg/autostart/pleiades-display-follow.desktop"
 "#,
         user = USER,
         agent = agent.display()

@@ -200,6 +200,9 @@ fn test(root: &Path, no_deps: bool) -> Result<()> {
     let t = step("Test guest image");
     guest_image::GuestImageBuild { root: root.to_owned(), force: false }.run()?;
     println!("    {:.1} s", t.elapsed().as_secs_f64());
+    let t = step("Desktop image (the graphical desktop's end-to-end test boots it)");
+    desktop_image::build(root, false)?;
+    println!("    {:.1} s", t.elapsed().as_secs_f64());
 
     step("cargo fmt --check");
     cargo(root, &["fmt", "--all", "--", "--check"]).context("formatting differs: run `cargo fmt --all`")?;
