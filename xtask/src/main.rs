@@ -237,6 +237,8 @@ fn demo(root: &Path, interactive: Option<bool>) -> Result<()> {
     deps(&[])?;
     step("Test guest image");
     guest_image::GuestImageBuild { root: root.to_owned(), force: false }.run()?;
+    step("Desktop image (what the demo user gets: Debian with Xfce)");
+    desktop_image::build(root, false)?;
     step("Building pleiades-broker, pleiades-host, the pleiades client and the demo");
     #[rustfmt::skip]
     cargo(root, &["build", "--bins", "--package", "pleiades-broker", "--package", "pleiades-host",
