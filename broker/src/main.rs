@@ -14,7 +14,7 @@ use pleiades_broker::clock::SystemClock;
 use pleiades_broker::config::Config;
 use pleiades_broker::db::Db;
 use pleiades_broker::http::{AppState, router};
-use pleiades_broker::model::{Actor, Image, PoolKind, PoolNetwork, PoolSpec, PrincipalKind};
+use pleiades_broker::model::{Actor, HostTokenSpec, Image, PoolKind, PoolNetwork, PoolSpec, PrincipalKind};
 use pleiades_broker::server;
 
 #[derive(Debug, Parser)]
@@ -186,8 +186,18 @@ enum HostCmd {
 
 #[derive(Debug, Subcommand)]
 enum TokenCmd {
-    /// Create a registration token (printed once; one-time unless --reusable).
+    /// Create a registration token for one host name (printed once; one-time unless
+    /// --reusable).
     Create {
+        /// The host's name (`pleiades-host serve --name`): the token registers this name only.
+        #[arg(long)]
+        name: String,
+        /// Replace the host registered under this name (a reinstalled machine that lost its
+        /// credential): whoever registers with the token gets that host's identity, and the
+        /// old credential stops working. Without it, a registered host re-registers only with
+        /// its own credential.
+        #[arg(long)]
+        replace: bool,
         #[arg(long, default_value = "")]
         description: String,
         #[arg(long)]
@@ -387,11 +397,15 @@ async fn run(mut config: Config, command: Cmd) -> Result<()> {
                 );
             }
         }
-        Cmd::Host(HostCmd::Token(TokenCmd::Create { description, reusable, lifetime_secs })) => {
-            let token = open(&config)
-                .await?
-                .create_host_token(&system, &description, !reusable, lifetime_secs)
-                .await?;
+        Cmd::Host(HostCmd::Token(TokenCmd::Create {
+            name,
+            replace,
+            description,
+            reusable,
+            lifetime_secs,
+        })) => {
+            let spec = HostTokenSpec { name, description, one_time: !reusable, replace, lifetime_secs };
+            let token = open(&config).await?.create_host_token(&system, &spec).await?;
             // The one place a secret is printed: on request, to the admin's terminal.
             println!("{token}");
             // How a host uses it (on stderr, so that scripts read only the token).
@@ -404,8 +418,8 @@ async fn run(mut config: Config, command: Cmd) -> Result<()> {
                 }
             };
             eprintln!(
-                "register a host with: PLEIADES_HOST_TOKEN=<the token> pleiades-host serve --broker {scheme}://{}{trust} --image <name>",
-                config.listen
+                "register the host with: PLEIADES_HOST_TOKEN=<the token> pleiades-host serve --broker {scheme}://{}{trust} --name {} --image <name>",
+                config.listen, spec.name
             );
         }
         Cmd::Host(HostCmd::List) => {

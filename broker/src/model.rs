@@ -160,6 +160,25 @@ pub struct PoolNetwork {
     pub host_ports: Vec<u16>,
 }
 
+/// A host registration token as an admin asks for it (`host token create`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HostTokenSpec {
+    /// The one host name the token registers.
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// Spent by its first registration (else reusable until it expires).
+    #[serde(default = "yes")]
+    pub one_time: bool,
+    /// May register the name although a host has it already: that host's address, certificate
+    /// and credential are replaced (a reinstalled machine). Without it, an existing host
+    /// re-registers only with its own credential.
+    #[serde(default)]
+    pub replace: bool,
+    #[serde(default = "day")]
+    pub lifetime_secs: i64,
+}
+
 fn yes() -> bool {
     true
 }
@@ -228,6 +247,10 @@ impl PoolNetwork {
         self.nat
             .then(|| pleiades_protocol::hostapi::DesktopNetwork { host_tcp_ports: self.host_ports.clone() })
     }
+}
+
+fn day() -> i64 {
+    86_400
 }
 
 /// What an admin sets when creating or editing a pool.

@@ -4,7 +4,9 @@
 
 mod common;
 
-use common::{Backend, Env, HostDouble, system};
+use common::{Backend, Env, HostDouble, host_token, system};
+use pleiades_broker::broker::HostRegistered;
+use pleiades_broker::model::HostTokenSpec;
 use pleiades_broker::model::PoolKind;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -14,6 +16,7 @@ on_both_databases!(
     api_authorization,
     web_sessions_and_csrf,
     host_api_authorization,
+    host_names_cannot_be_taken_over,
     login_rate_limits,
     secrets_stay_out_of_logs_and_audit
 );
@@ -121,7 +124,7 @@ async fn api_authorization(backend: Backend) {
         ("/api/v1/admin/groups", json!({"name": "g"})),
         ("/api/v1/admin/pools", json!({"name": "p", "kind": "floating", "image": "debian", "max_size": 1})),
         (&format!("/api/v1/admin/pools/{pool}/entitlements"), json!({"kind": "user", "name": "mallory"})),
-        ("/api/v1/admin/host-tokens", json!({})),
+        ("/api/v1/admin/host-tokens", json!({"name": "h9"})),
     ] {
         assert_eq!(post(path, &alice, body).await.unwrap().status(), 403, "{path}");
     }
@@ -287,14 +290,20 @@ async fn host_api_authorization(backend: Backend) {
             .send()
     };
     assert_eq!(reg("hrt_wrong", "h1").await.unwrap().status(), 401);
-    let once = env.broker.create_host_token(&system(), "once", true, 60).await.unwrap();
+    let token = |name: &str, one_time: bool, replace: bool| {
+        make_token(&env, HostTokenSpec { one_time, replace, lifetime_secs: 60, ..host_token(name) })
+    };
+    let once = token("h1", true, false).await;
+    assert_eq!(reg(&once, "h2").await.unwrap().status(), 401, "a token registers its own name only");
     assert_eq!(reg(&once, "h1").await.unwrap().status(), 201);
-    assert_eq!(reg(&once, "h2").await.unwrap().status(), 401);
-    let reusable = env.broker.create_host_token(&system(), "many", false, 60).await.unwrap();
+    assert_eq!(reg(&once, "h1").await.unwrap().status(), 401, "spent");
+    // A reusable replacement token: the same name again and again, never another.
+    let reusable = token("h3", false, true).await;
     assert_eq!(reg(&reusable, "h3").await.unwrap().status(), 201);
-    assert_eq!(reg(&reusable, "h4").await.unwrap().status(), 201);
+    assert_eq!(reg(&reusable, "h3").await.unwrap().status(), 201);
+    assert_eq!(reg(&reusable, "h4").await.unwrap().status(), 401);
     env.clock.advance(61);
-    assert_eq!(reg(&reusable, "h5").await.unwrap().status(), 401);
+    assert_eq!(reg(&reusable, "h3").await.unwrap().status(), 401, "expired");
     // Acknowledging another host's command.
     let other = HostDouble::register(&env, "host-b", 8192, &["debian"]).await;
     let (_, bob) = env.user("bob").await;
@@ -324,6 +333,83 @@ async fn host_api_authorization(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(res.status(), 404);
+}
+
+async fn make_token(env: &Env, spec: HostTokenSpec) -> String {
+    env.broker.create_host_token(&system(), &spec).await.unwrap()
+}
+
+/// The host row of `name`: (id, address, cert_sha256, credential_hash).
+async fn host_row(env: &Env, name: &str) -> (String, String, String, String) {
+    use sqlx::Row as _;
+    let row = sqlx::query("SELECT id, address, cert_sha256, credential_hash FROM hosts WHERE name = $1")
+        .bind(name)
+        .fetch_one(&env.broker.db.pool)
+        .await
+        .unwrap();
+    (row.get("id"), row.get("address"), row.get("cert_sha256"), row.get("credential_hash"))
+}
+
+/// Security review finding: a registration token made for a new machine registered under an
+/// existing host's name, and the broker gave the intruder that host's identity (same id, its
+/// address and certificate replaced, the real host's credential revoked).
+async fn host_names_cannot_be_taken_over(backend: Backend) {
+    let env = Env::new(backend).await;
+    let (_, _, mut host) = setup(&env).await;
+    let other = HostDouble::register(&env, "host-b", 8192, &["debian"]).await;
+    let before = host_row(&env, "host-a").await;
+    let register = |body: Value| env.http.post(env.url("/api/v1/hosts/register")).json(&body).send();
+    let as_host_a = |token: &str, credential: Option<&str>, address: &str| {
+        json!({"token": token, "credential": credential, "name": "host-a", "address": address,
+               "session_port": 4433, "cert_sha256": "ee".repeat(32), "cores": 4, "memory_mib": 4096})
+    };
+    let token = |name: &str, one_time: bool, replace: bool| {
+        make_token(&env, HostTokenSpec { one_time, replace, ..host_token(name) })
+    };
+    // Fresh tokens made for other machines, one-time and reusable (even a replacement token
+    // for another name), a token made for host-a that does not replace it, a wrong credential.
+    for (what, token, credential, status) in [
+        ("a new machine's token", token("host-new", true, false).await, None, 401),
+        ("a fleet's reusable token", token("host-fleet", false, false).await, None, 401),
+        ("another host's replacement token", token("host-b", true, true).await, None, 401),
+        ("a token for host-a without --replace", token("host-a", true, false).await, None, 409),
+        ("a forged credential", String::new(), Some("hcr_forged"), 401),
+        ("another host's credential", String::new(), Some(other.reg.credential.as_str()), 401),
+    ] {
+        let res = register(as_host_a(&token, credential, "evil.example")).await.unwrap();
+        assert_eq!(res.status(), status, "{what}");
+        // The real host keeps its identity and its credential, and still works.
+        assert_eq!(host_row(&env, "host-a").await, before, "{what}");
+        host.tick().await;
+    }
+    let audit = env.broker.list_audit(&system(), 100).await.unwrap();
+    assert_eq!(audit.iter().filter(|e| e.action == "host.register.denied").count(), 6);
+
+    // The host itself re-registers with its credential (a new address, say): same id, and its
+    // credential stays valid.
+    let res = register(as_host_a("", Some(&host.reg.credential), "host-a.new.example")).await.unwrap();
+    assert_eq!(res.status(), 201);
+    let again: HostRegistered = res.json().await.unwrap();
+    assert_eq!((&again.host_id, &again.credential), (&host.reg.host_id, &host.reg.credential));
+    let (id, address, _, hash) = host_row(&env, "host-a").await;
+    assert_eq!((id, address.as_str(), hash), (before.0.clone(), "host-a.new.example", before.3.clone()));
+    host.tick().await;
+
+    // An admin replaces the host (a reinstalled machine): a token made with --replace gives the
+    // new machine host-a's id, and the old credential stops working.
+    let replace = token("host-a", true, true).await;
+    let res = register(as_host_a(&replace, None, "host-a.reinstalled.example")).await.unwrap();
+    assert_eq!(res.status(), 201);
+    let replaced: HostRegistered = res.json().await.unwrap();
+    assert_eq!(replaced.host_id, host.reg.host_id);
+    assert_ne!(replaced.credential, host.reg.credential);
+    let beat = json!({"cores": 4, "memory_mib": 4096});
+    let heartbeat = |credential: String| {
+        env.http.post(env.url("/api/v1/hosts/heartbeat")).bearer_auth(credential).json(&beat).send()
+    };
+    assert_eq!(heartbeat(host.reg.credential.clone()).await.unwrap().status(), 401);
+    assert_eq!(heartbeat(replaced.credential.clone()).await.unwrap().status(), 200);
+    assert_eq!(host_row(&env, "host-a").await.1, "host-a.reinstalled.example");
 }
 
 async fn login_rate_limits(backend: Backend) {

@@ -188,7 +188,7 @@ fn cli_administers_the_same_database() {
         "1",
     ]);
     run(&["pool", "entitle", "office", "--group", "engineering"]);
-    let token = run(&["host", "token", "create", "--description", "rack 1"]);
+    let token = run(&["host", "token", "create", "--name", "rack1-host1", "--description", "rack 1"]);
     assert!(token.trim().starts_with("hrt_"));
     assert!(run(&["user", "list"]).contains("root\tadmin"));
     assert!(run(&["group", "list"]).contains("engineering\talice"));

@@ -9,10 +9,20 @@
 use serde::{Deserialize, Serialize};
 
 /// Host registration request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// A new host name needs a registration token made for that name. A name that is registered
+/// already takes either that host's current `credential` (the host itself, updating its
+/// address, certificate or images; the credential stays valid) or a token an admin made to
+/// replace that host (its credential is then replaced).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostRegistration {
-    /// The registration token an admin created (`pleiades-broker host token create`).
+    /// The registration token an admin created (`pleiades-broker host token create --name`);
+    /// empty when the host re-registers with its `credential`.
+    #[serde(default)]
     pub token: String,
+    /// The host's current credential, when it re-registers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
     pub name: String,
     /// Where clients reach the host's session servers.
     pub address: String,
@@ -26,6 +36,21 @@ pub struct HostRegistration {
     /// Names of the images this host can boot.
     #[serde(default)]
     pub images: Vec<String>,
+}
+
+impl std::fmt::Debug for HostRegistration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token or the credential.
+        f.debug_struct("HostRegistration")
+            .field("name", &self.name)
+            .field("address", &self.address)
+            .field("session_port", &self.session_port)
+            .field("cert_sha256", &self.cert_sha256)
+            .field("cores", &self.cores)
+            .field("memory_mib", &self.memory_mib)
+            .field("images", &self.images)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The broker's answer to a registration.

@@ -244,7 +244,8 @@ impl Stack {
             })
         })??;
         // The token goes to stdout; how a host registers (with the pin) to stderr.
-        let (token, hint) = cli(&["host", "token", "create", "--description", "demo host"], None)?;
+        let (token, hint) =
+            cli(&["host", "token", "create", "--name", "host-1", "--description", "demo host"], None)?;
         let token = token.trim().to_owned();
         let pin = hint
             .split_whitespace()

@@ -5,44 +5,55 @@ use sqlx::{Any, Row, Transaction};
 use super::tx::{image_of_desktop, queue_command};
 use super::{
     Broker, CommandAck, CommandKind, Heartbeat, HeartbeatReply, HostCommand, HostRegistered,
-    HostRegistration, truncate_reason,
+    HostRegistration, conflict, truncate_reason,
 };
-use crate::db::{get_i64, get_str, new_id};
+use crate::db::{get_i64, get_opt_str, get_str, new_id};
 use crate::error::{Error, Result};
 use crate::model::{
-    Actor, CommandState, DesktopState, Host, HostState, PoolNetwork, SessionState, valid_name,
+    Actor, CommandState, DesktopState, Host, HostState, HostTokenSpec, PoolNetwork, SessionState,
+    valid_name,
 };
 use crate::secret;
 
 impl Broker {
-    /// A registration token for hosts; one-time tokens work once. Returned once, stored hashed.
-    pub async fn create_host_token(
-        &self,
-        actor: &Actor,
-        description: &str,
-        one_time: bool,
-        lifetime_secs: i64,
-    ) -> Result<String> {
+    /// A registration token for one host name; one-time tokens work once. Returned once,
+    /// stored hashed. Only a token made with `replace` registers a name that a host has
+    /// already (that host's identity then goes to whoever registers with it).
+    pub async fn create_host_token(&self, actor: &Actor, spec: &HostTokenSpec) -> Result<String> {
         actor.require_admin()?;
+        if !valid_name(&spec.name) {
+            return Err(Error::Invalid(
+                "a host token names its host: letters, digits, '-', '_', '.', '@', at most 64".into(),
+            ));
+        }
         let token = format!("hrt_{}", secret::new_token());
-        sqlx::query("INSERT INTO host_tokens (token_hash, description, one_time, used, created_at, expires_at) VALUES ($1, $2, $3, 0, $4, $5)")
-            .bind(secret::token_hash(&token))
-            .bind(description)
-            .bind(i64::from(one_time))
-            .bind(self.now())
-            .bind(self.now() + lifetime_secs.max(1))
-            .execute(&self.db.pool)
-            .await?;
-        self.audit(
-            &actor.name,
-            "host.token.create",
-            description,
-            if one_time { "one-time" } else { "reusable" },
+        sqlx::query(
+            "INSERT INTO host_tokens (token_hash, description, one_time, used, created_at, expires_at, host_name, replace_host) \
+             VALUES ($1, $2, $3, 0, $4, $5, $6, $7)",
         )
+        .bind(secret::token_hash(&token))
+        .bind(&spec.description)
+        .bind(i64::from(spec.one_time))
+        .bind(self.now())
+        .bind(self.now() + spec.lifetime_secs.max(1))
+        .bind(&spec.name)
+        .bind(i64::from(spec.replace))
+        .execute(&self.db.pool)
         .await?;
+        let detail = format!(
+            "{}{}{}",
+            if spec.one_time { "one-time" } else { "reusable" },
+            if spec.replace { ", replaces the registered host" } else { "" },
+            if spec.description.is_empty() { String::new() } else { format!(": {}", spec.description) },
+        );
+        self.audit(&actor.name, "host.token.create", &spec.name, &detail).await?;
         Ok(token)
     }
 
+    /// Registers a host, or registers an existing one again. A new name takes a token made for
+    /// it; a registered name takes that host's current credential (which stays valid: the
+    /// host updates its address, certificate and images) or a token made to replace it (the
+    /// host gets a new credential and the old one stops working).
     pub async fn register_host(&self, reg: &HostRegistration, client: &str) -> Result<HostRegistered> {
         let now = self.now();
         if !valid_name(&reg.name)
@@ -53,51 +64,100 @@ impl Broker {
         {
             return Err(Error::Invalid("host: valid name, address, session_port, cores, memory_mib".into()));
         }
-        let hash = secret::token_hash(&reg.token);
-        // One-time tokens are spent by a conditional update, so two hosts cannot share one.
-        let spent = sqlx::query("UPDATE host_tokens SET used = used + 1 WHERE token_hash = $1 AND expires_at > $2 AND (one_time = 0 OR used = 0)")
-            .bind(&hash)
-            .bind(now)
-            .execute(&self.db.pool)
-            .await?;
-        if spent.rows_affected() != 1 {
-            self.audit(&reg.name, "host.register.denied", &reg.name, client).await?;
-            return Err(Error::Unauthenticated);
-        }
-        let credential = format!("hcr_{}", secret::new_token());
-        let existing = sqlx::query("SELECT id FROM hosts WHERE name = $1")
+        let existing = sqlx::query("SELECT id, credential_hash FROM hosts WHERE name = $1")
             .bind(&reg.name)
             .fetch_optional(&self.db.pool)
-            .await?;
-        let id = match existing {
-            Some(r) => get_str(&r, "id")?,
-            None => new_id("h"),
+            .await?
+            .map(|r| Ok::<_, Error>((get_str(&r, "id")?, get_str(&r, "credential_hash")?)))
+            .transpose()?;
+        let own_credential = match (&existing, &reg.credential) {
+            (Some((_, stored)), Some(credential)) => {
+                secret::constant_time_eq(secret::token_hash(credential).as_bytes(), stored.as_bytes())
+            }
+            _ => false,
+        };
+        let credential = if own_credential {
+            reg.credential.clone().unwrap_or_default()
+        } else {
+            if let Err(refusal) = self.spend_host_token(reg, existing.is_some(), now).await? {
+                self.audit(
+                    &reg.name,
+                    "host.register.denied",
+                    &reg.name,
+                    &format!("{refusal}; from {client}"),
+                )
+                .await?;
+                return Err(match refusal {
+                    TokenRefusal::NameRegistered => Error::Conflict(format!(
+                        "host {} is registered: it registers again with its own credential, or with a token \
+                         made to replace it (`pleiades-broker host token create --name {} --replace`)",
+                        reg.name, reg.name
+                    )),
+                    _ => Error::Unauthenticated,
+                });
+            }
+            format!("hcr_{}", secret::new_token())
         };
         let mut tx = self.db.pool.begin().await?;
-        sqlx::query("DELETE FROM hosts WHERE id = $1").bind(&id).execute(&mut *tx).await?;
-        sqlx::query(
-            "INSERT INTO hosts (id, name, address, session_port, cert_sha256, credential_hash, cores, memory_mib, state, last_heartbeat, registered_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10)",
-        )
-        .bind(&id)
-        .bind(&reg.name)
-        .bind(&reg.address)
-        .bind(i64::from(reg.session_port))
-        .bind(&reg.cert_sha256)
-        .bind(secret::token_hash(&credential))
-        .bind(reg.cores)
-        .bind(reg.memory_mib)
-        .bind(HostState::Online.as_str())
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
+        let id = match &existing {
+            Some((id, stored)) => {
+                // Conditional on the credential read above: two registrations of one name at
+                // once cannot both win.
+                let updated = sqlx::query(
+                    "UPDATE hosts SET address = $1, session_port = $2, cert_sha256 = $3, credential_hash = $4, cores = $5, \
+                     memory_mib = $6, state = $7, last_heartbeat = $8, registered_at = $8 WHERE id = $9 AND credential_hash = $10",
+                )
+                .bind(&reg.address)
+                .bind(i64::from(reg.session_port))
+                .bind(&reg.cert_sha256)
+                .bind(secret::token_hash(&credential))
+                .bind(reg.cores)
+                .bind(reg.memory_mib)
+                .bind(HostState::Online.as_str())
+                .bind(now)
+                .bind(id)
+                .bind(stored)
+                .execute(&mut *tx)
+                .await?;
+                if updated.rows_affected() != 1 {
+                    return Err(Error::Conflict(format!("host {} registered concurrently", reg.name)));
+                }
+                id.clone()
+            }
+            None => {
+                let id = new_id("h");
+                sqlx::query(
+                    "INSERT INTO hosts (id, name, address, session_port, cert_sha256, credential_hash, cores, memory_mib, state, last_heartbeat, registered_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10)",
+                )
+                .bind(&id)
+                .bind(&reg.name)
+                .bind(&reg.address)
+                .bind(i64::from(reg.session_port))
+                .bind(&reg.cert_sha256)
+                .bind(secret::token_hash(&credential))
+                .bind(reg.cores)
+                .bind(reg.memory_mib)
+                .bind(HostState::Online.as_str())
+                .bind(now)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| conflict(e, &format!("host {} registered concurrently", reg.name)))?;
+                id
+            }
+        };
         set_host_images(&mut tx, &id, &reg.images).await?;
         tx.commit().await?;
+        let how = match (&existing, own_credential) {
+            (None, _) => "new",
+            (Some(_), true) => "again, with its credential",
+            (Some(_), false) => "replaced, with a replacement token",
+        };
         self.audit(
             &reg.name,
             "host.register",
             &reg.name,
-            &format!("{}:{} from {client}", reg.address, reg.session_port),
+            &format!("{how}: {}:{} from {client}", reg.address, reg.session_port),
         )
         .await?;
         Ok(HostRegistered {
@@ -107,6 +167,46 @@ impl Broker {
             heartbeat_interval_secs: self.settings.heartbeat_interval_secs,
             heartbeat_timeout_secs: self.settings.heartbeat_timeout_secs,
         })
+    }
+
+    /// Checks the registration's token against the name it registers and spends it (a
+    /// one-time token by a conditional update, so two hosts cannot share one). A refused token
+    /// is not spent.
+    async fn spend_host_token(
+        &self,
+        reg: &HostRegistration,
+        name_registered: bool,
+        now: i64,
+    ) -> Result<std::result::Result<(), TokenRefusal>> {
+        if reg.token.is_empty() {
+            return Ok(Err(TokenRefusal::Invalid));
+        }
+        let hash = secret::token_hash(&reg.token);
+        let row = sqlx::query(
+            "SELECT host_name, replace_host FROM host_tokens WHERE token_hash = $1 AND expires_at > $2 AND (one_time = 0 OR used = 0)",
+        )
+        .bind(&hash)
+        .bind(now)
+        .fetch_optional(&self.db.pool)
+        .await?;
+        let Some(row) = row else { return Ok(Err(TokenRefusal::Invalid)) };
+        let replace = get_i64(&row, "replace_host")? != 0;
+        match get_opt_str(&row, "host_name")? {
+            Some(name) if name == reg.name => {}
+            Some(_) => return Ok(Err(TokenRefusal::OtherName)),
+            // A token from before tokens named their host: new names only.
+            None if !name_registered => {}
+            None => return Ok(Err(TokenRefusal::OtherName)),
+        }
+        if name_registered && !replace {
+            return Ok(Err(TokenRefusal::NameRegistered));
+        }
+        let spent = sqlx::query("UPDATE host_tokens SET used = used + 1 WHERE token_hash = $1 AND expires_at > $2 AND (one_time = 0 OR used = 0)")
+            .bind(&hash)
+            .bind(now)
+            .execute(&self.db.pool)
+            .await?;
+        Ok(if spent.rows_affected() == 1 { Ok(()) } else { Err(TokenRefusal::Invalid) })
     }
 
     pub async fn host_by_credential(&self, credential: &str) -> Result<Host> {
@@ -388,6 +488,28 @@ impl Broker {
             .await?;
         }
         Ok(())
+    }
+}
+
+/// Why a registration token does not register a name (audited; the host only learns 401, or
+/// 409 when its token is good but the name is taken).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TokenRefusal {
+    /// Unknown, expired or spent.
+    Invalid,
+    /// Made for another host name.
+    OtherName,
+    /// The name is registered and the token was not made to replace that host.
+    NameRegistered,
+}
+
+impl std::fmt::Display for TokenRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Invalid => "no valid token",
+            Self::OtherName => "the token is for another host name",
+            Self::NameRegistered => "the name is registered and the token does not replace it",
+        })
     }
 }
 

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use super::{AppState, Auth, Client};
 use crate::broker::{CommandAck, Heartbeat, HostRegistration};
 use crate::error::{Error, Result};
-use crate::model::{Host, Image, PoolSpec, PrincipalKind};
+use crate::model::{Host, HostTokenSpec, Image, PoolSpec, PrincipalKind};
 
 const OPENAPI: &str = include_str!("openapi.json");
 
@@ -282,26 +282,12 @@ async fn list_hosts(State(s): State<AppState>, auth: Auth) -> Result<Json<Value>
     Ok(Json(json!(s.broker.list_hosts(&auth.actor).await?)))
 }
 
-#[derive(Debug, Deserialize)]
-struct HostTokenBody {
-    #[serde(default)]
-    description: String,
-    #[serde(default = "yes")]
-    one_time: bool,
-    #[serde(default = "day")]
-    lifetime_secs: i64,
-}
-
-fn day() -> i64 {
-    86_400
-}
-
 async fn create_host_token(
     State(s): State<AppState>,
     Mutating(auth): Mutating,
-    Json(b): Json<HostTokenBody>,
+    Json(spec): Json<HostTokenSpec>,
 ) -> Result<(StatusCode, Json<Value>)> {
-    let token = s.broker.create_host_token(&auth.actor, &b.description, b.one_time, b.lifetime_secs).await?;
+    let token = s.broker.create_host_token(&auth.actor, &spec).await?;
     Ok((StatusCode::CREATED, Json(json!({ "token": token }))))
 }
 

@@ -502,7 +502,7 @@ async fn admin_hosts(
         &q,
         html! {
             h1 { "Hosts" }
-            p.muted { "Hosts register with a token from " code { "pleiades-broker host token create" } "." }
+            p.muted { "A host registers with a token made for its name: " code { "pleiades-broker host token create --name HOST" } " (add " code { "--replace" } " to replace a registered host)." }
             table {
                 thead { tr { th scope="col" { "Name" } th scope="col" { "Address" } th scope="col" { "State" } th scope="col" { "Cores" } th scope="col" { "Memory" } th scope="col" { "Desktops" } th scope="col" { "Images" } th scope="col" { "Last heartbeat" } th scope="col" { "Last error" } } }
                 tbody {

@@ -10,7 +10,7 @@ use pleiades_broker::broker::{Broker, BrokerSettings, HostRegistered};
 use pleiades_broker::clock::ManualClock;
 use pleiades_broker::db::Db;
 use pleiades_broker::http::{AppState, router};
-use pleiades_broker::model::{Actor, Image, PoolKind, PoolSpec, PrincipalKind, User};
+use pleiades_broker::model::{Actor, HostTokenSpec, Image, PoolKind, PoolSpec, PrincipalKind, User};
 use pleiades_broker::server;
 use pleiades_testkit::postgres::PgServer;
 use serde_json::{Value, json};
@@ -64,6 +64,17 @@ pub struct Env {
 
 pub fn system() -> Actor {
     Actor::system()
+}
+
+/// A one-time registration token's request for host `name`, valid an hour.
+pub fn host_token(name: &str) -> HostTokenSpec {
+    HostTokenSpec {
+        name: name.into(),
+        description: String::new(),
+        one_time: true,
+        replace: false,
+        lifetime_secs: 3600,
+    }
 }
 
 impl Env {
@@ -218,7 +229,7 @@ pub struct HostDouble {
 
 impl HostDouble {
     pub async fn register(env: &Env, name: &str, memory_mib: i64, images: &[&str]) -> Self {
-        let token = env.broker.create_host_token(&system(), name, true, 3600).await.unwrap();
+        let token = env.broker.create_host_token(&system(), &host_token(name)).await.unwrap();
         let res = env
             .http
             .post(env.url("/api/v1/hosts/register"))

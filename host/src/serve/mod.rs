@@ -234,6 +234,7 @@ async fn daemon(config: ServeConfig, spawner: Spawner) -> Result<()> {
     let registration_path = config.state_dir.join("registration.json");
     let registration = HostRegistration {
         token: config.token.clone().unwrap_or_default(),
+        credential: None,
         name: config.name.clone(),
         address: config.address.clone(),
         session_port: config.ports.first,
@@ -243,7 +244,7 @@ async fn daemon(config: ServeConfig, spawner: Spawner) -> Result<()> {
         images: config.images.clone(),
     };
     let mut stored = match load_registration(&registration_path, &config) {
-        Some(stored) => stored,
+        Some(stored) => register_again(&client, &registration, stored, &registration_path).await,
         None => register(&client, &registration, &registration_path, &config).await?,
     };
     client.set_credential(&stored.credential);
@@ -401,8 +402,9 @@ async fn register(
     if registration.token.is_empty() {
         bail!(
             "this host is not registered with {}: give a registration token (--token-file FILE or \
-             PLEIADES_HOST_TOKEN; an admin makes one with `pleiades-broker host token create`)",
-            config.broker
+             PLEIADES_HOST_TOKEN; an admin makes one for this host with `pleiades-broker host token create --name {}`)",
+            config.broker,
+            config.name
         );
     }
     let registered = client.register(registration).await.context("registering with the broker")?;
@@ -417,6 +419,45 @@ async fn register(
     pleiades_session::write_private(path, &serde_json::to_vec_pretty(&stored)?)
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(stored)
+}
+
+/// A restarted daemon registers again with its stored credential (no token), so that the
+/// broker learns its address, ports, certificate and images as they are now; the credential
+/// stays valid. When the broker cannot be reached or refuses, the daemon goes on with what it
+/// stored (its heartbeats say whether the credential still works).
+async fn register_again(
+    client: &BrokerClient,
+    registration: &HostRegistration,
+    stored: StoredRegistration,
+    path: &Path,
+) -> StoredRegistration {
+    let again = HostRegistration {
+        token: String::new(),
+        credential: Some(stored.credential.clone()),
+        ..registration.clone()
+    };
+    match client.register(&again).await {
+        Ok(registered) => {
+            let fresh = StoredRegistration {
+                host_id: registered.host_id,
+                credential: registered.credential,
+                ticket_public_key: registered.ticket_public_key,
+                heartbeat_interval_secs: registered.heartbeat_interval_secs,
+                ..stored
+            };
+            let written = serde_json::to_vec_pretty(&fresh)
+                .map_err(std::io::Error::other)
+                .and_then(|json| pleiades_session::write_private(path, &json));
+            if let Err(e) = written {
+                tracing::warn!("cannot write {}: {e}", path.display());
+            }
+            fresh
+        }
+        Err(e) => {
+            tracing::warn!("registering again with the stored credential failed ({e}); going on with it");
+            stored
+        }
+    }
 }
 
 /// The stored registration, when it is for this broker and name.
