@@ -52,6 +52,11 @@ impl Db {
         if url.contains(":memory:") {
             return Err(Error::Invalid("use a SQLite file, not :memory:".into()));
         }
+        if backend == Backend::Sqlite
+            && let Some(path) = sqlite_path(url)
+        {
+            create_sqlite_file(&path)?;
+        }
         let url = if backend == Backend::Sqlite && !url.contains("mode=") {
             format!("{url}{}mode=rwc", if url.contains('?') { '&' } else { '?' })
         } else {
@@ -112,6 +117,47 @@ impl Db {
             }
         }
         Ok(())
+    }
+}
+
+/// The file of a `sqlite:` URL (`sqlite:///abs/b.db`, `sqlite://rel/b.db`, `sqlite:b.db`,
+/// with or without `?options`); `None` for other URLs and in-memory databases.
+pub fn sqlite_path(url: &str) -> Option<std::path::PathBuf> {
+    let rest = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
+    let file = rest.split('?').next().unwrap_or_default();
+    (!file.is_empty() && !file.contains(":memory:")).then(|| file.into())
+}
+
+/// A new SQLite database file is made mode 0600, in a directory made 0700 when missing (its
+/// WAL and shared-memory files take the database file's mode). An existing file is used as it
+/// is, with a warning when others may read it: it holds password and token hashes.
+fn create_sqlite_file(path: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let fail = |e: std::io::Error| {
+        Error::Internal(format!("cannot create the database file {}: {e}", path.display()))
+    };
+    match std::fs::metadata(path) {
+        Ok(m) => {
+            let mode = m.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                tracing::warn!(
+                    "the database file {} has mode {mode:03o}: others may read it (chmod 600 it)",
+                    path.display()
+                );
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+                crate::private::create_private_dir(dir).map_err(fail)?;
+            }
+            match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+                Ok(_) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+                Err(e) => Err(fail(e)),
+            }
+        }
+        Err(e) => Err(fail(e)),
     }
 }
 

@@ -31,6 +31,9 @@ pub enum Error {
     Ticket(#[from] pleiades_protocol::ticket::TicketError),
     #[error("internal error: {0}")]
     Internal(String),
+    /// The ticket signing key cannot be loaded or kept (at start, never during a request).
+    #[error("ticket signing key: {0}")]
+    TicketKey(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

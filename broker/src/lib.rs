@@ -8,6 +8,7 @@
 //! - [`auth`]: password backends per account source (local argon2id; LDAP plugs in here).
 //! - [`clock`]: injectable time, so that tests move time instead of sleeping.
 //! - [`secret`]: tokens, token hashes, argon2id password hashes.
+//! - [`private`]: the state directory (0700) and the secret files in it (0600).
 //! - [`config`]: the `broker.toml` file.
 //! - [`server`]: HTTPS (or plain HTTP) serving and the maintenance loop.
 
@@ -19,6 +20,7 @@ pub mod db;
 pub mod error;
 pub mod http;
 pub mod model;
+pub mod private;
 pub mod secret;
 pub mod server;
 

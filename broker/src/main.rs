@@ -61,9 +61,11 @@ enum Cmd {
         #[arg(long, default_value_t = 50)]
         limit: i64,
     },
-    /// Print the ticket public key (base64url Ed25519) that hosts verify tickets with.
+    /// Print the ticket public key (base64url Ed25519) that hosts verify tickets with. The
+    /// private key is STATE_DIR/ticket-key.pk8 (mode 0600), not in the database.
     TicketKey {
-        /// First install this signing key (Ed25519, PKCS#8 DER file) in a new database.
+        /// First install this signing key (Ed25519, PKCS#8 DER file): into a new database, or
+        /// into this broker's state directory for a database that signs with it already.
         #[arg(long, value_name = "FILE")]
         import: Option<std::path::PathBuf>,
     },
@@ -235,7 +237,7 @@ async fn open(config: &Config) -> Result<Arc<Broker>> {
     let db = Db::connect(&config.database)
         .await
         .with_context(|| format!("cannot open the database {}", redact(&config.database)))?;
-    Ok(Arc::new(Broker::open(db, Arc::new(SystemClock), config.broker.clone()).await?))
+    Ok(Arc::new(Broker::open(db, Arc::new(SystemClock), config.broker.clone(), &config.state_dir()).await?))
 }
 
 /// Database URLs may carry a password: never print it.
@@ -443,7 +445,8 @@ async fn run(mut config: Config, command: Cmd) -> Result<()> {
             let db = Db::connect(&config.database)
                 .await
                 .with_context(|| format!("cannot open the database {}", redact(&config.database)))?;
-            println!("{}", pleiades_broker::broker::import_ticket_key(&db, &pkcs8).await?.to_base64());
+            let public = pleiades_broker::broker::import_ticket_key(&db, &config.state_dir(), &pkcs8).await?;
+            println!("{}", public.to_base64());
         }
         Cmd::TicketKey { import: None } => {
             println!("{}", open(&config).await?.ticket_public_key().to_base64())

@@ -34,8 +34,8 @@ fn certificate_files(config: &Config) -> Result<(std::path::PathBuf, std::path::
     match (&config.tls_cert, &config.tls_key) {
         (Some(c), Some(k)) => Ok((c.clone(), k.clone())),
         _ => {
-            let c = config.state_dir.join("broker-cert.pem");
-            let k = config.state_dir.join("broker-key.pem");
+            let c = config.state_dir().join("broker-cert.pem");
+            let k = config.state_dir().join("broker-key.pem");
             if !c.exists() || !k.exists() {
                 generate_self_signed(&c, &k)?;
             }
@@ -54,7 +54,7 @@ fn load_certificates(cert_path: &std::path::Path) -> Result<Vec<CertificateDer<'
 /// SHA-256 of the broker's HTTPS certificate (what hosts pin: `pleiades-host serve
 /// --broker-cert-sha256`); `None` before the self-signed one is made (at the first `serve`).
 pub fn certificate_sha256(config: &Config) -> Option<String> {
-    let cert_path = config.tls_cert.clone().unwrap_or_else(|| config.state_dir.join("broker-cert.pem"));
+    let cert_path = config.tls_cert.clone().unwrap_or_else(|| config.state_dir().join("broker-cert.pem"));
     let certs = load_certificates(&cert_path).ok()?;
     certs.first().map(|c| pleiades_protocol::pinning::cert_sha256(c))
 }
@@ -87,19 +87,12 @@ fn generate_self_signed(cert: &Path, key: &Path) -> Result<(), ServeError> {
     }
     let made = rcgen::generate_simple_self_signed(names).map_err(|e| ServeError::Tls(e.to_string()))?;
     if let Some(dir) = cert.parent() {
-        std::fs::create_dir_all(dir)?;
+        crate::private::create_private_dir(dir)?;
     }
     std::fs::write(cert, made.cert.pem())?;
-    write_private(key, made.signing_key.serialize_pem().as_bytes())?;
+    crate::private::write_private(key, made.signing_key.serialize_pem().as_bytes())?;
     tracing::info!(cert = %cert.display(), "generated a self-signed TLS certificate");
     Ok(())
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
-    f.write_all(bytes)
 }
 
 /// Serves the router on `listener` until `shutdown` resolves. `tls: None` is plain HTTP.

@@ -18,7 +18,8 @@ on_both_databases!(
     host_api_authorization,
     host_names_cannot_be_taken_over,
     login_rate_limits,
-    secrets_stay_out_of_logs_and_audit
+    secrets_stay_out_of_logs_and_audit,
+    ticket_key_stays_out_of_the_database
 );
 
 /// A browser-like session: the cookie and the page's CSRF token.
@@ -506,6 +507,80 @@ async fn secrets_stay_out_of_logs_and_audit(backend: Backend) {
     }
 }
 
+/// Whether any value of the settings table holds the private key (its PKCS#8 bytes as base64,
+/// or its seed as hex or base64).
+async fn settings_hold_key(env: &Env, pkcs8: &[u8]) -> bool {
+    use base64::Engine as _;
+    let forms = [
+        base64::engine::general_purpose::STANDARD.encode(pkcs8),
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(pkcs8),
+        base64::engine::general_purpose::STANDARD.encode(&pkcs8[16..48]),
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&pkcs8[16..48]),
+        pkcs8[16..48].iter().map(|b| format!("{b:02x}")).collect(),
+    ];
+    let rows = sqlx::query("SELECT value FROM settings").fetch_all(&env.broker.db.pool).await.unwrap();
+    rows.iter().any(|r| {
+        let value: String = sqlx::Row::get(r, "value");
+        forms.iter().any(|f| value.contains(f.as_str()))
+    })
+}
+
+/// Security review finding: the ticket signing key was kept in clear in the database. It is a
+/// file in the state directory now; the database knows its public key only, and a key an older
+/// broker kept there moves out (checked on PostgreSQL too; the SQLite files are scanned byte by
+/// byte in http.rs).
+async fn ticket_key_stays_out_of_the_database(backend: Backend) {
+    use base64::Engine as _;
+    let env = Env::new(backend).await;
+    let key_file = env.state_dir().join(pleiades_broker::broker::TICKET_KEY_FILE);
+    let pkcs8 = std::fs::read(&key_file).unwrap();
+    let signer = pleiades_protocol::ticket::TicketSigner::from_pkcs8(&pkcs8).unwrap();
+    assert_eq!(signer.public_key(), env.broker.ticket_public_key());
+    assert!(!settings_hold_key(&env, &pkcs8).await);
+
+    // A database as an older broker left it: the private key in `settings`.
+    let legacy = pleiades_protocol::ticket::TicketSigner::generate_pkcs8().unwrap();
+    let legacy_public = pleiades_protocol::ticket::TicketSigner::from_pkcs8(&legacy).unwrap().public_key();
+    sqlx::query("DELETE FROM settings").execute(&env.broker.db.pool).await.unwrap();
+    sqlx::query("INSERT INTO settings (key, value) VALUES ('ticket_signing_key_pkcs8', $1)")
+        .bind(base64::engine::general_purpose::STANDARD.encode(&legacy))
+        .execute(&env.broker.db.pool)
+        .await
+        .unwrap();
+    assert!(settings_hold_key(&env, &legacy).await, "the test's own check sees a key in the database");
+    let open = |state: std::path::PathBuf| {
+        let (url, clock, settings) = (env.db_url.clone(), env.clock.clone(), env.broker.settings.clone());
+        async move {
+            let db = pleiades_broker::db::Db::connect(&url).await.unwrap();
+            pleiades_broker::Broker::open(db, std::sync::Arc::new(clock), settings, &state).await
+        }
+    };
+    let filenode = || async {
+        let row = sqlx::query("SELECT CAST(pg_relation_filenode('settings') AS BIGINT) AS n")
+            .fetch_one(&env.broker.db.pool)
+            .await
+            .unwrap();
+        sqlx::Row::get::<i64, _>(&row, "n")
+    };
+    let before = if backend == Backend::Postgres { filenode().await } else { 0 };
+    let state = tempfile::tempdir().unwrap();
+    let upgraded = open(state.path().to_owned()).await.unwrap();
+    assert_eq!(upgraded.ticket_public_key(), legacy_public, "the same key signs on");
+    assert!(!settings_hold_key(&env, &legacy).await, "the key left the database");
+    if backend == Backend::Postgres {
+        assert_ne!(filenode().await, before, "the table was rewritten without the dead row (VACUUM FULL)");
+    }
+    assert_eq!(std::fs::read(state.path().join("ticket-key.pk8")).unwrap(), legacy);
+    // Opened again: the same key, from the file.
+    assert_eq!(open(state.path().to_owned()).await.unwrap().ticket_public_key(), legacy_public);
+    // A broker without the key file, or with another key, does not start on this database.
+    let empty = tempfile::tempdir().unwrap();
+    let refused = open(empty.path().to_owned()).await.unwrap_err().to_string();
+    assert!(refused.contains("ticket-key.pk8") && refused.contains(&legacy_public.to_base64()), "{refused}");
+    let refused = open(env.state_dir().to_owned()).await.unwrap_err().to_string();
+    assert!(refused.contains(&legacy_public.to_base64()), "{refused}");
+}
+
 /// A stand-in for an LDAP directory: one account, checked by the backend, not by a hash.
 #[derive(Debug)]
 struct FakeDirectory;
@@ -535,6 +610,7 @@ async fn directory_accounts_use_their_backend(backend: Backend) {
         db,
         std::sync::Arc::new(env.clock.clone()),
         env.broker.settings.clone(),
+        env.state_dir(),
     )
     .await
     .unwrap()

@@ -80,7 +80,7 @@ async fn security_headers_on_pages_and_api() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_by_default_with_a_generated_certificate() {
     let dir = tempfile::tempdir().unwrap();
-    let config = Config { state_dir: dir.path().to_owned(), ..Config::default() };
+    let config = Config { state_dir: Some(dir.path().to_owned()), ..Config::default() };
     assert!(config.cookies_secure());
     let tls = server::tls_config(&config).unwrap();
     assert!(dir.path().join("broker-cert.pem").exists());
@@ -238,4 +238,143 @@ async fn serve_binary_answers_on_loopback() {
     let cookie = login.headers()["set-cookie"].to_str().unwrap().to_owned();
     assert!(!cookie.contains("Secure") && cookie.contains("HttpOnly"));
     child.kill().await.unwrap();
+}
+
+/// The signing key as the database might hold it: the PKCS#8 document, its base64 (how older
+/// brokers stored it) and the 32-byte private seed inside it.
+fn key_forms(pkcs8: &[u8]) -> Vec<Vec<u8>> {
+    use base64::Engine as _;
+    assert_eq!(&pkcs8[14..16], &[0x04, 0x20], "ring's Ed25519 PKCS#8 v2: the seed follows");
+    vec![
+        pkcs8.to_vec(),
+        base64::engine::general_purpose::STANDARD.encode(pkcs8).into_bytes(),
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(pkcs8).into_bytes(),
+        pkcs8[16..48].to_vec(),
+    ]
+}
+
+/// Fails if any file of the SQLite database (main file, WAL, shared memory) holds the key.
+fn assert_database_lacks_key(db: &std::path::Path, pkcs8: &[u8]) {
+    let mut scanned = 0;
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let mut name = db.as_os_str().to_owned();
+        name.push(suffix);
+        let Ok(bytes) = std::fs::read(&name) else { continue };
+        scanned += 1;
+        for (i, form) in key_forms(pkcs8).iter().enumerate() {
+            assert!(
+                !bytes.windows(form.len()).any(|w| w == form.as_slice()),
+                "{} holds the ticket signing key (form {i})",
+                std::path::Path::new(&name).display()
+            );
+        }
+    }
+    assert!(scanned > 0, "no database file at {}", db.display());
+}
+
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).permissions().mode() & 0o777
+}
+
+/// `pleiades-broker --config CONFIG ARGS`: its output, or its error.
+fn broker_with(config: &std::path::Path, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_pleiades-broker"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env("PLEIADES_PASSWORD", "correct horse battery")
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8(out.stdout).unwrap())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+fn config_file(
+    dir: &std::path::Path,
+    name: &str,
+    db: &std::path::Path,
+    state: &std::path::Path,
+) -> std::path::PathBuf {
+    let config = dir.join(name);
+    std::fs::write(
+        &config,
+        format!("database = \"sqlite://{}\"\nstate_dir = \"{}\"\n", db.display(), state.display()),
+    )
+    .unwrap();
+    config
+}
+
+/// Security review finding: the ticket signing key was stored in clear in the database, and
+/// the state directory and database were made with the default permissions. Anyone who could
+/// read the database (a backup, a dump) could sign tickets for every desktop.
+#[test]
+fn the_ticket_key_stays_out_of_the_database_and_the_state_is_private() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let db = state.join("broker.db");
+    let config = config_file(dir.path(), "broker.toml", &db, &state);
+    let pkcs8 = pleiades_protocol::ticket::TicketSigner::generate_pkcs8().unwrap();
+    let signer = pleiades_protocol::ticket::TicketSigner::from_pkcs8(&pkcs8).unwrap();
+    let key_path = dir.path().join("ticket.pk8");
+    std::fs::write(&key_path, &pkcs8).unwrap();
+    let public = broker_with(&config, &["ticket-key", &format!("--import={}", key_path.display())]).unwrap();
+    assert_eq!(public.trim(), signer.public_key().to_base64());
+    broker_with(&config, &["user", "add", "root", "--admin"]).unwrap();
+    assert_eq!(broker_with(&config, &["ticket-key"]).unwrap().trim(), signer.public_key().to_base64());
+
+    assert_database_lacks_key(&db, &pkcs8);
+    assert_eq!(mode(&state), 0o700, "the state directory");
+    assert_eq!(mode(&db), 0o600, "the database");
+    let kept = state.join("ticket-key.pk8");
+    assert_eq!(mode(&kept), 0o600, "the key file");
+    assert_eq!(std::fs::read(&kept).unwrap(), pkcs8);
+
+    // A fresh database makes its own key, also only in the state directory.
+    let other_state = dir.path().join("other");
+    let other_db = other_state.join("broker.db");
+    let other = config_file(dir.path(), "other.toml", &other_db, &other_state);
+    broker_with(&other, &["user", "add", "root", "--admin"]).unwrap();
+    let made = std::fs::read(other_state.join("ticket-key.pk8")).unwrap();
+    assert_database_lacks_key(&other_db, &made);
+    assert_eq!((mode(&other_state), mode(&other_db)), (0o700, 0o600));
+}
+
+/// A database from before: its key moves out of the database into the state directory, and a
+/// broker without that key file refuses to start on the database instead of signing with
+/// another key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ticket_key_kept_in_the_database_moves_to_the_state_directory() {
+    use base64::Engine as _;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("legacy.db");
+    let pkcs8 = pleiades_protocol::ticket::TicketSigner::generate_pkcs8().unwrap();
+    let public = pleiades_protocol::ticket::TicketSigner::from_pkcs8(&pkcs8).unwrap().public_key();
+    {
+        let legacy = pleiades_broker::db::Db::connect(&format!("sqlite://{}", db.display())).await.unwrap();
+        sqlx::query("INSERT INTO settings (key, value) VALUES ('ticket_signing_key_pkcs8', $1)")
+            .bind(base64::engine::general_purpose::STANDARD.encode(&pkcs8))
+            .execute(&legacy.pool)
+            .await
+            .unwrap();
+        legacy.pool.close().await;
+    }
+    let state = dir.path().join("state");
+    let config = config_file(dir.path(), "broker.toml", &db, &state);
+    let printed = tokio::task::spawn_blocking(move || broker_with(&config, &["ticket-key"])).await.unwrap();
+    assert_eq!(printed.unwrap().trim(), public.to_base64(), "the same key signs on");
+    assert_database_lacks_key(&db, &pkcs8);
+    assert_eq!(std::fs::read(state.join("ticket-key.pk8")).unwrap(), pkcs8);
+    assert_eq!((mode(&state), mode(&state.join("ticket-key.pk8"))), (0o700, 0o600));
+
+    // Another broker on this database without the key file: refused, with what to do.
+    let elsewhere = config_file(dir.path(), "elsewhere.toml", &db, &dir.path().join("elsewhere"));
+    let refused =
+        tokio::task::spawn_blocking(move || broker_with(&elsewhere, &["ticket-key"])).await.unwrap();
+    let why = refused.unwrap_err();
+    assert!(why.contains("ticket-key.pk8") && why.contains(&public.to_base64()), "{why}");
 }

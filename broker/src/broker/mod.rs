@@ -36,8 +36,8 @@ use crate::model::{Actor, AuditEntry};
 use crate::secret;
 
 use accounts::RateLimiter;
-pub use ticket_key::import_ticket_key;
 use ticket_key::load_or_create_signer;
+pub use ticket_key::{KEY_FILE as TICKET_KEY_FILE, import_ticket_key};
 
 /// Tunables of the broker core (the `[broker]` table of broker.toml).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -100,10 +100,17 @@ pub use pleiades_protocol::hostapi::{
 };
 
 impl Broker {
-    /// Opens the broker on a database; the ticket key is created once and shared by every
-    /// broker on that database.
-    pub async fn open(db: Db, clock: Arc<dyn Clock>, settings: BrokerSettings) -> Result<Self> {
-        let signer = load_or_create_signer(&db).await?;
+    /// Opens the broker on a database. The ticket signing key lives in `state_dir`
+    /// (`ticket-key.pk8`, made once, mode 0600; the directory 0700), the database keeps only
+    /// its public key: every broker on one database signs with the same key, copied to its
+    /// state directory ([`ticket_key`]).
+    pub async fn open(
+        db: Db,
+        clock: Arc<dyn Clock>,
+        settings: BrokerSettings,
+        state_dir: &std::path::Path,
+    ) -> Result<Self> {
+        let signer = load_or_create_signer(&db, state_dir).await?;
         Ok(Self {
             db,
             clock,

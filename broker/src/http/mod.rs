@@ -182,14 +182,14 @@ impl Error {
             Error::Invalid(_) | Error::Ticket(_) => StatusCode::BAD_REQUEST,
             Error::Conflict(_) | Error::PoolExhausted(_) | Error::NotReady(_) => StatusCode::CONFLICT,
             Error::NoCapacity(_) | Error::StartFailing { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            Error::Db(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Error::Db(_) | Error::Internal(_) | Error::TicketKey(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
     /// What the caller may see: internal details stay in the server log.
     pub fn public_message(&self) -> String {
         match self {
-            Error::Db(_) | Error::Internal(_) => {
+            Error::Db(_) | Error::Internal(_) | Error::TicketKey(_) => {
                 tracing::error!("request failed: {self}");
                 "internal error".into()
             }

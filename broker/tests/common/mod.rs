@@ -103,7 +103,7 @@ impl Env {
         let db = Db::connect(&url).await.expect("connect");
         let db_url = url.clone();
         let clock = ManualClock::new(START);
-        let broker = Arc::new(Broker::open(db, Arc::new(clock.clone()), settings).await.unwrap());
+        let broker = Arc::new(Broker::open(db, Arc::new(clock.clone()), settings, dir.path()).await.unwrap());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let app = router(AppState { broker: broker.clone(), secure_cookies: false });
@@ -119,6 +119,11 @@ impl Env {
         Self { broker, clock, base, http, backend, db_url, _pg: pg, _dir: dir, _shutdown: tx }
     }
 
+    /// The broker's state directory (its ticket signing key).
+    pub fn state_dir(&self) -> &std::path::Path {
+        self._dir.path()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
@@ -126,7 +131,8 @@ impl Env {
     /// Another broker on the same database and clock (scale-out).
     pub async fn second_broker(&self) -> Arc<Broker> {
         let db = Db::connect(&self.db_url).await.expect("connect");
-        Arc::new(Broker::open(db, Arc::new(self.clock.clone()), self.broker.settings.clone()).await.unwrap())
+        let settings = self.broker.settings.clone();
+        Arc::new(Broker::open(db, Arc::new(self.clock.clone()), settings, self.state_dir()).await.unwrap())
     }
 
     pub async fn user(&self, name: &str) -> (User, Actor) {
