@@ -20,6 +20,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (5, include_str!("../migrations/0005_disks.sql")),
     (6, include_str!("../migrations/0006_pool_network.sql")),
     (7, include_str!("../migrations/0007_host_token_names.sql")),
+    (8, include_str!("../migrations/0008_boot_generation.sql")),
 ];
 
 /// A handle to the broker's database (cheap to clone).

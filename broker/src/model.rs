@@ -379,6 +379,9 @@ pub struct Desktop {
     pub image_id: Option<String>,
     /// Bytes its own disk (the overlay on the template) takes on its host, as last reported.
     pub disk_bytes: Option<i64>,
+    /// Which start of its VM this is: bumped by every start, restart and recycle command, which
+    /// carries it to the host's VM process; tickets name it.
+    pub generation: i64,
 }
 
 impl Desktop {
@@ -398,6 +401,7 @@ impl Desktop {
             retry_at: get_i64(r, "retry_at")?,
             image_id: get_opt_str(r, "image_id")?,
             disk_bytes: get_opt_i64(r, "disk_bytes")?,
+            generation: get_i64(r, "generation")?,
         })
     }
 }

@@ -19,7 +19,8 @@ on_both_databases!(
     host_names_cannot_be_taken_over,
     login_rate_limits,
     secrets_stay_out_of_logs_and_audit,
-    ticket_key_stays_out_of_the_database
+    ticket_key_stays_out_of_the_database,
+    tickets_do_not_outlive_a_recycle
 );
 
 /// A browser-like session: the cookie and the page's CSRF token.
@@ -579,6 +580,45 @@ async fn ticket_key_stays_out_of_the_database(backend: Backend) {
     assert!(refused.contains("ticket-key.pk8") && refused.contains(&legacy_public.to_base64()), "{refused}");
     let refused = open(env.state_dir().to_owned()).await.unwrap_err().to_string();
     assert!(refused.contains(&legacy_public.to_base64()), "{refused}");
+}
+
+/// Security review finding: a ticket carried nothing of the VM process it was issued for, and
+/// the replay cache lives in that process. Alice's ticket, unused (or used: the cache went with
+/// her VM), opened the desktop again after its recycle, when the new process served Bob.
+async fn tickets_do_not_outlive_a_recycle(backend: Backend) {
+    let env = Env::new(backend).await;
+    env.image("debian", 1024).await;
+    let mut host = HostDouble::register(&env, "host-a", 8192, &["debian"]).await;
+    let pool = env.pool("office", PoolKind::Floating, "debian", 1, 0).await;
+    let (_, alice) = env.user("alice").await;
+    let (_, bob) = env.user("bob").await;
+    env.entitle_user(&pool, "alice").await;
+    env.entitle_user(&pool, "bob").await;
+    let desktop = env.broker.request_desktop(&alice, &pool).await.unwrap().id;
+    host.settle().await;
+    let alice_ticket = env.broker.connect(&alice, &desktop).await.unwrap().ticket;
+    let alice_vm = host.vm_verifier(&desktop, env.broker.ticket_public_key());
+    let first = host.vms[&desktop].generation;
+    let claims = pleiades_protocol::ticket::decode_unverified(&alice_ticket).unwrap().0;
+    assert_eq!((claims.generation, first), (Some(1), Some(1)), "the start's generation, in the ticket");
+    // Alice leaves; the floating desktop is recycled (a new VM process) and goes to Bob.
+    env.broker.release(&alice, &desktop).await.unwrap();
+    host.settle().await;
+    assert_eq!(host.vms[&desktop].generation, Some(2), "the recycle started generation 2");
+    assert_eq!(env.broker.request_desktop(&bob, &pool).await.unwrap().id, desktop);
+    let bob_ticket = env.broker.connect(&bob, &desktop).await.unwrap().ticket;
+    // The recycled desktop's VM process checks tickets as `pleiades-host run` does.
+    let mut bob_vm = host.vm_verifier(&desktop, env.broker.ticket_public_key());
+    let now = pleiades_broker::clock::Clock::now(&env.clock);
+    assert_eq!(
+        bob_vm.verify(&alice_ticket, now),
+        Err(pleiades_protocol::ticket::TicketError::WrongGeneration),
+        "Alice's ticket must not open Bob's session"
+    );
+    assert_eq!(bob_vm.verify(&bob_ticket, now).unwrap().user, "bob");
+    // Alice's own VM process took her ticket.
+    let mut alice_vm = alice_vm;
+    assert_eq!(alice_vm.verify(&alice_ticket, now).unwrap().user, "alice");
 }
 
 /// A stand-in for an LDAP directory: one account, checked by the backend, not by a hash.

@@ -18,6 +18,7 @@ fn claims() -> TicketClaims {
         host: "h".into(),
         issued_at: 0,
         expires_at: 1,
+        generation: None,
     }
 }
 

@@ -328,6 +328,7 @@ fn with_session(args: &RunArgs, controller: Arc<dyn Controller>) -> Result<Arc<d
         desktop: args.desktop.clone(),
         host: ticket_host,
         ticket_key,
+        generation: args.ticket_generation,
         identity_dir: args.tls_identity.clone(),
         relative_pointer: args.devices.iter().any(|d| d.kind == DeviceKind::Mouse),
     };

@@ -79,6 +79,11 @@ pub struct RunArgs {
     /// The host name tickets must carry (the broker's host id; default: the advertised address).
     #[arg(long, requires = "ticket_key")]
     pub ticket_host: Option<String>,
+    /// The desktop's generation this process serves (the broker's start, restart or recycle
+    /// command names it): only tickets for it are accepted, so that a ticket issued before a
+    /// restart or recycle (another user's) does not open this process.
+    #[arg(long, requires = "ticket_key")]
+    pub ticket_generation: Option<u64>,
     /// Keep the session certificate in this directory (made once; a host's VMs share it, so
     /// the broker pins one fingerprint). Default: a fresh certificate per run.
     #[arg(long, requires = "listen")]

@@ -182,7 +182,11 @@ impl From<TicketError> for Refusal {
             | TicketError::BadSignature
             | TicketError::LifetimeTooLong
             | TicketError::FieldTooLong => RefuseCode::BadTicket,
-            TicketError::Expired | TicketError::NotYetValid => RefuseCode::ExpiredTicket,
+            // A ticket for the desktop's earlier start: as good as expired (the portal gives
+            // a new one).
+            TicketError::Expired | TicketError::NotYetValid | TicketError::WrongGeneration => {
+                RefuseCode::ExpiredTicket
+            }
             TicketError::Replayed => RefuseCode::ReusedTicket,
             TicketError::WrongHost => RefuseCode::WrongDesktop,
             TicketError::BadKey | TicketError::Rng => RefuseCode::Internal,
@@ -395,6 +399,7 @@ mod tests {
             host: "host-a".into(),
             issued_at: 0,
             expires_at: 60,
+            generation: None,
         }
     }
 

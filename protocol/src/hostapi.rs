@@ -111,6 +111,11 @@ pub struct HostCommand {
     /// The desktop's network, from its pool (the kinds that boot); `None`: no network card.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<DesktopNetwork>,
+    /// The kinds that boot: the desktop's generation the new VM process is for. The process
+    /// accepts only tickets that name it (`pleiades-host run --ticket-generation`), so a ticket
+    /// issued before a restart or recycle does not open the desktop again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
 }
 
 /// A desktop's network: a NIC with DHCP, DNS and outbound NAT, kept from the host's own

@@ -5,15 +5,25 @@
 //!
 //! ```text
 //! pt1.<base64url, no padding, of: body || signature>
-//! body      = version:u8 (=1) | id:[u8;16] | issued_at:u64be | expires_at:u64be
+//! body      = version:u8 (1 or 2) | id:[u8;16] | issued_at:u64be | expires_at:u64be
+//!             | generation:u64be (version 2 only)
 //!             | user:str | desktop:str | host:str          (str = len:u8 | UTF-8 bytes)
 //! signature = Ed25519 over (DOMAIN || body), 64 bytes
 //! ```
 //!
+//! The broker's tickets are version 2: they name the **generation** of the desktop, which the
+//! broker bumps at every start, restart and recycle and hands to the host with that command;
+//! the host starts the desktop's VM process for that generation, and the process accepts only
+//! tickets of its own generation. The replay cache lives in the VM process, so without this a
+//! ticket issued before a recycle (one user's) would open the desktop's next process (the next
+//! user's session) while it is still valid. Version 1 (no generation) is what a host mints for
+//! itself (`run --connection-file`); a verifier bound to a generation refuses it.
+//!
 //! Invariants:
 //! - A ticket that verifies was signed by the broker's key, names the verifying host, is inside
-//!   `[issued_at - CLOCK_SKEW, expires_at)`, lives at most [`MAX_LIFETIME_SECS`], and is accepted
-//!   at most once per [`ReplayCache`] (the cache keeps each id until its expiry).
+//!   `[issued_at - CLOCK_SKEW, expires_at)`, lives at most [`MAX_LIFETIME_SECS`], names the
+//!   verifier's generation when the verifier has one, and is accepted at most once per
+//!   [`ReplayCache`] (the cache keeps each id until its expiry).
 //! - Decoding never panics on any input; every malformed input is a [`TicketError`].
 //! - Sans-IO: time comes in as a parameter (Unix seconds); nothing here reads a clock.
 
@@ -28,7 +38,10 @@ use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 pub const PREFIX: &str = "pt1.";
 /// Signed together with the body so that a signature can never be replayed in another context.
 const DOMAIN: &[u8] = b"pleiades-ticket-v1\0";
-const VERSION: u8 = 1;
+/// Body version without a generation.
+const VERSION_1: u8 = 1;
+/// Body version with the desktop's generation.
+const VERSION_2: u8 = 2;
 const SIG_LEN: usize = 64;
 /// Fixed part of the body: version, id, two timestamps.
 const FIXED_LEN: usize = 1 + 16 + 8 + 8;
@@ -53,6 +66,9 @@ pub struct TicketClaims {
     pub issued_at: u64,
     /// Unix seconds, exclusive.
     pub expires_at: u64,
+    /// The start of the desktop's VM process the ticket is for (the broker's generation of the
+    /// desktop); `None` in a version 1 ticket.
+    pub generation: Option<u64>,
 }
 
 /// Why a ticket was refused.
@@ -72,6 +88,8 @@ pub enum TicketError {
     WrongHost,
     #[error("ticket was already used")]
     Replayed,
+    #[error("ticket is for another start of this desktop (it was restarted or recycled since)")]
+    WrongGeneration,
     #[error("a ticket field is longer than {MAX_FIELD_LEN} bytes")]
     FieldTooLong,
     #[error("invalid signing key")]
@@ -98,7 +116,13 @@ impl TicketClaims {
             host: host.to_owned(),
             issued_at: now,
             expires_at: now.saturating_add(lifetime_secs),
+            generation: None,
         })
+    }
+
+    /// The same claims for one generation of the desktop (a version 2 ticket).
+    pub fn for_generation(self, generation: u64) -> Self {
+        Self { generation: Some(generation), ..self }
     }
 
     /// The id as lowercase hex, for logs and audit (the id alone grants nothing).
@@ -108,11 +132,14 @@ impl TicketClaims {
 
     fn encode_body(&self) -> Result<Vec<u8>, TicketError> {
         let mut out =
-            Vec::with_capacity(FIXED_LEN + 3 + self.user.len() + self.desktop.len() + self.host.len());
-        out.push(VERSION);
+            Vec::with_capacity(FIXED_LEN + 11 + self.user.len() + self.desktop.len() + self.host.len());
+        out.push(if self.generation.is_some() { VERSION_2 } else { VERSION_1 });
         out.extend_from_slice(&self.id);
         out.extend_from_slice(&self.issued_at.to_be_bytes());
         out.extend_from_slice(&self.expires_at.to_be_bytes());
+        if let Some(generation) = self.generation {
+            out.extend_from_slice(&generation.to_be_bytes());
+        }
         for field in [&self.user, &self.desktop, &self.host] {
             let len = u8::try_from(field.len()).map_err(|_| TicketError::FieldTooLong)?;
             out.push(len);
@@ -123,7 +150,7 @@ impl TicketClaims {
 
     fn decode_body(body: &[u8]) -> Result<Self, TicketError> {
         let fixed = body.get(..FIXED_LEN).ok_or(TicketError::Malformed("body too short"))?;
-        if fixed[0] != VERSION {
+        if fixed[0] != VERSION_1 && fixed[0] != VERSION_2 {
             return Err(TicketError::Malformed("unknown version"));
         }
         let mut id = [0u8; 16];
@@ -131,6 +158,12 @@ impl TicketClaims {
         let issued_at = u64::from_be_bytes(fixed[17..25].try_into().expect("8 bytes"));
         let expires_at = u64::from_be_bytes(fixed[25..33].try_into().expect("8 bytes"));
         let mut rest = &body[FIXED_LEN..];
+        let mut generation = None;
+        if fixed[0] == VERSION_2 {
+            let bytes = rest.get(..8).ok_or(TicketError::Malformed("generation truncated"))?;
+            generation = Some(u64::from_be_bytes(bytes.try_into().expect("8 bytes")));
+            rest = &rest[8..];
+        }
         let mut fields = Vec::with_capacity(3);
         for _ in 0..3 {
             let (&len, tail) = rest.split_first().ok_or(TicketError::Malformed("missing field"))?;
@@ -146,7 +179,7 @@ impl TicketClaims {
         let host = fields.pop().expect("3 fields");
         let desktop = fields.pop().expect("3 fields");
         let user = fields.pop().expect("3 fields");
-        Ok(Self { id, user, desktop, host, issued_at, expires_at })
+        Ok(Self { id, user, desktop, host, issued_at, expires_at, generation })
     }
 }
 
@@ -281,22 +314,35 @@ impl ReplayCache {
     }
 }
 
-/// The host's half: the broker's public key, this host's id and a replay cache.
+/// The host's half: the broker's public key, this host's id, the generation of the desktop's
+/// VM process (when the broker gave one) and a replay cache.
 #[derive(Debug)]
 pub struct TicketVerifier {
     key: PublicKey,
     host: String,
+    generation: Option<u64>,
     replay: ReplayCache,
 }
 
 impl TicketVerifier {
     pub fn new(key: PublicKey, host: &str) -> Self {
-        Self { key, host: host.to_owned(), replay: ReplayCache::new() }
+        Self { key, host: host.to_owned(), generation: None, replay: ReplayCache::new() }
+    }
+
+    /// Accepts only tickets for this generation of the desktop (`Some`): what a VM process
+    /// started by the broker's command does. `None` accepts tickets of any generation or none.
+    pub fn with_generation(self, generation: Option<u64>) -> Self {
+        Self { generation, ..self }
     }
 
     /// Verifies a ticket and consumes it: a second call with the same ticket fails.
     pub fn verify(&mut self, ticket: &str, now: u64) -> Result<TicketClaims, TicketError> {
         let claims = self.key.verify_stateless(ticket, &self.host, now)?;
+        if let Some(expected) = self.generation
+            && claims.generation != Some(expected)
+        {
+            return Err(TicketError::WrongGeneration);
+        }
         self.replay.check_and_insert(&claims, now)?;
         Ok(claims)
     }
@@ -348,6 +394,44 @@ mod tests {
     }
 
     #[test]
+    fn a_verifier_bound_to_a_generation_takes_only_that_generation() {
+        let s = signer();
+        let claims = TicketClaims::new("alice", "d-1", "host-a", 1_000, 60).unwrap();
+        let old = s.issue(&claims.clone().for_generation(6)).unwrap();
+        let current = s.issue(&claims.clone().for_generation(7)).unwrap();
+        let unbound = s.issue(&claims).unwrap();
+        // The VM process of generation 7 (the desktop was recycled after generation 6).
+        let mut v = TicketVerifier::new(s.public_key(), "host-a").with_generation(Some(7));
+        assert_eq!(v.verify(&old, 1_010), Err(TicketError::WrongGeneration));
+        assert_eq!(v.verify(&unbound, 1_010), Err(TicketError::WrongGeneration));
+        assert_eq!(v.verify(&current, 1_010).unwrap().generation, Some(7));
+        assert_eq!(v.verify(&current, 1_010), Err(TicketError::Replayed));
+        // Refused tickets were not consumed: the generation-6 process still takes its own.
+        let mut previous = TicketVerifier::new(s.public_key(), "host-a").with_generation(Some(6));
+        assert_eq!(previous.verify(&old, 1_010).unwrap().generation, Some(6));
+        // A verifier without a generation (a host that mints its own tickets) takes both formats.
+        let mut any = TicketVerifier::new(s.public_key(), "host-a");
+        let fresh = || TicketClaims::new("alice", "d-1", "host-a", 1_000, 60).unwrap();
+        assert_eq!(any.verify(&s.issue(&fresh()).unwrap(), 1_010).unwrap().generation, None);
+        assert_eq!(
+            any.verify(&s.issue(&fresh().for_generation(6)).unwrap(), 1_010).unwrap().generation,
+            Some(6)
+        );
+    }
+
+    #[test]
+    fn the_generation_is_signed() {
+        let s = signer();
+        let t = s.issue(&TicketClaims::new("a", "d", "h", 100, 60).unwrap().for_generation(1)).unwrap();
+        let mut raw = URL_SAFE_NO_PAD.decode(&t[PREFIX.len()..]).unwrap();
+        // The generation's last byte: 1 → 2.
+        raw[FIXED_LEN + 7] ^= 0b11;
+        let forged = format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(&raw));
+        assert_eq!(decode_unverified(&forged).unwrap().0.generation, Some(2));
+        assert_eq!(s.public_key().verify_stateless(&forged, "h", 110), Err(TicketError::BadSignature));
+    }
+
+    #[test]
     fn replay_cache_forgets_expired_ids() {
         let mut cache = ReplayCache::new();
         let a = TicketClaims::new("a", "d", "h", 0, 10).unwrap();
@@ -378,9 +462,11 @@ mod tests {
 
         #[test]
         fn round_trip(user in "[a-z0-9@.]{0,40}", desktop in "\\PC{0,40}", host in "[a-z0-9-]{1,30}",
-                      now in 0u64..(u64::MAX / 2), life in 1u64..=MAX_LIFETIME_SECS) {
+                      now in 0u64..(u64::MAX / 2), life in 1u64..=MAX_LIFETIME_SECS,
+                      generation in proptest::option::of(any::<u64>())) {
             let s = signer();
-            let claims = TicketClaims::new(&user, &desktop, &host, now, life).unwrap();
+            let mut claims = TicketClaims::new(&user, &desktop, &host, now, life).unwrap();
+            claims.generation = generation;
             let t = s.issue(&claims).unwrap();
             prop_assert_eq!(&decode_unverified(&t).unwrap().0, &claims);
             prop_assert_eq!(s.public_key().verify_stateless(&t, &host, now).unwrap(), claims);

@@ -99,6 +99,7 @@ async fn handshake(shared: &Arc<Shared>, conn: &quinn::Connection) -> Result<Opt
                 host: String::new(),
                 issued_at: now,
                 expires_at: now,
+                generation: None,
             });
         }
         let claims = lock(&shared.verifier).verify(ticket, super::unix_now()).map_err(Refusal::from)?;

@@ -59,6 +59,10 @@ pub struct SessionConfig {
     pub host: String,
     /// Who signs tickets (the broker's key, or the host's own for `--connection-file`).
     pub ticket_key: PublicKey,
+    /// The desktop's generation this process serves (the broker's start, restart or recycle
+    /// command names it): tickets must name it too, so that a ticket issued for an earlier
+    /// process of the desktop (another user's) does not open this one. `None`: any ticket.
+    pub generation: Option<u64>,
     /// Keep the certificate in this directory (made once, shared by the host's VMs); `None`:
     /// a fresh one for this server.
     pub identity_dir: Option<std::path::PathBuf>,
@@ -151,7 +155,9 @@ impl SessionServer {
             controller,
             desktop: config.desktop.clone(),
             handshake: ServerHandshake::new(&format!("pleiades-host {}", config.host), capabilities),
-            verifier: Mutex::new(TicketVerifier::new(config.ticket_key, &config.host)),
+            verifier: Mutex::new(
+                TicketVerifier::new(config.ticket_key, &config.host).with_generation(config.generation),
+            ),
             resume: Mutex::new(ResumeTokens::new()),
             current: Mutex::new(None),
             next_session: AtomicU64::new(1),

@@ -43,6 +43,7 @@ impl Served {
             desktop: "synthetic".into(),
             host: HOST.into(),
             ticket_key: tickets.public_key(),
+            generation: None,
             identity_dir: None,
             relative_pointer: false,
         };

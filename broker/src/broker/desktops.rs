@@ -58,7 +58,7 @@ impl Broker {
                 self.start_failed_again(&mut tx, pool, &desktop, Some(user_id), now).await?;
                 resume_or_start_session(&mut tx, &desktop.id, user_id, now).await?;
             } else if matches!(desktop.state, DesktopState::Disconnected | DesktopState::Ready) {
-                sqlx::query("UPDATE desktops SET state = $1, user_id = $2, state_since = $3, last_activity = $3, generation = generation + 1 WHERE id = $4")
+                sqlx::query("UPDATE desktops SET state = $1, user_id = $2, state_since = $3, last_activity = $3 WHERE id = $4")
                     .bind(DesktopState::InUse.as_str())
                     .bind(user_id)
                     .bind(now)
@@ -78,7 +78,7 @@ impl Broker {
         if let Some(row) = ready {
             let id = get_str(&row, "id")?;
             let claimed = sqlx::query(
-                "UPDATE desktops SET state = $1, user_id = $2, owner_id = $3, state_since = $4, last_activity = $4, generation = generation + 1 \
+                "UPDATE desktops SET state = $1, user_id = $2, owner_id = $3, state_since = $4, last_activity = $4 \
                  WHERE id = $5 AND state = 'ready' AND user_id IS NULL",
             )
             .bind(DesktopState::InUse.as_str())
@@ -144,7 +144,7 @@ impl Broker {
         let host = choose_host(tx, &image).await?;
         let moved = sqlx::query(
             "UPDATE desktops SET state = $1, host_id = $2, user_id = $3, state_since = $4, last_activity = $4, \
-             generation = generation + 1, session_port = NULL WHERE id = $5 AND state = 'failed'",
+             session_port = NULL WHERE id = $5 AND state = 'failed'",
         )
         .bind(DesktopState::Provisioning.as_str())
         .bind(&host)
@@ -299,14 +299,18 @@ impl Broker {
             return Err(Error::NotReady(desktop.name));
         }
         let now = self.now();
+        // Conditional on the generation read with the desktop: a restart or recycle queued
+        // since (which bumps it) fails the connect instead of giving this user a ticket for the
+        // desktop's next VM process, which may be another user's.
         let updated = sqlx::query(
             "UPDATE desktops SET state = $1, user_id = $2, state_since = CASE WHEN state = 'in_use' THEN state_since ELSE $3 END, last_activity = $3 \
-             WHERE id = $4 AND state IN ('in_use', 'disconnected', 'ready') AND (user_id = $2 OR owner_id = $2)",
+             WHERE id = $4 AND state IN ('in_use', 'disconnected', 'ready') AND (user_id = $2 OR owner_id = $2) AND generation = $5",
         )
         .bind(DesktopState::InUse.as_str())
         .bind(&actor.user_id)
         .bind(now)
         .bind(&desktop.id)
+        .bind(desktop.generation)
         .execute(&self.db.pool)
         .await?;
         if updated.rows_affected() != 1 {
@@ -321,7 +325,8 @@ impl Broker {
             &host.id,
             now as u64,
             self.settings.ticket_lifetime_secs,
-        )?;
+        )?
+        .for_generation(u64::try_from(desktop.generation).unwrap_or_default());
         let ticket = self.signer.issue(&claims)?;
         // The ticket id identifies the ticket in the audit log; the ticket itself is a secret.
         self.audit(

@@ -7,11 +7,10 @@ use super::{
     Broker, CommandAck, CommandKind, Heartbeat, HeartbeatReply, HostCommand, HostRegistered,
     HostRegistration, conflict, truncate_reason,
 };
-use crate::db::{get_i64, get_opt_str, get_str, new_id};
+use crate::db::{get_i64, get_opt_i64, get_opt_str, get_str, new_id};
 use crate::error::{Error, Result};
 use crate::model::{
-    Actor, CommandState, DesktopState, Host, HostState, HostTokenSpec, PoolNetwork, SessionState,
-    valid_name,
+    Actor, CommandState, DesktopState, Host, HostState, HostTokenSpec, PoolNetwork, SessionState, valid_name,
 };
 use crate::secret;
 
@@ -325,7 +324,7 @@ impl Broker {
         }
         let vanished = self.vanished_desktops(&mut tx, host, beat, now).await?;
         let rows = sqlx::query(
-            "SELECT c.id, c.kind, c.desktop_id, d.name AS desktop_name, d.pool_id, p.network, p.host_ports FROM host_commands c \
+            "SELECT c.id, c.kind, c.desktop_id, c.generation, d.name AS desktop_name, d.pool_id, p.network, p.host_ports FROM host_commands c \
              LEFT JOIN desktops d ON d.id = c.desktop_id LEFT JOIN pools p ON p.id = d.pool_id \
              WHERE c.host_id = $1 AND c.state = 'pending' ORDER BY c.created_at, c.id",
         )
@@ -367,6 +366,7 @@ impl Broker {
                 desktop_name: r.try_get::<Option<String>, _>("desktop_name")?.unwrap_or_default(),
                 image,
                 network,
+                generation: get_opt_i64(r, "generation")?.and_then(|g| u64::try_from(g).ok()),
             });
         }
         tx.commit().await?;

@@ -79,6 +79,9 @@ pub(super) async fn choose_host(tx: &mut Transaction<'_, Any>, image: &Image) ->
     best.map(|(_, id)| id).ok_or_else(|| Error::NoCapacity(image.name.clone()))
 }
 
+/// Queues a command for a host. A command that boots the desktop's VM (start, restart,
+/// recycle) begins a new generation of the desktop and carries it: the VM process it starts
+/// accepts only tickets of that generation, and the tickets issued from now on name it.
 pub(super) async fn queue_command(
     tx: &mut Transaction<'_, Any>,
     host_id: &str,
@@ -86,13 +89,27 @@ pub(super) async fn queue_command(
     kind: CommandKind,
     now: i64,
 ) -> Result<()> {
-    sqlx::query("INSERT INTO host_commands (id, host_id, desktop_id, kind, state, created_at) VALUES ($1, $2, $3, $4, $5, $6)")
+    let generation = if kind.boots() {
+        sqlx::query("UPDATE desktops SET generation = generation + 1 WHERE id = $1")
+            .bind(desktop_id)
+            .execute(&mut **tx)
+            .await?;
+        let row = sqlx::query("SELECT generation FROM desktops WHERE id = $1")
+            .bind(desktop_id)
+            .fetch_one(&mut **tx)
+            .await?;
+        Some(get_i64(&row, "generation")?)
+    } else {
+        None
+    };
+    sqlx::query("INSERT INTO host_commands (id, host_id, desktop_id, kind, state, created_at, generation) VALUES ($1, $2, $3, $4, $5, $6, $7)")
         .bind(format!("c-{now:012}-{}", secret::random_hex(6)))
         .bind(host_id)
         .bind(desktop_id)
         .bind(kind.as_str())
         .bind(CommandState::Pending.as_str())
         .bind(now)
+        .bind(generation)
         .execute(&mut **tx)
         .await?;
     Ok(())

@@ -210,6 +210,9 @@ impl Env {
 pub struct Vm {
     pub connected: bool,
     pub starts: u32,
+    /// The generation its last start, restart or recycle command carried (what the VM process
+    /// would be started with).
+    pub generation: Option<u64>,
 }
 
 /// What a [`HostDouble`] reports as every desktop's disk usage.
@@ -297,9 +300,15 @@ impl HostDouble {
                     assert!(c["image"]["kernel"].is_string(), "start commands carry the image");
                     let image = c["image"]["name"].as_str().unwrap_or_default().to_owned();
                     self.booted.push((kind.to_owned(), desktop.clone(), image));
-                    let vm = self.vms.entry(desktop).or_insert(Vm { connected: false, starts: 0 });
+                    let vm = self.vms.entry(desktop).or_insert(Vm {
+                        connected: false,
+                        starts: 0,
+                        generation: None,
+                    });
                     vm.starts += 1;
                     vm.connected = false;
+                    vm.generation = c["generation"].as_u64();
+                    assert!(vm.generation.is_some(), "commands that boot carry the generation: {c}");
                 }
                 "stop" => {
                     self.vms.remove(&desktop);
@@ -322,6 +331,18 @@ impl HostDouble {
             assert_eq!(ack.status(), 204);
         }
         commands.len()
+    }
+
+    /// How the VM process of `desktop` checks tickets, as `pleiades-host run` does: the
+    /// broker's key, this host's id, the generation its command carried, a replay cache of its
+    /// own.
+    pub fn vm_verifier(
+        &self,
+        desktop: &str,
+        key: pleiades_protocol::ticket::PublicKey,
+    ) -> pleiades_protocol::ticket::TicketVerifier {
+        let generation = self.vms[desktop].generation;
+        pleiades_protocol::ticket::TicketVerifier::new(key, &self.reg.host_id).with_generation(generation)
     }
 
     /// Heartbeats until no command comes (bounded).

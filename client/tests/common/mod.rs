@@ -58,6 +58,7 @@ impl Desktop {
             desktop: "synthetic".into(),
             host: HOST.into(),
             ticket_key: tickets.public_key(),
+            generation: None,
             identity_dir: None,
             relative_pointer: false,
         };
@@ -246,6 +247,7 @@ async fn serve(endpoint: quinn::Endpoint, behavior: Behavior) -> Observed {
             host: "fixture".into(),
             issued_at: 0,
             expires_at: u64::MAX,
+            generation: None,
         })
     };
     let ServerOutcome::Accept { reply, session, .. } = handshake.on_first_message(&hello, 42, check) else {

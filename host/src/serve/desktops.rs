@@ -79,6 +79,8 @@ struct VmProcess {
     control: PathBuf,
     /// The desktop's network namespace and link, removed when the process is forgotten.
     _net: Option<DesktopNet>,
+    /// The desktop's generation it serves (`run --ticket-generation`).
+    generation: Option<u64>,
 }
 
 /// Spawns processes from one thread that lives as long as the daemon.
@@ -156,20 +158,25 @@ impl Desktops {
     /// that fails leaves nothing behind: the process is ended and the desktop's directory
     /// removed (not its disk), and the error says why (the VM's last log lines), for the
     /// broker to show. A desktop's disk is kept from one start to the next; `fresh_disk`
-    /// replaces it with an empty overlay on the image's template (a recycle).
+    /// replaces it with an empty overlay on the image's template (a recycle). The process
+    /// accepts only tickets for `generation` (the command's); one running for another
+    /// generation is stopped first.
     pub async fn start(
         self: &Arc<Self>,
         desktop_id: &str,
         image: &VmImage,
         fresh_disk: bool,
         network: Option<&DesktopNetwork>,
+        generation: Option<u64>,
     ) -> Result<u16, String> {
         check_desktop_id(desktop_id)?;
         if let Some(vm) = lock(&self.running).get_mut(desktop_id)
             && matches!(vm.child.try_wait(), Ok(None))
+            && vm.generation == generation
         {
             return Ok(vm.port);
         }
+        self.stop(desktop_id).await?;
         self.check_image(image)?;
         let dir = self.settings.state_dir.join("desktops").join(desktop_id);
         let disk = self.prepare_disk(desktop_id, image, fresh_disk).await?;
@@ -177,7 +184,7 @@ impl Desktops {
             Some(network) => Some(self.prepare_network(desktop_id, network).await?),
             None => None,
         };
-        let started = self.spawn_and_wait(desktop_id, image, disk.as_deref(), net, &dir).await;
+        let started = self.spawn_and_wait(desktop_id, image, disk.as_deref(), net, &dir, generation).await;
         if started.is_err() {
             self.kill(desktop_id);
             if let Err(e) = std::fs::remove_dir_all(&dir)
@@ -196,6 +203,7 @@ impl Desktops {
         disk: Option<&Path>,
         net: Option<DesktopNet>,
         dir: &Path,
+        generation: Option<u64>,
     ) -> Result<u16, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let claim = self.claim_port()?;
@@ -211,6 +219,7 @@ impl Desktops {
             .arg(&self.settings.exe)
             .arg("run")
             .args(self.run_args(desktop_id, image, disk, net.as_ref().map(DesktopNet::netns), port, dir))
+            .args(generation_arg(generation))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);
@@ -218,8 +227,10 @@ impl Desktops {
             format!("cannot start `pleiades-host run` (is util-linux's setpriv installed?): {e}")
         })?;
         tracing::info!(desktop = desktop_id, port, pid = child.id(), image = %image.name, "VM starting");
-        lock(&self.running)
-            .insert(desktop_id.to_owned(), VmProcess { child, port, control: control.clone(), _net: net });
+        lock(&self.running).insert(
+            desktop_id.to_owned(),
+            VmProcess { child, port, control: control.clone(), _net: net, generation },
+        );
         let this = self.clone();
         let id = desktop_id.to_owned();
         tokio::task::spawn_blocking(move || this.wait_ready(&id, &control, &log_path))
@@ -503,6 +514,12 @@ impl Drop for PortClaim<'_> {
     }
 }
 
+/// `run --ticket-generation=N` for a VM process of the desktop's generation N: it accepts only
+/// tickets for that generation ([`crate::run::RunArgs::ticket_generation`]).
+fn generation_arg(generation: Option<u64>) -> Option<String> {
+    generation.map(|g| format!("--ticket-generation={g}"))
+}
+
 /// Desktop ids become directory names: letters, digits, `-` and `_` only.
 fn check_desktop_id(id: &str) -> Result<(), String> {
     let ok = !id.is_empty()
@@ -603,6 +620,7 @@ mod tests {
                 },
                 false,
                 None,
+                Some(1),
             )
             .await
             .unwrap_err();
@@ -640,6 +658,7 @@ mod tests {
                 kernel in "/-?[-_ a-zA-Z0-9=,]{1,30}",
                 state in "/-?[-_a-z0-9]{1,20}",
                 device in prop::sample::select(vec!["gpu", "sound", "keyboard", "tablet", "gpu,heads=2"]),
+                generation in proptest::option::of(any::<u64>()),
             ) {
                 let mut settings = desktops(Path::new(&state)).settings;
                 settings.ticket_key = base64url(&key);
@@ -662,12 +681,14 @@ mod tests {
                 let dir = Path::new(&state).join("desktops").join(&desktop);
                 let disk = Path::new(&state).join("disks").join(format!("{desktop}.qcow2"));
                 let netns = format!("pleiades-{desktop}");
-                let argv = vms.run_args(&desktop, &image, Some(&disk), Some(&netns), 47001, &dir);
+                let mut argv = vms.run_args(&desktop, &image, Some(&disk), Some(&netns), 47001, &dir);
+                argv.extend(generation_arg(generation).map(Into::into));
                 let run = Run::try_parse_from(std::iter::once("run".into()).chain(argv))
                     .map_err(|e| TestCaseError::fail(e.to_string()))?
                     .args;
                 prop_assert_eq!(run.ticket_key, Some(base64url(&key)));
                 prop_assert_eq!(run.ticket_host.as_deref(), Some(host_id.as_str()));
+                prop_assert_eq!(run.ticket_generation, generation);
                 prop_assert_eq!(run.advertise.as_deref(), Some(address.as_str()));
                 prop_assert_eq!(&run.desktop, &desktop);
                 prop_assert_eq!(&run.cmdline, &cmdline);

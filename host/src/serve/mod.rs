@@ -346,9 +346,10 @@ async fn execute(desktops: &Arc<Desktops>, command: &HostCommand) -> CommandAck 
     let image = || command.image.as_ref().ok_or_else(|| format!("{} without an image", command.kind));
     let result = match command.kind {
         CommandKind::Start => match image() {
-            Ok(image) => {
-                desktops.start(&command.desktop_id, image, false, command.network.as_ref()).await.map(Some)
-            }
+            Ok(image) => desktops
+                .start(&command.desktop_id, image, false, command.network.as_ref(), command.generation)
+                .await
+                .map(Some),
             Err(e) => Err(e),
         },
         // A restart keeps the desktop's disk; a recycle reverts it: a fresh overlay on the
@@ -358,7 +359,13 @@ async fn execute(desktops: &Arc<Desktops>, command: &HostCommand) -> CommandAck 
                 Ok(()) => {
                     let fresh = command.kind == CommandKind::Recycle;
                     desktops
-                        .start(&command.desktop_id, image, fresh, command.network.as_ref())
+                        .start(
+                            &command.desktop_id,
+                            image,
+                            fresh,
+                            command.network.as_ref(),
+                            command.generation,
+                        )
                         .await
                         .map(Some)
                 }

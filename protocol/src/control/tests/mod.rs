@@ -226,6 +226,7 @@ fn claims(user: &str) -> TicketClaims {
         host: String::new(),
         issued_at: 0,
         expires_at: 0,
+        generation: None,
     }
 }
 
