@@ -342,6 +342,21 @@ fn the_ticket_key_stays_out_of_the_database_and_the_state_is_private() {
     let made = std::fs::read(other_state.join("ticket-key.pk8")).unwrap();
     assert_database_lacks_key(&other_db, &made);
     assert_eq!((mode(&other_state), mode(&other_db)), (0o700, 0o600));
+
+    // A key file others may read is refused, unless the admin imports that very file (it is
+    // made private then).
+    use std::os::unix::fs::PermissionsExt as _;
+    let dropped = dir.path().join("dropped");
+    std::fs::create_dir(&dropped).unwrap();
+    let key_file = dropped.join("ticket-key.pk8");
+    std::fs::write(&key_file, &pkcs8).unwrap();
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let third = config_file(dir.path(), "third.toml", &dropped.join("broker.db"), &dropped);
+    let refused = broker_with(&third, &["ticket-key"]).unwrap_err();
+    assert!(refused.contains("chmod 600"), "{refused}");
+    let imported = broker_with(&third, &["ticket-key", &format!("--import={}", key_file.display())]).unwrap();
+    assert_eq!(imported.trim(), signer.public_key().to_base64());
+    assert_eq!(mode(&key_file), 0o600);
 }
 
 /// A database from before: its key moves out of the database into the state directory, and a

@@ -59,6 +59,12 @@ pub async fn import_ticket_key(db: &Db, state_dir: &Path, pkcs8: &[u8]) -> Resul
         )));
     }
     let path = key_path(state_dir)?;
+    // The very file being imported may be the key file's place: it becomes private.
+    if std::fs::read(&path).is_ok_and(|kept| kept == pkcs8) {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| key_error(format!("{}: {e}", path.display())))?;
+    }
     if !create_private(&path, pkcs8).map_err(|e| key_error(format!("{}: {e}", path.display())))? {
         let kept = read_key_file(&path)?.unwrap_or_default();
         if signer_of(&kept, &path)?.public_key() != public {
