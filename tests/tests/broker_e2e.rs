@@ -6,8 +6,9 @@
 //! heartbeats, and boots the desktop the broker asks for (`--vmm qemu`, one `run` process); the
 //! user logs in over the REST API, gets a desktop and a connection, and the headless client
 //! `pleiades connect` reaches the desktop with the broker's ticket and types into its shell.
-//! The ticket is one-time, no secret reaches a log, and SIGTERM to the daemon powers its
-//! desktops off. The broker's ticket key begins with `-` (one broker in 64 draws such a key;
+//! The ticket is one-time, a ticket from before the desktop's recycle is refused by the
+//! recycled desktop, no secret reaches a log, and SIGTERM to the daemon powers its desktops
+//! off. The broker's ticket key begins with `-` (one broker in 64 draws such a key;
 //! here it always does), which must reach every VM process intact.
 //!
 //! A second scenario gives the pool an image the host cannot start: the broker retries with a
@@ -78,6 +79,7 @@ fn a_user_gets_a_desktop_from_a_pool_and_the_client_reaches_it_with_the_brokers_
         admin: ("root".into(), "root-password-1".into()),
         spares: 0,
         ticket_key: Some(ticket_key),
+        max: 1,
         ..StackOptions::default()
     };
     let mut stack = Stack::start(options, &image).unwrap();
@@ -128,6 +130,31 @@ fn a_user_gets_a_desktop_from_a_pool_and_the_client_reaches_it_with_the_brokers_
     std::fs::write(&file, again["file"].as_str().unwrap()).unwrap();
     let (ok, text) = connect(&file, &dir.path().join("rec3"), "wait 500\n");
     assert!(ok, "a fresh ticket is accepted: {text}");
+
+    // A ticket from before a recycle does not open the recycled desktop (security review):
+    // the recycle starts a new VM process, with an empty replay cache, for the desktop's next
+    // generation, and the process refuses the earlier generation's tickets.
+    let before = stack.connect(&bearer, &desktop).unwrap();
+    let before_file = dir.path().join("before-recycle.pleiades");
+    std::fs::write(&before_file, before["file"].as_str().unwrap()).unwrap();
+    let boots = std::fs::read_to_string(&serial).unwrap().matches("PLEIADES-READY").count();
+    stack.act(&format!("/api/v1/desktops/{desktop}/release"), &bearer).unwrap();
+    let recycled =
+        wait_for("the recycled desktop", boot_timeout(), || stack.request_desktop(&bearer).ok()).unwrap();
+    assert_eq!(recycled, desktop, "the pool has one desktop");
+    stack.wait_in_use(&bearer, &desktop, boot_timeout()).unwrap();
+    wait_for("the recycled guest to boot", boot_timeout(), || {
+        let text = std::fs::read_to_string(&serial).unwrap_or_default();
+        (text.matches("PLEIADES-READY").count() > boots).then_some(())
+    })
+    .unwrap();
+    let (ok, text) = connect(&before_file, &dir.path().join("rec4"), "wait 100\n");
+    assert!(!ok, "a ticket from before the recycle must be refused: {text}");
+    assert!(text.contains("ExpiredTicket") && text.contains("another start of this desktop"), "{text}");
+    let after = stack.connect(&bearer, &desktop).unwrap();
+    std::fs::write(&file, after["file"].as_str().unwrap()).unwrap();
+    let (ok, text) = connect(&file, &dir.path().join("rec5"), "wait 500\n");
+    assert!(ok, "the recycled desktop's own ticket is accepted: {text}");
 
     // The broker audited the connects, never a ticket; no log has a ticket or the token.
     let (audit, _) = stack.cli(&["audit", "--limit", "200"]).unwrap();
