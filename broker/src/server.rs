@@ -34,14 +34,34 @@ fn certificate_files(config: &Config) -> Result<(std::path::PathBuf, std::path::
     match (&config.tls_cert, &config.tls_key) {
         (Some(c), Some(k)) => Ok((c.clone(), k.clone())),
         _ => {
-            let c = config.state_dir().join("broker-cert.pem");
-            let k = config.state_dir().join("broker-key.pem");
+            let (c, k) = self_signed_files(config, Path::new("."));
             if !c.exists() || !k.exists() {
                 generate_self_signed(&c, &k)?;
             }
             Ok((c, k))
         }
     }
+}
+
+/// Where the self-signed pair is, or is made: the state directory. A broker without a
+/// configured `state_dir` whose pair is still in `legacy_dir` (the working directory, the
+/// default state directory before it followed the SQLite database) keeps using that pair, so
+/// that the hosts' pins of its certificate stay valid.
+fn self_signed_files(config: &Config, legacy_dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let pair = |dir: &Path| (dir.join("broker-cert.pem"), dir.join("broker-key.pem"));
+    let (cert, key) = pair(&config.state_dir());
+    if config.state_dir.is_none() && !cert.exists() {
+        let (old_cert, old_key) = pair(legacy_dir);
+        if old_cert.exists() && old_key.exists() {
+            tracing::warn!(
+                "using the TLS certificate in {} (no state_dir configured): set state_dir, or move it to {}",
+                legacy_dir.display(),
+                config.state_dir().display()
+            );
+            return (old_cert, old_key);
+        }
+    }
+    (cert, key)
 }
 
 fn load_certificates(cert_path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, ServeError> {
@@ -54,7 +74,7 @@ fn load_certificates(cert_path: &std::path::Path) -> Result<Vec<CertificateDer<'
 /// SHA-256 of the broker's HTTPS certificate (what hosts pin: `pleiades-host serve
 /// --broker-cert-sha256`); `None` before the self-signed one is made (at the first `serve`).
 pub fn certificate_sha256(config: &Config) -> Option<String> {
-    let cert_path = config.tls_cert.clone().unwrap_or_else(|| config.state_dir().join("broker-cert.pem"));
+    let cert_path = config.tls_cert.clone().unwrap_or_else(|| self_signed_files(config, Path::new(".")).0);
     let certs = load_certificates(&cert_path).ok()?;
     certs.first().map(|c| pleiades_protocol::pinning::cert_sha256(c))
 }
@@ -147,5 +167,30 @@ pub async fn maintenance_loop(broker: Arc<Broker>) {
         if let Err(e) = broker.maintain().await {
             tracing::warn!("maintenance: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_self_signed_pair_follows_the_state_directory_but_an_old_one_in_the_working_directory_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, data) = (dir.path().join("old-cwd"), dir.path().join("data"));
+        std::fs::create_dir_all(&data).unwrap();
+        let config =
+            Config { database: format!("sqlite://{}/broker.db", data.display()), ..Config::default() };
+        assert_eq!(config.state_dir(), data, "the default state directory is the database's");
+        let fresh = self_signed_files(&config, &old);
+        assert_eq!(fresh, (data.join("broker-cert.pem"), data.join("broker-key.pem")));
+        // A pair made before, in the working directory of a broker without state_dir: kept.
+        generate_self_signed(&old.join("broker-cert.pem"), &old.join("broker-key.pem")).unwrap();
+        assert_eq!(self_signed_files(&config, &old).0, old.join("broker-cert.pem"));
+        // Not when state_dir is configured, nor once the state directory has its own pair.
+        let configured = Config { state_dir: Some(data.clone()), ..config.clone() };
+        assert_eq!(self_signed_files(&configured, &old).0, data.join("broker-cert.pem"));
+        generate_self_signed(&fresh.0, &fresh.1).unwrap();
+        assert_eq!(self_signed_files(&config, &old), fresh);
     }
 }
