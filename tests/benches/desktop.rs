@@ -31,25 +31,8 @@ use pleiades_tests::{wait_for, workspace_binary};
 const DESKTOP_BOOT: Duration = Duration::from_secs(900);
 const DD_MIB: u64 = 128;
 
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn options(dir: &Path, pool_kind: &'static str) -> StackOptions {
-    let host_bin = workspace_binary("pleiades-host").unwrap();
-    StackOptions {
-        dir: dir.to_owned(),
-        bin_dir: host_bin.parent().unwrap().to_owned(),
-        broker_port: free_tcp_port(),
-        first_session_port: free_tcp_port(),
-        vmm: Some("qemu".into()),
-        user: ("alice".into(), "alice-password-1".into()),
-        admin: ("root".into(), "root-password-1".into()),
-        spares: 0,
-        max: 1,
-        pool_kind,
-        ..StackOptions::default()
-    }
+    StackOptions { spares: 0, max: 1, pool_kind, ..StackOptions::local(dir).unwrap() }
 }
 
 /// The desktop image through `pleiades-host run` alone: seconds to a usable desktop.
@@ -91,15 +74,7 @@ fn direct_boot(image: &DesktopImage, dir: &Path) -> f64 {
 /// Seconds from the user's request (or `since`) to the desktop's usable screen.
 fn broker_boot_and_recycle(image: &DesktopImage, guest: &GuestImage, dir: &Path) -> (f64, f64) {
     std::fs::create_dir_all(dir).unwrap();
-    let options = StackOptions {
-        kernel: Some(image.kernel.clone()),
-        initrd: Some(image.initrd.clone()),
-        cmdline: Some(image.cmdline.clone()),
-        disk: Some(image.disk.clone()),
-        vcpus: 2,
-        memory_mib: 2048,
-        ..options(dir, "floating")
-    };
+    let options = options(dir, "floating").with_desktop_image(image);
     let mut stack = Stack::start(options, guest).unwrap();
     let bearer = stack.login("alice", "alice-password-1").unwrap();
     let asked = Instant::now();

@@ -17,6 +17,22 @@ fn ip(args: &[&str]) -> Result<(), String> {
     }
 }
 
+/// `ip ARGS` inside `netns`, entering only its network namespace (`ip -n` also makes `/` a
+/// mount slave, which fails where `/` is not a mount point, as in a chroot).
+pub fn ip_in(netns: &str, args: &[&str]) -> Result<String, String> {
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{netns}"))
+        .arg("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("nsenter: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!("`ip {}` in {netns}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
 /// A namespace reached from the host over a veth pair, `10.99.K.1/24` on the host's side and
 /// `10.99.K.2/24` inside: a server "on the internet" for desktops' outbound NAT. Removed when
 /// dropped.
@@ -44,9 +60,9 @@ impl World {
         ip(&["link", "add", &link, "type", "veth", "peer", "name", "eth0", "netns", &world.netns])?;
         ip(&["addr", "add", &format!("{}/24", world.host_addr), "dev", &link])?;
         ip(&["link", "set", &link, "up"])?;
-        ip(&["-n", &world.netns, "addr", "add", &format!("{}/24", world.addr), "dev", "eth0"])?;
-        ip(&["-n", &world.netns, "link", "set", "eth0", "up"])?;
-        ip(&["-n", &world.netns, "link", "set", "lo", "up"])?;
+        ip_in(&world.netns, &["addr", "add", &format!("{}/24", world.addr), "dev", "eth0"])?;
+        ip_in(&world.netns, &["link", "set", "eth0", "up"])?;
+        ip_in(&world.netns, &["link", "set", "lo", "up"])?;
         Ok(world)
     }
 }

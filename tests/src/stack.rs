@@ -152,6 +152,44 @@ impl Default for StackOptions {
     }
 }
 
+/// A free TCP port on loopback now (a free TCP port is very likely a free UDP port too).
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
+}
+
+impl StackOptions {
+    /// What the end-to-end tests share: a stack in `dir` with this workspace's binaries, free
+    /// ports on loopback, `--vmm qemu`, the user `alice` (entitled to the pool) and the admin
+    /// `root`.
+    pub fn local(dir: &Path) -> Result<Self, String> {
+        let host_bin = crate::workspace_binary("pleiades-host")?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            bin_dir: host_bin.parent().map(Path::to_path_buf).unwrap_or_default(),
+            broker_port: free_tcp_port(),
+            first_session_port: free_tcp_port(),
+            vmm: Some("qemu".into()),
+            user: ("alice".into(), "alice-password-1".into()),
+            admin: ("root".into(), "root-password-1".into()),
+            ..Self::default()
+        })
+    }
+
+    /// The pool's image is the desktop image (`cargo xtask desktop-image`): its kernel,
+    /// initramfs, command line and disk template, with 2 vCPUs and 2 GiB.
+    pub fn with_desktop_image(self, image: &crate::image::DesktopImage) -> Self {
+        Self {
+            kernel: Some(image.kernel.clone()),
+            initrd: Some(image.initrd.clone()),
+            cmdline: Some(image.cmdline.clone()),
+            disk: Some(image.disk.clone()),
+            vcpus: 2,
+            memory_mib: 2048,
+            ..self
+        }
+    }
+}
+
 /// The pool's and the image's names.
 pub const POOL: &str = "desktops";
 pub const IMAGE: &str = "testdesk";

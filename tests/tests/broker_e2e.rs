@@ -40,10 +40,6 @@ fn dash_ticket_key(dir: &Path) -> (std::path::PathBuf, String) {
     panic!("no key beginning with '-' in 10,000 draws (1 in 64 each)");
 }
 
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn connect(file: &Path, record: &Path, script: &str) -> (bool, String) {
     let script_path = record.with_extension("script");
     std::fs::write(&script_path, script).unwrap();
@@ -65,23 +61,15 @@ fn connect(file: &Path, record: &Path, script: &str) -> (bool, String) {
 fn a_user_gets_a_desktop_from_a_pool_and_the_client_reaches_it_with_the_brokers_ticket() {
     let image = GuestImage::locate().expect("test guest image");
     let dir = tempfile::tempdir().unwrap();
-    let host_bin = workspace_binary("pleiades-host").unwrap();
-    let session_port = free_tcp_port(); // A free TCP port is very likely a free UDP port too.
     let (ticket_key, public_key) = dash_ticket_key(dir.path());
     let options = StackOptions {
-        dir: dir.path().to_owned(),
-        bin_dir: host_bin.parent().unwrap().to_owned(),
-        broker_port: free_tcp_port(),
-        first_session_port: session_port,
         session_ports: 10,
-        vmm: Some("qemu".into()),
-        user: ("alice".into(), "alice-password-1".into()),
-        admin: ("root".into(), "root-password-1".into()),
         spares: 0,
         ticket_key: Some(ticket_key),
         max: 1,
-        ..StackOptions::default()
+        ..StackOptions::local(dir.path()).unwrap()
     };
+    let session_port = options.first_session_port;
     let mut stack = Stack::start(options, &image).unwrap();
     let (key, _) = stack.cli(&["ticket-key"]).unwrap();
     assert_eq!(key.trim(), public_key, "the broker signs with the imported key");
@@ -176,22 +164,11 @@ fn a_user_gets_a_desktop_from_a_pool_and_the_client_reaches_it_with_the_brokers_
 fn an_image_the_host_cannot_start_is_retried_with_a_growing_wait_and_the_reason_is_shown() {
     let image = GuestImage::locate().expect("test guest image");
     let dir = tempfile::tempdir().unwrap();
-    let host_bin = workspace_binary("pleiades-host").unwrap();
     // A "kernel" that is a text file: `pleiades-host run` cannot load it.
     let bad_kernel = dir.path().join("not-a-kernel");
     std::fs::write(&bad_kernel, "this is not a bzImage\n").unwrap();
-    let options = StackOptions {
-        dir: dir.path().to_owned(),
-        bin_dir: host_bin.parent().unwrap().to_owned(),
-        broker_port: free_tcp_port(),
-        first_session_port: free_tcp_port(),
-        vmm: Some("qemu".into()),
-        user: ("alice".into(), "alice-password-1".into()),
-        admin: ("root".into(), "root-password-1".into()),
-        spares: 2,
-        kernel: Some(bad_kernel),
-        ..StackOptions::default()
-    };
+    let options =
+        StackOptions { spares: 2, kernel: Some(bad_kernel), ..StackOptions::local(dir.path()).unwrap() };
     let stack = Stack::start(options, &image).unwrap();
     let bearer = stack.login("alice", "alice-password-1").unwrap();
     // The user is told why, instead of waiting for a desktop that never comes.

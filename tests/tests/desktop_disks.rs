@@ -18,12 +18,8 @@ use pleiades_tests::disk::ext4_template;
 use pleiades_tests::image::GuestImage;
 use pleiades_tests::qemu::boot_timeout;
 use pleiades_tests::stack::{Stack, StackOptions};
-use pleiades_tests::{wait_for, workspace_binary};
+use pleiades_tests::wait_for;
 use serde_json::Value;
-
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 const TEMPLATE_MIB: u32 = 64;
 
@@ -48,20 +44,12 @@ fn alices_desktop(
 
 /// A stack with one pool of `kind` whose image has the disk template `template`.
 fn stack(dir: &Path, kind: &'static str, max: u32, spares: u32, template: &Path) -> Stack {
-    let host_bin = workspace_binary("pleiades-host").unwrap();
     let options = StackOptions {
-        dir: dir.to_owned(),
-        bin_dir: host_bin.parent().unwrap().to_owned(),
-        broker_port: free_tcp_port(),
-        first_session_port: free_tcp_port(),
-        vmm: Some("qemu".into()),
-        user: ("alice".into(), "alice-password-1".into()),
-        admin: ("root".into(), "root-password-1".into()),
         spares,
         disk: Some(template.to_owned()),
         pool_kind: kind,
         max,
-        ..StackOptions::default()
+        ..StackOptions::local(dir).unwrap()
     };
     Stack::start(options, &GuestImage::locate().expect("test guest image")).unwrap()
 }

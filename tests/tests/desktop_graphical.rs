@@ -27,10 +27,6 @@ use serde_json::Value;
 /// The desktop's boot under TCG takes about a minute unloaded; a loaded machine takes longer.
 const DESKTOP_BOOT: Duration = Duration::from_secs(900);
 
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 #[test]
 fn the_graphical_desktop_through_the_broker_follows_the_client_and_runs_typed_commands() {
     let image = match DesktopImage::locate() {
@@ -41,25 +37,11 @@ fn the_graphical_desktop_through_the_broker_follows_the_client_and_runs_typed_co
         },
     };
     let dir = tempfile::Builder::new().prefix("pleiades-desktop-").tempdir().unwrap();
-    let host_bin = workspace_binary("pleiades-host").unwrap();
     let options = StackOptions {
-        dir: dir.path().to_owned(),
-        bin_dir: host_bin.parent().unwrap().to_owned(),
-        broker_port: free_tcp_port(),
-        first_session_port: free_tcp_port(),
-        vmm: Some("qemu".into()),
-        user: ("alice".into(), "alice-password-1".into()),
-        admin: ("root".into(), "root-password-1".into()),
         spares: 0,
         max: 1,
         pool_kind: "persistent",
-        kernel: Some(image.kernel.clone()),
-        initrd: Some(image.initrd.clone()),
-        cmdline: Some(image.cmdline.clone()),
-        disk: Some(image.disk.clone()),
-        vcpus: 2,
-        memory_mib: 2048,
-        ..StackOptions::default()
+        ..StackOptions::local(dir.path()).unwrap().with_desktop_image(&image)
     };
     // The test image only fills in what the options leave out (nothing here).
     let guest = GuestImage { kernel: image.kernel.clone(), initramfs: image.initrd.clone() };

@@ -13,15 +13,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use pleiades_tests::image::GuestImage;
-use pleiades_tests::netns::{HttpServer, World};
+use pleiades_tests::netns::{HttpServer, World, ip_in};
 use pleiades_tests::prerequisite::{Missing, missing};
 use pleiades_tests::qemu::boot_timeout;
 use pleiades_tests::stack::{Stack, StackOptions};
-use pleiades_tests::{wait_for, workspace_binary};
-
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+use pleiades_tests::wait_for;
 
 /// What the guest's `wget` of `url` says: the body, or `FAILED:` and wget's error.
 fn fetch(stack: &Stack, desktop: &str, label: &str, url: &str) -> String {
@@ -56,22 +52,14 @@ fn desktops_reach_the_internet_and_allowed_host_services_only() {
     // A service on every host address (the world link's host side is one of them).
     let everywhere = HttpServer::start(None, SocketAddr::from(([0, 0, 0, 0], 0)), "EVERYWHERE").unwrap();
 
-    let host_bin = workspace_binary("pleiades-host").unwrap();
-    let broker_port = free_tcp_port();
     let options = StackOptions {
-        dir: dir.path().to_owned(),
-        bin_dir: host_bin.parent().unwrap().to_owned(),
-        broker_port,
-        first_session_port: free_tcp_port(),
-        vmm: Some("qemu".into()),
-        user: ("alice".into(), "alice-password-1".into()),
-        admin: ("root".into(), "root-password-1".into()),
         spares: 1,
         max: 2,
         network: "nat",
         host_ports: vec![allowed.addr.port()],
-        ..StackOptions::default()
+        ..StackOptions::local(dir.path()).unwrap()
     };
+    let broker_port = options.broker_port;
     let mut stack = Stack::start(options, &GuestImage::locate().expect("test guest image")).unwrap();
     let bearer = stack.login("alice", "alice-password-1").unwrap();
     let desktop = stack.request_desktop(&bearer).unwrap();
@@ -155,11 +143,7 @@ fn netns_addr(netns: &str) -> IpAddr {
 
 /// The IPv4 address of `eth0` in `netns`.
 fn netns_addr_opt(netns: &str) -> Option<IpAddr> {
-    let out = std::process::Command::new("ip")
-        .args(["-n", netns, "-4", "-o", "addr", "show", "eth0"])
-        .output()
-        .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = ip_in(netns, &["-4", "-o", "addr", "show", "eth0"]).ok()?;
     let cidr = text.split_whitespace().skip_while(|w| *w != "inet").nth(1)?;
     cidr.split('/').next()?.parse().ok()
 }

@@ -18,7 +18,8 @@
 //! [`SERVICES_ADDR`] (TCP ports, DNATed to 127.0.0.1), and nothing else of the host: not its
 //! other addresses, not its loopback, not another desktop's namespace. When the host's resolver
 //! is on its loopback (systemd-resolved's 127.0.0.53), DNS to [`SERVICES_ADDR`] reaches it and
-//! the namespace's `resolv.conf` (`/etc/netns/NAME/`, which `ip netns exec` mounts) says so.
+//! the namespace's `resolv.conf` (`/etc/netns/NAME/`, which `ip netns exec` mounts for QEMU)
+//! says so.
 //!
 //! The table's chains hold only rules that are the same for every desktop and every daemon, so
 //! each daemon (re)writes them at start without disturbing another's desktops; what is per
@@ -132,10 +133,16 @@ add rule inet pleiades forward oifname \"{p}*\" drop
         std::fs::write(format!("/proc/sys/net/ipv4/conf/{link}/route_localnet"), "1")
             .map_err(|e| format!("cannot set route_localnet on {link}: {e}"))?;
         run("ip", &["link", "set", &link, "up"])?;
-        run("ip", &["-n", &ns, "addr", "add", &format!("{guest}/30"), "dev", "eth0"])?;
-        run("ip", &["-n", &ns, "link", "set", "eth0", "up"])?;
-        run("ip", &["-n", &ns, "link", "set", "lo", "up"])?;
-        run("ip", &["-n", &ns, "route", "add", "default", "via", &host.to_string()])?;
+        // Inside the namespace through nsenter, which enters only the network namespace
+        // (`ip -n` also makes `/` a mount slave, which fails where `/` is not a mount point).
+        let inside = |args: &[&str]| {
+            let net = format!("--net=/run/netns/{ns}");
+            run("nsenter", &[[net.as_str(), "ip"].as_slice(), args].concat())
+        };
+        inside(&["addr", "add", &format!("{guest}/30"), "dev", "eth0"])?;
+        inside(&["link", "set", "eth0", "up"])?;
+        inside(&["link", "set", "lo", "up"])?;
+        inside(&["route", "add", "default", "via", &host.to_string()])?;
         if self.loopback_resolver.is_some() {
             let dir = PathBuf::from("/etc/netns").join(&ns);
             std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;

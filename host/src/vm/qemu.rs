@@ -63,11 +63,20 @@ fn qemu_command(
 ) -> Command {
     // QEMU dies with this process, even when it is killed (util-linux's setpriv sets the
     // parent-death signal and execs QEMU, so the pid is QEMU's). In the desktop's network
-    // namespace, `ip netns exec` enters it first (and execs too: the pid stays QEMU's).
+    // namespace, nsenter enters it first (and execs too: the pid stays QEMU's). Where the
+    // namespace has a `resolv.conf` of its own (`/etc/netns/NAME/`: the host's resolver is on
+    // its loopback), `ip netns exec` enters it instead, which also mounts that file over
+    // /etc/resolv.conf for QEMU's DNS forwarder (in a mount namespace of its own; it needs `/`
+    // to be a mount point, as it is on a host).
     let mut cmd = match net.and_then(|n| n.netns.as_deref()) {
-        Some(netns) => {
+        Some(netns) if Path::new("/etc/netns").join(netns).join("resolv.conf").exists() => {
             let mut cmd = Command::new("ip");
             cmd.args(["netns", "exec", netns, "setpriv"]);
+            cmd
+        }
+        Some(netns) => {
+            let mut cmd = Command::new("nsenter");
+            cmd.arg(format!("--net=/run/netns/{netns}")).arg("setpriv");
             cmd
         }
         None => Command::new("setpriv"),

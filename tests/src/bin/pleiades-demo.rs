@@ -82,13 +82,7 @@ fn run(cli: Cli) -> Result<()> {
         // One desktop at a time: each takes 2 vCPUs and 2 GiB.
         spares: 0,
         network,
-        kernel: Some(image.kernel.clone()),
-        initrd: Some(image.initrd.clone()),
-        cmdline: Some(image.cmdline.clone()),
-        disk: Some(image.disk.clone()),
-        vcpus: 2,
-        memory_mib: 2048,
-        ..StackOptions::default()
+        ..StackOptions::default().with_desktop_image(&image)
     };
     step("Starting the broker (SQLite) with a pool of the desktop image, and a host that registers with it");
     let started = Instant::now();
