@@ -139,6 +139,12 @@ impl Connection {
         {
             return Err(ConnectionError::Uri("cert_sha256 is not 64 hex digits"));
         }
+        // Both of its own forms must fit the limit the parsers enforce: percent-encoding can
+        // make a URI up to three times as long as what it decodes to, so a connection read
+        // from a long file (or a URI with raw bytes) could otherwise not be passed on.
+        if self.to_uri().len() > MAX_LEN || self.to_toml().len() > MAX_LEN {
+            return Err(ConnectionError::TooLong);
+        }
         Ok(self)
     }
 }
@@ -196,6 +202,19 @@ pub fn percent_decode(text: &str) -> Result<String, ConnectionError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connection_whose_own_uri_would_be_too_long_is_refused() {
+        // Found by the protocol_parsers fuzz target: a URI with raw bytes parsed, and its
+        // percent-encoded form was longer than MAX_LEN, so it did not parse back.
+        let raw = "\u{ff}".repeat(MAX_LEN / 4);
+        let uri = format!("{URI_SCHEME}host:4433/?ticket={raw}");
+        assert!(uri.len() <= MAX_LEN);
+        assert_eq!(Connection::from_uri(&uri), Err(ConnectionError::TooLong));
+        let fits = format!("{URI_SCHEME}host:4433/?ticket={}", "\u{ff}".repeat(MAX_LEN / 16));
+        let parsed = Connection::from_uri(&fits).unwrap();
+        assert_eq!(Connection::from_uri(&parsed.to_uri()).unwrap(), parsed);
+    }
     use proptest::prelude::*;
 
     fn sample() -> Connection {
