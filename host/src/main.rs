@@ -229,10 +229,7 @@ fn run_vm(args: RunArgs) -> Result<ExitCode> {
     }
     let kernel = args.kernel.as_deref().context("--kernel is required")?;
     let spec = BootSpec::new(kernel, args.initrd.as_deref(), &args.cmdline, &args.memory, args.cpus)?;
-    let hardware_kvm = {
-        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        pleiades_vmm::accel::has_hardware_virtualization(&cpuinfo)
-    };
+    let hardware_kvm = pleiades_host::run::hardware_kvm();
     let vmm = args.vmm.unwrap_or(if hardware_kvm { Vmm::Pleiades } else { Vmm::Qemu });
     if args.vmm.is_none() {
         tracing::info!(

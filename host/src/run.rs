@@ -97,6 +97,18 @@ pub struct RunArgs {
     pub synthetic_size: Layout,
 }
 
+/// Whether this machine's KVM is hardware-backed (the CPU has vmx or svm), which makes
+/// Pleiades' VMM the default.
+pub fn hardware_kvm() -> bool {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    pleiades_vmm::accel::has_hardware_virtualization(&cpuinfo)
+}
+
+/// The VMM `run` uses when `--vmm` is not given.
+pub fn default_vmm() -> Vmm {
+    if hardware_kvm() { Vmm::Pleiades } else { Vmm::Qemu }
+}
+
 /// Who runs the vCPUs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Vmm {

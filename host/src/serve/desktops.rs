@@ -300,9 +300,7 @@ impl Desktops {
     ) -> Result<DesktopNet, String> {
         let vmm_is_qemu = match self.settings.vmm.as_deref() {
             Some(vmm) => vmm == "qemu",
-            None => !pleiades_vmm::accel::has_hardware_virtualization(
-                &std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default(),
-            ),
+            None => crate::run::default_vmm() == crate::run::Vmm::Qemu,
         };
         if !vmm_is_qemu {
             return Err("this host runs desktops on Pleiades' VMM, which has no network card yet: \
