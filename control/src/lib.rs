@@ -77,6 +77,10 @@ pub enum Request {
     ConnectionFile,
     /// Drop the session's client, if one is connected (the VM goes on).
     Disconnect,
+    /// Debug builds only (release builds answer an error): make a system call that no VM
+    /// process's seccomp allowlist holds (`chroot`), for the test that shows the jail killing
+    /// the process for it.
+    TestForbiddenSyscall,
 }
 
 /// A tablet button.
@@ -284,10 +288,28 @@ pub fn handle_line(line: &str, controller: &dyn Controller) -> Response {
             |e| Response::error(e.to_string()),
             |()| Response::ok(serde_json::json!({ "layout": sizes })),
         ),
+        Ok(Request::TestForbiddenSyscall) => forbidden_syscall(),
         Err(e) => Response::error(format!(
             "bad request ({e}); commands: status, shutdown, reboot, type, key, pointer, screenshot, layout, connection-file, disconnect"
         )),
     }
+}
+
+/// `test-forbidden-syscall`: `chroot("/")`, which a jailed process's filter answers by killing
+/// it (unjailed and unprivileged, it fails with EPERM; as root it changes nothing).
+#[cfg(debug_assertions)]
+fn forbidden_syscall() -> Response {
+    match std::os::unix::fs::chroot("/") {
+        Ok(()) => {
+            Response::ok(serde_json::json!("chroot(\"/\") was allowed: this process has no seccomp filter"))
+        }
+        Err(e) => Response::error(format!("chroot(\"/\") failed but did not kill this process: {e}")),
+    }
+}
+
+#[cfg(not(debug_assertions))]
+fn forbidden_syscall() -> Response {
+    Response::error("test-forbidden-syscall exists in debug builds only".into())
 }
 
 /// Encodes what `scanout` shows as a PNG.

@@ -8,8 +8,11 @@
 //!   the `--device` requests, the device processes.
 //! - [`serve`]: the host daemon (`serve --broker`): registers, heartbeats, runs the broker's
 //!   desktops as VM processes.
+//! - [`jail`]: the jail every desktop's processes run in (user, namespaces, root, cgroup,
+//!   seccomp).
 //! - [`run`]: the arguments of `pleiades-host run`, shared by the binary and the daemon.
 
+pub mod jail;
 pub mod run;
 pub mod serve;
 pub mod vm;

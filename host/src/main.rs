@@ -61,6 +61,17 @@ enum Command {
         #[arg(long)]
         events: Option<PathBuf>,
     },
+    /// Run a program in a desktop's jail (the host daemon starts every VM process this way;
+    /// docs/security.md). Needs root; the program runs as the spec's unprivileged user.
+    #[command(hide = true)]
+    Jail {
+        /// The jail, as JSON (`pleiades_host::jail::JailSpec`).
+        #[arg(long)]
+        spec: String,
+        /// The program and its arguments.
+        #[arg(last = true, required = true)]
+        program: Vec<std::ffi::OsString>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -102,6 +113,9 @@ enum CtlCommand {
     },
     /// Drop the session's client, if one is connected (the VM goes on).
     Disconnect,
+    /// Debug builds: make a system call outside every seccomp allowlist (a test of the jail).
+    #[command(hide = true)]
+    TestForbiddenSyscall,
     /// Write a new one-time connection file for the VM's session server (`run --listen`).
     ConnectionFile {
         /// The file to write (mode 0600: it holds a ticket).
@@ -148,6 +162,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
                 CtlCommand::Layout { sizes } => Request::Layout { sizes: sizes.0 },
                 CtlCommand::Disconnect => Request::Disconnect,
+                CtlCommand::TestForbiddenSyscall => Request::TestForbiddenSyscall,
                 CtlCommand::ConnectionFile { ref out } => {
                     let response =
                         control::request(&socket, &Request::ConnectionFile, Duration::from_secs(30))?;
@@ -177,6 +192,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     Ok(ExitCode::FAILURE)
                 }
             }
+        }
+        Command::Jail { spec, program } => {
+            let spec: pleiades_host::jail::JailSpec =
+                serde_json::from_str(&spec).context("--spec is not a jail specification")?;
+            let code = pleiades_host::jail::enter(&spec, &program)?;
+            Ok(ExitCode::from(u8::try_from(code).unwrap_or(255)))
         }
         Command::Device { kind, socket, events } => {
             let device: Box<dyn VirtioDevice> = match kind {
@@ -223,7 +244,15 @@ fn save_screenshot(response: control::Response, out: &std::path::Path) -> Result
     Ok(ExitCode::SUCCESS)
 }
 
+/// `run --listen-fd`'s socket, taken over first thing (before any child could inherit it) and
+/// used when the session server starts.
+static LISTEN_SOCKET: std::sync::Mutex<Option<std::net::UdpSocket>> = std::sync::Mutex::new(None);
+
 fn run_vm(args: RunArgs) -> Result<ExitCode> {
+    if let Some(fd) = args.listen_fd {
+        let socket = pleiades_host::jail::take_fd(fd)?;
+        *LISTEN_SOCKET.lock().unwrap_or_else(|p| p.into_inner()) = Some(socket);
+    }
     if let Some(workload) = args.synthetic {
         return run_synthetic(workload, &args);
     }
@@ -329,7 +358,13 @@ fn with_session(args: &RunArgs, controller: Arc<dyn Controller>) -> Result<Arc<d
         identity_dir: args.tls_identity.clone(),
         relative_pointer: args.devices.iter().any(|d| d.kind == DeviceKind::Mouse),
     };
-    let server = session::SessionServer::start(&config, controller.clone())?;
+    let socket = LISTEN_SOCKET.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(socket) = &socket
+        && socket.local_addr()?.port() != listen.port()
+    {
+        anyhow::bail!("--listen-fd is bound to {}, not to --listen {listen}", socket.local_addr()?);
+    }
+    let server = session::SessionServer::start_on(&config, controller.clone(), socket)?;
     let with = session::SessionController::new(controller, server, tickets, &advertise);
     if let Some(path) = &args.connection_file {
         let connection = with.mint_connection().map_err(anyhow::Error::msg)?;

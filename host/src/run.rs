@@ -61,6 +61,11 @@ pub struct RunArgs {
     /// tablet.
     #[arg(long)]
     pub listen: Option<std::net::SocketAddr>,
+    /// With `--listen`: serve on this inherited file descriptor, a UDP socket bound to the
+    /// `--listen` address already (the host daemon hands it to a jailed VM process, which has
+    /// no network of its own to bind in).
+    #[arg(long, requires = "listen")]
+    pub listen_fd: Option<i32>,
     /// With `--listen`: write a one-time connection file here (`pleiades connect FILE`), with a
     /// ticket the host signs itself (no broker). `ctl connection-file` mints more.
     #[arg(long, requires = "listen")]

@@ -121,8 +121,18 @@ impl std::fmt::Debug for SessionServer {
 }
 
 impl SessionServer {
-    /// Starts listening.
+    /// Starts listening on `config.listen`.
     pub fn start(config: &SessionConfig, controller: Arc<dyn Controller>) -> anyhow::Result<Self> {
+        Self::start_on(config, controller, None)
+    }
+
+    /// Starts listening on `socket`, bound already (a jailed VM process gets it from the host
+    /// daemon: it has no network of its own), or on `config.listen` when `None`.
+    pub fn start_on(
+        config: &SessionConfig,
+        controller: Arc<dyn Controller>,
+        socket: Option<std::net::UdpSocket>,
+    ) -> anyhow::Result<Self> {
         let names = [config.host.clone(), "localhost".into()];
         let identity = match &config.identity_dir {
             Some(dir) => tls::Identity::load_or_create(dir, &names),
@@ -136,7 +146,16 @@ impl SessionServer {
             .enable_all()
             .build()?;
         let endpoint = runtime
-            .block_on(async { quinn::Endpoint::server(server_config, config.listen) })
+            .block_on(async {
+                match socket {
+                    None => quinn::Endpoint::server(server_config, config.listen),
+                    Some(socket) => {
+                        let runtime = quinn::default_runtime()
+                            .ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?;
+                        quinn::Endpoint::new(Default::default(), Some(server_config), socket, runtime)
+                    }
+                }
+            })
             .map_err(|e| anyhow::anyhow!("cannot listen on {} (UDP): {e}", config.listen))?;
         let local_addr = endpoint.local_addr()?;
         let mut capabilities = Capabilities::ZSTD_TILES

@@ -228,7 +228,9 @@ impl Drop for Stack {
 impl Stack {
     /// Sets the broker up with the CLI (users, group, image of `image`, pool, entitlement),
     /// serves it, and registers a host daemon with a one-time token.
-    pub fn start(options: StackOptions, image: &GuestImage) -> Result<Self, String> {
+    pub fn start(mut options: StackOptions, image: &GuestImage) -> Result<Self, String> {
+        options.kernel.get_or_insert_with(|| image.kernel.clone());
+        options.initrd.get_or_insert_with(|| image.initramfs.clone());
         let o = &options;
         std::fs::create_dir_all(&o.dir).map_err(|e| e.to_string())?;
         let config = o.dir.join("broker.toml");
@@ -390,6 +392,25 @@ impl Stack {
         self.post(&format!("{}/api/v1/desktops/{desktop}/connect", self.base), Some(bearer), &json!({}))
     }
 
+    /// Runs the headless client on a connection file for 12 s with an input script, recording
+    /// into `record`: whether it succeeded, and what it printed.
+    pub fn run_client(&self, file: &Path, record: &Path, script: &str) -> (bool, String) {
+        let script_path = record.with_extension("script");
+        std::fs::write(&script_path, script).unwrap();
+        let output = Command::new(crate::workspace_binary("pleiades").unwrap())
+            .arg("connect")
+            .arg(file)
+            .args(["--headless", "--duration", "12", "--record"])
+            .arg(record)
+            .arg("--input")
+            .arg(&script_path)
+            .output()
+            .unwrap();
+        let text =
+            format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        (output.status.success(), text)
+    }
+
     /// The serial console log of a desktop's VM.
     pub fn serial_log(&self, desktop: &str) -> PathBuf {
         self.host_state.join("desktops").join(desktop).join("serial.log")
@@ -507,6 +528,13 @@ fn host_command(o: &StackOptions, base: &str, pin: &str, state: &Path) -> Comman
         .arg(state);
     if let Some(vmm) = &o.vmm {
         command.args(["--vmm", vmm]);
+    }
+    // The directories of the image's files (the host boots nothing else).
+    let files = [&o.kernel, &o.initrd, &o.disk];
+    let mut dirs: Vec<&Path> = files.iter().filter_map(|f| f.as_deref()?.parent()).collect();
+    dirs.dedup();
+    for dir in dirs {
+        command.arg("--image-dir").arg(dir);
     }
     command
 }

@@ -16,13 +16,11 @@
 //! the host keeps no state of the failed starts.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use pleiades_tests::image::GuestImage;
 use pleiades_tests::qemu::boot_timeout;
 use pleiades_tests::stack::{Stack, StackOptions, wait_for};
-use pleiades_tests::workspace_binary;
 use serde_json::Value;
 
 /// A ticket signing key (PKCS#8) whose base64url public key begins with `-`, in a file.
@@ -38,23 +36,6 @@ fn dash_ticket_key(dir: &Path) -> (std::path::PathBuf, String) {
         }
     }
     panic!("no key beginning with '-' in 10,000 draws (1 in 64 each)");
-}
-
-fn connect(file: &Path, record: &Path, script: &str) -> (bool, String) {
-    let script_path = record.with_extension("script");
-    std::fs::write(&script_path, script).unwrap();
-    let output = Command::new(workspace_binary("pleiades").unwrap())
-        .arg("connect")
-        .arg(file)
-        .args(["--headless", "--duration", "12", "--record"])
-        .arg(record)
-        .arg("--input")
-        .arg(&script_path)
-        .output()
-        .unwrap();
-    let text =
-        format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-    (output.status.success(), text)
 }
 
 #[test]
@@ -99,7 +80,7 @@ fn a_user_gets_a_desktop_from_a_pool_and_the_client_reaches_it_with_the_brokers_
 
     let record = dir.path().join("rec");
     let script = "wait 2000\ntype echo PLEIADES-BROKER-$((6*7)) > /dev/ttyS0\\n\nwait 3000\n";
-    let (ok, text) = connect(&file, &record, script);
+    let (ok, text) = stack.run_client(&file, &record, script);
     assert!(ok, "the client reaches the desktop: {text}");
     wait_for("the typed command on the guest's serial console", Duration::from_secs(30), || {
         std::fs::read_to_string(&serial).unwrap_or_default().contains("PLEIADES-BROKER-42").then_some(())
@@ -110,13 +91,13 @@ fn a_user_gets_a_desktop_from_a_pool_and_the_client_reaches_it_with_the_brokers_
     assert!(summary["frames"].as_u64().unwrap_or(0) > 0, "{summary}");
 
     // The ticket was one-time: the same file is refused, and the desktop goes on.
-    let (ok, text) = connect(&file, &dir.path().join("rec2"), "wait 100\n");
+    let (ok, text) = stack.run_client(&file, &dir.path().join("rec2"), "wait 100\n");
     assert!(!ok, "a used ticket must be refused: {text}");
     assert!(text.contains("ticket"), "{text}");
     // A fresh ticket works again.
     let again = stack.connect(&bearer, &desktop).unwrap();
     std::fs::write(&file, again["file"].as_str().unwrap()).unwrap();
-    let (ok, text) = connect(&file, &dir.path().join("rec3"), "wait 500\n");
+    let (ok, text) = stack.run_client(&file, &dir.path().join("rec3"), "wait 500\n");
     assert!(ok, "a fresh ticket is accepted: {text}");
 
     // A ticket from before a recycle does not open the recycled desktop (security review):
@@ -136,12 +117,12 @@ fn a_user_gets_a_desktop_from_a_pool_and_the_client_reaches_it_with_the_brokers_
         (text.matches("PLEIADES-READY").count() > boots).then_some(())
     })
     .unwrap();
-    let (ok, text) = connect(&before_file, &dir.path().join("rec4"), "wait 100\n");
+    let (ok, text) = stack.run_client(&before_file, &dir.path().join("rec4"), "wait 100\n");
     assert!(!ok, "a ticket from before the recycle must be refused: {text}");
     assert!(text.contains("ExpiredTicket") && text.contains("another start of this desktop"), "{text}");
     let after = stack.connect(&bearer, &desktop).unwrap();
     std::fs::write(&file, after["file"].as_str().unwrap()).unwrap();
-    let (ok, text) = connect(&file, &dir.path().join("rec5"), "wait 500\n");
+    let (ok, text) = stack.run_client(&file, &dir.path().join("rec5"), "wait 500\n");
     assert!(ok, "the recycled desktop's own ticket is accepted: {text}");
 
     // The broker audited the connects, never a ticket; no log has a ticket or the token.

@@ -14,6 +14,7 @@
 
 mod apt;
 mod architecture;
+mod cgroups;
 mod cpio;
 mod desktop_image;
 mod fuzz;
@@ -197,6 +198,8 @@ fn test(root: &Path, no_deps: bool) -> Result<()> {
         step("Debian packages");
         deps(&[])?;
     }
+    step("cgroups (the desktops' jails)");
+    cgroups::ensure()?;
     let t = step("Test guest image");
     guest_image::GuestImageBuild { root: root.to_owned(), force: false }.run()?;
     println!("    {:.1} s", t.elapsed().as_secs_f64());
@@ -235,6 +238,8 @@ fn test(root: &Path, no_deps: bool) -> Result<()> {
 fn demo(root: &Path, interactive: Option<bool>) -> Result<()> {
     step("Debian packages");
     deps(&[])?;
+    step("cgroups (the desktops' jails)");
+    cgroups::ensure()?;
     step("Test guest image");
     guest_image::GuestImageBuild { root: root.to_owned(), force: false }.run()?;
     step("Desktop image (what the demo user gets: Debian with Xfce)");

@@ -19,6 +19,7 @@ use pleiades_protocol::hostapi::{DesktopNetwork, RunningDesktop, VmImage};
 use pleiades_control::{self as control, Request};
 
 use super::disks::DiskStore;
+use super::jails::{DesktopJail, JailCleanup, JailSettings};
 use super::network::{DesktopNet, HostNetwork, NetPolicy};
 
 /// How long a VM process may take to open its control socket and session server.
@@ -70,6 +71,10 @@ pub struct VmSettings {
     /// The host's cores and memory (MiB): an image asking for more is refused.
     pub cores: i64,
     pub memory_mib: i64,
+    /// How VM processes are jailed; `None`: not at all (`--jail off`, a daemon not run as root).
+    pub jail: Option<JailSettings>,
+    /// The directories images' kernels, initrds and disk templates must be in (canonical).
+    pub image_dirs: Vec<PathBuf>,
 }
 
 /// A desktop's VM process.
@@ -81,6 +86,8 @@ struct VmProcess {
     _net: Option<DesktopNet>,
     /// The desktop's generation it serves (`run --ticket-generation`).
     generation: Option<u64>,
+    /// The desktop's cgroup and jail root, removed when the process is forgotten.
+    _jail: Option<JailCleanup>,
 }
 
 /// Spawns processes from one thread that lives as long as the daemon.
@@ -206,19 +213,59 @@ impl Desktops {
         generation: Option<u64>,
     ) -> Result<u16, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        let claim = self.claim_port()?;
+        let mut claim = self.claim_port()?;
         let port = claim.port;
         let control = dir.join("control.sock");
         let log_path = dir.join("vm.log");
         let log = std::fs::File::create(&log_path)
             .map_err(|e| format!("cannot create {}: {e}", log_path.display()))?;
         let log_err = log.try_clone().map_err(|e| e.to_string())?;
+        let netns = net.as_ref().map(DesktopNet::netns);
         let mut command = Command::new("setpriv");
+        command.args(["--pdeathsig", "KILL", "--"]).arg(&self.settings.exe);
+        // The session socket handed to a jailed process: open until it has been spawned.
+        let mut passed = None;
+        let (cleanup, network) = match &self.settings.jail {
+            Some(jail) => {
+                let root = self.settings.state_dir.join("jails").join(desktop_id);
+                let template = match disk {
+                    Some(disk) => super::disks::backing_file(disk)?,
+                    None => None,
+                };
+                let spec = DesktopJail {
+                    settings: jail,
+                    exe: &self.settings.exe,
+                    desktop_id,
+                    slot: u32::from(port - self.settings.ports.first),
+                    image,
+                    dir,
+                    disk: disk.map(|d| (d, template)),
+                    netns,
+                    vmm_is_qemu: self.vmm_is_qemu(),
+                    root: root.clone(),
+                    tls: &self.settings.state_dir.join("tls"),
+                }
+                .prepare()?;
+                // In the jail the process is in the desktop's network namespace already, and
+                // serves on the socket bound here (on the host's network).
+                let socket = claim.socket.take().ok_or("the port's socket is gone")?;
+                let socket = passed.insert(std::os::fd::OwnedFd::from(socket));
+                crate::jail::pass_fd(&mut command, socket, crate::jail::SESSION_SOCKET_FD)
+                    .map_err(|e| format!("{e:#}"))?;
+                // The jail process's own environment too (its waiter lives on with it).
+                command.env_clear().envs(spec.env.iter().cloned()).env("PATH", crate::jail::PATH);
+                let json = serde_json::to_string(&spec).map_err(|e| e.to_string())?;
+                command.arg("jail").arg(format!("--spec={json}")).arg("--").arg(&self.settings.exe);
+                let cleanup = JailCleanup { desktop_id: desktop_id.to_owned(), cgroup: spec.cgroup, root };
+                (Some(cleanup), Network::Jailed { netns: netns.is_some() })
+            }
+            None => (None, Network::Host { netns }),
+        };
+        // Unjailed, `run` binds the port itself.
+        drop(claim.socket.take());
         command
-            .args(["--pdeathsig", "KILL", "--"])
-            .arg(&self.settings.exe)
             .arg("run")
-            .args(self.run_args(desktop_id, image, disk, net.as_ref().map(DesktopNet::netns), port, dir))
+            .args(self.run_args(desktop_id, image, disk, network, port, dir))
             .args(generation_arg(generation))
             .stdin(Stdio::null())
             .stdout(log)
@@ -226,10 +273,11 @@ impl Desktops {
         let child = self.spawner.spawn(command).map_err(|e| {
             format!("cannot start `pleiades-host run` (is util-linux's setpriv installed?): {e}")
         })?;
+        drop(passed);
         tracing::info!(desktop = desktop_id, port, pid = child.id(), image = %image.name, "VM starting");
         lock(&self.running).insert(
             desktop_id.to_owned(),
-            VmProcess { child, port, control: control.clone(), _net: net, generation },
+            VmProcess { child, port, control: control.clone(), _net: net, generation, _jail: cleanup },
         );
         let this = self.clone();
         let id = desktop_id.to_owned();
@@ -250,11 +298,16 @@ impl Desktops {
         desktop_id: &str,
         image: &VmImage,
         disk: Option<&Path>,
-        netns: Option<&str>,
+        network: Network<'_>,
         port: u16,
         dir: &Path,
     ) -> Vec<std::ffi::OsString> {
         let s = &self.settings;
+        // Jailed, the process has a copy of the certificate its user can read.
+        let tls_identity = match network {
+            Network::Jailed { .. } => dir.join("tls"),
+            Network::Host { .. } => s.state_dir.join("tls"),
+        };
         let mut args = Vec::new();
         let mut flag = |name: &str, value: &std::ffi::OsStr| {
             let mut arg = std::ffi::OsString::from(format!("--{name}="));
@@ -273,7 +326,7 @@ impl Desktops {
         flag("desktop", desktop_id.as_ref());
         flag("ticket-key", s.ticket_key.as_ref());
         flag("ticket-host", s.host_id.as_ref());
-        flag("tls-identity", s.state_dir.join("tls").as_os_str());
+        flag("tls-identity", tls_identity.as_os_str());
         if let Some(vmm) = &s.vmm {
             flag("vmm", vmm.as_ref());
         }
@@ -283,11 +336,28 @@ impl Desktops {
         if let Some(disk) = disk {
             flag("disk", disk.as_os_str());
         }
-        if let Some(netns) = netns {
-            let mac = crate::vm::net::format_mac(crate::vm::net::desktop_mac(desktop_id));
-            flag("net", format!("user,netns={netns},mac={mac}").as_ref());
+        let mac = crate::vm::net::format_mac(crate::vm::net::desktop_mac(desktop_id));
+        match network {
+            Network::Host { netns: Some(netns) } => {
+                flag("net", format!("user,netns={netns},mac={mac}").as_ref())
+            }
+            Network::Host { netns: None } | Network::Jailed { netns: false } => {}
+            // In the desktop's namespace already.
+            Network::Jailed { netns: true } => flag("net", format!("user,mac={mac}").as_ref()),
+        }
+        if let Network::Jailed { .. } = network {
+            // The session socket, bound by the daemon on the host's network.
+            flag("listen-fd", crate::jail::SESSION_SOCKET_FD.to_string().as_ref());
         }
         args
+    }
+
+    /// Whether desktops run on QEMU (`--vmm qemu`, or no hardware KVM here).
+    fn vmm_is_qemu(&self) -> bool {
+        match self.settings.vmm.as_deref() {
+            Some(vmm) => vmm == "qemu",
+            None => crate::run::default_vmm() == crate::run::Vmm::Qemu,
+        }
     }
 
     /// The desktop's network namespace and link (the host's NAT and filter on first use).
@@ -298,11 +368,7 @@ impl Desktops {
         desktop_id: &str,
         network: &DesktopNetwork,
     ) -> Result<DesktopNet, String> {
-        let vmm_is_qemu = match self.settings.vmm.as_deref() {
-            Some(vmm) => vmm == "qemu",
-            None => crate::run::default_vmm() == crate::run::Vmm::Qemu,
-        };
-        if !vmm_is_qemu {
+        if !self.vmm_is_qemu() {
             return Err("this host runs desktops on Pleiades' VMM, which has no network card yet: \
                         set the pool's network to none, or run the host with --vmm qemu"
                 .into());
@@ -345,6 +411,10 @@ impl Desktops {
             }
         }
         DiskStore::check(image)?;
+        let disk = image.disk.iter().map(|d| ("disk template", d));
+        for (what, path) in [("kernel", &image.kernel), ("initrd", &image.initrd)].into_iter().chain(disk) {
+            self.check_image_file(&image.name, what, Path::new(path))?;
+        }
         if !(1..=self.settings.cores.max(1)).contains(&image.vcpus) {
             return Err(format!(
                 "image {}: {} vCPUs, this host has {}",
@@ -360,6 +430,26 @@ impl Desktops {
         Ok(())
     }
 
+    /// A file the broker names for an image must be a regular file in one of the host's image
+    /// directories (`--image-dir`), whatever links lead to it: a broker cannot have a desktop
+    /// boot `/etc/shadow` or the host's keys.
+    fn check_image_file(&self, image: &str, what: &str, path: &Path) -> Result<(), String> {
+        let real =
+            path.canonicalize().map_err(|e| format!("image {image}: the {what} {}: {e}", path.display()))?;
+        let inside = self.settings.image_dirs.iter().any(|dir| real.starts_with(dir));
+        if !inside || !real.is_file() {
+            let dirs: Vec<String> =
+                self.settings.image_dirs.iter().map(|d| d.display().to_string()).collect();
+            return Err(format!(
+                "image {image}: the {what} {} is not a file in this host's image directories ({}); \
+                 put it there or start the host with --image-dir",
+                path.display(),
+                dirs.join(", ")
+            ));
+        }
+        Ok(())
+    }
+
     /// The lowest port of the range that no VM of ours uses or is being given, and that is
     /// free now; claimed until the returned claim is dropped (by then the VM is in `running`,
     /// or failed).
@@ -369,12 +459,13 @@ impl Desktops {
         let range = self.settings.ports;
         let port = (range.first..=range.last)
             .filter(|p| !used.contains(p) && !claimed.contains(p))
-            .find(|&p| UdpSocket::bind(SocketAddr::new(self.settings.listen_ip, p)).is_ok())
+            .find_map(|p| UdpSocket::bind(SocketAddr::new(self.settings.listen_ip, p)).ok().map(|s| (p, s)))
             .ok_or_else(|| {
                 format!("no free UDP port in {}-{} for another desktop", range.first, range.last)
             })?;
+        let (port, socket) = port;
         claimed.insert(port);
-        Ok(PortClaim { claimed: &self.claimed_ports, port })
+        Ok(PortClaim { claimed: &self.claimed_ports, port, socket: Some(socket) })
     }
 
     /// Polls the control socket until the VM answers (its session server is up by then),
@@ -504,12 +595,24 @@ impl Desktops {
 struct PortClaim<'a> {
     claimed: &'a Mutex<std::collections::HashSet<u16>>,
     port: u16,
+    /// The port's socket, bound while the claim is held (a jailed VM process is given it).
+    socket: Option<UdpSocket>,
 }
 
 impl Drop for PortClaim<'_> {
     fn drop(&mut self) {
         lock(self.claimed).remove(&self.port);
     }
+}
+
+/// Where a VM process runs, as its `run` arguments say it.
+#[derive(Debug, Clone, Copy)]
+enum Network<'a> {
+    /// Unjailed, on the host's network; QEMU enters the desktop's namespace, if it has one.
+    Host { netns: Option<&'a str> },
+    /// Jailed: in the desktop's namespace (`netns`) or an empty one, with the session socket
+    /// handed over.
+    Jailed { netns: bool },
 }
 
 /// `run --ticket-generation=N` for a VM process of the desktop's generation N: it accepts only
@@ -559,6 +662,8 @@ mod tests {
             state_dir: dir.to_owned(),
             cores: 2,
             memory_mib: 4096,
+            jail: None,
+            image_dirs: vec![dir.canonicalize().unwrap_or_else(|_| dir.to_owned())],
         };
         Desktops::new(settings, Spawner::start().unwrap())
     }
@@ -581,7 +686,14 @@ mod tests {
         };
         let vms = desktops(dir.path());
         vms.check_image(&image).unwrap();
+        // A hostile broker naming a host file, directly or through a link in the directory.
+        let link = dir.path().join("link-to-hostname");
+        std::os::unix::fs::symlink("/etc/hostname", &link).unwrap();
+        let outside = "image directories";
         let cases = [
+            (VmImage { kernel: "/etc/shadow".into(), ..image.clone() }, outside),
+            (VmImage { initrd: "/etc/hostname".into(), ..image.clone() }, outside),
+            (VmImage { kernel: link.display().to_string(), ..image.clone() }, outside),
             (VmImage { kernel: "/nonexistent/vmlinuz".into(), ..image.clone() }, "not a file"),
             (VmImage { initrd: "relative/initrd".into(), ..image.clone() }, "not a file"),
             (VmImage { vcpus: 3, ..image.clone() }, "3 vCPUs"),
@@ -679,7 +791,7 @@ mod tests {
                 let dir = Path::new(&state).join("desktops").join(&desktop);
                 let disk = Path::new(&state).join("disks").join(format!("{desktop}.qcow2"));
                 let netns = format!("pleiades-{desktop}");
-                let mut argv = vms.run_args(&desktop, &image, Some(&disk), Some(&netns), 47001, &dir);
+                let mut argv = vms.run_args(&desktop, &image, Some(&disk), Network::Host { netns: Some(&netns) }, 47001, &dir);
                 argv.extend(generation_arg(generation).map(Into::into));
                 let run = Run::try_parse_from(std::iter::once("run".into()).chain(argv))
                     .map_err(|e| TestCaseError::fail(e.to_string()))?

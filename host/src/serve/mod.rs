@@ -18,6 +18,7 @@
 pub mod broker;
 pub mod desktops;
 pub mod disks;
+pub mod jails;
 pub mod network;
 
 use std::collections::BTreeMap;
@@ -32,6 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use self::broker::{BrokerClient, BrokerError, Trust};
 use self::desktops::{Desktops, PortRange, Spawner, VmSettings};
+use crate::jail;
 
 /// `pleiades-host serve` options. Each may also come from the `--config` TOML file (same names
 /// with `_`, e.g. `broker_cert_sha256 = "…"`, `images = ["desktop"]`); the command line wins.
@@ -82,6 +84,32 @@ pub struct ServeArgs {
     /// A device every desktop gets (as `run --device`). Default: gpu, keyboard, tablet, sound.
     #[arg(long = "device")]
     pub devices: Vec<String>,
+    /// A directory whose files may boot as desktops' kernels, initrds and disk templates
+    /// (repeat for several; default /var/lib/pleiades/images). Whatever the broker names
+    /// elsewhere (`/etc/shadow`, the host's own keys) is refused.
+    #[arg(long = "image-dir")]
+    pub image_dirs: Vec<PathBuf>,
+    /// Run every desktop in its own jail (user, namespaces, root, cgroup, seccomp; see
+    /// docs/security.md): `on` (needs root), `off`, or `auto` (on when run as root; default).
+    #[arg(long, value_enum)]
+    pub jail: Option<JailMode>,
+    /// The first desktop's user and group id in the jail; desktop N of the port range gets
+    /// this + N (default 900000: clear of people's and system users).
+    #[arg(long)]
+    pub jail_uid_base: Option<u32>,
+    /// The daemon's cgroup, relative to /sys/fs/cgroup (default `pleiades`); each desktop gets
+    /// `desktop-<id>` under it. Under systemd, name a group in the unit's delegated subtree.
+    #[arg(long)]
+    pub cgroup_root: Option<PathBuf>,
+}
+
+/// `serve --jail`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum JailMode {
+    Auto,
+    On,
+    Off,
 }
 
 /// The TOML form of [`ServeArgs`].
@@ -100,6 +128,10 @@ struct ServeFile {
     vmm: Option<String>,
     images: Vec<String>,
     devices: Vec<String>,
+    jail: Option<JailMode>,
+    jail_uid_base: Option<u32>,
+    cgroup_root: Option<PathBuf>,
+    image_dirs: Vec<PathBuf>,
 }
 
 /// The daemon's settings, resolved.
@@ -116,6 +148,9 @@ pub struct ServeConfig {
     pub vmm: Option<String>,
     pub images: Vec<String>,
     pub devices: Vec<String>,
+    pub jail: Option<jails::JailSettings>,
+    /// Where images' files may be (canonical paths).
+    pub image_dirs: Vec<PathBuf>,
 }
 
 impl std::fmt::Debug for ServeConfig {
@@ -184,6 +219,53 @@ impl ServeArgs {
         if !devices.iter().any(|d| d.split(',').next() == Some("gpu")) {
             bail!("desktops need a GPU: add --device gpu");
         }
+        let jail = match self.jail.or(file.jail).unwrap_or(JailMode::Auto) {
+            JailMode::Off => None,
+            JailMode::Auto if !nix::unistd::Uid::effective().is_root() => {
+                tracing::warn!("not running as root: desktops run without a jail (docs/security.md)");
+                None
+            }
+            JailMode::On if !nix::unistd::Uid::effective().is_root() => {
+                bail!(
+                    "--jail on needs root (the jail makes namespaces, cgroups and mounts); run as root or with --jail off"
+                )
+            }
+            JailMode::Auto | JailMode::On => {
+                let uid_base = self.jail_uid_base.or(file.jail_uid_base).unwrap_or(900_000);
+                let span = u32::from(ports.last - ports.first);
+                if uid_base == 0 || uid_base.checked_add(span).is_none() {
+                    bail!(
+                        "--jail-uid-base {uid_base} leaves no unprivileged id for every port of {}-{}",
+                        ports.first,
+                        ports.last
+                    );
+                }
+                let parent = self.cgroup_root.or(file.cgroup_root).unwrap_or_else(|| "pleiades".into());
+                let cgroup = match jail::cgroup::Version::detect() {
+                    Some(version) => Some((version, parent)),
+                    None => {
+                        tracing::warn!(
+                            "no cgroup hierarchy with the memory, cpu and pids controllers under /sys/fs/cgroup: desktops run without resource limits"
+                        );
+                        None
+                    }
+                };
+                Some(jails::JailSettings { uid_base, cgroup })
+            }
+        };
+        let image_dirs = [self.image_dirs, file.image_dirs]
+            .into_iter()
+            .find(|d| !d.is_empty())
+            .unwrap_or_else(|| vec!["/var/lib/pleiades/images".into()])
+            .into_iter()
+            .map(|d| {
+                if !d.is_absolute() {
+                    bail!("--image-dir {} is not an absolute path", d.display());
+                }
+                // A directory that does not exist yet holds nothing to boot: kept as given.
+                Ok(d.canonicalize().unwrap_or(d))
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(ServeConfig {
             broker,
             trust,
@@ -196,6 +278,8 @@ impl ServeArgs {
             vmm: self.vmm.or(file.vmm),
             images: [self.images, file.images].into_iter().find(|i| !i.is_empty()).unwrap_or_default(),
             devices,
+            jail,
+            image_dirs,
         })
     }
 }
@@ -257,6 +341,9 @@ async fn daemon(config: ServeConfig, spawner: Spawner) -> Result<()> {
     if let Ok(entries) = std::fs::read_dir(config.state_dir.join("desktops")) {
         let ids: Vec<String> = entries.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect();
         network::remove_stale(ids.iter().map(String::as_str));
+        if let Some(jail) = &config.jail {
+            jail.clean_stale(ids.iter().map(String::as_str));
+        }
     }
     let desktops = Arc::new(Desktops::new(
         VmSettings {
@@ -271,6 +358,8 @@ async fn daemon(config: ServeConfig, spawner: Spawner) -> Result<()> {
             state_dir: config.state_dir.clone(),
             cores,
             memory_mib,
+            jail: config.jail.clone(),
+            image_dirs: config.image_dirs.clone(),
         },
         spawner,
     ));

@@ -92,6 +92,9 @@ fn qemu_command(
     } else {
         "none"
     };
+    // QEMU's own seccomp filter, on top of the jail's: no obsolete calls, no privilege
+    // changes, no new processes, no scheduling or resource changes.
+    cmd.args(["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]);
     cmd.args(["-nodefaults", "-no-user-config", "-display", display, "-vga", "none", "-monitor", "none"])
         .args(["-machine", &format!("q35,accel={accel_name},memory-backend=mem")])
         .args(["-object", &format!("memory-backend-memfd,id=mem,size={}M,share=on", spec.memory_mib)])
