@@ -35,10 +35,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// Serves one connection until it ends.
-pub(crate) async fn serve(shared: Arc<Shared>, conn: quinn::Connection) {
+pub(crate) async fn serve(shared: Arc<Shared>, conn: quinn::Connection, place: crate::admission::Place) {
     shared.metrics.connections.fetch_add(1, Ordering::Relaxed);
     let remote = conn.remote_address();
-    match handshake(&shared, &conn).await {
+    let outcome = handshake(&shared, &conn).await;
+    // A stranger no more: accepted, or on its way out.
+    drop(place);
+    match outcome {
         Ok(Some(opened)) => {
             let session = &opened.session;
             tracing::info!("session {}: {} connected from {remote}", session.session_id, session.peer_name);

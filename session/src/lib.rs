@@ -25,6 +25,7 @@
 //! the one-time resume token its session was given (`RESUME`), which takes over the same way. Threads: a small tokio runtime for QUIC, and one display thread per connection (the
 //! encoder is CPU-bound).
 
+pub mod admission;
 pub mod audio;
 pub mod connection;
 pub mod display;
@@ -88,6 +89,8 @@ pub(crate) struct Shared {
     pub next_session: AtomicU64,
     pub metrics: SessionMetrics,
     pub audio: Arc<audio::AudioMetrics>,
+    /// Connections that have not shown a ticket yet.
+    pub admission: admission::Admission,
 }
 
 /// Counters of the session server, for `ctl status`.
@@ -95,6 +98,10 @@ pub(crate) struct Shared {
 pub struct SessionMetrics {
     pub connections: AtomicU64,
     pub refused: AtomicU64,
+    /// Connection attempts refused before a handshake (too many strangers), and sent to prove
+    /// their address first (QUIC retry).
+    pub refused_early: AtomicU64,
+    pub retried: AtomicU64,
     pub frames: AtomicU64,
     pub bytes: AtomicU64,
     pub input_events: AtomicU64,
@@ -182,18 +189,35 @@ impl SessionServer {
             next_session: AtomicU64::new(1),
             metrics: SessionMetrics::default(),
             audio: Arc::default(),
+            admission: admission::Admission::default(),
         });
         let accept = endpoint.clone();
         let accept_shared = shared.clone();
         runtime.spawn(async move {
             while let Some(incoming) = accept.accept().await {
                 let shared = accept_shared.clone();
-                tokio::spawn(async move {
-                    match incoming.await {
-                        Ok(conn) => connection::serve(shared, conn).await,
-                        Err(e) => tracing::info!("session: a connection attempt failed: {e}"),
+                let source = incoming.remote_address();
+                match shared.admission.admit(source.ip(), incoming.remote_address_validated()) {
+                    admission::Admit::Yes(place) => {
+                        tokio::spawn(async move {
+                            match incoming.await {
+                                Ok(conn) => connection::serve(shared, conn, place).await,
+                                Err(e) => tracing::info!("session: a connection attempt failed: {e}"),
+                            }
+                        });
                     }
-                });
+                    admission::Admit::Retry => {
+                        shared.metrics.retried.fetch_add(1, Ordering::Relaxed);
+                        if incoming.retry().is_err() {
+                            shared.metrics.refused_early.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    admission::Admit::No => {
+                        shared.metrics.refused_early.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!("session: refused {source}: too many connections without a ticket");
+                        incoming.refuse();
+                    }
+                }
             }
         });
         tracing::info!(
@@ -254,6 +278,9 @@ impl SessionServer {
             "client_connected": connected,
             "connections": get(&m.connections),
             "refused": get(&m.refused),
+            "refused_early": get(&m.refused_early),
+            "retried": get(&m.retried),
+            "strangers": self.shared.admission.strangers(),
             "frames": get(&m.frames),
             "bytes": get(&m.bytes),
             "input_events": get(&m.input_events),

@@ -81,12 +81,19 @@ impl Identity {
             .keep_alive_interval(Some(Duration::from_secs(1)))
             .max_concurrent_uni_streams(4u32.into())
             .max_concurrent_bidi_streams(1u32.into())
+            // What a client sends is small (control, input, the microphone): 256 KiB a stream,
+            // 1 MiB in all, bound what a peer can make this process buffer, ticket or not.
+            .stream_receive_window((256u32 * 1024).into())
+            .receive_window((1024u32 * 1024).into())
             .datagram_receive_buffer_size(Some(64 * 1024))
             // BBR paces by measured bandwidth and RTT instead of backing off on every loss: a
             // loss-based controller manages ~0.8 Mbit/s on a 100 ms path with 2 % random loss
             // (Mathis), too little for a first full-screen frame.
             .congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
         config.transport_config(Arc::new(transport));
+        // Handshakes in progress and the datagrams they may queue (docs/protocol.md, "Before
+        // the ticket"): quinn's defaults allow 65 536 and 100 MiB.
+        config.max_incoming(256).incoming_buffer_size(16 * 1024).incoming_buffer_size_total(1 << 20);
         Ok(config)
     }
 }

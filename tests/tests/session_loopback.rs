@@ -187,6 +187,89 @@ fn the_client_shows_the_host_s_pixels_its_input_arrives_and_a_lost_connection_re
     assert_eq!(goodbye, Some((GoodbyeReason::Admin, "maintenance".to_owned())));
 }
 
+/// A process's resident memory (KiB).
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Issue #14's attack: 1,000 QUIC connections that finish the handshake and never show a
+/// ticket, 50 at a time, from one source, against `pleiades-host run --synthetic` (its own
+/// process, so that its memory is measured alone). The server gives them a bounded share (8
+/// held at a time, the rest refused before any connection state exists), its memory stays
+/// bounded, and a client with a ticket from another source (IPv6 loopback) opens its session
+/// and gets pictures while the flood is on.
+#[test]
+fn a_thousand_connections_without_a_ticket_are_contained_and_a_real_client_gets_in() {
+    let host = workspace_binary("pleiades-host").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (file, socket) = (dir.path().join("desk.pleiades"), dir.path().join("vm.sock"));
+    let server = Process(
+        Command::new(host)
+            .args(["run", "--synthetic", "typing", "--synthetic-size", "320x200", "--listen", "[::]:0"])
+            .args(["--advertise", "::1"])
+            .arg("--connection-file")
+            .arg(&file)
+            .arg("--control")
+            .arg(&socket)
+            .env("PLEIADES_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("the connection file", || file.exists() && socket.exists());
+    let user = Connection::from_toml(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let stranger = Connection { host: HOST.into(), ticket: String::new(), ..user.clone() };
+    let status = || {
+        let answer = pleiades_control::request(&socket, &pleiades_control::Request::Status, LIMIT).unwrap();
+        answer.result.unwrap()["session"].clone()
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let before = rss_kib(server.0.id());
+    let (held, failed) = rt.block_on(async {
+        let mut held = Vec::new();
+        let mut failed = 0;
+        for _ in 0..20 {
+            let mut wave = tokio::task::JoinSet::new();
+            for _ in 0..50 {
+                let c = stranger.clone();
+                wave.spawn(async move { pleiades_client::connect::connect(&c).await });
+            }
+            while let Some(result) = wave.join_next().await {
+                match result.unwrap() {
+                    Ok(connected) => held.push(connected),
+                    Err(_) => failed += 1,
+                }
+            }
+        }
+        (held, failed)
+    });
+    let during = rss_kib(server.0.id());
+    let flood = status();
+    eprintln!(
+        "1,000 connections without a ticket: {} completed the handshake, {failed} refused; server: {} refused early, {} strangers; server RSS {} MiB before, {} MiB during",
+        held.len(),
+        flood["refused_early"],
+        flood["strangers"],
+        before / 1024,
+        during / 1024,
+    );
+    assert_eq!(held.len() + failed, 1000);
+    assert!(flood["strangers"].as_u64().unwrap() <= 8, "{flood}");
+    assert!(failed >= 900, "only {failed} of 1,000 refused");
+    assert!(flood["refused_early"].as_u64().unwrap() >= failed as u64 / 2, "{flood}");
+    assert!(during.saturating_sub(before) < 32 * 1024, "the flood cost the server {} KiB", during - before);
+
+    // Meanwhile, the user gets in and sees the desktop.
+    let session = open(&rt, &user, &user.ticket).expect("a client with a ticket opens its session");
+    let handle = session.handle.clone();
+    let events = drain(&rt, session);
+    wait_for("the user's first picture", || handle.snapshot(0).is_some());
+    drop(held);
+    events.abort();
+}
+
 /// Kills the host process if a test fails before it shut down.
 struct Process(Child);
 
