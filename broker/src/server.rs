@@ -115,21 +115,30 @@ fn generate_self_signed(cert: &Path, key: &Path) -> Result<(), ServeError> {
     Ok(())
 }
 
+/// Connections served at once; more wait in the kernel's backlog, then are closed.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// How long a client may take for its TLS handshake, and for each request's headers
+/// (including the wait for the next request on a kept-alive connection).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one request may take, its body included.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Serves the router on `listener` until `shutdown` resolves. `tls: None` is plain HTTP.
+///
+/// Slow clients hold nothing for long (docs/broker.md, "Limits"): the TLS handshake and every
+/// request's headers must come within [`HEADER_TIMEOUT`], a request must be done within
+/// [`REQUEST_TIMEOUT`], and at most [`MAX_CONNECTIONS`] are served at once.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     tls: Option<rustls::ServerConfig>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let Some(mut tls) = tls else {
-        axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(shutdown)
-            .await?;
-        return Ok(());
-    };
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let acceptor = tls.map(|mut tls| {
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        tokio_rustls::TlsAcceptor::from(Arc::new(tls))
+    });
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::pin!(shutdown);
     loop {
         let (tcp, addr) = tokio::select! {
@@ -139,24 +148,49 @@ pub async fn serve(
             },
             () = &mut shutdown => return Ok(()),
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(peer = %addr, "{MAX_CONNECTIONS} connections already: closing a new one");
+            continue;
+        };
         let acceptor = acceptor.clone();
         let router = router.clone();
         tokio::spawn(async move {
-            let stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                _ => return,
-            };
-            let service =
-                hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-                    req.extensions_mut().insert(ConnectInfo(addr));
-                    router.clone().oneshot(req)
-                });
-            // HTTP/1.1 only: the portal and the APIs need nothing more, and h2 costs build time.
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let _slot = slot;
+            match acceptor {
+                Some(acceptor) => match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => serve_connection(stream, addr, router).await,
+                    _ => tracing::debug!(peer = %addr, "no TLS handshake in time"),
+                },
+                None => serve_connection(tcp, addr, router).await,
+            }
         });
     }
+}
+
+/// HTTP/1.1 on one connection (the portal and the APIs need nothing more, and h2 costs build
+/// time), with the header and request time limits.
+async fn serve_connection<S>(stream: S, addr: SocketAddr, router: Router)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(ConnectInfo(addr));
+        let router = router.clone();
+        async move {
+            match tokio::time::timeout(REQUEST_TIMEOUT, router.oneshot(req)).await {
+                Ok(response) => response,
+                Err(_) => Ok(axum::response::IntoResponse::into_response((
+                    axum::http::StatusCode::REQUEST_TIMEOUT,
+                    "the request took too long\n",
+                ))),
+            }
+        }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
 }
 
 /// Runs [`Broker::maintain`] every heartbeat interval, forever.

@@ -200,21 +200,21 @@ fn cli_administers_the_same_database() {
     assert!(!audit.contains("correct horse battery") && !audit.contains(token.trim()));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn serve_binary_answers_on_loopback() {
-    let dir = tempfile::tempdir().unwrap();
+/// `pleiades-broker serve` on a free loopback port, plain HTTP: the process and its port, once
+/// `/healthz` answers.
+async fn serve_plain(dir: &std::path::Path) -> (tokio::process::Child, u16) {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let config = dir.path().join("broker.toml");
+    let config = dir.join("broker.toml");
     std::fs::write(
         &config,
         format!(
             "database = \"sqlite://{}/b.db\"\nlisten = \"127.0.0.1:{port}\"\nstate_dir = \"{}\"\ninsecure_http = true\n[broker]\nticket_lifetime_secs = 30\n",
-            dir.path().display(),
-            dir.path().display()
+            dir.display(),
+            dir.display()
         ),
     )
     .unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pleiades-broker"))
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pleiades-broker"))
         .arg("--config")
         .arg(&config)
         .arg("serve")
@@ -232,11 +232,88 @@ async fn serve_binary_answers_on_loopback() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     assert!(up, "the broker did not answer on 127.0.0.1:{port}");
+    (child, port)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_binary_answers_on_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, port) = serve_plain(dir.path()).await;
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
     let login = http.get(format!("http://127.0.0.1:{port}/login")).send().await.unwrap();
     assert_eq!(login.status(), 200);
     // Plain HTTP: the cookie cannot be Secure (the browser would never send it back).
     let cookie = login.headers()["set-cookie"].to_str().unwrap().to_owned();
     assert!(!cookie.contains("Secure") && cookie.contains("HttpOnly"));
+    child.kill().await.unwrap();
+}
+
+/// The memory (KiB) a process holds (`VmRSS`).
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Issue #14's slow-loris attack: 200 connections that send their headers a byte at a time,
+/// and 100 that send nothing. The broker serves other requests meanwhile, and closes every
+/// slow connection once its header time is up (`HEADER_TIMEOUT`, 10 s), not when the client
+/// gives up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_are_cut_off_and_others_are_served_meanwhile() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, port) = serve_plain(dir.path()).await;
+    let pid = child.id().unwrap();
+    let before = rss_kib(pid);
+    let started = std::time::Instant::now();
+    let mut slow = tokio::task::JoinSet::new();
+    for i in 0..300 {
+        slow.spawn(async move {
+            let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            let header = b"GET /healthz HTTP/1.1\r\nHost: broker\r\nX-Slow: ";
+            let mut buf = [0u8; 256];
+            // A byte every 500 ms (the 100 idle ones send nothing), for up to a minute: the
+            // broker must close the connection (read gives 0 or an error) long before.
+            for n in 0..120 {
+                if i < 200 {
+                    let _ = tcp.write_all(&header[n % header.len()..][..1]).await;
+                }
+                match tokio::time::timeout(Duration::from_millis(500), tcp.read(&mut buf)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => return Some(started.elapsed()),
+                    Ok(Ok(_)) => return None, // an answer: the header was not slow enough
+                    Err(_) => {}
+                }
+            }
+            None
+        });
+    }
+    // Meanwhile, requests are served.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let during = rss_kib(pid);
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+    let mut served = 0;
+    for _ in 0..20 {
+        let res = http.get(format!("http://127.0.0.1:{port}/healthz")).send().await.unwrap();
+        assert_eq!(res.status(), 200);
+        served += 1;
+    }
+    let mut closed_after = Vec::new();
+    while let Some(result) = slow.join_next().await {
+        closed_after.push(result.unwrap().expect("the broker never closed a slow connection"));
+    }
+    let last = closed_after.iter().max().unwrap();
+    eprintln!(
+        "300 slow connections: {served} requests served meanwhile; all cut off within {:.1} s; broker RSS {} MiB before, {} MiB during",
+        last.as_secs_f64(),
+        before / 1024,
+        during / 1024
+    );
+    assert!(*last < Duration::from_secs(30), "the last slow connection lasted {last:?}");
+    assert!(closed_after.iter().all(|t| *t >= Duration::from_secs(5)), "cut off too early: {closed_after:?}");
     child.kill().await.unwrap();
 }
 
