@@ -18,6 +18,10 @@ on_both_databases!(
     host_api_authorization,
     host_names_cannot_be_taken_over,
     login_rate_limits,
+    parallel_password_guessing_is_bounded,
+    a_new_password_ends_the_old_sessions,
+    old_rows_are_pruned,
+    registration_flooding_is_bounded,
     secrets_stay_out_of_logs_and_audit,
     ticket_key_stays_out_of_the_database,
     tickets_do_not_outlive_a_recycle
@@ -440,6 +444,123 @@ async fn login_rate_limits(backend: Backend) {
     assert!(limited, "per-address limit");
     let audit = env.broker.list_audit(&system(), 1000).await.unwrap();
     assert!(audit.iter().filter(|e| e.action == "login.failed").count() >= 5);
+}
+
+/// Issue #14's password-guessing burst: 50 guesses for Alice at once from one address. Only
+/// the per-source limit's worth reach the password check (the attempt counts before the check,
+/// not after); the rest are turned away; the guesser's address is locked out of the name, while
+/// Alice, from her own address, still signs in.
+async fn parallel_password_guessing_is_bounded(backend: Backend) {
+    use pleiades_broker::error::Error;
+    let env = Env::new(backend).await;
+    env.user("alice").await;
+    let started = std::time::Instant::now();
+    let guesses: Vec<_> = (0..50)
+        .map(|i| {
+            let broker = env.broker.clone();
+            tokio::spawn(async move { broker.login("alice", &format!("guess-{i}"), "192.0.2.1").await })
+        })
+        .collect();
+    let (mut checked, mut limited) = (0, 0);
+    for guess in guesses {
+        match guess.await.unwrap() {
+            Err(Error::Unauthenticated) => checked += 1,
+            Err(Error::RateLimited) => limited += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    eprintln!(
+        "50 parallel guesses: {checked} checked, {limited} turned away, in {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(checked, env.broker.settings.login_failures_per_user as usize);
+    assert_eq!(limited, 50 - checked);
+    assert!(matches!(
+        env.broker.login("alice", "alice-password", "192.0.2.1").await,
+        Err(Error::RateLimited)
+    ));
+    env.broker.login("alice", "alice-password", "198.51.100.7").await.unwrap();
+    // The audit names the user, and never what was typed for an unknown one.
+    let _ = env.broker.login("hunter2-typed-as-a-name", "x", "198.51.100.8").await;
+    let audit = env.broker.list_audit(&system(), 1000).await.unwrap();
+    assert_eq!(audit.iter().filter(|e| e.action == "login.failed" && e.target == "alice").count(), checked);
+    assert!(audit.iter().all(|e| !e.target.contains("hunter2") && !e.actor.contains("hunter2")));
+}
+
+/// Security review (Low): a password change kept the sessions of the old password.
+async fn a_new_password_ends_the_old_sessions(backend: Backend) {
+    let env = Env::new(backend).await;
+    env.user("alice").await;
+    let token = env.api_login("alice").await;
+    let desktops = || env.http.get(env.url("/api/v1/desktops")).bearer_auth(&token).send();
+    assert_eq!(desktops().await.unwrap().status(), 200);
+    env.broker.set_password(&system(), "alice", "a-brand-new-password").await.unwrap();
+    assert_eq!(desktops().await.unwrap().status(), 401, "the old session goes with the old password");
+}
+
+/// Security review (Medium): audit, tokens, commands and sessions were never pruned.
+async fn old_rows_are_pruned(backend: Backend) {
+    let env = Env::new(backend).await;
+    env.user("alice").await;
+    let token = env.api_login("alice").await;
+    let audit = || async { env.broker.list_audit(&system(), 1000).await.unwrap().len() };
+    let logged = audit().await;
+    assert!(logged > 0);
+    assert_eq!(env.broker.prune().await.unwrap(), 0, "nothing is due yet");
+    env.clock.advance(env.broker.settings.api_token_secs + 1);
+    assert!(env.broker.prune().await.unwrap() >= 1, "the expired token goes");
+    let res = env.http.get(env.url("/api/v1/desktops")).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(res.status(), 401);
+    assert_eq!(audit().await, logged, "the audit is kept for its retention");
+    env.clock.advance(env.broker.settings.audit_retention_secs);
+    env.broker.prune().await.unwrap();
+    assert_eq!(audit().await, 0);
+}
+
+/// Issue #14's registration flood: 200 registrations with made-up tokens from one address. The
+/// first refusals are audited; past the per-source limit the broker turns the address away
+/// before touching the database; a host with a real token from elsewhere registers meanwhile.
+async fn registration_flooding_is_bounded(backend: Backend) {
+    use pleiades_broker::error::Error;
+    use pleiades_protocol::hostapi::HostRegistration;
+    let env = Env::new(backend).await;
+    let registration = |name: &str, token: &str| HostRegistration {
+        token: token.to_owned(),
+        credential: None,
+        name: name.to_owned(),
+        address: format!("{name}.example"),
+        session_port: 4433,
+        cert_sha256: String::new(),
+        cores: 4,
+        memory_mib: 4096,
+        images: vec![],
+    };
+    let flood: Vec<_> = (0..200)
+        .map(|i| {
+            let (broker, reg) =
+                (env.broker.clone(), registration(&format!("flood-{i}"), &format!("hrt_made-up-{i}")));
+            tokio::spawn(async move { broker.register_host(&reg, "192.0.2.66").await })
+        })
+        .collect();
+    let (mut refused, mut limited) = (0, 0);
+    for attempt in flood {
+        match attempt.await.unwrap() {
+            Err(Error::Unauthenticated) => refused += 1,
+            Err(Error::RateLimited) => limited += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    let token = make_token(&env, host_token("real-host")).await;
+    env.broker.register_host(&registration("real-host", &token), "198.51.100.20").await.unwrap();
+    let audit = env.broker.list_audit(&system(), 1000).await.unwrap();
+    let audited = audit.iter().filter(|e| e.action == "host.register.denied").count();
+    eprintln!("200 made-up registrations: {refused} refused and audited, {limited} turned away unread");
+    assert!(refused <= 20 && refused > 0, "{refused}");
+    assert_eq!(refused + limited, 200);
+    assert_eq!(audited, refused);
+    let hosts: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM hosts").fetch_one(&env.broker.db.pool).await.unwrap();
+    assert_eq!(hosts, 1, "only the real host");
 }
 
 /// Everything logged by this test binary at debug level and above.

@@ -60,7 +60,14 @@ impl Broker {
         if done.rows_affected() == 0 {
             return Err(Error::NotFound(format!("user {name}")));
         }
-        self.audit(&actor.name, "user.password", name, "").await
+        // A new password ends every browser session and API token of the old one.
+        let ended =
+            sqlx::query("DELETE FROM auth_tokens WHERE user_id = (SELECT id FROM users WHERE name = $1)")
+                .bind(name)
+                .execute(&self.db.pool)
+                .await?
+                .rows_affected();
+        self.audit(&actor.name, "user.password", name, &format!("{ended} sessions ended")).await
     }
 
     pub async fn user_by_name(&self, name: &str) -> Result<User> {
@@ -149,6 +156,8 @@ impl Broker {
     /// with the [`PasswordBackend`] of the account's source (local argon2id by default).
     pub async fn login(&self, name: &str, password: &str, client: &str) -> Result<User> {
         let now = self.clock.now();
+        // The attempt counts as a failure from here (a success takes it back): requests in
+        // parallel cannot pass the limit while their passwords are being checked.
         self.limiter.lock().expect("limiter lock").check(&self.settings, name, client, now)?;
         let row = sqlx::query("SELECT * FROM users WHERE name = $1")
             .bind(name)
@@ -168,20 +177,33 @@ impl Broker {
             None => (Arc::new(LocalPasswords), Some(secret::dummy_hash().to_owned()), false),
         };
         let verified = {
-            let (name, password) = (name.to_owned(), password.to_owned());
-            tokio::task::spawn_blocking(move || backend.verify(&name, hash.as_deref(), &password) && real)
+            // Password hashing is costly on purpose: only so many at once, however many come.
+            let slot = tokio::time::timeout(VERIFY_WAIT, self.verify_slots.acquire())
                 .await
-                .map_err(|e| Error::Internal(e.to_string()))?
+                .map_err(|_| Error::RateLimited)?
+                .map_err(|e| Error::Internal(e.to_string()))?;
+            let (name, password) = (name.to_owned(), password.to_owned());
+            let verified = tokio::task::spawn_blocking(move || {
+                backend.verify(&name, hash.as_deref(), &password) && real
+            })
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?;
+            drop(slot);
+            verified
         };
         match user {
             Some(user) if verified => {
-                self.limiter.lock().expect("limiter lock").succeeded(name);
+                self.limiter.lock().expect("limiter lock").succeeded(name, client);
                 self.audit(&user.name, "login", &user.name, client).await?;
                 Ok(user)
             }
-            _ => {
-                self.limiter.lock().expect("limiter lock").failed(name, now);
-                self.audit(name, "login.failed", name, client).await?;
+            Some(user) => {
+                self.audit(&user.name, "login.failed", &user.name, client).await?;
+                Err(Error::Unauthenticated)
+            }
+            // What was typed as a name may be a password typed in the wrong field: not kept.
+            None => {
+                self.audit("unknown user", "login.failed", "unknown user", client).await?;
                 Err(Error::Unauthenticated)
             }
         }
@@ -240,35 +262,130 @@ async fn hash_blocking(password: String) -> Result<String> {
         .map_err(|e| Error::Internal(e.to_string()))?
 }
 
-/// Fixed-window login limits, per user name (failures) and per client address (attempts).
-/// In memory: with several brokers each enforces its own limits.
+/// How long a login waits for a password check to be free before it is turned away.
+const VERIFY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How many times the per-source failure limit a user name may fail from all sources together
+/// in a window (a guess spread over many addresses).
+const DISTRIBUTED_FACTOR: u32 = 10;
+
+/// Fixed-window login limits, in memory (with several brokers each enforces its own):
+/// - attempts per client source (an IPv4 address, an IPv6 /64);
+/// - failures per user name *and source*: a guesser locks out its own source, not the user;
+/// - failures per user name from every source, [`DISTRIBUTED_FACTOR`] times higher.
+///
+/// An attempt counts as a failure when it starts; a success takes its own count back and
+/// clears its source's.
 #[derive(Debug, Default)]
 pub(super) struct RateLimiter {
+    failures: HashMap<(String, String), (u64, u32)>,
     user_failures: HashMap<String, (u64, u32)>,
-    ip_attempts: HashMap<String, (u64, u32)>,
+    source_attempts: HashMap<String, (u64, u32)>,
+    /// Host registrations that were (or may yet be) refused, per source.
+    registrations: HashMap<String, (u64, u32)>,
+}
+
+/// Refused host registrations per source and window before the source is turned away: the
+/// endpoint answers anyone, and each refusal is audited.
+pub(super) const REFUSED_REGISTRATIONS_PER_SOURCE: u32 = 20;
+
+/// The bucket a client address counts in: an IPv6 address by its /64 (one host has many).
+fn source_bucket(client: &str) -> String {
+    match client.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_none() => {
+            let mut octets = v6.octets();
+            octets[8..].fill(0);
+            format!("{}/64", std::net::Ipv6Addr::from(octets))
+        }
+        Ok(std::net::IpAddr::V6(v6)) => v6.to_ipv4_mapped().map(|v4| v4.to_string()).unwrap_or_default(),
+        _ => client.to_owned(),
+    }
 }
 
 impl RateLimiter {
-    fn check(&mut self, s: &BrokerSettings, user: &str, ip: &str, now: u64) -> Result<()> {
+    fn check(&mut self, s: &BrokerSettings, user: &str, client: &str, now: u64) -> Result<()> {
         let window = s.login_window_secs;
-        self.user_failures.retain(|_, (start, _)| now < *start + window);
-        self.ip_attempts.retain(|_, (start, _)| now < *start + window);
-        let entry = self.ip_attempts.entry(ip.to_owned()).or_insert((now, 0));
-        entry.1 += 1;
-        if entry.1 > s.login_attempts_per_ip {
+        let live = |(start, _): &mut (u64, u32)| now < *start + window;
+        self.failures.retain(|_, v| live(v));
+        self.user_failures.retain(|_, v| live(v));
+        self.source_attempts.retain(|_, v| live(v));
+        let source = source_bucket(client);
+        let attempts = self.source_attempts.entry(source.clone()).or_insert((now, 0));
+        attempts.1 += 1;
+        if attempts.1 > s.login_attempts_per_ip {
             return Err(Error::RateLimited);
         }
-        if self.user_failures.get(user).is_some_and(|(_, n)| *n >= s.login_failures_per_user) {
+        let key = (user.to_owned(), source);
+        let here = self.failures.get(&key).map_or(0, |(_, n)| *n);
+        let everywhere = self.user_failures.get(user).map_or(0, |(_, n)| *n);
+        if here >= s.login_failures_per_user
+            || everywhere >= s.login_failures_per_user.saturating_mul(DISTRIBUTED_FACTOR)
+        {
             return Err(Error::RateLimited);
         }
+        self.failures.entry(key).or_insert((now, 0)).1 += 1;
+        self.user_failures.entry(user.to_owned()).or_insert((now, 0)).1 += 1;
         Ok(())
     }
 
-    fn failed(&mut self, user: &str, now: u64) {
-        self.user_failures.entry(user.to_owned()).or_insert((now, 0)).1 += 1;
+    /// A host registration from `client` may go on; it counts as refused until
+    /// [`Self::registered`] takes it back.
+    pub(super) fn check_registration(&mut self, s: &BrokerSettings, client: &str, now: u64) -> Result<()> {
+        let window = s.login_window_secs;
+        self.registrations.retain(|_, (start, _)| now < *start + window);
+        let entry = self.registrations.entry(source_bucket(client)).or_insert((now, 0));
+        if entry.1 >= REFUSED_REGISTRATIONS_PER_SOURCE {
+            return Err(Error::RateLimited);
+        }
+        entry.1 += 1;
+        Ok(())
     }
 
-    fn succeeded(&mut self, user: &str) {
-        self.user_failures.remove(user);
+    pub(super) fn registered(&mut self, client: &str) {
+        if let Some((_, n)) = self.registrations.get_mut(&source_bucket(client)) {
+            *n = n.saturating_sub(1);
+        }
+    }
+
+    fn succeeded(&mut self, user: &str, client: &str) {
+        self.failures.remove(&(user.to_owned(), source_bucket(client)));
+        if let Some((_, n)) = self.user_failures.get_mut(user) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_sources_are_their_64_and_mapped_ipv4_is_ipv4() {
+        assert_eq!(source_bucket("2001:db8::1"), source_bucket("2001:db8::ffff:2"));
+        assert_ne!(source_bucket("2001:db8::1"), source_bucket("2001:db8:0:1::1"));
+        assert_eq!(source_bucket("::ffff:192.0.2.1"), "192.0.2.1");
+        assert_eq!(source_bucket("192.0.2.1"), "192.0.2.1");
+    }
+
+    #[test]
+    fn a_guesser_locks_out_its_own_source_and_a_spread_guess_the_name() {
+        let s = BrokerSettings::default();
+        let mut limiter = RateLimiter::default();
+        for _ in 0..s.login_failures_per_user {
+            limiter.check(&s, "alice", "192.0.2.1", 0).unwrap();
+        }
+        assert!(limiter.check(&s, "alice", "192.0.2.1", 0).is_err());
+        limiter.check(&s, "alice", "198.51.100.7", 0).unwrap();
+        limiter.succeeded("alice", "198.51.100.7");
+        // Spread over many sources, the name's own limit holds.
+        let mut passed = 0;
+        for i in 0..255u8 {
+            for _ in 0..s.login_failures_per_user {
+                passed += u32::from(limiter.check(&s, "alice", &format!("203.0.113.{i}"), 0).is_ok());
+            }
+        }
+        assert!(passed < s.login_failures_per_user * DISTRIBUTED_FACTOR, "{passed}");
+        // A window later, all is forgotten.
+        limiter.check(&s, "alice", "192.0.2.1", s.login_window_secs).unwrap();
     }
 }

@@ -55,6 +55,24 @@ impl Broker {
     /// host gets a new credential and the old one stops working).
     pub async fn register_host(&self, reg: &HostRegistration, client: &str) -> Result<HostRegistered> {
         let now = self.now();
+        self.limiter.lock().expect("limiter lock").check_registration(
+            &self.settings,
+            client,
+            self.clock.now(),
+        )?;
+        let registered = self.register_host_checked(reg, client, now).await;
+        if registered.is_ok() {
+            self.limiter.lock().expect("limiter lock").registered(client);
+        }
+        registered
+    }
+
+    async fn register_host_checked(
+        &self,
+        reg: &HostRegistration,
+        client: &str,
+        now: i64,
+    ) -> Result<HostRegistered> {
         if !valid_name(&reg.name)
             || reg.address.is_empty()
             || reg.session_port == 0

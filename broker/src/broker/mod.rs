@@ -53,7 +53,9 @@ pub struct BrokerSettings {
     pub web_session_secs: u64,
     /// API bearer tokens last this long.
     pub api_token_secs: u64,
-    /// Failed logins per user name before it is locked for `login_window_secs`.
+    /// Failed logins per user name from one source (an IPv4 address, an IPv6 /64) before that
+    /// source is locked out of the name for `login_window_secs`; from all sources together,
+    /// ten times this.
     pub login_failures_per_user: u32,
     /// Login attempts per client address per `login_window_secs`.
     pub login_attempts_per_ip: u32,
@@ -63,6 +65,10 @@ pub struct BrokerSettings {
     pub start_retry_secs: u64,
     /// The longest wait between two starts of a failing desktop.
     pub start_retry_max_secs: u64,
+    /// Finished host commands and ended sessions are kept this long, then deleted.
+    pub history_secs: u64,
+    /// The audit log is kept this long.
+    pub audit_retention_secs: u64,
 }
 
 impl Default for BrokerSettings {
@@ -78,6 +84,8 @@ impl Default for BrokerSettings {
             login_window_secs: 300,
             start_retry_secs: 5,
             start_retry_max_secs: 300,
+            history_secs: 30 * 86_400,
+            audit_retention_secs: 365 * 86_400,
         }
     }
 }
@@ -90,6 +98,9 @@ pub struct Broker {
     signer: TicketSigner,
     pub settings: BrokerSettings,
     limiter: Mutex<RateLimiter>,
+    /// Password checks at once (one per core): a login burst queues instead of taking the
+    /// machine.
+    verify_slots: tokio::sync::Semaphore,
     password_backends: Vec<Arc<dyn PasswordBackend>>,
 }
 
@@ -117,6 +128,9 @@ impl Broker {
             signer,
             settings,
             limiter: Mutex::new(RateLimiter::default()),
+            verify_slots: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+            ),
             password_backends: vec![Arc::new(LocalPasswords)],
         })
     }

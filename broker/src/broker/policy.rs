@@ -11,6 +11,7 @@ impl Broker {
     /// Safe to run from several brokers at once (every transition is a conditional update).
     pub async fn maintain(&self) -> Result<()> {
         self.reap_lost_hosts().await?;
+        self.prune().await?;
         self.apply_session_policy().await?;
         for pool in self.list_pools().await?.into_iter().filter(|p| p.enabled) {
             if let Err(e) = self.refill_pool(&pool).await {
@@ -18,6 +19,28 @@ impl Broker {
             }
         }
         Ok(())
+    }
+
+    /// Deletes what nothing reads any more: expired browser sessions and API tokens, host
+    /// commands finished and sessions ended longer than `history_secs` ago, audit entries
+    /// older than `audit_retention_secs`. Returns how many rows went.
+    pub async fn prune(&self) -> Result<u64> {
+        let now = self.now();
+        let history = now - self.settings.history_secs as i64;
+        let audit = now - self.settings.audit_retention_secs as i64;
+        let mut deleted = 0;
+        for (sql, before) in [
+            ("DELETE FROM auth_tokens WHERE expires_at < $1", now),
+            ("DELETE FROM host_commands WHERE state NOT IN ('pending', 'sent') AND created_at < $1", history),
+            ("DELETE FROM sessions WHERE state = 'ended' AND ended_at < $1", history),
+            ("DELETE FROM audit_log WHERE at < $1", audit),
+        ] {
+            deleted += sqlx::query(sql).bind(before).execute(&self.db.pool).await?.rows_affected();
+        }
+        if deleted > 0 {
+            tracing::info!(rows = deleted, "pruned expired tokens, old commands, sessions and audit");
+        }
+        Ok(deleted)
     }
 
     async fn reap_lost_hosts(&self) -> Result<()> {
