@@ -337,6 +337,27 @@ fn screenshot(controller: &dyn Controller, scanout: u32) -> Response {
     }
 }
 
+/// Binds a Unix socket at `path` that only this user can ever reach: it is made in a new
+/// directory of mode 0700 beside `path`, made 0600 there, then renamed into place (binding at
+/// `path` and chmod-ing after would leave a moment in which anyone could connect).
+fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::DirBuilderExt;
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let private = parent.join(format!(".control-{}-{n}", std::process::id()));
+    std::fs::DirBuilder::new().mode(0o700).create(&private)?;
+    let staged = private.join("sock");
+    let bound = UnixListener::bind(&staged).and_then(|listener| {
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&staged, path)?;
+        Ok(listener)
+    });
+    let _ = std::fs::remove_file(&staged);
+    let _ = std::fs::remove_dir(&private);
+    bound
+}
+
 /// A listening control socket. Dropping it stops listening and removes the socket file.
 #[derive(Debug)]
 pub struct ControlServer {
@@ -359,8 +380,7 @@ impl ControlServer {
             let _ = std::fs::remove_file(path);
         }
         let listen_err = |error| ControlError::Listen { path: path.to_owned(), error };
-        let listener = UnixListener::bind(path).map_err(listen_err)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(listen_err)?;
+        let listener = bind_private(path).map_err(listen_err)?;
         listener.set_nonblocking(true).map_err(listen_err)?;
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
@@ -512,6 +532,9 @@ mod tests {
         let server = ControlServer::start(&path, fake.clone()).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
+        // Bound in a private directory and moved into place: nothing of that is left.
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left, [std::ffi::OsString::from("vm.sock")]);
 
         let status = request(&path, &Request::Status, Duration::from_secs(5)).unwrap();
         assert_eq!(status, Response::ok(serde_json::json!({"state": "running"})));

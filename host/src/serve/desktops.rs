@@ -557,18 +557,27 @@ impl Desktops {
             running.iter().map(|(id, vm)| (id.clone(), vm.control.clone(), vm.port)).collect()
         };
         let disks = self.disks.clone();
+        let desktops_dir = self.settings.state_dir.join("desktops");
+        // Every VM is asked at once: a few hung ones cost one timeout, not one each.
         tokio::task::spawn_blocking(move || {
-            alive
-                .into_iter()
-                .map(|(id, control, port)| {
-                    let connected = control::request(&control, &Request::Status, STATUS_TIMEOUT)
-                        .ok()
-                        .and_then(|r| r.result)
-                        .is_some_and(|s| s["session"]["client_connected"].as_bool() == Some(true));
-                    let disk_bytes = disks.usage(&id);
-                    RunningDesktop { id, connected, port: Some(port), disk_bytes }
-                })
-                .collect()
+            std::thread::scope(|scope| {
+                let asks: Vec<_> = alive
+                    .into_iter()
+                    .map(|(id, control, port)| {
+                        let (disks, dir) = (&disks, desktops_dir.join(&id));
+                        scope.spawn(move || {
+                            rotate_log(&dir.join("serial.log"), SERIAL_LOG_MAX);
+                            let connected = control::request(&control, &Request::Status, STATUS_TIMEOUT)
+                                .ok()
+                                .and_then(|r| r.result)
+                                .is_some_and(|s| s["session"]["client_connected"].as_bool() == Some(true));
+                            let disk_bytes = disks.usage(&id);
+                            RunningDesktop { id, connected, port: Some(port), disk_bytes }
+                        })
+                    })
+                    .collect();
+                asks.into_iter().filter_map(|ask| ask.join().ok()).collect()
+            })
         })
         .await
         .unwrap_or_default()
@@ -602,6 +611,27 @@ struct PortClaim<'a> {
 impl Drop for PortClaim<'_> {
     fn drop(&mut self) {
         lock(self.claimed).remove(&self.port);
+    }
+}
+
+/// The most a desktop's serial log may grow to before it is rotated (`serial.log.1` keeps the
+/// previous part): a guest writes to its console as much as it likes.
+const SERIAL_LOG_MAX: u64 = 16 << 20;
+
+/// Moves `path`'s content to `path.1` and empties it, once it is larger than `max`. The writer
+/// (QEMU, or the VM process) appends, so it goes on writing at the new end.
+fn rotate_log(path: &Path, max: u64) {
+    let Ok(meta) = std::fs::metadata(path) else { return };
+    if meta.len() <= max {
+        return;
+    }
+    let kept = path.with_extension("log.1");
+    let rotated = std::fs::copy(path, &kept)
+        .and_then(|_| std::fs::OpenOptions::new().write(true).open(path))
+        .and_then(|file| file.set_len(0));
+    match rotated {
+        Ok(()) => tracing::info!("{} passed {} MiB: rotated", path.display(), max >> 20),
+        Err(e) => tracing::warn!("cannot rotate {}: {e}", path.display()),
     }
 }
 
@@ -666,6 +696,23 @@ mod tests {
             image_dirs: vec![dir.canonicalize().unwrap_or_else(|_| dir.to_owned())],
         };
         Desktops::new(settings, Spawner::start().unwrap())
+    }
+
+    #[test]
+    fn a_serial_log_past_its_limit_is_rotated_and_its_appender_goes_on() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("serial.log");
+        let mut guest = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        guest.write_all(&[b'x'; 100]).unwrap();
+        rotate_log(&log, 200);
+        assert_eq!(std::fs::metadata(&log).unwrap().len(), 100, "under the limit: untouched");
+        guest.write_all(&[b'y'; 150]).unwrap();
+        rotate_log(&log, 200);
+        assert_eq!(std::fs::metadata(&log).unwrap().len(), 0);
+        assert_eq!(std::fs::metadata(dir.path().join("serial.log.1")).unwrap().len(), 250);
+        guest.write_all(b"after").unwrap();
+        assert_eq!(std::fs::read(&log).unwrap(), b"after", "the writer goes on at the new start");
     }
 
     #[test]
