@@ -395,20 +395,7 @@ impl Stack {
     /// Runs the headless client on a connection file for 12 s with an input script, recording
     /// into `record`: whether it succeeded, and what it printed.
     pub fn run_client(&self, file: &Path, record: &Path, script: &str) -> (bool, String) {
-        let script_path = record.with_extension("script");
-        std::fs::write(&script_path, script).unwrap();
-        let output = Command::new(crate::workspace_binary("pleiades").unwrap())
-            .arg("connect")
-            .arg(file)
-            .args(["--headless", "--duration", "12", "--record"])
-            .arg(record)
-            .arg("--input")
-            .arg(&script_path)
-            .output()
-            .unwrap();
-        let text =
-            format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-        (output.status.success(), text)
+        run_headless_client(file, record, script, &["--duration", "12"])
     }
 
     /// The serial console log of a desktop's VM.
@@ -514,6 +501,27 @@ impl Stack {
         let answer: Value = response.json().unwrap_or(Value::Null);
         if status.is_success() { Ok(answer) } else { Err(format!("{url}: HTTP {status}: {answer}")) }
     }
+}
+
+/// Runs `pleiades connect FILE --headless --record RECORD --input SCRIPT` with `args` (the
+/// script is written beside `record`): whether it succeeded, and what it printed.
+pub fn run_headless_client(file: &Path, record: &Path, script: &str, args: &[&str]) -> (bool, String) {
+    let script_path = record.with_extension("script");
+    std::fs::write(&script_path, script).unwrap();
+    let output = Command::new(crate::workspace_binary("pleiades").unwrap())
+        .arg("connect")
+        .arg(file)
+        .arg("--headless")
+        .args(args)
+        .arg("--record")
+        .arg(record)
+        .arg("--input")
+        .arg(&script_path)
+        .output()
+        .unwrap();
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    (output.status.success(), text)
 }
 
 /// `pleiades-host serve` for the stack's broker, on `state`.

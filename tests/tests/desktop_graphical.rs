@@ -13,7 +13,6 @@
 //! once the user's session runs its panel) and to the panel and wallpaper on the screen, and
 //! printed.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use pleiades_control::screenshot::decode_png;
@@ -21,7 +20,7 @@ use pleiades_tests::desktop::{not_a_desktop, wait_usable};
 use pleiades_tests::image::{DesktopImage, GuestImage};
 use pleiades_tests::prerequisite::{Missing, missing};
 use pleiades_tests::stack::{Stack, StackOptions};
-use pleiades_tests::{wait_for, workspace_binary};
+use pleiades_tests::wait_for;
 use serde_json::Value;
 
 /// The desktop's boot under TCG takes about a minute unloaded; a loaded machine takes longer.
@@ -81,20 +80,13 @@ fn the_graphical_desktop_through_the_broker_follows_the_client_and_runs_typed_co
     let script = "wait 3000\nsnapshot initial\nlayout 1024x768\nwait 12000\nsnapshot resized\n\
                   key ctrl+alt+t\nwait 15000\n\
                   type printf '\\\\033[48;2;255;0;255m\\\\033[2J'\\n\nwait 6000\nsnapshot typed\n";
-    let script_path = dir.path().join("desk.script");
-    std::fs::write(&script_path, script).unwrap();
-    let output = Command::new(workspace_binary("pleiades").unwrap())
-        .arg("connect")
-        .arg(&file)
-        .args(["--headless", "--no-h264", "--no-audio", "--duration", "60", "--record"])
-        .arg(&record)
-        .arg("--input")
-        .arg(&script_path)
-        .output()
-        .unwrap();
-    let text =
-        format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-    assert!(output.status.success(), "the client: {text}");
+    let (ok, text) = pleiades_tests::stack::run_headless_client(
+        &file,
+        &record,
+        script,
+        &["--no-h264", "--no-audio", "--duration", "60"],
+    );
+    assert!(ok, "the client: {text}");
     let summary: Value =
         serde_json::from_slice(&std::fs::read(record.join("summary.json")).unwrap()).unwrap();
     let snapshot = |name: &str| {

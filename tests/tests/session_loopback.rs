@@ -202,23 +202,8 @@ fn rss_kib(pid: u32) -> u64 {
 /// and gets pictures while the flood is on.
 #[test]
 fn a_thousand_connections_without_a_ticket_are_contained_and_a_real_client_gets_in() {
-    let host = workspace_binary("pleiades-host").unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (file, socket) = (dir.path().join("desk.pleiades"), dir.path().join("vm.sock"));
-    let server = Process(
-        Command::new(host)
-            .args(["run", "--synthetic", "typing", "--synthetic-size", "320x200", "--listen", "[::]:0"])
-            .args(["--advertise", "::1"])
-            .arg("--connection-file")
-            .arg(&file)
-            .arg("--control")
-            .arg(&socket)
-            .env("PLEIADES_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for("the connection file", || file.exists() && socket.exists());
+    let (server, file, socket) = synthetic_host(dir.path(), &["--listen", "[::]:0", "--advertise", "::1"]);
     let user = Connection::from_toml(&std::fs::read_to_string(&file).unwrap()).unwrap();
     let stranger = Connection { host: HOST.into(), ticket: String::new(), ..user.clone() };
     let status = || {
@@ -270,6 +255,27 @@ fn a_thousand_connections_without_a_ticket_are_contained_and_a_real_client_gets_
     events.abort();
 }
 
+/// `pleiades-host run --synthetic typing` (320x200) with `args`, its connection file and
+/// control socket in `dir`, once both exist.
+fn synthetic_host(dir: &std::path::Path, args: &[&str]) -> (Process, std::path::PathBuf, std::path::PathBuf) {
+    let (file, socket) = (dir.join("desk.pleiades"), dir.join("vm.sock"));
+    let server = Process(
+        Command::new(workspace_binary("pleiades-host").unwrap())
+            .args(["run", "--synthetic", "typing", "--synthetic-size", "320x200"])
+            .args(args)
+            .arg("--connection-file")
+            .arg(&file)
+            .arg("--control")
+            .arg(&socket)
+            .env("PLEIADES_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("the connection file", || file.exists() && socket.exists());
+    (server, file, socket)
+}
+
 /// Kills the host process if a test fails before it shut down.
 struct Process(Child);
 
@@ -282,23 +288,9 @@ impl Drop for Process {
 
 #[test]
 fn the_binaries_serve_and_record_a_synthetic_desktop_through_an_emulated_link() {
-    let host = workspace_binary("pleiades-host").unwrap();
     let client = workspace_binary("pleiades").unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (file, socket) = (dir.path().join("desk.pleiades"), dir.path().join("vm.sock"));
-    let mut server = Process(
-        Command::new(host)
-            .args(["run", "--synthetic", "typing", "--synthetic-size", "320x200", "--listen", "127.0.0.1:0"])
-            .arg("--connection-file")
-            .arg(&file)
-            .arg("--control")
-            .arg(&socket)
-            .env("PLEIADES_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for("the connection file", || file.exists() && socket.exists());
+    let (mut server, file, socket) = synthetic_host(dir.path(), &["--listen", "127.0.0.1:0"]);
 
     // 20 ms each way.
     let connection = Connection::from_toml(&std::fs::read_to_string(&file).unwrap()).unwrap();
