@@ -103,6 +103,11 @@ impl ResumeTokens {
         }
     }
 
+    /// Forgets every token (the broker ended the session: no client may come back with one).
+    pub fn revoke_all(&mut self) {
+        self.entries.clear();
+    }
+
     /// Redeems `token` for `desktop`: valid tokens are consumed (one-time).
     pub fn redeem(&mut self, token: &str, desktop: &str, now: u64) -> Result<Resumed, Refusal> {
         self.expire(now);

@@ -254,8 +254,10 @@ impl SessionServer {
 
     /// Ends the client's session, if there is one (the broker's `disconnect`, an administrator
     /// ending a session): the client is told why (`Goodbye`, reason `Admin`), then the connection
-    /// closes. Returns whether a client was connected.
+    /// closes, and every resume token is forgotten. Returns whether a client was connected.
     pub fn disconnect(&self, reason: &str) -> bool {
+        // Ended for good: no resume token brings the session back.
+        self.shared.resume.lock().unwrap_or_else(|p| p.into_inner()).revoke_all();
         let current = self.shared.current.lock().unwrap_or_else(|p| p.into_inner()).take();
         match current {
             Some(live) => {

@@ -181,10 +181,13 @@ fn the_client_shows_the_host_s_pixels_its_input_arrives_and_a_lost_connection_re
     let again = open(&rt, &connection, &token).unwrap_err();
     assert!(matches!(again, ClientError::Refused { code: RefuseCode::ExpiredTicket, .. }), "{again}");
 
-    // The server ends the session, and the client hears why.
+    // The server ends the session, and the client hears why; its resume token is void.
+    let last = handle.resume_token().expect("a resume token");
     assert!(served.server.disconnect("maintenance"));
     let goodbye = rt.block_on(async { tokio::time::timeout(LIMIT, events).await }).expect("the end").unwrap();
     assert_eq!(goodbye, Some((GoodbyeReason::Admin, "maintenance".to_owned())));
+    let after = open(&rt, &connection, &last).unwrap_err();
+    assert!(matches!(after, ClientError::Refused { code: RefuseCode::ExpiredTicket, .. }), "{after}");
 }
 
 /// A process's resident memory (KiB).
