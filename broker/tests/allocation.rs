@@ -25,6 +25,7 @@ on_both_databases!(
     each_desktop_has_its_own_session_port,
     failing_starts_back_off_within_the_pool,
     recompose,
+    commands_a_host_never_answers_time_out,
 );
 
 async fn floating(backend: Backend) {
@@ -707,4 +708,35 @@ async fn recompose(backend: Backend) {
     for wanted in ["pool.recompose", "desktop.recompose", "desktop.reset", "desktop.reset.denied"] {
         assert!(actions.contains(&wanted), "{wanted} in {actions:?}");
     }
+}
+
+/// Security review (Medium): a command the host never answered left its desktop
+/// `provisioning` forever.
+async fn commands_a_host_never_answers_time_out(backend: Backend) {
+    let env = Env::new(backend).await;
+    env.image("debian", 1024).await;
+    let mut host = HostDouble::register(&env, "host-a", 8192, &["debian"]).await;
+    let pool = env.pool("office", PoolKind::Floating, "debian", 1, 0).await;
+    let (_, alice) = env.user("alice").await;
+    env.entitle_user(&pool, "alice").await;
+    host.hang = true;
+    let d = env.broker.request_desktop(&alice, &pool).await.unwrap();
+    assert_eq!(host.tick().await, 1, "the host takes the start");
+    env.broker.maintain().await.unwrap();
+    assert_eq!(env.broker.desktop(&d.id).await.unwrap().state, DesktopState::Provisioning);
+    // The host goes on heartbeating, and never answers.
+    env.clock.advance(env.broker.settings.command_timeout_secs + 1);
+    host.tick().await;
+    env.broker.maintain().await.unwrap();
+    let failed = env.broker.desktop(&d.id).await.unwrap();
+    assert_eq!(failed.state, DesktopState::Failed);
+    assert!(
+        failed.last_error.as_deref().unwrap_or_default().contains("did not answer the start command"),
+        "{failed:?}"
+    );
+    // A host that answers again: the desktop starts on the user's next request.
+    host.hang = false;
+    env.broker.request_desktop(&alice, &pool).await.unwrap();
+    host.settle().await;
+    assert_eq!(env.broker.desktop(&d.id).await.unwrap().state, DesktopState::InUse);
 }

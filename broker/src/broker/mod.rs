@@ -65,6 +65,9 @@ pub struct BrokerSettings {
     pub start_retry_secs: u64,
     /// The longest wait between two starts of a failing desktop.
     pub start_retry_max_secs: u64,
+    /// A command a host took and has not answered this long fails (and a desktop it was
+    /// starting fails with it, to be retried as any failed start).
+    pub command_timeout_secs: u64,
     /// Finished host commands and ended sessions are kept this long, then deleted.
     pub history_secs: u64,
     /// The audit log is kept this long.
@@ -84,6 +87,7 @@ impl Default for BrokerSettings {
             login_window_secs: 300,
             start_retry_secs: 5,
             start_retry_max_secs: 300,
+            command_timeout_secs: 900,
             history_secs: 30 * 86_400,
             audit_retention_secs: 365 * 86_400,
         }

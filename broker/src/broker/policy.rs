@@ -11,6 +11,7 @@ impl Broker {
     /// Safe to run from several brokers at once (every transition is a conditional update).
     pub async fn maintain(&self) -> Result<()> {
         self.reap_lost_hosts().await?;
+        self.time_out_commands().await?;
         self.prune().await?;
         self.apply_session_policy().await?;
         for pool in self.list_pools().await?.into_iter().filter(|p| p.enabled) {
@@ -41,6 +42,49 @@ impl Broker {
             tracing::info!(rows = deleted, "pruned expired tokens, old commands, sessions and audit");
         }
         Ok(deleted)
+    }
+
+    /// Commands a live host took (or was given) and never answered within
+    /// `command_timeout_secs` (a hung daemon, a start stuck on a disk): failed, and the desktop
+    /// they were starting fails with the reason, instead of staying `provisioning` forever.
+    async fn time_out_commands(&self) -> Result<()> {
+        let now = self.now();
+        let timeout = self.settings.command_timeout_secs;
+        let rows = sqlx::query(
+            "SELECT c.id, c.desktop_id, c.kind, h.name FROM host_commands c JOIN hosts h ON h.id = c.host_id \
+             WHERE c.state IN ('pending', 'sent') AND c.created_at < $1",
+        )
+        .bind(now - timeout as i64)
+        .fetch_all(&self.db.pool)
+        .await?;
+        for r in rows {
+            let (id, desktop, kind, host) =
+                (get_str(&r, "id")?, get_str(&r, "desktop_id")?, get_str(&r, "kind")?, get_str(&r, "name")?);
+            let reason = format!("host {host} did not answer the {kind} command within {timeout} s");
+            let mut tx = self.db.pool.begin().await?;
+            let failed = sqlx::query(
+                "UPDATE host_commands SET state = 'failed', error = $1 WHERE id = $2 AND state IN ('pending', 'sent')",
+            )
+            .bind(&reason)
+            .bind(&id)
+            .execute(&mut *tx)
+            .await?;
+            if failed.rows_affected() != 1 {
+                continue;
+            }
+            let starting = sqlx::query("SELECT 1 FROM desktops WHERE id = $1 AND state = 'provisioning'")
+                .bind(&desktop)
+                .fetch_optional(&mut *tx)
+                .await?
+                .is_some();
+            if starting {
+                self.mark_failed(&mut tx, &desktop, &reason, "command_timeout", now).await?;
+            }
+            tx.commit().await?;
+            tracing::warn!(host = %host, desktop = %desktop, "{reason}");
+            self.audit(&host, "command.timeout", &desktop, &reason).await?;
+        }
+        Ok(())
     }
 
     async fn reap_lost_hosts(&self) -> Result<()> {

@@ -232,6 +232,8 @@ pub struct HostDouble {
     pub booted: Vec<(String, String, String)>,
     /// While set, every start fails with this reason (an image the host cannot boot).
     pub fail_starts: Option<String>,
+    /// While set, commands are taken and never answered (a hung daemon).
+    pub hang: bool,
     base: String,
     http: reqwest::Client,
 }
@@ -260,6 +262,7 @@ impl HostDouble {
             commands_seen: Vec::new(),
             booted: Vec::new(),
             fail_starts: None,
+            hang: false,
             base: env.base.clone(),
             http: env.http.clone(),
         }
@@ -283,6 +286,9 @@ impl HostDouble {
         assert_eq!(res.status(), 200, "heartbeat of {}", self.name);
         let reply: Value = res.json().await.unwrap();
         let commands = reply["commands"].as_array().cloned().unwrap_or_default();
+        if self.hang {
+            return commands.len();
+        }
         for c in &commands {
             let (id, kind, desktop) = (
                 c["id"].as_str().unwrap(),
