@@ -21,6 +21,7 @@ on_both_databases!(
     parallel_password_guessing_is_bounded,
     a_new_password_ends_the_old_sessions,
     old_rows_are_pruned,
+    a_host_cannot_claim_impossible_capacity,
     registration_flooding_is_bounded,
     secrets_stay_out_of_logs_and_audit,
     ticket_key_stays_out_of_the_database,
@@ -515,6 +516,35 @@ async fn old_rows_are_pruned(backend: Backend) {
     env.clock.advance(env.broker.settings.audit_retention_secs);
     env.broker.prune().await.unwrap();
     assert_eq!(audit().await, 0);
+}
+
+/// Security review (Medium): a host's self-reported capacity and lists were unchecked.
+async fn a_host_cannot_claim_impossible_capacity(backend: Backend) {
+    let env = Env::new(backend).await;
+    let host = HostDouble::register(&env, "host-a", 8192, &[]).await;
+    let beat = |body: Value| {
+        env.http.post(env.url("/api/v1/hosts/heartbeat")).bearer_auth(&host.reg.credential).json(&body).send()
+    };
+    assert_eq!(beat(json!({"cores": 8, "memory_mib": 8192})).await.unwrap().status(), 200);
+    for bad in [
+        json!({"cores": 1_000_000, "memory_mib": 8192}),
+        json!({"cores": 0, "memory_mib": 8192}),
+        json!({"cores": 8, "memory_mib": i64::MAX}),
+        json!({"cores": 8, "memory_mib": 8192, "images": vec!["x"; 5000]}),
+    ] {
+        assert_eq!(beat(bad.clone()).await.unwrap().status(), 400, "{bad}");
+    }
+    let (_, _, _, _) = host_row(&env, "host-a").await;
+    use sqlx::Row as _;
+    let row = sqlx::query("SELECT cores, memory_mib FROM hosts WHERE name = 'host-a'")
+        .fetch_one(&env.broker.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        (row.get::<i64, _>("cores"), row.get::<i64, _>("memory_mib")),
+        (8, 8192),
+        "kept the last good values"
+    );
 }
 
 /// Issue #14's registration flood: 200 registrations with made-up tokens from one address. The

@@ -75,11 +75,14 @@ impl Broker {
     ) -> Result<HostRegistered> {
         if !valid_name(&reg.name)
             || reg.address.is_empty()
+            || reg.address.len() > 253
             || reg.session_port == 0
-            || reg.cores < 1
-            || reg.memory_mib < 1
         {
             return Err(Error::Invalid("host: valid name, address, session_port, cores, memory_mib".into()));
+        }
+        check_capacity(reg.cores, reg.memory_mib)?;
+        if reg.images.len() > MAX_REPORTED {
+            return Err(Error::Invalid(format!("host: at most {MAX_REPORTED} images")));
         }
         let existing = sqlx::query("SELECT id, credential_hash FROM hosts WHERE name = $1")
             .bind(&reg.name)
@@ -267,6 +270,10 @@ impl Broker {
 
     /// A host's heartbeat: records capacity and what runs, and hands over queued commands.
     pub async fn heartbeat(&self, host: &Host, beat: &Heartbeat) -> Result<HeartbeatReply> {
+        check_capacity(beat.cores, beat.memory_mib)?;
+        if beat.desktops.len() > MAX_REPORTED || beat.images.len() > MAX_REPORTED {
+            return Err(Error::Invalid(format!("heartbeat: at most {MAX_REPORTED} desktops and images")));
+        }
         let now = self.now();
         let mut tx = self.db.pool.begin().await?;
         sqlx::query(
@@ -540,6 +547,19 @@ async fn set_host_images(tx: &mut Transaction<'_, Any>, host_id: &str, images: &
             .bind(image)
             .execute(&mut **tx)
             .await?;
+    }
+    Ok(())
+}
+
+/// The most desktops or images one host may report (a host is a machine, not a fleet).
+const MAX_REPORTED: usize = 4096;
+
+/// What a host says it has is what placement trusts: within what one machine can have.
+fn check_capacity(cores: i64, memory_mib: i64) -> Result<()> {
+    if !(1..=4096).contains(&cores) || !(64..=(64 << 20)).contains(&memory_mib) {
+        return Err(Error::Invalid(format!(
+            "host capacity: 1-4096 cores and 64 MiB-64 TiB of memory, not {cores} cores and {memory_mib} MiB"
+        )));
     }
     Ok(())
 }
