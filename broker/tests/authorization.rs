@@ -534,7 +534,6 @@ async fn a_host_cannot_claim_impossible_capacity(backend: Backend) {
     ] {
         assert_eq!(beat(bad.clone()).await.unwrap().status(), 400, "{bad}");
     }
-    let (_, _, _, _) = host_row(&env, "host-a").await;
     use sqlx::Row as _;
     let row = sqlx::query("SELECT cores, memory_mib FROM hosts WHERE name = 'host-a'")
         .fetch_one(&env.broker.db.pool)
