@@ -315,10 +315,8 @@ fn cstring(bytes: &[u8]) -> Result<CString> {
 
 /// Builds the root on a tmpfs at `spec.root` and makes it the process's root.
 fn build_root(spec: &JailSpec) -> Result<()> {
-    // Nothing mounted here propagates back to the host.
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-        .context("cannot make the mounts private")?;
     let root = &spec.root;
+    make_mounts_private(root)?;
     mount(
         Some("tmpfs"),
         root,
@@ -367,6 +365,42 @@ fn build_root(spec: &JailSpec) -> Result<()> {
         None::<&str>,
     )
     .context("cannot make the jail's root read-only")?;
+    Ok(())
+}
+
+/// Makes every mount of this (new) namespace private, so that nothing mounted for the jail
+/// propagates back to the host. Where `/` is not a mount point (a chroot) that cannot be said of
+/// `/`: each mount the chroot sees is made private instead, and `root` must be on one of them
+/// (the mount under the chroot's root is out of reach).
+fn make_mounts_private(root: &Path) -> Result<()> {
+    let private = |path: &Path| {
+        mount(None::<&str>, path, None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+    };
+    match private(Path::new("/")) {
+        Ok(()) => return Ok(()),
+        Err(nix::errno::Errno::EINVAL) => {}
+        Err(e) => return Err(e).context("cannot make the mounts private"),
+    }
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").context("cannot read the mount table")?;
+    // Field 5 is the mount point (spaces and the like octal-escaped).
+    let points: Vec<PathBuf> = mountinfo
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .collect();
+    for point in &points {
+        match private(point) {
+            // A mount hidden under a later one, or gone: its own children were covered by MS_REC.
+            Ok(()) | Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOENT) => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot make {} private", point.display())),
+        }
+    }
+    if !points.iter().any(|p| p != Path::new("/") && root.starts_with(p)) {
+        bail!(
+            "/ is not a mount point (a chroot?) and the jail's root {} is on no mount this process can make private",
+            root.display()
+        );
+    }
     Ok(())
 }
 
