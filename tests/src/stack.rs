@@ -221,6 +221,24 @@ impl Drop for Stack {
             if Path::new("/run/netns").join(&netns).exists() {
                 let _ = Command::new("ip").args(["netns", "del", &netns]).status();
             }
+            remove_desktop_cgroups(&id);
+        }
+    }
+}
+
+/// The jail's cgroups of a desktop whose daemon was killed (it would have removed them):
+/// under cgroup v2 and the v1 hierarchies, once their processes are gone.
+fn remove_desktop_cgroups(desktop: &str) {
+    for hierarchy in ["", "memory", "cpu", "pids"] {
+        let dir =
+            Path::new("/sys/fs/cgroup").join(hierarchy).join("pleiades").join(format!("desktop-{desktop}"));
+        for _ in 0..100 {
+            match std::fs::remove_dir(&dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                _ => break,
+            }
         }
     }
 }
