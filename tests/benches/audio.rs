@@ -12,7 +12,8 @@
 //!   are guest write → client output;
 //! - the same run's display update latency p50 (guest flush → client framebuffer), the
 //!   reference audio is lined up against (lip sync: their difference is the A/V offset);
-//! - kbit/s while audio flows, against 1536 kbit/s of the raw PCM;
+//! - kbit/s while audio flows, and the bytes sent against the PCM bytes the guest's sound
+//!   device played in the same run (its `bytes_played`);
 //! - frames recovered by FEC, concealed (no FEC data for them), and underruns.
 //!
 //! Both ends use CLOCK_MONOTONIC on this machine, so the latencies are true ones.
@@ -28,8 +29,6 @@ use pleiades_tests::image::GuestImage;
 use pleiades_tests::linkem::{Link, LinkConfig};
 use pleiades_tests::qemu::{Guest, boot_timeout};
 use pleiades_tests::workspace_binary;
-
-const RAW_PCM_KBIT_S: f64 = 48_000.0 * 2.0 * 16.0 / 1000.0;
 
 fn status(control_socket: &Path) -> serde_json::Value {
     control::request(control_socket, &Request::Status, Duration::from_secs(30))
@@ -51,6 +50,8 @@ struct Run {
     summary: serde_json::Value,
     queued_to_play_ms: f64,
     lost: u64,
+    /// PCM bytes the guest's sound device played during the run (the same-run reference).
+    pcm_bytes: f64,
 }
 
 fn run_once(
@@ -122,7 +123,9 @@ fn run_once(
     let queued_to_play_ms =
         if periods > 0.0 { (mean(&after) - mean(&before)) / periods / 1000.0 } else { 0.0 };
     let lost = link.map_or(0, |l| l.stats().lost.load(std::sync::atomic::Ordering::Relaxed));
-    Ok(Run { audio: read("audio.json")?, summary: read("summary.json")?, queued_to_play_ms, lost })
+    let pcm_bytes =
+        after["bytes_played"].as_f64().unwrap_or(0.0) - before["bytes_played"].as_f64().unwrap_or(0.0);
+    Ok(Run { audio: read("audio.json")?, summary: read("summary.json")?, queued_to_play_ms, lost, pcm_bytes })
 }
 
 fn main() {
@@ -137,13 +140,14 @@ fn main() {
     guest.wait_ready(boot_timeout()).expect("READY");
     println!("audio benchmark: {seconds} s of 440 Hz from the guest (QEMU), Opus 96 kbit/s, 20 ms frames");
     println!(
-        "  {:<16} {:>9} {:>9} {:>11} {:>11} {:>10} {:>9} {:>5} {:>5} {:>5} {:>5}",
+        "  {:<16} {:>9} {:>9} {:>11} {:>11} {:>10} {:>10} {:>9} {:>5} {:>5} {:>5} {:>5}",
         "link",
         "p50 ms",
         "p95 ms",
         "+guest buf",
         "video p50",
         "kbit/s",
+        "PCM KiB",
         "vs PCM",
         "fec",
         "conc",
@@ -160,15 +164,21 @@ fn main() {
                 let a = &r.audio;
                 let ms = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0) / 1000.0;
                 let kbit = a["stream_kbit_s"].as_f64().unwrap_or(0.0);
+                // No ratio without its reference.
+                let vs_pcm = match a["bytes"].as_f64() {
+                    Some(sent) if r.pcm_bytes > 0.0 => format!("{:.1}%", sent / r.pcm_bytes * 100.0),
+                    _ => "n/a".to_owned(),
+                };
                 println!(
-                    "  {:<16} {:>9.1} {:>9.1} {:>11.1} {:>11.1} {:>10.1} {:>8.1}% {:>5} {:>5} {:>5} {:>5}",
+                    "  {:<16} {:>9.1} {:>9.1} {:>11.1} {:>11.1} {:>10.1} {:>10.0} {:>9} {:>5} {:>5} {:>5} {:>5}",
                     name,
                     ms(&a["latency"]["p50_us"]),
                     ms(&a["latency"]["p95_us"]),
                     r.queued_to_play_ms,
                     ms(&r.summary["latency"]["p50_us"]),
                     kbit,
-                    kbit / RAW_PCM_KBIT_S * 100.0,
+                    r.pcm_bytes / 1024.0,
+                    vs_pcm,
                     a["recovered_fec"],
                     a["concealed"].as_u64().unwrap_or(0) + a["fec_unavailable"].as_u64().unwrap_or(0),
                     a["underruns"],
@@ -179,7 +189,7 @@ fn main() {
         }
     }
     println!(
-        "\n  p50/p95: device play clock → client output; +guest buf: the device's mean guest hand-over → play (guest write → client output = both);\n  video p50: the same run's display update latency (the A/V offset is the difference); vs PCM: share of 1536 kbit/s raw PCM"
+        "\n  p50/p95: device play clock → client output; +guest buf: the device's mean guest hand-over → play (guest write → client output = both);\n  video p50: the same run's display update latency (the A/V offset is the difference); PCM KiB: what the guest's sound device played in the run; vs PCM: bytes received / those PCM bytes"
     );
     let _ = guest.run("poweroff -f", Duration::from_secs(10));
 }
