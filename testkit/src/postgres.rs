@@ -56,20 +56,10 @@ fn bin_dir() -> Result<PathBuf, PgError> {
     found.pop().map(|(_, b)| b).ok_or_else(|| PgError::Missing("/usr/lib/postgresql/*/bin/postgres".into()))
 }
 
-fn is_root() -> bool {
-    // The effective uid owns the files we create; /proc/self/status says who we are.
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
 /// Runs a server binary, as `postgres` when we are root.
 fn pg_command(bin: &Path, tool: &str, args: &[&str]) -> Result<Output, PgError> {
     let exe = bin.join(tool);
-    let mut cmd = if is_root() {
+    let mut cmd = if crate::prerequisite::is_root() {
         let mut c = Command::new("runuser");
         c.args(["-u", "postgres", "--"]).arg(&exe);
         c
@@ -91,7 +81,7 @@ fn pg_command(bin: &Path, tool: &str, args: &[&str]) -> Result<Output, PgError> 
 }
 
 fn chown_to_postgres(path: &Path) -> Result<(), PgError> {
-    if is_root() {
+    if crate::prerequisite::is_root() {
         let out = Command::new("chown").args(["-R", "postgres:postgres"]).arg(path).output()?;
         if !out.status.success() {
             return Err(PgError::Command {
@@ -149,7 +139,7 @@ fn template(bin: &Path) -> Result<PathBuf, PgError> {
 /// server and does nothing.
 fn watchdog(bin: &Path, data: &str) -> Result<(), PgError> {
     let pg_ctl = bin.join("pg_ctl");
-    let stop = if is_root() { "runuser -u postgres -- \"$1\"" } else { "\"$1\"" };
+    let stop = if crate::prerequisite::is_root() { "runuser -u postgres -- \"$1\"" } else { "\"$1\"" };
     let script = format!(
         "while kill -0 {} 2>/dev/null; do sleep 1; done; exec {stop} -D \"$2\" -m immediate stop",
         std::process::id()

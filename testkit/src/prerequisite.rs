@@ -71,6 +71,16 @@ pub fn command(name: &str) -> Result<std::path::PathBuf, String> {
         .ok_or_else(|| format!("`{name}` is not installed (`./dev deps` installs it)"))
 }
 
+/// Whether this process runs as root (its effective uid, from /proc/self/status).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use pleiades_tests::image::GuestImage;
-use pleiades_tests::prerequisite::{Missing, missing};
+use pleiades_tests::prerequisite::{Missing, is_root, missing};
 use pleiades_tests::qemu::boot_timeout;
 use pleiades_tests::stack::{Stack, StackOptions};
 use pleiades_tests::wait_for;
@@ -135,7 +135,7 @@ fn inside(root: &Path, path: &Path) -> PathBuf {
 
 #[test]
 fn every_process_of_a_desktop_is_jailed_and_a_forbidden_system_call_ends_only_that_desktop() {
-    if !nix_is_root() {
+    if !is_root() {
         match missing("desktop_jail", "the jail needs root (namespaces, cgroups, mounts)") {
             Missing::Skip => return,
             Missing::Fail(why) => panic!("{why}"),
@@ -267,8 +267,4 @@ fn memory_limit(cgroup: &str) -> u64 {
     let path = Path::new("/sys/fs/cgroup").join(group.trim_start_matches('/')).join(file);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     text.trim().parse().unwrap_or(u64::MAX)
-}
-
-fn nix_is_root() -> bool {
-    status(std::process::id(), "Uid").split_whitespace().next() == Some("0")
 }

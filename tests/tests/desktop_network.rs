@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use pleiades_tests::image::GuestImage;
 use pleiades_tests::netns::{HttpServer, World, ip_in};
-use pleiades_tests::prerequisite::{Missing, missing};
+use pleiades_tests::prerequisite::{Missing, is_root, missing};
 use pleiades_tests::qemu::boot_timeout;
 use pleiades_tests::stack::{Stack, StackOptions};
 use pleiades_tests::wait_for;
@@ -118,13 +118,6 @@ fn desktops_reach_the_internet_and_allowed_host_services_only() {
     stack.host.terminate(Duration::from_secs(60)).unwrap();
     assert!(!Path::new("/run/netns").join(&netns).exists(), "{netns} left behind by the host daemon");
     assert!(!Path::new("/run/netns").join(&spare_ns).exists(), "{spare_ns} left behind by the host daemon");
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
 }
 
 /// The namespace of a desktop of this host other than `mine`, once it has its address.
