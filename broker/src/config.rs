@@ -10,12 +10,17 @@
 //! [broker]
 //! ticket_lifetime_secs = 60
 //! heartbeat_timeout_secs = 30
+//! [ldap]                              # optional: directory accounts (docs/broker.md, "Directory sign-in")
+//! url = "ldaps://ldap.example.org"
+//! user_base = "ou=people,dc=example,dc=org"
+//! group_base = "ou=groups,dc=example,dc=org"
 //! ```
 
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::auth::ldap::LdapConfig;
 use crate::broker::BrokerSettings;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -33,6 +38,8 @@ pub struct Config {
     pub insecure_http: bool,
     pub secure_cookies: Option<bool>,
     pub broker: BrokerSettings,
+    /// Sign-in against an LDAP directory, next to the broker's own accounts.
+    pub ldap: Option<LdapConfig>,
 }
 
 impl Default for Config {
@@ -46,6 +53,7 @@ impl Default for Config {
             insecure_http: false,
             secure_cookies: None,
             broker: BrokerSettings::default(),
+            ldap: None,
         }
     }
 }

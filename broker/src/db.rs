@@ -2,7 +2,8 @@
 //!
 //! Portability rules kept by every query in the crate: `$1`-style placeholders (SQLite accepts
 //! them too), TEXT ids made by the broker, BIGINT Unix seconds, BIGINT 0/1 flags, no
-//! `RETURNING`, no `SUM` (PostgreSQL returns NUMERIC), no upsert syntax.
+//! `RETURNING`, no `SUM` (PostgreSQL returns NUMERIC), no upsert syntax but
+//! `INSERT … ON CONFLICT … DO NOTHING` (the same on SQLite ≥ 3.24 and PostgreSQL ≥ 9.5).
 
 use std::time::Duration;
 
@@ -21,6 +22,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (6, include_str!("../migrations/0006_pool_network.sql")),
     (7, include_str!("../migrations/0007_host_token_names.sql")),
     (8, include_str!("../migrations/0008_boot_generation.sql")),
+    (9, include_str!("../migrations/0009_directory_accounts.sql")),
 ];
 
 /// A handle to the broker's database (cheap to clone).

@@ -23,6 +23,10 @@ pub enum Error {
     /// The pool's desktops fail to start: the host's reason, and when the next try is.
     #[error("pool {pool}: its desktops fail to start ({reason}); the next attempt is in {retry_in_secs} s")]
     StartFailing { pool: String, reason: String, retry_in_secs: i64 },
+    /// A service the request needs (the LDAP directory) cannot be reached; the reason is in the
+    /// server's log.
+    #[error("{0} is unavailable; try again later")]
+    Unavailable(String),
     #[error("desktop {0} is not ready yet")]
     NotReady(String),
     #[error("database error: {0}")]

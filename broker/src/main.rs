@@ -71,6 +71,16 @@ enum Cmd {
     },
     /// Run one maintenance round (lost hosts, idle desktops, spares) and exit.
     Maintain,
+    /// The LDAP directory of the `[ldap]` table.
+    #[command(subcommand)]
+    Directory(DirectoryCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum DirectoryCmd {
+    /// Show who NAME is in the directory (DN, display name, groups, administrator) as a
+    /// sign-in would see them, without a password: a check of the `[ldap]` settings.
+    Lookup { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -237,7 +247,14 @@ async fn open(config: &Config) -> Result<Arc<Broker>> {
     let db = Db::connect(&config.database)
         .await
         .with_context(|| format!("cannot open the database {}", redact(&config.database)))?;
-    Ok(Arc::new(Broker::open(db, Arc::new(SystemClock), config.broker.clone(), &config.state_dir()).await?))
+    let mut broker =
+        Broker::open(db, Arc::new(SystemClock), config.broker.clone(), &config.state_dir()).await?;
+    if let Some(ldap) = &config.ldap {
+        let directory = pleiades_broker::auth::ldap::Directory::new(ldap.clone())?;
+        tracing::info!(url = %ldap.url, "directory users may sign in");
+        broker = broker.with_directory(Arc::new(directory));
+    }
+    Ok(Arc::new(broker))
 }
 
 /// Database URLs may carry a password: never print it.
@@ -452,6 +469,23 @@ async fn run(mut config: Config, command: Cmd) -> Result<()> {
             println!("{}", open(&config).await?.ticket_public_key().to_base64())
         }
         Cmd::Maintain => open(&config).await?.maintain().await?,
+        Cmd::Directory(DirectoryCmd::Lookup { name }) => {
+            let broker = open(&config).await?;
+            let directory = broker.directory().context("no [ldap] table in the configuration")?;
+            match directory.lookup(&name).await? {
+                None => bail!("the directory has no user {name} (under {})", directory.config().user_base),
+                Some(who) => {
+                    println!(
+                        "dn\t{}\nname\t{}\ndisplay name\t{}",
+                        who.external_id, who.name, who.display_name
+                    );
+                    println!("groups\t{}", who.groups.join(" "));
+                    if let Some(admin) = who.is_admin {
+                        println!("administrator\t{}", if admin { "yes" } else { "no" });
+                    }
+                }
+            }
+        }
     }
     Ok(())
 }

@@ -11,7 +11,7 @@ pub struct User {
     pub id: String,
     pub name: String,
     pub display_name: String,
-    /// `local` today; `ldap`/`oidc` accounts carry no password hash.
+    /// `local`, or `ldap` (later `oidc`): directory accounts carry no password hash.
     pub source: String,
     pub is_admin: bool,
     pub created_at: i64,
@@ -34,6 +34,8 @@ impl User {
 pub struct Group {
     pub id: String,
     pub name: String,
+    /// `local`, or the identity source (`ldap`) whose sign-ins keep its members.
+    pub source: String,
     pub members: Vec<String>,
 }
 

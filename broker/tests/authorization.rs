@@ -12,7 +12,6 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 on_both_databases!(
-    directory_accounts_use_their_backend,
     api_authorization,
     web_sessions_and_csrf,
     host_api_authorization,
@@ -769,46 +768,4 @@ async fn tickets_do_not_outlive_a_recycle(backend: Backend) {
     // Alice's own VM process took her ticket.
     let mut alice_vm = alice_vm;
     assert_eq!(alice_vm.verify(&alice_ticket, now).unwrap().user, "alice");
-}
-
-/// A stand-in for an LDAP directory: one account, checked by the backend, not by a hash.
-#[derive(Debug)]
-struct FakeDirectory;
-
-impl pleiades_broker::auth::PasswordBackend for FakeDirectory {
-    fn source(&self) -> &'static str {
-        "ldap"
-    }
-    fn verify(&self, name: &str, stored_hash: Option<&str>, password: &str) -> bool {
-        assert!(stored_hash.is_none(), "directory accounts carry no hash");
-        name == "carol" && password == "directory-secret"
-    }
-}
-
-async fn directory_accounts_use_their_backend(backend: Backend) {
-    let env = Env::new(backend).await;
-    env.user("carol").await;
-    env.user("dave").await;
-    sqlx::query("UPDATE users SET source = 'ldap', password_hash = NULL WHERE name IN ('carol', 'dave')")
-        .execute(&env.broker.db.pool)
-        .await
-        .unwrap();
-    // Without a directory backend nobody from it logs in.
-    assert!(env.broker.login("carol", "directory-secret", "test").await.is_err());
-    let db = pleiades_broker::db::Db::connect(&env.db_url).await.unwrap();
-    let with_directory = pleiades_broker::Broker::open(
-        db,
-        std::sync::Arc::new(env.clock.clone()),
-        env.broker.settings.clone(),
-        env.state_dir(),
-    )
-    .await
-    .unwrap()
-    .with_password_backend(std::sync::Arc::new(FakeDirectory));
-    assert_eq!(with_directory.login("carol", "directory-secret", "test").await.unwrap().name, "carol");
-    assert!(with_directory.login("carol", "carol-password", "test").await.is_err());
-    assert!(with_directory.login("dave", "directory-secret", "test").await.is_err());
-    // Local accounts still work next to it.
-    env.user("erin").await;
-    assert!(with_directory.login("erin", "erin-password", "test").await.is_ok());
 }

@@ -6,6 +6,7 @@
 //! - [`image`]: where the test guest image lives (`target/guest/`, built by
 //!   `cargo xtask guest-image`).
 //! - [`postgres`]: a private PostgreSQL server on loopback for database tests.
+//! - [`slapd`]: a private OpenLDAP server on loopback for directory sign-in tests.
 //! - [`prerequisite`]: what a test does when something it needs is missing: under CI
 //!   (`CI=true`) it fails, elsewhere it says loudly that it skipped.
 //! - [`wait_for`]: polling for a condition with a bound, instead of sleeping a fixed time.
@@ -13,6 +14,7 @@
 pub mod image;
 pub mod postgres;
 pub mod prerequisite;
+pub mod slapd;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

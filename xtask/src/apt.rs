@@ -60,6 +60,9 @@ pub struct Group {
     /// Skip the group when this command is already on PATH, however it was installed (Node.js
     /// from NodeSource conflicts with Debian's `npm` package).
     pub unless_command: Option<&'static str>,
+    /// debconf answers given before the install (`debconf-set-selections` lines), so that a
+    /// package's maintainer scripts do what the project needs and ask nothing.
+    pub preseed: &'static [&'static str],
 }
 
 /// Every package group. `xtask deps` with no argument installs all of them.
@@ -68,12 +71,14 @@ pub const GROUPS: &[Group] = &[
         name: "build",
         purpose: "building the Rust workspace (nasm: OpenH264's assembly; without it H.264 encodes ~2.6x slower)",
         unless_command: None,
+        preseed: &[],
         packages: &["build-essential", "pkg-config", "ca-certificates", "nasm"],
     },
     Group {
         name: "guest",
         purpose: "building the test guest image",
         unless_command: None,
+        preseed: &[],
         packages: &["dpkg", "apt", "cpio"],
     },
     Group {
@@ -81,30 +86,43 @@ pub const GROUPS: &[Group] = &[
         purpose: "booting guests under QEMU (>= 9 for vhost-user-snd-pci) and QEMU's vhost-user-gpu; \
                   desktops' disks (qemu-img, qemu-storage-daemon; mkfs.ext4 for test templates)",
         unless_command: None,
+        preseed: &[],
         packages: &["qemu-system-x86", "qemu-system-gui", "qemu-utils", "e2fsprogs"],
     },
     Group {
         name: "network",
         purpose: "desktops' networks: a namespace and veth per desktop (iproute2), the host's NAT and filter (nftables)",
         unless_command: None,
+        preseed: &[],
         packages: &["iproute2", "nftables"],
     },
     Group {
         name: "desktop-image",
         purpose: "the desktop image (cargo xtask desktop-image): a trixie root filesystem from Debian packages",
         unless_command: None,
+        preseed: &[],
         packages: &["mmdebstrap"],
     },
     Group {
         name: "postgresql",
         purpose: "the broker's PostgreSQL tests (server binaries; the tests start their own server)",
         unless_command: None,
+        preseed: &[],
         packages: &["postgresql"],
+    },
+    Group {
+        name: "ldap",
+        purpose: "the broker's directory sign-in tests (OpenLDAP's slapd; the tests start their own \
+                  server, so the package is told to configure and start none)",
+        unless_command: None,
+        preseed: &["slapd slapd/no_configuration boolean true"],
+        packages: &["slapd"],
     },
     Group {
         name: "chromium",
         purpose: "the broker's browser tests (headless Chromium driven by playwright-core)",
         unless_command: None,
+        preseed: &[],
         packages: &["chromium"],
     },
     Group {
@@ -112,6 +130,7 @@ pub const GROUPS: &[Group] = &[
         purpose: "the native client (winit + wgpu) and its tests under Xvfb with Mesa's software \
                   Vulkan/GL (lavapipe, llvmpipe), xdotool for typed input, xwd for screenshots",
         unless_command: None,
+        preseed: &[],
         packages: &[
             "mesa-vulkan-drivers",
             "libvulkan1",
@@ -134,6 +153,7 @@ pub const GROUPS: &[Group] = &[
         purpose: "audio: Opus (libopus-dev), cpal's ALSA backend (libasound2-dev), and a PulseAudio \
                   null sink that paces the client's playback in tests (no sound card here)",
         unless_command: None,
+        preseed: &[],
         packages: &["libopus-dev", "libasound2-dev", "pulseaudio", "pulseaudio-utils"],
     },
     Group {
@@ -141,6 +161,7 @@ pub const GROUPS: &[Group] = &[
         purpose: "outside references the tests check Pleiades against (edid-decode for the virtual \
                   monitors' EDID, ACPICA's iasl for the VMM's ACPI tables)",
         unless_command: None,
+        preseed: &[],
         packages: &["edid-decode", "acpica-tools"],
     },
     Group {
@@ -148,6 +169,7 @@ pub const GROUPS: &[Group] = &[
         purpose: "running the broker's browser tests (playwright-core 1.61, the newest that runs on \
                   Debian 12's Node.js 18)",
         unless_command: Some("npm"),
+        preseed: &[],
         packages: &["nodejs", "npm"],
     },
 ];
@@ -256,6 +278,10 @@ impl Apt {
         }
         if self.ensure_sources()? || !lists_present() {
             self.update()?;
+        }
+        let preseed: Vec<&str> = groups.iter().flat_map(|g| g.preseed.iter().copied()).collect();
+        if !preseed.is_empty() {
+            preseed_debconf(&preseed)?;
         }
         println!("apt: installing {} packages", wanted.len());
         let mut args = vec!["install", "-y", "--no-install-recommends"];
@@ -391,6 +417,34 @@ pub fn classify(stderr: &str, command: &str, packages: &str) -> Option<AptError>
         return Some(AptError::NotRoot { what: command.to_owned(), packages: packages.to_owned() });
     }
     None
+}
+
+/// Gives debconf its answers (`debconf-set-selections`) before packages are installed.
+fn preseed_debconf(lines: &[&str]) -> Result<(), AptError> {
+    use std::io::Write as _;
+    let command = "debconf-set-selections";
+    let mut child = Command::new(command)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|error| AptError::Spawn { command: command.into(), error })?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let text = lines.join("\n") + "\n";
+        stdin
+            .write_all(text.as_bytes())
+            .map_err(|error| AptError::Spawn { command: command.into(), error })?;
+    }
+    let output =
+        child.wait_with_output().map_err(|error| AptError::Spawn { command: command.into(), error })?;
+    if !output.status.success() {
+        return Err(AptError::Failed {
+            command: command.into(),
+            status: output.status.to_string(),
+            detail: String::from_utf8_lossy(&output.stderr).into_owned(),
+        });
+    }
+    Ok(())
 }
 
 /// The candidate version from `apt-cache policy` output, restricted to `release` if given.

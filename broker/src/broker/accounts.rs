@@ -1,12 +1,11 @@
 //! Users, groups, logins and the tokens that keep a login.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use sqlx::Row;
 
 use super::{Broker, BrokerSettings, conflict};
-use crate::auth::{LocalPasswords, PasswordBackend};
+use crate::auth::ExternalIdentity;
 use crate::db::{get_i64, get_str, new_id};
 use crate::error::{Error, Result};
 use crate::model::{Actor, Group, User, valid_name};
@@ -108,6 +107,16 @@ impl Broker {
     pub async fn add_group_member(&self, actor: &Actor, group: &str, user: &str) -> Result<()> {
         actor.require_admin()?;
         let group_id = self.group_id(group).await?;
+        let source: String = sqlx::query("SELECT source FROM user_groups WHERE id = $1")
+            .bind(&group_id)
+            .fetch_one(&self.db.pool)
+            .await
+            .and_then(|r| r.try_get("source"))?;
+        if source != "local" {
+            return Err(Error::Invalid(format!(
+                "group {group} comes from the directory ({source}): its members are set there, at each sign-in"
+            )));
+        }
         let user = self.user_by_name(user).await?;
         sqlx::query("INSERT INTO group_members (group_id, user_id) VALUES ($1, $2)")
             .bind(&group_id)
@@ -116,6 +125,33 @@ impl Broker {
             .await
             .map_err(|e| conflict(e, &format!("{} in {group}", user.name)))?;
         self.audit(&actor.name, "group.member.add", group, &user.name).await
+    }
+
+    /// A group's id; a group the broker does not have yet but the directory does is made
+    /// (as the directory's), so that administrators entitle directory groups before any of
+    /// their members has signed in.
+    pub(super) async fn group_or_directory_group(&self, name: &str) -> Result<String> {
+        match self.group_id(name).await {
+            Err(Error::NotFound(what)) => {
+                let Some(directory) = &self.directory else { return Err(Error::NotFound(what)) };
+                match directory.group_exists(name).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        return Err(Error::NotFound(format!(
+                            "{what}: neither the broker nor the directory has it"
+                        )));
+                    }
+                    Err(e) => {
+                        tracing::warn!("looking up a directory group: {e}");
+                        return Err(Error::Unavailable("the directory".into()));
+                    }
+                }
+                self.external_group("ldap", name)
+                    .await?
+                    .ok_or_else(|| Error::Conflict(format!("group {name} is a local group")))
+            }
+            other => other,
+        }
     }
 
     pub(super) async fn group_id(&self, name: &str) -> Result<String> {
@@ -128,8 +164,9 @@ impl Broker {
 
     pub async fn list_groups(&self, actor: &Actor) -> Result<Vec<Group>> {
         actor.require_admin()?;
-        let groups =
-            sqlx::query("SELECT id, name FROM user_groups ORDER BY name").fetch_all(&self.db.pool).await?;
+        let groups = sqlx::query("SELECT id, name, source FROM user_groups ORDER BY name")
+            .fetch_all(&self.db.pool)
+            .await?;
         let members = sqlx::query(
             "SELECT m.group_id, u.name FROM group_members m JOIN users u ON u.id = m.user_id ORDER BY u.name",
         )
@@ -145,15 +182,20 @@ impl Broker {
                         names.push(get_str(m, "name")?);
                     }
                 }
-                Ok(Group { id, name: get_str(g, "name")?, members: names })
+                Ok(Group { id, name: get_str(g, "name")?, source: get_str(g, "source")?, members: names })
             })
             .collect()
     }
 }
 
 impl Broker {
-    /// Checks a user name and password, rate-limited per user name and per client address,
-    /// with the [`PasswordBackend`] of the account's source (local argon2id by default).
+    /// Checks a user name and password, rate-limited per user name and per client address.
+    ///
+    /// A local account's password is checked against its argon2id hash. A name the broker has
+    /// as a directory account, or does not know at all, goes to the LDAP directory when one is
+    /// configured ([`crate::auth::ldap`]); a directory sign-in then updates the user's row and
+    /// groups ([`Self::sign_in_external`]). Unknown names without a directory are checked
+    /// against a dummy hash, so that timing does not tell which names exist.
     pub async fn login(&self, name: &str, password: &str, client: &str) -> Result<User> {
         let now = self.clock.now();
         // The attempt counts as a failure from here (a success takes it back): requests in
@@ -167,30 +209,50 @@ impl Broker {
             Some(r) => (Some(User::from_row(r)?), r.try_get::<Option<String>, _>("password_hash")?),
             None => (None, None),
         };
-        // Unknown names (and sources without a backend) are checked against a dummy hash, so
-        // that timing does not tell which names exist.
-        let backend = user
-            .as_ref()
-            .and_then(|u| self.password_backends.iter().find(|b| b.source() == u.source).cloned());
-        let (backend, hash, real): (Arc<dyn PasswordBackend>, _, _) = match backend {
-            Some(b) => (b, hash, true),
-            None => (Arc::new(LocalPasswords), Some(secret::dummy_hash().to_owned()), false),
-        };
-        let verified = {
-            // Password hashing is costly on purpose: only so many at once, however many come.
-            let slot = tokio::time::timeout(VERIFY_WAIT, self.verify_slots.acquire())
-                .await
-                .map_err(|_| Error::RateLimited)?
-                .map_err(|e| Error::Internal(e.to_string()))?;
-            let (name, password) = (name.to_owned(), password.to_owned());
-            let verified = tokio::task::spawn_blocking(move || {
-                backend.verify(&name, hash.as_deref(), &password) && real
-            })
+        // Password hashing and directory binds are costly: only so many at once, however
+        // many come.
+        let slot = tokio::time::timeout(VERIFY_WAIT, self.verify_slots.acquire())
             .await
+            .map_err(|_| Error::RateLimited)?
             .map_err(|e| Error::Internal(e.to_string()))?;
-            drop(slot);
-            verified
+        let directory = match (&user, &self.directory) {
+            (Some(u), Some(d)) if u.source == "ldap" => Some(d.clone()),
+            (None, Some(d)) => Some(d.clone()),
+            _ => None,
         };
+        let verified = match directory {
+            Some(directory) => match directory.authenticate(name, password).await {
+                Ok(Some(identity)) => {
+                    drop(slot);
+                    let user = self.sign_in_external(&identity).await?;
+                    self.limiter.lock().expect("limiter lock").succeeded(name, client);
+                    self.audit(&user.name, "login", &user.name, &format!("{client} (directory)")).await?;
+                    return Ok(user);
+                }
+                Ok(None) => false,
+                Err(e) => {
+                    // Not the user's failure: the attempt does not count against them.
+                    self.limiter.lock().expect("limiter lock").undo(name, client);
+                    tracing::warn!("directory sign-in: {e}");
+                    self.audit("directory", "login.error", "directory", &e.to_string()).await?;
+                    return Err(Error::Unavailable("the directory".into()));
+                }
+            },
+            None => {
+                let local = user.as_ref().is_some_and(|u| u.source == "local");
+                let hash = hash.filter(|_| local);
+                let password = password.to_owned();
+                tokio::task::spawn_blocking(move || {
+                    // An account without a password costs the same time as a wrong password.
+                    let checked =
+                        secret::verify_password(&password, hash.as_deref().unwrap_or(secret::dummy_hash()));
+                    checked && hash.is_some()
+                })
+                .await
+                .map_err(|e| Error::Internal(e.to_string()))?
+            }
+        };
+        drop(slot);
         match user {
             Some(user) if verified => {
                 self.limiter.lock().expect("limiter lock").succeeded(name, client);
@@ -207,6 +269,110 @@ impl Broker {
                 Err(Error::Unauthenticated)
             }
         }
+    }
+
+    /// Makes or updates the user a directory (or another identity source) vouched for, and
+    /// their memberships of that source's groups; the caller then gives them a session.
+    ///
+    /// - A local account of the same name is never taken over: the sign-in is refused.
+    /// - The user's display name, DN and (when the source says) administrator flag follow
+    ///   the source at every sign-in.
+    /// - The source's groups are made as they are first seen (`user_groups.source`); a local
+    ///   group of the same name is left alone (a directory cannot put people in it). The user's
+    ///   memberships of the source's groups become exactly the source's list; memberships an
+    ///   administrator gave in local groups stay.
+    pub async fn sign_in_external(&self, identity: &ExternalIdentity) -> Result<User> {
+        let source = identity.source;
+        sqlx::query(
+            "INSERT INTO users (id, name, display_name, password_hash, source, is_admin, created_at, external_id) \
+             VALUES ($1, $2, $3, NULL, $4, $5, $6, $7) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(new_id("u"))
+        .bind(&identity.name)
+        .bind(&identity.display_name)
+        .bind(source)
+        .bind(i64::from(identity.is_admin.unwrap_or(false)))
+        .bind(self.now())
+        .bind(&identity.external_id)
+        .execute(&self.db.pool)
+        .await?;
+        let user = self.user_by_name(&identity.name).await?;
+        if user.source != source {
+            tracing::warn!(user = %user.name, "a {source} sign-in for a {} account of the same name is refused", user.source);
+            self.audit(
+                &user.name,
+                "login.failed",
+                &user.name,
+                &format!("a {} account, not {source}", user.source),
+            )
+            .await?;
+            return Err(Error::Unauthenticated);
+        }
+        sqlx::query(
+            "UPDATE users SET display_name = $1, external_id = $2, is_admin = COALESCE($3, is_admin) WHERE id = $4",
+        )
+        .bind(&identity.display_name)
+        .bind(&identity.external_id)
+        .bind(identity.is_admin.map(i64::from))
+        .bind(&user.id)
+        .execute(&self.db.pool)
+        .await?;
+        let mut joined = Vec::new();
+        for group in &identity.groups {
+            if let Some(id) = self.external_group(source, group).await? {
+                sqlx::query(
+                    "INSERT INTO group_members (group_id, user_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                )
+                .bind(&id)
+                .bind(&user.id)
+                .execute(&self.db.pool)
+                .await?;
+                joined.push(id);
+            }
+        }
+        let current = sqlx::query(
+            "SELECT m.group_id FROM group_members m JOIN user_groups g ON g.id = m.group_id \
+             WHERE m.user_id = $1 AND g.source = $2",
+        )
+        .bind(&user.id)
+        .bind(source)
+        .fetch_all(&self.db.pool)
+        .await?;
+        for row in current {
+            let id = get_str(&row, "group_id")?;
+            if !joined.contains(&id) {
+                sqlx::query("DELETE FROM group_members WHERE group_id = $1 AND user_id = $2")
+                    .bind(&id)
+                    .bind(&user.id)
+                    .execute(&self.db.pool)
+                    .await?;
+            }
+        }
+        self.user_by_id(&user.id).await
+    }
+
+    /// The id of `source`'s group `name`, made if it is new; `None` when a group of that name
+    /// belongs to another source.
+    async fn external_group(&self, source: &str, name: &str) -> Result<Option<String>> {
+        sqlx::query("INSERT INTO user_groups (id, name, created_at, source) VALUES ($1, $2, $3, $4) ON CONFLICT (name) DO NOTHING")
+            .bind(new_id("g"))
+            .bind(name)
+            .bind(self.now())
+            .bind(source)
+            .execute(&self.db.pool)
+            .await?;
+        let row = sqlx::query("SELECT id, source FROM user_groups WHERE name = $1")
+            .bind(name)
+            .fetch_one(&self.db.pool)
+            .await?;
+        if get_str(&row, "source")? != source {
+            tracing::warn!(
+                group = name,
+                "a local group has the name of a {source} group: its members stay as they are"
+            );
+            return Ok(None);
+        }
+        Ok(Some(get_str(&row, "id")?))
     }
 
     /// A new browser session (`web`) or API token (`api`) for the user: `(token, csrf)`.
@@ -343,6 +509,20 @@ impl RateLimiter {
 
     pub(super) fn registered(&mut self, client: &str) {
         if let Some((_, n)) = self.registrations.get_mut(&source_bucket(client)) {
+            *n = n.saturating_sub(1);
+        }
+    }
+
+    /// Takes an attempt back that was not the user's to fail (the directory was unreachable).
+    fn undo(&mut self, user: &str, client: &str) {
+        let source = source_bucket(client);
+        if let Some((_, n)) = self.failures.get_mut(&(user.to_owned(), source.clone())) {
+            *n = n.saturating_sub(1);
+        }
+        if let Some((_, n)) = self.user_failures.get_mut(user) {
+            *n = n.saturating_sub(1);
+        }
+        if let Some((_, n)) = self.source_attempts.get_mut(&source) {
             *n = n.saturating_sub(1);
         }
     }

@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use pleiades_protocol::ticket::{PublicKey, TicketSigner};
 use serde::{Deserialize, Serialize};
 
-use crate::auth::{LocalPasswords, PasswordBackend};
+use crate::auth::ldap::Directory;
 use crate::clock::Clock;
 use crate::db::{Db, get_i64, get_str, is_unique_violation};
 use crate::error::{Error, Result};
@@ -105,7 +105,8 @@ pub struct Broker {
     /// Password checks at once (one per core): a login burst queues instead of taking the
     /// machine.
     verify_slots: tokio::sync::Semaphore,
-    password_backends: Vec<Arc<dyn PasswordBackend>>,
+    /// The LDAP directory whose users may sign in too, if one is configured.
+    directory: Option<Arc<Directory>>,
 }
 
 // The host API's messages live in the protocol crate: `pleiades-host serve` uses the same types.
@@ -135,15 +136,18 @@ impl Broker {
             verify_slots: tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
             ),
-            password_backends: vec![Arc::new(LocalPasswords)],
+            directory: None,
         })
     }
 
-    /// Adds a password backend for another account source (LDAP, …).
-    pub fn with_password_backend(mut self, backend: Arc<dyn PasswordBackend>) -> Self {
-        self.password_backends.retain(|b| b.source() != backend.source());
-        self.password_backends.push(backend);
+    /// Lets the users of an LDAP directory sign in, next to the broker's own accounts.
+    pub fn with_directory(mut self, directory: Arc<Directory>) -> Self {
+        self.directory = Some(directory);
         self
+    }
+
+    pub fn directory(&self) -> Option<&Arc<Directory>> {
+        self.directory.as_ref()
     }
 
     pub fn now(&self) -> i64 {

@@ -182,7 +182,7 @@ impl Broker {
         let pool = self.pool(pool_id).await?;
         let principal = match kind {
             PrincipalKind::User => self.user_by_name(name).await?.id,
-            PrincipalKind::Group => self.group_id(name).await?,
+            PrincipalKind::Group => self.group_or_directory_group(name).await?,
         };
         sqlx::query("INSERT INTO entitlements (pool_id, principal_kind, principal_id) VALUES ($1, $2, $3)")
             .bind(&pool.id)

@@ -181,7 +181,9 @@ impl Error {
             Error::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Error::Invalid(_) | Error::Ticket(_) => StatusCode::BAD_REQUEST,
             Error::Conflict(_) | Error::PoolExhausted(_) | Error::NotReady(_) => StatusCode::CONFLICT,
-            Error::NoCapacity(_) | Error::StartFailing { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Error::NoCapacity(_) | Error::StartFailing { .. } | Error::Unavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Error::Db(_) | Error::Internal(_) | Error::TicketKey(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

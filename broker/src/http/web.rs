@@ -310,6 +310,13 @@ async fn login(
         Err(Error::Unauthenticated) => {
             return fail(StatusCode::UNAUTHORIZED, "User name or password is wrong.");
         }
+        Err(Error::Unavailable(_)) => {
+            return fail(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Sign-in with your directory account is unavailable right now. Try again in a few minutes, \
+                 or tell your administrator.",
+            );
+        }
         Err(e) => return PageError(e).into_response(),
     };
     let token = match s.broker.create_auth_token(&user, "web").await {
@@ -919,8 +926,8 @@ async fn admin_users(
                     }
                     table {
                         caption { "Groups" }
-                        thead { tr { th scope="col" { "Group" } th scope="col" { "Members" } } }
-                        tbody { @for g in &groups { tr { td { (g.name) } td { (g.members.join(", ")) } } } }
+                        thead { tr { th scope="col" { "Group" } th scope="col" { "Members" } th scope="col" { "Source" } } }
+                        tbody { @for g in &groups { tr { td { (g.name) } td { (g.members.join(", ")) } td { (g.source) } } } }
                     }
                 }
                 section.card {

@@ -3,9 +3,12 @@
 
 #![allow(dead_code)]
 
+pub mod directory;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use pleiades_broker::auth::ldap::Directory;
 use pleiades_broker::broker::{Broker, BrokerSettings, HostRegistered};
 use pleiades_broker::clock::ManualClock;
 use pleiades_broker::db::Db;
@@ -88,6 +91,20 @@ impl Env {
 
     /// A broker with other tunables (the allocation benchmark lifts the login rate limit).
     pub async fn with_settings(backend: Backend, settings: BrokerSettings) -> Self {
+        Self::build(backend, settings, None).await
+    }
+
+    /// A broker whose directory's users may sign in too.
+    pub async fn with_directory(backend: Backend, directory: Arc<Directory>) -> Self {
+        Self::build(
+            backend,
+            BrokerSettings { heartbeat_timeout_secs: 30, ..BrokerSettings::default() },
+            Some(directory),
+        )
+        .await
+    }
+
+    async fn build(backend: Backend, settings: BrokerSettings, directory: Option<Arc<Directory>>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let (url, pg) = match backend {
             Backend::Sqlite => (format!("sqlite://{}/broker.db", dir.path().display()), None),
@@ -103,7 +120,11 @@ impl Env {
         let db = Db::connect(&url).await.expect("connect");
         let db_url = url.clone();
         let clock = ManualClock::new(START);
-        let broker = Arc::new(Broker::open(db, Arc::new(clock.clone()), settings, dir.path()).await.unwrap());
+        let mut broker = Broker::open(db, Arc::new(clock.clone()), settings, dir.path()).await.unwrap();
+        if let Some(directory) = directory {
+            broker = broker.with_directory(directory);
+        }
+        let broker = Arc::new(broker);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let app = router(AppState { broker: broker.clone(), secure_cookies: false });
