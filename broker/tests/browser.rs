@@ -1,7 +1,10 @@
-//! Browser tests in headless Chromium (Playwright, `tests/browser/portal.mjs`): a user logs in,
-//! gets a desktop and downloads a connection file whose ticket verifies against the broker's
-//! key; an admin creates a pool and entitles a group. Screenshots land in
-//! `<target>/artifacts/browser/`.
+//! Browser tests in headless Chromium (Playwright, `tests/browser/*.mjs`):
+//! - `portal.mjs`: a user logs in, gets a desktop and downloads a connection file whose ticket
+//!   verifies against the broker's key; an admin creates a pool and entitles a group;
+//! - `directory.mjs`: directory (LDAP, a real slapd) users sign in; a directory group entitled
+//!   in the admin console gives its members the pool.
+//!
+//! Screenshots land in `<target>/artifacts/browser/portal/` and `…/browser/directory/`.
 //!
 //! Needs `/usr/bin/chromium` (`./dev deps`) and `tests/browser/node_modules` (`./dev test`
 //! runs `npm ci` there; by hand: `npm ci --prefix broker/tests/browser`).
@@ -11,6 +14,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use common::directory::{TestDirectory, password};
 use common::{Backend, Env, HostDouble, START, system};
 use pleiades_broker::model::{PoolKind, PrincipalKind};
 use pleiades_protocol::connfile::Connection;
@@ -29,41 +33,60 @@ async fn portal_connect_and_admin_pool_in_chromium() {
     common::bounded(scenario()).await
 }
 
-async fn scenario() {
-    let script_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
+fn script_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
+}
+
+/// `node SCRIPT` against the broker of `env`, screenshots into `shots` (emptied first), its
+/// result file in `work`. The caller adds the script's own variables.
+fn browser_script(env: &Env, script: &str, shots: &Path, work: &Path) -> tokio::process::Command {
+    let script_dir = script_dir();
     assert!(
         script_dir.join("node_modules/playwright-core").exists(),
         "playwright-core is not installed: run `./dev test` (it runs `npm ci`) or `npm ci --prefix broker/tests/browser`"
     );
     let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
     assert!(Path::new(&chromium).exists(), "{chromium} is missing: run `./dev deps` (group chromium)");
+    let _ = std::fs::remove_dir_all(shots);
+    let mut node = tokio::process::Command::new("node");
+    node.arg(script_dir.join(script))
+        .current_dir(&script_dir)
+        .env("BASE_URL", &env.base)
+        .env("SHOTS_DIR", shots)
+        .env("RESULT_FILE", work.join("result.json"))
+        .env("CHROMIUM", &chromium)
+        .kill_on_drop(true);
+    node
+}
 
+/// Runs a browser script (at most 4 minutes) and returns its result, which must say `ok`.
+async fn run_browser_script(node: &mut tokio::process::Command, script: &str, work: &Path) -> Value {
+    let output = tokio::time::timeout(Duration::from_secs(240), node.output())
+        .await
+        .unwrap_or_else(|_| panic!("{script} took over 4 minutes"))
+        .unwrap();
+    let result: Value =
+        serde_json::from_str(&std::fs::read_to_string(work.join("result.json")).unwrap_or_else(|_| {
+            panic!(
+                "no result from {script}: {}\n{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            )
+        }))
+        .unwrap();
+    assert!(
+        output.status.success() && result["ok"] == true,
+        "{script} failed: {result:#}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    result
+}
+
+async fn scenario() {
     let env = Env::new(Backend::Sqlite).await;
     env.image("debian", 1024).await;
     let mut host = HostDouble::register(&env, "host-a", 8192, &["debian"]).await;
-    let pool = env.pool("office", PoolKind::Floating, "debian", 4, 0).await;
-    let mut spec = env.broker.pool(&pool).await.unwrap();
-    spec.display_name = "Office desktops".into();
-    env.broker
-        .update_pool(
-            &system(),
-            &pool,
-            &pleiades_broker::model::PoolSpec {
-                name: spec.name.clone(),
-                display_name: spec.display_name.clone(),
-                kind: spec.kind,
-                image: "debian".into(),
-                min_size: 0,
-                max_size: 4,
-                spares: 0,
-                idle_timeout_secs: 3600,
-                disconnect_timeout_secs: 900,
-                network: Default::default(),
-            },
-            true,
-        )
-        .await
-        .unwrap();
+    let pool = env.labelled_pool("office", "Office desktops", PoolKind::Floating, "debian", 4, 0).await;
     env.user("alice").await;
     env.admin("root").await;
     env.broker.create_group(&system(), "engineering").await.unwrap();
@@ -85,46 +108,20 @@ async fn scenario() {
         host
     });
 
-    let shots = artifacts_dir();
-    let _ = std::fs::remove_dir_all(&shots);
+    let shots = artifacts_dir().join("portal");
     let work = tempfile::tempdir().unwrap();
-    let result_file = work.path().join("result.json");
-    let output = tokio::process::Command::new("node")
-        .arg(script_dir.join("portal.mjs"))
-        .current_dir(&script_dir)
-        .env("BASE_URL", &env.base)
-        .env("USER_NAME", "alice")
+    let mut node = browser_script(&env, "portal.mjs", &shots, work.path());
+    node.env("USER_NAME", "alice")
         .env("USER_PASSWORD", "alice-password")
         .env("ADMIN_NAME", "root")
         .env("ADMIN_PASSWORD", "root-password")
         .env("POOL_LABEL", "Office desktops")
         .env("IMAGE_NAME", "debian")
         .env("GROUP_NAME", "engineering")
-        .env("SHOTS_DIR", &shots)
-        .env("DOWNLOAD_DIR", work.path().join("downloads"))
-        .env("RESULT_FILE", &result_file)
-        .env("CHROMIUM", &chromium)
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(Duration::from_secs(240), output)
-        .await
-        .expect("browser run took over 4 minutes")
-        .unwrap();
+        .env("DOWNLOAD_DIR", work.path().join("downloads"));
+    let result = run_browser_script(&mut node, "portal.mjs", work.path()).await;
     let _ = stop_tx.send(());
     ticker.await.unwrap();
-    let result: Value = serde_json::from_str(&std::fs::read_to_string(&result_file).unwrap_or_else(|_| {
-        panic!(
-            "no result from portal.mjs: {}\n{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        )
-    }))
-    .unwrap();
-    assert!(
-        output.status.success() && result["ok"] == true,
-        "portal.mjs failed: {result:#}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
 
     // The downloaded connection file parses, and its ticket verifies once on the right host.
     let file = std::fs::read_to_string(result["connection_file"].as_str().unwrap()).unwrap();
@@ -165,6 +162,77 @@ async fn scenario() {
         "05-admin-hosts",
         "07-admin-pool-entitled",
         "09-admin-audit",
+    ] {
+        assert!(shots.join(format!("{name}.png")).exists(), "screenshot {name}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn directory_sign_in_in_chromium() {
+    common::bounded(directory_scenario()).await
+}
+
+async fn directory_scenario() {
+    let Some(dir) = TestDirectory::start("directory_sign_in_in_chromium") else { return };
+    let env = Env::with_directory(Backend::Sqlite, dir.directory()).await;
+    env.image("debian", 1024).await;
+    let pool = env.labelled_pool("office", "Office desktops", PoolKind::Floating, "debian", 4, 0).await;
+    env.admin("root").await;
+
+    let shots = artifacts_dir().join("directory");
+    let work = tempfile::tempdir().unwrap();
+    let mut node = browser_script(&env, "directory.mjs", &shots, work.path());
+    node.env("ADMIN_NAME", "root")
+        .env("ADMIN_PASSWORD", "root-password")
+        .env("POOL_URL", env.url(&format!("/admin/pools/{pool}")))
+        .env("POOL_LABEL", "Office desktops")
+        .env("GROUP_NAME", "engineering")
+        .env("MEMBER_NAME", "alice")
+        .env("MEMBER_PASSWORD", password("alice"))
+        .env("OUTSIDER_NAME", "bob")
+        .env("OUTSIDER_PASSWORD", password("bob"));
+    let result = run_browser_script(&mut node, "directory.mjs", work.path()).await;
+
+    // What the pages showed.
+    assert!(
+        result["entitlements"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e.as_str().unwrap().contains("engineering"))
+    );
+    assert_eq!(result["wrong_password"], "User name or password is wrong.");
+    assert_eq!(result["member_pools"], serde_json::json!(["Get a desktop from Office desktops"]));
+    assert!(result["member_header"].as_str().unwrap().contains("alice"), "{}", result["member_header"]);
+    assert_eq!(result["outsider_pools"], 0);
+    assert!(result["outsider_text"].as_str().unwrap().contains("No pool is available to you"));
+    let rows = |key: &str| -> Vec<String> {
+        result[key].as_array().unwrap().iter().map(|r| r.as_str().unwrap().to_owned()).collect()
+    };
+    assert!(
+        rows("user_rows")
+            .iter()
+            .any(|r| r.contains("alice") && r.contains("Alice Liddell") && r.ends_with("ldap")),
+        "{:?}",
+        rows("user_rows")
+    );
+    assert!(
+        rows("group_rows")
+            .iter()
+            .any(|r| r.starts_with("engineering") && r.contains("alice") && r.ends_with("ldap")),
+        "{:?}",
+        rows("group_rows")
+    );
+    // ... and the database agrees.
+    let users = env.broker.list_users(&system()).await.unwrap();
+    let sources: Vec<(&str, &str)> = users.iter().map(|u| (u.name.as_str(), u.source.as_str())).collect();
+    assert_eq!(sources, [("alice", "ldap"), ("bob", "ldap"), ("root", "local")]);
+    for name in [
+        "d1-admin-entitles-directory-group",
+        "d2-directory-wrong-password",
+        "d3-directory-member-portal",
+        "d4-directory-outsider-portal",
+        "d5-admin-users-and-groups",
     ] {
         assert!(shots.join(format!("{name}.png")).exists(), "screenshot {name}");
     }

@@ -5,50 +5,16 @@
 // Environment: BASE_URL, USER_NAME, USER_PASSWORD, ADMIN_NAME, ADMIN_PASSWORD, POOL_LABEL,
 // IMAGE_NAME, GROUP_NAME, SHOTS_DIR, DOWNLOAD_DIR, RESULT_FILE, CHROMIUM (default /usr/bin/chromium).
 
-import { chromium } from 'playwright-core';
-import { mkdirSync, writeFileSync } from 'node:fs';
+import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
+import { base, env, login, newPage, run, shot } from './lib.mjs';
 
-const env = (name) => {
-  const value = process.env[name];
-  if (!value) throw new Error(`missing environment variable ${name}`);
-  return value;
-};
-const base = env('BASE_URL');
-const shots = env('SHOTS_DIR');
 const downloads = env('DOWNLOAD_DIR');
-mkdirSync(shots, { recursive: true });
 mkdirSync(downloads, { recursive: true });
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-  headless: true,
-  timeout: 60_000,
-  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-    '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-});
-const result = {};
-let current = null; // the page in use, for a failure screenshot
-const viewport = { width: 1366, height: 768 };
-
-async function shot(page, name) {
-  await page.screenshot({ path: join(shots, `${name}.png`), fullPage: true });
-}
-
-async function login(page, name, password) {
-  current = page;
-  await page.goto(`${base}/login`);
-  await page.getByLabel('User name').fill(name);
-  await page.getByLabel('Password').fill(password);
-  await page.getByRole('button', { name: 'Log in' }).click();
-  await page.waitForURL(`${base}/`);
-}
-
-try {
+await run(async (browser, result) => {
   // ----- a user logs in, gets a desktop, connects ---------------------------------------
-  const userContext = await browser.newContext({ viewport, acceptDownloads: true });
-  userContext.setDefaultTimeout(30_000);
-  const page = await userContext.newPage();
+  const { context: userContext, page } = await newPage(browser, { acceptDownloads: true });
   await page.goto(`${base}/login`);
   await shot(page, '01-login');
   await login(page, env('USER_NAME'), env('USER_PASSWORD'));
@@ -85,9 +51,7 @@ try {
   await userContext.close();
 
   // ----- an admin creates a pool and entitles a group ------------------------------------
-  const adminContext = await browser.newContext({ viewport });
-  adminContext.setDefaultTimeout(30_000);
-  const admin = await adminContext.newPage();
+  const { context: adminContext, page: admin } = await newPage(browser);
   await login(admin, env('ADMIN_NAME'), env('ADMIN_PASSWORD'));
   await admin.goto(`${base}/admin/hosts`);
   await shot(admin, '05-admin-hosts');
@@ -114,17 +78,4 @@ try {
   await admin.goto(`${base}/admin/audit`);
   await shot(admin, '09-admin-audit');
   await adminContext.close();
-  result.ok = true;
-} catch (e) {
-  result.ok = false;
-  result.error = String(e && e.stack || e);
-  if (current) {
-    result.failed_at = current.url();
-    result.failed_page = (await current.content().catch(() => '')).slice(0, 4000);
-    await shot(current, 'failure').catch(() => {});
-  }
-} finally {
-  await browser.close();
-  writeFileSync(env('RESULT_FILE'), JSON.stringify(result, null, 2));
-}
-process.exit(result.ok ? 0 : 1);
+});

@@ -193,9 +193,22 @@ impl Env {
 
     /// A pool entitled to `group` (created if needed).
     pub async fn pool(&self, name: &str, kind: PoolKind, image: &str, max: i64, spares: i64) -> String {
+        self.labelled_pool(name, "", kind, image, max, spares).await
+    }
+
+    /// A pool with a display name (what the portal shows).
+    pub async fn labelled_pool(
+        &self,
+        name: &str,
+        display_name: &str,
+        kind: PoolKind,
+        image: &str,
+        max: i64,
+        spares: i64,
+    ) -> String {
         let spec = PoolSpec {
             name: name.into(),
-            display_name: String::new(),
+            display_name: display_name.into(),
             kind,
             image: image.into(),
             min_size: 0,
