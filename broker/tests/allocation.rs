@@ -26,6 +26,7 @@ on_both_databases!(
     failing_starts_back_off_within_the_pool,
     recompose,
     commands_a_host_never_answers_time_out,
+    an_answer_sent_twice_counts_once,
 );
 
 async fn floating(backend: Backend) {
@@ -739,4 +740,44 @@ async fn commands_a_host_never_answers_time_out(backend: Backend) {
     env.broker.request_desktop(&alice, &pool).await.unwrap();
     host.settle().await;
     assert_eq!(env.broker.desktop(&d.id).await.unwrap().state, DesktopState::InUse);
+}
+
+/// A host that answers a command twice at once (a retried request): one answer counts, the
+/// other changes nothing. Checked in a read, then written, the two could both pass the check
+/// (PostgreSQL's read committed) and a failed start would count twice.
+async fn an_answer_sent_twice_counts_once(backend: Backend) {
+    let env = Env::new(backend).await;
+    env.image("debian", 512).await;
+    let mut host = HostDouble::register(&env, "host-a", 16384, &["debian"]).await;
+    let pool = env.pool("office", PoolKind::Floating, "debian", 6, 6).await;
+    env.broker.maintain().await.unwrap();
+    host.hang = true;
+    host.tick().await;
+    let starts: Vec<(String, String)> = host
+        .held
+        .iter()
+        .filter(|c| c["kind"] == "start")
+        .map(|c| (c["id"].as_str().unwrap().to_owned(), c["desktop_id"].as_str().unwrap().to_owned()))
+        .collect();
+    assert_eq!(starts.len(), 6, "{:?}", host.held);
+    let failed = serde_json::json!({ "ok": false, "error": "no such image" });
+    let mut answers = tokio::task::JoinSet::new();
+    for (id, _) in &starts {
+        for _ in 0..2 {
+            answers.spawn(host.ack(id, &failed));
+        }
+    }
+    let statuses: Vec<reqwest::StatusCode> = answers.join_all().await;
+    let counted = statuses.iter().filter(|s| s.as_u16() == 204).count();
+    assert_eq!(counted, 6, "one answer of each pair counts: {statuses:?}");
+    assert!(statuses.iter().all(|s| matches!(s.as_u16(), 204 | 404)), "{statuses:?}");
+    for (_, desktop) in &starts {
+        let row: (i64,) = sqlx::query_as("SELECT start_failures FROM desktops WHERE id = $1")
+            .bind(desktop)
+            .fetch_one(&env.broker.db.pool)
+            .await
+            .unwrap();
+        assert_eq!(row.0, 1, "desktop {desktop} failed once, not once per answer");
+    }
+    let _ = pool;
 }

@@ -187,13 +187,14 @@ impl Broker {
             .await?;
         let Some(row) = row else { return Ok(()) };
         let failures = get_i64(&row, "start_failures")?;
+        // The count goes up in the database, not from the value read: two failures reported at
+        // once (a lost VM and a failed command) count twice.
         sqlx::query(
-            "UPDATE desktops SET state = $1, state_since = $2, last_error = $3, start_failures = $4, retry_at = $5 WHERE id = $6",
+            "UPDATE desktops SET state = $1, state_since = $2, last_error = $3, start_failures = start_failures + 1, retry_at = $4 WHERE id = $5",
         )
         .bind(DesktopState::Failed.as_str())
         .bind(now)
         .bind(truncate_reason(reason))
-        .bind(failures + 1)
         .bind(now + self.retry_delay(failures))
         .bind(desktop_id)
         .execute(&mut **tx)

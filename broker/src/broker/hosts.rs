@@ -328,13 +328,20 @@ impl Broker {
                     .fetch_one(&mut *tx)
                     .await?;
                     if state == DesktopState::Disconnected && get_i64(&in_flight, "n")? == 0 {
-                        // The user came back with the client: the session is live again.
-                        sqlx::query("UPDATE desktops SET state = $1, state_since = $2 WHERE id = $3")
-                            .bind(DesktopState::InUse.as_str())
-                            .bind(now)
-                            .bind(&running.id)
-                            .execute(&mut *tx)
-                            .await?;
+                        // The user came back with the client: the session is live again
+                        // (unless the desktop moved on since it was read).
+                        let back = sqlx::query(
+                            "UPDATE desktops SET state = $1, state_since = $2 WHERE id = $3 AND state = 'disconnected'",
+                        )
+                        .bind(DesktopState::InUse.as_str())
+                        .bind(now)
+                        .bind(&running.id)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                        if back == 0 {
+                            continue;
+                        }
                         sqlx::query(
                             "UPDATE sessions SET state = $1 WHERE desktop_id = $2 AND state = 'disconnected'",
                         )
@@ -451,12 +458,21 @@ impl Broker {
         let kind = CommandKind::from_name(&get_str(&row, "kind")?);
         let desktop_id = get_str(&row, "desktop_id")?;
         let mut tx = self.db.pool.begin().await?;
-        sqlx::query("UPDATE host_commands SET state = $1, error = $2 WHERE id = $3")
-            .bind(if ack.ok { CommandState::Done } else { CommandState::Failed }.as_str())
-            .bind(ack.error.clone())
-            .bind(command_id)
-            .execute(&mut *tx)
-            .await?;
+        // Conditional on the state read above: of two answers to one command (a retried
+        // request), or an answer racing the command's timeout, one wins and the other changes
+        // nothing (on PostgreSQL, where the read and this write are not under one lock).
+        let answered =
+            sqlx::query("UPDATE host_commands SET state = $1, error = $2 WHERE id = $3 AND state = 'sent'")
+                .bind(if ack.ok { CommandState::Done } else { CommandState::Failed }.as_str())
+                .bind(ack.error.clone())
+                .bind(command_id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        if answered == 0 {
+            tx.rollback().await?;
+            return Err(Error::NotFound("command (answered already, or timed out)".into()));
+        }
         if !ack.ok {
             sqlx::query("UPDATE hosts SET last_error = $1 WHERE id = $2")
                 .bind(truncate_reason(&format!(

@@ -54,11 +54,17 @@ impl Broker {
             .ok_or_else(|| Error::NotFound("live session".into()))?;
         let desktop = self.desktop(&desktop_id).await?;
         let mut tx = self.db.pool.begin().await?;
-        sqlx::query("UPDATE sessions SET state = $1 WHERE id = $2")
+        // Still live? It may have ended since it was read.
+        let live = sqlx::query("UPDATE sessions SET state = $1 WHERE id = $2 AND state = 'active'")
             .bind(SessionState::Disconnected.as_str())
             .bind(session_id)
             .execute(&mut *tx)
-            .await?;
+            .await?
+            .rows_affected();
+        if live == 0 {
+            tx.rollback().await?;
+            return Err(Error::NotFound("live session".into()));
+        }
         sqlx::query("UPDATE desktops SET state = $1, state_since = $2 WHERE id = $3 AND state = 'in_use'")
             .bind(DesktopState::Disconnected.as_str())
             .bind(now)

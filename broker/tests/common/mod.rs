@@ -266,8 +266,10 @@ pub struct HostDouble {
     pub booted: Vec<(String, String, String)>,
     /// While set, every start fails with this reason (an image the host cannot boot).
     pub fail_starts: Option<String>,
-    /// While set, commands are taken and never answered (a hung daemon).
+    /// While set, commands are taken and never answered (a hung daemon); they are kept in
+    /// `held`.
     pub hang: bool,
+    pub held: Vec<Value>,
     base: String,
     http: reqwest::Client,
 }
@@ -297,6 +299,7 @@ impl HostDouble {
             booted: Vec::new(),
             fail_starts: None,
             hang: false,
+            held: Vec::new(),
             base: env.base.clone(),
             http: env.http.clone(),
         }
@@ -321,6 +324,7 @@ impl HostDouble {
         let reply: Value = res.json().await.unwrap();
         let commands = reply["commands"].as_array().cloned().unwrap_or_default();
         if self.hang {
+            self.held.extend(commands.iter().cloned());
             return commands.len();
         }
         for c in &commands {
@@ -371,6 +375,17 @@ impl HostDouble {
             assert_eq!(ack.status(), 204);
         }
         commands.len()
+    }
+
+    /// Answers a command (`POST …/commands/{id}/ack`): the HTTP status, from a future that
+    /// holds nothing of `self` (to be spawned).
+    pub fn ack(&self, id: &str, ack: &Value) -> impl Future<Output = reqwest::StatusCode> + Send + 'static {
+        let request = self
+            .http
+            .post(format!("{}/api/v1/hosts/commands/{id}/ack", self.base))
+            .bearer_auth(&self.reg.credential)
+            .json(ack);
+        async move { request.send().await.unwrap().status() }
     }
 
     /// How the VM process of `desktop` checks tickets, as `pleiades-host run` does: the
