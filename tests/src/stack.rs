@@ -123,6 +123,8 @@ pub struct StackOptions {
     pub network: &'static str,
     /// `pool create --host-port`: host loopback services the desktops may reach.
     pub host_ports: Vec<u16>,
+    /// `serve --jail`: `auto` (jailed when root), `on` or `off`.
+    pub jail: &'static str,
 }
 
 impl Default for StackOptions {
@@ -148,6 +150,7 @@ impl Default for StackOptions {
             max: 4,
             network: "nat",
             host_ports: Vec::new(),
+            jail: "auto",
         }
     }
 }
@@ -550,6 +553,7 @@ fn host_command(o: &StackOptions, base: &str, pin: &str, state: &Path) -> Comman
         .args(["serve", "--broker", base, "--broker-cert-sha256", pin, "--name", "host-1"])
         .args(["--address", "127.0.0.1", "--listen-ip", "127.0.0.1", "--image", IMAGE])
         .args(["--ports", &format!("{}-{last_port}", o.first_session_port)])
+        .args(["--jail", o.jail])
         .arg("--state-dir")
         .arg(state);
     if let Some(vmm) = &o.vmm {

@@ -3,7 +3,8 @@
 //!
 //! `pleiades-broker serve` (HTTPS, SQLite) with a user, an image of the test guest and a pool;
 //! `pleiades-host serve` registers with a one-time token (the broker's certificate pinned),
-//! heartbeats, and boots the desktop the broker asks for (`--vmm qemu`, one `run` process); the
+//! heartbeats, and boots the desktop the broker asks for (`--vmm qemu`, one `run` process,
+//! unjailed here: `--jail off`; the jailed path is `desktop_jail`'s); the
 //! user logs in over the REST API, gets a desktop and a connection, and the headless client
 //! `pleiades connect` reaches the desktop with the broker's ticket and types into its shell.
 //! The ticket is one-time, a ticket from before the desktop's recycle is refused by the
@@ -48,6 +49,9 @@ fn a_user_gets_a_desktop_from_a_pool_and_the_client_reaches_it_with_the_brokers_
         spares: 0,
         ticket_key: Some(ticket_key),
         max: 1,
+        // Unjailed (the jailed path is desktop_jail's): the daemon still binds the session port
+        // and hands the socket over.
+        jail: "off",
         ..StackOptions::local(dir.path()).unwrap()
     };
     let session_port = options.first_session_port;

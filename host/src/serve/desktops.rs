@@ -223,7 +223,7 @@ impl Desktops {
         let netns = net.as_ref().map(DesktopNet::netns);
         let mut command = Command::new("setpriv");
         command.args(["--pdeathsig", "KILL", "--"]).arg(&self.settings.exe);
-        // The session socket handed to a jailed process: open until it has been spawned.
+        // The session socket handed to the VM process: open here until it has been spawned.
         let mut passed = None;
         let (cleanup, network) = match &self.settings.jail {
             Some(jail) => {
@@ -246,12 +246,6 @@ impl Desktops {
                     tls: &self.settings.state_dir.join("tls"),
                 }
                 .prepare()?;
-                // In the jail the process is in the desktop's network namespace already, and
-                // serves on the socket bound here (on the host's network).
-                let socket = claim.socket.take().ok_or("the port's socket is gone")?;
-                let socket = passed.insert(std::os::fd::OwnedFd::from(socket));
-                crate::jail::pass_fd(&mut command, socket, crate::jail::SESSION_SOCKET_FD)
-                    .map_err(|e| format!("{e:#}"))?;
                 // The jail process's own environment too (its waiter lives on with it).
                 command.env_clear().envs(spec.env.iter().cloned()).env("PATH", crate::jail::PATH);
                 let json = serde_json::to_string(&spec).map_err(|e| e.to_string())?;
@@ -261,8 +255,13 @@ impl Desktops {
             }
             None => (None, Network::Host { netns }),
         };
-        // Unjailed, `run` binds the port itself.
-        drop(claim.socket.take());
+        // The process serves on the socket bound here, on the host's network (jailed, it is in
+        // the desktop's network namespace already): the port stays ours from the claim to the
+        // VM's end, and no other start can take it in between.
+        let socket = claim.socket.take().ok_or("the port's socket is gone")?;
+        let socket = passed.insert(std::os::fd::OwnedFd::from(socket));
+        crate::jail::pass_fd(&mut command, socket, crate::jail::SESSION_SOCKET_FD)
+            .map_err(|e| format!("{e:#}"))?;
         command
             .arg("run")
             .args(self.run_args(desktop_id, image, disk, network, port, dir))
@@ -345,10 +344,8 @@ impl Desktops {
             // In the desktop's namespace already.
             Network::Jailed { netns: true } => flag("net", format!("user,mac={mac}").as_ref()),
         }
-        if let Network::Jailed { .. } = network {
-            // The session socket, bound by the daemon on the host's network.
-            flag("listen-fd", crate::jail::SESSION_SOCKET_FD.to_string().as_ref());
-        }
+        // The session socket, bound by the daemon on the host's network.
+        flag("listen-fd", crate::jail::SESSION_SOCKET_FD.to_string().as_ref());
         args
     }
 
@@ -856,6 +853,8 @@ mod tests {
                 prop_assert_eq!(run.control, Some(dir.join("control.sock")));
                 prop_assert_eq!(run.tls_identity, Some(Path::new(&state).join("tls")));
                 prop_assert_eq!(run.listen, Some("127.0.0.1:47001".parse().unwrap()));
+                // The daemon's socket, jailed or not: the port never is free between two starts.
+                prop_assert_eq!(run.listen_fd, Some(crate::jail::SESSION_SOCKET_FD));
                 prop_assert_eq!(run.devices.len(), 1);
                 prop_assert_eq!(run.disks, vec![crate::vm::disk::DiskRequest { path: disk, read_only: false }]);
                 let net = run.net.expect("--net");
