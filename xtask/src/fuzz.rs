@@ -7,8 +7,11 @@
 //! `--target` keeps them off build scripts) and run it on a corpus kept in
 //! `target/fuzz-corpus/` plus the committed seeds in `fuzz/seeds/<target>/` (read, never
 //! written). A crash fails the run and leaves the input in `target/fuzz-artifacts/`. Each long
-//! run appends a line to `target/fuzz-runs.tsv` (date, target, seconds, runs, coverage,
-//! features, result), the record the CPU-hours in docs/development.md are summed from.
+//! run appends a line to `target/fuzz-runs.tsv` (date, target, CPU seconds, runs, coverage,
+//! features, result), the record the CPU-hours in docs/development.md are summed from. The CPU
+//! seconds are the fuzzer processes' own (user + system, from the kernel's count of waited-for
+//! children), so that a run that shared the machine (`nice -n 19` beside a build) counts what it
+//! really got; a batch of several targets at once shares its total evenly.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -71,6 +74,7 @@ pub fn run_long(root: &Path, targets: &[String], minutes: u64, jobs: usize) -> R
     let seconds = minutes * 60;
     let mut failures = Vec::new();
     for batch in chosen.chunks(jobs.max(1)) {
+        let cpu_before = children_cpu_seconds();
         let results: Vec<(&str, Result<Outcome>)> = std::thread::scope(|scope| {
             let handles: Vec<_> = batch
                 .iter()
@@ -81,15 +85,19 @@ pub fn run_long(root: &Path, targets: &[String], minutes: u64, jobs: usize) -> R
                 .map(|(t, h)| (t, h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the runner panicked")))))
                 .collect()
         });
+        let cpu = match (cpu_before, children_cpu_seconds()) {
+            (Some(before), Some(after)) => (after - before) / batch.len() as u64,
+            _ => seconds,
+        };
         for (target, result) in results {
             let line = match &result {
-                Ok(o) => format!("{target}\t{seconds}\t{}\t{}\t{}\tok", o.runs, o.coverage, o.features),
-                Err(e) => format!("{target}\t{seconds}\t\t\t\tcrash: {}", first_line(&format!("{e:#}"))),
+                Ok(o) => format!("{target}\t{cpu}\t{}\t{}\t{}\tok", o.runs, o.coverage, o.features),
+                Err(e) => format!("{target}\t{cpu}\t\t\t\tcrash: {}", first_line(&format!("{e:#}"))),
             };
             record(root, &line)?;
             match result {
                 Ok(o) => println!(
-                    "fuzz {target}: {minutes} min, no crash: {} runs, cov {}, ft {}",
+                    "fuzz {target}: {minutes} min ({cpu} CPU s), no crash: {} runs, cov {}, ft {}",
                     o.runs, o.coverage, o.features
                 ),
                 Err(e) => {
@@ -107,6 +115,19 @@ pub fn run_long(root: &Path, targets: &[String], minutes: u64, jobs: usize) -> R
         bail!("fuzz targets crashed: {}", failures.join(", "));
     }
     Ok(())
+}
+
+/// CPU seconds (user + system) of this process's waited-for children so far, from
+/// `/proc/self/stat` (`cutime`, `cstime`; in USER_HZ, 100 a second on Linux).
+fn children_cpu_seconds() -> Option<u64> {
+    children_cpu_ticks(&std::fs::read_to_string("/proc/self/stat").ok()?).map(|ticks| ticks / 100)
+}
+
+fn children_cpu_ticks(stat: &str) -> Option<u64> {
+    // The command name may hold spaces and parentheses: the fields start after the last ')'.
+    let fields: Vec<&str> = stat.get(stat.rfind(')')? + 1..)?.split_whitespace().collect();
+    // Field 3 (state) is at index 0: cutime (16) and cstime (17) at 13 and 14.
+    Some(fields.get(13)?.parse::<u64>().ok()? + fields.get(14)?.parse::<u64>().ok()?)
 }
 
 fn first_line(text: &str) -> &str {
@@ -217,6 +238,15 @@ mod tests {
                    stat::number_of_executed_units: 12000\n";
         assert_eq!(outcome(log), Outcome { runs: 12000, coverage: 330, features: 1001 });
         assert_eq!(outcome("nothing here"), Outcome::default());
+    }
+
+    #[test]
+    fn the_childrens_cpu_time_is_read_after_the_command_name() {
+        let stat = "4242 (cargo (x) 1) S 1 2 3 0 -1 4194560 10 20 0 0 7 8 1500 230 20 0 1 0 9 1000 50";
+        assert_eq!(children_cpu_ticks(stat), Some(1730));
+        assert_eq!(children_cpu_ticks("no fields"), None);
+        // This process's own /proc/self/stat reads.
+        assert!(children_cpu_seconds().is_some());
     }
 
     #[test]
