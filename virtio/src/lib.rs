@@ -22,6 +22,7 @@ pub mod input;
 pub mod rng;
 pub mod snd;
 pub mod vhost_user;
+pub mod vsock;
 pub mod worker;
 
 use std::os::fd::RawFd;

@@ -25,6 +25,7 @@ pub const TARGETS: &[&str] = &[
     "virtio_input",
     "virtio_gpu",
     "virtio_snd",
+    "virtio_vsock",
     "protocol_decoder",
     "protocol_handshake",
     "protocol_control",
