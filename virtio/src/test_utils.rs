@@ -23,7 +23,13 @@ pub fn desc(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
 /// A queue of `size` entries whose descriptor table holds `descs`, with one chain per head
 /// (chains follow the NEXT flags in `descs`), all made available.
 pub fn queue_with(mem: &GuestMemory, size: u16, descs: &[RawDescriptor]) -> Queue {
-    let mock = MockSplitQueue::new(mem, size);
+    queue_at(mem, 0, size, descs)
+}
+
+/// [`queue_with`] with its rings at `base` (below 64 KiB), for devices that use several
+/// queues at once.
+pub fn queue_at(mem: &GuestMemory, base: u64, size: u16, descs: &[RawDescriptor]) -> Queue {
+    let mock = MockSplitQueue::create(mem, GuestAddress(base), size);
     mock.add_desc_chains(descs, 0).expect("descriptors fit");
     mock.create_queue::<Queue>().expect("valid queue")
 }

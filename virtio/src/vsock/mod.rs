@@ -7,6 +7,11 @@
 //!
 //! - [`packet`]: the packet header and operations.
 //! - [`muxer`]: connections, credit-based flow control, resets and half-closes, sans I/O.
+//! - [`device`]: the queues ([`Vsock`], a [`crate::VirtioDevice`]) and the VM process's end
+//!   ([`VsockHandle`]).
 
+pub mod device;
 pub mod muxer;
 pub mod packet;
+
+pub use device::{Vsock, VsockHandle};

@@ -210,6 +210,11 @@ impl Muxer {
         self.conns.len()
     }
 
+    /// Events not yet taken by [`Self::poll_event`].
+    pub fn pending_events(&self) -> usize {
+        self.events.len()
+    }
+
     /// The next thing that happened, for the host side.
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
