@@ -21,6 +21,8 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (6, include_str!("../migrations/0006_pool_network.sql")),
     (7, include_str!("../migrations/0007_host_token_names.sql")),
     (8, include_str!("../migrations/0008_boot_generation.sql")),
+    // 9 is taken by a change made at the same time (applied by version, so the gap is fine).
+    (10, include_str!("../migrations/0010_host_client_cert.sql")),
 ];
 
 /// A handle to the broker's database (cheap to clone).
