@@ -446,8 +446,6 @@ async fn refusal(res: reqwest::Response) -> (StatusCode, String) {
 async fn stolen_host_credentials_need_the_host_certificate(backend: Backend) {
     let env = Env::over_tls(backend).await;
     let (_, desktop, mut host) = setup(&env).await;
-    let pinned = host_pin(&env, "host-a").await;
-    assert_eq!(pinned.as_deref(), Some(host.cert.as_ref().unwrap().sha256.as_str()), "registration pins it");
     // A user's API works over the same HTTPS port without any client certificate.
     let alice = env.api_login("alice").await;
     let restart = env
@@ -499,6 +497,12 @@ async fn stolen_host_credentials_need_the_host_certificate(backend: Backend) {
     host.settle().await;
     let d = env.broker.list_desktops(&system()).await.unwrap();
     assert_eq!(d.iter().find(|d| d.id == desktop).map(|d| d.state.as_str()), Some("in_use"));
+    let pinned = host_pin(&env, "host-a").await;
+    assert_eq!(
+        pinned.as_deref(),
+        Some(host.cert.as_ref().unwrap().sha256.as_str()),
+        "registration pinned it"
+    );
     eprintln!(
         "stolen host credential: {refused} requests from {} other clients refused, the host went on",
         thieves.len()
