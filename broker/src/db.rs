@@ -23,6 +23,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (7, include_str!("../migrations/0007_host_token_names.sql")),
     (8, include_str!("../migrations/0008_boot_generation.sql")),
     (9, include_str!("../migrations/0009_directory_accounts.sql")),
+    (10, include_str!("../migrations/0010_host_client_cert.sql")),
 ];
 
 /// A handle to the broker's database (cheap to clone).

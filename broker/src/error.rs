@@ -10,6 +10,10 @@ pub enum Error {
     Forbidden,
     #[error("not authenticated")]
     Unauthenticated,
+    /// A host request whose connection does not present the host's pinned TLS client
+    /// certificate (or a registration over HTTPS that presents none).
+    #[error("host certificate: {0}")]
+    HostCertificate(String),
     #[error("too many attempts; try again later")]
     RateLimited,
     #[error("invalid request: {0}")]

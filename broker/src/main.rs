@@ -289,6 +289,12 @@ async fn run(mut config: Config, command: Cmd) -> Result<()> {
             config.insecure_http |= insecure_http;
             let broker = open(&config).await?;
             let tls = if config.insecure_http { None } else { Some(server::tls_config(&config)?) };
+            if tls.is_none() {
+                tracing::warn!(
+                    "plain HTTP: hosts cannot present their TLS client certificates, so a host's identity rests \
+                     on its credential alone (docs/broker.md, \"Hosts\")"
+                );
+            }
             let listener = tokio::net::TcpListener::bind(&config.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", config.listen))?;

@@ -415,6 +415,10 @@ pub struct Host {
     pub address: String,
     pub session_port: i64,
     pub cert_sha256: String,
+    /// SHA-256 of the TLS client certificate the host registered with (its identity towards
+    /// the broker; not the session certificate above). `None`: registered before mutual TLS or
+    /// over plain HTTP, known by its credential alone.
+    pub client_cert_sha256: Option<String>,
     pub cores: i64,
     pub memory_mib: i64,
     pub state: HostState,
@@ -433,6 +437,7 @@ impl Host {
             address: get_str(r, "address")?,
             session_port: get_i64(r, "session_port")?,
             cert_sha256: get_str(r, "cert_sha256")?,
+            client_cert_sha256: get_opt_str(r, "client_cert_sha256")?,
             cores: get_i64(r, "cores")?,
             memory_mib: get_i64(r, "memory_mib")?,
             state: HostState::parse(&get_str(r, "state")?)?,

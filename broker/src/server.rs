@@ -3,6 +3,10 @@
 //!
 //! Without a configured certificate the broker makes a self-signed one once (kept in
 //! `state_dir`) and logs its SHA-256 fingerprint, so that a fresh install is never plain text.
+//!
+//! HTTPS asks for a client certificate without requiring one ([`HostCertificates`]): hosts
+//! present their identity, which registration pins; browsers on the same port present nothing.
+//! Every request carries how its connection came ([`Transport`]) for the host API's checks.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -18,7 +22,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 use tower::ServiceExt as _;
 
-use crate::broker::Broker;
+use crate::broker::{Broker, Transport};
 use crate::config::Config;
 
 #[derive(Debug, thiserror::Error)]
@@ -90,12 +94,86 @@ pub fn tls_config(config: &Config) -> Result<rustls::ServerConfig, ServeError> {
         tracing::info!(cert = %cert_path.display(), sha256 = %fp, "TLS certificate");
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let client_certificates = Arc::new(HostCertificates::new(&provider));
     rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| ServeError::Tls(e.to_string()))?
-        .with_no_client_auth()
+        .with_client_cert_verifier(client_certificates)
         .with_single_cert(certs, key)
         .map_err(|e| ServeError::Tls(e.to_string()))
+}
+
+/// Client certificates as the host API wants them: asked for, never required (browsers share
+/// the port), any self-signed end-entity certificate accepted (a host's is pinned by its
+/// SHA-256 at registration, not by a CA), but the handshake's signature always verified with
+/// ring's algorithms: a peer that presents a certificate has proved it holds its key.
+///
+/// The request names one acceptable issuer, `CN=pleiades-host identity` (the name of every
+/// host's self-signed identity): a browser then offers none of its user's own certificates and
+/// asks its user nothing.
+#[derive(Debug)]
+pub struct HostCertificates {
+    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
+    hints: Vec<rustls::DistinguishedName>,
+}
+
+impl HostCertificates {
+    pub fn new(provider: &rustls::crypto::CryptoProvider) -> Self {
+        Self {
+            algorithms: provider.signature_verification_algorithms,
+            hints: vec![rustls::DistinguishedName::in_sequence(
+                &pleiades_protocol::hostapi::host_identity_rdns_der(),
+            )],
+        }
+    }
+}
+
+impl rustls::server::danger::ClientCertVerifier for HostCertificates {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &self.hints
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        // Who the certificate belongs to is the pin's business (broker/src/broker/hosts.rs);
+        // that the peer holds its key is checked by the signature methods below, which parse
+        // it (a malformed certificate fails there).
+        Ok(rustls::server::danger::ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
 }
 
 fn generate_self_signed(cert: &Path, key: &Path) -> Result<(), ServeError> {
@@ -158,10 +236,20 @@ pub async fn serve(
             let _slot = slot;
             match acceptor {
                 Some(acceptor) => match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => serve_connection(stream, addr, router).await,
-                    _ => tracing::debug!(peer = %addr, "no TLS handshake in time"),
+                    Ok(Ok(stream)) => {
+                        let client_cert_sha256 = stream
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|chain| chain.first())
+                            .map(|cert| pleiades_protocol::pinning::cert_sha256(cert));
+                        let transport = Transport::Https { client_cert_sha256 };
+                        serve_connection(stream, addr, transport, router).await
+                    }
+                    Ok(Err(e)) => tracing::debug!(peer = %addr, "TLS handshake failed: {e}"),
+                    Err(_) => tracing::debug!(peer = %addr, "no TLS handshake in time"),
                 },
-                None => serve_connection(tcp, addr, router).await,
+                None => serve_connection(tcp, addr, Transport::PlainHttp, router).await,
             }
         });
     }
@@ -169,12 +257,13 @@ pub async fn serve(
 
 /// HTTP/1.1 on one connection (the portal and the APIs need nothing more, and h2 costs build
 /// time), with the header and request time limits.
-async fn serve_connection<S>(stream: S, addr: SocketAddr, router: Router)
+async fn serve_connection<S>(stream: S, addr: SocketAddr, transport: Transport, router: Router)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(ConnectInfo(addr));
+        req.extensions_mut().insert(transport.clone());
         let router = router.clone();
         async move {
             match tokio::time::timeout(REQUEST_TIMEOUT, router.oneshot(req)).await {

@@ -1,11 +1,12 @@
 //! Every authorization failure, over real HTTP, on SQLite and PostgreSQL: missing or wrong
 //! credentials, users on admin endpoints, other users' desktops, pools without entitlement,
-//! CSRF, cross-origin posts, login rate limits, expired sessions, host credentials.
+//! CSRF, cross-origin posts, login rate limits, expired sessions, host credentials, and over
+//! HTTPS the hosts' pinned client certificates.
 
 mod common;
 
-use common::{Backend, Env, HostDouble, host_token, system};
-use pleiades_broker::broker::HostRegistered;
+use common::{Backend, ClientCert, Env, HostDouble, host_token, system};
+use pleiades_broker::broker::{HostRegistered, Transport};
 use pleiades_broker::model::HostTokenSpec;
 use pleiades_broker::model::PoolKind;
 use reqwest::StatusCode;
@@ -16,6 +17,9 @@ on_both_databases!(
     web_sessions_and_csrf,
     host_api_authorization,
     host_names_cannot_be_taken_over,
+    stolen_host_credentials_need_the_host_certificate,
+    registration_over_https_takes_a_client_certificate,
+    a_pinned_host_registers_again_only_with_its_certificate,
     login_rate_limits,
     parallel_password_guessing_is_bounded,
     a_new_password_ends_the_old_sessions,
@@ -418,6 +422,210 @@ async fn host_names_cannot_be_taken_over(backend: Backend) {
     assert_eq!(host_row(&env, "host-a").await.1, "host-a.reinstalled.example");
 }
 
+/// The pinned client certificate of `name` (`hosts.client_cert_sha256`).
+async fn host_pin(env: &Env, name: &str) -> Option<String> {
+    sqlx::query_scalar("SELECT client_cert_sha256 FROM hosts WHERE name = $1")
+        .bind(name)
+        .fetch_one(&env.broker.db.pool)
+        .await
+        .unwrap()
+}
+
+/// A refusal's status and message (`{"error": …}`).
+async fn refusal(res: reqwest::Response) -> (StatusCode, String) {
+    let status = res.status();
+    let body: Value = res.json().await.unwrap_or_default();
+    (status, body["error"].as_str().unwrap_or_default().to_owned())
+}
+
+/// Security review finding: a host's credential alone (copied off the machine, out of a backup
+/// or a log) let anyone act as that host: take its commands, report its desktops gone, ack
+/// starts it never made. Over HTTPS a host's credential now works only over a connection that
+/// presents the client certificate the host registered with.
+async fn stolen_host_credentials_need_the_host_certificate(backend: Backend) {
+    let env = Env::over_tls(backend).await;
+    let (_, desktop, mut host) = setup(&env).await;
+    // A user's API works over the same HTTPS port without any client certificate.
+    let alice = env.api_login("alice").await;
+    let restart = env
+        .http
+        .post(env.url(&format!("/api/v1/desktops/{desktop}/restart")))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(restart.status(), 202);
+    let beat = json!({"cores": 8, "memory_mib": 8192, "images": ["debian"], "desktops": []});
+    let thieves = [
+        ("no client certificate", env.client(None)),
+        ("a certificate of its own", env.client(Some(&ClientCert::generate()))),
+    ];
+    let mut refused = 0;
+    for (what, thief) in &thieves {
+        let res = thief
+            .post(env.url("/api/v1/hosts/heartbeat"))
+            .bearer_auth(&host.reg.credential)
+            .json(&beat)
+            .send()
+            .await
+            .unwrap();
+        let (status, message) = refusal(res).await;
+        eprintln!("refused: a heartbeat with host-a's stolen credential and {what}: {status}: {message}");
+        assert_eq!(status, StatusCode::FORBIDDEN, "{what}");
+        assert!(
+            message.contains("pinned TLS client certificate") && message.contains("--replace"),
+            "{message}"
+        );
+        let res = thief
+            .post(env.url("/api/v1/hosts/commands/c-anything/ack"))
+            .bearer_auth(&host.reg.credential)
+            .json(&json!({"ok": false, "error": "stolen"}))
+            .send()
+            .await
+            .unwrap();
+        let (status, message) = refusal(res).await;
+        eprintln!(
+            "refused: an acknowledgement with host-a's stolen credential and {what}: {status}: {message}"
+        );
+        assert_eq!(status, StatusCode::FORBIDDEN, "{what}");
+        refused += 2;
+    }
+    // The thieves took nothing: the real host gets the restart, and its desktop still runs.
+    assert_eq!(host.tick().await, 1, "the restart command waited for the real host");
+    assert_eq!(host.commands_seen.last().map(|(kind, _)| kind.as_str()), Some("restart"));
+    host.settle().await;
+    let d = env.broker.list_desktops(&system()).await.unwrap();
+    assert_eq!(d.iter().find(|d| d.id == desktop).map(|d| d.state.as_str()), Some("in_use"));
+    let pinned = host_pin(&env, "host-a").await;
+    assert_eq!(
+        pinned.as_deref(),
+        Some(host.cert.as_ref().unwrap().sha256.as_str()),
+        "registration pinned it"
+    );
+    eprintln!(
+        "stolen host credential: {refused} requests from {} other clients refused, the host went on",
+        thieves.len()
+    );
+}
+
+/// Over HTTPS, registration takes the host's client certificate (what the broker pins); a
+/// registration without one is refused and its token is not spent.
+async fn registration_over_https_takes_a_client_certificate(backend: Backend) {
+    let env = Env::over_tls(backend).await;
+    let token = make_token(&env, host_token("host-new")).await;
+    let body = json!({"token": token, "name": "host-new", "address": "host-new.example", "session_port": 4433,
+                      "cert_sha256": "", "cores": 4, "memory_mib": 4096});
+    let res = env.client(None).post(env.url("/api/v1/hosts/register")).json(&body).send().await.unwrap();
+    let (status, message) = refusal(res).await;
+    eprintln!("refused: a registration over HTTPS without a client certificate: {status}: {message}");
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(message.contains("client certificate"), "{message}");
+    let hosts: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM hosts").fetch_one(&env.broker.db.pool).await.unwrap();
+    assert_eq!(hosts, 0);
+    let audit = env.broker.list_audit(&system(), 100).await.unwrap();
+    assert!(
+        audit
+            .iter()
+            .any(|e| e.action == "host.register.denied" && e.detail.contains("no client certificate")),
+        "audited"
+    );
+    // The same token with a certificate: registered, that certificate pinned.
+    let cert = ClientCert::generate();
+    let res =
+        env.client(Some(&cert)).post(env.url("/api/v1/hosts/register")).json(&body).send().await.unwrap();
+    assert_eq!(res.status(), 201, "the refused token was not spent");
+    assert_eq!(host_pin(&env, "host-new").await, Some(cert.sha256.clone()));
+}
+
+/// A pinned host registers again with its credential only from its own certificate; a new
+/// certificate takes a replacement token, which moves the pin (and the credential) to it.
+async fn a_pinned_host_registers_again_only_with_its_certificate(backend: Backend) {
+    let env = Env::over_tls(backend).await;
+    let (_, _, mut host) = setup(&env).await;
+    let before = host_row(&env, "host-a").await;
+    let pinned = host_pin(&env, "host-a").await;
+    let again = |credential: &str, address: &str| {
+        json!({"token": "", "credential": credential, "name": "host-a", "address": address,
+               "session_port": 4433, "cert_sha256": "ee".repeat(32), "cores": 4, "memory_mib": 4096})
+    };
+    for (what, client) in [
+        ("another certificate", env.client(Some(&ClientCert::generate()))),
+        ("no certificate", env.client(None)),
+    ] {
+        let res = client
+            .post(env.url("/api/v1/hosts/register"))
+            .json(&again(&host.reg.credential, "evil.example"))
+            .send()
+            .await
+            .unwrap();
+        let (status, message) = refusal(res).await;
+        eprintln!("refused: host-a's credential registering again with {what}: {status}: {message}");
+        assert_eq!(status, StatusCode::FORBIDDEN, "{what}");
+        assert!(message.contains("client certificate"), "{message}");
+        assert_eq!(
+            (host_row(&env, "host-a").await, host_pin(&env, "host-a").await),
+            (before.clone(), pinned.clone())
+        );
+        host.tick().await;
+    }
+    // The host itself, from its certificate: accepted, same credential, same pin.
+    let res = host
+        .http
+        .post(env.url("/api/v1/hosts/register"))
+        .json(&again(&host.reg.credential, "host-a.new.example"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    assert_eq!(host_pin(&env, "host-a").await, pinned);
+    assert_eq!(host_row(&env, "host-a").await.1, "host-a.new.example");
+    // A reinstalled machine with a new identity: an admin's replacement token pins it.
+    let fresh = ClientCert::generate();
+    let replace = make_token(&env, HostTokenSpec { replace: true, ..host_token("host-a") }).await;
+    let res = env
+        .client(Some(&fresh))
+        .post(env.url("/api/v1/hosts/register"))
+        .json(&json!({"token": replace, "name": "host-a", "address": "host-a.reinstalled.example",
+                      "session_port": 4433, "cert_sha256": "ee".repeat(32), "cores": 4, "memory_mib": 4096}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let replaced: HostRegistered = res.json().await.unwrap();
+    assert_eq!(host_pin(&env, "host-a").await, Some(fresh.sha256.clone()));
+    let beat = json!({"cores": 4, "memory_mib": 4096});
+    let heartbeat = |client: reqwest::Client, credential: String| {
+        let url = env.url("/api/v1/hosts/heartbeat");
+        let beat = beat.clone();
+        async move { client.post(url).bearer_auth(credential).json(&beat).send().await.unwrap().status() }
+    };
+    assert_eq!(heartbeat(host.http.clone(), host.reg.credential.clone()).await, 401, "the old credential");
+    assert_eq!(heartbeat(host.http.clone(), replaced.credential.clone()).await, 403, "the old certificate");
+    assert_eq!(heartbeat(env.client(Some(&fresh)), replaced.credential.clone()).await, 200);
+
+    // A host registered before pins (NULL) is known by its credential alone, and registering
+    // again with it does not pin anything: a pin takes a replacement token.
+    sqlx::query("UPDATE hosts SET client_cert_sha256 = NULL WHERE name = 'host-a'")
+        .execute(&env.broker.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        heartbeat(env.client(None), replaced.credential.clone()).await,
+        200,
+        "unpinned: credential alone"
+    );
+    let res = env
+        .client(Some(&ClientCert::generate()))
+        .post(env.url("/api/v1/hosts/register"))
+        .json(&again(&replaced.credential, "host-a.reinstalled.example"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    assert_eq!(host_pin(&env, "host-a").await, None, "no pin without a replacement token");
+}
+
 async fn login_rate_limits(backend: Backend) {
     let env = Env::new(backend).await;
     env.user("alice").await;
@@ -567,7 +775,7 @@ async fn registration_flooding_is_bounded(backend: Backend) {
         .map(|i| {
             let (broker, reg) =
                 (env.broker.clone(), registration(&format!("flood-{i}"), &format!("hrt_made-up-{i}")));
-            tokio::spawn(async move { broker.register_host(&reg, "192.0.2.66").await })
+            tokio::spawn(async move { broker.register_host(&reg, "192.0.2.66", &Transport::PlainHttp).await })
         })
         .collect();
     let (mut refused, mut limited) = (0, 0);
@@ -579,7 +787,10 @@ async fn registration_flooding_is_bounded(backend: Backend) {
         }
     }
     let token = make_token(&env, host_token("real-host")).await;
-    env.broker.register_host(&registration("real-host", &token), "198.51.100.20").await.unwrap();
+    env.broker
+        .register_host(&registration("real-host", &token), "198.51.100.20", &Transport::PlainHttp)
+        .await
+        .unwrap();
     let audit = env.broker.list_audit(&system(), 1000).await.unwrap();
     let audited = audit.iter().filter(|e| e.action == "host.register.denied").count();
     eprintln!("200 made-up registrations: {refused} refused and audited, {limited} turned away unread");

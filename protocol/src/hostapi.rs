@@ -8,6 +8,26 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The subject (and, self-signed, issuer) common name of every host's identity certificate:
+/// the TLS client certificate `pleiades-host serve` presents to its broker, whose SHA-256 the
+/// broker pins at registration. The broker names it in its certificate request, so that a
+/// browser on the same port offers none of its user's own client certificates (and asks
+/// nothing).
+pub const HOST_IDENTITY_NAME: &str = "pleiades-host identity";
+
+/// The DER of the X.500 name `CN=`[`HOST_IDENTITY_NAME`] without its outer SEQUENCE header
+/// (one RDN: `SET { SEQUENCE { id-at-commonName, UTF8String } }`), as rustls'
+/// `DistinguishedName::in_sequence` takes it and as it appears in a host's certificate.
+pub fn host_identity_rdns_der() -> Vec<u8> {
+    // Short enough for single-byte DER lengths (a const, checked by the tests).
+    let name = HOST_IDENTITY_NAME.as_bytes();
+    let attribute_len = 5 + 2 + name.len();
+    let mut der = vec![0x31, (attribute_len + 2) as u8, 0x30, attribute_len as u8];
+    der.extend_from_slice(&[0x06, 0x03, 0x55, 0x04, 0x03, 0x0c, name.len() as u8]);
+    der.extend_from_slice(name);
+    der
+}
+
 /// Host registration request.
 ///
 /// A new host name needs a registration token made for that name. A name that is registered
@@ -244,6 +264,15 @@ pub struct CommandAck {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_host_identity_name_is_one_common_name_in_der() {
+        let der = host_identity_rdns_der();
+        assert!(HOST_IDENTITY_NAME.len() < 100, "single-byte DER lengths");
+        assert_eq!(der.len(), 2 + 2 + 7 + HOST_IDENTITY_NAME.len());
+        assert_eq!(&der[..4], &[0x31, der.len() as u8 - 2, 0x30, der.len() as u8 - 4]);
+        assert!(der.ends_with(HOST_IDENTITY_NAME.as_bytes()));
+    }
 
     #[test]
     fn template_hash_is_sha256_and_copies_every_byte() {

@@ -53,14 +53,23 @@ impl Broker {
     /// it; a registered name takes that host's current credential (which stays valid: the
     /// host updates its address, certificate and images) or a token made to replace it (the
     /// host gets a new credential and the old one stops working).
-    pub async fn register_host(&self, reg: &HostRegistration, client: &str) -> Result<HostRegistered> {
+    ///
+    /// Over HTTPS the host must present its TLS client certificate: a new or replaced host's
+    /// is pinned, and a registration with the credential must come with the pinned one (a new
+    /// certificate needs a replacement token). Over plain HTTP nothing can be pinned or checked.
+    pub async fn register_host(
+        &self,
+        reg: &HostRegistration,
+        client: &str,
+        transport: &Transport,
+    ) -> Result<HostRegistered> {
         let now = self.now();
         self.limiter.lock().expect("limiter lock").check_registration(
             &self.settings,
             client,
             self.clock.now(),
         )?;
-        let registered = self.register_host_checked(reg, client, now).await;
+        let registered = self.register_host_checked(reg, client, transport, now).await;
         if registered.is_ok() {
             self.limiter.lock().expect("limiter lock").registered(client);
         }
@@ -71,6 +80,7 @@ impl Broker {
         &self,
         reg: &HostRegistration,
         client: &str,
+        transport: &Transport,
         now: i64,
     ) -> Result<HostRegistered> {
         if !valid_name(&reg.name)
@@ -84,19 +94,76 @@ impl Broker {
         if reg.images.len() > MAX_REPORTED {
             return Err(Error::Invalid(format!("host: at most {MAX_REPORTED} images")));
         }
-        let existing = sqlx::query("SELECT id, credential_hash FROM hosts WHERE name = $1")
-            .bind(&reg.name)
-            .fetch_optional(&self.db.pool)
-            .await?
-            .map(|r| Ok::<_, Error>((get_str(&r, "id")?, get_str(&r, "credential_hash")?)))
-            .transpose()?;
+        let presented = match transport {
+            Transport::PlainHttp => None,
+            Transport::Https { client_cert_sha256: Some(sha256) } => Some(sha256.clone()),
+            Transport::Https { client_cert_sha256: None } => {
+                self.audit(
+                    &reg.name,
+                    "host.register.denied",
+                    &reg.name,
+                    &format!("no client certificate over HTTPS; from {client}"),
+                )
+                .await?;
+                return Err(Error::HostCertificate(
+                    "registering over HTTPS takes the host's TLS client certificate, which the broker pins \
+                     (pleiades-host serve presents its identity, STATE_DIR/host-identity-cert.pem, by itself; \
+                     behind a TLS-terminating proxy, the broker serves plain HTTP and pins nothing)"
+                        .into(),
+                ));
+            }
+        };
+        let existing =
+            sqlx::query("SELECT id, credential_hash, client_cert_sha256 FROM hosts WHERE name = $1")
+                .bind(&reg.name)
+                .fetch_optional(&self.db.pool)
+                .await?
+                .map(|r| {
+                    Ok::<_, Error>((
+                        get_str(&r, "id")?,
+                        get_str(&r, "credential_hash")?,
+                        get_opt_str(&r, "client_cert_sha256")?,
+                    ))
+                })
+                .transpose()?;
         let own_credential = match (&existing, &reg.credential) {
-            (Some((_, stored)), Some(credential)) => {
+            (Some((_, stored, _)), Some(credential)) => {
                 secret::constant_time_eq(secret::token_hash(credential).as_bytes(), stored.as_bytes())
             }
             _ => false,
         };
+        // The pin the host has after this registration: its own stays with its credential (a
+        // new one takes a replacement token); a new or replaced host gets what it presented.
+        let pin = match &existing {
+            Some((_, _, pinned)) if own_credential => pinned.clone(),
+            _ => presented.clone(),
+        };
+        if own_credential
+            && let (Some(pinned), Transport::Https { .. }) = (&pin, transport)
+            && presented.as_deref() != Some(pinned.as_str())
+        {
+            self.audit(
+                &reg.name,
+                "host.register.denied",
+                &reg.name,
+                &format!("its credential with another client certificate; from {client}"),
+            )
+            .await?;
+            return Err(Error::HostCertificate(format!(
+                "host {} is pinned to another TLS client certificate: it registers again with its credential \
+                 only from the machine that holds its identity; a new identity takes a token made to replace it \
+                 (`pleiades-broker host token create --name {} --replace`)",
+                reg.name, reg.name
+            )));
+        }
         let credential = if own_credential {
+            if pin.is_none() && presented.is_some() {
+                tracing::warn!(
+                    host = %reg.name,
+                    "registered again with its credential but without a pinned client certificate: it is known by \
+                     its credential alone until registered with a replacement token (host token create --replace)"
+                );
+            }
             reg.credential.clone().unwrap_or_default()
         } else {
             if let Err(refusal) = self.spend_host_token(reg, existing.is_some(), now).await? {
@@ -120,12 +187,13 @@ impl Broker {
         };
         let mut tx = self.db.pool.begin().await?;
         let id = match &existing {
-            Some((id, stored)) => {
+            Some((id, stored, _)) => {
                 // Conditional on the credential read above: two registrations of one name at
                 // once cannot both win.
                 let updated = sqlx::query(
                     "UPDATE hosts SET address = $1, session_port = $2, cert_sha256 = $3, credential_hash = $4, cores = $5, \
-                     memory_mib = $6, state = $7, last_heartbeat = $8, registered_at = $8 WHERE id = $9 AND credential_hash = $10",
+                     memory_mib = $6, state = $7, last_heartbeat = $8, registered_at = $8, client_cert_sha256 = $11 \
+                     WHERE id = $9 AND credential_hash = $10",
                 )
                 .bind(&reg.address)
                 .bind(i64::from(reg.session_port))
@@ -137,6 +205,7 @@ impl Broker {
                 .bind(now)
                 .bind(id)
                 .bind(stored)
+                .bind(&pin)
                 .execute(&mut *tx)
                 .await?;
                 if updated.rows_affected() != 1 {
@@ -147,8 +216,8 @@ impl Broker {
             None => {
                 let id = new_id("h");
                 sqlx::query(
-                    "INSERT INTO hosts (id, name, address, session_port, cert_sha256, credential_hash, cores, memory_mib, state, last_heartbeat, registered_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10)",
+                    "INSERT INTO hosts (id, name, address, session_port, cert_sha256, credential_hash, cores, memory_mib, state, last_heartbeat, registered_at, client_cert_sha256) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $11)",
                 )
                 .bind(&id)
                 .bind(&reg.name)
@@ -160,6 +229,7 @@ impl Broker {
                 .bind(reg.memory_mib)
                 .bind(HostState::Online.as_str())
                 .bind(now)
+                .bind(&pin)
                 .execute(&mut *tx)
                 .await
                 .map_err(|e| conflict(e, &format!("host {} registered concurrently", reg.name)))?;
@@ -177,7 +247,15 @@ impl Broker {
             &reg.name,
             "host.register",
             &reg.name,
-            &format!("{how}: {}:{} from {client}", reg.address, reg.session_port),
+            &format!(
+                "{how}: {}:{} from {client}, {}",
+                reg.address,
+                reg.session_port,
+                match &pin {
+                    Some(sha256) => format!("client certificate {sha256}"),
+                    None => "no client certificate pinned".to_owned(),
+                }
+            ),
         )
         .await?;
         Ok(HostRegistered {
@@ -229,12 +307,32 @@ impl Broker {
         Ok(if spent.rows_affected() == 1 { Ok(()) } else { Err(TokenRefusal::Invalid) })
     }
 
-    pub async fn host_by_credential(&self, credential: &str) -> Result<Host> {
+    /// The host whose credential this is, when the connection may use it: a host with a
+    /// pinned client certificate only over HTTPS with that certificate (or over plain HTTP,
+    /// where nothing can be checked; the broker warns at start).
+    pub async fn host_by_credential(&self, credential: &str, transport: &Transport) -> Result<Host> {
         let row = sqlx::query("SELECT * FROM hosts WHERE credential_hash = $1")
             .bind(secret::token_hash(credential))
             .fetch_optional(&self.db.pool)
             .await?;
-        row.as_ref().map(Host::from_row).transpose()?.ok_or(Error::Unauthenticated)
+        let host = row.as_ref().map(Host::from_row).transpose()?.ok_or(Error::Unauthenticated)?;
+        if let (Some(pinned), Transport::Https { client_cert_sha256 }) = (&host.client_cert_sha256, transport)
+            && client_cert_sha256.as_deref() != Some(pinned.as_str())
+        {
+            let presented = if client_cert_sha256.is_some() { "another one" } else { "none" };
+            tracing::warn!(
+                host = %host.name,
+                "refused a request with this host's credential: its connection presented {presented} of \
+                 the host's pinned client certificate (a stolen credential, or a host whose identity changed)"
+            );
+            return Err(Error::HostCertificate(format!(
+                "host {}'s credential works only with its pinned TLS client certificate, and this connection \
+                 presented {presented}; a host with a new identity registers again with a token made to replace it \
+                 (`pleiades-broker host token create --name {} --replace`)",
+                host.name, host.name
+            )));
+        }
+        Ok(host)
     }
 
     pub async fn host(&self, id: &str) -> Result<Host> {
@@ -530,6 +628,18 @@ impl Broker {
         }
         Ok(())
     }
+}
+
+/// How a host API request reached the broker: `server::serve` puts it in every request's
+/// extensions (a request without one is treated as HTTPS without a client certificate).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transport {
+    /// Plain HTTP (`insecure_http`: loopback tests, or a TLS proxy in front): no client
+    /// certificate can be presented, so a host is known by its credential alone.
+    PlainHttp,
+    /// HTTPS; the SHA-256 of the client certificate whose key the peer proved it holds in the
+    /// handshake, when it presented one.
+    Https { client_cert_sha256: Option<String> },
 }
 
 /// Why a registration token does not register a name (audited; the host only learns 401, or

@@ -36,6 +36,7 @@ use crate::model::{Actor, AuditEntry};
 use crate::secret;
 
 use accounts::RateLimiter;
+pub use hosts::Transport;
 use ticket_key::load_or_create_signer;
 pub use ticket_key::{KEY_FILE as TICKET_KEY_FILE, import_ticket_key};
 

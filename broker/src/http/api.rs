@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{AppState, Auth, Client};
-use crate::broker::{CommandAck, Heartbeat, HostRegistration};
+use crate::broker::{CommandAck, Heartbeat, HostRegistration, Transport};
 use crate::error::{Error, Result};
 use crate::model::{Host, HostTokenSpec, Image, PoolSpec, PrincipalKind};
 
@@ -314,41 +314,65 @@ async fn audit(State(s): State<AppState>, auth: Auth) -> Result<Json<Value>> {
 
 // ----- host API ---------------------------------------------------------------------------
 
-async fn host_auth(s: &AppState, headers: &HeaderMap) -> Result<Host> {
+/// The host whose credential the request carries, over a connection that may use it (its
+/// pinned client certificate).
+async fn host_auth(s: &AppState, headers: &HeaderMap, transport: &Transport) -> Result<Host> {
     let credential = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .filter(|c| c.starts_with("hcr_"))
         .ok_or(Error::Unauthenticated)?;
-    s.broker.host_by_credential(credential.trim()).await
+    s.broker.host_by_credential(credential.trim(), transport).await
+}
+
+/// How the request reached the broker (`server::serve` sets it on every request). Without it,
+/// HTTPS without a client certificate: a pinned host is refused rather than let through.
+#[derive(Debug)]
+struct Connection(Transport);
+
+impl<S: Send + Sync> FromRequestParts<S> for Connection {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> std::result::Result<Self, Self::Rejection> {
+        Ok(Self(
+            parts
+                .extensions
+                .get::<Transport>()
+                .cloned()
+                .unwrap_or(Transport::Https { client_cert_sha256: None }),
+        ))
+    }
 }
 
 async fn register_host(
     State(s): State<AppState>,
     Client(client): Client,
+    Connection(transport): Connection,
     Json(reg): Json<HostRegistration>,
 ) -> Result<Response> {
-    let registered = s.broker.register_host(&reg, &client).await?;
+    let registered = s.broker.register_host(&reg, &client, &transport).await?;
     Ok((StatusCode::CREATED, Json(registered)).into_response())
 }
 
 async fn heartbeat(
     State(s): State<AppState>,
     headers: HeaderMap,
+    Connection(transport): Connection,
     Json(beat): Json<Heartbeat>,
 ) -> Result<Json<Value>> {
-    let host = host_auth(&s, &headers).await?;
+    let host = host_auth(&s, &headers, &transport).await?;
     Ok(Json(json!(s.broker.heartbeat(&host, &beat).await?)))
 }
 
 async fn ack_command(
     State(s): State<AppState>,
     headers: HeaderMap,
+    Connection(transport): Connection,
     Path(id): Path<String>,
     Json(ack): Json<CommandAck>,
 ) -> Result<StatusCode> {
-    let host = host_auth(&s, &headers).await?;
+    let host = host_auth(&s, &headers, &transport).await?;
     s.broker.ack_command(&host, &id, &ack).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -176,7 +176,7 @@ impl Error {
     pub fn status(&self) -> StatusCode {
         match self {
             Error::NotFound(_) => StatusCode::NOT_FOUND,
-            Error::Forbidden => StatusCode::FORBIDDEN,
+            Error::Forbidden | Error::HostCertificate(_) => StatusCode::FORBIDDEN,
             Error::Unauthenticated => StatusCode::UNAUTHORIZED,
             Error::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Error::Invalid(_) | Error::Ticket(_) => StatusCode::BAD_REQUEST,

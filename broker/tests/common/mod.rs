@@ -1,5 +1,7 @@
-//! Shared test setup: a broker on SQLite or PostgreSQL served on 127.0.0.1, a manual clock,
-//! and a test double of `pleiades-host` that speaks the host API over real HTTP.
+//! Shared test setup: a broker on SQLite or PostgreSQL served on 127.0.0.1 (plain HTTP, or
+//! HTTPS with its self-signed certificate: [`Env::over_tls`]), a manual clock, and a test double
+//! of `pleiades-host` that speaks the host API over real HTTP, presenting a client certificate
+//! of its own over HTTPS as the real host does.
 
 #![allow(dead_code)]
 
@@ -11,11 +13,13 @@ use std::sync::Arc;
 use pleiades_broker::auth::ldap::Directory;
 use pleiades_broker::broker::{Broker, BrokerSettings, HostRegistered};
 use pleiades_broker::clock::ManualClock;
+use pleiades_broker::config::Config;
 use pleiades_broker::db::Db;
 use pleiades_broker::http::{AppState, router};
 use pleiades_broker::model::{Actor, HostTokenSpec, Image, PoolKind, PoolSpec, PrincipalKind, User};
 use pleiades_broker::server;
 use pleiades_testkit::postgres::PgServer;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{Value, json};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +64,8 @@ pub struct Env {
     pub backend: Backend,
     /// The database URL, for a second broker on the same database.
     pub db_url: String,
+    /// Over HTTPS: the SHA-256 of the broker's certificate (what hosts pin).
+    pub broker_pin: Option<String>,
     _pg: Option<PgServer>,
     _dir: tempfile::TempDir,
     _shutdown: tokio::sync::oneshot::Sender<()>,
@@ -89,22 +95,31 @@ impl Env {
         .await
     }
 
+    /// A broker serving HTTPS (its self-signed certificate, client certificates asked for and
+    /// not required) as `pleiades-broker serve` does by default. `http` is a client without a
+    /// client certificate, like a browser; hosts get one each ([`HostDouble::register`]).
+    pub async fn over_tls(backend: Backend) -> Self {
+        let settings = BrokerSettings { heartbeat_timeout_secs: 30, ..BrokerSettings::default() };
+        Self::build(backend, settings, None, true).await
+    }
+
     /// A broker with other tunables (the allocation benchmark lifts the login rate limit).
     pub async fn with_settings(backend: Backend, settings: BrokerSettings) -> Self {
-        Self::build(backend, settings, None).await
+        Self::build(backend, settings, None, false).await
     }
 
     /// A broker whose directory's users may sign in too.
     pub async fn with_directory(backend: Backend, directory: Arc<Directory>) -> Self {
-        Self::build(
-            backend,
-            BrokerSettings { heartbeat_timeout_secs: 30, ..BrokerSettings::default() },
-            Some(directory),
-        )
-        .await
+        let settings = BrokerSettings { heartbeat_timeout_secs: 30, ..BrokerSettings::default() };
+        Self::build(backend, settings, Some(directory), false).await
     }
 
-    async fn build(backend: Backend, settings: BrokerSettings, directory: Option<Arc<Directory>>) -> Self {
+    async fn build(
+        backend: Backend,
+        settings: BrokerSettings,
+        directory: Option<Arc<Directory>>,
+        tls: bool,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let (url, pg) = match backend {
             Backend::Sqlite => (format!("sqlite://{}/broker.db", dir.path().display()), None),
@@ -126,18 +141,28 @@ impl Env {
         }
         let broker = Arc::new(broker);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let app = router(AppState { broker: broker.clone(), secure_cookies: false });
+        let (tls, broker_pin) = if tls {
+            let config = Config { state_dir: Some(dir.path().join("https")), ..Config::default() };
+            let tls = server::tls_config(&config).expect("the broker's HTTPS");
+            (Some(tls), Some(server::certificate_sha256(&config).expect("the broker's certificate")))
+        } else {
+            (None, None)
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let base = format!("{scheme}://{}", listener.local_addr().unwrap());
+        let app = router(AppState { broker: broker.clone(), secure_cookies: tls.is_some() });
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(server::serve(listener, app, None, async {
+        tokio::spawn(server::serve(listener, app, tls, async {
             let _ = rx.await;
         }));
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(std::time::Duration::from_secs(60))
-            .build()
-            .unwrap();
-        Self { broker, clock, base, http, backend, db_url, _pg: pg, _dir: dir, _shutdown: tx }
+        let http = http_client(broker_pin.as_deref(), None);
+        Self { broker, clock, base, http, backend, db_url, broker_pin, _pg: pg, _dir: dir, _shutdown: tx }
+    }
+
+    /// A client of this broker; over HTTPS it pins the broker's certificate and presents
+    /// `cert`, if given.
+    pub fn client(&self, cert: Option<&ClientCert>) -> reqwest::Client {
+        http_client(self.broker_pin.as_deref(), cert)
     }
 
     /// The broker's state directory (its ticket signing key).
@@ -239,6 +264,57 @@ impl Env {
     }
 }
 
+fn http_client(broker_pin: Option<&str>, cert: Option<&ClientCert>) -> reqwest::Client {
+    let builder = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(std::time::Duration::from_secs(60));
+    let builder = match broker_pin {
+        None => builder,
+        Some(pin) => {
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let verifier =
+                pleiades_protocol::pinning::PinnedCertVerifier::new(pin, provider.clone()).unwrap();
+            let tls = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(verifier));
+            let tls = match cert {
+                Some(cert) => {
+                    tls.with_client_auth_cert(vec![cert.cert.clone()], cert.key.clone_key()).unwrap()
+                }
+                None => tls.with_no_client_auth(),
+            };
+            builder.use_preconfigured_tls(tls)
+        }
+    };
+    builder.build().unwrap()
+}
+
+/// A TLS client certificate made as `pleiades-host serve` makes its identity: self-signed,
+/// `CN=pleiades-host identity`, its own ECDSA key.
+#[derive(Debug)]
+pub struct ClientCert {
+    pub cert: CertificateDer<'static>,
+    key: PrivateKeyDer<'static>,
+    /// What the broker pins.
+    pub sha256: String,
+}
+
+impl ClientCert {
+    pub fn generate() -> Self {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, pleiades_protocol::hostapi::HOST_IDENTITY_NAME);
+        let cert = params.self_signed(&key).unwrap().der().clone();
+        let sha256 = pleiades_protocol::pinning::cert_sha256(&cert);
+        Self { cert, key: PrivateKeyDer::Pkcs8(key.serialize_der().into()), sha256 }
+    }
+}
+
 /// What the host double knows about one VM it runs.
 #[derive(Debug, Clone)]
 pub struct Vm {
@@ -270,15 +346,20 @@ pub struct HostDouble {
     /// `held`.
     pub hang: bool,
     pub held: Vec<Value>,
+    /// Over HTTPS: the client certificate this host presents (its identity, pinned at
+    /// registration).
+    pub cert: Option<ClientCert>,
     base: String,
-    http: reqwest::Client,
+    /// This host's client (presenting `cert` over HTTPS).
+    pub http: reqwest::Client,
 }
 
 impl HostDouble {
     pub async fn register(env: &Env, name: &str, memory_mib: i64, images: &[&str]) -> Self {
         let token = env.broker.create_host_token(&system(), &host_token(name)).await.unwrap();
-        let res = env
-            .http
+        let cert = env.broker_pin.is_some().then(ClientCert::generate);
+        let http = env.client(cert.as_ref());
+        let res = http
             .post(env.url("/api/v1/hosts/register"))
             .json(&json!({
                 "token": token, "name": name, "address": format!("{name}.example"), "session_port": 4433,
@@ -300,8 +381,9 @@ impl HostDouble {
             fail_starts: None,
             hang: false,
             held: Vec::new(),
+            cert,
             base: env.base.clone(),
-            http: env.http.clone(),
+            http,
         }
     }
 

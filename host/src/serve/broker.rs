@@ -1,5 +1,7 @@
 //! The host daemon's side of the host API (docs/broker.md, "Hosts"): HTTPS to the broker, with
-//! the broker's certificate pinned by its SHA-256 or checked against a given CA.
+//! the broker's certificate pinned by its SHA-256 or checked against a given CA, and the host's
+//! own identity ([`HostIdentity`]) presented as the TLS client certificate of every request:
+//! the broker pins it at registration, so the credential alone is not enough.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -9,6 +11,8 @@ use pleiades_protocol::hostapi::{CommandAck, Heartbeat, HeartbeatReply, HostRegi
 use pleiades_protocol::pinning::PinnedCertVerifier;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+
+use super::identity::HostIdentity;
 
 /// How the daemon trusts the broker's HTTPS certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,8 +54,9 @@ impl std::fmt::Debug for BrokerClient {
 }
 
 impl BrokerClient {
-    /// `base`: the broker's URL (`https://broker:8443`).
-    pub fn new(base: &str, trust: &Trust) -> Result<Self, BrokerError> {
+    /// `base`: the broker's URL (`https://broker:8443`); `identity`: the client certificate
+    /// every HTTPS request presents (plain HTTP has none to present).
+    pub fn new(base: &str, trust: &Trust, identity: &HostIdentity) -> Result<Self, BrokerError> {
         let base = base.trim_end_matches('/').to_owned();
         let setup = |e: String| BrokerError::Setup(e);
         let builder = reqwest::Client::builder()
@@ -77,16 +82,21 @@ impl BrokerClient {
                 let verifier = PinnedCertVerifier::new(pin, provider.clone()).ok_or_else(|| {
                     setup("--broker-cert-sha256 must be 64 hex digits (the SHA-256 of the broker's certificate)".into())
                 })?;
+                let (chain, key) = identity.client_auth();
                 let tls = tls_builder(provider)?
                     .dangerous()
                     .with_custom_certificate_verifier(Arc::new(verifier))
-                    .with_no_client_auth();
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| setup(format!("the host identity cannot be used: {e}")))?;
                 builder.use_preconfigured_tls(tls)
             }
             Trust::Ca(path) => {
                 let provider = Arc::new(rustls::crypto::ring::default_provider());
-                let tls =
-                    tls_builder(provider)?.with_root_certificates(ca_roots(path)?).with_no_client_auth();
+                let (chain, key) = identity.client_auth();
+                let tls = tls_builder(provider)?
+                    .with_root_certificates(ca_roots(path)?)
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| setup(format!("the host identity cannot be used: {e}")))?;
                 builder.use_preconfigured_tls(tls)
             }
         };
@@ -206,17 +216,22 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 mod tests {
     use super::*;
 
+    fn identity() -> HostIdentity {
+        let dir = tempfile::tempdir().unwrap();
+        HostIdentity::load_or_create(dir.path()).unwrap()
+    }
+
     #[test]
     fn plain_http_is_refused_unless_the_broker_is_on_loopback() {
         for ok in ["http://127.0.0.1:8080", "http://localhost:1/", "http://[::1]:80", "http://127.1.2.3"] {
             assert!(is_loopback_http(ok), "{ok}");
-            BrokerClient::new(ok, &Trust::LoopbackHttp).unwrap();
+            BrokerClient::new(ok, &Trust::LoopbackHttp, &identity()).unwrap();
         }
         for refused in
             ["http://10.0.0.1:8080", "http://broker.example:80", "https://127.0.0.1", "http://127.0.0.1.evil"]
         {
             assert!(!is_loopback_http(refused), "{refused}");
-            let e = BrokerClient::new(refused, &Trust::LoopbackHttp).unwrap_err();
+            let e = BrokerClient::new(refused, &Trust::LoopbackHttp, &identity()).unwrap_err();
             assert!(e.to_string().contains("plain HTTP"), "{e}");
         }
     }
@@ -224,16 +239,16 @@ mod tests {
     #[test]
     fn a_pin_needs_https_and_64_hex_digits() {
         let pin = "ab".repeat(32);
-        BrokerClient::new("https://broker:8443", &Trust::Pin(pin.clone())).unwrap();
-        let e = BrokerClient::new("http://127.0.0.1:1", &Trust::Pin(pin)).unwrap_err();
+        BrokerClient::new("https://broker:8443", &Trust::Pin(pin.clone()), &identity()).unwrap();
+        let e = BrokerClient::new("http://127.0.0.1:1", &Trust::Pin(pin), &identity()).unwrap_err();
         assert!(e.to_string().contains("https://"), "{e}");
-        let e = BrokerClient::new("https://broker", &Trust::Pin("abc".into())).unwrap_err();
+        let e = BrokerClient::new("https://broker", &Trust::Pin("abc".into()), &identity()).unwrap_err();
         assert!(e.to_string().contains("64 hex digits"), "{e}");
     }
 
     #[test]
     fn the_credential_never_shows_in_debug_output() {
-        let mut client = BrokerClient::new("http://127.0.0.1:1", &Trust::LoopbackHttp).unwrap();
+        let mut client = BrokerClient::new("http://127.0.0.1:1", &Trust::LoopbackHttp, &identity()).unwrap();
         client.set_credential("very-secret-credential");
         assert!(!format!("{client:?}").contains("very-secret"));
     }

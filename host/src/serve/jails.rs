@@ -198,3 +198,66 @@ impl Drop for JailCleanup {
         let _ = std::fs::remove_dir(&self.root);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::serve::identity::{CERT_FILE, HostIdentity, KEY_FILE};
+
+    /// The host's identity towards the broker sits in the state directory beside the session
+    /// certificate's `tls/` and the desktops' directories: a desktop's jail shows neither it nor
+    /// a directory above it, and its copy of `tls/` has only the session certificate.
+    #[test]
+    fn a_desktop_jail_never_sees_the_host_identity() {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("skipped: preparing a jail gives its files to the desktop's user (needs root)");
+            return;
+        }
+        let state = tempfile::tempdir().unwrap();
+        let state = state.path();
+        HostIdentity::load_or_create(state).unwrap();
+        let session =
+            pleiades_session::tls::Identity::load_or_create(&state.join("tls"), &["h".into()]).unwrap();
+        let dir = state.join("desktops").join("d-1");
+        std::fs::create_dir_all(&dir).unwrap();
+        let kernel = state.join("vmlinuz");
+        std::fs::write(&kernel, b"kernel").unwrap();
+        let image = VmImage {
+            id: String::new(),
+            name: "i".into(),
+            kernel: kernel.display().to_string(),
+            initrd: String::new(),
+            cmdline: String::new(),
+            disk: None,
+            disk_sha256: None,
+            vcpus: 1,
+            memory_mib: 256,
+        };
+        let settings = JailSettings { uid_base: 900_000, cgroup: None };
+        let jail = DesktopJail {
+            settings: &settings,
+            exe: Path::new("/bin/true"),
+            desktop_id: "d-1",
+            slot: 0,
+            image: &image,
+            dir: &dir,
+            disk: None,
+            netns: None,
+            vmm_is_qemu: false,
+            root: state.join("jails").join("d-1"),
+            tls: &state.join("tls"),
+        };
+        let spec = jail.prepare().unwrap();
+        for file in [CERT_FILE, KEY_FILE] {
+            let identity = state.join(file);
+            for bind in &spec.binds {
+                assert!(!identity.starts_with(&bind.source), "{} shows {}", bind.source.display(), file);
+            }
+        }
+        let copied: Vec<_> =
+            std::fs::read_dir(dir.join("tls")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(copied.len(), 2, "{copied:?}");
+        assert!(copied.iter().all(|f| f.to_string_lossy().starts_with("session-")), "{copied:?}");
+        drop(session);
+    }
+}

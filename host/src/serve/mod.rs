@@ -2,7 +2,9 @@
 //! the broker's desktops (docs/host.md, "The host daemon"; the API: docs/broker.md, "Hosts").
 //!
 //! - [`broker`]: HTTPS to the broker with its certificate pinned (or a CA), the host API's
-//!   calls.
+//!   calls, each presenting the host's [`identity`] as the TLS client certificate.
+//! - [`identity`]: the host's own key and certificate towards the broker (`STATE_DIR`,
+//!   mode 0600), pinned by the broker at registration; never given to a VM process.
 //! - [`desktops`]: one `pleiades-host run` process per desktop, each with its own session server on
 //!   a port of the host's range; all serve the host's one certificate (`STATE_DIR/tls/`), whose
 //!   fingerprint the broker puts in connection files, and accept only tickets signed by the
@@ -18,6 +20,7 @@
 pub mod broker;
 pub mod desktops;
 pub mod disks;
+pub mod identity;
 pub mod jails;
 pub mod network;
 
@@ -313,8 +316,15 @@ async fn daemon(config: ServeConfig, spawner: Spawner) -> Result<()> {
         &[config.address.clone(), config.name.clone()],
     )
     .map_err(anyhow::Error::msg)?;
+    let host_identity = identity::HostIdentity::load_or_create(&config.state_dir)?;
+    if config.trust == Trust::LoopbackHttp {
+        tracing::warn!(
+            "plain HTTP to the broker: the host's client certificate cannot be presented, so the broker knows \
+             this host by its credential alone"
+        );
+    }
     let (cores, memory_mib) = capacity();
-    let mut client = BrokerClient::new(&config.broker, &config.trust)?;
+    let mut client = BrokerClient::new(&config.broker, &config.trust, &host_identity)?;
     let registration_path = config.state_dir.join("registration.json");
     let registration = HostRegistration {
         token: config.token.clone().unwrap_or_default(),
@@ -334,7 +344,8 @@ async fn daemon(config: ServeConfig, spawner: Spawner) -> Result<()> {
     client.set_credential(&stored.credential);
     tracing::info!(
         host = %config.name, id = %stored.host_id, broker = %config.broker,
-        cert_sha256 = %identity.fingerprint(), "registered with the broker"
+        cert_sha256 = %identity.fingerprint(), client_cert_sha256 = %host_identity.fingerprint(),
+        "registered with the broker"
     );
     // Desktops of an earlier daemon that did not stop cleanly: their VMs died with it (the
     // parent-death signal), their network namespaces did not.
