@@ -83,7 +83,10 @@ async fn run_browser_script(node: &mut tokio::process::Command, script: &str, wo
 }
 
 async fn scenario() {
-    let env = Env::new(Backend::Sqlite).await;
+    // HTTPS as deployed: the broker asks every client for a certificate (hosts have one);
+    // Chromium, with none, must go on without asking anything.
+    let env = Env::over_tls(Backend::Sqlite).await;
+    assert!(env.base.starts_with("https://"), "{}", env.base);
     env.image("debian", 1024).await;
     let mut host = HostDouble::register(&env, "host-a", 8192, &["debian"]).await;
     let pool = env.labelled_pool("office", "Office desktops", PoolKind::Floating, "debian", 4, 0).await;
