@@ -33,6 +33,13 @@ async fn portal_connect_and_admin_pool_in_chromium() {
     common::bounded(scenario()).await
 }
 
+/// Whether the list `key` of a script's result has an entry containing `needle`.
+fn lists(result: &Value, key: &str, needle: &str) -> bool {
+    result[key]
+        .as_array()
+        .is_some_and(|entries| entries.iter().any(|e| e.as_str().is_some_and(|e| e.contains(needle))))
+}
+
 fn script_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
 }
@@ -147,13 +154,7 @@ async fn scenario() {
     let ents = env.broker.entitlements(&design.id).await.unwrap();
     assert_eq!(ents.len(), 1);
     assert_eq!((ents[0].kind, ents[0].name.as_str()), (PrincipalKind::Group, "engineering"));
-    assert!(
-        result["entitlements"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e.as_str().unwrap().contains("engineering"))
-    );
+    assert!(lists(&result, "entitlements", "engineering"), "{}", result["entitlements"]);
     let audit = env.broker.list_audit(&system(), 1000).await.unwrap();
     assert!(audit.iter().any(|e| e.actor == "root" && e.action == "pool.create" && e.target == "design"));
     assert!(audit.iter().any(|e| e.actor == "alice" && e.action == "desktop.connect"));
@@ -197,13 +198,7 @@ async fn directory_scenario() {
     let result = run_browser_script(&mut node, "directory.mjs", work.path()).await;
 
     // What the pages showed.
-    assert!(
-        result["entitlements"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e.as_str().unwrap().contains("engineering"))
-    );
+    assert!(lists(&result, "entitlements", "engineering"), "{}", result["entitlements"]);
     assert_eq!(result["wrong_password"], "User name or password is wrong.");
     assert_eq!(result["member_pools"], serde_json::json!(["Get a desktop from Office desktops"]));
     assert!(result["member_header"].as_str().unwrap().contains("alice"), "{}", result["member_header"]);
