@@ -7,8 +7,9 @@
 //! `--target` keeps them off build scripts) and run it on a corpus kept in
 //! `target/fuzz-corpus/` plus the committed seeds in `fuzz/seeds/<target>/` (read, never
 //! written). A crash fails the run and leaves the input in `target/fuzz-artifacts/`. Each long
-//! run appends a line to `target/fuzz-runs.tsv` (date, target, CPU seconds, runs, coverage,
-//! features, result), the record the CPU-hours in docs/development.md are summed from. The CPU
+//! run appends a line to `fuzz/runs.tsv` (date, target, CPU seconds, runs, coverage,
+//! features, result), the record the CPU-hours in docs/development.md are summed from; it is
+//! committed, so the record outlives the machine (the corpus in `target/` does not). The CPU
 //! seconds are the fuzzer processes' own (user + system, from the kernel's count of waited-for
 //! children), so that a run that shared the machine (`nice -n 19` beside a build) counts what it
 //! really got; a batch of several targets at once shares its total evenly.
@@ -62,7 +63,7 @@ pub fn run_briefly(root: &Path) -> Result<()> {
 }
 
 /// Builds the targets and runs each of `targets` (all when empty) for `minutes`, `jobs` at a
-/// time; records each run in `target/fuzz-runs.tsv` and prints the CPU time so far per target.
+/// time; records each run in `fuzz/runs.tsv` and prints the CPU time so far per target.
 pub fn run_long(root: &Path, targets: &[String], minutes: u64, jobs: usize) -> Result<()> {
     for target in targets {
         if !TARGETS.contains(&target.as_str()) {
@@ -108,7 +109,7 @@ pub fn run_long(root: &Path, targets: &[String], minutes: u64, jobs: usize) -> R
             }
         }
     }
-    println!("\nCPU time per target recorded in target/fuzz-runs.tsv:");
+    println!("\nCPU time per target recorded in fuzz/runs.tsv:");
     for (target, seconds) in cpu_seconds(&std::fs::read_to_string(runs_file(root)).unwrap_or_default()) {
         println!("  {target:<20} {:.2} h", seconds as f64 / 3600.0);
     }
@@ -136,10 +137,10 @@ fn first_line(text: &str) -> &str {
 }
 
 fn runs_file(root: &Path) -> PathBuf {
-    root.join("target/fuzz-runs.tsv")
+    root.join("fuzz/runs.tsv")
 }
 
-/// Appends `line` (after a timestamp) to `target/fuzz-runs.tsv`.
+/// Appends `line` (after a timestamp) to `fuzz/runs.tsv`.
 fn record(root: &Path, line: &str) -> Result<()> {
     let path = runs_file(root);
     let mut file = std::fs::OpenOptions::new()
@@ -151,10 +152,10 @@ fn record(root: &Path, line: &str) -> Result<()> {
     writeln!(file, "{now}\t{line}").with_context(|| format!("cannot write {}", path.display()))
 }
 
-/// Seconds fuzzed per target in a `fuzz-runs.tsv` text, crashes included, in first-seen order.
+/// Seconds fuzzed per target in a `runs.tsv` text (comment lines start with `#`), crashes included, in first-seen order.
 pub fn cpu_seconds(tsv: &str) -> Vec<(String, u64)> {
     let mut totals: Vec<(String, u64)> = Vec::new();
-    for line in tsv.lines() {
+    for line in tsv.lines().filter(|line| !line.starts_with('#')) {
         let fields: Vec<&str> = line.split('\t').collect();
         let (Some(target), Some(Ok(seconds))) = (fields.get(1), fields.get(2).map(|s| s.parse::<u64>()))
         else {
@@ -252,7 +253,7 @@ mod tests {
 
     #[test]
     fn cpu_time_is_summed_per_target_crashes_included() {
-        let tsv = "1\tvirtio_gpu\t600\t5\t6\t7\tok\n2\tvirtio_snd\t60\t\t\t\tcrash: x\n3\tvirtio_gpu\t1200\t1\t2\t3\tok\nbad line\n";
+        let tsv = "# a note\twith\t99\ttabs\n1\tvirtio_gpu\t600\t5\t6\t7\tok\n2\tvirtio_snd\t60\t\t\t\tcrash: x\n3\tvirtio_gpu\t1200\t1\t2\t3\tok\nbad line\n";
         assert_eq!(cpu_seconds(tsv), [("virtio_gpu".to_owned(), 1800), ("virtio_snd".to_owned(), 60)]);
     }
 }

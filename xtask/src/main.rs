@@ -73,7 +73,7 @@ enum Cmd {
         interactive: Option<bool>,
     },
     /// Fuzz longer than the test command does: each target (or those named) for N minutes, J at
-    /// a time; each run is recorded in target/fuzz-runs.tsv with its coverage.
+    /// a time; each run is recorded in fuzz/runs.tsv with its coverage.
     Fuzz {
         /// Minutes per target (at least 1).
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
