@@ -3,12 +3,15 @@
 //! buffer more than the channel's body limit, and every message it accepts must encode back to
 //! bytes that decode to the same message (so the peer's view and ours cannot differ). Display
 //! streams then go through `FrameSequence`: an update it lets through lies within its frame.
+//! The agent channel (what a guest sends its VM process over vsock) goes through the decoder
+//! and through the VM process's `HostLink`: one `Connected` at most, and only first.
 
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use pleiades_protocol::agent::{HostEvent, HostLink};
 use pleiades_protocol::wire::{
-    ChannelMessage, ControlMessage, CursorMessage, DisplayMessage, FrameSequence, InputMessage,
+    AgentMessage, ChannelMessage, ControlMessage, CursorMessage, DisplayMessage, FrameSequence, InputMessage,
     StreamDecoder, Tile, decode_datagram, encode_datagram, encode_to_vec,
 };
 
@@ -50,7 +53,7 @@ fn run<M: ChannelMessage + PartialEq + Clone>(chunk_sizes: &[u8], mut data: &[u8
 fuzz_target!(|data: &[u8]| {
     let Some((&selector, rest)) = data.split_first() else { return };
     let (sizes, body) = rest.split_at(rest.len().min(4));
-    match selector % 5 {
+    match selector % 7 {
         0 => drop(run::<ControlMessage>(sizes, body)),
         1 => drop(run::<InputMessage>(sizes, body)),
         2 => {
@@ -68,10 +71,44 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         3 => drop(run::<CursorMessage>(sizes, body)),
-        _ => {
+        4 => {
             if let Ok(Some(datagram)) = decode_datagram(body) {
                 assert_eq!(decode_datagram(&encode_datagram(&datagram)), Ok(Some(datagram)));
             }
+        }
+        5 => drop(run::<AgentMessage>(sizes, body)),
+        _ => {
+            let mut link = HostLink::new();
+            let mut events = Vec::new();
+            let mut sizes = sizes.iter().cycle();
+            let mut data = body;
+            while !data.is_empty() {
+                let size = usize::from(*sizes.next().unwrap_or(&0));
+                let (chunk, rest) = data.split_at(if size == 0 { data.len() } else { size.min(data.len()) });
+                data = rest;
+                match link.receive(chunk) {
+                    Ok(new) => events.extend(new),
+                    Err(_) => {
+                        assert!(link.receive(b"").is_err(), "a failed link stays failed");
+                        break;
+                    }
+                }
+            }
+            let connected = events.iter().filter(|e| matches!(e, HostEvent::Connected { .. })).count();
+            assert!(connected <= 1);
+            if !events.is_empty() {
+                assert!(matches!(events[0], HostEvent::Connected { .. }), "hello first");
+            }
+            // What the host answers is one Welcome at most, in the agent channel's framing.
+            let out = link.take_output();
+            let mut slice = out.as_slice();
+            let mut decoder = StreamDecoder::<AgentMessage>::new();
+            let mut answers = 0;
+            while let Some(message) = decoder.decode(&mut slice).expect("the host's output decodes") {
+                assert!(!message.from_agent());
+                answers += 1;
+            }
+            assert_eq!(answers, connected);
         }
     }
 });

@@ -19,6 +19,9 @@
 //! - [`control`]: the control channel after the handshake as two state machines,
 //!   [`control::ServerControl`] and [`control::ClientControl`]: pings and the RTT, frame acks into
 //!   the pacer, layouts, resume tokens, goodbye, the direction rules.
+//! - [`agent`]: the link between a VM process and its guest agent over vsock (hello and
+//!   version, guest facts, session state, lock and power requests), [`agent::HostLink`] and
+//!   [`agent::AgentLink`].
 //!
 //! Nothing here opens a socket, starts a thread or reads a clock: time is a parameter, so every
 //! piece is unit- and property-testable on plain values.
@@ -48,6 +51,7 @@
 //!    [`pacing::FramePacer`] has the `FrameAck`s and `Pong`s), and give the encoder
 //!    [`pacing::FramePacer::target_bitrate`] and [`pacing::FramePacer::target_fps`].
 
+pub mod agent;
 pub mod connfile;
 pub mod control;
 pub mod error_code;

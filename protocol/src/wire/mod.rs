@@ -29,6 +29,7 @@
 //!   (`decode(encode(m)) == m` and no trailing bytes are tolerated).
 //! - A decoder that returned an error stays failed: the channel is over (see [`DecodeError`]).
 
+mod agent;
 mod audio;
 mod codec;
 mod control;
@@ -40,6 +41,10 @@ mod input;
 
 use std::fmt;
 
+pub use agent::{
+    AgentHello, AgentMessage, GuestInfo, MAX_ADDRESS_LEN, MAX_ADDRESSES, MAX_AGENT_TEXT, PowerAction,
+    SessionActivity, SessionState,
+};
 pub use audio::{
     AUDIO_CHANNELS, AUDIO_FRAME_SAMPLES, AUDIO_SAMPLE_RATE, AudioFeedback, AudioPacket, MAX_OPUS_BYTES,
 };
@@ -87,6 +92,9 @@ pub enum Channel {
     Cursor = 3,
     /// Audio playback and record: datagrams only (Opus frames), with `AUDIO`.
     Audio = 4,
+    /// The VM process ↔ guest agent link over vsock ([`crate::agent`]): framed like the
+    /// others, never part of a session (a session peer naming it is refused).
+    Agent = 7,
 }
 
 /// Channel ids set aside for features that later versions add. Today a receiver refuses a
@@ -135,14 +143,16 @@ pub enum ChannelError {
     ControlOnUniStream,
     #[error("the {0} channel travels in datagrams only, never on a stream")]
     DatagramsOnly(Channel),
+    #[error("the {0} channel links a VM process and its guest agent, never a session")]
+    NotOnSession(Channel),
 }
 
 impl Channel {
-    /// Every channel, in id order.
+    /// Every session channel, in id order (not [`Channel::Agent`]).
     pub const ALL: [Channel; 5] =
         [Channel::Control, Channel::Input, Channel::Display, Channel::Cursor, Channel::Audio];
 
-    /// The channel with this id, or why there is none.
+    /// The session channel with this id, or why there is none.
     pub fn from_id(id: u8) -> Result<Channel, ChannelError> {
         match id {
             0 => Ok(Channel::Control),
@@ -152,6 +162,7 @@ impl Channel {
             4 => Ok(Channel::Audio),
             5 => Err(ChannelError::Reserved(ReservedChannel::Usb)),
             6 => Err(ChannelError::Reserved(ReservedChannel::Clipboard)),
+            7 => Err(ChannelError::NotOnSession(Channel::Agent)),
             other => Err(ChannelError::Unknown(other)),
         }
     }
@@ -166,13 +177,15 @@ impl Channel {
     /// - control 64 KiB: names, tickets, layouts of at most 16 monitors;
     /// - input 4 KiB: every input message is a few bytes;
     /// - cursor 320 KiB: a 256×256 BGRA shape (256 KiB) and its header;
-    /// - display 32 MiB: a tile or an H.264 access unit (a raw tile must fit: encoders tile).
+    /// - display 32 MiB: a tile or an H.264 access unit (a raw tile must fit: encoders tile);
+    /// - agent 64 KiB: guest facts and session state, a few hundred bytes each.
     pub const fn max_body(self) -> u32 {
         match self {
             Channel::Control => 64 * 1024,
             Channel::Input => 4 * 1024,
             Channel::Cursor => 320 * 1024,
             Channel::Display => 32 * 1024 * 1024,
+            Channel::Agent => 64 * 1024,
             // Datagrams only: no stream of it is ever decoded.
             Channel::Audio => 0,
         }
@@ -185,6 +198,7 @@ impl Channel {
             Channel::Display => "display",
             Channel::Cursor => "cursor",
             Channel::Audio => "audio",
+            Channel::Agent => "agent",
         }
     }
 }
@@ -229,6 +243,13 @@ pub mod types {
     pub const AUDIO_PLAYBACK: u16 = 0x0401;
     pub const AUDIO_RECORD: u16 = 0x0402;
     pub const AUDIO_FEEDBACK: u16 = 0x0403;
+    // agent (0x07xx), over vsock only
+    pub const AGENT_HELLO: u16 = 0x0701;
+    pub const AGENT_WELCOME: u16 = 0x0702;
+    pub const GUEST_INFO: u16 = 0x0703;
+    pub const SESSION_STATE: u16 = 0x0704;
+    pub const LOCK_SCREEN: u16 = 0x0705;
+    pub const POWER: u16 = 0x0706;
 }
 
 /// The channel a message type of this version belongs to; `None` for a type this version does
@@ -242,6 +263,9 @@ pub fn channel_of_type(ty: u16) -> Option<Channel> {
         FRAME_BEGIN | TILE | VIDEO | FRAME_END => Some(Channel::Display),
         CURSOR_SHAPE | CURSOR_POSITION => Some(Channel::Cursor),
         AUDIO_PLAYBACK | AUDIO_RECORD | AUDIO_FEEDBACK => Some(Channel::Audio),
+        AGENT_HELLO | AGENT_WELCOME | GUEST_INFO | SESSION_STATE | LOCK_SCREEN | POWER => {
+            Some(Channel::Agent)
+        }
         _ => None,
     }
 }

@@ -307,6 +307,8 @@ fn channels_and_preludes() {
     assert_eq!(Channel::from_uni_prelude(6), Err(ChannelError::Reserved(ReservedChannel::Clipboard)));
     assert_eq!(Channel::from_uni_prelude(4), Err(ChannelError::DatagramsOnly(Channel::Audio)));
     assert_eq!(Channel::from_uni_prelude(200), Err(ChannelError::Unknown(200)));
+    // The agent channel is framed like the others but never part of a session.
+    assert_eq!(Channel::from_uni_prelude(7), Err(ChannelError::NotOnSession(Channel::Agent)));
     assert_eq!(crate::transport::stream_prelude(Channel::Cursor), [3]);
 }
 
