@@ -7,8 +7,12 @@
 //! [`ready::parse_ready_line`]. It also powers the guest off cleanly when the host presses the
 //! virtual ACPI power button ([`power`]), draws the test and benchmark workloads
 //! ([`workload`]), and plays and records sound for the audio tests ([`sound`]).
+//!
+//! As a service (`pleiades-agent run`, [`service`]) it keeps a link to its VM process over
+//! vsock: the guest's facts and session, the host's lock and power requests.
 
 pub mod power;
 pub mod ready;
+pub mod service;
 pub mod sound;
 pub mod workload;

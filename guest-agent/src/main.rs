@@ -50,6 +50,22 @@ enum Command {
         #[arg(long, default_value = "/dev/snd/pcmC0D0c")]
         device: PathBuf,
     },
+    /// The agent's service: keep a link to the VM process over vsock (guest facts, session
+    /// state, the host's lock and power requests), connecting again whenever it ends.
+    Run {
+        /// Root of the filesystem to read the guest's facts from.
+        #[arg(long, default_value = "/", hide = true)]
+        root: PathBuf,
+        /// Command for the host's shutdown request.
+        #[arg(long, default_value = "/bin/poweroff")]
+        poweroff: PathBuf,
+        /// Command for the host's restart request.
+        #[arg(long, default_value = "/bin/reboot")]
+        reboot: PathBuf,
+        /// Command that locks the graphical session's screen (none: lock requests are logged).
+        #[arg(long)]
+        lock: Option<PathBuf>,
+    },
     /// Wait for the ACPI power button and then run `poweroff` (the host's clean shutdown).
     PowerButton {
         /// Command to run when the button is pressed.
@@ -72,6 +88,9 @@ fn main() -> ExitCode {
             }
         },
         Command::PowerButton { action } => power_button(&action),
+        Command::Run { root, poweroff, reboot, lock } => {
+            pleiades_agent::service::run(&root, &pleiades_agent::service::Actions { poweroff, reboot, lock })
+        }
         Command::Tone { freq, seconds, amplitude, device } => {
             match pleiades_agent::sound::tone(&device, freq, amplitude.clamp(0.0, 1.0), seconds) {
                 Ok(report) => {

@@ -206,6 +206,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 {
                     anyhow::bail!("--events is for keyboard, tablet and mouse")
                 }
+                DeviceKind::Vsock => anyhow::bail!(
+                    "the vsock device is served from the VM process (its host end is the agent's link there), not as a device process"
+                ),
                 DeviceKind::Gpu => Box::new(Gpu::new(&GpuConfig::default())?),
                 DeviceKind::Sound => Box::new(pleiades_virtio::snd::Sound::new()?),
                 DeviceKind::Rng => Box::new(Rng::new()?),

@@ -115,12 +115,22 @@ pub enum DeviceKind {
     Mouse,
     Gpu,
     Sound,
+    /// virtio-vsock: the guest agent's link to its VM process.
+    Vsock,
 }
 
 impl DeviceKind {
     /// Every kind, in the order help texts list them.
-    pub const ALL: [Self; 7] =
-        [Self::Rng, Self::Console, Self::Keyboard, Self::Tablet, Self::Mouse, Self::Gpu, Self::Sound];
+    pub const ALL: [Self; 8] = [
+        Self::Rng,
+        Self::Console,
+        Self::Keyboard,
+        Self::Tablet,
+        Self::Mouse,
+        Self::Gpu,
+        Self::Sound,
+        Self::Vsock,
+    ];
 
     /// The name on command lines and in status reports.
     pub fn name(self) -> &'static str {
@@ -132,6 +142,7 @@ impl DeviceKind {
             Self::Mouse => "mouse",
             Self::Gpu => "gpu",
             Self::Sound => "sound",
+            Self::Vsock => "vsock",
         }
     }
 
@@ -143,6 +154,7 @@ impl DeviceKind {
             Self::Keyboard | Self::Tablet | Self::Mouse => DeviceType::Input,
             Self::Gpu => DeviceType::Gpu,
             Self::Sound => DeviceType::Sound,
+            Self::Vsock => DeviceType::Vsock,
         }
     }
 

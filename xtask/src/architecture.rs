@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 pub const LAYERS: &[(&str, u8)] = &[
     ("pleiades-testkit", 0),
     ("pleiades-protocol", 1),
-    ("pleiades-agent", 1),
+    ("pleiades-agent", 2),
     ("pleiades-virtio", 2),
     ("pleiades-vmm", 3),
     ("pleiades-control", 3),

@@ -1,6 +1,6 @@
-//! Devices served over vhost-user from a thread of the VM process: the GPU and the sound
-//! device, whose host sides (the display sink, the played audio) the session server in this
-//! process needs. QEMU attaches them as `vhost-user-*-pci`; Pleiades' VMM attaches them as a
+//! Devices served over vhost-user from a thread of the VM process: the GPU, the sound device
+//! and vsock, whose host sides (the display sink, the played audio, the agent's link) the
+//! session server and the agent thread in this process need. QEMU attaches them as `vhost-user-*-pci`; Pleiades' VMM attaches them as a
 //! vhost-user frontend when `--device gpu,backend=vhost-user` asks for it. Each thread ends
 //! when its frontend hangs up.
 
@@ -12,6 +12,7 @@ use pleiades_virtio::VirtioDevice;
 use pleiades_virtio::gpu::{Gpu, GpuHandle};
 use pleiades_virtio::snd::{Sound, SoundHandle};
 use pleiades_virtio::vhost_user;
+use pleiades_virtio::vsock::{Vsock, VsockHandle};
 
 use super::DeviceRequest;
 
@@ -29,6 +30,15 @@ pub fn serve_sound(socket: &Path) -> Result<SoundHandle> {
     let sound = Sound::new().context("cannot create the sound device")?;
     let handle = sound.handle();
     serve_in_thread(Box::new(sound), socket)?;
+    Ok(handle)
+}
+
+/// The vsock device, served from this process: the host end of every guest connection (the
+/// agent's link) lives here, never in a host-wide socket.
+pub fn serve_vsock(socket: &Path) -> Result<VsockHandle> {
+    let (vsock, handle) =
+        Vsock::new(super::agent::GUEST_CID, Default::default()).context("cannot create the vsock device")?;
+    serve_in_thread(Box::new(vsock), socket)?;
     Ok(handle)
 }
 

@@ -6,11 +6,13 @@
 //!   [`qemu_display`], host-initiated display changes through QEMU's D-Bus display, and
 //!   [`qmp`], QEMU's machine protocol;
 //! - [`device_process`]: `pleiades-host device <kind>` processes, which either VMM starts;
-//! - [`device_thread`]: the GPU and sound served over vhost-user from this process;
+//! - [`device_thread`]: the GPU, sound and vsock served over vhost-user from this process;
+//! - [`agent`]: the guest agent's link over the guest's vsock;
 //! - [`disk`]: virtio-blk disks, served by QEMU's block layer under either VMM;
 //! - [`net`]: the NIC, on QEMU's user-mode network in the desktop's network namespace;
 //! - here: the `--device` requests both take.
 
+pub mod agent;
 pub mod device_process;
 pub mod device_thread;
 pub mod disk;

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
+use super::agent::{Agent, GUEST_CID};
 use super::device_process::{self, DeviceProcess};
 use super::device_thread;
 use super::disk::{Disk, StorageDaemon};
@@ -24,6 +25,7 @@ use pleiades_virtio::gpu::{Gpu, GpuHandle};
 use pleiades_virtio::input::{Input, InputEvent, InputSender, events_socket};
 use pleiades_virtio::rng::Rng;
 use pleiades_virtio::snd::{Sound, SoundHandle};
+use pleiades_virtio::vsock::Vsock;
 use pleiades_virtio::{DeviceType, VirtioDevice};
 use pleiades_vmm::config::BootSpec;
 use pleiades_vmm::{DeviceSpec, ExitReason, Vm, VmConfig, VmHandle};
@@ -82,6 +84,7 @@ impl NativeVm {
         let mut inputs = Vec::new();
         let mut gpu = None;
         let mut sound = None;
+        let mut agent = None;
         // The GPU's index among the devices when a vhost-user backend serves it: the VMM then
         // signals its layout changes (the backend cannot interrupt the guest).
         let mut vhost_user_gpu = None;
@@ -104,6 +107,12 @@ impl NativeVm {
                                 bail!("one --device sound per VM");
                             }
                             sound = Some(device_thread::serve_sound(&socket)?);
+                        }
+                        DeviceKind::Vsock => {
+                            if agent.is_some() {
+                                bail!("one --device vsock per VM");
+                            }
+                            agent = Some(Agent::start(device_thread::serve_vsock(&socket)?)?);
                         }
                         kind => {
                             let process = device_process::start(kind, &socket)?;
@@ -144,6 +153,14 @@ impl NativeVm {
                             sound = Some(device.handle());
                             Box::new(device)
                         }
+                        DeviceKind::Vsock => {
+                            if agent.is_some() {
+                                bail!("one --device vsock per VM");
+                            }
+                            let (device, handle) = Vsock::new(GUEST_CID, Default::default())?;
+                            agent = Some(Agent::start(handle)?);
+                            Box::new(device)
+                        }
                     };
                     specs.push(DeviceSpec::Virtio(device));
                 }
@@ -168,7 +185,7 @@ impl NativeVm {
         config.devices = specs;
         let vm = Vm::new(config)?;
         let controller =
-            Arc::new(NativeController { handle: vm.handle(), inputs, gpu, sound, vhost_user_gpu });
+            Arc::new(NativeController { handle: vm.handle(), inputs, gpu, sound, agent, vhost_user_gpu });
         Ok(Self { vm, controller, _device_processes: processes, _storage: storage, _scratch: scratch })
     }
 
@@ -190,6 +207,7 @@ struct NativeController {
     inputs: Vec<(DeviceKind, InputRoute)>,
     gpu: Option<GpuHandle>,
     sound: Option<SoundHandle>,
+    agent: Option<Agent>,
 }
 
 impl Controller for NativeController {
@@ -200,6 +218,9 @@ impl Controller for NativeController {
         }
         if let Some(sound) = &self.sound {
             status["sound"] = sound.status();
+        }
+        if let Some(agent) = &self.agent {
+            status["agent"] = serde_json::to_value(agent.status()).unwrap_or_default();
         }
         status
     }

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
+use super::agent::{Agent, GUEST_CID};
 use super::device_process::{self, DeviceProcess};
 use super::device_thread;
 use super::disk::{self, Disk, qemu_opt};
@@ -45,6 +46,7 @@ fn vhost_user_device(kind: DeviceKind) -> Result<&'static str> {
         DeviceKind::Keyboard | DeviceKind::Tablet | DeviceKind::Mouse => "vhost-user-input-pci",
         DeviceKind::Gpu => "vhost-user-gpu-pci",
         DeviceKind::Sound => "vhost-user-snd-pci",
+        DeviceKind::Vsock => "vhost-user-vsock-pci",
         DeviceKind::Console => bail!(
             "the console cannot be attached to QEMU over vhost-user (QEMU has no vhost-user console); use --vmm pleiades"
         ),
@@ -152,6 +154,7 @@ pub struct QemuVm {
     device_processes: Vec<DeviceProcess>,
     gpu: Option<GpuHandle>,
     sound: Option<SoundHandle>,
+    agent: Option<Agent>,
     display: Option<Arc<Mutex<QemuDisplay>>>,
     status: Arc<StatusInfo>,
     _scratch: tempfile::TempDir,
@@ -181,6 +184,7 @@ impl QemuVm {
         let mut device_info = Vec::new();
         let mut gpu = None;
         let mut sound = None;
+        let mut agent = None;
         for (i, device) in devices.iter().enumerate() {
             if device.serving == Some(Serving::InProcess) {
                 bail!(
@@ -209,6 +213,12 @@ impl QemuVm {
                 sound = Some(device_thread::serve_sound(&socket)?);
                 device_info
                     .push(json!({"kind": "sound", "backend": "vhost-user", "pid": std::process::id()}));
+            } else if device.kind == DeviceKind::Vsock {
+                if agent.is_some() {
+                    bail!("one --device vsock per VM");
+                }
+                agent = Some(Agent::start(device_thread::serve_vsock(&socket)?)?);
+                device_info.push(json!({"kind": "vsock", "backend": "vhost-user", "guest_cid": GUEST_CID, "pid": std::process::id()}));
             } else {
                 let process = device_process::start(device.kind, &socket)?;
                 device_info.push(
@@ -257,6 +267,7 @@ impl QemuVm {
             device_processes: processes,
             gpu,
             sound,
+            agent,
             display,
             status: Arc::new(StatusInfo {
                 started: Instant::now(),
@@ -277,6 +288,7 @@ impl QemuVm {
             inputs: self.device_processes.iter().filter_map(|p| Some((p.kind, p.events.clone()?))).collect(),
             gpu: self.gpu.clone(),
             sound: self.sound.clone(),
+            agent: self.agent.clone(),
             display: self.display.clone(),
         })
     }
@@ -305,6 +317,7 @@ struct QemuController {
     inputs: Vec<(DeviceKind, PathBuf)>,
     gpu: Option<GpuHandle>,
     sound: Option<SoundHandle>,
+    agent: Option<Agent>,
     /// QEMU's display, which raises the guest's display-change event (see [`qemu_display`]).
     display: Option<Arc<Mutex<QemuDisplay>>>,
 }
@@ -329,6 +342,7 @@ impl Controller for QemuController {
             "devices": s.devices,
             "gpu": self.gpu.as_ref().map(GpuHandle::status),
             "sound": self.sound.as_ref().map(SoundHandle::status),
+            "agent": self.agent.as_ref().map(Agent::status),
             "disks": lock(&self.qmp).execute("query-blockstats", json!({})).ok().map(|v| disk::io_counters(&v)),
         })
     }

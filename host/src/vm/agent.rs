@@ -1,0 +1,301 @@
+//! The guest agent's link in the VM process: a thread that listens on the guest's vsock (port
+//! [`AGENT_PORT`], in this process's own muxer, so no other guest can reach it), runs one
+//! [`HostLink`] per agent connection and keeps what the agent last said ([`AgentStatus`], shown
+//! in `pleiades-host ctl status` under `agent`).
+//!
+//! One agent connection at a time: a new one (the agent restarted, or reconnected after this
+//! link failed) replaces the old. A link that breaks the protocol is closed and its error kept
+//! in the status; the agent's own retry brings it back.
+
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use pleiades_protocol::agent::{AGENT_PORT, HostEvent, HostLink};
+use pleiades_protocol::wire::{PowerAction, SessionActivity};
+use pleiades_virtio::vsock::VsockHandle;
+use pleiades_virtio::vsock::muxer::{ConnKey, Event};
+use serde::Serialize;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+/// The guest context id every Pleiades guest has: its vsock ends in its own VM process, so
+/// guests never share a context id space and need no host-wide allocation.
+pub const GUEST_CID: u64 = 3;
+/// How often the thread lets the muxer's clock run its timeouts.
+const TICK: Duration = Duration::from_secs(1);
+/// Bytes waiting for the guest's credit beyond this end the link (a guest that never reads).
+const MAX_PENDING_OUT: usize = 256 * 1024;
+
+/// What the guest's agent last said, for status reports.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct AgentStatus {
+    pub connected: bool,
+    /// The agent channel version in use.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub os: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+    pub addresses: Vec<String>,
+    /// `no-user`, `active` or `locked`, once the agent reported a session.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// The guest user's idle time when the agent last reported it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_ms: Option<u64>,
+    /// Agent connections so far (a restarted agent counts again).
+    pub connections: u64,
+    /// Why the last link was closed by this side, if it was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+enum Request {
+    LockScreen,
+    Power(PowerAction),
+}
+
+/// The VM process's handle on its guest agent.
+#[derive(Debug, Clone)]
+pub struct Agent {
+    status: Arc<Mutex<AgentStatus>>,
+    requests: Sender<Request>,
+    wake: Arc<EventFd>,
+}
+
+impl Agent {
+    /// Listens for the agent on `vsock` from a new thread.
+    pub fn start(vsock: VsockHandle) -> Result<Self> {
+        let status = Arc::new(Mutex::new(AgentStatus::default()));
+        let wake = Arc::new(EventFd::new(EFD_NONBLOCK).context("cannot create an eventfd")?);
+        let (requests, received) = mpsc::channel();
+        let events = vsock.events().context("cannot watch the vsock device")?;
+        vsock.listen(AGENT_PORT);
+        let mut worker = Worker { vsock, status: status.clone(), conn: None, received };
+        let thread_wake = wake.clone();
+        std::thread::Builder::new()
+            .name("agent".into())
+            .spawn(move || {
+                if let Err(e) = worker.run(&events, &thread_wake) {
+                    tracing::error!("the guest agent link stopped: {e:#}");
+                }
+            })
+            .context("cannot start the agent thread")?;
+        Ok(Self { status, requests, wake })
+    }
+
+    /// What the agent last said.
+    pub fn status(&self) -> AgentStatus {
+        lock(&self.status).clone()
+    }
+
+    /// Asks the guest to lock its screen; `false` when no agent is connected.
+    pub fn lock_screen(&self) -> bool {
+        self.request(Request::LockScreen)
+    }
+
+    /// Asks the guest to shut down or restart; `false` when no agent is connected.
+    pub fn power(&self, action: PowerAction) -> bool {
+        self.request(Request::Power(action))
+    }
+
+    fn request(&self, request: Request) -> bool {
+        if !lock(&self.status).connected {
+            return false;
+        }
+        let sent = self.requests.send(request).is_ok();
+        let _ = self.wake.write(1);
+        sent
+    }
+}
+
+fn lock(status: &Mutex<AgentStatus>) -> MutexGuard<'_, AgentStatus> {
+    status.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// One agent connection.
+struct Connection {
+    key: ConnKey,
+    link: HostLink,
+    /// Bytes for the agent that its credit did not let through yet.
+    pending: Vec<u8>,
+}
+
+struct Worker {
+    vsock: VsockHandle,
+    status: Arc<Mutex<AgentStatus>>,
+    conn: Option<Connection>,
+    received: Receiver<Request>,
+}
+
+impl Worker {
+    fn run(&mut self, events: &EventFd, wake: &EventFd) -> Result<()> {
+        let epoll = Epoll::new().context("cannot create an epoll")?;
+        for (fd, token) in [(events, 0u64), (wake, 1)] {
+            use std::os::fd::AsRawFd;
+            epoll
+                .ctl(ControlOperation::Add, fd.as_raw_fd(), EpollEvent::new(EventSet::IN, token))
+                .context("cannot watch an eventfd")?;
+        }
+        let mut ready = [EpollEvent::default(); 2];
+        let mut next_tick = Instant::now() + TICK;
+        loop {
+            let timeout = next_tick.saturating_duration_since(Instant::now());
+            match epoll.wait(i32::try_from(timeout.as_millis()).unwrap_or(1000), &mut ready) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e).context("waiting for the vsock device"),
+            }
+            let _ = wake.read();
+            while let Some(event) = self.vsock.poll_event() {
+                self.on_event(event);
+            }
+            loop {
+                match self.received.try_recv() {
+                    Ok(request) => self.on_request(request),
+                    Err(TryRecvError::Empty) => break,
+                    // The VM's controller is gone: the VM is ending.
+                    Err(TryRecvError::Disconnected) => return Ok(()),
+                }
+            }
+            if Instant::now() >= next_tick {
+                self.vsock.tick();
+                next_tick = Instant::now() + TICK;
+            }
+        }
+    }
+
+    fn on_event(&mut self, event: Event) {
+        match event {
+            Event::Accepted(key) if key.host_port == AGENT_PORT => {
+                if let Some(old) = self.conn.take() {
+                    tracing::info!("the guest agent connected again; closing its previous link");
+                    self.vsock.close(old.key);
+                }
+                self.conn = Some(Connection { key, link: HostLink::new(), pending: Vec::new() });
+                let mut status = lock(&self.status);
+                status.connections += 1;
+                status.connected = false;
+            }
+            Event::Readable(key) if self.is_current(key) => self.read(key),
+            Event::Writable(key) if self.is_current(key) => self.flush(),
+            Event::Closed(key) if self.is_current(key) => {
+                self.conn = None;
+                lock(&self.status).connected = false;
+                tracing::info!("the guest agent disconnected");
+            }
+            // Connections to other ports are the muxer's business (it refuses them), and
+            // events of a replaced connection no longer matter.
+            _ => {}
+        }
+    }
+
+    fn is_current(&self, key: ConnKey) -> bool {
+        self.conn.as_ref().is_some_and(|c| c.key == key)
+    }
+
+    fn read(&mut self, key: ConnKey) {
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            let n = match self.vsock.recv(key, &mut buf) {
+                Ok(n) => n,
+                Err(e) => return self.fail(&e.to_string()),
+            };
+            if n == 0 {
+                if self.vsock.at_end(key) {
+                    // The agent will not say more: close our side too.
+                    self.vsock.close(key);
+                    self.conn = None;
+                    lock(&self.status).connected = false;
+                }
+                break;
+            }
+            let Some(conn) = self.conn.as_mut() else { return };
+            match conn.link.receive(&buf[..n]) {
+                Ok(events) => {
+                    let mut status = lock(&self.status);
+                    for event in events {
+                        apply(&mut status, event);
+                    }
+                }
+                Err(e) => return self.fail(&format!("the agent broke the protocol: {e}")),
+            }
+        }
+        self.flush();
+    }
+
+    fn on_request(&mut self, request: Request) {
+        let Some(conn) = self.conn.as_mut() else { return };
+        let result = match request {
+            Request::LockScreen => conn.link.lock_screen(),
+            Request::Power(action) => conn.link.power(action),
+        };
+        match result {
+            Ok(()) => self.flush(),
+            Err(e) => self.fail(&e.to_string()),
+        }
+    }
+
+    /// Writes what the link has for the agent, as far as the guest's credit allows.
+    fn flush(&mut self) {
+        let Some(conn) = self.conn.as_mut() else { return };
+        conn.pending.extend(conn.link.take_output());
+        while !conn.pending.is_empty() {
+            match self.vsock.send(conn.key, &conn.pending) {
+                Ok(0) => break,
+                Ok(n) => {
+                    conn.pending.drain(..n);
+                }
+                Err(e) => return self.fail(&e.to_string()),
+            }
+        }
+        if self.conn.as_ref().is_some_and(|c| c.pending.len() > MAX_PENDING_OUT) {
+            self.fail("the agent does not read what the host sends");
+        }
+    }
+
+    fn fail(&mut self, why: &str) {
+        tracing::warn!("closing the guest agent's link: {why}");
+        if let Some(conn) = self.conn.take() {
+            self.vsock.close(conn.key);
+        }
+        let mut status = lock(&self.status);
+        status.connected = false;
+        status.last_error = Some(why.to_owned());
+    }
+}
+
+fn apply(status: &mut AgentStatus, event: HostEvent) {
+    match event {
+        HostEvent::Connected { version, agent_version } => {
+            tracing::info!("guest agent {agent_version} connected (channel version {version})");
+            status.connected = true;
+            status.version = Some(version);
+            status.agent_version = Some(agent_version);
+        }
+        HostEvent::GuestInfo(info) => {
+            status.hostname = Some(info.hostname);
+            status.os = Some(info.os);
+            status.kernel = Some(info.kernel);
+            status.addresses = info.addresses;
+        }
+        HostEvent::SessionState(state) => {
+            status.session = Some(match state.activity {
+                SessionActivity::NoUser => "no-user",
+                SessionActivity::Active => "active",
+                SessionActivity::Locked => "locked",
+            });
+            status.user = Some(state.user).filter(|u| !u.is_empty());
+            status.idle_ms = Some(state.idle_ms);
+        }
+    }
+}
