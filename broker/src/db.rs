@@ -24,6 +24,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (8, include_str!("../migrations/0008_boot_generation.sql")),
     (9, include_str!("../migrations/0009_directory_accounts.sql")),
     (10, include_str!("../migrations/0010_host_client_cert.sql")),
+    (11, include_str!("../migrations/0011_desktop_guest.sql")),
 ];
 
 /// A handle to the broker's database (cheap to clone).

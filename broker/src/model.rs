@@ -5,6 +5,7 @@ use sqlx::any::AnyRow;
 
 use crate::db::{get_i64, get_opt_i64, get_opt_str, get_str};
 use crate::error::{Error, Result};
+use pleiades_protocol::hostapi::GuestReport;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct User {
@@ -384,6 +385,9 @@ pub struct Desktop {
     /// Which start of its VM this is: bumped by every start, restart and recycle command, which
     /// carries it to the host's VM process; tickets name it.
     pub generation: i64,
+    /// What its guest agent last reported (through the host's heartbeat), while one is
+    /// connected.
+    pub guest: Option<GuestReport>,
 }
 
 impl Desktop {
@@ -404,6 +408,8 @@ impl Desktop {
             image_id: get_opt_str(r, "image_id")?,
             disk_bytes: get_opt_i64(r, "disk_bytes")?,
             generation: get_i64(r, "generation")?,
+            // A report that no longer parses (an older shape) is as good as none.
+            guest: get_opt_str(r, "guest")?.and_then(|json| serde_json::from_str(&json).ok()),
         })
     }
 }

@@ -18,6 +18,7 @@ on_both_databases!(
     parallel_requests_never_double_assign,
     host_lost_fails_desktops_and_reallocates,
     idle_and_disconnected_desktops_are_recycled,
+    a_connected_desktop_whose_guest_is_idle_is_disconnected_and_recycled,
     admin_disconnect_then_resume,
     restart_and_vanished_vm,
     two_brokers_share_one_database,
@@ -379,6 +380,55 @@ async fn idle_and_disconnected_desktops_are_recycled(backend: Backend) {
     host.settle().await;
     let d = env.broker.desktop(&d.id).await.unwrap();
     assert_eq!((d.state, d.user_id), (DesktopState::Ready, None));
+}
+
+async fn a_connected_desktop_whose_guest_is_idle_is_disconnected_and_recycled(backend: Backend) {
+    let env = Env::new(backend).await;
+    env.image("debian", 1024).await;
+    let mut host = HostDouble::register(&env, "host-a", 8192, &["debian"]).await;
+    let pool = env.pool("office", PoolKind::Floating, "debian", 3, 0).await; // idle 600 s, disconnected 300 s
+    let (_, alice) = env.user("alice").await;
+    let (_, root) = env.admin("root").await;
+    env.entitle_user(&pool, "alice").await;
+    let d = env.broker.request_desktop(&alice, &pool).await.unwrap();
+    host.settle().await;
+    // A client stays connected, and the user types now and then: busy.
+    let vm = host.vms.get_mut(&d.id).unwrap();
+    (vm.connected, vm.guest_idle) = (true, Some(30));
+    for _ in 0..6 {
+        env.clock.advance(200);
+        host.tick().await;
+        env.broker.maintain().await.unwrap();
+    }
+    let busy = env.broker.desktop(&d.id).await.unwrap();
+    assert_eq!(busy.state, DesktopState::InUse);
+    let guest = busy.guest.expect("the guest's report is kept");
+    assert_eq!((guest.user.as_deref(), guest.idle_secs), (Some("alice"), Some(30)));
+    // The client stays connected but nobody touches the guest: the guest's idle time, not the
+    // connection, decides. Disconnected (the client is sent away), then recycled.
+    let mut idle = 30;
+    for _ in 0..4 {
+        env.clock.advance(200);
+        idle += 200;
+        host.vms.get_mut(&d.id).unwrap().guest_idle = Some(idle);
+        host.tick().await;
+        env.broker.maintain().await.unwrap();
+    }
+    assert_eq!(env.broker.desktop(&d.id).await.unwrap().state, DesktopState::Disconnected);
+    host.settle().await;
+    assert!(host.commands_seen.contains(&("disconnect".into(), d.id.clone())), "the client was sent away");
+    assert!(!host.vms[&d.id].connected);
+    let audit = env.broker.list_audit(&root, 100).await.unwrap();
+    assert!(audit.iter().any(|e| e.action == "desktop.idle" && e.target == d.id), "{audit:?}");
+    for _ in 0..4 {
+        env.clock.advance(100);
+        host.tick().await;
+        env.broker.maintain().await.unwrap();
+    }
+    host.settle().await;
+    let recycled = env.broker.desktop(&d.id).await.unwrap();
+    assert_eq!((recycled.state, recycled.user_id), (DesktopState::Ready, None));
+    assert!(host.booted.iter().any(|(kind, id, _)| kind == "recycle" && *id == d.id), "{:?}", host.booted);
 }
 
 async fn admin_disconnect_then_resume(backend: Backend) {

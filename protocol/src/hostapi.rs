@@ -111,6 +111,54 @@ pub struct RunningDesktop {
     /// Bytes the desktop's own disk (its overlay) takes on the host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_bytes: Option<u64>,
+    /// What the guest agent inside reports, while it is connected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<GuestReport>,
+}
+
+/// What a desktop's guest agent says about it (relayed by its VM process; the guest is not
+/// trusted: the broker checks [`GuestReport::check`] and only shows it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestReport {
+    pub agent_version: String,
+    pub hostname: String,
+    pub os: String,
+    pub kernel: String,
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    /// `no-user`, `active` or `locked`, once the agent reported a session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Seconds since the guest user's last input, as the guest counts them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_secs: Option<u64>,
+}
+
+impl GuestReport {
+    /// Within the agent channel's own limits (text of at most 255 bytes without control
+    /// characters, at most 32 addresses of at most 64 bytes, a known session state).
+    pub fn check(&self) -> Result<(), String> {
+        use crate::wire::{MAX_ADDRESS_LEN, MAX_ADDRESSES, MAX_AGENT_TEXT};
+        let text_ok = |t: &str, max: usize| t.len() <= max && !t.chars().any(char::is_control);
+        let texts = [&self.agent_version, &self.hostname, &self.os, &self.kernel];
+        if !texts.iter().all(|t| text_ok(t, MAX_AGENT_TEXT))
+            || !self.user.as_deref().is_none_or(|u| text_ok(u, MAX_AGENT_TEXT))
+        {
+            return Err("guest report: text over 255 bytes or with control characters".into());
+        }
+        if self.addresses.len() > MAX_ADDRESSES || !self.addresses.iter().all(|a| text_ok(a, MAX_ADDRESS_LEN))
+        {
+            return Err(format!(
+                "guest report: at most {MAX_ADDRESSES} addresses of at most {MAX_ADDRESS_LEN} bytes"
+            ));
+        }
+        if !self.session.as_deref().is_none_or(|s| ["no-user", "active", "locked"].contains(&s)) {
+            return Err("guest report: session is no-user, active or locked".into());
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -291,10 +339,32 @@ mod tests {
         let beat: Heartbeat = serde_json::from_str(r#"{"cores":4,"memory_mib":8192}"#).unwrap();
         assert!(beat.desktops.is_empty() && beat.images.is_empty());
         let d: RunningDesktop = serde_json::from_str(r#"{"id":"d1"}"#).unwrap();
-        assert_eq!(d, RunningDesktop { id: "d1".into(), connected: false, port: None, disk_bytes: None });
+        assert_eq!(
+            d,
+            RunningDesktop { id: "d1".into(), connected: false, port: None, disk_bytes: None, guest: None }
+        );
         let with_port = RunningDesktop { port: Some(47001), ..d };
         let json = serde_json::to_string(&with_port).unwrap();
         assert_eq!(serde_json::from_str::<RunningDesktop>(&json).unwrap(), with_port);
+    }
+
+    #[test]
+    fn a_guest_report_is_held_to_the_agent_channels_limits() {
+        let good = GuestReport {
+            agent_version: "0.1.0".into(),
+            hostname: "desk".into(),
+            os: "Linux".into(),
+            kernel: "6.12".into(),
+            addresses: vec!["10.0.2.15/24".into()],
+            session: Some("active".into()),
+            user: Some("alice".into()),
+            idle_secs: Some(3),
+        };
+        assert_eq!(good.check(), Ok(()));
+        assert!(GuestReport { hostname: "x".repeat(256), ..good.clone() }.check().is_err());
+        assert!(GuestReport { user: Some("a\u{1b}[2J".into()), ..good.clone() }.check().is_err());
+        assert!(GuestReport { addresses: vec!["a".into(); 33], ..good.clone() }.check().is_err());
+        assert!(GuestReport { session: Some("asleep".into()), ..good }.check().is_err());
     }
 
     #[test]

@@ -74,6 +74,19 @@ fn a_user_gets_a_desktop_from_a_pool_and_the_client_reaches_it_with_the_brokers_
     })
     .unwrap();
 
+    // The guest agent's report reaches the admin's desktop list: over vsock to the VM
+    // process, in the host's heartbeat, into the broker.
+    let admin = stack.login("root", "root-password-1").unwrap();
+    let guest = wait_for("the guest agent's report in the broker", Duration::from_secs(60), || {
+        let desktops = stack.get("/api/v1/admin/desktops", &admin).ok()?;
+        let d = desktops.as_array()?.iter().find(|d| d["id"] == desktop.as_str())?.clone();
+        d["guest"].is_object().then(|| d["guest"].clone())
+    })
+    .unwrap();
+    assert_eq!(guest["agent_version"], env!("CARGO_PKG_VERSION"), "{guest}");
+    assert_eq!(guest["hostname"], "pleiades-guest", "{guest}");
+    assert!(guest["kernel"].as_str().is_some_and(|k| k.contains("amd64")), "{guest}");
+
     let connection = stack.connect(&bearer, &desktop).unwrap();
     let file = dir.path().join("desk.pleiades");
     std::fs::write(&file, connection["file"].as_str().expect("a connection file")).unwrap();

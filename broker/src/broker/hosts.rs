@@ -386,6 +386,20 @@ impl Broker {
         .await?;
         set_host_images(&mut tx, &host.id, &beat.images).await?;
         for running in &beat.desktops {
+            // The guest's words, relayed: kept only within the agent channel's limits.
+            let guest = running.guest.as_ref().filter(|g| match g.check() {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(host = %host.name, desktop = %running.id, "ignored: {e}");
+                    false
+                }
+            });
+            sqlx::query("UPDATE desktops SET guest = $1 WHERE id = $2 AND host_id = $3")
+                .bind(guest.map(|g| serde_json::to_string(g).unwrap_or_default()))
+                .bind(&running.id)
+                .bind(&host.id)
+                .execute(&mut *tx)
+                .await?;
             if let Some(bytes) = running.disk_bytes {
                 sqlx::query("UPDATE desktops SET disk_bytes = $1 WHERE id = $2 AND host_id = $3")
                     .bind(i64::try_from(bytes).unwrap_or(i64::MAX))
@@ -413,8 +427,13 @@ impl Broker {
                     queue_command(&mut tx, &host.id, &running.id, CommandKind::Stop, now).await?
                 }
                 Some(state) if running.connected => {
+                    // The user's last input: as the guest counts it when its agent reports
+                    // the session (a client can stay connected to a desktop nobody uses),
+                    // else now (a connected client is activity).
+                    let idle = guest.and_then(|g| g.idle_secs).unwrap_or(0);
+                    let last_input = now.saturating_sub(i64::try_from(idle).unwrap_or(i64::MAX));
                     sqlx::query("UPDATE desktops SET last_activity = $1 WHERE id = $2")
-                        .bind(now)
+                        .bind(last_input)
                         .bind(&running.id)
                         .execute(&mut *tx)
                         .await?;

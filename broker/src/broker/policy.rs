@@ -1,8 +1,8 @@
 //! Background work: lost hosts, idle and disconnected desktops, spare desktops.
 
-use super::Broker;
-use super::tx::{lock_pool, retry_lost_races};
-use crate::db::{get_i64, get_str};
+use super::tx::{lock_pool, queue_command, retry_lost_races};
+use super::{Broker, CommandKind};
+use crate::db::{get_i64, get_opt_str, get_str};
 use crate::error::Result;
 use crate::model::{CommandState, Desktop, DesktopState, HostState, Pool, PoolKind, SessionState};
 
@@ -134,9 +134,11 @@ impl Broker {
     async fn apply_session_policy(&self) -> Result<()> {
         let now = self.now();
         for pool in self.list_pools().await? {
-            // Idle: in use but no client seen for idle_timeout → disconnected.
+            // Idle: in use, but no client seen (or, while one is connected, no input in the
+            // guest, as its agent reports it) for idle_timeout → disconnected; a client still
+            // connected is sent away.
             let idle = sqlx::query(
-                "SELECT id FROM desktops WHERE pool_id = $1 AND state = 'in_use' AND last_activity < $2",
+                "SELECT id, host_id FROM desktops WHERE pool_id = $1 AND state = 'in_use' AND last_activity < $2",
             )
             .bind(&pool.id)
             .bind(now - pool.idle_timeout_secs)
@@ -144,19 +146,24 @@ impl Broker {
             .await?;
             for r in &idle {
                 let id = get_str(r, "id")?;
+                let mut tx = self.db.pool.begin().await?;
                 let moved = sqlx::query("UPDATE desktops SET state = $1, state_since = $2 WHERE id = $3 AND state = 'in_use' AND last_activity < $4")
                     .bind(DesktopState::Disconnected.as_str())
                     .bind(now)
                     .bind(&id)
                     .bind(now - pool.idle_timeout_secs)
-                    .execute(&self.db.pool)
+                    .execute(&mut *tx)
                     .await?;
                 if moved.rows_affected() == 1 {
                     sqlx::query("UPDATE sessions SET state = $1 WHERE desktop_id = $2 AND state = 'active'")
                         .bind(SessionState::Disconnected.as_str())
                         .bind(&id)
-                        .execute(&self.db.pool)
+                        .execute(&mut *tx)
                         .await?;
+                    if let Some(host) = get_opt_str(r, "host_id")? {
+                        queue_command(&mut tx, &host, &id, CommandKind::Disconnect, now).await?;
+                    }
+                    tx.commit().await?;
                     self.audit("system", "desktop.idle", &id, "disconnected by idle policy").await?;
                 }
             }

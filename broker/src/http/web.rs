@@ -828,7 +828,7 @@ async fn admin_pool(
                 @else {
                     table id="desktops" {
                         caption.visually-hidden { "The pool's desktops" }
-                        thead { tr { th scope="col" { "Name" } th scope="col" { "Host" } th scope="col" { "State" } th scope="col" { "User" } th scope="col" { "Owner" } th scope="col" { "Image" } th scope="col" { "Own disk" } th scope="col" { "Failed starts" } th scope="col" { "Last error" } } }
+                        thead { tr { th scope="col" { "Name" } th scope="col" { "Host" } th scope="col" { "State" } th scope="col" { "User" } th scope="col" { "Owner" } th scope="col" { "Guest" } th scope="col" { "Image" } th scope="col" { "Own disk" } th scope="col" { "Failed starts" } th scope="col" { "Last error" } } }
                         tbody {
                             @for d in &desktops {
                                 tr {
@@ -842,6 +842,15 @@ async fn admin_pool(
                                     }
                                     td { (user_name(&d.user_id)) }
                                     td { (user_name(&d.owner_id)) }
+                                    td.guest {
+                                        @if let Some(g) = &d.guest {
+                                            div { (g.user.as_deref().unwrap_or("nobody logged in")) " on " (g.hostname) }
+                                            div.muted { (g.addresses.join(", ")) }
+                                            div.muted { (g.os) " · agent " (g.agent_version) }
+                                        } @else {
+                                            span.muted { "no agent" }
+                                        }
+                                    }
                                     td {
                                         (image_name(&d.image_id))
                                         @if spec.kind == PoolKind::Persistent && image_name(&d.image_id) != spec.image {

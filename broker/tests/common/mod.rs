@@ -319,6 +319,9 @@ impl ClientCert {
 #[derive(Debug, Clone)]
 pub struct Vm {
     pub connected: bool,
+    /// Seconds since the guest user's last input, as its agent would report them (`None`: no
+    /// agent connected).
+    pub guest_idle: Option<u64>,
     pub starts: u32,
     /// The generation its last start, restart or recycle command carried (what the VM process
     /// would be started with).
@@ -392,7 +395,16 @@ impl HostDouble {
         let desktops: Vec<Value> = self
             .vms
             .iter()
-            .map(|(id, vm)| json!({ "id": id, "connected": vm.connected, "disk_bytes": DISK_BYTES }))
+            .map(|(id, vm)| {
+                let mut d = json!({ "id": id, "connected": vm.connected, "disk_bytes": DISK_BYTES });
+                if let Some(idle) = vm.guest_idle {
+                    d["guest"] = json!({
+                        "agent_version": "0.1.0", "hostname": "desk", "os": "Linux", "kernel": "6.12",
+                        "addresses": ["10.0.2.15/24"], "session": "active", "user": "alice", "idle_secs": idle
+                    });
+                }
+                d
+            })
             .collect();
         let res = self
             .http
@@ -428,6 +440,7 @@ impl HostDouble {
                     self.booted.push((kind.to_owned(), desktop.clone(), image));
                     let vm = self.vms.entry(desktop).or_insert(Vm {
                         connected: false,
+                        guest_idle: None,
                         starts: 0,
                         generation: None,
                     });

@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pleiades_protocol::hostapi::{DesktopNetwork, RunningDesktop, VmImage};
+use pleiades_protocol::hostapi::{DesktopNetwork, GuestReport, RunningDesktop, VmImage};
 
 use pleiades_control::{self as control, Request};
 
@@ -564,12 +564,14 @@ impl Desktops {
                         let (disks, dir) = (&disks, desktops_dir.join(&id));
                         scope.spawn(move || {
                             rotate_log(&dir.join("serial.log"), SERIAL_LOG_MAX);
-                            let connected = control::request(&control, &Request::Status, STATUS_TIMEOUT)
+                            let status = control::request(&control, &Request::Status, STATUS_TIMEOUT)
                                 .ok()
                                 .and_then(|r| r.result)
-                                .is_some_and(|s| s["session"]["client_connected"].as_bool() == Some(true));
+                                .unwrap_or_default();
+                            let connected = status["session"]["client_connected"].as_bool() == Some(true);
+                            let guest = guest_report(&status["agent"]);
                             let disk_bytes = disks.usage(&id);
-                            RunningDesktop { id, connected, port: Some(port), disk_bytes }
+                            RunningDesktop { id, connected, port: Some(port), disk_bytes, guest }
                         })
                     })
                     .collect();
@@ -617,6 +619,28 @@ const SERIAL_LOG_MAX: u64 = 16 << 20;
 
 /// Moves `path`'s content to `path.1` and empties it, once it is larger than `max`. The writer
 /// (QEMU, or the VM process) appends, so it goes on writing at the new end.
+/// The broker's view of what a VM's agent said (`ctl status`'s `agent`), while one is connected.
+fn guest_report(agent: &serde_json::Value) -> Option<GuestReport> {
+    if agent["connected"].as_bool() != Some(true) {
+        return None;
+    }
+    let text = |key: &str| agent[key].as_str().map(str::to_owned);
+    let report = GuestReport {
+        agent_version: text("agent_version")?,
+        hostname: text("hostname").unwrap_or_default(),
+        os: text("os").unwrap_or_default(),
+        kernel: text("kernel").unwrap_or_default(),
+        addresses: agent["addresses"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+            .unwrap_or_default(),
+        session: text("session"),
+        user: text("user"),
+        idle_secs: agent["idle_ms"].as_u64().map(|ms| ms / 1000),
+    };
+    Some(report)
+}
+
 fn rotate_log(path: &Path, max: u64) {
     let Ok(meta) = std::fs::metadata(path) else { return };
     if meta.len() <= max {
@@ -667,6 +691,27 @@ fn tail(log: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_agents_status_becomes_the_brokers_guest_report() {
+        let status = serde_json::json!({"agent": {
+            "connected": true, "version": 1, "agent_version": "0.1.0", "hostname": "desk",
+            "os": "Debian GNU/Linux 13 (trixie)", "kernel": "6.12", "addresses": ["10.0.2.15/24"],
+            "session": "locked", "user": "alice", "idle_ms": 61_999, "connections": 2
+        }});
+        let report = guest_report(&status["agent"]).unwrap();
+        assert_eq!(report.agent_version, "0.1.0");
+        assert_eq!(report.addresses, ["10.0.2.15/24"]);
+        assert_eq!(
+            (report.session.as_deref(), report.user.as_deref(), report.idle_secs),
+            (Some("locked"), Some("alice"), Some(61))
+        );
+        // No agent connected (or none at all): nothing to report.
+        let mut gone = status["agent"].clone();
+        gone["connected"] = false.into();
+        assert_eq!(guest_report(&gone), None);
+        assert_eq!(guest_report(&serde_json::Value::Null), None);
+    }
 
     #[test]
     fn port_ranges_parse_and_refuse_nonsense() {

@@ -84,7 +84,7 @@ pub struct ServeArgs {
     /// An image this host can boot (its name at the broker). Repeat for several.
     #[arg(long = "image")]
     pub images: Vec<String>,
-    /// A device every desktop gets (as `run --device`). Default: gpu, keyboard, tablet, sound.
+    /// A device every desktop gets (as `run --device`). Default: gpu, keyboard, tablet, sound, vsock.
     #[arg(long = "device")]
     pub devices: Vec<String>,
     /// A directory whose files may boot as desktops' kernels, initrds and disk templates
@@ -218,7 +218,7 @@ impl ServeArgs {
         let devices = [self.devices, file.devices]
             .into_iter()
             .find(|d| !d.is_empty())
-            .unwrap_or_else(|| ["gpu", "keyboard", "tablet", "sound"].map(String::from).to_vec());
+            .unwrap_or_else(|| ["gpu", "keyboard", "tablet", "sound", "vsock"].map(String::from).to_vec());
         if !devices.iter().any(|d| d.split(',').next() == Some("gpu")) {
             bail!("desktops need a GPU: add --device gpu");
         }
@@ -622,7 +622,7 @@ mod tests {
     #[test]
     fn defaults_give_a_gpu_desktop_on_the_default_ports() {
         let c = args().resolve().unwrap();
-        assert_eq!(c.devices, ["gpu", "keyboard", "tablet", "sound"]);
+        assert_eq!(c.devices, ["gpu", "keyboard", "tablet", "sound", "vsock"]);
         assert_eq!(c.ports, PortRange { first: 47000, last: 47099 });
         assert_eq!(c.trust, Trust::Pin("ab".repeat(32)));
         assert!(c.token.is_none());
