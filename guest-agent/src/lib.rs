@@ -9,10 +9,12 @@
 //! ([`workload`]), and plays and records sound for the audio tests ([`sound`]).
 //!
 //! As a service (`pleiades-agent run`, [`service`]) it keeps a link to its VM process over
-//! vsock: the guest's facts and session, the host's lock and power requests.
+//! vsock: the guest's facts and session, the host's lock and power requests; its per-user
+//! part (`pleiades-agent session`, [`session`]) reports the graphical session's idle time.
 
 pub mod power;
 pub mod ready;
 pub mod service;
+pub mod session;
 pub mod sound;
 pub mod workload;

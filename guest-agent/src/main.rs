@@ -66,6 +66,13 @@ enum Command {
         #[arg(long)]
         lock: Option<PathBuf>,
     },
+    /// The agent's per-user part, inside the graphical session: report its idle time and lock
+    /// state to the service.
+    Session {
+        /// The service's socket.
+        #[arg(long, default_value = pleiades_agent::session::SOCKET)]
+        socket: PathBuf,
+    },
     /// Wait for the ACPI power button and then run `poweroff` (the host's clean shutdown).
     PowerButton {
         /// Command to run when the button is pressed.
@@ -89,8 +96,22 @@ fn main() -> ExitCode {
         },
         Command::PowerButton { action } => power_button(&action),
         Command::Run { root, poweroff, reboot, lock } => {
-            pleiades_agent::service::run(&root, &pleiades_agent::service::Actions { poweroff, reboot, lock })
+            let sessions = match pleiades_agent::session::SessionReports::listen(std::path::Path::new(
+                pleiades_agent::session::SOCKET,
+            )) {
+                Ok(reports) => Some(reports),
+                Err(e) => {
+                    eprintln!(
+                        "pleiades-agent: cannot listen on {} ({e}); no session reports",
+                        pleiades_agent::session::SOCKET
+                    );
+                    None
+                }
+            };
+            let actions = pleiades_agent::service::Actions { poweroff, reboot, lock };
+            pleiades_agent::service::run(&root, &actions, sessions.as_ref())
         }
+        Command::Session { socket } => pleiades_agent::session::run_session_part(&socket),
         Command::Tone { freq, seconds, amplitude, device } => {
             match pleiades_agent::sound::tone(&device, freq, amplitude.clamp(0.0, 1.0), seconds) {
                 Ok(report) => {

@@ -1,7 +1,9 @@
 //! `pleiades-agent run`: the agent's system service. It connects to its VM process over vsock
 //! (context id 2, port [`AGENT_PORT`]), says hello, reports the guest's facts
 //! ([`guest_facts`]) at once and whenever they change, and carries out what the host
-//! asks (lock the screen, shut down, restart). When the link ends (the VM process restarted
+//! asks (lock the screen, shut down, restart). The graphical session's user, lock state and
+//! idle time come from the per-user part ([`crate::session`]) and go to the host as they
+//! change. When the link ends (the VM process restarted
 //! its end, or closed it over a protocol error) it connects again after a pause.
 //!
 //! The protocol is [`pleiades_protocol::agent`]; this module is only its I/O and the guest's
@@ -18,6 +20,8 @@ use nix::sys::socket::{AddressFamily, SockFlag, SockType, VsockAddr, connect, se
 use nix::sys::time::TimeVal;
 use pleiades_protocol::agent::{AGENT_PORT, AgentEvent, AgentLink};
 use pleiades_protocol::wire::{GuestInfo, MAX_ADDRESS_LEN, MAX_ADDRESSES, MAX_AGENT_TEXT, PowerAction};
+
+use crate::session::SessionReports;
 
 /// The host's vsock context id.
 const HOST_CID: u32 = 2;
@@ -37,13 +41,13 @@ pub struct Actions {
 }
 
 /// Runs the service: connects, serves the link, and connects again, for ever.
-pub fn run(root: &Path, actions: &Actions) -> ! {
+pub fn run(root: &Path, actions: &Actions, sessions: Option<&SessionReports>) -> ! {
     let mut pause = RETRY_FIRST;
     loop {
         match connect_host() {
             Ok(stream) => {
                 pause = RETRY_FIRST;
-                match serve(stream, root, actions) {
+                match serve(stream, root, actions, sessions) {
                     Ok(()) => eprintln!("pleiades-agent: the host closed the link; connecting again"),
                     Err(e) => eprintln!("pleiades-agent: the link ended: {e}; connecting again"),
                 }
@@ -67,11 +71,18 @@ fn connect_host() -> std::io::Result<File> {
 }
 
 /// Serves one link until it ends: `Ok` when the host closed it.
-fn serve(mut stream: File, root: &Path, actions: &Actions) -> Result<(), String> {
+fn serve(
+    mut stream: File,
+    root: &Path,
+    actions: &Actions,
+    sessions: Option<&SessionReports>,
+) -> Result<(), String> {
     let mut link = AgentLink::new(env!("CARGO_PKG_VERSION")).map_err(|e| e.to_string())?;
     let mut facts = guest_facts(root);
     link.guest_info(facts.clone()).map_err(|e| e.to_string())?;
     let mut refreshed = Instant::now();
+    // A new link hears the latest session report at once.
+    let mut session_seen = u64::MAX;
     let mut buf = [0u8; 4096];
     loop {
         let out = link.take_output();
@@ -89,6 +100,9 @@ fn serve(mut stream: File, root: &Path, actions: &Actions) -> Result<(), String>
                     ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
                 ) => {}
             Err(e) => return Err(format!("cannot read from the host: {e}")),
+        }
+        if let Some(state) = sessions.and_then(|s| s.take_change(&mut session_seen)) {
+            link.session_state(state).map_err(|e| e.to_string())?;
         }
         if refreshed.elapsed() >= REFRESH {
             refreshed = Instant::now();
