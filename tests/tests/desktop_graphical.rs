@@ -61,7 +61,7 @@ fn the_graphical_desktop_through_the_broker_follows_the_client_and_runs_typed_co
     let usable = asked.elapsed();
     let serial = stack.serial(&desktop);
     let line = serial.lines().find(|l| l.contains("PLEIADES-READY")).unwrap();
-    for device in ["\"gpu\"", "\"input\"", "\"sound\"", "\"block\"", "\"net\""] {
+    for device in ["\"gpu\"", "\"input\"", "\"sound\"", "\"block\"", "\"net\"", "\"vsock\""] {
         assert!(line.contains(device), "{device} not bound: {line}");
     }
     println!(
@@ -114,6 +114,28 @@ fn the_graphical_desktop_through_the_broker_follows_the_client_and_runs_typed_co
     let magenta = typed.pixels.chunks_exact(4).filter(|c| c[..3] == [255, 0, 255]).count();
     println!("desktop image: {magenta} magenta pixels in the terminal ({}x{})", typed.width, typed.height);
     assert!(magenta > 40_000, "the typed printf did not paint the terminal: {magenta} magenta pixels");
+
+    // The guest agent's report reaches the admin: the logged-in user, the OS, the address the
+    // guest got by DHCP, and the user's idle time as the guest's X server counts it, which
+    // grows while nobody types.
+    let admin = stack.login("root", "root-password-1").unwrap();
+    let guest_report = || -> Option<Value> {
+        let desktops = stack.get("/api/v1/admin/desktops", &admin).ok()?;
+        let d = desktops.as_array()?.iter().find(|d| d["id"] == desktop.as_str())?.clone();
+        d["guest"]["idle_secs"].is_u64().then(|| d["guest"].clone())
+    };
+    let first = wait_for("the guest's session report", Duration::from_secs(120), guest_report)
+        .unwrap_or_else(|e| panic!("{e}; {}", stack.logs_tail()));
+    assert_eq!(first["user"], "user", "the autologin user: {first}");
+    assert_eq!(first["session"], "active", "{first}");
+    assert!(first["os"].as_str().is_some_and(|os| os.starts_with("Debian GNU/Linux")), "{first}");
+    assert!(first["addresses"].as_array().is_some_and(|a| a.iter().any(|a| a == "10.0.2.15/24")), "{first}");
+    let idle = first["idle_secs"].as_u64().unwrap();
+    let later = wait_for("the guest's idle time to grow", Duration::from_secs(120), || {
+        guest_report().filter(|g| g["idle_secs"].as_u64() >= Some(idle + 4))
+    })
+    .unwrap();
+    println!("desktop image: guest idle {idle} s, then {} s", later["idle_secs"]);
 
     // A clean power-off through the daemon.
     let status = stack.host.terminate(Duration::from_secs(120)).unwrap();

@@ -12,7 +12,9 @@
 //!   `en*` NIC) with systemd-resolved.
 //! - The Pleiades agent (static) is installed as `pleiades-agent-ready.service`, which prints
 //!   the agent's `PLEIADES-READY` line on the serial console once the desktop is usable (the
-//!   user's session runs its panel).
+//!   user's session runs its panel), as `pleiades-agent.service`, its link to the VM process
+//!   over vsock, and as `pleiades-agent session` in every graphical session (XDG autostart),
+//!   which reports the user's idle time (`xprintidle`) and lock state to the service.
 //! - The screen follows the client: `pleiades-display-follow`, started with the user's
 //!   session, applies the monitors' preferred modes (left to right) whenever virtio-gpu raises
 //!   a display hotplug, which the host does when the client's windows change size (X's
@@ -61,6 +63,8 @@ const PACKAGES: &[&str] = &[
     "xserver-xorg-core",
     "xserver-xorg-input-libinput",
     "x11-xserver-utils",
+    // the agent's session part: the user's idle time from the X server
+    "xprintidle",
     "lightdm",
     "lightdm-gtk-greeter",
     // the desktop
@@ -243,6 +247,23 @@ TimeoutStartSec=330
 WantedBy=graphical.target
 UNIT
 chroot "$root" systemctl enable pleiades-agent-ready.service
+# The agent's service: its link to the VM process over vsock (guest facts, the session's user,
+# lock state and idle time, the host's power requests), and its per-user part in every
+# graphical session (spice-vdagentd and spice-vdagent split the same way).
+cat > "$root/etc/systemd/system/pleiades-agent.service" <<'UNIT'
+[Unit]
+Description=Pleiades agent: the desktop's link to its host
+[Service]
+ExecStart=/usr/local/bin/pleiades-agent run --poweroff /usr/sbin/poweroff --reboot /usr/sbin/reboot
+Restart=always
+RestartSec=2
+[Install]
+WantedBy=multi-user.target
+UNIT
+chroot "$root" systemctl enable pleiades-agent.service
+mkdir -p "$root/etc/xdg/autostart"
+printf '[Desktop Entry]\nType=Application\nName=Pleiades agent\nComment=Reports the session to the host\nExec=/usr/local/bin/pleiades-agent session\nNoDisplay=true\n' \
+    > "$root/etc/xdg/autostart/pleiades-agent-session.desktop"
 # A plain wallpaper (Pleiades blue) instead of xfdesktop's black when no backdrop image is
 # installed: the defaults every user's session starts from.
 mkdir -p "$root/etc/xdg/xfce4/xfconf/xfce-perchannel-xml"
