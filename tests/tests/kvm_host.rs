@@ -116,7 +116,7 @@ struct LinuxFigures {
 }
 
 /// The devices every Linux desktop on Pleiades' VMM is tested with, and what READY says of them.
-const DEVICES: [&str; 12] = [
+const DEVICES: [&str; 14] = [
     "--device",
     "gpu,heads=2",
     "--device",
@@ -129,18 +129,22 @@ const DEVICES: [&str; 12] = [
     "rng",
     "--device",
     "console",
+    "--device",
+    "vsock",
 ];
-const BOUND: [(&str, &str); 6] = [
+const BOUND: [(&str, &str); 7] = [
     ("gpu", "virtio_gpu"),
     ("input", "virtio_input"),
     ("input", "virtio_input"),
     ("sound", "virtio_snd"),
     ("rng", "virtio_rng"),
     ("console", "virtio_console"),
+    ("vsock", "vmw_vsock_virtio_transport"),
 ];
 
-/// The Linux test image on `--vmm pleiades` with GPU (two heads), keyboard, tablet, sound, rng
-/// and console, and the session server (`--listen`): READY with two CPUs and every device bound;
+/// The Linux test image on `--vmm pleiades` with GPU (two heads), keyboard, tablet, sound, rng,
+/// console and vsock, and the session server (`--listen`): READY with two CPUs and every device
+/// bound; the guest agent's link over vsock;
 /// the console on the screen; the headless client types a command (its last frame equals `ctl
 /// screenshot`), clicks (the tablet's events reach the guest) and hears the guest's 440 Hz; the
 /// layout follows `ctl layout` (one monitor, then two); the guest's `reboot` comes back to READY;
@@ -174,9 +178,24 @@ fn linux_with_every_device_and_a_client(host: &mut KvmHost) -> LinuxFigures {
         .collect();
     assert_eq!(
         devices,
-        [("gpu", true), ("input", true), ("input", true), ("sound", true), ("rng", true), ("console", true)],
+        [
+            ("gpu", true),
+            ("input", true),
+            ("input", true),
+            ("sound", true),
+            ("rng", true),
+            ("console", true),
+            ("vsock", true)
+        ],
         "{status:#}"
     );
+    // The guest agent found its VM process over the in-process vsock device.
+    let agent = pleiades_testkit::wait_for("the guest agent's link", Duration::from_secs(120), || {
+        let status = status_of(host, &vm);
+        (status["agent"]["connected"] == true).then(|| status["agent"].clone())
+    })
+    .unwrap_or_else(|e| panic!("{e}: {:#}", status_of(host, &vm)));
+    assert_eq!(agent["kernel"], info.kernel.as_str(), "{agent:#}");
     assert_eq!(status["acpi"]["power_button_enabled"], true, "{status:#}");
 
     // The console on the screen (fbcon on tty1, whose shell starts after READY).
