@@ -2,7 +2,7 @@
 //! (`vhost-user-vsock-pci`, served from the VM process), the Linux guest's own vsock driver
 //! binds it, and `pleiades-agent run` in the guest connects to its VM process, which reports
 //! what the agent said in `ctl status`. The agent is then killed and started again: the VM
-//! process takes the new connection.
+//! process takes the new connection. `ctl shutdown` then goes through the agent.
 
 use std::time::Duration;
 
@@ -71,8 +71,12 @@ fn the_agent_reports_the_guest_over_vsock_and_reconnects_after_a_restart() {
     .unwrap();
     assert_eq!(agent["hostname"], "desk-renamed");
 
+    // `ctl shutdown` goes through the agent (the guest's own poweroff), not the power button,
+    // which only follows if the guest has not gone down after a grace period.
     let shutdown = control::request(&socket, &Request::Shutdown, Duration::from_secs(30)).unwrap();
     assert!(shutdown.ok, "{shutdown:?}");
     let exit = guest.wait_exit(Duration::from_secs(90)).expect("pleiades-host exits");
     assert!(exit.success(), "{exit}");
+    let console = guest.transcript().join("\n");
+    assert!(!console.contains("power button pressed"), "the power button was needed:\n{console}");
 }

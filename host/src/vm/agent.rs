@@ -27,6 +27,9 @@ pub const GUEST_CID: u64 = 3;
 const TICK: Duration = Duration::from_secs(1);
 /// Bytes waiting for the guest's credit beyond this end the link (a guest that never reads).
 const MAX_PENDING_OUT: usize = 256 * 1024;
+/// How long a guest has to start a shutdown or restart its agent was asked for (its agent's
+/// link closes as the guest goes down) before the VMM's own way is used.
+pub const POWER_GRACE: Duration = Duration::from_secs(20);
 
 /// What the guest's agent last said, for status reports.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
@@ -106,6 +109,30 @@ impl Agent {
     /// Asks the guest to shut down or restart; `false` when no agent is connected.
     pub fn power(&self, action: PowerAction) -> bool {
         self.request(Request::Power(action))
+    }
+
+    /// Asks the guest through its agent first, as a user's own shutdown would go (the desktop
+    /// closes its session, services stop in order); if the agent's link is still the same one
+    /// after [`POWER_GRACE`] (the guest did not go down), runs `fallback` (the ACPI power
+    /// button, a reset). `false`, with nothing run, when no agent is connected.
+    pub fn power_then(&self, action: PowerAction, fallback: impl FnOnce() + Send + 'static) -> bool {
+        let before = self.status().connections;
+        if !self.power(action) {
+            return false;
+        }
+        let status = self.status.clone();
+        let spawned = std::thread::Builder::new().name("agent-power".into()).spawn(move || {
+            std::thread::sleep(POWER_GRACE);
+            let same_link = {
+                let now = lock(&status);
+                now.connected && now.connections == before
+            };
+            if same_link {
+                tracing::warn!("the guest did not act on the agent's {action:?} within {POWER_GRACE:?}; using the VMM's own");
+                fallback();
+            }
+        });
+        spawned.is_ok()
     }
 
     fn request(&self, request: Request) -> bool {

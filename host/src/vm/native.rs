@@ -20,6 +20,7 @@ use super::device_thread;
 use super::disk::{Disk, StorageDaemon};
 use super::{DeviceKind, DeviceRequest, SerialOut, Serving};
 use pleiades_control::{CommandError, Controller, InputDevice};
+use pleiades_protocol::wire::PowerAction;
 use pleiades_virtio::console::Console;
 use pleiades_virtio::gpu::{Gpu, GpuHandle};
 use pleiades_virtio::input::{Input, InputEvent, InputSender, events_socket};
@@ -230,13 +231,22 @@ impl Controller for NativeController {
     }
 
     fn shutdown(&self) -> Result<(), CommandError> {
-        // The ACPI power button; the vCPUs are stopped if the guest ignores it (or has no ACPI).
-        self.handle.shutdown(SHUTDOWN_GRACE);
+        // Through the guest agent first; then the ACPI power button; the vCPUs are stopped if
+        // the guest ignores it (or has no ACPI).
+        let handle = self.handle.clone();
+        let acpi = move || handle.shutdown(SHUTDOWN_GRACE);
+        if !self.agent.as_ref().is_some_and(|a| a.power_then(PowerAction::Shutdown, acpi.clone())) {
+            acpi();
+        }
         Ok(())
     }
 
     fn reboot(&self) -> Result<(), CommandError> {
-        self.handle.reboot();
+        let handle = self.handle.clone();
+        let reset = move || handle.reboot();
+        if !self.agent.as_ref().is_some_and(|a| a.power_then(PowerAction::Reboot, reset.clone())) {
+            reset();
+        }
         Ok(())
     }
 

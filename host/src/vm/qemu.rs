@@ -24,6 +24,7 @@ use super::qemu_display::{self, QemuDisplay};
 pub use super::qmp::Qmp;
 use super::{DeviceKind, DeviceRequest, Serving};
 use pleiades_control::{CommandError, Controller, InputDevice};
+use pleiades_protocol::wire::PowerAction;
 use pleiades_virtio::gpu::GpuHandle;
 use pleiades_virtio::input::{InputEvent, events_socket};
 use pleiades_virtio::snd::SoundHandle;
@@ -309,6 +310,25 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Presses the ACPI power button; if the guest ignores it, QEMU is stopped after the grace
+/// period.
+fn power_button(qemu: &Arc<Mutex<Child>>, qmp: &Arc<Mutex<Qmp>>) -> Result<(), CommandError> {
+    lock(qmp).execute("system_powerdown", json!({})).map_err(qmp_failed)?;
+    let (qemu, qmp) = (qemu.clone(), qmp.clone());
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + SHUTDOWN_GRACE;
+        while Instant::now() < deadline {
+            if !matches!(lock(&qemu).try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        tracing::warn!("the guest did not power off within {SHUTDOWN_GRACE:?}; stopping QEMU");
+        let _ = lock(&qmp).execute("quit", json!({}));
+    });
+    Ok(())
+}
+
 struct QemuController {
     qemu: Arc<Mutex<Child>>,
     qmp: Arc<Mutex<Qmp>>,
@@ -352,26 +372,30 @@ impl Controller for QemuController {
     }
 
     fn shutdown(&self) -> Result<(), CommandError> {
-        lock(&self.qmp).execute("system_powerdown", json!({})).map_err(qmp_failed)?;
-        // If the guest ignores the power button, stop QEMU after the grace period.
-        let qemu = self.qemu.clone();
-        let qmp = self.qmp.clone();
-        std::thread::spawn(move || {
-            let deadline = Instant::now() + SHUTDOWN_GRACE;
-            while Instant::now() < deadline {
-                if !matches!(lock(&qemu).try_wait(), Ok(None)) {
-                    return;
+        // Through the guest agent first, then the power button.
+        let (qemu, qmp) = (self.qemu.clone(), self.qmp.clone());
+        if self.agent.as_ref().is_some_and(|a| {
+            a.power_then(PowerAction::Shutdown, move || {
+                if let Err(e) = power_button(&qemu, &qmp) {
+                    tracing::warn!("{e}");
                 }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            tracing::warn!("the guest did not power off within {SHUTDOWN_GRACE:?}; stopping QEMU");
-            let _ = lock(&qmp).execute("quit", json!({}));
-        });
-        Ok(())
+            })
+        }) {
+            return Ok(());
+        }
+        power_button(&self.qemu, &self.qmp)
     }
 
     fn reboot(&self) -> Result<(), CommandError> {
-        lock(&self.qmp).execute("system_reset", json!({})).map(drop).map_err(qmp_failed)
+        let qmp = self.qmp.clone();
+        let reset = move || lock(&qmp).execute("system_reset", json!({})).map(drop).map_err(qmp_failed);
+        if self.agent.as_ref().is_some_and(|a| {
+            let reset = reset.clone();
+            a.power_then(PowerAction::Reboot, move || drop(reset()))
+        }) {
+            return Ok(());
+        }
+        reset()
     }
 
     fn display(&self) -> Option<GpuHandle> {
