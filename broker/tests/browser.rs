@@ -104,6 +104,8 @@ async fn scenario() {
     env.broker.entitle(&system(), &pool, PrincipalKind::Group, "engineering").await.unwrap();
     let key = PublicKey::from_base64(&host.reg.ticket_public_key).unwrap();
     let host_id = host.reg.host_id.clone();
+    // Its desktops' guest agents report (the admin's pool page shows it).
+    host.guest_idle = Some(5);
 
     // The host double works in the background while the browser clicks.
     let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -128,6 +130,7 @@ async fn scenario() {
         .env("POOL_LABEL", "Office desktops")
         .env("IMAGE_NAME", "debian")
         .env("GROUP_NAME", "engineering")
+        .env("POOL_URL", env.url(&format!("/admin/pools/{pool}")))
         .env("DOWNLOAD_DIR", work.path().join("downloads"));
     let result = run_browser_script(&mut node, "portal.mjs", work.path()).await;
     let _ = stop_tx.send(());
@@ -166,9 +169,19 @@ async fn scenario() {
         "05-admin-hosts",
         "07-admin-pool-entitled",
         "09-admin-audit",
+        "10-admin-pool-desktops",
     ] {
         assert!(shots.join(format!("{name}.png")).exists(), "screenshot {name}");
     }
+    // The pool's desktop list shows what Alice's guest agent reported.
+    assert!(
+        lists(&result, "desktop_rows", "alice on desk")
+            && lists(&result, "desktop_rows", "active · idle 5 s")
+            && lists(&result, "desktop_rows", "10.0.2.15/24")
+            && lists(&result, "desktop_rows", "Linux · agent 0.1.0"),
+        "{}",
+        result["desktop_rows"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -845,6 +845,9 @@ async fn admin_pool(
                                     td.guest {
                                         @if let Some(g) = &d.guest {
                                             div { (g.user.as_deref().unwrap_or("nobody logged in")) " on " (g.hostname) }
+                                            @if let (Some(session), Some(idle)) = (&g.session, g.idle_secs) {
+                                                div.muted { (session) " · idle " (idle) " s" }
+                                            }
                                             div.muted { (g.addresses.join(", ")) }
                                             div.muted { (g.os) " · agent " (g.agent_version) }
                                         } @else {

@@ -77,5 +77,9 @@ await run(async (browser, result) => {
   await shot(admin, '08-admin-sessions');
   await admin.goto(`${base}/admin/audit`);
   await shot(admin, '09-admin-audit');
+  // The first pool's desktops, with what their guest agents report.
+  await admin.goto(env('POOL_URL'));
+  result.desktop_rows = (await admin.locator('#desktops tbody tr').allInnerTexts()).map((t) => t.replace(/\s+/g, ' ').trim());
+  await shot(admin, '10-admin-pool-desktops');
   await adminContext.close();
 });

@@ -349,6 +349,9 @@ pub struct HostDouble {
     /// `held`.
     pub hang: bool,
     pub held: Vec<Value>,
+    /// While set, every VM's guest agent reports this idle time (unless the VM's own
+    /// `guest_idle` says otherwise).
+    pub guest_idle: Option<u64>,
     /// Over HTTPS: the client certificate this host presents (its identity, pinned at
     /// registration).
     pub cert: Option<ClientCert>,
@@ -383,6 +386,7 @@ impl HostDouble {
             booted: Vec::new(),
             fail_starts: None,
             hang: false,
+            guest_idle: None,
             held: Vec::new(),
             cert,
             base: env.base.clone(),
@@ -397,7 +401,7 @@ impl HostDouble {
             .iter()
             .map(|(id, vm)| {
                 let mut d = json!({ "id": id, "connected": vm.connected, "disk_bytes": DISK_BYTES });
-                if let Some(idle) = vm.guest_idle {
+                if let Some(idle) = vm.guest_idle.or(self.guest_idle) {
                     d["guest"] = json!({
                         "agent_version": "0.1.0", "hostname": "desk", "os": "Linux", "kernel": "6.12",
                         "addresses": ["10.0.2.15/24"], "session": "active", "user": "alice", "idle_secs": idle
