@@ -326,3 +326,155 @@ fn apply(status: &mut AgentStatus, event: HostEvent) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use pleiades_protocol::agent::AgentLink;
+    use pleiades_virtio::test_utils::*;
+    use pleiades_virtio::vsock::Vsock;
+    use pleiades_virtio::vsock::packet::{HEADER_LEN, HOST_CID, Header, Op, TYPE_STREAM};
+    use pleiades_virtio::{GuestMemory, VirtioDevice};
+    use virtio_queue::{Queue, QueueT};
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+
+    const RXQ: usize = 0;
+    const TXQ: usize = 1;
+
+    fn header(op: Op, src_port: u32, len: u32) -> Header {
+        Header {
+            src_cid: GUEST_CID,
+            dst_cid: HOST_CID,
+            src_port,
+            dst_port: AGENT_PORT,
+            len,
+            socket_type: TYPE_STREAM,
+            op: op as u16,
+            flags: 0,
+            buf_alloc: 65536,
+            fwd_cnt: 0,
+        }
+    }
+
+    /// The guest's packets on a tx queue whose rings are at `rings`, one chain each (header,
+    /// then payload, as Linux lays them out), their bytes at `data` onwards.
+    fn tx_queue(mem: &GuestMemory, rings: u64, data: u64, packets: &[(Header, Vec<u8>)]) -> Queue {
+        let mut descs = Vec::new();
+        for (i, (h, payload)) in packets.iter().enumerate() {
+            let base = data + i as u64 * 0x1_0000;
+            mem.write_slice(&h.to_bytes(), GuestAddress(base)).unwrap();
+            mem.write_slice(payload, GuestAddress(base + 0x1000)).unwrap();
+            let next = (descs.len() + 1) as u16;
+            descs.push(desc(base, HEADER_LEN as u32, VRING_DESC_F_NEXT, next));
+            descs.push(desc(base + 0x1000, payload.len().max(1) as u32, 0, 0));
+        }
+        queue_at(mem, rings, 64, &descs)
+    }
+
+    /// What the device wrote to the guest: (op, destination port, payload) per used rx buffer.
+    fn to_guest(mem: &GuestMemory, rx: &QueueRings) -> Vec<(u16, u32, Vec<u8>)> {
+        used_entries(mem, rx)
+            .into_iter()
+            .filter(|(_, len)| *len as usize >= HEADER_LEN)
+            .map(|(id, len)| {
+                let addr = 0xA_0000 + u64::from(id) * 0x1000;
+                let mut raw = [0u8; HEADER_LEN];
+                mem.read_slice(&mut raw, GuestAddress(addr)).unwrap();
+                let mut payload = vec![0u8; len as usize - HEADER_LEN];
+                mem.read_slice(&mut payload, GuestAddress(addr + HEADER_LEN as u64)).unwrap();
+                let h = Header::parse(&raw);
+                (h.op, h.dst_port, payload)
+            })
+            .collect()
+    }
+
+    fn wait(agent: &Agent, what: &str, f: impl Fn(&AgentStatus) -> bool) -> AgentStatus {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let status = agent.status();
+            if f(&status) {
+                return status;
+            }
+            assert!(std::time::Instant::now() < deadline, "{what}: {status:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn a_guest_that_breaks_the_protocol_is_cut_off_and_the_agent_comes_back() {
+        let mem = memory();
+        let (mut device, handle) = Vsock::new(GUEST_CID, Default::default()).unwrap();
+        let agent = Agent::start(handle).unwrap();
+        let rx_descs: Vec<_> =
+            (0..16).map(|i| desc(0xA_0000 + i * 0x1000, 4096, VRING_DESC_F_WRITE, 0)).collect();
+        let mut queues =
+            vec![queue_at(&mem, 0, 64, &rx_descs), Queue::new(64).unwrap(), Queue::new(64).unwrap()];
+        let rx = QueueRings::of(&queues[RXQ]);
+
+        // A guest process connects to the agent's port and sends guest facts before any hello.
+        let early = pleiades_protocol::wire::encode_to_vec(
+            &pleiades_protocol::wire::AgentMessage::GuestInfo(Default::default()),
+        )
+        .unwrap();
+        queues[TXQ] = tx_queue(
+            &mem,
+            0x8000,
+            0x2_0000,
+            &[(header(Op::Request, 5000, 0), vec![]), (header(Op::Rw, 5000, early.len() as u32), early)],
+        );
+        device.process_queue(TXQ, &mut queues[TXQ], &mem).unwrap();
+        let status = wait(&agent, "the link to be cut", |s| s.last_error.is_some());
+        assert!(!status.connected && status.connections == 1, "{status:?}");
+        assert!(status.last_error.as_deref().unwrap().contains("Hello"), "{status:?}");
+
+        // The real agent connects from another port and says hello: it is welcomed.
+        let hello = AgentLink::new("9.9.9").unwrap().take_output();
+        queues[TXQ] = tx_queue(
+            &mem,
+            0xC000,
+            0x6_0000,
+            &[(header(Op::Request, 5001, 0), vec![]), (header(Op::Rw, 5001, hello.len() as u32), hello)],
+        );
+        device.process_queue(TXQ, &mut queues[TXQ], &mem).unwrap();
+        let status = wait(&agent, "the agent's hello", |s| s.connected);
+        assert_eq!((status.connections, status.agent_version.as_deref()), (2, Some("9.9.9")));
+
+        // What the guest got: the first connection closed by the host (a shutdown of both
+        // directions; the muxer resets it if the guest lingers), an accepted second one with
+        // the welcome on it.
+        let sent = wait_for_packets(&mut device, &mut queues, &mem, &rx, 4);
+        let closed = |op: u16| op == Op::Shutdown as u16 || op == Op::Rst as u16;
+        assert!(sent.iter().any(|(op, port, _)| closed(*op) && *port == 5000), "{sent:?}");
+        assert!(sent.iter().any(|(op, port, _)| *op == Op::Response as u16 && *port == 5001), "{sent:?}");
+        let welcome =
+            sent.iter().find(|(op, port, _)| *op == Op::Rw as u16 && *port == 5001).expect("a welcome");
+        let mut link = AgentLink::new("9.9.9").unwrap();
+        assert_eq!(
+            link.receive(&welcome.2).unwrap(),
+            [pleiades_protocol::agent::AgentEvent::Welcomed { version: 1 }]
+        );
+    }
+
+    /// Lets the device move what the host side has for the guest into the rx buffers until at
+    /// least `n` packets arrived there.
+    fn wait_for_packets(
+        device: &mut Vsock,
+        queues: &mut [Queue],
+        mem: &GuestMemory,
+        rx: &QueueRings,
+        n: usize,
+    ) -> Vec<(u16, u32, Vec<u8>)> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            device.handle_host_event(0, queues, mem).unwrap();
+            let sent = to_guest(mem, rx);
+            if sent.len() >= n || std::time::Instant::now() > deadline {
+                return sent;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
