@@ -404,6 +404,11 @@ async fn a_connected_desktop_whose_guest_is_idle_is_disconnected_and_recycled(ba
     assert_eq!(busy.state, DesktopState::InUse);
     let guest = busy.guest.expect("the guest's report is kept");
     assert_eq!((guest.user.as_deref(), guest.idle_secs), (Some("alice"), Some(30)));
+    // The guest's log-in is audited once, however many heartbeats report it.
+    let audit = env.broker.list_audit(&root, 100).await.unwrap();
+    let logins: Vec<_> = audit.iter().filter(|e| e.action == "guest.login").collect();
+    assert_eq!(logins.len(), 1, "{audit:?}");
+    assert_eq!((logins[0].target.as_str(), logins[0].detail.as_str()), (d.id.as_str(), "alice"));
     // The client stays connected but nobody touches the guest: the guest's idle time, not the
     // connection, decides. Disconnected (the client is sent away), then recycled.
     let mut idle = 30;

@@ -4,7 +4,7 @@ use sqlx::{Any, Row, Transaction};
 
 use super::tx::{image_of_desktop, queue_command};
 use super::{
-    Broker, CommandAck, CommandKind, Heartbeat, HeartbeatReply, HostCommand, HostRegistered,
+    Broker, CommandAck, CommandKind, GuestReport, Heartbeat, HeartbeatReply, HostCommand, HostRegistered,
     HostRegistration, conflict, truncate_reason,
 };
 use crate::db::{get_i64, get_opt_i64, get_opt_str, get_str, new_id};
@@ -385,6 +385,8 @@ impl Broker {
         .execute(&mut *tx)
         .await?;
         set_host_images(&mut tx, &host.id, &beat.images).await?;
+        // Guest log-ins and log-outs seen in the reports, audited after the commit.
+        let mut sessions_seen = Vec::new();
         for running in &beat.desktops {
             // The guest's words, relayed: kept only within the agent channel's limits.
             let guest = running.guest.as_ref().filter(|g| match g.check() {
@@ -394,6 +396,22 @@ impl Broker {
                     false
                 }
             });
+            if let Some(now_user) = guest.map(|g| g.user.clone()) {
+                let before = sqlx::query("SELECT guest FROM desktops WHERE id = $1 AND host_id = $2")
+                    .bind(&running.id)
+                    .bind(&host.id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                let before_user = before
+                    .map(|r| get_opt_str(&r, "guest"))
+                    .transpose()?
+                    .flatten()
+                    .and_then(|json| serde_json::from_str::<GuestReport>(&json).ok())
+                    .and_then(|g| g.user);
+                if before_user != now_user {
+                    sessions_seen.push((running.id.clone(), before_user, now_user));
+                }
+            }
             sqlx::query("UPDATE desktops SET guest = $1 WHERE id = $2 AND host_id = $3")
                 .bind(guest.map(|g| serde_json::to_string(g).unwrap_or_default()))
                 .bind(&running.id)
@@ -525,6 +543,15 @@ impl Broker {
         for name in vanished {
             tracing::warn!(host = %host.name, desktop = %name, "desktop no longer runs on its host");
             self.audit(&host.name, "desktop.vanished", &name, "not running on its host").await?;
+        }
+        // The guest's own words: who logged in or out of its graphical session.
+        for (desktop, before, now) in sessions_seen {
+            if let Some(user) = before {
+                self.audit("guest", "guest.logout", &desktop, &user).await?;
+            }
+            if let Some(user) = now {
+                self.audit("guest", "guest.login", &desktop, &user).await?;
+            }
         }
         Ok(HeartbeatReply { commands, heartbeat_interval_secs: self.settings.heartbeat_interval_secs })
     }

@@ -112,8 +112,8 @@ pub struct Broker {
 
 // The host API's messages live in the protocol crate: `pleiades-host serve` uses the same types.
 pub use pleiades_protocol::hostapi::{
-    CommandAck, CommandKind, Heartbeat, HeartbeatReply, HostCommand, HostRegistered, HostRegistration,
-    RunningDesktop, VmImage,
+    CommandAck, CommandKind, GuestReport, Heartbeat, HeartbeatReply, HostCommand, HostRegistered,
+    HostRegistration, RunningDesktop, VmImage,
 };
 
 impl Broker {
