@@ -6,7 +6,7 @@
 //!   Hello{min..max, agent version}  ──▶
 //!   GuestInfo, SessionState …       ──▶     (may follow Hello at once)
 //!                                   ◀──   Welcome{version}   (the highest both speak)
-//!                                   ◀──   LockScreen, Power
+//!                                   ◀──   LockScreen, UnlockScreen, Power
 //! ```
 //!
 //! The agent speaks first; anything before its `Hello`, a second `Hello`, a message in the
@@ -161,6 +161,11 @@ impl HostLink {
         self.framing.send(&AgentMessage::LockScreen)
     }
 
+    /// Asks the guest to unlock its screen.
+    pub fn unlock_screen(&mut self) -> Result<(), LinkError> {
+        self.framing.send(&AgentMessage::UnlockScreen)
+    }
+
     /// Asks the guest to shut down or restart.
     pub fn power(&mut self, action: PowerAction) -> Result<(), LinkError> {
         self.framing.send(&AgentMessage::Power(action))
@@ -177,6 +182,7 @@ impl HostLink {
 pub enum AgentEvent {
     Welcomed { version: u16 },
     LockScreen,
+    UnlockScreen,
     Power(PowerAction),
 }
 
@@ -225,6 +231,7 @@ impl AgentLink {
                     events.push(AgentEvent::Welcomed { version: chosen });
                 }
                 AgentMessage::LockScreen => events.push(AgentEvent::LockScreen),
+                AgentMessage::UnlockScreen => events.push(AgentEvent::UnlockScreen),
                 AgentMessage::Power(action) => events.push(AgentEvent::Power(action)),
                 _ => unreachable!("from_agent() lists the agent's messages"),
             }
@@ -292,9 +299,13 @@ mod tests {
         assert_eq!(agent_events, [AgentEvent::Welcomed { version: 1 }]);
         assert_eq!((agent.version(), host.version()), (Some(1), Some(1)));
         host.lock_screen().unwrap();
+        host.unlock_screen().unwrap();
         host.power(PowerAction::Reboot).unwrap();
         let (agent_events, _) = exchange(&mut agent, &mut host);
-        assert_eq!(agent_events, [AgentEvent::LockScreen, AgentEvent::Power(PowerAction::Reboot)]);
+        assert_eq!(
+            agent_events,
+            [AgentEvent::LockScreen, AgentEvent::UnlockScreen, AgentEvent::Power(PowerAction::Reboot)]
+        );
     }
 
     #[test]

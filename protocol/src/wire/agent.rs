@@ -81,6 +81,9 @@ pub enum AgentMessage {
     SessionState(SessionState),
     /// Host → agent: lock the graphical session's screen (the client disconnected).
     LockScreen,
+    /// Host → agent: unlock it again (a client with a ticket for this desktop, which the broker
+    /// gives only to the desktop's user, connected).
+    UnlockScreen,
     /// Host → agent: shut the guest down or restart it cleanly.
     Power(PowerAction),
 }
@@ -106,6 +109,7 @@ impl ChannelMessage for AgentMessage {
             AgentMessage::GuestInfo(_) => types::GUEST_INFO,
             AgentMessage::SessionState(_) => types::SESSION_STATE,
             AgentMessage::LockScreen => types::LOCK_SCREEN,
+            AgentMessage::UnlockScreen => types::UNLOCK_SCREEN,
             AgentMessage::Power(_) => types::POWER,
         }
     }
@@ -140,7 +144,10 @@ impl ChannelMessage for AgentMessage {
                     return Err("a user name goes with a logged-in session, and only with one");
                 }
             }
-            AgentMessage::Welcome { .. } | AgentMessage::LockScreen | AgentMessage::Power(_) => {}
+            AgentMessage::Welcome { .. }
+            | AgentMessage::LockScreen
+            | AgentMessage::UnlockScreen
+            | AgentMessage::Power(_) => {}
         }
         Ok(())
     }
@@ -168,7 +175,7 @@ impl ChannelMessage for AgentMessage {
                 out.put_str(&s.user);
                 out.put_u64(s.idle_ms);
             }
-            AgentMessage::LockScreen => {}
+            AgentMessage::LockScreen | AgentMessage::UnlockScreen => {}
             AgentMessage::Power(action) => out.put_u8(*action as u8),
         }
     }
@@ -206,6 +213,7 @@ impl ChannelMessage for AgentMessage {
                 })
             }
             types::LOCK_SCREEN => AgentMessage::LockScreen,
+            types::UNLOCK_SCREEN => AgentMessage::UnlockScreen,
             types::POWER => AgentMessage::Power(match r.u8()? {
                 0 => PowerAction::Shutdown,
                 1 => PowerAction::Reboot,

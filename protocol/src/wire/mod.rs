@@ -250,6 +250,7 @@ pub mod types {
     pub const SESSION_STATE: u16 = 0x0704;
     pub const LOCK_SCREEN: u16 = 0x0705;
     pub const POWER: u16 = 0x0706;
+    pub const UNLOCK_SCREEN: u16 = 0x0707;
 }
 
 /// The channel a message type of this version belongs to; `None` for a type this version does
@@ -263,7 +264,7 @@ pub fn channel_of_type(ty: u16) -> Option<Channel> {
         FRAME_BEGIN | TILE | VIDEO | FRAME_END => Some(Channel::Display),
         CURSOR_SHAPE | CURSOR_POSITION => Some(Channel::Cursor),
         AUDIO_PLAYBACK | AUDIO_RECORD | AUDIO_FEEDBACK => Some(Channel::Audio),
-        AGENT_HELLO | AGENT_WELCOME | GUEST_INFO | SESSION_STATE | LOCK_SCREEN | POWER => {
+        AGENT_HELLO | AGENT_WELCOME | GUEST_INFO | SESSION_STATE | LOCK_SCREEN | POWER | UNLOCK_SCREEN => {
             Some(Channel::Agent)
         }
         _ => None,
