@@ -225,6 +225,11 @@ pub trait Controller: Send + Sync {
     fn disconnect_client(&self) -> Result<bool, CommandError> {
         Err(CommandError::NoSession)
     }
+    /// The session server took a client with a ticket for this desktop (a new one, a resumed
+    /// one, or one that replaced the previous client).
+    fn client_arrived(&self) {}
+    /// The session's client left (closed, lost, sent away) and no other took its place.
+    fn client_left(&self) {}
 }
 
 /// Errors of the control socket.

@@ -56,15 +56,19 @@ enum Command {
         /// Root of the filesystem to read the guest's facts from.
         #[arg(long, default_value = "/", hide = true)]
         root: PathBuf,
-        /// Command for the host's shutdown request.
+        /// Command line for the host's shutdown request.
         #[arg(long, default_value = "/bin/poweroff")]
-        poweroff: PathBuf,
-        /// Command for the host's restart request.
+        poweroff: String,
+        /// Command line for the host's restart request.
         #[arg(long, default_value = "/bin/reboot")]
-        reboot: PathBuf,
-        /// Command that locks the graphical session's screen (none: lock requests are logged).
+        reboot: String,
+        /// Command line that locks the graphical session's screen (none: lock requests are
+        /// logged), e.g. "loginctl lock-sessions".
         #[arg(long)]
-        lock: Option<PathBuf>,
+        lock: Option<String>,
+        /// Command line that unlocks it, e.g. "loginctl unlock-sessions".
+        #[arg(long)]
+        unlock: Option<String>,
     },
     /// The agent's per-user part, inside the graphical session: report its idle time and lock
     /// state to the service.
@@ -95,7 +99,7 @@ fn main() -> ExitCode {
             }
         },
         Command::PowerButton { action } => power_button(&action),
-        Command::Run { root, poweroff, reboot, lock } => {
+        Command::Run { root, poweroff, reboot, lock, unlock } => {
             let sessions = match pleiades_agent::session::SessionReports::listen(std::path::Path::new(
                 pleiades_agent::session::SOCKET,
             )) {
@@ -108,7 +112,7 @@ fn main() -> ExitCode {
                     None
                 }
             };
-            let actions = pleiades_agent::service::Actions { poweroff, reboot, lock };
+            let actions = pleiades_agent::service::Actions { poweroff, reboot, lock, unlock };
             pleiades_agent::service::run(&root, &actions, sessions.as_ref())
         }
         Command::Session { socket } => pleiades_agent::session::run_session_part(&socket),

@@ -12,7 +12,7 @@
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -31,13 +31,16 @@ const REFRESH: Duration = Duration::from_secs(5);
 const RETRY_FIRST: Duration = Duration::from_millis(250);
 const RETRY_LAST: Duration = Duration::from_secs(5);
 
-/// What to run for the host's requests (paths inside the guest).
+/// What to run for the host's requests: command lines inside the guest (a program and its
+/// arguments, split on white space).
 #[derive(Debug, Clone)]
 pub struct Actions {
-    pub poweroff: PathBuf,
-    pub reboot: PathBuf,
+    pub poweroff: String,
+    pub reboot: String,
     /// Locks the graphical session's screen; `None` where the guest has no lock (the test image).
-    pub lock: Option<PathBuf>,
+    pub lock: Option<String>,
+    /// Unlocks it.
+    pub unlock: Option<String>,
 }
 
 /// Runs the service: connects, serves the link, and connects again, for ever.
@@ -116,24 +119,26 @@ fn serve(
 }
 
 fn act(event: AgentEvent, actions: &Actions) {
-    let program = match event {
+    let command = match event {
         AgentEvent::Welcomed { version } => {
             eprintln!("pleiades-agent: connected to the host (agent channel version {version})");
             return;
         }
-        AgentEvent::LockScreen => match &actions.lock {
-            Some(lock) => lock,
-            None => {
-                eprintln!("pleiades-agent: the host asked to lock the screen; this guest has no screen lock");
-                return;
-            }
-        },
-        AgentEvent::Power(PowerAction::Shutdown) => &actions.poweroff,
-        AgentEvent::Power(PowerAction::Reboot) => &actions.reboot,
+        AgentEvent::LockScreen => actions.lock.as_deref(),
+        AgentEvent::UnlockScreen => actions.unlock.as_deref(),
+        AgentEvent::Power(PowerAction::Shutdown) => Some(actions.poweroff.as_str()),
+        AgentEvent::Power(PowerAction::Reboot) => Some(actions.reboot.as_str()),
     };
-    eprintln!("pleiades-agent: the host asked for {event:?}: running {}", program.display());
-    if let Err(e) = Command::new(program).spawn() {
-        eprintln!("pleiades-agent: cannot run {}: {e}", program.display());
+    let mut words = command.unwrap_or_default().split_whitespace();
+    let Some(program) = words.next() else {
+        eprintln!("pleiades-agent: the host asked for {event:?}; this guest has no command for it");
+        return;
+    };
+    eprintln!("pleiades-agent: the host asked for {event:?}: running {}", command.unwrap_or_default());
+    match Command::new(program).args(words).spawn() {
+        // Reaped by a thread: a lock command may run for as long as the lock holds.
+        Ok(mut child) => drop(std::thread::spawn(move || child.wait())),
+        Err(e) => eprintln!("pleiades-agent: cannot run {program}: {e}"),
     }
 }
 

@@ -174,18 +174,33 @@ fn idle_ms() -> Option<u64> {
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().parse().ok())?
 }
 
-/// Whether logind says this session is locked (`LockedHint`).
+/// Whether this session is locked, as logind sees it: its `LockedHint` (lockers that set it),
+/// or the session no longer in the foreground of its seat (light-locker locks by switching to
+/// the display manager's greeter).
 fn locked() -> bool {
     let Ok(id) = std::env::var("XDG_SESSION_ID") else { return false };
     Command::new("loginctl")
-        .args(["show-session", &id, "--property=LockedHint", "--value"])
+        .args(["show-session", &id, "--property=LockedHint", "--property=Active"])
         .output()
-        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).trim() == "yes")
+        .is_ok_and(|out| is_locked(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// `loginctl show-session`'s `LockedHint=` and `Active=` lines: locked when hinted or inactive.
+fn is_locked(properties: &str) -> bool {
+    properties.lines().any(|l| l.trim() == "LockedHint=yes" || l.trim() == "Active=no")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_session_is_locked_when_logind_hints_it_or_its_greeter_took_the_seat() {
+        assert!(!is_locked("LockedHint=no\nActive=yes\n"));
+        assert!(is_locked("LockedHint=yes\nActive=yes\n"));
+        assert!(is_locked("LockedHint=no\nActive=no\n"));
+        assert!(!is_locked(""));
+    }
 
     #[test]
     fn the_kernel_names_the_user_and_a_logout_empties_the_session() {

@@ -285,6 +285,7 @@ fn run_qemu(spec: &BootSpec, args: &RunArgs) -> Result<ExitCode> {
     tracing::info!("QEMU accelerator: {} ({})", accel.accel, accel.reason);
     let disks = open_disks(args)?;
     let vm = QemuVm::start(spec, &args.devices, &disks, args.net.as_ref(), &args.serial, accel)?;
+    lock_on_disconnect(args, vm.agent())?;
     let controller = with_session(args, vm.controller())?;
     let _control = control_vm(args, controller)?;
     let status = vm.wait()?;
@@ -313,11 +314,26 @@ fn run_pleiades(spec: &BootSpec, args: &RunArgs) -> Result<ExitCode> {
     }
     let disks = open_disks(args)?;
     let vm = NativeVm::new(spec, &args.devices, &disks, &args.serial)?;
+    lock_on_disconnect(args, vm.agent())?;
     let controller = with_session(args, vm.controller())?;
     let _control = control_vm(args, controller)?;
     let reason = vm.run()?;
     tracing::info!("the VM ended: {reason:?}");
     Ok(ExitCode::from(u8::try_from(reason.exit_code()).unwrap_or(1)))
+}
+
+/// `--lock-on-disconnect`: the agent locks and unlocks the guest's screen.
+fn lock_on_disconnect(args: &RunArgs, agent: Option<&pleiades_host::vm::agent::Agent>) -> Result<()> {
+    match (args.lock_on_disconnect, agent) {
+        (false, _) => Ok(()),
+        (true, Some(agent)) => {
+            agent.set_lock_on_disconnect(true);
+            Ok(())
+        }
+        (true, None) => {
+            anyhow::bail!("--lock-on-disconnect needs the guest agent's link: add --device vsock")
+        }
+    }
 }
 
 fn open_disks(args: &RunArgs) -> Result<Vec<Disk>> {

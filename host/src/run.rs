@@ -89,6 +89,10 @@ pub struct RunArgs {
     /// restart or recycle (another user's) does not open this process.
     #[arg(long, requires = "ticket_key")]
     pub ticket_generation: Option<u64>,
+    /// Lock the guest's screen whenever the session's client leaves, and unlock it when a
+    /// client with a ticket arrives (the guest agent does both: needs --device vsock).
+    #[arg(long, requires = "listen", num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set, default_value_t = false)]
+    pub lock_on_disconnect: bool,
     /// Keep the session certificate in this directory (made once; a host's VMs share it, so
     /// the broker pins one fingerprint). Default: a fresh certificate per run.
     #[arg(long, requires = "listen")]

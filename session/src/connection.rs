@@ -189,6 +189,7 @@ async fn run(shared: Arc<Shared>, conn: quinn::Connection, opened: Opened) {
         tracing::info!("session {}: replaced by session {}", old.id, session.session_id);
         old.control.say_goodbye(GoodbyeReason::Replaced, "replaced by a new connection to this desktop");
     }
+    shared.controller.client_arrived();
     let _ = control_send.set_priority(priority::CONTROL);
     let stop = Arc::new(AtomicBool::new(false));
 
@@ -243,9 +244,16 @@ async fn run(shared: Arc<Shared>, conn: quinn::Connection, opened: Opened) {
         let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     }
     lock(&shared.resume).session_ended(session.session_id, super::unix_now());
-    let mut current = lock(&shared.current);
-    if current.as_ref().is_some_and(|live| live.id == session.session_id) {
-        *current = None;
+    let left = {
+        let mut current = lock(&shared.current);
+        let ours = current.as_ref().is_some_and(|live| live.id == session.session_id);
+        if ours {
+            *current = None;
+        }
+        ours
+    };
+    if left {
+        shared.controller.client_left();
     }
     conn.close(error_code::NO_ERROR.into(), b"bye");
 }

@@ -263,6 +263,7 @@ impl SessionServer {
             Some(live) => {
                 tracing::info!("session {}: disconnected ({reason})", live.id);
                 live.control.say_goodbye(pleiades_protocol::wire::GoodbyeReason::Admin, reason);
+                self.shared.controller.client_left();
                 true
             }
             None => false,

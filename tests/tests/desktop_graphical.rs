@@ -117,25 +117,57 @@ fn the_graphical_desktop_through_the_broker_follows_the_client_and_runs_typed_co
 
     // The guest agent's report reaches the admin: the logged-in user, the OS, the address the
     // guest got by DHCP, and the user's idle time as the guest's X server counts it, which
-    // grows while nobody types.
+    // grows while nobody types. The client has left, so the screen is locked (the pool locks on
+    // disconnect: light-locker switched to lightdm's greeter).
     let admin = stack.login("root", "root-password-1").unwrap();
     let guest_report = || -> Option<Value> {
         let desktops = stack.get("/api/v1/admin/desktops", &admin).ok()?;
         let d = desktops.as_array()?.iter().find(|d| d["id"] == desktop.as_str())?.clone();
         d["guest"]["idle_secs"].is_u64().then(|| d["guest"].clone())
     };
-    let first = wait_for("the guest's session report", Duration::from_secs(120), guest_report)
-        .unwrap_or_else(|e| panic!("{e}; {}", stack.logs_tail()));
+    let first = wait_for("the guest's screen locked after the client left", Duration::from_secs(120), || {
+        guest_report().filter(|g| g["session"] == "locked")
+    })
+    .unwrap_or_else(|e| panic!("{e}; {:?}; {}", guest_report(), stack.logs_tail()));
     assert_eq!(first["user"], "user", "the autologin user: {first}");
-    assert_eq!(first["session"], "active", "{first}");
     assert!(first["os"].as_str().is_some_and(|os| os.starts_with("Debian GNU/Linux")), "{first}");
     assert!(first["addresses"].as_array().is_some_and(|a| a.iter().any(|a| a == "10.0.2.15/24")), "{first}");
+    // What the screen shows now (kept to look at): the greeter, not the desktop.
+    let locked = pleiades_tests::desktop::screenshot(&control).expect("a screenshot of the locked screen");
+    pleiades_tests::save_artifact("desktop_graphical", "locked", &locked);
+    assert!(not_a_desktop(&locked).is_some(), "the locked screen still shows the desktop");
     let idle = first["idle_secs"].as_u64().unwrap();
     let later = wait_for("the guest's idle time to grow", Duration::from_secs(120), || {
         guest_report().filter(|g| g["idle_secs"].as_u64() >= Some(idle + 4))
     })
     .unwrap();
     println!("desktop image: guest idle {idle} s, then {} s", later["idle_secs"]);
+
+    // The user comes back with a new ticket: unlocked while the client is there.
+    let again = stack.connect(&bearer, &desktop).unwrap();
+    let file2 = dir.path().join("again.pleiades");
+    std::fs::write(&file2, again["file"].as_str().expect("a connection file")).unwrap();
+    let record2 = dir.path().join("rec-again");
+    let client = std::thread::spawn(move || {
+        pleiades_tests::stack::run_headless_client(
+            &file2,
+            &record2,
+            "wait 30000\nsnapshot back\nwait 5000\n",
+            &["--no-h264", "--no-audio", "--duration", "45"],
+        )
+    });
+    let active = wait_for("the screen unlocked for the returning client", Duration::from_secs(60), || {
+        guest_report().filter(|g| g["session"] == "active")
+    });
+    let (ok, text) = client.join().unwrap();
+    assert!(ok, "the returning client: {text}");
+    active.unwrap_or_else(|e| panic!("{e}; {:?}", guest_report()));
+    // And it sees the desktop again (the wallpaper and the terminal), not the blank greeter VT.
+    let back = decode_png(&std::fs::read(dir.path().join("rec-again/back.png")).unwrap()).unwrap();
+    pleiades_tests::save_artifact("desktop_graphical", "back", &back);
+    let black = back.pixels.chunks_exact(4).filter(|c| c[..3] == [0, 0, 0]).count();
+    let total = back.pixels.len() / 4;
+    assert!(black * 2 < total, "the returning client sees a black screen ({black} of {total} pixels)");
 
     // A clean power-off through the daemon.
     let status = stack.host.terminate(Duration::from_secs(120)).unwrap();

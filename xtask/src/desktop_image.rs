@@ -14,7 +14,10 @@
 //!   the agent's `PLEIADES-READY` line on the serial console once the desktop is usable (the
 //!   user's session runs its panel), as `pleiades-agent.service`, its link to the VM process
 //!   over vsock, and as `pleiades-agent session` in every graphical session (XDG autostart),
-//!   which reports the user's idle time (`xprintidle`) and lock state to the service.
+//!   which reports the user's idle time (`xprintidle`) and lock state to the service. The host's
+//!   lock request becomes `loginctl lock-sessions`, which light-locker carries out (it locks by
+//!   switching to lightdm's greeter); unlocking brings the user's session back to the
+//!   foreground (`pleiades-unlock`).
 //! - The screen follows the client: `pleiades-display-follow`, started with the user's
 //!   session, applies the monitors' preferred modes (left to right) whenever virtio-gpu raises
 //!   a display hotplug, which the host does when the client's windows change size (X's
@@ -67,6 +70,8 @@ const PACKAGES: &[&str] = &[
     "xprintidle",
     "lightdm",
     "lightdm-gtk-greeter",
+    // the screen lock (through lightdm's greeter) the agent locks on client disconnect
+    "light-locker",
     // the desktop
     "xfce4-session",
     "xfwm4",
@@ -254,13 +259,27 @@ cat > "$root/etc/systemd/system/pleiades-agent.service" <<'UNIT'
 [Unit]
 Description=Pleiades agent: the desktop's link to its host
 [Service]
-ExecStart=/usr/local/bin/pleiades-agent run --poweroff /usr/sbin/poweroff --reboot /usr/sbin/reboot
+ExecStart=/usr/local/bin/pleiades-agent run --poweroff /usr/sbin/poweroff --reboot /usr/sbin/reboot --lock "loginctl lock-sessions" --unlock /usr/local/bin/pleiades-unlock
 Restart=always
 RestartSec=2
 [Install]
 WantedBy=multi-user.target
 UNIT
 chroot "$root" systemctl enable pleiades-agent.service
+# Unlocking: the user's graphical session back in the foreground of its seat (light-locker
+# locked it by switching to lightdm's greeter, and drops its lock when the session is active
+# again), then every session told it is unlocked.
+cat > "$root/usr/local/bin/pleiades-unlock" <<'SCRIPT'
+#!/bin/sh
+for s in $(loginctl list-sessions --no-legend | awk '{{print $1}}'); do
+    if [ "$(loginctl show-session "$s" --property=Class --value)" = user ] &&
+       [ "$(loginctl show-session "$s" --property=Type --value)" = x11 ]; then
+        loginctl activate "$s"
+    fi
+done
+loginctl unlock-sessions
+SCRIPT
+chmod 0755 "$root/usr/local/bin/pleiades-unlock"
 mkdir -p "$root/etc/xdg/autostart"
 printf '[Desktop Entry]\nType=Application\nName=Pleiades agent\nComment=Reports the session to the host\nExec=/usr/local/bin/pleiades-agent session\nNoDisplay=true\n' \
     > "$root/etc/xdg/autostart/pleiades-agent-session.desktop"

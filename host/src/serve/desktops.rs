@@ -335,6 +335,11 @@ impl Desktops {
         if let Some(disk) = disk {
             flag("disk", disk.as_os_str());
         }
+        // A desktop with a guest agent locks its screen while no client is connected, and
+        // unlocks it for the next client with a ticket (only its user gets those).
+        if s.devices.iter().any(|d| d.split(',').next() == Some("vsock")) {
+            flag("lock-on-disconnect", "true".as_ref());
+        }
         let mac = crate::vm::net::format_mac(crate::vm::net::desktop_mac(desktop_id));
         match network {
             Network::Host { netns: Some(netns) } => {

@@ -64,6 +64,7 @@ pub struct AgentStatus {
 
 enum Request {
     LockScreen,
+    UnlockScreen,
     Power(PowerAction),
 }
 
@@ -73,6 +74,8 @@ pub struct Agent {
     status: Arc<Mutex<AgentStatus>>,
     requests: Sender<Request>,
     wake: Arc<EventFd>,
+    /// Lock the guest's screen while no client is connected (`run --lock-on-disconnect`).
+    lock_on_disconnect: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Agent {
@@ -93,7 +96,7 @@ impl Agent {
                 }
             })
             .context("cannot start the agent thread")?;
-        Ok(Self { status, requests, wake })
+        Ok(Self { status, requests, wake, lock_on_disconnect: Default::default() })
     }
 
     /// What the agent last said.
@@ -104,6 +107,32 @@ impl Agent {
     /// Asks the guest to lock its screen; `false` when no agent is connected.
     pub fn lock_screen(&self) -> bool {
         self.request(Request::LockScreen)
+    }
+
+    /// Asks the guest to unlock its screen; `false` when no agent is connected.
+    pub fn unlock_screen(&self) -> bool {
+        self.request(Request::UnlockScreen)
+    }
+
+    /// Locks the guest's screen whenever the session's client leaves, and unlocks it when a
+    /// client with a ticket for this desktop arrives (the broker gives those only to the
+    /// desktop's user): the pool's lock-on-disconnect policy.
+    pub fn set_lock_on_disconnect(&self, on: bool) {
+        self.lock_on_disconnect.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The session server took a client.
+    pub fn client_arrived(&self) {
+        if self.lock_on_disconnect.load(std::sync::atomic::Ordering::Relaxed) && self.unlock_screen() {
+            tracing::info!("a client arrived: the guest's screen is unlocked");
+        }
+    }
+
+    /// The session's client left.
+    pub fn client_left(&self) {
+        if self.lock_on_disconnect.load(std::sync::atomic::Ordering::Relaxed) && self.lock_screen() {
+            tracing::info!("the client left: the guest's screen is locked");
+        }
     }
 
     /// Asks the guest to shut down or restart; `false` when no agent is connected.
@@ -264,6 +293,7 @@ impl Worker {
         let Some(conn) = self.conn.as_mut() else { return };
         let result = match request {
             Request::LockScreen => conn.link.lock_screen(),
+            Request::UnlockScreen => conn.link.unlock_screen(),
             Request::Power(action) => conn.link.power(action),
         };
         match result {

@@ -195,6 +195,11 @@ impl NativeVm {
         self.controller.clone()
     }
 
+    /// The guest agent's link, with `--device vsock`.
+    pub fn agent(&self) -> Option<&Agent> {
+        self.controller.agent.as_ref()
+    }
+
     /// Runs the guest until it powers off or is shut down.
     pub fn run(mut self) -> Result<ExitReason> {
         Ok(self.vm.run()?)
@@ -252,6 +257,18 @@ impl Controller for NativeController {
 
     fn display(&self) -> Option<GpuHandle> {
         self.gpu.clone()
+    }
+
+    fn client_arrived(&self) {
+        if let Some(agent) = &self.agent {
+            agent.client_arrived();
+        }
+    }
+
+    fn client_left(&self) {
+        if let Some(agent) = &self.agent {
+            agent.client_left();
+        }
     }
 
     fn set_layout(&self, sizes: &[(u32, u32)]) -> Result<(), CommandError> {

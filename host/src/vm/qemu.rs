@@ -280,6 +280,11 @@ impl QemuVm {
         })
     }
 
+    /// The guest agent's link, with `--device vsock`.
+    pub fn agent(&self) -> Option<&Agent> {
+        self.agent.as_ref()
+    }
+
     /// The controller for the control socket.
     pub fn controller(&self) -> Arc<dyn Controller> {
         Arc::new(QemuController {
@@ -400,6 +405,18 @@ impl Controller for QemuController {
 
     fn display(&self) -> Option<GpuHandle> {
         self.gpu.clone()
+    }
+
+    fn client_arrived(&self) {
+        if let Some(agent) = &self.agent {
+            agent.client_arrived();
+        }
+    }
+
+    fn client_left(&self) {
+        if let Some(agent) = &self.agent {
+            agent.client_left();
+        }
     }
 
     fn set_layout(&self, sizes: &[(u32, u32)]) -> Result<(), CommandError> {
