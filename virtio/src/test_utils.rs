@@ -105,3 +105,31 @@ pub fn serve_over_vhost_user(
     }
     backend
 }
+
+/// Where [`vsock_rx_queue`]'s buffers are: the `i`th at this address + `i` × 0x1000.
+pub const VSOCK_RX_BUFFERS: u64 = 0xA_0000;
+
+/// A vsock rx queue (rings at `rings`) of `n` writable buffers of `size` bytes (at most
+/// 0x1000) at [`VSOCK_RX_BUFFERS`].
+pub fn vsock_rx_queue(mem: &GuestMemory, rings: u64, n: usize, size: u32) -> Queue {
+    let descs: Vec<_> =
+        (0..n).map(|i| desc(VSOCK_RX_BUFFERS + i as u64 * 0x1000, size, VRING_DESC_F_WRITE, 0)).collect();
+    queue_at(mem, rings, 64, &descs)
+}
+
+/// The packets a vsock device wrote into [`vsock_rx_queue`]'s buffers, per the used ring.
+pub fn vsock_received(mem: &GuestMemory, rings: &QueueRings) -> Vec<(crate::vsock::packet::Header, Vec<u8>)> {
+    use crate::vsock::packet::{HEADER_LEN, Header};
+    used_entries(mem, rings)
+        .into_iter()
+        .filter(|(_, len)| *len as usize >= HEADER_LEN)
+        .map(|(id, len)| {
+            let addr = VSOCK_RX_BUFFERS + u64::from(id) * 0x1000;
+            let mut raw = [0u8; HEADER_LEN];
+            mem.read_slice(&mut raw, GuestAddress(addr)).unwrap();
+            let mut payload = vec![0u8; len as usize - HEADER_LEN];
+            mem.read_slice(&mut payload, GuestAddress(addr + HEADER_LEN as u64)).unwrap();
+            (Header::parse(&raw), payload)
+        })
+        .collect()
+}

@@ -406,19 +406,7 @@ mod tests {
 
     /// What the device wrote to the guest: (op, destination port, payload) per used rx buffer.
     fn to_guest(mem: &GuestMemory, rx: &QueueRings) -> Vec<(u16, u32, Vec<u8>)> {
-        used_entries(mem, rx)
-            .into_iter()
-            .filter(|(_, len)| *len as usize >= HEADER_LEN)
-            .map(|(id, len)| {
-                let addr = 0xA_0000 + u64::from(id) * 0x1000;
-                let mut raw = [0u8; HEADER_LEN];
-                mem.read_slice(&mut raw, GuestAddress(addr)).unwrap();
-                let mut payload = vec![0u8; len as usize - HEADER_LEN];
-                mem.read_slice(&mut payload, GuestAddress(addr + HEADER_LEN as u64)).unwrap();
-                let h = Header::parse(&raw);
-                (h.op, h.dst_port, payload)
-            })
-            .collect()
+        vsock_received(mem, rx).into_iter().map(|(h, payload)| (h.op, h.dst_port, payload)).collect()
     }
 
     fn wait(agent: &Agent, what: &str, f: impl Fn(&AgentStatus) -> bool) -> AgentStatus {
@@ -438,10 +426,8 @@ mod tests {
         let mem = memory();
         let (mut device, handle) = Vsock::new(GUEST_CID, Default::default()).unwrap();
         let agent = Agent::start(handle).unwrap();
-        let rx_descs: Vec<_> =
-            (0..16).map(|i| desc(0xA_0000 + i * 0x1000, 4096, VRING_DESC_F_WRITE, 0)).collect();
         let mut queues =
-            vec![queue_at(&mem, 0, 64, &rx_descs), Queue::new(64).unwrap(), Queue::new(64).unwrap()];
+            vec![vsock_rx_queue(&mem, 0, 16, 4096), Queue::new(64).unwrap(), Queue::new(64).unwrap()];
         let rx = QueueRings::of(&queues[RXQ]);
 
         // A guest process connects to the agent's port and sends guest facts before any hello.

@@ -44,27 +44,12 @@ fn tx_queue(mem: &GuestMemory, packets: &[(Header, &[u8])]) -> Queue {
     queue_at(mem, TX_RINGS, 64, &descs)
 }
 
-/// An rx queue of `n` writable buffers of `size` bytes at 0xA_0000 + i * 0x1000.
 fn rx_queue(mem: &GuestMemory, n: usize, size: u32) -> Queue {
-    let descs: Vec<_> =
-        (0..n).map(|i| desc(0xA_0000 + i as u64 * 0x1000, size, VRING_DESC_F_WRITE, 0)).collect();
-    queue_at(mem, RX_RINGS, 64, &descs)
+    vsock_rx_queue(mem, RX_RINGS, n, size)
 }
 
-/// The packets the device wrote into the rx buffers, per the used ring.
 fn received(mem: &GuestMemory, rings: &QueueRings) -> Vec<(Header, Vec<u8>)> {
-    used_entries(mem, rings)
-        .into_iter()
-        .filter(|(_, len)| *len as usize >= HEADER_LEN)
-        .map(|(id, len)| {
-            let addr = 0xA_0000 + u64::from(id) * 0x1000;
-            let mut raw = [0u8; HEADER_LEN];
-            mem.read_slice(&mut raw, GuestAddress(addr)).unwrap();
-            let mut payload = vec![0u8; len as usize - HEADER_LEN];
-            mem.read_slice(&mut payload, GuestAddress(addr + HEADER_LEN as u64)).unwrap();
-            (Header::parse(&raw), payload)
-        })
-        .collect()
+    vsock_received(mem, rings)
 }
 
 #[test]
