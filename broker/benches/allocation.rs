@@ -344,6 +344,7 @@ fn spec(name: &str, max: usize, spares: usize) -> PoolSpec {
         idle_timeout_secs: 3600,
         disconnect_timeout_secs: 3600,
         network: Default::default(),
+        lock_on_disconnect: true,
     }
 }
 

@@ -165,6 +165,10 @@ struct PoolArgs {
     /// 10.213.0.1. Repeat for several.
     #[arg(long = "host-port")]
     host_ports: Vec<u16>,
+    /// Whether the desktops' screens lock while no client is connected (their guest agent
+    /// locks them, and unlocks them for the user's next connection).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    lock_on_disconnect: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -380,6 +384,7 @@ async fn run(mut config: Config, command: Cmd) -> Result<()> {
                 idle_timeout_secs: a.idle_timeout,
                 disconnect_timeout_secs: a.disconnect_timeout,
                 network: PoolNetwork { nat: a.network == "nat", host_ports: a.host_ports },
+                lock_on_disconnect: a.lock_on_disconnect,
             };
             let pool = open(&config).await?.create_pool(&system, &spec).await?;
             println!("pool {} created ({})", pool.name, pool.id);

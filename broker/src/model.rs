@@ -130,6 +130,8 @@ pub struct Pool {
     pub disconnect_timeout_secs: i64,
     pub enabled: bool,
     pub network: PoolNetwork,
+    /// The desktops' screens lock while no client is connected.
+    pub lock_on_disconnect: bool,
 }
 
 impl Pool {
@@ -147,6 +149,7 @@ impl Pool {
             disconnect_timeout_secs: get_i64(r, "disconnect_timeout_secs")?,
             enabled: get_i64(r, "enabled")? != 0,
             network: PoolNetwork::from_columns(&get_str(r, "network")?, &get_str(r, "host_ports")?)?,
+            lock_on_disconnect: get_i64(r, "lock_on_disconnect")? != 0,
         })
     }
 }
@@ -275,6 +278,10 @@ pub struct PoolSpec {
     pub disconnect_timeout_secs: i64,
     #[serde(default)]
     pub network: PoolNetwork,
+    /// The desktops' screens lock while no client is connected (their guest agent locks them,
+    /// and unlocks them for the user's next connection). On by default.
+    #[serde(default = "yes")]
+    pub lock_on_disconnect: bool,
 }
 
 fn default_idle() -> i64 {

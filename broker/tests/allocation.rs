@@ -45,6 +45,11 @@ async fn floating(backend: Backend) {
     assert!(matches!(env.broker.connect(&alice, &d.id).await, Err(Error::NotReady(_))));
     host.settle().await;
     assert_eq!(env.broker.desktop(&d.id).await.unwrap().state, DesktopState::InUse);
+    assert_eq!(
+        host.lock_on_disconnect.get(&d.id),
+        Some(&true),
+        "pools lock screens on disconnect by default"
+    );
 
     // A ticket that the host verifies once, bound to user, desktop and host.
     let conn = env.broker.connect(&alice, &d.id).await.unwrap();
@@ -62,11 +67,16 @@ async fn floating(backend: Backend) {
 
     // Asking again gives the same desktop.
     assert_eq!(env.broker.request_desktop(&alice, &pool).await.unwrap().id, d.id);
+    // The admin turns the screen lock off: the desktop's next boot is told so.
+    let unlocked =
+        pleiades_broker::model::PoolSpec { lock_on_disconnect: false, ..spec(&env, &pool, 3, 0).await };
+    env.broker.update_pool(&system(), &pool, &unlocked, true).await.unwrap();
     // Logging off reverts it; the next user gets it fresh.
     env.broker.release(&alice, &d.id).await.unwrap();
     assert_eq!(env.broker.desktop(&d.id).await.unwrap().state, DesktopState::Recycling);
     host.settle().await;
     assert!(host.commands_seen.contains(&("recycle".into(), d.id.clone())));
+    assert_eq!(host.lock_on_disconnect.get(&d.id), Some(&false));
     let ready = env.broker.desktop(&d.id).await.unwrap();
     assert_eq!((ready.state, ready.user_id), (DesktopState::Ready, None));
     let for_bob = env.broker.request_desktop(&bob, &pool).await.unwrap();
@@ -249,6 +259,7 @@ async fn spec(env: &Env, pool: &str, max: i64, spares: i64) -> pleiades_broker::
         idle_timeout_secs: p.idle_timeout_secs,
         disconnect_timeout_secs: p.disconnect_timeout_secs,
         network: p.network.clone(),
+        lock_on_disconnect: p.lock_on_disconnect,
     }
 }
 

@@ -184,6 +184,10 @@ pub struct HostCommand {
     /// issued before a restart or recycle does not open the desktop again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<u64>,
+    /// The kinds that boot: lock the guest's screen while no client is connected (the pool's
+    /// policy; the host passes `run --lock-on-disconnect` when the desktop has a guest agent).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lock_on_disconnect: bool,
 }
 
 /// A desktop's network: a NIC with DHCP, DNS and outbound NAT, kept from the host's own

@@ -491,7 +491,7 @@ impl Broker {
         }
         let vanished = self.vanished_desktops(&mut tx, host, beat, now).await?;
         let rows = sqlx::query(
-            "SELECT c.id, c.kind, c.desktop_id, c.generation, d.name AS desktop_name, d.pool_id, p.network, p.host_ports FROM host_commands c \
+            "SELECT c.id, c.kind, c.desktop_id, c.generation, d.name AS desktop_name, d.pool_id, p.network, p.host_ports, p.lock_on_disconnect FROM host_commands c \
              LEFT JOIN desktops d ON d.id = c.desktop_id LEFT JOIN pools p ON p.id = d.pool_id \
              WHERE c.host_id = $1 AND c.state = 'pending' ORDER BY c.created_at, c.id",
         )
@@ -514,6 +514,8 @@ impl Broker {
             let kind = CommandKind::from_name(&get_str(r, "kind")?);
             let desktop_id = get_str(r, "desktop_id")?;
             let pool_id: Option<String> = r.try_get("pool_id")?;
+            let lock_on_disconnect =
+                kind.boots() && r.try_get::<Option<i64>, _>("lock_on_disconnect")?.is_some_and(|v| v != 0);
             let (image, network) = match pool_id {
                 Some(_) if kind.boots() => {
                     let network: Option<String> = r.try_get("network")?;
@@ -534,6 +536,7 @@ impl Broker {
                 image,
                 network,
                 generation: get_opt_i64(r, "generation")?.and_then(|g| u64::try_from(g).ok()),
+                lock_on_disconnect,
             });
         }
         tx.commit().await?;

@@ -72,8 +72,8 @@ impl Broker {
             spec.display_name.trim().to_owned()
         };
         sqlx::query(
-            "INSERT INTO pools (id, name, display_name, kind, image_id, min_size, max_size, spares, idle_timeout_secs, disconnect_timeout_secs, enabled, alloc_seq, created_at, network, host_ports) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 1, 0, $11, $12, $13)",
+            "INSERT INTO pools (id, name, display_name, kind, image_id, min_size, max_size, spares, idle_timeout_secs, disconnect_timeout_secs, enabled, alloc_seq, created_at, network, host_ports, lock_on_disconnect) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 1, 0, $11, $12, $13, $14)",
         )
         .bind(&id)
         .bind(&spec.name)
@@ -88,6 +88,7 @@ impl Broker {
         .bind(self.now())
         .bind(spec.network.mode())
         .bind(spec.network.ports_text())
+        .bind(i64::from(spec.lock_on_disconnect))
         .execute(&self.db.pool)
         .await
         .map_err(|e| conflict(e, &format!("pool {}", spec.name)))?;
@@ -109,7 +110,7 @@ impl Broker {
             spec.display_name.trim().to_owned()
         };
         sqlx::query(
-            "UPDATE pools SET display_name = $1, min_size = $2, max_size = $3, spares = $4, idle_timeout_secs = $5, disconnect_timeout_secs = $6, enabled = $7, network = $8, host_ports = $9 WHERE id = $10",
+            "UPDATE pools SET display_name = $1, min_size = $2, max_size = $3, spares = $4, idle_timeout_secs = $5, disconnect_timeout_secs = $6, enabled = $7, network = $8, host_ports = $9, lock_on_disconnect = $10 WHERE id = $11",
         )
         .bind(display)
         .bind(spec.min_size)
@@ -120,6 +121,7 @@ impl Broker {
         .bind(i64::from(enabled))
         .bind(spec.network.mode())
         .bind(spec.network.ports_text())
+        .bind(i64::from(spec.lock_on_disconnect))
         .bind(id)
         .execute(&self.db.pool)
         .await?;
@@ -257,7 +259,7 @@ impl Broker {
 
 fn pool_detail(spec: &PoolSpec) -> String {
     format!(
-        "kind={} image={} min={} max={} spares={} idle={}s disconnect={}s network={} host_ports={}",
+        "kind={} image={} min={} max={} spares={} idle={}s disconnect={}s network={} host_ports={} lock_on_disconnect={}",
         spec.kind.as_str(),
         spec.image,
         spec.min_size,
@@ -266,7 +268,8 @@ fn pool_detail(spec: &PoolSpec) -> String {
         spec.idle_timeout_secs,
         spec.disconnect_timeout_secs,
         spec.network.mode(),
-        spec.network.ports_text()
+        spec.network.ports_text(),
+        spec.lock_on_disconnect
     )
 }
 

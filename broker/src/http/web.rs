@@ -612,6 +612,7 @@ fn pool_form(auth: &Auth, action: &str, spec: Option<(&PoolSpec, bool)>, images:
                 idle_timeout_secs: 3600,
                 disconnect_timeout_secs: 900,
                 network: PoolNetwork::default(),
+                lock_on_disconnect: true,
             },
             true,
         ),
@@ -652,6 +653,9 @@ fn pool_form(auth: &Auth, action: &str, spec: Option<(&PoolSpec, bool)>, images:
             label for="pool-ports" { "Host services (TCP ports)" }
             input id="pool-ports" name="host_ports" value=(s.network.ports_text()) pattern="[0-9, ]*" aria-describedby="pool-ports-help";
             small id="pool-ports-help" { "Services on the host's loopback that the desktops may reach at 10.213.0.1, e.g. 3128, 8080." }
+            label for="pool-lock" { "Lock screens on disconnect" }
+            input id="pool-lock" name="lock_on_disconnect" type="checkbox" value="1" checked[s.lock_on_disconnect] aria-describedby="pool-lock-help";
+            small id="pool-lock-help" { "The guest agent locks a desktop's screen while no client is connected, and unlocks it for the user's next connection." }
             @if editing {
                 label for="pool-enabled" { "Enabled" }
                 input id="pool-enabled" name="enabled" type="checkbox" value="1" checked[enabled];
@@ -724,6 +728,8 @@ fn pool_spec_from(f: &Fields, fixed: Option<&PoolSpec>) -> Result<PoolSpec, Erro
             nat: field(f, "network") != "none",
             host_ports: PoolNetwork::parse_ports(field(f, "host_ports"))?,
         },
+        // A form always shows the box: absent means unchecked.
+        lock_on_disconnect: field(f, "lock_on_disconnect") == "1",
     })
 }
 
@@ -754,6 +760,7 @@ async fn current_spec(s: &AppState, id: &str) -> Result<(PoolSpec, bool), Error>
         idle_timeout_secs: pool.idle_timeout_secs,
         disconnect_timeout_secs: pool.disconnect_timeout_secs,
         network: pool.network,
+        lock_on_disconnect: pool.lock_on_disconnect,
     };
     Ok((spec, pool.enabled))
 }

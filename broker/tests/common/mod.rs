@@ -242,6 +242,7 @@ impl Env {
             idle_timeout_secs: 600,
             disconnect_timeout_secs: 300,
             network: Default::default(),
+            lock_on_disconnect: true,
         };
         self.broker.create_pool(&system(), &spec).await.unwrap().id
     }
@@ -352,6 +353,8 @@ pub struct HostDouble {
     /// While set, every VM's guest agent reports this idle time (unless the VM's own
     /// `guest_idle` says otherwise).
     pub guest_idle: Option<u64>,
+    /// Per desktop: whether its last boot command asked to lock the screen on disconnect.
+    pub lock_on_disconnect: BTreeMap<String, bool>,
     /// Over HTTPS: the client certificate this host presents (its identity, pinned at
     /// registration).
     pub cert: Option<ClientCert>,
@@ -387,6 +390,7 @@ impl HostDouble {
             fail_starts: None,
             hang: false,
             guest_idle: None,
+            lock_on_disconnect: BTreeMap::new(),
             held: Vec::new(),
             cert,
             base: env.base.clone(),
@@ -442,6 +446,7 @@ impl HostDouble {
                     assert!(c["image"]["kernel"].is_string(), "start commands carry the image");
                     let image = c["image"]["name"].as_str().unwrap_or_default().to_owned();
                     self.booted.push((kind.to_owned(), desktop.clone(), image));
+                    self.lock_on_disconnect.insert(desktop.clone(), c["lock_on_disconnect"] == true);
                     let vm = self.vms.entry(desktop).or_insert(Vm {
                         connected: false,
                         guest_idle: None,

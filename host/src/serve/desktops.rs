@@ -175,6 +175,7 @@ impl Desktops {
         fresh_disk: bool,
         network: Option<&DesktopNetwork>,
         generation: Option<u64>,
+        lock_on_disconnect: bool,
     ) -> Result<u16, String> {
         check_desktop_id(desktop_id)?;
         if let Some(vm) = lock(&self.running).get_mut(desktop_id)
@@ -191,7 +192,8 @@ impl Desktops {
             Some(network) => Some(self.prepare_network(desktop_id, network).await?),
             None => None,
         };
-        let started = self.spawn_and_wait(desktop_id, image, disk.as_deref(), net, &dir, generation).await;
+        let boot = Boot { generation, lock_on_disconnect };
+        let started = self.spawn_and_wait(desktop_id, image, disk.as_deref(), net, &dir, boot).await;
         if started.is_err() {
             self.kill(desktop_id);
             if let Err(e) = std::fs::remove_dir_all(&dir)
@@ -210,8 +212,9 @@ impl Desktops {
         disk: Option<&Path>,
         net: Option<DesktopNet>,
         dir: &Path,
-        generation: Option<u64>,
+        boot: Boot,
     ) -> Result<u16, String> {
+        let Boot { generation, lock_on_disconnect } = boot;
         std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let mut claim = self.claim_port()?;
         let port = claim.port;
@@ -266,6 +269,7 @@ impl Desktops {
             .arg("run")
             .args(self.run_args(desktop_id, image, disk, network, port, dir))
             .args(generation_arg(generation))
+            .args(lock_arg(&self.settings.devices, lock_on_disconnect))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);
@@ -334,11 +338,6 @@ impl Desktops {
         }
         if let Some(disk) = disk {
             flag("disk", disk.as_os_str());
-        }
-        // A desktop with a guest agent locks its screen while no client is connected, and
-        // unlocks it for the next client with a ticket (only its user gets those).
-        if s.devices.iter().any(|d| d.split(',').next() == Some("vsock")) {
-            flag("lock-on-disconnect", "true".as_ref());
         }
         let mac = crate::vm::net::format_mac(crate::vm::net::desktop_mac(desktop_id));
         match network {
@@ -671,6 +670,21 @@ enum Network<'a> {
     Jailed { netns: bool },
 }
 
+/// What a start command asks of the VM process beyond its image and disk.
+#[derive(Debug, Clone, Copy)]
+struct Boot {
+    generation: Option<u64>,
+    lock_on_disconnect: bool,
+}
+
+/// `run --lock-on-disconnect` when the pool asks for it and the desktop has a guest agent (its
+/// vsock device among `devices`) to lock and unlock the screen; the broker gives a ticket for a
+/// desktop only to its user, so the next client with one may unlock it.
+fn lock_arg(devices: &[String], lock_on_disconnect: bool) -> Option<&'static str> {
+    let agent = devices.iter().any(|d| d.split(',').next() == Some("vsock"));
+    (lock_on_disconnect && agent).then_some("--lock-on-disconnect")
+}
+
 /// `run --ticket-generation=N` for a VM process of the desktop's generation N: it accepts only
 /// tickets for that generation ([`crate::run::RunArgs::ticket_generation`]).
 fn generation_arg(generation: Option<u64>) -> Option<String> {
@@ -696,6 +710,14 @@ fn tail(log: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn screens_lock_on_disconnect_when_the_pool_says_so_and_an_agent_can() {
+        let devices = |d: &[&str]| d.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert_eq!(lock_arg(&devices(&["gpu", "vsock"]), true), Some("--lock-on-disconnect"));
+        assert_eq!(lock_arg(&devices(&["gpu", "vsock"]), false), None, "the pool turned it off");
+        assert_eq!(lock_arg(&devices(&["gpu", "keyboard"]), true), None, "no agent to lock with");
+    }
 
     #[test]
     fn the_agents_status_becomes_the_brokers_guest_report() {
@@ -825,6 +847,7 @@ mod tests {
                 false,
                 None,
                 Some(1),
+                true,
             )
             .await
             .unwrap_err();

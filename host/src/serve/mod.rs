@@ -447,7 +447,14 @@ async fn execute(desktops: &Arc<Desktops>, command: &HostCommand) -> CommandAck 
     let result = match command.kind {
         CommandKind::Start => match image() {
             Ok(image) => desktops
-                .start(&command.desktop_id, image, false, command.network.as_ref(), command.generation)
+                .start(
+                    &command.desktop_id,
+                    image,
+                    false,
+                    command.network.as_ref(),
+                    command.generation,
+                    command.lock_on_disconnect,
+                )
                 .await
                 .map(Some),
             Err(e) => Err(e),
@@ -465,6 +472,7 @@ async fn execute(desktops: &Arc<Desktops>, command: &HostCommand) -> CommandAck 
                             fresh,
                             command.network.as_ref(),
                             command.generation,
+                            command.lock_on_disconnect,
                         )
                         .await
                         .map(Some)
