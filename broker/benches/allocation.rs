@@ -345,6 +345,8 @@ fn spec(name: &str, max: usize, spares: usize) -> PoolSpec {
         disconnect_timeout_secs: 3600,
         network: Default::default(),
         lock_on_disconnect: true,
+        clipboard_to_guest: true,
+        clipboard_from_guest: true,
     }
 }
 

@@ -26,6 +26,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (10, include_str!("../migrations/0010_host_client_cert.sql")),
     (11, include_str!("../migrations/0011_desktop_guest.sql")),
     (12, include_str!("../migrations/0012_pool_lock_on_disconnect.sql")),
+    (13, include_str!("../migrations/0013_pool_clipboard.sql")),
 ];
 
 /// A handle to the broker's database (cheap to clone).

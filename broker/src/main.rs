@@ -169,6 +169,13 @@ struct PoolArgs {
     /// locks them, and unlocks them for the user's next connection).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     lock_on_disconnect: bool,
+    /// Whether the clipboard carries content from the client into the desktops (a data loss
+    /// prevention control, enforced by the host).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    clipboard_to_guest: bool,
+    /// Whether the clipboard carries content from the desktops out to the client.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    clipboard_from_guest: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -385,6 +392,8 @@ async fn run(mut config: Config, command: Cmd) -> Result<()> {
                 disconnect_timeout_secs: a.disconnect_timeout,
                 network: PoolNetwork { nat: a.network == "nat", host_ports: a.host_ports },
                 lock_on_disconnect: a.lock_on_disconnect,
+                clipboard_to_guest: a.clipboard_to_guest,
+                clipboard_from_guest: a.clipboard_from_guest,
             };
             let pool = open(&config).await?.create_pool(&system, &spec).await?;
             println!("pool {} created ({})", pool.name, pool.id);
@@ -417,12 +426,13 @@ async fn run(mut config: Config, command: Cmd) -> Result<()> {
                     (true, false) => format!("nat, host ports {}", p.network.ports_text()),
                 };
                 println!(
-                    "{}\t{}\tmin {} max {} spares {}\t{network}\t{}",
+                    "{}\t{}\tmin {} max {} spares {}\t{network}\tclipboard {}\t{}",
                     p.name,
                     p.kind.as_str(),
                     p.min_size,
                     p.max_size,
                     p.spares,
+                    p.clipboard_text(),
                     if p.enabled { "enabled" } else { "disabled" }
                 );
             }

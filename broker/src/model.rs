@@ -5,6 +5,7 @@ use sqlx::any::AnyRow;
 
 use crate::db::{get_i64, get_opt_i64, get_opt_str, get_str};
 use crate::error::{Error, Result};
+use pleiades_protocol::clipboard::ClipboardPolicy;
 use pleiades_protocol::hostapi::GuestReport;
 
 #[derive(Debug, Clone, Serialize)]
@@ -132,6 +133,11 @@ pub struct Pool {
     pub network: PoolNetwork,
     /// The desktops' screens lock while no client is connected.
     pub lock_on_disconnect: bool,
+    /// The clipboard carries content from the client into the desktops (data loss
+    /// prevention: the host keeps it back when off).
+    pub clipboard_to_guest: bool,
+    /// The clipboard carries content from the desktops out to the client.
+    pub clipboard_from_guest: bool,
 }
 
 impl Pool {
@@ -150,7 +156,24 @@ impl Pool {
             enabled: get_i64(r, "enabled")? != 0,
             network: PoolNetwork::from_columns(&get_str(r, "network")?, &get_str(r, "host_ports")?)?,
             lock_on_disconnect: get_i64(r, "lock_on_disconnect")? != 0,
+            clipboard_to_guest: get_i64(r, "clipboard_to_guest")? != 0,
+            clipboard_from_guest: get_i64(r, "clipboard_from_guest")? != 0,
         })
+    }
+
+    /// What the host is told to let the desktops' clipboards carry.
+    pub fn clipboard(&self) -> ClipboardPolicy {
+        ClipboardPolicy { to_guest: self.clipboard_to_guest, from_guest: self.clipboard_from_guest }
+    }
+
+    /// The clipboard policy in a few words (the admin's pool list, `pool list`).
+    pub fn clipboard_text(&self) -> &'static str {
+        match (self.clipboard_to_guest, self.clipboard_from_guest) {
+            (true, true) => "both ways",
+            (true, false) => "client → desktop only",
+            (false, true) => "desktop → client only",
+            (false, false) => "off",
+        }
     }
 }
 
@@ -282,6 +305,14 @@ pub struct PoolSpec {
     /// and unlocks them for the user's next connection). On by default.
     #[serde(default = "yes")]
     pub lock_on_disconnect: bool,
+    /// The clipboard carries content from the client into the desktops. On by default; off,
+    /// the host keeps the client's copies out (a data loss prevention control).
+    #[serde(default = "yes")]
+    pub clipboard_to_guest: bool,
+    /// The clipboard carries content from the desktops out to the client. On by default; off,
+    /// the host keeps the desktops' copies in.
+    #[serde(default = "yes")]
+    pub clipboard_from_guest: bool,
 }
 
 fn default_idle() -> i64 {

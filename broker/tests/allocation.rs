@@ -28,6 +28,7 @@ on_both_databases!(
     recompose,
     commands_a_host_never_answers_time_out,
     an_answer_sent_twice_counts_once,
+    clipboard_policy_reaches_the_host_and_denials_are_audited,
 );
 
 async fn floating(backend: Backend) {
@@ -49,6 +50,11 @@ async fn floating(backend: Backend) {
         host.lock_on_disconnect.get(&d.id),
         Some(&true),
         "pools lock screens on disconnect by default"
+    );
+    assert_eq!(
+        host.clipboard.get(&d.id),
+        Some(&serde_json::json!({ "to_guest": true, "from_guest": true })),
+        "pools let the clipboard carry both ways by default"
     );
 
     // A ticket that the host verifies once, bound to user, desktop and host.
@@ -260,6 +266,8 @@ async fn spec(env: &Env, pool: &str, max: i64, spares: i64) -> pleiades_broker::
         disconnect_timeout_secs: p.disconnect_timeout_secs,
         network: p.network.clone(),
         lock_on_disconnect: p.lock_on_disconnect,
+        clipboard_to_guest: p.clipboard_to_guest,
+        clipboard_from_guest: p.clipboard_from_guest,
     }
 }
 
@@ -846,4 +854,74 @@ async fn an_answer_sent_twice_counts_once(backend: Backend) {
         assert_eq!(row.0, 1, "desktop {desktop} failed once, not once per answer");
     }
     let _ = pool;
+}
+
+async fn clipboard_policy_reaches_the_host_and_denials_are_audited(backend: Backend) {
+    let env = Env::new(backend).await;
+    env.image("debian", 1024).await;
+    let mut host = HostDouble::register(&env, "host-a", 8192, &["debian"]).await;
+    let (_, alice) = env.user("alice").await;
+    let (_, root) = env.admin("root").await;
+    // Nothing copied in the desktop leaves it.
+    let pool = env.pool("vault", PoolKind::Persistent, "debian", 3, 0).await;
+    let sealed =
+        pleiades_broker::model::PoolSpec { clipboard_from_guest: false, ..spec(&env, &pool, 3, 0).await };
+    env.broker.update_pool(&root, &pool, &sealed, true).await.unwrap();
+    let p = env.broker.pool(&pool).await.unwrap();
+    assert_eq!((p.clipboard_to_guest, p.clipboard_from_guest), (true, false));
+    env.entitle_user(&pool, "alice").await;
+    let d = env.broker.request_desktop(&alice, &pool).await.unwrap();
+    host.settle().await;
+    assert_eq!(
+        host.clipboard.get(&d.id),
+        Some(&serde_json::json!({ "to_guest": true, "from_guest": false })),
+        "the start command carries the pool's policy"
+    );
+
+    // The host's running totals of denials (to the guest, from the guest): each heartbeat's
+    // news is audited once, a total that drops is a new VM process.
+    let denials = |audit: &[pleiades_broker::model::AuditEntry]| -> Vec<(String, String, String)> {
+        let mut found: Vec<_> = audit
+            .iter()
+            .filter(|e| e.action == "clipboard.denied")
+            .map(|e| (e.actor.clone(), e.target.clone(), e.detail.clone()))
+            .collect();
+        found.reverse(); // oldest first
+        found
+    };
+    let copies = |n: u32, from: &str, way: &str| {
+        let noun = if n == 1 { "copy" } else { "copies" };
+        (
+            "host-a".to_owned(),
+            d.name.clone(),
+            format!("{n} {noun} from {from} kept back by the pool's policy ({way})"),
+        )
+    };
+    let mut expected = Vec::new();
+    for (to_guest, from_guest, new) in [
+        (0, 0, vec![]),
+        (2, 0, vec![copies(2, "the client", "to-guest")]),
+        (2, 0, vec![]),
+        (5, 1, vec![copies(3, "the client", "to-guest"), copies(1, "the desktop", "from-guest")]),
+        (5, 1, vec![]),
+        // The VM process restarted on its own: its counters began again.
+        (1, 0, vec![copies(1, "the client", "to-guest")]),
+    ] {
+        host.vms.get_mut(&d.id).unwrap().clipboard_denied = Some((to_guest, from_guest));
+        host.tick().await;
+        expected.extend(new);
+        assert_eq!(
+            denials(&env.broker.list_audit(&root, 100).await.unwrap()),
+            expected,
+            "after {to_guest}/{from_guest}"
+        );
+    }
+    // A restart the broker commands starts the count again too: all 4 of the new process are new.
+    env.broker.restart(&alice, &d.id).await.unwrap();
+    host.settle().await;
+    assert_eq!(host.vms[&d.id].clipboard_denied, Some((0, 0)));
+    host.vms.get_mut(&d.id).unwrap().clipboard_denied = Some((4, 0));
+    host.tick().await;
+    expected.push(copies(4, "the client", "to-guest"));
+    assert_eq!(denials(&env.broker.list_audit(&root, 100).await.unwrap()), expected);
 }

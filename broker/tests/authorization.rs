@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Backend, ClientCert, Env, HostDouble, host_token, system};
+use common::{Backend, Browser, ClientCert, Env, HostDouble, browser_login, host_token, system};
 use pleiades_broker::broker::{HostRegistered, Transport};
 use pleiades_broker::model::HostTokenSpec;
 use pleiades_broker::model::PoolKind;
@@ -30,55 +30,6 @@ on_both_databases!(
     ticket_key_stays_out_of_the_database,
     tickets_do_not_outlive_a_recycle
 );
-
-/// A browser-like session: the cookie and the page's CSRF token.
-struct Browser {
-    cookie: String,
-    csrf: String,
-}
-
-fn hidden_csrf(html: &str) -> String {
-    let at = html.find("name=\"csrf\" value=\"").expect("a csrf field") + "name=\"csrf\" value=\"".len();
-    html[at..].split('"').next().unwrap().to_owned()
-}
-
-fn set_cookie_value(res: &reqwest::Response, name: &str) -> Option<String> {
-    res.headers()
-        .get_all("set-cookie")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find(|v| v.starts_with(&format!("{name}=")))
-        .map(|v| v.split(';').next().unwrap().split_once('=').unwrap().1.to_owned())
-}
-
-async fn browser_login(env: &Env, name: &str) -> Browser {
-    let page = env.http.get(env.url("/login")).send().await.unwrap();
-    let login_cookie = set_cookie_value(&page, "pleiades_login_csrf").unwrap();
-    let csrf = hidden_csrf(&page.text().await.unwrap());
-    let password = format!("{name}-password");
-    let res = env
-        .http
-        .post(env.url("/login"))
-        .header("cookie", format!("pleiades_login_csrf={login_cookie}"))
-        .form(&[("csrf", csrf.as_str()), ("name", name), ("password", &password)])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), StatusCode::SEE_OTHER, "login of {name}");
-    let flags = res
-        .headers()
-        .get_all("set-cookie")
-        .iter()
-        .map(|v| v.to_str().unwrap().to_owned())
-        .collect::<Vec<_>>();
-    assert!(flags.iter().any(|c| c.starts_with("pleiades_session=")
-        && c.contains("HttpOnly")
-        && c.contains("SameSite=Strict")));
-    let cookie = format!("pleiades_session={}", set_cookie_value(&res, "pleiades_session").unwrap());
-    let home = env.http.get(env.url("/")).header("cookie", &cookie).send().await.unwrap();
-    assert_eq!(home.status(), 200);
-    Browser { cookie, csrf: hidden_csrf(&home.text().await.unwrap()) }
-}
 
 /// Pool "office" entitled to alice only, with alice's desktop running on a host.
 async fn setup(env: &Env) -> (String, String, HostDouble) {

@@ -154,6 +154,11 @@ async fn scenario() {
         (design.kind, design.max_size, design.spares, design.display_name.as_str()),
         (PoolKind::Persistent, 4, 1, "Design studio")
     );
+    assert_eq!(
+        (design.clipboard_to_guest, design.clipboard_from_guest),
+        (true, false),
+        "the form's clipboard switches"
+    );
     let ents = env.broker.entitlements(&design.id).await.unwrap();
     assert_eq!(ents.len(), 1);
     assert_eq!((ents[0].kind, ents[0].name.as_str()), (PrincipalKind::Group, "engineering"));

@@ -6,7 +6,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Backend, Env};
+use common::{Backend, Env, browser_login};
 use pleiades_broker::config::Config;
 use pleiades_broker::server;
 use serde_json::Value;
@@ -143,6 +143,96 @@ async fn https_by_default_with_a_generated_certificate() {
     let _ = tx.send(());
 }
 
+/// The pool's clipboard switches (data loss prevention) through the JSON API, the admin form
+/// (an unchecked box is off) and the admin's list of pools.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_clipboard_switches_round_trip_through_the_api_and_the_admin_form() {
+    let env = Env::new(Backend::Sqlite).await;
+    env.image("debian", 1024).await;
+    env.admin("root").await;
+    let token = env.api_login("root").await;
+    let created: Value = env
+        .http
+        .post(env.url("/api/v1/admin/pools"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({ "name": "office", "kind": "floating", "image": "debian", "max_size": 2, "clipboard_to_guest": false }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (&created["clipboard_to_guest"], &created["clipboard_from_guest"]),
+        (&false.into(), &true.into()),
+        "{created}"
+    );
+    let id = created["id"].as_str().unwrap().to_owned();
+    let updated: Value = env
+        .http
+        .put(env.url(&format!("/api/v1/admin/pools/{id}")))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({
+            "name": "office", "kind": "floating", "image": "debian", "max_size": 2,
+            "clipboard_to_guest": true, "clipboard_from_guest": false
+        }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (&updated["clipboard_to_guest"], &updated["clipboard_from_guest"]),
+        (&true.into(), &false.into()),
+        "{updated}"
+    );
+
+    // The form shows the switches as stored, and saves what it is sent back.
+    let root = browser_login(&env, "root").await;
+    let page = |path: String| {
+        let request = env.http.get(env.url(&path)).header("cookie", &root.cookie);
+        async move { request.send().await.unwrap().text().await.unwrap() }
+    };
+    let form = page(format!("/admin/pools/{id}")).await;
+    assert!(form.contains(r#"name="clipboard_to_guest" type="checkbox" value="1" checked"#), "{form}");
+    assert!(
+        form.contains(r#"name="clipboard_from_guest" type="checkbox" value="1" aria-describedby"#),
+        "{form}"
+    );
+    assert!(form.contains("Data loss prevention"));
+    assert!(page("/admin/pools".into()).await.contains("client → desktop only"));
+    let post = |path: String, fields: Vec<(&'static str, &'static str)>| {
+        let mut form: Vec<(&str, String)> = fields.into_iter().map(|(k, v)| (k, v.to_owned())).collect();
+        form.push(("csrf", root.csrf.clone()));
+        let request = env.http.post(env.url(&path)).header("cookie", &root.cookie).form(&form);
+        async move { request.send().await.unwrap().status() }
+    };
+    let saved = post(
+        format!("/admin/pools/{id}"),
+        vec![("max_size", "2"), ("enabled", "1"), ("clipboard_from_guest", "1")],
+    )
+    .await;
+    assert_eq!(saved, 303);
+    let pool = env.broker.pool(&id).await.unwrap();
+    assert_eq!((pool.clipboard_to_guest, pool.clipboard_from_guest), (false, true));
+    assert!(page("/admin/pools".into()).await.contains("desktop → client only"));
+    let made = post(
+        "/admin/pools".into(),
+        vec![("name", "sealed"), ("kind", "persistent"), ("image", "debian"), ("max_size", "1")],
+    )
+    .await;
+    assert_eq!(made, 303);
+    let sealed = env.broker.pool_by_name("sealed").await.unwrap();
+    assert_eq!((sealed.clipboard_to_guest, sealed.clipboard_from_guest), (false, false));
+    let audit = env.broker.list_audit(&common::system(), 100).await.unwrap();
+    assert!(
+        audit.iter().any(|e| e.action == "pool.update"
+            && e.detail.contains("clipboard_to_guest=false clipboard_from_guest=true")),
+        "{audit:?}"
+    );
+}
+
 #[test]
 fn cli_administers_the_same_database() {
     let dir = tempfile::tempdir().unwrap();
@@ -186,13 +276,19 @@ fn cli_administers_the_same_database() {
         "5",
         "--spares",
         "1",
+        "--clipboard-from-guest",
+        "false",
     ]);
     run(&["pool", "entitle", "office", "--group", "engineering"]);
     let token = run(&["host", "token", "create", "--name", "rack1-host1", "--description", "rack 1"]);
     assert!(token.trim().starts_with("hrt_"));
     assert!(run(&["user", "list"]).contains("root\tadmin"));
     assert!(run(&["group", "list"]).contains("engineering\talice"));
-    assert!(run(&["pool", "list"]).contains("office\tpersistent"));
+    let pools = run(&["pool", "list"]);
+    assert!(
+        pools.contains("office\tpersistent") && pools.contains("clipboard client → desktop only"),
+        "{pools}"
+    );
     let key = run(&["ticket-key"]);
     assert!(pleiades_protocol::ticket::PublicKey::from_base64(key.trim()).is_ok());
     let audit = run(&["audit"]);

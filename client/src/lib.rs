@@ -8,12 +8,14 @@
 //! - [`recorder`]: the headless recorder behind `pleiades connect --headless --record DIR`.
 //! - [`script`] and [`keymap`]: the recorder's input script.
 //! - [`audio`]: playback through the jitter buffer and Opus (WAV when headless), the microphone.
+//! - [`clipboard`]: this machine's X clipboard shared with the desktop's, lazily, both ways.
 //! - [`window`]: the windowed client (winit + wgpu): windows per monitor, input, reconnect.
 //! - [`clock`]: `CLOCK_MONOTONIC` µs, the clock the server stamps frames with.
 //!
 //! Guide: docs/client.md.
 
 pub mod audio;
+pub mod clipboard;
 pub mod clock;
 pub mod connect;
 pub mod display;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use pleiades_client::audio::{Audio, AudioOptions};
+use pleiades_client::clipboard::ClipboardBridge;
 use pleiades_client::recorder::{self, RecordOptions};
 use pleiades_client::session::{Session, SessionOptions};
 use pleiades_client::{connect, script};
@@ -62,6 +63,10 @@ enum Cmd {
         /// Do not offer audio.
         #[arg(long)]
         no_audio: bool,
+        /// Do not share the clipboard with the desktop (it is shared, as the desktop's pool
+        /// allows, whenever an X display is reachable).
+        #[arg(long)]
+        no_clipboard: bool,
         /// Also play through the sound card (PulseAudio, else the default device); the WAV is
         /// written either way.
         #[arg(long)]
@@ -114,6 +119,7 @@ fn main() -> ExitCode {
             snapshot_every,
             mic,
             no_audio,
+            no_clipboard,
             play: _,
             mic_device,
         } => {
@@ -123,7 +129,7 @@ fn main() -> ExitCode {
             }
             let run = || -> anyhow::Result<()> {
                 let connection = connect::load(&target)?;
-                let options = session_options(name, no_h264, server_cursor, no_audio);
+                let options = session_options(name, no_h264, server_cursor, no_audio, no_clipboard);
                 // A window plays through the sound card; the microphone is opt-in.
                 let audio =
                     AudioOptions { playback_wav: None, mic_wav: mic, speaker: true, microphone: mic_device };
@@ -148,6 +154,7 @@ fn main() -> ExitCode {
             server_cursor,
             mic,
             no_audio,
+            no_clipboard,
             play,
             mic_device,
             headless: true,
@@ -163,7 +170,7 @@ fn main() -> ExitCode {
                     None => Vec::new(),
                 };
                 let connection = connect::load(&target)?;
-                let options = session_options(name, no_h264, server_cursor, no_audio);
+                let options = session_options(name, no_h264, server_cursor, no_audio, no_clipboard);
                 let audio_options = AudioOptions {
                     playback_wav: record.as_ref().map(|dir| dir.join("playback.wav")),
                     mic_wav: mic,
@@ -175,6 +182,7 @@ fn main() -> ExitCode {
                         .with_context(|| format!("cannot create {}", dir.display()))?;
                 }
                 let audio_json = record.as_ref().map(|dir| dir.join("audio.json"));
+                let clipboard_json = record.as_ref().map(|dir| dir.join("clipboard.json"));
                 let record_options = RecordOptions { dir: record, duration, snapshot_every, script };
                 let runtime = tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(2)
@@ -186,7 +194,15 @@ fn main() -> ExitCode {
                     let connected = connect::connect(&connection).await?;
                     let session = Session::start(connected, &connection.ticket, options).await?;
                     let audio = Audio::start(&session.handle, audio_options)?;
+                    let clipboard = ClipboardBridge::start(&session.handle);
                     let recorded = recorder::record(session, record_options).await;
+                    if let Some(clipboard) = clipboard {
+                        let summary = tokio::task::spawn_blocking(move || clipboard.finish()).await?;
+                        if let Some(path) = &clipboard_json {
+                            std::fs::write(path, serde_json::to_string_pretty(&summary)?)
+                                .with_context(|| format!("cannot write {}", path.display()))?;
+                        }
+                    }
                     if let Some(audio) = audio {
                         let summary = audio.finish().await?;
                         if let Some(path) = &audio_json {
@@ -222,6 +238,7 @@ fn session_options(
     no_h264: bool,
     server_cursor: bool,
     no_audio: bool,
+    no_clipboard: bool,
 ) -> SessionOptions {
     let mut options = SessionOptions::default();
     if let Some(name) = name {
@@ -236,6 +253,9 @@ fn session_options(
     }
     if no_audio {
         options.capabilities = options.capabilities.difference(Capabilities::AUDIO);
+    }
+    if no_clipboard {
+        options.capabilities = options.capabilities.difference(Capabilities::CLIPBOARD);
     }
     options
 }

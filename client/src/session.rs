@@ -4,7 +4,8 @@
 //! control bi-stream ── Hello/Welcome, then one pump task around `ClientControl` (protocol/):
 //!                      pings and the RTT, acks, ClientStats, layouts, resume token, Goodbye
 //! input uni-stream  ── writer task (the input API's messages, highest priority)
-//! server uni-streams── one task each: display (decode, present, FrameAck) or cursor
+//! clipboard uni-stream ── writer task, with CLIPBOARD (opened at the first message)
+//! server uni-streams── one task each: display (decode, present, FrameAck), cursor or clipboard
 //! datagrams         ── cursor positions, latest wins; audio frames to [`crate::audio`]
 //! ```
 //!
@@ -27,9 +28,9 @@ use pleiades_protocol::control::{
 use pleiades_protocol::handshake::{self, Capabilities, ClientHandshake, HandshakeError};
 use pleiades_protocol::transport::{self, MAX_DISPLAY_STREAMS, error_code, priority};
 use pleiades_protocol::wire::{
-    self, AudioPacket, Channel, ControlMessage, CursorMessage, CursorPosition, CursorShape, Datagram,
-    DisplayMessage, FrameAck, Goodbye, GoodbyeReason, InputMessage, Key, Monitor, PointerAbs, StreamDecoder,
-    Wheel,
+    self, AudioPacket, Channel, ClipboardMessage, ControlMessage, CursorMessage, CursorPosition, CursorShape,
+    Datagram, DisplayMessage, FrameAck, Goodbye, GoodbyeReason, InputMessage, Key, Monitor, PointerAbs,
+    StreamDecoder, Wheel,
 };
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
@@ -70,6 +71,7 @@ impl Default for SessionOptions {
                 | Capabilities::CURSOR_DATAGRAMS
                 | Capabilities::DYNAMIC_LAYOUT
                 | Capabilities::AUDIO
+                | Capabilities::CLIPBOARD
                 | Capabilities::RESUME
                 | Capabilities::RELATIVE_POINTER,
         }
@@ -124,6 +126,17 @@ struct Shared {
     closing: AtomicBool,
     /// Where audio datagrams go (the player), once it listens.
     audio: Mutex<Option<mpsc::Sender<AudioPacket>>>,
+    /// Where the server's clipboard messages go (the clipboard bridge), once it listens.
+    clipboard: Mutex<Option<ClipboardSink>>,
+}
+
+/// Takes the server's clipboard messages; must not block.
+struct ClipboardSink(Box<dyn Fn(ClipboardMessage) + Send + Sync>);
+
+impl std::fmt::Debug for ClipboardSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClipboardSink")
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -135,6 +148,8 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct SessionHandle {
     connection: quinn::Connection,
     input: mpsc::Sender<InputMessage>,
+    /// The clipboard stream's writer, with `CLIPBOARD`.
+    clipboard: Option<mpsc::UnboundedSender<ClipboardMessage>>,
     shared: Arc<Shared>,
     info: handshake::Session,
 }
@@ -241,12 +256,19 @@ impl Session {
             counters: Counters::default(),
             closing: AtomicBool::new(false),
             audio: Mutex::new(None),
+            clipboard: Mutex::new(None),
         });
         let (input_tx, input_rx) = mpsc::channel(SEND_QUEUE);
         let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
-        let handle = SessionHandle { connection: connection.clone(), input: input_tx, shared, info };
+        let (clipboard_tx, clipboard_rx) = mpsc::unbounded_channel();
+        let clipboard = info.capabilities.contains(Capabilities::CLIPBOARD).then_some(clipboard_tx);
+        let handle =
+            SessionHandle { connection: connection.clone(), input: input_tx, clipboard, shared, info };
 
         let mut tasks = JoinSet::new();
+        if handle.clipboard.is_some() {
+            tasks.spawn(clipboard_writer(handle.connection.clone(), clipboard_rx));
+        }
         tasks.spawn(control_pump(handle.clone(), send, recv, events_tx.clone()));
         tasks.spawn(input_writer(handle.clone(), input_stream, input_rx));
         tasks.spawn(accept_streams(handle.clone(), events_tx.clone()));
@@ -274,6 +296,17 @@ impl SessionHandle {
         let (tx, rx) = mpsc::channel(capacity);
         *lock(&self.shared.audio) = Some(tx);
         rx
+    }
+
+    /// Hands the server's clipboard messages to `sink` from now on.
+    pub fn on_clipboard(&self, sink: impl Fn(ClipboardMessage) + Send + Sync + 'static) {
+        *lock(&self.shared.clipboard) = Some(ClipboardSink(Box::new(sink)));
+    }
+
+    /// Sends a clipboard message (with `CLIPBOARD`; without it, or once the session ended, it
+    /// goes nowhere: `false`).
+    pub fn send_clipboard(&self, message: ClipboardMessage) -> bool {
+        self.clipboard.as_ref().is_some_and(|tx| tx.send(message).is_ok())
     }
 
     /// Sends a datagram (microphone, audio feedback). Datagrams may be lost; so may this one.
@@ -520,6 +553,63 @@ async fn input_writer(
     drop(handle);
 }
 
+/// Writes the clipboard bridge's messages on a stream of their own, opened at the first one.
+async fn clipboard_writer(
+    connection: quinn::Connection,
+    mut queue: mpsc::UnboundedReceiver<ClipboardMessage>,
+) {
+    let Some(first) = queue.recv().await else { return };
+    let result: Result<(), String> = async {
+        let mut send = connection.open_uni().await.map_err(|e| e.to_string())?;
+        let _ = send.set_priority(priority::CLIPBOARD);
+        send.write_all(&transport::stream_prelude(Channel::Clipboard)).await.map_err(|e| e.to_string())?;
+        let mut buffer = Vec::new();
+        let mut next = Some(first);
+        while let Some(message) = next {
+            buffer.clear();
+            wire::encode(&message, &mut buffer).map_err(|e| e.to_string())?;
+            send.write_all(&buffer).await.map_err(|e| e.to_string())?;
+            next = queue.recv().await;
+        }
+        let _ = send.finish();
+        Ok(())
+    }
+    .await;
+    if let Err(error) = result {
+        tracing::debug!(%error, "clipboard stream closed");
+    }
+}
+
+/// The server's clipboard messages, to the bridge.
+async fn clipboard_stream(
+    handle: SessionHandle,
+    mut recv: quinn::RecvStream,
+    events: mpsc::Sender<SessionEvent>,
+) {
+    let mut decoder = StreamDecoder::<ClipboardMessage>::new();
+    let mut messages = Vec::new();
+    loop {
+        let chunk = match recv.read_chunk(READ_CHUNK, true).await {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => return,
+            Err(error) => return tracing::debug!(%error, "clipboard stream ended"),
+        };
+        if let Err(e) = decoder.decode_all(&chunk.bytes, &mut messages) {
+            let _ = recv.stop(e.error_code().into());
+            let code = e.error_code();
+            let error = ClientError::Protocol { channel: Channel::Clipboard, detail: e.to_string() };
+            return handle.fail(&events, code, error).await;
+        }
+        let sink = lock(&handle.shared.clipboard);
+        for message in messages.drain(..) {
+            match sink.as_ref() {
+                Some(sink) => (sink.0)(message),
+                None => tracing::debug!(?message, "a clipboard message with no bridge to take it"),
+            }
+        }
+    }
+}
+
 async fn accept_streams(handle: SessionHandle, events: mpsc::Sender<SessionEvent>) {
     let display_streams = Arc::new(AtomicU64::new(0));
     let mut streams = JoinSet::new();
@@ -562,6 +652,7 @@ async fn server_stream(
             display_stream(handle, recv, events).await;
         }
         Ok(Channel::Cursor) => cursor_stream(handle, recv, events).await,
+        Ok(Channel::Clipboard) if handle.clipboard.is_some() => clipboard_stream(handle, recv, events).await,
         other => {
             tracing::warn!(
                 prelude = prelude[0],

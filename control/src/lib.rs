@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod screenshot;
 
+use pleiades_protocol::wire::ClipboardMessage;
 use pleiades_virtio::DeviceKind;
 use pleiades_virtio::gpu::GpuHandle;
 use pleiades_virtio::input::event::{
@@ -230,6 +231,24 @@ pub trait Controller: Send + Sync {
     fn client_arrived(&self) {}
     /// The session's client left (closed, lost, sent away) and no other took its place.
     fn client_left(&self) {}
+    /// The guest session's clipboard, if the VM has an agent link to relay it through.
+    fn clipboard(&self) -> Option<Arc<dyn ClipboardPort>> {
+        None
+    }
+}
+
+/// The VM process's side of a session's clipboard channel: the relay between the client and
+/// the guest session, which enforces the pool's policy
+/// ([`pleiades_protocol::clipboard::ClipboardRelay`]). Sessions are named by their id so that
+/// a replaced session's late messages and detach do not touch its successor.
+pub trait ClipboardPort: Send + Sync {
+    /// Session `session`'s client is the relay's client end now; `to_client` takes what goes to
+    /// it (it must not block).
+    fn attach(&self, session: u64, to_client: Box<dyn Fn(ClipboardMessage) + Send + Sync>);
+    /// What session `session`'s client sent on its clipboard channel.
+    fn client_sent(&self, session: u64, message: ClipboardMessage);
+    /// Session `session` ended.
+    fn detach(&self, session: u64);
 }
 
 /// Errors of the control socket.

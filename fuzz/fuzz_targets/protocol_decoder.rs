@@ -4,15 +4,19 @@
 //! bytes that decode to the same message (so the peer's view and ours cannot differ). Display
 //! streams then go through `FrameSequence`: an update it lets through lies within its frame.
 //! The agent channel (what a guest sends its VM process over vsock) goes through the decoder
-//! and through the VM process's `HostLink`: one `Connected` at most, and only first.
+//! and through the VM process's `HostLink`: one `Connected` at most, and only first. Clipboard
+//! messages (what a client or a guest sends) go through the decoder and through the VM
+//! process's `ClipboardRelay` under every policy: what a policy forbids never reaches the
+//! other end, and whatever the relay sends encodes.
 
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use pleiades_protocol::agent::{HostEvent, HostLink};
+use pleiades_protocol::clipboard::{ClipboardPolicy, ClipboardRelay, End};
 use pleiades_protocol::wire::{
-    AgentMessage, ChannelMessage, ControlMessage, CursorMessage, DisplayMessage, FrameSequence, InputMessage,
-    StreamDecoder, Tile, decode_datagram, encode_datagram, encode_to_vec,
+    AgentMessage, ChannelMessage, ClipboardMessage, ControlMessage, CursorMessage, DisplayMessage, FrameSequence,
+    InputMessage, StreamDecoder, Tile, decode_datagram, encode_datagram, encode_to_vec,
 };
 
 fn run<M: ChannelMessage + PartialEq + Clone>(chunk_sizes: &[u8], mut data: &[u8]) -> Vec<M> {
@@ -53,7 +57,7 @@ fn run<M: ChannelMessage + PartialEq + Clone>(chunk_sizes: &[u8], mut data: &[u8
 fuzz_target!(|data: &[u8]| {
     let Some((&selector, rest)) = data.split_first() else { return };
     let (sizes, body) = rest.split_at(rest.len().min(4));
-    match selector % 7 {
+    match selector % 9 {
         0 => drop(run::<ControlMessage>(sizes, body)),
         1 => drop(run::<InputMessage>(sizes, body)),
         2 => {
@@ -77,6 +81,8 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         5 => drop(run::<AgentMessage>(sizes, body)),
+        7 => drop(run::<ClipboardMessage>(sizes, body)),
+        8 => relay(selector, body),
         _ => {
             let mut link = HostLink::new();
             let mut events = Vec::new();
@@ -112,3 +118,37 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 });
+
+/// The clipboard relay with both ends sending what the fuzzer decodes (each message's end from
+/// its position), ends coming and going, under the policy the selector's high bits pick.
+fn relay(selector: u8, body: &[u8]) {
+    let policy = ClipboardPolicy { to_guest: selector & 0x40 != 0, from_guest: selector & 0x80 != 0 };
+    let mut relay = ClipboardRelay::new(policy);
+    relay.connected(End::Client);
+    relay.connected(End::Guest);
+    let messages = run::<ClipboardMessage>(&[0], body);
+    for (i, message) in messages.into_iter().enumerate() {
+        let from = if i % 2 == 0 { End::Client } else { End::Guest };
+        match i % 11 {
+            9 => relay.disconnected(from),
+            10 => relay.connected(from),
+            _ => {}
+        }
+        relay.from_end(from, message);
+        while let Some((to, sent)) = relay.poll_transmit() {
+            encode_to_vec(&sent).expect("what the relay sends encodes");
+            let allowed = match to {
+                End::Guest => policy.to_guest,
+                End::Client => policy.from_guest,
+            };
+            let content = match &sent {
+                ClipboardMessage::Grab(g) => !g.formats.is_empty(),
+                ClipboardMessage::Data(_) => true,
+                _ => false,
+            };
+            assert!(allowed || !content, "the policy {policy:?} let {sent:?} through to {to:?}");
+        }
+        while relay.poll_event().is_some() {}
+    }
+}
+

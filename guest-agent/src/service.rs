@@ -3,7 +3,8 @@
 //! ([`guest_facts`]) at once and whenever they change, and carries out what the host
 //! asks (lock the screen, shut down, restart). The graphical session's user, lock state and
 //! idle time come from the per-user part ([`crate::session`]) and go to the host as they
-//! change. When the link ends (the VM process restarted
+//! change; so do its clipboard messages, both ways (the service only relays them: the session
+//! part has the X clipboard, the VM process the policy). When the link ends (the VM process restarted
 //! its end, or closed it over a protocol error) it connects again after a pause.
 //!
 //! The protocol is [`pleiades_protocol::agent`]; this module is only its I/O and the guest's
@@ -16,10 +17,14 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, VsockAddr, connect, setsockopt, socket, sockopt};
 use nix::sys::time::TimeVal;
 use pleiades_protocol::agent::{AGENT_PORT, AgentEvent, AgentLink};
-use pleiades_protocol::wire::{GuestInfo, MAX_ADDRESS_LEN, MAX_ADDRESSES, MAX_AGENT_TEXT, PowerAction};
+use pleiades_protocol::wire::{
+    ClipboardMessage, ClipboardRefused, GuestInfo, MAX_ADDRESS_LEN, MAX_ADDRESSES, MAX_AGENT_TEXT,
+    PowerAction, RefuseReason,
+};
 
 use crate::session::SessionReports;
 
@@ -86,15 +91,24 @@ fn serve(
     let mut refreshed = Instant::now();
     // A new link hears the latest session report at once.
     let mut session_seen = u64::MAX;
-    let mut buf = [0u8; 4096];
+    let mut buf = vec![0u8; 64 * 1024];
     loop {
         let out = link.take_output();
         stream.write_all(&out).map_err(|e| format!("cannot write to the host: {e}"))?;
-        match stream.read(&mut buf) {
+        let (readable, woken) = wait(&stream, sessions);
+        let read = if readable { stream.read(&mut buf) } else { Err(ErrorKind::WouldBlock.into()) };
+        match read {
             Ok(0) => return Ok(()),
             Ok(n) => {
                 for event in link.receive(&buf[..n]).map_err(|e| e.to_string())? {
-                    act(event, actions);
+                    match event {
+                        AgentEvent::Clipboard(message) => {
+                            if let Some(refused) = to_session(sessions, message) {
+                                link.clipboard(refused).map_err(|e| e.to_string())?;
+                            }
+                        }
+                        event => act(event, actions),
+                    }
                 }
             }
             Err(e)
@@ -103,6 +117,11 @@ fn serve(
                     ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
                 ) => {}
             Err(e) => return Err(format!("cannot read from the host: {e}")),
+        }
+        if let Some(sessions) = sessions.filter(|_| woken) {
+            for message in sessions.take_clipboard() {
+                link.clipboard(message).map_err(|e| e.to_string())?;
+            }
         }
         if let Some(state) = sessions.and_then(|s| s.take_change(&mut session_seen)) {
             link.session_state(state).map_err(|e| e.to_string())?;
@@ -118,6 +137,35 @@ fn serve(
     }
 }
 
+/// Waits up to a second for the host's bytes or the session part's clipboard; says which came.
+fn wait(stream: &File, sessions: Option<&SessionReports>) -> (bool, bool) {
+    let mut fds = vec![PollFd::new(stream.as_fd(), PollFlags::POLLIN)];
+    if let Some(sessions) = sessions {
+        fds.push(PollFd::new(sessions.wake_fd(), PollFlags::POLLIN));
+    }
+    if poll(&mut fds, PollTimeout::from(1000u16)).is_err() {
+        return (false, false);
+    }
+    let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
+    (ready(&fds[0]), fds.get(1).is_some_and(ready))
+}
+
+/// Passes the host's clipboard message to the graphical session; a paste request that finds
+/// no session is answered here (`Some`: the refusal to send back).
+fn to_session(sessions: Option<&SessionReports>, message: ClipboardMessage) -> Option<ClipboardMessage> {
+    if sessions.is_some_and(|s| s.to_session(&message)) {
+        return None;
+    }
+    match message {
+        ClipboardMessage::Request(r) => Some(ClipboardMessage::Refused(ClipboardRefused {
+            serial: r.serial,
+            format: r.format,
+            reason: RefuseReason::Gone,
+        })),
+        _ => None,
+    }
+}
+
 fn act(event: AgentEvent, actions: &Actions) {
     let command = match event {
         AgentEvent::Welcomed { version } => {
@@ -128,6 +176,7 @@ fn act(event: AgentEvent, actions: &Actions) {
         AgentEvent::UnlockScreen => actions.unlock.as_deref(),
         AgentEvent::Power(PowerAction::Shutdown) => Some(actions.poweroff.as_str()),
         AgentEvent::Power(PowerAction::Reboot) => Some(actions.reboot.as_str()),
+        AgentEvent::Clipboard(_) => return,
     };
     let mut words = command.unwrap_or_default().split_whitespace();
     let Some(program) = words.next() else {

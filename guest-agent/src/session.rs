@@ -10,16 +10,28 @@
 //! bounded decoder as the vsock link, and names the user from the connection's peer
 //! credentials (`SO_PEERCRED`), never from what the process claims. When the session part's
 //! connection ends (the user logged out) the session is reported empty.
+//!
+//! The session part is also the guest end of the clipboard (as spice-vdagent is): it runs a
+//! [`ClipboardPeer`] over the session's X clipboard ([`X11Clipboard`]) and exchanges its
+//! clipboard messages with the service on the same socket, which relays them to and from the
+//! host. The latest session part to connect has the clipboard; when it goes, what it offered
+//! is withdrawn.
 
+use std::collections::VecDeque;
 use std::io::{Read, Write};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::process::Command;
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use pleiades_clipboard::{ClipboardPeer, LocalEvent, X11Clipboard};
 use pleiades_protocol::wire::{
-    AgentMessage, MAX_AGENT_TEXT, SessionActivity, SessionState, StreamDecoder, encode_to_vec,
+    AgentMessage, ClipboardGrab, ClipboardMessage, MAX_AGENT_TEXT, MAX_CLIPBOARD_BYTES, SessionActivity,
+    SessionState, StreamDecoder, encode_to_vec,
 };
 
 /// The service's socket for the session parts.
@@ -28,11 +40,18 @@ pub const SOCKET: &str = "/run/pleiades-agent/session.sock";
 pub const REPORT_EVERY: Duration = Duration::from_secs(2);
 /// Most session parts connected at once (one per graphical login; a few spare).
 const MAX_SESSIONS: usize = 8;
+/// Clipboard bytes from the session part waiting for the vsock loop beyond this cut the part
+/// off (one whole content fits).
+const MAX_TO_HOST: usize = MAX_CLIPBOARD_BYTES as usize + 1024 * 1024;
+/// How long a write of clipboard data to a session part may block the service.
+const PART_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the session parts last reported, shared with the service's vsock loop.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct SessionReports {
     state: Arc<Mutex<Reports>>,
+    /// Signalled when clipboard messages for the host are waiting.
+    wake: Arc<EventFd>,
 }
 
 #[derive(Debug, Default)]
@@ -41,6 +60,13 @@ struct Reports {
     latest: Option<SessionState>,
     changes: u64,
     connected: usize,
+    next_part: u64,
+    /// The session part that has the guest's clipboard (the latest to connect), and a handle
+    /// to write to it.
+    clipboard_part: Option<(u64, UnixStream)>,
+    /// Its clipboard messages for the host, and their bytes.
+    to_host: VecDeque<ClipboardMessage>,
+    to_host_bytes: usize,
 }
 
 impl SessionReports {
@@ -53,7 +79,10 @@ impl SessionReports {
         let _ = std::fs::remove_file(socket);
         let listener = UnixListener::bind(socket)?;
         std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o666))?;
-        let reports = Self::default();
+        let reports = Self {
+            state: Default::default(),
+            wake: Arc::new(EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)?),
+        };
         let shared = reports.clone();
         std::thread::Builder::new().name("sessions".into()).spawn(move || {
             for stream in listener.incoming().flatten() {
@@ -81,14 +110,34 @@ impl SessionReports {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Reads one session part's reports until it disconnects or breaks the framing.
-    fn serve(&self, mut stream: UnixStream) {
-        let user = match peer_user(&stream) {
-            Some(user) => user,
-            None => return,
+    /// Reads one session part's reports and clipboard until it disconnects or breaks the
+    /// framing; then, if it had the clipboard, withdraws what it offered.
+    fn serve(&self, stream: UnixStream) {
+        let Some(user) = peer_user(&stream) else { return };
+        let Ok(writer) = stream.try_clone() else { return };
+        let _ = writer.set_write_timeout(Some(PART_WRITE_TIMEOUT));
+        let id = {
+            let mut reports = self.lock();
+            reports.next_part += 1;
+            let id = reports.next_part;
+            reports.clipboard_part = Some((id, writer));
+            id
         };
+        self.read_part(stream, &user, id);
+        let mut reports = self.lock();
+        if reports.clipboard_part.as_ref().is_some_and(|(part, _)| *part == id) {
+            reports.clipboard_part = None;
+            reports
+                .to_host
+                .push_back(ClipboardMessage::Grab(ClipboardGrab { serial: 0, formats: Vec::new() }));
+            drop(reports);
+            let _ = self.wake.write(1);
+        }
+    }
+
+    fn read_part(&self, mut stream: UnixStream, user: &str, id: u64) {
         let mut decoder = StreamDecoder::<AgentMessage>::new();
-        let mut buf = [0u8; 1024];
+        let mut buf = vec![0u8; 64 * 1024];
         loop {
             let n = match stream.read(&mut buf) {
                 Ok(0) | Err(_) => return,
@@ -99,11 +148,25 @@ impl SessionReports {
                 match decoder.decode(&mut chunk) {
                     Ok(Some(AgentMessage::SessionState(state))) => {
                         // The kernel names the user; the report gives only its state.
-                        let state = SessionState { user: user.clone(), ..state };
+                        let state = SessionState { user: user.to_owned(), ..state };
                         let state = if state.activity == SessionActivity::NoUser { nobody() } else { state };
                         let mut reports = self.lock();
                         reports.latest = Some(state);
                         reports.changes += 1;
+                    }
+                    Ok(Some(AgentMessage::Clipboard(message))) => {
+                        let mut reports = self.lock();
+                        if reports.clipboard_part.as_ref().is_none_or(|(part, _)| *part != id) {
+                            // An older session's part: the clipboard is another's now.
+                            continue;
+                        }
+                        reports.to_host_bytes += clipboard_len(&message);
+                        if reports.to_host_bytes > MAX_TO_HOST {
+                            return;
+                        }
+                        reports.to_host.push_back(message);
+                        drop(reports);
+                        let _ = self.wake.write(1);
                     }
                     Ok(Some(_)) => return,
                     Ok(None) => break,
@@ -111,6 +174,34 @@ impl SessionReports {
                 }
             }
         }
+    }
+
+    /// The fd that becomes readable when [`Self::take_clipboard`] has something.
+    pub fn wake_fd(&self) -> BorrowedFd<'_> {
+        self.wake.as_fd()
+    }
+
+    /// The clipboard messages the session part sent for the host.
+    pub fn take_clipboard(&self) -> Vec<ClipboardMessage> {
+        let _ = self.wake.read();
+        let mut reports = self.lock();
+        reports.to_host_bytes = 0;
+        reports.to_host.drain(..).collect()
+    }
+
+    /// Passes the host's clipboard message to the session part that has the clipboard;
+    /// `false` when there is none (nobody is logged in, or its part is not running).
+    pub fn to_session(&self, message: &ClipboardMessage) -> bool {
+        let Ok(frame) = encode_to_vec(&AgentMessage::Clipboard(message.clone())) else { return false };
+        let mut reports = self.lock();
+        let Some((_, part)) = reports.clipboard_part.as_mut() else { return false };
+        if part.write_all(&frame).is_ok() {
+            return true;
+        }
+        // A part that does not read is cut off; its reader ends and withdraws its content.
+        let _ = part.shutdown(std::net::Shutdown::Both);
+        reports.clipboard_part = None;
+        false
     }
 
     /// The latest report if it changed since the last call.
@@ -135,24 +226,78 @@ fn peer_user(stream: &UnixStream) -> Option<String> {
     Some(user.name).filter(|name| name.len() <= MAX_AGENT_TEXT && !name.chars().any(char::is_control))
 }
 
+fn clipboard_len(message: &ClipboardMessage) -> usize {
+    match message {
+        ClipboardMessage::Data(d) => d.bytes.len() + 16,
+        _ => 16,
+    }
+}
+
+/// What the session part's loop waits for.
+enum Input {
+    /// The session's X clipboard.
+    Local(LocalEvent),
+    /// The service (the host's clipboard), on connection `generation`.
+    Remote(u64, ClipboardMessage),
+    /// Connection `generation` to the service ended.
+    Closed(u64),
+}
+
 /// `pleiades-agent session`: reports this graphical session's idle time and lock state to
-/// the service, for ever (reconnecting when the service restarts).
+/// the service, and is the guest end of the clipboard, for ever (reconnecting when the service
+/// restarts). Without an X display it only reports.
 pub fn run_session_part(socket: &Path) -> ! {
+    let (inputs, received) = mpsc::channel();
+    let clipboard = match X11Clipboard::connect(None, MAX_CLIPBOARD_BYTES as usize) {
+        Ok((clipboard, events)) => {
+            let inputs = inputs.clone();
+            std::thread::spawn(move || {
+                for event in events {
+                    if inputs.send(Input::Local(event)).is_err() {
+                        return;
+                    }
+                }
+            });
+            Some(clipboard)
+        }
+        Err(e) => {
+            eprintln!("pleiades-agent session: no clipboard: {e}");
+            None
+        }
+    };
+    let mut peer = ClipboardPeer::new(MAX_CLIPBOARD_BYTES as usize);
     let mut stream: Option<UnixStream> = None;
+    let mut generation = 0u64;
     let mut warned = false;
+    let mut next_report = Instant::now();
     loop {
-        let state = SessionState {
-            activity: if locked() { SessionActivity::Locked } else { SessionActivity::Active },
-            // The service replaces it with the name the kernel gives.
-            user: std::env::var("USER").unwrap_or_else(|_| "user".into()),
-            idle_ms: idle_ms().unwrap_or(0),
-        };
         if stream.is_none() {
             stream = UnixStream::connect(socket).ok();
+            if let Some(s) = &stream {
+                generation += 1;
+                spawn_reader(s, generation, inputs.clone());
+                if let Some(clipboard) = &clipboard {
+                    peer.reconnected(clipboard);
+                }
+            }
         }
-        let sent = match (&mut stream, encode_to_vec(&AgentMessage::SessionState(state))) {
-            (Some(s), Ok(frame)) => s.write_all(&frame).is_ok(),
-            _ => false,
+        let mut frames = Vec::new();
+        if Instant::now() >= next_report {
+            next_report = Instant::now() + REPORT_EVERY;
+            let state = SessionState {
+                activity: if locked() { SessionActivity::Locked } else { SessionActivity::Active },
+                // The service replaces it with the name the kernel gives.
+                user: std::env::var("USER").unwrap_or_else(|_| "user".into()),
+                idle_ms: idle_ms().unwrap_or(0),
+            };
+            frames.extend(encode_to_vec(&AgentMessage::SessionState(state)));
+        }
+        while let Some(message) = peer.poll_transmit() {
+            frames.extend(encode_to_vec(&AgentMessage::Clipboard(message)));
+        }
+        let sent = match &mut stream {
+            Some(s) => frames.iter().all(|frame| s.write_all(frame).is_ok()),
+            None => false,
         };
         if !sent {
             stream = None;
@@ -164,8 +309,53 @@ pub fn run_session_part(socket: &Path) -> ! {
                 warned = true;
             }
         }
-        std::thread::sleep(REPORT_EVERY);
+        let wait = if stream.is_some() {
+            next_report.saturating_duration_since(Instant::now())
+        } else {
+            REPORT_EVERY
+        };
+        match received.recv_timeout(wait) {
+            Ok(Input::Local(event)) => {
+                if let Some(clipboard) = &clipboard {
+                    peer.on_local(event, clipboard);
+                }
+            }
+            Ok(Input::Remote(from, message)) if from == generation => {
+                if let Some(clipboard) = &clipboard {
+                    peer.on_remote(message, clipboard);
+                }
+            }
+            Ok(Input::Closed(from)) if from == generation => stream = None,
+            Ok(_) | Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => unreachable!("this loop holds a sender"),
+        }
+        while let Some(event) = peer.poll_event() {
+            eprintln!("pleiades-agent session: clipboard: {event:?}");
+        }
     }
+}
+
+/// Reads the service's clipboard messages on connection `generation` from a thread.
+fn spawn_reader(stream: &UnixStream, generation: u64, inputs: mpsc::Sender<Input>) {
+    let Ok(mut stream) = stream.try_clone() else { return };
+    std::thread::spawn(move || {
+        let mut decoder = StreamDecoder::<AgentMessage>::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut messages = Vec::new();
+        while let Ok(n @ 1..) = stream.read(&mut buf) {
+            if decoder.decode_all(&buf[..n], &mut messages).is_err() {
+                break;
+            }
+            for message in messages.drain(..) {
+                if let AgentMessage::Clipboard(message) = message
+                    && inputs.send(Input::Remote(generation, message)).is_err()
+                {
+                    return;
+                }
+            }
+        }
+        let _ = inputs.send(Input::Closed(generation));
+    });
 }
 
 /// Milliseconds since the last input to this X display (`xprintidle`).
@@ -200,6 +390,58 @@ mod tests {
         assert!(is_locked("LockedHint=yes\nActive=yes\n"));
         assert!(is_locked("LockedHint=no\nActive=no\n"));
         assert!(!is_locked(""));
+    }
+
+    #[test]
+    fn the_latest_session_part_has_the_clipboard_and_takes_its_content_when_it_goes() {
+        use pleiades_protocol::wire::{ClipboardFormat, ClipboardRequest};
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("session.sock");
+        let reports = SessionReports::listen(&socket).unwrap();
+        let grab = |serial| {
+            AgentMessage::Clipboard(ClipboardMessage::Grab(ClipboardGrab {
+                serial,
+                formats: vec![ClipboardFormat::Text],
+            }))
+        };
+        let take = |what: &str| {
+            pleiades_testkit::wait_for(what, Duration::from_secs(10), || {
+                Some(reports.take_clipboard()).filter(|m| !m.is_empty())
+            })
+            .unwrap()
+        };
+
+        let mut first = UnixStream::connect(&socket).unwrap();
+        first.write_all(&encode_to_vec(&grab(1)).unwrap()).unwrap();
+        assert_eq!(
+            take("the first part's copy"),
+            [ClipboardMessage::Grab(ClipboardGrab { serial: 1, formats: vec![ClipboardFormat::Text] })]
+        );
+
+        // A second session part: the clipboard is its now; the first one's copies are ignored.
+        let mut second = UnixStream::connect(&socket).unwrap();
+        second.write_all(&encode_to_vec(&grab(7)).unwrap()).unwrap();
+        assert!(matches!(
+            take("the second part's copy")[..],
+            [ClipboardMessage::Grab(ClipboardGrab { serial: 7, .. })]
+        ));
+        first.write_all(&encode_to_vec(&grab(2)).unwrap()).unwrap();
+        // The host's paste request reaches the second part.
+        let request =
+            ClipboardMessage::Request(ClipboardRequest { serial: 7, format: ClipboardFormat::Text });
+        assert!(reports.to_session(&request));
+        let mut buf = vec![0u8; 64];
+        second.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let n = second.read(&mut buf).unwrap();
+        assert_eq!(buf[..n], encode_to_vec(&AgentMessage::Clipboard(request.clone())).unwrap());
+
+        // It goes: what it offered is withdrawn, and requests find nobody.
+        drop(second);
+        assert_eq!(
+            take("the withdrawal"),
+            [ClipboardMessage::Grab(ClipboardGrab { serial: 0, formats: vec![] })]
+        );
+        assert!(!reports.to_session(&request));
     }
 
     #[test]

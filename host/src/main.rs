@@ -285,7 +285,7 @@ fn run_qemu(spec: &BootSpec, args: &RunArgs) -> Result<ExitCode> {
     tracing::info!("QEMU accelerator: {} ({})", accel.accel, accel.reason);
     let disks = open_disks(args)?;
     let vm = QemuVm::start(spec, &args.devices, &disks, args.net.as_ref(), &args.serial, accel)?;
-    lock_on_disconnect(args, vm.agent())?;
+    agent_policies(args, vm.agent())?;
     let controller = with_session(args, vm.controller())?;
     let _control = control_vm(args, controller)?;
     let status = vm.wait()?;
@@ -314,7 +314,7 @@ fn run_pleiades(spec: &BootSpec, args: &RunArgs) -> Result<ExitCode> {
     }
     let disks = open_disks(args)?;
     let vm = NativeVm::new(spec, &args.devices, &disks, &args.serial)?;
-    lock_on_disconnect(args, vm.agent())?;
+    agent_policies(args, vm.agent())?;
     let controller = with_session(args, vm.controller())?;
     let _control = control_vm(args, controller)?;
     let reason = vm.run()?;
@@ -322,8 +322,12 @@ fn run_pleiades(spec: &BootSpec, args: &RunArgs) -> Result<ExitCode> {
     Ok(ExitCode::from(u8::try_from(reason.exit_code()).unwrap_or(1)))
 }
 
-/// `--lock-on-disconnect`: the agent locks and unlocks the guest's screen.
-fn lock_on_disconnect(args: &RunArgs, agent: Option<&pleiades_host::vm::agent::Agent>) -> Result<()> {
+/// `--lock-on-disconnect`: the agent locks and unlocks the guest's screen; `--clipboard`: the
+/// directions the agent's clipboard relay lets through.
+fn agent_policies(args: &RunArgs, agent: Option<&pleiades_host::vm::agent::Agent>) -> Result<()> {
+    if let Some(agent) = agent {
+        agent.set_clipboard_policy(args.clipboard.policy());
+    }
     match (args.lock_on_disconnect, agent) {
         (false, _) => Ok(()),
         (true, Some(agent)) => {

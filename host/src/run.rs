@@ -93,6 +93,11 @@ pub struct RunArgs {
     /// client with a ticket arrives (the guest agent does both: needs --device vsock).
     #[arg(long, requires = "listen", num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set, default_value_t = false)]
     pub lock_on_disconnect: bool,
+    /// Which ways the clipboard may carry content between the client and the guest session
+    /// (the pool's data loss prevention switch; the guest agent relays it: needs --device
+    /// vsock). Enforced here, whatever the client or the guest does.
+    #[arg(long, value_enum, default_value_t = ClipboardArg::Both)]
+    pub clipboard: ClipboardArg,
     /// Keep the session certificate in this directory (made once; a host's VMs share it, so
     /// the broker pins one fingerprint). Default: a fresh certificate per run.
     #[arg(long, requires = "listen")]
@@ -141,4 +146,29 @@ pub fn parse_layout(s: &str) -> Result<Layout, String> {
         })
         .collect::<Result<_, _>>()
         .map(Layout)
+}
+
+/// `--clipboard`: the directions the clipboard may carry content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ClipboardArg {
+    /// Copy and paste both ways.
+    Both,
+    /// Only what is copied on the client may be pasted in the desktop.
+    ToGuest,
+    /// Only what is copied in the desktop may be pasted on the client.
+    FromGuest,
+    /// No clipboard sharing.
+    None,
+}
+
+impl ClipboardArg {
+    pub fn policy(self) -> pleiades_protocol::clipboard::ClipboardPolicy {
+        use pleiades_protocol::clipboard::ClipboardPolicy;
+        match self {
+            ClipboardArg::Both => ClipboardPolicy::BOTH,
+            ClipboardArg::ToGuest => ClipboardPolicy { to_guest: true, from_guest: false },
+            ClipboardArg::FromGuest => ClipboardPolicy { to_guest: false, from_guest: true },
+            ClipboardArg::None => ClipboardPolicy::NONE,
+        }
+    }
 }

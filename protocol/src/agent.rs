@@ -18,8 +18,8 @@
 //! has the layouts.
 
 use crate::wire::{
-    AgentHello, AgentMessage, ChannelMessage, DecodeError, EncodeError, GuestInfo, PowerAction, SessionState,
-    StreamDecoder, encode,
+    AgentHello, AgentMessage, ChannelMessage, ClipboardMessage, DecodeError, EncodeError, GuestInfo,
+    PowerAction, SessionState, StreamDecoder, encode,
 };
 
 /// The vsock port the VM process listens on for its guest's agent.
@@ -100,6 +100,8 @@ pub enum HostEvent {
     },
     GuestInfo(GuestInfo),
     SessionState(SessionState),
+    /// The guest session's clipboard ([`crate::clipboard::ClipboardRelay`] checks it).
+    Clipboard(ClipboardMessage),
 }
 
 /// The VM process's end of one agent connection.
@@ -146,6 +148,7 @@ impl HostLink {
                 (_, None) => return Err(LinkError::HelloFirst(ty)),
                 (AgentMessage::GuestInfo(info), Some(_)) => events.push(HostEvent::GuestInfo(info)),
                 (AgentMessage::SessionState(state), Some(_)) => events.push(HostEvent::SessionState(state)),
+                (AgentMessage::Clipboard(message), Some(_)) => events.push(HostEvent::Clipboard(message)),
                 (_, Some(_)) => unreachable!("from_agent() lists the agent's messages"),
             }
             Ok(())
@@ -171,6 +174,11 @@ impl HostLink {
         self.framing.send(&AgentMessage::Power(action))
     }
 
+    /// Passes a clipboard message to the guest session.
+    pub fn clipboard(&mut self, message: ClipboardMessage) -> Result<(), LinkError> {
+        self.framing.send(&AgentMessage::Clipboard(message))
+    }
+
     /// The bytes to write to the agent now.
     pub fn take_output(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.framing.out)
@@ -178,12 +186,16 @@ impl HostLink {
 }
 
 /// What the agent hears from the host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AgentEvent {
-    Welcomed { version: u16 },
+    Welcomed {
+        version: u16,
+    },
     LockScreen,
     UnlockScreen,
     Power(PowerAction),
+    /// The client's clipboard, relayed by the VM process.
+    Clipboard(ClipboardMessage),
 }
 
 /// The guest agent's end of the link.
@@ -216,7 +228,7 @@ impl AgentLink {
         let Self { framing, version } = self;
         framing.receive(bytes, |message| {
             let ty = message.message_type();
-            if message.from_agent() {
+            if !message.from_host() {
                 return Err(LinkError::WrongDirection(ty));
             }
             match message {
@@ -233,7 +245,8 @@ impl AgentLink {
                 AgentMessage::LockScreen => events.push(AgentEvent::LockScreen),
                 AgentMessage::UnlockScreen => events.push(AgentEvent::UnlockScreen),
                 AgentMessage::Power(action) => events.push(AgentEvent::Power(action)),
-                _ => unreachable!("from_agent() lists the agent's messages"),
+                AgentMessage::Clipboard(message) => events.push(AgentEvent::Clipboard(message)),
+                _ => unreachable!("from_host() lists the host's messages"),
             }
             Ok(())
         })?;
@@ -248,6 +261,11 @@ impl AgentLink {
     /// Reports the session's user, lock state and idle time.
     pub fn session_state(&mut self, state: SessionState) -> Result<(), LinkError> {
         self.framing.send(&AgentMessage::SessionState(state))
+    }
+
+    /// Passes the guest session's clipboard message to the host.
+    pub fn clipboard(&mut self, message: ClipboardMessage) -> Result<(), LinkError> {
+        self.framing.send(&AgentMessage::Clipboard(message))
     }
 
     /// The bytes to write to the host now.

@@ -56,7 +56,7 @@ impl Capabilities {
     pub const AUDIO: Self = Self(1 << 5);
     /// Reserved for USB redirection (a later version).
     pub const USB: Self = Self(1 << 6);
-    /// Reserved for the clipboard channel (a later version).
+    /// The clipboard channel (6): lazy clipboard sharing both ways, as the desktop's pool allows.
     pub const CLIPBOARD: Self = Self(1 << 7);
     /// The server sends `ResumeToken`s; the client may resume the session with one after losing
     /// its connection.
@@ -72,6 +72,7 @@ impl Capabilities {
             | Self::CURSOR_DATAGRAMS.0
             | Self::DYNAMIC_LAYOUT.0
             | Self::AUDIO.0
+            | Self::CLIPBOARD.0
             | Self::RESUME.0
             | Self::RELATIVE_POINTER.0,
     );

@@ -114,6 +114,22 @@ pub struct RunningDesktop {
     /// What the guest agent inside reports, while it is connected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest: Option<GuestReport>,
+    /// What the VM process's clipboard relay let through or kept back since it started
+    /// (counted by the host, not the guest: the broker audits each new denial).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clipboard: Option<ClipboardCounts>,
+}
+
+/// A VM process's clipboard counters (`ctl status`'s `agent.clipboard`); they start at zero
+/// with each VM process.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClipboardCounts {
+    /// Copies the pool's policy kept on the client's side, and on the guest's.
+    pub denied_to_guest: u64,
+    pub denied_from_guest: u64,
+    /// Pastes that crossed.
+    pub pasted_to_guest: u64,
+    pub pasted_from_guest: u64,
 }
 
 /// What a desktop's guest agent says about it (relayed by its VM process; the guest is not
@@ -188,6 +204,10 @@ pub struct HostCommand {
     /// policy; the host passes `run --lock-on-disconnect` when the desktop has a guest agent).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub lock_on_disconnect: bool,
+    /// The kinds that boot: which ways the clipboard may carry content (the pool's policy;
+    /// the host passes `run --clipboard`). `None`: both ways (a broker that predates it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clipboard: Option<crate::clipboard::ClipboardPolicy>,
 }
 
 /// A desktop's network: a NIC with DHCP, DNS and outbound NAT, kept from the host's own
@@ -345,7 +365,14 @@ mod tests {
         let d: RunningDesktop = serde_json::from_str(r#"{"id":"d1"}"#).unwrap();
         assert_eq!(
             d,
-            RunningDesktop { id: "d1".into(), connected: false, port: None, disk_bytes: None, guest: None }
+            RunningDesktop {
+                id: "d1".into(),
+                connected: false,
+                port: None,
+                disk_bytes: None,
+                guest: None,
+                clipboard: None,
+            }
         );
         let with_port = RunningDesktop { port: Some(47001), ..d };
         let json = serde_json::to_string(&with_port).unwrap();

@@ -22,6 +22,8 @@
 //! - [`agent`]: the link between a VM process and its guest agent over vsock (hello and
 //!   version, guest facts, session state, lock and power requests), [`agent::HostLink`] and
 //!   [`agent::AgentLink`].
+//! - [`clipboard`]: the VM process's clipboard relay between the session's client and the guest
+//!   session, with the pool's policy ([`clipboard::ClipboardRelay`]).
 //!
 //! Nothing here opens a socket, starts a thread or reads a clock: time is a parameter, so every
 //! piece is unit- and property-testable on plain values.
@@ -52,6 +54,7 @@
 //!    [`pacing::FramePacer::target_bitrate`] and [`pacing::FramePacer::target_fps`].
 
 pub mod agent;
+pub mod clipboard;
 pub mod connfile;
 pub mod control;
 pub mod error_code;

@@ -10,6 +10,7 @@
 //! | display | unidirectional, prelude [`Channel::Display`]; one per scanout | server, after `Welcome` | [`priority::DISPLAY`] |
 //! | cursor shape | unidirectional, prelude [`Channel::Cursor`] | server, after `Welcome` | [`priority::CURSOR`] |
 //! | cursor position | datagrams, first byte [`Channel::Cursor`] | server | (datagrams) |
+//! | clipboard | unidirectional, prelude [`Channel::Clipboard`]; one each way | both, after `Welcome`, with `CLIPBOARD` | [`priority::CLIPBOARD`] |
 //!
 //! Every unidirectional stream starts with one byte, the channel id ([`stream_prelude`],
 //! [`Channel::from_uni_prelude`]), then framed messages. The control stream has no prelude:
@@ -18,7 +19,8 @@
 //!
 //! Priorities are for quinn's `SendStream::set_priority` (higher is sent first): input beats
 //! everything (a key press must not wait behind a frame), control beats media so pings
-//! measure the path rather than the display queue, and the cursor shape beats frames.
+//! measure the path rather than the display queue, the cursor shape beats frames, and a paste
+//! (a user waits for it, and it comes in 48 KiB chunks) goes between the cursor and frames.
 
 use crate::wire::{Channel, ChannelError};
 
@@ -37,6 +39,7 @@ pub mod priority {
     pub const INPUT: i32 = 100;
     pub const CONTROL: i32 = 50;
     pub const CURSOR: i32 = 25;
+    pub const CLIPBOARD: i32 = 10;
     pub const DISPLAY: i32 = 0;
 }
 

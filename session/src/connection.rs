@@ -1,17 +1,18 @@
-//! One client connection: handshake, control, input, display and cursor.
+//! One client connection: handshake, control, input, display, cursor and clipboard.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use pleiades_control::ClipboardPort;
 use pleiades_protocol::control::{ControlConfig, IntentError, ServerControl, ServerEvent};
 use pleiades_protocol::handshake::{Capabilities, Refusal, ServerOutcome, Session};
 use pleiades_protocol::resume;
 use pleiades_protocol::ticket::TicketClaims;
 use pleiades_protocol::transport::{error_code, priority, stream_prelude};
 use pleiades_protocol::wire::{
-    self, Channel, ControlMessage, CursorMessage, CursorPosition, CursorShape, Datagram, GoodbyeReason,
-    InputMessage, Monitor, RefuseCode, StreamDecoder,
+    self, Channel, ClipboardMessage, ControlMessage, CursorMessage, CursorPosition, CursorShape, Datagram,
+    GoodbyeReason, InputMessage, Monitor, RefuseCode, StreamDecoder,
 };
 use tokio::sync::{Notify, watch};
 
@@ -231,8 +232,15 @@ async fn run(shared: Arc<Shared>, conn: quinn::Connection, opened: Opened) {
     };
     let control = pump.run(control_send, control_recv, leftover, &layout_tx);
     let layouts = apply_layouts(&shared, &link, layout_rx);
-    let input = input_loop(&shared, &conn);
+    let clipboard = shared
+        .controller
+        .clipboard()
+        .filter(|_| session.capabilities.contains(Capabilities::CLIPBOARD))
+        .map(|port| ClipboardEnd { port, session: session.session_id });
+    let clipboard_out = clipboard_out(&conn, clipboard.clone());
+    let input = input_loop(&shared, &conn, clipboard.clone());
     tokio::select! {
+        () = clipboard_out => {}
         reason = control => tracing::info!("session {}: control ended: {reason}", session.session_id),
         () = layouts => {}
         reason = input => tracing::info!("session {}: input ended: {reason}", session.session_id),
@@ -240,6 +248,9 @@ async fn run(shared: Arc<Shared>, conn: quinn::Connection, opened: Opened) {
         e = conn.closed() => tracing::info!("session {}: closed: {e}", session.session_id),
     }
     stop.store(true, Ordering::Relaxed);
+    if let Some(end) = &clipboard {
+        end.port.detach(end.session);
+    }
     for thread in [display, playback].into_iter().flatten().flatten() {
         let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     }
@@ -409,10 +420,82 @@ fn monitors(gpu: &GpuHandle) -> Vec<Monitor> {
         .collect()
 }
 
-/// Accepts the client's input stream and routes its events to the VM.
-async fn input_loop(shared: &Arc<Shared>, conn: &quinn::Connection) -> String {
+/// The session's end of the VM's clipboard relay.
+#[derive(Clone)]
+struct ClipboardEnd {
+    port: Arc<dyn ClipboardPort>,
+    session: u64,
+}
+
+/// Attaches the session to the clipboard relay and writes what it has for the client on a
+/// clipboard stream of ours. Never ends by itself: a failed stream only ends the clipboard.
+async fn clipboard_out(conn: &quinn::Connection, end: Option<ClipboardEnd>) {
+    let Some(end) = end else { return std::future::pending().await };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<ClipboardMessage>();
+    end.port.attach(
+        end.session,
+        Box::new(move |message| {
+            let _ = tx.send(message);
+        }),
+    );
+    let result: Result<(), String> = async {
+        let mut stream = conn.open_uni().await.map_err(|e| e.to_string())?;
+        let _ = stream.set_priority(priority::CLIPBOARD);
+        stream.write_all(&stream_prelude(Channel::Clipboard)).await.map_err(|e| e.to_string())?;
+        let mut bytes = Vec::new();
+        while let Some(message) = rx.recv().await {
+            bytes.clear();
+            wire::encode(&message, &mut bytes).map_err(|e| e.to_string())?;
+            stream.write_all(&bytes).await.map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::info!("session {}: the clipboard stream to the client ended: {e}", end.session);
+    }
+    std::future::pending().await
+}
+
+/// Reads the client's clipboard stream into the relay; a malformed message ends the
+/// connection (as on every stream).
+async fn clipboard_in(conn: quinn::Connection, mut recv: quinn::RecvStream, end: ClipboardEnd) {
+    let mut decoder = StreamDecoder::<ClipboardMessage>::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut messages = Vec::new();
+    while let Ok(Some(n)) = recv.read(&mut buf).await {
+        if let Err(e) = decoder.decode_all(&buf[..n], &mut messages) {
+            let _ = recv.stop(e.error_code().into());
+            conn.close(e.error_code().into(), e.to_string().as_bytes());
+            return;
+        }
+        for message in messages.drain(..) {
+            end.port.client_sent(end.session, message);
+        }
+    }
+}
+
+/// Accepts the client's unidirectional streams (input, clipboard) and routes input to the VM.
+async fn input_loop(
+    shared: &Arc<Shared>,
+    conn: &quinn::Connection,
+    clipboard: Option<ClipboardEnd>,
+) -> String {
+    let (streams, mut inputs) = tokio::sync::mpsc::channel(1);
+    let accept = accept_streams(conn, streams, clipboard);
     let mut router = InputRouter::default();
-    let reason = input_streams(shared, conn, &mut router).await;
+    let read = async {
+        while let Some(recv) = inputs.recv().await {
+            if let Err(reason) = input_stream(shared, conn, &mut router, recv).await {
+                return reason;
+            }
+        }
+        "the input streams ended".to_owned()
+    };
+    let reason = tokio::select! {
+        reason = accept => reason,
+        reason = read => reason,
+    };
     // Nothing stays pressed when the client goes.
     for (device, events) in router.release_all() {
         let _ = shared.controller.send_input(device, &events);
@@ -420,7 +503,13 @@ async fn input_loop(shared: &Arc<Shared>, conn: &quinn::Connection) -> String {
     reason
 }
 
-async fn input_streams(shared: &Arc<Shared>, conn: &quinn::Connection, router: &mut InputRouter) -> String {
+/// Hands input streams to the input loop and reads clipboard streams on tasks of their own;
+/// streams of other channels are stopped (the session goes on). Ends when the connection does.
+async fn accept_streams(
+    conn: &quinn::Connection,
+    inputs: tokio::sync::mpsc::Sender<quinn::RecvStream>,
+    clipboard: Option<ClipboardEnd>,
+) -> String {
     loop {
         let mut recv = match conn.accept_uni().await {
             Ok(r) => r,
@@ -430,13 +519,30 @@ async fn input_streams(shared: &Arc<Shared>, conn: &quinn::Connection, router: &
         if recv.read_exact(&mut prelude).await.is_err() {
             continue;
         }
-        match Channel::from_uni_prelude(prelude[0]) {
-            Ok(Channel::Input) => {}
+        match (Channel::from_uni_prelude(prelude[0]), &clipboard) {
+            (Ok(Channel::Input), _) => {
+                if inputs.send(recv).await.is_err() {
+                    return "the input loop ended".to_owned();
+                }
+            }
+            (Ok(Channel::Clipboard), Some(end)) => {
+                tokio::spawn(clipboard_in(conn.clone(), recv, end.clone()));
+            }
             _ => {
                 let _ = recv.stop(error_code::UNSUPPORTED_CHANNEL.into());
-                continue;
             }
         }
+    }
+}
+
+/// Reads one input stream to its end; `Err` ends the session.
+async fn input_stream(
+    shared: &Arc<Shared>,
+    conn: &quinn::Connection,
+    router: &mut InputRouter,
+    mut recv: quinn::RecvStream,
+) -> Result<(), String> {
+    {
         let mut decoder = StreamDecoder::<InputMessage>::new();
         let mut buf = vec![0u8; 4096];
         let mut messages = Vec::new();
@@ -444,12 +550,12 @@ async fn input_streams(shared: &Arc<Shared>, conn: &quinn::Connection, router: &
             let n = match recv.read(&mut buf).await {
                 Ok(Some(n)) => n,
                 Ok(None) => break,
-                Err(e) => return e.to_string(),
+                Err(e) => return Err(e.to_string()),
             };
             if let Err(e) = decoder.decode_all(&buf[..n], &mut messages) {
                 let _ = recv.stop(e.error_code().into());
                 conn.close(e.error_code().into(), e.to_string().as_bytes());
-                return format!("malformed input: {e}");
+                return Err(format!("malformed input: {e}"));
             }
             let monitors = shared.controller.display().map(|g| g.sink().sizes()).unwrap_or_default();
             for message in messages.drain(..) {
@@ -464,6 +570,7 @@ async fn input_streams(shared: &Arc<Shared>, conn: &quinn::Connection, router: &
             shared.metrics.input_dropped.store(router.dropped, Ordering::Relaxed);
         }
     }
+    Ok(())
 }
 
 /// One scanout's stream to the client.

@@ -18,7 +18,10 @@
 //!   the sink's damage ([`crate::display`]) when the pacer allows (about one frame in flight,
 //!   latest wins: damage accumulates in the sink while a frame is out);
 //! - [`input`]: protocol input → virtio-input events, with a rate limit;
-//! - [`audio`]: the sound device's playback as Opus datagrams, the client's microphone back.
+//! - [`audio`]: the sound device's playback as Opus datagrams, the client's microphone back;
+//! - the clipboard channel (in [`connection`]): the client's clipboard stream in, to the VM's
+//!   [`ClipboardPort`](pleiades_control::ClipboardPort) (the relay to the guest agent, which
+//!   applies the pool's policy), and what the relay has for the client out on a stream of ours.
 //!
 //! One client per desktop: a new connection with a valid ticket takes over, and the previous
 //! one is told so (`Goodbye`, reason `Replaced`) and closed. A client that lost its connection comes back with
@@ -176,6 +179,9 @@ impl SessionServer {
         }
         if config.relative_pointer {
             capabilities = capabilities | Capabilities::RELATIVE_POINTER;
+        }
+        if controller.clipboard().is_some() {
+            capabilities = capabilities | Capabilities::CLIPBOARD;
         }
         let shared = Arc::new(Shared {
             controller,

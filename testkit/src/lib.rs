@@ -9,12 +9,14 @@
 //! - [`slapd`]: a private OpenLDAP server on loopback for directory sign-in tests.
 //! - [`prerequisite`]: what a test does when something it needs is missing: under CI
 //!   (`CI=true`) it fails, elsewhere it says loudly that it skipped.
+//! - [`xvfb`]: a private X server (Xvfb) for tests that need a display.
 //! - [`wait_for`]: polling for a condition with a bound, instead of sleeping a fixed time.
 
 pub mod image;
 pub mod postgres;
 pub mod prerequisite;
 pub mod slapd;
+pub mod xvfb;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -25,7 +25,7 @@
 //!
 //! The tests in `tests/` use these to run the real pieces together.
 
-pub use pleiades_testkit::{image, postgres, prerequisite, wait_for};
+pub use pleiades_testkit::{image, postgres, prerequisite, wait_for, xvfb};
 pub use pleiades_vmm::accel;
 
 /// A binary of the workspace (`pleiades-host`, `pleiades`, `pleiades-broker`), next to the
@@ -55,8 +55,10 @@ pub fn workspace_binary(name: &str) -> Result<std::path::PathBuf, String> {
 /// The crates (folders) a workspace binary is built from.
 fn binary_sources(name: &str) -> &'static [&'static str] {
     match name {
-        "pleiades-host" => &["host", "session", "control", "vmm", "virtio", "protocol", "guest-agent"],
-        "pleiades" => &["client", "protocol"],
+        "pleiades-host" => {
+            &["host", "session", "control", "vmm", "virtio", "protocol", "guest-agent", "clipboard"]
+        }
+        "pleiades" => &["client", "protocol", "clipboard"],
         "pleiades-broker" => &["broker", "protocol"],
         _ => &[],
     }

@@ -16,11 +16,12 @@
 //! it. Nothing here asserts on timing: every wait is a bounded poll.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use pleiades_control::{self as control, Request};
 use pleiades_protocol::connfile::Connection;
+use pleiades_tests::xvfb::Xvfb;
 use pleiades_tests::linkem::{Link, LinkConfig};
 use pleiades_tests::served::ServedDesktop;
 use pleiades_tests::workspace_binary;
@@ -32,78 +33,25 @@ const SHELL: Duration = Duration::from_secs(60);
 const WINDOW: Duration = Duration::from_secs(90);
 const SCREEN: (u32, u32) = (1920, 1200);
 
-/// A private X server; killed on drop.
-struct Xvfb {
-    child: Child,
-    display: String,
+/// What these tests do on the private X display beyond running programs there.
+trait XTools {
+    /// Runs an X tool; its stdout, or `None` if it failed.
+    fn tool(&self, program: &str, args: &[&str]) -> Option<String>;
+    /// The whole X screen (read from `xwd`'s dump directly: no ImageMagick needed).
+    fn screenshot(&self) -> Rgb;
 }
 
-impl Xvfb {
-    /// Starts Xvfb on a display number it picks itself (`-displayfd`): the server takes the
-    /// first number whose lock it can create, so tests running at once never share a screen
-    /// (choosing the number here raced: two tests saw the same free number, the loser's check
-    /// found the winner's socket, and both drove one screen).
-    fn start() -> Xvfb {
-        use std::io::BufRead;
-        let screen = format!("{}x{}x24", SCREEN.0, SCREEN.1);
-        let mut child = Command::new("Xvfb")
-            .args(["-displayfd", "1", "-screen", "0", &screen, "-nolisten", "tcp", "-noreset"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("Xvfb runs (apt install xvfb)");
-        // Xvfb writes the number once it listens; read it on a thread so that the wait is bounded.
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let mut xvfb = Xvfb { child, display: String::new() };
-        match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(line) if line.trim().parse::<u32>().is_ok() => {
-                xvfb.display = format!(":{}", line.trim());
-                xvfb
-            }
-            other => {
-                let status = xvfb.child.try_wait().ok().flatten();
-                panic!("Xvfb did not say which display it serves ({other:?}, exit status {status:?})")
-            }
-        }
-    }
-
-    fn command(&self, program: &str) -> Command {
-        let mut cmd = Command::new(program);
-        cmd.env("DISPLAY", &self.display);
-        cmd
-    }
-
-    /// Runs an X tool; its stdout, or `None` if it failed.
+impl XTools for Xvfb {
     fn tool(&self, program: &str, args: &[&str]) -> Option<String> {
         let output = self.command(program).args(args).stderr(Stdio::null()).output().ok()?;
         output.status.success().then(|| String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
-    /// The whole X screen (read from `xwd`'s dump directly: no ImageMagick needed).
     fn screenshot(&self) -> Rgb {
         let output =
             self.command("xwd").args(["-root", "-silent"]).output().expect("xwd runs (apt install x11-apps)");
         assert!(output.status.success(), "xwd failed");
         xwd::decode(&output.stdout).expect("an xwd dump of a TrueColor screen")
-    }
-}
-
-impl Drop for Xvfb {
-    fn drop(&mut self) {
-        // SIGTERM first: Xvfb then removes its socket and lock file.
-        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
-        let gone = poll(Duration::from_secs(5), || self.child.try_wait().ok().flatten());
-        if gone.is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
     }
 }
 
@@ -254,7 +202,7 @@ fn save_artifact(name: &str, screen: &Rgb) {
 #[test]
 fn the_window_shows_the_guest_takes_input_resizes_it_and_resumes_after_a_network_loss() {
     let mut desktop = boot_desktop("gpu");
-    let x = Xvfb::start();
+    let x = Xvfb::start(SCREEN.0, SCREEN.1).expect("a private X display");
 
     // The client reaches the host through the link emulator, which can take the path down.
     let connection =
@@ -378,7 +326,7 @@ fn the_window_shows_the_guest_takes_input_resizes_it_and_resumes_after_a_network
 #[test]
 fn windows_follow_the_guests_monitors() {
     let mut desktop = boot_desktop("gpu,heads=2");
-    let x = Xvfb::start();
+    let x = Xvfb::start(SCREEN.0, SCREEN.1).expect("a private X display");
     let client = start_client(&x, &desktop.dir.path().join("desk.pleiades"), desktop.dir.path());
     let shown = find_window(&x, &client);
     wait_title(&x, &shown, &client, "[connected]", WINDOW);

@@ -128,7 +128,7 @@ pub const GROUPS: &[Group] = &[
     Group {
         name: "gui",
         purpose: "the native client (winit + wgpu) and its tests under Xvfb with Mesa's software \
-                  Vulkan/GL (lavapipe, llvmpipe), xdotool for typed input, xwd for screenshots",
+                  Vulkan/GL (lavapipe, llvmpipe), xdotool for typed input, xwd for screenshots, xclip for the clipboard's tests",
         unless_command: None,
         preseed: &[],
         packages: &[
@@ -146,6 +146,7 @@ pub const GROUPS: &[Group] = &[
             "x11-apps",
             "x11-utils",
             "xdotool",
+            "xclip",
         ],
     },
     Group {

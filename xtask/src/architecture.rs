@@ -15,8 +15,9 @@ use std::path::{Path, PathBuf};
 pub const LAYERS: &[(&str, u8)] = &[
     ("pleiades-testkit", 0),
     ("pleiades-protocol", 1),
-    ("pleiades-agent", 2),
+    ("pleiades-clipboard", 2),
     ("pleiades-virtio", 2),
+    ("pleiades-agent", 3),
     ("pleiades-vmm", 3),
     ("pleiades-control", 3),
     ("pleiades-session", 4),

@@ -68,6 +68,8 @@ const PACKAGES: &[&str] = &[
     "x11-xserver-utils",
     // the agent's session part: the user's idle time from the X server
     "xprintidle",
+    // the clipboard from a terminal (users' scripts, and the clipboard's end-to-end test)
+    "xclip",
     "lightdm",
     "lightdm-gtk-greeter",
     // the screen lock (through lightdm's greeter) the agent locks on client disconnect

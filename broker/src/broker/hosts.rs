@@ -1,5 +1,7 @@
 //! Hosts: registration tokens, registration, heartbeats and command acknowledgements.
 
+use pleiades_protocol::clipboard::{ClipboardPolicy, Direction};
+use pleiades_protocol::hostapi::{ClipboardCounts, RunningDesktop};
 use sqlx::{Any, Row, Transaction};
 
 use super::tx::{image_of_desktop, queue_command};
@@ -385,9 +387,14 @@ impl Broker {
         .execute(&mut *tx)
         .await?;
         set_host_images(&mut tx, &host.id, &beat.images).await?;
-        // Guest log-ins and log-outs seen in the reports, audited after the commit.
+        // Guest log-ins and log-outs seen in the reports, and clipboard copies that the
+        // pools' policies kept back, audited after the commit.
         let mut sessions_seen = Vec::new();
+        let mut clipboard_denied = Vec::new();
         for running in &beat.desktops {
+            if let Some(counts) = &running.clipboard {
+                clipboard_denied.extend(new_clipboard_denials(&mut tx, &host.id, running, counts).await?);
+            }
             // The guest's words, relayed: kept only within the agent channel's limits.
             let guest = running.guest.as_ref().filter(|g| match g.check() {
                 Ok(()) => true,
@@ -491,7 +498,8 @@ impl Broker {
         }
         let vanished = self.vanished_desktops(&mut tx, host, beat, now).await?;
         let rows = sqlx::query(
-            "SELECT c.id, c.kind, c.desktop_id, c.generation, d.name AS desktop_name, d.pool_id, p.network, p.host_ports, p.lock_on_disconnect FROM host_commands c \
+            "SELECT c.id, c.kind, c.desktop_id, c.generation, d.name AS desktop_name, d.pool_id, p.network, p.host_ports, p.lock_on_disconnect, \
+             p.clipboard_to_guest, p.clipboard_from_guest FROM host_commands c \
              LEFT JOIN desktops d ON d.id = c.desktop_id LEFT JOIN pools p ON p.id = d.pool_id \
              WHERE c.host_id = $1 AND c.state = 'pending' ORDER BY c.created_at, c.id",
         )
@@ -516,7 +524,7 @@ impl Broker {
             let pool_id: Option<String> = r.try_get("pool_id")?;
             let lock_on_disconnect =
                 kind.boots() && r.try_get::<Option<i64>, _>("lock_on_disconnect")?.is_some_and(|v| v != 0);
-            let (image, network) = match pool_id {
+            let (image, network, clipboard) = match pool_id {
                 Some(_) if kind.boots() => {
                     let network: Option<String> = r.try_get("network")?;
                     let ports: Option<String> = r.try_get("host_ports")?;
@@ -524,9 +532,20 @@ impl Broker {
                         network.as_deref().unwrap_or("none"),
                         ports.as_deref().unwrap_or_default(),
                     )?;
-                    (Some(image_of_desktop(&mut tx, &desktop_id).await?.into()), network.for_host())
+                    let allows = |column| -> Result<bool> {
+                        Ok(r.try_get::<Option<i64>, _>(column)?.is_none_or(|v| v != 0))
+                    };
+                    let clipboard = ClipboardPolicy {
+                        to_guest: allows("clipboard_to_guest")?,
+                        from_guest: allows("clipboard_from_guest")?,
+                    };
+                    (
+                        Some(image_of_desktop(&mut tx, &desktop_id).await?.into()),
+                        network.for_host(),
+                        Some(clipboard),
+                    )
                 }
-                _ => (None, None),
+                _ => (None, None, None),
             };
             commands.push(HostCommand {
                 id,
@@ -537,6 +556,7 @@ impl Broker {
                 network,
                 generation: get_opt_i64(r, "generation")?.and_then(|g| u64::try_from(g).ok()),
                 lock_on_disconnect,
+                clipboard,
             });
         }
         tx.commit().await?;
@@ -555,6 +575,10 @@ impl Broker {
             if let Some(user) = now {
                 self.audit("guest", "guest.login", &desktop, &user).await?;
             }
+        }
+        // The host's count, not the guest's: the host enforces the policy.
+        for (desktop, direction, copies) in clipboard_denied {
+            self.audit(&host.name, "clipboard.denied", &desktop, &denial_detail(direction, copies)).await?;
         }
         Ok(HeartbeatReply { commands, heartbeat_interval_secs: self.settings.heartbeat_interval_secs })
     }
@@ -637,6 +661,16 @@ impl Broker {
                 .bind(&host.id)
                 .execute(&mut *tx)
                 .await?;
+        }
+        if ack.ok && kind.boots() {
+            // A new VM process, whose clipboard counters start at zero.
+            sqlx::query(
+                "UPDATE desktops SET clipboard_denied_to_guest = 0, clipboard_denied_from_guest = 0 WHERE id = $1 AND host_id = $2",
+            )
+            .bind(&desktop_id)
+            .bind(&host.id)
+            .execute(&mut *tx)
+            .await?;
         }
         match (kind, ack.ok) {
             (CommandKind::Start | CommandKind::Restart, true) => {
@@ -724,6 +758,60 @@ async fn set_host_images(tx: &mut Transaction<'_, Any>, host_id: &str, images: &
             .await?;
     }
     Ok(())
+}
+
+/// The clipboard copies of a running desktop that its pool's policy kept back since the last
+/// heartbeat, per direction: the host reports totals of the desktop's VM process, the desktop
+/// row keeps those already audited. A total below the audited one is a new VM process (the
+/// broker resets its count when a boot is acknowledged, but a process can restart without a
+/// command): all of it is new. Returns the desktop's name, the direction and how many.
+async fn new_clipboard_denials(
+    tx: &mut Transaction<'_, Any>,
+    host_id: &str,
+    running: &RunningDesktop,
+    counts: &ClipboardCounts,
+) -> Result<Vec<(String, Direction, i64)>> {
+    let row = sqlx::query(
+        "SELECT name, clipboard_denied_to_guest, clipboard_denied_from_guest FROM desktops WHERE id = $1 AND host_id = $2",
+    )
+    .bind(&running.id)
+    .bind(host_id)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some(row) = row else { return Ok(Vec::new()) };
+    let reported = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    let (to_guest, from_guest) = (reported(counts.denied_to_guest), reported(counts.denied_from_guest));
+    let audited =
+        (get_i64(&row, "clipboard_denied_to_guest")?, get_i64(&row, "clipboard_denied_from_guest")?);
+    if (to_guest, from_guest) == audited {
+        return Ok(Vec::new());
+    }
+    sqlx::query(
+        "UPDATE desktops SET clipboard_denied_to_guest = $1, clipboard_denied_from_guest = $2 WHERE id = $3 AND host_id = $4",
+    )
+    .bind(to_guest)
+    .bind(from_guest)
+    .bind(&running.id)
+    .bind(host_id)
+    .execute(&mut **tx)
+    .await?;
+    let new = |total: i64, audited: i64| if total >= audited { total - audited } else { total };
+    let name = get_str(&row, "name")?;
+    Ok([(Direction::ToGuest, new(to_guest, audited.0)), (Direction::FromGuest, new(from_guest, audited.1))]
+        .into_iter()
+        .filter(|&(_, copies)| copies > 0)
+        .map(|(direction, copies)| (name.clone(), direction, copies))
+        .collect())
+}
+
+/// The `clipboard.denied` audit's words: how many copies, from where, kept back which way.
+fn denial_detail(direction: Direction, copies: i64) -> String {
+    let (from, way) = match direction {
+        Direction::ToGuest => ("the client", "to-guest"),
+        Direction::FromGuest => ("the desktop", "from-guest"),
+    };
+    let noun = if copies == 1 { "copy" } else { "copies" };
+    format!("{copies} {noun} from {from} kept back by the pool's policy ({way})")
 }
 
 /// The most desktops or images one host may report (a host is a machine, not a fleet).

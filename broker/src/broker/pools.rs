@@ -72,8 +72,8 @@ impl Broker {
             spec.display_name.trim().to_owned()
         };
         sqlx::query(
-            "INSERT INTO pools (id, name, display_name, kind, image_id, min_size, max_size, spares, idle_timeout_secs, disconnect_timeout_secs, enabled, alloc_seq, created_at, network, host_ports, lock_on_disconnect) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 1, 0, $11, $12, $13, $14)",
+            "INSERT INTO pools (id, name, display_name, kind, image_id, min_size, max_size, spares, idle_timeout_secs, disconnect_timeout_secs, enabled, alloc_seq, created_at, network, host_ports, lock_on_disconnect, clipboard_to_guest, clipboard_from_guest) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 1, 0, $11, $12, $13, $14, $15, $16)",
         )
         .bind(&id)
         .bind(&spec.name)
@@ -89,6 +89,8 @@ impl Broker {
         .bind(spec.network.mode())
         .bind(spec.network.ports_text())
         .bind(i64::from(spec.lock_on_disconnect))
+        .bind(i64::from(spec.clipboard_to_guest))
+        .bind(i64::from(spec.clipboard_from_guest))
         .execute(&self.db.pool)
         .await
         .map_err(|e| conflict(e, &format!("pool {}", spec.name)))?;
@@ -110,7 +112,8 @@ impl Broker {
             spec.display_name.trim().to_owned()
         };
         sqlx::query(
-            "UPDATE pools SET display_name = $1, min_size = $2, max_size = $3, spares = $4, idle_timeout_secs = $5, disconnect_timeout_secs = $6, enabled = $7, network = $8, host_ports = $9, lock_on_disconnect = $10 WHERE id = $11",
+            "UPDATE pools SET display_name = $1, min_size = $2, max_size = $3, spares = $4, idle_timeout_secs = $5, disconnect_timeout_secs = $6, enabled = $7, network = $8, host_ports = $9, lock_on_disconnect = $10, \
+             clipboard_to_guest = $11, clipboard_from_guest = $12 WHERE id = $13",
         )
         .bind(display)
         .bind(spec.min_size)
@@ -122,6 +125,8 @@ impl Broker {
         .bind(spec.network.mode())
         .bind(spec.network.ports_text())
         .bind(i64::from(spec.lock_on_disconnect))
+        .bind(i64::from(spec.clipboard_to_guest))
+        .bind(i64::from(spec.clipboard_from_guest))
         .bind(id)
         .execute(&self.db.pool)
         .await?;
@@ -259,7 +264,8 @@ impl Broker {
 
 fn pool_detail(spec: &PoolSpec) -> String {
     format!(
-        "kind={} image={} min={} max={} spares={} idle={}s disconnect={}s network={} host_ports={} lock_on_disconnect={}",
+        "kind={} image={} min={} max={} spares={} idle={}s disconnect={}s network={} host_ports={} lock_on_disconnect={} \
+         clipboard_to_guest={} clipboard_from_guest={}",
         spec.kind.as_str(),
         spec.image,
         spec.min_size,
@@ -269,7 +275,9 @@ fn pool_detail(spec: &PoolSpec) -> String {
         spec.disconnect_timeout_secs,
         spec.network.mode(),
         spec.network.ports_text(),
-        spec.lock_on_disconnect
+        spec.lock_on_disconnect,
+        spec.clipboard_to_guest,
+        spec.clipboard_from_guest
     )
 }
 

@@ -613,6 +613,8 @@ fn pool_form(auth: &Auth, action: &str, spec: Option<(&PoolSpec, bool)>, images:
                 disconnect_timeout_secs: 900,
                 network: PoolNetwork::default(),
                 lock_on_disconnect: true,
+                clipboard_to_guest: true,
+                clipboard_from_guest: true,
             },
             true,
         ),
@@ -656,6 +658,15 @@ fn pool_form(auth: &Auth, action: &str, spec: Option<(&PoolSpec, bool)>, images:
             label for="pool-lock" { "Lock screens on disconnect" }
             input id="pool-lock" name="lock_on_disconnect" type="checkbox" value="1" checked[s.lock_on_disconnect] aria-describedby="pool-lock-help";
             small id="pool-lock-help" { "The guest agent locks a desktop's screen while no client is connected, and unlocks it for the user's next connection." }
+            label for="pool-clip-to" { "Clipboard: client → desktop" }
+            input id="pool-clip-to" name="clipboard_to_guest" type="checkbox" value="1" checked[s.clipboard_to_guest] aria-describedby="pool-clip-help";
+            label for="pool-clip-from" { "Clipboard: desktop → client" }
+            input id="pool-clip-from" name="clipboard_from_guest" type="checkbox" value="1" checked[s.clipboard_from_guest] aria-describedby="pool-clip-help";
+            small id="pool-clip-help" {
+                "Data loss prevention: which way copy and paste may carry content between the user's computer and the desktops. "
+                "The host enforces it, whatever the guest or the client does, and audits every copy it keeps back (clipboard.denied). "
+                "Changes apply from each desktop's next start."
+            }
             @if editing {
                 label for="pool-enabled" { "Enabled" }
                 input id="pool-enabled" name="enabled" type="checkbox" value="1" checked[enabled];
@@ -681,7 +692,7 @@ async fn admin_pools(
         html! {
             h1 { "Pools" }
             table {
-                thead { tr { th scope="col" { "Pool" } th scope="col" { "Kind" } th scope="col" { "Image" } th scope="col" { "Size (min–max)" } th scope="col" { "Spares" } th scope="col" { "Network" } th scope="col" { "Desktops" } th scope="col" { "Enabled" } } }
+                thead { tr { th scope="col" { "Pool" } th scope="col" { "Kind" } th scope="col" { "Image" } th scope="col" { "Size (min–max)" } th scope="col" { "Spares" } th scope="col" { "Network" } th scope="col" { "Clipboard" } th scope="col" { "Desktops" } th scope="col" { "Enabled" } } }
                 tbody {
                     @for p in &pools {
                         tr {
@@ -691,6 +702,7 @@ async fn admin_pools(
                             td { (p.min_size) "–" (p.max_size) }
                             td { (p.spares) }
                             td { @if !p.network.nat { "none" } @else if p.network.host_ports.is_empty() { "NAT" } @else { "NAT, host ports " (p.network.ports_text()) } }
+                            td { (p.clipboard_text()) }
                             td { (desktops.iter().filter(|d| d.pool_id == p.id && d.state != DesktopState::Failed).count()) }
                             td { @if p.enabled { "yes" } @else { "no" } }
                         }
@@ -728,8 +740,10 @@ fn pool_spec_from(f: &Fields, fixed: Option<&PoolSpec>) -> Result<PoolSpec, Erro
             nat: field(f, "network") != "none",
             host_ports: PoolNetwork::parse_ports(field(f, "host_ports"))?,
         },
-        // A form always shows the box: absent means unchecked.
+        // A form always shows the boxes: absent means unchecked.
         lock_on_disconnect: field(f, "lock_on_disconnect") == "1",
+        clipboard_to_guest: field(f, "clipboard_to_guest") == "1",
+        clipboard_from_guest: field(f, "clipboard_from_guest") == "1",
     })
 }
 
@@ -761,6 +775,8 @@ async fn current_spec(s: &AppState, id: &str) -> Result<(PoolSpec, bool), Error>
         disconnect_timeout_secs: pool.disconnect_timeout_secs,
         network: pool.network,
         lock_on_disconnect: pool.lock_on_disconnect,
+        clipboard_to_guest: pool.clipboard_to_guest,
+        clipboard_from_guest: pool.clipboard_from_guest,
     };
     Ok((spec, pool.enabled))
 }

@@ -63,6 +63,8 @@ await run(async (browser, result) => {
   await admin.getByLabel('Minimum size').fill('0');
   await admin.getByLabel('Maximum size').fill('4');
   await admin.getByLabel('Spare desktops kept running').fill('1');
+  // Data loss prevention: nothing copied in the desktops leaves them.
+  await admin.getByLabel('Clipboard: desktop → client').uncheck();
   await shot(admin, '06-admin-pool-form');
   await admin.getByRole('button', { name: 'Create pool' }).click();
   await admin.waitForURL(/\/admin\/pools\/p-.*notice=created/);

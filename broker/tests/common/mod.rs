@@ -243,6 +243,8 @@ impl Env {
             disconnect_timeout_secs: 300,
             network: Default::default(),
             lock_on_disconnect: true,
+            clipboard_to_guest: true,
+            clipboard_from_guest: true,
         };
         self.broker.create_pool(&system(), &spec).await.unwrap().id
     }
@@ -327,6 +329,9 @@ pub struct Vm {
     /// The generation its last start, restart or recycle command carried (what the VM process
     /// would be started with).
     pub generation: Option<u64>,
+    /// While set, the VM process reports these clipboard denials (to the guest, from the
+    /// guest) since it started.
+    pub clipboard_denied: Option<(u64, u64)>,
 }
 
 /// What a [`HostDouble`] reports as every desktop's disk usage.
@@ -355,6 +360,8 @@ pub struct HostDouble {
     pub guest_idle: Option<u64>,
     /// Per desktop: whether its last boot command asked to lock the screen on disconnect.
     pub lock_on_disconnect: BTreeMap<String, bool>,
+    /// Per desktop: the clipboard policy its last boot command carried (`null`: none).
+    pub clipboard: BTreeMap<String, Value>,
     /// Over HTTPS: the client certificate this host presents (its identity, pinned at
     /// registration).
     pub cert: Option<ClientCert>,
@@ -391,6 +398,7 @@ impl HostDouble {
             hang: false,
             guest_idle: None,
             lock_on_disconnect: BTreeMap::new(),
+            clipboard: BTreeMap::new(),
             held: Vec::new(),
             cert,
             base: env.base.clone(),
@@ -409,6 +417,12 @@ impl HostDouble {
                     d["guest"] = json!({
                         "agent_version": "0.1.0", "hostname": "desk", "os": "Linux", "kernel": "6.12",
                         "addresses": ["10.0.2.15/24"], "session": "active", "user": "alice", "idle_secs": idle
+                    });
+                }
+                if let Some((to_guest, from_guest)) = vm.clipboard_denied {
+                    d["clipboard"] = json!({
+                        "denied_to_guest": to_guest, "denied_from_guest": from_guest,
+                        "pasted_to_guest": 0, "pasted_from_guest": 0
                     });
                 }
                 d
@@ -447,14 +461,18 @@ impl HostDouble {
                     let image = c["image"]["name"].as_str().unwrap_or_default().to_owned();
                     self.booted.push((kind.to_owned(), desktop.clone(), image));
                     self.lock_on_disconnect.insert(desktop.clone(), c["lock_on_disconnect"] == true);
+                    self.clipboard.insert(desktop.clone(), c["clipboard"].clone());
                     let vm = self.vms.entry(desktop).or_insert(Vm {
                         connected: false,
                         guest_idle: None,
                         starts: 0,
                         generation: None,
+                        clipboard_denied: None,
                     });
                     vm.starts += 1;
                     vm.connected = false;
+                    // A new VM process: its clipboard counters start again.
+                    vm.clipboard_denied = vm.clipboard_denied.map(|_| (0, 0));
                     vm.generation = c["generation"].as_u64();
                     assert!(vm.generation.is_some(), "commands that boot carry the generation: {c}");
                 }
@@ -513,4 +531,54 @@ impl HostDouble {
         }
         panic!("host {} kept getting commands", self.name);
     }
+}
+
+/// A browser-like session: the cookie and the page's CSRF token.
+pub struct Browser {
+    pub cookie: String,
+    pub csrf: String,
+}
+
+pub fn hidden_csrf(html: &str) -> String {
+    let at = html.find("name=\"csrf\" value=\"").expect("a csrf field") + "name=\"csrf\" value=\"".len();
+    html[at..].split('"').next().unwrap().to_owned()
+}
+
+pub fn set_cookie_value(res: &reqwest::Response, name: &str) -> Option<String> {
+    res.headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.starts_with(&format!("{name}=")))
+        .map(|v| v.split(';').next().unwrap().split_once('=').unwrap().1.to_owned())
+}
+
+/// Logs in through the login page as a browser does (the password is `NAME-password`).
+pub async fn browser_login(env: &Env, name: &str) -> Browser {
+    let page = env.http.get(env.url("/login")).send().await.unwrap();
+    let login_cookie = set_cookie_value(&page, "pleiades_login_csrf").unwrap();
+    let csrf = hidden_csrf(&page.text().await.unwrap());
+    let password = format!("{name}-password");
+    let res = env
+        .http
+        .post(env.url("/login"))
+        .header("cookie", format!("pleiades_login_csrf={login_cookie}"))
+        .form(&[("csrf", csrf.as_str()), ("name", name), ("password", &password)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), reqwest::StatusCode::SEE_OTHER, "login of {name}");
+    let flags = res
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect::<Vec<_>>();
+    assert!(flags.iter().any(|c| c.starts_with("pleiades_session=")
+        && c.contains("HttpOnly")
+        && c.contains("SameSite=Strict")));
+    let cookie = format!("pleiades_session={}", set_cookie_value(&res, "pleiades_session").unwrap());
+    let home = env.http.get(env.url("/")).header("cookie", &cookie).send().await.unwrap();
+    assert_eq!(home.status(), 200);
+    Browser { cookie, csrf: hidden_csrf(&home.text().await.unwrap()) }
 }

@@ -191,7 +191,13 @@ pub async fn supervise(
                 None
             }
         };
+        // So does the clipboard, where this machine has an X display.
+        let clipboard = crate::clipboard::ClipboardBridge::start(&session.handle);
         let end = run(&mut session, &notify).await;
+        if let Some(clipboard) = clipboard {
+            let summary = tokio::task::spawn_blocking(move || clipboard.finish()).await;
+            tracing::info!(?summary, "the clipboard bridge stopped");
+        }
         if let Some(player) = player
             && let Err(error) = player.finish().await
         {

@@ -14,6 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use pleiades_protocol::clipboard::ClipboardPolicy;
 use pleiades_protocol::hostapi::{DesktopNetwork, GuestReport, RunningDesktop, VmImage};
 
 use pleiades_control::{self as control, Request};
@@ -174,13 +175,12 @@ impl Desktops {
         image: &VmImage,
         fresh_disk: bool,
         network: Option<&DesktopNetwork>,
-        generation: Option<u64>,
-        lock_on_disconnect: bool,
+        boot: Boot,
     ) -> Result<u16, String> {
         check_desktop_id(desktop_id)?;
         if let Some(vm) = lock(&self.running).get_mut(desktop_id)
             && matches!(vm.child.try_wait(), Ok(None))
-            && vm.generation == generation
+            && vm.generation == boot.generation
         {
             return Ok(vm.port);
         }
@@ -192,7 +192,6 @@ impl Desktops {
             Some(network) => Some(self.prepare_network(desktop_id, network).await?),
             None => None,
         };
-        let boot = Boot { generation, lock_on_disconnect };
         let started = self.spawn_and_wait(desktop_id, image, disk.as_deref(), net, &dir, boot).await;
         if started.is_err() {
             self.kill(desktop_id);
@@ -214,7 +213,7 @@ impl Desktops {
         dir: &Path,
         boot: Boot,
     ) -> Result<u16, String> {
-        let Boot { generation, lock_on_disconnect } = boot;
+        let Boot { generation, lock_on_disconnect, clipboard } = boot;
         std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let mut claim = self.claim_port()?;
         let port = claim.port;
@@ -270,6 +269,7 @@ impl Desktops {
             .args(self.run_args(desktop_id, image, disk, network, port, dir))
             .args(generation_arg(generation))
             .args(lock_arg(&self.settings.devices, lock_on_disconnect))
+            .arg(format!("--clipboard={}", clipboard.as_arg()))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);
@@ -574,8 +574,9 @@ impl Desktops {
                                 .unwrap_or_default();
                             let connected = status["session"]["client_connected"].as_bool() == Some(true);
                             let guest = guest_report(&status["agent"]);
+                            let clipboard = serde_json::from_value(status["agent"]["clipboard"].clone()).ok();
                             let disk_bytes = disks.usage(&id);
-                            RunningDesktop { id, connected, port: Some(port), disk_bytes, guest }
+                            RunningDesktop { id, connected, port: Some(port), disk_bytes, guest, clipboard }
                         })
                     })
                     .collect();
@@ -672,9 +673,23 @@ enum Network<'a> {
 
 /// What a start command asks of the VM process beyond its image and disk.
 #[derive(Debug, Clone, Copy)]
-struct Boot {
-    generation: Option<u64>,
-    lock_on_disconnect: bool,
+pub struct Boot {
+    pub generation: Option<u64>,
+    pub lock_on_disconnect: bool,
+    /// The pool's clipboard policy (`run --clipboard`; without a guest agent there is no
+    /// clipboard to share anyway).
+    pub clipboard: ClipboardPolicy,
+}
+
+impl Boot {
+    /// What `command` (one that boots) asks for.
+    pub fn of(command: &pleiades_protocol::hostapi::HostCommand) -> Self {
+        Boot {
+            generation: command.generation,
+            lock_on_disconnect: command.lock_on_disconnect,
+            clipboard: command.clipboard.unwrap_or_default(),
+        }
+    }
 }
 
 /// `run --lock-on-disconnect` when the pool asks for it and the desktop has a guest agent (its
@@ -846,8 +861,7 @@ mod tests {
                 },
                 false,
                 None,
-                Some(1),
-                true,
+                Boot { generation: Some(1), lock_on_disconnect: true, clipboard: ClipboardPolicy::BOTH },
             )
             .await
             .unwrap_err();

@@ -35,7 +35,7 @@ use pleiades_protocol::hostapi::{CommandAck, CommandKind, Heartbeat, HostCommand
 use serde::{Deserialize, Serialize};
 
 use self::broker::{BrokerClient, BrokerError, Trust};
-use self::desktops::{Desktops, PortRange, Spawner, VmSettings};
+use self::desktops::{Boot, Desktops, PortRange, Spawner, VmSettings};
 use crate::jail;
 
 /// `pleiades-host serve` options. Each may also come from the `--config` TOML file (same names
@@ -447,14 +447,7 @@ async fn execute(desktops: &Arc<Desktops>, command: &HostCommand) -> CommandAck 
     let result = match command.kind {
         CommandKind::Start => match image() {
             Ok(image) => desktops
-                .start(
-                    &command.desktop_id,
-                    image,
-                    false,
-                    command.network.as_ref(),
-                    command.generation,
-                    command.lock_on_disconnect,
-                )
+                .start(&command.desktop_id, image, false, command.network.as_ref(), Boot::of(command))
                 .await
                 .map(Some),
             Err(e) => Err(e),
@@ -466,14 +459,7 @@ async fn execute(desktops: &Arc<Desktops>, command: &HostCommand) -> CommandAck 
                 Ok(()) => {
                     let fresh = command.kind == CommandKind::Recycle;
                     desktops
-                        .start(
-                            &command.desktop_id,
-                            image,
-                            fresh,
-                            command.network.as_ref(),
-                            command.generation,
-                            command.lock_on_disconnect,
-                        )
+                        .start(&command.desktop_id, image, fresh, command.network.as_ref(), Boot::of(command))
                         .await
                         .map(Some)
                 }

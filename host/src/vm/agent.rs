@@ -6,14 +6,22 @@
 //! One agent connection at a time: a new one (the agent restarted, or reconnected after this
 //! link failed) replaces the old. A link that breaks the protocol is closed and its error kept
 //! in the status; the agent's own retry brings it back.
+//!
+//! The same thread runs the clipboard relay ([`ClipboardRelay`]) between the session's client
+//! (attached through [`ClipboardPort`]) and the guest session behind the agent, with the
+//! desktop's clipboard policy (`run --clipboard`): what the policy denies never leaves this
+//! process, and each denial is counted in the status (`clipboard`) and logged, which is how the
+//! broker learns of it and audits it.
 
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use pleiades_control::ClipboardPort;
 use pleiades_protocol::agent::{AGENT_PORT, HostEvent, HostLink};
-use pleiades_protocol::wire::{PowerAction, SessionActivity};
+use pleiades_protocol::clipboard::{ClipboardPolicy, ClipboardRelay, Direction, End, RelayEvent};
+use pleiades_protocol::wire::{ClipboardMessage, MAX_CLIPBOARD_BYTES, PowerAction, SessionActivity};
 use pleiades_virtio::vsock::VsockHandle;
 use pleiades_virtio::vsock::muxer::{ConnKey, Event};
 use serde::Serialize;
@@ -25,8 +33,9 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 pub const GUEST_CID: u64 = 3;
 /// How often the thread lets the muxer's clock run its timeouts.
 const TICK: Duration = Duration::from_secs(1);
-/// Bytes waiting for the guest's credit beyond this end the link (a guest that never reads).
-const MAX_PENDING_OUT: usize = 256 * 1024;
+/// Bytes waiting for the guest's credit beyond this end the link (a guest that never reads):
+/// one clipboard content (the relay passes a paste on as it arrives) and some room.
+const MAX_PENDING_OUT: usize = MAX_CLIPBOARD_BYTES as usize + 256 * 1024;
 /// How long a guest has to start a shutdown or restart its agent was asked for (its agent's
 /// link closes as the guest goes down) before the VMM's own way is used.
 pub const POWER_GRACE: Duration = Duration::from_secs(20);
@@ -60,12 +69,51 @@ pub struct AgentStatus {
     /// Why the last link was closed by this side, if it was.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    pub clipboard: ClipboardStatus,
 }
+
+/// The clipboard's policy and what went through it (or did not).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ClipboardStatus {
+    /// The policy: may content copied on the client be pasted in the guest, and the other way.
+    pub to_guest: bool,
+    pub from_guest: bool,
+    /// Copies the policy kept on their side, per direction (the broker audits each increase).
+    pub denied_to_guest: u64,
+    pub denied_from_guest: u64,
+    /// Pastes that crossed, and their bytes.
+    pub pasted_to_guest: u64,
+    pub pasted_from_guest: u64,
+    pub bytes_to_guest: u64,
+    pub bytes_from_guest: u64,
+}
+
+impl Default for ClipboardStatus {
+    fn default() -> Self {
+        Self {
+            to_guest: true,
+            from_guest: true,
+            denied_to_guest: 0,
+            denied_from_guest: 0,
+            pasted_to_guest: 0,
+            pasted_from_guest: 0,
+            bytes_to_guest: 0,
+            bytes_from_guest: 0,
+        }
+    }
+}
+
+/// What the session's client end of the relay is.
+type ClientSink = Box<dyn Fn(ClipboardMessage) + Send + Sync>;
 
 enum Request {
     LockScreen,
     UnlockScreen,
     Power(PowerAction),
+    ClipboardPolicy(ClipboardPolicy),
+    ClipboardAttach { session: u64, sink: ClientSink },
+    ClipboardClientSent { session: u64, message: ClipboardMessage },
+    ClipboardDetach { session: u64 },
 }
 
 /// The VM process's handle on its guest agent.
@@ -86,7 +134,14 @@ impl Agent {
         let (requests, received) = mpsc::channel();
         let events = vsock.events().context("cannot watch the vsock device")?;
         vsock.listen(AGENT_PORT);
-        let mut worker = Worker { vsock, status: status.clone(), conn: None, received };
+        let mut worker = Worker {
+            vsock,
+            status: status.clone(),
+            conn: None,
+            received,
+            relay: ClipboardRelay::new(ClipboardPolicy::BOTH),
+            client: None,
+        };
         let thread_wake = wake.clone();
         std::thread::Builder::new()
             .name("agent".into())
@@ -135,6 +190,16 @@ impl Agent {
         }
     }
 
+    /// Sets which ways the clipboard may carry content (the pool's policy).
+    pub fn set_clipboard_policy(&self, policy: ClipboardPolicy) {
+        {
+            let mut status = lock(&self.status);
+            status.clipboard.to_guest = policy.to_guest;
+            status.clipboard.from_guest = policy.from_guest;
+        }
+        self.queue(Request::ClipboardPolicy(policy));
+    }
+
     /// Asks the guest to shut down or restart; `false` when no agent is connected.
     pub fn power(&self, action: PowerAction) -> bool {
         self.request(Request::Power(action))
@@ -168,9 +233,27 @@ impl Agent {
         if !lock(&self.status).connected {
             return false;
         }
+        self.queue(request)
+    }
+
+    fn queue(&self, request: Request) -> bool {
         let sent = self.requests.send(request).is_ok();
         let _ = self.wake.write(1);
         sent
+    }
+}
+
+impl ClipboardPort for Agent {
+    fn attach(&self, session: u64, to_client: ClientSink) {
+        self.queue(Request::ClipboardAttach { session, sink: to_client });
+    }
+
+    fn client_sent(&self, session: u64, message: ClipboardMessage) {
+        self.queue(Request::ClipboardClientSent { session, message });
+    }
+
+    fn detach(&self, session: u64) {
+        self.queue(Request::ClipboardDetach { session });
     }
 }
 
@@ -191,6 +274,9 @@ struct Worker {
     status: Arc<Mutex<AgentStatus>>,
     conn: Option<Connection>,
     received: Receiver<Request>,
+    relay: ClipboardRelay,
+    /// The session whose client is the relay's client end.
+    client: Option<(u64, ClientSink)>,
 }
 
 impl Worker {
@@ -212,9 +298,8 @@ impl Worker {
                 Err(e) => return Err(e).context("waiting for the vsock device"),
             }
             let _ = wake.read();
-            while let Some(event) = self.vsock.poll_event() {
-                self.on_event(event);
-            }
+            // This process's own requests first: a policy set before the guest spoke applies
+            // to what it says.
             loop {
                 match self.received.try_recv() {
                     Ok(request) => self.on_request(request),
@@ -222,6 +307,9 @@ impl Worker {
                     // The VM's controller is gone: the VM is ending.
                     Err(TryRecvError::Disconnected) => return Ok(()),
                 }
+            }
+            while let Some(event) = self.vsock.poll_event() {
+                self.on_event(event);
             }
             if Instant::now() >= next_tick {
                 self.vsock.tick();
@@ -236,6 +324,7 @@ impl Worker {
                 if let Some(old) = self.conn.take() {
                     tracing::info!("the guest agent connected again; closing its previous link");
                     self.vsock.close(old.key);
+                    self.guest_gone();
                 }
                 self.conn = Some(Connection { key, link: HostLink::new(), pending: Vec::new() });
                 let mut status = lock(&self.status);
@@ -247,6 +336,7 @@ impl Worker {
             Event::Closed(key) if self.is_current(key) => {
                 self.conn = None;
                 lock(&self.status).connected = false;
+                self.guest_gone();
                 tracing::info!("the guest agent disconnected");
             }
             // Connections to other ports are the muxer's business (it refuses them), and
@@ -272,34 +362,131 @@ impl Worker {
                     self.vsock.close(key);
                     self.conn = None;
                     lock(&self.status).connected = false;
+                    self.guest_gone();
                 }
                 break;
             }
             let Some(conn) = self.conn.as_mut() else { return };
             match conn.link.receive(&buf[..n]) {
                 Ok(events) => {
-                    let mut status = lock(&self.status);
                     for event in events {
-                        apply(&mut status, event);
+                        match event {
+                            HostEvent::Clipboard(message) => self.relay.from_end(End::Guest, message),
+                            HostEvent::Connected { .. } => {
+                                apply(&mut lock(&self.status), event);
+                                self.relay.connected(End::Guest);
+                            }
+                            event => apply(&mut lock(&self.status), event),
+                        }
                     }
                 }
                 Err(e) => return self.fail(&format!("the agent broke the protocol: {e}")),
             }
+            self.pump_relay();
         }
         self.flush();
     }
 
+    /// The agent's link is gone: the relay's guest end with it.
+    fn guest_gone(&mut self) {
+        self.relay.disconnected(End::Guest);
+        self.pump_relay();
+    }
+
+    /// Sends what the relay has for each end and counts what happened.
+    fn pump_relay(&mut self) {
+        while let Some((end, message)) = self.relay.poll_transmit() {
+            match end {
+                End::Client => {
+                    if let Some((_, sink)) = &self.client {
+                        sink(message);
+                    }
+                }
+                End::Guest => {
+                    // The relay sends to the guest only while its link is up.
+                    if let Some(conn) = self.conn.as_mut()
+                        && let Err(e) = conn.link.clipboard(message)
+                    {
+                        tracing::warn!("not sending a clipboard message to the guest: {e}");
+                    }
+                }
+            }
+        }
+        while let Some(event) = self.relay.poll_event() {
+            let mut status = lock(&self.status);
+            let counts = &mut status.clipboard;
+            match event {
+                RelayEvent::Denied { direction, formats } => {
+                    tracing::warn!(
+                        direction = direction.as_str(),
+                        ?formats,
+                        "clipboard: a copy {} was kept back by the desktop's policy",
+                        direction.as_str()
+                    );
+                    match direction {
+                        Direction::ToGuest => counts.denied_to_guest += 1,
+                        Direction::FromGuest => counts.denied_from_guest += 1,
+                    }
+                }
+                RelayEvent::Transferred { direction, format, bytes } => {
+                    tracing::info!(direction = direction.as_str(), ?format, bytes, "clipboard: pasted");
+                    match direction {
+                        Direction::ToGuest => {
+                            counts.pasted_to_guest += 1;
+                            counts.bytes_to_guest += u64::from(bytes);
+                        }
+                        Direction::FromGuest => {
+                            counts.pasted_from_guest += 1;
+                            counts.bytes_from_guest += u64::from(bytes);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     fn on_request(&mut self, request: Request) {
+        let request = match request {
+            Request::ClipboardPolicy(policy) => return self.relay_then_flush(|r| r.set_policy(policy)),
+            Request::ClipboardAttach { session, sink } => {
+                if self.client.take().is_some() {
+                    self.relay.disconnected(End::Client);
+                }
+                self.client = Some((session, sink));
+                return self.relay_then_flush(|r| r.connected(End::Client));
+            }
+            Request::ClipboardClientSent { session, message } => {
+                if self.client.as_ref().is_some_and(|(current, _)| *current == session) {
+                    self.relay_then_flush(|r| r.from_end(End::Client, message));
+                }
+                return;
+            }
+            Request::ClipboardDetach { session } => {
+                if self.client.as_ref().is_some_and(|(current, _)| *current == session) {
+                    self.client = None;
+                    self.relay_then_flush(|r| r.disconnected(End::Client));
+                }
+                return;
+            }
+            other => other,
+        };
         let Some(conn) = self.conn.as_mut() else { return };
         let result = match request {
             Request::LockScreen => conn.link.lock_screen(),
             Request::UnlockScreen => conn.link.unlock_screen(),
             Request::Power(action) => conn.link.power(action),
+            _ => unreachable!("clipboard requests are handled above"),
         };
         match result {
             Ok(()) => self.flush(),
             Err(e) => self.fail(&e.to_string()),
         }
+    }
+
+    fn relay_then_flush(&mut self, f: impl FnOnce(&mut ClipboardRelay)) {
+        f(&mut self.relay);
+        self.pump_relay();
+        self.flush();
     }
 
     /// Writes what the link has for the agent, as far as the guest's credit allows.
@@ -324,6 +511,7 @@ impl Worker {
         tracing::warn!("closing the guest agent's link: {why}");
         if let Some(conn) = self.conn.take() {
             self.vsock.close(conn.key);
+            self.guest_gone();
         }
         let mut status = lock(&self.status);
         status.connected = false;
@@ -354,6 +542,7 @@ fn apply(status: &mut AgentStatus, event: HostEvent) {
             status.user = Some(state.user).filter(|u| !u.is_empty());
             status.idle_ms = Some(state.idle_ms);
         }
+        HostEvent::Clipboard(_) => {}
     }
 }
 
@@ -472,6 +661,71 @@ mod tests {
             link.receive(&welcome.2).unwrap(),
             [pleiades_protocol::agent::AgentEvent::Welcomed { version: 1 }]
         );
+    }
+
+    #[test]
+    fn the_clipboard_crosses_only_where_the_policy_allows() {
+        use pleiades_protocol::wire::{
+            AgentMessage, ClipboardFormat, ClipboardGrab, ClipboardRefused, RefuseReason, StreamDecoder,
+            encode_to_vec,
+        };
+        let mem = memory();
+        let (mut device, handle) = Vsock::new(GUEST_CID, Default::default()).unwrap();
+        let agent = Agent::start(handle).unwrap();
+        agent.set_clipboard_policy(ClipboardPolicy { to_guest: true, from_guest: false });
+        let to_client = Arc::new(Mutex::new(Vec::new()));
+        let sink = to_client.clone();
+        agent.attach(1, Box::new(move |m| sink.lock().unwrap().push(m)));
+        let mut queues =
+            vec![vsock_rx_queue(&mem, 0, 16, 4096), Queue::new(64).unwrap(), Queue::new(64).unwrap()];
+        let rx = QueueRings::of(&queues[RXQ]);
+
+        // The guest's agent says hello and offers what its user copied: the policy keeps it.
+        let mut bytes = AgentLink::new("1.0").unwrap().take_output();
+        let grab = ClipboardGrab { serial: 1, formats: vec![ClipboardFormat::Text] };
+        bytes.extend(encode_to_vec(&AgentMessage::Clipboard(ClipboardMessage::Grab(grab))).unwrap());
+        queues[TXQ] = tx_queue(
+            &mem,
+            0x8000,
+            0x2_0000,
+            &[(header(Op::Request, 5000, 0), vec![]), (header(Op::Rw, 5000, bytes.len() as u32), bytes)],
+        );
+        device.process_queue(TXQ, &mut queues[TXQ], &mem).unwrap();
+        let status = wait(&agent, "the denial", |s| s.clipboard.denied_from_guest == 1);
+        assert_eq!((status.clipboard.to_guest, status.clipboard.from_guest), (true, false));
+        assert!(to_client.lock().unwrap().is_empty(), "nothing of the guest's copy reached the client");
+
+        // The client's copy goes to the guest; when the client leaves it is withdrawn.
+        let offered = ClipboardGrab { serial: 5, formats: vec![ClipboardFormat::Text, ClipboardFormat::Png] };
+        agent.client_sent(1, ClipboardMessage::Grab(offered.clone()));
+        // A message from a session that is not (or no longer) the attached one is ignored.
+        agent.client_sent(2, ClipboardMessage::Grab(ClipboardGrab { serial: 6, formats: vec![] }));
+        agent.detach(2);
+        agent.detach(1);
+        let mut received = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while received.len() < 4 && std::time::Instant::now() < deadline {
+            let sent = wait_for_packets(&mut device, &mut queues, &mem, &rx, 1);
+            let stream: Vec<u8> = sent
+                .iter()
+                .filter(|(op, port, _)| *op == Op::Rw as u16 && *port == 5000)
+                .flat_map(|(_, _, payload)| payload.clone())
+                .collect();
+            received.clear();
+            StreamDecoder::<AgentMessage>::new().decode_all(&stream, &mut received).unwrap();
+        }
+        let refused =
+            ClipboardRefused { serial: 1, format: ClipboardFormat::Text, reason: RefuseReason::Policy };
+        assert_eq!(
+            received,
+            [
+                AgentMessage::Welcome { version: 1 },
+                AgentMessage::Clipboard(ClipboardMessage::Refused(refused)),
+                AgentMessage::Clipboard(ClipboardMessage::Grab(offered)),
+                AgentMessage::Clipboard(ClipboardMessage::Grab(ClipboardGrab { serial: 0, formats: vec![] })),
+            ]
+        );
+        assert_eq!(agent.status().clipboard.denied_to_guest, 0);
     }
 
     /// Lets the device move what the host side has for the guest into the rx buffers until at

@@ -8,7 +8,7 @@
 //! `docs/protocol.md`, "The agent channel".
 
 use super::codec::{Put, Reader};
-use super::{Channel, ChannelMessage, types};
+use super::{Channel, ChannelMessage, ClipboardMessage, types};
 
 /// Longest host name, OS name, kernel release or user name, in bytes.
 pub const MAX_AGENT_TEXT: usize = 255;
@@ -86,12 +86,26 @@ pub enum AgentMessage {
     UnlockScreen,
     /// Host → agent: shut the guest down or restart it cleanly.
     Power(PowerAction),
+    /// Both ways: the guest session's clipboard (the VM process relays to and from the
+    /// session's client, [`crate::clipboard`]).
+    Clipboard(ClipboardMessage),
 }
 
 impl AgentMessage {
-    /// Whether the guest agent (rather than the host) sends this message.
+    /// Whether the guest agent may send this message.
     pub fn from_agent(&self) -> bool {
-        matches!(self, AgentMessage::Hello(_) | AgentMessage::GuestInfo(_) | AgentMessage::SessionState(_))
+        matches!(
+            self,
+            AgentMessage::Hello(_)
+                | AgentMessage::GuestInfo(_)
+                | AgentMessage::SessionState(_)
+                | AgentMessage::Clipboard(_)
+        )
+    }
+
+    /// Whether the host may send this message.
+    pub fn from_host(&self) -> bool {
+        !self.from_agent() || matches!(self, AgentMessage::Clipboard(_))
     }
 }
 
@@ -111,6 +125,9 @@ impl ChannelMessage for AgentMessage {
             AgentMessage::LockScreen => types::LOCK_SCREEN,
             AgentMessage::UnlockScreen => types::UNLOCK_SCREEN,
             AgentMessage::Power(_) => types::POWER,
+            AgentMessage::Clipboard(c) => {
+                types::AGENT_CLIPBOARD_GRAB + (c.message_type() - types::CLIPBOARD_GRAB)
+            }
         }
     }
 
@@ -144,6 +161,7 @@ impl ChannelMessage for AgentMessage {
                     return Err("a user name goes with a logged-in session, and only with one");
                 }
             }
+            AgentMessage::Clipboard(c) => c.check()?,
             AgentMessage::Welcome { .. }
             | AgentMessage::LockScreen
             | AgentMessage::UnlockScreen
@@ -177,6 +195,14 @@ impl ChannelMessage for AgentMessage {
             }
             AgentMessage::LockScreen | AgentMessage::UnlockScreen => {}
             AgentMessage::Power(action) => out.put_u8(*action as u8),
+            AgentMessage::Clipboard(c) => c.put_fields(out),
+        }
+    }
+
+    fn payload(&self) -> &[u8] {
+        match self {
+            AgentMessage::Clipboard(c) => c.payload_bytes(),
+            _ => &[],
         }
     }
 
@@ -219,6 +245,11 @@ impl ChannelMessage for AgentMessage {
                 1 => PowerAction::Reboot,
                 _ => return Err("unknown power action"),
             }),
+            types::AGENT_CLIPBOARD_GRAB..=types::AGENT_CLIPBOARD_REFUSED => {
+                return Ok(
+                    ClipboardMessage::read(ty - types::AGENT_CLIPBOARD_GRAB, r)?.map(AgentMessage::Clipboard)
+                );
+            }
             _ => return Ok(None),
         };
         Ok(Some(message))

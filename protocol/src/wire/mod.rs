@@ -31,6 +31,7 @@
 
 mod agent;
 mod audio;
+mod clipboard;
 mod codec;
 mod control;
 mod cursor;
@@ -47,6 +48,10 @@ pub use agent::{
 };
 pub use audio::{
     AUDIO_CHANNELS, AUDIO_FRAME_SAMPLES, AUDIO_SAMPLE_RATE, AudioFeedback, AudioPacket, MAX_OPUS_BYTES,
+};
+pub use clipboard::{
+    ClipboardData, ClipboardFormat, ClipboardGrab, ClipboardMessage, ClipboardRefused, ClipboardRequest,
+    MAX_CLIPBOARD_BYTES, MAX_CLIPBOARD_CHUNK, MAX_CLIPBOARD_FORMATS, RefuseReason,
 };
 pub use control::{
     ClientStats, ControlMessage, FrameAck, Goodbye, GoodbyeReason, Hello, Monitor, MonitorSize, Ping, Pong,
@@ -92,6 +97,9 @@ pub enum Channel {
     Cursor = 3,
     /// Audio playback and record: datagrams only (Opus frames), with `AUDIO`.
     Audio = 4,
+    /// Clipboard grabs, requests and data, both ways ([`ClipboardMessage`]): one
+    /// unidirectional stream each way, once both sides offered `CLIPBOARD`.
+    Clipboard = 6,
     /// The VM process ↔ guest agent link over vsock ([`crate::agent`]): framed like the
     /// others, never part of a session (a session peer naming it is refused).
     Agent = 7,
@@ -103,7 +111,6 @@ pub enum Channel {
 #[repr(u8)]
 pub enum ReservedChannel {
     Usb = 5,
-    Clipboard = 6,
 }
 
 /// One end of a session.
@@ -149,8 +156,14 @@ pub enum ChannelError {
 
 impl Channel {
     /// Every session channel, in id order (not [`Channel::Agent`]).
-    pub const ALL: [Channel; 5] =
-        [Channel::Control, Channel::Input, Channel::Display, Channel::Cursor, Channel::Audio];
+    pub const ALL: [Channel; 6] = [
+        Channel::Control,
+        Channel::Input,
+        Channel::Display,
+        Channel::Cursor,
+        Channel::Audio,
+        Channel::Clipboard,
+    ];
 
     /// The session channel with this id, or why there is none.
     pub fn from_id(id: u8) -> Result<Channel, ChannelError> {
@@ -161,7 +174,7 @@ impl Channel {
             3 => Ok(Channel::Cursor),
             4 => Ok(Channel::Audio),
             5 => Err(ChannelError::Reserved(ReservedChannel::Usb)),
-            6 => Err(ChannelError::Reserved(ReservedChannel::Clipboard)),
+            6 => Ok(Channel::Clipboard),
             7 => Err(ChannelError::NotOnSession(Channel::Agent)),
             other => Err(ChannelError::Unknown(other)),
         }
@@ -178,14 +191,15 @@ impl Channel {
     /// - input 4 KiB: every input message is a few bytes;
     /// - cursor 320 KiB: a 256×256 BGRA shape (256 KiB) and its header;
     /// - display 32 MiB: a tile or an H.264 access unit (a raw tile must fit: encoders tile);
-    /// - agent 64 KiB: guest facts and session state, a few hundred bytes each.
+    /// - clipboard and agent 64 KiB: grabs, requests, data in chunks of at most 48 KiB
+    ///   ([`MAX_CLIPBOARD_CHUNK`]); guest facts and session state, a few hundred bytes each.
     pub const fn max_body(self) -> u32 {
         match self {
             Channel::Control => 64 * 1024,
             Channel::Input => 4 * 1024,
             Channel::Cursor => 320 * 1024,
             Channel::Display => 32 * 1024 * 1024,
-            Channel::Agent => 64 * 1024,
+            Channel::Clipboard | Channel::Agent => 64 * 1024,
             // Datagrams only: no stream of it is ever decoded.
             Channel::Audio => 0,
         }
@@ -198,6 +212,7 @@ impl Channel {
             Channel::Display => "display",
             Channel::Cursor => "cursor",
             Channel::Audio => "audio",
+            Channel::Clipboard => "clipboard",
             Channel::Agent => "agent",
         }
     }
@@ -243,6 +258,11 @@ pub mod types {
     pub const AUDIO_PLAYBACK: u16 = 0x0401;
     pub const AUDIO_RECORD: u16 = 0x0402;
     pub const AUDIO_FEEDBACK: u16 = 0x0403;
+    // clipboard (0x06xx), both ways
+    pub const CLIPBOARD_GRAB: u16 = 0x0601;
+    pub const CLIPBOARD_REQUEST: u16 = 0x0602;
+    pub const CLIPBOARD_DATA: u16 = 0x0603;
+    pub const CLIPBOARD_REFUSED: u16 = 0x0604;
     // agent (0x07xx), over vsock only
     pub const AGENT_HELLO: u16 = 0x0701;
     pub const AGENT_WELCOME: u16 = 0x0702;
@@ -251,6 +271,11 @@ pub mod types {
     pub const LOCK_SCREEN: u16 = 0x0705;
     pub const POWER: u16 = 0x0706;
     pub const UNLOCK_SCREEN: u16 = 0x0707;
+    /// The four clipboard messages on the agent link, in the clipboard channel's order.
+    pub const AGENT_CLIPBOARD_GRAB: u16 = 0x0708;
+    pub const AGENT_CLIPBOARD_REQUEST: u16 = 0x0709;
+    pub const AGENT_CLIPBOARD_DATA: u16 = 0x070A;
+    pub const AGENT_CLIPBOARD_REFUSED: u16 = 0x070B;
 }
 
 /// The channel a message type of this version belongs to; `None` for a type this version does
@@ -264,9 +289,18 @@ pub fn channel_of_type(ty: u16) -> Option<Channel> {
         FRAME_BEGIN | TILE | VIDEO | FRAME_END => Some(Channel::Display),
         CURSOR_SHAPE | CURSOR_POSITION => Some(Channel::Cursor),
         AUDIO_PLAYBACK | AUDIO_RECORD | AUDIO_FEEDBACK => Some(Channel::Audio),
-        AGENT_HELLO | AGENT_WELCOME | GUEST_INFO | SESSION_STATE | LOCK_SCREEN | POWER | UNLOCK_SCREEN => {
-            Some(Channel::Agent)
-        }
+        CLIPBOARD_GRAB | CLIPBOARD_REQUEST | CLIPBOARD_DATA | CLIPBOARD_REFUSED => Some(Channel::Clipboard),
+        AGENT_HELLO
+        | AGENT_WELCOME
+        | GUEST_INFO
+        | SESSION_STATE
+        | LOCK_SCREEN
+        | POWER
+        | UNLOCK_SCREEN
+        | AGENT_CLIPBOARD_GRAB
+        | AGENT_CLIPBOARD_REQUEST
+        | AGENT_CLIPBOARD_DATA
+        | AGENT_CLIPBOARD_REFUSED => Some(Channel::Agent),
         _ => None,
     }
 }

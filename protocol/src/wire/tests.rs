@@ -304,7 +304,8 @@ fn channels_and_preludes() {
     }
     assert_eq!(Channel::from_uni_prelude(0), Err(ChannelError::ControlOnUniStream));
     assert_eq!(Channel::from_uni_prelude(2), Ok(Channel::Display));
-    assert_eq!(Channel::from_uni_prelude(6), Err(ChannelError::Reserved(ReservedChannel::Clipboard)));
+    assert_eq!(Channel::from_uni_prelude(6), Ok(Channel::Clipboard));
+    assert_eq!(Channel::from_uni_prelude(5), Err(ChannelError::Reserved(ReservedChannel::Usb)));
     assert_eq!(Channel::from_uni_prelude(4), Err(ChannelError::DatagramsOnly(Channel::Audio)));
     assert_eq!(Channel::from_uni_prelude(200), Err(ChannelError::Unknown(200)));
     // The agent channel is framed like the others but never part of a session.
@@ -557,6 +558,92 @@ fn garbage<M: ChannelMessage>(data: &[u8], chunk_sizes: &[usize]) -> Result<(), 
     Ok(())
 }
 
+fn clipboard_format() -> impl Strategy<Value = ClipboardFormat> {
+    prop_oneof![Just(ClipboardFormat::Text), Just(ClipboardFormat::Html), Just(ClipboardFormat::Png)]
+}
+
+fn clipboard() -> impl Strategy<Value = ClipboardMessage> {
+    let reason = prop_oneof![
+        Just(RefuseReason::Gone),
+        Just(RefuseReason::NoFormat),
+        Just(RefuseReason::TooLarge),
+        Just(RefuseReason::Policy),
+        Just(RefuseReason::Failed),
+    ];
+    prop_oneof![
+        (any::<u32>(), proptest::sample::subsequence(ClipboardFormat::ALL.to_vec(), 0..=3))
+            .prop_map(|(serial, formats)| ClipboardMessage::Grab(ClipboardGrab { serial, formats })),
+        (any::<u32>(), clipboard_format())
+            .prop_map(|(serial, format)| ClipboardMessage::Request(ClipboardRequest { serial, format })),
+        (any::<u32>(), clipboard_format(), proptest::collection::vec(any::<u8>(), 1..2000), 0u32..100_000)
+            .prop_map(|(serial, format, bytes, offset)| {
+                let total = offset + bytes.len() as u32;
+                ClipboardMessage::Data(ClipboardData { serial, format, offset, total, bytes })
+            }),
+        (any::<u32>(), clipboard_format(), reason).prop_map(|(serial, format, reason)| {
+            ClipboardMessage::Refused(ClipboardRefused { serial, format, reason })
+        }),
+    ]
+}
+
+#[test]
+fn clipboard_layouts_and_limits() {
+    let grab = ClipboardMessage::Grab(ClipboardGrab {
+        serial: 9,
+        formats: vec![ClipboardFormat::Text, ClipboardFormat::Png],
+    });
+    assert_eq!(encode_to_vec(&grab).unwrap(), [0x01, 0x06, 7, 0, 0, 0, 9, 0, 0, 0, 2, 1, 3]);
+    let data = ClipboardMessage::Data(ClipboardData {
+        serial: 9,
+        format: ClipboardFormat::Text,
+        offset: 0,
+        total: 2,
+        bytes: b"hi".to_vec(),
+    });
+    assert_eq!(
+        encode_to_vec(&data).unwrap(),
+        [0x03, 0x06, 15, 0, 0, 0, 9, 0, 0, 0, 1, 0, 0, 0, 0, 2, 0, 0, 0, b'h', b'i']
+    );
+    // The same message on the agent link: its own type numbers, the same body.
+    let on_agent = encode_to_vec(&AgentMessage::Clipboard(data.clone())).unwrap();
+    assert_eq!(on_agent[..2], types::AGENT_CLIPBOARD_DATA.to_le_bytes());
+    assert_eq!(on_agent[2..], encode_to_vec(&data).unwrap()[2..]);
+    let invalid = |m: ClipboardMessage| matches!(encode_to_vec(&m), Err(EncodeError::Invalid { .. }));
+    assert!(invalid(ClipboardMessage::Grab(ClipboardGrab {
+        serial: 1,
+        formats: vec![ClipboardFormat::Text, ClipboardFormat::Text]
+    })));
+    let chunk = |offset, total, len| {
+        ClipboardMessage::Data(ClipboardData {
+            serial: 1,
+            format: ClipboardFormat::Png,
+            offset,
+            total,
+            bytes: vec![0; len],
+        })
+    };
+    assert!(invalid(chunk(10, 15, 6)), "beyond the end");
+    assert!(invalid(chunk(0, MAX_CLIPBOARD_BYTES + 1, 10)), "over the content limit");
+    assert!(invalid(chunk(0, 100_000, MAX_CLIPBOARD_CHUNK + 1)), "over the chunk limit");
+    assert!(invalid(chunk(0, 5, 0)), "an empty chunk of something");
+    assert!(!invalid(chunk(0, 0, 0)), "empty content is one empty chunk");
+    // Chunking covers the content exactly.
+    let content: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
+    let chunks = ClipboardData::chunks(4, ClipboardFormat::Html, &content);
+    assert!(chunks.last().unwrap().is_last() && !chunks[0].is_last());
+    assert_eq!(chunks.iter().flat_map(|c| c.bytes.clone()).collect::<Vec<_>>(), content);
+    // A clipboard type on another channel is an error, not a future message.
+    let mut d = StreamDecoder::<ControlMessage>::new();
+    assert!(matches!(
+        d.decode(&mut encode_to_vec(&grab).unwrap().as_slice()),
+        Err(DecodeError::WrongChannel { .. })
+    ));
+    assert!(
+        ClipboardFormat::Png.accepts(b"\x89PNG\r\n\x1a\n...") && !ClipboardFormat::Png.accepts(b"GIF89a")
+    );
+    assert!(!ClipboardFormat::Text.accepts(&[0xff, 0xfe]));
+}
+
 fn chunks() -> impl Strategy<Value = Vec<usize>> {
     proptest::collection::vec(1usize..300, 1..8)
 }
@@ -583,6 +670,13 @@ proptest! {
     }
 
     #[test]
+    fn clipboard_stream_round_trip(messages in proptest::collection::vec(clipboard(), 0..8), sizes in chunks()) {
+        stream_round_trip(&messages, &sizes)?;
+        let on_agent: Vec<_> = messages.into_iter().map(AgentMessage::Clipboard).collect();
+        stream_round_trip(&on_agent, &sizes)?;
+    }
+
+    #[test]
     fn datagram_round_trip(p in position()) {
         let datagram = Datagram::CursorPosition(p);
         prop_assert_eq!(decode_datagram(&encode_datagram(&datagram)), Ok(Some(datagram)));
@@ -594,18 +688,22 @@ proptest! {
         garbage::<InputMessage>(&data, &sizes)?;
         garbage::<DisplayMessage>(&data, &sizes)?;
         garbage::<CursorMessage>(&data, &sizes)?;
+        garbage::<ClipboardMessage>(&data, &sizes)?;
+        garbage::<AgentMessage>(&data, &sizes)?;
         let _ = decode_datagram(&data);
     }
 
     /// Valid headers with arbitrary bodies reach every body parser.
     #[test]
-    fn arbitrary_bodies_never_panic(ty_index in 0usize..23, body in proptest::collection::vec(any::<u8>(), 0..600)) {
-        const ALL: [u16; 23] = [
+    fn arbitrary_bodies_never_panic(ty_index in 0usize..31, body in proptest::collection::vec(any::<u8>(), 0..600)) {
+        const ALL: [u16; 31] = [
             types::HELLO, types::WELCOME, types::REFUSED, types::PING, types::PONG, types::DISPLAY_LAYOUT,
             types::REQUEST_LAYOUT, types::CLIENT_STATS, types::GOODBYE, types::FRAME_ACK, types::KEY,
             types::POINTER_ABS, types::BUTTONS, types::WHEEL, types::RELEASE_ALL, types::FRAME_BEGIN,
             types::TILE, types::VIDEO, types::FRAME_END, types::CURSOR_SHAPE, types::CURSOR_POSITION,
-            types::RESUME_TOKEN, types::POINTER_REL,
+            types::RESUME_TOKEN, types::POINTER_REL, types::CLIPBOARD_GRAB, types::CLIPBOARD_REQUEST,
+            types::CLIPBOARD_DATA, types::CLIPBOARD_REFUSED, types::AGENT_CLIPBOARD_GRAB,
+            types::AGENT_CLIPBOARD_REQUEST, types::AGENT_CLIPBOARD_DATA, types::AGENT_CLIPBOARD_REFUSED,
         ];
         let mut frame = ALL[ty_index].to_le_bytes().to_vec();
         frame.extend((body.len() as u32).to_le_bytes());
@@ -614,6 +712,8 @@ proptest! {
         garbage::<InputMessage>(&frame, &[frame.len()])?;
         garbage::<DisplayMessage>(&frame, &[frame.len()])?;
         garbage::<CursorMessage>(&frame, &[frame.len()])?;
+        garbage::<ClipboardMessage>(&frame, &[frame.len()])?;
+        garbage::<AgentMessage>(&frame, &[frame.len()])?;
     }
 }
 
