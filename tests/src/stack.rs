@@ -125,6 +125,8 @@ pub struct StackOptions {
     pub host_ports: Vec<u16>,
     /// `serve --jail`: `auto` (jailed when root), `on` or `off`.
     pub jail: &'static str,
+    /// `pool create --clipboard-to-guest`, `--clipboard-from-guest`: the pool's clipboard policy.
+    pub clipboard: (bool, bool),
 }
 
 impl Default for StackOptions {
@@ -151,6 +153,7 @@ impl Default for StackOptions {
             network: "nat",
             host_ports: Vec::new(),
             jail: "auto",
+            clipboard: (true, true),
         }
     }
 }
@@ -288,6 +291,11 @@ impl Stack {
                                  "--max", &max, "--spares", &spares, "--kind", o.pool_kind, "--network", o.network];
         let ports: Vec<String> = o.host_ports.iter().map(|p| format!("--host-port={p}")).collect();
         pool_args.extend(ports.iter().map(String::as_str));
+        let clipboard = [
+            format!("--clipboard-to-guest={}", o.clipboard.0),
+            format!("--clipboard-from-guest={}", o.clipboard.1),
+        ];
+        pool_args.extend(clipboard.iter().map(String::as_str));
         cli(&pool_args, None)?;
         cli(&["pool", "entitle", POOL, "--group", "staff"], None)?;
 
@@ -530,6 +538,8 @@ pub fn run_headless_client(file: &Path, record: &Path, script: &str, args: &[&st
     let script_path = record.with_extension("script");
     std::fs::write(&script_path, script).unwrap();
     let output = Command::new(crate::workspace_binary("pleiades").unwrap())
+        // No X display: the client shares no clipboard (a test that wants one gives its own).
+        .env_remove("DISPLAY")
         .arg("connect")
         .arg(file)
         .arg("--headless")

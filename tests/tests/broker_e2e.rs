@@ -52,6 +52,8 @@ fn a_user_gets_a_desktop_from_a_pool_and_the_client_reaches_it_with_the_brokers_
         // Unjailed (the jailed path is desktop_jail's): the daemon still binds the session port
         // and hands the socket over.
         jail: "off",
+        // No clipboard either way (the pool's data loss prevention switches).
+        clipboard: (false, false),
         ..StackOptions::local(dir.path()).unwrap()
     };
     let session_port = options.first_session_port;
@@ -106,6 +108,11 @@ fn a_user_gets_a_desktop_from_a_pool_and_the_client_reaches_it_with_the_brokers_
     let summary: Value =
         serde_json::from_slice(&std::fs::read(record.join("summary.json")).unwrap()).unwrap();
     assert!(summary["frames"].as_u64().unwrap_or(0) > 0, "{summary}");
+
+    // The pool allows no clipboard: a client whose user copied something (on its own X
+    // display) connects; the host keeps the copy from the guest, the client learns why, and the
+    // broker audits the attempt.
+    clipboard_is_kept_back_and_audited(&stack, &bearer, &desktop, dir.path());
 
     // The ticket was one-time: the same file is refused, and the desktop goes on.
     let (ok, text) = stack.run_client(&file, &dir.path().join("rec2"), "wait 100\n");
@@ -223,4 +230,56 @@ fn an_image_the_host_cannot_start_is_retried_with_a_growing_wait_and_the_reason_
         left().is_empty().then_some(())
     });
     assert!(cleaned.is_ok(), "state of failed desktops left on the host: {:?}", left());
+}
+
+fn clipboard_is_kept_back_and_audited(stack: &Stack, bearer: &str, desktop: &str, dir: &Path) {
+    use std::io::Write;
+    let prerequisites = pleiades_tests::prerequisite::command("xclip")
+        .and_then(|_| pleiades_tests::xvfb::Xvfb::start(320, 240));
+    let x = match prerequisites {
+        Ok(x) => x,
+        Err(e) => match pleiades_tests::prerequisite::missing("broker_e2e (clipboard)", &e) {
+            pleiades_tests::prerequisite::Missing::Skip => return,
+            pleiades_tests::prerequisite::Missing::Fail(why) => panic!("{why}"),
+        },
+    };
+    let mut holder = x
+        .command("xclip")
+        .args(["-quiet", "-selection", "clipboard"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    holder.stdin.take().unwrap().write_all(b"the quarterly figures").unwrap();
+    let connection = stack.connect(bearer, desktop).unwrap();
+    let file = dir.join("clip.pleiades");
+    std::fs::write(&file, connection["file"].as_str().unwrap()).unwrap();
+    let record = dir.join("rec-clip");
+    let output = std::process::Command::new(pleiades_tests::workspace_binary("pleiades").unwrap())
+        .env("DISPLAY", x.display())
+        .arg("connect")
+        .arg(&file)
+        .args(["--headless", "--no-h264", "--no-audio", "--duration", "8", "--record"])
+        .arg(&record)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{text}");
+    let summary: Value =
+        serde_json::from_slice(&std::fs::read(record.join("clipboard.json")).unwrap()).unwrap();
+    assert_eq!(
+        (summary["copied"].as_u64(), summary["denied"].as_u64()),
+        (Some(1), Some(1)),
+        "{summary}; {text}"
+    );
+    assert!(text.contains("policy does not let what you copied into it"), "{text}");
+    // The copy stayed the client's own: its holder still has the selection.
+    assert!(holder.try_wait().unwrap().is_none(), "the client's selection was taken");
+    let _ = holder.kill();
+    let audit = wait_for("the denial in the audit log", Duration::from_secs(60), || {
+        let (audit, _) = stack.cli(&["audit", "--limit", "50"]).ok()?;
+        audit.contains("clipboard.denied").then_some(audit)
+    })
+    .unwrap();
+    let line = audit.lines().find(|l| l.contains("clipboard.denied")).unwrap();
+    assert!(line.contains("to-guest") && line.contains("host-1"), "{line}");
 }

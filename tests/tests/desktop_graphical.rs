@@ -7,7 +7,13 @@
 //! - its resolution follows the client: after the client asks for 1024x768 the guest's screen
 //!   is 1024x768 (from its first 1280x800), panel and all;
 //! - typing reaches a terminal that runs what is typed: Ctrl+Alt+T opens Xfce's terminal, and a
-//!   typed `printf` paints it magenta (24-bit colour), which the recording shows.
+//!   typed `printf` paints it magenta (24-bit colour), which the recording shows;
+//! - the guest agent reports the user, OS, address and idle time; the screen locks when the
+//!   client leaves and unlocks for the returning one;
+//! - the clipboard works both ways between a client on its own X display (Xvfb, `xclip`) and
+//!   the guest's Xfce session: text copied on the client is pasted in the guest (whose terminal
+//!   copies back its SHA-256), and a PNG that crossed into the guest is copied there again and
+//!   arrives in the client's clipboard byte for byte.
 //!
 //! The boot is timed from the request to the VM running, to the READY line (the agent prints it
 //! once the user's session runs its panel) and to the panel and wallpaper on the screen, and
@@ -15,12 +21,18 @@
 
 use std::time::{Duration, Instant};
 
-use pleiades_control::screenshot::decode_png;
+use std::io::Write;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use pleiades_control::screenshot::{decode_png, encode_png};
+use pleiades_control::{Request, request};
 use pleiades_tests::desktop::{not_a_desktop, wait_usable};
 use pleiades_tests::image::{DesktopImage, GuestImage};
 use pleiades_tests::prerequisite::{Missing, missing};
 use pleiades_tests::stack::{Stack, StackOptions};
 use pleiades_tests::wait_for;
+use pleiades_tests::xvfb::Xvfb;
 use serde_json::Value;
 
 /// The desktop's boot under TCG takes about a minute unloaded; a loaded machine takes longer.
@@ -169,7 +181,187 @@ fn the_graphical_desktop_through_the_broker_follows_the_client_and_runs_typed_co
     let total = back.pixels.len() / 4;
     assert!(black * 2 < total, "the returning client sees a black screen ({black} of {total} pixels)");
 
+    // The clipboard, both ways, with a third client that has an X display.
+    clipboard_both_ways(&stack, &bearer, &desktop, &control, dir.path(), &guest_report);
+
     // A clean power-off through the daemon.
     let status = stack.host.terminate(Duration::from_secs(120)).unwrap();
     assert!(status.success(), "{}", stack.logs_tail());
+}
+
+/// How long one crossing of the clipboard may take on a loaded machine (the guest runs under
+/// TCG: its terminal, xclip and the agent are slow).
+const CLIPBOARD_CROSSING: Duration = Duration::from_secs(90);
+
+/// Text copied on the client is pasted in the guest, which copies its SHA-256 back; a PNG
+/// copied on the client is pasted in the guest, copied there again and pasted on the client,
+/// byte for byte. Each copy's holder (`xclip -quiet`) exits when the other side's copy takes
+/// the selection, which shows that what the client pastes last came from the guest.
+fn clipboard_both_ways(
+    stack: &Stack,
+    bearer: &str,
+    desktop: &str,
+    control: &Path,
+    dir: &Path,
+    guest_report: &dyn Fn() -> Option<Value>,
+) {
+    let prerequisites = pleiades_tests::prerequisite::command("xclip").and_then(|_| Xvfb::start(640, 480));
+    let x = match prerequisites {
+        Ok(x) => x,
+        Err(e) => match missing("desktop_graphical (clipboard)", &e) {
+            Missing::Skip => return,
+            Missing::Fail(why) => panic!("{why}"),
+        },
+    };
+    // The client's user copies text before connecting: the client offers it at once.
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let text = format!("copié sur le client ✓ {nanos}");
+    let mut text_holder = copy(&x, "UTF8_STRING", text.as_bytes());
+
+    let connection = stack.connect(bearer, desktop).unwrap();
+    let file = dir.join("clip.pleiades");
+    std::fs::write(&file, connection["file"].as_str().expect("a connection file")).unwrap();
+    let record = dir.join("rec-clip");
+    let mut client = Command::new(pleiades_tests::workspace_binary("pleiades").unwrap())
+        .env("DISPLAY", x.display())
+        .arg("connect")
+        .arg(&file)
+        .args(["--headless", "--no-h264", "--no-audio", "--duration", "900", "--record"])
+        .arg(&record)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("clip-client.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let client_log = || std::fs::read_to_string(dir.join("clip-client.log")).unwrap_or_default();
+    wait_for("the screen unlocked for the clipboard's client", Duration::from_secs(120), || {
+        guest_report().filter(|g| g["session"] == "active")
+    })
+    .unwrap_or_else(|e| panic!("{e}; {}", client_log()));
+    // A terminal of its own (pacing, not a check: typing below retries).
+    press(control, "ctrl+alt+t");
+    std::thread::sleep(Duration::from_secs(15));
+
+    // Text: the guest waits until its clipboard offers the client's text, pastes it through
+    // sha256sum and copies the digest, which the client's clipboard then offers.
+    let digest = hex(ring::digest::digest(&ring::digest::SHA256, text.as_bytes()).as_ref());
+    let started = Instant::now();
+    let pasted = type_until(
+        control,
+        "until xclip -o -sel c -t TARGETS|grep -q UTF8;do sleep 1;done;\
+         xclip -o -sel c|sha256sum|cut -c1-64|tr -d '\\n'|xclip -i -sel c",
+        || paste(&x, "UTF8_STRING").filter(|p| *p == digest.as_bytes()),
+    );
+    pasted.unwrap_or_else(|e| panic!("{e}; the client: {}", client_log()));
+    println!(
+        "desktop image: text copied on the client, its SHA-256 copied back from the guest, {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let held = wait_for("the client's text holder to lose the selection", Duration::from_secs(30), || {
+        text_holder.try_wait().ok().flatten()
+    });
+    assert!(held.is_ok(), "the guest's copy did not take the client's selection");
+
+    // A PNG: into the guest, copied there again from a file, and back.
+    let mut frame = pleiades_virtio::gpu::Framebuffer::new(97, 61);
+    for (i, pixel) in frame.pixels.chunks_exact_mut(4).enumerate() {
+        pixel.copy_from_slice(&[(i * 7) as u8, (i / 97 * 4) as u8, (nanos >> (i % 64)) as u8, 255]);
+    }
+    let png = encode_png(&frame).unwrap();
+    let mut png_holder = copy(&x, "image/png", &png);
+    let started = Instant::now();
+    let pasted = type_until(
+        control,
+        "until xclip -o -sel c -t TARGETS|grep -q image/png;do sleep 1;done;\
+         xclip -o -sel c -t image/png >/tmp/p.png&&xclip -i -sel c -t image/png /tmp/p.png",
+        || {
+            // Only once the guest's copy took the selection is the client's paste the guest's.
+            png_holder.try_wait().ok().flatten()?;
+            paste(&x, "image/png").filter(|p| *p == png)
+        },
+    );
+    pasted.unwrap_or_else(|e| panic!("{e}; the client: {}", client_log()));
+    println!(
+        "desktop image: a {}-byte PNG into the guest and back, byte for byte, {:.1} s",
+        png.len(),
+        started.elapsed().as_secs_f64()
+    );
+
+    // The client ends cleanly (SIGINT) and says what went through; so does the VM process.
+    let _ = Command::new("kill").args(["-INT", &client.id().to_string()]).status();
+    let status = wait_for("the clipboard's client to end", Duration::from_secs(60), || {
+        client.try_wait().ok().flatten()
+    });
+    assert!(status.is_ok_and(|s| s.success()), "the client: {}", client_log());
+    let summary: Value =
+        serde_json::from_slice(&std::fs::read(record.join("clipboard.json")).unwrap()).unwrap();
+    println!("desktop image: the client's clipboard: {summary}");
+    assert!(summary["copied"].as_u64() >= Some(2) && summary["pasted"].as_u64() >= Some(2), "{summary}");
+    let status = request(control, &Request::Status, Duration::from_secs(30)).unwrap().result.unwrap();
+    let counts = &status["agent"]["clipboard"];
+    println!("desktop image: the VM process's clipboard: {counts}");
+    assert!(counts["pasted_to_guest"].as_u64() >= Some(2), "{counts}");
+    assert!(counts["pasted_from_guest"].as_u64() >= Some(2), "{counts}");
+    assert_eq!(
+        (counts["denied_to_guest"].as_u64(), counts["denied_from_guest"].as_u64()),
+        (Some(0), Some(0))
+    );
+}
+
+/// `bytes` copied on the client's display as `target` by an `xclip` that holds the selection
+/// in the foreground (it exits when another client takes it).
+fn copy(x: &Xvfb, target: &str, bytes: &[u8]) -> Child {
+    let mut holder = x
+        .command("xclip")
+        .args(["-quiet", "-selection", "clipboard", "-t", target])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    holder.stdin.take().unwrap().write_all(bytes).unwrap();
+    holder
+}
+
+/// What a paste of `target` on the client's display gives; `None` if it failed.
+fn paste(x: &Xvfb, target: &str) -> Option<Vec<u8>> {
+    let output = x
+        .command("timeout")
+        .args(["20", "xclip", "-o", "-selection", "clipboard", "-t", target])
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    output.status.success().then_some(output.stdout)
+}
+
+fn press(control: &Path, combo: &str) {
+    request(control, &Request::Key { combo: combo.into() }, Duration::from_secs(30)).unwrap();
+}
+
+/// Types `command` into the guest's terminal until `done` says it worked (the first keystrokes
+/// may come before the terminal has opened): at most three times, each given
+/// [`CLIPBOARD_CROSSING`]. A few characters at a time: the guest's X server under TCG drops
+/// keys that come in one burst.
+fn type_until<T>(control: &Path, command: &str, mut done: impl FnMut() -> Option<T>) -> Result<T, String> {
+    let mut last = String::new();
+    for _ in 0..3 {
+        // Whatever an earlier attempt left running or half typed goes; the guest's shell takes
+        // a while to draw its prompt again (keys typed meanwhile are lost).
+        press(control, "ctrl+c");
+        std::thread::sleep(Duration::from_secs(3));
+        let line: Vec<char> = format!("{command}\n").chars().collect();
+        for piece in line.chunks(4) {
+            let text = piece.iter().collect();
+            request(control, &Request::Type { text }, Duration::from_secs(60)).unwrap();
+            std::thread::sleep(Duration::from_millis(150));
+        }
+        match wait_for(&format!("the guest to run {command:?}"), CLIPBOARD_CROSSING, &mut done) {
+            Ok(value) => return Ok(value),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

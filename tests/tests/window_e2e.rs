@@ -21,10 +21,10 @@ use std::time::{Duration, Instant};
 
 use pleiades_control::{self as control, Request};
 use pleiades_protocol::connfile::Connection;
-use pleiades_tests::xvfb::Xvfb;
 use pleiades_tests::linkem::{Link, LinkConfig};
 use pleiades_tests::served::ServedDesktop;
 use pleiades_tests::workspace_binary;
+use pleiades_tests::xvfb::Xvfb;
 use pleiades_tests::xwd::{self, Rgb};
 use pleiades_virtio::gpu::Framebuffer;
 

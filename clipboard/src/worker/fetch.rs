@@ -12,8 +12,8 @@ use x11rb::protocol::xproto::{
 };
 use x11rb::{CURRENT_TIME, NONE};
 
-use crate::targets::{STRING, from_string_property, html_to_utf8};
 use super::{Outbox, Owner, Worker, XResult, split};
+use crate::targets::{STRING, from_string_property, html_to_utf8};
 use crate::{ClipboardError, FETCH_DEADLINE, FETCH_TIMEOUT, Format, LocalEvent};
 
 /// How long a new owner may take to answer TARGETS.

@@ -13,8 +13,8 @@ use x11rb::protocol::xproto::{
 use x11rb::wrapper::ConnectionExt as _;
 use x11rb::{CURRENT_TIME, NONE};
 
-use crate::targets::{ATOM, INTEGER, STRING, to_latin1};
 use super::{Worker, XResult};
+use crate::targets::{ATOM, INTEGER, STRING, to_latin1};
 use crate::{ANSWER_TIMEOUT, Format, LocalEvent, TRANSFER_TIMEOUT};
 
 /// Most local pastes waiting on one unanswered request; more are refused at once.
