@@ -162,7 +162,12 @@ fn finish(mut client: Child) {
 /// Types into the guest a few characters at a time (its X server under TCG drops bursts).
 fn type_slowly(control: &Path, text: &str, combo: Option<&str>) {
     if let Some(combo) = combo {
-        request(control, &Request::Key { combo: combo.into() }, Duration::from_secs(30)).unwrap();
+        // Twice, and a pause: a loop's command may eat the first; the shell then takes a while
+        // to draw its prompt again (keys typed meanwhile are lost).
+        for _ in 0..2 {
+            request(control, &Request::Key { combo: combo.into() }, Duration::from_secs(30)).unwrap();
+            std::thread::sleep(Duration::from_secs(2));
+        }
     }
     let chars: Vec<char> = text.chars().collect();
     for piece in chars.chunks(4) {
