@@ -15,8 +15,8 @@ use libfuzzer_sys::fuzz_target;
 use pleiades_protocol::agent::{HostEvent, HostLink};
 use pleiades_protocol::clipboard::{ClipboardPolicy, ClipboardRelay, End};
 use pleiades_protocol::wire::{
-    AgentMessage, ChannelMessage, ClipboardMessage, ControlMessage, CursorMessage, DisplayMessage, FrameSequence,
-    InputMessage, StreamDecoder, Tile, decode_datagram, encode_datagram, encode_to_vec,
+    AgentMessage, ChannelMessage, ClipboardMessage, ControlMessage, CursorMessage, DisplayMessage,
+    FrameSequence, InputMessage, StreamDecoder, Tile, decode_datagram, encode_datagram, encode_to_vec,
 };
 
 fn run<M: ChannelMessage + PartialEq + Clone>(chunk_sizes: &[u8], mut data: &[u8]) -> Vec<M> {
@@ -151,4 +151,3 @@ fn relay(selector: u8, body: &[u8]) {
         while relay.poll_event().is_some() {}
     }
 }
-
