@@ -126,8 +126,13 @@ struct Shared {
     closing: AtomicBool,
     /// Where audio datagrams go (the player), once it listens.
     audio: Mutex<Option<mpsc::Sender<AudioPacket>>>,
-    /// Where the server's clipboard messages go (the clipboard bridge), once it listens.
+    /// Where the server's clipboard messages go (the clipboard bridge), once it listens; until
+    /// then the server's latest grab waits here (the server offers the desktop's clipboard as
+    /// the session opens, before the bridge has its X connection).
     clipboard: Mutex<Option<ClipboardSink>>,
+    clipboard_early: Mutex<Option<ClipboardMessage>>,
+    /// Bytes of clipboard messages queued for the server ([`wire::MAX_CLIPBOARD_QUEUE`] at most).
+    clipboard_queued: AtomicU64,
 }
 
 /// Takes the server's clipboard messages; must not block.
@@ -257,6 +262,8 @@ impl Session {
             closing: AtomicBool::new(false),
             audio: Mutex::new(None),
             clipboard: Mutex::new(None),
+            clipboard_early: Mutex::new(None),
+            clipboard_queued: AtomicU64::new(0),
         });
         let (input_tx, input_rx) = mpsc::channel(SEND_QUEUE);
         let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
@@ -267,7 +274,7 @@ impl Session {
 
         let mut tasks = JoinSet::new();
         if handle.clipboard.is_some() {
-            tasks.spawn(clipboard_writer(handle.connection.clone(), clipboard_rx));
+            tasks.spawn(clipboard_writer(handle.clone(), clipboard_rx));
         }
         tasks.spawn(control_pump(handle.clone(), send, recv, events_tx.clone()));
         tasks.spawn(input_writer(handle.clone(), input_stream, input_rx));
@@ -298,15 +305,29 @@ impl SessionHandle {
         rx
     }
 
-    /// Hands the server's clipboard messages to `sink` from now on.
+    /// Hands the server's clipboard messages to `sink` from now on (first the server's grab
+    /// that came before, if one did).
     pub fn on_clipboard(&self, sink: impl Fn(ClipboardMessage) + Send + Sync + 'static) {
-        *lock(&self.shared.clipboard) = Some(ClipboardSink(Box::new(sink)));
+        let mut slot = lock(&self.shared.clipboard);
+        if let Some(early) = lock(&self.shared.clipboard_early).take() {
+            sink(early);
+        }
+        *slot = Some(ClipboardSink(Box::new(sink)));
     }
 
-    /// Sends a clipboard message (with `CLIPBOARD`; without it, or once the session ended, it
-    /// goes nowhere: `false`).
+    /// Sends a clipboard message (with `CLIPBOARD`; without it, once the session ended, or
+    /// when more than [`wire::MAX_CLIPBOARD_QUEUE`] bytes wait for the server, it goes nowhere:
+    /// `false`).
     pub fn send_clipboard(&self, message: ClipboardMessage) -> bool {
-        self.clipboard.as_ref().is_some_and(|tx| tx.send(message).is_ok())
+        let Some(tx) = &self.clipboard else { return false };
+        let size = message.queued_size() as u64;
+        let queued = self.shared.clipboard_queued.fetch_add(size, Ordering::Relaxed) + size;
+        if queued > wire::MAX_CLIPBOARD_QUEUE as u64 {
+            self.shared.clipboard_queued.fetch_sub(size, Ordering::Relaxed);
+            tracing::warn!("more clipboard data waits than the server takes: not sending more");
+            return false;
+        }
+        tx.send(message).is_ok()
     }
 
     /// Sends a datagram (microphone, audio feedback). Datagrams may be lost; so may this one.
@@ -554,13 +575,11 @@ async fn input_writer(
 }
 
 /// Writes the clipboard bridge's messages on a stream of their own, opened at the first one.
-async fn clipboard_writer(
-    connection: quinn::Connection,
-    mut queue: mpsc::UnboundedReceiver<ClipboardMessage>,
-) {
+async fn clipboard_writer(handle: SessionHandle, mut queue: mpsc::UnboundedReceiver<ClipboardMessage>) {
     let Some(first) = queue.recv().await else { return };
+    let queued = &handle.shared.clipboard_queued;
     let result: Result<(), String> = async {
-        let mut send = connection.open_uni().await.map_err(|e| e.to_string())?;
+        let mut send = handle.connection.open_uni().await.map_err(|e| e.to_string())?;
         let _ = send.set_priority(priority::CLIPBOARD);
         send.write_all(&transport::stream_prelude(Channel::Clipboard)).await.map_err(|e| e.to_string())?;
         let mut buffer = Vec::new();
@@ -569,6 +588,7 @@ async fn clipboard_writer(
             buffer.clear();
             wire::encode(&message, &mut buffer).map_err(|e| e.to_string())?;
             send.write_all(&buffer).await.map_err(|e| e.to_string())?;
+            queued.fetch_sub(message.queued_size() as u64, Ordering::Relaxed);
             next = queue.recv().await;
         }
         let _ = send.finish();
@@ -604,6 +624,10 @@ async fn clipboard_stream(
         for message in messages.drain(..) {
             match sink.as_ref() {
                 Some(sink) => (sink.0)(message),
+                // Before the bridge listens only the latest grab matters.
+                None if matches!(message, ClipboardMessage::Grab(_)) => {
+                    *lock(&handle.shared.clipboard_early) = Some(message);
+                }
                 None => tracing::debug!(?message, "a clipboard message with no bridge to take it"),
             }
         }

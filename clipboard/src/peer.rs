@@ -176,6 +176,12 @@ impl ClipboardPeer {
             self.incoming.iter_mut().find(|i| i.serial == remote.serial && i.format == format)
         {
             waiting.requests.push(request);
+            // Nothing came yet: ask again (the relay passes the request on only while nothing
+            // of the content crossed), in case the first one was replaced on its way.
+            if waiting.bytes.is_empty() {
+                self.out
+                    .push_back(ClipboardMessage::Request(ClipboardRequest { serial: remote.serial, format }));
+            }
             return;
         }
         self.incoming.push(Incoming {
@@ -220,6 +226,12 @@ impl ClipboardPeer {
         match message {
             ClipboardMessage::Grab(grab) => {
                 self.fail_incoming(local, RefuseReason::Gone);
+                if !grab.formats.is_empty() {
+                    // The local clipboard offers the other end's content now: this end's own
+                    // is gone (a new link must not announce it again).
+                    self.formats.clear();
+                    self.fetches.clear();
+                }
                 local.remote_grab(grab.formats.clone());
                 self.remote = Some(grab).filter(|g| !g.formats.is_empty());
             }
@@ -233,18 +245,25 @@ impl ClipboardPeer {
                     self.out.push_back(ClipboardMessage::Refused(refused));
                     return;
                 }
+                // The same paste again while the local clipboard is being read for it: that
+                // read answers both (one local read per content and format at a time, whatever
+                // the other end asks).
+                if self.fetches.values().any(|key| *key == (request.serial, request.format)) {
+                    return;
+                }
                 let id = self.next_fetch;
                 self.next_fetch += 1;
-                // The other end's newer paste of the same format replaces an older one.
-                self.fetches.retain(|_, (_, format)| *format != request.format);
                 self.fetches.insert(id, (request.serial, request.format));
                 local.fetch(id, request.format);
             }
             ClipboardMessage::Data(data) => self.on_data(data, local),
-            ClipboardMessage::Refused(refused) => {
-                if refused.serial == self.serial && refused.reason == RefuseReason::Policy {
+            ClipboardMessage::Refused(refused) if refused.reason == RefuseReason::NotShared => {
+                // About this end's own copy, not about a paste.
+                if refused.serial == self.serial {
                     self.events.push_back(PeerEvent::Denied { formats: self.formats.clone() });
                 }
+            }
+            ClipboardMessage::Refused(refused) => {
                 if let Some(index) = self
                     .incoming
                     .iter()
@@ -361,11 +380,12 @@ mod tests {
         // Nothing was fetched: the data moves on paste.
         assert!(client_local.calls.borrow().is_empty());
 
-        // Two local pastes of the same format make one request.
         guest.local_wants(1, Png, &guest_local);
         guest.local_wants(2, Png, &guest_local);
+        // Two local pastes of the same format: asked twice (nothing came yet), read once.
         let requests = sent(&mut guest);
-        assert_eq!(requests, [ClipboardMessage::Request(ClipboardRequest { serial: 1, format: Png })]);
+        let request = ClipboardMessage::Request(ClipboardRequest { serial: 1, format: Png });
+        assert_eq!(requests, [request.clone(), request]);
         for request in requests {
             client.on_remote(request, &client_local);
         }
@@ -458,7 +478,7 @@ mod tests {
         let (mut peer, local) = (ClipboardPeer::new(usize::MAX), Recorder::default());
         peer.local_grabbed(vec![Text]);
         sent(&mut peer);
-        let refused = ClipboardRefused { serial: 1, format: Text, reason: RefuseReason::Policy };
+        let refused = ClipboardRefused { serial: 1, format: Text, reason: RefuseReason::NotShared };
         peer.on_remote(ClipboardMessage::Refused(refused), &local);
         assert_eq!(peer.poll_event(), Some(PeerEvent::Denied { formats: vec![Text] }));
     }

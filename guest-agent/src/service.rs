@@ -86,6 +86,9 @@ fn serve(
     sessions: Option<&SessionReports>,
 ) -> Result<(), String> {
     let mut link = AgentLink::new(env!("CARGO_PKG_VERSION")).map_err(|e| e.to_string())?;
+    if let Some(sessions) = sessions {
+        sessions.new_link();
+    }
     let mut facts = guest_facts(root);
     link.guest_info(facts.clone()).map_err(|e| e.to_string())?;
     let mut refreshed = Instant::now();

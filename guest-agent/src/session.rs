@@ -14,8 +14,12 @@
 //! The session part is also the guest end of the clipboard (as spice-vdagent is): it runs a
 //! [`ClipboardPeer`] over the session's X clipboard ([`X11Clipboard`]) and exchanges its
 //! clipboard messages with the service on the same socket, which relays them to and from the
-//! host. The latest session part to connect has the clipboard; when it goes, what it offered
-//! is withdrawn.
+//! host. Only a part of the user whose session is in the foreground of the seat (logind's
+//! `seat0` `ActiveSession`) may have the clipboard, as only spice-vdagentd's active-session
+//! agent does; of those, the latest to connect. When it goes, what it offered is withdrawn.
+//! The service writes to it from a thread of its own with a bounded queue (a part that does not
+//! read is cut off, never the service's loop), gives it the host's latest copy when it takes
+//! the clipboard, and gives the host the part's latest copy again on every new vsock link.
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
@@ -43,15 +47,38 @@ const MAX_SESSIONS: usize = 8;
 /// Clipboard bytes from the session part waiting for the vsock loop beyond this cut the part
 /// off (one whole content fits).
 const MAX_TO_HOST: usize = MAX_CLIPBOARD_BYTES as usize + 1024 * 1024;
-/// How long a write of clipboard data to a session part may block the service.
+/// How long a write of clipboard data to a session part may block its writer thread.
 const PART_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Frames queued for a session part's writer: one whole content in chunks, and some room.
+const PART_QUEUE: usize =
+    pleiades_protocol::wire::MAX_CLIPBOARD_QUEUE / pleiades_protocol::wire::MAX_CLIPBOARD_CHUNK + 64;
+
+/// Whether a process of this user id may have the guest's clipboard.
+pub type ClipboardGate = Arc<dyn Fn(u32) -> bool + Send + Sync>;
+
+/// The session part that has the clipboard.
+#[derive(Debug)]
+struct Part {
+    id: u64,
+    /// Frames for its writer thread.
+    frames: std::sync::mpsc::SyncSender<Vec<u8>>,
+    /// To cut it off.
+    stream: UnixStream,
+}
 
 /// What the session parts last reported, shared with the service's vsock loop.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SessionReports {
     state: Arc<Mutex<Reports>>,
     /// Signalled when clipboard messages for the host are waiting.
     wake: Arc<EventFd>,
+    gate: ClipboardGate,
+}
+
+impl std::fmt::Debug for SessionReports {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionReports").field("state", &self.state).finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -61,18 +88,26 @@ struct Reports {
     changes: u64,
     connected: usize,
     next_part: u64,
-    /// The session part that has the guest's clipboard (the latest to connect), and a handle
-    /// to write to it.
-    clipboard_part: Option<(u64, UnixStream)>,
+    /// The session part that has the guest's clipboard.
+    clipboard_part: Option<Part>,
     /// Its clipboard messages for the host, and their bytes.
     to_host: VecDeque<ClipboardMessage>,
     to_host_bytes: usize,
+    /// The latest copies on either side (given again to a new part, and to a new vsock link).
+    host_grab: Option<ClipboardMessage>,
+    part_grab: Option<ClipboardMessage>,
 }
 
 impl SessionReports {
     /// Listens on `socket` (made world-writable: any local user may report their own session,
-    /// named by the kernel) from a new thread.
+    /// named by the kernel) from a new thread; the clipboard goes to parts of the user whose
+    /// session is in the foreground of seat0.
     pub fn listen(socket: &Path) -> std::io::Result<Self> {
+        Self::listen_with(socket, Arc::new(|uid| seat_user() == Some(uid)))
+    }
+
+    /// [`Self::listen`] with the rule of who may have the clipboard.
+    pub fn listen_with(socket: &Path, gate: ClipboardGate) -> std::io::Result<Self> {
         if let Some(dir) = socket.parent() {
             std::fs::create_dir_all(dir)?;
         }
@@ -82,6 +117,7 @@ impl SessionReports {
         let reports = Self {
             state: Default::default(),
             wake: Arc::new(EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)?),
+            gate,
         };
         let shared = reports.clone();
         std::thread::Builder::new().name("sessions".into()).spawn(move || {
@@ -113,26 +149,57 @@ impl SessionReports {
     /// Reads one session part's reports and clipboard until it disconnects or breaks the
     /// framing; then, if it had the clipboard, withdraws what it offered.
     fn serve(&self, stream: UnixStream) {
-        let Some(user) = peer_user(&stream) else { return };
-        let Ok(writer) = stream.try_clone() else { return };
-        let _ = writer.set_write_timeout(Some(PART_WRITE_TIMEOUT));
+        let Some((uid, user)) = peer_user(&stream) else { return };
         let id = {
             let mut reports = self.lock();
             reports.next_part += 1;
-            let id = reports.next_part;
-            reports.clipboard_part = Some((id, writer));
-            id
+            reports.next_part
         };
+        if (self.gate)(uid) {
+            self.take_clipboard_part(id, &stream);
+        }
         self.read_part(stream, &user, id);
         let mut reports = self.lock();
-        if reports.clipboard_part.as_ref().is_some_and(|(part, _)| *part == id) {
+        if reports.clipboard_part.as_ref().is_some_and(|part| part.id == id) {
             reports.clipboard_part = None;
+            reports.part_grab = None;
             reports
                 .to_host
                 .push_back(ClipboardMessage::Grab(ClipboardGrab { serial: 0, formats: Vec::new() }));
             drop(reports);
             let _ = self.wake.write(1);
         }
+    }
+
+    /// Part `id` has the clipboard now: a writer thread of its own, and the host's latest copy.
+    fn take_clipboard_part(&self, id: u64, stream: &UnixStream) {
+        let (Ok(mut writer), Ok(cut)) = (stream.try_clone(), stream.try_clone()) else { return };
+        let _ = writer.set_write_timeout(Some(PART_WRITE_TIMEOUT));
+        let (frames, queue) = std::sync::mpsc::sync_channel::<Vec<u8>>(PART_QUEUE);
+        let spawned = std::thread::Builder::new().name("session-writer".into()).spawn(move || {
+            for frame in queue {
+                if writer.write_all(&frame).is_err() {
+                    // Its reader ends with the connection and withdraws what it offered.
+                    let _ = writer.shutdown(std::net::Shutdown::Both);
+                    return;
+                }
+            }
+        });
+        if spawned.is_err() {
+            return;
+        }
+        let mut reports = self.lock();
+        if let Some(old) = reports.clipboard_part.take() {
+            // The older part keeps reporting its session, without the clipboard.
+            drop(old);
+        }
+        reports.part_grab = None;
+        let host_grab = reports.host_grab.clone();
+        let part = Part { id, frames, stream: cut };
+        if let Some(frame) = host_grab.and_then(|g| encode_to_vec(&AgentMessage::Clipboard(g)).ok()) {
+            let _ = part.frames.try_send(frame);
+        }
+        reports.clipboard_part = Some(part);
     }
 
     fn read_part(&self, mut stream: UnixStream, user: &str, id: u64) {
@@ -156,9 +223,12 @@ impl SessionReports {
                     }
                     Ok(Some(AgentMessage::Clipboard(message))) => {
                         let mut reports = self.lock();
-                        if reports.clipboard_part.as_ref().is_none_or(|(part, _)| *part != id) {
-                            // An older session's part: the clipboard is another's now.
+                        if reports.clipboard_part.as_ref().is_none_or(|part| part.id != id) {
+                            // A part without the clipboard (another user's, or an older one).
                             continue;
+                        }
+                        if let ClipboardMessage::Grab(g) = &message {
+                            reports.part_grab = (!g.formats.is_empty()).then(|| message.clone());
                         }
                         reports.to_host_bytes += clipboard_len(&message);
                         if reports.to_host_bytes > MAX_TO_HOST {
@@ -189,19 +259,35 @@ impl SessionReports {
         reports.to_host.drain(..).collect()
     }
 
-    /// Passes the host's clipboard message to the session part that has the clipboard;
-    /// `false` when there is none (nobody is logged in, or its part is not running).
+    /// Passes the host's clipboard message to the session part that has the clipboard (never
+    /// blocking: its writer thread writes); `false` when there is none (nobody is logged in,
+    /// or its part is not running).
     pub fn to_session(&self, message: &ClipboardMessage) -> bool {
         let Ok(frame) = encode_to_vec(&AgentMessage::Clipboard(message.clone())) else { return false };
         let mut reports = self.lock();
-        let Some((_, part)) = reports.clipboard_part.as_mut() else { return false };
-        if part.write_all(&frame).is_ok() {
+        if let ClipboardMessage::Grab(g) = message {
+            reports.host_grab = (!g.formats.is_empty()).then(|| message.clone());
+        }
+        let Some(part) = reports.clipboard_part.as_ref() else { return false };
+        if part.frames.try_send(frame).is_ok() {
             return true;
         }
         // A part that does not read is cut off; its reader ends and withdraws its content.
-        let _ = part.shutdown(std::net::Shutdown::Both);
+        let _ = part.stream.shutdown(std::net::Shutdown::Both);
         reports.clipboard_part = None;
         false
+    }
+
+    /// A new link to the host: what the clipboard's part copied last is offered again (the
+    /// host forgot it with the old link).
+    pub fn new_link(&self) {
+        let mut reports = self.lock();
+        reports.host_grab = None;
+        if let Some(grab) = reports.part_grab.clone() {
+            reports.to_host.push_back(grab);
+            drop(reports);
+            let _ = self.wake.write(1);
+        }
     }
 
     /// The latest report if it changed since the last call.
@@ -219,11 +305,25 @@ fn nobody() -> SessionState {
     SessionState { activity: SessionActivity::NoUser, user: String::new(), idle_ms: 0 }
 }
 
-/// The name of the user at the other end of `stream`, from the kernel's peer credentials.
-fn peer_user(stream: &UnixStream) -> Option<String> {
+/// The user id and name at the other end of `stream`, from the kernel's peer credentials.
+fn peer_user(stream: &UnixStream) -> Option<(u32, String)> {
     let creds = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials).ok()?;
     let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(creds.uid())).ok()??;
-    Some(user.name).filter(|name| name.len() <= MAX_AGENT_TEXT && !name.chars().any(char::is_control))
+    let name =
+        Some(user.name).filter(|name| name.len() <= MAX_AGENT_TEXT && !name.chars().any(char::is_control))?;
+    Some((creds.uid(), name))
+}
+
+/// The user id of the session in the foreground of seat0, as logind says (`None` without
+/// logind, or with nobody there).
+fn seat_user() -> Option<u32> {
+    let ask = |args: &[&str]| {
+        let out = Command::new("loginctl").args(args).output().ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        (out.status.success() && !text.is_empty()).then_some(text)
+    };
+    let session = ask(&["show-seat", "seat0", "--property=ActiveSession", "--value"])?;
+    ask(&["show-session", &session, "--property=User", "--value"])?.parse().ok()
 }
 
 fn clipboard_len(message: &ClipboardMessage) -> usize {
@@ -397,7 +497,7 @@ mod tests {
         use pleiades_protocol::wire::{ClipboardFormat, ClipboardRequest};
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("session.sock");
-        let reports = SessionReports::listen(&socket).unwrap();
+        let reports = SessionReports::listen_with(&socket, Arc::new(|_| true)).unwrap();
         let grab = |serial| {
             AgentMessage::Clipboard(ClipboardMessage::Grab(ClipboardGrab {
                 serial,
@@ -435,13 +535,51 @@ mod tests {
         let n = second.read(&mut buf).unwrap();
         assert_eq!(buf[..n], encode_to_vec(&AgentMessage::Clipboard(request.clone())).unwrap());
 
-        // It goes: what it offered is withdrawn, and requests find nobody.
-        drop(second);
+        // A new link to the host: the part's copy is offered again.
+        reports.new_link();
+        assert!(matches!(
+            take("the copy again")[..],
+            [ClipboardMessage::Grab(ClipboardGrab { serial: 7, .. })]
+        ));
+        // The host's copy reaches a part that takes the clipboard later.
+        let offered =
+            ClipboardMessage::Grab(ClipboardGrab { serial: 3, formats: vec![ClipboardFormat::Png] });
+        assert!(reports.to_session(&offered));
+        let n = second.read(&mut buf).unwrap();
+        assert_eq!(buf[..n], encode_to_vec(&AgentMessage::Clipboard(offered.clone())).unwrap());
+        let mut third = UnixStream::connect(&socket).unwrap();
+        third.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let n = third.read(&mut buf).unwrap();
+        assert_eq!(buf[..n], encode_to_vec(&AgentMessage::Clipboard(offered)).unwrap());
+        // It goes: what it offered is withdrawn.
+        drop(third);
         assert_eq!(
-            take("the withdrawal"),
+            take("the third part's withdrawal"),
             [ClipboardMessage::Grab(ClipboardGrab { serial: 0, formats: vec![] })]
         );
+
+        // The clipboard's part went: requests find nobody (the older part does not get it back).
         assert!(!reports.to_session(&request));
+        drop(second);
+    }
+
+    #[test]
+    fn a_part_of_a_user_not_in_the_seats_foreground_never_has_the_clipboard() {
+        use pleiades_protocol::wire::ClipboardFormat;
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("session.sock");
+        let reports = SessionReports::listen_with(&socket, Arc::new(|_| false)).unwrap();
+        let mut part = UnixStream::connect(&socket).unwrap();
+        let grab = ClipboardMessage::Grab(ClipboardGrab { serial: 1, formats: vec![ClipboardFormat::Text] });
+        part.write_all(&encode_to_vec(&AgentMessage::Clipboard(grab.clone())).unwrap()).unwrap();
+        let state = SessionState { activity: SessionActivity::Active, user: "x".into(), idle_ms: 1 };
+        part.write_all(&encode_to_vec(&AgentMessage::SessionState(state)).unwrap()).unwrap();
+        // Its report is taken (after its copy, on the same stream); its copy is not.
+        let mut seen = 0;
+        pleiades_testkit::wait_for("the report", Duration::from_secs(10), || reports.take_change(&mut seen))
+            .unwrap();
+        assert!(reports.take_clipboard().is_empty());
+        assert!(!reports.to_session(&grab), "the host's copy reaches no part");
     }
 
     #[test]
@@ -449,7 +587,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("session.sock");
         let reports = SessionReports::listen(&socket).unwrap();
-        let me = peer_user(&UnixStream::pair().unwrap().0).expect("this process's user");
+        let me = peer_user(&UnixStream::pair().unwrap().0).expect("this process's user").1;
         let mut seen = 0;
         assert_eq!(reports.take_change(&mut seen), None);
 

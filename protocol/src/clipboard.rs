@@ -6,13 +6,15 @@
 //! client ──Grab──▶ relay ──Grab──▶ agent          (to-guest allowed)
 //! client ◀─Data── relay ◀─Request─ agent          (the guest's user pastes)
 //! client ──Data──▶ relay ──Data──▶ agent          (chunk by chunk, checked)
-//! client ──Grab──▶ relay ──Refused{Policy}──▶ client   + RelayEvent::Denied (audited)
+//! client ──Grab──▶ relay ──Refused{NotShared}──▶ client   + RelayEvent::Denied (audited)
 //! ```
 //!
 //! What the relay keeps: each end's latest grab (replayed to the other end when it connects,
 //! withdrawn with an empty grab when its owner goes away) and at most one transfer per
-//! direction (a newer request replaces the older; a chunk that does not continue the current
-//! transfer is dropped, one that breaks it cancels it with `Refused{Failed}` to the asker).
+//! direction (a request for other content or another format replaces the older transfer, whose
+//! asker is told `Refused{Gone}`; the same request again is passed on only while nothing of it
+//! has crossed; a chunk that does not continue the current transfer is dropped, one that breaks
+//! it cancels it with `Refused{Failed}` to the asker).
 //! Nothing is buffered: chunks are passed on as they come, so the relay's memory does not grow
 //! with the content; the content's size is bounded by [`MAX_CLIPBOARD_BYTES`] and the chunk
 //! checks.
@@ -147,12 +149,13 @@ impl ClipboardRelay {
         self.policy
     }
 
-    /// Changes the policy; content already offered in a direction now denied is withdrawn.
+    /// Changes the policy; content already offered in a direction now denied is withdrawn, and
+    /// its pending paste refused.
     pub fn set_policy(&mut self, policy: ClipboardPolicy) {
         self.policy = policy;
         for owner in [End::Client, End::Guest] {
             if !policy.allows(Direction::from_owner(owner)) {
-                self.transfers[owner.index()] = None;
+                self.cancel(owner, RefuseReason::Policy);
                 if self.grabs[owner.index()].take().is_some() {
                     self.withdraw_from(owner.other());
                 }
@@ -218,7 +221,7 @@ impl ClipboardRelay {
             let refused = ClipboardRefused {
                 serial: grab.serial,
                 format: grab.formats[0],
-                reason: RefuseReason::Policy,
+                reason: RefuseReason::NotShared,
             };
             self.out.push_back((owner, ClipboardMessage::Refused(refused)));
             return;
@@ -244,8 +247,21 @@ impl ClipboardRelay {
             self.out.push_back((asker, ClipboardMessage::Refused(refuse(reason))));
             return;
         }
-        // The asker's newer paste replaces its older one; the owner's late chunks of the older
-        // one are dropped below.
+        match self.transfers[owner.index()] {
+            // The same paste again (the asker's user pasted once more while it was on its
+            // way): asked of the owner again only while nothing of it crossed (the owner
+            // answers one of them; the relay passes one answer on).
+            Some(t) if (t.serial, t.format) == (request.serial, request.format) => {
+                if t.passed == 0 && t.total.is_none() {
+                    self.out.push_back((owner, ClipboardMessage::Request(request)));
+                }
+                return;
+            }
+            // A paste of other content or another format replaces the older one, whose asker
+            // is told; the owner's late chunks of it are dropped below.
+            Some(_) => self.cancel(owner, RefuseReason::Gone),
+            None => {}
+        }
         self.transfers[owner.index()] =
             Some(Transfer { serial: request.serial, format: request.format, passed: 0, total: None });
         self.out.push_back((owner, ClipboardMessage::Request(request)));
@@ -359,7 +375,7 @@ mod tests {
     fn the_policy_keeps_content_on_its_side_and_says_so() {
         let mut relay = both_connected(ClipboardPolicy { to_guest: false, from_guest: true });
         relay.from_end(End::Client, grab(1, &[Text]));
-        assert_eq!(drain(&mut relay), [(End::Client, refused(1, Text, RefuseReason::Policy))]);
+        assert_eq!(drain(&mut relay), [(End::Client, refused(1, Text, RefuseReason::NotShared))]);
         assert_eq!(
             relay.poll_event(),
             Some(RelayEvent::Denied { direction: Direction::ToGuest, formats: vec![Text] })
@@ -374,7 +390,7 @@ mod tests {
         // Nothing at all.
         let mut relay = both_connected(ClipboardPolicy::NONE);
         relay.from_end(End::Guest, grab(4, &[Png, Text]));
-        assert_eq!(drain(&mut relay), [(End::Guest, refused(4, Png, RefuseReason::Policy))]);
+        assert_eq!(drain(&mut relay), [(End::Guest, refused(4, Png, RefuseReason::NotShared))]);
         assert_eq!(
             relay.poll_event(),
             Some(RelayEvent::Denied { direction: Direction::FromGuest, formats: vec![Png, Text] })
@@ -455,6 +471,43 @@ mod tests {
         assert_eq!(drain(&mut relay), []);
         relay.connected(End::Client);
         assert_eq!(drain(&mut relay), [(End::Client, grab(11, &[Html]))]);
+    }
+
+    #[test]
+    fn a_paste_of_something_else_replaces_the_pending_one_and_its_asker_is_told() {
+        let mut relay = both_connected(ClipboardPolicy::BOTH);
+        relay.from_end(End::Guest, grab(2, &[Text, Html]));
+        relay.from_end(End::Client, request(2, Html));
+        relay.from_end(End::Client, request(2, Text));
+        assert_eq!(
+            drain(&mut relay)[1..],
+            [
+                (End::Guest, request(2, Html)),
+                (End::Client, refused(2, Html, RefuseReason::Gone)),
+                (End::Guest, request(2, Text))
+            ]
+        );
+        // The same paste again: asked again while nothing crossed, then no more.
+        relay.from_end(End::Client, request(2, Text));
+        assert_eq!(drain(&mut relay), [(End::Guest, request(2, Text))]);
+        let chunks = ClipboardData::chunks(2, Text, &vec![b'a'; 60_000]);
+        relay.from_end(End::Guest, ClipboardMessage::Data(chunks[0].clone()));
+        relay.from_end(End::Client, request(2, Text));
+        relay.from_end(End::Guest, ClipboardMessage::Data(chunks[1].clone()));
+        let sent = drain(&mut relay);
+        assert!(
+            sent.iter().all(|(end, m)| *end == End::Client && matches!(m, ClipboardMessage::Data(_))),
+            "{sent:?}"
+        );
+        assert_eq!(sent.len(), 2);
+        // A policy change refuses what is on its way.
+        relay.from_end(End::Client, request(2, Html));
+        drain(&mut relay);
+        relay.set_policy(ClipboardPolicy { to_guest: true, from_guest: false });
+        assert_eq!(
+            drain(&mut relay),
+            [(End::Client, refused(2, Html, RefuseReason::Policy)), (End::Client, grab(0, &[]))]
+        );
     }
 
     #[test]

@@ -429,12 +429,24 @@ struct ClipboardEnd {
 
 /// Attaches the session to the clipboard relay and writes what it has for the client on a
 /// clipboard stream of ours. Never ends by itself: a failed stream only ends the clipboard.
+/// What waits for the client is bounded ([`wire::MAX_CLIPBOARD_QUEUE`]): a client that does
+/// not read, or a guest that floods, ends the session's clipboard (the relay's client end is
+/// detached), never the VM process's memory.
 async fn clipboard_out(conn: &quinn::Connection, end: Option<ClipboardEnd>) {
+    use std::sync::atomic::AtomicUsize;
     let Some(end) = end else { return std::future::pending().await };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<ClipboardMessage>();
+    let queued = Arc::new(AtomicUsize::new(0));
+    let overflow = Arc::new(Notify::new());
+    let (counted, full) = (queued.clone(), overflow.clone());
     end.port.attach(
         end.session,
         Box::new(move |message| {
+            let size = message.queued_size();
+            if counted.fetch_add(size, Ordering::Relaxed) + size > wire::MAX_CLIPBOARD_QUEUE {
+                full.notify_one();
+                return;
+            }
             let _ = tx.send(message);
         }),
     );
@@ -443,17 +455,23 @@ async fn clipboard_out(conn: &quinn::Connection, end: Option<ClipboardEnd>) {
         let _ = stream.set_priority(priority::CLIPBOARD);
         stream.write_all(&stream_prelude(Channel::Clipboard)).await.map_err(|e| e.to_string())?;
         let mut bytes = Vec::new();
-        while let Some(message) = rx.recv().await {
+        loop {
+            let message = tokio::select! {
+                message = rx.recv() => message.ok_or("the relay went away")?,
+                () = overflow.notified() => return Err("more clipboard data waits than the client reads".into()),
+            };
             bytes.clear();
             wire::encode(&message, &mut bytes).map_err(|e| e.to_string())?;
             stream.write_all(&bytes).await.map_err(|e| e.to_string())?;
+            queued.fetch_sub(message.queued_size(), Ordering::Relaxed);
         }
-        Ok(())
     }
     .await;
     if let Err(e) = result {
-        tracing::info!("session {}: the clipboard stream to the client ended: {e}", end.session);
+        tracing::warn!("session {}: the clipboard to the client ended: {e}", end.session);
     }
+    end.port.detach(end.session);
+    drop(rx);
     std::future::pending().await
 }
 

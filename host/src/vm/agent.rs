@@ -417,15 +417,20 @@ impl Worker {
             let counts = &mut status.clipboard;
             match event {
                 RelayEvent::Denied { direction, formats } => {
-                    tracing::warn!(
-                        direction = direction.as_str(),
-                        ?formats,
-                        "clipboard: a copy {} was kept back by the desktop's policy",
-                        direction.as_str()
-                    );
-                    match direction {
-                        Direction::ToGuest => counts.denied_to_guest += 1,
-                        Direction::FromGuest => counts.denied_from_guest += 1,
+                    let count = match direction {
+                        Direction::ToGuest => &mut counts.denied_to_guest,
+                        Direction::FromGuest => &mut counts.denied_from_guest,
+                    };
+                    *count += 1;
+                    // The 1st, 2nd, 4th, 8th…: a side that copies in a loop does not flood the log.
+                    if count.is_power_of_two() {
+                        tracing::warn!(
+                            direction = direction.as_str(),
+                            ?formats,
+                            denied = *count,
+                            "clipboard: a copy {} was kept back by the desktop's policy",
+                            direction.as_str()
+                        );
                     }
                 }
                 RelayEvent::Transferred { direction, format, bytes } => {
@@ -715,7 +720,7 @@ mod tests {
             StreamDecoder::<AgentMessage>::new().decode_all(&stream, &mut received).unwrap();
         }
         let refused =
-            ClipboardRefused { serial: 1, format: ClipboardFormat::Text, reason: RefuseReason::Policy };
+            ClipboardRefused { serial: 1, format: ClipboardFormat::Text, reason: RefuseReason::NotShared };
         assert_eq!(
             received,
             [

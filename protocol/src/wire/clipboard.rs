@@ -130,14 +130,18 @@ pub enum RefuseReason {
     NoFormat = 1,
     /// Over [`MAX_CLIPBOARD_BYTES`] or the receiver's own limit.
     TooLarge = 2,
-    /// The desktop's pool does not allow the clipboard in this direction.
+    /// The desktop's pool does not allow the clipboard in this direction (the answer to a
+    /// request).
     Policy = 3,
     /// The owner did not answer in time or its clipboard failed.
     Failed = 4,
+    /// The answer to a grab, not to a request: the desktop's pool keeps what this side copied
+    /// on this side (`serial` is the grab's, `format` its first).
+    NotShared = 5,
 }
 
 /// "No data for your request" (or, from the VM process to the side that grabbed: "your grab
-/// goes nowhere", reason [`RefuseReason::Policy`]).
+/// goes nowhere", reason [`RefuseReason::NotShared`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClipboardRefused {
     pub serial: u32,
@@ -154,8 +158,23 @@ pub enum ClipboardMessage {
     Refused(ClipboardRefused),
 }
 
+/// Most bytes of clipboard messages a sender keeps queued for one peer (what
+/// [`ClipboardMessage::queued_size`] counts): one whole content and some room. A queue past it
+/// means the peer does not read or the other side floods; the sender ends the clipboard there.
+pub const MAX_CLIPBOARD_QUEUE: usize = MAX_CLIPBOARD_BYTES as usize + (1 << 20);
+
 /// The index of each message within its channel's four consecutive type numbers.
 impl ClipboardMessage {
+    /// The memory this message takes while it waits in a queue.
+    pub fn queued_size(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + match self {
+                ClipboardMessage::Grab(g) => g.formats.len(),
+                ClipboardMessage::Data(d) => d.bytes.len(),
+                ClipboardMessage::Request(_) | ClipboardMessage::Refused(_) => 0,
+            }
+    }
+
     fn index(&self) -> u16 {
         match self {
             ClipboardMessage::Grab(_) => 0,
@@ -261,6 +280,7 @@ impl ClipboardMessage {
                     2 => RefuseReason::TooLarge,
                     3 => RefuseReason::Policy,
                     4 => RefuseReason::Failed,
+                    5 => RefuseReason::NotShared,
                     _ => return Err("unknown refusal reason"),
                 };
                 ClipboardMessage::Refused(ClipboardRefused { serial, format, reason })

@@ -51,7 +51,7 @@ pub use audio::{
 };
 pub use clipboard::{
     ClipboardData, ClipboardFormat, ClipboardGrab, ClipboardMessage, ClipboardRefused, ClipboardRequest,
-    MAX_CLIPBOARD_BYTES, MAX_CLIPBOARD_CHUNK, MAX_CLIPBOARD_FORMATS, RefuseReason,
+    MAX_CLIPBOARD_BYTES, MAX_CLIPBOARD_CHUNK, MAX_CLIPBOARD_FORMATS, MAX_CLIPBOARD_QUEUE, RefuseReason,
 };
 pub use control::{
     ClientStats, ControlMessage, FrameAck, Goodbye, GoodbyeReason, Hello, Monitor, MonitorSize, Ping, Pong,

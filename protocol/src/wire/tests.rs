@@ -569,6 +569,7 @@ fn clipboard() -> impl Strategy<Value = ClipboardMessage> {
         Just(RefuseReason::TooLarge),
         Just(RefuseReason::Policy),
         Just(RefuseReason::Failed),
+        Just(RefuseReason::NotShared),
     ];
     prop_oneof![
         (any::<u32>(), proptest::sample::subsequence(ClipboardFormat::ALL.to_vec(), 0..=3))
