@@ -61,6 +61,37 @@ impl Xvfb {
         cmd.env("DISPLAY", &self.display);
         cmd
     }
+
+    /// `bytes` copied to this display's CLIPBOARD as `target` (a MIME type or an atom) by an
+    /// `xclip` that holds the selection in the foreground: it exits when another client takes
+    /// the selection, which tells the caller that the other client's copy arrived.
+    pub fn copy(&self, target: &str, bytes: &[u8]) -> std::io::Result<Child> {
+        use std::io::Write;
+        let mut holder = self
+            .command("xclip")
+            .args(["-quiet", "-selection", "clipboard", "-t", target])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        if let Some(mut stdin) = holder.stdin.take() {
+            stdin.write_all(bytes)?;
+        }
+        Ok(holder)
+    }
+
+    /// What a paste of this display's CLIPBOARD as `target` gives (`xclip -o`, given at most
+    /// `timeout`); `None` if it failed.
+    pub fn paste(&self, target: &str, timeout: Duration) -> Option<Vec<u8>> {
+        let output = self
+            .command("timeout")
+            .arg(timeout.as_secs().max(1).to_string())
+            .args(["xclip", "-o", "-selection", "clipboard", "-t", target])
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        output.status.success().then_some(output.stdout)
+    }
 }
 
 impl Drop for Xvfb {

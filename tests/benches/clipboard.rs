@@ -16,14 +16,13 @@
 //! same measurement made with the echo loop on the client's own display (two local X clients,
 //! the same polling), in the same run: the ratio is what crossing to the desktop costs.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use pleiades_control::{Request, request};
 use pleiades_protocol::connfile::Connection;
-use pleiades_tests::desktop::wait_usable;
+use pleiades_tests::desktop::{run_desktop_image, wait_usable};
 use pleiades_tests::image::DesktopImage;
 use pleiades_tests::linkem::{Link, LinkConfig};
 use pleiades_tests::xvfb::Xvfb;
@@ -89,31 +88,12 @@ fn main() {
 
 /// `pleiades-host run` with the desktop image and its agent, served on loopback.
 fn boot(image: &DesktopImage, dir: &Path) -> (Child, PathBuf, PathBuf) {
-    let overlay = dir.join("desk.qcow2");
-    let status = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
-        .arg(&image.disk)
-        .arg(&overlay)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let control = dir.join("vm.sock");
+    let (mut command, control) = run_desktop_image(image, dir);
     let file = dir.join("desk.pleiades");
-    let vm = Command::new(workspace_binary("pleiades-host").unwrap())
-        .args(["run", "--vmm", "qemu", "--cpus", "2", "--memory", "2G", "--cmdline", &image.cmdline])
-        .arg("--kernel")
-        .arg(&image.kernel)
-        .arg("--initrd")
-        .arg(&image.initrd)
+    let vm = command
         .args(["--device", "gpu", "--device", "keyboard", "--device", "tablet", "--device", "vsock"])
-        .arg(format!("--disk={}", overlay.display()))
-        .arg(format!("--serial={}", dir.join("serial.log").display()))
         .args(["--listen", "127.0.0.1:0", "--connection-file"])
         .arg(&file)
-        .arg("--control")
-        .arg(&control)
-        .stdout(std::fs::File::create(dir.join("vm.log")).unwrap())
-        .stderr(std::fs::File::create(dir.join("vm.err")).unwrap())
         .spawn()
         .unwrap();
     wait_for("the control socket", Duration::from_secs(60), || control.exists().then_some(())).unwrap();
@@ -219,22 +199,11 @@ fn large_paste(x: &Xvfb, copy_large: impl FnOnce()) -> Duration {
 }
 
 fn copy(x: &Xvfb, bytes: &[u8]) -> Child {
-    let mut holder = x
-        .command("xclip")
-        .args(["-quiet", "-sel", "c"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    holder.stdin.take().unwrap().write_all(bytes).unwrap();
-    holder
+    x.copy("UTF8_STRING", bytes).expect("xclip runs")
 }
 
 fn paste(x: &Xvfb) -> Option<Vec<u8>> {
-    let output =
-        x.command("timeout").args(["30", "xclip", "-o", "-sel", "c"]).stderr(Stdio::null()).output().ok()?;
-    output.status.success().then_some(output.stdout)
+    x.paste("UTF8_STRING", Duration::from_secs(30))
 }
 
 fn ms(d: Duration) -> f64 {

@@ -22,11 +22,11 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use pleiades_tests::desktop::wait_usable;
+use pleiades_tests::desktop::{run_desktop_image, wait_usable};
 use pleiades_tests::disk::ext4_template;
 use pleiades_tests::image::{DesktopImage, GuestImage};
 use pleiades_tests::stack::{Stack, StackOptions};
-use pleiades_tests::{wait_for, workspace_binary};
+use pleiades_tests::wait_for;
 
 const DESKTOP_BOOT: Duration = Duration::from_secs(900);
 const DD_MIB: u64 = 128;
@@ -37,29 +37,10 @@ fn options(dir: &Path, pool_kind: &'static str) -> StackOptions {
 
 /// The desktop image through `pleiades-host run` alone: seconds to a usable desktop.
 fn direct_boot(image: &DesktopImage, dir: &Path) -> f64 {
-    let overlay = dir.join("direct.qcow2");
-    let status = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
-        .arg(&image.disk)
-        .arg(&overlay)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let control = dir.join("direct.sock");
+    let (mut command, control) = run_desktop_image(image, dir);
     let started = Instant::now();
-    let mut vm = Command::new(workspace_binary("pleiades-host").unwrap())
-        .args(["run", "--vmm", "qemu", "--cpus", "2", "--memory", "2G", "--cmdline", &image.cmdline])
-        .arg("--kernel")
-        .arg(&image.kernel)
-        .arg("--initrd")
-        .arg(&image.initrd)
+    let mut vm = command
         .args(["--device", "gpu", "--device", "keyboard", "--device", "tablet", "--device", "sound"])
-        .arg(format!("--disk={}", overlay.display()))
-        .arg(format!("--serial={}", dir.join("direct-serial.log").display()))
-        .arg("--control")
-        .arg(&control)
-        .stdout(std::fs::File::create(dir.join("direct.log")).unwrap())
-        .stderr(std::fs::File::create(dir.join("direct.err")).unwrap())
         .spawn()
         .unwrap();
     wait_for("the control socket", Duration::from_secs(60), || control.exists().then_some(())).unwrap();

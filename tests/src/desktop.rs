@@ -2,13 +2,15 @@
 //! wallpaper) rather than a console or a black screen, and screenshots through a VM's control
 //! socket.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use pleiades_control::Request;
 use pleiades_control::screenshot::decode_png;
 use pleiades_virtio::gpu::Framebuffer;
 
+use crate::image::DesktopImage;
 use crate::wait_for;
 
 /// A frame's pixel as RGB (frames are BGRX).
@@ -94,4 +96,34 @@ pub fn wait_usable(control: &Path, timeout: Duration) -> Result<Duration, String
             Err(format!("{e}: {why}"))
         }
     }
+}
+
+/// `pleiades-host run --vmm qemu` for the desktop image alone (2 vCPUs, 2 GiB), on a fresh
+/// qcow2 overlay of its disk in `dir`, its serial console, log and control socket there too;
+/// the caller adds `--device`s (and a session) and spawns it. Returns the command and the
+/// control socket's path.
+pub fn run_desktop_image(image: &DesktopImage, dir: &Path) -> (Command, PathBuf) {
+    let overlay = dir.join("direct.qcow2");
+    let status = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(&image.disk)
+        .arg(&overlay)
+        .status()
+        .expect("qemu-img runs");
+    assert!(status.success(), "qemu-img create failed");
+    let control = dir.join("direct.sock");
+    let mut command = Command::new(crate::workspace_binary("pleiades-host").unwrap());
+    command
+        .args(["run", "--vmm", "qemu", "--cpus", "2", "--memory", "2G", "--cmdline", &image.cmdline])
+        .arg("--kernel")
+        .arg(&image.kernel)
+        .arg("--initrd")
+        .arg(&image.initrd)
+        .arg(format!("--disk={}", overlay.display()))
+        .arg(format!("--serial={}", dir.join("direct-serial.log").display()))
+        .arg("--control")
+        .arg(&control)
+        .stdout(std::fs::File::create(dir.join("direct.log")).unwrap())
+        .stderr(std::fs::File::create(dir.join("direct.err")).unwrap());
+    (command, control)
 }

@@ -21,7 +21,6 @@
 
 use std::time::{Duration, Instant};
 
-use std::io::Write;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
@@ -307,30 +306,14 @@ fn clipboard_both_ways(
     );
 }
 
-/// `bytes` copied on the client's display as `target` by an `xclip` that holds the selection
-/// in the foreground (it exits when another client takes it).
+/// `bytes` copied on the client's display as `target` (held until the guest's copy takes it).
 fn copy(x: &Xvfb, target: &str, bytes: &[u8]) -> Child {
-    let mut holder = x
-        .command("xclip")
-        .args(["-quiet", "-selection", "clipboard", "-t", target])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    holder.stdin.take().unwrap().write_all(bytes).unwrap();
-    holder
+    x.copy(target, bytes).expect("xclip runs")
 }
 
-/// What a paste of `target` on the client's display gives; `None` if it failed.
+/// What a paste of `target` on the client's display gives.
 fn paste(x: &Xvfb, target: &str) -> Option<Vec<u8>> {
-    let output = x
-        .command("timeout")
-        .args(["20", "xclip", "-o", "-selection", "clipboard", "-t", target])
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    output.status.success().then_some(output.stdout)
+    x.paste(target, Duration::from_secs(20))
 }
 
 fn press(control: &Path, combo: &str) {
