@@ -146,7 +146,7 @@ impl Worker {
             return;
         }
         if let Some(since) = self.serving.owned_since
-            && (e.time == CURRENT_TIME || e.time >= since)
+            && (e.time == CURRENT_TIME || !earlier(e.time, since))
         {
             self.serving.owned_since = None;
             self.serving.offer.clear();
@@ -167,7 +167,7 @@ impl Worker {
         let Some(since) = self.serving.owned_since else { return self.refuse(paste) };
         if e.selection != self.atoms.CLIPBOARD
             || e.owner != self.window
-            || (e.time != CURRENT_TIME && e.time < since)
+            || (e.time != CURRENT_TIME && earlier(e.time, since))
         {
             return self.refuse(paste);
         }
@@ -381,5 +381,23 @@ impl Worker {
             self.end_transfer(0)?;
         }
         self.conn.flush()
+    }
+}
+
+/// Whether X server time `a` is before `b`. The server's millisecond clock wraps every 49.7
+/// days; times are compared as the ICCCM asks, within half the range of each other.
+fn earlier(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) < 0
+}
+
+#[cfg(test)]
+mod time_tests {
+    use super::earlier;
+
+    #[test]
+    fn server_times_compare_across_the_clocks_wrap() {
+        assert!(earlier(5, 9) && !earlier(9, 5) && !earlier(7, 7));
+        assert!(earlier(u32::MAX - 10, 20), "just before the wrap is earlier than just after");
+        assert!(!earlier(20, u32::MAX - 10));
     }
 }

@@ -89,10 +89,11 @@ pub struct ClipboardStatus {
 }
 
 impl Default for ClipboardStatus {
+    /// Off both ways until the VM process sets the desktop's policy.
     fn default() -> Self {
         Self {
-            to_guest: true,
-            from_guest: true,
+            to_guest: false,
+            from_guest: false,
             denied_to_guest: 0,
             denied_from_guest: 0,
             pasted_to_guest: 0,
@@ -139,7 +140,9 @@ impl Agent {
             status: status.clone(),
             conn: None,
             received,
-            relay: ClipboardRelay::new(ClipboardPolicy::BOTH),
+            // Nothing crosses until the policy is set (`set_clipboard_policy`; `run` sets it
+            // before the guest can speak): the safe default.
+            relay: ClipboardRelay::new(ClipboardPolicy::NONE),
             client: None,
         };
         let thread_wake = wake.clone();
@@ -266,7 +269,7 @@ struct Connection {
     key: ConnKey,
     link: HostLink,
     /// Bytes for the agent that its credit did not let through yet.
-    pending: Vec<u8>,
+    pending: std::collections::VecDeque<u8>,
 }
 
 struct Worker {
@@ -326,7 +329,7 @@ impl Worker {
                     self.vsock.close(old.key);
                     self.guest_gone();
                 }
-                self.conn = Some(Connection { key, link: HostLink::new(), pending: Vec::new() });
+                self.conn = Some(Connection { key, link: HostLink::new(), pending: Default::default() });
                 let mut status = lock(&self.status);
                 status.connections += 1;
                 status.connected = false;
@@ -499,7 +502,7 @@ impl Worker {
         let Some(conn) = self.conn.as_mut() else { return };
         conn.pending.extend(conn.link.take_output());
         while !conn.pending.is_empty() {
-            match self.vsock.send(conn.key, &conn.pending) {
+            match self.vsock.send(conn.key, conn.pending.make_contiguous()) {
                 Ok(0) => break,
                 Ok(n) => {
                     conn.pending.drain(..n);
