@@ -347,6 +347,7 @@ fn spec(name: &str, max: usize, spares: usize) -> PoolSpec {
         lock_on_disconnect: true,
         clipboard_to_guest: true,
         clipboard_from_guest: true,
+        file_transfer: true,
     }
 }
 

@@ -176,6 +176,10 @@ struct PoolArgs {
     /// Whether the clipboard carries content from the desktops out to the client.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     clipboard_from_guest: bool,
+    /// Whether the client may send files into the desktops (a data loss prevention control,
+    /// enforced by the host).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    file_transfer: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -394,6 +398,7 @@ async fn run(mut config: Config, command: Cmd) -> Result<()> {
                 lock_on_disconnect: a.lock_on_disconnect,
                 clipboard_to_guest: a.clipboard_to_guest,
                 clipboard_from_guest: a.clipboard_from_guest,
+                file_transfer: a.file_transfer,
             };
             let pool = open(&config).await?.create_pool(&system, &spec).await?;
             println!("pool {} created ({})", pool.name, pool.id);
@@ -426,13 +431,14 @@ async fn run(mut config: Config, command: Cmd) -> Result<()> {
                     (true, false) => format!("nat, host ports {}", p.network.ports_text()),
                 };
                 println!(
-                    "{}\t{}\tmin {} max {} spares {}\t{network}\tclipboard {}\t{}",
+                    "{}\t{}\tmin {} max {} spares {}\t{network}\tclipboard {}\tfile transfer {}\t{}",
                     p.name,
                     p.kind.as_str(),
                     p.min_size,
                     p.max_size,
                     p.spares,
                     p.clipboard_text(),
+                    p.file_transfer_text(),
                     if p.enabled { "enabled" } else { "disabled" }
                 );
             }

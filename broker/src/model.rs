@@ -138,6 +138,9 @@ pub struct Pool {
     pub clipboard_to_guest: bool,
     /// The clipboard carries content from the desktops out to the client.
     pub clipboard_from_guest: bool,
+    /// The client may send files into the desktops (data loss prevention: the host refuses
+    /// them when off).
+    pub file_transfer: bool,
 }
 
 impl Pool {
@@ -158,6 +161,7 @@ impl Pool {
             lock_on_disconnect: get_i64(r, "lock_on_disconnect")? != 0,
             clipboard_to_guest: get_i64(r, "clipboard_to_guest")? != 0,
             clipboard_from_guest: get_i64(r, "clipboard_from_guest")? != 0,
+            file_transfer: get_i64(r, "file_transfer")? != 0,
         })
     }
 
@@ -174,6 +178,11 @@ impl Pool {
             (false, true) => "desktop → client only",
             (false, false) => "off",
         }
+    }
+
+    /// The file-transfer policy in a word (the admin's pool list, `pool list`).
+    pub fn file_transfer_text(&self) -> &'static str {
+        if self.file_transfer { "allowed" } else { "off" }
     }
 }
 
@@ -313,6 +322,10 @@ pub struct PoolSpec {
     /// the host keeps the desktops' copies in.
     #[serde(default = "yes")]
     pub clipboard_from_guest: bool,
+    /// The client may send files into the desktops (their Downloads). On by default; off, the
+    /// host refuses every file the client offers (a data loss prevention control).
+    #[serde(default = "yes")]
+    pub file_transfer: bool,
 }
 
 fn default_idle() -> i64 {

@@ -29,6 +29,7 @@ on_both_databases!(
     commands_a_host_never_answers_time_out,
     an_answer_sent_twice_counts_once,
     clipboard_policy_reaches_the_host_and_denials_are_audited,
+    file_transfer_policy_reaches_the_host_and_denials_are_audited,
 );
 
 async fn floating(backend: Backend) {
@@ -55,6 +56,11 @@ async fn floating(backend: Backend) {
         host.clipboard.get(&d.id),
         Some(&serde_json::json!({ "to_guest": true, "from_guest": true })),
         "pools let the clipboard carry both ways by default"
+    );
+    assert_eq!(
+        host.file_transfer.get(&d.id),
+        Some(&serde_json::json!(true)),
+        "pools let the client send files by default"
     );
 
     // A ticket that the host verifies once, bound to user, desktop and host.
@@ -268,6 +274,7 @@ async fn spec(env: &Env, pool: &str, max: i64, spares: i64) -> pleiades_broker::
         lock_on_disconnect: p.lock_on_disconnect,
         clipboard_to_guest: p.clipboard_to_guest,
         clipboard_from_guest: p.clipboard_from_guest,
+        file_transfer: p.file_transfer,
     }
 }
 
@@ -924,4 +931,101 @@ async fn clipboard_policy_reaches_the_host_and_denials_are_audited(backend: Back
     host.tick().await;
     expected.push(copies(4, "the client", "to-guest"));
     assert_eq!(denials(&env.broker.list_audit(&root, 100).await.unwrap()), expected);
+}
+
+async fn file_transfer_policy_reaches_the_host_and_denials_are_audited(backend: Backend) {
+    let env = Env::new(backend).await;
+    env.image("debian", 1024).await;
+    let mut host = HostDouble::register(&env, "host-a", 8192, &["debian"]).await;
+    let (_, alice) = env.user("alice").await;
+    let (_, root) = env.admin("root").await;
+    let pool = env.pool("vault", PoolKind::Persistent, "debian", 3, 0).await;
+    env.entitle_user(&pool, "alice").await;
+    let d = env.broker.request_desktop(&alice, &pool).await.unwrap();
+    host.settle().await;
+    assert_eq!(
+        host.file_transfer.get(&d.id),
+        Some(&serde_json::json!(true)),
+        "the start command carries the pool's policy: allowed"
+    );
+
+    // No file from the user's computer gets in: the desktop's next boot is told so.
+    let sealed = pleiades_broker::model::PoolSpec { file_transfer: false, ..spec(&env, &pool, 3, 0).await };
+    env.broker.update_pool(&root, &pool, &sealed, true).await.unwrap();
+    assert!(!env.broker.pool(&pool).await.unwrap().file_transfer);
+    let stored: (i64,) = sqlx::query_as("SELECT file_transfer FROM pools WHERE id = $1")
+        .bind(&pool)
+        .fetch_one(&env.broker.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored.0, 0);
+    env.broker.restart(&alice, &d.id).await.unwrap();
+    host.settle().await;
+    assert_eq!(
+        host.file_transfer.get(&d.id),
+        Some(&serde_json::json!(false)),
+        "the restart command carries the pool's new policy: denied"
+    );
+
+    // The host's running total of refused files: each heartbeat's news is audited once, a
+    // total that drops is a new VM process.
+    let denials = |audit: &[pleiades_broker::model::AuditEntry]| -> Vec<(String, String, String)> {
+        let mut found: Vec<_> = audit
+            .iter()
+            .filter(|e| e.action == "files.denied")
+            .map(|e| (e.actor.clone(), e.target.clone(), e.detail.clone()))
+            .collect();
+        found.reverse(); // oldest first
+        found
+    };
+    let files = |n: u32| {
+        let noun = if n == 1 { "file" } else { "files" };
+        (
+            "host-a".to_owned(),
+            d.name.clone(),
+            format!("{n} {noun} from the client refused by the pool's policy"),
+        )
+    };
+    let audited = |env: &Env| {
+        let query =
+            sqlx::query_as::<_, (i64,)>("SELECT files_denied FROM desktops WHERE id = $1").bind(d.id.clone());
+        let pool = env.broker.db.pool.clone();
+        async move { query.fetch_one(&pool).await.unwrap().0 }
+    };
+    let mut expected = Vec::new();
+    for (total, new) in [
+        (0, None),
+        (1, Some(files(1))),
+        (1, None),
+        (4, Some(files(3))),
+        (4, None),
+        // The VM process restarted on its own: its counter began again.
+        (2, Some(files(2))),
+        (2, None),
+    ] {
+        host.vms.get_mut(&d.id).unwrap().files_denied = Some(total);
+        host.tick().await;
+        expected.extend(new);
+        assert_eq!(denials(&env.broker.list_audit(&root, 100).await.unwrap()), expected, "after {total}");
+        assert_eq!(audited(&env).await, total as i64, "the desktop row keeps the audited total");
+    }
+    // A report without file counts (a host that predates them) audits nothing and keeps the count.
+    host.vms.get_mut(&d.id).unwrap().files_denied = None;
+    host.tick().await;
+    assert_eq!(denials(&env.broker.list_audit(&root, 100).await.unwrap()), expected);
+    assert_eq!(audited(&env).await, 2);
+    // A restart the broker commands starts the count again too: all 3 of the new process are new.
+    host.vms.get_mut(&d.id).unwrap().files_denied = Some(2);
+    env.broker.restart(&alice, &d.id).await.unwrap();
+    host.settle().await;
+    assert_eq!(host.vms[&d.id].files_denied, Some(0));
+    assert_eq!(audited(&env).await, 0, "reset when the boot is acknowledged");
+    assert_eq!(host.file_transfer.get(&d.id), Some(&serde_json::json!(false)));
+    host.vms.get_mut(&d.id).unwrap().files_denied = Some(3);
+    host.tick().await;
+    expected.push(files(3));
+    assert_eq!(denials(&env.broker.list_audit(&root, 100).await.unwrap()), expected);
+    // Clipboard denials are a different matter: none were reported, none audited.
+    let audit = env.broker.list_audit(&root, 100).await.unwrap();
+    assert!(!audit.iter().any(|e| e.action == "clipboard.denied"), "{audit:?}");
 }

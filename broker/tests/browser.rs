@@ -159,6 +159,25 @@ async fn scenario() {
         (true, false),
         "the form's clipboard switches"
     );
+    assert!(!design.file_transfer, "the form's file-transfer switch");
+    assert_eq!(
+        (&result["form_file_transfer"], &result["form_clipboard_from_guest"]),
+        (&false.into(), &false.into()),
+        "the pool's page shows the switches as stored"
+    );
+    let row = result["pool_rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .find(|r| r.starts_with("Design studio"))
+        .unwrap_or_else(|| panic!("the pool list shows the pool: {}", result["pool_rows"]));
+    assert!(row.contains("client → desktop only off"), "clipboard, then file transfer: {row}");
+    let stored: (i64,) = sqlx::query_as("SELECT file_transfer FROM pools WHERE name = 'design'")
+        .fetch_one(&env.broker.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored.0, 0);
     let ents = env.broker.entitlements(&design.id).await.unwrap();
     assert_eq!(ents.len(), 1);
     assert_eq!((ents[0].kind, ents[0].name.as_str()), (PrincipalKind::Group, "engineering"));

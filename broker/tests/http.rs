@@ -233,6 +233,137 @@ async fn pool_clipboard_switches_round_trip_through_the_api_and_the_admin_form()
     );
 }
 
+/// The pool's file-transfer switch (data loss prevention) through the JSON API (create, update,
+/// list, the OpenAPI document), the admin form (an unchecked box is off) and the admin's list of
+/// pools.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_file_transfer_switch_round_trips_through_the_api_and_the_admin_form() {
+    let env = Env::new(Backend::Sqlite).await;
+    env.image("debian", 1024).await;
+    env.admin("root").await;
+    let token = env.api_login("root").await;
+    let doc: Value =
+        env.http.get(env.url("/api/v1/openapi.json")).send().await.unwrap().json().await.unwrap();
+    let documented = &doc["components"]["schemas"]["PoolSpec"]["properties"]["file_transfer"];
+    assert_eq!(
+        (&documented["type"], &documented["default"]),
+        (&"boolean".into(), &true.into()),
+        "{documented}"
+    );
+    let create = |body: Value| {
+        let request = env.http.post(env.url("/api/v1/admin/pools")).bearer_auth(&token).json(&body);
+        async move {
+            let res = request.send().await.unwrap();
+            assert_eq!(res.status(), 201, "create");
+            res.json::<Value>().await.unwrap()
+        }
+    };
+    let open =
+        create(serde_json::json!({ "name": "open", "kind": "floating", "image": "debian", "max_size": 2 }))
+            .await;
+    assert_eq!(open["file_transfer"], true, "on by default: {open}");
+    let closed = create(serde_json::json!({
+        "name": "closed", "kind": "floating", "image": "debian", "max_size": 2, "file_transfer": false
+    }))
+    .await;
+    assert_eq!(closed["file_transfer"], false, "{closed}");
+    assert_eq!(
+        (closed["clipboard_to_guest"].clone(), closed["clipboard_from_guest"].clone()),
+        (true.into(), true.into()),
+        "the clipboard is another switch"
+    );
+    let id = open["id"].as_str().unwrap().to_owned();
+    let update = |file_transfer: bool| {
+        let request = env
+            .http
+            .put(env.url(&format!("/api/v1/admin/pools/{id}")))
+            .bearer_auth(&token)
+            .json(&serde_json::json!({
+                "name": "open", "kind": "floating", "image": "debian", "max_size": 2, "file_transfer": file_transfer
+            }));
+        async move { request.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    assert_eq!(update(false).await["file_transfer"], false);
+    assert!(!env.broker.pool(&id).await.unwrap().file_transfer);
+    assert_eq!(update(true).await["file_transfer"], true);
+    assert!(env.broker.pool(&id).await.unwrap().file_transfer);
+    let listed: Value = env
+        .http
+        .get(env.url("/api/v1/admin/pools"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let listed: Vec<(String, bool)> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["name"].as_str().unwrap().to_owned(), p["file_transfer"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(listed, vec![("closed".to_owned(), false), ("open".to_owned(), true)]);
+
+    // The form shows the switch as stored, and saves what it is sent back.
+    let root = browser_login(&env, "root").await;
+    let page = |path: String| {
+        let request = env.http.get(env.url(&path)).header("cookie", &root.cookie);
+        async move { request.send().await.unwrap().text().await.unwrap() }
+    };
+    let form = page(format!("/admin/pools/{id}")).await;
+    assert!(form.contains("File transfer into the desktop"), "{form}");
+    assert!(form.contains(r#"name="file_transfer" type="checkbox" value="1" checked"#), "{form}");
+    let closed_id = closed["id"].as_str().unwrap();
+    let form = page(format!("/admin/pools/{closed_id}")).await;
+    assert!(form.contains(r#"name="file_transfer" type="checkbox" value="1" aria-describedby"#), "{form}");
+    let list = page("/admin/pools".into()).await;
+    assert!(list.contains("File transfer") && list.contains("allowed"), "{list}");
+    let post = |path: String, fields: Vec<(&'static str, &'static str)>| {
+        let mut form: Vec<(&str, String)> = fields.into_iter().map(|(k, v)| (k, v.to_owned())).collect();
+        form.push(("csrf", root.csrf.clone()));
+        let request = env.http.post(env.url(&path)).header("cookie", &root.cookie).form(&form);
+        async move { request.send().await.unwrap().status() }
+    };
+    // Saved without the box (unchecked): off; the clipboard boxes sent stay on.
+    let saved = post(
+        format!("/admin/pools/{id}"),
+        vec![("max_size", "2"), ("enabled", "1"), ("clipboard_to_guest", "1"), ("clipboard_from_guest", "1")],
+    )
+    .await;
+    assert_eq!(saved, 303);
+    let pool = env.broker.pool(&id).await.unwrap();
+    assert_eq!((pool.file_transfer, pool.clipboard_to_guest, pool.clipboard_from_guest), (false, true, true));
+    // And checked again: on.
+    let saved = post(
+        format!("/admin/pools/{closed_id}"),
+        vec![("max_size", "2"), ("enabled", "1"), ("file_transfer", "1")],
+    )
+    .await;
+    assert_eq!(saved, 303);
+    assert!(env.broker.pool(closed_id).await.unwrap().file_transfer);
+    let made = post(
+        "/admin/pools".into(),
+        vec![("name", "sealed"), ("kind", "persistent"), ("image", "debian"), ("max_size", "1")],
+    )
+    .await;
+    assert_eq!(made, 303);
+    assert!(!env.broker.pool_by_name("sealed").await.unwrap().file_transfer);
+    let audit = env.broker.list_audit(&common::system(), 100).await.unwrap();
+    assert!(
+        audit.iter().any(|e| e.action == "pool.update"
+            && e.target == "open"
+            && e.detail.contains("file_transfer=false")),
+        "{audit:?}"
+    );
+    assert!(
+        audit.iter().any(|e| e.action == "pool.create"
+            && e.target == "sealed"
+            && e.detail.contains("file_transfer=false")),
+        "{audit:?}"
+    );
+}
+
 #[test]
 fn cli_administers_the_same_database() {
     let dir = tempfile::tempdir().unwrap();
@@ -278,6 +409,8 @@ fn cli_administers_the_same_database() {
         "1",
         "--clipboard-from-guest",
         "false",
+        "--file-transfer",
+        "false",
     ]);
     run(&["pool", "entitle", "office", "--group", "engineering"]);
     let token = run(&["host", "token", "create", "--name", "rack1-host1", "--description", "rack 1"]);
@@ -286,7 +419,9 @@ fn cli_administers_the_same_database() {
     assert!(run(&["group", "list"]).contains("engineering\talice"));
     let pools = run(&["pool", "list"]);
     assert!(
-        pools.contains("office\tpersistent") && pools.contains("clipboard client → desktop only"),
+        pools.contains("office\tpersistent")
+            && pools.contains("clipboard client → desktop only")
+            && pools.contains("file transfer off"),
         "{pools}"
     );
     let key = run(&["ticket-key"]);

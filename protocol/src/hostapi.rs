@@ -118,6 +118,10 @@ pub struct RunningDesktop {
     /// (counted by the host, not the guest: the broker audits each new denial).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clipboard: Option<ClipboardCounts>,
+    /// What the VM process's file transfer let through or refused since it started (counted
+    /// by the host, not the guest: the broker audits each new denial).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<FileCounts>,
 }
 
 /// A VM process's clipboard counters (`ctl status`'s `agent.clipboard`); they start at zero
@@ -130,6 +134,18 @@ pub struct ClipboardCounts {
     /// Pastes that crossed.
     pub pasted_to_guest: u64,
     pub pasted_from_guest: u64,
+}
+
+/// A VM process's file-transfer counters (`ctl status`'s `agent.files`); they start at zero
+/// with each VM process.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileCounts {
+    /// Offers of files that the pool's policy refused.
+    pub denied: u64,
+    /// Files that arrived in the guest whole.
+    pub completed: u64,
+    /// Bytes relayed to the guest.
+    pub bytes_to_guest: u64,
 }
 
 /// What a desktop's guest agent says about it (relayed by its VM process; the guest is not
@@ -208,6 +224,11 @@ pub struct HostCommand {
     /// the host passes `run --clipboard`). `None`: both ways (a broker that predates it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clipboard: Option<crate::clipboard::ClipboardPolicy>,
+    /// The kinds that boot: whether the client may send files into the guest (the pool's
+    /// policy; the host passes `run --file-transfer`). `None`: allowed (a broker that
+    /// predates it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_transfer: Option<bool>,
 }
 
 /// A desktop's network: a NIC with DHCP, DNS and outbound NAT, kept from the host's own
@@ -372,11 +393,34 @@ mod tests {
                 disk_bytes: None,
                 guest: None,
                 clipboard: None,
+                files: None,
             }
         );
         let with_port = RunningDesktop { port: Some(47001), ..d };
         let json = serde_json::to_string(&with_port).unwrap();
+        assert!(!json.contains("files"), "no counts, no field: {json}");
         assert_eq!(serde_json::from_str::<RunningDesktop>(&json).unwrap(), with_port);
+        let with_files = RunningDesktop {
+            files: Some(FileCounts { denied: 2, completed: 3, bytes_to_guest: 1 << 33 }),
+            ..with_port
+        };
+        let json = serde_json::to_string(&with_files).unwrap();
+        assert!(json.contains(r#""files":{"denied":2,"completed":3,"bytes_to_guest":8589934592}"#), "{json}");
+        assert_eq!(serde_json::from_str::<RunningDesktop>(&json).unwrap(), with_files);
+    }
+
+    #[test]
+    fn a_boot_command_carries_the_file_transfer_policy_only_when_told() {
+        let old = r#"{"id":"c1","kind":"start","desktop_id":"d1","desktop_name":"n","image":null}"#;
+        let command: HostCommand = serde_json::from_str(old).unwrap();
+        assert_eq!(command.file_transfer, None, "a broker that predates it");
+        assert!(!serde_json::to_string(&command).unwrap().contains("file_transfer"));
+        for allowed in [true, false] {
+            let told = HostCommand { file_transfer: Some(allowed), ..command.clone() };
+            let json = serde_json::to_string(&told).unwrap();
+            assert!(json.contains(&format!(r#""file_transfer":{allowed}"#)), "{json}");
+            assert_eq!(serde_json::from_str::<HostCommand>(&json).unwrap(), told);
+        }
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Hosts: registration tokens, registration, heartbeats and command acknowledgements.
 
 use pleiades_protocol::clipboard::{ClipboardPolicy, Direction};
-use pleiades_protocol::hostapi::{ClipboardCounts, RunningDesktop};
+use pleiades_protocol::hostapi::{ClipboardCounts, FileCounts, RunningDesktop};
 use sqlx::{Any, Row, Transaction};
 
 use super::tx::{image_of_desktop, queue_command};
@@ -387,13 +387,17 @@ impl Broker {
         .execute(&mut *tx)
         .await?;
         set_host_images(&mut tx, &host.id, &beat.images).await?;
-        // Guest log-ins and log-outs seen in the reports, and clipboard copies that the
-        // pools' policies kept back, audited after the commit.
+        // Guest log-ins and log-outs seen in the reports, and clipboard copies and files that
+        // the pools' policies kept back, audited after the commit.
         let mut sessions_seen = Vec::new();
         let mut clipboard_denied = Vec::new();
+        let mut files_denied = Vec::new();
         for running in &beat.desktops {
             if let Some(counts) = &running.clipboard {
                 clipboard_denied.extend(new_clipboard_denials(&mut tx, &host.id, running, counts).await?);
+            }
+            if let Some(counts) = &running.files {
+                files_denied.extend(new_file_denials(&mut tx, &host.id, running, counts).await?);
             }
             // The guest's words, relayed: kept only within the agent channel's limits.
             let guest = running.guest.as_ref().filter(|g| match g.check() {
@@ -499,7 +503,7 @@ impl Broker {
         let vanished = self.vanished_desktops(&mut tx, host, beat, now).await?;
         let rows = sqlx::query(
             "SELECT c.id, c.kind, c.desktop_id, c.generation, d.name AS desktop_name, d.pool_id, p.network, p.host_ports, p.lock_on_disconnect, \
-             p.clipboard_to_guest, p.clipboard_from_guest FROM host_commands c \
+             p.clipboard_to_guest, p.clipboard_from_guest, p.file_transfer FROM host_commands c \
              LEFT JOIN desktops d ON d.id = c.desktop_id LEFT JOIN pools p ON p.id = d.pool_id \
              WHERE c.host_id = $1 AND c.state = 'pending' ORDER BY c.created_at, c.id",
         )
@@ -524,7 +528,7 @@ impl Broker {
             let pool_id: Option<String> = r.try_get("pool_id")?;
             let lock_on_disconnect =
                 kind.boots() && r.try_get::<Option<i64>, _>("lock_on_disconnect")?.is_some_and(|v| v != 0);
-            let (image, network, clipboard) = match pool_id {
+            let (image, network, clipboard, file_transfer) = match pool_id {
                 Some(_) if kind.boots() => {
                     let network: Option<String> = r.try_get("network")?;
                     let ports: Option<String> = r.try_get("host_ports")?;
@@ -543,9 +547,10 @@ impl Broker {
                         Some(image_of_desktop(&mut tx, &desktop_id).await?.into()),
                         network.for_host(),
                         Some(clipboard),
+                        Some(allows("file_transfer")?),
                     )
                 }
-                _ => (None, None, None),
+                _ => (None, None, None, None),
             };
             commands.push(HostCommand {
                 id,
@@ -557,6 +562,7 @@ impl Broker {
                 generation: get_opt_i64(r, "generation")?.and_then(|g| u64::try_from(g).ok()),
                 lock_on_disconnect,
                 clipboard,
+                file_transfer,
             });
         }
         tx.commit().await?;
@@ -579,6 +585,11 @@ impl Broker {
         // The host's count, not the guest's: the host enforces the policy.
         for (desktop, direction, copies) in clipboard_denied {
             self.audit(&host.name, "clipboard.denied", &desktop, &denial_detail(direction, copies)).await?;
+        }
+        for (desktop, files) in files_denied {
+            let noun = if files == 1 { "file" } else { "files" };
+            let detail = format!("{files} {noun} from the client refused by the pool's policy");
+            self.audit(&host.name, "files.denied", &desktop, &detail).await?;
         }
         Ok(HeartbeatReply { commands, heartbeat_interval_secs: self.settings.heartbeat_interval_secs })
     }
@@ -663,9 +674,10 @@ impl Broker {
                 .await?;
         }
         if ack.ok && kind.boots() {
-            // A new VM process, whose clipboard counters start at zero.
+            // A new VM process, whose clipboard and file-transfer counters start at zero.
             sqlx::query(
-                "UPDATE desktops SET clipboard_denied_to_guest = 0, clipboard_denied_from_guest = 0 WHERE id = $1 AND host_id = $2",
+                "UPDATE desktops SET clipboard_denied_to_guest = 0, clipboard_denied_from_guest = 0, files_denied = 0 \
+                 WHERE id = $1 AND host_id = $2",
             )
             .bind(&desktop_id)
             .bind(&host.id)
@@ -802,6 +814,41 @@ async fn new_clipboard_denials(
         .filter(|&(_, copies)| copies > 0)
         .map(|(direction, copies)| (name.clone(), direction, copies))
         .collect())
+}
+
+/// The files offered to a running desktop that its pool's policy refused since the last
+/// heartbeat, counted as [`new_clipboard_denials`] counts copies: the host reports the total of
+/// the desktop's VM process, the desktop row keeps the one already audited, and a total below
+/// it is a new VM process whose denials are all new. Returns the desktop's name and how many,
+/// when there are any.
+async fn new_file_denials(
+    tx: &mut Transaction<'_, Any>,
+    host_id: &str,
+    running: &RunningDesktop,
+    counts: &FileCounts,
+) -> Result<Option<(String, i64)>> {
+    let row = sqlx::query("SELECT name, files_denied FROM desktops WHERE id = $1 AND host_id = $2")
+        .bind(&running.id)
+        .bind(host_id)
+        .fetch_optional(&mut **tx)
+        .await?;
+    let Some(row) = row else { return Ok(None) };
+    let total = i64::try_from(counts.denied).unwrap_or(i64::MAX);
+    let audited = get_i64(&row, "files_denied")?;
+    if total == audited {
+        return Ok(None);
+    }
+    sqlx::query("UPDATE desktops SET files_denied = $1 WHERE id = $2 AND host_id = $3")
+        .bind(total)
+        .bind(&running.id)
+        .bind(host_id)
+        .execute(&mut **tx)
+        .await?;
+    let new = if total >= audited { total - audited } else { total };
+    if new == 0 {
+        return Ok(None);
+    }
+    Ok(Some((get_str(&row, "name")?, new)))
 }
 
 /// The `clipboard.denied` audit's words: how many copies, from where, kept back which way.

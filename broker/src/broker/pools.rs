@@ -72,8 +72,8 @@ impl Broker {
             spec.display_name.trim().to_owned()
         };
         sqlx::query(
-            "INSERT INTO pools (id, name, display_name, kind, image_id, min_size, max_size, spares, idle_timeout_secs, disconnect_timeout_secs, enabled, alloc_seq, created_at, network, host_ports, lock_on_disconnect, clipboard_to_guest, clipboard_from_guest) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 1, 0, $11, $12, $13, $14, $15, $16)",
+            "INSERT INTO pools (id, name, display_name, kind, image_id, min_size, max_size, spares, idle_timeout_secs, disconnect_timeout_secs, enabled, alloc_seq, created_at, network, host_ports, lock_on_disconnect, clipboard_to_guest, clipboard_from_guest, file_transfer) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 1, 0, $11, $12, $13, $14, $15, $16, $17)",
         )
         .bind(&id)
         .bind(&spec.name)
@@ -91,6 +91,7 @@ impl Broker {
         .bind(i64::from(spec.lock_on_disconnect))
         .bind(i64::from(spec.clipboard_to_guest))
         .bind(i64::from(spec.clipboard_from_guest))
+        .bind(i64::from(spec.file_transfer))
         .execute(&self.db.pool)
         .await
         .map_err(|e| conflict(e, &format!("pool {}", spec.name)))?;
@@ -113,7 +114,7 @@ impl Broker {
         };
         sqlx::query(
             "UPDATE pools SET display_name = $1, min_size = $2, max_size = $3, spares = $4, idle_timeout_secs = $5, disconnect_timeout_secs = $6, enabled = $7, network = $8, host_ports = $9, lock_on_disconnect = $10, \
-             clipboard_to_guest = $11, clipboard_from_guest = $12 WHERE id = $13",
+             clipboard_to_guest = $11, clipboard_from_guest = $12, file_transfer = $13 WHERE id = $14",
         )
         .bind(display)
         .bind(spec.min_size)
@@ -127,6 +128,7 @@ impl Broker {
         .bind(i64::from(spec.lock_on_disconnect))
         .bind(i64::from(spec.clipboard_to_guest))
         .bind(i64::from(spec.clipboard_from_guest))
+        .bind(i64::from(spec.file_transfer))
         .bind(id)
         .execute(&self.db.pool)
         .await?;
@@ -265,7 +267,7 @@ impl Broker {
 fn pool_detail(spec: &PoolSpec) -> String {
     format!(
         "kind={} image={} min={} max={} spares={} idle={}s disconnect={}s network={} host_ports={} lock_on_disconnect={} \
-         clipboard_to_guest={} clipboard_from_guest={}",
+         clipboard_to_guest={} clipboard_from_guest={} file_transfer={}",
         spec.kind.as_str(),
         spec.image,
         spec.min_size,
@@ -277,7 +279,8 @@ fn pool_detail(spec: &PoolSpec) -> String {
         spec.network.ports_text(),
         spec.lock_on_disconnect,
         spec.clipboard_to_guest,
-        spec.clipboard_from_guest
+        spec.clipboard_from_guest,
+        spec.file_transfer
     )
 }
 

@@ -615,6 +615,7 @@ fn pool_form(auth: &Auth, action: &str, spec: Option<(&PoolSpec, bool)>, images:
                 lock_on_disconnect: true,
                 clipboard_to_guest: true,
                 clipboard_from_guest: true,
+                file_transfer: true,
             },
             true,
         ),
@@ -667,6 +668,13 @@ fn pool_form(auth: &Auth, action: &str, spec: Option<(&PoolSpec, bool)>, images:
                 "The host enforces it, whatever the guest or the client does, and audits every copy it keeps back (clipboard.denied). "
                 "Changes apply from each desktop's next start."
             }
+            label for="pool-files" { "File transfer into the desktop" }
+            input id="pool-files" name="file_transfer" type="checkbox" value="1" checked[s.file_transfer] aria-describedby="pool-files-help";
+            small id="pool-files-help" {
+                "Data loss prevention: whether users may send files from their computer into the desktops (their Downloads folder). "
+                "The host enforces it and audits every file it refuses (files.denied). "
+                "Changes apply from each desktop's next start."
+            }
             @if editing {
                 label for="pool-enabled" { "Enabled" }
                 input id="pool-enabled" name="enabled" type="checkbox" value="1" checked[enabled];
@@ -692,7 +700,7 @@ async fn admin_pools(
         html! {
             h1 { "Pools" }
             table {
-                thead { tr { th scope="col" { "Pool" } th scope="col" { "Kind" } th scope="col" { "Image" } th scope="col" { "Size (min–max)" } th scope="col" { "Spares" } th scope="col" { "Network" } th scope="col" { "Clipboard" } th scope="col" { "Desktops" } th scope="col" { "Enabled" } } }
+                thead { tr { th scope="col" { "Pool" } th scope="col" { "Kind" } th scope="col" { "Image" } th scope="col" { "Size (min–max)" } th scope="col" { "Spares" } th scope="col" { "Network" } th scope="col" { "Clipboard" } th scope="col" { "File transfer" } th scope="col" { "Desktops" } th scope="col" { "Enabled" } } }
                 tbody {
                     @for p in &pools {
                         tr {
@@ -703,6 +711,7 @@ async fn admin_pools(
                             td { (p.spares) }
                             td { @if !p.network.nat { "none" } @else if p.network.host_ports.is_empty() { "NAT" } @else { "NAT, host ports " (p.network.ports_text()) } }
                             td { (p.clipboard_text()) }
+                            td { (p.file_transfer_text()) }
                             td { (desktops.iter().filter(|d| d.pool_id == p.id && d.state != DesktopState::Failed).count()) }
                             td { @if p.enabled { "yes" } @else { "no" } }
                         }
@@ -744,6 +753,7 @@ fn pool_spec_from(f: &Fields, fixed: Option<&PoolSpec>) -> Result<PoolSpec, Erro
         lock_on_disconnect: field(f, "lock_on_disconnect") == "1",
         clipboard_to_guest: field(f, "clipboard_to_guest") == "1",
         clipboard_from_guest: field(f, "clipboard_from_guest") == "1",
+        file_transfer: field(f, "file_transfer") == "1",
     })
 }
 
@@ -777,6 +787,7 @@ async fn current_spec(s: &AppState, id: &str) -> Result<(PoolSpec, bool), Error>
         lock_on_disconnect: pool.lock_on_disconnect,
         clipboard_to_guest: pool.clipboard_to_guest,
         clipboard_from_guest: pool.clipboard_from_guest,
+        file_transfer: pool.file_transfer,
     };
     Ok((spec, pool.enabled))
 }

@@ -65,16 +65,23 @@ await run(async (browser, result) => {
   await admin.getByLabel('Spare desktops kept running').fill('1');
   // Data loss prevention: nothing copied in the desktops leaves them.
   await admin.getByLabel('Clipboard: desktop → client').uncheck();
+  // Nor does any file from the user's computer get in.
+  await admin.getByLabel('File transfer into the desktop').uncheck();
   await shot(admin, '06-admin-pool-form');
   await admin.getByRole('button', { name: 'Create pool' }).click();
   await admin.waitForURL(/\/admin\/pools\/p-.*notice=created/);
   result.pool_url = admin.url();
+  // The pool's page shows the switches as stored.
+  result.form_file_transfer = await admin.getByLabel('File transfer into the desktop').isChecked();
+  result.form_clipboard_from_guest = await admin.getByLabel('Clipboard: desktop → client').isChecked();
   await admin.locator('#ent-kind').selectOption('group');
   await admin.locator('#ent-name').fill(env('GROUP_NAME'));
   await admin.getByRole('button', { name: 'Entitle' }).click();
   await admin.waitForURL(/notice=entitled/);
   result.entitlements = (await admin.locator('#entitlements li').allInnerTexts()).map((t) => t.replace(/\s+/g, ' ').trim());
   await shot(admin, '07-admin-pool-entitled');
+  await admin.goto(`${base}/admin/pools`);
+  result.pool_rows = (await admin.locator('tbody tr').allInnerTexts()).map((t) => t.replace(/\s+/g, ' ').trim());
   await admin.goto(`${base}/admin/sessions`);
   await shot(admin, '08-admin-sessions');
   await admin.goto(`${base}/admin/audit`);

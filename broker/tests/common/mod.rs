@@ -245,6 +245,7 @@ impl Env {
             lock_on_disconnect: true,
             clipboard_to_guest: true,
             clipboard_from_guest: true,
+            file_transfer: true,
         };
         self.broker.create_pool(&system(), &spec).await.unwrap().id
     }
@@ -332,6 +333,9 @@ pub struct Vm {
     /// While set, the VM process reports these clipboard denials (to the guest, from the
     /// guest) since it started.
     pub clipboard_denied: Option<(u64, u64)>,
+    /// While set, the VM process reports this many files refused by the pool's policy since
+    /// it started.
+    pub files_denied: Option<u64>,
 }
 
 /// What a [`HostDouble`] reports as every desktop's disk usage.
@@ -362,6 +366,8 @@ pub struct HostDouble {
     pub lock_on_disconnect: BTreeMap<String, bool>,
     /// Per desktop: the clipboard policy its last boot command carried (`null`: none).
     pub clipboard: BTreeMap<String, Value>,
+    /// Per desktop: the file-transfer policy its last boot command carried (`null`: none).
+    pub file_transfer: BTreeMap<String, Value>,
     /// Over HTTPS: the client certificate this host presents (its identity, pinned at
     /// registration).
     pub cert: Option<ClientCert>,
@@ -399,6 +405,7 @@ impl HostDouble {
             guest_idle: None,
             lock_on_disconnect: BTreeMap::new(),
             clipboard: BTreeMap::new(),
+            file_transfer: BTreeMap::new(),
             held: Vec::new(),
             cert,
             base: env.base.clone(),
@@ -424,6 +431,9 @@ impl HostDouble {
                         "denied_to_guest": to_guest, "denied_from_guest": from_guest,
                         "pasted_to_guest": 0, "pasted_from_guest": 0
                     });
+                }
+                if let Some(denied) = vm.files_denied {
+                    d["files"] = json!({ "denied": denied, "completed": 0, "bytes_to_guest": 0 });
                 }
                 d
             })
@@ -462,17 +472,20 @@ impl HostDouble {
                     self.booted.push((kind.to_owned(), desktop.clone(), image));
                     self.lock_on_disconnect.insert(desktop.clone(), c["lock_on_disconnect"] == true);
                     self.clipboard.insert(desktop.clone(), c["clipboard"].clone());
+                    self.file_transfer.insert(desktop.clone(), c["file_transfer"].clone());
                     let vm = self.vms.entry(desktop).or_insert(Vm {
                         connected: false,
                         guest_idle: None,
                         starts: 0,
                         generation: None,
                         clipboard_denied: None,
+                        files_denied: None,
                     });
                     vm.starts += 1;
                     vm.connected = false;
-                    // A new VM process: its clipboard counters start again.
+                    // A new VM process: its clipboard and file-transfer counters start again.
                     vm.clipboard_denied = vm.clipboard_denied.map(|_| (0, 0));
+                    vm.files_denied = vm.files_denied.map(|_| 0);
                     vm.generation = c["generation"].as_u64();
                     assert!(vm.generation.is_some(), "commands that boot carry the generation: {c}");
                 }

@@ -213,7 +213,7 @@ impl Desktops {
         dir: &Path,
         boot: Boot,
     ) -> Result<u16, String> {
-        let Boot { generation, lock_on_disconnect, clipboard } = boot;
+        let Boot { generation, lock_on_disconnect, clipboard, file_transfer } = boot;
         std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let mut claim = self.claim_port()?;
         let port = claim.port;
@@ -270,6 +270,7 @@ impl Desktops {
             .args(generation_arg(generation))
             .args(lock_arg(&self.settings.devices, lock_on_disconnect))
             .arg(format!("--clipboard={}", clipboard.as_arg()))
+            .arg(file_transfer_arg(file_transfer))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);
@@ -575,8 +576,17 @@ impl Desktops {
                             let connected = status["session"]["client_connected"].as_bool() == Some(true);
                             let guest = guest_report(&status["agent"]);
                             let clipboard = serde_json::from_value(status["agent"]["clipboard"].clone()).ok();
+                            let files = serde_json::from_value(status["agent"]["files"].clone()).ok();
                             let disk_bytes = disks.usage(&id);
-                            RunningDesktop { id, connected, port: Some(port), disk_bytes, guest, clipboard }
+                            RunningDesktop {
+                                id,
+                                connected,
+                                port: Some(port),
+                                disk_bytes,
+                                guest,
+                                clipboard,
+                                files,
+                            }
                         })
                     })
                     .collect();
@@ -679,6 +689,9 @@ pub struct Boot {
     /// The pool's clipboard policy (`run --clipboard`; without a guest agent there is no
     /// clipboard to share anyway).
     pub clipboard: ClipboardPolicy,
+    /// The pool's file-transfer policy: whether the client may send files into the guest
+    /// (`run --file-transfer allow|deny`).
+    pub file_transfer: bool,
 }
 
 impl Boot {
@@ -688,8 +701,15 @@ impl Boot {
             generation: command.generation,
             lock_on_disconnect: command.lock_on_disconnect,
             clipboard: command.clipboard.unwrap_or_default(),
+            file_transfer: command.file_transfer.unwrap_or(true),
         }
     }
+}
+
+/// `run --file-transfer=allow|deny`: the pool's file-transfer policy, always passed (the VM
+/// process enforces it, whatever the client offers).
+fn file_transfer_arg(allowed: bool) -> &'static str {
+    if allowed { "--file-transfer=allow" } else { "--file-transfer=deny" }
 }
 
 /// `run --lock-on-disconnect` when the pool asks for it and the desktop has a guest agent (its
@@ -861,7 +881,12 @@ mod tests {
                 },
                 false,
                 None,
-                Boot { generation: Some(1), lock_on_disconnect: true, clipboard: ClipboardPolicy::BOTH },
+                Boot {
+                    generation: Some(1),
+                    lock_on_disconnect: true,
+                    clipboard: ClipboardPolicy::BOTH,
+                    file_transfer: true,
+                },
             )
             .await
             .unwrap_err();
@@ -961,6 +986,24 @@ mod tests {
         assert!(vms.claim_port().unwrap_err().contains("no free UDP port"), "the range has two ports");
         drop(first);
         assert!(vms.claim_port().is_ok(), "a dropped claim frees its port");
+    }
+
+    #[test]
+    fn a_boot_passes_the_pools_file_transfer_policy_to_run() {
+        let command: pleiades_protocol::hostapi::HostCommand = serde_json::from_str(
+            r#"{"id":"c1","kind":"start","desktop_id":"d1","desktop_name":"n","image":null,"generation":3}"#,
+        )
+        .unwrap();
+        let boot = Boot::of(&command);
+        assert!(boot.file_transfer, "a broker that predates the policy: allowed");
+        assert_eq!(file_transfer_arg(boot.file_transfer), "--file-transfer=allow");
+        for (told, arg) in [(true, "--file-transfer=allow"), (false, "--file-transfer=deny")] {
+            let command =
+                pleiades_protocol::hostapi::HostCommand { file_transfer: Some(told), ..command.clone() };
+            let boot = Boot::of(&command);
+            assert_eq!((boot.file_transfer, boot.generation), (told, Some(3)));
+            assert_eq!(file_transfer_arg(boot.file_transfer), arg);
+        }
     }
 
     #[test]
