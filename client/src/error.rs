@@ -44,6 +44,10 @@ pub enum ClientError {
     Closed,
     #[error("not sent: {0}")]
     NotSent(IntentError),
+    #[error("the desktop takes no files (its host runs no guest agent for it)")]
+    NoFiles,
+    #[error("the session ended before the files were sent: {0} (run the same command again: it resumes)")]
+    Interrupted(String),
 }
 
 impl From<IntentError> for ClientError {

@@ -9,6 +9,7 @@
 //! - [`script`] and [`keymap`]: the recorder's input script.
 //! - [`audio`]: playback through the jitter buffer and Opus (WAV when headless), the microphone.
 //! - [`clipboard`]: this machine's X clipboard shared with the desktop's, lazily, both ways.
+//! - [`files`]: files sent into the desktop's Downloads, resumable (`pleiades send`, drops).
 //! - [`window`]: the windowed client (winit + wgpu): windows per monitor, input, reconnect.
 //! - [`clock`]: `CLOCK_MONOTONIC` µs, the clock the server stamps frames with.
 //!
@@ -20,6 +21,7 @@ pub mod clock;
 pub mod connect;
 pub mod display;
 pub mod error;
+pub mod files;
 pub mod keymap;
 pub mod recorder;
 pub mod script;

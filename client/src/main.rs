@@ -75,6 +75,22 @@ enum Cmd {
         #[arg(long)]
         mic_device: bool,
     },
+    /// Send files into the desktop's Downloads (the desktop's user's, through its guest agent).
+    /// Resumes after a lost connection; running it again for the same file continues where
+    /// the desktop's copy stopped. Exits 0 when every file arrived, its SHA-256 checked.
+    Send {
+        /// The connection file's path, or a pleiades:// URI.
+        target: String,
+        /// The files to send.
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+        /// Also write what happened to each file, as JSON, here.
+        #[arg(long, value_name = "FILE.json")]
+        report: Option<PathBuf>,
+        /// The name the server logs for this client.
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
+    },
     /// Check the sound card: play a 440 Hz tone (and record) for a while and print how many
     /// frames went through, as JSON.
     AudioTest {
@@ -107,6 +123,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Cmd::AudioTest { seconds, record } => audio_test(seconds, record),
+        Cmd::Send { target, files, report, name } => send(&target, &files, report.as_deref(), name),
         Cmd::Connect {
             headless: false,
             target,
@@ -258,6 +275,89 @@ fn session_options(
         options.capabilities = options.capabilities.difference(Capabilities::CLIPBOARD);
     }
     options
+}
+
+/// `pleiades send`: the files' SHA-256 first, then one session (resumed as needed) that sends
+/// them, with a progress bar on a terminal.
+fn send(target: &str, paths: &[PathBuf], report: Option<&std::path::Path>, name: Option<String>) -> ExitCode {
+    use pleiades_client::files::{FileQueue, FileState, OutgoingFile};
+    let run = || -> anyhow::Result<bool> {
+        let connection = connect::load(target)?;
+        let queue = FileQueue::new();
+        for path in paths {
+            let file = OutgoingFile::prepare(path).map_err(anyhow::Error::msg)?;
+            tracing::info!(name = file.name, size = file.size, sha256 = file.sha256, "to send");
+            queue.push(file);
+        }
+        let total: u64 = queue.snapshot().iter().map(|f| f.size).sum();
+        let bar = indicatif::ProgressBar::new(total).with_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?;
+        let options = session_options(name, true, true, true, true);
+        let sent = runtime.block_on(async {
+            let watch = {
+                let (queue, bar) = (queue.clone(), bar.clone());
+                tokio::spawn(async move {
+                    let mut last_logged = 0u64;
+                    loop {
+                        let files = queue.snapshot();
+                        let received: u64 = files.iter().map(|f| f.received).sum();
+                        bar.set_position(received);
+                        if let Some(f) = files.iter().find(|f| f.state == FileState::Sending) {
+                            bar.set_message(f.name.clone());
+                        }
+                        // A line per 10 % for logs (the bar is hidden without a terminal).
+                        if total > 0 && received * 10 / total > last_logged * 10 / total {
+                            tracing::info!(received, total, "{} %", received * 100 / total);
+                            last_logged = received;
+                        }
+                        tokio::select! {
+                            () = queue.changed() => {}
+                            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        }
+                    }
+                })
+            };
+            let result = pleiades_client::files::send_until_done(&connection, options, &queue).await;
+            watch.abort();
+            result
+        });
+        bar.finish_and_clear();
+        let files = queue.snapshot();
+        let json = serde_json::to_string_pretty(&files)?;
+        println!("{json}");
+        if let Some(path) = report {
+            std::fs::write(path, &json).with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        for file in &files {
+            match &file.state {
+                FileState::Done { stored_as } => eprintln!("pleiades: {} → Downloads/{stored_as}", file.name),
+                FileState::Failed { reason } => eprintln!("pleiades: {} not sent: {reason}", file.name),
+                _ => eprintln!(
+                    "pleiades: {} not sent ({} of {} bytes arrived)",
+                    file.name, file.received, file.size
+                ),
+            }
+        }
+        sent?;
+        Ok(files.iter().all(|f| matches!(f.state, FileState::Done { .. })))
+    };
+    match run() {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(error) => {
+            eprintln!("pleiades: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Reads a script, refusing files far larger than 10 000 lines could need.

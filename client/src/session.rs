@@ -5,7 +5,9 @@
 //!                      pings and the RTT, acks, ClientStats, layouts, resume token, Goodbye
 //! input uni-stream  ── writer task (the input API's messages, highest priority)
 //! clipboard uni-stream ── writer task, with CLIPBOARD (opened at the first message)
-//! server uni-streams── one task each: display (decode, present, FrameAck), cursor or clipboard
+//! files uni-stream  ── writer task, with FILES (opened at the first message)
+//! server uni-streams── one task each: display (decode, present, FrameAck), cursor, clipboard
+//!                      or files
 //! datagrams         ── cursor positions, latest wins; audio frames to [`crate::audio`]
 //! ```
 //!
@@ -28,9 +30,9 @@ use pleiades_protocol::control::{
 use pleiades_protocol::handshake::{self, Capabilities, ClientHandshake, HandshakeError};
 use pleiades_protocol::transport::{self, MAX_DISPLAY_STREAMS, error_code, priority};
 use pleiades_protocol::wire::{
-    self, AudioPacket, Channel, ClipboardMessage, ControlMessage, CursorMessage, CursorPosition, CursorShape,
-    Datagram, DisplayMessage, FrameAck, Goodbye, GoodbyeReason, InputMessage, Key, Monitor, PointerAbs,
-    StreamDecoder, Wheel,
+    self, AudioPacket, Channel, ChannelMessage, ClipboardMessage, ControlMessage, CursorMessage,
+    CursorPosition, CursorShape, Datagram, DisplayMessage, FileMessage, FrameAck, Goodbye, GoodbyeReason,
+    InputMessage, Key, Monitor, PointerAbs, Queued, StreamDecoder, Wheel,
 };
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
@@ -126,21 +128,74 @@ struct Shared {
     closing: AtomicBool,
     /// Where audio datagrams go (the player), once it listens.
     audio: Mutex<Option<mpsc::Sender<AudioPacket>>>,
-    /// Where the server's clipboard messages go (the clipboard bridge), once it listens; until
-    /// then the server's latest grab waits here (the server offers the desktop's clipboard as
-    /// the session opens, before the bridge has its X connection).
-    clipboard: Mutex<Option<ClipboardSink>>,
-    clipboard_early: Mutex<Option<ClipboardMessage>>,
-    /// Bytes of clipboard messages queued for the server ([`wire::MAX_CLIPBOARD_QUEUE`] at most).
-    clipboard_queued: AtomicU64,
+    /// The clipboard (the clipboard bridge), with `CLIPBOARD`. Until the bridge listens the
+    /// server's latest grab waits (the server offers the desktop's clipboard as the session
+    /// opens, before the bridge has its X connection).
+    clipboard: Exchange<ClipboardMessage>,
+    /// Files sent into the desktop ([`crate::files`]), with `FILES`.
+    files: Exchange<FileMessage>,
 }
 
-/// Takes the server's clipboard messages; must not block.
-struct ClipboardSink(Box<dyn Fn(ClipboardMessage) + Send + Sync>);
+/// Takes the server's messages of one channel; must not block.
+type Sink<M> = Box<dyn Fn(M) + Send + Sync>;
 
-impl std::fmt::Debug for ClipboardSink {
+/// One of the session's channels to the guest agent (the clipboard, files): what the client
+/// sends goes out on a stream of ours, opened by a writer task at the first message; the
+/// server's stream is handed to a sink once someone listens.
+struct Exchange<M> {
+    /// The writer task's queue; `None` without the channel's capability.
+    tx: Option<mpsc::UnboundedSender<M>>,
+    /// Bytes queued for the server ([`Queued::MAX_QUEUE`] at most).
+    queued: AtomicU64,
+    /// Takes the server's messages; must not block.
+    sink: Mutex<Option<Sink<M>>>,
+    /// The server's latest message that [`Exchange::keep_early`] keeps, until a sink listens.
+    early: Mutex<Option<M>>,
+    keep_early: fn(&M) -> bool,
+}
+
+impl<M> std::fmt::Debug for Exchange<M> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ClipboardSink")
+        f.debug_struct("Exchange").field("open", &self.tx.is_some()).field("queued", &self.queued).finish()
+    }
+}
+
+impl<M: Queued> Exchange<M> {
+    fn new(open: bool, keep_early: fn(&M) -> bool) -> (Self, mpsc::UnboundedReceiver<M>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let exchange = Self {
+            tx: open.then_some(tx),
+            queued: AtomicU64::new(0),
+            sink: Mutex::new(None),
+            early: Mutex::new(None),
+            keep_early,
+        };
+        (exchange, rx)
+    }
+
+    fn listen(&self, sink: impl Fn(M) + Send + Sync + 'static) {
+        let mut slot = lock(&self.sink);
+        if let Some(early) = lock(&self.early).take() {
+            sink(early);
+        }
+        *slot = Some(Box::new(sink));
+    }
+
+    fn send(&self, message: M, channel: &str) -> bool {
+        let Some(tx) = &self.tx else { return false };
+        let size = message.queued_size() as u64;
+        let queued = self.queued.fetch_add(size, Ordering::Relaxed) + size;
+        if queued > M::MAX_QUEUE as u64 {
+            self.queued.fetch_sub(size, Ordering::Relaxed);
+            tracing::warn!("more {channel} data waits than the server takes: not sending more");
+            return false;
+        }
+        tx.send(message).is_ok()
+    }
+
+    /// Bytes waiting for the stream.
+    fn queued(&self) -> u64 {
+        self.queued.load(Ordering::Relaxed)
     }
 }
 
@@ -153,8 +208,6 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct SessionHandle {
     connection: quinn::Connection,
     input: mpsc::Sender<InputMessage>,
-    /// The clipboard stream's writer, with `CLIPBOARD`.
-    clipboard: Option<mpsc::UnboundedSender<ClipboardMessage>>,
     shared: Arc<Shared>,
     info: handshake::Session,
 }
@@ -253,6 +306,11 @@ impl Session {
 
         let mut control = ClientControl::new(&info, ControlConfig::default(), monotonic_us());
         control.handle_stream_data(&leftover, monotonic_us());
+        let (clipboard, clipboard_rx) =
+            Exchange::new(info.capabilities.contains(Capabilities::CLIPBOARD), |m: &ClipboardMessage| {
+                matches!(m, ClipboardMessage::Grab(_))
+            });
+        let (files, files_rx) = Exchange::new(info.capabilities.contains(Capabilities::FILES), |_| false);
         let shared = Arc::new(Shared {
             displays: Mutex::new(Displays::new()),
             cursor: Mutex::new(CursorState::default()),
@@ -261,20 +319,19 @@ impl Session {
             counters: Counters::default(),
             closing: AtomicBool::new(false),
             audio: Mutex::new(None),
-            clipboard: Mutex::new(None),
-            clipboard_early: Mutex::new(None),
-            clipboard_queued: AtomicU64::new(0),
+            clipboard,
+            files,
         });
         let (input_tx, input_rx) = mpsc::channel(SEND_QUEUE);
         let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
-        let (clipboard_tx, clipboard_rx) = mpsc::unbounded_channel();
-        let clipboard = info.capabilities.contains(Capabilities::CLIPBOARD).then_some(clipboard_tx);
-        let handle =
-            SessionHandle { connection: connection.clone(), input: input_tx, clipboard, shared, info };
+        let handle = SessionHandle { connection: connection.clone(), input: input_tx, shared, info };
 
         let mut tasks = JoinSet::new();
-        if handle.clipboard.is_some() {
-            tasks.spawn(clipboard_writer(handle.clone(), clipboard_rx));
+        if handle.shared.clipboard.tx.is_some() {
+            tasks.spawn(exchange_writer(handle.clone(), clipboard_rx, |s| &s.clipboard));
+        }
+        if handle.shared.files.tx.is_some() {
+            tasks.spawn(exchange_writer(handle.clone(), files_rx, |s| &s.files));
         }
         tasks.spawn(control_pump(handle.clone(), send, recv, events_tx.clone()));
         tasks.spawn(input_writer(handle.clone(), input_stream, input_rx));
@@ -308,26 +365,30 @@ impl SessionHandle {
     /// Hands the server's clipboard messages to `sink` from now on (first the server's grab
     /// that came before, if one did).
     pub fn on_clipboard(&self, sink: impl Fn(ClipboardMessage) + Send + Sync + 'static) {
-        let mut slot = lock(&self.shared.clipboard);
-        if let Some(early) = lock(&self.shared.clipboard_early).take() {
-            sink(early);
-        }
-        *slot = Some(ClipboardSink(Box::new(sink)));
+        self.shared.clipboard.listen(sink);
+    }
+
+    /// Hands the server's file messages to `sink` from now on.
+    pub fn on_files(&self, sink: impl Fn(FileMessage) + Send + Sync + 'static) {
+        self.shared.files.listen(sink);
+    }
+
+    /// Sends a file message (with `FILES`; without it, once the session ended, or when more
+    /// than [`Queued::MAX_QUEUE`] bytes wait for the server, it goes nowhere: `false`).
+    pub fn send_file_message(&self, message: FileMessage) -> bool {
+        self.shared.files.send(message, "file")
+    }
+
+    /// Bytes of file messages waiting for the files stream.
+    pub fn files_queued(&self) -> u64 {
+        self.shared.files.queued()
     }
 
     /// Sends a clipboard message (with `CLIPBOARD`; without it, once the session ended, or
     /// when more than [`wire::MAX_CLIPBOARD_QUEUE`] bytes wait for the server, it goes nowhere:
     /// `false`).
     pub fn send_clipboard(&self, message: ClipboardMessage) -> bool {
-        let Some(tx) = &self.clipboard else { return false };
-        let size = message.queued_size() as u64;
-        let queued = self.shared.clipboard_queued.fetch_add(size, Ordering::Relaxed) + size;
-        if queued > wire::MAX_CLIPBOARD_QUEUE as u64 {
-            self.shared.clipboard_queued.fetch_sub(size, Ordering::Relaxed);
-            tracing::warn!("more clipboard data waits than the server takes: not sending more");
-            return false;
-        }
-        tx.send(message).is_ok()
+        self.shared.clipboard.send(message, "clipboard")
     }
 
     /// Sends a datagram (microphone, audio feedback). Datagrams may be lost; so may this one.
@@ -574,14 +635,19 @@ async fn input_writer(
     drop(handle);
 }
 
-/// Writes the clipboard bridge's messages on a stream of their own, opened at the first one.
-async fn clipboard_writer(handle: SessionHandle, mut queue: mpsc::UnboundedReceiver<ClipboardMessage>) {
+/// Writes the messages of one of the agent channels on a stream of their own, opened at the
+/// first one.
+async fn exchange_writer<M: ChannelMessage + Queued>(
+    handle: SessionHandle,
+    mut queue: mpsc::UnboundedReceiver<M>,
+    exchange: fn(&Shared) -> &Exchange<M>,
+) {
     let Some(first) = queue.recv().await else { return };
-    let queued = &handle.shared.clipboard_queued;
+    let queued = &exchange(&handle.shared).queued;
     let result: Result<(), String> = async {
         let mut send = handle.connection.open_uni().await.map_err(|e| e.to_string())?;
-        let _ = send.set_priority(priority::CLIPBOARD);
-        send.write_all(&transport::stream_prelude(Channel::Clipboard)).await.map_err(|e| e.to_string())?;
+        let _ = send.set_priority(priority::of(M::CHANNEL));
+        send.write_all(&transport::stream_prelude(M::CHANNEL)).await.map_err(|e| e.to_string())?;
         let mut buffer = Vec::new();
         let mut next = Some(first);
         while let Some(message) = next {
@@ -596,39 +662,39 @@ async fn clipboard_writer(handle: SessionHandle, mut queue: mpsc::UnboundedRecei
     }
     .await;
     if let Err(error) = result {
-        tracing::debug!(%error, "clipboard stream closed");
+        tracing::debug!(%error, "{} stream closed", M::CHANNEL);
     }
 }
 
-/// The server's clipboard messages, to the bridge.
-async fn clipboard_stream(
+/// The server's messages of one of the agent channels, to its sink.
+async fn exchange_stream<M: ChannelMessage>(
     handle: SessionHandle,
     mut recv: quinn::RecvStream,
     events: mpsc::Sender<SessionEvent>,
+    exchange: fn(&Shared) -> &Exchange<M>,
 ) {
-    let mut decoder = StreamDecoder::<ClipboardMessage>::new();
+    let mut decoder = StreamDecoder::<M>::new();
     let mut messages = Vec::new();
     loop {
         let chunk = match recv.read_chunk(READ_CHUNK, true).await {
             Ok(Some(chunk)) => chunk,
             Ok(None) => return,
-            Err(error) => return tracing::debug!(%error, "clipboard stream ended"),
+            Err(error) => return tracing::debug!(%error, "{} stream ended", M::CHANNEL),
         };
         if let Err(e) = decoder.decode_all(&chunk.bytes, &mut messages) {
             let _ = recv.stop(e.error_code().into());
             let code = e.error_code();
-            let error = ClientError::Protocol { channel: Channel::Clipboard, detail: e.to_string() };
+            let error = ClientError::Protocol { channel: M::CHANNEL, detail: e.to_string() };
             return handle.fail(&events, code, error).await;
         }
-        let sink = lock(&handle.shared.clipboard);
+        let exchange = exchange(&handle.shared);
+        let sink = lock(&exchange.sink);
         for message in messages.drain(..) {
             match sink.as_ref() {
-                Some(sink) => (sink.0)(message),
-                // Before the bridge listens only the latest grab matters.
-                None if matches!(message, ClipboardMessage::Grab(_)) => {
-                    *lock(&handle.shared.clipboard_early) = Some(message);
-                }
-                None => tracing::debug!(?message, "a clipboard message with no bridge to take it"),
+                Some(sink) => sink(message),
+                // Before anyone listens only the latest of what matters then is kept.
+                None if (exchange.keep_early)(&message) => *lock(&exchange.early) = Some(message),
+                None => tracing::debug!(?message, "a {} message with nobody to take it", M::CHANNEL),
             }
         }
     }
@@ -676,7 +742,12 @@ async fn server_stream(
             display_stream(handle, recv, events).await;
         }
         Ok(Channel::Cursor) => cursor_stream(handle, recv, events).await,
-        Ok(Channel::Clipboard) if handle.clipboard.is_some() => clipboard_stream(handle, recv, events).await,
+        Ok(Channel::Clipboard) if handle.shared.clipboard.tx.is_some() => {
+            exchange_stream(handle, recv, events, |s| &s.clipboard).await;
+        }
+        Ok(Channel::Files) if handle.shared.files.tx.is_some() => {
+            exchange_stream(handle, recv, events, |s| &s.files).await;
+        }
         other => {
             tracing::warn!(
                 prelude = prelude[0],

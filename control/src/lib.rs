@@ -232,24 +232,34 @@ pub trait Controller: Send + Sync {
     /// The session's client left (closed, lost, sent away) and no other took its place.
     fn client_left(&self) {}
     /// The guest session's clipboard, if the VM has an agent link to relay it through.
-    fn clipboard(&self) -> Option<Arc<dyn ClipboardPort>> {
+    fn clipboard(&self) -> Option<Arc<ClipboardPort>> {
+        None
+    }
+    /// Files sent into the guest, if the VM has an agent link to relay them through.
+    fn files(&self) -> Option<Arc<FilePort>> {
         None
     }
 }
 
-/// The VM process's side of a session's clipboard channel: the relay between the client and
-/// the guest session, which enforces the pool's policy
-/// ([`pleiades_protocol::clipboard::ClipboardRelay`]). Sessions are named by their id so that
-/// a replaced session's late messages and detach do not touch its successor.
-pub trait ClipboardPort: Send + Sync {
+/// The VM process's side of one of a session's agent channels (the clipboard, files): the
+/// relay between the client and the guest, which enforces the pool's policy
+/// ([`pleiades_protocol::clipboard::ClipboardRelay`], [`pleiades_protocol::files::FileRelay`]).
+/// Sessions are named by their id so that a replaced session's late messages and detach do not
+/// touch its successor.
+pub trait RelayPort<M>: Send + Sync {
     /// Session `session`'s client is the relay's client end now; `to_client` takes what goes to
     /// it (it must not block).
-    fn attach(&self, session: u64, to_client: Box<dyn Fn(ClipboardMessage) + Send + Sync>);
-    /// What session `session`'s client sent on its clipboard channel.
-    fn client_sent(&self, session: u64, message: ClipboardMessage);
+    fn attach(&self, session: u64, to_client: Box<dyn Fn(M) + Send + Sync>);
+    /// What session `session`'s client sent on the channel.
+    fn client_sent(&self, session: u64, message: M);
     /// Session `session` ended.
     fn detach(&self, session: u64);
 }
+
+/// The clipboard channel's relay.
+pub type ClipboardPort = dyn RelayPort<ClipboardMessage>;
+/// The files channel's relay.
+pub type FilePort = dyn RelayPort<pleiades_protocol::wire::FileMessage>;
 
 /// Errors of the control socket.
 #[derive(Debug, thiserror::Error)]

@@ -10,8 +10,11 @@
 //!
 //! As a service (`pleiades-agent run`, [`service`]) it keeps a link to its VM process over
 //! vsock: the guest's facts and session, the host's lock and power requests; its per-user
-//! part (`pleiades-agent session`, [`session`]) reports the graphical session's idle time.
+//! part (`pleiades-agent session`, [`session`]) reports the graphical session's idle time,
+//! holds the guest end of the clipboard and writes the files the client sends into the user's
+//! Downloads ([`files`]).
 
+pub mod files;
 pub mod power;
 pub mod ready;
 pub mod service;

@@ -71,11 +71,14 @@ enum Command {
         unlock: Option<String>,
     },
     /// The agent's per-user part, inside the graphical session: report its idle time and lock
-    /// state to the service.
+    /// state to the service, share the clipboard, receive files.
     Session {
         /// The service's socket.
         #[arg(long, default_value = pleiades_agent::session::SOCKET)]
         socket: PathBuf,
+        /// Where files sent from the client land (default: $XDG_DOWNLOAD_DIR, else ~/Downloads).
+        #[arg(long, value_name = "DIR")]
+        downloads: Option<PathBuf>,
     },
     /// Wait for the ACPI power button and then run `poweroff` (the host's clean shutdown).
     PowerButton {
@@ -115,7 +118,9 @@ fn main() -> ExitCode {
             let actions = pleiades_agent::service::Actions { poweroff, reboot, lock, unlock };
             pleiades_agent::service::run(&root, &actions, sessions.as_ref())
         }
-        Command::Session { socket } => pleiades_agent::session::run_session_part(&socket),
+        Command::Session { socket, downloads } => {
+            pleiades_agent::session::run_session_part(&socket, downloads)
+        }
         Command::Tone { freq, seconds, amplitude, device } => {
             match pleiades_agent::sound::tone(&device, freq, amplitude.clamp(0.0, 1.0), seconds) {
                 Ok(report) => {

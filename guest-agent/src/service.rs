@@ -3,8 +3,9 @@
 //! ([`guest_facts`]) at once and whenever they change, and carries out what the host
 //! asks (lock the screen, shut down, restart). The graphical session's user, lock state and
 //! idle time come from the per-user part ([`crate::session`]) and go to the host as they
-//! change; so do its clipboard messages, both ways (the service only relays them: the session
-//! part has the X clipboard, the VM process the policy). When the link ends (the VM process restarted
+//! change; so do its clipboard messages, both ways, and the files the client sends (the service
+//! only relays them: the session part has the X clipboard and writes the files as the user, the
+//! VM process has the policy). When the link ends (the VM process restarted
 //! its end, or closed it over a protocol error) it connects again after a pause.
 //!
 //! The protocol is [`pleiades_protocol::agent`]; this module is only its I/O and the guest's
@@ -22,8 +23,8 @@ use nix::sys::socket::{AddressFamily, SockFlag, SockType, VsockAddr, connect, se
 use nix::sys::time::TimeVal;
 use pleiades_protocol::agent::{AGENT_PORT, AgentEvent, AgentLink};
 use pleiades_protocol::wire::{
-    ClipboardMessage, ClipboardRefused, GuestInfo, MAX_ADDRESS_LEN, MAX_ADDRESSES, MAX_AGENT_TEXT,
-    PowerAction, RefuseReason,
+    AgentMessage, ClipboardMessage, ClipboardRefused, FileMessage, FileRefuseReason, GuestInfo,
+    MAX_ADDRESS_LEN, MAX_ADDRESSES, MAX_AGENT_TEXT, PowerAction, RefuseReason,
 };
 
 use crate::session::SessionReports;
@@ -110,6 +111,11 @@ fn serve(
                                 link.clipboard(refused).map_err(|e| e.to_string())?;
                             }
                         }
+                        AgentEvent::Files(message) => {
+                            if let Some(refused) = file_to_session(sessions, message) {
+                                link.files(refused).map_err(|e| e.to_string())?;
+                            }
+                        }
                         event => act(event, actions),
                     }
                 }
@@ -122,8 +128,13 @@ fn serve(
             Err(e) => return Err(format!("cannot read from the host: {e}")),
         }
         if let Some(sessions) = sessions.filter(|_| woken) {
-            for message in sessions.take_clipboard() {
-                link.clipboard(message).map_err(|e| e.to_string())?;
+            for message in sessions.take_for_host() {
+                match message {
+                    AgentMessage::Files(message) => link.files(message),
+                    AgentMessage::Clipboard(message) => link.clipboard(message),
+                    _ => Ok(()),
+                }
+                .map_err(|e| e.to_string())?;
             }
         }
         if let Some(state) = sessions.and_then(|s| s.take_change(&mut session_seen)) {
@@ -169,6 +180,17 @@ fn to_session(sessions: Option<&SessionReports>, message: ClipboardMessage) -> O
     }
 }
 
+/// Passes the host's file message to the graphical session's part, which writes the file as
+/// its user; an offer that finds no session is refused here (`Some`: the refusal to send back).
+fn file_to_session(sessions: Option<&SessionReports>, message: FileMessage) -> Option<FileMessage> {
+    let id = message.id();
+    let offer = matches!(message, FileMessage::Offer(_));
+    if sessions.is_some_and(|s| s.file_to_session(message)) || !offer {
+        return None;
+    }
+    Some(FileMessage::Refused { id, reason: FileRefuseReason::NoSession })
+}
+
 fn act(event: AgentEvent, actions: &Actions) {
     let command = match event {
         AgentEvent::Welcomed { version } => {
@@ -179,7 +201,7 @@ fn act(event: AgentEvent, actions: &Actions) {
         AgentEvent::UnlockScreen => actions.unlock.as_deref(),
         AgentEvent::Power(PowerAction::Shutdown) => Some(actions.poweroff.as_str()),
         AgentEvent::Power(PowerAction::Reboot) => Some(actions.reboot.as_str()),
-        AgentEvent::Clipboard(_) => return,
+        AgentEvent::Clipboard(_) | AgentEvent::Files(_) => return,
     };
     let mut words = command.unwrap_or_default().split_whitespace();
     let Some(program) = words.next() else {

@@ -20,8 +20,13 @@
 //! The service writes to it from a thread of its own with a bounded queue (a part that does not
 //! read is cut off, never the service's loop), gives it the host's latest copy when it takes
 //! the clipboard, and gives the host the part's latest copy again on every new vsock link.
+//!
+//! The same part receives the files the session's client sends ([`crate::files`]): they are
+//! written by the user's own process, into the user's Downloads. The service only relays, and
+//! remembers which transfers it passed to the part: when the part goes, the host hears that
+//! they were interrupted; when the vsock link goes, the part does.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -34,9 +39,12 @@ use std::time::{Duration, Instant};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use pleiades_clipboard::{ClipboardPeer, LocalEvent, X11Clipboard};
 use pleiades_protocol::wire::{
-    AgentMessage, ClipboardGrab, ClipboardMessage, MAX_AGENT_TEXT, MAX_CLIPBOARD_BYTES, SessionActivity,
-    SessionState, StreamDecoder, encode_to_vec,
+    AgentMessage, CancelReason, ClipboardGrab, ClipboardMessage, FILE_WINDOW, FileMessage, FileRefuseReason,
+    MAX_AGENT_TEXT, MAX_CLIPBOARD_BYTES, MAX_FILE_CHUNK, MAX_FILE_TRANSFERS, SessionActivity, SessionState,
+    StreamDecoder, encode_to_vec,
 };
+
+use crate::files::Downloads;
 
 /// The service's socket for the session parts.
 pub const SOCKET: &str = "/run/pleiades-agent/session.sock";
@@ -49,14 +57,17 @@ const MAX_SESSIONS: usize = 8;
 const MAX_TO_HOST: usize = MAX_CLIPBOARD_BYTES as usize + 1024 * 1024;
 /// How long a write of clipboard data to a session part may block its writer thread.
 const PART_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Frames queued for a session part's writer: one whole content in chunks, and some room.
-const PART_QUEUE: usize =
-    pleiades_protocol::wire::MAX_CLIPBOARD_QUEUE / pleiades_protocol::wire::MAX_CLIPBOARD_CHUNK + 64;
+/// Frames queued for a session part's writer: one whole clipboard content in chunks, every
+/// file transfer's window in chunks, and some room.
+const PART_QUEUE: usize = pleiades_protocol::wire::MAX_CLIPBOARD_QUEUE
+    / pleiades_protocol::wire::MAX_CLIPBOARD_CHUNK
+    + MAX_FILE_TRANSFERS * (FILE_WINDOW as usize / MAX_FILE_CHUNK + 1)
+    + 64;
 
 /// Whether a process of this user id may have the guest's clipboard.
 pub type ClipboardGate = Arc<dyn Fn(u32) -> bool + Send + Sync>;
 
-/// The session part that has the clipboard.
+/// The session part that has the clipboard and receives files (the active part).
 #[derive(Debug)]
 struct Part {
     id: u64,
@@ -88,14 +99,16 @@ struct Reports {
     changes: u64,
     connected: usize,
     next_part: u64,
-    /// The session part that has the guest's clipboard.
-    clipboard_part: Option<Part>,
-    /// Its clipboard messages for the host, and their bytes.
-    to_host: VecDeque<ClipboardMessage>,
+    /// The session part that has the guest's clipboard and receives files.
+    active_part: Option<Part>,
+    /// Its clipboard and file messages for the host, and their bytes.
+    to_host: VecDeque<AgentMessage>,
     to_host_bytes: usize,
+    /// The file transfers passed to the active part and not ended yet.
+    files: BTreeSet<u32>,
     /// The latest copies on either side (given again to a new part, and to a new vsock link).
     host_grab: Option<ClipboardMessage>,
-    part_grab: Option<ClipboardMessage>,
+    part_grab: Option<AgentMessage>,
 }
 
 impl SessionReports {
@@ -156,23 +169,25 @@ impl SessionReports {
             reports.next_part
         };
         if (self.gate)(uid) {
-            self.take_clipboard_part(id, &stream);
+            self.take_active_part(id, &stream);
         }
         self.read_part(stream, &user, id);
         let mut reports = self.lock();
-        if reports.clipboard_part.as_ref().is_some_and(|part| part.id == id) {
-            reports.clipboard_part = None;
+        if reports.active_part.as_ref().is_some_and(|part| part.id == id) {
+            reports.active_part = None;
             reports.part_grab = None;
-            reports
-                .to_host
-                .push_back(ClipboardMessage::Grab(ClipboardGrab { serial: 0, formats: Vec::new() }));
+            reports.to_host.push_back(AgentMessage::Clipboard(ClipboardMessage::Grab(ClipboardGrab {
+                serial: 0,
+                formats: Vec::new(),
+            })));
+            interrupt_files(&mut reports);
             drop(reports);
             let _ = self.wake.write(1);
         }
     }
 
     /// Part `id` has the clipboard now: a writer thread of its own, and the host's latest copy.
-    fn take_clipboard_part(&self, id: u64, stream: &UnixStream) {
+    fn take_active_part(&self, id: u64, stream: &UnixStream) {
         let (Ok(mut writer), Ok(cut)) = (stream.try_clone(), stream.try_clone()) else { return };
         let _ = writer.set_write_timeout(Some(PART_WRITE_TIMEOUT));
         let (frames, queue) = std::sync::mpsc::sync_channel::<Vec<u8>>(PART_QUEUE);
@@ -189,9 +204,11 @@ impl SessionReports {
             return;
         }
         let mut reports = self.lock();
-        if let Some(old) = reports.clipboard_part.take() {
-            // The older part keeps reporting its session, without the clipboard.
+        if let Some(old) = reports.active_part.take() {
+            // The older part keeps reporting its session, without the clipboard; the files it
+            // was receiving are interrupted (offered again, they go to this one).
             drop(old);
+            interrupt_files(&mut reports);
         }
         reports.part_grab = None;
         let host_grab = reports.host_grab.clone();
@@ -199,7 +216,7 @@ impl SessionReports {
         if let Some(frame) = host_grab.and_then(|g| encode_to_vec(&AgentMessage::Clipboard(g)).ok()) {
             let _ = part.frames.try_send(frame);
         }
-        reports.clipboard_part = Some(part);
+        reports.active_part = Some(part);
     }
 
     fn read_part(&self, mut stream: UnixStream, user: &str, id: u64) {
@@ -221,16 +238,28 @@ impl SessionReports {
                         reports.latest = Some(state);
                         reports.changes += 1;
                     }
-                    Ok(Some(AgentMessage::Clipboard(message))) => {
+                    Ok(Some(message @ (AgentMessage::Clipboard(_) | AgentMessage::Files(_)))) => {
                         let mut reports = self.lock();
-                        if reports.clipboard_part.as_ref().is_none_or(|part| part.id != id) {
+                        if reports.active_part.as_ref().is_none_or(|part| part.id != id) {
                             // A part without the clipboard (another user's, or an older one).
                             continue;
                         }
-                        if let ClipboardMessage::Grab(g) = &message {
-                            reports.part_grab = (!g.formats.is_empty()).then(|| message.clone());
+                        match &message {
+                            AgentMessage::Clipboard(ClipboardMessage::Grab(g)) => {
+                                reports.part_grab = (!g.formats.is_empty()).then(|| message.clone());
+                            }
+                            AgentMessage::Files(file) => {
+                                // Only answers about transfers it was given.
+                                if file.from_sender() || !reports.files.contains(&file.id()) {
+                                    continue;
+                                }
+                                if matches!(file, FileMessage::Done { .. } | FileMessage::Refused { .. }) {
+                                    reports.files.remove(&file.id());
+                                }
+                            }
+                            _ => {}
                         }
-                        reports.to_host_bytes += clipboard_len(&message);
+                        reports.to_host_bytes += message_len(&message);
                         if reports.to_host_bytes > MAX_TO_HOST {
                             return;
                         }
@@ -251,8 +280,8 @@ impl SessionReports {
         self.wake.as_fd()
     }
 
-    /// The clipboard messages the session part sent for the host.
-    pub fn take_clipboard(&self) -> Vec<ClipboardMessage> {
+    /// The clipboard and file messages the session part sent for the host.
+    pub fn take_for_host(&self) -> Vec<AgentMessage> {
         let _ = self.wake.read();
         let mut reports = self.lock();
         reports.to_host_bytes = 0;
@@ -263,26 +292,58 @@ impl SessionReports {
     /// blocking: its writer thread writes); `false` when there is none (nobody is logged in,
     /// or its part is not running).
     pub fn to_session(&self, message: &ClipboardMessage) -> bool {
-        let Ok(frame) = encode_to_vec(&AgentMessage::Clipboard(message.clone())) else { return false };
         let mut reports = self.lock();
         if let ClipboardMessage::Grab(g) = message {
             reports.host_grab = (!g.formats.is_empty()).then(|| message.clone());
         }
-        let Some(part) = reports.clipboard_part.as_ref() else { return false };
+        Self::to_part(&mut reports, &AgentMessage::Clipboard(message.clone()))
+    }
+
+    /// Passes the host's file message to the active session part; `false` when there is none.
+    pub fn file_to_session(&self, message: FileMessage) -> bool {
+        let mut reports = self.lock();
+        let id = message.id();
+        let known = reports.files.contains(&id);
+        match &message {
+            FileMessage::Offer(_) if reports.active_part.is_some() => {
+                reports.files.insert(id);
+            }
+            FileMessage::Cancel { .. } => {
+                reports.files.remove(&id);
+            }
+            // Data of a transfer the part does not have (it went): the host was told.
+            FileMessage::Data(_) if !known => return true,
+            _ => {}
+        }
+        Self::to_part(&mut reports, &AgentMessage::Files(message))
+    }
+
+    fn to_part(reports: &mut Reports, message: &AgentMessage) -> bool {
+        let Ok(frame) = encode_to_vec(message) else { return false };
+        let Some(part) = reports.active_part.as_ref() else { return false };
         if part.frames.try_send(frame).is_ok() {
             return true;
         }
         // A part that does not read is cut off; its reader ends and withdraws its content.
         let _ = part.stream.shutdown(std::net::Shutdown::Both);
-        reports.clipboard_part = None;
+        reports.active_part = None;
+        interrupt_files(reports);
         false
     }
 
     /// A new link to the host: what the clipboard's part copied last is offered again (the
-    /// host forgot it with the old link).
+    /// host forgot it with the old link), and the part's transfers of the old link end there
+    /// (the host offers them again to resume).
     pub fn new_link(&self) {
         let mut reports = self.lock();
         reports.host_grab = None;
+        reports.to_host.retain(|m| matches!(m, AgentMessage::Clipboard(_)));
+        for id in std::mem::take(&mut reports.files) {
+            let cancel = AgentMessage::Files(FileMessage::Cancel { id, reason: CancelReason::Interrupted });
+            if let (Ok(frame), Some(part)) = (encode_to_vec(&cancel), reports.active_part.as_ref()) {
+                let _ = part.frames.try_send(frame);
+            }
+        }
         if let Some(grab) = reports.part_grab.clone() {
             reports.to_host.push_back(grab);
             drop(reports);
@@ -326,9 +387,18 @@ fn seat_user() -> Option<u32> {
     ask(&["show-session", &session, "--property=User", "--value"])?.parse().ok()
 }
 
-fn clipboard_len(message: &ClipboardMessage) -> usize {
+/// The active part went: the host hears that its transfers were interrupted (what arrived
+/// stays in the user's Downloads for a resume).
+fn interrupt_files(reports: &mut Reports) {
+    for id in std::mem::take(&mut reports.files) {
+        let refused = FileMessage::Refused { id, reason: FileRefuseReason::Interrupted };
+        reports.to_host.push_back(AgentMessage::Files(refused));
+    }
+}
+
+fn message_len(message: &AgentMessage) -> usize {
     match message {
-        ClipboardMessage::Data(d) => d.bytes.len() + 16,
+        AgentMessage::Clipboard(ClipboardMessage::Data(d)) => d.bytes.len() + 16,
         _ => 16,
     }
 }
@@ -339,14 +409,21 @@ enum Input {
     Local(LocalEvent),
     /// The service (the host's clipboard), on connection `generation`.
     Remote(u64, ClipboardMessage),
+    /// The service (files the client sends), on connection `generation`.
+    Files(u64, FileMessage),
     /// Connection `generation` to the service ended.
     Closed(u64),
 }
 
 /// `pleiades-agent session`: reports this graphical session's idle time and lock state to
-/// the service, and is the guest end of the clipboard, for ever (reconnecting when the service
-/// restarts). Without an X display it only reports.
-pub fn run_session_part(socket: &Path) -> ! {
+/// the service, is the guest end of the clipboard, and receives files into `downloads`
+/// (default: [`crate::files::download_dir`]), for ever (reconnecting when the service
+/// restarts). Without an X display it reports and receives files only.
+pub fn run_session_part(socket: &Path, downloads: Option<std::path::PathBuf>) -> ! {
+    let mut files = downloads.or_else(crate::files::download_dir).map(Downloads::new);
+    if files.is_none() {
+        eprintln!("pleiades-agent session: no HOME and no --downloads: files are refused");
+    }
     let (inputs, received) = mpsc::channel();
     let clipboard = match X11Clipboard::connect(None, MAX_CLIPBOARD_BYTES as usize) {
         Ok((clipboard, events)) => {
@@ -370,6 +447,7 @@ pub fn run_session_part(socket: &Path) -> ! {
     let mut generation = 0u64;
     let mut warned = false;
     let mut next_report = Instant::now();
+    let mut file_answers = Vec::new();
     loop {
         if stream.is_none() {
             stream = UnixStream::connect(socket).ok();
@@ -395,6 +473,7 @@ pub fn run_session_part(socket: &Path) -> ! {
         while let Some(message) = peer.poll_transmit() {
             frames.extend(encode_to_vec(&AgentMessage::Clipboard(message)));
         }
+        frames.extend(file_answers.drain(..).filter_map(|m| encode_to_vec(&AgentMessage::Files(m)).ok()));
         let sent = match &mut stream {
             Some(s) => frames.iter().all(|frame| s.write_all(frame).is_ok()),
             None => false,
@@ -425,7 +504,20 @@ pub fn run_session_part(socket: &Path) -> ! {
                     peer.on_remote(message, clipboard);
                 }
             }
-            Ok(Input::Closed(from)) if from == generation => stream = None,
+            Ok(Input::Files(from, message)) if from == generation => match &mut files {
+                Some(files) => file_answers.extend(files.handle(message)),
+                None if matches!(message, FileMessage::Offer(_)) => file_answers
+                    .push(FileMessage::Refused { id: message.id(), reason: FileRefuseReason::Failed }),
+                None => {}
+            },
+            Ok(Input::Closed(from)) if from == generation => {
+                stream = None;
+                // What arrived stays for a resume; the ids were the old connection's.
+                if let Some(files) = &mut files {
+                    files.interrupt_all();
+                }
+                file_answers.clear();
+            }
             Ok(_) | Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => unreachable!("this loop holds a sender"),
         }
@@ -435,7 +527,7 @@ pub fn run_session_part(socket: &Path) -> ! {
     }
 }
 
-/// Reads the service's clipboard messages on connection `generation` from a thread.
+/// Reads the service's clipboard and file messages on connection `generation` from a thread.
 fn spawn_reader(stream: &UnixStream, generation: u64, inputs: mpsc::Sender<Input>) {
     let Ok(mut stream) = stream.try_clone() else { return };
     std::thread::spawn(move || {
@@ -447,9 +539,12 @@ fn spawn_reader(stream: &UnixStream, generation: u64, inputs: mpsc::Sender<Input
                 break;
             }
             for message in messages.drain(..) {
-                if let AgentMessage::Clipboard(message) = message
-                    && inputs.send(Input::Remote(generation, message)).is_err()
-                {
+                let input = match message {
+                    AgentMessage::Clipboard(message) => Input::Remote(generation, message),
+                    AgentMessage::Files(message) => Input::Files(generation, message),
+                    _ => continue,
+                };
+                if inputs.send(input).is_err() {
                     return;
                 }
             }
@@ -506,7 +601,7 @@ mod tests {
         };
         let take = |what: &str| {
             pleiades_testkit::wait_for(what, Duration::from_secs(10), || {
-                Some(reports.take_clipboard()).filter(|m| !m.is_empty())
+                Some(clipboard_only(reports.take_for_host())).filter(|m| !m.is_empty())
             })
             .unwrap()
         };
@@ -563,6 +658,61 @@ mod tests {
         drop(second);
     }
 
+    fn clipboard_only(messages: Vec<AgentMessage>) -> Vec<ClipboardMessage> {
+        messages
+            .into_iter()
+            .filter_map(|m| match m {
+                AgentMessage::Clipboard(c) => Some(c),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn files_go_to_the_active_part_and_are_interrupted_when_it_goes() {
+        use pleiades_protocol::wire::{FileData, FileOffer};
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("session.sock");
+        let reports = SessionReports::listen_with(&socket, Arc::new(|_| true)).unwrap();
+        let offer = FileMessage::Offer(FileOffer { id: 4, size: 10, sha256: [1; 32], name: "a".into() });
+        // No part yet: nobody to receive it.
+        assert!(!reports.file_to_session(offer.clone()));
+        let mut part = UnixStream::connect(&socket).unwrap();
+        part.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        pleiades_testkit::wait_for("the part", Duration::from_secs(10), || {
+            reports.lock().active_part.is_some().then_some(())
+        })
+        .unwrap();
+        assert!(reports.file_to_session(offer.clone()));
+        let mut buf = vec![0u8; 256];
+        let n = part.read(&mut buf).unwrap();
+        assert_eq!(buf[..n], encode_to_vec(&AgentMessage::Files(offer)).unwrap());
+        // Its answers go to the host; answers about transfers it was not given do not.
+        let accept = FileMessage::Accept { id: 4, offset: 0 };
+        part.write_all(
+            &encode_to_vec(&AgentMessage::Files(FileMessage::Accept { id: 5, offset: 0 })).unwrap(),
+        )
+        .unwrap();
+        part.write_all(&encode_to_vec(&AgentMessage::Files(accept.clone())).unwrap()).unwrap();
+        let taken = pleiades_testkit::wait_for("the answer", Duration::from_secs(10), || {
+            Some(reports.take_for_host()).filter(|m| !m.is_empty())
+        })
+        .unwrap();
+        assert_eq!(taken, [AgentMessage::Files(accept)]);
+        // Data of a transfer that is not the part's is dropped here.
+        assert!(reports.file_to_session(FileMessage::Data(FileData { id: 9, offset: 0, bytes: vec![1] })));
+        // The part goes: the host hears that transfer 4 was interrupted.
+        drop(part);
+        let taken = pleiades_testkit::wait_for("the interruption", Duration::from_secs(10), || {
+            Some(reports.take_for_host()).filter(|m| m.iter().any(|m| matches!(m, AgentMessage::Files(_))))
+        })
+        .unwrap();
+        assert!(taken.contains(&AgentMessage::Files(FileMessage::Refused {
+            id: 4,
+            reason: FileRefuseReason::Interrupted
+        })));
+    }
+
     #[test]
     fn a_part_of_a_user_not_in_the_seats_foreground_never_has_the_clipboard() {
         use pleiades_protocol::wire::ClipboardFormat;
@@ -578,7 +728,7 @@ mod tests {
         let mut seen = 0;
         pleiades_testkit::wait_for("the report", Duration::from_secs(10), || reports.take_change(&mut seen))
             .unwrap();
-        assert!(reports.take_clipboard().is_empty());
+        assert!(reports.take_for_host().is_empty());
         assert!(!reports.to_session(&grab), "the host's copy reaches no part");
     }
 

@@ -98,6 +98,10 @@ pub struct RunArgs {
     /// vsock). Enforced here, whatever the client or the guest does.
     #[arg(long, value_enum, default_value_t = ClipboardArg::Both)]
     pub clipboard: ClipboardArg,
+    /// Whether the client may send files into the guest user's Downloads (the pool's data loss
+    /// prevention switch; the guest agent receives them: needs --device vsock). Enforced here.
+    #[arg(long, value_enum, default_value_t = FileTransferArg::Allow)]
+    pub file_transfer: FileTransferArg,
     /// Keep the session certificate in this directory (made once; a host's VMs share it, so
     /// the broker pins one fingerprint). Default: a fresh certificate per run.
     #[arg(long, requires = "listen")]
@@ -146,6 +150,13 @@ pub fn parse_layout(s: &str) -> Result<Layout, String> {
         })
         .collect::<Result<_, _>>()
         .map(Layout)
+}
+
+/// `--file-transfer`: whether files may go into the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FileTransferArg {
+    Allow,
+    Deny,
 }
 
 /// `--clipboard`: the directions the clipboard may carry content.

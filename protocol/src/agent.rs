@@ -18,8 +18,8 @@
 //! has the layouts.
 
 use crate::wire::{
-    AgentHello, AgentMessage, ChannelMessage, ClipboardMessage, DecodeError, EncodeError, GuestInfo,
-    PowerAction, SessionState, StreamDecoder, encode,
+    AgentHello, AgentMessage, ChannelMessage, ClipboardMessage, DecodeError, EncodeError, FileMessage,
+    GuestInfo, PowerAction, SessionState, StreamDecoder, encode,
 };
 
 /// The vsock port the VM process listens on for its guest's agent.
@@ -102,6 +102,8 @@ pub enum HostEvent {
     SessionState(SessionState),
     /// The guest session's clipboard ([`crate::clipboard::ClipboardRelay`] checks it).
     Clipboard(ClipboardMessage),
+    /// The guest's answers about files sent into it ([`crate::files::FileRelay`] checks them).
+    Files(FileMessage),
 }
 
 /// The VM process's end of one agent connection.
@@ -149,6 +151,7 @@ impl HostLink {
                 (AgentMessage::GuestInfo(info), Some(_)) => events.push(HostEvent::GuestInfo(info)),
                 (AgentMessage::SessionState(state), Some(_)) => events.push(HostEvent::SessionState(state)),
                 (AgentMessage::Clipboard(message), Some(_)) => events.push(HostEvent::Clipboard(message)),
+                (AgentMessage::Files(message), Some(_)) => events.push(HostEvent::Files(message)),
                 (_, Some(_)) => unreachable!("from_agent() lists the agent's messages"),
             }
             Ok(())
@@ -179,6 +182,11 @@ impl HostLink {
         self.framing.send(&AgentMessage::Clipboard(message))
     }
 
+    /// Passes a file transfer message (an offer, data, a cancel) to the guest.
+    pub fn files(&mut self, message: FileMessage) -> Result<(), LinkError> {
+        self.framing.send(&AgentMessage::Files(message))
+    }
+
     /// The bytes to write to the agent now.
     pub fn take_output(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.framing.out)
@@ -196,6 +204,8 @@ pub enum AgentEvent {
     Power(PowerAction),
     /// The client's clipboard, relayed by the VM process.
     Clipboard(ClipboardMessage),
+    /// A file the client sends (offer, data, cancel), relayed by the VM process.
+    Files(FileMessage),
 }
 
 /// The guest agent's end of the link.
@@ -246,6 +256,7 @@ impl AgentLink {
                 AgentMessage::UnlockScreen => events.push(AgentEvent::UnlockScreen),
                 AgentMessage::Power(action) => events.push(AgentEvent::Power(action)),
                 AgentMessage::Clipboard(message) => events.push(AgentEvent::Clipboard(message)),
+                AgentMessage::Files(message) => events.push(AgentEvent::Files(message)),
                 _ => unreachable!("from_host() lists the host's messages"),
             }
             Ok(())
@@ -266,6 +277,11 @@ impl AgentLink {
     /// Passes the guest session's clipboard message to the host.
     pub fn clipboard(&mut self, message: ClipboardMessage) -> Result<(), LinkError> {
         self.framing.send(&AgentMessage::Clipboard(message))
+    }
+
+    /// Answers about a file the host sends (accept, progress, done, refused).
+    pub fn files(&mut self, message: FileMessage) -> Result<(), LinkError> {
+        self.framing.send(&AgentMessage::Files(message))
     }
 
     /// The bytes to write to the host now.

@@ -63,6 +63,9 @@ impl Capabilities {
     pub const RESUME: Self = Self(1 << 8);
     /// The server's VM has a mouse: the client may send `PointerRel` (relative motion).
     pub const RELATIVE_POINTER: Self = Self(1 << 9);
+    /// The files channel (8): the client sends files into the guest user's Downloads, as the
+    /// desktop's pool allows.
+    pub const FILES: Self = Self(1 << 10);
 
     /// Every capability this version implements (the reserved bits excluded).
     pub const SUPPORTED: Self = Self(
@@ -74,7 +77,8 @@ impl Capabilities {
             | Self::AUDIO.0
             | Self::CLIPBOARD.0
             | Self::RESUME.0
-            | Self::RELATIVE_POINTER.0,
+            | Self::RELATIVE_POINTER.0
+            | Self::FILES.0,
     );
 
     pub const fn empty() -> Self {
@@ -119,7 +123,7 @@ impl BitAnd for Capabilities {
 
 impl fmt::Debug for Capabilities {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const NAMES: [(Capabilities, &str); 10] = [
+        const NAMES: [(Capabilities, &str); 11] = [
             (Capabilities::ZSTD_TILES, "ZSTD_TILES"),
             (Capabilities::H264, "H264"),
             (Capabilities::CURSOR_CHANNEL, "CURSOR_CHANNEL"),
@@ -130,6 +134,7 @@ impl fmt::Debug for Capabilities {
             (Capabilities::CLIPBOARD, "CLIPBOARD"),
             (Capabilities::RESUME, "RESUME"),
             (Capabilities::RELATIVE_POINTER, "RELATIVE_POINTER"),
+            (Capabilities::FILES, "FILES"),
         ];
         let mut set = f.debug_set();
         let mut rest = self.0;

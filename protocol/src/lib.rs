@@ -24,6 +24,8 @@
 //!   [`agent::AgentLink`].
 //! - [`clipboard`]: the VM process's clipboard relay between the session's client and the guest
 //!   session, with the pool's policy ([`clipboard::ClipboardRelay`]).
+//! - [`files`]: the VM process's file transfer relay from the session's client to the guest,
+//!   with the pool's policy and the transfer window ([`files::FileRelay`]).
 //!
 //! Nothing here opens a socket, starts a thread or reads a clock: time is a parameter, so every
 //! piece is unit- and property-testable on plain values.
@@ -58,6 +60,7 @@ pub mod clipboard;
 pub mod connfile;
 pub mod control;
 pub mod error_code;
+pub mod files;
 pub mod handshake;
 pub mod hostapi;
 pub mod jitter;

@@ -41,6 +41,21 @@ pub mod priority {
     pub const CURSOR: i32 = 25;
     pub const CLIPBOARD: i32 = 10;
     pub const DISPLAY: i32 = 0;
+    /// Files go last: a bulk copy never delays anything the user looks at or types.
+    pub const FILES: i32 = -10;
+
+    /// The priority of `channel`'s streams.
+    pub fn of(channel: crate::wire::Channel) -> i32 {
+        use crate::wire::Channel;
+        match channel {
+            Channel::Input => INPUT,
+            Channel::Control | Channel::Agent => CONTROL,
+            Channel::Cursor => CURSOR,
+            Channel::Clipboard => CLIPBOARD,
+            Channel::Display | Channel::Audio => DISPLAY,
+            Channel::Files => FILES,
+        }
+    }
 }
 
 pub use crate::error_code;

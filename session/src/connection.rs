@@ -1,18 +1,19 @@
-//! One client connection: handshake, control, input, display, cursor and clipboard.
+//! One client connection: handshake, control, input, display, cursor, clipboard and files.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use pleiades_control::ClipboardPort;
+use pleiades_control::RelayPort;
 use pleiades_protocol::control::{ControlConfig, IntentError, ServerControl, ServerEvent};
 use pleiades_protocol::handshake::{Capabilities, Refusal, ServerOutcome, Session};
 use pleiades_protocol::resume;
 use pleiades_protocol::ticket::TicketClaims;
 use pleiades_protocol::transport::{error_code, priority, stream_prelude};
 use pleiades_protocol::wire::{
-    self, Channel, ClipboardMessage, ControlMessage, CursorMessage, CursorPosition, CursorShape, Datagram,
-    GoodbyeReason, InputMessage, Monitor, RefuseCode, StreamDecoder,
+    self, Channel, ChannelMessage, ClipboardMessage, ControlMessage, CursorMessage, CursorPosition,
+    CursorShape, Datagram, FileMessage, GoodbyeReason, InputMessage, Monitor, Queued, RefuseCode,
+    StreamDecoder,
 };
 use tokio::sync::{Notify, watch};
 
@@ -236,11 +237,18 @@ async fn run(shared: Arc<Shared>, conn: quinn::Connection, opened: Opened) {
         .controller
         .clipboard()
         .filter(|_| session.capabilities.contains(Capabilities::CLIPBOARD))
-        .map(|port| ClipboardEnd { port, session: session.session_id });
-    let clipboard_out = clipboard_out(&conn, clipboard.clone());
-    let input = input_loop(&shared, &conn, clipboard.clone());
+        .map(|port| RelayEnd { port, session: session.session_id });
+    let files = shared
+        .controller
+        .files()
+        .filter(|_| session.capabilities.contains(Capabilities::FILES))
+        .map(|port| RelayEnd { port, session: session.session_id });
+    let clipboard_out = relay_out(&conn, clipboard.clone());
+    let files_out = relay_out(&conn, files.clone());
+    let input = input_loop(&shared, &conn, Relays { clipboard: clipboard.clone(), files: files.clone() });
     tokio::select! {
         () = clipboard_out => {}
+        () = files_out => {}
         reason = control => tracing::info!("session {}: control ended: {reason}", session.session_id),
         () = layouts => {}
         reason = input => tracing::info!("session {}: input ended: {reason}", session.session_id),
@@ -249,6 +257,9 @@ async fn run(shared: Arc<Shared>, conn: quinn::Connection, opened: Opened) {
     }
     stop.store(true, Ordering::Relaxed);
     if let Some(end) = &clipboard {
+        end.port.detach(end.session);
+    }
+    if let Some(end) = &files {
         end.port.detach(end.session);
     }
     for thread in [display, playback].into_iter().flatten().flatten() {
@@ -420,22 +431,37 @@ fn monitors(gpu: &GpuHandle) -> Vec<Monitor> {
         .collect()
 }
 
-/// The session's end of the VM's clipboard relay.
-#[derive(Clone)]
-struct ClipboardEnd {
-    port: Arc<dyn ClipboardPort>,
+/// The session's end of one of the VM's relays to the guest agent (clipboard, files).
+struct RelayEnd<M: 'static> {
+    port: Arc<dyn RelayPort<M>>,
     session: u64,
 }
 
-/// Attaches the session to the clipboard relay and writes what it has for the client on a
-/// clipboard stream of ours. Never ends by itself: a failed stream only ends the clipboard.
-/// What waits for the client is bounded ([`wire::MAX_CLIPBOARD_QUEUE`]): a client that does
-/// not read, or a guest that floods, ends the session's clipboard (the relay's client end is
-/// detached), never the VM process's memory.
-async fn clipboard_out(conn: &quinn::Connection, end: Option<ClipboardEnd>) {
+impl<M> Clone for RelayEnd<M> {
+    fn clone(&self) -> Self {
+        Self { port: self.port.clone(), session: self.session }
+    }
+}
+
+/// The relays this session has (each with its capability).
+struct Relays {
+    clipboard: Option<RelayEnd<ClipboardMessage>>,
+    files: Option<RelayEnd<FileMessage>>,
+}
+
+/// Attaches the session to a relay and writes what it has for the client on a stream of ours
+/// of its channel. Never ends by itself: a failed stream only ends that channel. What waits for
+/// the client is bounded ([`Queued::MAX_QUEUE`]): a client that does not read, or a guest that
+/// floods, ends the session's channel (the relay's client end is detached), never the VM
+/// process's memory.
+async fn relay_out<M: ChannelMessage + Queued + Send + 'static>(
+    conn: &quinn::Connection,
+    end: Option<RelayEnd<M>>,
+) {
     use std::sync::atomic::AtomicUsize;
     let Some(end) = end else { return std::future::pending().await };
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<ClipboardMessage>();
+    let channel = M::CHANNEL;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<M>();
     let queued = Arc::new(AtomicUsize::new(0));
     let overflow = Arc::new(Notify::new());
     let (counted, full) = (queued.clone(), overflow.clone());
@@ -443,7 +469,7 @@ async fn clipboard_out(conn: &quinn::Connection, end: Option<ClipboardEnd>) {
         end.session,
         Box::new(move |message| {
             let size = message.queued_size();
-            if counted.fetch_add(size, Ordering::Relaxed) + size > wire::MAX_CLIPBOARD_QUEUE {
+            if counted.fetch_add(size, Ordering::Relaxed) + size > M::MAX_QUEUE {
                 full.notify_one();
                 return;
             }
@@ -452,13 +478,13 @@ async fn clipboard_out(conn: &quinn::Connection, end: Option<ClipboardEnd>) {
     );
     let result: Result<(), String> = async {
         let mut stream = conn.open_uni().await.map_err(|e| e.to_string())?;
-        let _ = stream.set_priority(priority::CLIPBOARD);
-        stream.write_all(&stream_prelude(Channel::Clipboard)).await.map_err(|e| e.to_string())?;
+        let _ = stream.set_priority(priority::of(channel));
+        stream.write_all(&stream_prelude(channel)).await.map_err(|e| e.to_string())?;
         let mut bytes = Vec::new();
         loop {
             let message = tokio::select! {
                 message = rx.recv() => message.ok_or("the relay went away")?,
-                () = overflow.notified() => return Err("more clipboard data waits than the client reads".into()),
+                () = overflow.notified() => return Err("more data waits than the client reads".into()),
             };
             bytes.clear();
             wire::encode(&message, &mut bytes).map_err(|e| e.to_string())?;
@@ -468,17 +494,17 @@ async fn clipboard_out(conn: &quinn::Connection, end: Option<ClipboardEnd>) {
     }
     .await;
     if let Err(e) = result {
-        tracing::warn!("session {}: the clipboard to the client ended: {e}", end.session);
+        tracing::warn!("session {}: the {channel} channel to the client ended: {e}", end.session);
     }
     end.port.detach(end.session);
     drop(rx);
     std::future::pending().await
 }
 
-/// Reads the client's clipboard stream into the relay; a malformed message ends the
+/// Reads the client's stream of a relayed channel into the relay; a malformed message ends the
 /// connection (as on every stream).
-async fn clipboard_in(conn: quinn::Connection, mut recv: quinn::RecvStream, end: ClipboardEnd) {
-    let mut decoder = StreamDecoder::<ClipboardMessage>::new();
+async fn relay_in<M: ChannelMessage>(conn: quinn::Connection, mut recv: quinn::RecvStream, end: RelayEnd<M>) {
+    let mut decoder = StreamDecoder::<M>::new();
     let mut buf = vec![0u8; 64 * 1024];
     let mut messages = Vec::new();
     while let Ok(Some(n)) = recv.read(&mut buf).await {
@@ -493,14 +519,11 @@ async fn clipboard_in(conn: quinn::Connection, mut recv: quinn::RecvStream, end:
     }
 }
 
-/// Accepts the client's unidirectional streams (input, clipboard) and routes input to the VM.
-async fn input_loop(
-    shared: &Arc<Shared>,
-    conn: &quinn::Connection,
-    clipboard: Option<ClipboardEnd>,
-) -> String {
+/// Accepts the client's unidirectional streams (input, clipboard, files) and routes input to
+/// the VM.
+async fn input_loop(shared: &Arc<Shared>, conn: &quinn::Connection, relays: Relays) -> String {
     let (streams, mut inputs) = tokio::sync::mpsc::channel(1);
-    let accept = accept_streams(conn, streams, clipboard);
+    let accept = accept_streams(conn, streams, relays);
     let mut router = InputRouter::default();
     let read = async {
         while let Some(recv) = inputs.recv().await {
@@ -521,12 +544,13 @@ async fn input_loop(
     reason
 }
 
-/// Hands input streams to the input loop and reads clipboard streams on tasks of their own;
-/// streams of other channels are stopped (the session goes on). Ends when the connection does.
+/// Hands input streams to the input loop and reads clipboard and files streams on tasks of
+/// their own; streams of other channels are stopped (the session goes on). Ends when the
+/// connection does.
 async fn accept_streams(
     conn: &quinn::Connection,
     inputs: tokio::sync::mpsc::Sender<quinn::RecvStream>,
-    clipboard: Option<ClipboardEnd>,
+    relays: Relays,
 ) -> String {
     loop {
         let mut recv = match conn.accept_uni().await {
@@ -537,14 +561,17 @@ async fn accept_streams(
         if recv.read_exact(&mut prelude).await.is_err() {
             continue;
         }
-        match (Channel::from_uni_prelude(prelude[0]), &clipboard) {
-            (Ok(Channel::Input), _) => {
+        match (Channel::from_uni_prelude(prelude[0]), &relays.clipboard, &relays.files) {
+            (Ok(Channel::Input), _, _) => {
                 if inputs.send(recv).await.is_err() {
                     return "the input loop ended".to_owned();
                 }
             }
-            (Ok(Channel::Clipboard), Some(end)) => {
-                tokio::spawn(clipboard_in(conn.clone(), recv, end.clone()));
+            (Ok(Channel::Clipboard), Some(end), _) => {
+                tokio::spawn(relay_in(conn.clone(), recv, end.clone()));
+            }
+            (Ok(Channel::Files), _, Some(end)) => {
+                tokio::spawn(relay_in(conn.clone(), recv, end.clone()));
             }
             _ => {
                 let _ = recv.stop(error_code::UNSUPPORTED_CHANNEL.into());

@@ -21,7 +21,8 @@
 //! - [`audio`]: the sound device's playback as Opus datagrams, the client's microphone back;
 //! - the clipboard channel (in [`connection`]): the client's clipboard stream in, to the VM's
 //!   [`ClipboardPort`](pleiades_control::ClipboardPort) (the relay to the guest agent, which
-//!   applies the pool's policy), and what the relay has for the client out on a stream of ours.
+//!   applies the pool's policy), and what the relay has for the client out on a stream of ours;
+//!   the files channel the same way, to the VM's [`FilePort`](pleiades_control::FilePort).
 //!
 //! One client per desktop: a new connection with a valid ticket takes over, and the previous
 //! one is told so (`Goodbye`, reason `Replaced`) and closed. A client that lost its connection comes back with
@@ -182,6 +183,9 @@ impl SessionServer {
         }
         if controller.clipboard().is_some() {
             capabilities = capabilities | Capabilities::CLIPBOARD;
+        }
+        if controller.files().is_some() {
+            capabilities = capabilities | Capabilities::FILES;
         }
         let shared = Arc::new(Shared {
             controller,

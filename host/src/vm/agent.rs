@@ -11,17 +11,23 @@
 //! (attached through [`ClipboardPort`]) and the guest session behind the agent, with the
 //! desktop's clipboard policy (`run --clipboard`): what the policy denies never leaves this
 //! process, and each denial is counted in the status (`clipboard`) and logged, which is how the
-//! broker learns of it and audits it.
+//! broker learns of it and audits it. So does the file relay ([`FileRelay`]): files the
+//! session's client sends go to the guest's agent as the pool allows (`run --file-transfer`),
+//! within the transfer window, counted in the status (`files`).
 
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use pleiades_control::ClipboardPort;
+use pleiades_control::RelayPort;
 use pleiades_protocol::agent::{AGENT_PORT, HostEvent, HostLink};
 use pleiades_protocol::clipboard::{ClipboardPolicy, ClipboardRelay, Direction, End, RelayEvent};
-use pleiades_protocol::wire::{ClipboardMessage, MAX_CLIPBOARD_BYTES, PowerAction, SessionActivity};
+use pleiades_protocol::files::{FileEvent, FileRelay};
+use pleiades_protocol::wire::{
+    ClipboardMessage, FILE_WINDOW, FileMessage, MAX_CLIPBOARD_BYTES, MAX_FILE_TRANSFERS, PowerAction,
+    SessionActivity,
+};
 use pleiades_virtio::vsock::VsockHandle;
 use pleiades_virtio::vsock::muxer::{ConnKey, Event};
 use serde::Serialize;
@@ -34,8 +40,10 @@ pub const GUEST_CID: u64 = 3;
 /// How often the thread lets the muxer's clock run its timeouts.
 const TICK: Duration = Duration::from_secs(1);
 /// Bytes waiting for the guest's credit beyond this end the link (a guest that never reads):
-/// one clipboard content (the relay passes a paste on as it arrives) and some room.
-const MAX_PENDING_OUT: usize = MAX_CLIPBOARD_BYTES as usize + 256 * 1024;
+/// one clipboard content (the relay passes a paste on as it arrives), every file transfer's
+/// window, and some room.
+const MAX_PENDING_OUT: usize =
+    MAX_CLIPBOARD_BYTES as usize + MAX_FILE_TRANSFERS * FILE_WINDOW as usize + 256 * 1024;
 /// How long a guest has to start a shutdown or restart its agent was asked for (its agent's
 /// link closes as the guest goes down) before the VMM's own way is used.
 pub const POWER_GRACE: Duration = Duration::from_secs(20);
@@ -70,6 +78,24 @@ pub struct AgentStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
     pub clipboard: ClipboardStatus,
+    pub files: FileStatus,
+}
+
+/// The file relay's policy and what went through it.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct FileStatus {
+    /// The policy: may the client send files into the guest (off until the VM process sets it).
+    pub allowed: bool,
+    /// Offers the policy refused (the broker audits each increase).
+    pub denied: u64,
+    /// Files that arrived whole in the guest, their SHA-256 checked.
+    pub completed: u64,
+    /// Transfers that ended otherwise (interrupted ones resume when offered again).
+    pub failed: u64,
+    /// Bytes relayed to the guest.
+    pub bytes_to_guest: u64,
+    /// Transfers in progress.
+    pub in_progress: u64,
 }
 
 /// The clipboard's policy and what went through it (or did not).
@@ -104,17 +130,103 @@ impl Default for ClipboardStatus {
     }
 }
 
-/// What the session's client end of the relay is.
-type ClientSink = Box<dyn Fn(ClipboardMessage) + Send + Sync>;
+/// What takes a relay's messages for the session's client.
+type ClientSink<M> = Box<dyn Fn(M) + Send + Sync>;
+
+/// What a session asks of one of the relays ([`RelayPort`]).
+enum PortRequest<M> {
+    Attach { session: u64, sink: ClientSink<M> },
+    ClientSent { session: u64, message: M },
+    Detach { session: u64 },
+}
+
+/// What that means for the relay, given the session attached now.
+enum ClientChange<M> {
+    /// A client end (a new session's, replacing any other).
+    Connected {
+        replaced: bool,
+    },
+    Sent(M),
+    Disconnected,
+}
+
+impl<M> PortRequest<M> {
+    /// Applies the request to `client` (the session attached now); a late message or detach of
+    /// a replaced session changes nothing.
+    fn apply(self, client: &mut Option<(u64, ClientSink<M>)>) -> Option<ClientChange<M>> {
+        let current = |client: &Option<(u64, ClientSink<M>)>, session| {
+            client.as_ref().is_some_and(|(current, _)| *current == session)
+        };
+        match self {
+            PortRequest::Attach { session, sink } => {
+                let replaced = client.replace((session, sink)).is_some();
+                Some(ClientChange::Connected { replaced })
+            }
+            PortRequest::ClientSent { session, message } => {
+                current(client, session).then_some(ClientChange::Sent(message))
+            }
+            PortRequest::Detach { session } => current(client, session).then(|| {
+                *client = None;
+                ClientChange::Disconnected
+            }),
+        }
+    }
+}
+
+impl<M> ClientChange<M> {
+    fn apply_to(self, relay: &mut impl RelayEnds<M>) {
+        match self {
+            ClientChange::Connected { replaced } => {
+                if replaced {
+                    relay.disconnected(End::Client);
+                }
+                relay.connected(End::Client);
+            }
+            ClientChange::Sent(message) => relay.receive(End::Client, message),
+            ClientChange::Disconnected => relay.disconnected(End::Client),
+        }
+    }
+}
+
+/// The clipboard's and the files' relays, as a session's client end changes them.
+trait RelayEnds<M> {
+    fn connected(&mut self, end: End);
+    fn disconnected(&mut self, end: End);
+    fn receive(&mut self, end: End, message: M);
+}
+
+impl RelayEnds<ClipboardMessage> for ClipboardRelay {
+    fn connected(&mut self, end: End) {
+        ClipboardRelay::connected(self, end);
+    }
+    fn disconnected(&mut self, end: End) {
+        ClipboardRelay::disconnected(self, end);
+    }
+    fn receive(&mut self, end: End, message: ClipboardMessage) {
+        ClipboardRelay::from_end(self, end, message);
+    }
+}
+
+impl RelayEnds<FileMessage> for FileRelay {
+    fn connected(&mut self, end: End) {
+        FileRelay::connected(self, end);
+    }
+    fn disconnected(&mut self, end: End) {
+        FileRelay::disconnected(self, end);
+    }
+    fn receive(&mut self, end: End, message: FileMessage) {
+        FileRelay::from_end(self, end, message);
+    }
+}
 
 enum Request {
     LockScreen,
     UnlockScreen,
     Power(PowerAction),
     ClipboardPolicy(ClipboardPolicy),
-    ClipboardAttach { session: u64, sink: ClientSink },
-    ClipboardClientSent { session: u64, message: ClipboardMessage },
-    ClipboardDetach { session: u64 },
+    Clipboard(PortRequest<ClipboardMessage>),
+    FilePolicy(bool),
+    Files(PortRequest<FileMessage>),
 }
 
 /// The VM process's handle on its guest agent.
@@ -144,6 +256,9 @@ impl Agent {
             // before the guest can speak): the safe default.
             relay: ClipboardRelay::new(ClipboardPolicy::NONE),
             client: None,
+            // The same for files (`set_file_transfer`).
+            files: FileRelay::new(false),
+            files_client: None,
         };
         let thread_wake = wake.clone();
         std::thread::Builder::new()
@@ -203,6 +318,12 @@ impl Agent {
         self.queue(Request::ClipboardPolicy(policy));
     }
 
+    /// Sets whether the client may send files into the guest (the pool's policy).
+    pub fn set_file_transfer(&self, allowed: bool) {
+        lock(&self.status).files.allowed = allowed;
+        self.queue(Request::FilePolicy(allowed));
+    }
+
     /// Asks the guest to shut down or restart; `false` when no agent is connected.
     pub fn power(&self, action: PowerAction) -> bool {
         self.request(Request::Power(action))
@@ -246,17 +367,31 @@ impl Agent {
     }
 }
 
-impl ClipboardPort for Agent {
-    fn attach(&self, session: u64, to_client: ClientSink) {
-        self.queue(Request::ClipboardAttach { session, sink: to_client });
+impl RelayPort<ClipboardMessage> for Agent {
+    fn attach(&self, session: u64, to_client: ClientSink<ClipboardMessage>) {
+        self.queue(Request::Clipboard(PortRequest::Attach { session, sink: to_client }));
     }
 
     fn client_sent(&self, session: u64, message: ClipboardMessage) {
-        self.queue(Request::ClipboardClientSent { session, message });
+        self.queue(Request::Clipboard(PortRequest::ClientSent { session, message }));
     }
 
     fn detach(&self, session: u64) {
-        self.queue(Request::ClipboardDetach { session });
+        self.queue(Request::Clipboard(PortRequest::Detach { session }));
+    }
+}
+
+impl RelayPort<FileMessage> for Agent {
+    fn attach(&self, session: u64, to_client: ClientSink<FileMessage>) {
+        self.queue(Request::Files(PortRequest::Attach { session, sink: to_client }));
+    }
+
+    fn client_sent(&self, session: u64, message: FileMessage) {
+        self.queue(Request::Files(PortRequest::ClientSent { session, message }));
+    }
+
+    fn detach(&self, session: u64) {
+        self.queue(Request::Files(PortRequest::Detach { session }));
     }
 }
 
@@ -279,7 +414,9 @@ struct Worker {
     received: Receiver<Request>,
     relay: ClipboardRelay,
     /// The session whose client is the relay's client end.
-    client: Option<(u64, ClientSink)>,
+    client: Option<(u64, ClientSink<ClipboardMessage>)>,
+    files: FileRelay,
+    files_client: Option<(u64, ClientSink<FileMessage>)>,
 }
 
 impl Worker {
@@ -375,9 +512,11 @@ impl Worker {
                     for event in events {
                         match event {
                             HostEvent::Clipboard(message) => self.relay.from_end(End::Guest, message),
+                            HostEvent::Files(message) => self.files.from_end(End::Guest, message),
                             HostEvent::Connected { .. } => {
                                 apply(&mut lock(&self.status), event);
                                 self.relay.connected(End::Guest);
+                                self.files.connected(End::Guest);
                             }
                             event => apply(&mut lock(&self.status), event),
                         }
@@ -393,11 +532,13 @@ impl Worker {
     /// The agent's link is gone: the relay's guest end with it.
     fn guest_gone(&mut self) {
         self.relay.disconnected(End::Guest);
+        self.files.disconnected(End::Guest);
         self.pump_relay();
     }
 
-    /// Sends what the relay has for each end and counts what happened.
+    /// Sends what the relays have for each end and counts what happened.
     fn pump_relay(&mut self) {
+        self.pump_files();
         while let Some((end, message)) = self.relay.poll_transmit() {
             match end {
                 End::Client => {
@@ -454,47 +595,80 @@ impl Worker {
     }
 
     fn on_request(&mut self, request: Request) {
-        let request = match request {
-            Request::ClipboardPolicy(policy) => return self.relay_then_flush(|r| r.set_policy(policy)),
-            Request::ClipboardAttach { session, sink } => {
-                if self.client.take().is_some() {
-                    self.relay.disconnected(End::Client);
-                }
-                self.client = Some((session, sink));
-                return self.relay_then_flush(|r| r.connected(End::Client));
+        let mut result = Ok(());
+        match request {
+            Request::ClipboardPolicy(policy) => self.relay.set_policy(policy),
+            Request::FilePolicy(allowed) => self.files.set_allowed(allowed),
+            Request::Clipboard(request) => {
+                let Some(change) = request.apply(&mut self.client) else { return };
+                change.apply_to(&mut self.relay);
             }
-            Request::ClipboardClientSent { session, message } => {
-                if self.client.as_ref().is_some_and(|(current, _)| *current == session) {
-                    self.relay_then_flush(|r| r.from_end(End::Client, message));
-                }
-                return;
+            Request::Files(request) => {
+                let Some(change) = request.apply(&mut self.files_client) else { return };
+                change.apply_to(&mut self.files);
             }
-            Request::ClipboardDetach { session } => {
-                if self.client.as_ref().is_some_and(|(current, _)| *current == session) {
-                    self.client = None;
-                    self.relay_then_flush(|r| r.disconnected(End::Client));
-                }
-                return;
+            link_request => {
+                let Some(conn) = self.conn.as_mut() else { return };
+                result = match link_request {
+                    Request::LockScreen => conn.link.lock_screen(),
+                    Request::UnlockScreen => conn.link.unlock_screen(),
+                    Request::Power(action) => conn.link.power(action),
+                    _ => unreachable!("relay requests are handled above"),
+                };
             }
-            other => other,
-        };
-        let Some(conn) = self.conn.as_mut() else { return };
-        let result = match request {
-            Request::LockScreen => conn.link.lock_screen(),
-            Request::UnlockScreen => conn.link.unlock_screen(),
-            Request::Power(action) => conn.link.power(action),
-            _ => unreachable!("clipboard requests are handled above"),
-        };
+        }
+        self.pump_relay();
         match result {
             Ok(()) => self.flush(),
             Err(e) => self.fail(&e.to_string()),
         }
     }
 
-    fn relay_then_flush(&mut self, f: impl FnOnce(&mut ClipboardRelay)) {
-        f(&mut self.relay);
-        self.pump_relay();
-        self.flush();
+    /// Sends what the file relay has for each end and counts what happened.
+    fn pump_files(&mut self) {
+        while let Some((end, message)) = self.files.poll_transmit() {
+            match end {
+                End::Client => {
+                    if let Some((_, sink)) = &self.files_client {
+                        sink(message);
+                    }
+                }
+                End::Guest => {
+                    if let Some(conn) = self.conn.as_mut()
+                        && let Err(e) = conn.link.files(message)
+                    {
+                        tracing::warn!("not sending a file message to the guest: {e}");
+                    }
+                }
+            }
+        }
+        let mut status = lock(&self.status);
+        while let Some(event) = self.files.poll_event() {
+            let counts = &mut status.files;
+            match event {
+                FileEvent::Denied { name, size } => {
+                    counts.denied += 1;
+                    if counts.denied.is_power_of_two() {
+                        tracing::warn!(
+                            name,
+                            size,
+                            denied = counts.denied,
+                            "files: a file was kept out by the desktop's policy"
+                        );
+                    }
+                }
+                FileEvent::Completed { name, size, stored_as } => {
+                    counts.completed += 1;
+                    tracing::info!(name, size, stored_as, "files: a file arrived in the guest");
+                }
+                FileEvent::Failed { name, reason } => {
+                    counts.failed += 1;
+                    tracing::info!(name, ?reason, "files: a transfer ended: {}", reason.describe());
+                }
+            }
+        }
+        status.files.bytes_to_guest = self.files.bytes_to_guest();
+        status.files.in_progress = self.files.transfers() as u64;
     }
 
     /// Writes what the link has for the agent, as far as the guest's credit allows.
@@ -550,7 +724,7 @@ fn apply(status: &mut AgentStatus, event: HostEvent) {
             status.user = Some(state.user).filter(|u| !u.is_empty());
             status.idle_ms = Some(state.idle_ms);
         }
-        HostEvent::Clipboard(_) => {}
+        HostEvent::Clipboard(_) | HostEvent::Files(_) => {}
     }
 }
 
@@ -683,7 +857,7 @@ mod tests {
         agent.set_clipboard_policy(ClipboardPolicy { to_guest: true, from_guest: false });
         let to_client = Arc::new(Mutex::new(Vec::new()));
         let sink = to_client.clone();
-        agent.attach(1, Box::new(move |m| sink.lock().unwrap().push(m)));
+        RelayPort::<ClipboardMessage>::attach(&agent, 1, Box::new(move |m| sink.lock().unwrap().push(m)));
         let mut queues =
             vec![vsock_rx_queue(&mem, 0, 16, 4096), Queue::new(64).unwrap(), Queue::new(64).unwrap()];
         let rx = QueueRings::of(&queues[RXQ]);
@@ -708,8 +882,8 @@ mod tests {
         agent.client_sent(1, ClipboardMessage::Grab(offered.clone()));
         // A message from a session that is not (or no longer) the attached one is ignored.
         agent.client_sent(2, ClipboardMessage::Grab(ClipboardGrab { serial: 6, formats: vec![] }));
-        agent.detach(2);
-        agent.detach(1);
+        RelayPort::<ClipboardMessage>::detach(&agent, 2);
+        RelayPort::<ClipboardMessage>::detach(&agent, 1);
         let mut received = Vec::new();
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while received.len() < 4 && std::time::Instant::now() < deadline {
@@ -734,6 +908,75 @@ mod tests {
             ]
         );
         assert_eq!(agent.status().clipboard.denied_to_guest, 0);
+    }
+
+    #[test]
+    fn files_reach_the_guest_only_as_the_policy_allows_and_within_the_window() {
+        use pleiades_protocol::wire::{
+            AgentMessage, FileData, FileOffer, FileRefuseReason, MAX_FILE_CHUNK, StreamDecoder,
+        };
+        let mem = memory();
+        let (mut device, handle) = Vsock::new(GUEST_CID, Default::default()).unwrap();
+        let agent = Agent::start(handle).unwrap();
+        agent.set_file_transfer(false);
+        let to_client = Arc::new(Mutex::new(Vec::new()));
+        let sink = to_client.clone();
+        RelayPort::<FileMessage>::attach(&agent, 1, Box::new(move |m| sink.lock().unwrap().push(m)));
+        let mut queues =
+            vec![vsock_rx_queue(&mem, 0, 16, 4096), Queue::new(64).unwrap(), Queue::new(64).unwrap()];
+        let rx = QueueRings::of(&queues[RXQ]);
+        let bytes = AgentLink::new("1.0").unwrap().take_output();
+        queues[TXQ] = tx_queue(
+            &mem,
+            0x8000,
+            0x2_0000,
+            &[(header(Op::Request, 5000, 0), vec![]), (header(Op::Rw, 5000, bytes.len() as u32), bytes)],
+        );
+        device.process_queue(TXQ, &mut queues[TXQ], &mem).unwrap();
+        wait(&agent, "the agent's hello", |s| s.connected);
+
+        // The pool allows no files: the offer is refused here and counted.
+        let offer =
+            |id| FileMessage::Offer(FileOffer { id, size: 1 << 20, sha256: [3; 32], name: "a.bin".into() });
+        agent.client_sent(1, offer(1));
+        let status = wait(&agent, "the denial", |s| s.files.denied == 1);
+        assert!(!status.files.allowed);
+        let refused = |id, reason| FileMessage::Refused { id, reason };
+        assert_eq!(*to_client.lock().unwrap(), [refused(1, FileRefuseReason::Policy)]);
+
+        // Allowed: the offer goes to the guest; data before the guest accepted breaks the
+        // transfer (the client hears why, the guest is told to stop).
+        agent.set_file_transfer(true);
+        agent.client_sent(1, offer(2));
+        agent
+            .client_sent(1, FileMessage::Data(FileData { id: 2, offset: 0, bytes: vec![7; MAX_FILE_CHUNK] }));
+        wait(&agent, "the broken transfer", |s| s.files.failed == 1);
+        assert_eq!(to_client.lock().unwrap().last(), Some(&refused(2, FileRefuseReason::Protocol)));
+        let mut received = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while received.len() < 3 && std::time::Instant::now() < deadline {
+            let sent = wait_for_packets(&mut device, &mut queues, &mem, &rx, 1);
+            let stream: Vec<u8> = sent
+                .iter()
+                .filter(|(op, port, _)| *op == Op::Rw as u16 && *port == 5000)
+                .flat_map(|(_, _, payload)| payload.clone())
+                .collect();
+            received.clear();
+            StreamDecoder::<AgentMessage>::new().decode_all(&stream, &mut received).unwrap();
+        }
+        assert_eq!(
+            received,
+            [
+                AgentMessage::Welcome { version: 1 },
+                AgentMessage::Files(offer(2)),
+                AgentMessage::Files(FileMessage::Cancel {
+                    id: 2,
+                    reason: pleiades_protocol::wire::CancelReason::Interrupted
+                }),
+            ],
+            "no byte of the early data reached the guest"
+        );
+        assert_eq!(agent.status().files.bytes_to_guest, 0);
     }
 
     /// Lets the device move what the host side has for the guest into the rx buffers until at

@@ -419,7 +419,11 @@ impl Controller for QemuController {
         }
     }
 
-    fn clipboard(&self) -> Option<std::sync::Arc<dyn pleiades_control::ClipboardPort>> {
+    fn clipboard(&self) -> Option<std::sync::Arc<pleiades_control::ClipboardPort>> {
+        self.agent.clone().map(|agent| std::sync::Arc::new(agent) as _)
+    }
+
+    fn files(&self) -> Option<std::sync::Arc<pleiades_control::FilePort>> {
         self.agent.clone().map(|agent| std::sync::Arc::new(agent) as _)
     }
 

@@ -8,7 +8,7 @@
 //! `docs/protocol.md`, "The agent channel".
 
 use super::codec::{Put, Reader};
-use super::{Channel, ChannelMessage, ClipboardMessage, types};
+use super::{Channel, ChannelMessage, ClipboardMessage, FileMessage, types};
 
 /// Longest host name, OS name, kernel release or user name, in bytes.
 pub const MAX_AGENT_TEXT: usize = 255;
@@ -89,6 +89,9 @@ pub enum AgentMessage {
     /// Both ways: the guest session's clipboard (the VM process relays to and from the
     /// session's client, [`crate::clipboard`]).
     Clipboard(ClipboardMessage),
+    /// Both ways: files the session's client sends into the guest user's Downloads (the VM
+    /// process relays and checks them, [`crate::files`]).
+    Files(FileMessage),
 }
 
 impl AgentMessage {
@@ -100,12 +103,16 @@ impl AgentMessage {
                 | AgentMessage::GuestInfo(_)
                 | AgentMessage::SessionState(_)
                 | AgentMessage::Clipboard(_)
-        )
+        ) || matches!(self, AgentMessage::Files(f) if !f.from_sender())
     }
 
     /// Whether the host may send this message.
     pub fn from_host(&self) -> bool {
-        !self.from_agent() || matches!(self, AgentMessage::Clipboard(_))
+        match self {
+            AgentMessage::Clipboard(_) => true,
+            AgentMessage::Files(f) => f.from_sender(),
+            _ => !self.from_agent(),
+        }
     }
 }
 
@@ -128,6 +135,7 @@ impl ChannelMessage for AgentMessage {
             AgentMessage::Clipboard(c) => {
                 types::AGENT_CLIPBOARD_GRAB + (c.message_type() - types::CLIPBOARD_GRAB)
             }
+            AgentMessage::Files(f) => types::AGENT_FILE_OFFER + (f.message_type() - types::FILE_OFFER),
         }
     }
 
@@ -162,6 +170,7 @@ impl ChannelMessage for AgentMessage {
                 }
             }
             AgentMessage::Clipboard(c) => c.check()?,
+            AgentMessage::Files(f) => f.check()?,
             AgentMessage::Welcome { .. }
             | AgentMessage::LockScreen
             | AgentMessage::UnlockScreen
@@ -196,12 +205,14 @@ impl ChannelMessage for AgentMessage {
             AgentMessage::LockScreen | AgentMessage::UnlockScreen => {}
             AgentMessage::Power(action) => out.put_u8(*action as u8),
             AgentMessage::Clipboard(c) => c.put_fields(out),
+            AgentMessage::Files(f) => f.put_fields(out),
         }
     }
 
     fn payload(&self) -> &[u8] {
         match self {
             AgentMessage::Clipboard(c) => c.payload_bytes(),
+            AgentMessage::Files(f) => f.payload_bytes(),
             _ => &[],
         }
     }
@@ -249,6 +260,9 @@ impl ChannelMessage for AgentMessage {
                 return Ok(
                     ClipboardMessage::read(ty - types::AGENT_CLIPBOARD_GRAB, r)?.map(AgentMessage::Clipboard)
                 );
+            }
+            types::AGENT_FILE_OFFER..=types::AGENT_FILE_CANCEL => {
+                return Ok(FileMessage::read(ty - types::AGENT_FILE_OFFER, r)?.map(AgentMessage::Files));
             }
             _ => return Ok(None),
         };

@@ -38,6 +38,7 @@ mod cursor;
 mod datagram;
 mod decoder;
 mod display;
+mod files;
 mod input;
 
 use std::fmt;
@@ -62,6 +63,10 @@ pub use datagram::{Datagram, DatagramError, MAX_DATAGRAM_SIZE, decode_datagram, 
 pub use decoder::StreamDecoder;
 pub use display::{
     DisplayMessage, FrameBegin, FrameEnd, FrameSequence, Rect, SequenceError, Tile, TileData, Video,
+};
+pub use files::{
+    CancelReason, FILE_WINDOW, FileData, FileMessage, FileOffer, FileRefuseReason, MAX_FILE_BYTES,
+    MAX_FILE_CHUNK, MAX_FILE_NAME, MAX_FILE_TRANSFERS, file_name_ok,
 };
 pub use input::{InputMessage, Key, PointerAbs, PointerRel, Wheel, buttons};
 
@@ -103,6 +108,9 @@ pub enum Channel {
     /// The VM process ↔ guest agent link over vsock ([`crate::agent`]): framed like the
     /// others, never part of a session (a session peer naming it is refused).
     Agent = 7,
+    /// Files sent into the desktop ([`FileMessage`]): one unidirectional stream each way,
+    /// once both sides offered `FILES`.
+    Files = 8,
 }
 
 /// Channel ids set aside for features that later versions add. Today a receiver refuses a
@@ -156,13 +164,14 @@ pub enum ChannelError {
 
 impl Channel {
     /// Every session channel, in id order (not [`Channel::Agent`]).
-    pub const ALL: [Channel; 6] = [
+    pub const ALL: [Channel; 7] = [
         Channel::Control,
         Channel::Input,
         Channel::Display,
         Channel::Cursor,
         Channel::Audio,
         Channel::Clipboard,
+        Channel::Files,
     ];
 
     /// The session channel with this id, or why there is none.
@@ -176,6 +185,7 @@ impl Channel {
             5 => Err(ChannelError::Reserved(ReservedChannel::Usb)),
             6 => Ok(Channel::Clipboard),
             7 => Err(ChannelError::NotOnSession(Channel::Agent)),
+            8 => Ok(Channel::Files),
             other => Err(ChannelError::Unknown(other)),
         }
     }
@@ -191,15 +201,16 @@ impl Channel {
     /// - input 4 KiB: every input message is a few bytes;
     /// - cursor 320 KiB: a 256×256 BGRA shape (256 KiB) and its header;
     /// - display 32 MiB: a tile or an H.264 access unit (a raw tile must fit: encoders tile);
-    /// - clipboard and agent 64 KiB: grabs, requests, data in chunks of at most 48 KiB
-    ///   ([`MAX_CLIPBOARD_CHUNK`]); guest facts and session state, a few hundred bytes each.
+    /// - clipboard, files and agent 64 KiB: grabs, requests, data in chunks of at most 48 KiB
+    ///   ([`MAX_CLIPBOARD_CHUNK`], [`MAX_FILE_CHUNK`]); guest facts and session state, a few
+    ///   hundred bytes each.
     pub const fn max_body(self) -> u32 {
         match self {
             Channel::Control => 64 * 1024,
             Channel::Input => 4 * 1024,
             Channel::Cursor => 320 * 1024,
             Channel::Display => 32 * 1024 * 1024,
-            Channel::Clipboard | Channel::Agent => 64 * 1024,
+            Channel::Clipboard | Channel::Files | Channel::Agent => 64 * 1024,
             // Datagrams only: no stream of it is ever decoded.
             Channel::Audio => 0,
         }
@@ -214,6 +225,7 @@ impl Channel {
             Channel::Audio => "audio",
             Channel::Clipboard => "clipboard",
             Channel::Agent => "agent",
+            Channel::Files => "files",
         }
     }
 }
@@ -276,6 +288,21 @@ pub mod types {
     pub const AGENT_CLIPBOARD_REQUEST: u16 = 0x0709;
     pub const AGENT_CLIPBOARD_DATA: u16 = 0x070A;
     pub const AGENT_CLIPBOARD_REFUSED: u16 = 0x070B;
+    pub const AGENT_FILE_OFFER: u16 = 0x070C;
+    pub const AGENT_FILE_ACCEPT: u16 = 0x070D;
+    pub const AGENT_FILE_DATA: u16 = 0x070E;
+    pub const AGENT_FILE_PROGRESS: u16 = 0x070F;
+    pub const AGENT_FILE_DONE: u16 = 0x0710;
+    pub const AGENT_FILE_REFUSED: u16 = 0x0711;
+    pub const AGENT_FILE_CANCEL: u16 = 0x0712;
+    // files (0x08xx)
+    pub const FILE_OFFER: u16 = 0x0801;
+    pub const FILE_ACCEPT: u16 = 0x0802;
+    pub const FILE_DATA: u16 = 0x0803;
+    pub const FILE_PROGRESS: u16 = 0x0804;
+    pub const FILE_DONE: u16 = 0x0805;
+    pub const FILE_REFUSED: u16 = 0x0806;
+    pub const FILE_CANCEL: u16 = 0x0807;
 }
 
 /// The channel a message type of this version belongs to; `None` for a type this version does
@@ -300,8 +327,33 @@ pub fn channel_of_type(ty: u16) -> Option<Channel> {
         | AGENT_CLIPBOARD_GRAB
         | AGENT_CLIPBOARD_REQUEST
         | AGENT_CLIPBOARD_DATA
-        | AGENT_CLIPBOARD_REFUSED => Some(Channel::Agent),
+        | AGENT_CLIPBOARD_REFUSED
+        | AGENT_FILE_OFFER..=AGENT_FILE_CANCEL => Some(Channel::Agent),
+        FILE_OFFER..=FILE_CANCEL => Some(Channel::Files),
         _ => None,
+    }
+}
+
+/// Messages that wait in a sender's queue before their stream takes them (the clipboard's and
+/// the files' channels, fed by another thread): what one takes there, and the most a queue
+/// may hold before the sender ends the channel instead of growing.
+pub trait Queued {
+    const MAX_QUEUE: usize;
+    fn queued_size(&self) -> usize;
+}
+
+impl Queued for ClipboardMessage {
+    const MAX_QUEUE: usize = MAX_CLIPBOARD_QUEUE;
+    fn queued_size(&self) -> usize {
+        ClipboardMessage::queued_size(self)
+    }
+}
+
+impl Queued for FileMessage {
+    /// Every transfer's window, and room for the answers.
+    const MAX_QUEUE: usize = MAX_FILE_TRANSFERS * FILE_WINDOW as usize + (1 << 20);
+    fn queued_size(&self) -> usize {
+        FileMessage::queued_size(self)
     }
 }
 

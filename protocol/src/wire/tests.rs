@@ -645,6 +645,79 @@ fn clipboard_layouts_and_limits() {
     assert!(!ClipboardFormat::Text.accepts(&[0xff, 0xfe]));
 }
 
+fn file_message() -> impl Strategy<Value = FileMessage> {
+    let reason = (0u8..10).prop_map(|r| FileRefuseReason::from_u8(r).unwrap());
+    let name = "[a-zA-Z0-9 ._()é-]{1,40}".prop_filter("a plain name", |n| file_name_ok(n));
+    prop_oneof![
+        (any::<u32>(), 0..=MAX_FILE_BYTES, any::<[u8; 32]>(), name.clone())
+            .prop_map(|(id, size, sha256, name)| FileMessage::Offer(FileOffer { id, size, sha256, name })),
+        (any::<u32>(), 0..=MAX_FILE_BYTES).prop_map(|(id, offset)| FileMessage::Accept { id, offset }),
+        (any::<u32>(), 0u64..MAX_FILE_BYTES - 2000, proptest::collection::vec(any::<u8>(), 1..2000))
+            .prop_map(|(id, offset, bytes)| FileMessage::Data(FileData { id, offset, bytes })),
+        (any::<u32>(), 0..=MAX_FILE_BYTES).prop_map(|(id, received)| FileMessage::Progress { id, received }),
+        (any::<u32>(), name).prop_map(|(id, name)| FileMessage::Done { id, name }),
+        (any::<u32>(), reason).prop_map(|(id, reason)| FileMessage::Refused { id, reason }),
+        (any::<u32>(), any::<bool>()).prop_map(|(id, user)| FileMessage::Cancel {
+            id,
+            reason: if user { CancelReason::User } else { CancelReason::Interrupted }
+        }),
+    ]
+}
+
+#[test]
+fn file_layouts_and_limits() {
+    let offer = FileMessage::Offer(FileOffer { id: 2, size: 5, sha256: [0xab; 32], name: "a.txt".into() });
+    let mut expected = vec![0x01, 0x08, 51, 0, 0, 0, 2, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0];
+    expected.extend([0xab; 32]);
+    expected.extend([5, 0, b'a', b'.', b't', b'x', b't']);
+    assert_eq!(encode_to_vec(&offer).unwrap(), expected);
+    let data = FileMessage::Data(FileData { id: 2, offset: 3, bytes: b"hi".to_vec() });
+    assert_eq!(
+        encode_to_vec(&data).unwrap(),
+        [0x03, 0x08, 14, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, b'h', b'i']
+    );
+    // The same message on the agent link: its own type numbers, the same body.
+    let on_agent = encode_to_vec(&AgentMessage::Files(data.clone())).unwrap();
+    assert_eq!(on_agent[..2], types::AGENT_FILE_DATA.to_le_bytes());
+    assert_eq!(on_agent[2..], encode_to_vec(&data).unwrap()[2..]);
+    let invalid = |m: FileMessage| matches!(encode_to_vec(&m), Err(EncodeError::Invalid { .. }));
+    for name in ["", ".", "..", "a/b", "/etc/passwd", "tab\there", "nul\0", &"x".repeat(256)] {
+        let name = name.to_owned();
+        assert!(
+            invalid(FileMessage::Offer(FileOffer { id: 1, size: 1, sha256: [0; 32], name: name.clone() })),
+            "{name:?}"
+        );
+        assert!(invalid(FileMessage::Done { id: 1, name }));
+    }
+    assert!(!invalid(FileMessage::Offer(FileOffer {
+        id: 1,
+        size: 1,
+        sha256: [0; 32],
+        name: ".hidden (2).tar.gz".into()
+    })));
+    assert!(invalid(FileMessage::Offer(FileOffer {
+        id: 1,
+        size: MAX_FILE_BYTES + 1,
+        sha256: [0; 32],
+        name: "big".into()
+    })));
+    assert!(invalid(FileMessage::Data(FileData { id: 1, offset: 0, bytes: vec![] })), "an empty chunk");
+    assert!(invalid(FileMessage::Data(FileData { id: 1, offset: 0, bytes: vec![0; MAX_FILE_CHUNK + 1] })));
+    assert!(invalid(FileMessage::Data(FileData { id: 1, offset: u64::MAX, bytes: vec![0; 2] })), "wraps");
+    assert!(invalid(FileMessage::Progress { id: 1, received: MAX_FILE_BYTES + 1 }));
+    // Which side sends what, on the agent link.
+    assert!(AgentMessage::Files(data.clone()).from_host() && !AgentMessage::Files(data).from_agent());
+    let done = AgentMessage::Files(FileMessage::Done { id: 1, name: "a".into() });
+    assert!(done.from_agent() && !done.from_host());
+    // A file type on another channel is an error, not a future message.
+    let mut d = StreamDecoder::<ClipboardMessage>::new();
+    assert!(matches!(
+        d.decode(&mut encode_to_vec(&offer).unwrap().as_slice()),
+        Err(DecodeError::WrongChannel { .. })
+    ));
+    assert_eq!(Channel::from_uni_prelude(8), Ok(Channel::Files));
+}
+
 fn chunks() -> impl Strategy<Value = Vec<usize>> {
     proptest::collection::vec(1usize..300, 1..8)
 }
@@ -678,6 +751,13 @@ proptest! {
     }
 
     #[test]
+    fn files_stream_round_trip(messages in proptest::collection::vec(file_message(), 0..8), sizes in chunks()) {
+        stream_round_trip(&messages, &sizes)?;
+        let on_agent: Vec<_> = messages.into_iter().map(AgentMessage::Files).collect();
+        stream_round_trip(&on_agent, &sizes)?;
+    }
+
+    #[test]
     fn datagram_round_trip(p in position()) {
         let datagram = Datagram::CursorPosition(p);
         prop_assert_eq!(decode_datagram(&encode_datagram(&datagram)), Ok(Some(datagram)));
@@ -690,14 +770,15 @@ proptest! {
         garbage::<DisplayMessage>(&data, &sizes)?;
         garbage::<CursorMessage>(&data, &sizes)?;
         garbage::<ClipboardMessage>(&data, &sizes)?;
+        garbage::<FileMessage>(&data, &sizes)?;
         garbage::<AgentMessage>(&data, &sizes)?;
         let _ = decode_datagram(&data);
     }
 
     /// Valid headers with arbitrary bodies reach every body parser.
     #[test]
-    fn arbitrary_bodies_never_panic(ty_index in 0usize..31, body in proptest::collection::vec(any::<u8>(), 0..600)) {
-        const ALL: [u16; 31] = [
+    fn arbitrary_bodies_never_panic(ty_index in 0usize..45, body in proptest::collection::vec(any::<u8>(), 0..600)) {
+        const ALL: [u16; 45] = [
             types::HELLO, types::WELCOME, types::REFUSED, types::PING, types::PONG, types::DISPLAY_LAYOUT,
             types::REQUEST_LAYOUT, types::CLIENT_STATS, types::GOODBYE, types::FRAME_ACK, types::KEY,
             types::POINTER_ABS, types::BUTTONS, types::WHEEL, types::RELEASE_ALL, types::FRAME_BEGIN,
@@ -705,6 +786,10 @@ proptest! {
             types::RESUME_TOKEN, types::POINTER_REL, types::CLIPBOARD_GRAB, types::CLIPBOARD_REQUEST,
             types::CLIPBOARD_DATA, types::CLIPBOARD_REFUSED, types::AGENT_CLIPBOARD_GRAB,
             types::AGENT_CLIPBOARD_REQUEST, types::AGENT_CLIPBOARD_DATA, types::AGENT_CLIPBOARD_REFUSED,
+            types::FILE_OFFER, types::FILE_ACCEPT, types::FILE_DATA, types::FILE_PROGRESS, types::FILE_DONE,
+            types::FILE_REFUSED, types::FILE_CANCEL, types::AGENT_FILE_OFFER, types::AGENT_FILE_ACCEPT,
+            types::AGENT_FILE_DATA, types::AGENT_FILE_PROGRESS, types::AGENT_FILE_DONE, types::AGENT_FILE_REFUSED,
+            types::AGENT_FILE_CANCEL,
         ];
         let mut frame = ALL[ty_index].to_le_bytes().to_vec();
         frame.extend((body.len() as u32).to_le_bytes());
@@ -714,6 +799,7 @@ proptest! {
         garbage::<DisplayMessage>(&frame, &[frame.len()])?;
         garbage::<CursorMessage>(&frame, &[frame.len()])?;
         garbage::<ClipboardMessage>(&frame, &[frame.len()])?;
+        garbage::<FileMessage>(&frame, &[frame.len()])?;
         garbage::<AgentMessage>(&frame, &[frame.len()])?;
     }
 }
