@@ -67,8 +67,13 @@ pub struct OutgoingFile {
     /// Bytes this client sent, in all sessions (more than the size when data in flight was
     /// lost with a connection).
     pub sent: u64,
+    /// Seconds from the desktop's first accept to its done (or to now): the transfer itself,
+    /// without the hashing before it.
+    pub elapsed_s: f64,
     #[serde(skip)]
     retries: u32,
+    #[serde(skip)]
+    first_accept: Option<std::time::Instant>,
 }
 
 impl OutgoingFile {
@@ -111,7 +116,9 @@ impl OutgoingFile {
             accepted_at: Vec::new(),
             received: 0,
             sent: 0,
+            elapsed_s: 0.0,
             retries: 0,
+            first_accept: None,
         })
     }
 
@@ -162,6 +169,34 @@ impl FileQueue {
             f(file);
         }
         self.changed.notify_waiters();
+    }
+
+    /// A file that was being sent when its session ended goes back to the queue (the next
+    /// session resumes it).
+    pub fn requeue_interrupted(&self) {
+        for file in self.lock().iter_mut() {
+            if file.state == FileState::Sending {
+                file.state = FileState::Queued;
+            }
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// One line for a window's title: the file being sent and how far, or the last one's end.
+    pub fn status_line(&self) -> Option<String> {
+        let files = self.lock();
+        if let Some(f) = files.iter().find(|f| f.state == FileState::Sending) {
+            let percent = (f.received * 100).checked_div(f.size).unwrap_or(100);
+            let waiting = files.iter().filter(|f| f.state == FileState::Queued).count();
+            let more = if waiting > 0 { format!(" (+{waiting} queued)") } else { String::new() };
+            return Some(format!("sending {} {percent} %{more}", f.name));
+        }
+        match &files.last()?.state {
+            FileState::Done { stored_as } => Some(format!("sent to Downloads/{stored_as}")),
+            FileState::Failed { reason } => Some(format!("not sent: {reason}")),
+            FileState::Queued => Some("files waiting for the desktop".into()),
+            FileState::Sending => None,
+        }
     }
 
     /// The next file to send.
@@ -317,13 +352,22 @@ async fn transfer(
                 queue.update(index, |f| {
                     f.accepted_at.push(offset);
                     f.received = offset;
+                    f.first_accept.get_or_insert_with(std::time::Instant::now);
                 });
             }
             FileMessage::Progress { received, .. } => {
                 limit = limit.max(received + FILE_WINDOW);
-                queue.update(index, |f| f.received = received);
+                queue.update(index, |f| {
+                    f.received = received;
+                    f.elapsed_s = f.first_accept.map_or(0.0, |at| at.elapsed().as_secs_f64());
+                });
             }
-            FileMessage::Done { name, .. } => return Outcome::Done(name),
+            FileMessage::Done { name, .. } => {
+                queue.update(index, |f| {
+                    f.elapsed_s = f.first_accept.map_or(0.0, |at| at.elapsed().as_secs_f64())
+                });
+                return Outcome::Done(name);
+            }
             FileMessage::Refused { reason, .. } => return Outcome::Refused(reason),
             other => tracing::debug!(?other, "an unexpected file message"),
         }
@@ -413,13 +457,7 @@ pub async fn send_until_done(
         sender.abort();
         let _ = sender.await;
         // The file in progress goes back to the queue for the next session.
-        for index in 0..queue.snapshot().len() {
-            queue.update(index, |f| {
-                if f.state == FileState::Sending {
-                    f.state = FileState::Queued;
-                }
-            });
-        }
+        queue.requeue_interrupted();
         let token = session.handle.resume_token();
         match (why, token) {
             (Ok(why), Some(token)) => {

@@ -74,6 +74,10 @@ enum Cmd {
         /// Use the sound card's microphone (unless --mic gives a file).
         #[arg(long)]
         mic_device: bool,
+        /// Send this file into the desktop's Downloads once connected (repeat for more; files
+        /// dropped on the window go too). Headless: use `pleiades send`.
+        #[arg(long, value_name = "FILE")]
+        send: Vec<PathBuf>,
     },
     /// Send files into the desktop's Downloads (the desktop's user's, through its guest agent).
     /// Resumes after a lost connection; running it again for the same file continues where
@@ -139,6 +143,7 @@ fn main() -> ExitCode {
             no_clipboard,
             play: _,
             mic_device,
+            send,
         } => {
             if record.is_some() || duration.is_some() || input.is_some() || snapshot_every.is_some() {
                 eprintln!("pleiades: --record, --duration, --input and --snapshot-every need --headless");
@@ -150,7 +155,13 @@ fn main() -> ExitCode {
                 // A window plays through the sound card; the microphone is opt-in.
                 let audio =
                     AudioOptions { playback_wav: None, mic_wav: mic, speaker: true, microphone: mic_device };
-                pleiades_client::window::run(connection, options, audio)
+                let files = pleiades_client::files::FileQueue::new();
+                for path in &send {
+                    files.push(
+                        pleiades_client::files::OutgoingFile::prepare(path).map_err(anyhow::Error::msg)?,
+                    );
+                }
+                pleiades_client::window::run(connection, options, audio, files)
             };
             match run() {
                 Ok(()) => ExitCode::SUCCESS,
@@ -174,8 +185,13 @@ fn main() -> ExitCode {
             no_clipboard,
             play,
             mic_device,
+            send,
             headless: true,
         } => {
+            if !send.is_empty() {
+                eprintln!("pleiades: --send needs a window; headless, use `pleiades send TARGET FILE...`");
+                return ExitCode::from(2);
+            }
             let run = || -> anyhow::Result<()> {
                 let duration = seconds(duration, "--duration", 0.0)?;
                 let snapshot_every = seconds(snapshot_every, "--snapshot-every", MIN_SNAPSHOT_EVERY_S)?;

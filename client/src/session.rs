@@ -75,7 +75,8 @@ impl Default for SessionOptions {
                 | Capabilities::AUDIO
                 | Capabilities::CLIPBOARD
                 | Capabilities::RESUME
-                | Capabilities::RELATIVE_POINTER,
+                | Capabilities::RELATIVE_POINTER
+                | Capabilities::FILES,
         }
     }
 }

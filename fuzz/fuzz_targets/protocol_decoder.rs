@@ -7,16 +7,20 @@
 //! and through the VM process's `HostLink`: one `Connected` at most, and only first. Clipboard
 //! messages (what a client or a guest sends) go through the decoder and through the VM
 //! process's `ClipboardRelay` under every policy: what a policy forbids never reaches the
-//! other end, and whatever the relay sends encodes.
+//! other end, and whatever the relay sends encodes. File messages go through the decoder and
+//! the VM process's `FileRelay`: with files forbidden nothing reaches the guest, and what does
+//! comes in order, within the window the guest's answers opened.
 
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use pleiades_protocol::agent::{HostEvent, HostLink};
 use pleiades_protocol::clipboard::{ClipboardPolicy, ClipboardRelay, End};
+use pleiades_protocol::files::FileRelay;
 use pleiades_protocol::wire::{
     AgentMessage, ChannelMessage, ClipboardMessage, ControlMessage, CursorMessage, DisplayMessage,
-    FrameSequence, InputMessage, StreamDecoder, Tile, decode_datagram, encode_datagram, encode_to_vec,
+    FILE_WINDOW, FileMessage, FrameSequence, InputMessage, StreamDecoder, Tile, decode_datagram,
+    encode_datagram, encode_to_vec,
 };
 
 fn run<M: ChannelMessage + PartialEq + Clone>(chunk_sizes: &[u8], mut data: &[u8]) -> Vec<M> {
@@ -57,7 +61,7 @@ fn run<M: ChannelMessage + PartialEq + Clone>(chunk_sizes: &[u8], mut data: &[u8
 fuzz_target!(|data: &[u8]| {
     let Some((&selector, rest)) = data.split_first() else { return };
     let (sizes, body) = rest.split_at(rest.len().min(4));
-    match selector % 9 {
+    match selector % 11 {
         0 => drop(run::<ControlMessage>(sizes, body)),
         1 => drop(run::<InputMessage>(sizes, body)),
         2 => {
@@ -83,6 +87,8 @@ fuzz_target!(|data: &[u8]| {
         5 => drop(run::<AgentMessage>(sizes, body)),
         7 => drop(run::<ClipboardMessage>(sizes, body)),
         8 => relay(selector, body),
+        9 => drop(run::<FileMessage>(sizes, body)),
+        10 => file_relay(selector, body),
         _ => {
             let mut link = HostLink::new();
             let mut events = Vec::new();
@@ -149,5 +155,62 @@ fn relay(selector: u8, body: &[u8]) {
             assert!(allowed || !content, "the policy {policy:?} let {sent:?} through to {to:?}");
         }
         while relay.poll_event().is_some() {}
+    }
+}
+
+/// The file relay with both ends sending what the fuzzer decodes (each message's end from its
+/// position), ends coming and going, with files allowed or not (the selector's high bit).
+fn file_relay(selector: u8, body: &[u8]) {
+    use std::collections::HashMap;
+    let allowed = selector & 0x80 != 0;
+    let mut relay = FileRelay::new(allowed);
+    relay.connected(End::Client);
+    relay.connected(End::Guest);
+    // Per transfer, as the client was told: where the guest's window ends, and the next offset
+    // the guest gets.
+    let mut window: HashMap<u32, (u64, u64)> = HashMap::new();
+    for (i, message) in run::<FileMessage>(&[0], body).into_iter().enumerate() {
+        let from = if i % 3 == 1 { End::Guest } else { End::Client };
+        match i % 13 {
+            11 => relay.disconnected(from),
+            12 => relay.connected(from),
+            _ => {}
+        }
+        relay.from_end(from, message);
+        while let Some((to, sent)) = relay.poll_transmit() {
+            encode_to_vec(&sent).expect("what the relay sends encodes");
+            assert_eq!(to == End::Guest, sent.from_sender(), "{sent:?} went the wrong way");
+            match &sent {
+                FileMessage::Offer(_) | FileMessage::Data(_) => {
+                    assert!(allowed, "files went in against the policy")
+                }
+                _ => {}
+            }
+            match sent {
+                FileMessage::Accept { id, offset } => {
+                    window.insert(id, (offset + FILE_WINDOW, offset));
+                }
+                FileMessage::Progress { id, received } => {
+                    let w = window.get_mut(&id).expect("progress only after an accept");
+                    w.0 = w.0.max(received + FILE_WINDOW);
+                }
+                FileMessage::Data(d) => {
+                    let w = window.get_mut(&d.id).expect("data only after an accept");
+                    assert_eq!(d.offset, w.1, "data in order");
+                    w.1 += d.bytes.len() as u64;
+                    assert!(w.1 <= w.0, "data beyond the window");
+                }
+                FileMessage::Done { id, .. }
+                | FileMessage::Refused { id, .. }
+                | FileMessage::Cancel { id, .. } => {
+                    window.remove(&id);
+                }
+                FileMessage::Offer(o) => {
+                    window.remove(&o.id);
+                }
+            }
+        }
+        while relay.poll_event().is_some() {}
+        assert!(relay.transfers() <= pleiades_protocol::wire::MAX_FILE_TRANSFERS);
     }
 }

@@ -127,6 +127,8 @@ pub struct StackOptions {
     pub jail: &'static str,
     /// `pool create --clipboard-to-guest`, `--clipboard-from-guest`: the pool's clipboard policy.
     pub clipboard: (bool, bool),
+    /// `pool create --file-transfer`: whether clients may send files into the desktops.
+    pub file_transfer: bool,
 }
 
 impl Default for StackOptions {
@@ -154,6 +156,7 @@ impl Default for StackOptions {
             host_ports: Vec::new(),
             jail: "auto",
             clipboard: (true, true),
+            file_transfer: true,
         }
     }
 }
@@ -294,6 +297,7 @@ impl Stack {
         let clipboard = [
             format!("--clipboard-to-guest={}", o.clipboard.0),
             format!("--clipboard-from-guest={}", o.clipboard.1),
+            format!("--file-transfer={}", o.file_transfer),
         ];
         pool_args.extend(clipboard.iter().map(String::as_str));
         cli(&pool_args, None)?;

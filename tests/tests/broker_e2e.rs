@@ -52,8 +52,9 @@ fn a_user_gets_a_desktop_from_a_pool_and_the_client_reaches_it_with_the_brokers_
         // Unjailed (the jailed path is desktop_jail's): the daemon still binds the session port
         // and hands the socket over.
         jail: "off",
-        // No clipboard either way (the pool's data loss prevention switches).
+        // No clipboard either way, no files (the pool's data loss prevention switches).
         clipboard: (false, false),
+        file_transfer: false,
         ..StackOptions::local(dir.path()).unwrap()
     };
     let session_port = options.first_session_port;
@@ -113,6 +114,8 @@ fn a_user_gets_a_desktop_from_a_pool_and_the_client_reaches_it_with_the_brokers_
     // display) connects; the host keeps the copy from the guest, the client learns why, and the
     // broker audits the attempt.
     clipboard_is_kept_back_and_audited(&stack, &bearer, &desktop, dir.path());
+    // Nor files: `pleiades send` is refused by the host and the broker audits it.
+    files_are_kept_out_and_audited(&stack, &bearer, &desktop, dir.path());
 
     // The ticket was one-time: the same file is refused, and the desktop goes on.
     let (ok, text) = stack.run_client(&file, &dir.path().join("rec2"), "wait 100\n");
@@ -230,6 +233,37 @@ fn an_image_the_host_cannot_start_is_retried_with_a_growing_wait_and_the_reason_
         left().is_empty().then_some(())
     });
     assert!(cleaned.is_ok(), "state of failed desktops left on the host: {:?}", left());
+}
+
+fn files_are_kept_out_and_audited(stack: &Stack, bearer: &str, desktop: &str, dir: &Path) {
+    let connection = stack.connect(bearer, desktop).unwrap();
+    let file = dir.join("send.pleiades");
+    std::fs::write(&file, connection["file"].as_str().unwrap()).unwrap();
+    let secret = dir.join("quarterly-figures.csv");
+    std::fs::write(&secret, "region,revenue\nnorth,42\n").unwrap();
+    let report = dir.join("send.json");
+    let output = std::process::Command::new(pleiades_tests::workspace_binary("pleiades").unwrap())
+        .arg("send")
+        .arg(&file)
+        .arg(&secret)
+        .arg("--report")
+        .arg(&report)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "the file must not be sent: {text}");
+    let files: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(files[0]["state"], "failed", "{files}");
+    assert_eq!(files[0]["reason"], "the desktop's pool does not allow file transfer", "{files}");
+    assert_eq!(files[0]["sent"], 0, "no byte left the client: {files}");
+    assert!(text.contains("not sent: the desktop's pool does not allow file transfer"), "{text}");
+    let audit = wait_for("the denial in the audit log", Duration::from_secs(60), || {
+        let (audit, _) = stack.cli(&["audit", "--limit", "50"]).ok()?;
+        audit.contains("files.denied").then_some(audit)
+    })
+    .unwrap();
+    let line = audit.lines().find(|l| l.contains("files.denied")).unwrap();
+    assert!(line.contains("host-1"), "{line}");
 }
 
 fn clipboard_is_kept_back_and_audited(stack: &Stack, bearer: &str, desktop: &str, dir: &Path) {

@@ -13,7 +13,11 @@
 //! - the clipboard works both ways between a client on its own X display (Xvfb, `xclip`) and
 //!   the guest's Xfce session: text copied on the client is pasted in the guest (whose terminal
 //!   copies back its SHA-256), and a PNG that crossed into the guest is copied there again and
-//!   arrives in the client's clipboard byte for byte.
+//!   arrives in the client's clipboard byte for byte;
+//! - a 50 MiB file sent with `pleiades send` through the link emulator arrives in the user's
+//!   Downloads although the link goes down in the middle of it: the client resumes its session
+//!   and the transfer goes on from what the guest already had (not from the start); the guest's
+//!   own `sha256sum` of the file, copied to the client's clipboard, is the sent file's.
 //!
 //! The boot is timed from the request to the VM running, to the READY line (the agent prints it
 //! once the user's session runs its panel) and to the panel and wallpaper on the screen, and
@@ -180,12 +184,132 @@ fn the_graphical_desktop_through_the_broker_follows_the_client_and_runs_typed_co
     let total = back.pixels.len() / 4;
     assert!(black * 2 < total, "the returning client sees a black screen ({black} of {total} pixels)");
 
-    // The clipboard, both ways, with a third client that has an X display.
-    clipboard_both_ways(&stack, &bearer, &desktop, &control, dir.path(), &guest_report);
+    // A file, through a link that goes down meanwhile.
+    let sent = file_through_a_link_drop(&stack, &bearer, &desktop, &control, dir.path());
+
+    // The clipboard, both ways, with a third client that has an X display; it also reads the
+    // file's SHA-256 as the guest computes it.
+    clipboard_both_ways(&stack, &bearer, &desktop, &control, dir.path(), &guest_report, &sent);
 
     // A clean power-off through the daemon.
     let status = stack.host.terminate(Duration::from_secs(120)).unwrap();
     assert!(status.success(), "{}", stack.logs_tail());
+}
+
+/// The file sent into the desktop.
+const FILE_BYTES: usize = 50 << 20;
+
+/// A file that arrived: its name in Downloads and its SHA-256 (hex).
+struct SentFile {
+    stored_as: String,
+    sha256: String,
+}
+
+/// `pleiades send` of a 50 MiB file through the link emulator, which goes down once a fifth of
+/// the file crossed and comes back once the client noticed: the client resumes its session with
+/// the resume token and the desktop accepts the file again at what it already had.
+fn file_through_a_link_drop(
+    stack: &Stack,
+    bearer: &str,
+    desktop: &str,
+    control: &Path,
+    dir: &Path,
+) -> SentFile {
+    use pleiades_tests::linkem::{Link, LinkConfig};
+    // Incompressible bytes (a xorshift stream): what arrives must be these, in this order.
+    let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ u64::from(std::process::id());
+    let content: Vec<u8> = (0..FILE_BYTES / 8)
+        .flat_map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state.to_le_bytes()
+        })
+        .collect();
+    let path = dir.join("big.bin");
+    std::fs::write(&path, &content).unwrap();
+    let sha256 = hex(ring::digest::digest(&ring::digest::SHA256, &content).as_ref());
+    drop(content);
+
+    let connection = stack.connect(bearer, desktop).unwrap();
+    let connection = pleiades_protocol::connfile::Connection::from_toml(
+        connection["file"].as_str().expect("a connection file"),
+    )
+    .unwrap();
+    let server = format!("{}:{}", connection.host, connection.port).parse().unwrap();
+    let link = Link::start(server, LinkConfig::CLEAN).unwrap();
+    let through = pleiades_protocol::connfile::Connection {
+        host: link.client_addr().ip().to_string(),
+        port: link.client_addr().port(),
+        ..connection
+    };
+    let file = dir.join("send.pleiades");
+    std::fs::write(&file, through.to_toml()).unwrap();
+    let report = dir.join("send.json");
+    let log = dir.join("send.log");
+    let mut client = Command::new(pleiades_tests::workspace_binary("pleiades").unwrap())
+        .arg("send")
+        .arg(&file)
+        .arg(&path)
+        .arg("--report")
+        .arg(&report)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let client_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let relayed = || {
+        let status = request(control, &Request::Status, Duration::from_secs(30)).ok()?.result?;
+        status["agent"]["files"]["bytes_to_guest"].as_u64()
+    };
+    let started = Instant::now();
+    wait_for("a fifth of the file in the guest", Duration::from_secs(600), || {
+        if let Ok(Some(status)) = client.try_wait() {
+            panic!("pleiades send ended ({status}) before the link went down: {}", client_log());
+        }
+        relayed().filter(|b| *b >= FILE_BYTES as u64 / 5)
+    })
+    .unwrap_or_else(|e| panic!("{e}; the client: {}", client_log()));
+    link.set_down(true);
+    let down = Instant::now();
+    wait_for("the client to notice the link is down", Duration::from_secs(60), || {
+        client_log().contains("the connection is lost; resuming").then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}; the client: {}", client_log()));
+    std::thread::sleep(Duration::from_secs(2));
+    link.set_down(false);
+    println!("desktop image: file transfer: the link was down {:.1} s", down.elapsed().as_secs_f64());
+    let status =
+        wait_for("pleiades send to end", Duration::from_secs(900), || client.try_wait().ok().flatten())
+            .unwrap_or_else(|e| panic!("{e}; the client: {}", client_log()));
+    assert!(status.success(), "pleiades send failed: {}", client_log());
+    let took = started.elapsed();
+    let files: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    println!("desktop image: file transfer report: {files}");
+    let sent = &files[0];
+    assert_eq!(sent["state"], "done", "{files}");
+    assert_eq!(sent["sha256"], sha256.as_str());
+    assert!(client_log().contains("the session resumed"), "the client resumed its session: {}", client_log());
+    // Accepted twice: from 0, then from what the guest had when the link went down.
+    let accepted: Vec<u64> =
+        sent["accepted_at"].as_array().unwrap().iter().filter_map(Value::as_u64).collect();
+    assert!(
+        accepted.len() >= 2 && accepted[0] == 0 && accepted[1..].iter().all(|&a| a >= FILE_BYTES as u64 / 8),
+        "the transfer did not resume where it stopped: {files}"
+    );
+    // Not sent twice: at most the data in flight when the link went down was sent again.
+    let resent = sent["sent"].as_u64().unwrap() - FILE_BYTES as u64;
+    assert!(resent < 24 << 20, "{resent} bytes sent again: {files}");
+    let counts = request(control, &Request::Status, Duration::from_secs(30)).unwrap().result.unwrap();
+    println!("desktop image: the VM process's file counters: {}", counts["agent"]["files"]);
+    assert_eq!(counts["agent"]["files"]["completed"], 1);
+    println!(
+        "desktop image: {} MiB sent into the guest's Downloads across a link drop in {:.1} s (resumed at {} bytes, {resent} bytes sent again)",
+        FILE_BYTES >> 20,
+        took.as_secs_f64(),
+        accepted[1]
+    );
+    SentFile { stored_as: sent["stored_as"].as_str().unwrap().to_owned(), sha256 }
 }
 
 /// How long one crossing of the clipboard may take on a loaded machine (the guest runs under
@@ -203,6 +327,7 @@ fn clipboard_both_ways(
     control: &Path,
     dir: &Path,
     guest_report: &dyn Fn() -> Option<Value>,
+    sent: &SentFile,
 ) {
     let prerequisites = pleiades_tests::prerequisite::command("xclip").and_then(|_| Xvfb::start(640, 480));
     let x = match prerequisites {
@@ -282,6 +407,29 @@ fn clipboard_both_ways(
     println!(
         "desktop image: a {}-byte PNG into the guest and back, byte for byte, {:.1} s",
         png.len(),
+        started.elapsed().as_secs_f64()
+    );
+
+    // The file sent earlier, as the guest's own sha256sum sees it in the user's Downloads.
+    let started = Instant::now();
+    // (Any 64 hex digits but the text's digest from above: a wrong file shows as a mismatch.)
+    let file_digest = type_until(
+        control,
+        &format!("sha256sum ~/Downloads/'{}'|cut -c1-64|tr -d '\\n'|xclip -i -sel c", sent.stored_as),
+        || {
+            paste(&x, "UTF8_STRING")
+                .filter(|p| p.len() == 64 && p.iter().all(u8::is_ascii_hexdigit) && *p != digest.as_bytes())
+        },
+    );
+    let file_digest = file_digest.unwrap_or_else(|e| panic!("{e}; the client: {}", client_log()));
+    assert_eq!(
+        String::from_utf8_lossy(&file_digest),
+        sent.sha256,
+        "the file in the guest is not the one sent"
+    );
+    println!(
+        "desktop image: the guest's sha256sum of Downloads/{} is the sent file's ({:.1} s)",
+        sent.stored_as,
         started.elapsed().as_secs_f64()
     );
 

@@ -68,6 +68,8 @@ pub struct App {
     motion_rest: (f64, f64),
     /// Tells the link whether H.264 pictures are converted on the GPU.
     gpu_video: tokio::sync::watch::Sender<Option<bool>>,
+    /// Files dropped on a window go here; the link sends them.
+    files: crate::files::FileQueue,
 }
 
 impl std::fmt::Debug for App {
@@ -83,6 +85,7 @@ impl App {
         current: Current,
         requests: mpsc::UnboundedSender<Request>,
         gpu_video: tokio::sync::watch::Sender<Option<bool>>,
+        files: crate::files::FileQueue,
     ) -> Self {
         Self {
             desktop,
@@ -106,6 +109,7 @@ impl App {
             grabbed: None,
             motion_rest: (0.0, 0.0),
             gpu_video,
+            files,
         }
     }
 
@@ -117,7 +121,8 @@ impl App {
     fn title(&self, scanout: u32) -> String {
         let monitor = if self.windows.len() > 1 { format!(" #{scanout}") } else { String::new() };
         let grab = if self.grabbed.is_some() { " - pointer grabbed, Ctrl+Alt releases" } else { "" };
-        format!("Pleiades: {}{monitor} [{}]{grab}", self.desktop, self.state.label())
+        let files = self.files.status_line().map(|line| format!(" - {line}")).unwrap_or_default();
+        format!("Pleiades: {}{monitor} [{}]{grab}{files}", self.desktop, self.state.label())
     }
 
     /// Relative mode on: the pointer is grabbed by `scanout`'s window and its motion goes to the
@@ -547,7 +552,8 @@ impl ApplicationHandler<LinkEvent> for App {
             }
             LinkEvent::Stats { rtt_ms, kbit_s } => {
                 self.stats = Some((rtt_ms, kbit_s));
-                if self.overlay {
+                // Once a second: the overlay's figures, a file's progress.
+                if self.overlay || self.files.status_line().is_some() {
                     self.refresh_titles();
                 }
             }
@@ -558,6 +564,26 @@ impl ApplicationHandler<LinkEvent> for App {
         let Some(&scanout) = self.ids.get(&id) else { return };
         match event {
             WindowEvent::CloseRequested => event_loop.exit(),
+            WindowEvent::DroppedFile(path) => {
+                // Its SHA-256 is read off the event loop; then it waits for its turn.
+                let files = self.files.clone();
+                let spawned = std::thread::Builder::new().name("file-drop".into()).spawn(move || {
+                    match crate::files::OutgoingFile::prepare(&path) {
+                        Ok(file) => {
+                            tracing::info!(
+                                name = file.name,
+                                size = file.size,
+                                "dropped: sending it to the desktop"
+                            );
+                            files.push(file);
+                        }
+                        Err(error) => tracing::warn!("not sending a dropped file: {error}"),
+                    }
+                });
+                if let Err(error) = spawned {
+                    tracing::warn!(%error, "cannot read the dropped file");
+                }
+            }
             WindowEvent::RedrawRequested => self.redraw(scanout),
             WindowEvent::Resized(size) => {
                 let Some(gpu) = &self.gpu else { return };

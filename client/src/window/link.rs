@@ -133,96 +133,111 @@ fn retryable(error: &ClientError) -> bool {
     )
 }
 
-/// Runs the connection until it is over for good; `notify` reaches the window.
-pub async fn supervise(
-    connection: Connection,
-    options: SessionOptions,
-    audio: AudioOptions,
-    current: Current,
-    mut gpu_video: watch::Receiver<Option<bool>>,
-    notify: impl Fn(LinkEvent) + Send,
-) {
-    let mut credential = connection.ticket.clone();
-    // Set while resuming: when the path was lost, why, and how long the token lives.
-    let mut lost: Option<(Instant, String, Duration)> = None;
-    let mut attempt = 0u32;
-    loop {
-        notify(LinkEvent::State(match &lost {
-            None => LinkState::Connecting,
-            Some((_, why, _)) => LinkState::Reconnecting { attempt, why: why.clone() },
-        }));
-        let started = async {
-            let connected = connect::connect(&connection).await?;
-            Session::start(connected, &credential, options.clone()).await
-        }
-        .await;
-        let mut session = match started {
-            Ok(session) => session,
-            Err(error) => {
-                let in_time = lost.as_ref().is_some_and(|(at, _, lifetime)| at.elapsed() < *lifetime);
-                if !(in_time && retryable(&error)) {
-                    tracing::error!(%error, "cannot connect");
-                    notify(LinkEvent::State(LinkState::Disconnected(error.to_string())));
+/// What the link runs a session with.
+#[derive(Debug)]
+pub struct Link {
+    pub connection: Connection,
+    pub options: SessionOptions,
+    pub audio: AudioOptions,
+    pub current: Current,
+    /// The files to send (`--send`, drops): each session sends what is left.
+    pub files: crate::files::FileQueue,
+}
+
+impl Link {
+    /// Runs the connection until it is over for good; `notify` reaches the window.
+    pub async fn supervise(
+        self,
+        mut gpu_video: watch::Receiver<Option<bool>>,
+        notify: impl Fn(LinkEvent) + Send,
+    ) {
+        let Link { connection, options, audio, current, files } = self;
+        let mut credential = connection.ticket.clone();
+        // Set while resuming: when the path was lost, why, and how long the token lives.
+        let mut lost: Option<(Instant, String, Duration)> = None;
+        let mut attempt = 0u32;
+        loop {
+            notify(LinkEvent::State(match &lost {
+                None => LinkState::Connecting,
+                Some((_, why, _)) => LinkState::Reconnecting { attempt, why: why.clone() },
+            }));
+            let started = async {
+                let connected = connect::connect(&connection).await?;
+                Session::start(connected, &credential, options.clone()).await
+            }
+            .await;
+            let mut session = match started {
+                Ok(session) => session,
+                Err(error) => {
+                    let in_time = lost.as_ref().is_some_and(|(at, _, lifetime)| at.elapsed() < *lifetime);
+                    if !(in_time && retryable(&error)) {
+                        tracing::error!(%error, "cannot connect");
+                        notify(LinkEvent::State(LinkState::Disconnected(error.to_string())));
+                        return;
+                    }
+                    attempt += 1;
+                    let backoff = Duration::from_millis(250 << attempt.min(5)).min(MAX_BACKOFF);
+                    tracing::info!(%error, attempt, ?backoff, "resuming failed; trying again");
+                    tokio::time::sleep(backoff).await;
+                    continue;
+                }
+            };
+            if lost.take().is_some() {
+                tracing::info!(attempt, "the session resumed");
+            }
+            attempt = 0;
+            // Where H.264 pictures become BGRX is decided once per session, before its first frame
+            // is drawn: the window says so once it has its GPU (bounded wait; GPU if it never says).
+            let waited = tokio::time::timeout(GPU_DECISION, gpu_video.wait_for(Option::is_some)).await;
+            let on_gpu = waited.ok().and_then(|r| r.ok().and_then(|d| *d)).unwrap_or(true);
+            session.handle.with_displays(|displays| displays.set_gpu_video(on_gpu));
+            *lock(&current) = Some(session.handle.clone());
+            notify(LinkEvent::State(LinkState::Connected));
+            // Sound follows the session: a card that cannot be opened is logged, not fatal.
+            let player = match Audio::start(&session.handle, audio.clone()) {
+                Ok(player) => player,
+                Err(error) => {
+                    tracing::warn!(%error, "no sound for this session");
+                    None
+                }
+            };
+            // So does the clipboard, where this machine has an X display, and the files to send.
+            let clipboard = crate::clipboard::ClipboardBridge::start(&session.handle);
+            let sender = tokio::spawn(crate::files::send_files(session.handle.clone(), files.clone()));
+            let end = run(&mut session, &notify).await;
+            sender.abort();
+            let _ = sender.await;
+            files.requeue_interrupted();
+            if let Some(clipboard) = clipboard {
+                let summary = tokio::task::spawn_blocking(move || clipboard.finish()).await;
+                tracing::info!(?summary, "the clipboard bridge stopped");
+            }
+            if let Some(player) = player
+                && let Err(error) = player.finish().await
+            {
+                tracing::warn!(%error, "the sound stopped with an error");
+            }
+            let token = session.handle.resume_token();
+            *lock(&current) = None;
+            match end {
+                End::Final(why) => {
+                    notify(LinkEvent::State(LinkState::Disconnected(why)));
+                    session.disconnect("the session is over").await;
                     return;
                 }
-                attempt += 1;
-                let backoff = Duration::from_millis(250 << attempt.min(5)).min(MAX_BACKOFF);
-                tracing::info!(%error, attempt, ?backoff, "resuming failed; trying again");
-                tokio::time::sleep(backoff).await;
-                continue;
-            }
-        };
-        if lost.take().is_some() {
-            tracing::info!(attempt, "the session resumed");
-        }
-        attempt = 0;
-        // Where H.264 pictures become BGRX is decided once per session, before its first frame
-        // is drawn: the window says so once it has its GPU (bounded wait; GPU if it never says).
-        let waited = tokio::time::timeout(GPU_DECISION, gpu_video.wait_for(Option::is_some)).await;
-        let on_gpu = waited.ok().and_then(|r| r.ok().and_then(|d| *d)).unwrap_or(true);
-        session.handle.with_displays(|displays| displays.set_gpu_video(on_gpu));
-        *lock(&current) = Some(session.handle.clone());
-        notify(LinkEvent::State(LinkState::Connected));
-        // Sound follows the session: a card that cannot be opened is logged, not fatal.
-        let player = match Audio::start(&session.handle, audio.clone()) {
-            Ok(player) => player,
-            Err(error) => {
-                tracing::warn!(%error, "no sound for this session");
-                None
-            }
-        };
-        // So does the clipboard, where this machine has an X display.
-        let clipboard = crate::clipboard::ClipboardBridge::start(&session.handle);
-        let end = run(&mut session, &notify).await;
-        if let Some(clipboard) = clipboard {
-            let summary = tokio::task::spawn_blocking(move || clipboard.finish()).await;
-            tracing::info!(?summary, "the clipboard bridge stopped");
-        }
-        if let Some(player) = player
-            && let Err(error) = player.finish().await
-        {
-            tracing::warn!(%error, "the sound stopped with an error");
-        }
-        let token = session.handle.resume_token();
-        *lock(&current) = None;
-        match end {
-            End::Final(why) => {
-                notify(LinkEvent::State(LinkState::Disconnected(why)));
-                session.disconnect("the session is over").await;
-                return;
-            }
-            End::Lost(why) => {
-                drop(session);
-                let Some(token) = token else {
-                    notify(LinkEvent::State(LinkState::Disconnected(format!(
-                        "{why} (the server offers no resume)"
-                    ))));
-                    return;
-                };
-                tracing::warn!(%why, "the connection is lost; resuming");
-                credential = token;
-                let lifetime = Duration::from_secs(pleiades_protocol::resume::RESUME_LIFETIME_S);
-                lost = Some((Instant::now(), why, lifetime));
+                End::Lost(why) => {
+                    drop(session);
+                    let Some(token) = token else {
+                        notify(LinkEvent::State(LinkState::Disconnected(format!(
+                            "{why} (the server offers no resume)"
+                        ))));
+                        return;
+                    };
+                    tracing::warn!(%why, "the connection is lost; resuming");
+                    credential = token;
+                    let lifetime = Duration::from_secs(pleiades_protocol::resume::RESUME_LIFETIME_S);
+                    lost = Some((Instant::now(), why, lifetime));
+                }
             }
         }
     }

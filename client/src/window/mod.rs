@@ -12,6 +12,9 @@
 //! with H.264 pictures kept in YUV ([`crate::display::Displays::set_gpu_video`]); a presented
 //! frame wakes its window, which uploads the damage ([`crate::display::Displays::drain_for_gpu`])
 //! and draws. Keys: Ctrl+Alt+Enter toggles fullscreen, Ctrl+Alt+S the statistics overlay.
+//! Files dropped on a window (and `--send`) go into the desktop's Downloads ([`crate::files`]),
+//! with their progress in the title; a transfer cut by a lost connection goes on after the
+//! resume.
 
 pub mod app;
 pub mod keys;
@@ -32,7 +35,12 @@ use crate::session::SessionOptions;
 
 /// Opens the desktop in windows until the person closes one; sound as `audio` says. Errors: no
 /// display, no GPU.
-pub fn run(connection: Connection, options: SessionOptions, audio: AudioOptions) -> anyhow::Result<()> {
+pub fn run(
+    connection: Connection,
+    options: SessionOptions,
+    audio: AudioOptions,
+    files: crate::files::FileQueue,
+) -> anyhow::Result<()> {
     let event_loop = EventLoop::<link::LinkEvent>::with_user_event()
         .build()
         .context("cannot open a window: no display (is DISPLAY or WAYLAND_DISPLAY set?)")?;
@@ -48,11 +56,18 @@ pub fn run(connection: Connection, options: SessionOptions, audio: AudioOptions)
     let (gpu_video, gpu_video_rx) = tokio::sync::watch::channel(None);
     let desktop = connection.desktop.clone();
     tracing::info!(host = %connection.host, port = connection.port, desktop = %desktop, "connecting");
-    runtime.spawn(link::supervise(connection, options, audio, current.clone(), gpu_video_rx, move |event| {
+    let link = link::Link { connection, options, audio, current: current.clone(), files: files.clone() };
+    runtime.spawn(link.supervise(gpu_video_rx, move |event| {
         let _ = proxy.send_event(event);
     }));
-    let mut app =
-        app::App::new(desktop, event_loop.owned_display_handle(), current.clone(), requests, gpu_video);
+    let mut app = app::App::new(
+        desktop,
+        event_loop.owned_display_handle(),
+        current.clone(),
+        requests,
+        gpu_video,
+        files,
+    );
     event_loop.run_app(&mut app).context("the window system failed")?;
     // Closed: say goodbye (bounded), then stop.
     let handle = link::lock(&current).take();
