@@ -17,7 +17,11 @@
 //! - a 50 MiB file sent with `pleiades send` through the link emulator arrives in the user's
 //!   Downloads although the link goes down in the middle of it: the client resumes its session
 //!   and the transfer goes on from what the guest already had (not from the start); the guest's
-//!   own `sha256sum` of the file, copied to the client's clipboard, is the sent file's.
+//!   own `sha256sum` of the file, copied to the client's clipboard, is the sent file's;
+//! - with the clipboard and files off (`run --clipboard none --file-transfer deny`, what a pool
+//!   with both switches off boots), the guest's copy never reaches the client, the client's
+//!   never reaches the guest, a file is refused, and the VM process counts each attempt (which
+//!   the broker audits).
 //!
 //! The boot is timed from the request to the VM running, to the READY line (the agent prints it
 //! once the user's session runs its panel) and to the panel and wallpaper on the screen, and
@@ -194,6 +198,107 @@ fn the_graphical_desktop_through_the_broker_follows_the_client_and_runs_typed_co
     // A clean power-off through the daemon.
     let status = stack.host.terminate(Duration::from_secs(120)).unwrap();
     assert!(status.success(), "{}", stack.logs_tail());
+    drop(stack);
+
+    // The same image with the pool's data loss prevention switches off.
+    nothing_crosses_when_the_pool_forbids_it(&image, dir.path());
+}
+
+/// The desktop image under `run --clipboard none --file-transfer deny` with its agent: the
+/// guest's terminal copies a secret, the client's user copies another and sends a file; none of
+/// it crosses, each attempt is counted by the VM process and told to the client.
+fn nothing_crosses_when_the_pool_forbids_it(image: &DesktopImage, dir: &Path) {
+    let x = match pleiades_tests::prerequisite::command("xclip").and_then(|_| Xvfb::start(640, 480)) {
+        Ok(x) => x,
+        Err(e) => match missing("desktop_graphical (policy)", &e) {
+            Missing::Skip => return,
+            Missing::Fail(why) => panic!("{why}"),
+        },
+    };
+    let dir = dir.join("forbidden");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (mut command, control) = pleiades_tests::desktop::run_desktop_image(image, &dir);
+    let file = dir.join("desk.pleiades");
+    let mut vm = command
+        .args(["--device", "gpu", "--device", "keyboard", "--device", "tablet", "--device", "vsock"])
+        .args(["--clipboard", "none", "--file-transfer", "deny"])
+        .args(["--listen", "127.0.0.1:0", "--connection-file"])
+        .arg(&file)
+        .spawn()
+        .unwrap();
+    wait_for("the control socket", Duration::from_secs(60), || control.exists().then_some(())).unwrap();
+    wait_usable(&control, DESKTOP_BOOT).unwrap();
+    let status = || request(&control, &Request::Status, Duration::from_secs(30)).ok().and_then(|r| r.result);
+    wait_for("the guest's session", Duration::from_secs(300), || {
+        status().filter(|s| s["agent"]["session"] == "active")
+    })
+    .unwrap();
+
+    // The client's user copied something before connecting.
+    let mut holder = copy(&x, "UTF8_STRING", b"the client's secret");
+    let log = dir.join("client.log");
+    let mut client = Command::new(pleiades_tests::workspace_binary("pleiades").unwrap())
+        .env("DISPLAY", x.display())
+        .arg("connect")
+        .arg(&file)
+        .args(["--headless", "--no-h264", "--no-audio", "--duration", "600", "--record"])
+        .arg(dir.join("rec"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let client_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_for("the client's copy refused by the host", Duration::from_secs(120), || {
+        status().filter(|s| s["agent"]["clipboard"]["denied_to_guest"].as_u64() >= Some(1))
+    })
+    .unwrap_or_else(|e| panic!("{e}; the client: {}", client_log()));
+
+    // The guest's user copies a secret: it is counted as kept back, and the client's
+    // clipboard keeps its own content all along.
+    press(&control, "ctrl+alt+t");
+    std::thread::sleep(Duration::from_secs(15));
+    let denied = type_until(&control, "echo guest-secret-42|xclip -i -sel c", || {
+        status().filter(|s| s["agent"]["clipboard"]["denied_from_guest"].as_u64() >= Some(1))
+    });
+    denied.unwrap_or_else(|e| panic!("{e}; the client: {}", client_log()));
+    for _ in 0..5 {
+        assert_eq!(paste(&x, "UTF8_STRING").as_deref(), Some(&b"the client's secret"[..]));
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    assert!(holder.try_wait().unwrap().is_none(), "the guest's copy took the client's selection");
+    let _ = holder.kill();
+
+    // A file: refused by the host, nothing sent.
+    let secret = dir.join("figures.csv");
+    std::fs::write(&secret, "region,revenue\nnorth,42\n").unwrap();
+    let report = dir.join("send.json");
+    let response = request(&control, &Request::ConnectionFile, Duration::from_secs(30)).unwrap();
+    let send_file = dir.join("send.pleiades");
+    std::fs::write(&send_file, response.result.unwrap()["toml"].as_str().unwrap()).unwrap();
+    let output = Command::new(pleiades_tests::workspace_binary("pleiades").unwrap())
+        .arg("send")
+        .arg(&send_file)
+        .arg(&secret)
+        .arg("--report")
+        .arg(&report)
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let files: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!((files[0]["state"].as_str(), files[0]["sent"].as_u64()), (Some("failed"), Some(0)), "{files}");
+    let counts = status().unwrap();
+    println!(
+        "desktop image, clipboard and files forbidden: clipboard {}, files {}",
+        counts["agent"]["clipboard"], counts["agent"]["files"]
+    );
+    assert_eq!(counts["agent"]["files"]["denied"], 1);
+    assert_eq!(counts["agent"]["files"]["bytes_to_guest"], 0);
+    assert_eq!(counts["agent"]["clipboard"]["pasted_to_guest"], 0);
+    assert_eq!(counts["agent"]["clipboard"]["pasted_from_guest"], 0);
+    let _ = client.kill();
+    let _ = client.wait();
+    let _ = vm.kill();
+    let _ = vm.wait();
 }
 
 /// The file sent into the desktop.
