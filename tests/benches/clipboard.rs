@@ -75,7 +75,7 @@ fn main() {
     report_large("loopback", loopback_large, reference_large);
     finish(client);
     let big = dir.path().join("big.bin");
-    write_random(&big, FILE_BYTES);
+    std::fs::write(&big, pleiades_tests::incompressible(FILE_BYTES, 0x2545_F491_4F6C_DD1D)).unwrap();
     let loopback_file = send_file(&control, dir.path(), None, &big, "loopback");
     report_file("loopback", loopback_file, loopback_large);
 
@@ -141,20 +141,6 @@ fn mint_through_link(control: &Path, dir: &Path) -> (Link, PathBuf) {
 
 /// The file sent into the guest.
 const FILE_BYTES: usize = 50 << 20;
-
-/// `len` incompressible bytes (a xorshift stream) at `path`.
-fn write_random(path: &Path, len: usize) {
-    let mut state = 0x2545_F491_4F6C_DD1Du64;
-    let bytes: Vec<u8> = (0..len / 8)
-        .flat_map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state.to_le_bytes()
-        })
-        .collect();
-    std::fs::write(path, bytes).unwrap();
-}
 
 /// `pleiades send` of `file` (through `link` when given); MB/s from the desktop's accept to its
 /// done, as the client reports it.

@@ -111,6 +111,20 @@ pub fn save_artifact(
     }
 }
 
+/// `len` (a multiple of 8) incompressible bytes from `seed` (a xorshift stream): file contents
+/// whose every byte matters and that no layer can shrink.
+pub fn incompressible(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    (0..len / 8)
+        .flat_map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state.to_le_bytes()
+        })
+        .collect()
+}
+
 pub mod audio;
 pub mod desktop;
 pub mod disk;

@@ -321,16 +321,9 @@ fn file_through_a_link_drop(
     dir: &Path,
 ) -> SentFile {
     use pleiades_tests::linkem::{Link, LinkConfig};
-    // Incompressible bytes (a xorshift stream): what arrives must be these, in this order.
-    let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ u64::from(std::process::id());
-    let content: Vec<u8> = (0..FILE_BYTES / 8)
-        .flat_map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state.to_le_bytes()
-        })
-        .collect();
+    // What arrives must be these bytes, in this order.
+    let content =
+        pleiades_tests::incompressible(FILE_BYTES, 0x9E37_79B9_7F4A_7C15 ^ u64::from(std::process::id()));
     let path = dir.join("big.bin");
     std::fs::write(&path, &content).unwrap();
     let sha256 = hex(ring::digest::digest(&ring::digest::SHA256, &content).as_ref());

@@ -539,23 +539,8 @@ impl Worker {
     /// Sends what the relays have for each end and counts what happened.
     fn pump_relay(&mut self) {
         self.pump_files();
-        while let Some((end, message)) = self.relay.poll_transmit() {
-            match end {
-                End::Client => {
-                    if let Some((_, sink)) = &self.client {
-                        sink(message);
-                    }
-                }
-                End::Guest => {
-                    // The relay sends to the guest only while its link is up.
-                    if let Some(conn) = self.conn.as_mut()
-                        && let Err(e) = conn.link.clipboard(message)
-                    {
-                        tracing::warn!("not sending a clipboard message to the guest: {e}");
-                    }
-                }
-            }
-        }
+        let Self { relay, client, conn, .. } = self;
+        deliver(std::iter::from_fn(|| relay.poll_transmit()), client, conn, HostLink::clipboard, "clipboard");
         while let Some(event) = self.relay.poll_event() {
             let mut status = lock(&self.status);
             let counts = &mut status.clipboard;
@@ -626,22 +611,8 @@ impl Worker {
 
     /// Sends what the file relay has for each end and counts what happened.
     fn pump_files(&mut self) {
-        while let Some((end, message)) = self.files.poll_transmit() {
-            match end {
-                End::Client => {
-                    if let Some((_, sink)) = &self.files_client {
-                        sink(message);
-                    }
-                }
-                End::Guest => {
-                    if let Some(conn) = self.conn.as_mut()
-                        && let Err(e) = conn.link.files(message)
-                    {
-                        tracing::warn!("not sending a file message to the guest: {e}");
-                    }
-                }
-            }
-        }
+        let Self { files, files_client, conn, .. } = self;
+        deliver(std::iter::from_fn(|| files.poll_transmit()), files_client, conn, HostLink::files, "file");
         let mut status = lock(&self.status);
         while let Some(event) = self.files.poll_event() {
             let counts = &mut status.files;
@@ -698,6 +669,33 @@ impl Worker {
         let mut status = lock(&self.status);
         status.connected = false;
         status.last_error = Some(why.to_owned());
+    }
+}
+
+/// Passes what a relay has for each end on: to the session's client, or over the agent link
+/// (only while it is up).
+fn deliver<M>(
+    outgoing: impl Iterator<Item = (End, M)>,
+    client: &Option<(u64, ClientSink<M>)>,
+    conn: &mut Option<Connection>,
+    send: fn(&mut HostLink, M) -> Result<(), pleiades_protocol::agent::LinkError>,
+    what: &str,
+) {
+    for (end, message) in outgoing {
+        match end {
+            End::Client => {
+                if let Some((_, sink)) = client {
+                    sink(message);
+                }
+            }
+            End::Guest => {
+                if let Some(conn) = conn.as_mut()
+                    && let Err(e) = send(&mut conn.link, message)
+                {
+                    tracing::warn!("not sending a {what} message to the guest: {e}");
+                }
+            }
+        }
     }
 }
 
