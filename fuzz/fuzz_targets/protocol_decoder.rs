@@ -9,7 +9,9 @@
 //! process's `ClipboardRelay` under every policy: what a policy forbids never reaches the
 //! other end, and whatever the relay sends encodes. File messages go through the decoder and
 //! the VM process's `FileRelay`: with files forbidden nothing reaches the guest, and what does
-//! comes in order, within the window the guest's answers opened.
+//! comes in order, within the window the guest's answers opened. USB/IP streams (a redirected
+//! device's, both ways) go through `UsbipLink`: what it accepts re-encodes to the bytes it
+//! came from, and it never holds more URBs than its limit.
 
 #![no_main]
 
@@ -61,7 +63,7 @@ fn run<M: ChannelMessage + PartialEq + Clone>(chunk_sizes: &[u8], mut data: &[u8
 fuzz_target!(|data: &[u8]| {
     let Some((&selector, rest)) = data.split_first() else { return };
     let (sizes, body) = rest.split_at(rest.len().min(4));
-    match selector % 11 {
+    match selector % 12 {
         0 => drop(run::<ControlMessage>(sizes, body)),
         1 => drop(run::<InputMessage>(sizes, body)),
         2 => {
@@ -89,6 +91,7 @@ fuzz_target!(|data: &[u8]| {
         8 => relay(selector, body),
         9 => drop(run::<FileMessage>(sizes, body)),
         10 => file_relay(selector, body),
+        11 => usbip(sizes, body),
         _ => {
             let mut link = HostLink::new();
             let mut events = Vec::new();
@@ -212,5 +215,33 @@ fn file_relay(selector: u8, body: &[u8]) {
         }
         while relay.poll_event().is_some() {}
         assert!(relay.transfers() <= pleiades_protocol::wire::MAX_FILE_TRANSFERS);
+    }
+}
+
+/// A USB/IP link fed from both sides: each chunk goes to the side its size's low bit names.
+fn usbip(sizes: &[u8], mut data: &[u8]) {
+    use pleiades_protocol::usbip::{MAX_IN_FLIGHT, UsbipLink};
+    let mut link = UsbipLink::new();
+    let mut sizes = sizes.iter().cycle();
+    let (mut from_guest, mut from_device) = (Vec::new(), Vec::new());
+    while !data.is_empty() {
+        let size = *sizes.next().unwrap_or(&0);
+        let n = if size >> 1 == 0 { data.len() } else { usize::from(size >> 1).min(data.len()) };
+        let (chunk, rest) = data.split_at(n);
+        data = rest;
+        let (decoded, seen) = if size & 1 == 0 {
+            (link.from_guest(chunk), &mut from_guest)
+        } else {
+            (link.from_device(chunk), &mut from_device)
+        };
+        let Ok(pdus) = decoded else { break };
+        seen.extend(chunk);
+        for pdu in pdus {
+            // Every PDU is exactly the bytes it came from (one encoding per value).
+            let bytes = pdu.encode();
+            assert!(seen.starts_with(&bytes), "{pdu:?} does not re-encode to its bytes");
+            seen.drain(..bytes.len());
+        }
+        assert!(link.in_flight() <= MAX_IN_FLIGHT);
     }
 }

@@ -24,6 +24,8 @@
 //!   [`agent::AgentLink`].
 //! - [`clipboard`]: the VM process's clipboard relay between the session's client and the guest
 //!   session, with the pool's policy ([`clipboard::ClipboardRelay`]).
+//! - [`usbip`]: USB/IP, the message set of a redirected USB device, checked both ways
+//!   ([`usbip::UsbipLink`]).
 //! - [`files`]: the VM process's file transfer relay from the session's client to the guest,
 //!   with the pool's policy and the transfer window ([`files::FileRelay`]).
 //!
@@ -70,4 +72,5 @@ pub mod pinning;
 pub mod resume;
 pub mod ticket;
 pub mod transport;
+pub mod usbip;
 pub mod wire;
