@@ -10,6 +10,7 @@
 //! - [`audio`]: playback through the jitter buffer and Opus (WAV when headless), the microphone.
 //! - [`clipboard`]: this machine's X clipboard shared with the desktop's, lazily, both ways.
 //! - [`files`]: files sent into the desktop's Downloads, resumable (`pleiades send`, drops).
+//! - [`usb`]: USB devices to redirect: the device trait, the emulated USB stick.
 //! - [`window`]: the windowed client (winit + wgpu): windows per monitor, input, reconnect.
 //! - [`clock`]: `CLOCK_MONOTONIC` µs, the clock the server stamps frames with.
 //!
@@ -26,6 +27,7 @@ pub mod keymap;
 pub mod recorder;
 pub mod script;
 pub mod session;
+pub mod usb;
 pub mod window;
 
 pub use error::ClientError;

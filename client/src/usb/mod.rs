@@ -1,0 +1,90 @@
+//! USB devices the client redirects into the desktop. Each device answers the URBs the guest's
+//! `vhci-hcd` submits ([`pleiades_protocol::usbip`]): a real one through libusb, or the
+//! emulated disk ([`emulated::EmulatedDisk`], `--usb-emulated-disk FILE`) for machines without
+//! USB hardware and for demos. Both sit behind [`UsbDevice`].
+
+pub mod emulated;
+
+use pleiades_protocol::usbip::{CmdSubmit, Direction, RetSubmit};
+
+/// `-EPIPE`: the endpoint stalled (a request the device does not support).
+pub const STALL: i32 = -32;
+/// `-ESHUTDOWN`: the device is gone.
+pub const GONE: i32 = -108;
+
+/// How fast a device is (USB/IP's attach speaks the kernel's `enum usb_device_speed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Speed {
+    Low = 1,
+    Full = 2,
+    High = 3,
+    Super = 5,
+}
+
+/// What the host's policy and the guest's attach need to know of a device before any URB.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub vendor_id: u16,
+    pub product_id: u16,
+    /// The device's class, or its first interface's when the device leaves it to them (0).
+    pub class: u8,
+    pub speed: Speed,
+    pub product: String,
+}
+
+/// One URB's outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    /// 0, or a negative errno ([`STALL`], …).
+    pub status: i32,
+    /// IN: the bytes read (at most the URB's length); OUT: empty.
+    pub data: Vec<u8>,
+    /// OUT: the bytes the device took; IN: `data.len()`.
+    pub actual_length: u32,
+}
+
+impl Completion {
+    pub fn ok_in(data: Vec<u8>) -> Self {
+        Self { status: 0, actual_length: data.len() as u32, data }
+    }
+
+    pub fn ok_out(taken: u32) -> Self {
+        Self { status: 0, data: Vec::new(), actual_length: taken }
+    }
+
+    pub fn stall() -> Self {
+        Self { status: STALL, data: Vec::new(), actual_length: 0 }
+    }
+
+    /// The `RET_SUBMIT` for `urb`.
+    pub fn ret(self, urb: &CmdSubmit) -> RetSubmit {
+        let mut data = self.data;
+        if urb.direction == Direction::In {
+            data.truncate(urb.transfer_buffer_length as usize);
+        } else {
+            data.clear();
+        }
+        let actual_length = if urb.direction == Direction::In {
+            data.len() as u32
+        } else {
+            self.actual_length.min(urb.transfer_buffer_length)
+        };
+        RetSubmit {
+            seqnum: urb.seqnum,
+            status: self.status,
+            actual_length,
+            start_frame: 0,
+            iso_packets: None,
+            error_count: 0,
+            data,
+            iso: Vec::new(),
+        }
+    }
+}
+
+/// A device that answers URBs.
+pub trait UsbDevice: Send {
+    fn info(&self) -> DeviceInfo;
+    /// Runs one URB (control on endpoint 0, bulk or interrupt on the others) to completion.
+    fn submit(&mut self, urb: &CmdSubmit) -> Completion;
+}
