@@ -131,8 +131,16 @@ impl FileRelay {
         }
     }
 
-    /// A message from `from`.
+    /// A message from `from` (dropped while `from` is not connected: what it says then belongs
+    /// to no transfer of this relay's).
     pub fn from_end(&mut self, from: End, message: FileMessage) {
+        let connected = match from {
+            End::Client => self.client,
+            End::Guest => self.guest,
+        };
+        if !connected {
+            return;
+        }
         match from {
             End::Client if message.from_sender() => self.on_client(message),
             End::Guest if !message.from_sender() => self.on_guest(message),
@@ -485,6 +493,16 @@ mod tests {
             drain(&mut r),
             vec![(End::Client, FileMessage::Refused { id: 1, reason: FileRefuseReason::Interrupted })]
         );
+        // A client that is gone says nothing (found by the fuzzer: its data used to reach the
+        // guest of a transfer it never heard the accept of).
+        r.disconnected(End::Client);
+        r.from_end(End::Client, offer(5, 100));
+        r.connected(End::Guest);
+        r.from_end(End::Guest, FileMessage::Accept { id: 5, offset: 0 });
+        r.from_end(End::Client, data(5, 0, 10));
+        assert!(drain(&mut r).is_empty());
+        r.connected(End::Client);
+        r.disconnected(End::Guest);
         // No guest: no session to receive.
         r.from_end(End::Client, offer(3, 100));
         assert_eq!(

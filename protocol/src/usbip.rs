@@ -65,14 +65,22 @@ pub struct CmdSubmit {
     /// The data that follows (OUT), or the most the guest takes back (IN).
     pub transfer_buffer_length: u32,
     pub start_frame: i32,
-    /// `None` for a URB that is not isochronous (0 or 0xffffffff on the wire).
-    pub iso_packets: Option<u32>,
+    /// The isochronous packets; 0 or 0xffffffff for a URB that is not isochronous (kept as
+    /// sent: [`CmdSubmit::iso_count`] reads it).
+    pub number_of_packets: u32,
     pub interval: i32,
     /// A control transfer's setup packet.
     pub setup: [u8; 8],
     /// OUT: `transfer_buffer_length` bytes; IN: empty.
     pub data: Vec<u8>,
     pub iso: Vec<IsoPacket>,
+}
+
+impl CmdSubmit {
+    /// The isochronous packets, `None` for a URB that is not isochronous.
+    pub fn iso_count(&self) -> Option<u32> {
+        iso_count(self.number_of_packets).ok().flatten()
+    }
 }
 
 /// "This is how URB `seqnum` went": from the device's side.
@@ -83,7 +91,8 @@ pub struct RetSubmit {
     pub status: i32,
     pub actual_length: u32,
     pub start_frame: i32,
-    pub iso_packets: Option<u32>,
+    /// As in [`CmdSubmit::number_of_packets`].
+    pub number_of_packets: u32,
     pub error_count: i32,
     /// IN: `actual_length` bytes; OUT: empty.
     pub data: Vec<u8>,
@@ -138,6 +147,15 @@ fn be32(bytes: &[u8], at: usize) -> u32 {
     u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
 }
 
+/// The header's bytes in `range` must be zero (fields the protocol sets to 0, and padding):
+/// each PDU has one encoding, so what the VM process passes on is exactly what it checked.
+fn zero(h: &[u8], range: std::ops::Range<usize>) -> Result<(), UsbipError> {
+    if h[range].iter().any(|&b| b != 0) {
+        return Err(UsbipError::Malformed("a field that must be zero is not"));
+    }
+    Ok(())
+}
+
 fn iso_count(raw: u32) -> Result<Option<u32>, UsbipError> {
     match raw {
         0 | u32::MAX => Ok(None),
@@ -166,7 +184,7 @@ impl Pdu {
                 }
                 put(s.transfer_buffer_length);
                 put(s.start_frame as u32);
-                put(s.iso_packets.unwrap_or(0));
+                put(s.number_of_packets);
                 put(s.interval as u32);
                 out.extend_from_slice(&s.setup);
                 out.extend_from_slice(&s.data);
@@ -184,7 +202,7 @@ impl Pdu {
                 {
                     put(v);
                 }
-                put(r.iso_packets.unwrap_or(0));
+                put(r.number_of_packets);
                 put(r.error_count as u32);
                 out.resize(HEADER_LEN, 0);
                 out.extend_from_slice(&r.data);
@@ -327,7 +345,11 @@ impl UsbipLink {
                 let data = if be32(h, 12) == Direction::Out as u32 { length as usize } else { 0 };
                 Ok(data + iso * ISO_DESCRIPTOR_LEN)
             }
-            CMD_UNLINK => Ok(0),
+            CMD_UNLINK => {
+                zero(h, 12..20)?;
+                zero(h, 24..HEADER_LEN)?;
+                Ok(0)
+            }
             RET_SUBMIT | RET_UNLINK => Err(UsbipError::WrongDirection(be32(h, 0))),
             other => Err(UsbipError::UnknownCommand(other)),
         })?
@@ -376,7 +398,7 @@ impl UsbipLink {
             transfer_flags: be32(&bytes, 20),
             transfer_buffer_length,
             start_frame: be32(&bytes, 28) as i32,
-            iso_packets,
+            number_of_packets: be32(&bytes, 32),
             interval: be32(&bytes, 36) as i32,
             setup: bytes[40..48].try_into().expect("8 bytes"),
             data: body[..data_len].to_vec(),
@@ -388,6 +410,8 @@ impl UsbipLink {
         let (in_flight, unlinks) = (&self.in_flight, &self.unlinks);
         let Some(bytes) = self.from_device.take(|h| match be32(h, 0) {
             RET_SUBMIT => {
+                zero(h, 8..20)?;
+                zero(h, 40..HEADER_LEN)?;
                 let seqnum = be32(h, 4);
                 let urb = in_flight.get(&seqnum).ok_or(UsbipError::NotInFlight(seqnum))?;
                 let actual = be32(h, 24);
@@ -402,7 +426,11 @@ impl UsbipLink {
                 Ok(data + iso.unwrap_or(0) as usize * ISO_DESCRIPTOR_LEN)
             }
             RET_UNLINK if !unlinks.contains_key(&be32(h, 4)) => Err(UsbipError::NotInFlight(be32(h, 4))),
-            RET_UNLINK => Ok(0),
+            RET_UNLINK => {
+                zero(h, 8..20)?;
+                zero(h, 24..HEADER_LEN)?;
+                Ok(0)
+            }
             CMD_SUBMIT | CMD_UNLINK => Err(UsbipError::WrongDirection(be32(h, 0))),
             other => Err(UsbipError::UnknownCommand(other)),
         })?
@@ -429,7 +457,7 @@ impl UsbipLink {
             status: be32(&bytes, 20) as i32,
             actual_length,
             start_frame: be32(&bytes, 28) as i32,
-            iso_packets,
+            number_of_packets: be32(&bytes, 32),
             error_count: be32(&bytes, 36) as i32,
             data: body[..data_len].to_vec(),
             iso: read_iso(&body[data_len..], iso_packets),
@@ -469,7 +497,7 @@ mod tests {
             transfer_flags: 0,
             transfer_buffer_length: length,
             start_frame: 0,
-            iso_packets: None,
+            number_of_packets: 0,
             interval: 0,
             setup: [0; 8],
             data,
@@ -483,7 +511,7 @@ mod tests {
             status: 0,
             actual_length: actual,
             start_frame: 0,
-            iso_packets: None,
+            number_of_packets: 0,
             error_count: 0,
             data,
             iso: Vec::new(),
@@ -501,7 +529,7 @@ mod tests {
             transfer_flags: 0x200,
             transfer_buffer_length: 18,
             start_frame: 0,
-            iso_packets: None,
+            number_of_packets: 0,
             interval: 0,
             setup: [0x80, 0x06, 0x00, 0x01, 0x00, 0x00, 0x12, 0x00],
             data: Vec::new(),
@@ -557,7 +585,7 @@ mod tests {
             transfer_flags: 2,
             transfer_buffer_length: 576,
             start_frame: 0,
-            iso_packets: Some(3),
+            number_of_packets: 3,
             interval: 1,
             setup: [0; 8],
             data: Vec::new(),
@@ -569,7 +597,7 @@ mod tests {
             status: 0,
             actual_length: 384,
             start_frame: 9,
-            iso_packets: Some(3),
+            number_of_packets: 3,
             error_count: 1,
             data: vec![1; 384],
             iso: vec![IsoPacket { offset: 0, length: 192, actual_length: 192, status: 0 }; 3],
@@ -614,6 +642,12 @@ mod tests {
             assert!(case(&mut link).is_err(), "{what}");
             assert_eq!(link.from_guest(&[]), Err(UsbipError::Failed), "{what}: a failed link stays failed");
         }
+        // Fields the protocol sets to zero must be: one encoding per PDU.
+        let mut link = UsbipLink::new();
+        link.from_guest(&submit(2, Direction::In, 8, vec![]).encode()).unwrap();
+        let mut answer = ret(2, vec![0; 8], 8).encode();
+        answer[12] = 1;
+        assert!(matches!(link.from_device(&answer), Err(UsbipError::Malformed(_))));
         // A huge announced length is refused on the header, before anything is buffered.
         let mut link = UsbipLink::new();
         let header = submit(1, Direction::Out, u32::MAX, vec![]).encode();

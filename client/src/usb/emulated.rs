@@ -420,7 +420,7 @@ mod tests {
                 transfer_flags: 0,
                 transfer_buffer_length: length,
                 start_frame: 0,
-                iso_packets: None,
+                number_of_packets: 0,
                 interval: 0,
                 setup,
                 data,

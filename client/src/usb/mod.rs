@@ -74,7 +74,7 @@ impl Completion {
             status: self.status,
             actual_length,
             start_frame: 0,
-            iso_packets: None,
+            number_of_packets: 0,
             error_count: 0,
             data,
             iso: Vec::new(),
