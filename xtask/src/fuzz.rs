@@ -53,7 +53,7 @@ pub struct Outcome {
 pub fn run_briefly(root: &Path) -> Result<()> {
     build(root)?;
     for target in TARGETS {
-        let outcome = run_target(root, target, SECONDS_BRIEFLY)?;
+        let outcome = run_target(root, target, SECONDS_BRIEFLY).0?;
         println!(
             "    fuzz {target}: {SECONDS_BRIEFLY} s, no crash ({} runs, cov {}, ft {})",
             outcome.runs, outcome.coverage, outcome.features
@@ -76,22 +76,19 @@ pub fn run_long(root: &Path, targets: &[String], minutes: u64, jobs: usize) -> R
     let seconds = minutes * 60;
     let mut failures = Vec::new();
     for batch in chosen.chunks(jobs.max(1)) {
-        let cpu_before = children_cpu_seconds();
-        let results: Vec<(&str, Result<Outcome>)> = std::thread::scope(|scope| {
+        let results: Vec<(&str, (Result<Outcome>, u64))> = std::thread::scope(|scope| {
             let handles: Vec<_> = batch
                 .iter()
                 .map(|target| (*target, scope.spawn(move || run_target(root, target, seconds))))
                 .collect();
             handles
                 .into_iter()
-                .map(|(t, h)| (t, h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the runner panicked")))))
+                .map(|(t, h)| {
+                    (t, h.join().unwrap_or_else(|_| (Err(anyhow::anyhow!("the runner panicked")), 0)))
+                })
                 .collect()
         });
-        let cpu = match (cpu_before, children_cpu_seconds()) {
-            (Some(before), Some(after)) => (after - before) / batch.len() as u64,
-            _ => seconds,
-        };
-        for (target, result) in results {
+        for (target, (result, cpu)) in results {
             let line = match &result {
                 Ok(o) => format!("{target}\t{cpu}\t{}\t{}\t{}\tok", o.runs, o.coverage, o.features),
                 Err(e) => format!("{target}\t{cpu}\t\t\t\tcrash: {}", first_line(&format!("{e:#}"))),
@@ -119,10 +116,29 @@ pub fn run_long(root: &Path, targets: &[String], minutes: u64, jobs: usize) -> R
     Ok(())
 }
 
-/// CPU seconds (user + system) of this process's waited-for children so far, from
+/// CPU ticks (user + system) of this process's waited-for children so far, from
 /// `/proc/self/stat` (`cutime`, `cstime`; in USER_HZ, 100 a second on Linux).
-fn children_cpu_seconds() -> Option<u64> {
-    children_cpu_ticks(&std::fs::read_to_string("/proc/self/stat").ok()?).map(|ticks| ticks / 100)
+fn children_cpu_now() -> Option<u64> {
+    children_cpu_ticks(&std::fs::read_to_string("/proc/self/stat").ok()?)
+}
+
+/// One reap at a time: the growth of the children's CPU time across a reap is that child's
+/// alone, however many targets run at once.
+static REAP: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Waits for `child`; its exit status and the CPU seconds it used (`None` without /proc).
+fn wait_measured(child: &mut std::process::Child) -> Result<(std::process::ExitStatus, Option<u64>)> {
+    loop {
+        {
+            let _one = REAP.lock().unwrap_or_else(|p| p.into_inner());
+            let before = children_cpu_now();
+            if let Some(status) = child.try_wait()? {
+                let used = before.zip(children_cpu_now()).map(|(b, a)| a.saturating_sub(b) / 100);
+                return Ok((status, used));
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }
 
 fn children_cpu_ticks(stat: &str) -> Option<u64> {
@@ -184,8 +200,15 @@ fn build(root: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Runs one built target for `seconds` on its corpus and seeds.
-fn run_target(root: &Path, target: &str, seconds: u64) -> Result<Outcome> {
+/// Runs one built target for `seconds` on its corpus and seeds; what it found, and the CPU
+/// seconds it used (its own, whatever else ran beside it).
+fn run_target(root: &Path, target: &str, seconds: u64) -> (Result<Outcome>, u64) {
+    let mut cpu = 0;
+    let result = run_target_measured(root, target, seconds, &mut cpu);
+    (result, cpu)
+}
+
+fn run_target_measured(root: &Path, target: &str, seconds: u64, cpu: &mut u64) -> Result<Outcome> {
     let corpus = root.join("target/fuzz-corpus").join(target);
     let artifacts = root.join("target/fuzz-artifacts").join(target);
     std::fs::create_dir_all(&corpus)?;
@@ -200,9 +223,22 @@ fn run_target(root: &Path, target: &str, seconds: u64) -> Result<Outcome> {
     if seeds.is_dir() {
         cmd.arg(&seeds);
     }
-    let output = cmd.output().with_context(|| format!("cannot run {}", binary.display()))?;
-    let log = String::from_utf8_lossy(&output.stderr);
-    if !output.status.success() {
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {}", binary.display()))?;
+    let mut stderr = child.stderr.take().context("no stderr pipe")?;
+    let reader = std::thread::spawn(move || {
+        let mut text = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut stderr, &mut text);
+        text
+    });
+    let (status, used) = wait_measured(&mut child)?;
+    *cpu = used.unwrap_or(seconds);
+    let bytes = reader.join().unwrap_or_default();
+    let log = String::from_utf8_lossy(&bytes);
+    if !status.success() {
         let tail: Vec<&str> = log.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect();
         bail!("fuzz target {target} failed; crashing input in {}:\n{}", artifacts.display(), tail.join("\n"));
     }
@@ -248,7 +284,7 @@ mod tests {
         assert_eq!(children_cpu_ticks(stat), Some(1730));
         assert_eq!(children_cpu_ticks("no fields"), None);
         // This process's own /proc/self/stat reads.
-        assert!(children_cpu_seconds().is_some());
+        assert!(children_cpu_now().is_some());
     }
 
     #[test]
