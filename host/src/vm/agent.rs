@@ -846,8 +846,7 @@ mod tests {
     #[test]
     fn the_clipboard_crosses_only_where_the_policy_allows() {
         use pleiades_protocol::wire::{
-            AgentMessage, ClipboardFormat, ClipboardGrab, ClipboardRefused, RefuseReason, StreamDecoder,
-            encode_to_vec,
+            AgentMessage, ClipboardFormat, ClipboardGrab, ClipboardRefused, RefuseReason, encode_to_vec,
         };
         let mem = memory();
         let (mut device, handle) = Vsock::new(GUEST_CID, Default::default()).unwrap();
@@ -882,18 +881,7 @@ mod tests {
         agent.client_sent(2, ClipboardMessage::Grab(ClipboardGrab { serial: 6, formats: vec![] }));
         RelayPort::<ClipboardMessage>::detach(&agent, 2);
         RelayPort::<ClipboardMessage>::detach(&agent, 1);
-        let mut received = Vec::new();
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while received.len() < 4 && std::time::Instant::now() < deadline {
-            let sent = wait_for_packets(&mut device, &mut queues, &mem, &rx, 1);
-            let stream: Vec<u8> = sent
-                .iter()
-                .filter(|(op, port, _)| *op == Op::Rw as u16 && *port == 5000)
-                .flat_map(|(_, _, payload)| payload.clone())
-                .collect();
-            received.clear();
-            StreamDecoder::<AgentMessage>::new().decode_all(&stream, &mut received).unwrap();
-        }
+        let received = agent_messages_to_guest(&mut device, &mut queues, &mem, &rx, 4);
         let refused =
             ClipboardRefused { serial: 1, format: ClipboardFormat::Text, reason: RefuseReason::NotShared };
         assert_eq!(
@@ -910,9 +898,7 @@ mod tests {
 
     #[test]
     fn files_reach_the_guest_only_as_the_policy_allows_and_within_the_window() {
-        use pleiades_protocol::wire::{
-            AgentMessage, FileData, FileOffer, FileRefuseReason, MAX_FILE_CHUNK, StreamDecoder,
-        };
+        use pleiades_protocol::wire::{AgentMessage, FileData, FileOffer, FileRefuseReason, MAX_FILE_CHUNK};
         let mem = memory();
         let (mut device, handle) = Vsock::new(GUEST_CID, Default::default()).unwrap();
         let agent = Agent::start(handle).unwrap();
@@ -950,18 +936,7 @@ mod tests {
             .client_sent(1, FileMessage::Data(FileData { id: 2, offset: 0, bytes: vec![7; MAX_FILE_CHUNK] }));
         wait(&agent, "the broken transfer", |s| s.files.failed == 1);
         assert_eq!(to_client.lock().unwrap().last(), Some(&refused(2, FileRefuseReason::Protocol)));
-        let mut received = Vec::new();
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while received.len() < 3 && std::time::Instant::now() < deadline {
-            let sent = wait_for_packets(&mut device, &mut queues, &mem, &rx, 1);
-            let stream: Vec<u8> = sent
-                .iter()
-                .filter(|(op, port, _)| *op == Op::Rw as u16 && *port == 5000)
-                .flat_map(|(_, _, payload)| payload.clone())
-                .collect();
-            received.clear();
-            StreamDecoder::<AgentMessage>::new().decode_all(&stream, &mut received).unwrap();
-        }
+        let received = agent_messages_to_guest(&mut device, &mut queues, &mem, &rx, 3);
         assert_eq!(
             received,
             [
@@ -975,6 +950,30 @@ mod tests {
             "no byte of the early data reached the guest"
         );
         assert_eq!(agent.status().files.bytes_to_guest, 0);
+    }
+
+    /// The agent messages the host sent the guest's connection on port 5000, once at least `n`
+    /// arrived (or 20 s passed).
+    fn agent_messages_to_guest(
+        device: &mut Vsock,
+        queues: &mut [Queue],
+        mem: &GuestMemory,
+        rx: &QueueRings,
+        n: usize,
+    ) -> Vec<pleiades_protocol::wire::AgentMessage> {
+        let mut received = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while received.len() < n && std::time::Instant::now() < deadline {
+            let sent = wait_for_packets(device, queues, mem, rx, 1);
+            let stream: Vec<u8> = sent
+                .iter()
+                .filter(|(op, port, _)| *op == Op::Rw as u16 && *port == 5000)
+                .flat_map(|(_, _, payload)| payload.clone())
+                .collect();
+            received.clear();
+            pleiades_protocol::wire::StreamDecoder::new().decode_all(&stream, &mut received).unwrap();
+        }
+        received
     }
 
     /// Lets the device move what the host side has for the guest into the rx buffers until at
