@@ -55,8 +55,10 @@ const NINEP: &str = "trans=virtio,version=9p2000.L,msize=512000";
 /// `PATH` inside the chroot.
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// How long one setup command inside may take.
-const STEP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long one command inside may take. Generous: while an inner VM boots on the nested KVM
+/// its vCPUs take the KVM host's, and on a loaded machine (this VM's own vCPUs are emulated) a
+/// shell's answer once took over 60 s; a command that truly hangs still fails.
+const STEP_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// What the KVM host needs from this machine.
 #[derive(Debug, Clone)]
