@@ -486,6 +486,8 @@ fn wait_for_power_button(host: &mut KvmHost, vm: &InnerVm) {
 /// guest's screen shows (the typed commands and their errors are on tty1) and says where.
 fn wait_line_or_show_screen(host: &mut KvmHost, vm: &InnerVm, marker: &str) {
     if let Err(e) = host.wait_vm_line(vm, marker, Duration::from_secs(60)) {
+        // Said first: the screenshot fails too when the VM process is gone.
+        eprintln!("{e}");
         let screen = screenshot_until(host, vm, 0, "anything", |_| true);
         let kept = pleiades_tests::save_artifact("kvm_host", &format!("missing-{marker}"), &screen);
         let kept = kept.map_or_else(|| "not kept".to_owned(), |p| p.display().to_string());
