@@ -195,29 +195,25 @@ trait RelayEnds<M> {
     fn receive(&mut self, end: End, message: M);
 }
 
-impl RelayEnds<ClipboardMessage> for ClipboardRelay {
-    fn connected(&mut self, end: End) {
-        ClipboardRelay::connected(self, end);
-    }
-    fn disconnected(&mut self, end: End) {
-        ClipboardRelay::disconnected(self, end);
-    }
-    fn receive(&mut self, end: End, message: ClipboardMessage) {
-        ClipboardRelay::from_end(self, end, message);
-    }
+/// Both relays have the same three methods under these names.
+macro_rules! relay_ends {
+    ($relay:ty, $message:ty) => {
+        impl RelayEnds<$message> for $relay {
+            fn connected(&mut self, end: End) {
+                <$relay>::connected(self, end);
+            }
+            fn disconnected(&mut self, end: End) {
+                <$relay>::disconnected(self, end);
+            }
+            fn receive(&mut self, end: End, message: $message) {
+                <$relay>::from_end(self, end, message);
+            }
+        }
+    };
 }
 
-impl RelayEnds<FileMessage> for FileRelay {
-    fn connected(&mut self, end: End) {
-        FileRelay::connected(self, end);
-    }
-    fn disconnected(&mut self, end: End) {
-        FileRelay::disconnected(self, end);
-    }
-    fn receive(&mut self, end: End, message: FileMessage) {
-        FileRelay::from_end(self, end, message);
-    }
-}
+relay_ends!(ClipboardRelay, ClipboardMessage);
+relay_ends!(FileRelay, FileMessage);
 
 enum Request {
     LockScreen,
