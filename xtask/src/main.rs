@@ -8,6 +8,8 @@
 //! - `demo`: the main job: everything above, then the broker (SQLite) with a pool of the test
 //!   image, a host daemon registered with it, a desktop for the demo user, and the headless
 //!   client on it with the broker's ticket; prints the portal URL and the demo logins.
+//! - `soak`: the whole test suite N times in a row (optionally beside a build), recorded in
+//!   `tests/soak-runs.tsv`.
 //! - `check`: the architecture's invariants (crate layers, module imports, where `unsafe` is).
 //! - `test`: everything CI runs: deps, image, `cargo fmt --check`, clippy, `npm ci` of the
 //!   browser tests (skipped when up to date), all tests.
@@ -21,6 +23,7 @@ mod fuzz;
 mod guest_image;
 mod kmod;
 mod npm;
+mod soak;
 mod testguest;
 
 use std::path::{Path, PathBuf};
@@ -84,6 +87,16 @@ enum Cmd {
         /// Targets to run (default: all of them).
         targets: Vec<String>,
     },
+    /// Run the whole test suite N times in a row (`CI=true`), each run recorded in
+    /// tests/soak-runs.tsv: tests that pass by luck show up here.
+    Soak {
+        /// How many runs (at least 1).
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+        runs: u32,
+        /// Keep a release build of the workspace running beside the tests (a loaded machine).
+        #[arg(long)]
+        load: bool,
+    },
     /// Check the architecture's invariants: crate layers, no import cycle between modules,
     /// `unsafe` only where allowed, a code map that names every module (ARCHITECTURE.md).
     Check,
@@ -129,6 +142,7 @@ fn run(command: Cmd) -> Result<()> {
         Cmd::Demo { interactive } => demo(&root, interactive),
         Cmd::Check => check_architecture(&root),
         Cmd::Fuzz { minutes, jobs, targets } => fuzz::run_long(&root, &targets, minutes, usize::from(jobs)),
+        Cmd::Soak { runs, load } => soak::run(&root, runs, load),
         Cmd::Test { no_deps } => test(&root, no_deps),
     }
 }
