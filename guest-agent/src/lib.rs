@@ -12,7 +12,8 @@
 //! vsock: the guest's facts and session, the host's lock and power requests; its per-user
 //! part (`pleiades-agent session`, [`session`]) reports the graphical session's idle time,
 //! holds the guest end of the clipboard and writes the files the client sends into the user's
-//! Downloads ([`files`]).
+//! Downloads ([`files`]); the service attaches the USB devices the client redirects to the
+//! kernel's `vhci-hcd` ([`usb`]).
 
 pub mod files;
 pub mod power;
@@ -20,4 +21,5 @@ pub mod ready;
 pub mod service;
 pub mod session;
 pub mod sound;
+pub mod usb;
 pub mod workload;
