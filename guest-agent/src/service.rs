@@ -120,7 +120,9 @@ fn serve(
                         AgentEvent::UsbAttach { id, token, speed } => {
                             let result = crate::usb::attach(&crate::usb::vhci_dir(), id, token, speed);
                             match &result {
-                                Ok(port) => eprintln!("pleiades-agent: USB device {id} attached on port {port}"),
+                                Ok(port) => {
+                                    eprintln!("pleiades-agent: USB device {id} attached on port {port}")
+                                }
                                 Err(e) => eprintln!("pleiades-agent: USB device {id} not attached: {e}"),
                             }
                             let result = result.map_err(|e| clip(&e, MAX_AGENT_TEXT));

@@ -110,9 +110,15 @@ pub enum HostEvent {
     /// The guest's answers about files sent into it ([`crate::files::FileRelay`] checks them).
     Files(FileMessage),
     /// A device the host asked for is attached in the guest, on virtual port `port`.
-    UsbAttached { id: u32, port: u32 },
+    UsbAttached {
+        id: u32,
+        port: u32,
+    },
     /// A device the host asked for could not be attached.
-    UsbFailed { id: u32, reason: String },
+    UsbFailed {
+        id: u32,
+        reason: String,
+    },
 }
 
 /// The VM process's end of one agent connection.
@@ -161,8 +167,12 @@ impl HostLink {
                 (AgentMessage::SessionState(state), Some(_)) => events.push(HostEvent::SessionState(state)),
                 (AgentMessage::Clipboard(message), Some(_)) => events.push(HostEvent::Clipboard(message)),
                 (AgentMessage::Files(message), Some(_)) => events.push(HostEvent::Files(message)),
-                (AgentMessage::UsbAttached { id, port }, Some(_)) => events.push(HostEvent::UsbAttached { id, port }),
-                (AgentMessage::UsbFailed { id, reason }, Some(_)) => events.push(HostEvent::UsbFailed { id, reason }),
+                (AgentMessage::UsbAttached { id, port }, Some(_)) => {
+                    events.push(HostEvent::UsbAttached { id, port })
+                }
+                (AgentMessage::UsbFailed { id, reason }, Some(_)) => {
+                    events.push(HostEvent::UsbFailed { id, reason })
+                }
                 (_, Some(_)) => unreachable!("from_agent() lists the agent's messages"),
             }
             Ok(())
@@ -223,7 +233,11 @@ pub enum AgentEvent {
     /// A file the client sends (offer, data, cancel), relayed by the VM process.
     Files(FileMessage),
     /// Attach a redirected USB device ([`AgentMessage::UsbAttach`]).
-    UsbAttach { id: u32, token: u64, speed: UsbSpeed },
+    UsbAttach {
+        id: u32,
+        token: u64,
+        speed: UsbSpeed,
+    },
 }
 
 /// The guest agent's end of the link.
@@ -275,7 +289,9 @@ impl AgentLink {
                 AgentMessage::Power(action) => events.push(AgentEvent::Power(action)),
                 AgentMessage::Clipboard(message) => events.push(AgentEvent::Clipboard(message)),
                 AgentMessage::Files(message) => events.push(AgentEvent::Files(message)),
-                AgentMessage::UsbAttach { id, token, speed } => events.push(AgentEvent::UsbAttach { id, token, speed }),
+                AgentMessage::UsbAttach { id, token, speed } => {
+                    events.push(AgentEvent::UsbAttach { id, token, speed })
+                }
                 _ => unreachable!("from_host() lists the host's messages"),
             }
             Ok(())

@@ -74,7 +74,8 @@ impl UsbPolicy {
                     .flatten()
             };
             if let Some(class) = rule.strip_prefix("class=") {
-                let class = hex(class, 2).ok_or_else(|| format!("{rule:?}: a class is two hex digits, as in class=08"))?;
+                let class = hex(class, 2)
+                    .ok_or_else(|| format!("{rule:?}: a class is two hex digits, as in class=08"))?;
                 policy.classes.push(class as u8);
             } else if let Some((vendor, product)) = rule.split_once(':') {
                 match (hex(vendor, 4), hex(product, 4)) {
@@ -227,8 +228,12 @@ impl UsbRelay {
         self.agent = up;
         if !up {
             // Attaches the agent was working on will not be answered.
-            let pending: Vec<u32> =
-                self.devices.iter().filter(|(_, d)| matches!(d.state, State::Pending { .. })).map(|(id, _)| *id).collect();
+            let pending: Vec<u32> = self
+                .devices
+                .iter()
+                .filter(|(_, d)| matches!(d.state, State::Pending { .. }))
+                .map(|(id, _)| *id)
+                .collect();
             for id in pending {
                 self.fail(id, "the guest agent went away before attaching it");
             }
@@ -280,7 +285,10 @@ impl UsbRelay {
         } else {
             let token = (self.tokens)();
             self.out.push_back(UsbOut::AttachInGuest { id, token, speed: info.speed });
-            self.devices.insert(id, Device { info, state: State::Pending { token, ticks: 0 }, link: UsbipLink::new() });
+            self.devices.insert(
+                id,
+                Device { info, state: State::Pending { token, ticks: 0 }, link: UsbipLink::new() },
+            );
         }
     }
 
@@ -310,7 +318,10 @@ impl UsbRelay {
 
     /// Bytes the guest's kernel wrote on device `id`'s stream.
     pub fn from_guest(&mut self, id: u32, bytes: &[u8]) {
-        let Some(device) = self.devices.get_mut(&id) else { return };
+        // Only a stream that presented the device's token speaks for it.
+        let Some(device) = self.devices.get_mut(&id).filter(|d| matches!(d.state, State::Active)) else {
+            return;
+        };
         match device.link.from_guest(bytes) {
             Ok(pdus) => {
                 let mut out = Vec::new();

@@ -28,6 +28,11 @@ const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
 impl ServedDesktop {
     /// Boots the test image with these `--device`s, serving on loopback, and waits for READY.
     pub fn boot(devices: &[&str]) -> (Self, GuestInfo) {
+        Self::boot_with(devices, &[])
+    }
+
+    /// [`ServedDesktop::boot`] with more arguments for `run` (policies).
+    pub fn boot_with(devices: &[&str], extra: &[&str]) -> (Self, GuestInfo) {
         let image = GuestImage::locate().expect("test guest image");
         let dir = tempfile::tempdir().unwrap();
         let host = workspace_binary("pleiades-host").unwrap();
@@ -38,6 +43,7 @@ impl ServedDesktop {
             args.extend(["--device", device]);
         }
         args.extend(["--listen", "127.0.0.1:0", "--connection-file", file.to_str().unwrap()]);
+        args.extend(extra);
         let mut guest =
             Guest::start_host(&host, &image, &args, &dir.path().join("vm.sock"), accel).expect("host starts");
         let info = guest.wait_ready(boot_timeout()).expect("READY");

@@ -19,7 +19,9 @@ use std::path::Path;
 
 use pleiades_protocol::usbip::{CmdSubmit, Direction};
 
-use super::{Completion, DeviceInfo, Speed, UsbDevice};
+use pleiades_protocol::wire::UsbSpeed;
+
+use super::{Completion, DeviceInfo, UsbDevice};
 
 pub const VENDOR_ID: u16 = 0x0525;
 pub const PRODUCT_ID: u16 = 0xa4a5;
@@ -373,9 +375,10 @@ impl UsbDevice for EmulatedDisk {
         DeviceInfo {
             vendor_id: VENDOR_ID,
             product_id: PRODUCT_ID,
-            class: 0x08,
-            speed: Speed::High,
-            product: "Emulated USB disk".into(),
+            class: 0,
+            interfaces: vec![0x08],
+            speed: UsbSpeed::High,
+            product: "Pleiades emulated USB disk".into(),
         }
     }
 

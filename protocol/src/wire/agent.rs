@@ -186,7 +186,9 @@ impl ChannelMessage for AgentMessage {
             AgentMessage::UsbFailed { reason, .. } if !text_ok(reason, MAX_AGENT_TEXT) => {
                 return Err("reason too long or with control characters");
             }
-            AgentMessage::UsbAttach { .. } | AgentMessage::UsbAttached { .. } | AgentMessage::UsbFailed { .. } => {}
+            AgentMessage::UsbAttach { .. }
+            | AgentMessage::UsbAttached { .. }
+            | AgentMessage::UsbFailed { .. } => {}
             AgentMessage::Welcome { .. }
             | AgentMessage::LockScreen
             | AgentMessage::UnlockScreen
@@ -299,7 +301,9 @@ impl ChannelMessage for AgentMessage {
                 speed: UsbSpeed::from_u8(r.u8()?).ok_or("unknown USB speed")?,
             },
             types::AGENT_USB_ATTACHED => AgentMessage::UsbAttached { id: r.u32()?, port: r.u32()? },
-            types::AGENT_USB_FAILED => AgentMessage::UsbFailed { id: r.u32()?, reason: r.string(MAX_AGENT_TEXT)? },
+            types::AGENT_USB_FAILED => {
+                AgentMessage::UsbFailed { id: r.u32()?, reason: r.string(MAX_AGENT_TEXT)? }
+            }
             _ => return Ok(None),
         };
         Ok(Some(message))

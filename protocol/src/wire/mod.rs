@@ -361,6 +361,10 @@ pub trait Queued {
     fn lane(&self) -> u64 {
         0
     }
+    /// A lane that carries nothing more once this message is sent (its stream is finished).
+    fn ends_lane(&self) -> Option<u64> {
+        None
+    }
 }
 
 impl Queued for ClipboardMessage {
@@ -377,6 +381,9 @@ impl Queued for UsbMessage {
     }
     fn lane(&self) -> u64 {
         UsbMessage::lane(self)
+    }
+    fn ends_lane(&self) -> Option<u64> {
+        UsbMessage::ends_lane(self)
     }
 }
 

@@ -131,12 +131,25 @@ impl UsbDetachReason {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UsbMessage {
     Attach(UsbDeviceInfo),
-    Attached { id: u32 },
-    Refused { id: u32, reason: UsbRefuseReason },
+    Attached {
+        id: u32,
+    },
+    Refused {
+        id: u32,
+        reason: UsbRefuseReason,
+    },
     /// 1..=[`MAX_USB_CHUNK`] bytes of the device's USB/IP stream (PDUs may span chunks).
-    Data { id: u32, bytes: Vec<u8> },
-    Detach { id: u32 },
-    Detached { id: u32, reason: UsbDetachReason },
+    Data {
+        id: u32,
+        bytes: Vec<u8>,
+    },
+    Detach {
+        id: u32,
+    },
+    Detached {
+        id: u32,
+        reason: UsbDetachReason,
+    },
 }
 
 impl UsbMessage {
@@ -163,6 +176,17 @@ impl UsbMessage {
         match self {
             UsbMessage::Data { id, .. } => u64::from(*id) + 1,
             _ => 0,
+        }
+    }
+
+    /// The device lane this message ends: after a detach or a refusal, the device's data
+    /// stream carries nothing more (a new attach of the same id opens a new one).
+    pub fn ends_lane(&self) -> Option<u64> {
+        match self {
+            UsbMessage::Detach { id } | UsbMessage::Detached { id, .. } | UsbMessage::Refused { id, .. } => {
+                Some(u64::from(*id) + 1)
+            }
+            _ => None,
         }
     }
 
@@ -201,7 +225,15 @@ impl UsbMessage {
                 }
                 let interfaces = (0..count).map(|_| r.u8()).collect::<Result<_, _>>()?;
                 let name = r.string(MAX_USB_NAME)?;
-                UsbMessage::Attach(UsbDeviceInfo { id, vendor_id, product_id, class, interfaces, speed, name })
+                UsbMessage::Attach(UsbDeviceInfo {
+                    id,
+                    vendor_id,
+                    product_id,
+                    class,
+                    interfaces,
+                    speed,
+                    name,
+                })
             }
             1 => UsbMessage::Attached { id },
             2 => UsbMessage::Refused {
