@@ -543,7 +543,8 @@ impl Worker {
 
     fn on_event(&mut self, event: Event) {
         if self.usb_streams.on_event(event, &self.vsock, &mut self.usb) {
-            return self.pump_relay();
+            self.pump_relay();
+            return self.flush();
         }
         match event {
             Event::Accepted(key) if key.host_port == AGENT_PORT => {
