@@ -6,7 +6,8 @@
 //! the serial console as one line, `PLEIADES-READY {json}`, that the host side parses with
 //! [`ready::parse_ready_line`]. It also powers the guest off cleanly when the host presses the
 //! virtual ACPI power button ([`power`]), draws the test and benchmark workloads
-//! ([`workload`]), and plays and records sound for the audio tests ([`sound`]).
+//! ([`workload`]), plays and records sound for the audio tests ([`sound`]) and measures block
+//! devices for the disk benchmarks ([`disk`]).
 //!
 //! As a service (`pleiades-agent run`, [`service`]) it keeps a link to its VM process over
 //! vsock: the guest's facts and session, the host's lock and power requests; its per-user
@@ -15,6 +16,7 @@
 //! Downloads ([`files`]); the service attaches the USB devices the client redirects to the
 //! kernel's `vhci-hcd` ([`usb`]).
 
+pub mod disk;
 pub mod files;
 pub mod power;
 pub mod ready;

@@ -31,19 +31,6 @@ fn sha256_hex(bytes: &[u8]) -> String {
     ring::digest::digest(&ring::digest::SHA256, bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Deterministic bytes that do not compress (a stick's content).
-fn content(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn usb_status(desktop: &ServedDesktop) -> serde_json::Value {
     desktop.status()["agent"]["usb"].clone()
 }
@@ -78,7 +65,7 @@ impl UsbDevice for OtherVendor {
 fn a_client_usb_stick_is_mounted_read_written_refused_and_unplugged_in_the_guest() {
     let (mut desktop, _) = ServedDesktop::boot_with(&["gpu", "vsock"], &["--usb", "0525:a4a5"]);
     let dir = desktop.dir.path().to_owned();
-    let hello = content(3 << 20, 7);
+    let hello = pleiades_tests::incompressible(3 << 20, 7);
     let stick = dir.join("stick.img");
     ext4_raw(&stick, STICK_MIB, &[("hello.bin", &hello)]).unwrap();
     wait_for("the agent", Duration::from_secs(90), || {
