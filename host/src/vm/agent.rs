@@ -1119,6 +1119,139 @@ mod tests {
         assert_eq!(agent.status().files.bytes_to_guest, 0);
     }
 
+    #[test]
+    fn a_usb_device_attaches_through_the_agent_and_a_stream_with_its_token() {
+        use pleiades_protocol::agent::USB_PORT;
+        use pleiades_protocol::usbip::{CmdSubmit, Direction, Pdu, RetSubmit};
+        use pleiades_protocol::wire::{
+            AgentMessage, UsbDetachReason, UsbDeviceInfo, UsbRefuseReason, UsbSpeed,
+        };
+        let mem = memory();
+        let (mut device, handle) = Vsock::new(GUEST_CID, Default::default()).unwrap();
+        let agent = Agent::start(handle).unwrap();
+        agent.set_usb_policy(UsbPolicy::parse("class=08").unwrap());
+        let to_client = Arc::new(Mutex::new(Vec::new()));
+        let sink = to_client.clone();
+        RelayPort::<UsbMessage>::attach(&agent, 1, Box::new(move |m| sink.lock().unwrap().push(m)));
+        let mut queues =
+            vec![vsock_rx_queue(&mem, 0, 16, 4096), Queue::new(64).unwrap(), Queue::new(64).unwrap()];
+        let rx = QueueRings::of(&queues[RXQ]);
+        let bytes = AgentLink::new("1.0").unwrap().take_output();
+        queues[TXQ] = tx_queue(
+            &mem,
+            0x8000,
+            0x2_0000,
+            &[(header(Op::Request, 5000, 0), vec![]), (header(Op::Rw, 5000, bytes.len() as u32), bytes)],
+        );
+        device.process_queue(TXQ, &mut queues[TXQ], &mem).unwrap();
+        wait(&agent, "the agent's hello", |s| s.connected);
+
+        // A hub is not mass storage: refused here. The stick goes to the agent with a token.
+        let stick = UsbDeviceInfo {
+            id: 7,
+            vendor_id: 0x0525,
+            product_id: 0xa4a5,
+            class: 0,
+            interfaces: vec![8],
+            speed: UsbSpeed::High,
+            name: "stick".into(),
+        };
+        let hub = UsbDeviceInfo { id: 8, class: 9, interfaces: vec![9], ..stick.clone() };
+        agent.client_sent(1, UsbMessage::Attach(hub));
+        agent.client_sent(1, UsbMessage::Attach(stick));
+        wait(&agent, "the denial and the attach", |s| s.usb.denied == 1 && s.usb.devices.len() == 1);
+        let received = agent_messages_to_guest(&mut device, &mut queues, &mem, &rx, 2);
+        let AgentMessage::UsbAttach { id: 7, token, speed: UsbSpeed::High } = received[1] else {
+            panic!("no attach for the stick: {received:?}");
+        };
+
+        // A stream with another token is closed; the one with the attach's token is the device's,
+        // and the guest kernel's first URB on it reaches the client.
+        let get_descriptor = Pdu::Submit(CmdSubmit {
+            seqnum: 1,
+            devid: 7,
+            direction: Direction::In,
+            ep: 0,
+            transfer_flags: 0,
+            transfer_buffer_length: 18,
+            start_frame: 0,
+            number_of_packets: 0,
+            interval: 0,
+            setup: [0x80, 6, 0, 1, 0, 0, 18, 0],
+            data: vec![],
+            iso: vec![],
+        })
+        .encode();
+        let usb = |op, port, len| Header { dst_port: USB_PORT, ..header(op, port, len) };
+        let mut stream = token.to_le_bytes().to_vec();
+        stream.extend(&get_descriptor);
+        queues[TXQ] = tx_queue(
+            &mem,
+            0xC000,
+            0x6_0000,
+            &[
+                (usb(Op::Request, 6000, 0), vec![]),
+                (usb(Op::Rw, 6000, 8), (token ^ 1).to_le_bytes().to_vec()),
+                (usb(Op::Request, 6001, 0), vec![]),
+                (usb(Op::Rw, 6001, stream.len() as u32), stream),
+            ],
+        );
+        device.process_queue(TXQ, &mut queues[TXQ], &mem).unwrap();
+        wait(&agent, "the stick's stream", |s| s.usb.devices.first().is_some_and(|d| d.attached));
+        let want = [
+            UsbMessage::Refused { id: 8, reason: UsbRefuseReason::Policy },
+            UsbMessage::Attached { id: 7 },
+            UsbMessage::Data { id: 7, bytes: get_descriptor.clone() },
+        ];
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while to_client.lock().unwrap().len() < want.len() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(*to_client.lock().unwrap(), want);
+
+        // The device's answer reaches the guest's stream, re-encoded; then the client unplugs it.
+        let answer = Pdu::Ret(RetSubmit {
+            seqnum: 1,
+            status: 0,
+            actual_length: 18,
+            start_frame: 0,
+            number_of_packets: 0,
+            error_count: 0,
+            data: vec![0x12; 18],
+            iso: vec![],
+        })
+        .encode();
+        agent.client_sent(1, UsbMessage::Data { id: 7, bytes: answer.clone() });
+        agent.client_sent(1, UsbMessage::Detach { id: 7 });
+        wait(&agent, "the unplug", |s| s.usb.devices.is_empty());
+        let closed = |op: u16| op == Op::Shutdown as u16 || op == Op::Rst as u16;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let sent = loop {
+            let sent = wait_for_packets(&mut device, &mut queues, &mem, &rx, 1);
+            let done = sent.iter().any(|(op, port, _)| closed(*op) && *port == 6001);
+            if done || std::time::Instant::now() > deadline {
+                break sent;
+            }
+        };
+        let on = |port| -> Vec<u8> {
+            sent.iter()
+                .filter(|(op, p, _)| *op == Op::Rw as u16 && *p == port)
+                .flat_map(|(_, _, b)| b.clone())
+                .collect()
+        };
+        assert_eq!(on(6001), answer, "the answer on the device's stream");
+        assert!(on(6000).is_empty(), "nothing on the stream with the wrong token");
+        assert!(sent.iter().any(|(op, port, _)| closed(*op) && *port == 6000), "{sent:?}");
+        assert!(sent.iter().any(|(op, port, _)| closed(*op) && *port == 6001), "{sent:?}");
+        assert_eq!(
+            to_client.lock().unwrap().last(),
+            Some(&UsbMessage::Detached { id: 7, reason: UsbDetachReason::Client })
+        );
+        let status = agent.status().usb;
+        assert_eq!((status.attached, status.denied, status.policy.as_str()), (0, 1, "class=08"));
+        assert_eq!(status.bytes_to_guest, answer.len() as u64);
+    }
+
     /// The agent messages the host sent the guest's connection on port 5000, once at least `n`
     /// arrived (or 20 s passed).
     fn agent_messages_to_guest(
