@@ -451,35 +451,12 @@ mod tests {
     }
 
     fn get_descriptor(seqnum: u32) -> Vec<u8> {
-        Pdu::Submit(CmdSubmit {
-            seqnum,
-            devid: 1,
-            direction: Direction::In,
-            ep: 0,
-            transfer_flags: 0,
-            transfer_buffer_length: 18,
-            start_frame: 0,
-            number_of_packets: 0,
-            interval: 0,
-            setup: [0x80, 6, 0, 1, 0, 0, 18, 0],
-            data: vec![],
-            iso: vec![],
-        })
-        .encode()
+        let setup = [0x80, 6, 0, 1, 0, 0, 18, 0];
+        Pdu::Submit(CmdSubmit::new(seqnum, 1, 0, Direction::In, 18, setup, vec![])).encode()
     }
 
     fn answer(seqnum: u32, data: Vec<u8>) -> Vec<u8> {
-        Pdu::Ret(RetSubmit {
-            seqnum,
-            status: 0,
-            actual_length: data.len() as u32,
-            start_frame: 0,
-            number_of_packets: 0,
-            error_count: 0,
-            data,
-            iso: vec![],
-        })
-        .encode()
+        Pdu::Ret(RetSubmit::new(seqnum, 0, data.len() as u32, data)).encode()
     }
 
     /// Attaches device `id` through the agent and its stream (earlier events are drained).

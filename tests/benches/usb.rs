@@ -17,13 +17,15 @@ use std::time::Duration;
 use pleiades_client::usb::UsbDevice;
 use pleiades_client::usb::emulated::EmulatedDisk;
 use pleiades_client::usb::redirect::{Redirect, unplug};
-use pleiades_control::{Request, request};
 use pleiades_protocol::connfile::Connection;
 use pleiades_tests::disk::ext4_raw;
 use pleiades_tests::linkem::{Link, LinkConfig};
-use pleiades_tests::served::ServedDesktop;
+use pleiades_tests::served::{ServedDesktop, mint_connection as mint};
 use pleiades_tests::wait_for;
 use serde_json::Value;
+
+#[path = "../tests/support/client.rs"]
+mod client;
 
 const SHELL: Duration = Duration::from_secs(600);
 const IMAGE_MIB: u32 = 64;
@@ -81,52 +83,16 @@ fn disk_bench(desktop: &mut ServedDesktop, device: &str) -> (f64, f64) {
 
 /// The stick redirected over a session on `connection`, measured in the guest, then unplugged.
 fn redirected(desktop: &mut ServedDesktop, connection: &Connection, stick: &Path, name: &str) -> (f64, f64) {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let handle = rt.block_on(async {
-        let connected = pleiades_client::connect::connect(connection).await.expect("connects");
-        let mut session = pleiades_client::session::Session::start(
-            connected,
-            &connection.ticket,
-            pleiades_client::session::SessionOptions::default(),
-        )
-        .await
-        .expect("session");
-        let handle = session.handle.clone();
-        tokio::spawn(async move { while session.next_event().await.is_some() {} });
-        handle
-    });
+    let session = client::LibrarySession::start(connection);
+    let handle = session.handle.clone();
     let devices: Vec<Box<dyn UsbDevice>> = vec![Box::new(EmulatedDisk::open(stick, false).unwrap())];
     let redirect = Redirect::start(&handle, devices).expect("the server takes USB devices");
-    let (status, out) = desktop
-        .guest
-        .run_status(
-            "i=0; until [ -b /dev/sda ] || [ $i -gt 240 ]; do i=$((i+1)); sleep 0.5; done; [ -b /dev/sda ]",
-            SHELL,
-        )
-        .unwrap();
-    assert_eq!(status, 0, "{name}: the stick did not appear: {out:?} {:?}", redirect.reports());
+    let appeared = desktop.guest.wait_path("/dev/sda", true).unwrap();
+    assert!(appeared, "{name}: the stick did not appear: {:?}", redirect.reports());
     let figures = disk_bench(desktop, "/dev/sda");
     unplug(&handle, 1);
-    let (status, _) = desktop
-        .guest
-        .run_status("i=0; until [ ! -e /dev/sda ] || [ $i -gt 240 ]; do i=$((i+1)); sleep 0.5; done; [ ! -e /dev/sda ]", SHELL)
-        .unwrap();
-    assert_eq!(status, 0, "{name}: the stick did not go");
-    rt.block_on(handle.disconnect("done"));
+    assert!(desktop.guest.wait_path("/dev/sda", false).unwrap(), "{name}: the stick did not go");
+    session.disconnect();
     let _ = redirect.finish();
     figures
-}
-
-/// A new connection file for the VM (a fresh ticket), through `link` when one is given.
-fn mint(control: &Path, link: Option<&Link>) -> Connection {
-    let response = request(control, &Request::ConnectionFile, Duration::from_secs(30)).unwrap();
-    let connection = Connection::from_toml(response.result.unwrap()["toml"].as_str().unwrap()).unwrap();
-    match link {
-        Some(link) => Connection {
-            host: link.client_addr().ip().to_string(),
-            port: link.client_addr().port(),
-            ..connection
-        },
-        None => connection,
-    }
 }

@@ -20,6 +20,9 @@ use pleiades_client::usb::{Completion, DeviceInfo, UsbDevice};
 use pleiades_protocol::connfile::Connection;
 use pleiades_protocol::usbip::CmdSubmit;
 use pleiades_testkit::wait_for;
+
+#[path = "support/client.rs"]
+mod client;
 use pleiades_tests::disk::{ext4_raw, ext4_read};
 use pleiades_tests::served::ServedDesktop;
 use pleiades_tests::workspace_binary;
@@ -35,17 +38,9 @@ fn usb_status(desktop: &ServedDesktop) -> serde_json::Value {
     desktop.status()["agent"]["usb"].clone()
 }
 
-/// Waits until the guest has a block device `dev` (or, with `present == false`, until it is gone).
+/// Waits until the guest has `dev` (or, with `present == false`, until it is gone).
 fn wait_block(desktop: &mut ServedDesktop, dev: &str, present: bool) {
-    let test = if present { format!("[ -b {dev} ]") } else { format!("[ ! -e {dev} ]") };
-    let (status, out) = desktop
-        .guest
-        .run_status(
-            &format!("i=0; until {test} || [ $i -gt 240 ]; do i=$((i+1)); sleep 0.5; done; {test}"),
-            SHELL,
-        )
-        .unwrap();
-    assert_eq!(status, 0, "{dev} present={present} never came: {out:?}");
+    assert!(desktop.guest.wait_path(dev, present).unwrap(), "{dev} present={present} never came");
 }
 
 /// A stick whose ids the pool's policy does not list.
@@ -135,20 +130,8 @@ fn a_client_usb_stick_is_mounted_read_written_refused_and_unplugged_in_the_guest
     ext4_raw(&other, 8, &[("x", b"x")]).unwrap();
     let connection =
         Connection::from_toml(&std::fs::read_to_string(desktop.mint("second.pleiades")).unwrap()).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let handle = rt.block_on(async {
-        let connected = pleiades_client::connect::connect(&connection).await.expect("connects");
-        let mut session = pleiades_client::session::Session::start(
-            connected,
-            &connection.ticket,
-            pleiades_client::session::SessionOptions::default(),
-        )
-        .await
-        .expect("session");
-        let handle = session.handle.clone();
-        tokio::spawn(async move { while session.next_event().await.is_some() {} });
-        handle
-    });
+    let session = client::LibrarySession::start(&connection);
+    let handle = session.handle.clone();
     let devices: Vec<Box<dyn UsbDevice>> = vec![
         Box::new(EmulatedDisk::open(&stick, false).unwrap()),
         Box::new(OtherVendor(EmulatedDisk::open(&other, false).unwrap())),
@@ -200,7 +183,7 @@ fn a_client_usb_stick_is_mounted_read_written_refused_and_unplugged_in_the_guest
     assert_eq!(desktop.status()["agent"]["connected"], true);
     assert!(!handle.is_closed(), "the session ended with the device");
     assert_eq!(usb_status(&desktop)["devices"].as_array().map(Vec::len), Some(0), "{:#}", desktop.status());
-    rt.block_on(handle.disconnect("done"));
+    session.disconnect();
     let (_, devices) = redirect.finish();
     assert_eq!(devices.len(), 2, "the devices come back");
     check_image(&stick);

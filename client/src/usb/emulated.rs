@@ -415,20 +415,7 @@ mod tests {
             data: Vec<u8>,
         ) -> (i32, Vec<u8>, u32) {
             self.seqnum += 1;
-            let submit = Pdu::Submit(CmdSubmit {
-                seqnum: self.seqnum,
-                devid: 1,
-                direction,
-                ep,
-                transfer_flags: 0,
-                transfer_buffer_length: length,
-                start_frame: 0,
-                number_of_packets: 0,
-                interval: 0,
-                setup,
-                data,
-                iso: Vec::new(),
-            });
+            let submit = Pdu::Submit(CmdSubmit::new(self.seqnum, 1, ep, direction, length, setup, data));
             let Pdu::Submit(urb) = self.link.from_guest(&submit.encode()).unwrap().remove(0) else {
                 unreachable!()
             };

@@ -84,16 +84,7 @@ impl Completion {
         } else {
             self.actual_length.min(urb.transfer_buffer_length)
         };
-        RetSubmit {
-            seqnum: urb.seqnum,
-            status: self.status,
-            actual_length,
-            start_frame: 0,
-            number_of_packets: 0,
-            error_count: 0,
-            data,
-            iso: Vec::new(),
-        }
+        RetSubmit::new(urb.seqnum, self.status, actual_length, data)
     }
 }
 

@@ -1167,21 +1167,8 @@ mod tests {
 
         // A stream with another token is closed; the one with the attach's token is the device's,
         // and the guest kernel's first URB on it reaches the client.
-        let get_descriptor = Pdu::Submit(CmdSubmit {
-            seqnum: 1,
-            devid: 7,
-            direction: Direction::In,
-            ep: 0,
-            transfer_flags: 0,
-            transfer_buffer_length: 18,
-            start_frame: 0,
-            number_of_packets: 0,
-            interval: 0,
-            setup: [0x80, 6, 0, 1, 0, 0, 18, 0],
-            data: vec![],
-            iso: vec![],
-        })
-        .encode();
+        let setup = [0x80, 6, 0, 1, 0, 0, 18, 0];
+        let get_descriptor = Pdu::Submit(CmdSubmit::new(1, 7, 0, Direction::In, 18, setup, vec![])).encode();
         let usb = |op, port, len| Header { dst_port: USB_PORT, ..header(op, port, len) };
         let mut stream = token.to_le_bytes().to_vec();
         stream.extend(&get_descriptor);
@@ -1210,17 +1197,7 @@ mod tests {
         assert_eq!(*to_client.lock().unwrap(), want);
 
         // The device's answer reaches the guest's stream, re-encoded; then the client unplugs it.
-        let answer = Pdu::Ret(RetSubmit {
-            seqnum: 1,
-            status: 0,
-            actual_length: 18,
-            start_frame: 0,
-            number_of_packets: 0,
-            error_count: 0,
-            data: vec![0x12; 18],
-            iso: vec![],
-        })
-        .encode();
+        let answer = Pdu::Ret(RetSubmit::new(1, 0, 18, vec![0x12; 18])).encode();
         agent.client_sent(1, UsbMessage::Data { id: 7, bytes: answer.clone() });
         agent.client_sent(1, UsbMessage::Detach { id: 7 });
         wait(&agent, "the unplug", |s| s.usb.devices.is_empty());
