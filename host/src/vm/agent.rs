@@ -1063,28 +1063,51 @@ mod tests {
         assert_eq!(agent.status().clipboard.denied_to_guest, 0);
     }
 
+    /// The agent thread on a vsock device whose guest agent (port 5000) said hello, with
+    /// session 1's client attached to relay `M`: what the relay sends it lands in `to_client`.
+    struct Rig<M> {
+        mem: GuestMemory,
+        device: Vsock,
+        agent: Agent,
+        queues: Vec<Queue>,
+        rx: QueueRings,
+        to_client: Arc<Mutex<Vec<M>>>,
+    }
+
+    impl<M: Send + 'static> Rig<M>
+    where
+        Agent: RelayPort<M>,
+    {
+        /// `policy` sets the relay's policy before anything happens.
+        fn new(policy: impl FnOnce(&Agent)) -> Self {
+            let mem = memory();
+            let (mut device, handle) = Vsock::new(GUEST_CID, Default::default()).unwrap();
+            let agent = Agent::start(handle).unwrap();
+            policy(&agent);
+            let to_client = Arc::new(Mutex::new(Vec::new()));
+            let sink = to_client.clone();
+            RelayPort::<M>::attach(&agent, 1, Box::new(move |m| sink.lock().unwrap().push(m)));
+            let mut queues =
+                vec![vsock_rx_queue(&mem, 0, 16, 4096), Queue::new(64).unwrap(), Queue::new(64).unwrap()];
+            let rx = QueueRings::of(&queues[RXQ]);
+            let bytes = AgentLink::new("1.0").unwrap().take_output();
+            queues[TXQ] = tx_queue(
+                &mem,
+                0x8000,
+                0x2_0000,
+                &[(header(Op::Request, 5000, 0), vec![]), (header(Op::Rw, 5000, bytes.len() as u32), bytes)],
+            );
+            device.process_queue(TXQ, &mut queues[TXQ], &mem).unwrap();
+            wait(&agent, "the agent's hello", |s| s.connected);
+            Self { mem, device, agent, queues, rx, to_client }
+        }
+    }
+
     #[test]
     fn files_reach_the_guest_only_as_the_policy_allows_and_within_the_window() {
         use pleiades_protocol::wire::{AgentMessage, FileData, FileOffer, FileRefuseReason, MAX_FILE_CHUNK};
-        let mem = memory();
-        let (mut device, handle) = Vsock::new(GUEST_CID, Default::default()).unwrap();
-        let agent = Agent::start(handle).unwrap();
-        agent.set_file_transfer(false);
-        let to_client = Arc::new(Mutex::new(Vec::new()));
-        let sink = to_client.clone();
-        RelayPort::<FileMessage>::attach(&agent, 1, Box::new(move |m| sink.lock().unwrap().push(m)));
-        let mut queues =
-            vec![vsock_rx_queue(&mem, 0, 16, 4096), Queue::new(64).unwrap(), Queue::new(64).unwrap()];
-        let rx = QueueRings::of(&queues[RXQ]);
-        let bytes = AgentLink::new("1.0").unwrap().take_output();
-        queues[TXQ] = tx_queue(
-            &mem,
-            0x8000,
-            0x2_0000,
-            &[(header(Op::Request, 5000, 0), vec![]), (header(Op::Rw, 5000, bytes.len() as u32), bytes)],
-        );
-        device.process_queue(TXQ, &mut queues[TXQ], &mem).unwrap();
-        wait(&agent, "the agent's hello", |s| s.connected);
+        let Rig { mem, mut device, agent, mut queues, rx, to_client } =
+            Rig::<FileMessage>::new(|agent| agent.set_file_transfer(false));
 
         // The pool allows no files: the offer is refused here and counted.
         let offer =
@@ -1126,25 +1149,8 @@ mod tests {
         use pleiades_protocol::wire::{
             AgentMessage, UsbDetachReason, UsbDeviceInfo, UsbRefuseReason, UsbSpeed,
         };
-        let mem = memory();
-        let (mut device, handle) = Vsock::new(GUEST_CID, Default::default()).unwrap();
-        let agent = Agent::start(handle).unwrap();
-        agent.set_usb_policy(UsbPolicy::parse("class=08").unwrap());
-        let to_client = Arc::new(Mutex::new(Vec::new()));
-        let sink = to_client.clone();
-        RelayPort::<UsbMessage>::attach(&agent, 1, Box::new(move |m| sink.lock().unwrap().push(m)));
-        let mut queues =
-            vec![vsock_rx_queue(&mem, 0, 16, 4096), Queue::new(64).unwrap(), Queue::new(64).unwrap()];
-        let rx = QueueRings::of(&queues[RXQ]);
-        let bytes = AgentLink::new("1.0").unwrap().take_output();
-        queues[TXQ] = tx_queue(
-            &mem,
-            0x8000,
-            0x2_0000,
-            &[(header(Op::Request, 5000, 0), vec![]), (header(Op::Rw, 5000, bytes.len() as u32), bytes)],
-        );
-        device.process_queue(TXQ, &mut queues[TXQ], &mem).unwrap();
-        wait(&agent, "the agent's hello", |s| s.connected);
+        let Rig { mem, mut device, agent, mut queues, rx, to_client } =
+            Rig::<UsbMessage>::new(|agent| agent.set_usb_policy(UsbPolicy::parse("class=08").unwrap()));
 
         // A hub is not mass storage: refused here. The stick goes to the agent with a token.
         let stick = UsbDeviceInfo {
