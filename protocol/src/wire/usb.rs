@@ -268,10 +268,8 @@ impl ChannelMessage for UsbMessage {
                     return Err("device name too long or with control characters");
                 }
             }
-            UsbMessage::Data { bytes, .. } => {
-                if bytes.is_empty() || bytes.len() > MAX_USB_CHUNK {
-                    return Err("USB data chunk empty or over the limit");
-                }
+            UsbMessage::Data { bytes, .. } if bytes.is_empty() || bytes.len() > MAX_USB_CHUNK => {
+                return Err("USB data chunk empty or over the limit");
             }
             _ => {}
         }
