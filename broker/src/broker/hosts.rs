@@ -563,6 +563,8 @@ impl Broker {
                 lock_on_disconnect,
                 clipboard,
                 file_transfer,
+                // No USB device until pools have a policy.
+                usb: None,
             });
         }
         tx.commit().await?;
