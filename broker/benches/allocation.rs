@@ -348,6 +348,7 @@ fn spec(name: &str, max: usize, spares: usize) -> PoolSpec {
         clipboard_to_guest: true,
         clipboard_from_guest: true,
         file_transfer: true,
+        usb: "none".into(),
     }
 }
 

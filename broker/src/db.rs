@@ -28,6 +28,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (12, include_str!("../migrations/0012_pool_lock_on_disconnect.sql")),
     (13, include_str!("../migrations/0013_pool_clipboard.sql")),
     (14, include_str!("../migrations/0014_pool_file_transfer.sql")),
+    (15, include_str!("../migrations/0015_pool_usb.sql")),
 ];
 
 /// A handle to the broker's database (cheap to clone).

@@ -180,6 +180,12 @@ struct PoolArgs {
     /// enforced by the host).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     file_transfer: bool,
+    /// Which of the client's USB devices may be redirected into the desktops (enforced by the
+    /// host): `none` (no device), `all`, or a comma-separated list of `class=HH` (a USB class in
+    /// hex; every class of a device must be listed) and `VVVV:PPPP` (a vendor and product id in
+    /// hex), e.g. `class=03,class=0b,0525:a4a5`.
+    #[arg(long, value_name = "POLICY", default_value = "none")]
+    usb: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -399,6 +405,7 @@ async fn run(mut config: Config, command: Cmd) -> Result<()> {
                 clipboard_to_guest: a.clipboard_to_guest,
                 clipboard_from_guest: a.clipboard_from_guest,
                 file_transfer: a.file_transfer,
+                usb: a.usb,
             };
             let pool = open(&config).await?.create_pool(&system, &spec).await?;
             println!("pool {} created ({})", pool.name, pool.id);
@@ -431,7 +438,7 @@ async fn run(mut config: Config, command: Cmd) -> Result<()> {
                     (true, false) => format!("nat, host ports {}", p.network.ports_text()),
                 };
                 println!(
-                    "{}\t{}\tmin {} max {} spares {}\t{network}\tclipboard {}\tfile transfer {}\t{}",
+                    "{}\t{}\tmin {} max {} spares {}\t{network}\tclipboard {}\tfile transfer {}\tusb {}\t{}",
                     p.name,
                     p.kind.as_str(),
                     p.min_size,
@@ -439,6 +446,7 @@ async fn run(mut config: Config, command: Cmd) -> Result<()> {
                     p.spares,
                     p.clipboard_text(),
                     p.file_transfer_text(),
+                    p.usb,
                     if p.enabled { "enabled" } else { "disabled" }
                 );
             }

@@ -7,6 +7,7 @@ use crate::db::{get_i64, get_opt_i64, get_opt_str, get_str};
 use crate::error::{Error, Result};
 use pleiades_protocol::clipboard::ClipboardPolicy;
 use pleiades_protocol::hostapi::GuestReport;
+use pleiades_protocol::usb::UsbPolicy;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct User {
@@ -141,6 +142,9 @@ pub struct Pool {
     /// The client may send files into the desktops (data loss prevention: the host refuses
     /// them when off).
     pub file_transfer: bool,
+    /// Which of the client's USB devices the desktops take (the host refuses the others):
+    /// `none`, `all`, or `class=HH` and `VVVV:PPPP` rules, as [`UsbPolicy`] writes them.
+    pub usb: String,
 }
 
 impl Pool {
@@ -162,6 +166,7 @@ impl Pool {
             clipboard_to_guest: get_i64(r, "clipboard_to_guest")? != 0,
             clipboard_from_guest: get_i64(r, "clipboard_from_guest")? != 0,
             file_transfer: get_i64(r, "file_transfer")? != 0,
+            usb: get_str(r, "usb")?,
         })
     }
 
@@ -326,6 +331,17 @@ pub struct PoolSpec {
     /// host refuses every file the client offers (a data loss prevention control).
     #[serde(default = "yes")]
     pub file_transfer: bool,
+    /// Which of the client's USB devices may be redirected into the desktops, as
+    /// [`UsbPolicy::parse`] reads it: `none` (the default: no device), `all`, or a
+    /// comma-separated list of `class=HH` (a USB class in hex; every class of a device must be
+    /// listed) and `VVVV:PPPP` (a vendor and product id in hex). Stored as [`UsbPolicy`]
+    /// writes it; the host enforces it.
+    #[serde(default = "usb_none")]
+    pub usb: String,
+}
+
+fn usb_none() -> String {
+    UsbPolicy::NONE.to_string()
 }
 
 fn default_idle() -> i64 {
@@ -336,6 +352,19 @@ fn default_disconnect() -> i64 {
 }
 
 impl PoolSpec {
+    /// At most this many rules in a pool's USB policy (classes and devices together).
+    pub const MAX_USB_RULES: usize = 64;
+
+    /// The pool's USB policy, read as the host will read it; a policy it cannot read, or one
+    /// over [`Self::MAX_USB_RULES`], is refused with the reason.
+    pub fn usb_policy(&self) -> Result<UsbPolicy> {
+        let policy = UsbPolicy::parse(&self.usb).map_err(|e| Error::Invalid(format!("USB policy: {e}")))?;
+        if policy.classes.len() + policy.devices.len() > Self::MAX_USB_RULES {
+            return Err(Error::Invalid(format!("USB policy: at most {} rules", Self::MAX_USB_RULES)));
+        }
+        Ok(policy)
+    }
+
     pub fn validate(&self) -> Result<()> {
         if !valid_name(&self.name) {
             return Err(Error::Invalid("pool name: 1-64 letters, digits, '-', '_', '.'".into()));
@@ -351,6 +380,7 @@ impl PoolSpec {
         if self.idle_timeout_secs < 0 || self.disconnect_timeout_secs < 0 {
             return Err(Error::Invalid("timeouts must not be negative".into()));
         }
+        self.usb_policy()?;
         self.network.validate()
     }
 }

@@ -30,6 +30,7 @@ on_both_databases!(
     an_answer_sent_twice_counts_once,
     clipboard_policy_reaches_the_host_and_denials_are_audited,
     file_transfer_policy_reaches_the_host_and_denials_are_audited,
+    usb_policy_reaches_the_host_and_attaches_and_denials_are_audited,
 );
 
 async fn floating(backend: Backend) {
@@ -61,6 +62,11 @@ async fn floating(backend: Backend) {
         host.file_transfer.get(&d.id),
         Some(&serde_json::json!(true)),
         "pools let the client send files by default"
+    );
+    assert_eq!(
+        host.usb.get(&d.id),
+        Some(&serde_json::json!("none")),
+        "pools let no USB device in by default, and say so"
     );
 
     // A ticket that the host verifies once, bound to user, desktop and host.
@@ -275,6 +281,7 @@ async fn spec(env: &Env, pool: &str, max: i64, spares: i64) -> pleiades_broker::
         clipboard_to_guest: p.clipboard_to_guest,
         clipboard_from_guest: p.clipboard_from_guest,
         file_transfer: p.file_transfer,
+        usb: p.usb,
     }
 }
 
@@ -1028,4 +1035,127 @@ async fn file_transfer_policy_reaches_the_host_and_denials_are_audited(backend: 
     // Clipboard denials are a different matter: none were reported, none audited.
     let audit = env.broker.list_audit(&root, 100).await.unwrap();
     assert!(!audit.iter().any(|e| e.action == "clipboard.denied"), "{audit:?}");
+}
+
+async fn usb_policy_reaches_the_host_and_attaches_and_denials_are_audited(backend: Backend) {
+    let env = Env::new(backend).await;
+    env.image("debian", 1024).await;
+    let mut host = HostDouble::register(&env, "host-a", 8192, &["debian"]).await;
+    let (_, alice) = env.user("alice").await;
+    let (_, root) = env.admin("root").await;
+    let pool = env.pool("lab", PoolKind::Persistent, "debian", 3, 0).await;
+    env.entitle_user(&pool, "alice").await;
+    let d = env.broker.request_desktop(&alice, &pool).await.unwrap();
+    host.settle().await;
+    assert_eq!(
+        host.usb.get(&d.id),
+        Some(&serde_json::json!("none")),
+        "the start command carries the pool's policy: no device"
+    );
+
+    // Keyboards, mice and sticks, and one smart-card reader by its ids: stored as the policy
+    // writes itself, and the desktop's next boot is told so.
+    let lab = pleiades_broker::model::PoolSpec {
+        usb: " class=03, class=08,076B:3021 ".into(),
+        ..spec(&env, &pool, 3, 0).await
+    };
+    let updated = env.broker.update_pool(&root, &pool, &lab, true).await.unwrap();
+    assert_eq!(updated.usb, "class=03,class=08,076b:3021");
+    let stored: (String,) = sqlx::query_as("SELECT usb FROM pools WHERE id = $1")
+        .bind(&pool)
+        .fetch_one(&env.broker.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored.0, "class=03,class=08,076b:3021");
+    // A policy that does not parse is refused with the reason, and changes nothing.
+    let bad = pleiades_broker::model::PoolSpec { usb: "class=03,sticks".into(), ..lab.clone() };
+    match env.broker.update_pool(&root, &pool, &bad, true).await {
+        Err(Error::Invalid(reason)) => {
+            assert!(reason.contains("USB policy") && reason.contains("sticks"), "{reason}")
+        }
+        other => panic!("a bad USB policy: {other:?}"),
+    }
+    assert_eq!(env.broker.pool(&pool).await.unwrap().usb, "class=03,class=08,076b:3021");
+    env.broker.restart(&alice, &d.id).await.unwrap();
+    host.settle().await;
+    assert_eq!(
+        host.usb.get(&d.id),
+        Some(&serde_json::json!("class=03,class=08,076b:3021")),
+        "the restart command carries the pool's new policy"
+    );
+
+    // The host's running totals of attached and refused devices: each heartbeat's news is
+    // audited once per kind, a total that drops is a new VM process.
+    let usb_audit = |audit: &[pleiades_broker::model::AuditEntry]| -> Vec<(String, String, String, String)> {
+        let mut found: Vec<_> = audit
+            .iter()
+            .filter(|e| e.action.starts_with("usb."))
+            .map(|e| (e.actor.clone(), e.action.clone(), e.target.clone(), e.detail.clone()))
+            .collect();
+        found.reverse(); // oldest first
+        found
+    };
+    let event = |action: &str, n: u32| {
+        let noun = if n == 1 { "USB device" } else { "USB devices" };
+        let what =
+            if action == "usb.attached" { "attached in the desktop" } else { "refused by the pool's policy" };
+        ("host-a".to_owned(), action.to_owned(), d.name.clone(), format!("{n} {noun} from the client {what}"))
+    };
+    let audited = |env: &Env| {
+        let query =
+            sqlx::query_as::<_, (i64, i64)>("SELECT usb_attached, usb_denied FROM desktops WHERE id = $1")
+                .bind(d.id.clone());
+        let pool = env.broker.db.pool.clone();
+        async move { query.fetch_one(&pool).await.unwrap() }
+    };
+    let mut expected = Vec::new();
+    for ((attached, denied), new) in [
+        ((0, 0), vec![]),
+        ((1, 0), vec![event("usb.attached", 1)]),
+        ((1, 0), vec![]),
+        ((1, 2), vec![event("usb.denied", 2)]),
+        ((3, 3), vec![event("usb.attached", 2), event("usb.denied", 1)]),
+        ((3, 3), vec![]),
+        // The VM process restarted on its own: its counters began again.
+        ((1, 0), vec![event("usb.attached", 1)]),
+        ((1, 0), vec![]),
+    ] {
+        host.vms.get_mut(&d.id).unwrap().usb = Some((attached, denied));
+        host.tick().await;
+        expected.extend(new);
+        assert_eq!(
+            usb_audit(&env.broker.list_audit(&root, 100).await.unwrap()),
+            expected,
+            "after {attached} attached, {denied} denied"
+        );
+        assert_eq!(
+            audited(&env).await,
+            (attached as i64, denied as i64),
+            "the desktop row keeps the audited totals"
+        );
+    }
+    // A report without USB counts (a host that predates them) audits nothing and keeps them.
+    host.vms.get_mut(&d.id).unwrap().usb = None;
+    host.tick().await;
+    assert_eq!(usb_audit(&env.broker.list_audit(&root, 100).await.unwrap()), expected);
+    assert_eq!(audited(&env).await, (1, 0));
+    // A restart the broker commands starts the counts again too: all of the new process's are new.
+    host.vms.get_mut(&d.id).unwrap().usb = Some((1, 0));
+    env.broker.restart(&alice, &d.id).await.unwrap();
+    host.settle().await;
+    assert_eq!(host.vms[&d.id].usb, Some((0, 0)));
+    assert_eq!(audited(&env).await, (0, 0), "reset when the boot is acknowledged");
+    host.vms.get_mut(&d.id).unwrap().usb = Some((1, 1));
+    host.tick().await;
+    expected.extend([event("usb.attached", 1), event("usb.denied", 1)]);
+    assert_eq!(usb_audit(&env.broker.list_audit(&root, 100).await.unwrap()), expected);
+    // Clipboard and file denials are other matters: none were reported, none audited.
+    let audit = env.broker.list_audit(&root, 100).await.unwrap();
+    assert!(!audit.iter().any(|e| e.action == "clipboard.denied" || e.action == "files.denied"), "{audit:?}");
+    assert!(
+        audit
+            .iter()
+            .any(|e| e.action == "pool.update" && e.detail.contains("usb=class=03,class=08,076b:3021")),
+        "{audit:?}"
+    );
 }

@@ -173,6 +173,9 @@ async fn scenario() {
         .find(|r| r.starts_with("Design studio"))
         .unwrap_or_else(|| panic!("the pool list shows the pool: {}", result["pool_rows"]));
     assert!(row.contains("client → desktop only off"), "clipboard, then file transfer: {row}");
+    assert!(row.contains("off class=03,0525:a4a5"), "file transfer, then USB: {row}");
+    assert_eq!(design.usb, "class=03,0525:a4a5", "the form's USB policy, as the policy writes itself");
+    assert_eq!(result["form_usb"], "class=03,0525:a4a5", "the pool's page shows the policy as stored");
     let stored: (i64,) = sqlx::query_as("SELECT file_transfer FROM pools WHERE name = 'design'")
         .fetch_one(&env.broker.db.pool)
         .await

@@ -364,6 +364,178 @@ async fn pool_file_transfer_switch_round_trips_through_the_api_and_the_admin_for
     );
 }
 
+/// The pool's USB policy through the JSON API (create, update, list, the OpenAPI document; a
+/// policy that does not parse refused with the reason), the admin form (a text field, saved as
+/// the policy writes itself) and the admin's list of pools.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_usb_policy_round_trips_through_the_api_and_the_admin_form() {
+    let env = Env::new(Backend::Sqlite).await;
+    env.image("debian", 1024).await;
+    env.admin("root").await;
+    let token = env.api_login("root").await;
+    let doc: Value =
+        env.http.get(env.url("/api/v1/openapi.json")).send().await.unwrap().json().await.unwrap();
+    let documented = &doc["components"]["schemas"]["PoolSpec"]["properties"]["usb"];
+    assert_eq!(
+        (&documented["type"], &documented["default"]),
+        (&"string".into(), &"none".into()),
+        "{documented}"
+    );
+    let create = |body: Value| {
+        let request = env.http.post(env.url("/api/v1/admin/pools")).bearer_auth(&token).json(&body);
+        async move {
+            let res = request.send().await.unwrap();
+            (res.status().as_u16(), res.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, closed) =
+        create(serde_json::json!({ "name": "closed", "kind": "floating", "image": "debian", "max_size": 2 }))
+            .await;
+    assert_eq!((status, &closed["usb"]), (201, &"none".into()), "no device by default: {closed}");
+    let (status, lab) = create(serde_json::json!({
+        "name": "lab", "kind": "floating", "image": "debian", "max_size": 2, "usb": "class=0B, 0525:A4A5"
+    }))
+    .await;
+    assert_eq!(
+        (status, &lab["usb"]),
+        (201, &"class=0b,0525:a4a5".into()),
+        "as the policy writes itself: {lab}"
+    );
+    assert_eq!(lab["file_transfer"], true, "files are another switch");
+    for (bad, says) in [
+        ("usb-sticks", "is not a USB rule"),
+        ("class=8", "two hex digits"),
+        ("0525:a4a", "VVVV:PPPP"),
+        ("all,class=08", "is not a USB rule"),
+    ] {
+        let (status, body) = create(serde_json::json!({
+            "name": "bad", "kind": "floating", "image": "debian", "max_size": 2, "usb": bad
+        }))
+        .await;
+        let error = body["error"].as_str().unwrap_or_default();
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert!(error.contains("USB policy") && error.contains(says), "{bad}: {error}");
+    }
+    let many = (0..65).map(|c| format!("class={c:02x}")).collect::<Vec<_>>().join(",");
+    let (status, body) =
+        create(serde_json::json!({ "name": "bad", "kind": "floating", "image": "debian", "max_size": 2, "usb": many }))
+            .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"].as_str().unwrap_or_default().contains("at most 64 rules"), "{body}");
+    assert!(env.broker.pool_by_name("bad").await.is_err(), "no pool made from a bad policy");
+    let id = closed["id"].as_str().unwrap().to_owned();
+    let update = |usb: &str| {
+        let request = env.http.put(env.url(&format!("/api/v1/admin/pools/{id}"))).bearer_auth(&token).json(
+            &serde_json::json!({
+                "name": "closed", "kind": "floating", "image": "debian", "max_size": 2, "usb": usb
+            }),
+        );
+        async move {
+            let res = request.send().await.unwrap();
+            (res.status().as_u16(), res.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, body) = update("all").await;
+    assert_eq!((status, &body["usb"]), (200, &"all".into()), "{body}");
+    assert_eq!(env.broker.pool(&id).await.unwrap().usb, "all");
+    let (status, body) = update("class=03;class=08").await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(env.broker.pool(&id).await.unwrap().usb, "all", "a refused update changes nothing");
+    assert_eq!(update("none").await.1["usb"], "none");
+    let listed: Value = env
+        .http
+        .get(env.url("/api/v1/admin/pools"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let listed: Vec<(String, String)> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["name"].as_str().unwrap().to_owned(), p["usb"].as_str().unwrap().to_owned()))
+        .collect();
+    assert_eq!(
+        listed,
+        vec![("closed".to_owned(), "none".to_owned()), ("lab".to_owned(), "class=0b,0525:a4a5".to_owned())]
+    );
+
+    // The form shows the policy as stored, and saves what it is sent back.
+    let root = browser_login(&env, "root").await;
+    let page = |path: String| {
+        let request = env.http.get(env.url(&path)).header("cookie", &root.cookie);
+        async move { request.send().await.unwrap().text().await.unwrap() }
+    };
+    let lab_id = lab["id"].as_str().unwrap();
+    let form = page(format!("/admin/pools/{lab_id}")).await;
+    assert!(form.contains("USB devices allowed into the desktop"), "{form}");
+    assert!(form.contains(r#"name="usb" value="class=0b,0525:a4a5""#), "{form}");
+    assert!(form.contains("class=HH") && form.contains("VVVV:PPPP"), "the help says how: {form}");
+    let form = page("/admin/pools".into()).await;
+    assert!(form.contains(r#"name="usb" value="none""#), "a new pool's form starts at none: {form}");
+    assert!(
+        form.contains(r#"<th scope="col">USB</th>"#) && form.contains("<td>class=0b,0525:a4a5</td>"),
+        "{form}"
+    );
+    let post = |path: String, fields: Vec<(&'static str, &'static str)>| {
+        let mut form: Vec<(&str, String)> = fields.into_iter().map(|(k, v)| (k, v.to_owned())).collect();
+        form.push(("csrf", root.csrf.clone()));
+        let request = env.http.post(env.url(&path)).header("cookie", &root.cookie).form(&form);
+        async move {
+            let res = request.send().await.unwrap();
+            (res.status().as_u16(), res.text().await.unwrap())
+        }
+    };
+    let (saved, _) = post(
+        format!("/admin/pools/{id}"),
+        vec![("max_size", "2"), ("enabled", "1"), ("usb", " class=03 ,076B:3021")],
+    )
+    .await;
+    assert_eq!(saved, 303);
+    assert_eq!(env.broker.pool(&id).await.unwrap().usb, "class=03,076b:3021");
+    // A policy the form cannot save: a readable page that says why, nothing changed.
+    let (refused, body) =
+        post(format!("/admin/pools/{id}"), vec![("max_size", "2"), ("enabled", "1"), ("usb", "keyboards")])
+            .await;
+    assert_eq!(refused, 400);
+    assert!(body.contains("USB policy") && body.contains("is not a USB rule"), "{body}");
+    assert_eq!(env.broker.pool(&id).await.unwrap().usb, "class=03,076b:3021");
+    // Emptied: no device.
+    let (saved, _) =
+        post(format!("/admin/pools/{id}"), vec![("max_size", "2"), ("enabled", "1"), ("usb", "")]).await;
+    assert_eq!(saved, 303);
+    assert_eq!(env.broker.pool(&id).await.unwrap().usb, "none");
+    let (made, _) = post(
+        "/admin/pools".into(),
+        vec![
+            ("name", "kiosk"),
+            ("kind", "persistent"),
+            ("image", "debian"),
+            ("max_size", "1"),
+            ("usb", "all"),
+        ],
+    )
+    .await;
+    assert_eq!(made, 303);
+    assert_eq!(env.broker.pool_by_name("kiosk").await.unwrap().usb, "all");
+    let audit = env.broker.list_audit(&common::system(), 100).await.unwrap();
+    assert!(
+        audit.iter().any(|e| e.action == "pool.update"
+            && e.target == "closed"
+            && e.detail.contains("usb=class=03,076b:3021")),
+        "{audit:?}"
+    );
+    assert!(
+        audit.iter().any(|e| e.action == "pool.create"
+            && e.target == "lab"
+            && e.detail.contains("usb=class=0b,0525:a4a5")),
+        "{audit:?}"
+    );
+}
+
 #[test]
 fn cli_administers_the_same_database() {
     let dir = tempfile::tempdir().unwrap();
@@ -411,6 +583,8 @@ fn cli_administers_the_same_database() {
         "false",
         "--file-transfer",
         "false",
+        "--usb",
+        "class=08, 0525:A4A5",
     ]);
     run(&["pool", "entitle", "office", "--group", "engineering"]);
     let token = run(&["host", "token", "create", "--name", "rack1-host1", "--description", "rack 1"]);
@@ -421,9 +595,24 @@ fn cli_administers_the_same_database() {
     assert!(
         pools.contains("office\tpersistent")
             && pools.contains("clipboard client → desktop only")
-            && pools.contains("file transfer off"),
+            && pools.contains("file transfer off")
+            && pools.contains("\tusb class=08,0525:a4a5\t"),
         "{pools}"
     );
+    // A policy that does not parse is refused with the reason; no pool is made.
+    let refused = Command::new(env!("CARGO_BIN_EXE_pleiades-broker"))
+        .arg("--db")
+        .arg(&db)
+        .args(["pool", "create", "lab", "--image", "debian", "--max", "2", "--usb", "class=8"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("USB policy") && stderr.contains("class=08"),
+        "{stderr}"
+    );
+    assert!(!run(&["pool", "list"]).contains("lab\t"));
     let key = run(&["ticket-key"]);
     assert!(pleiades_protocol::ticket::PublicKey::from_base64(key.trim()).is_ok());
     let audit = run(&["audit"]);

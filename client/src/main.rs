@@ -11,6 +11,9 @@ use pleiades_client::audio::{Audio, AudioOptions};
 use pleiades_client::clipboard::ClipboardBridge;
 use pleiades_client::recorder::{self, RecordOptions};
 use pleiades_client::session::{Session, SessionOptions};
+use pleiades_client::usb::UsbDevice;
+use pleiades_client::usb::emulated::EmulatedDisk;
+use pleiades_client::usb::redirect::Redirect;
 use pleiades_client::{connect, script};
 use pleiades_protocol::handshake::Capabilities;
 
@@ -78,6 +81,11 @@ enum Cmd {
         /// dropped on the window go too). Headless: use `pleiades send`.
         #[arg(long, value_name = "FILE")]
         send: Vec<PathBuf>,
+        /// Redirect an emulated USB stick backed by this file (a disk image; its size rounded
+        /// down to 512-byte blocks) into the desktop, as the desktop's pool allows (repeat for
+        /// more). Handy for demos and machines without USB devices.
+        #[arg(long, value_name = "FILE")]
+        usb_emulated_disk: Vec<PathBuf>,
     },
     /// Send files into the desktop's Downloads (the desktop's user's, through its guest agent).
     /// Resumes after a lost connection; running it again for the same file continues where
@@ -144,6 +152,7 @@ fn main() -> ExitCode {
             play: _,
             mic_device,
             send,
+            usb_emulated_disk,
         } => {
             if record.is_some() || duration.is_some() || input.is_some() || snapshot_every.is_some() {
                 eprintln!("pleiades: --record, --duration, --input and --snapshot-every need --headless");
@@ -161,7 +170,8 @@ fn main() -> ExitCode {
                         pleiades_client::files::OutgoingFile::prepare(path).map_err(anyhow::Error::msg)?,
                     );
                 }
-                pleiades_client::window::run(connection, options, audio, files)
+                let usb = emulated_disks(&usb_emulated_disk)?;
+                pleiades_client::window::run(connection, options, audio, files, usb)
             };
             match run() {
                 Ok(()) => ExitCode::SUCCESS,
@@ -186,6 +196,7 @@ fn main() -> ExitCode {
             play,
             mic_device,
             send,
+            usb_emulated_disk,
             headless: true,
         } => {
             if !send.is_empty() {
@@ -216,6 +227,8 @@ fn main() -> ExitCode {
                 }
                 let audio_json = record.as_ref().map(|dir| dir.join("audio.json"));
                 let clipboard_json = record.as_ref().map(|dir| dir.join("clipboard.json"));
+                let usb_json = record.as_ref().map(|dir| dir.join("usb.json"));
+                let usb_devices = emulated_disks(&usb_emulated_disk)?;
                 let record_options = RecordOptions { dir: record, duration, snapshot_every, script };
                 let runtime = tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(2)
@@ -228,7 +241,15 @@ fn main() -> ExitCode {
                     let session = Session::start(connected, &connection.ticket, options).await?;
                     let audio = Audio::start(&session.handle, audio_options)?;
                     let clipboard = ClipboardBridge::start(&session.handle);
+                    let usb = Redirect::start(&session.handle, usb_devices).ok();
                     let recorded = recorder::record(session, record_options).await;
+                    if let Some(usb) = usb {
+                        let (reports, _) = tokio::task::spawn_blocking(move || usb.finish()).await?;
+                        if let Some(path) = &usb_json {
+                            std::fs::write(path, serde_json::to_string_pretty(&reports)?)
+                                .with_context(|| format!("cannot write {}", path.display()))?;
+                        }
+                    }
                     if let Some(clipboard) = clipboard {
                         let summary = tokio::task::spawn_blocking(move || clipboard.finish()).await?;
                         if let Some(path) = &clipboard_json {
@@ -264,6 +285,19 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// The `--usb-emulated-disk` files as emulated sticks.
+fn emulated_disks(paths: &[PathBuf]) -> anyhow::Result<Vec<Box<dyn UsbDevice>>> {
+    paths
+        .iter()
+        .map(|path| {
+            let disk = EmulatedDisk::open(path, false).with_context(|| {
+                format!("--usb-emulated-disk {}: cannot open it for reading and writing", path.display())
+            })?;
+            Ok(Box::new(disk) as Box<dyn UsbDevice>)
+        })
+        .collect()
 }
 
 fn session_options(

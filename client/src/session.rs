@@ -6,8 +6,10 @@
 //! input uni-stream  ── writer task (the input API's messages, highest priority)
 //! clipboard uni-stream ── writer task, with CLIPBOARD (opened at the first message)
 //! files uni-stream  ── writer task, with FILES (opened at the first message)
-//! server uni-streams── one task each: display (decode, present, FrameAck), cursor, clipboard
-//!                      or files
+//! USB uni-streams   ── with USB: lane 0 (attach, detach) and one per device's data, each
+//!                      opened at its first message by a writer task of its own
+//! server uni-streams── one task each: display (decode, present, FrameAck), cursor, clipboard,
+//!                      files or USB
 //! datagrams         ── cursor positions, latest wins; audio frames to [`crate::audio`]
 //! ```
 //!
@@ -32,7 +34,7 @@ use pleiades_protocol::transport::{self, MAX_DISPLAY_STREAMS, error_code, priori
 use pleiades_protocol::wire::{
     self, AudioPacket, Channel, ChannelMessage, ClipboardMessage, ControlMessage, CursorMessage,
     CursorPosition, CursorShape, Datagram, DisplayMessage, FileMessage, FrameAck, Goodbye, GoodbyeReason,
-    InputMessage, Key, Monitor, PointerAbs, Queued, StreamDecoder, Wheel,
+    InputMessage, Key, Monitor, PointerAbs, Queued, StreamDecoder, UsbMessage, Wheel,
 };
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
@@ -76,7 +78,8 @@ impl Default for SessionOptions {
                 | Capabilities::CLIPBOARD
                 | Capabilities::RESUME
                 | Capabilities::RELATIVE_POINTER
-                | Capabilities::FILES,
+                | Capabilities::FILES
+                | Capabilities::USB,
         }
     }
 }
@@ -135,14 +138,17 @@ struct Shared {
     clipboard: Exchange<ClipboardMessage>,
     /// Files sent into the desktop ([`crate::files`]), with `FILES`.
     files: Exchange<FileMessage>,
+    /// USB devices redirected into the desktop ([`crate::usb`]), with `USB`.
+    usb: Exchange<UsbMessage>,
 }
 
 /// Takes the server's messages of one channel; must not block.
 type Sink<M> = Box<dyn Fn(M) + Send + Sync>;
 
-/// One of the session's channels to the guest agent (the clipboard, files): what the client
-/// sends goes out on a stream of ours, opened by a writer task at the first message; the
-/// server's stream is handed to a sink once someone listens.
+/// One of the session's channels to the guest agent (the clipboard, files, USB): what the
+/// client sends goes out on streams of ours, one per lane ([`Queued::lane`]), each opened by a
+/// writer task at its first message; the server's streams are handed to a sink once someone
+/// listens.
 struct Exchange<M> {
     /// The writer task's queue; `None` without the channel's capability.
     tx: Option<mpsc::UnboundedSender<M>>,
@@ -312,6 +318,7 @@ impl Session {
                 matches!(m, ClipboardMessage::Grab(_))
             });
         let (files, files_rx) = Exchange::new(info.capabilities.contains(Capabilities::FILES), |_| false);
+        let (usb, usb_rx) = Exchange::new(info.capabilities.contains(Capabilities::USB), |_| false);
         let shared = Arc::new(Shared {
             displays: Mutex::new(Displays::new()),
             cursor: Mutex::new(CursorState::default()),
@@ -322,6 +329,7 @@ impl Session {
             audio: Mutex::new(None),
             clipboard,
             files,
+            usb,
         });
         let (input_tx, input_rx) = mpsc::channel(SEND_QUEUE);
         let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
@@ -333,6 +341,9 @@ impl Session {
         }
         if handle.shared.files.tx.is_some() {
             tasks.spawn(exchange_writer(handle.clone(), files_rx, |s| &s.files));
+        }
+        if handle.shared.usb.tx.is_some() {
+            tasks.spawn(exchange_writer(handle.clone(), usb_rx, |s| &s.usb));
         }
         tasks.spawn(control_pump(handle.clone(), send, recv, events_tx.clone()));
         tasks.spawn(input_writer(handle.clone(), input_stream, input_rx));
@@ -383,6 +394,22 @@ impl SessionHandle {
     /// Bytes of file messages waiting for the files stream.
     pub fn files_queued(&self) -> u64 {
         self.shared.files.queued()
+    }
+
+    /// Whether the connection is over (closed by either side, or lost).
+    pub fn is_closed(&self) -> bool {
+        self.connection.close_reason().is_some()
+    }
+
+    /// Hands the server's USB messages to `sink` from now on.
+    pub fn on_usb(&self, sink: impl Fn(UsbMessage) + Send + Sync + 'static) {
+        self.shared.usb.listen(sink);
+    }
+
+    /// Sends a USB message (with `USB`; without it, once the session ended, or when more than
+    /// [`wire::MAX_USB_QUEUE`] bytes wait for the server, it goes nowhere: `false`).
+    pub fn send_usb(&self, message: UsbMessage) -> bool {
+        self.shared.usb.send(message, "USB")
     }
 
     /// Sends a clipboard message (with `CLIPBOARD`; without it, once the session ended, or
@@ -636,9 +663,37 @@ async fn input_writer(
     drop(handle);
 }
 
-/// Writes the messages of one of the agent channels on a stream of their own, opened at the
-/// first one.
-async fn exchange_writer<M: ChannelMessage + Queued>(
+/// Hands the messages of one of the agent channels to a writer task per lane
+/// ([`Queued::lane`]), started at the lane's first message and ended after the message that
+/// ends it ([`Queued::ends_lane`]).
+async fn exchange_writer<M: ChannelMessage + Queued + Send + 'static>(
+    handle: SessionHandle,
+    mut queue: mpsc::UnboundedReceiver<M>,
+    exchange: fn(&Shared) -> &Exchange<M>,
+) {
+    let mut lanes = std::collections::HashMap::new();
+    let mut writers = JoinSet::new();
+    while let Some(message) = queue.recv().await {
+        let lane = message.lane();
+        let ended = message.ends_lane();
+        let writer = lanes.entry(lane).or_insert_with(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            writers.spawn(lane_writer(handle.clone(), rx, exchange));
+            tx
+        });
+        let _ = writer.send(message);
+        if let Some(ended) = ended {
+            // Its writer finishes the stream once it wrote what it has.
+            lanes.remove(&ended);
+        }
+        while writers.try_join_next().is_some() {}
+    }
+    drop(lanes);
+    while writers.join_next().await.is_some() {}
+}
+
+/// Writes one lane's messages on a stream of their own, opened at the first one.
+async fn lane_writer<M: ChannelMessage + Queued>(
     handle: SessionHandle,
     mut queue: mpsc::UnboundedReceiver<M>,
     exchange: fn(&Shared) -> &Exchange<M>,
@@ -748,6 +803,9 @@ async fn server_stream(
         }
         Ok(Channel::Files) if handle.shared.files.tx.is_some() => {
             exchange_stream(handle, recv, events, |s| &s.files).await;
+        }
+        Ok(Channel::Usb) if handle.shared.usb.tx.is_some() => {
+            exchange_stream(handle, recv, events, |s| &s.usb).await;
         }
         other => {
             tracing::warn!(

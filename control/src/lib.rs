@@ -239,11 +239,16 @@ pub trait Controller: Send + Sync {
     fn files(&self) -> Option<Arc<FilePort>> {
         None
     }
+    /// The client's USB devices, if the VM has an agent link to attach them through.
+    fn usb(&self) -> Option<Arc<UsbPort>> {
+        None
+    }
 }
 
-/// The VM process's side of one of a session's agent channels (the clipboard, files): the
+/// The VM process's side of one of a session's agent channels (the clipboard, files, USB): the
 /// relay between the client and the guest, which enforces the pool's policy
-/// ([`pleiades_protocol::clipboard::ClipboardRelay`], [`pleiades_protocol::files::FileRelay`]).
+/// ([`pleiades_protocol::clipboard::ClipboardRelay`], [`pleiades_protocol::files::FileRelay`],
+/// [`pleiades_protocol::usb::UsbRelay`]).
 /// Sessions are named by their id so that a replaced session's late messages and detach do not
 /// touch its successor.
 pub trait RelayPort<M>: Send + Sync {
@@ -260,6 +265,8 @@ pub trait RelayPort<M>: Send + Sync {
 pub type ClipboardPort = dyn RelayPort<ClipboardMessage>;
 /// The files channel's relay.
 pub type FilePort = dyn RelayPort<pleiades_protocol::wire::FileMessage>;
+/// The USB channel's relay.
+pub type UsbPort = dyn RelayPort<pleiades_protocol::wire::UsbMessage>;
 
 /// Errors of the control socket.
 #[derive(Debug, thiserror::Error)]

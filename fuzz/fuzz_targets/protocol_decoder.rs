@@ -11,7 +11,13 @@
 //! the VM process's `FileRelay`: with files forbidden nothing reaches the guest, and what does
 //! comes in order, within the window the guest's answers opened. USB/IP streams (a redirected
 //! device's, both ways) go through `UsbipLink`: what it accepts re-encodes to the bytes it
-//! came from, and it never holds more URBs than its limit.
+//! came from, and it never holds more URBs than its limit. USB channel messages go through the
+//! decoder and through the VM process's `UsbRelay`: a device the policy denies is never
+//! attached in the guest, nothing reaches a device's guest stream before that stream presented
+//! its attach's token, and whatever the relay sends encodes.
+//!
+//! The first byte picks what is fuzzed (its low four bits) and, for the relays, the policy (its
+//! high bits).
 
 #![no_main]
 
@@ -19,9 +25,10 @@ use libfuzzer_sys::fuzz_target;
 use pleiades_protocol::agent::{HostEvent, HostLink};
 use pleiades_protocol::clipboard::{ClipboardPolicy, ClipboardRelay, End};
 use pleiades_protocol::files::FileRelay;
+use pleiades_protocol::usb::{UsbOut, UsbPolicy, UsbRelay};
 use pleiades_protocol::wire::{
     AgentMessage, ChannelMessage, ClipboardMessage, ControlMessage, CursorMessage, DisplayMessage,
-    FILE_WINDOW, FileMessage, FrameSequence, InputMessage, StreamDecoder, Tile, decode_datagram,
+    FILE_WINDOW, FileMessage, FrameSequence, InputMessage, StreamDecoder, Tile, UsbMessage, decode_datagram,
     encode_datagram, encode_to_vec,
 };
 
@@ -63,7 +70,7 @@ fn run<M: ChannelMessage + PartialEq + Clone>(chunk_sizes: &[u8], mut data: &[u8
 fuzz_target!(|data: &[u8]| {
     let Some((&selector, rest)) = data.split_first() else { return };
     let (sizes, body) = rest.split_at(rest.len().min(4));
-    match selector % 12 {
+    match selector & 0x0f {
         0 => drop(run::<ControlMessage>(sizes, body)),
         1 => drop(run::<InputMessage>(sizes, body)),
         2 => {
@@ -92,6 +99,8 @@ fuzz_target!(|data: &[u8]| {
         9 => drop(run::<FileMessage>(sizes, body)),
         10 => file_relay(selector, body),
         11 => usbip(sizes, body),
+        12 => drop(run::<UsbMessage>(sizes, body)),
+        13 => usb_relay(selector, body),
         _ => {
             let mut link = HostLink::new();
             let mut events = Vec::new();
@@ -243,5 +252,84 @@ fn usbip(sizes: &[u8], mut data: &[u8]) {
             seen.drain(..bytes.len());
         }
         assert!(link.in_flight() <= MAX_IN_FLIGHT);
+    }
+}
+
+/// The USB relay: the client's messages, the guest's device streams (a `Data` message at an odd
+/// position stands for bytes on that device's vsock stream), streams that present a token (a
+/// real one or not), streams and ends that go, the clock; under a policy that lets mass storage
+/// in or nothing (the selector's high bit).
+fn usb_relay(selector: u8, body: &[u8]) {
+    use std::collections::{HashMap, HashSet};
+    let policy = if selector & 0x80 != 0 { UsbPolicy::parse("class=08").unwrap() } else { UsbPolicy::NONE };
+    let mut next = 0u64;
+    let mut relay = UsbRelay::new(
+        policy.clone(),
+        Box::new(move || {
+            next += 1;
+            next * 0x9e37_79b9
+        }),
+    );
+    relay.client_connected();
+    relay.agent_connected(true);
+    // What the client announced, the tokens the agent was given, the streams that connected.
+    let mut announced: HashMap<u32, pleiades_protocol::wire::UsbDeviceInfo> = HashMap::new();
+    let mut tokens: Vec<(u32, u64)> = Vec::new();
+    let mut streams: HashSet<u32> = HashSet::new();
+    for (i, message) in run::<UsbMessage>(&[0], body).into_iter().enumerate() {
+        match (i % 11, &message) {
+            (9, _) => relay.tick(),
+            (10, UsbMessage::Detach { id }) => relay.guest_closed(*id),
+            (8, UsbMessage::Attached { id }) => {
+                // A stream presents the token of the attach this id names, or a made-up one.
+                let token = tokens.iter().find(|(t, _)| t == id).map_or(u64::from(*id), |(_, token)| *token);
+                if let Some(device) = relay.guest_connected(token) {
+                    streams.insert(device);
+                }
+            }
+            (7, UsbMessage::Refused { id, .. }) => relay.agent_answered(*id, Err("no port".into())),
+            (6, UsbMessage::Detached { .. }) => {
+                relay.client_disconnected();
+                relay.client_connected();
+            }
+            _ => {}
+        }
+        match message {
+            UsbMessage::Data { id, bytes } if i % 2 == 1 => relay.from_guest(id, &bytes),
+            message => {
+                if let UsbMessage::Attach(info) = &message {
+                    announced.insert(info.id, info.clone());
+                }
+                relay.from_client(message);
+            }
+        }
+        while let Some(out) = relay.poll_transmit() {
+            match out {
+                UsbOut::ToClient(sent) => {
+                    encode_to_vec(&sent).expect("what the relay sends encodes");
+                    if let UsbMessage::Data { id, .. } = &sent {
+                        assert!(streams.contains(id), "data to the client from a device with no stream");
+                    }
+                    if let UsbMessage::Detached { id, .. } | UsbMessage::Refused { id, .. } = &sent {
+                        streams.remove(id);
+                    }
+                }
+                UsbOut::AttachInGuest { id, token, .. } => {
+                    let info = announced.get(&id).expect("an attach for a device the client announced");
+                    assert!(policy.allows(info), "a denied device was attached");
+                    tokens.retain(|(t, _)| *t != id);
+                    tokens.push((id, token));
+                }
+                UsbOut::ToGuest { id, bytes } => {
+                    assert!(streams.contains(&id), "bytes for a device whose stream never connected");
+                    assert!(!bytes.is_empty());
+                }
+                UsbOut::CloseGuest { id } => {
+                    streams.remove(&id);
+                }
+            }
+        }
+        while relay.poll_event().is_some() {}
+        assert!(relay.devices().count() <= pleiades_protocol::wire::MAX_USB_DEVICES);
     }
 }

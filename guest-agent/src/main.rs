@@ -50,6 +50,18 @@ enum Command {
         #[arg(long, default_value = "/dev/snd/pcmC0D0c")]
         device: PathBuf,
     },
+    /// Measure how fast a block device reads (sequential MB/s, random 4 KiB reads a second)
+    /// and print `PLEIADES-DISK {json}`: the benchmarks compare a redirected USB stick with the
+    /// same image as a virtio disk.
+    DiskBench {
+        device: PathBuf,
+        /// Bytes read sequentially from the start, in MiB.
+        #[arg(long, default_value_t = 32)]
+        sequential_mib: u64,
+        /// Random 4 KiB reads.
+        #[arg(long, default_value_t = 1000)]
+        random: u64,
+    },
     /// The agent's service: keep a link to the VM process over vsock (guest facts, session
     /// state, the host's lock and power requests), connecting again whenever it ends.
     Run {
@@ -102,6 +114,18 @@ fn main() -> ExitCode {
             }
         },
         Command::PowerButton { action } => power_button(&action),
+        Command::DiskBench { device, sequential_mib, random } => {
+            match pleiades_agent::disk::bench(&device, sequential_mib << 20, random) {
+                Ok(report) => {
+                    println!("PLEIADES-DISK {}", serde_json::to_string(&report).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("pleiades-agent: cannot read {}: {e}", device.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Run { root, poweroff, reboot, lock, unlock } => {
             let sessions = match pleiades_agent::session::SessionReports::listen(std::path::Path::new(
                 pleiades_agent::session::SOCKET,

@@ -5,7 +5,8 @@
 //! idle time come from the per-user part ([`crate::session`]) and go to the host as they
 //! change; so do its clipboard messages, both ways, and the files the client sends (the service
 //! only relays them: the session part has the X clipboard and writes the files as the user, the
-//! VM process has the policy). When the link ends (the VM process restarted
+//! VM process has the policy). It attaches the USB devices the host redirects into the guest
+//! ([`crate::usb`]). When the link ends (the VM process restarted
 //! its end, or closed it over a protocol error) it connects again after a pause.
 //!
 //! The protocol is [`pleiades_protocol::agent`]; this module is only its I/O and the guest's
@@ -116,6 +117,17 @@ fn serve(
                                 link.files(refused).map_err(|e| e.to_string())?;
                             }
                         }
+                        AgentEvent::UsbAttach { id, token, speed } => {
+                            let result = crate::usb::attach(&crate::usb::vhci_dir(), id, token, speed);
+                            match &result {
+                                Ok(port) => {
+                                    eprintln!("pleiades-agent: USB device {id} attached on port {port}")
+                                }
+                                Err(e) => eprintln!("pleiades-agent: USB device {id} not attached: {e}"),
+                            }
+                            let result = result.map_err(|e| clip(&e, MAX_AGENT_TEXT));
+                            link.usb_attached(id, result).map_err(|e| e.to_string())?;
+                        }
                         event => act(event, actions),
                     }
                 }
@@ -201,7 +213,7 @@ fn act(event: AgentEvent, actions: &Actions) {
         AgentEvent::UnlockScreen => actions.unlock.as_deref(),
         AgentEvent::Power(PowerAction::Shutdown) => Some(actions.poweroff.as_str()),
         AgentEvent::Power(PowerAction::Reboot) => Some(actions.reboot.as_str()),
-        AgentEvent::Clipboard(_) | AgentEvent::Files(_) => return,
+        AgentEvent::Clipboard(_) | AgentEvent::Files(_) | AgentEvent::UsbAttach { .. } => return,
     };
     let mut words = command.unwrap_or_default().split_whitespace();
     let Some(program) = words.next() else {

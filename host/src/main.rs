@@ -324,11 +324,12 @@ fn run_pleiades(spec: &BootSpec, args: &RunArgs) -> Result<ExitCode> {
 
 /// `--lock-on-disconnect`: the agent locks and unlocks the guest's screen; `--clipboard`: the
 /// directions the agent's clipboard relay lets through; `--file-transfer`: whether its file
-/// relay takes files.
+/// relay takes files; `--usb`: which devices its USB relay lets into the guest.
 fn agent_policies(args: &RunArgs, agent: Option<&pleiades_host::vm::agent::Agent>) -> Result<()> {
     if let Some(agent) = agent {
         agent.set_clipboard_policy(args.clipboard.policy());
         agent.set_file_transfer(args.file_transfer == pleiades_host::run::FileTransferArg::Allow);
+        agent.set_usb_policy(args.usb.clone());
     }
     match (args.lock_on_disconnect, agent) {
         (false, _) => Ok(()),

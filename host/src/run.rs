@@ -102,6 +102,13 @@ pub struct RunArgs {
     /// prevention switch; the guest agent receives them: needs --device vsock). Enforced here.
     #[arg(long, value_enum, default_value_t = FileTransferArg::Allow)]
     pub file_transfer: FileTransferArg,
+    /// Which of the client's USB devices may be redirected into the guest (the pool's policy;
+    /// the guest agent attaches them to vhci-hcd: needs --device vsock): `none`, `all`, or a
+    /// comma-separated list of `class=HH` (a USB class in hex: every class of the device must
+    /// be listed) and `VVVV:PPPP` (a vendor and product id in hex), e.g.
+    /// `class=03,class=0b,0525:a4a5`. Enforced here, whatever the client or the guest does.
+    #[arg(long, default_value = "none", value_parser = parse_usb_policy)]
+    pub usb: pleiades_protocol::usb::UsbPolicy,
     /// Keep the session certificate in this directory (made once; a host's VMs share it, so
     /// the broker pins one fingerprint). Default: a fresh certificate per run.
     #[arg(long, requires = "listen")]
@@ -157,6 +164,10 @@ pub fn parse_layout(s: &str) -> Result<Layout, String> {
 pub enum FileTransferArg {
     Allow,
     Deny,
+}
+
+fn parse_usb_policy(text: &str) -> Result<pleiades_protocol::usb::UsbPolicy, String> {
+    pleiades_protocol::usb::UsbPolicy::parse(text)
 }
 
 /// `--clipboard`: the directions the clipboard may carry content.

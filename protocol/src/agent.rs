@@ -19,11 +19,16 @@
 
 use crate::wire::{
     AgentHello, AgentMessage, ChannelMessage, ClipboardMessage, DecodeError, EncodeError, FileMessage,
-    GuestInfo, PowerAction, SessionState, StreamDecoder, encode,
+    GuestInfo, PowerAction, SessionState, StreamDecoder, UsbSpeed, encode,
 };
 
 /// The vsock port the VM process listens on for its guest's agent.
 pub const AGENT_PORT: u32 = 20556;
+/// The vsock port the VM process listens on for redirected USB devices: the agent connects
+/// once per device it was asked to attach, sends the attach's token (8 bytes, little-endian),
+/// and hands the connected socket to the guest kernel's `vhci-hcd`, which speaks USB/IP on it
+/// ([`crate::usbip`]).
+pub const USB_PORT: u32 = 20557;
 /// The agent channel versions this build speaks.
 pub const MIN_VERSION: u16 = 1;
 pub const MAX_VERSION: u16 = 1;
@@ -104,6 +109,16 @@ pub enum HostEvent {
     Clipboard(ClipboardMessage),
     /// The guest's answers about files sent into it ([`crate::files::FileRelay`] checks them).
     Files(FileMessage),
+    /// A device the host asked for is attached in the guest, on virtual port `port`.
+    UsbAttached {
+        id: u32,
+        port: u32,
+    },
+    /// A device the host asked for could not be attached.
+    UsbFailed {
+        id: u32,
+        reason: String,
+    },
 }
 
 /// The VM process's end of one agent connection.
@@ -152,6 +167,12 @@ impl HostLink {
                 (AgentMessage::SessionState(state), Some(_)) => events.push(HostEvent::SessionState(state)),
                 (AgentMessage::Clipboard(message), Some(_)) => events.push(HostEvent::Clipboard(message)),
                 (AgentMessage::Files(message), Some(_)) => events.push(HostEvent::Files(message)),
+                (AgentMessage::UsbAttached { id, port }, Some(_)) => {
+                    events.push(HostEvent::UsbAttached { id, port })
+                }
+                (AgentMessage::UsbFailed { id, reason }, Some(_)) => {
+                    events.push(HostEvent::UsbFailed { id, reason })
+                }
                 (_, Some(_)) => unreachable!("from_agent() lists the agent's messages"),
             }
             Ok(())
@@ -187,6 +208,11 @@ impl HostLink {
         self.framing.send(&AgentMessage::Files(message))
     }
 
+    /// Asks the agent to attach a redirected USB device ([`AgentMessage::UsbAttach`]).
+    pub fn usb_attach(&mut self, id: u32, token: u64, speed: UsbSpeed) -> Result<(), LinkError> {
+        self.framing.send(&AgentMessage::UsbAttach { id, token, speed })
+    }
+
     /// The bytes to write to the agent now.
     pub fn take_output(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.framing.out)
@@ -206,6 +232,12 @@ pub enum AgentEvent {
     Clipboard(ClipboardMessage),
     /// A file the client sends (offer, data, cancel), relayed by the VM process.
     Files(FileMessage),
+    /// Attach a redirected USB device ([`AgentMessage::UsbAttach`]).
+    UsbAttach {
+        id: u32,
+        token: u64,
+        speed: UsbSpeed,
+    },
 }
 
 /// The guest agent's end of the link.
@@ -257,6 +289,9 @@ impl AgentLink {
                 AgentMessage::Power(action) => events.push(AgentEvent::Power(action)),
                 AgentMessage::Clipboard(message) => events.push(AgentEvent::Clipboard(message)),
                 AgentMessage::Files(message) => events.push(AgentEvent::Files(message)),
+                AgentMessage::UsbAttach { id, token, speed } => {
+                    events.push(AgentEvent::UsbAttach { id, token, speed })
+                }
                 _ => unreachable!("from_host() lists the host's messages"),
             }
             Ok(())
@@ -282,6 +317,14 @@ impl AgentLink {
     /// Answers about a file the host sends (accept, progress, done, refused).
     pub fn files(&mut self, message: FileMessage) -> Result<(), LinkError> {
         self.framing.send(&AgentMessage::Files(message))
+    }
+
+    /// Says how attaching USB device `id` went: on virtual port `port`, or why not.
+    pub fn usb_attached(&mut self, id: u32, result: Result<u32, String>) -> Result<(), LinkError> {
+        self.framing.send(&match result {
+            Ok(port) => AgentMessage::UsbAttached { id, port },
+            Err(reason) => AgentMessage::UsbFailed { id, reason },
+        })
     }
 
     /// The bytes to write to the host now.

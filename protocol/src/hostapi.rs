@@ -122,6 +122,10 @@ pub struct RunningDesktop {
     /// by the host, not the guest: the broker audits each new denial).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub files: Option<FileCounts>,
+    /// What the VM process's USB relay attached or refused since it started (counted by the
+    /// host, not the guest: the broker audits each new attach and each new denial).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usb: Option<UsbCounts>,
 }
 
 /// A VM process's clipboard counters (`ctl status`'s `agent.clipboard`); they start at zero
@@ -146,6 +150,16 @@ pub struct FileCounts {
     pub completed: u64,
     /// Bytes relayed to the guest.
     pub bytes_to_guest: u64,
+}
+
+/// A VM process's USB counters (`ctl status`'s `agent.usb`, whose other fields are left out
+/// here); they start at zero with each VM process.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsbCounts {
+    /// Devices attached in the guest.
+    pub attached: u64,
+    /// Devices the pool's policy refused.
+    pub denied: u64,
 }
 
 /// What a desktop's guest agent says about it (relayed by its VM process; the guest is not
@@ -229,6 +243,12 @@ pub struct HostCommand {
     /// predates it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file_transfer: Option<bool>,
+    /// The kinds that boot: which of the client's USB devices may be redirected into the guest
+    /// (the pool's policy, as [`crate::usb::UsbPolicy::parse`] reads it: `none`, `all`, or a
+    /// list of `class=HH` and `VVVV:PPPP`; the host passes `run --usb`). `None`: `none`, no
+    /// device at all (a broker that predates it: USB stays off unless a pool turns it on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usb: Option<String>,
 }
 
 /// A desktop's network: a NIC with DHCP, DNS and outbound NAT, kept from the host's own
@@ -394,11 +414,12 @@ mod tests {
                 guest: None,
                 clipboard: None,
                 files: None,
+                usb: None,
             }
         );
         let with_port = RunningDesktop { port: Some(47001), ..d };
         let json = serde_json::to_string(&with_port).unwrap();
-        assert!(!json.contains("files"), "no counts, no field: {json}");
+        assert!(!json.contains("files") && !json.contains("usb"), "no counts, no field: {json}");
         assert_eq!(serde_json::from_str::<RunningDesktop>(&json).unwrap(), with_port);
         let with_files = RunningDesktop {
             files: Some(FileCounts { denied: 2, completed: 3, bytes_to_guest: 1 << 33 }),
@@ -407,6 +428,13 @@ mod tests {
         let json = serde_json::to_string(&with_files).unwrap();
         assert!(json.contains(r#""files":{"denied":2,"completed":3,"bytes_to_guest":8589934592}"#), "{json}");
         assert_eq!(serde_json::from_str::<RunningDesktop>(&json).unwrap(), with_files);
+        let with_usb = RunningDesktop { usb: Some(UsbCounts { attached: 3, denied: 1 << 40 }), ..with_files };
+        let json = serde_json::to_string(&with_usb).unwrap();
+        assert!(json.contains(r#""usb":{"attached":3,"denied":1099511627776}"#), "{json}");
+        assert_eq!(serde_json::from_str::<RunningDesktop>(&json).unwrap(), with_usb);
+        // The host fills it from `ctl status`'s `agent.usb`, which says more.
+        let status = r#"{"policy":"class=08","devices":[],"attached":2,"denied":5,"failed":1,"bytes_to_guest":9,"bytes_from_guest":7}"#;
+        assert_eq!(serde_json::from_str::<UsbCounts>(status).unwrap(), UsbCounts { attached: 2, denied: 5 });
     }
 
     #[test]
@@ -420,6 +448,22 @@ mod tests {
             let json = serde_json::to_string(&told).unwrap();
             assert!(json.contains(&format!(r#""file_transfer":{allowed}"#)), "{json}");
             assert_eq!(serde_json::from_str::<HostCommand>(&json).unwrap(), told);
+        }
+    }
+
+    #[test]
+    fn a_boot_command_carries_the_usb_policy_only_when_told() {
+        let old = r#"{"id":"c1","kind":"start","desktop_id":"d1","desktop_name":"n","image":null}"#;
+        let command: HostCommand = serde_json::from_str(old).unwrap();
+        assert_eq!(command.usb, None, "a broker that predates it: no device allowed");
+        assert!(!serde_json::to_string(&command).unwrap().contains("usb"));
+        for policy in ["none", "all", "class=03,class=0b,0525:a4a5"] {
+            let told = HostCommand { usb: Some(policy.into()), ..command.clone() };
+            let json = serde_json::to_string(&told).unwrap();
+            assert!(json.contains(&format!(r#""usb":"{policy}""#)), "{json}");
+            assert_eq!(serde_json::from_str::<HostCommand>(&json).unwrap(), told);
+            let parsed = crate::usb::UsbPolicy::parse(told.usb.as_deref().unwrap()).unwrap();
+            assert_eq!(parsed.to_string(), policy, "the broker sends the canonical text");
         }
     }
 

@@ -72,5 +72,6 @@ pub mod pinning;
 pub mod resume;
 pub mod ticket;
 pub mod transport;
+pub mod usb;
 pub mod usbip;
 pub mod wire;

@@ -11,6 +11,8 @@
 //! | cursor shape | unidirectional, prelude [`Channel::Cursor`] | server, after `Welcome` | [`priority::CURSOR`] |
 //! | cursor position | datagrams, first byte [`Channel::Cursor`] | server | (datagrams) |
 //! | clipboard | unidirectional, prelude [`Channel::Clipboard`]; one each way | both, after `Welcome`, with `CLIPBOARD` | [`priority::CLIPBOARD`] |
+//! | files | unidirectional, prelude [`Channel::Files`]; one each way | both, after `Welcome`, with `FILES` | [`priority::FILES`] |
+//! | USB | unidirectional, prelude [`Channel::Usb`]; per direction one for announcements and one per redirected device | both, after `Welcome`, with `USB` | [`priority::USB`] |
 //!
 //! Every unidirectional stream starts with one byte, the channel id ([`stream_prelude`],
 //! [`Channel::from_uni_prelude`]), then framed messages. The control stream has no prelude:
@@ -41,6 +43,9 @@ pub mod priority {
     pub const CURSOR: i32 = 25;
     pub const CLIPBOARD: i32 = 10;
     pub const DISPLAY: i32 = 0;
+    /// USB devices' transfers: below the picture (a stick's bulk copy must not slow it), above
+    /// files (a headset or a keyboard on the client is interactive).
+    pub const USB: i32 = -5;
     /// Files go last: a bulk copy never delays anything the user looks at or types.
     pub const FILES: i32 = -10;
 
@@ -53,6 +58,7 @@ pub mod priority {
             Channel::Cursor => CURSOR,
             Channel::Clipboard => CLIPBOARD,
             Channel::Display | Channel::Audio => DISPLAY,
+            Channel::Usb => USB,
             Channel::Files => FILES,
         }
     }

@@ -77,6 +77,34 @@ pub struct CmdSubmit {
 }
 
 impl CmdSubmit {
+    /// A URB that is not isochronous on endpoint `ep`: an OUT one carries `data` (its length is
+    /// the transfer's), an IN one asks for `length` bytes (`data` empty); `setup` for control
+    /// transfers (endpoint 0), zeros otherwise.
+    pub fn new(
+        seqnum: u32,
+        devid: u32,
+        ep: u32,
+        direction: Direction,
+        length: u32,
+        setup: [u8; 8],
+        data: Vec<u8>,
+    ) -> Self {
+        Self {
+            seqnum,
+            devid,
+            direction,
+            ep,
+            transfer_flags: 0,
+            transfer_buffer_length: length,
+            start_frame: 0,
+            number_of_packets: 0,
+            interval: 0,
+            setup,
+            data,
+            iso: Vec::new(),
+        }
+    }
+
     /// The isochronous packets, `None` for a URB that is not isochronous.
     pub fn iso_count(&self) -> Option<u32> {
         iso_count(self.number_of_packets).ok().flatten()
@@ -97,6 +125,23 @@ pub struct RetSubmit {
     /// IN: `actual_length` bytes; OUT: empty.
     pub data: Vec<u8>,
     pub iso: Vec<IsoPacket>,
+}
+
+impl RetSubmit {
+    /// How URB `seqnum` (not isochronous) ended: `status` 0 or a negative errno, `data` an IN
+    /// transfer's bytes, `actual_length` what it moved (an OUT transfer's bytes taken).
+    pub fn new(seqnum: u32, status: i32, actual_length: u32, data: Vec<u8>) -> Self {
+        Self {
+            seqnum,
+            status,
+            actual_length,
+            start_frame: 0,
+            number_of_packets: 0,
+            error_count: 0,
+            data,
+            iso: Vec::new(),
+        }
+    }
 }
 
 /// One USB/IP message.
@@ -489,33 +534,12 @@ mod tests {
     }
 
     fn submit(seqnum: u32, direction: Direction, length: u32, data: Vec<u8>) -> Pdu {
-        Pdu::Submit(CmdSubmit {
-            seqnum,
-            devid: 0x0001_0002,
-            direction,
-            ep: if direction == Direction::In { 1 } else { 2 },
-            transfer_flags: 0,
-            transfer_buffer_length: length,
-            start_frame: 0,
-            number_of_packets: 0,
-            interval: 0,
-            setup: [0; 8],
-            data,
-            iso: Vec::new(),
-        })
+        let ep = if direction == Direction::In { 1 } else { 2 };
+        Pdu::Submit(CmdSubmit::new(seqnum, 0x0001_0002, ep, direction, length, [0; 8], data))
     }
 
     fn ret(seqnum: u32, data: Vec<u8>, actual: u32) -> Pdu {
-        Pdu::Ret(RetSubmit {
-            seqnum,
-            status: 0,
-            actual_length: actual,
-            start_frame: 0,
-            number_of_packets: 0,
-            error_count: 0,
-            data,
-            iso: Vec::new(),
-        })
+        Pdu::Ret(RetSubmit::new(seqnum, 0, actual, data))
     }
 
     #[test]

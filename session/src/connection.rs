@@ -1,4 +1,4 @@
-//! One client connection: handshake, control, input, display, cursor, clipboard and files.
+//! One client connection: handshake, control, input, display, cursor, clipboard, files and USB.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -13,7 +13,7 @@ use pleiades_protocol::transport::{error_code, priority, stream_prelude};
 use pleiades_protocol::wire::{
     self, Channel, ChannelMessage, ClipboardMessage, ControlMessage, CursorMessage, CursorPosition,
     CursorShape, Datagram, FileMessage, GoodbyeReason, InputMessage, Monitor, Queued, RefuseCode,
-    StreamDecoder,
+    StreamDecoder, UsbMessage,
 };
 use tokio::sync::{Notify, watch};
 
@@ -243,12 +243,20 @@ async fn run(shared: Arc<Shared>, conn: quinn::Connection, opened: Opened) {
         .files()
         .filter(|_| session.capabilities.contains(Capabilities::FILES))
         .map(|port| RelayEnd { port, session: session.session_id });
+    let usb = shared
+        .controller
+        .usb()
+        .filter(|_| session.capabilities.contains(Capabilities::USB))
+        .map(|port| RelayEnd { port, session: session.session_id });
     let clipboard_out = relay_out(&conn, clipboard.clone());
     let files_out = relay_out(&conn, files.clone());
-    let input = input_loop(&shared, &conn, Relays { clipboard: clipboard.clone(), files: files.clone() });
+    let usb_out = relay_out(&conn, usb.clone());
+    let relays = Relays { clipboard: clipboard.clone(), files: files.clone(), usb: usb.clone() };
+    let input = input_loop(&shared, &conn, relays);
     tokio::select! {
         () = clipboard_out => {}
         () = files_out => {}
+        () = usb_out => {}
         reason = control => tracing::info!("session {}: control ended: {reason}", session.session_id),
         () = layouts => {}
         reason = input => tracing::info!("session {}: input ended: {reason}", session.session_id),
@@ -260,6 +268,9 @@ async fn run(shared: Arc<Shared>, conn: quinn::Connection, opened: Opened) {
         end.port.detach(end.session);
     }
     if let Some(end) = &files {
+        end.port.detach(end.session);
+    }
+    if let Some(end) = &usb {
         end.port.detach(end.session);
     }
     for thread in [display, playback].into_iter().flatten().flatten() {
@@ -431,7 +442,7 @@ fn monitors(gpu: &GpuHandle) -> Vec<Monitor> {
         .collect()
 }
 
-/// The session's end of one of the VM's relays to the guest agent (clipboard, files).
+/// The session's end of one of the VM's relays to the guest agent (clipboard, files, USB).
 struct RelayEnd<M: 'static> {
     port: Arc<dyn RelayPort<M>>,
     session: u64,
@@ -447,13 +458,15 @@ impl<M> Clone for RelayEnd<M> {
 struct Relays {
     clipboard: Option<RelayEnd<ClipboardMessage>>,
     files: Option<RelayEnd<FileMessage>>,
+    usb: Option<RelayEnd<UsbMessage>>,
 }
 
-/// Attaches the session to a relay and writes what it has for the client on a stream of ours
-/// of its channel. Never ends by itself: a failed stream only ends that channel. What waits for
-/// the client is bounded ([`Queued::MAX_QUEUE`]): a client that does not read, or a guest that
-/// floods, ends the session's channel (the relay's client end is detached), never the VM
-/// process's memory.
+/// Attaches the session to a relay and writes what it has for the client on streams of ours
+/// of its channel, one per lane ([`Queued::lane`]: a USB device's data waits only for its own
+/// stream's flow control). Never ends by itself: a failed stream only ends that channel. What
+/// waits for the client is bounded ([`Queued::MAX_QUEUE`]): a client that does not read, or a
+/// guest that floods, ends the session's channel (the relay's client end is detached), never
+/// the VM process's memory.
 async fn relay_out<M: ChannelMessage + Queued + Send + 'static>(
     conn: &quinn::Connection,
     end: Option<RelayEnd<M>>,
@@ -477,19 +490,28 @@ async fn relay_out<M: ChannelMessage + Queued + Send + 'static>(
         }),
     );
     let result: Result<(), String> = async {
-        let mut stream = conn.open_uni().await.map_err(|e| e.to_string())?;
-        let _ = stream.set_priority(priority::of(channel));
-        stream.write_all(&stream_prelude(channel)).await.map_err(|e| e.to_string())?;
-        let mut bytes = Vec::new();
+        let mut lanes = std::collections::HashMap::new();
+        let (failed, mut failure) = tokio::sync::mpsc::channel::<String>(1);
         loop {
             let message = tokio::select! {
                 message = rx.recv() => message.ok_or("the relay went away")?,
                 () = overflow.notified() => return Err("more data waits than the client reads".into()),
+                Some(e) = failure.recv() => return Err(e),
             };
-            bytes.clear();
-            wire::encode(&message, &mut bytes).map_err(|e| e.to_string())?;
-            stream.write_all(&bytes).await.map_err(|e| e.to_string())?;
-            queued.fetch_sub(message.queued_size(), Ordering::Relaxed);
+            if let Some(ended) = message.ends_lane() {
+                // Its writer finishes the stream once it wrote what it has.
+                lanes.remove(&ended);
+            }
+            let lane = message.lane();
+            if !lanes.contains_key(&lane) && lanes.len() >= MAX_LANES {
+                return Err(format!("more than {MAX_LANES} streams on the {channel} channel"));
+            }
+            let writer = lanes.entry(lane).or_insert_with(|| {
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                tokio::spawn(lane_writer(conn.clone(), rx, queued.clone(), failed.clone()));
+                tx
+            });
+            writer.send(message).map_err(|_| "a stream's writer ended".to_owned())?;
         }
     }
     .await;
@@ -499,6 +521,36 @@ async fn relay_out<M: ChannelMessage + Queued + Send + 'static>(
     end.port.detach(end.session);
     drop(rx);
     std::future::pending().await
+}
+
+/// Most streams one relayed channel opens to the client: lane 0 and one per USB device.
+const MAX_LANES: usize = wire::MAX_USB_DEVICES + 1;
+
+/// Writes one lane's messages on a stream of its own; says why on `failed` if the stream fails.
+async fn lane_writer<M: ChannelMessage + Queued>(
+    conn: quinn::Connection,
+    mut messages: tokio::sync::mpsc::UnboundedReceiver<M>,
+    queued: Arc<std::sync::atomic::AtomicUsize>,
+    failed: tokio::sync::mpsc::Sender<String>,
+) {
+    let channel = M::CHANNEL;
+    let result: Result<(), String> = async {
+        let mut stream = conn.open_uni().await.map_err(|e| e.to_string())?;
+        let _ = stream.set_priority(priority::of(channel));
+        stream.write_all(&stream_prelude(channel)).await.map_err(|e| e.to_string())?;
+        let mut bytes = Vec::new();
+        while let Some(message) = messages.recv().await {
+            bytes.clear();
+            wire::encode(&message, &mut bytes).map_err(|e| e.to_string())?;
+            stream.write_all(&bytes).await.map_err(|e| e.to_string())?;
+            queued.fetch_sub(message.queued_size(), Ordering::Relaxed);
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        let _ = failed.try_send(e);
+    }
 }
 
 /// Reads the client's stream of a relayed channel into the relay; a malformed message ends the
@@ -519,8 +571,8 @@ async fn relay_in<M: ChannelMessage>(conn: quinn::Connection, mut recv: quinn::R
     }
 }
 
-/// Accepts the client's unidirectional streams (input, clipboard, files) and routes input to
-/// the VM.
+/// Accepts the client's unidirectional streams (input, clipboard, files, USB) and routes input
+/// to the VM.
 async fn input_loop(shared: &Arc<Shared>, conn: &quinn::Connection, relays: Relays) -> String {
     let (streams, mut inputs) = tokio::sync::mpsc::channel(1);
     let accept = accept_streams(conn, streams, relays);
@@ -544,7 +596,7 @@ async fn input_loop(shared: &Arc<Shared>, conn: &quinn::Connection, relays: Rela
     reason
 }
 
-/// Hands input streams to the input loop and reads clipboard and files streams on tasks of
+/// Hands input streams to the input loop and reads clipboard, files and USB streams on tasks of
 /// their own; streams of other channels are stopped (the session goes on). Ends when the
 /// connection does.
 async fn accept_streams(
@@ -552,6 +604,7 @@ async fn accept_streams(
     inputs: tokio::sync::mpsc::Sender<quinn::RecvStream>,
     relays: Relays,
 ) -> String {
+    let usb_streams = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     loop {
         let mut recv = match conn.accept_uni().await {
             Ok(r) => r,
@@ -561,17 +614,27 @@ async fn accept_streams(
         if recv.read_exact(&mut prelude).await.is_err() {
             continue;
         }
-        match (Channel::from_uni_prelude(prelude[0]), &relays.clipboard, &relays.files) {
-            (Ok(Channel::Input), _, _) => {
+        let Relays { clipboard, files, usb } = &relays;
+        match (Channel::from_uni_prelude(prelude[0]), clipboard, files, usb) {
+            (Ok(Channel::Input), ..) => {
                 if inputs.send(recv).await.is_err() {
                     return "the input loop ended".to_owned();
                 }
             }
-            (Ok(Channel::Clipboard), Some(end), _) => {
+            (Ok(Channel::Clipboard), Some(end), _, _) => {
                 tokio::spawn(relay_in(conn.clone(), recv, end.clone()));
             }
-            (Ok(Channel::Files), _, Some(end)) => {
+            (Ok(Channel::Files), _, Some(end), _) => {
                 tokio::spawn(relay_in(conn.clone(), recv, end.clone()));
+            }
+            // Lane 0 and one per device at a time: a client that opens more has them stopped.
+            (Ok(Channel::Usb), _, _, Some(end)) if usb_streams.load(Ordering::Relaxed) < MAX_LANES => {
+                usb_streams.fetch_add(1, Ordering::Relaxed);
+                let (conn, end, open) = (conn.clone(), end.clone(), usb_streams.clone());
+                tokio::spawn(async move {
+                    relay_in(conn, recv, end).await;
+                    open.fetch_sub(1, Ordering::Relaxed);
+                });
             }
             _ => {
                 let _ = recv.stop(error_code::UNSUPPORTED_CHANNEL.into());

@@ -27,10 +27,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use pleiades_control::{Request, request};
-use pleiades_protocol::connfile::Connection;
 use pleiades_tests::desktop::{run_desktop_image, wait_usable};
 use pleiades_tests::image::DesktopImage;
 use pleiades_tests::linkem::{Link, LinkConfig};
+use pleiades_tests::served::mint_connection as mint;
 use pleiades_tests::xvfb::Xvfb;
 use pleiades_tests::{wait_for, workspace_binary};
 
@@ -113,20 +113,6 @@ fn boot(image: &DesktopImage, dir: &Path) -> (Child, PathBuf, PathBuf) {
     let usable = wait_usable(&control, DESKTOP_BOOT).unwrap();
     println!("desktop image usable after {:.1} s (QEMU TCG)", usable.as_secs_f64());
     (vm, control, file)
-}
-
-/// A new connection file for the VM (a fresh ticket), through `link` when one is given.
-fn mint(control: &Path, link: Option<&Link>) -> Connection {
-    let response = request(control, &Request::ConnectionFile, Duration::from_secs(30)).unwrap();
-    let connection = Connection::from_toml(response.result.unwrap()["toml"].as_str().unwrap()).unwrap();
-    match link {
-        Some(link) => Connection {
-            host: link.client_addr().ip().to_string(),
-            port: link.client_addr().port(),
-            ..connection
-        },
-        None => connection,
-    }
 }
 
 /// A new connection file for the VM, pointing at a link emulator in front of it.

@@ -23,6 +23,35 @@ pub fn ext4_template(path: &Path, size_mib: u32, files: &[(&str, &str)]) -> Resu
     run(Command::new("qemu-img").args(["convert", "-q", "-O", "qcow2"]).arg(&raw).arg(path))
 }
 
+/// Writes a raw ext4 filesystem image of `size_mib` at `path` holding `files` (name in its
+/// root, content): what a USB stick holds.
+pub fn ext4_raw(path: &Path, size_mib: u32, files: &[(&str, &[u8])]) -> Result<(), String> {
+    let work = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let root = work.path().join("root");
+    std::fs::create_dir(&root).map_err(|e| e.to_string())?;
+    for (name, content) in files {
+        std::fs::write(root.join(name), content).map_err(|e| e.to_string())?;
+    }
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "stick", "-E", "root_owner=0:0", "-d"])
+        .arg(&root)
+        .arg(path)
+        .arg(format!("{size_mib}M")))
+}
+
+/// A file of a raw ext4 image, read without mounting it (`debugfs`, e2fsprogs).
+pub fn ext4_read(image: &Path, name: &str) -> Result<Vec<u8>, String> {
+    let out = Command::new("debugfs")
+        .args(["-R", &format!("cat /{name}")])
+        .arg(image)
+        .output()
+        .map_err(|e| format!("cannot run debugfs: {e} (./dev deps installs e2fsprogs)"))?;
+    if !out.status.success() {
+        return Err(format!("debugfs failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    Ok(out.stdout)
+}
+
 fn run(command: &mut Command) -> Result<(), String> {
     let output =
         command.output().map_err(|e| format!("cannot run {command:?}: {e} (./dev deps installs it)"))?;

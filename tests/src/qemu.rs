@@ -278,6 +278,14 @@ impl Guest {
         }
     }
 
+    /// Waits (polling in the guest, up to two minutes) until `path` exists, or with
+    /// `present == false` until it is gone; whether it did.
+    pub fn wait_path(&mut self, path: &str, present: bool) -> Result<bool, GuestError> {
+        let test = if present { format!("[ -e {path} ]") } else { format!("[ ! -e {path} ]") };
+        let script = format!("i=0; until {test} || [ $i -gt 240 ]; do i=$((i+1)); sleep 0.5; done; {test}");
+        Ok(self.run_status(&script, Duration::from_secs(180))?.0 == 0)
+    }
+
     /// Runs a shell command in the guest: its exit status and output lines.
     pub fn run_status(&mut self, command: &str, timeout: Duration) -> Result<(i32, Vec<String>), GuestError> {
         self.marker += 1;

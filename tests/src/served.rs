@@ -2,7 +2,7 @@
 //! --device … --listen 127.0.0.1:0 --connection-file …` with its control socket, the start of
 //! the session, audio and window end-to-end tests.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use pleiades_agent::ready::GuestInfo;
@@ -14,6 +14,28 @@ use pleiades_virtio::gpu::Framebuffer;
 use crate::image::GuestImage;
 use crate::qemu::{Guest, WAIT_FOR_TTY1_SHELL, boot_timeout};
 use crate::workspace_binary;
+
+/// A new connection (a fresh one-time ticket, `ctl connection-file`) to the VM whose control
+/// socket is `control`, through the link emulator `link` when one is given.
+pub fn mint_connection(
+    control: &Path,
+    link: Option<&crate::linkem::Link>,
+) -> pleiades_protocol::connfile::Connection {
+    let response = control::request(control, &Request::ConnectionFile, CONTROL_TIMEOUT).unwrap();
+    assert!(response.ok, "{response:?}");
+    let connection = pleiades_protocol::connfile::Connection::from_toml(
+        response.result.unwrap()["toml"].as_str().unwrap(),
+    )
+    .unwrap();
+    match link {
+        Some(link) => pleiades_protocol::connfile::Connection {
+            host: link.client_addr().ip().to_string(),
+            port: link.client_addr().port(),
+            ..connection
+        },
+        None => connection,
+    }
+}
 
 /// A booted, served guest; its files (control socket, connection files, recordings) live in
 /// `dir`, removed with it.
@@ -28,6 +50,11 @@ const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
 impl ServedDesktop {
     /// Boots the test image with these `--device`s, serving on loopback, and waits for READY.
     pub fn boot(devices: &[&str]) -> (Self, GuestInfo) {
+        Self::boot_with(devices, &[])
+    }
+
+    /// [`ServedDesktop::boot`] with more arguments for `run` (policies).
+    pub fn boot_with(devices: &[&str], extra: &[&str]) -> (Self, GuestInfo) {
         let image = GuestImage::locate().expect("test guest image");
         let dir = tempfile::tempdir().unwrap();
         let host = workspace_binary("pleiades-host").unwrap();
@@ -38,6 +65,7 @@ impl ServedDesktop {
             args.extend(["--device", device]);
         }
         args.extend(["--listen", "127.0.0.1:0", "--connection-file", file.to_str().unwrap()]);
+        args.extend(extra);
         let mut guest =
             Guest::start_host(&host, &image, &args, &dir.path().join("vm.sock"), accel).expect("host starts");
         let info = guest.wait_ready(boot_timeout()).expect("READY");

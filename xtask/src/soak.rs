@@ -61,7 +61,10 @@ pub fn run(root: &Path, runs: u32, load: bool) -> Result<()> {
     let commit = git_head(root);
     let mut failed_runs = 0;
     for n in 1..=runs {
-        println!("\n==> soak run {n} of {runs}{}", if load { " (with a release build beside it)" } else { "" });
+        println!(
+            "\n==> soak run {n} of {runs}{}",
+            if load { " (with a release build beside it)" } else { "" }
+        );
         let mut loader = if load { Some(Loader::start(root)?) } else { None };
         let started = Instant::now();
         let log_path = logs.join(format!("run-{n}.log"));
@@ -179,7 +182,10 @@ fn record(root: &Path, line: &str) -> Result<()> {
         .open(&path)
         .with_context(|| format!("cannot write {}", path.display()))?;
     if fresh {
-        writeln!(file, "# cargo xtask soak: one line per `CI=true cargo test --workspace --no-fail-fast` run")?;
+        writeln!(
+            file,
+            "# cargo xtask soak: one line per `CI=true cargo test --workspace --no-fail-fast` run"
+        )?;
         writeln!(file, "# unix time\tcommit\tload\tseconds\tpassed\tfailed\tignored\tfailures")?;
     }
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
@@ -205,7 +211,10 @@ error: test failed, to rerun pass `-p x --test y`
 ";
         let t = tally(out);
         assert_eq!((t.passed, t.failed, t.ignored), (3, 1, 1));
-        assert_eq!(t.failures, vec!["b::c".to_owned(), "test failed, to rerun pass `-p x --test y`".to_owned()]);
+        assert_eq!(
+            t.failures,
+            vec!["b::c".to_owned(), "test failed, to rerun pass `-p x --test y`".to_owned()]
+        );
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Hosts: registration tokens, registration, heartbeats and command acknowledgements.
 
 use pleiades_protocol::clipboard::{ClipboardPolicy, Direction};
-use pleiades_protocol::hostapi::{ClipboardCounts, FileCounts, RunningDesktop};
+use pleiades_protocol::hostapi::{ClipboardCounts, FileCounts, RunningDesktop, UsbCounts};
 use sqlx::{Any, Row, Transaction};
 
 use super::tx::{image_of_desktop, queue_command};
@@ -387,17 +387,22 @@ impl Broker {
         .execute(&mut *tx)
         .await?;
         set_host_images(&mut tx, &host.id, &beat.images).await?;
-        // Guest log-ins and log-outs seen in the reports, and clipboard copies and files that
-        // the pools' policies kept back, audited after the commit.
+        // Guest log-ins and log-outs seen in the reports, clipboard copies and files that the
+        // pools' policies kept back, and USB devices attached or refused, audited after the
+        // commit.
         let mut sessions_seen = Vec::new();
         let mut clipboard_denied = Vec::new();
         let mut files_denied = Vec::new();
+        let mut usb_events = Vec::new();
         for running in &beat.desktops {
             if let Some(counts) = &running.clipboard {
                 clipboard_denied.extend(new_clipboard_denials(&mut tx, &host.id, running, counts).await?);
             }
             if let Some(counts) = &running.files {
                 files_denied.extend(new_file_denials(&mut tx, &host.id, running, counts).await?);
+            }
+            if let Some(counts) = &running.usb {
+                usb_events.extend(new_usb_events(&mut tx, &host.id, running, counts).await?);
             }
             // The guest's words, relayed: kept only within the agent channel's limits.
             let guest = running.guest.as_ref().filter(|g| match g.check() {
@@ -503,7 +508,7 @@ impl Broker {
         let vanished = self.vanished_desktops(&mut tx, host, beat, now).await?;
         let rows = sqlx::query(
             "SELECT c.id, c.kind, c.desktop_id, c.generation, d.name AS desktop_name, d.pool_id, p.network, p.host_ports, p.lock_on_disconnect, \
-             p.clipboard_to_guest, p.clipboard_from_guest, p.file_transfer FROM host_commands c \
+             p.clipboard_to_guest, p.clipboard_from_guest, p.file_transfer, p.usb FROM host_commands c \
              LEFT JOIN desktops d ON d.id = c.desktop_id LEFT JOIN pools p ON p.id = d.pool_id \
              WHERE c.host_id = $1 AND c.state = 'pending' ORDER BY c.created_at, c.id",
         )
@@ -528,7 +533,7 @@ impl Broker {
             let pool_id: Option<String> = r.try_get("pool_id")?;
             let lock_on_disconnect =
                 kind.boots() && r.try_get::<Option<i64>, _>("lock_on_disconnect")?.is_some_and(|v| v != 0);
-            let (image, network, clipboard, file_transfer) = match pool_id {
+            let (image, network, clipboard, file_transfer, usb) = match pool_id {
                 Some(_) if kind.boots() => {
                     let network: Option<String> = r.try_get("network")?;
                     let ports: Option<String> = r.try_get("host_ports")?;
@@ -548,9 +553,11 @@ impl Broker {
                         network.for_host(),
                         Some(clipboard),
                         Some(allows("file_transfer")?),
+                        // Stored as the policy writes itself; no device when there is none.
+                        Some(r.try_get::<Option<String>, _>("usb")?.unwrap_or_else(|| "none".to_owned())),
                     )
                 }
-                _ => (None, None, None, None),
+                _ => (None, None, None, None, None),
             };
             commands.push(HostCommand {
                 id,
@@ -563,6 +570,7 @@ impl Broker {
                 lock_on_disconnect,
                 clipboard,
                 file_transfer,
+                usb,
             });
         }
         tx.commit().await?;
@@ -590,6 +598,9 @@ impl Broker {
             let noun = if files == 1 { "file" } else { "files" };
             let detail = format!("{files} {noun} from the client refused by the pool's policy");
             self.audit(&host.name, "files.denied", &desktop, &detail).await?;
+        }
+        for (desktop, event, devices) in usb_events {
+            self.audit(&host.name, event.action(), &desktop, &event.detail(devices)).await?;
         }
         Ok(HeartbeatReply { commands, heartbeat_interval_secs: self.settings.heartbeat_interval_secs })
     }
@@ -674,10 +685,10 @@ impl Broker {
                 .await?;
         }
         if ack.ok && kind.boots() {
-            // A new VM process, whose clipboard and file-transfer counters start at zero.
+            // A new VM process, whose clipboard, file-transfer and USB counters start at zero.
             sqlx::query(
-                "UPDATE desktops SET clipboard_denied_to_guest = 0, clipboard_denied_from_guest = 0, files_denied = 0 \
-                 WHERE id = $1 AND host_id = $2",
+                "UPDATE desktops SET clipboard_denied_to_guest = 0, clipboard_denied_from_guest = 0, files_denied = 0, \
+                 usb_attached = 0, usb_denied = 0 WHERE id = $1 AND host_id = $2",
             )
             .bind(&desktop_id)
             .bind(&host.id)
@@ -849,6 +860,73 @@ async fn new_file_denials(
         return Ok(None);
     }
     Ok(Some((get_str(&row, "name")?, new)))
+}
+
+/// What a running desktop's VM process did with a USB device, as the broker audits it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UsbEvent {
+    /// In the guest (`usb.attached`).
+    Attached,
+    /// Refused by the pool's policy (`usb.denied`).
+    Denied,
+}
+
+impl UsbEvent {
+    fn action(self) -> &'static str {
+        match self {
+            UsbEvent::Attached => "usb.attached",
+            UsbEvent::Denied => "usb.denied",
+        }
+    }
+
+    /// The audit's words: how many devices, and what became of them.
+    fn detail(self, devices: i64) -> String {
+        let noun = if devices == 1 { "USB device" } else { "USB devices" };
+        match self {
+            UsbEvent::Attached => format!("{devices} {noun} from the client attached in the desktop"),
+            UsbEvent::Denied => format!("{devices} {noun} from the client refused by the pool's policy"),
+        }
+    }
+}
+
+/// The USB devices that a running desktop's VM process attached in the guest, and those its
+/// pool's policy refused, since the last heartbeat: counted as [`new_clipboard_denials`] counts
+/// copies (the host reports the totals of the desktop's VM process, the desktop row keeps those
+/// already audited, and a total below the audited one is a new VM process whose events are all
+/// new). Returns the desktop's name, the event and how many devices.
+async fn new_usb_events(
+    tx: &mut Transaction<'_, Any>,
+    host_id: &str,
+    running: &RunningDesktop,
+    counts: &UsbCounts,
+) -> Result<Vec<(String, UsbEvent, i64)>> {
+    let row =
+        sqlx::query("SELECT name, usb_attached, usb_denied FROM desktops WHERE id = $1 AND host_id = $2")
+            .bind(&running.id)
+            .bind(host_id)
+            .fetch_optional(&mut **tx)
+            .await?;
+    let Some(row) = row else { return Ok(Vec::new()) };
+    let reported = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    let (attached, denied) = (reported(counts.attached), reported(counts.denied));
+    let audited = (get_i64(&row, "usb_attached")?, get_i64(&row, "usb_denied")?);
+    if (attached, denied) == audited {
+        return Ok(Vec::new());
+    }
+    sqlx::query("UPDATE desktops SET usb_attached = $1, usb_denied = $2 WHERE id = $3 AND host_id = $4")
+        .bind(attached)
+        .bind(denied)
+        .bind(&running.id)
+        .bind(host_id)
+        .execute(&mut **tx)
+        .await?;
+    let new = |total: i64, audited: i64| if total >= audited { total - audited } else { total };
+    let name = get_str(&row, "name")?;
+    Ok([(UsbEvent::Attached, new(attached, audited.0)), (UsbEvent::Denied, new(denied, audited.1))]
+        .into_iter()
+        .filter(|&(_, devices)| devices > 0)
+        .map(|(event, devices)| (name.clone(), event, devices))
+        .collect())
 }
 
 /// The `clipboard.denied` audit's words: how many copies, from where, kept back which way.

@@ -64,6 +64,7 @@ impl Broker {
     pub async fn create_pool(&self, actor: &Actor, spec: &PoolSpec) -> Result<Pool> {
         actor.require_admin()?;
         spec.validate()?;
+        let spec = &canonical_usb(spec)?;
         let image = self.image_by("name", &spec.image).await?;
         let id = new_id("p");
         let display = if spec.display_name.trim().is_empty() {
@@ -72,8 +73,8 @@ impl Broker {
             spec.display_name.trim().to_owned()
         };
         sqlx::query(
-            "INSERT INTO pools (id, name, display_name, kind, image_id, min_size, max_size, spares, idle_timeout_secs, disconnect_timeout_secs, enabled, alloc_seq, created_at, network, host_ports, lock_on_disconnect, clipboard_to_guest, clipboard_from_guest, file_transfer) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 1, 0, $11, $12, $13, $14, $15, $16, $17)",
+            "INSERT INTO pools (id, name, display_name, kind, image_id, min_size, max_size, spares, idle_timeout_secs, disconnect_timeout_secs, enabled, alloc_seq, created_at, network, host_ports, lock_on_disconnect, clipboard_to_guest, clipboard_from_guest, file_transfer, usb) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 1, 0, $11, $12, $13, $14, $15, $16, $17, $18)",
         )
         .bind(&id)
         .bind(&spec.name)
@@ -92,6 +93,7 @@ impl Broker {
         .bind(i64::from(spec.clipboard_to_guest))
         .bind(i64::from(spec.clipboard_from_guest))
         .bind(i64::from(spec.file_transfer))
+        .bind(&spec.usb)
         .execute(&self.db.pool)
         .await
         .map_err(|e| conflict(e, &format!("pool {}", spec.name)))?;
@@ -105,6 +107,7 @@ impl Broker {
     pub async fn update_pool(&self, actor: &Actor, id: &str, spec: &PoolSpec, enabled: bool) -> Result<Pool> {
         actor.require_admin()?;
         spec.validate()?;
+        let spec = &canonical_usb(spec)?;
         let pool = self.pool(id).await?;
         self.set_pool_image(actor, &pool, &spec.image).await?;
         let display = if spec.display_name.trim().is_empty() {
@@ -114,7 +117,7 @@ impl Broker {
         };
         sqlx::query(
             "UPDATE pools SET display_name = $1, min_size = $2, max_size = $3, spares = $4, idle_timeout_secs = $5, disconnect_timeout_secs = $6, enabled = $7, network = $8, host_ports = $9, lock_on_disconnect = $10, \
-             clipboard_to_guest = $11, clipboard_from_guest = $12, file_transfer = $13 WHERE id = $14",
+             clipboard_to_guest = $11, clipboard_from_guest = $12, file_transfer = $13, usb = $14 WHERE id = $15",
         )
         .bind(display)
         .bind(spec.min_size)
@@ -129,6 +132,7 @@ impl Broker {
         .bind(i64::from(spec.clipboard_to_guest))
         .bind(i64::from(spec.clipboard_from_guest))
         .bind(i64::from(spec.file_transfer))
+        .bind(&spec.usb)
         .bind(id)
         .execute(&self.db.pool)
         .await?;
@@ -267,7 +271,7 @@ impl Broker {
 fn pool_detail(spec: &PoolSpec) -> String {
     format!(
         "kind={} image={} min={} max={} spares={} idle={}s disconnect={}s network={} host_ports={} lock_on_disconnect={} \
-         clipboard_to_guest={} clipboard_from_guest={} file_transfer={}",
+         clipboard_to_guest={} clipboard_from_guest={} file_transfer={} usb={}",
         spec.kind.as_str(),
         spec.image,
         spec.min_size,
@@ -280,8 +284,15 @@ fn pool_detail(spec: &PoolSpec) -> String {
         spec.lock_on_disconnect,
         spec.clipboard_to_guest,
         spec.clipboard_from_guest,
-        spec.file_transfer
+        spec.file_transfer,
+        spec.usb
     )
+}
+
+/// `spec` with its USB policy as the policy writes itself (`class=08,0525:a4a5`), which is what
+/// is stored, audited and sent to hosts.
+fn canonical_usb(spec: &PoolSpec) -> Result<PoolSpec> {
+    Ok(PoolSpec { usb: spec.usb_policy()?.to_string(), ..spec.clone() })
 }
 
 /// The SHA-256 of a disk template that the broker can read (the path hosts share), computed

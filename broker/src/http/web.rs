@@ -616,6 +616,7 @@ fn pool_form(auth: &Auth, action: &str, spec: Option<(&PoolSpec, bool)>, images:
                 clipboard_to_guest: true,
                 clipboard_from_guest: true,
                 file_transfer: true,
+                usb: "none".into(),
             },
             true,
         ),
@@ -675,6 +676,17 @@ fn pool_form(auth: &Auth, action: &str, spec: Option<(&PoolSpec, bool)>, images:
                 "The host enforces it and audits every file it refuses (files.denied). "
                 "Changes apply from each desktop's next start."
             }
+            label for="pool-usb" { "USB devices allowed into the desktop" }
+            input id="pool-usb" name="usb" value=(s.usb) spellcheck="false" autocomplete="off" aria-describedby="pool-usb-help";
+            small id="pool-usb-help" {
+                "Which of the user's USB devices may be redirected into the desktops: "
+                code { "none" } " (no device), " code { "all" } ", or a comma-separated list of "
+                code { "class=HH" } " (a USB class in hex, e.g. 03 keyboards and mice, 08 storage, 0b smart cards: "
+                "every class of a device must be listed) and " code { "VVVV:PPPP" } " (a vendor and product id in hex), "
+                "e.g. " code { "class=03,class=0b,0525:a4a5" } ". "
+                "The host enforces it and audits every device it attaches (usb.attached) or refuses (usb.denied). "
+                "Changes apply from each desktop's next start."
+            }
             @if editing {
                 label for="pool-enabled" { "Enabled" }
                 input id="pool-enabled" name="enabled" type="checkbox" value="1" checked[enabled];
@@ -700,7 +712,7 @@ async fn admin_pools(
         html! {
             h1 { "Pools" }
             table {
-                thead { tr { th scope="col" { "Pool" } th scope="col" { "Kind" } th scope="col" { "Image" } th scope="col" { "Size (min–max)" } th scope="col" { "Spares" } th scope="col" { "Network" } th scope="col" { "Clipboard" } th scope="col" { "File transfer" } th scope="col" { "Desktops" } th scope="col" { "Enabled" } } }
+                thead { tr { th scope="col" { "Pool" } th scope="col" { "Kind" } th scope="col" { "Image" } th scope="col" { "Size (min–max)" } th scope="col" { "Spares" } th scope="col" { "Network" } th scope="col" { "Clipboard" } th scope="col" { "File transfer" } th scope="col" { "USB" } th scope="col" { "Desktops" } th scope="col" { "Enabled" } } }
                 tbody {
                     @for p in &pools {
                         tr {
@@ -712,6 +724,7 @@ async fn admin_pools(
                             td { @if !p.network.nat { "none" } @else if p.network.host_ports.is_empty() { "NAT" } @else { "NAT, host ports " (p.network.ports_text()) } }
                             td { (p.clipboard_text()) }
                             td { (p.file_transfer_text()) }
+                            td { (p.usb) }
                             td { (desktops.iter().filter(|d| d.pool_id == p.id && d.state != DesktopState::Failed).count()) }
                             td { @if p.enabled { "yes" } @else { "no" } }
                         }
@@ -754,6 +767,8 @@ fn pool_spec_from(f: &Fields, fixed: Option<&PoolSpec>) -> Result<PoolSpec, Erro
         clipboard_to_guest: field(f, "clipboard_to_guest") == "1",
         clipboard_from_guest: field(f, "clipboard_from_guest") == "1",
         file_transfer: field(f, "file_transfer") == "1",
+        // Empty: no device.
+        usb: field(f, "usb").trim().to_owned(),
     })
 }
 
@@ -788,6 +803,7 @@ async fn current_spec(s: &AppState, id: &str) -> Result<(PoolSpec, bool), Error>
         clipboard_to_guest: pool.clipboard_to_guest,
         clipboard_from_guest: pool.clipboard_from_guest,
         file_transfer: pool.file_transfer,
+        usb: pool.usb,
     };
     Ok((spec, pool.enabled))
 }

@@ -67,6 +67,8 @@ await run(async (browser, result) => {
   await admin.getByLabel('Clipboard: desktop → client').uncheck();
   // Nor does any file from the user's computer get in.
   await admin.getByLabel('File transfer into the desktop').uncheck();
+  // Keyboards and mice, and one USB stick by its ids, as an admin might type them.
+  await admin.getByLabel('USB devices allowed into the desktop').fill(' class=03, 0525:A4A5');
   await shot(admin, '06-admin-pool-form');
   await admin.getByRole('button', { name: 'Create pool' }).click();
   await admin.waitForURL(/\/admin\/pools\/p-.*notice=created/);
@@ -74,6 +76,7 @@ await run(async (browser, result) => {
   // The pool's page shows the switches as stored.
   result.form_file_transfer = await admin.getByLabel('File transfer into the desktop').isChecked();
   result.form_clipboard_from_guest = await admin.getByLabel('Clipboard: desktop → client').isChecked();
+  result.form_usb = await admin.getByLabel('USB devices allowed into the desktop').inputValue();
   await admin.locator('#ent-kind').selectOption('group');
   await admin.locator('#ent-name').fill(env('GROUP_NAME'));
   await admin.getByRole('button', { name: 'Entitle' }).click();

@@ -246,6 +246,7 @@ impl Env {
             clipboard_to_guest: true,
             clipboard_from_guest: true,
             file_transfer: true,
+            usb: "none".into(),
         };
         self.broker.create_pool(&system(), &spec).await.unwrap().id
     }
@@ -336,6 +337,9 @@ pub struct Vm {
     /// While set, the VM process reports this many files refused by the pool's policy since
     /// it started.
     pub files_denied: Option<u64>,
+    /// While set, the VM process reports these USB devices (attached in the guest, refused by
+    /// the pool's policy) since it started.
+    pub usb: Option<(u64, u64)>,
 }
 
 /// What a [`HostDouble`] reports as every desktop's disk usage.
@@ -368,6 +372,8 @@ pub struct HostDouble {
     pub clipboard: BTreeMap<String, Value>,
     /// Per desktop: the file-transfer policy its last boot command carried (`null`: none).
     pub file_transfer: BTreeMap<String, Value>,
+    /// Per desktop: the USB policy its last boot command carried (`null`: none).
+    pub usb: BTreeMap<String, Value>,
     /// Over HTTPS: the client certificate this host presents (its identity, pinned at
     /// registration).
     pub cert: Option<ClientCert>,
@@ -406,6 +412,7 @@ impl HostDouble {
             lock_on_disconnect: BTreeMap::new(),
             clipboard: BTreeMap::new(),
             file_transfer: BTreeMap::new(),
+            usb: BTreeMap::new(),
             held: Vec::new(),
             cert,
             base: env.base.clone(),
@@ -434,6 +441,10 @@ impl HostDouble {
                 }
                 if let Some(denied) = vm.files_denied {
                     d["files"] = json!({ "denied": denied, "completed": 0, "bytes_to_guest": 0 });
+                }
+                if let Some((attached, denied)) = vm.usb {
+                    // As `ctl status`'s `agent.usb` has it (the host passes the counts on).
+                    d["usb"] = json!({ "attached": attached, "denied": denied });
                 }
                 d
             })
@@ -473,6 +484,7 @@ impl HostDouble {
                     self.lock_on_disconnect.insert(desktop.clone(), c["lock_on_disconnect"] == true);
                     self.clipboard.insert(desktop.clone(), c["clipboard"].clone());
                     self.file_transfer.insert(desktop.clone(), c["file_transfer"].clone());
+                    self.usb.insert(desktop.clone(), c["usb"].clone());
                     let vm = self.vms.entry(desktop).or_insert(Vm {
                         connected: false,
                         guest_idle: None,
@@ -480,12 +492,14 @@ impl HostDouble {
                         generation: None,
                         clipboard_denied: None,
                         files_denied: None,
+                        usb: None,
                     });
                     vm.starts += 1;
                     vm.connected = false;
-                    // A new VM process: its clipboard and file-transfer counters start again.
+                    // A new VM process: its clipboard, file-transfer and USB counters start again.
                     vm.clipboard_denied = vm.clipboard_denied.map(|_| (0, 0));
                     vm.files_denied = vm.files_denied.map(|_| 0);
+                    vm.usb = vm.usb.map(|_| (0, 0));
                     vm.generation = c["generation"].as_u64();
                     assert!(vm.generation.is_some(), "commands that boot carry the generation: {c}");
                 }

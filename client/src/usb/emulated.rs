@@ -19,7 +19,9 @@ use std::path::Path;
 
 use pleiades_protocol::usbip::{CmdSubmit, Direction};
 
-use super::{Completion, DeviceInfo, Speed, UsbDevice};
+use pleiades_protocol::wire::UsbSpeed;
+
+use super::{Completion, DeviceInfo, UsbDevice};
 
 pub const VENDOR_ID: u16 = 0x0525;
 pub const PRODUCT_ID: u16 = 0xa4a5;
@@ -373,9 +375,10 @@ impl UsbDevice for EmulatedDisk {
         DeviceInfo {
             vendor_id: VENDOR_ID,
             product_id: PRODUCT_ID,
-            class: 0x08,
-            speed: Speed::High,
-            product: "Emulated USB disk".into(),
+            class: 0,
+            interfaces: vec![0x08],
+            speed: UsbSpeed::High,
+            product: "Pleiades emulated USB disk".into(),
         }
     }
 
@@ -412,20 +415,7 @@ mod tests {
             data: Vec<u8>,
         ) -> (i32, Vec<u8>, u32) {
             self.seqnum += 1;
-            let submit = Pdu::Submit(CmdSubmit {
-                seqnum: self.seqnum,
-                devid: 1,
-                direction,
-                ep,
-                transfer_flags: 0,
-                transfer_buffer_length: length,
-                start_frame: 0,
-                number_of_packets: 0,
-                interval: 0,
-                setup,
-                data,
-                iso: Vec::new(),
-            });
+            let submit = Pdu::Submit(CmdSubmit::new(self.seqnum, 1, ep, direction, length, setup, data));
             let Pdu::Submit(urb) = self.link.from_guest(&submit.encode()).unwrap().remove(0) else {
                 unreachable!()
             };

@@ -142,6 +142,8 @@ pub struct Link {
     pub current: Current,
     /// The files to send (`--send`, drops): each session sends what is left.
     pub files: crate::files::FileQueue,
+    /// The USB devices to redirect (`--usb-emulated-disk`): into each session in turn.
+    pub usb: Vec<Box<dyn crate::usb::UsbDevice>>,
 }
 
 impl Link {
@@ -151,7 +153,7 @@ impl Link {
         mut gpu_video: watch::Receiver<Option<bool>>,
         notify: impl Fn(LinkEvent) + Send,
     ) {
-        let Link { connection, options, audio, current, files } = self;
+        let Link { connection, options, audio, current, files, mut usb } = self;
         let mut credential = connection.ticket.clone();
         // Set while resuming: when the path was lost, why, and how long the token lives.
         let mut lost: Option<(Instant, String, Duration)> = None;
@@ -204,6 +206,7 @@ impl Link {
             // So does the clipboard, where this machine has an X display, and the files to send.
             let clipboard = crate::clipboard::ClipboardBridge::start(&session.handle);
             let sender = tokio::spawn(crate::files::send_files(session.handle.clone(), files.clone()));
+            let redirect = crate::usb::redirect::Redirect::start(&session.handle, std::mem::take(&mut usb));
             let end = run(&mut session, &notify).await;
             sender.abort();
             let _ = sender.await;
@@ -219,6 +222,13 @@ impl Link {
             }
             let token = session.handle.resume_token();
             *lock(&current) = None;
+            // The devices come back once the session's end reached their threads.
+            usb = match redirect {
+                Ok(redirect) => {
+                    tokio::task::spawn_blocking(move || redirect.finish().1).await.unwrap_or_default()
+                }
+                Err(devices) => devices,
+            };
             match end {
                 End::Final(why) => {
                     notify(LinkEvent::State(LinkState::Disconnected(why)));

@@ -40,6 +40,7 @@ pub fn run(
     options: SessionOptions,
     audio: AudioOptions,
     files: crate::files::FileQueue,
+    usb: Vec<Box<dyn crate::usb::UsbDevice>>,
 ) -> anyhow::Result<()> {
     let event_loop = EventLoop::<link::LinkEvent>::with_user_event()
         .build()
@@ -56,7 +57,7 @@ pub fn run(
     let (gpu_video, gpu_video_rx) = tokio::sync::watch::channel(None);
     let desktop = connection.desktop.clone();
     tracing::info!(host = %connection.host, port = connection.port, desktop = %desktop, "connecting");
-    let link = link::Link { connection, options, audio, current: current.clone(), files: files.clone() };
+    let link = link::Link { connection, options, audio, current: current.clone(), files: files.clone(), usb };
     runtime.spawn(link.supervise(gpu_video_rx, move |event| {
         let _ = proxy.send_event(event);
     }));

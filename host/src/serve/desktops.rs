@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use pleiades_protocol::clipboard::ClipboardPolicy;
 use pleiades_protocol::hostapi::{DesktopNetwork, GuestReport, RunningDesktop, VmImage};
+use pleiades_protocol::usb::UsbPolicy;
 
 use pleiades_control::{self as control, Request};
 
@@ -213,7 +214,7 @@ impl Desktops {
         dir: &Path,
         boot: Boot,
     ) -> Result<u16, String> {
-        let Boot { generation, lock_on_disconnect, clipboard, file_transfer } = boot;
+        let Boot { generation, lock_on_disconnect, clipboard, file_transfer, usb } = boot;
         std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let mut claim = self.claim_port()?;
         let port = claim.port;
@@ -271,6 +272,7 @@ impl Desktops {
             .args(lock_arg(&self.settings.devices, lock_on_disconnect))
             .arg(format!("--clipboard={}", clipboard.as_arg()))
             .arg(file_transfer_arg(file_transfer))
+            .arg(usb_arg(&usb))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);
@@ -577,6 +579,7 @@ impl Desktops {
                             let guest = guest_report(&status["agent"]);
                             let clipboard = serde_json::from_value(status["agent"]["clipboard"].clone()).ok();
                             let files = serde_json::from_value(status["agent"]["files"].clone()).ok();
+                            let usb = serde_json::from_value(status["agent"]["usb"].clone()).ok();
                             let disk_bytes = disks.usage(&id);
                             RunningDesktop {
                                 id,
@@ -586,6 +589,7 @@ impl Desktops {
                                 guest,
                                 clipboard,
                                 files,
+                                usb,
                             }
                         })
                     })
@@ -682,7 +686,7 @@ enum Network<'a> {
 }
 
 /// What a start command asks of the VM process beyond its image and disk.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Boot {
     pub generation: Option<u64>,
     pub lock_on_disconnect: bool,
@@ -692,18 +696,35 @@ pub struct Boot {
     /// The pool's file-transfer policy: whether the client may send files into the guest
     /// (`run --file-transfer allow|deny`).
     pub file_transfer: bool,
+    /// The pool's USB policy: which of the client's devices may be redirected into the guest
+    /// (`run --usb`).
+    pub usb: UsbPolicy,
 }
 
 impl Boot {
-    /// What `command` (one that boots) asks for.
-    pub fn of(command: &pleiades_protocol::hostapi::HostCommand) -> Self {
-        Boot {
+    /// What `command` (one that boots) asks for. A USB policy that does not parse fails the
+    /// command: the desktop is not booted (nor stopped first) with a policy other than its
+    /// pool's. A command without one (a broker that predates it) allows no device.
+    pub fn of(command: &pleiades_protocol::hostapi::HostCommand) -> Result<Self, String> {
+        let usb = match &command.usb {
+            Some(text) => UsbPolicy::parse(text)
+                .map_err(|e| format!("the pool's USB policy {text:?} is not valid, not booting: {e}"))?,
+            None => UsbPolicy::NONE,
+        };
+        Ok(Boot {
             generation: command.generation,
             lock_on_disconnect: command.lock_on_disconnect,
             clipboard: command.clipboard.unwrap_or_default(),
             file_transfer: command.file_transfer.unwrap_or(true),
-        }
+            usb,
+        })
     }
+}
+
+/// `run --usb=POLICY`: the pool's USB policy in its canonical text, always passed, `none` too
+/// (the VM process enforces it, whatever the client offers).
+fn usb_arg(policy: &UsbPolicy) -> String {
+    format!("--usb={policy}")
 }
 
 /// `run --file-transfer=allow|deny`: the pool's file-transfer policy, always passed (the VM
@@ -773,6 +794,29 @@ mod tests {
         gone["connected"] = false.into();
         assert_eq!(guest_report(&gone), None);
         assert_eq!(guest_report(&serde_json::Value::Null), None);
+    }
+
+    /// The status poll reads the broker's USB counts from what the VM process's status says.
+    #[test]
+    fn the_vm_process_usb_status_becomes_the_brokers_usb_counts() {
+        let usb = crate::vm::agent::UsbStatus {
+            policy: "class=08".into(),
+            attached: 2,
+            denied: 5,
+            failed: 1,
+            bytes_to_guest: 1 << 20,
+            ..Default::default()
+        };
+        let status = serde_json::json!({ "agent": { "connected": false, "usb": usb } });
+        let counts: pleiades_protocol::hostapi::UsbCounts =
+            serde_json::from_value(status["agent"]["usb"].clone()).unwrap();
+        assert_eq!((counts.attached, counts.denied), (2, 5));
+        // A VM process that predates USB says nothing: no counts, nothing for the broker to audit.
+        let old = serde_json::json!({ "agent": { "connected": false } });
+        assert!(
+            serde_json::from_value::<pleiades_protocol::hostapi::UsbCounts>(old["agent"]["usb"].clone())
+                .is_err()
+        );
     }
 
     #[test]
@@ -886,6 +930,7 @@ mod tests {
                     lock_on_disconnect: true,
                     clipboard: ClipboardPolicy::BOTH,
                     file_transfer: true,
+                    usb: UsbPolicy::NONE,
                 },
             )
             .await
@@ -925,6 +970,7 @@ mod tests {
                 state in "/-?[-_a-z0-9]{1,20}",
                 device in prop::sample::select(vec!["gpu", "sound", "keyboard", "tablet", "gpu,heads=2"]),
                 generation in proptest::option::of(any::<u64>()),
+                usb in prop::sample::select(vec!["none", "all", "class=03", "class=03,class=0b,0525:a4a5", "1d6b:0104"]),
             ) {
                 let mut settings = desktops(Path::new(&state)).settings;
                 settings.ticket_key = base64url(&key);
@@ -949,12 +995,15 @@ mod tests {
                 let netns = format!("pleiades-{desktop}");
                 let mut argv = vms.run_args(&desktop, &image, Some(&disk), Network::Host { netns: Some(&netns) }, 47001, &dir);
                 argv.extend(generation_arg(generation).map(Into::into));
+                let usb = UsbPolicy::parse(usb).unwrap();
+                argv.push(usb_arg(&usb).into());
                 let run = Run::try_parse_from(std::iter::once("run".into()).chain(argv))
                     .map_err(|e| TestCaseError::fail(e.to_string()))?
                     .args;
                 prop_assert_eq!(run.ticket_key, Some(base64url(&key)));
                 prop_assert_eq!(run.ticket_host.as_deref(), Some(host_id.as_str()));
                 prop_assert_eq!(run.ticket_generation, generation);
+                prop_assert_eq!(run.usb, usb);
                 prop_assert_eq!(run.advertise.as_deref(), Some(address.as_str()));
                 prop_assert_eq!(&run.desktop, &desktop);
                 prop_assert_eq!(&run.cmdline, &cmdline);
@@ -994,15 +1043,45 @@ mod tests {
             r#"{"id":"c1","kind":"start","desktop_id":"d1","desktop_name":"n","image":null,"generation":3}"#,
         )
         .unwrap();
-        let boot = Boot::of(&command);
+        let boot = Boot::of(&command).unwrap();
         assert!(boot.file_transfer, "a broker that predates the policy: allowed");
         assert_eq!(file_transfer_arg(boot.file_transfer), "--file-transfer=allow");
         for (told, arg) in [(true, "--file-transfer=allow"), (false, "--file-transfer=deny")] {
             let command =
                 pleiades_protocol::hostapi::HostCommand { file_transfer: Some(told), ..command.clone() };
-            let boot = Boot::of(&command);
+            let boot = Boot::of(&command).unwrap();
             assert_eq!((boot.file_transfer, boot.generation), (told, Some(3)));
             assert_eq!(file_transfer_arg(boot.file_transfer), arg);
+        }
+    }
+
+    #[test]
+    fn a_boot_passes_the_pools_usb_policy_to_run() {
+        let command: pleiades_protocol::hostapi::HostCommand = serde_json::from_str(
+            r#"{"id":"c1","kind":"start","desktop_id":"d1","desktop_name":"n","image":null,"generation":3}"#,
+        )
+        .unwrap();
+        let boot = Boot::of(&command).unwrap();
+        assert_eq!(boot.usb, UsbPolicy::NONE, "a broker that predates the policy: no device");
+        assert_eq!(usb_arg(&boot.usb), "--usb=none", "passed even when nothing is allowed");
+        for (told, arg) in [
+            ("none", "--usb=none"),
+            ("all", "--usb=all"),
+            ("class=08", "--usb=class=08"),
+            (" class=03, class=0B ,0525:A4A5", "--usb=class=03,class=0b,0525:a4a5"),
+        ] {
+            let command =
+                pleiades_protocol::hostapi::HostCommand { usb: Some(told.into()), ..command.clone() };
+            let boot = Boot::of(&command).unwrap();
+            assert_eq!(boot.generation, Some(3));
+            assert_eq!(usb_arg(&boot.usb), arg, "{told:?}");
+        }
+        // A policy the host cannot read fails the command: never a boot with another policy.
+        for bad in ["most", "class=8", "0525-a4a5", "class=03,everything", "usb:all"] {
+            let command =
+                pleiades_protocol::hostapi::HostCommand { usb: Some(bad.into()), ..command.clone() };
+            let e = Boot::of(&command).unwrap_err();
+            assert!(e.contains("USB policy") && e.contains(bad) && e.contains("not booting"), "{e}");
         }
     }
 

@@ -445,28 +445,31 @@ async fn execute(desktops: &Arc<Desktops>, command: &HostCommand) -> CommandAck 
     tracing::info!(desktop = %command.desktop_name, id = %command.desktop_id, kind = %command.kind, "command");
     let image = || command.image.as_ref().ok_or_else(|| format!("{} without an image", command.kind));
     let result = match command.kind {
-        CommandKind::Start => match image() {
-            Ok(image) => desktops
-                .start(&command.desktop_id, image, false, command.network.as_ref(), Boot::of(command))
+        CommandKind::Start => match image().and_then(|image| Ok((image, Boot::of(command)?))) {
+            Ok((image, boot)) => desktops
+                .start(&command.desktop_id, image, false, command.network.as_ref(), boot)
                 .await
                 .map(Some),
             Err(e) => Err(e),
         },
         // A restart keeps the desktop's disk; a recycle reverts it: a fresh overlay on the
-        // template of the image the command names (the pool's current one).
-        CommandKind::Restart | CommandKind::Recycle => match image() {
-            Ok(image) => match desktops.stop(&command.desktop_id).await {
-                Ok(()) => {
-                    let fresh = command.kind == CommandKind::Recycle;
-                    desktops
-                        .start(&command.desktop_id, image, fresh, command.network.as_ref(), Boot::of(command))
-                        .await
-                        .map(Some)
-                }
+        // template of the image the command names (the pool's current one). A command that
+        // cannot boot (a USB policy the host cannot read) leaves the running VM alone.
+        CommandKind::Restart | CommandKind::Recycle => {
+            match image().and_then(|image| Ok((image, Boot::of(command)?))) {
+                Ok((image, boot)) => match desktops.stop(&command.desktop_id).await {
+                    Ok(()) => {
+                        let fresh = command.kind == CommandKind::Recycle;
+                        desktops
+                            .start(&command.desktop_id, image, fresh, command.network.as_ref(), boot)
+                            .await
+                            .map(Some)
+                    }
+                    Err(e) => Err(e),
+                },
                 Err(e) => Err(e),
-            },
-            Err(e) => Err(e),
-        },
+            }
+        }
         CommandKind::Stop => desktops.stop(&command.desktop_id).await.map(|()| None),
         CommandKind::Disconnect => desktops.disconnect(&command.desktop_id).await.map(|()| None),
         CommandKind::Unknown => Err("unknown command kind: the broker is newer than this host".to_owned()),
@@ -650,6 +653,49 @@ mod tests {
         assert!(e.to_string().contains("--device gpu"), "{e}");
         let e = ServeArgs { broker: None, ..args() }.resolve().unwrap_err();
         assert!(e.to_string().contains("--broker"), "{e}");
+    }
+
+    /// A boot command whose USB policy the host cannot read fails, with the reason in its
+    /// acknowledgement, before anything is stopped or started.
+    #[tokio::test]
+    async fn a_boot_command_with_a_bad_usb_policy_fails_before_booting() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = VmSettings {
+            exe: "/bin/false".into(),
+            vmm: None,
+            devices: vec!["gpu".into()],
+            listen_ip: IpAddr::from([127, 0, 0, 1]),
+            ports: PortRange { first: 47000, last: 47001 },
+            address: "127.0.0.1".into(),
+            host_id: "h".into(),
+            ticket_key: String::new(),
+            state_dir: dir.path().to_owned(),
+            cores: 2,
+            memory_mib: 4096,
+            jail: None,
+            image_dirs: vec![dir.path().to_owned()],
+        };
+        let desktops = Arc::new(Desktops::new(settings, Spawner::start().unwrap()));
+        let command: HostCommand = serde_json::from_value(serde_json::json!({
+            "id": "c1", "kind": "start", "desktop_id": "d1", "desktop_name": "n", "generation": 1,
+            "image": {
+                "id": "i", "name": "debian", "kernel": "/nowhere/vmlinuz", "initrd": "/nowhere/initrd",
+                "cmdline": "", "vcpus": 1, "memory_mib": 256
+            },
+            "usb": "class=08,everything"
+        }))
+        .unwrap();
+        for kind in [CommandKind::Start, CommandKind::Restart, CommandKind::Recycle] {
+            let ack = execute(&desktops, &HostCommand { kind, ..command.clone() }).await;
+            let error = ack.error.unwrap_or_default();
+            assert!(!ack.ok && error.contains(r#"USB policy "class=08,everything""#), "{kind}: {error}");
+            assert!(error.contains("not a USB rule"), "the policy's own words: {error}");
+        }
+        assert!(!dir.path().join("desktops").exists(), "nothing was prepared for a boot");
+        // The same command with a policy it can read goes on to boot (and fails later, here,
+        // on the image).
+        let ack = execute(&desktops, &HostCommand { usb: Some("class=08".into()), ..command }).await;
+        assert!(!ack.error.unwrap_or_default().contains("USB"));
     }
 
     #[test]

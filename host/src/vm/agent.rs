@@ -13,7 +13,10 @@
 //! process, and each denial is counted in the status (`clipboard`) and logged, which is how the
 //! broker learns of it and audits it. So does the file relay ([`FileRelay`]): files the
 //! session's client sends go to the guest's agent as the pool allows (`run --file-transfer`),
-//! within the transfer window, counted in the status (`files`).
+//! within the transfer window, counted in the status (`files`). And the USB relay
+//! ([`UsbRelay`]): the client's devices, as the pool allows (`run --usb`), attached by the
+//! agent to the guest kernel's `vhci-hcd` over streams of their own ([`super::usb`]), every
+//! attach and refusal logged and counted (`usb`).
 
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -24,13 +27,16 @@ use pleiades_control::RelayPort;
 use pleiades_protocol::agent::{AGENT_PORT, HostEvent, HostLink};
 use pleiades_protocol::clipboard::{ClipboardPolicy, ClipboardRelay, Direction, End, RelayEvent};
 use pleiades_protocol::files::{FileEvent, FileRelay};
+use pleiades_protocol::usb::{UsbEvent, UsbOut, UsbPolicy, UsbRelay};
 use pleiades_protocol::wire::{
     ClipboardMessage, FILE_WINDOW, FileMessage, MAX_CLIPBOARD_BYTES, MAX_FILE_TRANSFERS, PowerAction,
-    SessionActivity,
+    SessionActivity, UsbMessage,
 };
 use pleiades_virtio::vsock::VsockHandle;
 use pleiades_virtio::vsock::muxer::{ConnKey, Event};
 use serde::Serialize;
+
+use super::usb::UsbStreams;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -79,6 +85,37 @@ pub struct AgentStatus {
     pub last_error: Option<String>,
     pub clipboard: ClipboardStatus,
     pub files: FileStatus,
+    pub usb: UsbStatus,
+}
+
+/// The USB relay's policy, its devices and what went through it.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct UsbStatus {
+    /// The policy (`none` until the VM process sets it; see `run --usb`).
+    pub policy: String,
+    /// The devices redirected now.
+    pub devices: Vec<UsbDeviceStatus>,
+    /// Devices attached in the guest so far (the broker audits each).
+    pub attached: u64,
+    /// Devices the policy refused (the broker audits each increase).
+    pub denied: u64,
+    /// Attaches that failed, and devices unplugged over a broken protocol.
+    pub failed: u64,
+    pub bytes_to_guest: u64,
+    pub bytes_from_guest: u64,
+}
+
+/// One redirected device.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct UsbDeviceStatus {
+    pub id: u32,
+    /// `vvvv:pppp`.
+    pub usb_id: String,
+    pub name: String,
+    /// Its classes (the device's and its interfaces'), in hex.
+    pub classes: Vec<String>,
+    /// In the guest (else the attach is under way).
+    pub attached: bool,
 }
 
 /// The file relay's policy and what went through it.
@@ -215,6 +252,18 @@ macro_rules! relay_ends {
 relay_ends!(ClipboardRelay, ClipboardMessage);
 relay_ends!(FileRelay, FileMessage);
 
+impl RelayEnds<UsbMessage> for UsbRelay {
+    fn connected(&mut self, _: End) {
+        self.client_connected();
+    }
+    fn disconnected(&mut self, _: End) {
+        self.client_disconnected();
+    }
+    fn receive(&mut self, _: End, message: UsbMessage) {
+        self.from_client(message);
+    }
+}
+
 enum Request {
     LockScreen,
     UnlockScreen,
@@ -223,6 +272,8 @@ enum Request {
     Clipboard(PortRequest<ClipboardMessage>),
     FilePolicy(bool),
     Files(PortRequest<FileMessage>),
+    UsbPolicy(UsbPolicy),
+    Usb(PortRequest<UsbMessage>),
 }
 
 /// The VM process's handle on its guest agent.
@@ -243,6 +294,8 @@ impl Agent {
         let (requests, received) = mpsc::channel();
         let events = vsock.events().context("cannot watch the vsock device")?;
         vsock.listen(AGENT_PORT);
+        UsbStreams::listen(&vsock);
+        let random = ring::rand::SystemRandom::new();
         let mut worker = Worker {
             vsock,
             status: status.clone(),
@@ -255,6 +308,15 @@ impl Agent {
             // The same for files (`set_file_transfer`).
             files: FileRelay::new(false),
             files_client: None,
+            // And for USB (`set_usb_policy`). The tokens that prove a guest stream's device.
+            usb: UsbRelay::new(
+                UsbPolicy::NONE,
+                Box::new(move || {
+                    ring::rand::generate::<[u8; 8]>(&random).map_or(0, |t| u64::from_le_bytes(t.expose()))
+                }),
+            ),
+            usb_client: None,
+            usb_streams: UsbStreams::default(),
         };
         let thread_wake = wake.clone();
         std::thread::Builder::new()
@@ -318,6 +380,12 @@ impl Agent {
     pub fn set_file_transfer(&self, allowed: bool) {
         lock(&self.status).files.allowed = allowed;
         self.queue(Request::FilePolicy(allowed));
+    }
+
+    /// Sets which USB devices the client may redirect into the guest (the pool's policy).
+    pub fn set_usb_policy(&self, policy: UsbPolicy) {
+        lock(&self.status).usb.policy = policy.to_string();
+        self.queue(Request::UsbPolicy(policy));
     }
 
     /// Asks the guest to shut down or restart; `false` when no agent is connected.
@@ -391,6 +459,20 @@ impl RelayPort<FileMessage> for Agent {
     }
 }
 
+impl RelayPort<UsbMessage> for Agent {
+    fn attach(&self, session: u64, to_client: ClientSink<UsbMessage>) {
+        self.queue(Request::Usb(PortRequest::Attach { session, sink: to_client }));
+    }
+
+    fn client_sent(&self, session: u64, message: UsbMessage) {
+        self.queue(Request::Usb(PortRequest::ClientSent { session, message }));
+    }
+
+    fn detach(&self, session: u64) {
+        self.queue(Request::Usb(PortRequest::Detach { session }));
+    }
+}
+
 fn lock(status: &Mutex<AgentStatus>) -> MutexGuard<'_, AgentStatus> {
     status.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
@@ -413,6 +495,9 @@ struct Worker {
     client: Option<(u64, ClientSink<ClipboardMessage>)>,
     files: FileRelay,
     files_client: Option<(u64, ClientSink<FileMessage>)>,
+    usb: UsbRelay,
+    usb_client: Option<(u64, ClientSink<UsbMessage>)>,
+    usb_streams: UsbStreams,
 }
 
 impl Worker {
@@ -448,6 +533,8 @@ impl Worker {
                 self.on_event(event);
             }
             if Instant::now() >= next_tick {
+                self.usb.tick();
+                self.pump_relay();
                 self.vsock.tick();
                 next_tick = Instant::now() + TICK;
             }
@@ -455,6 +542,10 @@ impl Worker {
     }
 
     fn on_event(&mut self, event: Event) {
+        if self.usb_streams.on_event(event, &self.vsock, &mut self.usb) {
+            self.pump_relay();
+            return self.flush();
+        }
         match event {
             Event::Accepted(key) if key.host_port == AGENT_PORT => {
                 if let Some(old) = self.conn.take() {
@@ -513,7 +604,10 @@ impl Worker {
                                 apply(&mut lock(&self.status), event);
                                 self.relay.connected(End::Guest);
                                 self.files.connected(End::Guest);
+                                self.usb.agent_connected(true);
                             }
+                            HostEvent::UsbAttached { id, port } => self.usb.agent_answered(id, Ok(port)),
+                            HostEvent::UsbFailed { id, reason } => self.usb.agent_answered(id, Err(reason)),
                             event => apply(&mut lock(&self.status), event),
                         }
                     }
@@ -529,12 +623,14 @@ impl Worker {
     fn guest_gone(&mut self) {
         self.relay.disconnected(End::Guest);
         self.files.disconnected(End::Guest);
+        self.usb.agent_connected(false);
         self.pump_relay();
     }
 
     /// Sends what the relays have for each end and counts what happened.
     fn pump_relay(&mut self) {
         self.pump_files();
+        self.pump_usb();
         let Self { relay, client, conn, .. } = self;
         deliver(std::iter::from_fn(|| relay.poll_transmit()), client, conn, HostLink::clipboard, "clipboard");
         while let Some(event) = self.relay.poll_event() {
@@ -588,6 +684,11 @@ impl Worker {
                 let Some(change) = request.apply(&mut self.files_client) else { return };
                 change.apply_to(&mut self.files);
             }
+            Request::UsbPolicy(policy) => self.usb.set_policy(policy),
+            Request::Usb(request) => {
+                let Some(change) = request.apply(&mut self.usb_client) else { return };
+                change.apply_to(&mut self.usb);
+            }
             link_request => {
                 let Some(conn) = self.conn.as_mut() else { return };
                 result = match link_request {
@@ -636,6 +737,73 @@ impl Worker {
         }
         status.files.bytes_to_guest = self.files.bytes_to_guest();
         status.files.in_progress = self.files.transfers() as u64;
+    }
+
+    /// Carries out what the USB relay has for the client, the agent and the devices' streams,
+    /// and counts and logs (for the audit) what happened.
+    fn pump_usb(&mut self) {
+        while let Some(out) = self.usb.poll_transmit() {
+            let Some(out) = self.usb_streams.apply(out, &self.vsock, &mut self.usb) else { continue };
+            match out {
+                UsbOut::ToClient(message) => {
+                    if let Some((_, sink)) = &self.usb_client {
+                        sink(message);
+                    }
+                }
+                UsbOut::AttachInGuest { id, token, speed } => {
+                    if let Some(conn) = self.conn.as_mut()
+                        && let Err(e) = conn.link.usb_attach(id, token, speed)
+                    {
+                        tracing::warn!("usb: cannot ask the agent to attach device {id}: {e}");
+                    }
+                }
+                UsbOut::ToGuest { .. } | UsbOut::CloseGuest { .. } => {}
+            }
+        }
+        let mut status = lock(&self.status);
+        let counts = &mut status.usb;
+        while let Some(event) = self.usb.poll_event() {
+            match event {
+                UsbEvent::Denied(device) => {
+                    counts.denied += 1;
+                    tracing::warn!(
+                        usb_id = format!("{:04x}:{:04x}", device.vendor_id, device.product_id),
+                        classes = ?device.classes().map(|c| format!("{c:02x}")).collect::<Vec<_>>(),
+                        name = device.name,
+                        "usb: a device was kept out by the desktop's policy"
+                    );
+                }
+                UsbEvent::Attached { device, port } => {
+                    counts.attached += 1;
+                    tracing::info!(
+                        usb_id = format!("{:04x}:{:04x}", device.vendor_id, device.product_id),
+                        name = device.name,
+                        port,
+                        "usb: a device was attached in the guest"
+                    );
+                }
+                UsbEvent::Failed { device, reason } => {
+                    counts.failed += 1;
+                    tracing::warn!(name = device.name, "usb: device {} failed: {reason}", device.id);
+                }
+                UsbEvent::Detached { device, reason } => {
+                    tracing::info!(name = device.name, ?reason, "usb: device {} left the guest", device.id);
+                }
+            }
+        }
+        counts.devices = self
+            .usb
+            .devices()
+            .map(|(d, attached)| UsbDeviceStatus {
+                id: d.id,
+                usb_id: format!("{:04x}:{:04x}", d.vendor_id, d.product_id),
+                name: d.name.clone(),
+                classes: d.classes().map(|c| format!("{c:02x}")).collect(),
+                attached,
+            })
+            .collect();
+        counts.bytes_to_guest = self.usb.bytes_to_guest();
+        counts.bytes_from_guest = self.usb.bytes_from_guest();
     }
 
     /// Writes what the link has for the agent, as far as the guest's credit allows.
@@ -718,7 +886,10 @@ fn apply(status: &mut AgentStatus, event: HostEvent) {
             status.user = Some(state.user).filter(|u| !u.is_empty());
             status.idle_ms = Some(state.idle_ms);
         }
-        HostEvent::Clipboard(_) | HostEvent::Files(_) => {}
+        HostEvent::Clipboard(_)
+        | HostEvent::Files(_)
+        | HostEvent::UsbAttached { .. }
+        | HostEvent::UsbFailed { .. } => {}
     }
 }
 
@@ -892,28 +1063,51 @@ mod tests {
         assert_eq!(agent.status().clipboard.denied_to_guest, 0);
     }
 
+    /// The agent thread on a vsock device whose guest agent (port 5000) said hello, with
+    /// session 1's client attached to relay `M`: what the relay sends it lands in `to_client`.
+    struct Rig<M> {
+        mem: GuestMemory,
+        device: Vsock,
+        agent: Agent,
+        queues: Vec<Queue>,
+        rx: QueueRings,
+        to_client: Arc<Mutex<Vec<M>>>,
+    }
+
+    impl<M: Send + 'static> Rig<M>
+    where
+        Agent: RelayPort<M>,
+    {
+        /// `policy` sets the relay's policy before anything happens.
+        fn new(policy: impl FnOnce(&Agent)) -> Self {
+            let mem = memory();
+            let (mut device, handle) = Vsock::new(GUEST_CID, Default::default()).unwrap();
+            let agent = Agent::start(handle).unwrap();
+            policy(&agent);
+            let to_client = Arc::new(Mutex::new(Vec::new()));
+            let sink = to_client.clone();
+            RelayPort::<M>::attach(&agent, 1, Box::new(move |m| sink.lock().unwrap().push(m)));
+            let mut queues =
+                vec![vsock_rx_queue(&mem, 0, 16, 4096), Queue::new(64).unwrap(), Queue::new(64).unwrap()];
+            let rx = QueueRings::of(&queues[RXQ]);
+            let bytes = AgentLink::new("1.0").unwrap().take_output();
+            queues[TXQ] = tx_queue(
+                &mem,
+                0x8000,
+                0x2_0000,
+                &[(header(Op::Request, 5000, 0), vec![]), (header(Op::Rw, 5000, bytes.len() as u32), bytes)],
+            );
+            device.process_queue(TXQ, &mut queues[TXQ], &mem).unwrap();
+            wait(&agent, "the agent's hello", |s| s.connected);
+            Self { mem, device, agent, queues, rx, to_client }
+        }
+    }
+
     #[test]
     fn files_reach_the_guest_only_as_the_policy_allows_and_within_the_window() {
         use pleiades_protocol::wire::{AgentMessage, FileData, FileOffer, FileRefuseReason, MAX_FILE_CHUNK};
-        let mem = memory();
-        let (mut device, handle) = Vsock::new(GUEST_CID, Default::default()).unwrap();
-        let agent = Agent::start(handle).unwrap();
-        agent.set_file_transfer(false);
-        let to_client = Arc::new(Mutex::new(Vec::new()));
-        let sink = to_client.clone();
-        RelayPort::<FileMessage>::attach(&agent, 1, Box::new(move |m| sink.lock().unwrap().push(m)));
-        let mut queues =
-            vec![vsock_rx_queue(&mem, 0, 16, 4096), Queue::new(64).unwrap(), Queue::new(64).unwrap()];
-        let rx = QueueRings::of(&queues[RXQ]);
-        let bytes = AgentLink::new("1.0").unwrap().take_output();
-        queues[TXQ] = tx_queue(
-            &mem,
-            0x8000,
-            0x2_0000,
-            &[(header(Op::Request, 5000, 0), vec![]), (header(Op::Rw, 5000, bytes.len() as u32), bytes)],
-        );
-        device.process_queue(TXQ, &mut queues[TXQ], &mem).unwrap();
-        wait(&agent, "the agent's hello", |s| s.connected);
+        let Rig { mem, mut device, agent, mut queues, rx, to_client } =
+            Rig::<FileMessage>::new(|agent| agent.set_file_transfer(false));
 
         // The pool allows no files: the offer is refused here and counted.
         let offer =
@@ -946,6 +1140,99 @@ mod tests {
             "no byte of the early data reached the guest"
         );
         assert_eq!(agent.status().files.bytes_to_guest, 0);
+    }
+
+    #[test]
+    fn a_usb_device_attaches_through_the_agent_and_a_stream_with_its_token() {
+        use pleiades_protocol::agent::USB_PORT;
+        use pleiades_protocol::usbip::{CmdSubmit, Direction, Pdu, RetSubmit};
+        use pleiades_protocol::wire::{
+            AgentMessage, UsbDetachReason, UsbDeviceInfo, UsbRefuseReason, UsbSpeed,
+        };
+        let Rig { mem, mut device, agent, mut queues, rx, to_client } =
+            Rig::<UsbMessage>::new(|agent| agent.set_usb_policy(UsbPolicy::parse("class=08").unwrap()));
+
+        // A hub is not mass storage: refused here. The stick goes to the agent with a token.
+        let stick = UsbDeviceInfo {
+            id: 7,
+            vendor_id: 0x0525,
+            product_id: 0xa4a5,
+            class: 0,
+            interfaces: vec![8],
+            speed: UsbSpeed::High,
+            name: "stick".into(),
+        };
+        let hub = UsbDeviceInfo { id: 8, class: 9, interfaces: vec![9], ..stick.clone() };
+        agent.client_sent(1, UsbMessage::Attach(hub));
+        agent.client_sent(1, UsbMessage::Attach(stick));
+        wait(&agent, "the denial and the attach", |s| s.usb.denied == 1 && s.usb.devices.len() == 1);
+        let received = agent_messages_to_guest(&mut device, &mut queues, &mem, &rx, 2);
+        let AgentMessage::UsbAttach { id: 7, token, speed: UsbSpeed::High } = received[1] else {
+            panic!("no attach for the stick: {received:?}");
+        };
+
+        // A stream with another token is closed; the one with the attach's token is the device's,
+        // and the guest kernel's first URB on it reaches the client.
+        let setup = [0x80, 6, 0, 1, 0, 0, 18, 0];
+        let get_descriptor = Pdu::Submit(CmdSubmit::new(1, 7, 0, Direction::In, 18, setup, vec![])).encode();
+        let usb = |op, port, len| Header { dst_port: USB_PORT, ..header(op, port, len) };
+        let mut stream = token.to_le_bytes().to_vec();
+        stream.extend(&get_descriptor);
+        queues[TXQ] = tx_queue(
+            &mem,
+            0xC000,
+            0x6_0000,
+            &[
+                (usb(Op::Request, 6000, 0), vec![]),
+                (usb(Op::Rw, 6000, 8), (token ^ 1).to_le_bytes().to_vec()),
+                (usb(Op::Request, 6001, 0), vec![]),
+                (usb(Op::Rw, 6001, stream.len() as u32), stream),
+            ],
+        );
+        device.process_queue(TXQ, &mut queues[TXQ], &mem).unwrap();
+        wait(&agent, "the stick's stream", |s| s.usb.devices.first().is_some_and(|d| d.attached));
+        let want = [
+            UsbMessage::Refused { id: 8, reason: UsbRefuseReason::Policy },
+            UsbMessage::Attached { id: 7 },
+            UsbMessage::Data { id: 7, bytes: get_descriptor.clone() },
+        ];
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while to_client.lock().unwrap().len() < want.len() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(*to_client.lock().unwrap(), want);
+
+        // The device's answer reaches the guest's stream, re-encoded; then the client unplugs it.
+        let answer = Pdu::Ret(RetSubmit::new(1, 0, 18, vec![0x12; 18])).encode();
+        agent.client_sent(1, UsbMessage::Data { id: 7, bytes: answer.clone() });
+        agent.client_sent(1, UsbMessage::Detach { id: 7 });
+        wait(&agent, "the unplug", |s| s.usb.devices.is_empty());
+        let closed = |op: u16| op == Op::Shutdown as u16 || op == Op::Rst as u16;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let sent = loop {
+            let sent = wait_for_packets(&mut device, &mut queues, &mem, &rx, 1);
+            let done = sent.iter().any(|(op, port, _)| closed(*op) && *port == 6001);
+            if done || std::time::Instant::now() > deadline {
+                break sent;
+            }
+        };
+        let on = |port| -> Vec<u8> {
+            sent.iter()
+                .filter(|(op, p, _)| *op == Op::Rw as u16 && *p == port)
+                .flat_map(|(_, _, b)| b.clone())
+                .collect()
+        };
+        assert_eq!(on(6001), answer, "the answer on the device's stream");
+        assert!(on(6000).is_empty(), "nothing on the stream with the wrong token");
+        assert!(sent.iter().any(|(op, port, _)| closed(*op) && *port == 6000), "{sent:?}");
+        assert!(sent.iter().any(|(op, port, _)| closed(*op) && *port == 6001), "{sent:?}");
+        assert_eq!(
+            to_client.lock().unwrap().last(),
+            Some(&UsbMessage::Detached { id: 7, reason: UsbDetachReason::Client })
+        );
+        let status = agent.status().usb;
+        assert_eq!((status.attached, status.denied, status.policy.as_str()), (0, 1, "class=08"));
+        assert_eq!(status.bytes_to_guest, answer.len() as u64);
     }
 
     /// The agent messages the host sent the guest's connection on port 5000, once at least `n`

@@ -7,7 +7,8 @@
 //!   [`qmp`], QEMU's machine protocol;
 //! - [`device_process`]: `pleiades-host device <kind>` processes, which either VMM starts;
 //! - [`device_thread`]: the GPU, sound and vsock served over vhost-user from this process;
-//! - [`agent`]: the guest agent's link over the guest's vsock;
+//! - [`agent`]: the guest agent's link over the guest's vsock, and [`usb`], the streams of the
+//!   USB devices redirected into the guest;
 //! - [`disk`]: virtio-blk disks, served by QEMU's block layer under either VMM;
 //! - [`net`]: the NIC, on QEMU's user-mode network in the desktop's network namespace;
 //! - here: the `--device` requests both take.
@@ -21,6 +22,7 @@ pub mod net;
 pub mod qemu;
 pub mod qemu_display;
 pub mod qmp;
+pub mod usb;
 
 use std::str::FromStr;
 

@@ -279,6 +279,10 @@ impl Controller for NativeController {
         self.agent.clone().map(|agent| std::sync::Arc::new(agent) as _)
     }
 
+    fn usb(&self) -> Option<std::sync::Arc<pleiades_control::UsbPort>> {
+        self.agent.clone().map(|agent| std::sync::Arc::new(agent) as _)
+    }
+
     fn set_layout(&self, sizes: &[(u32, u32)]) -> Result<(), CommandError> {
         let gpu = self.gpu.as_ref().ok_or(CommandError::NoDevice(DeviceKind::Gpu))?;
         gpu.set_layout(sizes).map_err(|e| CommandError::Invalid(e.to_string()))?;

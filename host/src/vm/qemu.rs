@@ -427,6 +427,10 @@ impl Controller for QemuController {
         self.agent.clone().map(|agent| std::sync::Arc::new(agent) as _)
     }
 
+    fn usb(&self) -> Option<std::sync::Arc<pleiades_control::UsbPort>> {
+        self.agent.clone().map(|agent| std::sync::Arc::new(agent) as _)
+    }
+
     fn set_layout(&self, sizes: &[(u32, u32)]) -> Result<(), CommandError> {
         let gpu = self.gpu.as_ref().ok_or(CommandError::NoDevice(DeviceKind::Gpu))?;
         let invalid = |e: pleiades_virtio::gpu::LayoutError| CommandError::Invalid(e.to_string());

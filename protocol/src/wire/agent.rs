@@ -8,7 +8,7 @@
 //! `docs/protocol.md`, "The agent channel".
 
 use super::codec::{Put, Reader};
-use super::{Channel, ChannelMessage, ClipboardMessage, FileMessage, types};
+use super::{Channel, ChannelMessage, ClipboardMessage, FileMessage, UsbSpeed, types};
 
 /// Longest host name, OS name, kernel release or user name, in bytes.
 pub const MAX_AGENT_TEXT: usize = 255;
@@ -92,6 +92,13 @@ pub enum AgentMessage {
     /// Both ways: files the session's client sends into the guest user's Downloads (the VM
     /// process relays and checks them, [`crate::files`]).
     Files(FileMessage),
+    /// Host → agent: "connect to [`crate::agent::USB_PORT`], send `token` (8 bytes,
+    /// little-endian), and attach that stream to `vhci-hcd` as device `id` at `speed`".
+    UsbAttach { id: u32, token: u64, speed: UsbSpeed },
+    /// Agent → host: device `id` is on the guest's virtual USB port `port`.
+    UsbAttached { id: u32, port: u32 },
+    /// Agent → host: device `id` could not be attached, and why (for the host's log).
+    UsbFailed { id: u32, reason: String },
 }
 
 impl AgentMessage {
@@ -103,6 +110,8 @@ impl AgentMessage {
                 | AgentMessage::GuestInfo(_)
                 | AgentMessage::SessionState(_)
                 | AgentMessage::Clipboard(_)
+                | AgentMessage::UsbAttached { .. }
+                | AgentMessage::UsbFailed { .. }
         ) || matches!(self, AgentMessage::Files(f) if !f.from_sender())
     }
 
@@ -136,6 +145,9 @@ impl ChannelMessage for AgentMessage {
                 types::AGENT_CLIPBOARD_GRAB + (c.message_type() - types::CLIPBOARD_GRAB)
             }
             AgentMessage::Files(f) => types::AGENT_FILE_OFFER + (f.message_type() - types::FILE_OFFER),
+            AgentMessage::UsbAttach { .. } => types::AGENT_USB_ATTACH,
+            AgentMessage::UsbAttached { .. } => types::AGENT_USB_ATTACHED,
+            AgentMessage::UsbFailed { .. } => types::AGENT_USB_FAILED,
         }
     }
 
@@ -171,6 +183,12 @@ impl ChannelMessage for AgentMessage {
             }
             AgentMessage::Clipboard(c) => c.check()?,
             AgentMessage::Files(f) => f.check()?,
+            AgentMessage::UsbFailed { reason, .. } if !text_ok(reason, MAX_AGENT_TEXT) => {
+                return Err("reason too long or with control characters");
+            }
+            AgentMessage::UsbAttach { .. }
+            | AgentMessage::UsbAttached { .. }
+            | AgentMessage::UsbFailed { .. } => {}
             AgentMessage::Welcome { .. }
             | AgentMessage::LockScreen
             | AgentMessage::UnlockScreen
@@ -206,6 +224,19 @@ impl ChannelMessage for AgentMessage {
             AgentMessage::Power(action) => out.put_u8(*action as u8),
             AgentMessage::Clipboard(c) => c.put_fields(out),
             AgentMessage::Files(f) => f.put_fields(out),
+            AgentMessage::UsbAttach { id, token, speed } => {
+                out.put_u32(*id);
+                out.put_u64(*token);
+                out.put_u8(*speed as u8);
+            }
+            AgentMessage::UsbAttached { id, port } => {
+                out.put_u32(*id);
+                out.put_u32(*port);
+            }
+            AgentMessage::UsbFailed { id, reason } => {
+                out.put_u32(*id);
+                out.put_str(reason);
+            }
         }
     }
 
@@ -263,6 +294,15 @@ impl ChannelMessage for AgentMessage {
             }
             types::AGENT_FILE_OFFER..=types::AGENT_FILE_CANCEL => {
                 return Ok(FileMessage::read(ty - types::AGENT_FILE_OFFER, r)?.map(AgentMessage::Files));
+            }
+            types::AGENT_USB_ATTACH => AgentMessage::UsbAttach {
+                id: r.u32()?,
+                token: r.u64()?,
+                speed: UsbSpeed::from_u8(r.u8()?).ok_or("unknown USB speed")?,
+            },
+            types::AGENT_USB_ATTACHED => AgentMessage::UsbAttached { id: r.u32()?, port: r.u32()? },
+            types::AGENT_USB_FAILED => {
+                AgentMessage::UsbFailed { id: r.u32()?, reason: r.string(MAX_AGENT_TEXT)? }
             }
             _ => return Ok(None),
         };

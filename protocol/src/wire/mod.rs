@@ -40,6 +40,7 @@ mod decoder;
 mod display;
 mod files;
 mod input;
+mod usb;
 
 use std::fmt;
 
@@ -69,6 +70,10 @@ pub use files::{
     MAX_FILE_CHUNK, MAX_FILE_NAME, MAX_FILE_TRANSFERS, file_name_ok,
 };
 pub use input::{InputMessage, Key, PointerAbs, PointerRel, Wheel, buttons};
+pub use usb::{
+    MAX_USB_CHUNK, MAX_USB_DEVICES, MAX_USB_INTERFACES, MAX_USB_NAME, MAX_USB_QUEUE, UsbDetachReason,
+    UsbDeviceInfo, UsbMessage, UsbRefuseReason, UsbSpeed,
+};
 
 /// Length of a stream frame header: `type:u16 | body_len:u32`.
 pub const FRAME_HEADER_LEN: usize = 6;
@@ -102,6 +107,10 @@ pub enum Channel {
     Cursor = 3,
     /// Audio playback and record: datagrams only (Opus frames), with `AUDIO`.
     Audio = 4,
+    /// USB devices redirected into the desktop ([`UsbMessage`]): unidirectional streams each
+    /// way (lane 0 for announcements, one per device for its data), once both sides offered
+    /// `USB`.
+    Usb = 5,
     /// Clipboard grabs, requests and data, both ways ([`ClipboardMessage`]): one
     /// unidirectional stream each way, once both sides offered `CLIPBOARD`.
     Clipboard = 6,
@@ -111,14 +120,6 @@ pub enum Channel {
     /// Files sent into the desktop ([`FileMessage`]): one unidirectional stream each way,
     /// once both sides offered `FILES`.
     Files = 8,
-}
-
-/// Channel ids set aside for features that later versions add. Today a receiver refuses a
-/// stream or datagram that names one ([`ChannelError::Reserved`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum ReservedChannel {
-    Usb = 5,
 }
 
 /// One end of a session.
@@ -150,8 +151,6 @@ impl fmt::Display for Side {
 /// Why a channel id was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ChannelError {
-    #[error("channel {0:?} is reserved and not supported by this version")]
-    Reserved(ReservedChannel),
     #[error("unknown channel id {0}")]
     Unknown(u8),
     #[error("the control channel is the first bidirectional stream, never a unidirectional one")]
@@ -164,12 +163,13 @@ pub enum ChannelError {
 
 impl Channel {
     /// Every session channel, in id order (not [`Channel::Agent`]).
-    pub const ALL: [Channel; 7] = [
+    pub const ALL: [Channel; 8] = [
         Channel::Control,
         Channel::Input,
         Channel::Display,
         Channel::Cursor,
         Channel::Audio,
+        Channel::Usb,
         Channel::Clipboard,
         Channel::Files,
     ];
@@ -182,7 +182,7 @@ impl Channel {
             2 => Ok(Channel::Display),
             3 => Ok(Channel::Cursor),
             4 => Ok(Channel::Audio),
-            5 => Err(ChannelError::Reserved(ReservedChannel::Usb)),
+            5 => Ok(Channel::Usb),
             6 => Ok(Channel::Clipboard),
             7 => Err(ChannelError::NotOnSession(Channel::Agent)),
             8 => Ok(Channel::Files),
@@ -201,16 +201,16 @@ impl Channel {
     /// - input 4 KiB: every input message is a few bytes;
     /// - cursor 320 KiB: a 256×256 BGRA shape (256 KiB) and its header;
     /// - display 32 MiB: a tile or an H.264 access unit (a raw tile must fit: encoders tile);
-    /// - clipboard, files and agent 64 KiB: grabs, requests, data in chunks of at most 48 KiB
-    ///   ([`MAX_CLIPBOARD_CHUNK`], [`MAX_FILE_CHUNK`]); guest facts and session state, a few
-    ///   hundred bytes each.
+    /// - clipboard, files, USB and agent 64 KiB: grabs, requests, data in chunks of at most
+    ///   48 KiB ([`MAX_CLIPBOARD_CHUNK`], [`MAX_FILE_CHUNK`]) or 60 KiB ([`MAX_USB_CHUNK`]);
+    ///   guest facts and session state, a few hundred bytes each.
     pub const fn max_body(self) -> u32 {
         match self {
             Channel::Control => 64 * 1024,
             Channel::Input => 4 * 1024,
             Channel::Cursor => 320 * 1024,
             Channel::Display => 32 * 1024 * 1024,
-            Channel::Clipboard | Channel::Files | Channel::Agent => 64 * 1024,
+            Channel::Clipboard | Channel::Files | Channel::Usb | Channel::Agent => 64 * 1024,
             // Datagrams only: no stream of it is ever decoded.
             Channel::Audio => 0,
         }
@@ -223,6 +223,7 @@ impl Channel {
             Channel::Display => "display",
             Channel::Cursor => "cursor",
             Channel::Audio => "audio",
+            Channel::Usb => "usb",
             Channel::Clipboard => "clipboard",
             Channel::Agent => "agent",
             Channel::Files => "files",
@@ -270,6 +271,13 @@ pub mod types {
     pub const AUDIO_PLAYBACK: u16 = 0x0401;
     pub const AUDIO_RECORD: u16 = 0x0402;
     pub const AUDIO_FEEDBACK: u16 = 0x0403;
+    // USB (0x05xx): attach, detach, data both ways
+    pub const USB_ATTACH: u16 = 0x0501;
+    pub const USB_ATTACHED: u16 = 0x0502;
+    pub const USB_REFUSED: u16 = 0x0503;
+    pub const USB_DATA: u16 = 0x0504;
+    pub const USB_DETACH: u16 = 0x0505;
+    pub const USB_DETACHED: u16 = 0x0506;
     // clipboard (0x06xx), both ways
     pub const CLIPBOARD_GRAB: u16 = 0x0601;
     pub const CLIPBOARD_REQUEST: u16 = 0x0602;
@@ -295,6 +303,10 @@ pub mod types {
     pub const AGENT_FILE_DONE: u16 = 0x0710;
     pub const AGENT_FILE_REFUSED: u16 = 0x0711;
     pub const AGENT_FILE_CANCEL: u16 = 0x0712;
+    /// USB on the agent link: the host asks the agent to attach a device, the agent answers.
+    pub const AGENT_USB_ATTACH: u16 = 0x0713;
+    pub const AGENT_USB_ATTACHED: u16 = 0x0714;
+    pub const AGENT_USB_FAILED: u16 = 0x0715;
     // files (0x08xx)
     pub const FILE_OFFER: u16 = 0x0801;
     pub const FILE_ACCEPT: u16 = 0x0802;
@@ -328,24 +340,50 @@ pub fn channel_of_type(ty: u16) -> Option<Channel> {
         | AGENT_CLIPBOARD_REQUEST
         | AGENT_CLIPBOARD_DATA
         | AGENT_CLIPBOARD_REFUSED
-        | AGENT_FILE_OFFER..=AGENT_FILE_CANCEL => Some(Channel::Agent),
+        | AGENT_FILE_OFFER..=AGENT_FILE_CANCEL
+        | AGENT_USB_ATTACH..=AGENT_USB_FAILED => Some(Channel::Agent),
+        USB_ATTACH..=USB_DETACHED => Some(Channel::Usb),
         FILE_OFFER..=FILE_CANCEL => Some(Channel::Files),
         _ => None,
     }
 }
 
-/// Messages that wait in a sender's queue before their stream takes them (the clipboard's and
-/// the files' channels, fed by another thread): what one takes there, and the most a queue
-/// may hold before the sender ends the channel instead of growing.
+/// Messages that wait in a sender's queue before their stream takes them (the clipboard's,
+/// the files' and USB's channels, fed by another thread): what one takes there, the most a
+/// queue may hold before the sender ends the channel instead of growing, and the stream (lane)
+/// of the channel a message goes on.
 pub trait Queued {
     const MAX_QUEUE: usize;
     fn queued_size(&self) -> usize;
+    /// Messages of one lane keep their order on one stream; different lanes travel on
+    /// different streams, so that one never waits behind another's flow control. Lane 0 is
+    /// the channel's first stream.
+    fn lane(&self) -> u64 {
+        0
+    }
+    /// A lane that carries nothing more once this message is sent (its stream is finished).
+    fn ends_lane(&self) -> Option<u64> {
+        None
+    }
 }
 
 impl Queued for ClipboardMessage {
     const MAX_QUEUE: usize = MAX_CLIPBOARD_QUEUE;
     fn queued_size(&self) -> usize {
         ClipboardMessage::queued_size(self)
+    }
+}
+
+impl Queued for UsbMessage {
+    const MAX_QUEUE: usize = MAX_USB_QUEUE;
+    fn queued_size(&self) -> usize {
+        UsbMessage::queued_size(self)
+    }
+    fn lane(&self) -> u64 {
+        UsbMessage::lane(self)
+    }
+    fn ends_lane(&self) -> Option<u64> {
+        UsbMessage::ends_lane(self)
     }
 }
 

@@ -286,9 +286,10 @@ fn datagrams() {
     assert_eq!(decode_datagram(&bytes), Ok(Some(Datagram::CursorPosition(position))));
     assert_eq!(decode_datagram(&[3, 0xff, 0x03, 1]), Ok(None));
     assert_eq!(decode_datagram(&[3]), Err(DatagramError::TooShort(1)));
+    assert_eq!(decode_datagram(&[9, 0, 0]), Err(DatagramError::Channel(ChannelError::Unknown(9))));
     assert_eq!(
-        decode_datagram(&[5, 0, 0]),
-        Err(DatagramError::Channel(ChannelError::Reserved(ReservedChannel::Usb)))
+        decode_datagram(&[5, 0x04, 0x05, 0, 0, 0, 0, 1]),
+        Err(DatagramError::NotADatagram { channel: Channel::Usb, ty: types::USB_DATA })
     );
     assert_eq!(
         decode_datagram(&[3, 0x01, 0x03]),
@@ -305,7 +306,7 @@ fn channels_and_preludes() {
     assert_eq!(Channel::from_uni_prelude(0), Err(ChannelError::ControlOnUniStream));
     assert_eq!(Channel::from_uni_prelude(2), Ok(Channel::Display));
     assert_eq!(Channel::from_uni_prelude(6), Ok(Channel::Clipboard));
-    assert_eq!(Channel::from_uni_prelude(5), Err(ChannelError::Reserved(ReservedChannel::Usb)));
+    assert_eq!(Channel::from_uni_prelude(5), Ok(Channel::Usb));
     assert_eq!(Channel::from_uni_prelude(4), Err(ChannelError::DatagramsOnly(Channel::Audio)));
     assert_eq!(Channel::from_uni_prelude(200), Err(ChannelError::Unknown(200)));
     // The agent channel is framed like the others but never part of a session.
