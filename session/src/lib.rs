@@ -187,6 +187,9 @@ impl SessionServer {
         if controller.files().is_some() {
             capabilities = capabilities | Capabilities::FILES;
         }
+        if controller.usb().is_some() {
+            capabilities = capabilities | Capabilities::USB;
+        }
         let shared = Arc::new(Shared {
             controller,
             desktop: config.desktop.clone(),

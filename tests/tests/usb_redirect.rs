@@ -82,10 +82,19 @@ fn a_client_usb_stick_is_mounted_read_written_refused_and_unplugged_in_the_guest
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_for("the stick attached", Duration::from_secs(90), || {
+    let attached = wait_for("the stick attached", Duration::from_secs(90), || {
         (usb_status(&desktop)["attached"].as_u64() >= Some(1)).then_some(())
-    })
-    .unwrap_or_else(|e| panic!("{e}: {:#}", desktop.status()));
+    });
+    if let Err(e) = attached {
+        let _ = client.kill();
+        let output = client.wait_with_output().unwrap();
+        let agent_log = desktop.guest.run("cat /run/pleiades-agent.log", SHELL).unwrap_or_default();
+        panic!(
+            "{e}: {:#}\nclient: {}\nagent: {agent_log:?}",
+            usb_status(&desktop),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
     wait_block(&mut desktop, "/dev/sda", true);
     // The guest's own USB stack sees the stick: its ids, and usb-storage bound to it.
     let ids = desktop
@@ -153,7 +162,7 @@ fn a_client_usb_stick_is_mounted_read_written_refused_and_unplugged_in_the_guest
         .guest
         .run(
             "(while dd if=/dev/sda of=/dev/null bs=64k 2>/dev/null; do echo 3 > /proc/sys/vm/drop_caches; done; \
-             echo ENDED > /tmp/reader) >/dev/null 2>&1 &",
+             echo ENDED > /tmp/reader) >/dev/null 2>&1 & true",
             SHELL,
         )
         .unwrap();
