@@ -278,7 +278,10 @@ impl UsbRelay {
         if !self.policy.allows(&info) {
             self.out.push_back(refuse(UsbRefuseReason::Policy));
             self.events.push_back(UsbEvent::Denied(info));
-        } else if self.devices.contains_key(&id) || self.devices.len() >= MAX_USB_DEVICES {
+        } else if self.devices.contains_key(&id) {
+            // The client's own mistake: answering it (a refusal ends the id's lane) would
+            // confuse the device that has the id. Ignored.
+        } else if self.devices.len() >= MAX_USB_DEVICES {
             self.out.push_back(refuse(UsbRefuseReason::Busy));
         } else if !self.agent {
             self.out.push_back(refuse(UsbRefuseReason::NoAgent));
@@ -585,6 +588,9 @@ mod tests {
             relay.from_client(UsbMessage::Attach(stick(id)));
         }
         drain(&mut relay);
+        // An id in use is the client's mistake: ignored, the device that has it goes on.
+        relay.from_client(UsbMessage::Attach(stick(3)));
+        assert_eq!(drain(&mut relay), []);
         relay.from_client(UsbMessage::Attach(stick(99)));
         assert_eq!(
             drain(&mut relay),

@@ -82,7 +82,7 @@ pub enum UsbRefuseReason {
     Policy = 0,
     /// No guest agent runs in the desktop to attach it.
     NoAgent = 1,
-    /// [`MAX_USB_DEVICES`] are redirected already, or the id is in use.
+    /// [`MAX_USB_DEVICES`] are redirected already.
     Busy = 2,
     /// The guest could not attach it (no `vhci-hcd`, no free port).
     Failed = 3,
