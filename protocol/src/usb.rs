@@ -275,12 +275,12 @@ impl UsbRelay {
     fn attach(&mut self, info: UsbDeviceInfo) {
         let id = info.id;
         let refuse = |reason| UsbOut::ToClient(UsbMessage::Refused { id, reason });
-        if !self.policy.allows(&info) {
+        if self.devices.contains_key(&id) {
+            // The client's own mistake: any answer (a refusal ends the id's lane) would
+            // confuse the device that has the id. Ignored.
+        } else if !self.policy.allows(&info) {
             self.out.push_back(refuse(UsbRefuseReason::Policy));
             self.events.push_back(UsbEvent::Denied(info));
-        } else if self.devices.contains_key(&id) {
-            // The client's own mistake: answering it (a refusal ends the id's lane) would
-            // confuse the device that has the id. Ignored.
         } else if self.devices.len() >= MAX_USB_DEVICES {
             self.out.push_back(refuse(UsbRefuseReason::Busy));
         } else if !self.agent {
