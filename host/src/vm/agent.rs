@@ -431,47 +431,29 @@ impl Agent {
     }
 }
 
-impl RelayPort<ClipboardMessage> for Agent {
-    fn attach(&self, session: u64, to_client: ClientSink<ClipboardMessage>) {
-        self.queue(Request::Clipboard(PortRequest::Attach { session, sink: to_client }));
-    }
+/// A session's side of each relay: its requests, queued for the agent thread under the
+/// relay's [`Request`] variant.
+macro_rules! relay_port {
+    ($message:ty, $variant:ident) => {
+        impl RelayPort<$message> for Agent {
+            fn attach(&self, session: u64, to_client: ClientSink<$message>) {
+                self.queue(Request::$variant(PortRequest::Attach { session, sink: to_client }));
+            }
 
-    fn client_sent(&self, session: u64, message: ClipboardMessage) {
-        self.queue(Request::Clipboard(PortRequest::ClientSent { session, message }));
-    }
+            fn client_sent(&self, session: u64, message: $message) {
+                self.queue(Request::$variant(PortRequest::ClientSent { session, message }));
+            }
 
-    fn detach(&self, session: u64) {
-        self.queue(Request::Clipboard(PortRequest::Detach { session }));
-    }
+            fn detach(&self, session: u64) {
+                self.queue(Request::$variant(PortRequest::Detach { session }));
+            }
+        }
+    };
 }
 
-impl RelayPort<FileMessage> for Agent {
-    fn attach(&self, session: u64, to_client: ClientSink<FileMessage>) {
-        self.queue(Request::Files(PortRequest::Attach { session, sink: to_client }));
-    }
-
-    fn client_sent(&self, session: u64, message: FileMessage) {
-        self.queue(Request::Files(PortRequest::ClientSent { session, message }));
-    }
-
-    fn detach(&self, session: u64) {
-        self.queue(Request::Files(PortRequest::Detach { session }));
-    }
-}
-
-impl RelayPort<UsbMessage> for Agent {
-    fn attach(&self, session: u64, to_client: ClientSink<UsbMessage>) {
-        self.queue(Request::Usb(PortRequest::Attach { session, sink: to_client }));
-    }
-
-    fn client_sent(&self, session: u64, message: UsbMessage) {
-        self.queue(Request::Usb(PortRequest::ClientSent { session, message }));
-    }
-
-    fn detach(&self, session: u64) {
-        self.queue(Request::Usb(PortRequest::Detach { session }));
-    }
-}
+relay_port!(ClipboardMessage, Clipboard);
+relay_port!(FileMessage, Files);
+relay_port!(UsbMessage, Usb);
 
 fn lock(status: &Mutex<AgentStatus>) -> MutexGuard<'_, AgentStatus> {
     status.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
