@@ -13,9 +13,12 @@ use pleiades_client::recorder::{self, RecordOptions};
 use pleiades_client::session::{Session, SessionOptions};
 use pleiades_client::usb::UsbDevice;
 use pleiades_client::usb::emulated::EmulatedDisk;
-use pleiades_client::usb::redirect::Redirect;
+use pleiades_client::usb::libusb;
+use pleiades_client::usb::redirect::UsbDevices;
 use pleiades_client::{connect, script};
 use pleiades_protocol::handshake::Capabilities;
+use pleiades_protocol::usb::UsbPolicy;
+use std::sync::Arc;
 
 /// The longest `--duration` (one day).
 const MAX_DURATION_S: f64 = 86_400.0;
@@ -86,6 +89,19 @@ enum Cmd {
         /// more). Handy for demos and machines without USB devices.
         #[arg(long, value_name = "FILE")]
         usb_emulated_disk: Vec<PathBuf>,
+        /// Redirect this machine's USB devices that match RULES into the desktop: those
+        /// plugged in now and those plugged in while connected. RULES: comma-separated
+        /// `VVVV:PPPP` (vendor and product id, hex) and `class=HH` (every class of the device
+        /// one of these: 08 mass storage, 03 HID, 0b smart card…), or `all`; repeat to add.
+        /// `pleiades usb-list` shows the ids. The desktop's pool decides what it accepts.
+        #[arg(long, value_name = "RULES")]
+        usb: Vec<String>,
+    },
+    /// List this machine's USB devices (hubs left out) with the ids `--usb` takes.
+    UsbList {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Send files into the desktop's Downloads (the desktop's user's, through its guest agent).
     /// Resumes after a lost connection; running it again for the same file continues where
@@ -135,6 +151,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Cmd::AudioTest { seconds, record } => audio_test(seconds, record),
+        Cmd::UsbList { json } => usb_list(json),
         Cmd::Send { target, files, report, name } => send(&target, &files, report.as_deref(), name),
         Cmd::Connect {
             headless: false,
@@ -153,6 +170,7 @@ fn main() -> ExitCode {
             mic_device,
             send,
             usb_emulated_disk,
+            usb,
         } => {
             if record.is_some() || duration.is_some() || input.is_some() || snapshot_every.is_some() {
                 eprintln!("pleiades: --record, --duration, --input and --snapshot-every need --headless");
@@ -170,7 +188,7 @@ fn main() -> ExitCode {
                         pleiades_client::files::OutgoingFile::prepare(path).map_err(anyhow::Error::msg)?,
                     );
                 }
-                let usb = emulated_disks(&usb_emulated_disk)?;
+                let usb = usb_devices(&usb_emulated_disk, &usb)?;
                 pleiades_client::window::run(connection, options, audio, files, usb)
             };
             match run() {
@@ -197,6 +215,7 @@ fn main() -> ExitCode {
             mic_device,
             send,
             usb_emulated_disk,
+            usb,
             headless: true,
         } => {
             if !send.is_empty() {
@@ -228,7 +247,7 @@ fn main() -> ExitCode {
                 let audio_json = record.as_ref().map(|dir| dir.join("audio.json"));
                 let clipboard_json = record.as_ref().map(|dir| dir.join("clipboard.json"));
                 let usb_json = record.as_ref().map(|dir| dir.join("usb.json"));
-                let usb_devices = emulated_disks(&usb_emulated_disk)?;
+                let usb_devices = usb_devices(&usb_emulated_disk, &usb)?;
                 let record_options = RecordOptions { dir: record, duration, snapshot_every, script };
                 let runtime = tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(2)
@@ -241,7 +260,8 @@ fn main() -> ExitCode {
                     let session = Session::start(connected, &connection.ticket, options).await?;
                     let audio = Audio::start(&session.handle, audio_options)?;
                     let clipboard = ClipboardBridge::start(&session.handle);
-                    let usb = Redirect::start(&session.handle, usb_devices).ok();
+                    let mut usb_devices = usb_devices;
+                    let usb = usb_devices.redirect(&session.handle);
                     let recorded = recorder::record(session, record_options).await;
                     if let Some(usb) = usb {
                         let (reports, _) = tokio::task::spawn_blocking(move || usb.finish()).await?;
@@ -287,9 +307,10 @@ fn main() -> ExitCode {
     }
 }
 
-/// The `--usb-emulated-disk` files as emulated sticks.
-fn emulated_disks(paths: &[PathBuf]) -> anyhow::Result<Vec<Box<dyn UsbDevice>>> {
-    paths
+/// The devices to redirect: the `--usb-emulated-disk` files as emulated sticks, this
+/// machine's devices that the `--usb` rules select, and a watcher for those plugged in later.
+fn usb_devices(disks: &[PathBuf], rules: &[String]) -> anyhow::Result<UsbDevices> {
+    let mut present = disks
         .iter()
         .map(|path| {
             let disk = EmulatedDisk::open(path, false).with_context(|| {
@@ -297,7 +318,62 @@ fn emulated_disks(paths: &[PathBuf]) -> anyhow::Result<Vec<Box<dyn UsbDevice>>> 
             })?;
             Ok(Box::new(disk) as Box<dyn UsbDevice>)
         })
-        .collect()
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if rules.is_empty() {
+        return Ok(UsbDevices { present, watcher: None });
+    }
+    let rules = UsbPolicy::parse(&rules.join(",")).map_err(|e| anyhow::anyhow!("--usb: {e}"))?;
+    let found = libusb::open_matching(&rules).context("cannot list this machine's USB devices")?;
+    if found.is_empty() {
+        tracing::info!(%rules, "no USB device present matches --usb; devices plugged in later will be redirected");
+    }
+    present.extend(found.into_iter().map(|d| Box::new(d) as Box<dyn UsbDevice>));
+    Ok(UsbDevices { present, watcher: libusb::Watcher::start(rules).map(Arc::new) })
+}
+
+/// `pleiades usb-list`.
+fn usb_list(json: bool) -> ExitCode {
+    let present = match libusb::list() {
+        Ok(present) => present,
+        Err(e) => {
+            eprintln!("pleiades: cannot list USB devices: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        let rows: Vec<serde_json::Value> = present
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "bus": p.bus,
+                    "address": p.address,
+                    "usb_id": format!("{:04x}:{:04x}", p.info.vendor_id, p.info.product_id),
+                    "class": format!("{:02x}", p.info.class),
+                    "interfaces": p.info.interfaces.iter().map(|c| format!("{c:02x}")).collect::<Vec<_>>(),
+                    "speed": format!("{:?}", p.info.speed).to_lowercase(),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(rows));
+    } else if present.is_empty() {
+        println!("no USB devices (hubs are not listed)");
+    } else {
+        println!("{:<8} {:<10} {:<12} {:<7} SPEED", "BUS/ADDR", "ID", "INTERFACES", "CLASS");
+        for p in &present {
+            let interfaces: Vec<String> = p.info.interfaces.iter().map(|c| format!("{c:02x}")).collect();
+            println!(
+                "{:03}/{:03}  {:04x}:{:04x}  {:<12} {:<7} {:?}",
+                p.bus,
+                p.address,
+                p.info.vendor_id,
+                p.info.product_id,
+                interfaces.join(","),
+                format!("{:02x}", p.info.class),
+                p.info.speed
+            );
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 fn session_options(

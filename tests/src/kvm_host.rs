@@ -115,11 +115,19 @@ pub struct KvmHostConfig {
     pub boot_timeout: Duration,
     /// Copy the console to stdout (also with `PLEIADES_ECHO_CONSOLE=1`).
     pub echo_console: bool,
+    /// More QEMU arguments (devices, a network, a QMP socket: [`crate::thin_client`]).
+    pub qemu_args: Vec<String>,
 }
 
 impl Default for KvmHostConfig {
     fn default() -> Self {
-        Self { cpus: 2, memory_mib: 3072, boot_timeout: crate::qemu::boot_timeout(), echo_console: false }
+        Self {
+            cpus: 2,
+            memory_mib: 3072,
+            boot_timeout: crate::qemu::boot_timeout(),
+            echo_console: false,
+            qemu_args: Vec::new(),
+        }
     }
 }
 
@@ -233,7 +241,8 @@ impl KvmHost {
                 "local,id=scratch,path={},security_model=none,multidevs=remap",
                 scratch.path().display().to_string().replace(',', ",,")
             ))
-            .args(["-device", "virtio-9p-pci,fsdev=scratch,mount_tag=scratch"]);
+            .args(["-device", "virtio-9p-pci,fsdev=scratch,mount_tag=scratch"])
+            .args(&config.qemu_args);
         let accel = AccelChoice {
             accel: Accel::Tcg,
             reason: "the KVM host runs under TCG with -cpu max (svm + npt for its own KVM)".into(),

@@ -136,6 +136,7 @@ pub mod qemu;
 pub mod served;
 pub mod stack;
 pub mod testguest;
+pub mod thin_client;
 pub mod xwd;
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use pleiades_client::usb::emulated::EmulatedDisk;
 use pleiades_client::usb::redirect::{Redirect, unplug};
-use pleiades_client::usb::{Completion, DeviceInfo, UsbDevice};
+use pleiades_client::usb::{Completions, DeviceInfo, UsbDevice};
 use pleiades_protocol::connfile::Connection;
 use pleiades_protocol::usbip::CmdSubmit;
 use pleiades_testkit::wait_for;
@@ -51,8 +51,8 @@ impl UsbDevice for OtherVendor {
     fn info(&self) -> DeviceInfo {
         DeviceInfo { vendor_id: 0x1234, product_id: 0x5678, ..self.0.info() }
     }
-    fn submit(&mut self, urb: &CmdSubmit) -> Completion {
-        self.0.submit(urb)
+    fn submit(&mut self, urb: CmdSubmit, done: &Completions) {
+        self.0.submit(urb, done);
     }
 }
 

@@ -21,7 +21,7 @@ use pleiades_protocol::usbip::{CmdSubmit, Direction};
 
 use pleiades_protocol::wire::UsbSpeed;
 
-use super::{Completion, DeviceInfo, UsbDevice};
+use super::{Completion, Completions, DeviceInfo, UsbDevice};
 
 pub const VENDOR_ID: u16 = 0x0525;
 pub const PRODUCT_ID: u16 = 0xa4a5;
@@ -382,7 +382,15 @@ impl UsbDevice for EmulatedDisk {
         }
     }
 
-    fn submit(&mut self, urb: &CmdSubmit) -> Completion {
+    /// The disk answers every URB at once.
+    fn submit(&mut self, urb: CmdSubmit, done: &Completions) {
+        done.complete(urb.seqnum, self.answer(&urb));
+    }
+}
+
+impl EmulatedDisk {
+    /// Runs one URB to completion.
+    pub fn answer(&mut self, urb: &CmdSubmit) -> Completion {
         match (urb.ep, urb.direction) {
             (0, _) => self.control(urb),
             (BULK_IN, Direction::In) => self.bulk_in(urb.transfer_buffer_length),
@@ -419,7 +427,7 @@ mod tests {
             let Pdu::Submit(urb) = self.link.from_guest(&submit.encode()).unwrap().remove(0) else {
                 unreachable!()
             };
-            let ret = self.disk.submit(&urb).ret(&urb);
+            let ret = self.disk.answer(&urb).ret(&urb);
             let Pdu::Ret(ret) = self.link.from_device(&Pdu::Ret(ret).encode()).unwrap().remove(0) else {
                 unreachable!()
             };

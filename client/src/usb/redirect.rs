@@ -6,23 +6,32 @@
 //!
 //! ```text
 //! session task ── Data{id, CMD_SUBMIT…} ──▶ device thread ── submit() ──▶ UsbDevice
-//!              ◀─ Data{id, RET_SUBMIT…} ──                 ◀─ Completion ─
+//!              ◀─ Data{id, RET_SUBMIT…} ──       ▲
+//!                                                └── Completions (any thread) ◀─ the device
 //! ```
+//!
+//! URBs complete in any order (an interrupt IN URB may wait while bulk ones go on); an unlink
+//! cancels one in flight (`RET_UNLINK` with `-ECONNRESET`, and no `RET_SUBMIT` for it) or, when
+//! it had already completed, is answered with status 0 after its `RET_SUBMIT`. Devices may be
+//! added while the session runs ([`Redirect::add`]: hot-plug), and a device that goes away on
+//! this side ends its redirection (the guest sees it unplugged).
 //!
 //! The server's answer decides each device's fate: `Attached` (URBs follow), `Refused` (the
 //! pool's policy, no agent, …) or later `Detached` (the guest let it go, or the client did:
 //! [`unplug`]). A device's thread ends with its device's redirection.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
-use pleiades_protocol::usbip::{Pdu, UsbipLink};
+use pleiades_protocol::usbip::{CmdSubmit, Pdu, UsbipLink};
 use pleiades_protocol::wire::{MAX_USB_CHUNK, UsbDetachReason, UsbMessage};
 use serde::Serialize;
 
-use super::UsbDevice;
+use super::libusb::Watcher;
+use super::{Completions, DeviceEvent, UNLINKED, UsbDevice};
 use crate::session::SessionHandle;
 
 /// What became of one redirected device (`usb.json` in a headless recording).
@@ -32,7 +41,7 @@ pub struct DeviceReport {
     pub name: String,
     /// `vvvv:pppp`.
     pub usb_id: String,
-    /// `announced`, `attached`, `refused` or `detached`.
+    /// `announced`, `attached`, `refused`, `detached` or `gone` (it left this side).
     pub state: &'static str,
     /// Why it was refused or detached.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -44,88 +53,204 @@ pub struct DeviceReport {
 }
 
 type Reports = Arc<Mutex<Vec<DeviceReport>>>;
+type Inboxes = Arc<Mutex<HashMap<u32, Sender<Input>>>>;
+
+/// What a device's thread waits for.
+#[derive(Debug)]
+enum Input {
+    /// USB/IP bytes from the guest.
+    Guest(Vec<u8>),
+    /// The device's news.
+    Device(DeviceEvent),
+    /// The server refused or detached the device.
+    End,
+}
+
+/// How often a device's thread looks at the session and [`Redirect::finish`] while idle.
+const IDLE_CHECK: Duration = Duration::from_millis(250);
+/// The most answer bytes gathered before they are sent.
+const BATCH: usize = 1 << 20;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// What a client redirects, session after session: the devices at hand, and a watcher for
+/// those plugged in later that match the user's rules.
+#[derive(Debug, Default)]
+pub struct UsbDevices {
+    pub present: Vec<Box<dyn UsbDevice>>,
+    pub watcher: Option<Arc<Watcher>>,
+}
+
+impl UsbDevices {
+    /// Starts redirecting over `handle`'s session: the present devices, then hot-plugged
+    /// ones. `None` when the server takes no USB devices (the devices stay here).
+    pub fn redirect(&mut self, handle: &SessionHandle) -> Option<Redirect> {
+        match Redirect::start(handle, std::mem::take(&mut self.present)) {
+            Ok(mut redirect) => {
+                if let Some(watcher) = self.watcher.clone() {
+                    redirect.watch(move || {
+                        watcher.take().into_iter().map(|d| Box::new(d) as Box<dyn UsbDevice>).collect()
+                    });
+                }
+                Some(redirect)
+            }
+            Err(devices) => {
+                self.present = devices;
+                None
+            }
+        }
+    }
+
+    /// The session ended: the devices still present come back for the next one.
+    pub fn finished(&mut self, redirect: Redirect) -> Vec<DeviceReport> {
+        let (reports, devices) = redirect.finish();
+        self.present = devices;
+        reports
+    }
+}
+
 /// The devices redirected over one session.
 #[derive(Debug)]
 pub struct Redirect {
+    shared: Arc<Shared>,
+    /// The hot-plug thread ([`Redirect::watch`]).
+    watcher: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    handle: SessionHandle,
     reports: Reports,
-    threads: Vec<std::thread::JoinHandle<Box<dyn UsbDevice>>>,
+    inboxes: Inboxes,
+    threads: Mutex<Vec<std::thread::JoinHandle<Option<Box<dyn UsbDevice>>>>>,
     /// Set by [`Redirect::finish`]: the threads stop answering.
     stop: Arc<AtomicBool>,
+    next_id: AtomicU32,
 }
 
 impl Redirect {
     /// Announces `devices` on `handle`'s session and serves them until it ends
     /// ([`Redirect::finish`] gives them back, for the next session). The devices come back at
-    /// once when the session has no USB channel (the server did not offer it) or there are none.
+    /// once when the session has no USB channel (the server did not offer it).
     pub fn start(
         handle: &SessionHandle,
         devices: Vec<Box<dyn UsbDevice>>,
     ) -> Result<Redirect, Vec<Box<dyn UsbDevice>>> {
-        if devices.is_empty() {
-            return Err(devices);
-        }
         if !handle.info().capabilities.contains(pleiades_protocol::handshake::Capabilities::USB) {
-            tracing::warn!("the server does not take USB devices: none is redirected");
+            if !devices.is_empty() {
+                tracing::warn!("the server does not take USB devices: none is redirected");
+            }
             return Err(devices);
         }
-        let reports: Reports = Arc::default();
-        let stop = Arc::new(AtomicBool::new(false));
-        let inboxes: Arc<Mutex<HashMap<u32, Sender<Vec<u8>>>>> = Arc::default();
-        let mut threads = Vec::new();
-        let mut announcements = Vec::new();
-        for (index, device) in devices.into_iter().enumerate() {
-            let id = index as u32 + 1;
-            let info = device.info();
-            let usb_id = format!("{:04x}:{:04x}", info.vendor_id, info.product_id);
-            tracing::info!(id, usb_id, name = info.product, "redirecting a USB device");
-            lock(&reports).push(DeviceReport {
-                id,
-                name: info.product.clone(),
-                usb_id,
-                state: "announced",
-                reason: None,
-                urbs: 0,
-                bytes_to_guest: 0,
-                bytes_from_guest: 0,
-            });
-            let (tx, rx) = channel();
-            lock(&inboxes).insert(id, tx);
-            let (handle, reports, stop) = (handle.clone(), reports.clone(), stop.clone());
-            let spawned = std::thread::Builder::new()
-                .name(format!("usb-{id}"))
-                .spawn(move || serve(id, device, &rx, &handle, &reports, &stop));
-            match spawned {
-                Ok(thread) => {
-                    threads.push(thread);
-                    announcements.push(UsbMessage::Attach(info.announce(id)));
+        let shared = Arc::new(Shared {
+            handle: handle.clone(),
+            reports: Arc::default(),
+            inboxes: Arc::default(),
+            threads: Mutex::default(),
+            stop: Arc::new(AtomicBool::new(false)),
+            next_id: AtomicU32::new(1),
+        });
+        let (inboxes, reports) = (shared.inboxes.clone(), shared.reports.clone());
+        handle.on_usb(move |message| on_server(message, &inboxes, &reports));
+        for device in devices {
+            shared.add(device);
+        }
+        Ok(Redirect { shared, watcher: None })
+    }
+
+    /// Announces one more device (plugged in while the session runs) and serves it; its id
+    /// (ids go up from 1 and are never reused within a session), or `None` when its thread
+    /// could not start.
+    pub fn add(&self, device: Box<dyn UsbDevice>) -> Option<u32> {
+        self.shared.add(device)
+    }
+
+    /// Hot-plug: every quarter of a second until the session ends, `arrivals` gives the
+    /// devices plugged in since (opened, matching the user's rules), and each is added.
+    pub fn watch(&mut self, mut arrivals: impl FnMut() -> Vec<Box<dyn UsbDevice>> + Send + 'static) {
+        let shared = self.shared.clone();
+        let spawned = std::thread::Builder::new().name("usb-hotplug".into()).spawn(move || {
+            while !shared.handle.is_closed() && !shared.stop.load(Ordering::Relaxed) {
+                for device in arrivals() {
+                    shared.add(device);
                 }
-                Err(e) => tracing::warn!("cannot start USB device {id}'s thread: {e}"),
+                std::thread::sleep(IDLE_CHECK);
             }
+        });
+        match spawned {
+            Ok(thread) => self.watcher = Some(thread),
+            Err(e) => tracing::warn!("cannot watch for USB devices plugged in: {e}"),
         }
-        let (sink_inboxes, sink_reports) = (inboxes, reports.clone());
-        handle.on_usb(move |message| on_server(message, &sink_inboxes, &sink_reports));
-        for announcement in announcements {
-            handle.send_usb(announcement);
-        }
-        Ok(Redirect { reports, threads, stop })
     }
 
     /// What became of each device so far.
     pub fn reports(&self) -> Vec<DeviceReport> {
-        lock(&self.reports).clone()
+        lock(&self.shared.reports).clone()
     }
 
     /// Stops serving the devices (within a quarter of a second; the session's end unplugs them
-    /// in the guest) and says what became of each; the devices come back for another session.
+    /// in the guest) and says what became of each; the devices still present come back for
+    /// another session.
     pub fn finish(self) -> (Vec<DeviceReport>, Vec<Box<dyn UsbDevice>>) {
-        self.stop.store(true, Ordering::Relaxed);
-        let devices = self.threads.into_iter().filter_map(|thread| thread.join().ok()).collect();
-        (lock(&self.reports).clone(), devices)
+        self.shared.stop.store(true, Ordering::Relaxed);
+        if let Some(watcher) = self.watcher {
+            let _ = watcher.join();
+        }
+        let threads = std::mem::take(&mut *lock(&self.shared.threads));
+        let devices = threads.into_iter().filter_map(|thread| thread.join().ok().flatten()).collect();
+        (lock(&self.shared.reports).clone(), devices)
+    }
+}
+
+impl Shared {
+    fn add(&self, device: Box<dyn UsbDevice>) -> Option<u32> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let info = device.info();
+        let usb_id = format!("{:04x}:{:04x}", info.vendor_id, info.product_id);
+        tracing::info!(id, usb_id, name = info.product, "redirecting a USB device");
+        lock(&self.reports).push(DeviceReport {
+            id,
+            name: info.product.clone(),
+            usb_id,
+            state: "announced",
+            reason: None,
+            urbs: 0,
+            bytes_to_guest: 0,
+            bytes_from_guest: 0,
+        });
+        let (tx, rx) = channel();
+        let done = {
+            let tx = tx.clone();
+            Completions::new(move |event| {
+                // The thread has ended when this fails: nothing waits for the answer.
+                let _ = tx.send(Input::Device(event));
+            })
+        };
+        lock(&self.inboxes).insert(id, tx);
+        let device_thread = DeviceThread {
+            id,
+            handle: self.handle.clone(),
+            reports: self.reports.clone(),
+            stop: self.stop.clone(),
+        };
+        let spawned = std::thread::Builder::new()
+            .name(format!("usb-{id}"))
+            .spawn(move || device_thread.serve(device, &rx, &done));
+        match spawned {
+            Ok(thread) => {
+                lock(&self.threads).push(thread);
+                self.handle.send_usb(UsbMessage::Attach(info.announce(id)));
+                Some(id)
+            }
+            Err(e) => {
+                tracing::warn!("cannot start USB device {id}'s thread: {e}");
+                lock(&self.inboxes).remove(&id);
+                set_state(&self.reports, id, "gone", Some(format!("no thread: {e}")));
+                None
+            }
+        }
     }
 }
 
@@ -134,12 +259,24 @@ pub fn unplug(handle: &SessionHandle, id: u32) -> bool {
     handle.send_usb(UsbMessage::Detach { id })
 }
 
+fn set_state(reports: &Reports, id: u32, state: &'static str, reason: Option<String>) {
+    if let Some(report) = lock(reports).iter_mut().find(|r| r.id == id) {
+        report.state = state;
+        report.reason = reason;
+    }
+}
+
 /// What the server said, from the session's stream task (must not block).
-fn on_server(message: UsbMessage, inboxes: &Mutex<HashMap<u32, Sender<Vec<u8>>>>, reports: &Reports) {
+fn on_server(message: UsbMessage, inboxes: &Mutex<HashMap<u32, Sender<Input>>>, reports: &Reports) {
     let id = message.id();
     let mut reports = lock(reports);
     let Some(report) = reports.iter_mut().find(|r| r.id == id) else {
         return tracing::debug!(id, "a USB message for a device this client did not announce");
+    };
+    let end = |inboxes: &Mutex<HashMap<u32, Sender<Input>>>| {
+        if let Some(inbox) = lock(inboxes).remove(&id) {
+            let _ = inbox.send(Input::End);
+        }
     };
     match message {
         UsbMessage::Attached { .. } => {
@@ -155,7 +292,7 @@ fn on_server(message: UsbMessage, inboxes: &Mutex<HashMap<u32, Sender<Vec<u8>>>>
             );
             report.state = "refused";
             report.reason = Some(reason.describe().to_owned());
-            lock(inboxes).remove(&id);
+            end(inboxes);
         }
         UsbMessage::Detached { reason, .. } => {
             let why = match reason {
@@ -164,9 +301,11 @@ fn on_server(message: UsbMessage, inboxes: &Mutex<HashMap<u32, Sender<Vec<u8>>>>
                 UsbDetachReason::Protocol => "a side broke USB/IP",
             };
             tracing::info!(id, name = report.name, "the USB device left the desktop: {why}");
-            report.state = "detached";
-            report.reason = Some(why.to_owned());
-            lock(inboxes).remove(&id);
+            if report.state != "gone" {
+                report.state = "detached";
+                report.reason = Some(why.to_owned());
+            }
+            end(inboxes);
         }
         UsbMessage::Data { bytes, .. } => {
             // Data before `Attached` is fine: the device's lane may overtake lane 0.
@@ -174,7 +313,7 @@ fn on_server(message: UsbMessage, inboxes: &Mutex<HashMap<u32, Sender<Vec<u8>>>>
                 report.state = "attached";
             }
             if let Some(inbox) = lock(inboxes).get(&id) {
-                let _ = inbox.send(bytes);
+                let _ = inbox.send(Input::Guest(bytes));
             }
         }
         // The client's own messages never come back.
@@ -182,78 +321,179 @@ fn on_server(message: UsbMessage, inboxes: &Mutex<HashMap<u32, Sender<Vec<u8>>>>
     }
 }
 
-/// One device's thread: answers its URBs until its redirection ends.
-fn serve(
+/// One device's thread.
+struct DeviceThread {
     id: u32,
-    mut device: Box<dyn UsbDevice>,
-    inbox: &Receiver<Vec<u8>>,
-    handle: &SessionHandle,
-    reports: &Reports,
-    stop: &AtomicBool,
-) -> Box<dyn UsbDevice> {
-    answer_urbs(id, device.as_mut(), inbox, handle, reports, stop);
-    device
+    handle: SessionHandle,
+    reports: Reports,
+    stop: Arc<AtomicBool>,
 }
 
-fn answer_urbs(
-    id: u32,
-    device: &mut dyn UsbDevice,
-    inbox: &Receiver<Vec<u8>>,
-    handle: &SessionHandle,
-    reports: &Reports,
-    stop: &AtomicBool,
-) {
-    let mut link = UsbipLink::new();
-    let count = |urbs: u64, to_guest: u64, from_guest: u64| {
-        if let Some(r) = lock(reports).iter_mut().find(|r| r.id == id) {
+/// Whether a device's redirection goes on.
+enum Flow {
+    Continue,
+    /// It ended; the device stays usable (`true`) or is gone.
+    End {
+        usable: bool,
+    },
+}
+
+/// One device's USB/IP state on its thread.
+struct Urbs {
+    link: UsbipLink,
+    /// URBs in flight, without their data: what their answers must match.
+    asked: HashMap<u32, CmdSubmit>,
+    /// Unlinks waiting for their URB's completion: URB seqnum → unlink seqnum.
+    unlinks: HashMap<u32, u32>,
+    /// Encoded answers not sent yet.
+    answer: Vec<u8>,
+}
+
+impl DeviceThread {
+    /// Answers the device's URBs until its redirection ends; the device back if it is still
+    /// there.
+    fn serve(
+        self,
+        mut device: Box<dyn UsbDevice>,
+        inbox: &Receiver<Input>,
+        done: &Completions,
+    ) -> Option<Box<dyn UsbDevice>> {
+        device.attach(done);
+        let mut urbs = Urbs {
+            link: UsbipLink::new(),
+            asked: HashMap::new(),
+            unlinks: HashMap::new(),
+            answer: Vec::new(),
+        };
+        let usable = loop {
+            let input = match inbox.recv_timeout(IDLE_CHECK) {
+                Ok(input) => input,
+                Err(RecvTimeoutError::Timeout)
+                    if !self.handle.is_closed() && !self.stop.load(Ordering::Relaxed) =>
+                {
+                    continue;
+                }
+                // The session is over.
+                Err(_) => break true,
+            };
+            let mut flow = self.take(input, device.as_mut(), done, &mut urbs);
+            // Whatever else is waiting goes in the same answer.
+            while matches!(flow, Flow::Continue) && urbs.answer.len() < BATCH {
+                match inbox.try_recv() {
+                    Ok(input) => flow = self.take(input, device.as_mut(), done, &mut urbs),
+                    Err(_) => break,
+                }
+            }
+            if !self.send(&mut urbs.answer) {
+                break true;
+            }
+            if let Flow::End { usable } = flow {
+                break usable;
+            }
+        };
+        device.stop();
+        usable.then_some(device)
+    }
+
+    fn take(&self, input: Input, device: &mut dyn UsbDevice, done: &Completions, urbs: &mut Urbs) -> Flow {
+        match input {
+            Input::End => Flow::End { usable: true },
+            Input::Guest(bytes) => {
+                let pdus = match urbs.link.from_guest(&bytes) {
+                    Ok(pdus) => pdus,
+                    Err(e) => {
+                        tracing::warn!(
+                            id = self.id,
+                            "the desktop's USB/IP stream broke the protocol: {e}; unplugging"
+                        );
+                        unplug(&self.handle, self.id);
+                        return Flow::End { usable: true };
+                    }
+                };
+                for pdu in pdus {
+                    match pdu {
+                        Pdu::Submit(mut urb) => {
+                            self.count(0, 0, urb.data.len() as u64);
+                            let data = std::mem::take(&mut urb.data);
+                            urbs.asked.insert(urb.seqnum, urb.clone());
+                            device.submit(CmdSubmit { data, ..urb }, done);
+                        }
+                        Pdu::Unlink { seqnum, unlink_seqnum, .. } => {
+                            if urbs.asked.contains_key(&unlink_seqnum) {
+                                urbs.unlinks.insert(unlink_seqnum, seqnum);
+                                device.unlink(unlink_seqnum);
+                            } else {
+                                // Already answered: nothing to cancel.
+                                if !self.reply(urbs, Pdu::RetUnlink { seqnum, status: 0 }) {
+                                    return Flow::End { usable: true };
+                                }
+                            }
+                        }
+                        Pdu::Ret(_) | Pdu::RetUnlink { .. } => {
+                            unreachable!("from_guest() takes commands only")
+                        }
+                    }
+                }
+                Flow::Continue
+            }
+            Input::Device(DeviceEvent::Gone { reason }) => {
+                tracing::info!(id = self.id, "the USB device is gone on this side: {reason}");
+                set_state(&self.reports, self.id, "gone", Some(reason));
+                unplug(&self.handle, self.id);
+                Flow::End { usable: false }
+            }
+            Input::Device(DeviceEvent::Done { seqnum, completion }) => {
+                let Some(urb) = urbs.asked.remove(&seqnum) else {
+                    tracing::debug!(id = self.id, seqnum, "a completion for an URB not in flight");
+                    return Flow::Continue;
+                };
+                let unlink = urbs.unlinks.remove(&seqnum);
+                let ok = match unlink {
+                    // The cancel won: the unlink's answer says so, and the URB gets none.
+                    Some(unlink) if completion.status == UNLINKED => {
+                        self.reply(urbs, Pdu::RetUnlink { seqnum: unlink, status: UNLINKED })
+                    }
+                    _ => {
+                        let ret = completion.ret(&urb);
+                        self.count(1, ret.data.len() as u64, 0);
+                        self.reply(urbs, Pdu::Ret(ret))
+                            && unlink.is_none_or(|unlink| {
+                                self.reply(urbs, Pdu::RetUnlink { seqnum: unlink, status: 0 })
+                            })
+                    }
+                };
+                if ok { Flow::Continue } else { Flow::End { usable: true } }
+            }
+        }
+    }
+
+    /// Queues one answer, checked like the VM process will check it; false when it breaks
+    /// USB/IP (the device is unplugged).
+    fn reply(&self, urbs: &mut Urbs, pdu: Pdu) -> bool {
+        let encoded = pdu.encode();
+        if let Err(e) = urbs.link.from_device(&encoded) {
+            tracing::warn!(id = self.id, "the USB device's answer breaks USB/IP: {e}; unplugging");
+            unplug(&self.handle, self.id);
+            return false;
+        }
+        urbs.answer.extend(encoded);
+        true
+    }
+
+    /// Sends the answers gathered; false when the session is over.
+    fn send(&self, answer: &mut Vec<u8>) -> bool {
+        let ok = answer
+            .chunks(MAX_USB_CHUNK)
+            .all(|chunk| self.handle.send_usb(UsbMessage::Data { id: self.id, bytes: chunk.to_vec() }));
+        answer.clear();
+        ok
+    }
+
+    fn count(&self, urbs: u64, to_guest: u64, from_guest: u64) {
+        if let Some(r) = lock(&self.reports).iter_mut().find(|r| r.id == self.id) {
             r.urbs += urbs;
             r.bytes_to_guest += to_guest;
             r.bytes_from_guest += from_guest;
-        }
-    };
-    loop {
-        let bytes = match inbox.recv_timeout(std::time::Duration::from_millis(250)) {
-            Ok(bytes) => bytes,
-            Err(RecvTimeoutError::Timeout) if !handle.is_closed() && !stop.load(Ordering::Relaxed) => {
-                continue;
-            }
-            // Refused, detached, or the session is over.
-            Err(_) => return,
-        };
-        let pdus = match link.from_guest(&bytes) {
-            Ok(pdus) => pdus,
-            Err(e) => {
-                tracing::warn!(id, "the desktop's USB/IP stream broke the protocol: {e}; unplugging");
-                unplug(handle, id);
-                return;
-            }
-        };
-        let mut answer = Vec::new();
-        for pdu in pdus {
-            let reply = match pdu {
-                Pdu::Submit(urb) => {
-                    let completion = device.submit(&urb);
-                    let ret = completion.ret(&urb);
-                    count(1, ret.data.len() as u64, urb.data.len() as u64);
-                    Pdu::Ret(ret)
-                }
-                // Every URB is answered before the next is read: an unlink always comes after
-                // its URB completed (status 0, its answer went first).
-                Pdu::Unlink { seqnum, .. } => Pdu::RetUnlink { seqnum, status: 0 },
-                Pdu::Ret(_) | Pdu::RetUnlink { .. } => unreachable!("from_guest() takes commands only"),
-            };
-            let encoded = reply.encode();
-            if let Err(e) = link.from_device(&encoded) {
-                tracing::warn!(id, "the USB device's answer breaks USB/IP: {e}; unplugging");
-                unplug(handle, id);
-                return;
-            }
-            answer.extend(encoded);
-        }
-        for chunk in answer.chunks(MAX_USB_CHUNK) {
-            if !handle.send_usb(UsbMessage::Data { id, bytes: chunk.to_vec() }) {
-                return;
-            }
         }
     }
 }

@@ -142,8 +142,8 @@ pub struct Link {
     pub current: Current,
     /// The files to send (`--send`, drops): each session sends what is left.
     pub files: crate::files::FileQueue,
-    /// The USB devices to redirect (`--usb-emulated-disk`): into each session in turn.
-    pub usb: Vec<Box<dyn crate::usb::UsbDevice>>,
+    /// The USB devices to redirect (`--usb`, `--usb-emulated-disk`): into each session in turn.
+    pub usb: crate::usb::redirect::UsbDevices,
 }
 
 impl Link {
@@ -206,7 +206,7 @@ impl Link {
             // So does the clipboard, where this machine has an X display, and the files to send.
             let clipboard = crate::clipboard::ClipboardBridge::start(&session.handle);
             let sender = tokio::spawn(crate::files::send_files(session.handle.clone(), files.clone()));
-            let redirect = crate::usb::redirect::Redirect::start(&session.handle, std::mem::take(&mut usb));
+            let redirect = usb.redirect(&session.handle);
             let end = run(&mut session, &notify).await;
             sender.abort();
             let _ = sender.await;
@@ -223,12 +223,14 @@ impl Link {
             let token = session.handle.resume_token();
             *lock(&current) = None;
             // The devices come back once the session's end reached their threads.
-            usb = match redirect {
-                Ok(redirect) => {
-                    tokio::task::spawn_blocking(move || redirect.finish().1).await.unwrap_or_default()
-                }
-                Err(devices) => devices,
-            };
+            if let Some(redirect) = redirect {
+                usb = tokio::task::spawn_blocking(move || {
+                    usb.finished(redirect);
+                    usb
+                })
+                .await
+                .unwrap_or_default();
+            }
             match end {
                 End::Final(why) => {
                     notify(LinkEvent::State(LinkState::Disconnected(why)));

@@ -40,7 +40,7 @@ pub fn run(
     options: SessionOptions,
     audio: AudioOptions,
     files: crate::files::FileQueue,
-    usb: Vec<Box<dyn crate::usb::UsbDevice>>,
+    usb: crate::usb::redirect::UsbDevices,
 ) -> anyhow::Result<()> {
     let event_loop = EventLoop::<link::LinkEvent>::with_user_event()
         .build()

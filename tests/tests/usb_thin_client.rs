@@ -1,0 +1,193 @@
+//! USB redirection on the real-device path: a thin client machine (a QEMU TCG VM with QEMU's
+//! emulated USB stick on an xHCI controller, [`ThinClient`]) runs the `pleiades` client, which
+//! finds the stick through libusb (`--usb 46f4:0001`), takes it from the thin client's own
+//! `usb-storage` driver, and redirects it over the session's QUIC connection into a Linux
+//! desktop (QEMU TCG here, the VM process relaying to the guest agent and `vhci-hcd`).
+//!
+//! - the desktop's own `usb-storage` mounts the stick, reads a file the test put there (same
+//!   SHA-256) and writes one that the test then finds in the stick's backing image;
+//! - the thin client's driver lets go of the stick while it is redirected and gets it back
+//!   after the client ends;
+//! - hot-plug both ways: a second stick plugged into the thin client while connected reaches
+//!   the desktop; pulled out while the desktop reads it, the desktop sees a disconnect, its
+//!   reader ends, and the desktop and the session go on.
+
+use std::path::Path;
+use std::time::Duration;
+
+use pleiades_protocol::connfile::Connection;
+use pleiades_testkit::wait_for;
+use pleiades_tests::disk::{ext4_raw, ext4_read};
+use pleiades_tests::served::ServedDesktop;
+use pleiades_tests::thin_client::{HOST_FROM_INSIDE, STICK_USB_ID, ThinClient};
+use pleiades_tests::workspace_binary;
+
+const SHELL: Duration = Duration::from_secs(180);
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn usb_status(desktop: &ServedDesktop) -> serde_json::Value {
+    desktop.status()["agent"]["usb"].clone()
+}
+
+fn wait_block(desktop: &mut ServedDesktop, dev: &str, present: bool) {
+    assert!(desktop.guest.wait_path(dev, present).unwrap(), "{dev} present={present} never came");
+}
+
+/// Everything that says why, when a wait fails.
+fn evidence(desktop: &mut ServedDesktop, thin: &mut ThinClient) -> String {
+    let client_log = std::fs::read_to_string(thin.scratch().join("client.log")).unwrap_or_default();
+    format!(
+        "desktop: {:#}\nclient log:\n{client_log}\nthin client dmesg:\n{}\ndesktop dmesg:\n{}",
+        desktop.status(),
+        thin.dmesg(30),
+        desktop.guest.run("dmesg | tail -n 30", SHELL).unwrap_or_default().join("\n")
+    )
+}
+
+#[test]
+fn a_thin_clients_usb_stick_goes_through_libusb_into_the_desktop_and_hot_plugs_both_ways() {
+    let (mut desktop, _) = ServedDesktop::boot_with(&["gpu", "vsock"], &["--usb", STICK_USB_ID]);
+    let dir = desktop.dir.path().to_owned();
+    let hello = pleiades_tests::incompressible(2 << 20, 11);
+    let (stick, spare) = (dir.join("stick.img"), dir.join("spare.img"));
+    ext4_raw(&stick, 32, &[("hello.bin", &hello)]).unwrap();
+    ext4_raw(&spare, 16, &[("spare.txt", b"the second stick\n")]).unwrap();
+    let mut thin = ThinClient::boot(&stick, &spare).unwrap();
+
+    // The thin client's own kernel has the stick, and the client lists it.
+    assert!(thin.usb_storage_bound().unwrap(), "the thin client's usb-storage did not take the stick");
+    let client = workspace_binary("pleiades").unwrap();
+    let listed = thin.run(&format!("{} usb-list --json", client.display())).unwrap().join("");
+    let listed: serde_json::Value = serde_json::from_str(listed.trim()).unwrap();
+    assert!(
+        listed.as_array().unwrap().iter().any(|d| d["usb_id"] == STICK_USB_ID && d["interfaces"][0] == "08"),
+        "{listed:#}"
+    );
+
+    // A connection file for the client inside: the session server is on this machine's loopback.
+    let mut connection =
+        Connection::from_toml(&std::fs::read_to_string(desktop.mint("thin.pleiades")).unwrap()).unwrap();
+    connection.host = HOST_FROM_INSIDE.into();
+    let connection_file = thin.scratch().join("thin.pleiades");
+    std::fs::write(&connection_file, connection.to_toml()).unwrap();
+    let record = thin.scratch().join("record");
+    wait_for("the agent", Duration::from_secs(120), || {
+        (desktop.status()["agent"]["connected"] == true).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}: {:#}", desktop.status()));
+
+    let pid = thin
+        .spawn_client(
+            &client,
+            &[
+                "connect",
+                &connection_file.display().to_string(),
+                "--headless",
+                "--no-h264",
+                "--no-audio",
+                "--record",
+                &record.display().to_string(),
+                "--usb",
+                STICK_USB_ID,
+            ],
+            "client",
+        )
+        .unwrap();
+    if let Err(e) = wait_for("the stick attached", Duration::from_secs(180), || {
+        (usb_status(&desktop)["attached"].as_u64() >= Some(1)).then_some(())
+    }) {
+        panic!("{e}\n{}", evidence(&mut desktop, &mut thin));
+    }
+    wait_block(&mut desktop, "/dev/sda", true);
+    // Redirected: the thin client's own driver let go of it.
+    assert!(!thin.usb_storage_bound().unwrap(), "the thin client's usb-storage still has the stick");
+    let ids = desktop.guest.run("cat /sys/bus/usb/devices/*/idVendor", SHELL).unwrap();
+    assert!(ids.iter().any(|l| l.trim() == "46f4"), "{ids:?}");
+
+    let written = format!("written in the desktop {}", std::process::id());
+    let out = desktop
+        .guest
+        .run(
+            &format!(
+                "mkdir -p /mnt/stick && mount -t ext4 /dev/sda /mnt/stick && sha256sum /mnt/stick/hello.bin && \
+                 echo '{written}' > /mnt/stick/from-guest.txt && sync && umount /mnt/stick"
+            ),
+            SHELL,
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", evidence(&mut desktop, &mut thin)));
+    let sum = sha256_hex(&hello);
+    assert!(out.iter().any(|l| l.starts_with(&sum)), "the desktop read other bytes: {out:?} (want {sum})");
+
+    // Hot-plug: a second stick plugged in while connected reaches the desktop.
+    thin.plug().unwrap();
+    if let Err(e) = wait_for("the second stick attached", Duration::from_secs(180), || {
+        (usb_status(&desktop)["attached"].as_u64() >= Some(2)).then_some(())
+    }) {
+        panic!("{e}\n{}", evidence(&mut desktop, &mut thin));
+    }
+    wait_block(&mut desktop, "/dev/sdb", true);
+    let out = desktop
+        .guest
+        .run("mkdir -p /mnt/spare && mount -o ro /dev/sdb /mnt/spare && cat /mnt/spare/spare.txt && umount /mnt/spare", SHELL)
+        .unwrap();
+    assert!(out.iter().any(|l| l.trim() == "the second stick"), "{out:?}");
+
+    // Pulled out of the thin client while the desktop reads it.
+    desktop
+        .guest
+        .run(
+            "(while dd if=/dev/sdb of=/dev/null bs=64k 2>/dev/null; do echo 3 > /proc/sys/vm/drop_caches; done; \
+             echo ENDED > /tmp/reader) >/dev/null 2>&1 & true",
+            SHELL,
+        )
+        .unwrap();
+    let before = usb_status(&desktop)["bytes_to_guest"].as_u64().unwrap();
+    wait_for("the reader under way", Duration::from_secs(120), || {
+        (usb_status(&desktop)["bytes_to_guest"].as_u64().unwrap() > before + (1 << 20)).then_some(())
+    })
+    .unwrap();
+    thin.pull("spare").unwrap();
+    wait_block(&mut desktop, "/dev/sdb", false);
+    let (status, out) = desktop
+        .guest
+        .run_status(
+            "i=0; until [ -e /tmp/reader ] || [ $i -gt 120 ]; do i=$((i+1)); sleep 0.5; done; [ -e /tmp/reader ]",
+            SHELL,
+        )
+        .unwrap();
+    assert_eq!(status, 0, "the desktop's reader hangs: {out:?}");
+    // The first stick, the desktop and the session go on.
+    assert!(desktop.guest.run_status("[ -e /dev/sda ]", SHELL).unwrap().0 == 0, "the first stick went too");
+    assert_eq!(desktop.status()["agent"]["connected"], true);
+
+    // The client ends: the desktop sees the stick go; the thin client's driver gets it back.
+    assert!(
+        thin.stop_client(pid).unwrap(),
+        "the client did not end on SIGTERM\n{}",
+        evidence(&mut desktop, &mut thin)
+    );
+    wait_block(&mut desktop, "/dev/sda", false);
+    let rebound = (0..60).any(|_| {
+        std::thread::sleep(Duration::from_millis(500));
+        thin.usb_storage_bound().unwrap()
+    });
+    assert!(rebound, "the thin client's usb-storage did not get the stick back\n{}", thin.dmesg(20));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(record.join("usb.json")).unwrap()).unwrap();
+    assert_eq!(report[0]["usb_id"], STICK_USB_ID, "{report:#}");
+    assert!(report[0]["urbs"].as_u64() > Some(100), "{report:#}");
+    assert!(report[0]["bytes_to_guest"].as_u64() >= Some(hello.len() as u64), "{report:#}");
+    assert_eq!(report[1]["state"], "gone", "the pulled stick: {report:#}");
+    drop(thin);
+    assert_eq!(ext4_read(&stick, "from-guest.txt").unwrap(), format!("{written}\n").into_bytes());
+    check_image(&stick);
+}
+
+/// The stick's file system is whole.
+fn check_image(image: &Path) {
+    let out = std::process::Command::new("e2fsck").args(["-n", "-f"]).arg(image).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}
