@@ -371,76 +371,76 @@ impl LibusbDevice {
             }
         })
     }
+}
 
-    /// The libusb transfer for `urb`, or the status it fails with at once.
-    fn request(&self, urb: &CmdSubmit) -> Result<Request, i32> {
-        let mut flags = 0;
-        if urb.transfer_flags & URB_SHORT_NOT_OK != 0 && urb.direction == Direction::In {
-            flags |= ffi::constants::LIBUSB_TRANSFER_SHORT_NOT_OK;
-        }
-        if urb.transfer_flags & URB_ZERO_PACKET != 0 {
-            flags |= ffi::constants::LIBUSB_TRANSFER_ADD_ZERO_PACKET;
-        }
-        let length = urb.transfer_buffer_length as usize;
-        if urb.ep == 0 {
-            // The setup packet says how much the data stage moves.
-            let w_length = usize::from(u16::from_le_bytes([urb.setup[6], urb.setup[7]]));
-            let mut buffer = Vec::with_capacity(8 + w_length);
-            buffer.extend_from_slice(&urb.setup);
-            if urb.direction == Direction::Out {
-                buffer.extend_from_slice(&urb.data[..urb.data.len().min(w_length)]);
-            }
-            buffer.resize(8 + w_length, 0);
-            return Ok(Request {
-                seqnum: urb.seqnum,
-                kind: Kind::Control,
-                endpoint: 0,
-                flags,
-                buffer,
-                iso_lengths: Vec::new(),
-            });
-        }
-        let endpoint = urb.ep as u8 | if urb.direction == Direction::In { 0x80 } else { 0 };
-        let declared = self.endpoints.get(&endpoint).copied();
-        if urb.iso_count().is_some() || declared == Some(TransferType::Isochronous) {
-            if urb.iso.is_empty() || declared != Some(TransferType::Isochronous) {
-                return Err(INVALID);
-            }
-            // libusb lays the packets back to back; USB/IP gives each an offset.
-            let lengths: Vec<u32> = urb.iso.iter().map(|p| p.length).collect();
-            let total: usize = lengths.iter().map(|&l| l as usize).sum();
-            if total > length {
-                return Err(INVALID);
-            }
-            let buffer = if urb.direction == Direction::Out {
-                let mut buffer = Vec::with_capacity(total);
-                for packet in &urb.iso {
-                    let (start, end) =
-                        (packet.offset as usize, packet.offset as usize + packet.length as usize);
-                    buffer.extend_from_slice(urb.data.get(start..end).ok_or(INVALID)?);
-                }
-                buffer
-            } else {
-                vec![0; total]
-            };
-            return Ok(Request {
-                seqnum: urb.seqnum,
-                kind: Kind::Isochronous,
-                endpoint,
-                flags,
-                buffer,
-                iso_lengths: lengths,
-            });
-        }
-        let kind = match declared {
-            Some(TransferType::Interrupt) => Kind::Interrupt,
-            Some(TransferType::Bulk) => Kind::Bulk,
-            // Not an endpoint of the current settings: the device would not answer.
-            _ => return Err(STALL),
-        };
-        let buffer = if urb.direction == Direction::Out { urb.data.clone() } else { vec![0; length] };
-        Ok(Request { seqnum: urb.seqnum, kind, endpoint, flags, buffer, iso_lengths: Vec::new() })
+/// The libusb transfer for `urb` on a device with `endpoints` (address → type), or the status
+/// it fails with at once.
+fn request(urb: &CmdSubmit, endpoints: &HashMap<u8, TransferType>) -> Result<Request, i32> {
+    let mut flags = 0;
+    if urb.transfer_flags & URB_SHORT_NOT_OK != 0 && urb.direction == Direction::In {
+        flags |= ffi::constants::LIBUSB_TRANSFER_SHORT_NOT_OK;
     }
+    if urb.transfer_flags & URB_ZERO_PACKET != 0 {
+        flags |= ffi::constants::LIBUSB_TRANSFER_ADD_ZERO_PACKET;
+    }
+    let length = urb.transfer_buffer_length as usize;
+    if urb.ep == 0 {
+        // The setup packet says how much the data stage moves.
+        let w_length = usize::from(u16::from_le_bytes([urb.setup[6], urb.setup[7]]));
+        let mut buffer = Vec::with_capacity(8 + w_length);
+        buffer.extend_from_slice(&urb.setup);
+        if urb.direction == Direction::Out {
+            buffer.extend_from_slice(&urb.data[..urb.data.len().min(w_length)]);
+        }
+        buffer.resize(8 + w_length, 0);
+        return Ok(Request {
+            seqnum: urb.seqnum,
+            kind: Kind::Control,
+            endpoint: 0,
+            flags,
+            buffer,
+            iso_lengths: Vec::new(),
+        });
+    }
+    let endpoint = urb.ep as u8 | if urb.direction == Direction::In { 0x80 } else { 0 };
+    let declared = endpoints.get(&endpoint).copied();
+    if urb.iso_count().is_some() || declared == Some(TransferType::Isochronous) {
+        if urb.iso.is_empty() || declared != Some(TransferType::Isochronous) {
+            return Err(INVALID);
+        }
+        // libusb lays the packets back to back; USB/IP gives each an offset.
+        let lengths: Vec<u32> = urb.iso.iter().map(|p| p.length).collect();
+        let total: usize = lengths.iter().map(|&l| l as usize).sum();
+        if total > length {
+            return Err(INVALID);
+        }
+        let buffer = if urb.direction == Direction::Out {
+            let mut buffer = Vec::with_capacity(total);
+            for packet in &urb.iso {
+                let (start, end) = (packet.offset as usize, packet.offset as usize + packet.length as usize);
+                buffer.extend_from_slice(urb.data.get(start..end).ok_or(INVALID)?);
+            }
+            buffer
+        } else {
+            vec![0; total]
+        };
+        return Ok(Request {
+            seqnum: urb.seqnum,
+            kind: Kind::Isochronous,
+            endpoint,
+            flags,
+            buffer,
+            iso_lengths: lengths,
+        });
+    }
+    let kind = match declared {
+        Some(TransferType::Interrupt) => Kind::Interrupt,
+        Some(TransferType::Bulk) => Kind::Bulk,
+        // Not an endpoint of the current settings: the device would not answer.
+        _ => return Err(STALL),
+    };
+    let buffer = if urb.direction == Direction::Out { urb.data.clone() } else { vec![0; length] };
+    Ok(Request { seqnum: urb.seqnum, kind, endpoint, flags, buffer, iso_lengths: Vec::new() })
 }
 
 /// libusb's transfer status as the errno Linux gives an URB.
@@ -524,7 +524,7 @@ impl UsbDevice for LibusbDevice {
         {
             return done.complete(seqnum, completion);
         }
-        let request = match self.request(&urb) {
+        let request = match request(&urb, &self.endpoints) {
             Ok(request) => request,
             Err(status) => return done.complete(seqnum, Completion::failed(status)),
         };
@@ -652,5 +652,116 @@ impl Watcher {
             }
         }
         opened
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoints() -> HashMap<u8, TransferType> {
+        HashMap::from([
+            (0x81, TransferType::Bulk),
+            (0x02, TransferType::Bulk),
+            (0x83, TransferType::Interrupt),
+            (0x84, TransferType::Isochronous),
+            (0x05, TransferType::Isochronous),
+        ])
+    }
+
+    fn urb(ep: u32, direction: Direction, length: u32, data: Vec<u8>) -> CmdSubmit {
+        CmdSubmit::new(9, 1, ep, direction, length, [0; 8], data)
+    }
+
+    #[test]
+    fn control_transfers_carry_the_setup_packet_and_the_length_it_names() {
+        // GET_DESCRIPTOR(device), 18 bytes.
+        let setup = [0x80, 6, 0, 1, 0, 0, 18, 0];
+        let mut get = urb(0, Direction::In, 64, Vec::new());
+        get.setup = setup;
+        let request = request(&get, &endpoints()).unwrap();
+        assert_eq!((request.kind, request.endpoint, request.buffer.len()), (Kind::Control, 0, 8 + 18));
+        assert_eq!(request.buffer[..8], setup);
+        // An OUT control transfer's data follows the setup packet.
+        let mut set = urb(0, Direction::Out, 3, vec![1, 2, 3]);
+        set.setup = [0x21, 9, 0, 2, 0, 0, 3, 0];
+        assert_eq!(request_buffer(&set), [0x21, 9, 0, 2, 0, 0, 3, 0, 1, 2, 3]);
+        // The answer leaves the setup packet out.
+        let mut buffer = setup.to_vec();
+        buffer.extend([0x12, 1, 0, 2]);
+        buffer.resize(26, 0);
+        let done = Finished { status: 0, actual_length: 4, buffer, iso: Vec::new() };
+        let c = completion(Kind::Control, Direction::In, &[], done);
+        assert_eq!((c.status, c.data.as_slice(), c.actual_length), (0, &[0x12, 1, 0, 2][..], 4));
+    }
+
+    fn request_buffer(urb: &CmdSubmit) -> Vec<u8> {
+        request(urb, &endpoints()).unwrap().buffer
+    }
+
+    #[test]
+    fn bulk_and_interrupt_go_by_the_endpoints_type_and_unknown_endpoints_stall() {
+        let r = request(&urb(1, Direction::In, 512, Vec::new()), &endpoints()).unwrap();
+        assert_eq!((r.kind, r.endpoint, r.buffer.len()), (Kind::Bulk, 0x81, 512));
+        let r = request(&urb(2, Direction::Out, 3, vec![4, 5, 6]), &endpoints()).unwrap();
+        assert_eq!((r.kind, r.endpoint, r.buffer), (Kind::Bulk, 0x02, vec![4, 5, 6]));
+        let r = request(&urb(3, Direction::In, 8, Vec::new()), &endpoints()).unwrap();
+        assert_eq!((r.kind, r.endpoint), (Kind::Interrupt, 0x83));
+        assert_eq!(request(&urb(7, Direction::In, 8, Vec::new()), &endpoints()).unwrap_err(), STALL);
+        // The URB's flags become libusb's.
+        let mut short = urb(1, Direction::In, 512, Vec::new());
+        short.transfer_flags = URB_SHORT_NOT_OK | URB_ZERO_PACKET;
+        let flags = request(&short, &endpoints()).unwrap().flags;
+        assert_eq!(
+            flags,
+            ffi::constants::LIBUSB_TRANSFER_SHORT_NOT_OK | ffi::constants::LIBUSB_TRANSFER_ADD_ZERO_PACKET
+        );
+        // Statuses become the errnos Linux gives URBs.
+        let finished = |status| Finished { status, actual_length: 0, buffer: vec![0; 8], iso: Vec::new() };
+        for (status, errno) in [
+            (ffi::constants::LIBUSB_TRANSFER_STALL, STALL),
+            (ffi::constants::LIBUSB_TRANSFER_CANCELLED, UNLINKED),
+            (ffi::constants::LIBUSB_TRANSFER_NO_DEVICE, GONE),
+            (ffi::constants::LIBUSB_TRANSFER_ERROR, PROTOCOL_ERROR),
+        ] {
+            assert_eq!(completion(Kind::Bulk, Direction::In, &[], finished(status)).status, errno);
+        }
+    }
+
+    #[test]
+    fn isochronous_packets_are_packed_for_libusb_and_unpacked_for_usbip() {
+        // OUT: packets at their offsets (with a gap) become libusb's back-to-back buffer.
+        let mut out = urb(5, Direction::Out, 12, (0..12).collect());
+        out.number_of_packets = 2;
+        out.iso = vec![
+            IsoPacket { offset: 0, length: 3, ..IsoPacket::default() },
+            IsoPacket { offset: 8, length: 4, ..IsoPacket::default() },
+        ];
+        let r = request(&out, &endpoints()).unwrap();
+        assert_eq!((r.kind, r.endpoint), (Kind::Isochronous, 0x05));
+        assert_eq!(r.buffer, [0, 1, 2, 8, 9, 10, 11]);
+        assert_eq!(r.iso_lengths, [3, 4]);
+        // A packet outside the data is refused, not read past.
+        out.iso[1].offset = 10;
+        assert_eq!(request(&out, &endpoints()).unwrap_err(), INVALID);
+        // IN: each packet's actual bytes, back to back, with per-packet statuses.
+        let mut buffer = vec![0u8; 8];
+        buffer[..3].copy_from_slice(&[1, 2, 3]);
+        buffer[4..6].copy_from_slice(&[5, 6]);
+        let done = Finished {
+            status: 0,
+            actual_length: 0,
+            buffer,
+            iso: vec![(3, 0), (2, 0), (0, ffi::constants::LIBUSB_TRANSFER_ERROR)],
+        };
+        let c = completion(Kind::Isochronous, Direction::In, &[4, 2, 2], done);
+        assert_eq!(c.data, [1, 2, 3, 5, 6]);
+        assert_eq!((c.actual_length, c.error_count), (5, 1));
+        assert_eq!(c.iso[2].status as i32, PROTOCOL_ERROR);
+        // Not an isochronous endpoint: refused.
+        let mut wrong = urb(1, Direction::In, 8, Vec::new());
+        wrong.number_of_packets = 1;
+        wrong.iso = vec![IsoPacket { length: 8, ..IsoPacket::default() }];
+        assert_eq!(request(&wrong, &endpoints()).unwrap_err(), INVALID);
     }
 }

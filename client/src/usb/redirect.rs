@@ -26,12 +26,12 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use pleiades_protocol::usbip::{CmdSubmit, Pdu, UsbipLink};
+use pleiades_protocol::usbip::{CmdSubmit, Pdu, UsbipError, UsbipLink};
 use pleiades_protocol::wire::{MAX_USB_CHUNK, UsbDetachReason, UsbMessage};
 use serde::Serialize;
 
 use super::libusb::Watcher;
-use super::{Completions, DeviceEvent, UNLINKED, UsbDevice};
+use super::{Completion, Completions, DeviceEvent, UNLINKED, UsbDevice};
 use crate::session::SessionHandle;
 
 /// What became of one redirected device (`usb.json` in a headless recording).
@@ -338,8 +338,24 @@ enum Flow {
     },
 }
 
-/// One device's USB/IP state on its thread.
-struct Urbs {
+/// What the guest asks of a device.
+#[derive(Debug, PartialEq, Eq)]
+enum Command {
+    Submit(CmdSubmit),
+    /// Cancel URB `seqnum`.
+    Unlink(u32),
+}
+
+/// One device's USB/IP bookkeeping, sans I/O: the URBs in flight and the unlinks waiting for
+/// them, and the answers for the guest, each checked as the VM process will check it.
+///
+/// An unlink of an URB in flight is passed to the device; when the URB then completes
+/// cancelled ([`UNLINKED`]) only the unlink is answered (`-ECONNRESET`: the guest gets no
+/// `RET_SUBMIT` for it); when it completed anyway, its `RET_SUBMIT` goes first and the unlink
+/// is answered 0. An unlink of an URB already answered is answered 0 at once. This is what
+/// Linux's own USB/IP server does, and what `vhci-hcd` expects.
+#[derive(Debug, Default)]
+struct Book {
     link: UsbipLink,
     /// URBs in flight, without their data: what their answers must match.
     asked: HashMap<u32, CmdSubmit>,
@@ -347,6 +363,62 @@ struct Urbs {
     unlinks: HashMap<u32, u32>,
     /// Encoded answers not sent yet.
     answer: Vec<u8>,
+}
+
+impl Book {
+    /// The guest's bytes: the URBs to start and the unlinks to pass on.
+    fn from_guest(&mut self, bytes: &[u8]) -> Result<Vec<Command>, UsbipError> {
+        let mut commands = Vec::new();
+        for pdu in self.link.from_guest(bytes)? {
+            match pdu {
+                Pdu::Submit(mut urb) => {
+                    let data = std::mem::take(&mut urb.data);
+                    self.asked.insert(urb.seqnum, urb.clone());
+                    commands.push(Command::Submit(CmdSubmit { data, ..urb }));
+                }
+                Pdu::Unlink { seqnum, unlink_seqnum, .. } => {
+                    if self.asked.contains_key(&unlink_seqnum) {
+                        self.unlinks.insert(unlink_seqnum, seqnum);
+                        commands.push(Command::Unlink(unlink_seqnum));
+                    } else {
+                        // Already answered: nothing to cancel.
+                        self.reply(Pdu::RetUnlink { seqnum, status: 0 })?;
+                    }
+                }
+                Pdu::Ret(_) | Pdu::RetUnlink { .. } => unreachable!("from_guest() takes commands only"),
+            }
+        }
+        Ok(commands)
+    }
+
+    /// URB `seqnum` completed: its answer is queued. The bytes it returns to the guest, or
+    /// `None` when it was not in flight (a device's late or doubled completion: ignored).
+    fn completed(&mut self, seqnum: u32, completion: Completion) -> Result<Option<u64>, UsbipError> {
+        let Some(urb) = self.asked.remove(&seqnum) else { return Ok(None) };
+        match self.unlinks.remove(&seqnum) {
+            // The cancel won: the unlink's answer says so, and the URB gets none.
+            Some(unlink) if completion.status == UNLINKED => {
+                self.reply(Pdu::RetUnlink { seqnum: unlink, status: UNLINKED })?;
+                Ok(Some(0))
+            }
+            unlink => {
+                let ret = completion.ret(&urb);
+                let bytes = ret.data.len() as u64;
+                self.reply(Pdu::Ret(ret))?;
+                if let Some(unlink) = unlink {
+                    self.reply(Pdu::RetUnlink { seqnum: unlink, status: 0 })?;
+                }
+                Ok(Some(bytes))
+            }
+        }
+    }
+
+    fn reply(&mut self, pdu: Pdu) -> Result<(), UsbipError> {
+        let encoded = pdu.encode();
+        self.link.from_device(&encoded)?;
+        self.answer.extend(encoded);
+        Ok(())
+    }
 }
 
 impl DeviceThread {
@@ -359,12 +431,7 @@ impl DeviceThread {
         done: &Completions,
     ) -> Option<Box<dyn UsbDevice>> {
         device.attach(done);
-        let mut urbs = Urbs {
-            link: UsbipLink::new(),
-            asked: HashMap::new(),
-            unlinks: HashMap::new(),
-            answer: Vec::new(),
-        };
+        let mut book = Book::default();
         let usable = loop {
             let input = match inbox.recv_timeout(IDLE_CHECK) {
                 Ok(input) => input,
@@ -376,15 +443,15 @@ impl DeviceThread {
                 // The session is over.
                 Err(_) => break true,
             };
-            let mut flow = self.take(input, device.as_mut(), done, &mut urbs);
+            let mut flow = self.take(input, device.as_mut(), done, &mut book);
             // Whatever else is waiting goes in the same answer.
-            while matches!(flow, Flow::Continue) && urbs.answer.len() < BATCH {
+            while matches!(flow, Flow::Continue) && book.answer.len() < BATCH {
                 match inbox.try_recv() {
-                    Ok(input) => flow = self.take(input, device.as_mut(), done, &mut urbs),
+                    Ok(input) => flow = self.take(input, device.as_mut(), done, &mut book),
                     Err(_) => break,
                 }
             }
-            if !self.send(&mut urbs.answer) {
+            if !self.send(&mut book.answer) {
                 break true;
             }
             if let Flow::End { usable } = flow {
@@ -395,47 +462,29 @@ impl DeviceThread {
         usable.then_some(device)
     }
 
-    fn take(&self, input: Input, device: &mut dyn UsbDevice, done: &Completions, urbs: &mut Urbs) -> Flow {
+    fn take(&self, input: Input, device: &mut dyn UsbDevice, done: &Completions, book: &mut Book) -> Flow {
+        let broken = |what: &str, e: UsbipError| {
+            tracing::warn!(id = self.id, "{what} broke USB/IP: {e}; unplugging");
+            unplug(&self.handle, self.id);
+            Flow::End { usable: true }
+        };
         match input {
             Input::End => Flow::End { usable: true },
-            Input::Guest(bytes) => {
-                let pdus = match urbs.link.from_guest(&bytes) {
-                    Ok(pdus) => pdus,
-                    Err(e) => {
-                        tracing::warn!(
-                            id = self.id,
-                            "the desktop's USB/IP stream broke the protocol: {e}; unplugging"
-                        );
-                        unplug(&self.handle, self.id);
-                        return Flow::End { usable: true };
-                    }
-                };
-                for pdu in pdus {
-                    match pdu {
-                        Pdu::Submit(mut urb) => {
-                            self.count(0, 0, urb.data.len() as u64);
-                            let data = std::mem::take(&mut urb.data);
-                            urbs.asked.insert(urb.seqnum, urb.clone());
-                            device.submit(CmdSubmit { data, ..urb }, done);
-                        }
-                        Pdu::Unlink { seqnum, unlink_seqnum, .. } => {
-                            if urbs.asked.contains_key(&unlink_seqnum) {
-                                urbs.unlinks.insert(unlink_seqnum, seqnum);
-                                device.unlink(unlink_seqnum);
-                            } else {
-                                // Already answered: nothing to cancel.
-                                if !self.reply(urbs, Pdu::RetUnlink { seqnum, status: 0 }) {
-                                    return Flow::End { usable: true };
-                                }
+            Input::Guest(bytes) => match book.from_guest(&bytes) {
+                Ok(commands) => {
+                    for command in commands {
+                        match command {
+                            Command::Submit(urb) => {
+                                self.count(0, 0, urb.data.len() as u64);
+                                device.submit(urb, done);
                             }
-                        }
-                        Pdu::Ret(_) | Pdu::RetUnlink { .. } => {
-                            unreachable!("from_guest() takes commands only")
+                            Command::Unlink(seqnum) => device.unlink(seqnum),
                         }
                     }
+                    Flow::Continue
                 }
-                Flow::Continue
-            }
+                Err(e) => broken("the desktop's stream", e),
+            },
             Input::Device(DeviceEvent::Gone { reason }) => {
                 tracing::info!(id = self.id, "the USB device is gone on this side: {reason}");
                 set_state(&self.reports, self.id, "gone", Some(reason));
@@ -443,41 +492,19 @@ impl DeviceThread {
                 Flow::End { usable: false }
             }
             Input::Device(DeviceEvent::Done { seqnum, completion }) => {
-                let Some(urb) = urbs.asked.remove(&seqnum) else {
-                    tracing::debug!(id = self.id, seqnum, "a completion for an URB not in flight");
-                    return Flow::Continue;
-                };
-                let unlink = urbs.unlinks.remove(&seqnum);
-                let ok = match unlink {
-                    // The cancel won: the unlink's answer says so, and the URB gets none.
-                    Some(unlink) if completion.status == UNLINKED => {
-                        self.reply(urbs, Pdu::RetUnlink { seqnum: unlink, status: UNLINKED })
+                match book.completed(seqnum, completion) {
+                    Ok(Some(bytes)) => {
+                        self.count(1, bytes, 0);
+                        Flow::Continue
                     }
-                    _ => {
-                        let ret = completion.ret(&urb);
-                        self.count(1, ret.data.len() as u64, 0);
-                        self.reply(urbs, Pdu::Ret(ret))
-                            && unlink.is_none_or(|unlink| {
-                                self.reply(urbs, Pdu::RetUnlink { seqnum: unlink, status: 0 })
-                            })
+                    Ok(None) => {
+                        tracing::debug!(id = self.id, seqnum, "a completion for an URB not in flight");
+                        Flow::Continue
                     }
-                };
-                if ok { Flow::Continue } else { Flow::End { usable: true } }
+                    Err(e) => broken("the device's answer", e),
+                }
             }
         }
-    }
-
-    /// Queues one answer, checked like the VM process will check it; false when it breaks
-    /// USB/IP (the device is unplugged).
-    fn reply(&self, urbs: &mut Urbs, pdu: Pdu) -> bool {
-        let encoded = pdu.encode();
-        if let Err(e) = urbs.link.from_device(&encoded) {
-            tracing::warn!(id = self.id, "the USB device's answer breaks USB/IP: {e}; unplugging");
-            unplug(&self.handle, self.id);
-            return false;
-        }
-        urbs.answer.extend(encoded);
-        true
     }
 
     /// Sends the answers gathered; false when the session is over.
@@ -495,5 +522,129 @@ impl DeviceThread {
             r.bytes_to_guest += to_guest;
             r.bytes_from_guest += from_guest;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pleiades_protocol::usbip::{Direction, IsoPacket};
+
+    /// The guest's side: what it sends, and the answers decoded as `vhci-hcd` reads them.
+    struct Guest {
+        link: UsbipLink,
+    }
+
+    impl Guest {
+        fn send(&mut self, book: &mut Book, pdus: &[Pdu]) -> Vec<Command> {
+            let bytes: Vec<u8> = pdus.iter().flat_map(Pdu::encode).collect();
+            assert_eq!(self.link.from_guest(&bytes).unwrap().len(), pdus.len());
+            book.from_guest(&bytes).unwrap()
+        }
+
+        fn answers(&mut self, book: &mut Book) -> Vec<Pdu> {
+            self.link.from_device(&std::mem::take(&mut book.answer)).unwrap()
+        }
+    }
+
+    fn setup() -> (Guest, Book) {
+        (Guest { link: UsbipLink::new() }, Book::default())
+    }
+
+    fn bulk_in(seqnum: u32, length: u32) -> Pdu {
+        Pdu::Submit(CmdSubmit::new(seqnum, 1, 1, Direction::In, length, [0; 8], Vec::new()))
+    }
+
+    fn unlink(seqnum: u32, victim: u32) -> Pdu {
+        Pdu::Unlink { seqnum, devid: 1, unlink_seqnum: victim }
+    }
+
+    #[test]
+    fn urbs_complete_in_any_order_each_answered_once() {
+        let (mut guest, mut book) = setup();
+        let commands = guest.send(&mut book, &[bulk_in(1, 8), bulk_in(2, 4)]);
+        assert_eq!(commands.len(), 2);
+        assert_eq!(book.completed(2, Completion::ok_in(vec![2; 4])).unwrap(), Some(4));
+        assert_eq!(book.completed(1, Completion::ok_in(vec![1; 20])).unwrap(), Some(8), "clipped to the URB");
+        // A doubled completion is ignored, not answered twice.
+        assert_eq!(book.completed(1, Completion::ok_in(vec![1])).unwrap(), None);
+        let answers = guest.answers(&mut book);
+        let seqnums: Vec<u32> = answers
+            .iter()
+            .map(|p| match p {
+                Pdu::Ret(r) => r.seqnum,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(seqnums, [2, 1]);
+    }
+
+    #[test]
+    fn an_unlink_that_wins_answers_econnreset_and_the_urb_gets_no_ret_submit() {
+        let (mut guest, mut book) = setup();
+        guest.send(&mut book, &[bulk_in(1, 8)]);
+        assert_eq!(guest.send(&mut book, &[unlink(2, 1)]), [Command::Unlink(1)]);
+        book.completed(1, Completion::failed(UNLINKED)).unwrap();
+        assert_eq!(guest.answers(&mut book), [Pdu::RetUnlink { seqnum: 2, status: UNLINKED }]);
+        assert_eq!(guest.link.in_flight(), 0);
+    }
+
+    #[test]
+    fn an_unlink_that_loses_the_race_follows_the_urbs_answer_with_status_0() {
+        let (mut guest, mut book) = setup();
+        guest.send(&mut book, &[bulk_in(1, 8)]);
+        guest.send(&mut book, &[unlink(2, 1)]);
+        book.completed(1, Completion::ok_in(vec![7; 8])).unwrap();
+        let answers = guest.answers(&mut book);
+        assert!(matches!(&answers[0], Pdu::Ret(r) if r.seqnum == 1 && r.data == [7; 8]), "{answers:?}");
+        assert_eq!(answers[1], Pdu::RetUnlink { seqnum: 2, status: 0 });
+    }
+
+    #[test]
+    fn an_unlink_of_an_urb_already_answered_is_answered_at_once() {
+        let (mut guest, mut book) = setup();
+        guest.send(&mut book, &[bulk_in(1, 8)]);
+        book.completed(1, Completion::ok_in(vec![1; 8])).unwrap();
+        guest.answers(&mut book);
+        assert!(guest.send(&mut book, &[unlink(2, 1)]).is_empty(), "nothing for the device");
+        assert_eq!(guest.answers(&mut book), [Pdu::RetUnlink { seqnum: 2, status: 0 }]);
+    }
+
+    #[test]
+    fn an_isochronous_answer_keeps_the_requests_packets() {
+        let (mut guest, mut book) = setup();
+        let mut urb = CmdSubmit::new(1, 1, 3, Direction::In, 3 * 192, [0; 8], Vec::new());
+        urb.number_of_packets = 3;
+        urb.iso = (0..3).map(|i| IsoPacket { offset: i * 192, length: 192, ..IsoPacket::default() }).collect();
+        guest.send(&mut book, &[Pdu::Submit(urb)]);
+        // The device filled two packets (100 and 50 bytes) and lost the third.
+        let packets = [(100, 0), (50, 0), (0, PROTOCOL_ERROR_U32)]
+            .map(|(actual, status)| IsoPacket { actual_length: actual, status, ..IsoPacket::default() });
+        let completion = Completion {
+            data: vec![9; 150],
+            actual_length: 150,
+            iso: packets.to_vec(),
+            error_count: 1,
+            ..Completion::default()
+        };
+        book.completed(1, completion).unwrap();
+        let answers = guest.answers(&mut book);
+        let Pdu::Ret(ret) = &answers[0] else { panic!("{answers:?}") };
+        assert_eq!((ret.actual_length, ret.data.len(), ret.number_of_packets, ret.error_count), (150, 150, 3, 1));
+        let offsets: Vec<u32> = ret.iso.iter().map(|p| p.offset).collect();
+        assert_eq!(offsets, [0, 192, 384], "offsets as submitted");
+        assert!(ret.iso.iter().all(|p| p.length == 192));
+    }
+
+    const PROTOCOL_ERROR_U32: u32 = super::super::PROTOCOL_ERROR as u32;
+
+    #[test]
+    fn a_device_answering_more_than_asked_is_clipped_and_garbage_from_the_guest_is_an_error() {
+        let (mut guest, mut book) = setup();
+        guest.send(&mut book, &[bulk_in(1, 4)]);
+        book.completed(1, Completion::ok_in(vec![0; 4096])).unwrap();
+        let answers = guest.answers(&mut book);
+        assert!(matches!(&answers[0], Pdu::Ret(r) if r.data.len() == 4));
+        assert!(book.from_guest(&[0xff; 48]).is_err());
     }
 }
