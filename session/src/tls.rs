@@ -16,6 +16,12 @@ pub struct Identity {
     key_der: Vec<u8>,
 }
 
+/// The unidirectional streams a client may have open at once: input, clipboard, files, the
+/// USB channel's control lane and one data lane per redirected device. With fewer, a device's
+/// lane waits for a stream that never comes (a third USB device hung that way). What they may
+/// make this process buffer is bound by the connection's receive window, not by their number.
+const CLIENT_UNI_STREAMS: u32 = 4 + pleiades_protocol::wire::MAX_USB_DEVICES as u32;
+
 impl std::fmt::Debug for Identity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the key.
@@ -79,7 +85,7 @@ impl Identity {
                 Duration::from_micros(IDLE_TIMEOUT_US).try_into().map_err(|e| format!("{e}"))?,
             ))
             .keep_alive_interval(Some(Duration::from_secs(1)))
-            .max_concurrent_uni_streams(4u32.into())
+            .max_concurrent_uni_streams(CLIENT_UNI_STREAMS.into())
             .max_concurrent_bidi_streams(1u32.into())
             // What a client sends is small (control, input, the microphone, a paste) but for a
             // file: 1 MiB a stream keeps a file at 100 Mbit/s on an 80 ms path (256 KiB, the

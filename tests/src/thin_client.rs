@@ -8,6 +8,9 @@
 //! - an xHCI controller (`qemu-xhci`) with QEMU's `usb-storage` stick (id `stick`, USB id
 //!   `46f4:0001`) backed by a raw image of this machine; the VM's own `xhci-pci`, `usb-storage`
 //!   and `sd_mod` drive it, as a thin client's kernel would;
+//! - QEMU's USB keyboard (`usb-kbd`, id `kbd`, USB id `0627:0001`), which the VM's `usbhid`
+//!   drives; [`ThinClient::key`] presses its keys (interrupt transfers, waiting in flight
+//!   until a key is pressed);
 //! - a second drive (`spare`) with no device yet, for [`ThinClient::plug`]: hot-plug;
 //! - user-mode networking: the VM reaches this machine's loopback as [`HOST_FROM_INSIDE`]
 //!   (slirp forwards TCP and UDP there), so the client inside connects to a session server
@@ -28,6 +31,8 @@ use crate::qemu::GuestError;
 pub const HOST_FROM_INSIDE: &str = "10.0.2.2";
 /// QEMU's `usb-storage` ids.
 pub const STICK_USB_ID: &str = "46f4:0001";
+/// QEMU's `usb-kbd` ids.
+pub const KEYBOARD_USB_ID: &str = "0627:0001";
 
 /// How long one command inside may take (see [`crate::kvm_host`]: generous, under TCG).
 const STEP: Duration = Duration::from_secs(180);
@@ -65,6 +70,8 @@ impl ThinClient {
             &drive("stick-drive", stick),
             "-device",
             "usb-storage,bus=xhci.0,drive=stick-drive,id=stick",
+            "-device",
+            "usb-kbd,bus=xhci.0,id=kbd",
             "-drive",
             &drive("spare-drive", spare),
             "-netdev",
@@ -159,7 +166,19 @@ impl ThinClient {
         )
     }
 
-    /// Pulls device `id` (`stick` or `spare`) out.
+    /// Presses and releases key `qcode` (QEMU's key names: `a`, `ret`, `shift`) on the USB
+    /// keyboard.
+    pub fn key(&self, qcode: &str) -> Result<(), String> {
+        for down in [true, false] {
+            self.qmp(
+                "input-send-event",
+                serde_json::json!({"events": [{"type": "key", "data": {"down": down, "key": {"type": "qcode", "data": qcode}}}]}),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Pulls device `id` (`stick`, `spare`, `kbd`) out.
     pub fn pull(&self, id: &str) -> Result<serde_json::Value, String> {
         self.qmp("device_del", serde_json::json!({ "id": id }))
     }

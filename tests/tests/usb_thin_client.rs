@@ -6,8 +6,12 @@
 //!
 //! - the desktop's own `usb-storage` mounts the stick, reads a file the test put there (same
 //!   SHA-256) and writes one that the test then finds in the stick's backing image;
-//! - the thin client's driver lets go of the stick while it is redirected and gets it back
-//!   after the client ends;
+//! - the thin client's USB keyboard (`usb-kbd`) goes along (`--usb 46f4:0001,0627:0001`; the
+//!   pool allows `class=03`): a key pressed on it arrives as key events on the desktop's own
+//!   `usbhid` keyboard — interrupt transfers that wait in flight until a key is pressed, while
+//!   the stick's bulk transfers go on;
+//! - the thin client's drivers let go of the devices while they are redirected and get them
+//!   back after the client ends;
 //! - hot-plug both ways: a second stick plugged into the thin client while connected reaches
 //!   the desktop; pulled out while the desktop reads it, the desktop sees a disconnect, its
 //!   reader ends, and the desktop and the session go on.
@@ -19,7 +23,7 @@ use pleiades_protocol::connfile::Connection;
 use pleiades_testkit::wait_for;
 use pleiades_tests::disk::{ext4_raw, ext4_read};
 use pleiades_tests::served::ServedDesktop;
-use pleiades_tests::thin_client::{HOST_FROM_INSIDE, STICK_USB_ID, ThinClient};
+use pleiades_tests::thin_client::{HOST_FROM_INSIDE, KEYBOARD_USB_ID, STICK_USB_ID, ThinClient};
 use pleiades_tests::workspace_binary;
 
 const SHELL: Duration = Duration::from_secs(180);
@@ -32,8 +36,10 @@ fn usb_status(desktop: &ServedDesktop) -> serde_json::Value {
     desktop.status()["agent"]["usb"].clone()
 }
 
-fn wait_block(desktop: &mut ServedDesktop, dev: &str, present: bool) {
-    assert!(desktop.guest.wait_path(dev, present).unwrap(), "{dev} present={present} never came");
+fn wait_block(desktop: &mut ServedDesktop, thin: &mut ThinClient, dev: &str, present: bool) {
+    if !desktop.guest.wait_path(dev, present).unwrap() {
+        panic!("{dev} present={present} never came\n{}", evidence(desktop, thin));
+    }
 }
 
 /// Everything that says why, when a wait fails.
@@ -49,7 +55,8 @@ fn evidence(desktop: &mut ServedDesktop, thin: &mut ThinClient) -> String {
 
 #[test]
 fn a_thin_clients_usb_stick_goes_through_libusb_into_the_desktop_and_hot_plugs_both_ways() {
-    let (mut desktop, _) = ServedDesktop::boot_with(&["gpu", "vsock"], &["--usb", STICK_USB_ID]);
+    let policy = format!("{STICK_USB_ID},class=03");
+    let (mut desktop, _) = ServedDesktop::boot_with(&["gpu", "vsock"], &["--usb", &policy]);
     let dir = desktop.dir.path().to_owned();
     let hello = pleiades_tests::incompressible(2 << 20, 11);
     let (stick, spare) = (dir.join("stick.img"), dir.join("spare.img"));
@@ -91,21 +98,51 @@ fn a_thin_clients_usb_stick_goes_through_libusb_into_the_desktop_and_hot_plugs_b
                 "--record",
                 &record.display().to_string(),
                 "--usb",
-                STICK_USB_ID,
+                &format!("{STICK_USB_ID},{KEYBOARD_USB_ID}"),
             ],
             "client",
         )
         .unwrap();
-    if let Err(e) = wait_for("the stick attached", Duration::from_secs(180), || {
-        (usb_status(&desktop)["attached"].as_u64() >= Some(1)).then_some(())
+    if let Err(e) = wait_for("the stick and the keyboard attached", Duration::from_secs(180), || {
+        (usb_status(&desktop)["attached"].as_u64() >= Some(2)).then_some(())
     }) {
         panic!("{e}\n{}", evidence(&mut desktop, &mut thin));
     }
-    wait_block(&mut desktop, "/dev/sda", true);
+    wait_block(&mut desktop, &mut thin, "/dev/sda", true);
     // Redirected: the thin client's own driver let go of it.
     assert!(!thin.usb_storage_bound().unwrap(), "the thin client's usb-storage still has the stick");
     let ids = desktop.guest.run("cat /sys/bus/usb/devices/*/idVendor", SHELL).unwrap();
-    assert!(ids.iter().any(|l| l.trim() == "46f4"), "{ids:?}");
+    assert!(ids.iter().any(|l| l.trim() == "46f4") && ids.iter().any(|l| l.trim() == "0627"), "{ids:?}");
+
+    // A key pressed on the thin client's keyboard reaches the desktop's usbhid keyboard.
+    let keyboard = pleiades_tests::evdev::node_of("QEMU USB Keyboard");
+    let (status, out) = desktop
+        .guest
+        .run_status(
+            &format!(
+                "i=0; until [ -n \"{keyboard}\" ] || [ $i -gt 240 ]; do i=$((i+1)); sleep 0.5; done; \
+                 EV={keyboard}; [ -n \"$EV\" ] || exit 1; dd if=/dev/input/$EV of=/tmp/kbd bs=24 count=6 2>/dev/null & DD=$!; \
+                 for i in $(seq 50); do ls -l /proc/$DD/fd 2>/dev/null | grep -q /dev/input && break; sleep 0.2; done; \
+                 ls -l /proc/$DD/fd | grep -c /dev/input"
+            ),
+            SHELL,
+        )
+        .unwrap();
+    assert_eq!(
+        status,
+        0,
+        "no evdev node for the redirected keyboard: {out:?}\n{}",
+        evidence(&mut desktop, &mut thin)
+    );
+    thin.key("a").unwrap();
+    let od = desktop
+        .guest
+        .run("wait $DD; od -An -v -tx1 /tmp/kbd", SHELL)
+        .unwrap_or_else(|e| panic!("no key events: {e}\n{}", evidence(&mut desktop, &mut thin)));
+    let events = pleiades_tests::evdev::events_from_od(&od);
+    const EV_KEY: u16 = 1;
+    const KEY_A: u16 = 30;
+    assert!(events.contains(&(EV_KEY, KEY_A, 1)) && events.contains(&(EV_KEY, KEY_A, 0)), "{events:?}");
 
     let written = format!("written in the desktop {}", std::process::id());
     let out = desktop
@@ -124,11 +161,11 @@ fn a_thin_clients_usb_stick_goes_through_libusb_into_the_desktop_and_hot_plugs_b
     // Hot-plug: a second stick plugged in while connected reaches the desktop.
     thin.plug().unwrap();
     if let Err(e) = wait_for("the second stick attached", Duration::from_secs(180), || {
-        (usb_status(&desktop)["attached"].as_u64() >= Some(2)).then_some(())
+        (usb_status(&desktop)["attached"].as_u64() >= Some(3)).then_some(())
     }) {
         panic!("{e}\n{}", evidence(&mut desktop, &mut thin));
     }
-    wait_block(&mut desktop, "/dev/sdb", true);
+    wait_block(&mut desktop, &mut thin, "/dev/sdb", true);
     let out = desktop
         .guest
         .run("mkdir -p /mnt/spare && mount -o ro /dev/sdb /mnt/spare && cat /mnt/spare/spare.txt && umount /mnt/spare", SHELL)
@@ -150,7 +187,7 @@ fn a_thin_clients_usb_stick_goes_through_libusb_into_the_desktop_and_hot_plugs_b
     })
     .unwrap();
     thin.pull("spare").unwrap();
-    wait_block(&mut desktop, "/dev/sdb", false);
+    wait_block(&mut desktop, &mut thin, "/dev/sdb", false);
     let (status, out) = desktop
         .guest
         .run_status(
@@ -169,7 +206,7 @@ fn a_thin_clients_usb_stick_goes_through_libusb_into_the_desktop_and_hot_plugs_b
         "the client did not end on SIGTERM\n{}",
         evidence(&mut desktop, &mut thin)
     );
-    wait_block(&mut desktop, "/dev/sda", false);
+    wait_block(&mut desktop, &mut thin, "/dev/sda", false);
     let rebound = (0..60).any(|_| {
         std::thread::sleep(Duration::from_millis(500));
         thin.usb_storage_bound().unwrap()
@@ -177,10 +214,14 @@ fn a_thin_clients_usb_stick_goes_through_libusb_into_the_desktop_and_hot_plugs_b
     assert!(rebound, "the thin client's usb-storage did not get the stick back\n{}", thin.dmesg(20));
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(record.join("usb.json")).unwrap()).unwrap();
-    assert_eq!(report[0]["usb_id"], STICK_USB_ID, "{report:#}");
-    assert!(report[0]["urbs"].as_u64() > Some(100), "{report:#}");
-    assert!(report[0]["bytes_to_guest"].as_u64() >= Some(hello.len() as u64), "{report:#}");
-    assert_eq!(report[1]["state"], "gone", "the pulled stick: {report:#}");
+    let devices = report.as_array().unwrap();
+    assert_eq!(devices.len(), 3, "{report:#}");
+    let first = devices.iter().find(|d| d["usb_id"] == STICK_USB_ID).unwrap();
+    assert!(first["urbs"].as_u64() > Some(100), "{report:#}");
+    assert!(first["bytes_to_guest"].as_u64() >= Some(hello.len() as u64), "{report:#}");
+    let keyboard = devices.iter().find(|d| d["usb_id"] == KEYBOARD_USB_ID).unwrap();
+    assert!(keyboard["urbs"].as_u64() > Some(2), "{report:#}");
+    assert_eq!(devices[2]["state"], "gone", "the pulled stick, plugged in last: {report:#}");
     drop(thin);
     assert_eq!(ext4_read(&stick, "from-guest.txt").unwrap(), format!("{written}\n").into_bytes());
     check_image(&stick);

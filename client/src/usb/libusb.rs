@@ -150,11 +150,11 @@ impl EventThread {
         let (context, flag) = (context.clone(), stop.clone());
         let thread = std::thread::Builder::new().name(name).spawn(move || {
             while !flag.load(Ordering::Relaxed) {
-                if let Err(e) = context.handle_events(Some(EVENT_SLICE)) {
-                    if e != rusb::Error::Interrupted {
-                        tracing::warn!("libusb event handling: {e}");
-                        std::thread::sleep(EVENT_SLICE);
-                    }
+                if let Err(e) = context.handle_events(Some(EVENT_SLICE))
+                    && e != rusb::Error::Interrupted
+                {
+                    tracing::warn!("libusb event handling: {e}");
+                    std::thread::sleep(EVENT_SLICE);
                 }
             }
         })?;

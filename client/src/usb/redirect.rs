@@ -54,6 +54,8 @@ pub struct DeviceReport {
 
 type Reports = Arc<Mutex<Vec<DeviceReport>>>;
 type Inboxes = Arc<Mutex<HashMap<u32, Sender<Input>>>>;
+/// A device's thread: the device back at its end, unless it is gone.
+type DeviceJoin = std::thread::JoinHandle<Option<Box<dyn UsbDevice>>>;
 
 /// What a device's thread waits for.
 #[derive(Debug)]
@@ -124,7 +126,7 @@ struct Shared {
     handle: SessionHandle,
     reports: Reports,
     inboxes: Inboxes,
-    threads: Mutex<Vec<std::thread::JoinHandle<Option<Box<dyn UsbDevice>>>>>,
+    threads: Mutex<Vec<DeviceJoin>>,
     /// Set by [`Redirect::finish`]: the threads stop answering.
     stop: Arc<AtomicBool>,
     next_id: AtomicU32,
@@ -367,7 +369,7 @@ struct Book {
 
 impl Book {
     /// The guest's bytes: the URBs to start and the unlinks to pass on.
-    fn from_guest(&mut self, bytes: &[u8]) -> Result<Vec<Command>, UsbipError> {
+    fn guest_sent(&mut self, bytes: &[u8]) -> Result<Vec<Command>, UsbipError> {
         let mut commands = Vec::new();
         for pdu in self.link.from_guest(bytes)? {
             match pdu {
@@ -470,7 +472,7 @@ impl DeviceThread {
         };
         match input {
             Input::End => Flow::End { usable: true },
-            Input::Guest(bytes) => match book.from_guest(&bytes) {
+            Input::Guest(bytes) => match book.guest_sent(&bytes) {
                 Ok(commands) => {
                     for command in commands {
                         match command {
@@ -539,7 +541,7 @@ mod tests {
         fn send(&mut self, book: &mut Book, pdus: &[Pdu]) -> Vec<Command> {
             let bytes: Vec<u8> = pdus.iter().flat_map(Pdu::encode).collect();
             assert_eq!(self.link.from_guest(&bytes).unwrap().len(), pdus.len());
-            book.from_guest(&bytes).unwrap()
+            book.guest_sent(&bytes).unwrap()
         }
 
         fn answers(&mut self, book: &mut Book) -> Vec<Pdu> {
@@ -615,11 +617,15 @@ mod tests {
         let (mut guest, mut book) = setup();
         let mut urb = CmdSubmit::new(1, 1, 3, Direction::In, 3 * 192, [0; 8], Vec::new());
         urb.number_of_packets = 3;
-        urb.iso = (0..3).map(|i| IsoPacket { offset: i * 192, length: 192, ..IsoPacket::default() }).collect();
+        urb.iso =
+            (0..3).map(|i| IsoPacket { offset: i * 192, length: 192, ..IsoPacket::default() }).collect();
         guest.send(&mut book, &[Pdu::Submit(urb)]);
         // The device filled two packets (100 and 50 bytes) and lost the third.
-        let packets = [(100, 0), (50, 0), (0, PROTOCOL_ERROR_U32)]
-            .map(|(actual, status)| IsoPacket { actual_length: actual, status, ..IsoPacket::default() });
+        let packets = [(100, 0), (50, 0), (0, PROTOCOL_ERROR_U32)].map(|(actual, status)| IsoPacket {
+            actual_length: actual,
+            status,
+            ..IsoPacket::default()
+        });
         let completion = Completion {
             data: vec![9; 150],
             actual_length: 150,
@@ -630,7 +636,10 @@ mod tests {
         book.completed(1, completion).unwrap();
         let answers = guest.answers(&mut book);
         let Pdu::Ret(ret) = &answers[0] else { panic!("{answers:?}") };
-        assert_eq!((ret.actual_length, ret.data.len(), ret.number_of_packets, ret.error_count), (150, 150, 3, 1));
+        assert_eq!(
+            (ret.actual_length, ret.data.len(), ret.number_of_packets, ret.error_count),
+            (150, 150, 3, 1)
+        );
         let offsets: Vec<u32> = ret.iso.iter().map(|p| p.offset).collect();
         assert_eq!(offsets, [0, 192, 384], "offsets as submitted");
         assert!(ret.iso.iter().all(|p| p.length == 192));
@@ -645,6 +654,6 @@ mod tests {
         book.completed(1, Completion::ok_in(vec![0; 4096])).unwrap();
         let answers = guest.answers(&mut book);
         assert!(matches!(&answers[0], Pdu::Ret(r) if r.data.len() == 4));
-        assert!(book.from_guest(&[0xff; 48]).is_err());
+        assert!(book.guest_sent(&[0xff; 48]).is_err());
     }
 }
