@@ -555,4 +555,53 @@ mod tests {
         assert_eq!(h.urb(0, Direction::Out, 0, [0x21, 0xff, 0, 0, 0, 0, 0, 0], Vec::new()).0, 0, "reset");
         assert_eq!(h.scsi(&[0x00, 0, 0, 0, 0, 0], 0, false, Vec::new()).1, 0);
     }
+
+    /// One URB of an arbitrary guest: often a well-formed CBW with any SCSI command (so the
+    /// SCSI parser is reached), otherwise anything on any endpoint.
+    fn any_urb() -> impl proptest::strategy::Strategy<Value = (u32, Direction, u32, [u8; 8], Vec<u8>)> {
+        use proptest::prelude::*;
+        let cbw = (any::<u32>(), any::<bool>(), 1u8..=16, proptest::collection::vec(any::<u8>(), 16)).prop_map(
+            |(length, to_host, cb_len, mut cb)| {
+                // Reads and writes of any block range, among any other opcode.
+                cb[0] = [0x28, 0x2a, 0x88, 0x8a, 0x25, 0x12, 0x03, 0x1a, cb[0]][usize::from(cb[0] % 9)];
+                let mut data = b"USBC".to_vec();
+                data.extend(7u32.to_le_bytes());
+                data.extend((length % (1 << 18)).to_le_bytes());
+                data.push(if to_host { 0x80 } else { 0 });
+                data.push(0);
+                data.push(cb_len);
+                data.extend(&cb);
+                (BULK_OUT, Direction::Out, 31, [0; 8], data)
+            },
+        );
+        let anything = (
+            0u32..4,
+            any::<bool>(),
+            0u32..(1 << 17),
+            any::<[u8; 8]>(),
+            proptest::collection::vec(any::<u8>(), 0..600),
+        )
+            .prop_map(|(ep, in_, length, setup, data)| {
+                let direction = if in_ { Direction::In } else { Direction::Out };
+                let data = if in_ { Vec::new() } else { data };
+                let length = if in_ { length } else { data.len() as u32 };
+                (ep, direction, length, setup, data)
+            });
+        prop_oneof![cbw, anything]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+        /// Whatever a guest submits: no panic, never more than asked for, and the medium keeps
+        /// its size (no write lands past its end).
+        #[test]
+        fn any_urb_sequence_is_answered_within_bounds(urbs in proptest::collection::vec(any_urb(), 1..40)) {
+            let (mut h, image) = host(16, false);
+            for (ep, direction, length, setup, data) in urbs {
+                let (_, answer, actual) = h.urb(ep, direction, length, setup, data);
+                proptest::prop_assert!(answer.len() as u32 <= length && actual <= length);
+            }
+            proptest::prop_assert_eq!(std::fs::metadata(image.path()).unwrap().len(), 16 * BLOCK);
+        }
+    }
 }
