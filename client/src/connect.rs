@@ -159,6 +159,7 @@ mod tests {
             cert_sha256: "ab".repeat(32),
             ticket: "pt1.x".into(),
             desktop: "desk".into(),
+            usb_auto: String::new(),
         };
         std::fs::write(&path, connection.to_toml()).unwrap();
         let url = format!("file://{}", path.display()).replace(' ', "%20");

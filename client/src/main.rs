@@ -16,6 +16,7 @@ use pleiades_client::usb::emulated::EmulatedDisk;
 use pleiades_client::usb::libusb;
 use pleiades_client::usb::redirect::UsbDevices;
 use pleiades_client::{connect, script};
+use pleiades_protocol::connfile::Connection;
 use pleiades_protocol::handshake::Capabilities;
 use pleiades_protocol::usb::UsbPolicy;
 use std::sync::Arc;
@@ -96,6 +97,10 @@ enum Cmd {
         /// `pleiades usb-list` shows the ids. The desktop's pool decides what it accepts.
         #[arg(long, value_name = "RULES")]
         usb: Vec<String>,
+        /// Ignore the connection file's `usb_auto` rules (the devices the desktop's pool
+        /// redirects by itself); only --usb's are used.
+        #[arg(long)]
+        no_usb_auto: bool,
     },
     /// List this machine's USB devices (hubs left out) with the ids `--usb` takes.
     UsbList {
@@ -171,6 +176,7 @@ fn main() -> ExitCode {
             send,
             usb_emulated_disk,
             usb,
+            no_usb_auto,
         } => {
             if record.is_some() || duration.is_some() || input.is_some() || snapshot_every.is_some() {
                 eprintln!("pleiades: --record, --duration, --input and --snapshot-every need --headless");
@@ -188,7 +194,7 @@ fn main() -> ExitCode {
                         pleiades_client::files::OutgoingFile::prepare(path).map_err(anyhow::Error::msg)?,
                     );
                 }
-                let usb = usb_devices(&usb_emulated_disk, &usb)?;
+                let usb = usb_devices(&usb_emulated_disk, &usb_rules(&usb, &connection, no_usb_auto))?;
                 pleiades_client::window::run(connection, options, audio, files, usb)
             };
             match run() {
@@ -216,6 +222,7 @@ fn main() -> ExitCode {
             send,
             usb_emulated_disk,
             usb,
+            no_usb_auto,
             headless: true,
         } => {
             if !send.is_empty() {
@@ -247,7 +254,8 @@ fn main() -> ExitCode {
                 let audio_json = record.as_ref().map(|dir| dir.join("audio.json"));
                 let clipboard_json = record.as_ref().map(|dir| dir.join("clipboard.json"));
                 let usb_json = record.as_ref().map(|dir| dir.join("usb.json"));
-                let usb_devices = usb_devices(&usb_emulated_disk, &usb)?;
+                let usb_devices =
+                    usb_devices(&usb_emulated_disk, &usb_rules(&usb, &connection, no_usb_auto))?;
                 let record_options = RecordOptions { dir: record, duration, snapshot_every, script };
                 let runtime = tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(2)
@@ -307,6 +315,19 @@ fn main() -> ExitCode {
     }
 }
 
+/// The rules of `--usb`, with the connection file's `usb_auto` unless `--no-usb-auto`.
+fn usb_rules(flags: &[String], connection: &Connection, no_auto: bool) -> Vec<String> {
+    let mut rules = flags.to_vec();
+    if !no_auto && !connection.usb_auto.is_empty() && connection.usb_auto != "none" {
+        tracing::info!(
+            rules = connection.usb_auto,
+            "the desktop's pool redirects these USB devices by itself"
+        );
+        rules.push(connection.usb_auto.clone());
+    }
+    rules
+}
+
 /// The devices to redirect: the `--usb-emulated-disk` files as emulated sticks, this
 /// machine's devices that the `--usb` rules select, and a watcher for those plugged in later.
 fn usb_devices(disks: &[PathBuf], rules: &[String]) -> anyhow::Result<UsbDevices> {
@@ -322,7 +343,14 @@ fn usb_devices(disks: &[PathBuf], rules: &[String]) -> anyhow::Result<UsbDevices
     if rules.is_empty() {
         return Ok(UsbDevices { present, watcher: None });
     }
-    let rules = UsbPolicy::parse(&rules.join(",")).map_err(|e| anyhow::anyhow!("--usb: {e}"))?;
+    let mut merged = UsbPolicy::NONE;
+    for rule in rules {
+        let policy = UsbPolicy::parse(rule).map_err(|e| anyhow::anyhow!("--usb {rule}: {e}"))?;
+        merged.all |= policy.all;
+        merged.classes.extend(policy.classes);
+        merged.devices.extend(policy.devices);
+    }
+    let rules = merged;
     let found = libusb::open_matching(&rules).context("cannot list this machine's USB devices")?;
     if found.is_empty() {
         tracing::info!(%rules, "no USB device present matches --usb; devices plugged in later will be redirected");

@@ -11,6 +11,7 @@
 //! cert_sha256 = "…64 hex digits, or empty until hosts publish certificates…"
 //! ticket = "pt1.…"
 //! desktop = "Engineering desktop"
+//! usb_auto = "class=08"   # optional: the USB devices to redirect as soon as it connects
 //! ```
 //!
 //! `pleiades://10.0.0.5:4433/?ticket=pt1.…&desktop=Engineering%20desktop&cert_sha256=…`
@@ -35,6 +36,11 @@ pub struct Connection {
     pub cert_sha256: String,
     pub ticket: String,
     pub desktop: String,
+    /// The USB devices the client redirects by itself (the desktop's pool's auto-redirect
+    /// rules, [`crate::usb::UsbPolicy`]'s grammar: `class=08,0525:a4a5`); empty: none. The
+    /// pool's policy still decides what the desktop takes.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub usb_auto: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -77,6 +83,9 @@ impl Connection {
         if !self.cert_sha256.is_empty() {
             uri.push_str(&format!("&cert_sha256={}", percent_encode(&self.cert_sha256)));
         }
+        if !self.usb_auto.is_empty() {
+            uri.push_str(&format!("&usb_auto={}", percent_encode(&self.usb_auto)));
+        }
         uri
     }
 
@@ -107,6 +116,7 @@ impl Connection {
             cert_sha256: String::new(),
             ticket: String::new(),
             desktop: String::new(),
+            usb_auto: String::new(),
         };
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -115,6 +125,7 @@ impl Connection {
                 "ticket" => conn.ticket = value,
                 "desktop" => conn.desktop = value,
                 "cert_sha256" => conn.cert_sha256 = value,
+                "usb_auto" => conn.usb_auto = value,
                 _ => {}
             }
         }
@@ -138,6 +149,11 @@ impl Connection {
             && (self.cert_sha256.len() != 64 || !self.cert_sha256.bytes().all(|b| b.is_ascii_hexdigit()))
         {
             return Err(ConnectionError::Uri("cert_sha256 is not 64 hex digits"));
+        }
+        if crate::usb::UsbPolicy::parse(&self.usb_auto).is_err() {
+            return Err(ConnectionError::Uri(
+                "usb_auto is not a list of USB rules (class=HH, VVVV:PPPP, all)",
+            ));
         }
         // Both of its own forms must fit the limit the parsers enforce: percent-encoding can
         // make a URI up to three times as long as what it decodes to, so a connection read
@@ -225,6 +241,7 @@ mod tests {
             cert_sha256: String::new(),
             ticket: "pt1.abc_-".into(),
             desktop: "Engineering desktop #1".into(),
+            usb_auto: String::new(),
         }
     }
 
@@ -235,6 +252,21 @@ mod tests {
         let uri = c.to_uri();
         assert_eq!(uri, "pleiades://10.0.0.5:4433/?ticket=pt1.abc_-&desktop=Engineering%20desktop%20%231");
         assert_eq!(Connection::from_uri(&uri).unwrap(), c);
+    }
+
+    #[test]
+    fn usb_auto_rules_travel_in_both_forms_and_bad_ones_are_refused() {
+        let c = Connection { usb_auto: "class=08,0525:a4a5".into(), ..sample() };
+        let toml = c.to_toml();
+        assert!(toml.contains("usb_auto = \"class=08,0525:a4a5\""), "{toml}");
+        assert_eq!(Connection::from_toml(&toml).unwrap(), c);
+        assert!(c.to_uri().ends_with("&usb_auto=class%3D08%2C0525%3Aa4a5"), "{}", c.to_uri());
+        assert_eq!(Connection::from_uri(&c.to_uri()).unwrap(), c);
+        // Older files have none: nothing is redirected by itself.
+        assert!(!sample().to_toml().contains("usb_auto"));
+        let bad = Connection { usb_auto: "class=8".into(), ..sample() };
+        assert!(Connection::from_toml(&bad.to_toml()).is_err());
+        assert!(Connection::from_uri(&format!("{}&usb_auto=everything", sample().to_uri())).is_err());
     }
 
     #[test]
@@ -269,7 +301,7 @@ mod tests {
         #[test]
         fn round_trips(host in "[a-z0-9.-]{1,30}", port in 1u16.., ticket in "pt1\\.[A-Za-z0-9_-]{1,80}",
                        desktop in "\\PC{0,40}", cert in proptest::option::of("[0-9a-f]{64}")) {
-            let c = Connection { version: 1, host, port, cert_sha256: cert.unwrap_or_default(), ticket, desktop };
+            let c = Connection { version: 1, host, port, cert_sha256: cert.unwrap_or_default(), ticket, desktop, usb_auto: String::new() };
             prop_assert_eq!(Connection::from_uri(&c.to_uri()).unwrap(), c.clone());
             prop_assert_eq!(Connection::from_toml(&c.to_toml()).unwrap(), c);
         }

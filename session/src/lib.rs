@@ -262,6 +262,7 @@ impl SessionServer {
             cert_sha256: self.fingerprint.clone(),
             ticket,
             desktop: self.shared.desktop.clone(),
+            usb_auto: String::new(),
         }
     }
 

@@ -350,6 +350,7 @@ impl Broker {
             cert_sha256: host.cert_sha256,
             ticket,
             desktop: desktop.name,
+            usb_auto: String::new(),
         })
     }
 

@@ -560,8 +560,8 @@ mod tests {
     /// SCSI parser is reached), otherwise anything on any endpoint.
     fn any_urb() -> impl proptest::strategy::Strategy<Value = (u32, Direction, u32, [u8; 8], Vec<u8>)> {
         use proptest::prelude::*;
-        let cbw = (any::<u32>(), any::<bool>(), 1u8..=16, proptest::collection::vec(any::<u8>(), 16)).prop_map(
-            |(length, to_host, cb_len, mut cb)| {
+        let cbw = (any::<u32>(), any::<bool>(), 1u8..=16, proptest::collection::vec(any::<u8>(), 16))
+            .prop_map(|(length, to_host, cb_len, mut cb)| {
                 // Reads and writes of any block range, among any other opcode.
                 cb[0] = [0x28, 0x2a, 0x88, 0x8a, 0x25, 0x12, 0x03, 0x1a, cb[0]][usize::from(cb[0] % 9)];
                 let mut data = b"USBC".to_vec();
@@ -572,8 +572,7 @@ mod tests {
                 data.push(cb_len);
                 data.extend(&cb);
                 (BULK_OUT, Direction::Out, 31, [0; 8], data)
-            },
-        );
+            });
         let anything = (
             0u32..4,
             any::<bool>(),

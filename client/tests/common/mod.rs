@@ -172,6 +172,7 @@ pub fn connection(fixture: &Fixture, pin: &str) -> Connection {
         cert_sha256: pin.into(),
         ticket: "pt1.test-ticket".into(),
         desktop: "test".into(),
+        usb_auto: String::new(),
     }
 }
 
