@@ -341,7 +341,7 @@ fn usb_devices(disks: &[PathBuf], rules: &[String]) -> anyhow::Result<UsbDevices
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     if rules.is_empty() {
-        return Ok(UsbDevices { present, watcher: None });
+        return Ok(UsbDevices { present, ..UsbDevices::default() });
     }
     let mut merged = UsbPolicy::NONE;
     for rule in rules {
@@ -356,7 +356,7 @@ fn usb_devices(disks: &[PathBuf], rules: &[String]) -> anyhow::Result<UsbDevices
         tracing::info!(%rules, "no USB device present matches --usb; devices plugged in later will be redirected");
     }
     present.extend(found.into_iter().map(|d| Box::new(d) as Box<dyn UsbDevice>));
-    Ok(UsbDevices { present, watcher: libusb::Watcher::start(rules).map(Arc::new) })
+    Ok(UsbDevices { present, watcher: libusb::Watcher::start(rules).map(Arc::new), ..UsbDevices::default() })
 }
 
 /// `pleiades usb-list`.

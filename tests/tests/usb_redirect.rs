@@ -54,6 +54,9 @@ impl UsbDevice for OtherVendor {
     fn submit(&mut self, urb: CmdSubmit, done: &Completions) {
         self.0.submit(urb, done);
     }
+    fn park(self: Box<Self>) -> Option<Box<dyn UsbDevice>> {
+        Some(self)
+    }
 }
 
 #[test]

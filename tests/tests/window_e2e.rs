@@ -13,7 +13,8 @@
 //!    the window shows the guest again.
 //!
 //! A second test adds and removes a guest monitor (`ctl layout`): a window opens and closes with
-//! it. Nothing here asserts on timing: every wait is a bounded poll.
+//! it. A third opens the USB menu (Ctrl+Alt+U) and moves an emulated stick out of the desktop
+//! and back with it. Nothing here asserts on timing: every wait is a bounded poll.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
@@ -114,11 +115,17 @@ fn find_window(x: &Xvfb, client: &Client) -> String {
 
 /// Starts `pleiades connect FILE` on the X display, logging to `DIR/client.log`.
 fn start_client(x: &Xvfb, file: &Path, dir: &Path) -> Client {
+    start_client_with(x, file, dir, &[])
+}
+
+/// [`start_client`] with more arguments.
+fn start_client_with(x: &Xvfb, file: &Path, dir: &Path, extra: &[&str]) -> Client {
     let log = dir.join("client.log");
     let child = x
         .command(workspace_binary("pleiades").unwrap().to_str().unwrap())
         .arg("connect")
         .arg(file)
+        .args(extra)
         .env("RUST_LOG", "info,quinn=warn,wgpu_core=warn,wgpu_hal=warn,naga=warn")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
@@ -367,4 +374,69 @@ fn windows_follow_the_guests_monitors() {
     drop(client);
     assert!(control::request(&desktop.control(), &Request::Shutdown, Duration::from_secs(30)).unwrap().ok);
     assert!(desktop.guest.wait_exit(SHELL).unwrap().success());
+}
+
+#[test]
+fn the_usb_menu_takes_a_stick_back_from_the_desktop_and_gives_it_again() {
+    let (mut desktop, _) = ServedDesktop::boot_with(&["gpu", "vsock"], &["--usb", "0525:a4a5"]);
+    let stick = desktop.dir.path().join("stick.img");
+    pleiades_tests::disk::ext4_raw(&stick, 8, &[("x", b"x")]).unwrap();
+    let usb = |desktop: &Desktop| desktop.status()["agent"]["usb"].clone();
+    poll(Duration::from_secs(120), || (desktop.status()["agent"]["connected"] == true).then_some(()))
+        .expect("the agent connects");
+    let x = Xvfb::start(SCREEN.0, SCREEN.1).expect("a private X display");
+    let client = start_client_with(
+        &x,
+        &desktop.dir.path().join("desk.pleiades"),
+        desktop.dir.path(),
+        &["--usb-emulated-disk", stick.to_str().unwrap()],
+    );
+    let window = find_window(&x, &client);
+    wait_title(&x, &window, &client, "[connected]", WINDOW);
+    assert!(desktop.guest.wait_path("/dev/sda", true).unwrap(), "no stick; client log:\n{}", client.log());
+    x.tool("xdotool", &["windowfocus", "--sync", &window]).expect("focus the window");
+
+    // The menu lists the stick as in the desktop; it draws over the guest's picture.
+    let (left, top, ..) = geometry(&x, &window);
+    let before = x.screenshot();
+    x.tool("xdotool", &["key", "ctrl+alt+u"]).unwrap();
+    let shown = poll(WINDOW, || {
+        let screen = x.screenshot();
+        (differing(&screen, (left, top), &desktop.screenshot()) > 500).then_some(screen)
+    })
+    .unwrap_or_else(|| panic!("the USB menu did not show; client log:\n{}", client.log()));
+    save_artifact("usb-menu", &shown);
+    assert!(before.pixels != shown.pixels);
+
+    // 1: taken back. The guest sees the stick go; the desktop's counters say so.
+    x.tool("xdotool", &["key", "1"]).unwrap();
+    assert!(
+        desktop.guest.wait_path("/dev/sda", false).unwrap(),
+        "still there; client log:\n{}",
+        client.log()
+    );
+    poll(WINDOW, || (usb(&desktop)["devices"].as_array().map(Vec::len) == Some(0)).then_some(()))
+        .unwrap_or_else(|| panic!("{:#}", usb(&desktop)));
+    // 1 again (the stick, now here): it goes back in. The menu refuses a choice from a list
+    // that changed since it was drawn (the stick moving): press again until it is current.
+    poll(WINDOW, || client.log().contains("USB menu: taking it back").then_some(())).unwrap();
+    let mut presses = 0;
+    poll(WINDOW, || {
+        let log = std::fs::read_to_string(&client.log).unwrap_or_default();
+        if log.contains("USB menu: redirecting it into the desktop") {
+            return Some(());
+        }
+        if presses == log.matches("USB menu: ").count() - 1 {
+            presses += 1;
+            x.tool("xdotool", &["key", "1"]).unwrap();
+        }
+        None
+    })
+    .unwrap_or_else(|| panic!("the stick was not redirected again; client log:\n{}", client.log()));
+    assert!(desktop.guest.wait_path("/dev/sda", true).unwrap(), "not back; client log:\n{}", client.log());
+    assert!(usb(&desktop)["attached"].as_u64() >= Some(2), "{:#}", usb(&desktop));
+    // Escape closes the menu; keys go to the desktop again.
+    x.tool("xdotool", &["key", "Escape"]).unwrap();
+    let log = client.log();
+    assert!(log.contains("USB menu: redirecting it into the desktop"), "{log}");
 }

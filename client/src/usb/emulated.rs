@@ -382,6 +382,10 @@ impl UsbDevice for EmulatedDisk {
         }
     }
 
+    fn park(self: Box<Self>) -> Option<Box<dyn UsbDevice>> {
+        Some(self)
+    }
+
     /// The disk answers every URB at once.
     fn submit(&mut self, urb: CmdSubmit, done: &Completions) {
         done.complete(urb.seqnum, self.answer(&urb));

@@ -513,6 +513,15 @@ impl UsbDevice for LibusbDevice {
         self.info.clone()
     }
 
+    fn location(&self) -> Option<(u8, u8)> {
+        Some((self.bus, self.address))
+    }
+
+    /// Closed: this machine's drivers get it back; `LibusbDevice::open` takes it again.
+    fn park(self: Box<Self>) -> Option<Box<dyn UsbDevice>> {
+        None
+    }
+
     fn attach(&mut self, done: &Completions) {
         *self.sink.lock().unwrap_or_else(|p| p.into_inner()) = Some(done.clone());
     }

@@ -172,6 +172,10 @@ impl std::fmt::Debug for Completions {
 /// A device that answers URBs.
 pub trait UsbDevice: Send + std::fmt::Debug {
     fn info(&self) -> DeviceInfo;
+    /// Where it is on this machine (USB bus and address), for a real device.
+    fn location(&self) -> Option<(u8, u8)> {
+        None
+    }
     /// Its redirection starts: from now on the device may tell `done` that it is gone.
     fn attach(&mut self, _done: &Completions) {}
     /// Starts one URB (control on endpoint 0; bulk, interrupt or isochronous on the others).
@@ -184,4 +188,8 @@ pub trait UsbDevice: Send + std::fmt::Debug {
     /// URB in flight, and return once none is left, so that the device can serve another
     /// session.
     fn stop(&mut self) {}
+    /// The person took it back from the desktop: what stays on the list of devices they may
+    /// redirect again (the device itself; a real one is closed instead, which gives it back to
+    /// this machine's own drivers, and reopened when chosen again).
+    fn park(self: Box<Self>) -> Option<Box<dyn UsbDevice>>;
 }

@@ -41,8 +41,12 @@ pub struct DeviceReport {
     pub name: String,
     /// `vvvv:pppp`.
     pub usb_id: String,
-    /// `announced`, `attached`, `refused`, `detached` or `gone` (it left this side).
+    /// `announced`, `attached`, `refused`, `detached`, `gone` (it left this side) or
+    /// `returned` (the person took it back, [`RedirectControls::give_back`]).
     pub state: &'static str,
+    /// A real device's place on this machine, `bus/address`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
     /// Why it was refused or detached.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -53,6 +57,8 @@ pub struct DeviceReport {
 }
 
 type Reports = Arc<Mutex<Vec<DeviceReport>>>;
+/// Devices the person took back from the desktop, which they may redirect again.
+pub type Parked = Arc<Mutex<Vec<Box<dyn UsbDevice>>>>;
 type Inboxes = Arc<Mutex<HashMap<u32, Sender<Input>>>>;
 /// A device's thread: the device back at its end, unless it is gone.
 type DeviceJoin = std::thread::JoinHandle<Option<Box<dyn UsbDevice>>>;
@@ -83,19 +89,24 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct UsbDevices {
     pub present: Vec<Box<dyn UsbDevice>>,
     pub watcher: Option<Arc<Watcher>>,
+    /// Taken back by the person; not redirected until they choose so again.
+    pub parked: Parked,
+    /// The live session's redirection, for a menu.
+    pub live: Arc<Mutex<Option<RedirectControls>>>,
 }
 
 impl UsbDevices {
     /// Starts redirecting over `handle`'s session: the present devices, then hot-plugged
     /// ones. `None` when the server takes no USB devices (the devices stay here).
     pub fn redirect(&mut self, handle: &SessionHandle) -> Option<Redirect> {
-        match Redirect::start(handle, std::mem::take(&mut self.present)) {
+        match Redirect::start_with(handle, std::mem::take(&mut self.present), self.parked.clone()) {
             Ok(mut redirect) => {
                 if let Some(watcher) = self.watcher.clone() {
                     redirect.watch(move || {
                         watcher.take().into_iter().map(|d| Box::new(d) as Box<dyn UsbDevice>).collect()
                     });
                 }
+                *lock(&self.live) = Some(redirect.controls());
                 Some(redirect)
             }
             Err(devices) => {
@@ -107,6 +118,7 @@ impl UsbDevices {
 
     /// The session ended: the devices still present come back for the next one.
     pub fn finished(&mut self, redirect: Redirect) -> Vec<DeviceReport> {
+        *lock(&self.live) = None;
         let (reports, devices) = redirect.finish();
         self.present = devices;
         reports
@@ -121,9 +133,36 @@ pub struct Redirect {
     watcher: Option<std::thread::JoinHandle<()>>,
 }
 
+/// A redirection's controls, for a menu: add a device, give one back.
+#[derive(Debug, Clone)]
+pub struct RedirectControls {
+    shared: Arc<Shared>,
+}
+
+impl RedirectControls {
+    /// Redirects one more device; its id.
+    pub fn add(&self, device: Box<dyn UsbDevice>) -> Option<u32> {
+        self.shared.add(device)
+    }
+
+    /// Takes device `id` back from the desktop (the guest sees it unplugged): a real device
+    /// returns to this machine's drivers, an emulated one waits among the parked ones.
+    pub fn give_back(&self, id: u32) -> bool {
+        lock(&self.shared.given_back).insert(id);
+        unplug(&self.shared.handle, id)
+    }
+
+    pub fn reports(&self) -> Vec<DeviceReport> {
+        lock(&self.shared.reports).clone()
+    }
+}
+
 #[derive(Debug)]
 struct Shared {
     handle: SessionHandle,
+    /// Devices the person took back ([`RedirectControls::give_back`]), and where they go.
+    given_back: Arc<Mutex<std::collections::HashSet<u32>>>,
+    parked: Parked,
     reports: Reports,
     inboxes: Inboxes,
     threads: Mutex<Vec<DeviceJoin>>,
@@ -140,6 +179,15 @@ impl Redirect {
         handle: &SessionHandle,
         devices: Vec<Box<dyn UsbDevice>>,
     ) -> Result<Redirect, Vec<Box<dyn UsbDevice>>> {
+        Self::start_with(handle, devices, Parked::default())
+    }
+
+    /// [`Redirect::start`], devices given back going to `parked`.
+    pub fn start_with(
+        handle: &SessionHandle,
+        devices: Vec<Box<dyn UsbDevice>>,
+        parked: Parked,
+    ) -> Result<Redirect, Vec<Box<dyn UsbDevice>>> {
         if !handle.info().capabilities.contains(pleiades_protocol::handshake::Capabilities::USB) {
             if !devices.is_empty() {
                 tracing::warn!("the server does not take USB devices: none is redirected");
@@ -148,6 +196,8 @@ impl Redirect {
         }
         let shared = Arc::new(Shared {
             handle: handle.clone(),
+            given_back: Arc::default(),
+            parked,
             reports: Arc::default(),
             inboxes: Arc::default(),
             threads: Mutex::default(),
@@ -192,6 +242,11 @@ impl Redirect {
         lock(&self.shared.reports).clone()
     }
 
+    /// Controls for a menu, valid while the redirection runs.
+    pub fn controls(&self) -> RedirectControls {
+        RedirectControls { shared: self.shared.clone() }
+    }
+
     /// Stops serving the devices (within a quarter of a second; the session's end unplugs them
     /// in the guest) and says what became of each; the devices still present come back for
     /// another session.
@@ -216,6 +271,7 @@ impl Shared {
             id,
             name: info.product.clone(),
             usb_id,
+            location: device.location().map(|(bus, address)| format!("{bus:03}/{address:03}")),
             state: "announced",
             reason: None,
             urbs: 0,
@@ -236,6 +292,8 @@ impl Shared {
             handle: self.handle.clone(),
             reports: self.reports.clone(),
             stop: self.stop.clone(),
+            given_back: self.given_back.clone(),
+            parked: self.parked.clone(),
         };
         let spawned = std::thread::Builder::new()
             .name(format!("usb-{id}"))
@@ -329,6 +387,8 @@ struct DeviceThread {
     handle: SessionHandle,
     reports: Reports,
     stop: Arc<AtomicBool>,
+    given_back: Arc<Mutex<std::collections::HashSet<u32>>>,
+    parked: Parked,
 }
 
 /// Whether a device's redirection goes on.
@@ -461,6 +521,13 @@ impl DeviceThread {
             }
         };
         device.stop();
+        if usable && lock(&self.given_back).remove(&self.id) {
+            set_state(&self.reports, self.id, "returned", Some("taken back on this side".into()));
+            if let Some(device) = device.park() {
+                lock(&self.parked).push(device);
+            }
+            return None;
+        }
         usable.then_some(device)
     }
 

@@ -70,6 +70,11 @@ pub struct App {
     gpu_video: tokio::sync::watch::Sender<Option<bool>>,
     /// Files dropped on a window go here; the link sends them.
     files: crate::files::FileQueue,
+    /// The USB menu, and its lines while it is open (Ctrl+Alt+U).
+    usb_menu: super::usb_menu::UsbMenu,
+    usb_lines: Option<Vec<String>>,
+    /// What the last choice in it did.
+    usb_note: Option<String>,
 }
 
 impl std::fmt::Debug for App {
@@ -86,6 +91,7 @@ impl App {
         requests: mpsc::UnboundedSender<Request>,
         gpu_video: tokio::sync::watch::Sender<Option<bool>>,
         files: crate::files::FileQueue,
+        usb_menu: super::usb_menu::UsbMenu,
     ) -> Self {
         Self {
             desktop,
@@ -110,6 +116,9 @@ impl App {
             motion_rest: (0.0, 0.0),
             gpu_video,
             files,
+            usb_menu,
+            usb_lines: None,
+            usb_note: None,
         }
     }
 
@@ -349,8 +358,25 @@ impl App {
                     self.refresh_titles();
                     return;
                 }
+                // Ctrl+Alt+U: the USB menu.
+                PhysicalKey::Code(KeyCode::KeyU) => {
+                    self.usb_lines = match self.usb_lines {
+                        Some(_) => None,
+                        None => Some(self.usb_menu.refresh()),
+                    };
+                    self.usb_note = None;
+                    self.refresh_titles();
+                    return;
+                }
                 _ => {}
             }
+        }
+        // The USB menu takes the keys while it is open: digits choose, Escape closes.
+        if self.usb_lines.is_some() {
+            if down {
+                self.on_usb_menu_key(key);
+            }
+            return;
         }
         let _ = event_loop;
         let Some(code) = keys::evdev_code(key) else {
@@ -365,6 +391,24 @@ impl App {
         self.send(Request::Key(code, down));
     }
 
+    fn on_usb_menu_key(&mut self, key: PhysicalKey) {
+        let digit = match key {
+            PhysicalKey::Code(KeyCode::Escape) => {
+                self.usb_lines = None;
+                self.refresh_titles();
+                return;
+            }
+            PhysicalKey::Code(code) => keys::digit(code),
+            PhysicalKey::Unidentified(_) => None,
+        };
+        let Some(number) = digit.filter(|&d| d > 0) else { return };
+        let note = self.usb_menu.choose(usize::from(number));
+        tracing::info!(number, "USB menu: {note}");
+        self.usb_note = Some(note);
+        self.usb_lines = Some(self.usb_menu.refresh());
+        self.refresh_titles();
+    }
+
     fn release_everything(&mut self) {
         self.ungrab();
         if !self.pressed.is_empty() || self.buttons != 0 {
@@ -376,6 +420,11 @@ impl App {
     }
 
     fn status_lines(&self) -> Vec<String> {
+        if let Some(lines) = &self.usb_lines {
+            let mut lines = lines.clone();
+            lines.extend(self.usb_note.iter().map(|note| format!("-> {note}")));
+            return lines;
+        }
         match &self.state {
             LinkState::Connected if self.overlay => {
                 let (rtt, kbit) = self.stats.unwrap_or((0.0, 0.0));
@@ -402,6 +451,8 @@ impl App {
         let handle = link::lock(&self.current).clone();
         let lines = self.status_lines();
         let connected = self.state == LinkState::Connected;
+        // A menu is read and acted on: larger than the statistics' small print.
+        let menu = self.usb_lines.is_some();
         let Some(gpu) = self.gpu.as_mut() else { return };
         // The guest's cursor, drawn by the client where the pointer is.
         let cursor_state = handle.as_ref().map(|h| h.cursor());
@@ -430,7 +481,7 @@ impl App {
         }
         if window.text.as_ref().is_none_or(|(shown, _)| *shown != lines) {
             window.text = (!lines.is_empty()).then(|| {
-                let scale = if lines.len() > 2 || connected { 1 } else { 2 };
+                let scale = if menu || (lines.len() <= 2 && !connected) { 2 } else { 1 };
                 let (w, h, pixels) = text::render(&lines, scale);
                 (lines.clone(), gpu.layer(w, h, &pixels))
             });
@@ -552,8 +603,11 @@ impl ApplicationHandler<LinkEvent> for App {
             }
             LinkEvent::Stats { rtt_ms, kbit_s } => {
                 self.stats = Some((rtt_ms, kbit_s));
-                // Once a second: the overlay's figures, a file's progress.
-                if self.overlay || self.files.status_line().is_some() {
+                // Once a second: the overlay's figures, a file's progress, the USB menu.
+                if self.usb_lines.is_some() {
+                    self.usb_lines = Some(self.usb_menu.refresh());
+                }
+                if self.overlay || self.usb_lines.is_some() || self.files.status_line().is_some() {
                     self.refresh_titles();
                 }
             }

@@ -20,6 +20,26 @@ pub fn evdev_code(key: PhysicalKey) -> Option<u16> {
     }
 }
 
+/// The digit a key types (the row above the letters or the keypad), for menus.
+pub fn digit(code: KeyCode) -> Option<u8> {
+    use KeyCode::*;
+    [
+        (Digit0, Numpad0),
+        (Digit1, Numpad1),
+        (Digit2, Numpad2),
+        (Digit3, Numpad3),
+        (Digit4, Numpad4),
+        (Digit5, Numpad5),
+        (Digit6, Numpad6),
+        (Digit7, Numpad7),
+        (Digit8, Numpad8),
+        (Digit9, Numpad9),
+    ]
+    .iter()
+    .position(|&(row, pad)| code == row || code == pad)
+    .map(|d| d as u8)
+}
+
 /// The evdev code of a winit key code (linux/input-event-codes.h).
 pub fn key_code(code: KeyCode) -> Option<u16> {
     use KeyCode::*;

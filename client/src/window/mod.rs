@@ -11,7 +11,8 @@
 //! The session decodes into the shared [`crate::display::Displays`] as in headless mode, but
 //! with H.264 pictures kept in YUV ([`crate::display::Displays::set_gpu_video`]); a presented
 //! frame wakes its window, which uploads the damage ([`crate::display::Displays::drain_for_gpu`])
-//! and draws. Keys: Ctrl+Alt+Enter toggles fullscreen, Ctrl+Alt+S the statistics overlay.
+//! and draws. Keys: Ctrl+Alt+Enter toggles fullscreen, Ctrl+Alt+S the statistics overlay,
+//! Ctrl+Alt+U the USB menu ([`usb_menu`]: which devices are in the desktop, a number moves one).
 //! Files dropped on a window (and `--send`) go into the desktop's Downloads ([`crate::files`]),
 //! with their progress in the title; a transfer cut by a lost connection goes on after the
 //! resume.
@@ -21,6 +22,7 @@ pub mod keys;
 pub mod link;
 pub mod render;
 pub mod text;
+pub mod usb_menu;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,6 +59,7 @@ pub fn run(
     let (gpu_video, gpu_video_rx) = tokio::sync::watch::channel(None);
     let desktop = connection.desktop.clone();
     tracing::info!(host = %connection.host, port = connection.port, desktop = %desktop, "connecting");
+    let usb_menu = usb_menu::UsbMenu::new(&usb);
     let link = link::Link { connection, options, audio, current: current.clone(), files: files.clone(), usb };
     runtime.spawn(link.supervise(gpu_video_rx, move |event| {
         let _ = proxy.send_event(event);
@@ -68,6 +71,7 @@ pub fn run(
         requests,
         gpu_video,
         files,
+        usb_menu,
     );
     event_loop.run_app(&mut app).context("the window system failed")?;
     // Closed: say goodbye (bounded), then stop.
