@@ -349,6 +349,7 @@ fn spec(name: &str, max: usize, spares: usize) -> PoolSpec {
         clipboard_from_guest: true,
         file_transfer: true,
         usb: "none".into(),
+        usb_auto: "none".into(),
     }
 }
 

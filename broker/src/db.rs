@@ -29,6 +29,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (13, include_str!("../migrations/0013_pool_clipboard.sql")),
     (14, include_str!("../migrations/0014_pool_file_transfer.sql")),
     (15, include_str!("../migrations/0015_pool_usb.sql")),
+    (16, include_str!("../migrations/0016_pool_usb_auto.sql")),
 ];
 
 /// A handle to the broker's database (cheap to clone).

@@ -186,6 +186,12 @@ struct PoolArgs {
     /// hex), e.g. `class=03,class=0b,0525:a4a5`.
     #[arg(long, value_name = "POLICY", default_value = "none")]
     usb: String,
+    /// Which of the client's USB devices the client redirects by itself as soon as it connects
+    /// to one of the desktops (carried in their connection files), in the same grammar as
+    /// `--usb`, e.g. `class=03,class=0b` for keyboards and smart-card readers. `--usb` still
+    /// decides what the desktops take.
+    #[arg(long, value_name = "RULES", default_value = "none")]
+    usb_auto: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -406,6 +412,7 @@ async fn run(mut config: Config, command: Cmd) -> Result<()> {
                 clipboard_from_guest: a.clipboard_from_guest,
                 file_transfer: a.file_transfer,
                 usb: a.usb,
+                usb_auto: a.usb_auto,
             };
             let pool = open(&config).await?.create_pool(&system, &spec).await?;
             println!("pool {} created ({})", pool.name, pool.id);
@@ -438,7 +445,7 @@ async fn run(mut config: Config, command: Cmd) -> Result<()> {
                     (true, false) => format!("nat, host ports {}", p.network.ports_text()),
                 };
                 println!(
-                    "{}\t{}\tmin {} max {} spares {}\t{network}\tclipboard {}\tfile transfer {}\tusb {}\t{}",
+                    "{}\t{}\tmin {} max {} spares {}\t{network}\tclipboard {}\tfile transfer {}\tusb {}\tusb auto {}\t{}",
                     p.name,
                     p.kind.as_str(),
                     p.min_size,
@@ -447,6 +454,7 @@ async fn run(mut config: Config, command: Cmd) -> Result<()> {
                     p.clipboard_text(),
                     p.file_transfer_text(),
                     p.usb,
+                    p.usb_auto,
                     if p.enabled { "enabled" } else { "disabled" }
                 );
             }

@@ -145,6 +145,10 @@ pub struct Pool {
     /// Which of the client's USB devices the desktops take (the host refuses the others):
     /// `none`, `all`, or `class=HH` and `VVVV:PPPP` rules, as [`UsbPolicy`] writes them.
     pub usb: String,
+    /// Which of the client's USB devices the client redirects by itself when it connects (the
+    /// connection file's `usb_auto`), in the same grammar; `usb` still decides what the
+    /// desktops take.
+    pub usb_auto: String,
 }
 
 impl Pool {
@@ -167,6 +171,7 @@ impl Pool {
             clipboard_from_guest: get_i64(r, "clipboard_from_guest")? != 0,
             file_transfer: get_i64(r, "file_transfer")? != 0,
             usb: get_str(r, "usb")?,
+            usb_auto: get_str(r, "usb_auto")?,
         })
     }
 
@@ -338,10 +343,28 @@ pub struct PoolSpec {
     /// writes it; the host enforces it.
     #[serde(default = "usb_none")]
     pub usb: String,
+    /// Which of the client's USB devices the client redirects by itself as soon as it connects
+    /// to one of the desktops (the connection file's `usb_auto`), in the same grammar as `usb`:
+    /// `none` (the default: none), `all`, or `class=HH` and `VVVV:PPPP` rules. Stored as
+    /// [`UsbPolicy`] writes it; `usb` still decides what the desktops take (the host refuses a
+    /// device it does not allow).
+    #[serde(default = "usb_none")]
+    pub usb_auto: String,
 }
 
 fn usb_none() -> String {
     UsbPolicy::NONE.to_string()
+}
+
+/// A pool's stored auto-redirect rules as its desktops' connection files carry them
+/// (`usb_auto`): empty for `none`, which is what older clients and files have too.
+pub(crate) fn usb_auto_for_client(stored: &str) -> String {
+    match UsbPolicy::parse(stored) {
+        Ok(rules) if rules == UsbPolicy::NONE => String::new(),
+        Ok(rules) => rules.to_string(),
+        // Only valid rules are stored; anything else redirects nothing.
+        Err(_) => String::new(),
+    }
 }
 
 fn default_idle() -> i64 {
@@ -365,6 +388,20 @@ impl PoolSpec {
         Ok(policy)
     }
 
+    /// The pool's USB auto-redirect rules, read as the client will read them; rules it cannot
+    /// read, or over [`Self::MAX_USB_RULES`], are refused with the reason.
+    pub fn usb_auto_rules(&self) -> Result<UsbPolicy> {
+        let rules = UsbPolicy::parse(&self.usb_auto)
+            .map_err(|e| Error::Invalid(format!("USB auto-redirect rules: {e}")))?;
+        if rules.classes.len() + rules.devices.len() > Self::MAX_USB_RULES {
+            return Err(Error::Invalid(format!(
+                "USB auto-redirect rules: at most {} rules",
+                Self::MAX_USB_RULES
+            )));
+        }
+        Ok(rules)
+    }
+
     pub fn validate(&self) -> Result<()> {
         if !valid_name(&self.name) {
             return Err(Error::Invalid("pool name: 1-64 letters, digits, '-', '_', '.'".into()));
@@ -381,6 +418,7 @@ impl PoolSpec {
             return Err(Error::Invalid("timeouts must not be negative".into()));
         }
         self.usb_policy()?;
+        self.usb_auto_rules()?;
         self.network.validate()
     }
 }

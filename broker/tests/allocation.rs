@@ -31,6 +31,7 @@ on_both_databases!(
     clipboard_policy_reaches_the_host_and_denials_are_audited,
     file_transfer_policy_reaches_the_host_and_denials_are_audited,
     usb_policy_reaches_the_host_and_attaches_and_denials_are_audited,
+    usb_auto_rules_reach_the_connection_file,
 );
 
 async fn floating(backend: Backend) {
@@ -282,6 +283,7 @@ async fn spec(env: &Env, pool: &str, max: i64, spares: i64) -> pleiades_broker::
         clipboard_from_guest: p.clipboard_from_guest,
         file_transfer: p.file_transfer,
         usb: p.usb,
+        usb_auto: p.usb_auto,
     }
 }
 
@@ -1158,4 +1160,93 @@ async fn usb_policy_reaches_the_host_and_attaches_and_denials_are_audited(backen
             .any(|e| e.action == "pool.update" && e.detail.contains("usb=class=03,class=08,076b:3021")),
         "{audit:?}"
     );
+}
+
+async fn usb_auto_rules_reach_the_connection_file(backend: Backend) {
+    use pleiades_protocol::connfile::Connection;
+    let env = Env::new(backend).await;
+    env.image("debian", 1024).await;
+    let mut host = HostDouble::register(&env, "host-a", 8192, &["debian"]).await;
+    let (_, alice) = env.user("alice").await;
+    let (_, root) = env.admin("root").await;
+    let pool = env.pool("lab", PoolKind::Persistent, "debian", 3, 0).await;
+    env.entitle_user(&pool, "alice").await;
+    let d = env.broker.request_desktop(&alice, &pool).await.unwrap();
+    host.settle().await;
+    // No rules by default: the connection file has none (as files from before them), and the
+    // client redirects nothing by itself.
+    assert_eq!(env.broker.pool(&pool).await.unwrap().usb_auto, "none");
+    let conn = env.broker.connect(&alice, &d.id).await.unwrap();
+    assert_eq!(conn.usb_auto, "");
+    assert!(!conn.to_toml().contains("usb_auto") && !conn.to_uri().contains("usb_auto"), "{conn:?}");
+
+    // Sticks, redirected on connect: stored, audited and carried as the rules write themselves,
+    // in the file and in the URI alike, from the next connection on.
+    let lab = pleiades_broker::model::PoolSpec {
+        usb: "class=08".into(),
+        usb_auto: " class=08 ".into(),
+        ..spec(&env, &pool, 3, 0).await
+    };
+    let updated = env.broker.update_pool(&root, &pool, &lab, true).await.unwrap();
+    assert_eq!((updated.usb.as_str(), updated.usb_auto.as_str()), ("class=08", "class=08"));
+    let stored: (String,) = sqlx::query_as("SELECT usb_auto FROM pools WHERE id = $1")
+        .bind(&pool)
+        .fetch_one(&env.broker.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored.0, "class=08");
+    let conn = env.broker.connect(&alice, &d.id).await.unwrap();
+    assert_eq!(conn.usb_auto, "class=08");
+    assert_eq!(Connection::from_toml(&conn.to_toml()).unwrap().usb_auto, "class=08");
+    assert_eq!(Connection::from_uri(&conn.to_uri()).unwrap().usb_auto, "class=08");
+    // The rules are the client's, not the host's: boot commands carry the policy alone.
+    env.broker.restart(&alice, &d.id).await.unwrap();
+    host.settle().await;
+    assert_eq!(host.usb.get(&d.id), Some(&serde_json::json!("class=08")));
+
+    // Rules that do not parse are refused with the reason, and change nothing.
+    let bad = pleiades_broker::model::PoolSpec { usb_auto: "class=8".into(), ..lab.clone() };
+    match env.broker.update_pool(&root, &pool, &bad, true).await {
+        Err(Error::Invalid(reason)) => assert!(
+            reason.contains("USB auto-redirect rules") && reason.contains("two hex digits"),
+            "{reason}"
+        ),
+        other => panic!("bad USB auto-redirect rules: {other:?}"),
+    }
+    assert_eq!(env.broker.pool(&pool).await.unwrap().usb_auto, "class=08");
+    let many = (0..65).map(|c| format!("class={c:02x}")).collect::<Vec<_>>().join(",");
+    let too_many = pleiades_broker::model::PoolSpec { usb_auto: many, ..lab.clone() };
+    assert!(matches!(
+        env.broker.update_pool(&root, &pool, &too_many, true).await,
+        Err(Error::Invalid(reason)) if reason.contains("at most 64 rules")
+    ));
+    // A pool made with rules has them from the start; `all` is carried as is, even where the
+    // policy lets no device in (the host refuses them then: the rules are no authority).
+    let kiosk = pleiades_broker::model::PoolSpec {
+        name: "kiosk".into(),
+        usb: "none".into(),
+        usb_auto: "all".into(),
+        ..spec(&env, &pool, 3, 0).await
+    };
+    let kiosk = env.broker.create_pool(&root, &kiosk).await.unwrap();
+    assert_eq!((kiosk.usb.as_str(), kiosk.usb_auto.as_str()), ("none", "all"));
+    env.entitle_user(&kiosk.id, "alice").await;
+    let k = env.broker.request_desktop(&alice, &kiosk.id).await.unwrap();
+    host.settle().await;
+    assert_eq!(env.broker.connect(&alice, &k.id).await.unwrap().usb_auto, "all");
+    // Back to none: the next connection file has none again.
+    let none = pleiades_broker::model::PoolSpec { usb_auto: "none".into(), ..lab.clone() };
+    env.broker.update_pool(&root, &pool, &none, true).await.unwrap();
+    assert_eq!(env.broker.connect(&alice, &d.id).await.unwrap().usb_auto, "");
+    let audit = env.broker.list_audit(&root, 100).await.unwrap();
+    for (action, target, detail) in [
+        ("pool.update", "lab", "usb=class=08 usb_auto=class=08"),
+        ("pool.update", "lab", "usb=class=08 usb_auto=none"),
+        ("pool.create", "kiosk", "usb=none usb_auto=all"),
+    ] {
+        assert!(
+            audit.iter().any(|e| e.action == action && e.target == target && e.detail.contains(detail)),
+            "{action} {target} {detail}: {audit:?}"
+        );
+    }
 }

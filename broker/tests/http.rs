@@ -6,7 +6,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Backend, Env, browser_login};
+use common::{Backend, Env, HostDouble, browser_login};
 use pleiades_broker::config::Config;
 use pleiades_broker::server;
 use serde_json::Value;
@@ -536,6 +536,227 @@ async fn pool_usb_policy_round_trips_through_the_api_and_the_admin_form() {
     );
 }
 
+/// The pool's USB auto-redirect rules through the JSON API (create, update, list, the OpenAPI
+/// document; rules that do not parse refused with the reason), the connection the user gets
+/// (`POST /desktops/{id}/connect`: its file and URI carry them, or nothing when there are none;
+/// the portal's connect page too), the admin form and the admin's list of pools.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_usb_auto_rules_reach_the_connection_file_through_the_api_and_the_admin_form() {
+    use pleiades_protocol::connfile::Connection;
+    let env = Env::new(Backend::Sqlite).await;
+    env.image("debian", 1024).await;
+    env.admin("root").await;
+    env.user("alice").await;
+    let mut host = HostDouble::register(&env, "host-a", 8192, &["debian"]).await;
+    let token = env.api_login("root").await;
+    let alice = env.api_login("alice").await;
+    let doc: Value =
+        env.http.get(env.url("/api/v1/openapi.json")).send().await.unwrap().json().await.unwrap();
+    let documented = &doc["components"]["schemas"]["PoolSpec"]["properties"]["usb_auto"];
+    assert_eq!(
+        (&documented["type"], &documented["default"]),
+        (&"string".into(), &"none".into()),
+        "{documented}"
+    );
+    assert_eq!(doc["components"]["schemas"]["Connection"]["properties"]["usb_auto"]["type"], "string");
+    let create = |body: Value| {
+        let request = env.http.post(env.url("/api/v1/admin/pools")).bearer_auth(&token).json(&body);
+        async move {
+            let res = request.send().await.unwrap();
+            (res.status().as_u16(), res.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, plain) = create(
+        serde_json::json!({ "name": "plain", "kind": "persistent", "image": "debian", "max_size": 2 }),
+    )
+    .await;
+    assert_eq!((status, &plain["usb_auto"]), (201, &"none".into()), "none by default: {plain}");
+    let (status, sticks) = create(serde_json::json!({
+        "name": "sticks", "kind": "persistent", "image": "debian", "max_size": 2,
+        "usb": "class=08", "usb_auto": " class=08 "
+    }))
+    .await;
+    assert_eq!(
+        (status, &sticks["usb"], &sticks["usb_auto"]),
+        (201, &"class=08".into(), &"class=08".into()),
+        "as the rules write themselves: {sticks}"
+    );
+    for (bad, says) in
+        [("class=8", "two hex digits"), ("sticks", "is not a USB rule"), ("0525:a4a", "VVVV:PPPP")]
+    {
+        let (status, body) = create(serde_json::json!({
+            "name": "bad", "kind": "floating", "image": "debian", "max_size": 2, "usb_auto": bad
+        }))
+        .await;
+        let error = body["error"].as_str().unwrap_or_default();
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert!(error.contains("USB auto-redirect rules") && error.contains(says), "{bad}: {error}");
+    }
+    assert!(env.broker.pool_by_name("bad").await.is_err(), "no pool made from bad rules");
+
+    // Alice's desktops in both pools, and the connections she gets for them.
+    let (plain_id, sticks_id) =
+        (plain["id"].as_str().unwrap().to_owned(), sticks["id"].as_str().unwrap().to_owned());
+    for pool in [&plain_id, &sticks_id] {
+        env.entitle_user(pool, "alice").await;
+    }
+    let desktop = |pool: &str| {
+        let request = env.http.post(env.url(&format!("/api/v1/pools/{pool}/desktop"))).bearer_auth(&alice);
+        async move {
+            let res = request.send().await.unwrap();
+            assert!(res.status().is_success(), "{}", res.status());
+            res.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned()
+        }
+    };
+    let (on_plain, on_sticks) = (desktop(&plain_id).await, desktop(&sticks_id).await);
+    host.settle().await;
+    let connect = |desktop: &str| {
+        let request =
+            env.http.post(env.url(&format!("/api/v1/desktops/{desktop}/connect"))).bearer_auth(&alice);
+        async move {
+            let res = request.send().await.unwrap();
+            assert_eq!(res.status(), 200, "connect");
+            let body: Value = res.json().await.unwrap();
+            let file = body["file"].as_str().unwrap().to_owned();
+            let from_file = Connection::from_toml(&file).unwrap();
+            let from_uri = Connection::from_uri(body["uri"].as_str().unwrap()).unwrap();
+            assert_eq!(from_file.usb_auto, from_uri.usb_auto, "{body}");
+            assert_eq!(body["connection"]["usb_auto"].as_str().unwrap_or_default(), from_file.usb_auto);
+            (from_file.usb_auto, file)
+        }
+    };
+    let (rules, file) = connect(&on_sticks).await;
+    assert_eq!(rules, "class=08");
+    assert!(file.contains(r#"usb_auto = "class=08""#), "{file}");
+    let (rules, file) = connect(&on_plain).await;
+    assert_eq!(rules, "", "none: nothing redirected by itself");
+    assert!(!file.contains("usb_auto"), "{file}");
+
+    // An update changes what the next connection carries; bad rules change nothing.
+    let update = |usb_auto: &str| {
+        let request = env
+            .http
+            .put(env.url(&format!("/api/v1/admin/pools/{plain_id}")))
+            .bearer_auth(&token)
+            .json(&serde_json::json!({
+                "name": "plain", "kind": "persistent", "image": "debian", "max_size": 2, "usb_auto": usb_auto
+            }));
+        async move {
+            let res = request.send().await.unwrap();
+            (res.status().as_u16(), res.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, body) = update("class=03,class=0B").await;
+    assert_eq!((status, &body["usb_auto"]), (200, &"class=03,class=0b".into()), "{body}");
+    assert_eq!(connect(&on_plain).await.0, "class=03,class=0b");
+    let (status, body) = update("class=8").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"].as_str().unwrap_or_default().contains("USB auto-redirect rules"), "{body}");
+    assert_eq!(env.broker.pool(&plain_id).await.unwrap().usb_auto, "class=03,class=0b");
+    let listed: Value = env
+        .http
+        .get(env.url("/api/v1/admin/pools"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let listed: Vec<(String, String)> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["name"].as_str().unwrap().to_owned(), p["usb_auto"].as_str().unwrap().to_owned()))
+        .collect();
+    assert_eq!(
+        listed,
+        vec![
+            ("plain".to_owned(), "class=03,class=0b".to_owned()),
+            ("sticks".to_owned(), "class=08".to_owned())
+        ]
+    );
+
+    // The form shows the rules as stored, and saves what it is sent back.
+    let root = browser_login(&env, "root").await;
+    let page = |path: String| {
+        let request = env.http.get(env.url(&path)).header("cookie", &root.cookie);
+        async move { request.send().await.unwrap().text().await.unwrap() }
+    };
+    let form = page(format!("/admin/pools/{sticks_id}")).await;
+    assert!(form.contains("USB devices redirected on connect"), "{form}");
+    assert!(form.contains(r#"id="pool-usb-auto" name="usb_auto" value="class=08""#), "{form}");
+    assert!(form.contains("the client redirects by itself when it connects (same rules)"), "{form}");
+    let form = page("/admin/pools".into()).await;
+    assert!(form.contains(r#"name="usb_auto" value="none""#), "a new pool's form starts at none: {form}");
+    assert!(
+        form.contains(r#"<th scope="col">USB on connect</th>"#)
+            && form.contains("<td>class=08</td><td>class=08</td>"),
+        "{form}"
+    );
+    let post = |path: String, fields: Vec<(&'static str, &'static str)>| {
+        let mut form: Vec<(&str, String)> = fields.into_iter().map(|(k, v)| (k, v.to_owned())).collect();
+        form.push(("csrf", root.csrf.clone()));
+        let request = env.http.post(env.url(&path)).header("cookie", &root.cookie).form(&form);
+        async move {
+            let res = request.send().await.unwrap();
+            (res.status().as_u16(), res.text().await.unwrap())
+        }
+    };
+    let (saved, _) = post(
+        format!("/admin/pools/{sticks_id}"),
+        vec![("max_size", "2"), ("enabled", "1"), ("usb", "class=08"), ("usb_auto", " class=0B ,0525:A4A5")],
+    )
+    .await;
+    assert_eq!(saved, 303);
+    let pool = env.broker.pool(&sticks_id).await.unwrap();
+    assert_eq!((pool.usb.as_str(), pool.usb_auto.as_str()), ("class=08", "class=0b,0525:a4a5"));
+    // Rules the form cannot save: a readable page that says why, nothing changed.
+    let (refused, body) = post(
+        format!("/admin/pools/{sticks_id}"),
+        vec![("max_size", "2"), ("enabled", "1"), ("usb", "class=08"), ("usb_auto", "class=8")],
+    )
+    .await;
+    assert_eq!(refused, 400);
+    assert!(body.contains("USB auto-redirect rules") && body.contains("two hex digits"), "{body}");
+    assert_eq!(env.broker.pool(&sticks_id).await.unwrap().usb_auto, "class=0b,0525:a4a5");
+    // The portal's connect page: its link and its file carry the rules.
+    let alice_browser = browser_login(&env, "alice").await;
+    let res = env
+        .http
+        .post(env.url(&format!("/desktops/{on_sticks}/connect")))
+        .header("cookie", &alice_browser.cookie)
+        .form(&[("csrf", alice_browser.csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let portal = res.text().await.unwrap();
+    assert!(portal.contains("usb_auto=class%3D0b%2C0525%3Aa4a5"), "{portal}");
+    // Emptied: none.
+    let (saved, _) = post(
+        format!("/admin/pools/{sticks_id}"),
+        vec![("max_size", "2"), ("enabled", "1"), ("usb", "class=08"), ("usb_auto", "")],
+    )
+    .await;
+    assert_eq!(saved, 303);
+    assert_eq!(env.broker.pool(&sticks_id).await.unwrap().usb_auto, "none");
+    assert_eq!(connect(&on_sticks).await.0, "");
+    let audit = env.broker.list_audit(&common::system(), 100).await.unwrap();
+    assert!(
+        audit.iter().any(|e| e.action == "pool.create"
+            && e.target == "sticks"
+            && e.detail.contains("usb=class=08 usb_auto=class=08")),
+        "{audit:?}"
+    );
+    assert!(
+        audit.iter().any(|e| e.action == "pool.update"
+            && e.target == "plain"
+            && e.detail.contains("usb_auto=class=03,class=0b")),
+        "{audit:?}"
+    );
+}
+
 #[test]
 fn cli_administers_the_same_database() {
     let dir = tempfile::tempdir().unwrap();
@@ -585,6 +806,8 @@ fn cli_administers_the_same_database() {
         "false",
         "--usb",
         "class=08, 0525:A4A5",
+        "--usb-auto",
+        "class=08",
     ]);
     run(&["pool", "entitle", "office", "--group", "engineering"]);
     let token = run(&["host", "token", "create", "--name", "rack1-host1", "--description", "rack 1"]);
@@ -596,7 +819,7 @@ fn cli_administers_the_same_database() {
         pools.contains("office\tpersistent")
             && pools.contains("clipboard client → desktop only")
             && pools.contains("file transfer off")
-            && pools.contains("\tusb class=08,0525:a4a5\t"),
+            && pools.contains("\tusb class=08,0525:a4a5\tusb auto class=08\t"),
         "{pools}"
     );
     // A policy that does not parse is refused with the reason; no pool is made.
@@ -610,6 +833,22 @@ fn cli_administers_the_same_database() {
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(
         !refused.status.success() && stderr.contains("USB policy") && stderr.contains("class=08"),
+        "{stderr}"
+    );
+    assert!(!run(&["pool", "list"]).contains("lab\t"));
+    // So are auto-redirect rules that do not parse.
+    let refused = Command::new(env!("CARGO_BIN_EXE_pleiades-broker"))
+        .arg("--db")
+        .arg(&db)
+        .args(["pool", "create", "lab", "--image", "debian", "--max", "2", "--usb-auto", "class=8"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success()
+            && stderr.contains("USB auto-redirect rules")
+            && stderr.contains("class=08"),
         "{stderr}"
     );
     assert!(!run(&["pool", "list"]).contains("lab\t"));

@@ -12,7 +12,7 @@ use super::tx::{
 use super::{Broker, CommandKind, truncate_reason};
 use crate::db::{get_i64, get_str, new_id};
 use crate::error::{Error, Result};
-use crate::model::{Actor, Desktop, DesktopState, HostState, Pool, PoolKind};
+use crate::model::{Actor, Desktop, DesktopState, HostState, Pool, PoolKind, usb_auto_for_client};
 
 impl Broker {
     /// Gives the user a desktop of the pool: theirs if they have one (persistent, or a
@@ -337,12 +337,17 @@ impl Broker {
             &format!("ticket={} host={}", claims.id_hex(), host.name),
         )
         .await?;
-        // One session server per VM: the desktop's own port when its host reported one.
-        let port_row = sqlx::query("SELECT session_port FROM desktops WHERE id = $1")
-            .bind(&desktop.id)
-            .fetch_one(&self.db.pool)
-            .await?;
-        let port = port_row.try_get::<Option<i64>, _>("session_port")?.unwrap_or(host.session_port);
+        // One session server per VM: the desktop's own port when its host reported one. And
+        // the USB devices the client redirects by itself: its pool's auto-redirect rules, read
+        // now, so that a change reaches the next connection.
+        let row = sqlx::query(
+            "SELECT d.session_port, p.usb_auto FROM desktops d JOIN pools p ON p.id = d.pool_id WHERE d.id = $1",
+        )
+        .bind(&desktop.id)
+        .fetch_one(&self.db.pool)
+        .await?;
+        let port = row.try_get::<Option<i64>, _>("session_port")?.unwrap_or(host.session_port);
+        let usb_auto = usb_auto_for_client(&get_str(&row, "usb_auto")?);
         Ok(Connection {
             version: FORMAT_VERSION,
             host: host.address,
@@ -350,7 +355,7 @@ impl Broker {
             cert_sha256: host.cert_sha256,
             ticket,
             desktop: desktop.name,
-            usb_auto: String::new(),
+            usb_auto,
         })
     }
 

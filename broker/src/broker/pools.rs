@@ -73,8 +73,8 @@ impl Broker {
             spec.display_name.trim().to_owned()
         };
         sqlx::query(
-            "INSERT INTO pools (id, name, display_name, kind, image_id, min_size, max_size, spares, idle_timeout_secs, disconnect_timeout_secs, enabled, alloc_seq, created_at, network, host_ports, lock_on_disconnect, clipboard_to_guest, clipboard_from_guest, file_transfer, usb) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 1, 0, $11, $12, $13, $14, $15, $16, $17, $18)",
+            "INSERT INTO pools (id, name, display_name, kind, image_id, min_size, max_size, spares, idle_timeout_secs, disconnect_timeout_secs, enabled, alloc_seq, created_at, network, host_ports, lock_on_disconnect, clipboard_to_guest, clipboard_from_guest, file_transfer, usb, usb_auto) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 1, 0, $11, $12, $13, $14, $15, $16, $17, $18, $19)",
         )
         .bind(&id)
         .bind(&spec.name)
@@ -94,6 +94,7 @@ impl Broker {
         .bind(i64::from(spec.clipboard_from_guest))
         .bind(i64::from(spec.file_transfer))
         .bind(&spec.usb)
+        .bind(&spec.usb_auto)
         .execute(&self.db.pool)
         .await
         .map_err(|e| conflict(e, &format!("pool {}", spec.name)))?;
@@ -117,7 +118,7 @@ impl Broker {
         };
         sqlx::query(
             "UPDATE pools SET display_name = $1, min_size = $2, max_size = $3, spares = $4, idle_timeout_secs = $5, disconnect_timeout_secs = $6, enabled = $7, network = $8, host_ports = $9, lock_on_disconnect = $10, \
-             clipboard_to_guest = $11, clipboard_from_guest = $12, file_transfer = $13, usb = $14 WHERE id = $15",
+             clipboard_to_guest = $11, clipboard_from_guest = $12, file_transfer = $13, usb = $14, usb_auto = $15 WHERE id = $16",
         )
         .bind(display)
         .bind(spec.min_size)
@@ -133,6 +134,7 @@ impl Broker {
         .bind(i64::from(spec.clipboard_from_guest))
         .bind(i64::from(spec.file_transfer))
         .bind(&spec.usb)
+        .bind(&spec.usb_auto)
         .bind(id)
         .execute(&self.db.pool)
         .await?;
@@ -271,7 +273,7 @@ impl Broker {
 fn pool_detail(spec: &PoolSpec) -> String {
     format!(
         "kind={} image={} min={} max={} spares={} idle={}s disconnect={}s network={} host_ports={} lock_on_disconnect={} \
-         clipboard_to_guest={} clipboard_from_guest={} file_transfer={} usb={}",
+         clipboard_to_guest={} clipboard_from_guest={} file_transfer={} usb={} usb_auto={}",
         spec.kind.as_str(),
         spec.image,
         spec.min_size,
@@ -285,14 +287,20 @@ fn pool_detail(spec: &PoolSpec) -> String {
         spec.clipboard_to_guest,
         spec.clipboard_from_guest,
         spec.file_transfer,
-        spec.usb
+        spec.usb,
+        spec.usb_auto
     )
 }
 
-/// `spec` with its USB policy as the policy writes itself (`class=08,0525:a4a5`), which is what
-/// is stored, audited and sent to hosts.
+/// `spec` with its USB policy and its USB auto-redirect rules as the policy writes itself
+/// (`class=08,0525:a4a5`), which is what is stored, audited and sent to hosts (the policy) and
+/// clients (the rules, in connection files).
 fn canonical_usb(spec: &PoolSpec) -> Result<PoolSpec> {
-    Ok(PoolSpec { usb: spec.usb_policy()?.to_string(), ..spec.clone() })
+    Ok(PoolSpec {
+        usb: spec.usb_policy()?.to_string(),
+        usb_auto: spec.usb_auto_rules()?.to_string(),
+        ..spec.clone()
+    })
 }
 
 /// The SHA-256 of a disk template that the broker can read (the path hosts share), computed

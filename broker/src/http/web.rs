@@ -617,6 +617,7 @@ fn pool_form(auth: &Auth, action: &str, spec: Option<(&PoolSpec, bool)>, images:
                 clipboard_from_guest: true,
                 file_transfer: true,
                 usb: "none".into(),
+                usb_auto: "none".into(),
             },
             true,
         ),
@@ -687,6 +688,14 @@ fn pool_form(auth: &Auth, action: &str, spec: Option<(&PoolSpec, bool)>, images:
                 "The host enforces it and audits every device it attaches (usb.attached) or refuses (usb.denied). "
                 "Changes apply from each desktop's next start."
             }
+            label for="pool-usb-auto" { "USB devices redirected on connect" }
+            input id="pool-usb-auto" name="usb_auto" value=(s.usb_auto) spellcheck="false" autocomplete="off" aria-describedby="pool-usb-auto-help";
+            small id="pool-usb-auto-help" {
+                "USB devices the client redirects by itself when it connects (same rules), e.g. "
+                code { "class=03,class=0b" } " for keyboards and smart-card readers; " code { "none" } " redirects none by itself. "
+                "The policy above still decides what the desktop takes: the host refuses the others (usb.denied). "
+                "Changes apply from each user's next connection."
+            }
             @if editing {
                 label for="pool-enabled" { "Enabled" }
                 input id="pool-enabled" name="enabled" type="checkbox" value="1" checked[enabled];
@@ -712,7 +721,7 @@ async fn admin_pools(
         html! {
             h1 { "Pools" }
             table {
-                thead { tr { th scope="col" { "Pool" } th scope="col" { "Kind" } th scope="col" { "Image" } th scope="col" { "Size (min–max)" } th scope="col" { "Spares" } th scope="col" { "Network" } th scope="col" { "Clipboard" } th scope="col" { "File transfer" } th scope="col" { "USB" } th scope="col" { "Desktops" } th scope="col" { "Enabled" } } }
+                thead { tr { th scope="col" { "Pool" } th scope="col" { "Kind" } th scope="col" { "Image" } th scope="col" { "Size (min–max)" } th scope="col" { "Spares" } th scope="col" { "Network" } th scope="col" { "Clipboard" } th scope="col" { "File transfer" } th scope="col" { "USB" } th scope="col" { "USB on connect" } th scope="col" { "Desktops" } th scope="col" { "Enabled" } } }
                 tbody {
                     @for p in &pools {
                         tr {
@@ -725,6 +734,7 @@ async fn admin_pools(
                             td { (p.clipboard_text()) }
                             td { (p.file_transfer_text()) }
                             td { (p.usb) }
+                            td { (p.usb_auto) }
                             td { (desktops.iter().filter(|d| d.pool_id == p.id && d.state != DesktopState::Failed).count()) }
                             td { @if p.enabled { "yes" } @else { "no" } }
                         }
@@ -769,6 +779,8 @@ fn pool_spec_from(f: &Fields, fixed: Option<&PoolSpec>) -> Result<PoolSpec, Erro
         file_transfer: field(f, "file_transfer") == "1",
         // Empty: no device.
         usb: field(f, "usb").trim().to_owned(),
+        // Empty: none redirected by the client itself.
+        usb_auto: field(f, "usb_auto").trim().to_owned(),
     })
 }
 
@@ -804,6 +816,7 @@ async fn current_spec(s: &AppState, id: &str) -> Result<(PoolSpec, bool), Error>
         clipboard_from_guest: pool.clipboard_from_guest,
         file_transfer: pool.file_transfer,
         usb: pool.usb,
+        usb_auto: pool.usb_auto,
     };
     Ok((spec, pool.enabled))
 }

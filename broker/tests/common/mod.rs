@@ -247,6 +247,7 @@ impl Env {
             clipboard_from_guest: true,
             file_transfer: true,
             usb: "none".into(),
+            usb_auto: "none".into(),
         };
         self.broker.create_pool(&system(), &spec).await.unwrap().id
     }
