@@ -11,6 +11,8 @@
 //! - QEMU's USB keyboard (`usb-kbd`, id `kbd`, USB id `0627:0001`), which the VM's `usbhid`
 //!   drives; [`ThinClient::key`] presses its keys (interrupt transfers, waiting in flight
 //!   until a key is pressed);
+//! - QEMU's USB sound card (`usb-audio`, id `audio`, USB id `46f4:0002`, 48 kHz stereo
+//!   playback: isochronous OUT transfers), its sound written to [`ThinClient::speaker_wav`];
 //! - a second drive (`spare`) with no device yet, for [`ThinClient::plug`]: hot-plug;
 //! - user-mode networking: the VM reaches this machine's loopback as [`HOST_FROM_INSIDE`]
 //!   (slirp forwards TCP and UDP there), so the client inside connects to a session server
@@ -31,6 +33,8 @@ use crate::qemu::GuestError;
 pub const HOST_FROM_INSIDE: &str = "10.0.2.2";
 /// QEMU's `usb-storage` ids.
 pub const STICK_USB_ID: &str = "46f4:0001";
+/// QEMU's `usb-audio` ids.
+pub const AUDIO_USB_ID: &str = "46f4:0002";
 /// QEMU's `usb-kbd` ids.
 pub const KEYBOARD_USB_ID: &str = "0627:0001";
 
@@ -43,6 +47,7 @@ pub struct ThinClient {
     // Dropped first: QEMU dies before the QMP socket's directory goes.
     host: KvmHost,
     qmp: PathBuf,
+    speaker: PathBuf,
     _qmp_dir: tempfile::TempDir,
 }
 
@@ -60,6 +65,7 @@ impl ThinClient {
             .tempdir()
             .map_err(KvmHostError::Scratch)?;
         let qmp = qmp_dir.path().join("qmp.sock");
+        let speaker = qmp_dir.path().join("speaker.wav");
         let drive = |id: &str, path: &Path| {
             format!("if=none,id={id},format=raw,file={}", path.display().to_string().replace(',', ",,"))
         };
@@ -72,6 +78,13 @@ impl ThinClient {
             "usb-storage,bus=xhci.0,drive=stick-drive,id=stick",
             "-device",
             "usb-kbd,bus=xhci.0,id=kbd",
+            "-audiodev",
+            &format!(
+                "wav,id=speaker,path={},out.frequency=48000,out.channels=2,out.format=s16",
+                speaker.display().to_string().replace(',', ",,")
+            ),
+            "-device",
+            "usb-audio,bus=xhci.0,audiodev=speaker,id=audio",
             "-drive",
             &drive("spare-drive", spare),
             "-netdev",
@@ -104,7 +117,7 @@ impl ThinClient {
                 });
             }
         }
-        Ok(Self { host, qmp, _qmp_dir: qmp_dir })
+        Ok(Self { host, qmp, speaker, _qmp_dir: qmp_dir })
     }
 
     /// Runs a shell command inside (this machine's root, as root); a non-zero exit is an error.
@@ -125,6 +138,18 @@ impl ThinClient {
     /// The VM's kernel log, last lines.
     pub fn dmesg(&mut self, lines: usize) -> String {
         self.host.dmesg(lines)
+    }
+
+    /// What the USB sound card played so far: 48 kHz stereo 16-bit samples (QEMU writes the
+    /// WAV's header sizes only when it exits; the samples are read from after the header).
+    pub fn speaker_samples(&self) -> Vec<i16> {
+        let bytes = std::fs::read(&self.speaker).unwrap_or_default();
+        bytes
+            .get(44..)
+            .unwrap_or_default()
+            .chunks_exact(2)
+            .map(|b| i16::from_le_bytes([b[0], b[1]]))
+            .collect()
     }
 
     /// Whether the VM's own `usb-storage` driver has an interface of a device bound.

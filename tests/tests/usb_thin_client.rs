@@ -10,6 +10,9 @@
 //!   pool allows `class=03`): a key pressed on it arrives as key events on the desktop's own
 //!   `usbhid` keyboard — interrupt transfers that wait in flight until a key is pressed, while
 //!   the stick's bulk transfers go on;
+//! - the thin client's USB sound card (`usb-audio`) goes along too (`class=01`): a tone the
+//!   desktop plays on it through its own `snd-usb-audio` (isochronous OUT transfers) comes out
+//!   of the thin client's card, at its frequency;
 //! - the thin client's drivers let go of the devices while they are redirected and get them
 //!   back after the client ends;
 //! - hot-plug both ways: a second stick plugged into the thin client while connected reaches
@@ -23,7 +26,9 @@ use pleiades_protocol::connfile::Connection;
 use pleiades_testkit::wait_for;
 use pleiades_tests::disk::{ext4_raw, ext4_read};
 use pleiades_tests::served::ServedDesktop;
-use pleiades_tests::thin_client::{HOST_FROM_INSIDE, KEYBOARD_USB_ID, STICK_USB_ID, ThinClient};
+use pleiades_tests::thin_client::{
+    AUDIO_USB_ID, HOST_FROM_INSIDE, KEYBOARD_USB_ID, STICK_USB_ID, ThinClient,
+};
 use pleiades_tests::workspace_binary;
 
 const SHELL: Duration = Duration::from_secs(180);
@@ -55,7 +60,7 @@ fn evidence(desktop: &mut ServedDesktop, thin: &mut ThinClient) -> String {
 
 #[test]
 fn a_thin_clients_usb_stick_goes_through_libusb_into_the_desktop_and_hot_plugs_both_ways() {
-    let policy = format!("{STICK_USB_ID},class=03");
+    let policy = format!("{STICK_USB_ID},class=03,class=01");
     let (mut desktop, _) = ServedDesktop::boot_with(&["gpu", "vsock"], &["--usb", &policy]);
     let dir = desktop.dir.path().to_owned();
     let hello = pleiades_tests::incompressible(2 << 20, 11);
@@ -98,14 +103,16 @@ fn a_thin_clients_usb_stick_goes_through_libusb_into_the_desktop_and_hot_plugs_b
                 "--record",
                 &record.display().to_string(),
                 "--usb",
-                &format!("{STICK_USB_ID},{KEYBOARD_USB_ID}"),
+                &format!("{STICK_USB_ID},{KEYBOARD_USB_ID},{AUDIO_USB_ID}"),
             ],
             "client",
         )
         .unwrap();
-    if let Err(e) = wait_for("the stick and the keyboard attached", Duration::from_secs(180), || {
-        (usb_status(&desktop)["attached"].as_u64() >= Some(2)).then_some(())
-    }) {
+    if let Err(e) =
+        wait_for("the stick, the keyboard and the sound card attached", Duration::from_secs(180), || {
+            (usb_status(&desktop)["attached"].as_u64() >= Some(3)).then_some(())
+        })
+    {
         panic!("{e}\n{}", evidence(&mut desktop, &mut thin));
     }
     wait_block(&mut desktop, &mut thin, "/dev/sda", true);
@@ -144,6 +151,24 @@ fn a_thin_clients_usb_stick_goes_through_libusb_into_the_desktop_and_hot_plugs_b
     const KEY_A: u16 = 30;
     assert!(events.contains(&(EV_KEY, KEY_A, 1)) && events.contains(&(EV_KEY, KEY_A, 0)), "{events:?}");
 
+    // A tone played in the desktop on the redirected sound card comes out of the thin client's.
+    wait_block(&mut desktop, &mut thin, "/dev/snd/pcmC0D0p", true);
+    let tone = desktop
+        .guest
+        .run("pleiades-agent tone --device /dev/snd/pcmC0D0p --freq 440 --seconds 2 --amplitude 0.5", SHELL)
+        .unwrap_or_else(|e| panic!("the tone did not play: {e}\n{}", evidence(&mut desktop, &mut thin)));
+    assert!(tone.iter().any(|l| l.contains("PLEIADES-TONE")), "{tone:?}");
+    let heard = wait_for("the tone out of the thin client's card", Duration::from_secs(60), || {
+        let left = pleiades_tests::audio::left(&thin.speaker_samples());
+        let span = pleiades_tests::audio::tone_span(&left, 48_000, 2000.0)?;
+        (span.1 - span.0 >= 24_000).then(|| left[span.0..span.1.min(left.len())].to_vec())
+    })
+    .unwrap_or_else(|e| {
+        panic!("{e}: {} samples\n{}", thin.speaker_samples().len(), evidence(&mut desktop, &mut thin))
+    });
+    let frequency = pleiades_tests::audio::dominant_frequency(&heard, 48_000.0, 200.0, 2000.0);
+    assert!((frequency - 440.0).abs() < 5.0, "the thin client played {frequency:.1} Hz");
+
     let written = format!("written in the desktop {}", std::process::id());
     let out = desktop
         .guest
@@ -161,7 +186,7 @@ fn a_thin_clients_usb_stick_goes_through_libusb_into_the_desktop_and_hot_plugs_b
     // Hot-plug: a second stick plugged in while connected reaches the desktop.
     thin.plug().unwrap();
     if let Err(e) = wait_for("the second stick attached", Duration::from_secs(180), || {
-        (usb_status(&desktop)["attached"].as_u64() >= Some(3)).then_some(())
+        (usb_status(&desktop)["attached"].as_u64() >= Some(4)).then_some(())
     }) {
         panic!("{e}\n{}", evidence(&mut desktop, &mut thin));
     }
@@ -215,13 +240,15 @@ fn a_thin_clients_usb_stick_goes_through_libusb_into_the_desktop_and_hot_plugs_b
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(record.join("usb.json")).unwrap()).unwrap();
     let devices = report.as_array().unwrap();
-    assert_eq!(devices.len(), 3, "{report:#}");
+    assert_eq!(devices.len(), 4, "{report:#}");
     let first = devices.iter().find(|d| d["usb_id"] == STICK_USB_ID).unwrap();
     assert!(first["urbs"].as_u64() > Some(100), "{report:#}");
     assert!(first["bytes_to_guest"].as_u64() >= Some(hello.len() as u64), "{report:#}");
     let keyboard = devices.iter().find(|d| d["usb_id"] == KEYBOARD_USB_ID).unwrap();
     assert!(keyboard["urbs"].as_u64() > Some(2), "{report:#}");
-    assert_eq!(devices[2]["state"], "gone", "the pulled stick, plugged in last: {report:#}");
+    let audio = devices.iter().find(|d| d["usb_id"] == AUDIO_USB_ID).unwrap();
+    assert!(audio["bytes_from_guest"].as_u64() > Some(48_000 * 4), "the tone's samples: {report:#}");
+    assert_eq!(devices[3]["state"], "gone", "the pulled stick, plugged in last: {report:#}");
     drop(thin);
     assert_eq!(ext4_read(&stick, "from-guest.txt").unwrap(), format!("{written}\n").into_bytes());
     check_image(&stick);
