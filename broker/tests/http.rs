@@ -287,23 +287,8 @@ async fn pool_file_transfer_switch_round_trips_through_the_api_and_the_admin_for
     assert!(!env.broker.pool(&id).await.unwrap().file_transfer);
     assert_eq!(update(true).await["file_transfer"], true);
     assert!(env.broker.pool(&id).await.unwrap().file_transfer);
-    let listed: Value = env
-        .http
-        .get(env.url("/api/v1/admin/pools"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let listed: Vec<(String, bool)> = listed
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| (p["name"].as_str().unwrap().to_owned(), p["file_transfer"].as_bool().unwrap()))
-        .collect();
-    assert_eq!(listed, vec![("closed".to_owned(), false), ("open".to_owned(), true)]);
+    let listed = pool_field(&env.get_json(&token, "/api/v1/admin/pools").await, "file_transfer");
+    assert_eq!(listed, [("closed".to_owned(), false.into()), ("open".to_owned(), true.into())]);
 
     // The form shows the switch as stored, and saves what it is sent back.
     let root = browser_login(&env, "root").await;
@@ -442,25 +427,10 @@ async fn pool_usb_policy_round_trips_through_the_api_and_the_admin_form() {
     assert_eq!(status, 400, "{body}");
     assert_eq!(env.broker.pool(&id).await.unwrap().usb, "all", "a refused update changes nothing");
     assert_eq!(update("none").await.1["usb"], "none");
-    let listed: Value = env
-        .http
-        .get(env.url("/api/v1/admin/pools"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let listed: Vec<(String, String)> = listed
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| (p["name"].as_str().unwrap().to_owned(), p["usb"].as_str().unwrap().to_owned()))
-        .collect();
+    let listed = pool_field(&env.get_json(&token, "/api/v1/admin/pools").await, "usb");
     assert_eq!(
         listed,
-        vec![("closed".to_owned(), "none".to_owned()), ("lab".to_owned(), "class=0b,0525:a4a5".to_owned())]
+        [("closed".to_owned(), "none".into()), ("lab".to_owned(), "class=0b,0525:a4a5".into())]
     );
 
     // The form shows the policy as stored, and saves what it is sent back.
@@ -653,28 +623,10 @@ async fn pool_usb_auto_rules_reach_the_connection_file_through_the_api_and_the_a
     assert_eq!(status, 400, "{body}");
     assert!(body["error"].as_str().unwrap_or_default().contains("USB auto-redirect rules"), "{body}");
     assert_eq!(env.broker.pool(&plain_id).await.unwrap().usb_auto, "class=03,class=0b");
-    let listed: Value = env
-        .http
-        .get(env.url("/api/v1/admin/pools"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let listed: Vec<(String, String)> = listed
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| (p["name"].as_str().unwrap().to_owned(), p["usb_auto"].as_str().unwrap().to_owned()))
-        .collect();
+    let listed = pool_field(&env.get_json(&token, "/api/v1/admin/pools").await, "usb_auto");
     assert_eq!(
         listed,
-        vec![
-            ("plain".to_owned(), "class=03,class=0b".to_owned()),
-            ("sticks".to_owned(), "class=08".to_owned())
-        ]
+        vec![("plain".to_owned(), "class=03,class=0b".into()), ("sticks".to_owned(), "class=08".into())]
     );
 
     // The form shows the rules as stored, and saves what it is sent back.
@@ -1128,4 +1080,10 @@ async fn a_ticket_key_kept_in_the_database_moves_to_the_state_directory() {
         tokio::task::spawn_blocking(move || broker_with(&elsewhere, &["ticket-key"])).await.unwrap();
     let why = refused.unwrap_err();
     assert!(why.contains("ticket-key.pk8") && why.contains(&public.to_base64()), "{why}");
+}
+
+/// Each pool of an admin pool listing by name, with its `field`.
+fn pool_field(listed: &Value, field: &str) -> Vec<(String, Value)> {
+    let pools = listed.as_array().expect("a list of pools");
+    pools.iter().map(|p| (p["name"].as_str().unwrap().to_owned(), p[field].clone())).collect()
 }

@@ -286,6 +286,27 @@ impl Guest {
         Ok(self.run_status(&script, Duration::from_secs(180))?.0 == 0)
     }
 
+    /// Starts reading block device `dev` in the background, over and over (the page cache
+    /// dropped between passes), until a read fails: then it writes `/tmp/reader`. For tests
+    /// that pull a device out under a reader ([`Guest::block_reader_ended`]).
+    pub fn start_block_reader(&mut self, dev: &str) -> Result<(), GuestError> {
+        self.run(
+            &format!(
+                "rm -f /tmp/reader; (while dd if={dev} of=/dev/null bs=64k 2>/dev/null; do \
+                 echo 3 > /proc/sys/vm/drop_caches; done; echo ENDED > /tmp/reader) >/dev/null 2>&1 & true"
+            ),
+            Duration::from_secs(60),
+        )
+        .map(drop)
+    }
+
+    /// Whether the reader of [`Guest::start_block_reader`] ended (waiting up to a minute for
+    /// it): a reader whose device went must fail, not hang.
+    pub fn block_reader_ended(&mut self) -> Result<bool, GuestError> {
+        let script = "i=0; until [ -e /tmp/reader ] || [ $i -gt 120 ]; do i=$((i+1)); sleep 0.5; done; [ -e /tmp/reader ]";
+        Ok(self.run_status(script, Duration::from_secs(180))?.0 == 0)
+    }
+
     /// Runs a shell command in the guest: its exit status and output lines.
     pub fn run_status(&mut self, command: &str, timeout: Duration) -> Result<(i32, Vec<String>), GuestError> {
         self.marker += 1;

@@ -170,6 +170,12 @@ impl Env {
         self._dir.path()
     }
 
+    /// `GET path` with a bearer token: the JSON answer (the test fails if there is none).
+    pub async fn get_json(&self, token: &str, path: &str) -> Value {
+        let response = self.http.get(self.url(path)).bearer_auth(token).send().await.unwrap();
+        response.json().await.unwrap()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
