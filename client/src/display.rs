@@ -20,7 +20,7 @@ use openh264::decoder::Decoder;
 use openh264::formats::YUVSource;
 use pleiades_protocol::transport::error_code;
 use pleiades_protocol::wire::{
-    DisplayMessage, FrameBegin, FrameSequence, MAX_MONITORS, Rect, SequenceError, TileData, Video,
+    CopyRect, DisplayMessage, FrameBegin, FrameSequence, MAX_MONITORS, Rect, SequenceError, TileData, Video,
 };
 use serde::Serialize;
 
@@ -103,6 +103,19 @@ impl Framebuffer {
         }
     }
 
+    /// Moves `src`'s pixels to `dst` (`src`'s size) within this framebuffer; the two may
+    /// overlap (rows are taken in the order that reads each before it is overwritten). Both lie
+    /// inside (the sequence check); rows outside are skipped.
+    fn copy_within(&mut self, src: &Rect, dst: &Rect) {
+        let rows: Box<dyn Iterator<Item = u32>> =
+            if dst.y > src.y { Box::new((0..src.height).rev()) } else { Box::new(0..src.height) };
+        for row in rows {
+            if let (Some(from), Some(to)) = (self.row_range(src, row), self.row_range(dst, row)) {
+                self.pixels.copy_within(from, to.start);
+            }
+        }
+    }
+
     /// Copies `rect` from `other` (same size).
     fn copy_rect_from(&mut self, other: &Framebuffer, rect: &Rect) {
         for row in 0..rect.height {
@@ -158,6 +171,8 @@ pub struct FrameStats {
     pub codec: Codec,
     pub tiles: u32,
     pub videos: u32,
+    /// `Copy` updates (scrolls and moves) in this frame.
+    pub copies: u32,
     /// Video updates that failed to decode in this frame.
     pub decode_errors: u32,
     /// The server's `FrameBegin.capture_us` (its `CLOCK_MONOTONIC`).
@@ -526,6 +541,18 @@ impl Displays {
         Ok(())
     }
 
+    /// Moves pixels within a surface (a scroll).
+    fn apply_copy(&mut self, scanout: u32, copy: &CopyRect) {
+        let Some(surface) = self.surfaces.get_mut(&scanout) else { return };
+        let dst = copy.dst();
+        if self.gpu_video {
+            surface.settle_video_under(&copy.src);
+            surface.settle_video_under(&dst);
+        }
+        surface.working.copy_within(&copy.src, &dst);
+        surface.damage(dst);
+    }
+
     /// Decodes one access unit into its region; `false` if it produced no picture.
     fn apply_video(&mut self, scanout: u32, video: &Video) -> bool {
         let Some(surface) = self.surfaces.get_mut(&scanout) else { return false };
@@ -617,6 +644,7 @@ struct OpenFrame {
     bytes: u64,
     tiles: u32,
     videos: u32,
+    copies: u32,
     decode_errors: u32,
 }
 
@@ -647,7 +675,20 @@ impl DisplayStream {
         match message {
             DisplayMessage::FrameBegin(begin) => {
                 displays.begin(begin)?;
-                self.open = Some(OpenFrame { begin: *begin, bytes, tiles: 0, videos: 0, decode_errors: 0 });
+                self.open = Some(OpenFrame {
+                    begin: *begin,
+                    bytes,
+                    tiles: 0,
+                    videos: 0,
+                    copies: 0,
+                    decode_errors: 0,
+                });
+            }
+            DisplayMessage::Copy(copy) => {
+                let Some(open) = self.open.as_mut() else { return Ok(None) };
+                open.bytes += bytes;
+                open.copies += 1;
+                displays.apply_copy(open.begin.scanout, copy);
             }
             DisplayMessage::Tile(tile) => {
                 let Some(open) = self.open.as_mut() else { return Ok(None) };
@@ -686,6 +727,7 @@ impl DisplayStream {
                     codec,
                     tiles: open.tiles,
                     videos: open.videos,
+                    copies: open.copies,
                     decode_errors: open.decode_errors,
                     capture_us: begin.capture_us,
                     received_us,

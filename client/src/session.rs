@@ -79,6 +79,7 @@ impl Default for SessionOptions {
                 | Capabilities::RESUME
                 | Capabilities::RELATIVE_POINTER
                 | Capabilities::FILES
+                | Capabilities::COPY_RECT
                 | Capabilities::USB,
         }
     }

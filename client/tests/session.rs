@@ -2,6 +2,7 @@
 //! a whole session, the recorder's files, certificate pinning, a refused ticket; and against a
 //! thin fixture whose control channel is the protocol's `ServerControl`, for what a real server
 //! never sends: a cursor of its own, a malformed display stream, a client's message, silence.
+//! And a scrolling page of text: copies on the wire, every frame the client shows pixel-exact.
 
 mod common;
 
@@ -115,6 +116,81 @@ fn a_session_shows_the_desktop_acks_its_frames_sends_input_and_hears_why_it_ends
         (GoodbyeReason::Admin, "the desktop is being updated")
     );
     wait_for("the server to see the client go", || desktop.session_status()["client_connected"] == false);
+}
+
+/// A picture of the synthetic desktop's workload, drawn the way its thread draws it.
+struct Picture(Vec<u8>, u32, u32);
+
+impl pleiades_session::synthetic::workload::Canvas for Picture {
+    fn size(&self) -> (u32, u32) {
+        (self.1, self.2)
+    }
+    fn put(&mut self, x: u32, y: u32, w: u32, h: u32, pixels: &[u8]) -> std::io::Result<()> {
+        for row in 0..h {
+            let at = ((y + row) * self.1 + x) as usize * 4;
+            let from = (row * w) as usize * 4;
+            self.0[at..at + w as usize * 4].copy_from_slice(&pixels[from..from + w as usize * 4]);
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn scrolling_text_arrives_as_copies_and_every_frame_shown_is_pixel_exact() {
+    use pleiades_session::synthetic::workload;
+    let (w, h) = (320, 200);
+    // The pictures the scrolling workload draws, step by step (each step redraws the screen).
+    let steps = 400u64;
+    let pictures: Vec<Vec<u8>> = (1..=steps)
+        .map(|n| {
+            let mut picture = Picture(vec![0; (w * h * 4) as usize], w, h);
+            workload::step(Workload::Scroll, &mut picture, n).unwrap();
+            picture.0
+        })
+        .collect();
+    let desktop = Desktop::start(Workload::Scroll, w, h);
+    let rt = runtime();
+    let conn = desktop.connection();
+    // H.264 offered too: scrolling text must not become video.
+    let mut session = rt.block_on(async {
+        let connected = connect::connect(&conn).await.unwrap();
+        Session::start(connected, &conn.ticket, SessionOptions::default()).await.unwrap()
+    });
+    assert!(session.handle.info().capabilities.contains(Capabilities::COPY_RECT));
+    let handle = session.handle.clone();
+    let (mut frames, mut with_copies, mut last_step) = (0u32, 0u32, 0usize);
+    while with_copies < 10 {
+        let event = rt
+            .block_on(async { tokio::time::timeout(LIMIT, session.next_event()).await })
+            .expect("an event")
+            .expect("events");
+        let SessionEvent::Frame(stats) = event else { continue };
+        frames += 1;
+        assert_ne!(stats.codec, Codec::H264, "frame {}: scrolling text went as video", stats.frame_id);
+        assert_ne!(stats.codec, Codec::Mixed, "frame {}: scrolling text went as video", stats.frame_id);
+        with_copies += u32::from(stats.copies > 0);
+        // What the client shows is one of the workload's pictures, exactly, and a later one
+        // than before (the first frame shows the desktop before the first step, skipped).
+        let shown = handle.snapshot(0).expect("a picture");
+        let same =
+            |p: &Vec<u8>| shown.pixels.chunks_exact(4).zip(p.chunks_exact(4)).all(|(a, b)| a[..3] == b[..3]);
+        match pictures.iter().position(same) {
+            Some(step) => {
+                assert!(
+                    step >= last_step,
+                    "frame {} went back from step {last_step} to {step}",
+                    stats.frame_id
+                );
+                last_step = step;
+            }
+            None if frames == 1 => {}
+            None => panic!("frame {} ({stats:?}) is not a picture the desktop drew", stats.frame_id),
+        }
+        assert!(frames < 300, "{frames} frames and only {with_copies} with copies");
+    }
+    // The copies carried the scroll: far fewer bytes than the screen's.
+    let status = desktop.session_status();
+    assert!(status["frames"].as_u64() >= Some(u64::from(frames)), "{status}");
 }
 
 #[test]

@@ -141,11 +141,18 @@ pub fn desktop(x: u32, y: u32) -> [u8; 4] {
     }
 }
 
-/// A glyph-like pattern: light strokes on a dark terminal background.
+/// A glyph-like pattern: light strokes on a dark terminal background, a different one for
+/// each seed (a 6×10 cell of a 64-bit hash of it; an earlier version used four bits of the seed,
+/// so a scrolling page alternated between two pictures).
 pub fn glyph(seed: u32, gx: u32, gy: u32) -> [u8; 4] {
-    let bits = seed.rotate_left(gy % 16 + gx % 8);
-    let on = gy > 2 && gy < 13 && gx > 0 && gx < 7 && (bits >> (gx + gy % 4)) & 1 == 1;
-    if on { [220, 220, 220, 0] } else { [24, 24, 24, 0] }
+    if !(3..13).contains(&gy) || !(1..7).contains(&gx) {
+        return [24, 24, 24, 0];
+    }
+    let mut bits = u64::from(seed).wrapping_add(0x9e37_79b9_7f4a_7c15).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    bits ^= bits >> 31;
+    // Rows 3–12 take bits in pairs of rows (strokes two pixels tall), columns 1–6 one each.
+    let bit = (gy - 3) / 2 * 6 + (gx - 1);
+    if (bits >> bit) & 1 == 1 { [220, 220, 220, 0] } else { [24, 24, 24, 0] }
 }
 
 /// The side of the precomputed picture the video pans over (a power of two).
@@ -279,6 +286,23 @@ mod tests {
         assert!(region.count() > 100_000, "the video region changed");
         step(Workload::Idle, &mut c, 3).unwrap();
         assert_eq!(c.puts, 2);
+    }
+
+    #[test]
+    fn glyphs_differ_by_seed_and_a_scrolling_page_never_repeats() {
+        let cell =
+            |seed| (0..16).flat_map(|gy| (0..8).map(move |gx| glyph(seed, gx, gy))).collect::<Vec<_>>();
+        let distinct: std::collections::HashSet<_> = (0..200).map(cell).collect();
+        assert!(distinct.len() > 190, "{} distinct glyphs of 200", distinct.len());
+        let page = |n| {
+            let mut c = Memory { w: 320, h: 200, pixels: vec![0; 320 * 200 * 4], puts: 0 };
+            step(Workload::Scroll, &mut c, n).unwrap();
+            c.pixels
+        };
+        let pages: Vec<Vec<u8>> = (1..=8).map(page).collect();
+        for (i, a) in pages.iter().enumerate() {
+            assert!(pages[i + 1..].iter().all(|b| a != b), "page {} repeats", i + 1);
+        }
     }
 
     #[test]

@@ -67,6 +67,9 @@ impl Capabilities {
     /// The files channel (8): the client sends files into the guest user's Downloads, as the
     /// desktop's pool allows.
     pub const FILES: Self = Self(1 << 10);
+    /// Display `Copy` updates: the server sends a scroll or a move as "copy these pixels"
+    /// plus what it exposed.
+    pub const COPY_RECT: Self = Self(1 << 11);
 
     /// Every capability this version implements.
     pub const SUPPORTED: Self = Self(
@@ -80,6 +83,7 @@ impl Capabilities {
             | Self::RESUME.0
             | Self::RELATIVE_POINTER.0
             | Self::FILES.0
+            | Self::COPY_RECT.0
             | Self::USB.0,
     );
 
@@ -125,7 +129,7 @@ impl BitAnd for Capabilities {
 
 impl fmt::Debug for Capabilities {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const NAMES: [(Capabilities, &str); 11] = [
+        const NAMES: [(Capabilities, &str); 12] = [
             (Capabilities::ZSTD_TILES, "ZSTD_TILES"),
             (Capabilities::H264, "H264"),
             (Capabilities::CURSOR_CHANNEL, "CURSOR_CHANNEL"),
@@ -137,6 +141,7 @@ impl fmt::Debug for Capabilities {
             (Capabilities::RESUME, "RESUME"),
             (Capabilities::RELATIVE_POINTER, "RELATIVE_POINTER"),
             (Capabilities::FILES, "FILES"),
+            (Capabilities::COPY_RECT, "COPY_RECT"),
         ];
         let mut set = f.debug_set();
         let mut rest = self.0;

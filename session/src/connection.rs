@@ -771,6 +771,7 @@ fn display_loop(
                     .clamp(MIN_VIDEO_BITRATE, MAX_VIDEO_BITRATE) as u32,
                 fps: p.target_fps() as f32,
                 video: caps.contains(Capabilities::H264),
+                copy: caps.contains(Capabilities::COPY_RECT),
             }
         };
         for (index, slot) in scanouts.iter_mut().enumerate() {

@@ -174,6 +174,7 @@ impl SessionServer {
             | Capabilities::CURSOR_CHANNEL
             | Capabilities::CURSOR_DATAGRAMS
             | Capabilities::DYNAMIC_LAYOUT
+            | Capabilities::COPY_RECT
             | Capabilities::RESUME;
         if controller.sound().is_some() {
             capabilities = capabilities | Capabilities::AUDIO;

@@ -23,7 +23,7 @@ use pleiades_virtio::gpu::protocol::{Rect, encode};
 use pleiades_virtio::gpu::{Gpu, GpuConfig, GpuHandle};
 use pleiades_virtio::input::InputEvent;
 
-pub use pleiades_agent::workload::Workload;
+pub use pleiades_agent::workload::{self, Workload};
 
 const BACKING: u64 = 0x10_0000;
 

@@ -19,8 +19,13 @@
 //! - queue growth: the median latency of the last third of the frames over the first third
 //!   (about 1 when nothing piles up).
 //!
+//! - scrolling as copies: the scroll workload's first 120 steps encoded twice in this process,
+//!   with `Copy` updates and as tiles only (both lossless), bytes per frame and their ratio, and
+//!   whether the client's picture was pixel-exact after every frame.
+//!
 //! It builds the release binaries first. `PLEIADES_BENCH_SECONDS` (default 10) sets each run's
-//! length; `PLEIADES_BENCH_WORKLOADS` / `PLEIADES_BENCH_LINKS` (comma lists) pick a subset.
+//! length; `PLEIADES_BENCH_WORKLOADS` / `PLEIADES_BENCH_LINKS` (comma lists) pick a subset
+//! (`PLEIADES_BENCH_LINKS=none PLEIADES_BENCH_WORKLOADS=scroll`: the scroll figure alone).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -128,6 +133,63 @@ fn encoder_reference(workload: &str, seconds: u32) -> Result<f64, String> {
     let _ = controller.shutdown();
     vm.wait();
     result
+}
+
+/// A picture drawn by a workload in this process.
+struct Picture(pleiades_virtio::gpu::Framebuffer);
+
+impl pleiades_session::synthetic::workload::Canvas for Picture {
+    fn size(&self) -> (u32, u32) {
+        (self.0.width, self.0.height)
+    }
+    fn put(&mut self, x: u32, y: u32, w: u32, h: u32, pixels: &[u8]) -> std::io::Result<()> {
+        let stride = self.0.stride();
+        for row in 0..h as usize {
+            let at = (y as usize + row) * stride + x as usize * 4;
+            let from = row * w as usize * 4;
+            self.0.pixels[at..at + w as usize * 4].copy_from_slice(&pixels[from..from + w as usize * 4]);
+        }
+        Ok(())
+    }
+}
+
+/// The scroll workload's steps encoded with copies and as tiles only: (bytes per frame with
+/// copies, as tiles, whether every frame was pixel-exact with copies).
+fn scroll_reference(steps: u64) -> (f64, f64, bool) {
+    use pleiades_session::display::encoder::{DisplayEncoder, EncoderSettings};
+    use pleiades_session::display::{scroll, tiles};
+    use pleiades_session::synthetic::{Workload, workload};
+    let (w, h) = (1920, 1080);
+    let mut picture = Picture(pleiades_virtio::gpu::Framebuffer::new(w, h));
+    let whole = [pleiades_virtio::gpu::protocol::Rect::new(0, 0, w, h)];
+    let with = EncoderSettings { video: false, ..EncoderSettings::default() };
+    let without = EncoderSettings { copy: false, ..with };
+    let (mut copying, mut plain) = (DisplayEncoder::new(w, h), DisplayEncoder::new(w, h));
+    let mut client = pleiades_virtio::gpu::Framebuffer::new(w, h);
+    let (mut bytes_with, mut bytes_without, mut exact) = (0usize, 0usize, true);
+    for n in 1..=steps + 1 {
+        workload::step(Workload::Scroll, &mut picture, n).expect("drawn in memory");
+        let now = n * 100_000;
+        let a = copying.encode(&picture.0, &whole, &with, now).expect("encodes");
+        let b = plain.encode(&picture.0, &whole, &without, now).expect("encodes");
+        if let Some(a) = a {
+            for m in &a.copies {
+                scroll::apply(&mut client, m);
+            }
+            for t in &a.tiles {
+                tiles::apply(&mut client, t).expect("a valid tile");
+            }
+            exact &= client == picture.0;
+            // The first frame (the whole screen) is the same both ways.
+            if n > 1 {
+                bytes_with += a.bytes() + a.copies.len() * 24;
+            }
+        }
+        if n > 1 {
+            bytes_without += b.map_or(0, |b| b.bytes());
+        }
+    }
+    (bytes_with as f64 / steps as f64, bytes_without as f64 / steps as f64, exact)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -296,11 +358,13 @@ fn pick<'a>(env: &str, all: Vec<&'a str>) -> Vec<&'a str> {
 
 fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned();
-    let (host, client) = release_binaries(&root);
     let seconds: u32 =
         std::env::var("PLEIADES_BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
     let workloads = pick("PLEIADES_BENCH_WORKLOADS", WORKLOADS.to_vec());
     let link_names = pick("PLEIADES_BENCH_LINKS", links().iter().map(|(n, _)| *n).collect());
+    // No link picked (`PLEIADES_BENCH_LINKS=none`): only the in-process figures, no build.
+    let (host, client) =
+        if link_names.is_empty() { (PathBuf::new(), PathBuf::new()) } else { release_binaries(&root) };
     println!("session benchmark: synthetic 1920x1080 desktops, {seconds} s per run, release binaries");
     for (name, config) in links().into_iter().filter(|(n, _)| link_names.contains(n)) {
         println!("\n{name}");
@@ -348,6 +412,15 @@ fn main() {
                 r.growth
             );
         }
+    }
+    if workloads.contains(&"scroll") {
+        let (with, without, exact) = scroll_reference(120);
+        println!(
+            "\nscroll as copies (the encoder alone, 120 steps of one text line at 1920x1080, lossless): {:.1} kB/frame with copies, {:.1} kB/frame as tiles: {:.3}x the bytes; every frame pixel-exact: {exact}",
+            with / 1000.0,
+            without / 1000.0,
+            with / without.max(1.0)
+        );
     }
     println!(
         "\n  first kB: the first (full-screen) frame; kbit/s, fps, latency: the frames after it; host ms/frame: CPU of the display-N and session threads per frame sent after the first; growth: median latency of the last third over the first third"

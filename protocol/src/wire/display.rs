@@ -1,7 +1,7 @@
 //! Display channel messages, server → client.
 //!
-//! A frame is `FrameBegin`, any number of `Tile` and `Video` updates for regions of one
-//! scanout, then `FrameEnd`; the client presents the frame at `FrameEnd` and acknowledges it
+//! A frame is `FrameBegin`, any number of `Copy`, `Tile` and `Video` updates for regions of
+//! one scanout, applied in order, then `FrameEnd`; the client presents the frame at `FrameEnd` and acknowledges it
 //! with a control [`super::FrameAck`]. Regions are in the scanout's pixels; pixels are BGRX
 //! (4 bytes, X ignored), rows top to bottom, no padding between rows.
 //!
@@ -94,6 +94,24 @@ pub struct Video {
     pub data: Vec<u8>,
 }
 
+/// "Move these pixels": the client copies `src` of its own picture of the scanout (as it is
+/// when this message arrives) to `(dst_x, dst_y)`, the two may overlap (needs capability
+/// `COPY_RECT`). A scroll is one `Copy` and the newly exposed strip as tiles: the text stays
+/// lossless and costs a few bytes (SPICE's COPY_BITS, RDP's ScrBlt, VNC's CopyRect).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Copy {
+    pub src: Rect,
+    pub dst_x: u32,
+    pub dst_y: u32,
+}
+
+impl Copy {
+    /// Where the pixels land.
+    pub fn dst(&self) -> Rect {
+        Rect { x: self.dst_x, y: self.dst_y, width: self.src.width, height: self.src.height }
+    }
+}
+
 /// Ends a frame: the client presents it and acks it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrameEnd {
@@ -104,6 +122,7 @@ pub struct FrameEnd {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DisplayMessage {
     FrameBegin(FrameBegin),
+    Copy(Copy),
     Tile(Tile),
     Video(Video),
     FrameEnd(FrameEnd),
@@ -115,6 +134,7 @@ impl ChannelMessage for DisplayMessage {
     fn message_type(&self) -> u16 {
         match self {
             DisplayMessage::FrameBegin(_) => types::FRAME_BEGIN,
+            DisplayMessage::Copy(_) => types::COPY,
             DisplayMessage::Tile(_) => types::TILE,
             DisplayMessage::Video(_) => types::VIDEO,
             DisplayMessage::FrameEnd(_) => types::FRAME_END,
@@ -127,6 +147,10 @@ impl ChannelMessage for DisplayMessage {
                 if f.width == 0 || f.height == 0 || f.width > MAX_DIMENSION || f.height > MAX_DIMENSION {
                     return Err("frame size is not within 1..=16384");
                 }
+            }
+            DisplayMessage::Copy(c) => {
+                c.src.check()?;
+                c.dst().check()?;
             }
             DisplayMessage::Tile(t) => {
                 t.rect.check()?;
@@ -157,6 +181,11 @@ impl ChannelMessage for DisplayMessage {
                 out.put_u32(f.width);
                 out.put_u32(f.height);
                 out.put_u64(f.capture_us);
+            }
+            DisplayMessage::Copy(c) => {
+                c.src.put(out);
+                out.put_u32(c.dst_x);
+                out.put_u32(c.dst_y);
             }
             DisplayMessage::Tile(t) => {
                 t.rect.put(out);
@@ -190,6 +219,9 @@ impl ChannelMessage for DisplayMessage {
                 height: r.u32()?,
                 capture_us: r.u64()?,
             }),
+            types::COPY => {
+                DisplayMessage::Copy(Copy { src: Rect::read(r)?, dst_x: r.u32()?, dst_y: r.u32()? })
+            }
             types::TILE => {
                 let rect = Rect::read(r)?;
                 let data = match r.u8()? {
@@ -253,6 +285,22 @@ impl FrameSequence {
         self.open.as_ref()
     }
 
+    /// `rect` lies within the open frame's scanout.
+    fn inside(&self, rect: &Rect) -> Result<(), SequenceError> {
+        let frame = self.open.as_ref().ok_or(SequenceError::UpdateOutsideFrame)?;
+        let inside = u64::from(rect.x) + u64::from(rect.width) <= u64::from(frame.width)
+            && u64::from(rect.y) + u64::from(rect.height) <= u64::from(frame.height);
+        if !inside {
+            return Err(SequenceError::OutsideScanout {
+                frame_id: frame.frame_id,
+                rect: *rect,
+                width: frame.width,
+                height: frame.height,
+            });
+        }
+        Ok(())
+    }
+
     /// Checks the next message of the stream and advances.
     pub fn check(&mut self, message: &DisplayMessage) -> Result<(), SequenceError> {
         match message {
@@ -266,17 +314,11 @@ impl FrameSequence {
                 self.open = Some(*begin);
             }
             DisplayMessage::Tile(Tile { rect, .. }) | DisplayMessage::Video(Video { rect, .. }) => {
-                let frame = self.open.as_ref().ok_or(SequenceError::UpdateOutsideFrame)?;
-                let inside = u64::from(rect.x) + u64::from(rect.width) <= u64::from(frame.width)
-                    && u64::from(rect.y) + u64::from(rect.height) <= u64::from(frame.height);
-                if !inside {
-                    return Err(SequenceError::OutsideScanout {
-                        frame_id: frame.frame_id,
-                        rect: *rect,
-                        width: frame.width,
-                        height: frame.height,
-                    });
-                }
+                self.inside(rect)?;
+            }
+            DisplayMessage::Copy(copy) => {
+                self.inside(&copy.src)?;
+                self.inside(&copy.dst())?;
             }
             DisplayMessage::FrameEnd(end) => match self.open.take() {
                 Some(open) if open.frame_id == end.frame_id => self.previous = Some(end.frame_id),

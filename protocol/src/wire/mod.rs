@@ -63,7 +63,8 @@ pub use cursor::{CursorMessage, CursorPosition, CursorShape};
 pub use datagram::{Datagram, DatagramError, MAX_DATAGRAM_SIZE, decode_datagram, encode_datagram};
 pub use decoder::StreamDecoder;
 pub use display::{
-    DisplayMessage, FrameBegin, FrameEnd, FrameSequence, Rect, SequenceError, Tile, TileData, Video,
+    Copy as CopyRect, DisplayMessage, FrameBegin, FrameEnd, FrameSequence, Rect, SequenceError, Tile,
+    TileData, Video,
 };
 pub use files::{
     CancelReason, FILE_WINDOW, FileData, FileMessage, FileOffer, FileRefuseReason, MAX_FILE_BYTES,
@@ -264,6 +265,7 @@ pub mod types {
     pub const TILE: u16 = 0x0202;
     pub const VIDEO: u16 = 0x0203;
     pub const FRAME_END: u16 = 0x0204;
+    pub const COPY: u16 = 0x0205;
     // cursor (0x03xx)
     pub const CURSOR_SHAPE: u16 = 0x0301;
     pub const CURSOR_POSITION: u16 = 0x0302;
@@ -325,7 +327,7 @@ pub fn channel_of_type(ty: u16) -> Option<Channel> {
         HELLO | WELCOME | REFUSED | PING | PONG | DISPLAY_LAYOUT | REQUEST_LAYOUT | CLIENT_STATS
         | GOODBYE | FRAME_ACK | RESUME_TOKEN => Some(Channel::Control),
         KEY | POINTER_ABS | BUTTONS | WHEEL | RELEASE_ALL | POINTER_REL => Some(Channel::Input),
-        FRAME_BEGIN | TILE | VIDEO | FRAME_END => Some(Channel::Display),
+        FRAME_BEGIN | TILE | VIDEO | FRAME_END | COPY => Some(Channel::Display),
         CURSOR_SHAPE | CURSOR_POSITION => Some(Channel::Cursor),
         AUDIO_PLAYBACK | AUDIO_RECORD | AUDIO_FEEDBACK => Some(Channel::Audio),
         CLIPBOARD_GRAB | CLIPBOARD_REQUEST | CLIPBOARD_DATA | CLIPBOARD_REFUSED => Some(Channel::Clipboard),

@@ -89,6 +89,7 @@ fn display_cursor_input_round_trips() {
     round_trip(DisplayMessage::Tile(Tile { rect, data: TileData::Solid(0x00ff_8000) }));
     round_trip(DisplayMessage::Video(Video { rect, keyframe: true, data: vec![0, 0, 0, 1, 0x65] }));
     round_trip(DisplayMessage::FrameEnd(FrameEnd { frame_id: 1 }));
+    round_trip(DisplayMessage::Copy(CopyRect { src: rect, dst_x: 64, dst_y: 0 }));
     round_trip(CursorMessage::Shape(CursorShape {
         serial: 3,
         width: 2,
@@ -343,6 +344,19 @@ fn frame_sequence() {
     seq.check(&tile(99, 49, 1, 1)).unwrap();
     assert!(matches!(seq.check(&tile(99, 0, 2, 1)), Err(SequenceError::OutsideScanout { .. })));
     assert!(matches!(seq.check(&tile(0, 50, 1, 1)), Err(SequenceError::OutsideScanout { .. })));
+    // A copy's source and destination both lie within the scanout.
+    let copy = |y, dst_y| {
+        DisplayMessage::Copy(CopyRect { src: Rect { x: 0, y, width: 100, height: 40 }, dst_x: 0, dst_y })
+    };
+    seq.check(&copy(10, 0)).unwrap();
+    assert!(
+        matches!(seq.check(&copy(20, 0)), Err(SequenceError::OutsideScanout { .. })),
+        "source past the bottom"
+    );
+    assert!(
+        matches!(seq.check(&copy(0, 11)), Err(SequenceError::OutsideScanout { .. })),
+        "destination past it"
+    );
     assert_eq!(seq.check(&begin(6)), Err(SequenceError::NestedFrame { open: 5, frame_id: 6 }));
     assert_eq!(seq.check(&end(4)), Err(SequenceError::FrameEndMismatch { open: Some(5), frame_id: 4 }));
     seq.check(&end(5)).unwrap();

@@ -7,8 +7,14 @@
 //! the encoder sends H.264 and marks those tiles lossy; outside it, lossless tiles. When the
 //! region goes quiet, its tiles are sent again losslessly (the lossless refresh), so a still
 //! screen always converges to pixel-exact.
+//!
+//! Before any of that, a damaged area whose new picture is what the client holds moved up or
+//! down ([`scroll`](super::scroll)) becomes a copy: the client moves the rows itself and only
+//! the newly exposed strip goes as tiles, so scrolling text stays lossless and small (with
+//! capability `COPY_RECT`; never over pixels the client holds as H.264).
 
 use super::motion::MotionDetector;
+use super::scroll::{self, Move};
 use super::tiles::{self, Grid, Tile};
 use super::video::{RegionEncoder, VideoFrame};
 use pleiades_virtio::gpu::Framebuffer;
@@ -23,11 +29,13 @@ pub struct EncoderSettings {
     pub fps: f32,
     /// Whether the client decodes H.264 (else everything is lossless).
     pub video: bool,
+    /// Whether the client applies `Copy` updates (scrolls sent as moves).
+    pub copy: bool,
 }
 
 impl Default for EncoderSettings {
     fn default() -> Self {
-        Self { video_bitrate: 4_000_000, fps: 30.0, video: true }
+        Self { video_bitrate: 4_000_000, fps: 30.0, video: true, copy: true }
     }
 }
 
@@ -36,6 +44,8 @@ impl Default for EncoderSettings {
 pub struct EncodedFrame {
     pub width: u32,
     pub height: u32,
+    /// Moves the client makes first, in order.
+    pub copies: Vec<Move>,
     pub tiles: Vec<Tile>,
     pub video: Option<VideoFrame>,
 }
@@ -125,6 +135,7 @@ impl DisplayEncoder {
             *self = Self::new(frame.width, frame.height);
         }
         let grid = self.grid;
+        let copies = if settings.copy && !self.full { self.find_moves(frame, damage) } else { Vec::new() };
         let mut candidates = vec![false; grid.len()];
         if self.full {
             candidates.fill(true);
@@ -139,8 +150,19 @@ impl DisplayEncoder {
         let refresh = if self.full {
             None
         } else {
-            let with_content: Vec<(usize, bool)> =
-                changed.iter().map(|&i| (i, colourful(frame, grid.rect(i)))).collect();
+            // The strip a scroll exposed changes every frame while it scrolls: text coming in,
+            // not video.
+            let exposed: Vec<Rect> = copies.iter().filter_map(Move::exposed).collect();
+            let with_content: Vec<(usize, bool)> = changed
+                .iter()
+                .filter(|&&i| {
+                    !exposed.iter().any(|e| {
+                        let common = e.intersect(&grid.rect(i));
+                        common.width > 0 && common.height > 0
+                    })
+                })
+                .map(|&i| (i, colourful(frame, grid.rect(i))))
+                .collect();
             self.motion.update(&with_content, now_us)
         };
 
@@ -183,10 +205,32 @@ impl DisplayEncoder {
             tiles::apply(&mut self.sent, tile)?;
         }
         self.full = false;
-        if tiles.is_empty() && video.is_none() {
+        if tiles.is_empty() && video.is_none() && copies.is_empty() {
             return Ok(None);
         }
-        Ok(Some(EncodedFrame { width: grid.width, height: grid.height, tiles, video }))
+        Ok(Some(EncodedFrame { width: grid.width, height: grid.height, copies, tiles, video }))
+    }
+
+    /// The moves in `damage` (each damaged area on its own), already made in what the client
+    /// holds: the tile diff that follows sends only what they do not explain. Areas touching
+    /// tiles the client holds as H.264 are left to the tiles (a copy would spread lossy pixels).
+    fn find_moves(&mut self, frame: &Framebuffer, damage: &[Rect]) -> Vec<Move> {
+        let mut moves = Vec::new();
+        for area in damage {
+            if area.height < scroll::MIN_ROWS {
+                continue;
+            }
+            if self.grid.covering(area).any(|i| self.lossy[i]) {
+                continue;
+            }
+            if let Some(m) = scroll::detect(&self.sent, frame, *area)
+                && let Some(m) = m.within(area)
+            {
+                scroll::apply(&mut self.sent, &m);
+                moves.push(m);
+            }
+        }
+        moves
     }
 
     fn encode_video(
@@ -226,6 +270,9 @@ mod tests {
     fn client_after(frames: &[EncodedFrame], width: u32, height: u32) -> Framebuffer {
         let mut fb = Framebuffer::new(width, height);
         for f in frames {
+            for m in &f.copies {
+                scroll::apply(&mut fb, m);
+            }
             for t in &f.tiles {
                 tiles::apply(&mut fb, t).unwrap();
             }
@@ -297,5 +344,42 @@ mod tests {
             sent.push(out);
             assert_eq!(client_after(&sent, 320, 240), frame);
         }
+    }
+
+    #[test]
+    fn scrolling_text_goes_as_copies_and_stays_pixel_exact_at_every_frame() {
+        let (w, h) = (640, 480);
+        let whole = [Rect::new(0, 0, w, h)];
+        let mut frame = scroll::text_page(w, h, 0);
+        let mut enc = DisplayEncoder::new(w, h);
+        let s = EncoderSettings::default();
+        let mut sent = vec![enc.encode(&frame, &[], &s, 1).unwrap().unwrap()];
+        let mut with_copies = 0usize;
+        let mut bytes = 0usize;
+        // One line (16 rows) a frame, 120 frames: as fast as a terminal scrolls, long past the
+        // point where a region changing every frame would count as video.
+        for n in 1..=120u32 {
+            frame = scroll::text_page(w, h, n);
+            let out = enc.encode(&frame, &whole, &s, u64::from(n) * 16_667).unwrap().unwrap();
+            with_copies += usize::from(!out.copies.is_empty());
+            assert!(out.video.is_none(), "frame {n}: scrolling text went to H.264");
+            bytes += out.bytes();
+            sent.push(out);
+            assert_eq!(client_after(&sent, w, h), frame, "frame {n} is not pixel-exact");
+        }
+        assert_eq!(with_copies, 120, "every frame was a copy");
+        assert_eq!(enc.motion_region(), None, "the lines scrolling in are not video");
+        // Without copies the same scroll resends the page's changed tiles every frame.
+        let mut plain = DisplayEncoder::new(w, h);
+        let lossless = EncoderSettings { copy: false, video: false, ..s };
+        frame = scroll::text_page(w, h, 0);
+        plain.encode(&frame, &[], &lossless, 1).unwrap();
+        let mut plain_bytes = 0usize;
+        for n in 1..=120u32 {
+            frame = scroll::text_page(w, h, n);
+            plain_bytes +=
+                plain.encode(&frame, &whole, &lossless, u64::from(n) * 16_667).unwrap().unwrap().bytes();
+        }
+        assert!(bytes * 10 < plain_bytes, "copies: {bytes} bytes, tiles: {plain_bytes} bytes");
     }
 }

@@ -4,6 +4,7 @@
 //!   one colour, zstd or raw B, G, R, X bytes (lossless: text and static content).
 //! - [`motion`]: which region is video-like (tiles changing frame after frame).
 //! - [`video`]: H.264 (OpenH264) for that region.
+//! - [`scroll`]: moves of what the client holds (a scroll), sent as copies.
 //! - [`encoder`]: one scanout's encoder for one client, tying the three together, with the
 //!   lossless refresh when motion stops.
 //!
@@ -12,6 +13,7 @@
 
 pub mod encoder;
 pub mod motion;
+pub mod scroll;
 pub mod tiles;
 pub mod video;
 
@@ -20,7 +22,7 @@ pub use encoder::{DisplayEncoder, EncodedFrame, EncoderSettings};
 use pleiades_protocol::wire::{self, DisplayMessage, FrameBegin, FrameEnd};
 
 /// One encoded frame as the display channel carries it (docs/protocol.md): `FrameBegin`, the
-/// tiles, the video update, `FrameEnd`.
+/// copies, the tiles, the video update, `FrameEnd`.
 pub fn wire_messages(
     frame_id: u64,
     scanout: u32,
@@ -33,7 +35,7 @@ pub fn wire_messages(
         width: r.width,
         height: r.height,
     };
-    let mut messages = Vec::with_capacity(frame.tiles.len() + 3);
+    let mut messages = Vec::with_capacity(frame.copies.len() + frame.tiles.len() + 3);
     messages.push(DisplayMessage::FrameBegin(FrameBegin {
         frame_id,
         scanout,
@@ -41,6 +43,11 @@ pub fn wire_messages(
         height: frame.height,
         capture_us,
     }));
+    messages.extend(
+        frame.copies.iter().map(|m| {
+            DisplayMessage::Copy(wire::CopyRect { src: rect(m.src), dst_x: m.src.x, dst_y: m.dst_y })
+        }),
+    );
     messages.extend(frame.tiles.into_iter().map(|t| {
         let data = match t.data {
             tiles::TileData::Solid(p) => wire::TileData::Solid(u32::from_le_bytes(p)),
