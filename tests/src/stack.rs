@@ -341,7 +341,11 @@ impl Stack {
                 return Some(Err(e));
             }
             let (hosts, _) = broker_cli(&o.bin_dir, &config, &["host", "list"], None).ok()?;
-            hosts.lines().any(|l| l.starts_with("host-1\t") && l.contains("online")).then_some(Ok(()))
+            // Registered on both sides: the broker lists it online, and the daemon stored the
+            // credential the broker answered with (it writes the file after the answer, so the
+            // broker's side alone left a window in which the file was not there yet).
+            let online = hosts.lines().any(|l| l.starts_with("host-1\t") && l.contains("online"));
+            (online && host_state.join("registration.json").exists()).then_some(Ok(()))
         })??;
         Ok(Self { options, config, base, pin, http, host_state, host, broker })
     }
