@@ -28,8 +28,8 @@ use pleiades_protocol::files::FileRelay;
 use pleiades_protocol::usb::{UsbOut, UsbPolicy, UsbRelay};
 use pleiades_protocol::wire::{
     AgentMessage, ChannelMessage, ClipboardMessage, ControlMessage, CursorMessage, DisplayMessage,
-    FILE_WINDOW, FileMessage, FrameSequence, InputMessage, StreamDecoder, Tile, UsbMessage, decode_datagram,
-    encode_datagram, encode_to_vec,
+    FILE_WINDOW, FileMessage, FrameBegin, FrameSequence, InputMessage, Rect, StreamDecoder, Tile, UsbMessage,
+    decode_datagram, encode_datagram, encode_to_vec,
 };
 
 fn run<M: ChannelMessage + PartialEq + Clone>(chunk_sizes: &[u8], mut data: &[u8]) -> Vec<M> {
@@ -80,10 +80,16 @@ fuzz_target!(|data: &[u8]| {
                 if sequence.check(&message).is_err() {
                     break;
                 }
-                if let (DisplayMessage::Tile(Tile { rect, .. }), Some(frame)) =
-                    (&message, sequence.open_frame())
-                {
-                    assert!(rect.x + rect.width <= frame.width && rect.y + rect.height <= frame.height);
+                let inside = |rect: &Rect, frame: &FrameBegin| {
+                    rect.x + rect.width <= frame.width && rect.y + rect.height <= frame.height
+                };
+                match (&message, sequence.open_frame()) {
+                    (DisplayMessage::Tile(Tile { rect, .. }), Some(frame)) => assert!(inside(rect, frame)),
+                    // A copy reads and writes only within the scanout.
+                    (DisplayMessage::Copy(copy), Some(frame)) => {
+                        assert!(inside(&copy.src, frame) && inside(&copy.dst(), frame));
+                    }
+                    _ => {}
                 }
             }
         }
