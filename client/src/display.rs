@@ -151,7 +151,7 @@ impl Framebuffer {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Codec {
-    /// No updates at all (a frame that only carries a new size, or a keep-alive).
+    /// No tiles or video (a frame that only carries a new size, a keep-alive, or only copies).
     Empty,
     Tiles,
     H264,
