@@ -350,7 +350,7 @@ fn forbidden_syscall() -> Response {
 
 #[cfg(not(debug_assertions))]
 fn forbidden_syscall() -> Response {
-    Response::error("test-forbidden-syscall exists in debug builds only".into())
+    Response::error("test-forbidden-syscall exists in debug builds only")
 }
 
 /// Encodes what `scanout` shows as a PNG.
