@@ -52,6 +52,26 @@ pub fn ext4_read(image: &Path, name: &str) -> Result<Vec<u8>, String> {
     Ok(out.stdout)
 }
 
+/// Lowercase hex SHA-256 of `bytes` (as `sha256sum` prints it).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `e2fsck -n -f` of a raw ext4 image: its output when the file system is not whole.
+pub fn ext4_check(image: &Path) -> Result<(), String> {
+    let out = Command::new("e2fsck").args(["-n", "-f"]).arg(image).output().map_err(|e| e.to_string())?;
+    if out.status.success() { Ok(()) } else { Err(String::from_utf8_lossy(&out.stdout).into_owned()) }
+}
+
+/// The guest shell command that mounts ext4 `dev`, prints `sha256sum` of `read`, writes `text`
+/// and a newline into `written`, and unmounts it (synced): what a person does with a stick.
+pub fn mount_read_write(dev: &str, read: &str, written: &str, text: &str) -> String {
+    format!(
+        "mkdir -p /mnt/stick && mount -t ext4 {dev} /mnt/stick && sha256sum /mnt/stick/{read} && \
+         echo '{text}' > /mnt/stick/{written} && sync && umount /mnt/stick"
+    )
+}
+
 fn run(command: &mut Command) -> Result<(), String> {
     let output =
         command.output().map_err(|e| format!("cannot run {command:?}: {e} (./dev deps installs it)"))?;

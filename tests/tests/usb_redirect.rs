@@ -10,7 +10,6 @@
 //!    reads it: the guest sees a disconnect, its reader ends with an error instead of hanging,
 //!    and the guest, its agent and the session go on.
 
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -23,16 +22,12 @@ use pleiades_testkit::wait_for;
 
 #[path = "support/client.rs"]
 mod client;
-use pleiades_tests::disk::{ext4_raw, ext4_read};
+use pleiades_tests::disk::{ext4_raw, ext4_read, mount_read_write, sha256_hex};
 use pleiades_tests::served::ServedDesktop;
 use pleiades_tests::workspace_binary;
 
 const SHELL: Duration = Duration::from_secs(120);
 const STICK_MIB: u32 = 32;
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect()
-}
 
 fn usb_status(desktop: &ServedDesktop) -> serde_json::Value {
     desktop.status()["agent"]["usb"].clone()
@@ -110,13 +105,7 @@ fn a_client_usb_stick_is_mounted_read_written_refused_and_unplugged_in_the_guest
     let written = format!("written in the guest {}", std::process::id());
     let out = desktop
         .guest
-        .run(
-            &format!(
-                "mkdir -p /mnt/stick && mount -t ext4 /dev/sda /mnt/stick && sha256sum /mnt/stick/hello.bin && \
-                 echo '{written}' > /mnt/stick/from-guest.txt && sync && umount /mnt/stick"
-            ),
-            SHELL,
-        )
+        .run(&mount_read_write("/dev/sda", "hello.bin", "from-guest.txt", &written), SHELL)
         .unwrap();
     let sum = sha256_hex(&hello);
     assert!(out.iter().any(|l| l.starts_with(&sum)), "the guest read other bytes: {out:?} (want {sum})");
@@ -184,11 +173,5 @@ fn a_client_usb_stick_is_mounted_read_written_refused_and_unplugged_in_the_guest
     session.disconnect();
     let (_, devices) = redirect.finish();
     assert_eq!(devices.len(), 2, "the devices come back");
-    check_image(&stick);
-}
-
-/// The stick's filesystem survived the unplug (the guest only read during it).
-fn check_image(image: &Path) {
-    let out = Command::new("e2fsck").args(["-n", "-f"]).arg(image).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    pleiades_tests::disk::ext4_check(&stick).unwrap_or_else(|e| panic!("{e}"));
 }

@@ -19,12 +19,11 @@
 //!   the desktop; pulled out while the desktop reads it, the desktop sees a disconnect, its
 //!   reader ends, and the desktop and the session go on.
 
-use std::path::Path;
 use std::time::Duration;
 
 use pleiades_protocol::connfile::Connection;
 use pleiades_testkit::wait_for;
-use pleiades_tests::disk::{ext4_raw, ext4_read};
+use pleiades_tests::disk::{ext4_raw, ext4_read, mount_read_write, sha256_hex};
 use pleiades_tests::served::ServedDesktop;
 use pleiades_tests::thin_client::{
     AUDIO_USB_ID, HOST_FROM_INSIDE, KEYBOARD_USB_ID, STICK_USB_ID, ThinClient,
@@ -32,10 +31,6 @@ use pleiades_tests::thin_client::{
 use pleiades_tests::workspace_binary;
 
 const SHELL: Duration = Duration::from_secs(180);
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect()
-}
 
 fn usb_status(desktop: &ServedDesktop) -> serde_json::Value {
     desktop.status()["agent"]["usb"].clone()
@@ -172,13 +167,7 @@ fn a_thin_clients_usb_stick_goes_through_libusb_into_the_desktop_and_hot_plugs_b
     let written = format!("written in the desktop {}", std::process::id());
     let out = desktop
         .guest
-        .run(
-            &format!(
-                "mkdir -p /mnt/stick && mount -t ext4 /dev/sda /mnt/stick && sha256sum /mnt/stick/hello.bin && \
-                 echo '{written}' > /mnt/stick/from-guest.txt && sync && umount /mnt/stick"
-            ),
-            SHELL,
-        )
+        .run(&mount_read_write("/dev/sda", "hello.bin", "from-guest.txt", &written), SHELL)
         .unwrap_or_else(|e| panic!("{e}\n{}", evidence(&mut desktop, &mut thin)));
     let sum = sha256_hex(&hello);
     assert!(out.iter().any(|l| l.starts_with(&sum)), "the desktop read other bytes: {out:?} (want {sum})");
@@ -238,11 +227,5 @@ fn a_thin_clients_usb_stick_goes_through_libusb_into_the_desktop_and_hot_plugs_b
     assert_eq!(devices[3]["state"], "gone", "the pulled stick, plugged in last: {report:#}");
     drop(thin);
     assert_eq!(ext4_read(&stick, "from-guest.txt").unwrap(), format!("{written}\n").into_bytes());
-    check_image(&stick);
-}
-
-/// The stick's file system is whole.
-fn check_image(image: &Path) {
-    let out = std::process::Command::new("e2fsck").args(["-n", "-f"]).arg(image).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    pleiades_tests::disk::ext4_check(&stick).unwrap_or_else(|e| panic!("{e}"));
 }

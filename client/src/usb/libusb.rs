@@ -281,11 +281,6 @@ impl LibusbDevice {
         Ok(device)
     }
 
-    /// Where the device is on this machine.
-    pub fn location(&self) -> (u8, u8) {
-        (self.bus, self.address)
-    }
-
     fn usb_id(&self) -> String {
         format!("{:04x}:{:04x}", self.info.vendor_id, self.info.product_id)
     }
