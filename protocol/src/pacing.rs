@@ -1,19 +1,35 @@
 //! Frame pacing and path estimates, sans-IO.
 //!
 //! A remote desktop feels fast when the newest frame arrives soon, not when many frames are
-//! queued: a queue of frames in the network or in the client is pure latency. The server
-//! therefore keeps about one frame in flight ([`FramePacer`]): it captures and encodes the next
-//! frame only when the previous one was acknowledged ([`crate::wire::FrameAck`]), so frame
-//! rate adapts by itself to the path and the client. A frame whose ack does not come within
-//! the loss timeout (4 × the frame round trip, at least 200 ms) is written off, so a lost ack
-//! or a stalled client never stops the display for good.
+//! queued: a queue of frames in the network or in the client is pure latency. But one frame in
+//! flight caps the frame rate at one per round trip (7–8 fps on a 100 ms WAN), so the server
+//! keeps as many frames in flight as the path carries — its **bandwidth-delay product** — and no
+//! more ([`FramePacer`]), the way BBR sizes a congestion window:
 //!
-//! The pacer also estimates, for the encoder:
+//! - the window is the delivery rate × the path's bare RTT × a gain
+//!   ([`PacerConfig::window_gain_percent`], 150 %: the headroom that lets the rate estimate grow
+//!   when the source sends more, at most half a round trip of queue when the path is full);
+//! - a new frame may go out while the bytes in flight are below the window; one frame may always
+//!   be in flight, and before the first ack only one is (nothing is known of the path yet);
+//! - at most [`PacerConfig::max_in_flight`] frames are in flight whatever the window says (the
+//!   client's decode queue stays short).
+//!
+//! The server captures and encodes the next frame only when the pacer allows it, so damage
+//! accumulates in the capture (latest wins) instead of queueing as frames, and frame rate adapts
+//! by itself to the path and the client. A frame whose ack ([`crate::wire::FrameAck`]) does not
+//! come within the loss timeout (4 × the frame round trip, at least 200 ms) is written off, so a
+//! lost ack or a stalled client never stops the display for good.
+//!
+//! Estimates, for the window and the encoder:
 //! - the path RTT from `Ping`/`Pong` ([`RttEstimator`], RFC 6298 smoothing), and the *frame* round
 //!   trip (send → ack, minus the client's decode time) with the same smoothing;
-//! - the delivery rate: each acked frame's bytes over its delivery time, a windowed maximum
-//!   ([`FramePacer::target_bitrate`]), and the frame rate one frame in flight allows
-//!   ([`FramePacer::target_fps`]).
+//! - the delivery rate, a windowed maximum of two samples per ack: the bytes acked between the
+//!   frame's sending and its ack over that time (the delivery-rate estimation of
+//!   draft-cheng-iccrg-delivery-rate-estimation, right when frames are pipelined), and the frame's
+//!   own bytes over its transmission time (the frame round trip less the bare RTT, at least half
+//!   the frame round trip, so one small frame at most doubles the estimate: the probe upward when
+//!   the source is what limits the rate) — [`FramePacer::target_bitrate`];
+//! - the frame rate the window allows ([`FramePacer::target_fps`]).
 //!
 //! Time is a parameter everywhere (`u64` microseconds on the caller's monotonic clock); times
 //! that go backwards are treated as no time passing, so no input can make the pacer panic.
@@ -94,9 +110,10 @@ impl RttEstimator {
 /// The pacer's knobs.
 #[derive(Debug, Clone)]
 pub struct PacerConfig {
-    /// Frames allowed in flight at once. 1 keeps latency lowest; 2 hides one round trip of
-    /// idle time on long paths at the cost of one frame of queueing.
+    /// Most frames in flight at once, whatever the window allows (1: one frame per round trip).
     pub max_in_flight: usize,
+    /// The window over the bandwidth-delay product, in percent (at least 100).
+    pub window_gain_percent: u64,
     /// An unacked frame is written off after `loss_timeout_rtts` frame round trips…
     pub loss_timeout_rtts: u64,
     /// …but never sooner than this (µs).
@@ -113,7 +130,8 @@ pub struct PacerConfig {
 impl Default for PacerConfig {
     fn default() -> Self {
         Self {
-            max_in_flight: 1,
+            max_in_flight: 16,
+            window_gain_percent: 150,
             loss_timeout_rtts: 4,
             min_loss_timeout_us: 200_000,
             min_fps: 1,
@@ -129,6 +147,9 @@ struct InFlight {
     frame_id: u64,
     bytes: u64,
     sent_us: u64,
+    /// [`FramePacer::delivered`] and [`FramePacer::delivered_us`] when it was sent.
+    delivered: u64,
+    delivered_us: u64,
 }
 
 /// What one ack taught the pacer.
@@ -140,7 +161,7 @@ pub struct AckSample {
     pub delivery_rate_bps: u64,
 }
 
-/// Keeps about one frame in flight; see the module docs.
+/// Keeps a bandwidth-delay product of frames in flight; see the module docs.
 ///
 /// The server's loop: when a frame is ready and [`Self::may_send`] says yes, send it and call
 /// [`Self::on_sent`]; on each `FrameAck` call [`Self::on_ack`]; on each `Pong` to its own ping
@@ -150,6 +171,11 @@ pub struct AckSample {
 pub struct FramePacer {
     config: PacerConfig,
     in_flight: VecDeque<InFlight>,
+    bytes_in_flight: u64,
+    /// Bytes of acked frames so far, and when the latest ack came (or the first frame of a
+    /// flight went out).
+    delivered: u64,
+    delivered_us: u64,
     path_rtt: RttEstimator,
     frame_rtt: RttEstimator,
     /// Delivery-rate samples `(time, bytes/s)`, decreasing in rate: the front is the max.
@@ -172,6 +198,9 @@ impl FramePacer {
         Self {
             config,
             in_flight: VecDeque::new(),
+            bytes_in_flight: 0,
+            delivered: 0,
+            delivered_us: 0,
             path_rtt: RttEstimator::new(),
             frame_rtt: RttEstimator::new(),
             rates: VecDeque::new(),
@@ -183,15 +212,51 @@ impl FramePacer {
     /// Whether a new frame may be sent now. Writes off frames past the loss timeout first.
     pub fn may_send(&mut self, now_us: u64) -> bool {
         self.expire(now_us);
-        self.in_flight.len() < self.config.max_in_flight.max(1)
+        if self.in_flight.is_empty() {
+            return true;
+        }
+        if self.in_flight.len() >= self.config.max_in_flight.max(1) {
+            return false;
+        }
+        self.window_bytes().is_some_and(|window| self.bytes_in_flight < window)
+    }
+
+    /// The window (bytes): delivery rate × bare RTT × gain, once both are measured.
+    pub fn window_bytes(&self) -> Option<u64> {
+        let rate = self.delivery_rate_bps()?;
+        let rtt = match (self.path_rtt.min(), self.frame_rtt.min()) {
+            (Some(path), Some(frame)) => path.min(frame),
+            (path, frame) => path.or(frame)?,
+        };
+        let bdp = u128::from(rate) * u128::from(rtt) / 1_000_000;
+        let gain = u128::from(self.config.window_gain_percent.max(100));
+        Some(u64::try_from(bdp * gain / 100).unwrap_or(u64::MAX))
+    }
+
+    /// Bytes of the frames in flight.
+    pub fn bytes_in_flight(&self) -> u64 {
+        self.bytes_in_flight
     }
 
     /// Records a frame just sent (all of its messages, `bytes` in total on the wire).
     pub fn on_sent(&mut self, frame_id: u64, bytes: u64, now_us: u64) {
-        self.in_flight.push_back(InFlight { frame_id, bytes, sent_us: now_us });
+        if self.in_flight.is_empty() {
+            // A new flight: its delivery interval starts now, not at the last ack long ago.
+            self.delivered_us = now_us;
+        }
+        self.in_flight.push_back(InFlight {
+            frame_id,
+            bytes,
+            sent_us: now_us,
+            delivered: self.delivered,
+            delivered_us: self.delivered_us,
+        });
+        self.bytes_in_flight = self.bytes_in_flight.saturating_add(bytes);
         // A caller that ignores `may_send` must not grow this without bound.
         while self.in_flight.len() > self.config.max_in_flight.max(1) * 16 {
-            self.in_flight.pop_front();
+            if let Some(frame) = self.in_flight.pop_front() {
+                self.bytes_in_flight = self.bytes_in_flight.saturating_sub(frame.bytes);
+            }
             self.lost += 1;
         }
     }
@@ -201,7 +266,10 @@ impl FramePacer {
     pub fn on_ack(&mut self, ack: &FrameAck, now_us: u64) -> Option<AckSample> {
         let index = self.in_flight.iter().position(|f| f.frame_id == ack.frame_id)?;
         let frame = self.in_flight.remove(index)?;
+        self.bytes_in_flight = self.bytes_in_flight.saturating_sub(frame.bytes);
         self.acked += 1;
+        self.delivered = self.delivered.saturating_add(frame.bytes);
+        self.delivered_us = self.delivered_us.max(now_us);
         let client_delay = ack.decoded_us.saturating_sub(ack.received_us);
         let elapsed = now_us.saturating_sub(frame.sent_us);
         let frame_rtt_us = elapsed.saturating_sub(client_delay).max(1);
@@ -211,8 +279,12 @@ impl FramePacer {
         // then probe upward step by step instead of yielding noise).
         let bare_rtt = self.path_rtt.min().unwrap_or(0);
         let interval = frame_rtt_us.saturating_sub(bare_rtt).max(frame_rtt_us / 2).max(1);
-        let delivery_rate_bps =
-            u64::try_from(u128::from(frame.bytes) * 1_000_000 / u128::from(interval)).unwrap_or(u64::MAX);
+        let frame_rate = u128::from(frame.bytes) * 1_000_000 / u128::from(interval);
+        // Everything acked while this frame was out, over that time: the pipelined rate.
+        let flight_interval = now_us.saturating_sub(frame.delivered_us).saturating_sub(client_delay).max(1);
+        let flight_rate = u128::from(self.delivered.saturating_sub(frame.delivered)) * 1_000_000
+            / u128::from(flight_interval.max(frame_rtt_us));
+        let delivery_rate_bps = u64::try_from(frame_rate.max(flight_rate)).unwrap_or(u64::MAX);
         self.add_rate(now_us, delivery_rate_bps);
         Some(AckSample { frame_rtt_us, delivery_rate_bps })
     }
@@ -277,13 +349,18 @@ impl FramePacer {
             .map(|rate| rate.saturating_mul(8) / 100 * self.config.bitrate_headroom_percent.min(100))
     }
 
-    /// The frame rate one frame in flight sustains: `max_in_flight` frames per frame round
-    /// trip, within `min_fps..=max_fps`; `max_fps` before any ack.
+    /// The frame rate the window sustains: the frames of the average size acked so far that
+    /// fit the window (at least one, at most `max_in_flight`), per frame round trip, within
+    /// `min_fps..=max_fps`; `max_fps` before any ack.
     pub fn target_fps(&self) -> u32 {
         let (min, max) = (self.config.min_fps.max(1), self.config.max_fps.max(1));
         let Some(frame_rtt) = self.frame_rtt.smoothed() else { return max };
-        let in_flight = self.config.max_in_flight.max(1) as u64;
-        let fps = in_flight.saturating_mul(1_000_000) / frame_rtt.max(1);
+        let mean_frame = self.delivered / self.acked.max(1);
+        let frames = self
+            .window_bytes()
+            .map_or(1, |window| window / mean_frame.max(1))
+            .clamp(1, self.config.max_in_flight.max(1) as u64);
+        let fps = frames.saturating_mul(1_000_000) / frame_rtt.max(1);
         u32::try_from(fps).unwrap_or(u32::MAX).clamp(min.min(max), max)
     }
 
@@ -291,6 +368,7 @@ impl FramePacer {
         let timeout = self.loss_timeout_us();
         let before = self.in_flight.len();
         self.in_flight.retain(|f| now_us.saturating_sub(f.sent_us) < timeout);
+        self.bytes_in_flight = self.in_flight.iter().fold(0, |sum, f| sum.saturating_add(f.bytes));
         let lost = before - self.in_flight.len();
         if lost > 0 {
             self.lost += lost as u64;
@@ -398,6 +476,75 @@ mod tests {
         assert_eq!(pacer.delivery_rate_bps(), Some(1_000_000));
     }
 
+    /// A source of `frame_bytes` frames at `fps` (damage accumulates while the pacer says no:
+    /// at most one frame waits) over a FIFO link of `rate_bps` bits/s and `rtt_us`, for
+    /// `seconds`. Returns, over the second half: (frames sent per second, bits/s sent, the
+    /// largest frame round trip).
+    fn simulate(
+        config: PacerConfig,
+        fps: u64,
+        frame_bytes: u64,
+        rate_bps: u64,
+        rtt_us: u64,
+        seconds: u64,
+    ) -> (f64, f64, u64) {
+        let mut pacer = FramePacer::new(config);
+        pacer.on_pong(0, rtt_us);
+        let (mut link_free, mut next_frame, mut pending, mut id) = (0u64, 0u64, false, 0u64);
+        let mut acks: VecDeque<(u64, u64)> = VecDeque::new();
+        let half = seconds * 500_000;
+        let (mut frames, mut bytes, mut worst) = (0u64, 0u64, 0u64);
+        for now in (rtt_us..seconds * 1_000_000).step_by(500) {
+            while acks.front().is_some_and(|&(at, _)| at <= now) {
+                let (_, frame) = acks.pop_front().unwrap();
+                if let Some(sample) = pacer.on_ack(&ack(frame), now)
+                    && now > half
+                {
+                    worst = worst.max(sample.frame_rtt_us);
+                }
+            }
+            if now >= next_frame {
+                pending = true;
+                next_frame += 1_000_000 / fps;
+            }
+            if pending && pacer.may_send(now) {
+                pending = false;
+                id += 1;
+                pacer.on_sent(id, frame_bytes, now);
+                link_free = link_free.max(now) + frame_bytes * 8 * 1_000_000 / rate_bps;
+                acks.push_back((link_free + rtt_us, id));
+                if now > half {
+                    frames += 1;
+                    bytes += frame_bytes;
+                }
+            }
+        }
+        let span = (seconds * 1_000_000 - half) as f64 / 1e6;
+        (frames as f64 / span, bytes as f64 * 8.0 / span, worst)
+    }
+
+    #[test]
+    fn a_long_path_keeps_the_source_frame_rate() {
+        // 30 fps of 15 kB (3.6 Mbit/s) over 100 ms and 10 Mbit/s.
+        let (fps, _, worst) = simulate(PacerConfig::default(), 30, 15_000, 10_000_000, 100_000, 20);
+        assert!(fps > 29.0, "{fps} fps");
+        assert!(worst < 120_000, "no queue: {worst} µs");
+        // One frame in flight: one per round trip (the figure before pipelining).
+        let one = PacerConfig { max_in_flight: 1, ..PacerConfig::default() };
+        let (fps, _, _) = simulate(one, 30, 15_000, 10_000_000, 100_000, 20);
+        assert!((8.0..9.0).contains(&fps), "{fps} fps");
+    }
+
+    #[test]
+    fn a_full_path_carries_its_rate_without_a_growing_queue() {
+        // 60 fps of 60 kB (28.8 Mbit/s) into 10 Mbit/s at 100 ms.
+        let (fps, bps, worst) = simulate(PacerConfig::default(), 60, 60_000, 10_000_000, 100_000, 20);
+        assert!(bps > 8_000_000.0 && bps <= 10_100_000.0, "{bps} bit/s, {fps} fps");
+        // The queue stays within the window's headroom: half a bandwidth-delay product (50 ms)
+        // and the frame being sent (48 ms).
+        assert!(worst <= 100_000 + 50_000 + 48_000 + 2_000, "{worst} µs");
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         Wait(u64),
@@ -417,9 +564,10 @@ mod tests {
 
     proptest! {
         /// A caller that sends only when allowed never has more than `max_in_flight` frames
-        /// out, and is never blocked longer than the loss timeout.
+        /// out, never more bytes than the window past the first frame, and is never blocked
+        /// longer than the frames in flight take to be written off.
         #[test]
-        fn never_stalls_never_overfills(ops in proptest::collection::vec(op(), 1..200), max_in_flight in 1usize..3) {
+        fn never_stalls_never_overfills(ops in proptest::collection::vec(op(), 1..200), max_in_flight in 1usize..6) {
             let mut pacer = FramePacer::new(PacerConfig { max_in_flight, ..PacerConfig::default() });
             let mut now = 0u64;
             let mut next_id = 0u64;
@@ -428,6 +576,9 @@ mod tests {
                     Op::Wait(us) => now += us,
                     Op::Send(bytes) => {
                         if pacer.may_send(now) {
+                            if pacer.in_flight() > 0 {
+                                prop_assert!(pacer.bytes_in_flight() < pacer.window_bytes().unwrap_or(0));
+                            }
                             pacer.on_sent(next_id, bytes, now);
                             next_id += 1;
                         }
@@ -442,9 +593,16 @@ mod tests {
                 }
                 prop_assert!(pacer.in_flight() <= max_in_flight);
                 if let Some(deadline) = pacer.next_deadline() {
-                    prop_assert!(deadline >= now || pacer.clone().may_send(now));
+                    // Each deadline writes off a frame: by the last one's, a frame may go out.
                     let mut later = pacer.clone();
-                    prop_assert!(later.may_send(deadline.max(now)), "stalled past the deadline");
+                    let mut at = deadline.max(now);
+                    for _ in 0..=max_in_flight {
+                        if later.may_send(at) {
+                            break;
+                        }
+                        at = later.next_deadline().unwrap_or(at).max(at);
+                    }
+                    prop_assert!(later.may_send(at), "stalled past the deadlines");
                 }
                 let fps = pacer.target_fps();
                 prop_assert!((1..=60).contains(&fps));

@@ -64,7 +64,12 @@ fn with_loss_the_rtt_stays_between_the_path_and_one_retransmission_each_way() {
 
 #[test]
 fn acks_pace_frames_at_one_per_round_trip_and_stats_reach_the_server() {
-    let mut p = Pair::new(20_000);
+    // One frame in flight (the pipelined window has its own tests in `pacing`).
+    let config = ControlConfig {
+        pacer: crate::pacing::PacerConfig { max_in_flight: 1, ..Default::default() },
+        ..ControlConfig::default()
+    };
+    let mut p = Pair::with(Capabilities::SUPPORTED, config, Link::new(20_000), Link::new(20_000));
     let mut frame_id = 0;
     while p.now < 2 * SECOND {
         if !p.server.may_send_frame(p.now) {
