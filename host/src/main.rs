@@ -383,6 +383,7 @@ fn with_session(args: &RunArgs, controller: Arc<dyn Controller>) -> Result<Arc<d
         generation: args.ticket_generation,
         identity_dir: args.tls_identity.clone(),
         relative_pointer: args.devices.iter().any(|d| d.kind == DeviceKind::Mouse),
+        encoder_cpu_budget_percent: args.encoder_cpu_budget,
     };
     let socket = LISTEN_SOCKET.lock().unwrap_or_else(|p| p.into_inner()).take();
     if let Some(socket) = &socket

@@ -10,6 +10,10 @@ use crate::vm::disk::DiskRequest;
 use crate::vm::net::NetRequest;
 use crate::vm::{DeviceRequest, SerialOut};
 
+/// `run --encoder-cpu-budget`'s default: half a core per desktop for H.264 (a 640x360 video
+/// at 30 fps takes a fraction of that; a full-screen 1080p one is slowed to fit).
+pub const DEFAULT_ENCODER_CPU_BUDGET: u32 = 50;
+
 /// `pleiades-host run`'s arguments.
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -117,6 +121,11 @@ pub struct RunArgs {
     /// benchmarks): idle, typing, scroll, video or motion. Use with --listen.
     #[arg(long, conflicts_with_all = ["kernel", "initrd", "devices", "disks", "net"])]
     pub synthetic: Option<pleiades_session::synthetic::Workload>,
+    /// The share of one CPU core (percent) this desktop's H.264 encoding may use: past it, the
+    /// video region's frame rate drops, then its quality; typing and text are never held back
+    /// (docs/host.md, "The encoder's CPU budget"). 0: no limit.
+    #[arg(long, default_value_t = DEFAULT_ENCODER_CPU_BUDGET)]
+    pub encoder_cpu_budget: u32,
     /// The synthetic desktop's size.
     #[arg(long, default_value = "1920x1080", value_parser = parse_layout)]
     pub synthetic_size: Layout,

@@ -686,6 +686,8 @@ struct ScanoutStream {
     encoder: DisplayEncoder,
     frame: Framebuffer,
     stream: quinn::SendStream,
+    /// The capture time of damage the encoder holds back (its CPU budget), if any.
+    waiting_since_us: Option<u64>,
 }
 
 /// Encodes the sink's damage and sends frames when the pacer allows; also the cursor and the
@@ -709,8 +711,17 @@ fn display_loop(
         (u64::MAX, None, 0u32, 0u64);
     let mut seen = u64::MAX;
     let mut frame_id = 0u64;
+    let budget = shared.encoder_cpu_budget_percent;
     while !stop.load(Ordering::Relaxed) {
-        let generation = sink.wait_change(seen, Duration::from_millis(50));
+        // Wake for new damage, or when damage the CPU budget held back is due.
+        let now_us = monotonic_us();
+        let wait_us = scanouts
+            .iter()
+            .flatten()
+            .filter_map(|s| s.encoder.next_due_us(budget))
+            .map(|due| due.saturating_sub(now_us))
+            .fold(50_000, u64::min);
+        let generation = sink.wait_change(seen, Duration::from_micros(wait_us.max(1_000)));
         let now = monitors(gpu);
         if now != announced {
             announced = now.clone();
@@ -772,6 +783,7 @@ fn display_loop(
                 fps: p.target_fps() as f32,
                 video: caps.contains(Capabilities::H264),
                 copy: caps.contains(Capabilities::COPY_RECT),
+                cpu_budget_percent: budget,
             }
         };
         for (index, slot) in scanouts.iter_mut().enumerate() {
@@ -785,19 +797,28 @@ fn display_loop(
                     encoder: DisplayEncoder::new(0, 0),
                     stream: open_uni(conn, rt, Channel::Display, priority::DISPLAY)?,
                     frame: Framebuffer::default(),
+                    waiting_since_us: None,
                 },
                 None => continue,
             };
             let Some(damage) = sink.take_damage_since(index, &mut out.frame) else {
                 // Disabled: keep the stream for when it comes back; the encoder starts over.
                 out.encoder.refresh_all();
+                out.waiting_since_us = None;
                 *slot = Some(out);
                 continue;
             };
-            let encoded = out.encoder.encode(&out.frame, &damage.rects, &settings, monotonic_us())?;
+            let now_us = monotonic_us();
+            let encoded = out.encoder.encode(&out.frame, &damage.rects, &settings, now_us)?;
+            // Damage the CPU budget holds back is older than this frame's: its capture time
+            // stays with it until it goes.
+            let captured = if damage.since_us == 0 { now_us } else { damage.since_us };
+            let oldest = out.waiting_since_us.map_or(captured, |w| w.min(captured));
+            out.waiting_since_us = out.encoder.next_due_us(budget).map(|_| oldest);
             if let Some(encoded) = encoded {
                 frame_id += 1;
-                let capture_us = if damage.since_us == 0 { monotonic_us() } else { damage.since_us };
+                let capture_us =
+                    if encoded.video.is_some() || encoded.tiles.is_empty() { oldest } else { captured };
                 let messages = crate::display::wire_messages(frame_id, index as u32, capture_us, encoded);
                 let bytes = send(rt, &mut out.stream, &messages)?;
                 control.lock().on_frame_sent(frame_id, bytes, monotonic_us());

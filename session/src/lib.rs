@@ -73,6 +73,9 @@ pub struct SessionConfig {
     pub identity_dir: Option<std::path::PathBuf>,
     /// The VM has a mouse: clients may send relative motion (`RELATIVE_POINTER`).
     pub relative_pointer: bool,
+    /// The share of one CPU core (percent) this desktop's H.264 encoding may use; 0: no limit
+    /// (docs/host.md, "The encoder's CPU budget").
+    pub encoder_cpu_budget_percent: u32,
 }
 
 /// Unix seconds now.
@@ -95,6 +98,8 @@ pub(crate) struct Shared {
     pub audio: Arc<audio::AudioMetrics>,
     /// Connections that have not shown a ticket yet.
     pub admission: admission::Admission,
+    /// [`SessionConfig::encoder_cpu_budget_percent`].
+    pub encoder_cpu_budget_percent: u32,
 }
 
 /// Counters of the session server, for `ctl status`.
@@ -204,6 +209,7 @@ impl SessionServer {
             metrics: SessionMetrics::default(),
             audio: Arc::default(),
             admission: admission::Admission::default(),
+            encoder_cpu_budget_percent: config.encoder_cpu_budget_percent,
         });
         let accept = endpoint.clone();
         let accept_shared = shared.clone();

@@ -46,6 +46,7 @@ impl Served {
             generation: None,
             identity_dir: None,
             relative_pointer: false,
+            encoder_cpu_budget_percent: 0,
         };
         let server = SessionServer::start(&config, controller.clone()).unwrap();
         Self { controller, server, tickets, _vm: vm }

@@ -77,6 +77,8 @@ pub struct VmSettings {
     pub jail: Option<JailSettings>,
     /// The directories images' kernels, initrds and disk templates must be in (canonical).
     pub image_dirs: Vec<PathBuf>,
+    /// `run --encoder-cpu-budget` (percent of one core).
+    pub encoder_cpu_budget: u32,
 }
 
 /// A desktop's VM process.
@@ -333,6 +335,7 @@ impl Desktops {
         flag("ticket-key", s.ticket_key.as_ref());
         flag("ticket-host", s.host_id.as_ref());
         flag("tls-identity", tls_identity.as_os_str());
+        flag("encoder-cpu-budget", s.encoder_cpu_budget.to_string().as_ref());
         if let Some(vmm) = &s.vmm {
             flag("vmm", vmm.as_ref());
         }
@@ -842,6 +845,7 @@ mod tests {
             memory_mib: 4096,
             jail: None,
             image_dirs: vec![dir.canonicalize().unwrap_or_else(|_| dir.to_owned())],
+            encoder_cpu_budget: 50,
         };
         Desktops::new(settings, Spawner::start().unwrap())
     }

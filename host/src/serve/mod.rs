@@ -104,6 +104,10 @@ pub struct ServeArgs {
     /// `desktop-<id>` under it. Under systemd, name a group in the unit's delegated subtree.
     #[arg(long)]
     pub cgroup_root: Option<PathBuf>,
+    /// The share of one CPU core (percent) each desktop's H.264 encoding may use, as `run
+    /// --encoder-cpu-budget` (default 50; 0: no limit).
+    #[arg(long)]
+    pub encoder_cpu_budget: Option<u32>,
 }
 
 /// `serve --jail`.
@@ -135,6 +139,7 @@ struct ServeFile {
     jail_uid_base: Option<u32>,
     cgroup_root: Option<PathBuf>,
     image_dirs: Vec<PathBuf>,
+    encoder_cpu_budget: Option<u32>,
 }
 
 /// The daemon's settings, resolved.
@@ -154,6 +159,8 @@ pub struct ServeConfig {
     pub jail: Option<jails::JailSettings>,
     /// Where images' files may be (canonical paths).
     pub image_dirs: Vec<PathBuf>,
+    /// `run --encoder-cpu-budget` for every desktop.
+    pub encoder_cpu_budget: u32,
 }
 
 impl std::fmt::Debug for ServeConfig {
@@ -283,6 +290,10 @@ impl ServeArgs {
             devices,
             jail,
             image_dirs,
+            encoder_cpu_budget: self
+                .encoder_cpu_budget
+                .or(file.encoder_cpu_budget)
+                .unwrap_or(crate::run::DEFAULT_ENCODER_CPU_BUDGET),
         })
     }
 }
@@ -371,6 +382,7 @@ async fn daemon(config: ServeConfig, spawner: Spawner) -> Result<()> {
             memory_mib,
             jail: config.jail.clone(),
             image_dirs: config.image_dirs.clone(),
+            encoder_cpu_budget: config.encoder_cpu_budget,
         },
         spawner,
     ));
@@ -674,6 +686,7 @@ mod tests {
             memory_mib: 4096,
             jail: None,
             image_dirs: vec![dir.path().to_owned()],
+            encoder_cpu_budget: 50,
         };
         let desktops = Arc::new(Desktops::new(settings, Spawner::start().unwrap()));
         let command: HostCommand = serde_json::from_value(serde_json::json!({

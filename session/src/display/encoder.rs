@@ -12,6 +12,23 @@
 //! down ([`scroll`](super::scroll)) becomes a copy: the client moves the rows itself and only
 //! the newly exposed strip goes as tiles, so scrolling text stays lossless and small (with
 //! capability `COPY_RECT`; never over pixels the client holds as H.264).
+//!
+//! **A CPU budget** ([`EncoderSettings::cpu_budget_percent`], per desktop, set on the host):
+//! the encoder measures the CPU time of each H.264 frame (its thread's CPU clock, so time spent
+//! waiting for a busy CPU does not count) and spaces the region's frames so that they use at most
+//! the budget's share of one core. It adapts in this order:
+//! 1. **frame rate**: the region's frames come at most every `cost / budget` (a 6 ms frame on a
+//!    25 % budget: one per 24 ms, about 40 fps), down to [`MIN_VIDEO_FPS`]; damage in the region
+//!    waits (the newest picture is encoded when its turn comes, nothing queues);
+//! 2. **quality**: past that floor, the bitrate steps down (to a quarter at most), which makes
+//!    each frame cheaper to encode; it steps back up when the cost falls;
+//! 3. region scale (encoding the region smaller and letting the client scale it up) is not
+//!    built: it needs a client that scales decoded pictures (a new capability).
+//!
+//! Everything outside the region — typing, menus, text — is never held back: lossless tiles go
+//! out in the frame they were damaged in, and when tiles and a region frame are both due, the
+//! tiles go first in a frame of their own and the H.264 frame follows in the next, so a key
+//! press never waits for a video frame to be encoded.
 
 use super::motion::MotionDetector;
 use super::scroll::{self, Move};
@@ -31,12 +48,27 @@ pub struct EncoderSettings {
     pub video: bool,
     /// Whether the client applies `Copy` updates (scrolls sent as moves).
     pub copy: bool,
+    /// The share of one CPU core (percent) H.264 encoding may use; 0: no limit.
+    pub cpu_budget_percent: u32,
 }
 
 impl Default for EncoderSettings {
     fn default() -> Self {
-        Self { video_bitrate: 4_000_000, fps: 30.0, video: true, copy: true }
+        Self { video_bitrate: 4_000_000, fps: 30.0, video: true, copy: true, cpu_budget_percent: 0 }
     }
+}
+
+/// The lowest frame rate the CPU budget slows the motion region to before it lowers quality.
+pub const MIN_VIDEO_FPS: u64 = 5;
+/// The lowest share of the wanted bitrate the CPU budget cuts quality to, in percent.
+const MIN_QUALITY_PERCENT: u64 = 25;
+
+/// This thread's CPU time (µs): what an H.264 frame cost, without the time spent waiting for a
+/// CPU on a busy host.
+fn thread_cpu_us() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID).map_or(0, |t| {
+        (t.tv_sec() as u64).saturating_mul(1_000_000).saturating_add(t.tv_nsec() as u64 / 1_000)
+    })
 }
 
 /// One frame's updates.
@@ -94,6 +126,64 @@ pub struct DisplayEncoder {
     video: Option<RegionEncoder>,
     /// Everything must be sent (new client, new size).
     full: bool,
+    /// The CPU budget's state for the motion region.
+    budget: VideoBudget,
+    /// Where H.264 frames' CPU time is read (the thread's CPU clock; a fake one in tests).
+    cpu_clock: fn() -> u64,
+}
+
+/// The motion region under the CPU budget: what it costs, when its last frame went, whether
+/// it has damage waiting for its turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct VideoBudget {
+    /// CPU time of one H.264 frame (µs), smoothed (1/4 of each new sample).
+    cost_us: Option<u64>,
+    last_us: Option<u64>,
+    /// The region changed since its last frame (deferred by the budget or by tiles going first).
+    pending: bool,
+    /// The bitrate share the budget allows, percent.
+    quality_percent: u64,
+}
+
+impl Default for VideoBudget {
+    fn default() -> Self {
+        Self { cost_us: None, last_us: None, pending: false, quality_percent: 100 }
+    }
+}
+
+impl VideoBudget {
+    /// The least time between two H.264 frames the budget allows (µs), without the floor.
+    fn interval_us(&self, budget_percent: u32) -> u64 {
+        match (self.cost_us, budget_percent) {
+            (Some(cost), percent) if percent > 0 => cost.saturating_mul(100) / u64::from(percent),
+            _ => 0,
+        }
+    }
+
+    /// Whether a region frame may be encoded at `now_us`.
+    fn due(&self, budget_percent: u32, now_us: u64) -> bool {
+        let interval = self.interval_us(budget_percent).min(1_000_000 / MIN_VIDEO_FPS);
+        self.last_us.is_none_or(|last| now_us.saturating_sub(last) >= interval)
+    }
+
+    /// Records a frame that cost `cost_us` at `now_us`, and steps quality down when even the
+    /// lowest frame rate would exceed the budget, up when the budget has room again.
+    fn on_frame(&mut self, cost_us: u64, budget_percent: u32, now_us: u64) {
+        self.cost_us = Some(self.cost_us.map_or(cost_us, |c| (3 * c + cost_us) / 4));
+        self.last_us = Some(now_us);
+        self.pending = false;
+        if budget_percent == 0 {
+            self.quality_percent = 100;
+            return;
+        }
+        let floor_interval = 1_000_000 / MIN_VIDEO_FPS;
+        let interval = self.interval_us(budget_percent);
+        if interval > floor_interval {
+            self.quality_percent = (self.quality_percent * 4 / 5).max(MIN_QUALITY_PERCENT);
+        } else if interval < floor_interval / 2 {
+            self.quality_percent = (self.quality_percent * 11 / 10 + 1).min(100);
+        }
+    }
 }
 
 impl DisplayEncoder {
@@ -106,7 +196,26 @@ impl DisplayEncoder {
             motion: MotionDetector::new(grid),
             video: None,
             full: true,
+            budget: VideoBudget::default(),
+            cpu_clock: thread_cpu_us,
         }
+    }
+
+    /// When the motion region's waiting change should be encoded (µs, the caller's clock):
+    /// call [`Self::encode`] then, damage or not. `None`: nothing waits.
+    /// `cpu_budget_percent` is [`EncoderSettings::cpu_budget_percent`].
+    pub fn next_due_us(&self, cpu_budget_percent: u32) -> Option<u64> {
+        if !self.budget.pending {
+            return None;
+        }
+        let interval = self.budget.interval_us(cpu_budget_percent).min(1_000_000 / MIN_VIDEO_FPS);
+        Some(self.budget.last_us.map_or(0, |last| last.saturating_add(interval)))
+    }
+
+    /// The motion region's measured CPU cost per H.264 frame (µs) and the bitrate share the
+    /// budget allows now (percent).
+    pub fn video_cost(&self) -> (Option<u64>, u64) {
+        (self.budget.cost_us, self.budget.quality_percent)
     }
 
     /// The client needs the whole screen again (it connected or reconnected).
@@ -168,15 +277,6 @@ impl DisplayEncoder {
 
         let region = if settings.video && !self.full { self.motion.region() } else { None };
         let in_region = |i: usize| region.is_some_and(|r| r.intersect(&grid.rect(i)) == grid.rect(i));
-        let mut video = None;
-        if let Some(rect) = region
-            && changed.iter().any(|&i| in_region(i))
-        {
-            video = Some(self.encode_video(frame, rect, settings)?);
-            for i in (0..grid.len()).filter(|&i| in_region(i)) {
-                self.lossy[i] = true;
-            }
-        }
 
         let mut send: Vec<usize> = changed.iter().copied().filter(|&i| !in_region(i)).collect();
         if let Some(dropped) = refresh {
@@ -186,6 +286,29 @@ impl DisplayEncoder {
         send.extend((0..grid.len()).filter(|&i| self.lossy[i] && !in_region(i)));
         send.sort_unstable();
         send.dedup();
+
+        let mut video = None;
+        match region {
+            Some(rect) if self.budget.pending || changed.iter().any(|&i| in_region(i)) => {
+                // Tiles first, in a frame of their own: a key press never waits for H.264. Once
+                // only: a region already waiting goes with the next tiles (never starved).
+                let tiles_first = !self.budget.pending && (!send.is_empty() || !copies.is_empty());
+                if tiles_first || !self.budget.due(settings.cpu_budget_percent, now_us) {
+                    self.budget.pending = true;
+                } else {
+                    let started = (self.cpu_clock)();
+                    video = Some(self.encode_video(frame, rect, settings)?);
+                    let cost = (self.cpu_clock)().saturating_sub(started);
+                    self.budget.on_frame(cost, settings.cpu_budget_percent, now_us);
+                    for i in (0..grid.len()).filter(|&i| in_region(i)) {
+                        self.lossy[i] = true;
+                    }
+                }
+            }
+            Some(_) => {}
+            // The region is gone: its tiles go losslessly (above), nothing waits.
+            None => self.budget.pending = false,
+        }
         let full = self.full;
         let tiles: Vec<Tile> = send
             .into_iter()
@@ -239,12 +362,16 @@ impl DisplayEncoder {
         rect: Rect,
         s: &EncoderSettings,
     ) -> Result<VideoFrame, String> {
+        // The controller's bitrate, cut by the CPU budget when even its lowest frame rate is
+        // too expensive.
+        let bitrate = u64::from(s.video_bitrate) * self.budget.quality_percent / 100;
+        let bitrate = u32::try_from(bitrate).unwrap_or(s.video_bitrate);
         let stale = self.video.as_ref().is_none_or(|v| {
-            let ratio = f64::from(v.bitrate()) / f64::from(s.video_bitrate.max(1));
+            let ratio = f64::from(v.bitrate()) / f64::from(bitrate.max(1));
             v.rect() != rect || !(1.0 / BITRATE_SLACK..=BITRATE_SLACK).contains(&ratio)
         });
         if stale {
-            self.video = Some(RegionEncoder::new(rect, s.video_bitrate, s.fps)?);
+            self.video = Some(RegionEncoder::new(rect, bitrate, s.fps)?);
         }
         let encoder = self.video.as_mut().ok_or("no H.264 encoder")?;
         encoder.encode(frame)
@@ -326,6 +453,114 @@ mod tests {
         }
         assert_eq!(enc.motion_region(), None);
         assert_eq!(client_after(&sent, w, h), frame, "pixel-exact after the refresh");
+    }
+
+    thread_local! {
+        /// A fake CPU clock: each reading advances it by the step, so an H.264 frame (two
+        /// readings) "costs" one step.
+        static CPU: std::cell::Cell<(u64, u64)> = const { std::cell::Cell::new((0, 0)) };
+    }
+
+    fn fake_cpu_clock() -> u64 {
+        CPU.with(|c| {
+            let (now, step) = c.get();
+            c.set((now + step / 2, step));
+            now
+        })
+    }
+
+    /// An encoder whose motion region covers `video_rect` (a moving picture for `HOT + 10`
+    /// frames at 30 fps), its H.264 frames costing `cost_us` of CPU each; the time after.
+    fn with_video(
+        frame: &mut Framebuffer,
+        video_rect: Rect,
+        cost_us: u64,
+        s: &EncoderSettings,
+    ) -> (DisplayEncoder, u64) {
+        CPU.with(|c| c.set((0, cost_us * 2)));
+        let mut enc = DisplayEncoder::new(frame.width, frame.height);
+        enc.cpu_clock = fake_cpu_clock;
+        enc.encode(frame, &[], s, 1).unwrap();
+        let mut now = 1;
+        for n in 0..(HOT + 10) {
+            now = u64::from(n) * 33_333 + 1;
+            paint(frame, video_rect, n + 10);
+            enc.encode(frame, &[video_rect], s, now).unwrap();
+        }
+        assert!(enc.motion_region().is_some_and(|r| r.intersect(&video_rect) == video_rect));
+        (enc, now)
+    }
+
+    #[test]
+    fn typing_goes_first_and_the_video_frame_follows() {
+        let (w, h) = (640, 480);
+        let video_rect = Rect::new(64, 64, 384, 256);
+        let mut frame = Framebuffer::new(w, h);
+        let s = EncoderSettings { video_bitrate: 1_000_000, ..EncoderSettings::default() };
+        let (mut enc, mut now) = with_video(&mut frame, video_rect, 3_000, &s);
+        for n in 0..10u32 {
+            now += 33_333;
+            // A key press and a video frame in the same damage.
+            // A glyph: a few colours, never video-like.
+            let key = Rect::new(8 * n, 456, 8, 16);
+            for y in key.y..key.y + key.height {
+                for x in key.x..key.x + key.width {
+                    let at = (y * w + x) as usize * 4;
+                    let ink = if (x + y) % 3 == 0 { 255 } else { 30 };
+                    frame.pixels[at..at + 4].copy_from_slice(&[ink, ink, ink, 0]);
+                }
+            }
+            paint(&mut frame, video_rect, n + 500);
+            let first = enc.encode(&frame, &[key, video_rect], &s, now).unwrap().unwrap();
+            assert!(
+                first.video.is_none(),
+                "frame {n}: the key press waited for H.264 ({:?} tiles, region {:?})",
+                first.tiles.iter().map(|t| t.rect).collect::<Vec<_>>(),
+                enc.motion_region()
+            );
+            assert_eq!(first.tiles.len(), 1);
+            assert!(enc.next_due_us(0).is_some_and(|due| due <= now), "the video frame is due at once");
+            let second = enc.encode(&frame, &[], &s, now).unwrap().unwrap();
+            assert!(second.video.is_some() && second.tiles.is_empty());
+            assert_eq!(enc.next_due_us(0), None);
+        }
+    }
+
+    #[test]
+    fn the_cpu_budget_lowers_the_frame_rate_then_the_quality() {
+        let (w, h) = (640, 480);
+        let video_rect = Rect::new(64, 64, 384, 256);
+        // The region changes every 5 ms for 2 s; count the H.264 frames of the second second.
+        let run = |cost_us: u64, budget: u32| {
+            let mut frame = Framebuffer::new(w, h);
+            let s = EncoderSettings {
+                video_bitrate: 1_000_000,
+                cpu_budget_percent: budget,
+                ..EncoderSettings::default()
+            };
+            let (mut enc, start) = with_video(&mut frame, video_rect, cost_us, &s);
+            let mut frames = 0;
+            for n in 0..400u32 {
+                let now = start + u64::from(n) * 5_000;
+                paint(&mut frame, video_rect, n + 100);
+                let out = enc.encode(&frame, &[video_rect], &s, now).unwrap();
+                if n >= 200 && out.is_some_and(|o| o.video.is_some()) {
+                    frames += 1;
+                }
+                assert!(enc.motion_region().is_some());
+            }
+            (frames, enc.video_cost())
+        };
+        // No budget: every change (200 a second).
+        assert_eq!(run(4_000, 0).0, 200);
+        // 4 ms a frame on a 20 % budget: one per 20 ms, 50 a second.
+        let (frames, (cost, quality)) = run(4_000, 20);
+        assert!((49..=51).contains(&frames), "{frames} frames");
+        assert_eq!((cost, quality), (Some(4_000), 100));
+        // 100 ms a frame on 20 %: 2 fps would fit, the floor is 5 fps, and quality goes down.
+        let (frames, (_, quality)) = run(100_000, 20);
+        assert!((5..=6).contains(&frames), "{frames} frames");
+        assert_eq!(quality, MIN_QUALITY_PERCENT);
     }
 
     #[test]
