@@ -455,6 +455,37 @@ mod tests {
         assert_eq!(client_after(&sent, w, h), frame, "pixel-exact after the refresh");
     }
 
+    #[test]
+    fn a_horizontal_scroll_goes_as_copies_and_stays_pixel_exact() {
+        let (w, h) = (640, 240);
+        let wide = scroll::text_page(w + 400, h, 0);
+        let view = |offset: u32| {
+            let mut frame = Framebuffer::new(w, h);
+            let (stride, wide_stride) = (frame.stride(), wide.stride());
+            for y in 0..h as usize {
+                let from = y * wide_stride + offset as usize * 4;
+                frame.pixels[y * stride..(y + 1) * stride].copy_from_slice(&wide.pixels[from..from + stride]);
+            }
+            frame
+        };
+        let whole = [Rect::new(0, 0, w, h)];
+        let s = EncoderSettings::default();
+        let mut enc = DisplayEncoder::new(w, h);
+        let mut sent = vec![enc.encode(&view(0), &[], &s, 1).unwrap().unwrap()];
+        for n in 1..=40u32 {
+            let frame = view(n * 8);
+            let out = enc.encode(&frame, &whole, &s, u64::from(n) * 16_667).unwrap().unwrap();
+            assert!(
+                out.copies.len() == 1 && out.copies[0].dst_x == 0 && out.copies[0].src.x == 8,
+                "frame {n}: {:?}",
+                out.copies
+            );
+            assert!(out.video.is_none());
+            sent.push(out);
+            assert_eq!(client_after(&sent, w, h), frame, "frame {n} is not pixel-exact");
+        }
+    }
+
     thread_local! {
         /// A fake CPU clock: each reading advances it by the step, so an H.264 frame (two
         /// readings) "costs" one step.

@@ -45,7 +45,7 @@ pub fn wire_messages(
     }));
     messages.extend(
         frame.copies.iter().map(|m| {
-            DisplayMessage::Copy(wire::CopyRect { src: rect(m.src), dst_x: m.src.x, dst_y: m.dst_y })
+            DisplayMessage::Copy(wire::CopyRect { src: rect(m.src), dst_x: m.dst_x, dst_y: m.dst_y })
         }),
     );
     messages.extend(frame.tiles.into_iter().map(|t| {

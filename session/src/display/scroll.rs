@@ -1,5 +1,5 @@
 //! Scroll detection: whether the new picture of a damaged area is what the client already holds,
-//! moved up or down. A terminal or an editor scrolling a page of text changes every tile of it;
+//! moved up or down (or sideways). A terminal or an editor scrolling a page of text changes every tile of it;
 //! sent as tiles that is the whole area again (and the motion detector would call it video);
 //! sent as "copy these rows `dy` up" plus the newly exposed strip it is a few hundred bytes, and
 //! the text stays lossless (SPICE's COPY_BITS, RDP's ScrBlt, VNC's CopyRect).
@@ -11,40 +11,48 @@
 //! checked byte for byte, and the longest run of rows that it explains becomes the copy. Cost:
 //! two hashes of the area's bytes and one comparison of the run, no search over shifts.
 //!
-//! Vertical moves only; a horizontal scroll is sent as tiles.
+//! A horizontal move (a wide spreadsheet or a log scrolled sideways) is found the same way with
+//! the area's columns in place of its rows, when no vertical move explains the area.
 
 use std::collections::HashMap;
 
 use pleiades_virtio::gpu::Framebuffer;
 use pleiades_virtio::gpu::protocol::Rect;
 
-/// The shortest area, and the shortest run of moved rows, worth a copy.
+/// The shortest area, and the shortest run of moved rows (columns), worth a copy.
 pub const MIN_ROWS: u32 = 32;
-/// The narrowest area worth a copy.
+/// The narrowest area worth a copy (the other way).
 const MIN_WIDTH: u32 = 64;
 /// Rows of the held picture remembered per hash (repeated rows vote no further).
 const SAME_ROWS: usize = 4;
 
-/// A vertical move: the client copies `src` to row `dst_y` (same columns).
+/// A move: the client copies `src` to (`dst_x`, `dst_y`); one of the two is `src`'s own (a
+/// vertical or a horizontal move).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Move {
     pub src: Rect,
+    pub dst_x: u32,
     pub dst_y: u32,
 }
 
 impl Move {
     pub fn dst(&self) -> Rect {
-        Rect { y: self.dst_y, ..self.src }
+        Rect { x: self.dst_x, y: self.dst_y, ..self.src }
     }
 
-    /// The rows the move uncovers: next to the destination, on the side the content left
-    /// (below it for a scroll up). `None` when the source lies inside the destination's rows.
+    /// The strip the move uncovers: next to the destination, on the side the content left
+    /// (below it for a scroll up, right of it for a scroll left). `None` when the source lies
+    /// inside the destination.
     pub fn exposed(&self) -> Option<Rect> {
         let (src, dst) = (self.src, self.dst());
         if src.y > dst.y {
             Some(Rect { y: dst.y + dst.height, height: src.y - dst.y, ..dst })
         } else if src.y < dst.y {
             Some(Rect { y: src.y, height: dst.y - src.y, ..dst })
+        } else if src.x > dst.x {
+            Some(Rect { x: dst.x + dst.width, width: src.x - dst.x, ..dst })
+        } else if src.x < dst.x {
+            Some(Rect { x: src.x, width: dst.x - src.x, ..dst })
         } else {
             None
         }
@@ -53,6 +61,12 @@ impl Move {
     /// The move, if it lies within `area` (it always does when found there).
     pub fn within(self, area: &Rect) -> Option<Move> {
         (self.src.intersect(area) == self.src && self.dst().intersect(area) == self.dst()).then_some(self)
+    }
+
+    /// The same move with x and y swapped (a horizontal move found on transposed pictures).
+    fn transposed(self) -> Move {
+        let src = Rect { x: self.src.y, y: self.src.x, width: self.src.height, height: self.src.width };
+        Move { src, dst_x: self.dst_y, dst_y: self.dst_x }
     }
 }
 
@@ -81,14 +95,46 @@ fn uniform(bytes: &[u8]) -> bool {
     bytes.chunks_exact(4).all(|p| p == &bytes[..4])
 }
 
-/// The move that turns `held` into `frame` over most of `area`, if there is one.
+/// `area` of `frame`, transposed: its columns become rows (a picture of `area.height` x
+/// `area.width`).
+fn transpose(frame: &Framebuffer, area: &Rect) -> Framebuffer {
+    let mut out = Framebuffer::new(area.height, area.width);
+    let (stride, out_stride) = (frame.stride(), out.stride());
+    for y in 0..area.height as usize {
+        let start = (area.y as usize + y) * stride + area.x as usize * 4;
+        let row = &frame.pixels[start..start + area.width as usize * 4];
+        for (x, pixel) in row.chunks_exact(4).enumerate() {
+            out.pixels[x * out_stride + y * 4..x * out_stride + y * 4 + 4].copy_from_slice(pixel);
+        }
+    }
+    out
+}
+
+/// The move that turns `held` into `frame` over most of `area`, if there is one: a vertical
+/// one, else a horizontal one.
 pub fn detect(held: &Framebuffer, frame: &Framebuffer, area: Rect) -> Option<Move> {
     if (held.width, held.height) != (frame.width, frame.height)
-        || area.height < MIN_ROWS
-        || area.width < MIN_WIDTH
         || u64::from(area.x) + u64::from(area.width) > u64::from(frame.width)
         || u64::from(area.y) + u64::from(area.height) > u64::from(frame.height)
     {
+        return None;
+    }
+    if let Some(m) = detect_vertical(held, frame, area) {
+        return Some(m);
+    }
+    if area.width < MIN_ROWS || area.height < MIN_WIDTH {
+        return None;
+    }
+    // Columns as rows: a horizontal move is a vertical one of the transposed area.
+    let (held_t, frame_t) = (transpose(held, &area), transpose(frame, &area));
+    let whole = Rect::new(0, 0, area.height, area.width);
+    let m = detect_vertical(&held_t, &frame_t, whole)?.transposed();
+    let shift = |r: Rect| Rect { x: r.x + area.x, y: r.y + area.y, ..r };
+    Some(Move { src: shift(m.src), dst_x: m.dst_x + area.x, dst_y: m.dst_y + area.y })
+}
+
+fn detect_vertical(held: &Framebuffer, frame: &Framebuffer, area: Rect) -> Option<Move> {
+    if area.height < MIN_ROWS || area.width < MIN_WIDTH {
         return None;
     }
     let rows = area.y..area.y + area.height;
@@ -145,10 +191,11 @@ pub fn detect(held: &Framebuffer, frame: &Framebuffer, area: Rect) -> Option<Mov
         return None;
     }
     let src_y = (i64::from(dst_y) + shift) as u32;
-    Some(Move { src: Rect { x: area.x, y: src_y, width: area.width, height }, dst_y })
+    Some(Move { src: Rect { x: area.x, y: src_y, width: area.width, height }, dst_x: area.x, dst_y })
 }
 
-/// Applies a move to a picture (what the client does with the copy).
+/// Applies a move to a picture (what the client does with the copy): rows in the order that
+/// reads each before it is overwritten; within a row, `copy_within` is a memmove.
 pub fn apply(frame: &mut Framebuffer, m: &Move) {
     let stride = frame.stride();
     let (src, dst) = (m.src, m.dst());
@@ -239,6 +286,61 @@ mod tests {
         }
         let m = detect(&held, &frame, band).unwrap();
         assert_eq!((m.src.x, m.src.width, m.src.y, m.dst_y, m.src.height), (64, 128, 0, 20, h - 20));
+    }
+
+    /// A wide page's view `width` wide from column `columns` (scrolled left by `columns`: new
+    /// columns come in at the right).
+    fn scrolled_left(width: u32, height: u32, columns: u32) -> Framebuffer {
+        let wide = page(width + 64, height, 0);
+        let mut frame = Framebuffer::new(width, height);
+        let (stride, wide_stride) = (frame.stride(), wide.stride());
+        for y in 0..height as usize {
+            let from = y * wide_stride + columns as usize * 4;
+            frame.pixels[y * stride..(y + 1) * stride].copy_from_slice(&wide.pixels[from..from + stride]);
+        }
+        frame
+    }
+
+    #[test]
+    fn a_horizontal_scroll_both_ways_and_within_a_band() {
+        let (w, h) = (320, 240);
+        let held = scrolled_left(w, h, 0);
+        for columns in [1, 8, 40] {
+            let frame = scrolled_left(w, h, columns);
+            let m =
+                detect(&held, &frame, Rect::new(0, 0, w, h)).unwrap_or_else(|| panic!("{columns} columns"));
+            assert_eq!(
+                (m.src.x, m.dst_x, m.src.width, m.src.y, m.dst_y, m.src.height),
+                (columns, 0, w - columns, 0, 0, h)
+            );
+            assert_eq!(m.exposed(), Some(Rect::new(w - columns, 0, columns, h)));
+            let mut client = held.clone();
+            apply(&mut client, &m);
+            let exposed = m.exposed().unwrap();
+            for y in 0..h {
+                let keep = (w - columns) as usize * 4;
+                let at = y as usize * client.stride();
+                assert_eq!(client.pixels[at..at + keep], frame.pixels[at..at + keep], "row {y}");
+            }
+            // What the exposed strip sends completes the picture.
+            for y in 0..h as usize {
+                let at = y * client.stride() + exposed.x as usize * 4;
+                let n = exposed.width as usize * 4;
+                client.pixels[at..at + n].copy_from_slice(&frame.pixels[at..at + n]);
+            }
+            assert_eq!(client, frame);
+        }
+        // Scrolled right: the content moved 24 columns to the right.
+        let m = detect(&scrolled_left(w, h, 24), &held, Rect::new(0, 0, w, h)).unwrap();
+        assert_eq!((m.src.x, m.dst_x, m.src.width), (0, 24, w - 24));
+        // Within a band of rows (a pane) away from the origin.
+        let mut frame = held.clone();
+        let band = Rect::new(0, 64, w, 96);
+        let inner = scrolled_left(w, h, 16);
+        let stride = frame.stride();
+        frame.pixels[64 * stride..160 * stride].copy_from_slice(&inner.pixels[64 * stride..160 * stride]);
+        let m = detect(&held, &frame, band).unwrap();
+        assert_eq!((m.src, m.dst_x, m.dst_y), (Rect::new(16, 64, w - 16, 96), 0, 64));
     }
 
     #[test]
