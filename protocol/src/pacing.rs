@@ -26,8 +26,9 @@
 //! - the delivery rate, a windowed maximum of two samples per ack: the bytes acked between the
 //!   frame's sending and its ack over that time (the delivery-rate estimation of
 //!   draft-cheng-iccrg-delivery-rate-estimation, right when frames are pipelined), and the frame's
-//!   own bytes over its transmission time (the frame round trip less the bare RTT, at least half
-//!   the frame round trip, so one small frame at most doubles the estimate: the probe upward when
+//!   own bytes over its transmission time (the frame round trip less the bare RTT, at least an
+//!   eighth of the frame round trip, so one small frame raises the estimate at most eightfold
+//!   over the rate it achieved: the probe upward when
 //!   the source is what limits the rate) — [`FramePacer::target_bitrate`];
 //! - the frame rate the window allows ([`FramePacer::target_fps`]).
 //!
@@ -184,6 +185,9 @@ pub struct FramePacer {
     lost: u64,
 }
 
+/// A frame's transmission time counts as at least this share (1/N) of its round trip.
+const MIN_TRANSMISSION_SHARE: u64 = 8;
+
 /// Most delivery-rate samples kept (the window usually holds far fewer).
 const MAX_RATE_SAMPLES: usize = 64;
 
@@ -274,11 +278,13 @@ impl FramePacer {
         let elapsed = now_us.saturating_sub(frame.sent_us);
         let frame_rtt_us = elapsed.saturating_sub(client_delay).max(1);
         self.frame_rtt.on_sample(frame_rtt_us);
-        // The transmission part of the delivery time: without the path's bare RTT, but at least
-        // half of it, so one sample at most doubles the rate the frame achieved (small frames
-        // then probe upward step by step instead of yielding noise).
+        // The transmission part of the delivery time: without the path's bare RTT, which is
+        // exact when nothing queued (and an underestimate of the rate when something did), but
+        // at least an eighth of the round trip, so a small frame or jitter on an idle path at
+        // most multiplies the rate the frame achieved by eight.
         let bare_rtt = self.path_rtt.min().unwrap_or(0);
-        let interval = frame_rtt_us.saturating_sub(bare_rtt).max(frame_rtt_us / 2).max(1);
+        let interval =
+            frame_rtt_us.saturating_sub(bare_rtt).max(frame_rtt_us / MIN_TRANSMISSION_SHARE).max(1);
         let frame_rate = u128::from(frame.bytes) * 1_000_000 / u128::from(interval);
         // Everything acked while this frame was out, over that time: the pipelined rate.
         let flight_interval = now_us.saturating_sub(frame.delivered_us).saturating_sub(client_delay).max(1);
