@@ -343,6 +343,60 @@ mod tests {
         assert_eq!((m.src, m.dst_x, m.dst_y), (Rect::new(16, 64, w - 16, 96), 0, 64));
     }
 
+    proptest::proptest! {
+        /// Any two pictures related by any shift (or not at all), any area: a move found lies
+        /// within the area and makes its destination exactly what the new picture shows there.
+        #[test]
+        fn a_move_found_is_always_exact(
+            seed in proptest::prelude::any::<u32>(),
+            (dx, dy) in (-40i32..40, -40i32..40),
+            area in (0u32..64, 0u32..64, 1u32..200, 1u32..200),
+            related in proptest::prelude::any::<bool>(),
+            whole in proptest::prelude::any::<bool>(),
+        ) {
+            let (w, h) = (192, 160);
+            let held = page(w, h, seed % 1000);
+            let mut frame = if related { Framebuffer::new(w, h) } else { page(w, h, seed % 1000 + 7) };
+            if related {
+                // The held picture shifted by (dx, dy), what comes in from outside left black.
+                let stride = held.stride();
+                for y in 0..h as i32 {
+                    for x in 0..w as i32 {
+                        let (sx, sy) = (x - dx, y - dy);
+                        if (0..w as i32).contains(&sx) && (0..h as i32).contains(&sy) {
+                            let (to, from) = (y as usize * stride + x as usize * 4, sy as usize * stride + sx as usize * 4);
+                            let pixel: [u8; 4] = held.pixels[from..from + 4].try_into().unwrap();
+                            frame.pixels[to..to + 4].copy_from_slice(&pixel);
+                        }
+                    }
+                }
+            }
+            let area = if whole {
+                Rect::new(0, 0, w, h)
+            } else {
+                Rect::new(area.0, area.1, area.2.min(w - area.0), area.3.min(h - area.1))
+            };
+            let found = detect(&held, &frame, area);
+            // A plain scroll of the whole picture (one axis) is always found.
+            if related && whole && (dx == 0) != (dy == 0) {
+                proptest::prop_assert!(found.is_some(), "no move found for ({}, {})", dx, dy);
+            }
+            if let Some(m) = found {
+                proptest::prop_assert!(m.within(&area).is_some(), "{m:?} outside {area:?}");
+                proptest::prop_assert!(m.src.x == m.dst_x || m.src.y == m.dst_y, "{m:?} moves both ways");
+                let mut client = held.clone();
+                apply(&mut client, &m);
+                let dst = m.dst();
+                let stride = client.stride();
+                for y in dst.y..dst.y + dst.height {
+                    let at = y as usize * stride + dst.x as usize * 4;
+                    let n = dst.width as usize * 4;
+                    proptest::prop_assert_eq!(&client.pixels[at..at + n], &frame.pixels[at..at + n], "row {}", y);
+                }
+            }
+        }
+    }
+
     #[test]
     fn no_move_is_claimed_for_new_content_blank_screens_or_small_areas() {
         let (w, h) = (320, 240);
