@@ -21,6 +21,7 @@ use openh264::formats::YUVSource;
 use pleiades_protocol::transport::error_code;
 use pleiades_protocol::wire::{
     CopyRect, DisplayMessage, FrameBegin, FrameSequence, MAX_MONITORS, Rect, SequenceError, TileData, Video,
+    palette,
 };
 use serde::Serialize;
 
@@ -193,6 +194,8 @@ pub enum DisplayError {
     Sequence(#[from] SequenceError),
     #[error("zstd tile {rect:?} does not decompress to exactly {expected} bytes: {error}")]
     Zstd { rect: Rect, expected: u64, error: String },
+    #[error("palette tile {rect:?} is broken: {error}")]
+    Palette { rect: Rect, error: String },
     #[error(
         "scanout {scanout} of {width}×{height} is larger than this client's limit of {MAX_SURFACE_PIXELS} pixels"
     )]
@@ -210,7 +213,7 @@ impl DisplayError {
     pub fn error_code(&self) -> u32 {
         match self {
             DisplayError::Sequence(e) => e.error_code(),
-            DisplayError::Zstd { .. } => error_code::MALFORMED_MESSAGE,
+            DisplayError::Zstd { .. } | DisplayError::Palette { .. } => error_code::MALFORMED_MESSAGE,
             DisplayError::TooLarge { .. }
             | DisplayError::TooLargeInAll { .. }
             | DisplayError::TooManyScanouts { .. } => error_code::PROTOCOL_VIOLATION,
@@ -535,6 +538,34 @@ impl Displays {
                     return Err(zstd_error(format!("got {got} bytes")));
                 }
                 surface.working.blit(&rect, &self.scratch[..len]);
+            }
+            TileData::Palette { colours, zstd, indices } => {
+                let palette_error = |error: String| DisplayError::Palette { rect, error };
+                let expected = palette::packed_len(rect.width, rect.height, colours.len());
+                let bgrx = usize::try_from(rect.bgrx_len()).map_err(|_| palette_error("too large".into()))?;
+                let packed_len = usize::try_from(expected).map_err(|_| palette_error("too large".into()))?;
+                let unpacked;
+                let packed: &[u8] = if *zstd {
+                    if self.zstd.is_none() {
+                        self.zstd =
+                            Some(zstd::bulk::Decompressor::new().map_err(|e| palette_error(e.to_string()))?);
+                    }
+                    let decompressor =
+                        self.zstd.as_mut().ok_or_else(|| palette_error("no decompressor".into()))?;
+                    // At most the indices' size: a zstd frame claiming more is refused.
+                    unpacked = decompressor
+                        .decompress(indices, packed_len)
+                        .map_err(|e| palette_error(e.to_string()))?;
+                    &unpacked
+                } else {
+                    indices
+                };
+                if self.scratch.len() < bgrx {
+                    self.scratch.resize(bgrx, 0);
+                }
+                palette::unpack(colours, packed, rect.width, rect.height, &mut self.scratch[..bgrx])
+                    .map_err(|e| palette_error(e.to_owned()))?;
+                surface.working.blit(&rect, &self.scratch[..bgrx]);
             }
         }
         surface.damage(rect);

@@ -2,7 +2,8 @@
 //! controls: the bytes and how they are split into chunks. The decoder must never panic, never
 //! buffer more than the channel's body limit, and every message it accepts must encode back to
 //! bytes that decode to the same message (so the peer's view and ours cannot differ). Display
-//! streams then go through `FrameSequence`: an update it lets through lies within its frame.
+//! streams then go through `FrameSequence`: an update it lets through lies within its frame,
+//! and a palette tile's indices unpack to pixels or an error.
 //! The agent channel (what a guest sends its VM process over vsock) goes through the decoder
 //! and through the VM process's `HostLink`: one `Connected` at most, and only first. Clipboard
 //! messages (what a client or a guest sends) go through the decoder and through the VM
@@ -28,8 +29,8 @@ use pleiades_protocol::files::FileRelay;
 use pleiades_protocol::usb::{UsbOut, UsbPolicy, UsbRelay};
 use pleiades_protocol::wire::{
     AgentMessage, ChannelMessage, ClipboardMessage, ControlMessage, CursorMessage, DisplayMessage,
-    FILE_WINDOW, FileMessage, FrameBegin, FrameSequence, InputMessage, Rect, StreamDecoder, Tile, UsbMessage,
-    decode_datagram, encode_datagram, encode_to_vec,
+    FILE_WINDOW, FileMessage, FrameBegin, FrameSequence, InputMessage, Rect, StreamDecoder, Tile, TileData,
+    UsbMessage, decode_datagram, encode_datagram, encode_to_vec, palette,
 };
 
 fn run<M: ChannelMessage + PartialEq + Clone>(chunk_sizes: &[u8], mut data: &[u8]) -> Vec<M> {
@@ -84,7 +85,16 @@ fuzz_target!(|data: &[u8]| {
                     rect.x + rect.width <= frame.width && rect.y + rect.height <= frame.height
                 };
                 match (&message, sequence.open_frame()) {
-                    (DisplayMessage::Tile(Tile { rect, .. }), Some(frame)) => assert!(inside(rect, frame)),
+                    (DisplayMessage::Tile(Tile { rect, data }), Some(frame)) => {
+                        assert!(inside(rect, frame));
+                        // Palette indices as they are: pixels or an error, never a panic.
+                        if let TileData::Palette { colours, zstd: false, indices } = data
+                            && rect.bgrx_len() <= 1 << 20
+                        {
+                            let mut out = vec![0; rect.bgrx_len() as usize];
+                            let _ = palette::unpack(colours, indices, rect.width, rect.height, &mut out);
+                        }
+                    }
                     // A copy reads and writes only within the scanout.
                     (DisplayMessage::Copy(copy), Some(frame)) => {
                         assert!(inside(&copy.src, frame) && inside(&copy.dst(), frame));

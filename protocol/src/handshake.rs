@@ -70,6 +70,8 @@ impl Capabilities {
     /// Display `Copy` updates: the server sends a scroll or a move as "copy these pixels"
     /// plus what it exposed.
     pub const COPY_RECT: Self = Self(1 << 11);
+    /// `Tile` with `TileData::Palette`: text and UI as a few colours and small indices.
+    pub const PALETTE_TILES: Self = Self(1 << 12);
 
     /// Every capability this version implements.
     pub const SUPPORTED: Self = Self(
@@ -84,6 +86,7 @@ impl Capabilities {
             | Self::RELATIVE_POINTER.0
             | Self::FILES.0
             | Self::COPY_RECT.0
+            | Self::PALETTE_TILES.0
             | Self::USB.0,
     );
 
@@ -129,7 +132,7 @@ impl BitAnd for Capabilities {
 
 impl fmt::Debug for Capabilities {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const NAMES: [(Capabilities, &str); 12] = [
+        const NAMES: [(Capabilities, &str); 13] = [
             (Capabilities::ZSTD_TILES, "ZSTD_TILES"),
             (Capabilities::H264, "H264"),
             (Capabilities::CURSOR_CHANNEL, "CURSOR_CHANNEL"),
@@ -142,6 +145,7 @@ impl fmt::Debug for Capabilities {
             (Capabilities::RELATIVE_POINTER, "RELATIVE_POINTER"),
             (Capabilities::FILES, "FILES"),
             (Capabilities::COPY_RECT, "COPY_RECT"),
+            (Capabilities::PALETTE_TILES, "PALETTE_TILES"),
         ];
         let mut set = f.debug_set();
         let mut rest = self.0;

@@ -784,6 +784,7 @@ fn display_loop(
                 video: caps.contains(Capabilities::H264),
                 copy: caps.contains(Capabilities::COPY_RECT),
                 cpu_budget_percent: budget,
+                palette: caps.contains(Capabilities::PALETTE_TILES),
             }
         };
         for (index, slot) in scanouts.iter_mut().enumerate() {

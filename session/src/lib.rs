@@ -180,6 +180,7 @@ impl SessionServer {
             | Capabilities::CURSOR_DATAGRAMS
             | Capabilities::DYNAMIC_LAYOUT
             | Capabilities::COPY_RECT
+            | Capabilities::PALETTE_TILES
             | Capabilities::RESUME;
         if controller.sound().is_some() {
             capabilities = capabilities | Capabilities::AUDIO;

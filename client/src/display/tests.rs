@@ -149,6 +149,42 @@ fn bad_zstd_tiles_are_errors() {
 }
 
 #[test]
+fn palette_tiles_land_as_their_pixels_and_bad_ones_are_errors() {
+    // A 16x4 two-colour picture: as 1-bit indices, plain and zstd-compressed.
+    let (bg, ink) = ([24u8, 24, 24, 0], [220u8, 220, 220, 0]);
+    let pixels: Vec<u8> = (0..16 * 4).flat_map(|i| if (i * 7) % 5 < 2 { ink } else { bg }).collect();
+    let (colours, packed) = palette::pack(&pixels, 16, 4).unwrap();
+    let compressed = zstd::bulk::compress(&packed, 3).unwrap();
+    let mut displays = Displays::new();
+    let mut stream = DisplayStream::new();
+    let palette = |zstd, indices| TileData::Palette { colours: colours.clone(), zstd, indices };
+    run(
+        &mut displays,
+        &mut stream,
+        &[
+            begin(1, 32, 8),
+            tile(0, 0, 16, 4, palette(false, packed.clone())),
+            tile(16, 4, 16, 4, palette(true, compressed)),
+            end(1),
+        ],
+    )
+    .unwrap();
+    let fb = displays.snapshot(0).unwrap();
+    assert_eq!(region(&fb, Rect { x: 0, y: 0, width: 16, height: 4 }), pixels);
+    assert_eq!(region(&fb, Rect { x: 16, y: 4, width: 16, height: 4 }), pixels);
+    // Indices beyond a three-colour palette; zstd indices that are more than the tile holds.
+    let beyond = TileData::Palette { colours: vec![1, 2, 3], zstd: false, indices: vec![0xff; 4 * 4] };
+    let bomb = palette(true, zstd::bulk::compress(&[0u8; 4096], 3).unwrap());
+    for data in [beyond, bomb] {
+        let mut displays = Displays::new();
+        let mut stream = DisplayStream::new();
+        let error = run(&mut displays, &mut stream, &[begin(1, 32, 8), tile(0, 0, 16, 4, data)]).unwrap_err();
+        assert!(matches!(error, DisplayError::Palette { .. }), "{error}");
+        assert_eq!(error.error_code(), error_code::MALFORMED_MESSAGE);
+    }
+}
+
+#[test]
 fn sequence_violations_never_touch_a_surface() {
     let mut displays = Displays::new();
     let mut stream = DisplayStream::new();

@@ -6,8 +6,9 @@
 //! (4 bytes, X ignored), rows top to bottom, no padding between rows.
 //!
 //! This crate carries the bytes; it does not compress or decode them. A client decompresses a
-//! `Zstd` tile into at most `width × height × 4` bytes and treats anything else as a broken
-//! frame (the zstd frame header states its content size, which makes the bound cheap).
+//! `Zstd` tile into at most `width × height × 4` bytes (a `Palette` tile's zstd indices into
+//! at most [`super::palette::packed_len`]) and treats anything else as a broken frame (the zstd
+//! frame header states its content size, which makes the bound cheap).
 
 use super::codec::{Put, Reader};
 use super::{Channel, ChannelMessage, MAX_DIMENSION, check_region, types};
@@ -72,6 +73,9 @@ pub enum TileData {
     Zstd(Vec<u8>),
     /// 2: every pixel has this BGRX value (little-endian `u32`: B in the low byte).
     Solid(u32),
+    /// 3: 2 to 16 colours and an index per pixel ([`super::palette`]), the indices as they are
+    /// or as one zstd frame (needs capability `PALETTE_TILES`).
+    Palette { colours: Vec<u32>, zstd: bool, indices: Vec<u8> },
 }
 
 impl TileData {
@@ -80,6 +84,7 @@ impl TileData {
             TileData::Raw(_) => 0,
             TileData::Zstd(_) => 1,
             TileData::Solid(_) => 2,
+            TileData::Palette { .. } => 3,
         }
     }
 }
@@ -159,6 +164,20 @@ impl ChannelMessage for DisplayMessage {
                         return Err("raw tile data is not width × height × 4 bytes");
                     }
                     TileData::Zstd(data) if data.is_empty() => return Err("empty zstd tile data"),
+                    TileData::Palette { colours, .. }
+                        if !(2..=super::palette::MAX_COLOURS).contains(&colours.len()) =>
+                    {
+                        return Err("a palette tile has 2 to 16 colours");
+                    }
+                    TileData::Palette { colours, zstd: false, indices }
+                        if indices.len() as u64
+                            != super::palette::packed_len(t.rect.width, t.rect.height, colours.len()) =>
+                    {
+                        return Err("palette tile indices are not the tile's size");
+                    }
+                    TileData::Palette { zstd: true, indices, .. } if indices.is_empty() => {
+                        return Err("empty zstd palette indices");
+                    }
                     _ => {}
                 }
             }
@@ -190,8 +209,14 @@ impl ChannelMessage for DisplayMessage {
             DisplayMessage::Tile(t) => {
                 t.rect.put(out);
                 out.put_u8(t.data.encoding());
-                if let TileData::Solid(bgrx) = t.data {
-                    out.put_u32(bgrx);
+                match &t.data {
+                    TileData::Solid(bgrx) => out.put_u32(*bgrx),
+                    TileData::Palette { colours, zstd, .. } => {
+                        out.put_u8(colours.len() as u8);
+                        out.put_bool(*zstd);
+                        colours.iter().for_each(|&c| out.put_u32(c));
+                    }
+                    TileData::Raw(_) | TileData::Zstd(_) => {}
                 }
             }
             DisplayMessage::Video(v) => {
@@ -204,7 +229,10 @@ impl ChannelMessage for DisplayMessage {
 
     fn payload(&self) -> &[u8] {
         match self {
-            DisplayMessage::Tile(Tile { data: TileData::Raw(data) | TileData::Zstd(data), .. })
+            DisplayMessage::Tile(Tile {
+                data: TileData::Raw(data) | TileData::Zstd(data) | TileData::Palette { indices: data, .. },
+                ..
+            })
             | DisplayMessage::Video(Video { data, .. }) => data,
             _ => &[],
         }
@@ -228,6 +256,15 @@ impl ChannelMessage for DisplayMessage {
                     0 => TileData::Raw(r.rest()),
                     1 => TileData::Zstd(r.rest()),
                     2 => TileData::Solid(r.u32()?),
+                    3 => {
+                        let count = r.u8()?;
+                        if !(2..=super::palette::MAX_COLOURS).contains(&usize::from(count)) {
+                            return Err("a palette tile has 2 to 16 colours");
+                        }
+                        let zstd = r.bool()?;
+                        let colours = (0..count).map(|_| r.u32()).collect::<Result<Vec<_>, _>>()?;
+                        TileData::Palette { colours, zstd, indices: r.rest() }
+                    }
                     _ => return Err("unknown tile encoding"),
                 };
                 DisplayMessage::Tile(Tile { rect, data })

@@ -40,6 +40,7 @@ mod decoder;
 mod display;
 mod files;
 mod input;
+pub mod palette;
 mod usb;
 
 use std::fmt;

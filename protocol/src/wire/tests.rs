@@ -87,6 +87,20 @@ fn display_cursor_input_round_trips() {
     round_trip(DisplayMessage::Tile(Tile { rect, data: TileData::Raw((0..24).collect()) }));
     round_trip(DisplayMessage::Tile(Tile { rect, data: TileData::Zstd(vec![0x28, 0xb5, 0x2f, 0xfd]) }));
     round_trip(DisplayMessage::Tile(Tile { rect, data: TileData::Solid(0x00ff_8000) }));
+    // `rect` is 2x3: one byte of 1-bit indices a row.
+    let palette =
+        |zstd, indices| TileData::Palette { colours: vec![0x0018_1818, 0x00dc_dcdc], zstd, indices };
+    round_trip(DisplayMessage::Tile(Tile { rect, data: palette(false, vec![0x40, 0x80, 0]) }));
+    round_trip(DisplayMessage::Tile(Tile { rect, data: palette(true, vec![0x28, 0xb5, 0x2f, 0xfd]) }));
+    for (data, why) in [
+        (palette(false, vec![0x40, 0x80]), "indices short of the tile's size"),
+        (palette(true, vec![]), "empty zstd indices"),
+        (TileData::Palette { colours: vec![1], zstd: false, indices: vec![0; 3] }, "one colour"),
+        (TileData::Palette { colours: (0..17).collect(), zstd: true, indices: vec![1] }, "17 colours"),
+    ] {
+        let mut out = Vec::new();
+        assert!(encode(&DisplayMessage::Tile(Tile { rect, data }), &mut out).is_err(), "{why}");
+    }
     round_trip(DisplayMessage::Video(Video { rect, keyframe: true, data: vec![0, 0, 0, 1, 0x65] }));
     round_trip(DisplayMessage::FrameEnd(FrameEnd { frame_id: 1 }));
     round_trip(DisplayMessage::Copy(CopyRect { src: rect, dst_x: 64, dst_y: 0 }));
@@ -481,6 +495,11 @@ fn display() -> impl Strategy<Value = DisplayMessage> {
             .prop_map(|(rect, data)| DisplayMessage::Tile(Tile { rect, data: TileData::Zstd(data) })),
         (rect(), any::<u32>())
             .prop_map(|(rect, bgrx)| DisplayMessage::Tile(Tile { rect, data: TileData::Solid(bgrx) })),
+        (rect(), proptest::collection::vec(any::<u32>(), 2..=16), bytes(512)).prop_map(
+            |(rect, colours, indices)| {
+                DisplayMessage::Tile(Tile { rect, data: TileData::Palette { colours, zstd: true, indices } })
+            }
+        ),
         (rect(), any::<bool>(), bytes(512)).prop_map(|(rect, keyframe, data)| DisplayMessage::Video(Video {
             rect,
             keyframe,

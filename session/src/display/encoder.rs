@@ -50,11 +50,20 @@ pub struct EncoderSettings {
     pub copy: bool,
     /// The share of one CPU core (percent) H.264 encoding may use; 0: no limit.
     pub cpu_budget_percent: u32,
+    /// Whether the client takes palette tiles (`PALETTE_TILES`).
+    pub palette: bool,
 }
 
 impl Default for EncoderSettings {
     fn default() -> Self {
-        Self { video_bitrate: 4_000_000, fps: 30.0, video: true, copy: true, cpu_budget_percent: 0 }
+        Self {
+            video_bitrate: 4_000_000,
+            fps: 30.0,
+            video: true,
+            copy: true,
+            cpu_budget_percent: 0,
+            palette: true,
+        }
     }
 }
 
@@ -321,7 +330,7 @@ impl DisplayEncoder {
                     tiles::changed_bounds(frame, &self.sent, rect)
                 };
                 self.lossy[i] = false;
-                rect.map(|r| tiles::encode(frame, r))
+                rect.map(|r| tiles::encode(frame, r, settings.palette))
             })
             .collect();
         for tile in &tiles {

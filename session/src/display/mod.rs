@@ -53,6 +53,9 @@ pub fn wire_messages(
             tiles::TileData::Solid(p) => wire::TileData::Solid(u32::from_le_bytes(p)),
             tiles::TileData::Zstd(z) => wire::TileData::Zstd(z),
             tiles::TileData::Raw(r) => wire::TileData::Raw(r),
+            tiles::TileData::Palette { colours, zstd, indices } => {
+                wire::TileData::Palette { colours, zstd, indices }
+            }
         };
         DisplayMessage::Tile(wire::Tile { rect: rect(t.rect), data })
     }));

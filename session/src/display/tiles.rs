@@ -3,9 +3,12 @@
 //! The screen is cut into [`TILE`]x[`TILE`] tiles. The encoder keeps what the client holds
 //! losslessly (`sent`); a damaged tile whose pixels equal what was sent is dropped (guests often
 //! flush more than they change), a changed tile is sent as one colour when it is uniform
-//! (backgrounds, cleared lines) or as zstd-compressed B, G, R, X bytes (text, icons), or raw
-//! when compression does not pay.
+//! (backgrounds, cleared lines), as a palette of at most 16 colours and an index per pixel
+//! (text, UI: [`pleiades_protocol::wire::palette`], the indices zstd-compressed when that is
+//! smaller; with capability `PALETTE_TILES`), or as zstd-compressed B, G, R, X bytes (icons,
+//! pictures), whichever is smallest, or raw when compression does not pay.
 
+use pleiades_protocol::wire::palette;
 use pleiades_virtio::gpu::Framebuffer;
 use pleiades_virtio::gpu::protocol::Rect;
 
@@ -23,6 +26,9 @@ pub enum TileData {
     Zstd(Vec<u8>),
     /// The B, G, R, X rows uncompressed.
     Raw(Vec<u8>),
+    /// 2 to 16 colours (B, G, R, X as little-endian `u32`) and the packed indices, zstd-compressed
+    /// or not.
+    Palette { colours: Vec<u32>, zstd: bool, indices: Vec<u8> },
 }
 
 impl TileData {
@@ -31,6 +37,7 @@ impl TileData {
         match self {
             Self::Solid(_) => 4,
             Self::Zstd(b) | Self::Raw(b) => b.len(),
+            Self::Palette { colours, indices, .. } => 2 + 4 * colours.len() + indices.len(),
         }
     }
 
@@ -133,17 +140,32 @@ pub fn changed_bounds(a: &Framebuffer, b: &Framebuffer, rect: Rect) -> Option<Re
     (x0 != u32::MAX).then(|| Rect::new(x0, y0, x1 - x0, y1 - y0))
 }
 
-/// Encodes `rect` of `frame` losslessly.
-pub fn encode(frame: &Framebuffer, rect: Rect) -> Tile {
+/// Encodes `rect` of `frame` losslessly, in the smallest of the encodings the client takes
+/// (`palette`: it has `PALETTE_TILES`).
+pub fn encode(frame: &Framebuffer, rect: Rect, palette: bool) -> Tile {
     let raw = pixels(frame, rect);
     let first: [u8; 4] = [raw[0], raw[1], raw[2], raw[3]];
     if raw.chunks_exact(4).all(|p| p[..3] == first[..3]) {
         return Tile { rect, data: TileData::Solid(first) };
     }
-    let data = match zstd::bulk::compress(&raw, ZSTD_LEVEL) {
+    let mut data = match zstd::bulk::compress(&raw, ZSTD_LEVEL) {
         Ok(z) if z.len() < raw.len() => TileData::Zstd(z),
-        _ => TileData::Raw(raw),
+        _ => TileData::Raw(raw.clone()),
     };
+    if palette && let Some((colours, packed)) = palette::pack(&raw, rect.width, rect.height) {
+        let plain = TileData::Palette { colours: colours.clone(), zstd: false, indices: packed.clone() };
+        if plain.len() < data.len() {
+            data = plain;
+        }
+        if let Ok(z) = zstd::bulk::compress(&packed, ZSTD_LEVEL)
+            && z.len() < packed.len()
+        {
+            let compressed = TileData::Palette { colours, zstd: true, indices: z };
+            if compressed.len() < data.len() {
+                data = compressed;
+            }
+        }
+    }
     Tile { rect, data }
 }
 
@@ -164,6 +186,22 @@ pub fn apply(frame: &mut Framebuffer, tile: &Tile) -> Result<(), String> {
         TileData::Raw(b) => b,
         TileData::Zstd(z) => {
             owned = zstd::bulk::decompress(z, bytes).map_err(|e| format!("corrupt tile {r}: {e}"))?;
+            &owned
+        }
+        TileData::Palette { colours, zstd, indices } => {
+            let packed_len = palette::packed_len(r.width, r.height, colours.len()) as usize;
+            let unpacked;
+            let packed = if *zstd {
+                unpacked = zstd::bulk::decompress(indices, packed_len)
+                    .map_err(|e| format!("corrupt palette tile {r}: {e}"))?;
+                &unpacked
+            } else {
+                indices
+            };
+            let mut pixels = vec![0; bytes];
+            palette::unpack(colours, packed, r.width, r.height, &mut pixels)
+                .map_err(|e| format!("palette tile {r}: {e}"))?;
+            owned = pixels;
             &owned
         }
     };
@@ -213,17 +251,43 @@ mod tests {
             v.to_le_bytes()
         });
         let solid = frame(64, 64, |_, _| [1, 2, 3, 0]);
-        for (name, src) in [("text", &text), ("noise", &noise), ("solid", &solid)] {
-            let tile = encode(src, Rect::new(0, 0, 64, 64));
-            match (name, &tile.data) {
-                ("text", TileData::Zstd(z)) => assert!(z.len() < 2000, "text compresses: {}", z.len()),
-                ("noise", TileData::Raw(_) | TileData::Zstd(_)) | ("solid", TileData::Solid(_)) => {}
-                other => panic!("unexpected form {other:?}"),
+        // A typed glyph: two colours in an 8x16 cell.
+        let glyph = frame(8, 16, |x, y| {
+            if (3..13).contains(&y) && (1..7).contains(&x) && (x * 7 + y * 3) % 4 < 2 {
+                [220, 220, 220, 0]
+            } else {
+                [24, 24, 24, 0]
             }
-            let mut out = Framebuffer::new(64, 64);
-            apply(&mut out, &tile).unwrap();
-            assert!(same(&out, src, Rect::new(0, 0, 64, 64)), "{name} round trip");
+        });
+        for palette in [false, true] {
+            for (name, src) in [("text", &text), ("noise", &noise), ("solid", &solid), ("glyph", &glyph)] {
+                let rect = Rect::new(0, 0, src.width, src.height);
+                let tile = encode(src, rect, palette);
+                match (name, palette, &tile.data) {
+                    ("text" | "glyph", false, TileData::Zstd(z)) => {
+                        assert!(z.len() < 2000, "{name} compresses: {}", z.len())
+                    }
+                    // Two colours: at most 1 bit a pixel, 512 bytes for 64x64 before zstd.
+                    ("text", true, TileData::Palette { colours, .. }) => {
+                        assert_eq!(colours.len(), 2);
+                        assert!(tile.data.len() < 520, "text as a palette: {}", tile.data.len());
+                    }
+                    // 16 bytes of indices and 8 of palette beat zstd's frame overhead.
+                    ("glyph", true, TileData::Palette { colours, zstd: false, indices }) => {
+                        assert_eq!((colours.len(), indices.len()), (2, 16));
+                    }
+                    ("noise", _, TileData::Raw(_) | TileData::Zstd(_)) | ("solid", _, TileData::Solid(_)) => {
+                    }
+                    other => panic!("unexpected form {other:?}"),
+                }
+                let mut out = Framebuffer::new(src.width, src.height);
+                apply(&mut out, &tile).unwrap();
+                assert!(same(&out, src, rect), "{name} round trip");
+            }
         }
+        // With palettes, text costs less than as zstd of its pixels.
+        let whole = Rect::new(0, 0, 64, 64);
+        assert!(encode(&text, whole, true).data.len() < encode(&text, whole, false).data.len());
     }
 
     #[test]
@@ -240,5 +304,19 @@ mod tests {
             data: TileData::Zstd(zstd::bulk::compress(&vec![0u8; 1 << 20], 1).unwrap()),
         };
         assert!(apply(&mut fb, &bomb).is_err(), "more bytes than the tile holds");
+        let beyond = Tile {
+            rect: Rect::new(0, 0, 8, 1),
+            data: TileData::Palette { colours: vec![1, 2, 3], zstd: false, indices: vec![0xff, 0xff] },
+        };
+        assert!(apply(&mut fb, &beyond).is_err(), "an index beyond the palette");
+        let palette_bomb = Tile {
+            rect: Rect::new(0, 0, 8, 8),
+            data: TileData::Palette {
+                colours: vec![1, 2],
+                zstd: true,
+                indices: zstd::bulk::compress(&vec![0u8; 1 << 20], 1).unwrap(),
+            },
+        };
+        assert!(apply(&mut fb, &palette_bomb).is_err(), "more indices than the tile holds");
     }
 }
