@@ -235,8 +235,17 @@ impl Canvas for FbDev {
         (self.width, self.height)
     }
 
+    /// Whole rows go as one write: the kernel's fbdev emulation (`drm_fb_helper_memory_range_to_clip`,
+    /// Linux 6.12) turns a write of exactly one whole line into a damage rectangle of width 0
+    /// (the end's offset in its line is 0), so full-width pictures written line by line were
+    /// never flushed to the GPU (with the console's cursor blinking, its damage widened theirs
+    /// by luck). A write over two lines or more is damaged at full width.
     fn put(&mut self, x: u32, y: u32, w: u32, h: u32, pixels: &[u8]) -> io::Result<()> {
         let row = w as usize * 4;
+        if x == 0 && row as u64 == self.stride && h > 1 {
+            let rows = &pixels[..(row * h as usize).min(pixels.len())];
+            return self.file.write_all_at(rows, u64::from(y) * self.stride);
+        }
         for (i, line) in pixels.chunks_exact(row).take(h as usize).enumerate() {
             let at = (u64::from(y) + i as u64) * self.stride + u64::from(x) * 4;
             self.file.write_all_at(line, at)?;

@@ -21,6 +21,8 @@
 //! - [`evdev`]: a guest's input events read back through its evdev nodes.
 //! - [`audio`]: tone analysis (Goertzel scan, RMS, gaps) and WAV helpers for the audio tests.
 //! - [`linkem`]: a link emulator (delay, loss, rate, down/up) for QUIC between client and host.
+//! - [`spice`]: SPICE as a reference for the display benchmark: QEMU's SPICE server, `remote-viewer`
+//!   under Xvfb, and a TCP relay that counts the bytes each way (delay and rate, no loss).
 //! - [`xwd`]: reads `xwd -root` dumps of an X screen (Xvfb) without ImageMagick.
 //!
 //! The tests in `tests/` use these to run the real pieces together.
@@ -134,6 +136,7 @@ pub mod linkem;
 pub mod netns;
 pub mod qemu;
 pub mod served;
+pub mod spice;
 pub mod stack;
 pub mod testguest;
 pub mod thin_client;

@@ -46,7 +46,13 @@ impl LinkConfig {
 #[derive(Debug, Default)]
 pub struct LinkStats {
     pub forwarded: AtomicU64,
+    /// UDP payload bytes delivered, both directions together.
     pub bytes: AtomicU64,
+    /// UDP payload bytes the server sent into the link (towards the client), counted as they
+    /// arrive, before loss, queue drops or the link being down: what the server put on the wire.
+    pub bytes_from_server: AtomicU64,
+    /// The same, client to server.
+    pub bytes_from_client: AtomicU64,
     pub lost: AtomicU64,
     pub queue_drops: AtomicU64,
     pub down_drops: AtomicU64,
@@ -167,6 +173,9 @@ fn receive(
                 *client.lock().unwrap_or_else(|e| e.into_inner()) = Some(from);
             }
             let stats = &shared.stats;
+            let sent_by =
+                if learn_client.is_some() { &stats.bytes_from_client } else { &stats.bytes_from_server };
+            sent_by.fetch_add(n as u64, Ordering::Relaxed);
             if shared.down.load(Ordering::Relaxed) {
                 stats.down_drops.fetch_add(1, Ordering::Relaxed);
                 continue;
@@ -263,6 +272,10 @@ mod tests {
         // Each round trip survives with probability 0.25: far from 0 and from 200.
         assert!((10..150).contains(&echoed), "{echoed} of 200 round trips");
         assert!(link.stats().lost.load(Ordering::Relaxed) > 0);
+        // Every datagram is 4 bytes; each direction counts what its sender put in.
+        assert_eq!(link.stats().bytes_from_client.load(Ordering::Relaxed), 200 * 4);
+        let from_server = link.stats().bytes_from_server.load(Ordering::Relaxed);
+        assert!(from_server > 0 && from_server < 200 * 4, "{from_server}");
         link.set_config(LinkConfig::CLEAN);
         link.set_down(true);
         client.send_to(b"x", link.client_addr()).unwrap();

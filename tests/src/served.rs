@@ -55,9 +55,14 @@ impl ServedDesktop {
 
     /// [`ServedDesktop::boot`] with more arguments for `run` (policies).
     pub fn boot_with(devices: &[&str], extra: &[&str]) -> (Self, GuestInfo) {
+        Self::boot_host(&workspace_binary("pleiades-host").unwrap(), devices, extra)
+    }
+
+    /// [`ServedDesktop::boot_with`] with the `pleiades-host` binary at `host` (a benchmark that
+    /// has just built it, without [`workspace_binary`]'s check against newer sources).
+    pub fn boot_host(host: &Path, devices: &[&str], extra: &[&str]) -> (Self, GuestInfo) {
         let image = GuestImage::locate().expect("test guest image");
         let dir = tempfile::tempdir().unwrap();
-        let host = workspace_binary("pleiades-host").unwrap();
         let accel = pleiades_vmm::accel::choose().expect("accelerator");
         let file = dir.path().join("desk.pleiades");
         let mut args = vec!["--vmm", "qemu"];
@@ -67,7 +72,7 @@ impl ServedDesktop {
         args.extend(["--listen", "127.0.0.1:0", "--connection-file", file.to_str().unwrap()]);
         args.extend(extra);
         let mut guest =
-            Guest::start_host(&host, &image, &args, &dir.path().join("vm.sock"), accel).expect("host starts");
+            Guest::start_host(host, &image, &args, &dir.path().join("vm.sock"), accel).expect("host starts");
         let info = guest.wait_ready(boot_timeout()).expect("READY");
         (Self { guest, dir }, info)
     }

@@ -90,6 +90,15 @@ pub const GROUPS: &[Group] = &[
         packages: &["qemu-system-x86", "qemu-system-gui", "qemu-utils", "e2fsprogs"],
     },
     Group {
+        name: "spice",
+        purpose: "the guest display benchmark's reference (benches/guest_display.rs): QEMU's SPICE \
+                  server module (from bookworm-backports with the rest of src:qemu, by the pin) and \
+                  remote-viewer as its client",
+        unless_command: None,
+        preseed: &[],
+        packages: &["qemu-system-modules-spice", "virt-viewer"],
+    },
+    Group {
         name: "network",
         purpose: "desktops' networks: a namespace and veth per desktop (iproute2), the host's NAT and filter (nftables)",
         unless_command: None,
