@@ -80,6 +80,7 @@ impl Default for SessionOptions {
                 | Capabilities::RELATIVE_POINTER
                 | Capabilities::FILES
                 | Capabilities::COPY_RECT
+                | Capabilities::PALETTE_TILES
                 | Capabilities::USB,
         }
     }

@@ -157,6 +157,7 @@ fn scrolling_text_arrives_as_copies_and_every_frame_shown_is_pixel_exact() {
         Session::start(connected, &conn.ticket, SessionOptions::default()).await.unwrap()
     });
     assert!(session.handle.info().capabilities.contains(Capabilities::COPY_RECT));
+    assert!(session.handle.info().capabilities.contains(Capabilities::PALETTE_TILES));
     let handle = session.handle.clone();
     let (mut frames, mut with_copies, mut last_step) = (0u32, 0u32, 0usize);
     while with_copies < 10 {
