@@ -19,18 +19,34 @@
 //! for a second), a new client connects and receives that first full-screen picture; once the
 //! picture has settled (Pleiades: the first frame acked, then no frame sent or acked for 750 ms;
 //! SPICE: less than 1.5 kB from the server in 750 ms, 3 s after connecting at the earliest),
-//! the byte counters and the clock are read, the workload starts in the guest (typed on its
-//! serial console, in the background), and after `N` seconds the counters are read again and
-//! the client is ended; the next run waits for the workload to end (its "drew N frames" goes to
-//! stderr with each run's figure). Printed per link and workload:
-//! - **kB/s** (1 kB = 1000 bytes), both sides counted the same way: the application payload
-//!   bytes the server sent towards the client on loopback in the measured `N` seconds, without
-//!   IP/UDP/TCP headers. Pleiades: the UDP payloads (QUIC packets) the server sent into the
-//!   link emulator (`LinkStats::bytes_from_server`, before the link's loss and drops); SPICE:
-//!   the TCP payloads read from QEMU's SPICE sockets by the relay, every SPICE channel
-//!   (main, display, cursor, inputs, …) together;
+//! a packet capture on loopback starts (`pleiades_tests::pcap::Capture`: `tcpdump -i lo` on the
+//! server's port, waited for until it listens), the byte counters and the clocks are read, the
+//! workload starts in the guest (typed on its serial console, in the background), and after `N`
+//! seconds the counters and clocks are read again, the capture is stopped and the client is
+//! ended; the next run waits for the workload to end (its "drew N frames" goes to stderr with
+//! each run's figures, and the capture's packet counts and client → server bytes). Printed per
+//! link and workload:
+//! - **kB/s** (1 kB = 1000 bytes), both sides counted the same way, by the packet capture: the
+//!   IP bytes the server sent towards the client in the measured `N` seconds (the packets whose
+//!   source port is the server's and whose capture time lies in the window; each one's IP total
+//!   length: IP header, UDP or TCP header and payload, no Ethernet header). Packets that carry
+//!   only acknowledgements count alike: QUIC's ACK packets and SPICE's pure TCP ACKs (the
+//!   server's acks of the client's input and of its window updates). Pleiades: the session
+//!   server's UDP port, the leg between the server and the link emulator (before the link's
+//!   loss and drops); SPICE: QEMU's SPICE TCP port, the leg between QEMU and the relay, every
+//!   SPICE channel (main, display, cursor, inputs, …) together. Loopback's MTU is 64 KiB and lo
+//!   takes GSO/TSO packets whole: one captured packet may carry many QUIC datagrams or TCP
+//!   segments, so IP and UDP/TCP headers count once per loopback packet (fewer than on a
+//!   1500-byte link, for both), while QUIC's own header and AEAD tag per datagram count in full;
 //! - **Pleiades/SPICE**: the ratio of the two, and whether it meets issue #20's target, bytes
 //!   ≤ 0.5× SPICE's;
+//! - **payload kB/s P / S**: the same window's application payload bytes server → client, no
+//!   IP/UDP/TCP headers: Pleiades the UDP payloads (QUIC packets, their ACK frames and AEAD tags
+//!   included) the server sent into the link emulator (`LinkStats::bytes_from_server`), SPICE
+//!   the TCP payloads read from QEMU's SPICE sockets by the relay (its TCP ACKs have none). An
+//!   earlier count, unfair to QUIC; kept beside the capture's. Where this machine's kernel
+//!   dropped datagrams for the link emulator's full receive buffer (stderr says how many,
+//!   `RcvbufErrors`), the capture counts them and the payload count does not;
 //! - **Pleiades fps and p50/p95 ms**: from the client's `frames.jsonl`, the frames presented in
 //!   the measured window (`decoded_us`, CLOCK_MONOTONIC, compared with this process's
 //!   CLOCK_MONOTONIC at the start and end of the window) per second, and their update latency
@@ -40,8 +56,8 @@
 //!   the updates the client presented, not the frames the guest drew (their count goes to
 //!   stderr). SPICE's frame rate and latency are `-`: `remote-viewer` exposes no per-frame
 //!   timing, and SPICE has no frame acks to count;
-//! - **first kB**: the bytes from connecting to the settled first picture (handshake included),
-//!   both ways: not in kB/s.
+//! - **first kB**: the payload bytes from connecting to the settled first picture (handshake
+//!   included), counted as the payload kB/s are: not in kB/s.
 //!
 //! The links: loopback (`LinkConfig::CLEAN`, the relays only count) and a bad WAN, 100 ms RTT,
 //! 10 Mbit/s each way and, for Pleiades' QUIC only, 2 % loss each way
@@ -65,7 +81,8 @@
 //! subset; `PLEIADES_BENCH_PRESSURE=0` skips the pressure block (run only with the loopback
 //! link). It first builds `pleiades-host` and `pleiades` with its own profile into its own
 //! target directory (`cargo bench` builds the release ones; `--profile dev` works too, slower)
-//! and runs those. Missing `remote-viewer` or QEMU's SPICE module (`./dev deps spice`) is said
+//! and runs those. Missing `remote-viewer`, QEMU's SPICE module or `tcpdump` (`./dev deps
+//! spice`), or a tcpdump that cannot capture on `lo` (it needs root or CAP_NET_RAW), is said
 //! clearly; under `CI=true` it fails.
 
 use std::path::PathBuf;
@@ -75,6 +92,7 @@ use std::time::{Duration, Instant};
 
 use pleiades_tests::image::GuestImage;
 use pleiades_tests::linkem::{Link, LinkConfig};
+use pleiades_tests::pcap::{self, Capture, Traffic, Transport};
 use pleiades_tests::qemu::{Guest, GuestConfig, WAIT_FOR_TTY1_SHELL};
 use pleiades_tests::served::{self, ServedDesktop};
 use pleiades_tests::spice::{self, TcpRelay, Viewer};
@@ -107,6 +125,16 @@ fn pick<'a>(env: &str, all: &[&'a str], default: &[&'a str]) -> Vec<&'a str> {
     }
 }
 
+/// UDP datagrams dropped so far for a full socket receive buffer, every socket's
+/// (`/proc/net/snmp`, `Udp: … RcvbufErrors`).
+fn udp_rcvbuf_errors() -> Option<u64> {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp: "));
+    let (names, values) = (udp.next()?, udp.next()?);
+    let at = names.split_whitespace().position(|n| n == "RcvbufErrors")?;
+    values.split_whitespace().nth(at)?.parse().ok()
+}
+
 /// CLOCK_MONOTONIC in µs, the clock of the client's `frames.jsonl`.
 fn monotonic_us() -> u64 {
     let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
@@ -130,8 +158,15 @@ fn latency(frames: &[&serde_json::Value]) -> (f64, f64) {
 
 /// One measured window.
 struct Measured {
-    /// Server → client payload bytes per second, in kB/s.
+    /// Server → client IP bytes per second (the packet capture), in kB/s.
+    ip_kb_s: f64,
+    /// The capture's counts: server → client and client → server IP bytes and packets.
+    traffic: Traffic,
+    /// Server → client payload bytes per second (linkem's or the relay's count), in kB/s.
     kb_s: f64,
+    /// Pleiades: UDP datagrams this machine's kernel dropped in the window for a full receive
+    /// buffer (`RcvbufErrors`, every socket's): the capture counts them, the link never saw them.
+    rcvbuf_drops: Option<u64>,
     /// Server → client bytes from connecting to the settled first picture, in kB.
     first_kb: f64,
     /// Pleiades: the frames presented in the window (`frames.jsonl` lines).
@@ -142,6 +177,24 @@ struct Measured {
 }
 
 impl Measured {
+    /// What stderr gets for each run.
+    fn summary(&self) -> String {
+        let t = &self.traffic;
+        format!(
+            "{:.1} kB/s IP ({} packets; client → server {:.1} kB/s, {} packets{}), {:.1} kB/s payload ({})",
+            self.ip_kb_s,
+            t.from_port_packets,
+            t.to_port_bytes as f64 / 1000.0 / self.seconds,
+            t.to_port_packets,
+            t.dropped.filter(|d| *d > 0).map_or(String::new(), |d| format!("; tcpdump dropped {d}"))
+                + &self.rcvbuf_drops.filter(|d| *d > 0).map_or(String::new(), |d| format!(
+                    "; {d} UDP datagrams dropped for full receive buffers"
+                )),
+            self.kb_s,
+            self.said
+        )
+    }
+
     fn fps(&self, keep: impl Fn(&serde_json::Value) -> bool) -> f64 {
         self.frames.iter().filter(|f| keep(f)).count() as f64 / self.seconds
     }
@@ -334,9 +387,12 @@ impl Pleiades {
             last = now;
             settled.then_some(())
         })?;
+        let capture = Capture::start(Transport::Udp, self.server.port())?;
         let stats = link.stats();
         let first = stats.bytes_from_server.load(Ordering::Relaxed);
         let t0 = monotonic_us();
+        let w0 = pcap::now();
+        let drops0 = udp_rcvbuf_errors();
         let started = Instant::now();
         start_workloads(&mut self.desktop.guest, workloads, seconds)?;
         std::thread::sleep(
@@ -344,7 +400,10 @@ impl Pleiades {
         );
         let bytes = stats.bytes_from_server.load(Ordering::Relaxed) - first;
         let t1 = monotonic_us();
+        let w1 = pcap::now();
+        let drops1 = udp_rcvbuf_errors();
         let elapsed = started.elapsed().as_secs_f64();
+        let traffic = capture.stop(Some((w0, w1)));
         client.end(Duration::from_secs(30));
         drop(link);
         let said = wait_workloads_done(&mut self.desktop.guest)?;
@@ -354,8 +413,12 @@ impl Pleiades {
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter(|f| f["decoded_us"].as_u64().is_some_and(|t| (t0..=t1).contains(&t)))
             .collect();
+        let traffic = traffic?;
         Ok(Measured {
+            ip_kb_s: traffic.from_port_bytes as f64 / 1000.0 / elapsed,
+            traffic,
             kb_s: bytes as f64 / 1000.0 / elapsed,
+            rcvbuf_drops: drops0.zip(drops1).map(|(a, b)| b.saturating_sub(a)),
             first_kb: first as f64 / 1000.0,
             frames,
             seconds: elapsed,
@@ -426,14 +489,18 @@ impl Spice {
         })
         .and_then(|alive| if alive { Ok(()) } else { Err("remote-viewer ended".into()) })
         .map_err(|e| format!("{e}: {}", viewer.log_tail()))?;
+        let capture = Capture::start(Transport::Tcp, self.server.port())?;
         let first = stats.from_server.load(Ordering::Relaxed);
+        let w0 = pcap::now();
         let started = Instant::now();
         start_workloads(&mut self.guest, &[workload], seconds)?;
         std::thread::sleep(
             (started + Duration::from_secs(u64::from(seconds))).saturating_duration_since(Instant::now()),
         );
         let bytes = stats.from_server.load(Ordering::Relaxed) - first;
+        let w1 = pcap::now();
         let elapsed = started.elapsed().as_secs_f64();
+        let traffic = capture.stop(Some((w0, w1)))?;
         if !viewer.running() {
             return Err(format!("remote-viewer ended during the run: {}", viewer.log_tail()));
         }
@@ -441,7 +508,10 @@ impl Spice {
         drop(relay);
         let said = wait_workloads_done(&mut self.guest)?;
         Ok(Measured {
+            ip_kb_s: traffic.from_port_bytes as f64 / 1000.0 / elapsed,
+            traffic,
             kb_s: bytes as f64 / 1000.0 / elapsed,
+            rcvbuf_drops: None,
             first_kb: first as f64 / 1000.0,
             frames: Vec::new(),
             seconds: elapsed,
@@ -469,6 +539,13 @@ fn main() {
 
     // Prerequisites first: a missing SPICE is said before minutes of Pleiades runs.
     let Some(()) = prerequisite::require("guest_display", spice::prerequisites()) else {
+        return;
+    };
+    // The byte counts are packet captures: tcpdump must be able to capture on lo.
+    let Some(_) = prerequisite::require(
+        "guest_display",
+        Capture::start(Transport::Udp, 9).and_then(|c| c.stop(None)).map_err(|e| format!("tcpdump: {e}")),
+    ) else {
         return;
     };
     let Some(_) = prerequisite::require("guest_display", GuestImage::locate()) else {
@@ -499,7 +576,7 @@ fn main() {
                     let r = p.measure(&[w], *config, seconds);
                     eprintln!(
                         "pleiades {name} {w}: {}",
-                        r.as_ref().map_or_else(|e| e.clone(), |m| format!("{:.1} kB/s ({})", m.kb_s, m.said))
+                        r.as_ref().map_or_else(|e| e.clone(), Measured::summary)
                     );
                     pleiades.push(((name.to_string(), w.to_string()), r));
                 }
@@ -532,7 +609,7 @@ fn main() {
                     let r = s.measure(w, lossless, seconds);
                     eprintln!(
                         "spice {name} {w}: {}",
-                        r.as_ref().map_or_else(|e| e.clone(), |m| format!("{:.1} kB/s ({})", m.kb_s, m.said))
+                        r.as_ref().map_or_else(|e| e.clone(), Measured::summary)
                     );
                     spice_rows.push(((name.to_string(), w.to_string()), r));
                 }
@@ -548,11 +625,12 @@ fn main() {
     for (name, _) in &chosen {
         println!("\n{}", link_title(name));
         println!(
-            "  {:<8} {:>13} {:>11} {:>15} {:>12} {:>19} {:>9} {:>14} {:>16} {:>18}",
+            "  {:<8} {:>16} {:>13} {:>15} {:>21} {:>12} {:>19} {:>9} {:>14} {:>16} {:>18}",
             "workload",
-            "Pleiades kB/s",
-            "SPICE kB/s",
+            "Pleiades IP kB/s",
+            "SPICE IP kB/s",
             "Pleiades/SPICE",
+            "payload kB/s P / S",
             "Pleiades fps",
             "Pleiades p50/p95 ms",
             "SPICE fps",
@@ -563,8 +641,10 @@ fn main() {
         for w in &workloads {
             let p = find(&pleiades, name, w).map(|i| &pleiades[i].1);
             let s = find(&spice_rows, name, w).map(|i| &spice_rows[i].1);
-            let p_kb = p.and_then(|r| r.as_ref().ok()).map(|m| m.kb_s);
-            let s_kb = s.and_then(|r| r.as_ref().ok()).map(|m| m.kb_s);
+            let p_kb = p.and_then(|r| r.as_ref().ok()).map(|m| m.ip_kb_s);
+            let s_kb = s.and_then(|r| r.as_ref().ok()).map(|m| m.ip_kb_s);
+            let p_payload = p.and_then(|r| r.as_ref().ok()).map(|m| m.kb_s);
+            let s_payload = s.and_then(|r| r.as_ref().ok()).map(|m| m.kb_s);
             let (ratio, target) = match (p_kb, s_kb) {
                 (Some(a), Some(b)) if b > 0.0 => {
                     (format!("{:.2}", a / b), if a <= 0.5 * b { "yes" } else { "no" }.to_owned())
@@ -587,11 +667,12 @@ fn main() {
                 s.and_then(|r| r.as_ref().ok()).map_or("-".into(), |m| format!("{:.0}", m.first_kb));
             let kb = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1}"));
             println!(
-                "  {:<8} {:>13} {:>11} {:>15} {:>12} {:>19} {:>9} {:>14} {:>16} {:>18}",
+                "  {:<8} {:>16} {:>13} {:>15} {:>21} {:>12} {:>19} {:>9} {:>14} {:>16} {:>18}",
                 w,
                 kb(p_kb),
                 kb(s_kb),
                 ratio,
+                format!("{} / {}", kb(p_payload), kb(s_payload)),
                 fps,
                 lat,
                 "-",
@@ -640,10 +721,21 @@ fn main() {
     }
 
     println!(
-        "\n  kB/s: application payload bytes server → client in the measured window (1 kB = 1000 B), no \
-         IP/UDP/TCP headers: Pleiades the UDP payloads its server sent into the link emulator, SPICE the TCP \
-         payloads of every SPICE channel through the relay; the window starts when the workload starts, after \
-         the first full-screen picture settled (its bytes, connection setup included, are \"first kB\")."
+        "\n  IP kB/s: IP bytes server → client in the measured window (1 kB = 1000 B), counted the same way for \
+         both by a packet capture on loopback (tcpdump -i lo): every packet whose source is the server's port, \
+         its IP total length (IP + UDP/TCP headers + payload, no Ethernet header), ACK-only packets included \
+         (QUIC's ACK packets and SPICE's pure TCP ACKs alike). Pleiades: the session server's UDP port (the leg \
+         between the server and the link emulator, before the link's loss); SPICE: QEMU's SPICE port (the leg \
+         between QEMU and the relay, every SPICE channel). Loopback's MTU is 64 KiB and lo takes GSO/TSO \
+         packets whole, so IP and UDP/TCP headers count once per loopback packet, for both. The window starts \
+         when the workload starts, after the first full-screen picture settled."
+    );
+    println!(
+        "  payload kB/s P / S: the same window's application payload bytes server → client, no IP/UDP/TCP \
+         headers: Pleiades the UDP payloads into the link emulator (QUIC's ACKs and AEAD tags included), SPICE \
+         the TCP payloads through the relay (its TCP ACKs carry none); datagrams the kernel dropped for the \
+         link emulator's full receive buffer (stderr) are in the IP kB/s, not here. first kB P / S: payload bytes from \
+         connecting to the settled first picture, connection setup included; not in kB/s."
     );
     println!(
         "  Pleiades fps, p50/p95 (ms): frames presented by the headless client in the window and their update \
@@ -656,5 +748,8 @@ fn main() {
         "  wan: SPICE's relay applies the delay and the rate but no loss (a TCP stream cannot lose segments in a \
          userspace relay): SPICE's wan row is on a lossless link, which favours SPICE."
     );
-    println!("  bytes ≤ 0.5× SPICE: the target of issue #20, Pleiades' kB/s at most half of SPICE's.");
+    println!(
+        "  Pleiades/SPICE and bytes ≤ 0.5× SPICE: from the IP kB/s (packet capture); the target of issue #20 is \
+         Pleiades' at most half of SPICE's."
+    );
 }

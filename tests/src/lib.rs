@@ -23,6 +23,8 @@
 //! - [`linkem`]: a link emulator (delay, loss, rate, down/up) for QUIC between client and host.
 //! - [`spice`]: SPICE as a reference for the display benchmark: QEMU's SPICE server, `remote-viewer`
 //!   under Xvfb, and a TCP relay that counts the bytes each way (delay and rate, no loss).
+//! - [`pcap`]: `tcpdump` on loopback and a pcap reader: the IP bytes each way of one port, the
+//!   display benchmark's byte count for QUIC and TCP alike.
 //! - [`xwd`]: reads `xwd -root` dumps of an X screen (Xvfb) without ImageMagick.
 //!
 //! The tests in `tests/` use these to run the real pieces together.
@@ -134,6 +136,7 @@ pub mod evdev;
 pub mod kvm_host;
 pub mod linkem;
 pub mod netns;
+pub mod pcap;
 pub mod qemu;
 pub mod served;
 pub mod spice;

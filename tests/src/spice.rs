@@ -13,8 +13,9 @@
 //!   the relay), and this kernel has no `netem`. A relay with a loss probability is refused;
 //!   figures on a lossy link favour SPICE, whose TCP would slow down and stall there.
 //! - [`Viewer`]: `remote-viewer spice://…` on an Xvfb display, killed on drop.
-//! - [`prerequisites`]: QEMU's SPICE module (`qemu-system-modules-spice`) and `remote-viewer`
-//!   (`virt-viewer`), both installed by `./dev deps` (group `spice`).
+//! - [`prerequisites`]: QEMU's SPICE module (`qemu-system-modules-spice`), `remote-viewer`
+//!   (`virt-viewer`) and `tcpdump` (the benchmark's packet capture, [`crate::pcap`]), all
+//!   installed by `./dev deps` (group `spice`).
 //!
 //! Times are real: use it for figures, never for assertions on timing.
 
@@ -30,7 +31,7 @@ use std::time::{Duration, Instant};
 use crate::linkem::LinkConfig;
 use crate::xvfb::Xvfb;
 
-/// QEMU's SPICE module and `remote-viewer`, or what to install.
+/// QEMU's SPICE module, `remote-viewer` and `tcpdump`, or what to install.
 pub fn prerequisites() -> Result<(), String> {
     let qemu = crate::qemu::qemu_binary();
     let help = Command::new(&qemu)
@@ -51,6 +52,11 @@ pub fn prerequisites() -> Result<(), String> {
     }
     crate::prerequisite::command("remote-viewer").map_err(|_| {
         "`remote-viewer` is not installed: install `virt-viewer` (`./dev deps spice`)".to_owned()
+    })?;
+    crate::prerequisite::command("tcpdump").map_err(|_| {
+        "`tcpdump` is not installed (the benchmark counts bytes with a packet capture on loopback): \
+         install `tcpdump` (`./dev deps spice`)"
+            .to_owned()
     })?;
     crate::prerequisite::command("Xvfb")
         .map_err(|_| "`Xvfb` is not installed: install `xvfb` (`./dev deps gui`)".to_owned())?;

@@ -93,10 +93,11 @@ pub const GROUPS: &[Group] = &[
         name: "spice",
         purpose: "the guest display benchmark's reference (benches/guest_display.rs): QEMU's SPICE \
                   server module (from bookworm-backports with the rest of src:qemu, by the pin) and \
-                  remote-viewer as its client",
+                  remote-viewer as its client, and tcpdump, whose packet capture on loopback counts \
+                  both sides' bytes",
         unless_command: None,
         preseed: &[],
-        packages: &["qemu-system-modules-spice", "virt-viewer"],
+        packages: &["qemu-system-modules-spice", "virt-viewer", "tcpdump"],
     },
     Group {
         name: "network",
