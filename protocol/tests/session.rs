@@ -3,7 +3,7 @@
 //! ack lost), input, and cursor datagrams. It drives the crate the way the QUIC shells do.
 
 use pleiades_protocol::handshake::{Capabilities, ClientHandshake, Refusal, ServerHandshake, ServerOutcome};
-use pleiades_protocol::pacing::FramePacer;
+use pleiades_protocol::pacing::{FramePacer, PacerConfig};
 use pleiades_protocol::ticket::{TicketClaims, TicketSigner, TicketVerifier};
 use pleiades_protocol::transport::stream_prelude;
 use pleiades_protocol::wire::{
@@ -90,7 +90,8 @@ fn a_session_from_hello_to_paced_frames() {
     assert_eq!(client_session.session_id, 0x5e55_1011);
 
     // The server's display stream: prelude, then frames while the pacer allows.
-    let mut pacer = FramePacer::default();
+    // One frame in flight, so that a lost ack shows (the pipelined window: `pacing`'s tests).
+    let mut pacer = FramePacer::new(PacerConfig { max_in_flight: 1, ..PacerConfig::default() });
     let mut display = stream_prelude(Channel::Display).to_vec();
     let mut now = 0u64;
     let send_frame = |display: &mut Vec<u8>, pacer: &mut FramePacer, frame_id: u64, now: u64| {
