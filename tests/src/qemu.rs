@@ -18,7 +18,7 @@ use pleiades_vmm::accel::{Accel, AccelChoice, AccelError};
 /// Environment variable: seconds to wait for READY (default 180).
 pub const BOOT_TIMEOUT_ENV: &str = "PLEIADES_BOOT_TIMEOUT";
 
-pub use pleiades_host::vm::qemu::qemu_binary;
+pub use pleiades_host::vm::qemu::{accel_option, qemu_binary};
 
 /// How long to wait for the guest to come up.
 pub fn boot_timeout() -> Duration {
@@ -128,19 +128,16 @@ impl Guest {
         cmd.args(["-nodefaults", "-no-user-config", "-display", "none", "-vga", "none", "-monitor", "none"])
             .args(["-serial", "stdio", "-no-reboot"])
             .args(["-smp", &config.cpus.to_string(), "-m", &format!("{}M", config.memory_mib)]);
-        let machine = match accel.accel {
-            Accel::Kvm => "q35,accel=kvm",
-            Accel::Tcg => "q35,accel=tcg",
-        };
+        cmd.args(["-accel", &accel_option(accel.accel, config.cpus)]);
         if config.shared_memory {
             cmd.args([
                 "-object",
                 &format!("memory-backend-memfd,id=mem,size={}M,share=on", config.memory_mib),
                 "-machine",
-                &format!("{machine},memory-backend=mem"),
+                "q35,memory-backend=mem",
             ]);
         } else {
-            cmd.args(["-machine", machine]);
+            cmd.args(["-machine", "q35"]);
         }
         cmd.args(["-cpu", if accel.accel == Accel::Kvm { "host" } else { "max" }]);
         cmd.arg("-kernel").arg(&image.kernel).arg("-initrd").arg(&image.initramfs);

@@ -9,7 +9,7 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::qemu::qemu_binary;
+use crate::qemu::{accel_option, qemu_binary};
 use pleiades_vmm::accel::{ACCEL_ENV, Accel, AccelChoice, AccelError};
 
 /// The marker of the result line.
@@ -115,12 +115,13 @@ pub fn run_watching(
     let mut cmd = Command::new(qemu_binary());
     // Under KVM a plain model: `host`/`max` pass MSRs (IA32_ARCH_CAPABILITIES) that the build
     // machines' software-assisted nested KVM rejects, and the guest needs nothing beyond qemu64.
-    let (machine, cpu) = match accel.accel {
-        Accel::Kvm => ("q35,accel=kvm", "qemu64"),
-        Accel::Tcg => ("q35,accel=tcg", "max"),
+    let cpu = match accel.accel {
+        Accel::Kvm => "qemu64",
+        Accel::Tcg => "max",
     };
     cmd.args(["-nodefaults", "-no-user-config", "-display", "none", "-vga", "none", "-monitor", "none"])
-        .args(["-serial", "stdio", "-no-reboot", "-machine", machine, "-cpu", cpu])
+        .args(["-serial", "stdio", "-no-reboot", "-machine", "q35", "-cpu", cpu])
+        .args(["-accel", &accel_option(accel.accel, config.cpus)])
         .args(["-smp", &config.cpus.to_string(), "-m", &format!("{}M", config.memory_mib)])
         .arg("-kernel")
         .arg(elf)

@@ -40,6 +40,55 @@ pub fn qemu_binary() -> PathBuf {
     std::env::var_os("PLEIADES_QEMU").map_or_else(|| "qemu-system-x86_64".into(), PathBuf::from)
 }
 
+/// QEMU's `-accel` option for `accel` with `cpus` vCPUs.
+///
+/// TCG runs each vCPU on a thread of its own, except where the QEMU binary has
+/// [QEMU bug 3040](https://gitlab.com/qemu-project/qemu/-/issues/3040): before 10.0.3 a vCPU
+/// that changes the memory map (a PCI BAR programmed at boot) swaps in another vCPU's new
+/// dispatch table at once but flushes that vCPU's TLB later, and an MMIO access in between
+/// aborts QEMU (`iotlb_to_section: Assertion 'section_index < d->map.sections_nb' failed`).
+/// Seen in this project's CI (bookworm-backports' 10.0.2, 2 vCPUs, a desktop booting while two
+/// others ran). With one thread for all vCPUs the flush happens before the other vCPU runs again;
+/// the test image boots as fast either way (4.3 s to READY with 2 vCPUs, both ways, here).
+pub fn accel_option(accel: Accel, cpus: u32) -> String {
+    match accel {
+        Accel::Kvm => "kvm".to_owned(),
+        Accel::Tcg => tcg_option(cpus, qemu_version().as_ref()),
+    }
+}
+
+/// [`accel_option`] for TCG, with the QEMU version (`None`: unknown) spelled out.
+fn tcg_option(cpus: u32, version: Option<&QemuVersion>) -> String {
+    let multi_threaded_is_safe = version.is_some_and(|v| *v >= MTTCG_DISPATCH_FIX);
+    if cpus > 1 && !multi_threaded_is_safe { "tcg,thread=single".to_owned() } else { "tcg".to_owned() }
+}
+
+/// The first QEMU release with the fix for bug 3040 (a stable release; 10.1.0 has it too).
+const MTTCG_DISPATCH_FIX: QemuVersion = QemuVersion(10, 0, 3);
+
+/// A QEMU release: major, minor, micro.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct QemuVersion(pub u32, pub u32, pub u32);
+
+impl QemuVersion {
+    /// Reads `QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2)` (`--version`'s first line).
+    pub fn parse(version_output: &str) -> Option<Self> {
+        let rest = version_output.lines().next()?.split("version ").nth(1)?;
+        let number = rest.split(|c: char| !(c.is_ascii_digit() || c == '.')).next()?;
+        let mut parts = number.split('.').map(|p| p.parse::<u32>().ok());
+        Some(Self(parts.next()??, parts.next()??, parts.next().flatten().unwrap_or(0)))
+    }
+}
+
+/// The version of [`qemu_binary`], asked once per process; `None` when it cannot be run or read.
+pub fn qemu_version() -> Option<QemuVersion> {
+    static VERSION: std::sync::OnceLock<Option<QemuVersion>> = std::sync::OnceLock::new();
+    *VERSION.get_or_init(|| {
+        let output = Command::new(qemu_binary()).arg("--version").stdin(Stdio::null()).output().ok()?;
+        QemuVersion::parse(&String::from_utf8_lossy(&output.stdout))
+    })
+}
+
 /// The QEMU device name for a Pleiades vhost-user backend.
 fn vhost_user_device(kind: DeviceKind) -> Result<&'static str> {
     Ok(match kind {
@@ -85,10 +134,6 @@ fn qemu_command(
         None => Command::new("setpriv"),
     };
     cmd.args(["--pdeathsig", "KILL", "--"]).arg(qemu_binary());
-    let accel_name = match accel.accel {
-        Accel::Kvm => "kvm",
-        Accel::Tcg => "tcg",
-    };
     // A GPU needs a UI for host-initiated display changes (see `qemu_display`).
     let display = if devices.iter().any(|d| d.qemu_device == "vhost-user-gpu-pci") {
         qemu_display::QEMU_DISPLAY
@@ -99,7 +144,7 @@ fn qemu_command(
     // changes, no new processes, no scheduling or resource changes.
     cmd.args(["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]);
     cmd.args(["-nodefaults", "-no-user-config", "-display", display, "-vga", "none", "-monitor", "none"])
-        .args(["-machine", &format!("q35,accel={accel_name},memory-backend=mem")])
+        .args(["-machine", "q35,memory-backend=mem", "-accel", &accel_option(accel.accel, spec.cpus.into())])
         .args(["-object", &format!("memory-backend-memfd,id=mem,size={}M,share=on", spec.memory_mib)])
         .args(["-cpu", if accel.accel == Accel::Kvm { "host" } else { "max" }])
         .args(["-smp", &spec.cpus.to_string(), "-m", &format!("{}M", spec.memory_mib)])
@@ -452,4 +497,31 @@ impl Controller for QemuController {
 
 fn qmp_failed(error: anyhow::Error) -> CommandError {
     CommandError::Failed(format!("QEMU refused: {error:#}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_are_read_from_qemus_banner() {
+        let debian = "QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)\nCopyright (c) 2003-2025";
+        assert_eq!(QemuVersion::parse(debian), Some(QemuVersion(10, 0, 2)));
+        assert_eq!(QemuVersion::parse("QEMU emulator version 9.2.90"), Some(QemuVersion(9, 2, 90)));
+        assert_eq!(QemuVersion::parse("QEMU emulator version 11.1"), Some(QemuVersion(11, 1, 0)));
+        assert_eq!(QemuVersion::parse("qemu-system-x86_64: command not found"), None);
+        assert_eq!(QemuVersion::parse(""), None);
+    }
+
+    #[test]
+    fn tcg_runs_vcpus_on_one_thread_only_where_qemu_has_the_dispatch_race() {
+        let buggy = QemuVersion(10, 0, 2);
+        let fixed = QemuVersion(10, 0, 3);
+        assert_eq!(tcg_option(2, Some(&buggy)), "tcg,thread=single");
+        assert_eq!(tcg_option(2, None), "tcg,thread=single", "unknown: the safe way");
+        assert_eq!(tcg_option(2, Some(&fixed)), "tcg");
+        assert_eq!(tcg_option(8, Some(&QemuVersion(10, 1, 0))), "tcg");
+        assert_eq!(tcg_option(1, Some(&buggy)), "tcg", "one vCPU has no other vCPU to race");
+        assert_eq!(accel_option(Accel::Kvm, 4), "kvm");
+    }
 }
