@@ -19,6 +19,7 @@ use std::path::Path;
 use openh264::decoder::Decoder;
 use openh264::formats::YUVSource;
 use pleiades_protocol::transport::error_code;
+use pleiades_protocol::wire::scale;
 use pleiades_protocol::wire::{
     CopyRect, DisplayMessage, FrameBegin, FrameSequence, MAX_MONITORS, Rect, SequenceError, TileData, Video,
     palette,
@@ -287,6 +288,23 @@ impl YuvPicture {
             y: copy(picture.y(), y_stride, width, height)?,
             u: copy(picture.u(), u_stride, cw, ch)?,
             v: copy(picture.v(), v_stride, cw, ch)?,
+        })
+    }
+
+    /// A decoded picture smaller than `rect` (capability `SCALED_VIDEO`), its planes scaled up
+    /// to fill it ([`scale::bilinear`], as the protocol says); `None` if they are short.
+    fn scaled_from(picture: &impl YUVSource, rect: &Rect) -> Option<Self> {
+        let (pic_w, pic_h) = picture.dimensions();
+        let (pic_w, pic_h) = (u32::try_from(pic_w).ok()?, u32::try_from(pic_h).ok()?);
+        let (y_stride, u_stride, v_stride) = picture.strides();
+        let luma = (rect.width, rect.height);
+        let chroma = (rect.width.div_ceil(2), rect.height.div_ceil(2));
+        let pic_chroma = (pic_w.div_ceil(2), pic_h.div_ceil(2));
+        Some(Self {
+            rect: *rect,
+            y: scale::bilinear(picture.y(), (pic_w, pic_h), y_stride, 1, luma)?,
+            u: scale::bilinear(picture.u(), pic_chroma, u_stride, 1, chroma)?,
+            v: scale::bilinear(picture.v(), pic_chroma, v_stride, 1, chroma)?,
         })
     }
 
@@ -608,6 +626,19 @@ impl Displays {
                 return false;
             }
         };
+        let (pic_w, pic_h) = picture.dimensions();
+        if pic_w < video.rect.width as usize || pic_h < video.rect.height as usize {
+            // A scaled region: the picture fills it, scaled up.
+            let Some(scaled) = YuvPicture::scaled_from(&picture, &video.rect) else { return false };
+            if self.gpu_video {
+                surface.gpu.video_working.retain(|old| old.rect != scaled.rect);
+                surface.gpu.video_working.push(scaled);
+            } else {
+                scaled.convert_into(&mut surface.working);
+                surface.damage(video.rect);
+            }
+            return true;
+        }
         if self.gpu_video {
             let Some(picture) = YuvPicture::from_source(&picture, &video.rect) else { return false };
             surface.gpu.video_working.retain(|old| old.rect != picture.rect);
@@ -621,8 +652,9 @@ impl Displays {
 }
 
 /// Converts a decoded I420 picture into `rect` of `fb` (BT.601 limited range, the matrix
-/// OpenH264's RGB→YUV on the host uses). A picture of another size than the rect fills their
-/// overlap. `false` if the planes are shorter than their strides promise.
+/// OpenH264's RGB→YUV on the host uses). A picture larger than the rect fills the rect with
+/// its top-left part (a smaller one is scaled first: [`YuvPicture::scaled_from`]). `false` if
+/// the planes are shorter than their strides promise.
 fn yuv420_to_bgrx(picture: &impl YUVSource, fb: &mut Framebuffer, rect: &Rect) -> bool {
     let (pic_w, pic_h) = picture.dimensions();
     let (y_stride, u_stride, v_stride) = picture.strides();

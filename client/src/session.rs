@@ -81,6 +81,7 @@ impl Default for SessionOptions {
                 | Capabilities::FILES
                 | Capabilities::COPY_RECT
                 | Capabilities::PALETTE_TILES
+                | Capabilities::SCALED_VIDEO
                 | Capabilities::USB,
         }
     }

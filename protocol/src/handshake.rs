@@ -72,6 +72,9 @@ impl Capabilities {
     pub const COPY_RECT: Self = Self(1 << 11);
     /// `Tile` with `TileData::Palette`: text and UI as a few colours and small indices.
     pub const PALETTE_TILES: Self = Self(1 << 12);
+    /// A `Video` picture may be smaller than its region: the client scales it up to fill it
+    /// ([`crate::wire::scale`]). A server on a CPU budget encodes a busy region smaller.
+    pub const SCALED_VIDEO: Self = Self(1 << 13);
 
     /// Every capability this version implements.
     pub const SUPPORTED: Self = Self(
@@ -87,6 +90,7 @@ impl Capabilities {
             | Self::FILES.0
             | Self::COPY_RECT.0
             | Self::PALETTE_TILES.0
+            | Self::SCALED_VIDEO.0
             | Self::USB.0,
     );
 
@@ -132,7 +136,7 @@ impl BitAnd for Capabilities {
 
 impl fmt::Debug for Capabilities {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const NAMES: [(Capabilities, &str); 13] = [
+        const NAMES: [(Capabilities, &str); 14] = [
             (Capabilities::ZSTD_TILES, "ZSTD_TILES"),
             (Capabilities::H264, "H264"),
             (Capabilities::CURSOR_CHANNEL, "CURSOR_CHANNEL"),
@@ -146,6 +150,7 @@ impl fmt::Debug for Capabilities {
             (Capabilities::FILES, "FILES"),
             (Capabilities::COPY_RECT, "COPY_RECT"),
             (Capabilities::PALETTE_TILES, "PALETTE_TILES"),
+            (Capabilities::SCALED_VIDEO, "SCALED_VIDEO"),
         ];
         let mut set = f.debug_set();
         let mut rest = self.0;

@@ -15,7 +15,8 @@
 //!   with the `rustls` feature.
 //! - [`resume`]: one-time resume tokens that let a client get its session back after a network
 //!   loss (the connection file's ticket is spent by then).
-//! - [`pacing`]: frame pacing (about one frame in flight), RTT and delivery-rate estimates.
+//! - [`pacing`]: frame pacing (frames in flight from the bandwidth-delay product), RTT and
+//!   delivery-rate estimates.
 //! - [`control`]: the control channel after the handshake as two state machines,
 //!   [`control::ServerControl`] and [`control::ClientControl`]: pings and the RTT, frame acks into
 //!   the pacer, layouts, resume tokens, goodbye, the direction rules.

@@ -785,6 +785,7 @@ fn display_loop(
                 copy: caps.contains(Capabilities::COPY_RECT),
                 cpu_budget_percent: budget,
                 palette: caps.contains(Capabilities::PALETTE_TILES),
+                scale: caps.contains(Capabilities::SCALED_VIDEO),
             }
         };
         for (index, slot) in scanouts.iter_mut().enumerate() {

@@ -181,6 +181,7 @@ impl SessionServer {
             | Capabilities::DYNAMIC_LAYOUT
             | Capabilities::COPY_RECT
             | Capabilities::PALETTE_TILES
+            | Capabilities::SCALED_VIDEO
             | Capabilities::RESUME;
         if controller.sound().is_some() {
             capabilities = capabilities | Capabilities::AUDIO;

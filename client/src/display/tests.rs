@@ -284,6 +284,54 @@ fn h264_regions_decode_close_to_the_source() {
     assert_eq!(displays.decode_errors, 1);
 }
 
+/// A region encoded at half its size (`SCALED_VIDEO`) fills the whole region, scaled up, on
+/// both paths: converted on the CPU, and handed to a GPU consumer as a full-size picture.
+#[test]
+fn a_half_size_picture_fills_its_region_scaled_up() {
+    let (width, height) = (160u32, 96u32);
+    let source = pattern(width, height);
+    let half = scale::bilinear(&source, (width, height), width as usize * 4, 4, (80, 48)).unwrap();
+    let config = EncoderConfig::new().bitrate(openh264::encoder::BitRate::from_bps(4_000_000));
+    let mut encoder = Encoder::with_api_config(openh264::OpenH264API::from_source(), config).unwrap();
+    let yuv = YUVBuffer::from_bgra8_source(BgraSliceU8::new(&half, (80, 48)));
+    let access_unit = encoder.encode(&yuv).unwrap().to_vec();
+    let rect = Rect { x: 32, y: 16, width, height };
+    let video = || DisplayMessage::Video(Video { rect, keyframe: true, data: access_unit.clone() });
+    let background = || tile(0, 0, 256, 128, TileData::Solid(0x00ff_00ff));
+
+    let mut displays = Displays::new();
+    let mut stream = DisplayStream::new();
+    let frames =
+        run(&mut displays, &mut stream, &[begin(1, 256, 128), background(), video(), end(1)]).unwrap();
+    assert_eq!((frames[0].videos, frames[0].decode_errors), (1, 0));
+    let fb = displays.snapshot(0).unwrap();
+    // Half the detail, but the whole region: the gradients come back close, the square's edges
+    // soft (a full-size picture gets over 30 dB here).
+    let quality = psnr(&source, &region(&fb, rect));
+    assert!(quality > 24.0, "PSNR {quality:.1} dB");
+    assert_ne!(
+        fb.pixel(32 + width - 1, 16 + height - 1),
+        Some([0xff, 0, 0xff, 0]),
+        "the last pixel is the picture's"
+    );
+    assert_eq!(fb.pixel(32 + width, 16), Some([0xff, 0, 0xff, 0]), "nothing outside the region");
+    assert_eq!(fb.pixel(31, 16 + height - 1), Some([0xff, 0, 0xff, 0]));
+
+    // The GPU path gets the same picture at full size, and converts it to the same pixels.
+    let mut gpu = Displays::new();
+    gpu.set_gpu_video(true);
+    let mut stream = DisplayStream::new();
+    run(&mut gpu, &mut stream, &[begin(1, 256, 128), background(), video(), end(1)]).unwrap();
+    let mut pictures = Vec::new();
+    assert!(gpu.drain_for_gpu(0, |update| pictures = update.videos));
+    assert_eq!(pictures.len(), 1);
+    assert_eq!(pictures[0].rect, rect);
+    assert_eq!((pictures[0].y.len(), pictures[0].u.len()), (160 * 96, 80 * 48));
+    let mut converted = Framebuffer::new(256, 128);
+    pictures[0].convert_into(&mut converted);
+    assert_eq!(region(&converted, rect), region(&fb, rect));
+}
+
 #[test]
 fn png_round_trips_the_pixels() {
     let fb = Framebuffer { width: 3, height: 2, pixels: pattern(3, 2) };

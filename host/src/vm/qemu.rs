@@ -505,7 +505,8 @@ mod tests {
 
     #[test]
     fn versions_are_read_from_qemus_banner() {
-        let debian = "QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)\nCopyright (c) 2003-2025";
+        let debian =
+            "QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)\nCopyright (c) 2003-2025";
         assert_eq!(QemuVersion::parse(debian), Some(QemuVersion(10, 0, 2)));
         assert_eq!(QemuVersion::parse("QEMU emulator version 9.2.90"), Some(QemuVersion(9, 2, 90)));
         assert_eq!(QemuVersion::parse("QEMU emulator version 11.1"), Some(QemuVersion(11, 1, 0)));

@@ -41,6 +41,7 @@ mod display;
 mod files;
 mod input;
 pub mod palette;
+pub mod scale;
 mod usb;
 
 use std::fmt;

@@ -20,10 +20,15 @@
 //! 1. **frame rate**: the region's frames come at most every `cost / budget` (a 6 ms frame on a
 //!    25 % budget: one per 24 ms, about 40 fps), down to [`MIN_VIDEO_FPS`]; damage in the region
 //!    waits (the newest picture is encoded when its turn comes, nothing queues);
-//! 2. **quality**: past that floor, the bitrate steps down (to a quarter at most), which makes
-//!    each frame cheaper to encode; it steps back up when the cost falls;
-//! 3. region scale (encoding the region smaller and letting the client scale it up) is not
-//!    built: it needs a client that scales decoded pictures (a new capability).
+//! 2. **region scale**: past that floor, the region is encoded at half its width and height
+//!    and the client scales it up (capability `SCALED_VIDEO`; [`scale::SCALE_STEPS`]): a
+//!    quarter of the pixels, about a third of the CPU (resampling included). A step is a new
+//!    H.264 stream (a keyframe), so the scale moves at most once per [`SCALE_HOLD`] frames, and
+//!    back up only when the larger picture's expected cost (by pixel count) fits the floor with
+//!    room to spare;
+//! 3. **quality**: at the smallest scale (or for a client without `SCALED_VIDEO`), the bitrate
+//!    steps down (to a quarter at most), which makes each frame cheaper to encode. On the way
+//!    back, quality comes up first, then the scale.
 //!
 //! Everything outside the region — typing, menus, text — is never held back: lossless tiles go
 //! out in the frame they were damaged in, and when tiles and a region frame are both due, the
@@ -34,6 +39,7 @@ use super::motion::MotionDetector;
 use super::scroll::{self, Move};
 use super::tiles::{self, Grid, Tile};
 use super::video::{RegionEncoder, VideoFrame};
+use pleiades_protocol::wire::scale;
 use pleiades_virtio::gpu::Framebuffer;
 use pleiades_virtio::gpu::protocol::Rect;
 
@@ -52,6 +58,8 @@ pub struct EncoderSettings {
     pub cpu_budget_percent: u32,
     /// Whether the client takes palette tiles (`PALETTE_TILES`).
     pub palette: bool,
+    /// Whether the client scales a smaller video picture up to its region (`SCALED_VIDEO`).
+    pub scale: bool,
 }
 
 impl Default for EncoderSettings {
@@ -63,6 +71,7 @@ impl Default for EncoderSettings {
             copy: true,
             cpu_budget_percent: 0,
             palette: true,
+            scale: true,
         }
     }
 }
@@ -71,6 +80,9 @@ impl Default for EncoderSettings {
 pub const MIN_VIDEO_FPS: u64 = 5;
 /// The lowest share of the wanted bitrate the CPU budget cuts quality to, in percent.
 const MIN_QUALITY_PERCENT: u64 = 25;
+/// Region frames between two scale steps (each step restarts the stream with a keyframe, and
+/// the smoothed cost needs a few frames to show the new size).
+pub const SCALE_HOLD: u32 = 8;
 
 /// This thread's CPU time (µs): what an H.264 frame cost, without the time spent waiting for a
 /// CPU on a busy host.
@@ -152,11 +164,22 @@ struct VideoBudget {
     pending: bool,
     /// The bitrate share the budget allows, percent.
     quality_percent: u64,
+    /// Each side of the region as encoded, percent (one of [`scale::SCALE_STEPS`]).
+    scale_percent: u32,
+    /// Region frames since the scale last moved.
+    since_scale: u32,
 }
 
 impl Default for VideoBudget {
     fn default() -> Self {
-        Self { cost_us: None, last_us: None, pending: false, quality_percent: 100 }
+        Self {
+            cost_us: None,
+            last_us: None,
+            pending: false,
+            quality_percent: 100,
+            scale_percent: 100,
+            since_scale: SCALE_HOLD,
+        }
     }
 }
 
@@ -175,23 +198,61 @@ impl VideoBudget {
         self.last_us.is_none_or(|last| now_us.saturating_sub(last) >= interval)
     }
 
-    /// Records a frame that cost `cost_us` at `now_us`, and steps quality down when even the
-    /// lowest frame rate would exceed the budget, up when the budget has room again.
-    fn on_frame(&mut self, cost_us: u64, budget_percent: u32, now_us: u64) {
+    /// Records a frame that cost `cost_us` at `now_us`. When even the lowest frame rate would
+    /// exceed the budget: the scale steps down (where `may_scale`), then quality; when the budget
+    /// has room again: quality steps up, then the scale.
+    fn on_frame(&mut self, cost_us: u64, budget_percent: u32, may_scale: bool, now_us: u64) {
         self.cost_us = Some(self.cost_us.map_or(cost_us, |c| (3 * c + cost_us) / 4));
         self.last_us = Some(now_us);
         self.pending = false;
+        self.since_scale = self.since_scale.saturating_add(1);
         if budget_percent == 0 {
             self.quality_percent = 100;
+            self.rescale(100);
             return;
         }
         let floor_interval = 1_000_000 / MIN_VIDEO_FPS;
         let interval = self.interval_us(budget_percent);
-        if interval > floor_interval {
-            self.quality_percent = (self.quality_percent * 4 / 5).max(MIN_QUALITY_PERCENT);
+        let steps = scale::SCALE_STEPS;
+        let at = steps.iter().position(|&s| s == self.scale_percent).unwrap_or(0);
+        let settled = self.since_scale >= SCALE_HOLD;
+        if !may_scale && self.scale_percent != 100 {
+            self.rescale(100);
+        } else if interval > floor_interval {
+            match steps.get(at + 1) {
+                Some(&smaller) if may_scale => {
+                    if settled {
+                        self.rescale(smaller);
+                    }
+                }
+                _ => self.quality_percent = (self.quality_percent * 4 / 5).max(MIN_QUALITY_PERCENT),
+            }
         } else if interval < floor_interval / 2 {
-            self.quality_percent = (self.quality_percent * 11 / 10 + 1).min(100);
+            if self.quality_percent < 100 {
+                self.quality_percent = (self.quality_percent * 11 / 10 + 1).min(100);
+            } else if let Some(&larger) = at.checked_sub(1).and_then(|i| steps.get(i))
+                && settled
+            {
+                // Back up only when the larger picture's expected cost fits with room to spare
+                // (no step down and up again every few frames).
+                let ratio = |s: u32| u64::from(s) * u64::from(s);
+                let expected = interval * ratio(larger) / ratio(self.scale_percent);
+                if expected < floor_interval * 3 / 4 {
+                    self.rescale(larger);
+                }
+            }
         }
+    }
+
+    /// Moves the scale to `percent`; the smoothed cost follows the pixel count.
+    fn rescale(&mut self, percent: u32) {
+        if percent == self.scale_percent {
+            return;
+        }
+        let area = |s: u32| u64::from(s) * u64::from(s);
+        self.cost_us = self.cost_us.map(|c| c * area(percent) / area(self.scale_percent).max(1));
+        self.scale_percent = percent;
+        self.since_scale = 0;
     }
 }
 
@@ -221,10 +282,10 @@ impl DisplayEncoder {
         Some(self.budget.last_us.map_or(0, |last| last.saturating_add(interval)))
     }
 
-    /// The motion region's measured CPU cost per H.264 frame (µs) and the bitrate share the
-    /// budget allows now (percent).
-    pub fn video_cost(&self) -> (Option<u64>, u64) {
-        (self.budget.cost_us, self.budget.quality_percent)
+    /// The motion region's measured CPU cost per H.264 frame (µs), the bitrate share the
+    /// budget allows now (percent) and the scale of each side (percent).
+    pub fn video_cost(&self) -> (Option<u64>, u64, u32) {
+        (self.budget.cost_us, self.budget.quality_percent, self.budget.scale_percent)
     }
 
     /// The client needs the whole screen again (it connected or reconnected).
@@ -308,7 +369,7 @@ impl DisplayEncoder {
                     let started = (self.cpu_clock)();
                     video = Some(self.encode_video(frame, rect, settings)?);
                     let cost = (self.cpu_clock)().saturating_sub(started);
-                    self.budget.on_frame(cost, settings.cpu_budget_percent, now_us);
+                    self.budget.on_frame(cost, settings.cpu_budget_percent, settings.scale, now_us);
                     for i in (0..grid.len()).filter(|&i| in_region(i)) {
                         self.lossy[i] = true;
                     }
@@ -375,12 +436,15 @@ impl DisplayEncoder {
         // too expensive.
         let bitrate = u64::from(s.video_bitrate) * self.budget.quality_percent / 100;
         let bitrate = u32::try_from(bitrate).unwrap_or(s.video_bitrate);
+        let scale = if s.scale { self.budget.scale_percent } else { 100 };
         let stale = self.video.as_ref().is_none_or(|v| {
             let ratio = f64::from(v.bitrate()) / f64::from(bitrate.max(1));
-            v.rect() != rect || !(1.0 / BITRATE_SLACK..=BITRATE_SLACK).contains(&ratio)
+            v.rect() != rect
+                || v.scale_percent() != scale
+                || !(1.0 / BITRATE_SLACK..=BITRATE_SLACK).contains(&ratio)
         });
         if stale {
-            self.video = Some(RegionEncoder::new(rect, bitrate, s.fps)?);
+            self.video = Some(RegionEncoder::new(rect, bitrate, s.fps, scale)?);
         }
         let encoder = self.video.as_mut().ok_or("no H.264 encoder")?;
         encoder.encode(frame)
@@ -567,40 +631,93 @@ mod tests {
     }
 
     #[test]
-    fn the_cpu_budget_lowers_the_frame_rate_then_the_quality() {
+    fn the_cpu_budget_lowers_the_frame_rate_then_the_scale_then_the_quality() {
         let (w, h) = (640, 480);
         let video_rect = Rect::new(64, 64, 384, 256);
-        // The region changes every 5 ms for 2 s; count the H.264 frames of the second second.
-        let run = |cost_us: u64, budget: u32| {
+        // The region changes every 5 ms for 5 s; count the H.264 frames of the last second (the
+        // steps down take a few seconds at 5 fps).
+        // The fake frames cost the same at any scale or quality: every step is taken.
+        let run = |cost_us: u64, budget: u32, scale: bool| {
             let mut frame = Framebuffer::new(w, h);
             let s = EncoderSettings {
                 video_bitrate: 1_000_000,
                 cpu_budget_percent: budget,
+                scale,
                 ..EncoderSettings::default()
             };
             let (mut enc, start) = with_video(&mut frame, video_rect, cost_us, &s);
             let mut frames = 0;
-            for n in 0..400u32 {
+            for n in 0..1_000u32 {
                 let now = start + u64::from(n) * 5_000;
                 paint(&mut frame, video_rect, n + 100);
                 let out = enc.encode(&frame, &[video_rect], &s, now).unwrap();
-                if n >= 200 && out.is_some_and(|o| o.video.is_some()) {
+                if n >= 800 && out.is_some_and(|o| o.video.is_some()) {
                     frames += 1;
                 }
                 assert!(enc.motion_region().is_some());
             }
-            (frames, enc.video_cost())
+            let encoded = enc.video.as_ref().map(RegionEncoder::encoded_size);
+            (frames, enc.video_cost(), encoded)
         };
         // No budget: every change (200 a second).
-        assert_eq!(run(4_000, 0).0, 200);
-        // 4 ms a frame on a 20 % budget: one per 20 ms, 50 a second.
-        let (frames, (cost, quality)) = run(4_000, 20);
+        assert_eq!(run(4_000, 0, true).0, 200);
+        // 4 ms a frame on a 20 % budget: one per 20 ms, 50 a second, full size and quality.
+        let (frames, (cost, quality, scale), encoded) = run(4_000, 20, true);
         assert!((49..=51).contains(&frames), "{frames} frames");
-        assert_eq!((cost, quality), (Some(4_000), 100));
-        // 100 ms a frame on 20 %: 2 fps would fit, the floor is 5 fps, and quality goes down.
-        let (frames, (_, quality)) = run(100_000, 20);
+        assert_eq!((cost, quality, scale, encoded), (Some(4_000), 100, 100, Some((384, 256))));
+        // 100 ms a frame on 20 %: 2 fps would fit, the floor is 5 fps; the region goes to half
+        // size, then quality goes down.
+        let (frames, (_, quality, scale), encoded) = run(100_000, 20, true);
         assert!((5..=6).contains(&frames), "{frames} frames");
-        assert_eq!(quality, MIN_QUALITY_PERCENT);
+        assert_eq!((quality, scale, encoded), (MIN_QUALITY_PERCENT, 50, Some((192, 128))));
+        // A client that cannot scale: quality right after the frame rate.
+        let (frames, (_, quality, scale), encoded) = run(100_000, 20, false);
+        assert!((5..=6).contains(&frames), "{frames} frames");
+        assert_eq!((quality, scale, encoded), (MIN_QUALITY_PERCENT, 100, Some((384, 256))));
+    }
+
+    /// The budget alone, fed frames whose cost follows their pixel count (`full_us` at full
+    /// size): the scale steps before quality, quality comes back before the scale, and the
+    /// scale never steps down and up again while the load stays the same.
+    #[test]
+    fn the_scale_goes_down_before_quality_and_comes_back_after_it_without_flapping() {
+        let mut budget = VideoBudget::default();
+        let mut now = 0;
+        let mut phase = |budget: &mut VideoBudget, full_us: u64, frames: u32| {
+            let mut seen = vec![(budget.scale_percent, budget.quality_percent)];
+            for _ in 0..frames {
+                let s = u64::from(budget.scale_percent);
+                budget.on_frame(full_us * s * s / 10_000, 20, true, now);
+                now += budget.interval_us(20).clamp(1, 1_000_000 / MIN_VIDEO_FPS);
+                seen.push((budget.scale_percent, budget.quality_percent));
+            }
+            seen
+        };
+        let scales = |seen: &[(u32, u64)]| {
+            let mut steps: Vec<u32> = seen.iter().map(|s| s.0).collect();
+            steps.dedup();
+            steps
+        };
+        // 100 ms at full size on 20 %: 500 ms a frame. ½ costs 25 ms (125 ms, within the 5 fps
+        // floor): half size, full quality.
+        let heavy = phase(&mut budget, 100_000, 60);
+        assert_eq!(scales(&heavy), [100, 50]);
+        assert!(heavy.iter().all(|&(_, q)| q == 100), "quality held while the scale could step");
+        // 45 ms at full size: ½ costs 11 ms (56 ms a frame, room to spare), but full size would
+        // take 225 ms a frame, past the floor: it stays at ½ (no stepping up and down again).
+        let medium = phase(&mut budget, 45_000, 60);
+        assert_eq!(scales(&medium), [50]);
+        assert_eq!(medium.last(), Some(&(50, 100)));
+        // 200 ms at full size: ½ costs 50 ms, 250 ms a frame; quality goes down at ½.
+        let worst = phase(&mut budget, 200_000, 60);
+        assert_eq!(scales(&worst), [50]);
+        assert_eq!(worst.last(), Some(&(50, MIN_QUALITY_PERCENT)));
+        // 10 ms at full size: quality back to full first, then the scale.
+        let light = phase(&mut budget, 10_000, 80);
+        assert_eq!(scales(&light), [50, 100]);
+        let first_up = light.iter().position(|&(s, _)| s > 50).unwrap();
+        assert!(light[..first_up].last().is_some_and(|&(_, q)| q == 100), "quality first: {light:?}");
+        assert_eq!(light.last(), Some(&(100, 100)));
     }
 
     #[test]

@@ -2,14 +2,18 @@
 //! only their binaries, so deployments carry their own licensing responsibility; see
 //! docs/protocol.md).
 //!
-//! One encoder per region size: a new size starts a new stream with a key frame. Screen
-//! content usage, no frame skipping (a skipped frame would leave the client behind), the
-//! bitrate from the connection's controller.
+//! One encoder per region size and scale: a new one starts a new stream with a key frame.
+//! Screen content usage, no frame skipping (a skipped frame would leave the client behind), the
+//! bitrate from the connection's controller. Scaled ([`RegionEncoder::new`]'s `scale_percent`
+//! below 100, capability `SCALED_VIDEO`), the region is resampled to
+//! [`scaled_size`](pleiades_protocol::wire::scale::scaled_size) before encoding and the client
+//! scales the picture back up.
 
 use openh264::OpenH264API;
 use openh264::encoder::{BitRate, Encoder, EncoderConfig, FrameRate, FrameType, RateControlMode, UsageType};
 use openh264::formats::{BgraSliceU8, YUVBuffer};
 
+use pleiades_protocol::wire::scale;
 use pleiades_virtio::gpu::Framebuffer;
 use pleiades_virtio::gpu::protocol::Rect;
 
@@ -28,19 +32,27 @@ pub struct VideoFrame {
 pub struct RegionEncoder {
     rect: Rect,
     bitrate: u32,
+    scale_percent: u32,
+    /// The encoded picture's size: the region's, or smaller when scaled.
+    encoded: (u32, u32),
     encoder: Encoder,
     yuv: YUVBuffer,
 }
 
 impl std::fmt::Debug for RegionEncoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RegionEncoder").field("rect", &self.rect).field("bitrate", &self.bitrate).finish()
+        f.debug_struct("RegionEncoder")
+            .field("rect", &self.rect)
+            .field("bitrate", &self.bitrate)
+            .field("encoded", &self.encoded)
+            .finish()
     }
 }
 
 impl RegionEncoder {
-    /// A stream for `rect` (even width and height) at `bitrate` bits per second.
-    pub fn new(rect: Rect, bitrate: u32, fps: f32) -> Result<Self, String> {
+    /// A stream for `rect` (even width and height) at `bitrate` bits per second, each side
+    /// encoded at `scale_percent` of the region's (100: as it is).
+    pub fn new(rect: Rect, bitrate: u32, fps: f32, scale_percent: u32) -> Result<Self, String> {
         if rect.is_empty() || !rect.width.is_multiple_of(2) || !rect.height.is_multiple_of(2) {
             return Err(format!("an H.264 region must have an even, non-zero size, not {rect}"));
         }
@@ -54,7 +66,9 @@ impl RegionEncoder {
             .skip_frames(false);
         let encoder = Encoder::with_api_config(OpenH264API::from_source(), config)
             .map_err(|e| format!("cannot start the H.264 encoder: {e}"))?;
-        Ok(Self { rect, bitrate, encoder, yuv: YUVBuffer::new(rect.width as usize, rect.height as usize) })
+        let encoded = scale::scaled_size(rect.width, rect.height, scale_percent);
+        let yuv = YUVBuffer::new(encoded.0 as usize, encoded.1 as usize);
+        Ok(Self { rect, bitrate, scale_percent: scale_percent.min(100), encoded, encoder, yuv })
     }
 
     pub fn rect(&self) -> Rect {
@@ -65,6 +79,15 @@ impl RegionEncoder {
         self.bitrate
     }
 
+    pub fn scale_percent(&self) -> u32 {
+        self.scale_percent
+    }
+
+    /// The encoded picture's width and height.
+    pub fn encoded_size(&self) -> (u32, u32) {
+        self.encoded
+    }
+
     /// Asks for a key frame next (a client joined or lost a frame).
     pub fn force_keyframe(&mut self) {
         self.encoder.force_intra_frame();
@@ -72,8 +95,14 @@ impl RegionEncoder {
 
     /// Encodes the region of `frame`.
     pub fn encode(&mut self, frame: &Framebuffer) -> Result<VideoFrame, String> {
-        let bgrx = pixels(frame, self.rect);
-        let dims = (self.rect.width as usize, self.rect.height as usize);
+        let mut bgrx = pixels(frame, self.rect);
+        // Scaled: the region resampled to the encoded size (about its share of the CPU time).
+        let region = (self.rect.width, self.rect.height);
+        if self.encoded != region {
+            bgrx = scale::bilinear(&bgrx, region, region.0 as usize * 4, 4, self.encoded)
+                .ok_or("the region's pixels are short of its size")?;
+        }
+        let dims = (self.encoded.0 as usize, self.encoded.1 as usize);
         self.yuv.read_bgra8(BgraSliceU8::new(&bgrx, dims));
         let stream = self.encoder.encode(&self.yuv).map_err(|e| format!("H.264 encoding failed: {e}"))?;
         let keyframe = matches!(stream.frame_type(), FrameType::IDR | FrameType::I);
@@ -85,6 +114,7 @@ impl RegionEncoder {
 mod tests {
     use super::*;
     use openh264::decoder::Decoder;
+    use openh264::formats::YUVSource;
 
     #[test]
     fn a_region_encodes_and_decodes_close_to_the_source() {
@@ -94,7 +124,7 @@ mod tests {
             p.copy_from_slice(&[(x % 256) as u8, (y % 256) as u8, ((x + y) % 256) as u8, 0]);
         }
         let rect = Rect::new(32, 16, 160, 96);
-        let mut encoder = RegionEncoder::new(rect, 2_000_000, 30.0).unwrap();
+        let mut encoder = RegionEncoder::new(rect, 2_000_000, 30.0, 100).unwrap();
         let first = encoder.encode(&frame).unwrap();
         assert!(first.keyframe && !first.data.is_empty());
         let mut decoder = Decoder::new().unwrap();
@@ -110,6 +140,34 @@ mod tests {
             .sum();
         let mean = error as f64 / (160.0 * 96.0 * 3.0);
         assert!(mean < 6.0, "mean error {mean}");
-        assert!(RegionEncoder::new(Rect::new(0, 0, 15, 16), 1_000_000, 30.0).is_err());
+        assert!(RegionEncoder::new(Rect::new(0, 0, 15, 16), 1_000_000, 30.0, 100).is_err());
+    }
+
+    #[test]
+    fn a_scaled_region_encodes_a_smaller_picture_of_the_same_content() {
+        let mut frame = Framebuffer::new(320, 240);
+        for (i, p) in frame.pixels.chunks_exact_mut(4).enumerate() {
+            let (x, y) = (i % 320, i / 320);
+            p.copy_from_slice(&[(x % 256) as u8, (y % 256) as u8, ((x + y) % 256) as u8, 0]);
+        }
+        let rect = Rect::new(0, 0, 320, 240);
+        let mut encoder = RegionEncoder::new(rect, 2_000_000, 30.0, 50).unwrap();
+        assert_eq!((encoder.encoded_size(), encoder.scale_percent()), ((160, 120), 50));
+        let first = encoder.encode(&frame).unwrap();
+        assert_eq!(first.rect, rect, "the picture still fills the whole region");
+        let mut decoder = Decoder::new().unwrap();
+        let yuv = decoder.decode(&first.data).unwrap().expect("a picture");
+        assert_eq!(yuv.dimensions(), (160, 120));
+        let mut rgb = vec![0u8; 160 * 120 * 3];
+        yuv.write_rgb8(&mut rgb);
+        // Close to the source resampled to half size (each pixel the mean of a 2x2 block).
+        let half = scale::bilinear(&frame.pixels, (320, 240), 320 * 4, 4, (160, 120)).unwrap();
+        let error: u64 = half
+            .chunks_exact(4)
+            .zip(rgb.chunks_exact(3))
+            .map(|(s, d)| (0..3).map(|c| u64::from(s[2 - c].abs_diff(d[c]))).sum::<u64>())
+            .sum();
+        let mean = error as f64 / (160.0 * 120.0 * 3.0);
+        assert!(mean < 6.0, "mean error {mean}");
     }
 }
