@@ -116,13 +116,29 @@ mod tests {
     use openh264::decoder::Decoder;
     use openh264::formats::YUVSource;
 
-    #[test]
-    fn a_region_encodes_and_decodes_close_to_the_source() {
+    /// 320x240 of smooth gradients.
+    fn gradients() -> Framebuffer {
         let mut frame = Framebuffer::new(320, 240);
         for (i, p) in frame.pixels.chunks_exact_mut(4).enumerate() {
             let (x, y) = (i % 320, i / 320);
             p.copy_from_slice(&[(x % 256) as u8, (y % 256) as u8, ((x + y) % 256) as u8, 0]);
         }
+        frame
+    }
+
+    /// Mean absolute error per channel between BGRX `source` and decoded RGB.
+    fn mean_error(source: &[u8], rgb: &[u8]) -> f64 {
+        let error: u64 = source
+            .chunks_exact(4)
+            .zip(rgb.chunks_exact(3))
+            .map(|(s, d)| (0..3).map(|c| u64::from(s[2 - c].abs_diff(d[c]))).sum::<u64>())
+            .sum();
+        error as f64 / (rgb.len() as f64)
+    }
+
+    #[test]
+    fn a_region_encodes_and_decodes_close_to_the_source() {
+        let frame = gradients();
         let rect = Rect::new(32, 16, 160, 96);
         let mut encoder = RegionEncoder::new(rect, 2_000_000, 30.0, 100).unwrap();
         let first = encoder.encode(&frame).unwrap();
@@ -132,24 +148,14 @@ mod tests {
         let mut rgb = vec![0u8; 160 * 96 * 3];
         yuv.write_rgb8(&mut rgb);
         // Mean absolute error per channel: small for a smooth gradient at 2 Mbit/s.
-        let source = pixels(&frame, rect);
-        let error: u64 = source
-            .chunks_exact(4)
-            .zip(rgb.chunks_exact(3))
-            .map(|(s, d)| (0..3).map(|c| u64::from(s[2 - c].abs_diff(d[c]))).sum::<u64>())
-            .sum();
-        let mean = error as f64 / (160.0 * 96.0 * 3.0);
+        let mean = mean_error(&pixels(&frame, rect), &rgb);
         assert!(mean < 6.0, "mean error {mean}");
         assert!(RegionEncoder::new(Rect::new(0, 0, 15, 16), 1_000_000, 30.0, 100).is_err());
     }
 
     #[test]
     fn a_scaled_region_encodes_a_smaller_picture_of_the_same_content() {
-        let mut frame = Framebuffer::new(320, 240);
-        for (i, p) in frame.pixels.chunks_exact_mut(4).enumerate() {
-            let (x, y) = (i % 320, i / 320);
-            p.copy_from_slice(&[(x % 256) as u8, (y % 256) as u8, ((x + y) % 256) as u8, 0]);
-        }
+        let frame = gradients();
         let rect = Rect::new(0, 0, 320, 240);
         let mut encoder = RegionEncoder::new(rect, 2_000_000, 30.0, 50).unwrap();
         assert_eq!((encoder.encoded_size(), encoder.scale_percent()), ((160, 120), 50));
@@ -162,12 +168,7 @@ mod tests {
         yuv.write_rgb8(&mut rgb);
         // Close to the source resampled to half size (each pixel the mean of a 2x2 block).
         let half = scale::bilinear(&frame.pixels, (320, 240), 320 * 4, 4, (160, 120)).unwrap();
-        let error: u64 = half
-            .chunks_exact(4)
-            .zip(rgb.chunks_exact(3))
-            .map(|(s, d)| (0..3).map(|c| u64::from(s[2 - c].abs_diff(d[c]))).sum::<u64>())
-            .sum();
-        let mean = error as f64 / (160.0 * 120.0 * 3.0);
+        let mean = mean_error(&half, &rgb);
         assert!(mean < 6.0, "mean error {mean}");
     }
 }
