@@ -43,7 +43,7 @@ pub fn qemu_binary() -> PathBuf {
 /// QEMU's `-accel` option for `accel` with `cpus` vCPUs.
 ///
 /// TCG runs each vCPU on a thread of its own, except where the QEMU binary has
-/// [QEMU bug 3040](https://gitlab.com/qemu-project/qemu/-/issues/3040): before 10.0.3 a vCPU
+/// [QEMU bug 3040](https://gitlab.com/qemu-project/qemu/-/issues/3040): before 10.0.4 a vCPU
 /// that changes the memory map (a PCI BAR programmed at boot) swaps in another vCPU's new
 /// dispatch table at once but flushes that vCPU's TLB later, and an MMIO access in between
 /// aborts QEMU (`iotlb_to_section: Assertion 'section_index < d->map.sections_nb' failed`).
@@ -63,8 +63,9 @@ fn tcg_option(cpus: u32, version: Option<&QemuVersion>) -> String {
     if cpus > 1 && !multi_threaded_is_safe { "tcg,thread=single".to_owned() } else { "tcg".to_owned() }
 }
 
-/// The first QEMU release with the fix for bug 3040 (a stable release; 10.1.0 has it too).
-const MTTCG_DISPATCH_FIX: QemuVersion = QemuVersion(10, 0, 3);
+/// The first QEMU release with the fix for bug 3040 (commit 2865bf1c, in stable 10.0.4; 10.1.0
+/// has it too).
+const MTTCG_DISPATCH_FIX: QemuVersion = QemuVersion(10, 0, 4);
 
 /// A QEMU release: major, minor, micro.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -517,8 +518,9 @@ mod tests {
     #[test]
     fn tcg_runs_vcpus_on_one_thread_only_where_qemu_has_the_dispatch_race() {
         let buggy = QemuVersion(10, 0, 2);
-        let fixed = QemuVersion(10, 0, 3);
+        let fixed = QemuVersion(10, 0, 4);
         assert_eq!(tcg_option(2, Some(&buggy)), "tcg,thread=single");
+        assert_eq!(tcg_option(2, Some(&QemuVersion(10, 0, 3))), "tcg,thread=single");
         assert_eq!(tcg_option(2, None), "tcg,thread=single", "unknown: the safe way");
         assert_eq!(tcg_option(2, Some(&fixed)), "tcg");
         assert_eq!(tcg_option(8, Some(&QemuVersion(10, 1, 0))), "tcg");
