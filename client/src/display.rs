@@ -627,22 +627,22 @@ impl Displays {
             }
         };
         let (pic_w, pic_h) = picture.dimensions();
-        if pic_w < video.rect.width as usize || pic_h < video.rect.height as usize {
-            // A scaled region: the picture fills it, scaled up.
-            let Some(scaled) = YuvPicture::scaled_from(&picture, &video.rect) else { return false };
-            if self.gpu_video {
-                surface.gpu.video_working.retain(|old| old.rect != scaled.rect);
-                surface.gpu.video_working.push(scaled);
+        // A scaled region (`SCALED_VIDEO`): the picture fills it, scaled up.
+        let scaled = pic_w < video.rect.width as usize || pic_h < video.rect.height as usize;
+        if scaled || self.gpu_video {
+            let planes = if scaled {
+                YuvPicture::scaled_from(&picture, &video.rect)
             } else {
-                scaled.convert_into(&mut surface.working);
+                YuvPicture::from_source(&picture, &video.rect)
+            };
+            let Some(planes) = planes else { return false };
+            if self.gpu_video {
+                surface.gpu.video_working.retain(|old| old.rect != planes.rect);
+                surface.gpu.video_working.push(planes);
+            } else {
+                planes.convert_into(&mut surface.working);
                 surface.damage(video.rect);
             }
-            return true;
-        }
-        if self.gpu_video {
-            let Some(picture) = YuvPicture::from_source(&picture, &video.rect) else { return false };
-            surface.gpu.video_working.retain(|old| old.rect != picture.rect);
-            surface.gpu.video_working.push(picture);
             return true;
         }
         let ok = yuv420_to_bgrx(&picture, &mut surface.working, &video.rect);

@@ -95,13 +95,16 @@ impl RegionEncoder {
 
     /// Encodes the region of `frame`.
     pub fn encode(&mut self, frame: &Framebuffer) -> Result<VideoFrame, String> {
-        let mut bgrx = pixels(frame, self.rect);
-        // Scaled: the region resampled to the encoded size (about its share of the CPU time).
         let region = (self.rect.width, self.rect.height);
-        if self.encoded != region {
-            bgrx = scale::bilinear(&bgrx, region, region.0 as usize * 4, 4, self.encoded)
-                .ok_or("the region's pixels are short of its size")?;
-        }
+        let bgrx = if self.encoded == region {
+            pixels(frame, self.rect)
+        } else {
+            // Scaled: the region resampled straight from the frame to the encoded size.
+            let start = self.rect.y as usize * frame.stride() + self.rect.x as usize * 4;
+            let source = frame.pixels.get(start..).unwrap_or_default();
+            scale::bilinear(source, region, frame.stride(), 4, self.encoded)
+                .ok_or("the region lies outside the frame")?
+        };
         let dims = (self.encoded.0 as usize, self.encoded.1 as usize);
         self.yuv.read_bgra8(BgraSliceU8::new(&bgrx, dims));
         let stream = self.encoder.encode(&self.yuv).map_err(|e| format!("H.264 encoding failed: {e}"))?;
